@@ -1,0 +1,1 @@
+//! The CPU backend (to be filled in).

@@ -1,0 +1,37 @@
+//! # wegeft
+//!
+//! Kernels and a training harness for **WeGeFT** (Weight-Generative Fine-Tuning, ICML 2025).
+//!
+//! A frozen linear layer `W` (`d_out x d_in`) is adapted by a pair of trainable matrices
+//! `phi` (`d_in x r`) and `psi` (`r x d_in`), one pair per module type shared by every layer:
+//!
+//! ```text
+//! W' = W + s W phi psi            (s = alpha / r where a scale is asked for, else 1)
+//! ```
+//!
+//! For tokens `x` (`T x d_in`), with `C = s W phi` (`d_out x r`) and `u = x psi^T` (`T x r`):
+//!
+//! * forward: `y = x W^T + u C^T (+ b)` — one GEMM over `K = d_in + r`:
+//!   `y = [x | u] [W | C]^T`. The `d_out x d_in` matrix `W phi psi` is never built.
+//! * backward from `G = dL/dy`: `v = G C`, `S = G^T u`; `dx = G W + v psi = [G | v] [W ; psi]`;
+//!   `dphi = s W^T S`; `dpsi = v^T x`. Summed over the layers sharing the pair; no gradient
+//!   for `W`.
+//! * merge: `W <- W + C psi`; exact unmerge with
+//!   `(I + s phi psi)^-1 = I - s phi (I_r + s psi phi)^-1 psi`.
+//!
+//! The official PyTorch code stores `in_proj.weight = phi^T` and `out_proj.weight = psi^T`.
+//!
+//! Modules: [`reference`] (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
+//! `cuda`), [`shape`] (shapes and matrix views), [`error`].
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod dtype;
+pub mod error;
+pub mod reference;
+pub mod shape;
+
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use shape::{LayerShape, Mat, MatMut};

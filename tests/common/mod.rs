@@ -1,0 +1,97 @@
+//! Helpers shared by the integration tests: fixture loading and comparisons that print the
+//! worst element and the tolerance when they fail.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// `../shared/fixtures` relative to the crate root, or `$WEGEFT_FIXTURES`. A missing folder is
+/// a test failure, not a skip: the fixtures are part of the test suite.
+pub fn fixtures_dir() -> PathBuf {
+    let dir = match std::env::var_os("WEGEFT_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    };
+    assert!(dir.is_dir(), "fixtures folder {} not found (set WEGEFT_FIXTURES)", dir.display());
+    dir
+}
+
+/// One layer fixture case from `layer/index.json`.
+#[derive(Debug, serde::Deserialize)]
+pub struct LayerCase {
+    pub file: String,
+    #[serde(rename = "T")]
+    pub t: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub rank: usize,
+}
+
+pub fn layer_cases() -> Vec<LayerCase> {
+    let path = fixtures_dir().join("layer/index.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let cases: Vec<LayerCase> = serde_json::from_str(&text).unwrap();
+    assert!(!cases.is_empty(), "no layer fixture cases");
+    cases
+}
+
+/// All F64 tensors of a fixture file, by name.
+pub fn load_f64(file: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let path = fixtures_dir().join("layer").join(file);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F64, "{name}");
+            let data: Vec<f64> = view
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, (view.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// Transpose of a row-major `m x n` matrix.
+pub fn t(a: &[f64], m: usize, n: usize) -> Vec<f64> {
+    wegeft::reference::transpose(a, m, n)
+}
+
+/// Asserts `got` matches `want` to relative tolerance `tol`, measured against the largest
+/// magnitude in `want` (so elements near zero do not dominate). Prints the worst element.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let (mut worst, mut at) = (0.0f64, 0usize);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (g - w).abs() / scale;
+        if !(e <= worst) {
+            worst = e;
+            at = i;
+        }
+    }
+    assert!(
+        worst <= tol,
+        "{what}: worst relative error {worst:e} at element {at} (got {}, want {}, max |want| {scale:e}), tolerance {tol:e}",
+        got[at],
+        want[at]
+    );
+}
+
+/// A deterministic pseudo-random vector in [-1, 1) (splitmix64), for tests that need data
+/// without proptest.
+pub fn rand_vec(seed: u64, n: usize) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
