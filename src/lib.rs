@@ -24,13 +24,16 @@
 //! Modules: [`reference`] (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
 //! `cuda`), [`shape`] (shapes and matrix views), [`error`].
 
+pub mod adapter;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod reference;
+pub mod rng;
 pub mod shape;
+pub mod train;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

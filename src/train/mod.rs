@@ -1,0 +1,2 @@
+//! Training: the optimiser ([`optim`]).
+pub mod optim;
