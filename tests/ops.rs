@@ -427,3 +427,73 @@ fn add_helpers() {
     scale_inplace(&mut c, 2.0).unwrap();
     assert_eq!(c, vec![3.0, 2.0, 14.0]);
 }
+
+#[test]
+fn lm_head_forward_matches_dot_products() {
+    let (n, d, v) = (5usize, 9usize, 70usize);
+    let hidden = f32v(41, n * d, 1.0);
+    let emb = f32v(42, v * d, 1.0);
+    let mut logits = vec![0.0; n * v];
+    lm_head_forward(&hidden, &emb, n, d, v, &mut logits).unwrap();
+    let (h, e) = (to64(&hidden), to64(&emb));
+    let want: Vec<f64> = (0..n * v).map(|i| dotf(&h[i / v * d..][..d], &e[i % v * d..][..d])).collect();
+    assert_close("lm head logits", &to64(&logits), &want, 1e-6);
+    assert!(lm_head_forward(&hidden, &emb, n, d, v, &mut logits[1..]).is_err());
+    assert!(lm_head_forward(&hidden[1..], &emb, n, d, v, &mut logits).is_err());
+}
+
+/// Analytic attention backward in f64 with explicit S x S probabilities (the textbook formula).
+fn attn_ref_backward(g: &[f64], q: &[f64], k: &[f64], v: &[f64], s: AttnShape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = s;
+    let (qw, kw, grp) = (heads * hd, kv_heads * hd, heads / kv_heads);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    for b in 0..batch {
+        for h in 0..heads {
+            let gk = h / grp;
+            let qi = |i: usize| (b * seq + i) * qw + h * hd;
+            let kj = |j: usize| (b * seq + j) * kw + gk * hd;
+            for i in 0..seq {
+                let sc: Vec<f64> = (0..=i).map(|j| dotf(&q[qi(i)..][..hd], &k[kj(j)..][..hd]) * scale).collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                let p: Vec<f64> = sc.iter().map(|x| (x - m).exp() / z).collect();
+                let dp: Vec<f64> = (0..=i).map(|j| dotf(&g[qi(i)..][..hd], &v[kj(j)..][..hd])).collect();
+                let dd: f64 = (0..=i).map(|j| p[j] * dp[j]).sum();
+                for j in 0..=i {
+                    let ds = p[j] * (dp[j] - dd) * scale;
+                    for e in 0..hd {
+                        dq[qi(i) + e] += ds * k[kj(j) + e];
+                        dk[kj(j) + e] += ds * q[qi(i) + e];
+                        dv[kj(j) + e] += p[j] * g[qi(i) + e];
+                    }
+                }
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+#[test]
+fn attention_smollm2_shape_against_f64() {
+    // SmolLM2-135M attention: 9 heads, 3 kv heads, head_dim 64; odd sequence length
+    let s = AttnShape::new(2, 37, 9, 3, 64).unwrap();
+    let n = s.tokens();
+    let q = f32v(51, n * s.q_width(), 2.0);
+    let k = f32v(52, n * s.kv_width(), 2.0);
+    let v = f32v(53, n * s.kv_width(), 1.0);
+    let g = f32v(54, n * s.q_width(), 1.0);
+    let mut out = vec![0.0; q.len()];
+    let mut lse = vec![0.0; n * 9];
+    attention_forward(&q, &k, &v, s, &mut out, &mut lse).unwrap();
+    let (q64, k64, v64, g64) = (to64(&q), to64(&k), to64(&v), to64(&g));
+    let (want_out, want_lse) = attn_ref(&q64, &k64, &v64, s);
+    assert_close("attn out (smollm2 shape)", &to64(&out), &want_out, 1e-5);
+    assert_close("attn lse (smollm2 shape)", &to64(&lse), &want_lse, 1e-5);
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    attention_backward(&g, &q, &k, &v, &out, &lse, s, &mut dq, &mut dk, &mut dv).unwrap();
+    let (wq, wk, wv) = attn_ref_backward(&g64, &q64, &k64, &v64, s);
+    assert_close("attn dq (smollm2 shape)", &to64(&dq), &wq, 1e-5);
+    assert_close("attn dk (smollm2 shape)", &to64(&dk), &wk, 1e-5);
+    assert_close("attn dv (smollm2 shape)", &to64(&dv), &wv, 1e-5);
+}

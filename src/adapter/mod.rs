@@ -37,15 +37,19 @@ pub struct Adapter {
     pub config: AdapterConfig,
     pub dims: ModelDims,
     pairs: Vec<Pair>,
-    /// `index[layer][module.index()]`
-    index: Vec<[Option<usize>; 7]>,
+    index: SiteIndex,
 }
 
-/// The pair layout (names, sites, `d_in`) a configuration gives on a model, pairs in order of
+/// One pair of a layout: `(name, d_in, sites)`.
+pub(crate) type PairLayout = (String, usize, Vec<(usize, Module)>);
+/// `index[layer][module.index()]` -> pair.
+pub(crate) type SiteIndex = Vec<[Option<usize>; 7]>;
+
+/// The pair layout (names, `d_in`, sites) a configuration gives on a model, pairs in order of
 /// their first site (layers ascending, modules in decoder order).
-pub(crate) fn layout(config: &AdapterConfig, dims: &ModelDims) -> Result<(Vec<(String, usize, Vec<(usize, Module)>)>, Vec<[Option<usize>; 7]>)> {
+pub(crate) fn layout(config: &AdapterConfig, dims: &ModelDims) -> Result<(Vec<PairLayout>, SiteIndex)> {
     config.validate_for(dims)?;
-    let mut pairs: Vec<(String, usize, Vec<(usize, Module)>)> = Vec::new();
+    let mut pairs: Vec<PairLayout> = Vec::new();
     let mut index = vec![[None; 7]; dims.n_layers];
     let mut by_key: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for layer in 0..dims.n_layers {

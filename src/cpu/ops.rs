@@ -803,6 +803,21 @@ pub fn lm_head_cross_entropy(
     Ok((total / count as f64) as f32)
 }
 
+/// Logits of the (tied) language-model head: `logits = hidden emb^T`, `hidden` `n x d`, `emb`
+/// `vocab x d`, `logits` `n x vocab` (for evaluation and generation; training uses
+/// [`lm_head_cross_entropy`], which never holds all the logits).
+pub fn lm_head_forward(hidden: &[f32], emb: &[f32], n: usize, d: usize, vocab: usize, logits: &mut [f32]) -> Result<()> {
+    nonzero("d", d)?;
+    nonzero("vocab", vocab)?;
+    check_mat("hidden", hidden.len(), n, d)?;
+    check_mat("emb", emb.len(), vocab, d)?;
+    check_mat("logits", logits.len(), n, vocab)?;
+    if n > 0 {
+        gemm_f32(n, vocab, d, logits, hidden, d as isize, 1, emb, 1, d as isize, false);
+    }
+    Ok(())
+}
+
 /// `dst (m x n, row-major contiguous) = lhs (m x k) rhs (k x n)` with the given strides
 /// (`*_rs` row stride, `*_cs` column stride) for `lhs`/`rhs`. Callers check the lengths.
 #[allow(clippy::too_many_arguments)]
