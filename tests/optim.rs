@@ -161,3 +161,22 @@ fn state_round_trip_and_resume() {
     assert!(AdamW::load(&dir.join("missing.json")).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn clip_grad_norm_like_torch() {
+    use wegeft::train::optim::clip_grad_norm;
+    let mut a = [3.0f32, 0.0];
+    let mut b = [4.0f32];
+    let n = clip_grad_norm(&mut [&mut a[..], &mut b[..]], 1.0).unwrap();
+    assert_eq!(n, 5.0);
+    let coef = 1.0f32 / (5.0 + 1e-6);
+    assert_eq!(a, [3.0 * coef, 0.0]);
+    assert_eq!(b, [4.0 * coef]);
+    // below the limit: untouched
+    let n = clip_grad_norm(&mut [&mut a[..], &mut b[..]], 10.0).unwrap();
+    assert!((n - 1.0).abs() < 1e-6);
+    assert_eq!(b, [4.0 * coef]);
+    let mut c = [f32::INFINITY];
+    assert!(clip_grad_norm(&mut [&mut c[..]], 1.0).is_err());
+    assert!(clip_grad_norm(&mut [&mut a[..]], 0.0).is_err());
+}
