@@ -265,12 +265,14 @@ fn attention_decode_matches_last_row() {
     let cap = 10;
     let kw = kvh * hd;
     let (mut kc, mut vc) = (vec![f32::NAN; batch * cap * kw], vec![f32::NAN; batch * cap * kw]);
-    for b in 0..batch {
-        for j in 0..seq {
-            kc[(b * cap + j) * kw..][..kw].copy_from_slice(&k[(b * seq + j) * kw..][..kw]);
-            vc[(b * cap + j) * kw..][..kw].copy_from_slice(&v[(b * seq + j) * kw..][..kw]);
-        }
+    for j in 0..seq {
+        let kj: Vec<f32> = (0..batch).flat_map(|b| k[(b * seq + j) * kw..][..kw].to_vec()).collect();
+        let vj: Vec<f32> = (0..batch).flat_map(|b| v[(b * seq + j) * kw..][..kw].to_vec()).collect();
+        kv_cache_store(&kj, &mut kc, batch, cap, kw, j).unwrap();
+        kv_cache_store(&vj, &mut vc, batch, cap, kw, j).unwrap();
     }
+    assert!(kv_cache_store(&k[..batch * kw], &mut kc, batch, cap, kw, cap).is_err());
+    assert!(kv_cache_store(&k[..batch * kw - 1], &mut kc, batch, cap, kw, 0).is_err());
     let qw = heads * hd;
     for len in 1..=seq {
         let ql: Vec<f32> = (0..batch).flat_map(|b| q[(b * seq + len - 1) * qw..][..qw].to_vec()).collect();

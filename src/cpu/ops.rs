@@ -399,7 +399,9 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 ///
 /// Writes `out` (`(B,S,H,hd)`) and `lse` (`(B,S,H)`), the softmax statistics that
 /// [`attention_backward`] uses to recompute the probabilities. Memory beyond the outputs: one
-/// row of `S` scores per worker.
+/// row of `S` scores per worker. Sequences of different lengths need no mask when padded on
+/// the right: causality keeps the padding out of every earlier position; give the padded
+/// targets [`IGNORE_INDEX`] in the loss.
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
@@ -536,6 +538,23 @@ pub fn attention_backward(
             }
         }
     });
+    Ok(())
+}
+
+/// Stores the keys or values of one new token per sequence into a KV cache: `new` is
+/// `batch x width` (`width = KVH * hd`), `cache` is `(batch, capacity, width)`, and row `b` of
+/// `new` goes to position `pos` of sequence `b`.
+pub fn kv_cache_store(new: &[f32], cache: &mut [f32], batch: usize, capacity: usize, width: usize, pos: usize) -> Result<()> {
+    nonzero("width", width)?;
+    nonzero("capacity", capacity)?;
+    check_mat("new", new.len(), batch, width)?;
+    check_mat("cache", cache.len(), mul("batch * capacity", batch, capacity)?, width)?;
+    if pos >= capacity {
+        return Err(Error::invalid("pos", format!("position {pos} is beyond the cache capacity {capacity}")));
+    }
+    for b in 0..batch {
+        cache[(b * capacity + pos) * width..(b * capacity + pos + 1) * width].copy_from_slice(&new[b * width..(b + 1) * width]);
+    }
     Ok(())
 }
 
