@@ -92,10 +92,10 @@ impl Adapter {
         let pairs = lay
             .into_iter()
             .map(|(name, d_in, sites)| {
-                let (phi, psi) = init::init_pair(config.init, d_in, config.rank, &mut rng);
-                Pair { name, d_in, rank: config.rank, phi, psi, sites }
+                let (phi, psi) = init::init_pair(config.init, d_in, config.rank, &mut rng)?;
+                Ok(Pair { name, d_in, rank: config.rank, phi, psi, sites })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Adapter { config, dims, pairs, index })
     }
 
@@ -135,8 +135,11 @@ impl Adapter {
     pub fn pairs(&self) -> &[Pair] {
         &self.pairs
     }
-    pub fn pairs_mut(&mut self) -> &mut [Pair] {
-        &mut self.pairs
+    /// `(phi, psi)` of pair `k` as mutable slices (their lengths are fixed).
+    pub fn pair_values_mut(&mut self, k: usize) -> Result<(&mut [f32], &mut [f32])> {
+        let n = self.pairs.len();
+        let p = self.pairs.get_mut(k).ok_or_else(|| Error::invalid("k", format!("pair {k} of {n}")))?;
+        Ok((p.phi.as_mut_slice(), p.psi.as_mut_slice()))
     }
     /// The pair index of a site, `None` where the module is not targeted. A layer beyond the
     /// model is an error.

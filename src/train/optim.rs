@@ -111,7 +111,7 @@ impl AdamW {
         }
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
+        let t = self.step.min(i32::MAX as u64) as i32;
         let decay = (1.0 - c.lr * c.weight_decay) as f32;
         let w1 = (1.0 - c.beta1) as f32;
         let b2 = c.beta2 as f32;
