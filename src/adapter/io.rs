@@ -36,7 +36,7 @@
 //!
 //! **Reading checks everything**: unknown or missing keys, shapes against the rank and the
 //! model's dims, rank consistency, dtypes. F32 is taken as is; F16, BF16 and F64 are converted
-//! to f32 (F64 rounds to nearest); any other dtype is an error. Errors are
+//! to f32 (F64 rounds to nearest); any other dtype, and any NaN or infinity, is an error. Errors are
 //! [`Error::Format`] naming the file and the key. **Writing is atomic**: a temporary file in the
 //! same directory, fsync, rename (then fsync of the directory).
 
