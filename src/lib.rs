@@ -22,13 +22,15 @@
 //! The official PyTorch code stores `in_proj.weight = phi^T` and `out_proj.weight = psi^T`.
 //!
 //! Modules: [`reference`] (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
-//! `cuda`), [`shape`] (shapes and matrix views), [`error`].
+//! `cuda`), [`model`] (Llama config, weights, tokenizer), [`shape`] (shapes and matrix views),
+//! [`error`].
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod model;
 pub mod reference;
 pub mod shape;
 
