@@ -3,6 +3,8 @@
 //! files. The real model comes from `scripts/fetch-model.sh` (or `$WEGEFT_MODEL`); without it
 //! these tests fail and say how to get it.
 
+#![allow(clippy::needless_range_loop)] // index loops mirror the block formulas
+
 mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -178,10 +180,9 @@ fn every_weight_loads_with_its_shape() {
 fn q_and_k_rows_are_unpermuted_from_gguf() {
     let (g, w) = (gguf(), weights());
     for l in [0usize, 17, 29] {
-        for (name, t, heads) in [
-            ("attn_q", &w.layers[l].q_proj, 9usize),
-            ("attn_k", &w.layers[l].k_proj, 3usize),
-        ] {
+        for (name, t, heads) in
+            [("attn_q", &w.layers[l].q_proj, 9usize), ("attn_k", &w.layers[l].k_proj, 3usize)]
+        {
             let (_, raw) = g.tensor_f32(&format!("blk.{l}.{name}.weight")).unwrap();
             for h in 0..heads {
                 for half in 0..2 {
@@ -244,9 +245,7 @@ fn unpermuted_rows_with_rotate_half_rope_match_interleaved_rope() {
         rope_half(&mut k2, pk);
         for h in 0..9 {
             let kh = h / 3;
-            let dot = |q: &[f32], k: &[f32]| -> f32 {
-                (0..hd).map(|i| q[h * hd + i] * k[kh * hd + i]).sum()
-            };
+            let dot = |q: &[f32], k: &[f32]| -> f32 { (0..hd).map(|i| q[h * hd + i] * k[kh * hd + i]).sum() };
             let (s1, s2) = (dot(&q1, &k1), dot(&q2, &k2));
             worst = worst.max((s1 - s2).abs() / (1.0 + s1.abs()));
         }
@@ -286,7 +285,8 @@ fn reference_logits(w: &LlamaWeights, ids: &[u32]) -> Vec<Vec<f32>> {
     let c = &w.config;
     let (d, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
     let n = ids.len();
-    let mut x: Vec<Vec<f32>> = ids.iter().map(|&i| w.embed_tokens.data[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
+    let mut x: Vec<Vec<f32>> =
+        ids.iter().map(|&i| w.embed_tokens.data[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
     let rope = |v: &mut [f32], pos: usize| {
         for head in v.chunks_exact_mut(hd) {
             for i in 0..hd / 2 {
@@ -299,7 +299,8 @@ fn reference_logits(w: &LlamaWeights, ids: &[u32]) -> Vec<Vec<f32>> {
         }
     };
     for lw in &w.layers {
-        let h: Vec<Vec<f32>> = x.iter().map(|t| rmsnorm(t, &lw.input_layernorm.data, c.rms_norm_eps)).collect();
+        let h: Vec<Vec<f32>> =
+            x.iter().map(|t| rmsnorm(t, &lw.input_layernorm.data, c.rms_norm_eps)).collect();
         let mut q = linear(&h, &lw.q_proj);
         let mut k = linear(&h, &lw.k_proj);
         let v = linear(&h, &lw.v_proj);
@@ -313,7 +314,8 @@ fn reference_logits(w: &LlamaWeights, ids: &[u32]) -> Vec<Vec<f32>> {
             for t in 0..n {
                 let s: Vec<f32> = (0..=t)
                     .map(|u| {
-                        (0..hd).map(|i| q[t][hh * hd + i] * k[u][kh * hd + i]).sum::<f32>() / (hd as f32).sqrt()
+                        (0..hd).map(|i| q[t][hh * hd + i] * k[u][kh * hd + i]).sum::<f32>()
+                            / (hd as f32).sqrt()
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -332,7 +334,8 @@ fn reference_logits(w: &LlamaWeights, ids: &[u32]) -> Vec<Vec<f32>> {
                 x[t][i] += o[t][i];
             }
         }
-        let h2: Vec<Vec<f32>> = x.iter().map(|t| rmsnorm(t, &lw.post_attention_layernorm.data, c.rms_norm_eps)).collect();
+        let h2: Vec<Vec<f32>> =
+            x.iter().map(|t| rmsnorm(t, &lw.post_attention_layernorm.data, c.rms_norm_eps)).collect();
         let gt = linear(&h2, &lw.gate_proj);
         let up = linear(&h2, &lw.up_proj);
         let a: Vec<Vec<f32>> = gt
@@ -395,7 +398,8 @@ fn loaded_weights_reproduce_transformers_logits() {
         let logits = reference_logits(w, &ids);
         let am: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
         assert_eq!(am, ids_of(&case["argmax"]), "case {ci}");
-        let want: Vec<f32> = case["logits_last"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let want: Vec<f32> =
+            case["logits_last"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         let (mut worst, mut at) = (0f32, 0);
         for (i, (a, b)) in logits.last().unwrap().iter().zip(&want).enumerate() {
             if (a - b).abs() > worst {
@@ -404,7 +408,12 @@ fn loaded_weights_reproduce_transformers_logits() {
             }
         }
         eprintln!("logits.json case {ci}: last logits worst abs diff {worst:.2e}");
-        assert!(worst < 1e-3, "case {ci}: last logits worst abs diff {worst} at id {at} ({} vs {})", logits.last().unwrap()[at], want[at]);
+        assert!(
+            worst < 1e-3,
+            "case {ci}: last logits worst abs diff {worst} at id {at} ({} vs {})",
+            logits.last().unwrap()[at],
+            want[at]
+        );
     }
 }
 
@@ -452,7 +461,10 @@ fn digits_are_split_one_per_token() {
     assert_eq!(tok.encode("2024", false).unwrap(), vec![id("2"), id("0"), id("2"), id("4")]);
     // The space before a digit stays its own piece ("Ġ"), not merged into "Ġ1".
     assert_eq!(tok.encode(" 12", false).unwrap(), vec![id("Ġ"), id("1"), id("2")]);
-    assert_eq!(tok.encode("x=3.14", false).unwrap(), vec![id("x"), id("="), id("3"), id("."), id("1"), id("4")]);
+    assert_eq!(
+        tok.encode("x=3.14", false).unwrap(),
+        vec![id("x"), id("="), id("3"), id("."), id("1"), id("4")]
+    );
     for ids in [tok.encode("12+345=357", false).unwrap()] {
         assert_eq!(ids.len(), 10);
         for t in ids {
@@ -521,7 +533,7 @@ fn roundtrip_tensor(ty: GgmlType, ne: &[u64], bytes: Vec<u8>) -> Vec<f32> {
 fn dequantize_q8_0() {
     // d = 0.5, q[j] = j*8 - 128 (as i8): x[j] = 0.5 * (8j - 128).
     let mut b = f16b(0.5).to_vec();
-    b.extend((0..32).map(|j| ((j * 8) as i32 - 128) as i8 as u8));
+    b.extend((0..32).map(|j| (j * 8 - 128) as i8 as u8));
     let v = roundtrip_tensor(GgmlType::Q8_0, &[32], b);
     assert_eq!(v[0], -64.0);
     assert_eq!(v[16], 0.0);
@@ -682,8 +694,11 @@ fn llama_cpp_permute(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<
     out
 }
 
+/// (HF name, shape, values) of every tensor.
+type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 /// The HF tensors of the tiny model (name, shape, values) and its GGUF file.
-fn tiny_model(tied: bool) -> (Vec<(String, Vec<usize>, Vec<f32>)>, GgufWriter) {
+fn tiny_model(tied: bool) -> (Named, GgufWriter) {
     let (v, h, i, l, nh, nkv, hd) = TINY;
     let mut hf = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for layer in 0..l {
@@ -795,11 +810,16 @@ fn sharded_bf16_f16_safetensors_load() {
     use safetensors::tensor::{Dtype, TensorView};
     let (hf, _) = tiny_model(false);
     let dir = temp_dir("shards");
-    std::fs::write(dir.join("config.json"), serde_json::to_string(&{
-        let mut c = tiny_config();
-        c.tie_word_embeddings = false;
-        c.to_hf_json()
-    }).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&{
+            let mut c = tiny_config();
+            c.tie_word_embeddings = false;
+            c.to_hf_json()
+        })
+        .unwrap(),
+    )
+    .unwrap();
     // First half of the tensors in BF16, the rest in F16, in two shards.
     let mid = hf.len() / 2;
     let mut weight_map = serde_json::Map::new();
@@ -847,7 +867,8 @@ fn sharded_bf16_f16_safetensors_load() {
     // A missing shard entry names the tensor.
     std::fs::write(
         dir.join("model.safetensors.index.json"),
-        serde_json::json!({ "weight_map": { "model.norm.weight": "model-00002-of-00002.safetensors" } }).to_string(),
+        serde_json::json!({ "weight_map": { "model.norm.weight": "model-00002-of-00002.safetensors" } })
+            .to_string(),
     )
     .unwrap();
     match LlamaWeights::load(&dir) {
@@ -879,7 +900,8 @@ fn gguf_weights_with_wrong_shapes_or_missing_tensors_are_errors() {
                     w.tensor_f32(t.name.clone(), shape, &vec![0.5; shape.iter().product()]).unwrap();
                 }
                 _ => {
-                    w.tensor(t.name.clone(), &t.ne, t.ty, orig.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+                    w.tensor(t.name.clone(), &t.ne, t.ty, orig.tensor_bytes(&t.name).unwrap().to_vec())
+                        .unwrap();
                 }
             }
         }
@@ -940,7 +962,10 @@ fn small_valid_file() -> Vec<u8> {
         .kv("f64", GgufValue::F64(0.25))
         .kv(
             "arr",
-            GgufValue::Array(GgufValueType::String, vec![GgufValue::String("a".into()), GgufValue::String("bc".into())]),
+            GgufValue::Array(
+                GgufValueType::String,
+                vec![GgufValue::String("a".into()), GgufValue::String("bc".into())],
+            ),
         )
         .kv(
             "nested",

@@ -74,7 +74,9 @@ struct HfConfig {
 fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
     match v {
         Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
-        Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok()),
+        Some(serde_json::Value::Array(a)) => {
+            a.first().and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok())
+        }
         _ => None,
     }
 }
@@ -103,10 +105,12 @@ impl LlamaConfig {
             None if num_attention_heads > 0 => hidden_size / num_attention_heads,
             None => 0,
         };
-        if let Some(_) = g.get(&k("attention.value_length")) {
+        if g.get(&k("attention.value_length")).is_some() {
             let vl = g.get_usize(&k("attention.value_length"))?;
             if vl != head_dim {
-                return Err(g.error(format!("llama.attention.value_length {vl} differs from key_length {head_dim}")));
+                return Err(
+                    g.error(format!("llama.attention.value_length {vl} differs from key_length {head_dim}"))
+                );
             }
         }
         if g.get(&k("rope.dimension_count")).is_some() {
@@ -343,7 +347,9 @@ mod tests {
         assert!(LlamaConfig::from_hf_str(&format!("{base}}}")).is_ok());
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"num_key_value_heads\":3}}")).is_err());
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"gpt2\"}}")).is_err());
-        assert!(LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\"}}}}")).is_err());
+        assert!(
+            LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\"}}}}")).is_err()
+        );
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"rms_norm_eps\":-1}}")).is_err());
         assert!(LlamaConfig::from_hf_str("{}").is_err());
     }
