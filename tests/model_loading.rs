@@ -473,6 +473,43 @@ fn digits_are_split_one_per_token() {
     }
 }
 
+/// Ids from transformers 5.24's GGUF tokenizer (`convert_gguf_tokenizer` on this file's
+/// `tokenizer.ggml.*` metadata), an independent implementation. It does not split digits
+/// first, which only matters for whitespace directly before a digit, so these texts have none.
+#[test]
+fn tokenizer_matches_transformers_gguf_tokenizer() {
+    let tok = tokenizer();
+    let cases: &[(&str, &[u32])] = &[
+        ("The capital of France is", &[504, 3575, 282, 4649, 314]),
+        ("Hello, world! How are you doing today?", &[19556, 28, 905, 17, 1073, 359, 346, 2567, 1834, 47]),
+        ("  leading spaces, tabs\tand\nnewlines\n\n", &[216, 2899, 5600, 28, 29416, 197, 397, 198, 2241, 5110, 1116]),
+        ("Unicode: café, naïve, 日本語, emoji 🦀🚀", &[3706, 15817, 42, 37366, 28, 15486, 46494, 28, 17097, 241, 115, 40993, 179, 120, 248, 28, 649, 33777, 15107, 116, 218, 10813, 244, 218]),
+        ("Numbers1234567890and3.14159,-42", &[39006, 33, 34, 35, 36, 37, 38, 39, 40, 41, 32, 397, 35, 30, 33, 36, 33, 37, 41, 10790, 36, 34]),
+        ("x=3.14", &[104, 45, 35, 30, 33, 36]),
+        ("2024", &[34, 32, 34, 36]),
+        ("12+345=357", &[33, 34, 27, 35, 36, 37, 45, 35, 37, 39]),
+        ("<|im_start|>user\nHi<|im_end|>\n", &[1, 4093, 198, 26843, 2, 198]),
+        ("def f(x):\n    return x**2  # square\n", &[1604, 275, 24, 104, 727, 472, 1003, 1792, 828, 34, 216, 907, 5222, 198]),
+        ("I'm sure they'll've done it; it's John's.", &[57, 5248, 2090, 502, 3060, 3543, 2294, 357, 43, 357, 506, 2322, 506, 30]),
+        ("Ünïcödé   multiple     spaces\r\n\r\nCRLF", &[142, 246, 94, 25972, 83, 7466, 84, 2756, 256, 2701, 289, 5600, 7209, 198, 9088, 60, 54]),
+        ("a<|im_end|>b<|endoftext|>c<repo_name>d", &[81, 2, 82, 0, 83, 3, 84]),
+        ("<|im_start|>assistant\n", &[1, 520, 9531, 198]),
+        ("", &[]),
+    ];
+    for (text, want) in cases {
+        assert_eq!(tok.encode(text, false).unwrap(), *want, "{text:?}");
+    }
+}
+
+/// Where llama.cpp's `smollm` pre-tokenizer (digits split off first) and a plain GPT-2 split
+/// differ: "a  1" is `a`, `ĠĠ`, `1` (the two spaces end a piece), not `a`, `Ġ`, `Ġ1`->`Ġ`,`1`.
+#[test]
+fn whitespace_before_a_digit_follows_the_smollm_pre_tokenizer() {
+    let tok = tokenizer();
+    let id = |s: &str| tok.token_to_id(s).unwrap();
+    assert_eq!(tok.encode("a  1", false).unwrap(), vec![id("a"), id("ĠĠ"), id("1")]);
+}
+
 #[test]
 fn decode_round_trips() {
     let tok = tokenizer();
