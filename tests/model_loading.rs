@@ -835,6 +835,7 @@ fn tiny_gguf_loads_with_hf_names_and_unpermuted_rows() {
         assert!(!out.join("model.safetensors.tmp").exists());
         let back = LlamaWeights::load(&out).unwrap();
         assert_eq!(back, w);
+        assert_eq!(LlamaWeights::load(out.join("model.safetensors")).unwrap(), w);
         // Saving again over the same directory replaces the files.
         back.save_safetensors_hf(&out).unwrap();
         assert_eq!(LlamaWeights::from_safetensors_dir(&out).unwrap(), w);

@@ -64,6 +64,8 @@ struct HfConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers >= 5 writes `{"rope_theta": .., "rope_type": "default"}` here.
+    rope_parameters: Option<serde_json::Value>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
@@ -163,8 +165,11 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// Reads an HF `config.json` (`model_type` `llama` or absent; no `rope_scaling`, no biases,
-    /// `hidden_act` `silu`).
+    /// Reads an HF `config.json` (`model_type` `llama` or absent; default RoPE only, no biases,
+    /// `hidden_act` `silu`). Missing fields take transformers' `LlamaConfig` defaults
+    /// (`rope_theta` 10000, `rms_norm_eps` 1e-6, `max_position_embeddings` 2048,
+    /// `tie_word_embeddings` false); `rope_theta` may also come from transformers 5's
+    /// `rope_parameters`.
     pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -179,9 +184,31 @@ impl LlamaConfig {
                 return Err(format!("model_type {mt:?}; only \"llama\" is supported"));
             }
         }
+        let default_rope = |v: &serde_json::Value| {
+            v.is_null()
+                || v.get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .map_or(true, |t| t.as_str() == Some("default"))
+        };
         if let Some(rs) = &h.rope_scaling {
-            if !rs.is_null() {
+            if !default_rope(rs) {
                 return Err(format!("rope_scaling {rs} is not supported"));
+            }
+        }
+        let mut rope_theta = h.rope_theta;
+        if let Some(rp) = h.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+            if !default_rope(rp) {
+                return Err(format!("rope_parameters {rp} are not supported (only rope_type \"default\")"));
+            }
+            if let Some(t) = rp.get("rope_theta") {
+                let t =
+                    t.as_f64().ok_or_else(|| format!("rope_parameters.rope_theta {t} is not a number"))?;
+                if rope_theta.is_some_and(|r| r != t) {
+                    return Err(format!(
+                        "rope_theta {rope_theta:?} and rope_parameters.rope_theta {t} differ"
+                    ));
+                }
+                rope_theta = Some(t);
             }
         }
         if h.attention_bias == Some(true) || h.mlp_bias == Some(true) {
@@ -205,10 +232,10 @@ impl LlamaConfig {
             num_attention_heads: h.num_attention_heads,
             num_key_value_heads: h.num_key_value_heads.unwrap_or(h.num_attention_heads),
             head_dim,
-            rope_theta: h.rope_theta.unwrap_or(10000.0) as f32,
+            rope_theta: rope_theta.unwrap_or(10000.0) as f32,
             rms_norm_eps: h.rms_norm_eps.unwrap_or(1e-6) as f32,
             max_position_embeddings: h.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: h.tie_word_embeddings.unwrap_or(true),
+            tie_word_embeddings: h.tie_word_embeddings.unwrap_or(false),
             bos_token_id: first_id(&h.bos_token_id),
             eos_token_id: first_id(&h.eos_token_id),
         };
@@ -352,5 +379,19 @@ mod tests {
         );
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"rms_norm_eps\":-1}}")).is_err());
         assert!(LlamaConfig::from_hf_str("{}").is_err());
+        let v5 = LlamaConfig::from_hf_str(&format!(
+            "{base},\"rope_parameters\":{{\"rope_theta\":100000.0,\"rope_type\":\"default\"}}}}"
+        ))
+        .unwrap();
+        assert_eq!(v5.rope_theta, 100000.0);
+        assert!(!v5.tie_word_embeddings);
+        assert!(LlamaConfig::from_hf_str(&format!(
+            "{base},\"rope_parameters\":{{\"rope_theta\":1.0,\"rope_type\":\"llama3\"}}}}"
+        ))
+        .is_err());
+        assert!(LlamaConfig::from_hf_str(&format!(
+            "{base},\"rope_theta\":5.0,\"rope_parameters\":{{\"rope_theta\":1.0}}}}"
+        ))
+        .is_err());
     }
 }

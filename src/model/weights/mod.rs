@@ -250,13 +250,19 @@ fn reorder_qk_rows(
 }
 
 impl LlamaWeights {
-    /// Loads `path`: a directory is read as an HF safetensors checkpoint
-    /// ([`LlamaWeights::from_safetensors_dir`]), a file as GGUF ([`LlamaWeights::from_gguf`]).
+    /// Loads `path`: a directory (or a `*.safetensors` / `*.json` file in one) is read as an HF
+    /// safetensors checkpoint ([`LlamaWeights::from_safetensors_dir`]), any other file as GGUF
+    /// ([`LlamaWeights::from_gguf`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let is_hf_file = path.extension().is_some_and(|x| x == "safetensors" || x == "json");
         if meta.is_dir() {
             Self::from_safetensors_dir(path)
+        } else if is_hf_file {
+            // `model.safetensors` or `config.json` of an HF checkpoint: load its directory.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            Self::from_safetensors_dir(dir)
         } else {
             Self::from_gguf(path)
         }
