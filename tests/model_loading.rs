@@ -482,16 +482,37 @@ fn tokenizer_matches_transformers_gguf_tokenizer() {
     let cases: &[(&str, &[u32])] = &[
         ("The capital of France is", &[504, 3575, 282, 4649, 314]),
         ("Hello, world! How are you doing today?", &[19556, 28, 905, 17, 1073, 359, 346, 2567, 1834, 47]),
-        ("  leading spaces, tabs\tand\nnewlines\n\n", &[216, 2899, 5600, 28, 29416, 197, 397, 198, 2241, 5110, 1116]),
-        ("Unicode: café, naïve, 日本語, emoji 🦀🚀", &[3706, 15817, 42, 37366, 28, 15486, 46494, 28, 17097, 241, 115, 40993, 179, 120, 248, 28, 649, 33777, 15107, 116, 218, 10813, 244, 218]),
-        ("Numbers1234567890and3.14159,-42", &[39006, 33, 34, 35, 36, 37, 38, 39, 40, 41, 32, 397, 35, 30, 33, 36, 33, 37, 41, 10790, 36, 34]),
+        (
+            "  leading spaces, tabs\tand\nnewlines\n\n",
+            &[216, 2899, 5600, 28, 29416, 197, 397, 198, 2241, 5110, 1116],
+        ),
+        (
+            "Unicode: café, naïve, 日本語, emoji 🦀🚀",
+            &[
+                3706, 15817, 42, 37366, 28, 15486, 46494, 28, 17097, 241, 115, 40993, 179, 120, 248, 28, 649,
+                33777, 15107, 116, 218, 10813, 244, 218,
+            ],
+        ),
+        (
+            "Numbers1234567890and3.14159,-42",
+            &[39006, 33, 34, 35, 36, 37, 38, 39, 40, 41, 32, 397, 35, 30, 33, 36, 33, 37, 41, 10790, 36, 34],
+        ),
         ("x=3.14", &[104, 45, 35, 30, 33, 36]),
         ("2024", &[34, 32, 34, 36]),
         ("12+345=357", &[33, 34, 27, 35, 36, 37, 45, 35, 37, 39]),
         ("<|im_start|>user\nHi<|im_end|>\n", &[1, 4093, 198, 26843, 2, 198]),
-        ("def f(x):\n    return x**2  # square\n", &[1604, 275, 24, 104, 727, 472, 1003, 1792, 828, 34, 216, 907, 5222, 198]),
-        ("I'm sure they'll've done it; it's John's.", &[57, 5248, 2090, 502, 3060, 3543, 2294, 357, 43, 357, 506, 2322, 506, 30]),
-        ("Ünïcödé   multiple     spaces\r\n\r\nCRLF", &[142, 246, 94, 25972, 83, 7466, 84, 2756, 256, 2701, 289, 5600, 7209, 198, 9088, 60, 54]),
+        (
+            "def f(x):\n    return x**2  # square\n",
+            &[1604, 275, 24, 104, 727, 472, 1003, 1792, 828, 34, 216, 907, 5222, 198],
+        ),
+        (
+            "I'm sure they'll've done it; it's John's.",
+            &[57, 5248, 2090, 502, 3060, 3543, 2294, 357, 43, 357, 506, 2322, 506, 30],
+        ),
+        (
+            "Ünïcödé   multiple     spaces\r\n\r\nCRLF",
+            &[142, 246, 94, 25972, 83, 7466, 84, 2756, 256, 2701, 289, 5600, 7209, 198, 9088, 60, 54],
+        ),
         ("a<|im_end|>b<|endoftext|>c<repo_name>d", &[81, 2, 82, 0, 83, 3, 84]),
         ("<|im_start|>assistant\n", &[1, 520, 9531, 198]),
         ("", &[]),
@@ -1221,4 +1242,127 @@ fn random_corruption_never_panics() {
         }
     }
     assert!(err > 0 && ok > 0, "ok {ok}, err {err}");
+}
+
+/// A tiny tokenizer's metadata (byte-level BPE, smollm pre-tokenizer, one control token).
+fn tiny_tokenizer_file() -> Vec<u8> {
+    let strs = |v: &[&str]| {
+        GgufValue::Array(GgufValueType::String, v.iter().map(|s| GgufValue::String(s.to_string())).collect())
+    };
+    let mut w = GgufWriter::new();
+    w.kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .kv("tokenizer.ggml.pre", GgufValue::String("smollm".into()))
+        .kv("tokenizer.ggml.tokens", strs(&["<|im_end|>", "a", "b", "ab", "Ġ", "1", "ĠĠ"]))
+        .kv("tokenizer.ggml.merges", strs(&["a b", "Ġ Ġ"]))
+        .kv(
+            "tokenizer.ggml.token_type",
+            GgufValue::Array(
+                GgufValueType::I32,
+                [3, 1, 1, 1, 1, 1, 1].iter().map(|&t| GgufValue::I32(t)).collect(),
+            ),
+        )
+        .kv("tokenizer.ggml.eos_token_id", GgufValue::U32(0))
+        .kv("tokenizer.ggml.add_bos_token", GgufValue::Bool(false));
+    w.to_bytes().unwrap()
+}
+
+#[test]
+fn tiny_tokenizer_from_metadata() {
+    let g = GgufFile::from_bytes("tok.gguf", tiny_tokenizer_file()).unwrap();
+    let tok = Tokenizer::from_gguf_file(&g).unwrap();
+    assert_eq!(tok.encode("ab", false).unwrap(), vec![3]);
+    assert_eq!(tok.encode("a  1<|im_end|>", false).unwrap(), vec![1, 6, 5, 0]);
+    assert_eq!(tok.decode(&[3, 6, 5, 0], true).unwrap(), "ab  1");
+    assert_eq!(tok.eos_id(), 0);
+    assert!(tok.chat_prompt("hi").is_err(), "no chat template in this file");
+}
+
+/// Corrupting the metadata of a small Llama model and a small tokenizer gives errors, never a
+/// panic, through the config, weights and tokenizer builders too.
+#[test]
+fn random_corruption_of_model_metadata_never_panics() {
+    let model = tiny_model(true).1.to_bytes().unwrap();
+    let model_header = GgufFile::from_bytes("x", model.clone()).unwrap().data_start() as usize;
+    let tok = tiny_tokenizer_file();
+    let mut s: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let (mut ok, mut err) = (0, 0);
+    for it in 0..1500 {
+        let (mut b, span) =
+            if it % 2 == 0 { (model.clone(), model_header) } else { (tok.clone(), tok.len()) };
+        for _ in 0..(1 + next() % 3) {
+            let i = (next() as usize) % span;
+            b[i] = match next() % 4 {
+                0 => next() as u8,
+                1 => 0xff,
+                2 => b[i].wrapping_add(1),
+                _ => 0,
+            };
+        }
+        let r = catch_unwind(AssertUnwindSafe(|| -> Result<(), Error> {
+            let g = GgufFile::from_bytes("hostile.gguf", b)?;
+            if it % 2 == 0 {
+                LlamaWeights::from_gguf_file(&g)?;
+            } else {
+                let t = Tokenizer::from_gguf_file(&g)?;
+                let ids = t.encode("ab a  1 <|im_end|>", false)?;
+                t.decode(&ids, false)?;
+            }
+            Ok(())
+        }))
+        .unwrap_or_else(|_| panic!("iteration {it} panicked"));
+        match r {
+            Ok(()) => ok += 1,
+            Err(Error::Format { .. }) => err += 1,
+            Err(e) => panic!("iteration {it}: unexpected error kind {e:?}"),
+        }
+    }
+    assert!(err > 0 && ok > 0, "ok {ok}, err {err}");
+}
+
+#[test]
+fn absurd_llama_metadata_is_an_error() {
+    let orig = GgufFile::from_bytes("ok.gguf", tiny_model(true).1.to_bytes().unwrap()).unwrap();
+    for (key, value, needle) in [
+        ("llama.block_count", GgufValue::U32(u32::MAX), "blk.2.attn_q.weight"),
+        ("llama.attention.head_count", GgufValue::U32(0), "num_attention_heads"),
+        ("llama.attention.head_count_kv", GgufValue::U32(3), "num_key_value_heads"),
+        ("llama.embedding_length", GgufValue::U64(1 << 62), "overflow"),
+        ("llama.embedding_length", GgufValue::U64(u64::MAX), "head_dim"),
+        ("llama.feed_forward_length", GgufValue::String("12".into()), "llama.feed_forward_length"),
+        ("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(f32::NAN), "rms_norm_eps"),
+        ("general.architecture", GgufValue::String("gemma".into()), "gemma"),
+    ] {
+        let mut w = GgufWriter::new();
+        for (k, v) in orig.metadata() {
+            w.kv(k.clone(), if k == key { value.clone() } else { v.clone() });
+        }
+        for t in orig.tensors() {
+            w.tensor(t.name.clone(), &t.ne, t.ty, orig.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+        }
+        let bytes = w.to_bytes().unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            LlamaWeights::from_gguf_file(&GgufFile::from_bytes("bad.gguf", bytes).unwrap())
+        }))
+        .unwrap_or_else(|_| panic!("{key} panicked"));
+        match r {
+            Err(Error::Format { msg, .. }) => {
+                assert!(msg.contains(needle), "{key}: {msg:?} lacks {needle:?}")
+            }
+            other => panic!("{key}: expected a Format error, got {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+#[test]
+fn model_types_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<GgufFile>();
+    check::<LlamaWeights>();
+    check::<Tokenizer>();
 }

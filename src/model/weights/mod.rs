@@ -294,7 +294,7 @@ impl LlamaWeights {
         };
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = load("token_embd.weight".into(), &[v, h])?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut layers = Vec::new(); // no capacity from an untrusted count
         for l in 0..config.num_hidden_layers {
             let mut ts = Vec::with_capacity(9);
             for (field, shape) in layer_fields(&config) {

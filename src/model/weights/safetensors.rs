@@ -139,7 +139,7 @@ impl LlamaWeights {
         };
         let (vs, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = load("model.embed_tokens.weight".into(), &[vs, h])?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut layers = Vec::new(); // no capacity from an untrusted count
         for l in 0..config.num_hidden_layers {
             let mut ts = Vec::with_capacity(9);
             for (field, shape) in layer_fields(&config) {
