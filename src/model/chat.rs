@@ -20,6 +20,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+
 /// The default system prompt of SmolLM2-Instruct's template.
 pub const SMOLLM2_SYSTEM_PROMPT: &str =
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
@@ -66,8 +68,13 @@ impl ChatTemplate {
     /// Recognises a ChatML Jinja template (`<|im_start|>` + role + newline + content +
     /// `<|im_end|>` + newline per message). A default system prompt is taken from a literal
     /// `<|im_start|>system\n...<|im_end|>` guarded by `messages[0]['role'] != 'system'`.
-    /// Returns a message describing why the template is not supported otherwise.
-    pub fn from_jinja(src: &str) -> Result<Self, String> {
+    /// Any other template is an [`Error::Invalid`] on `chat_template` saying why.
+    pub fn from_jinja(src: &str) -> Result<Self> {
+        Self::parse(src).map_err(|m| Error::invalid("chat_template", m))
+    }
+
+    /// [`ChatTemplate::from_jinja`] with the error as a bare message.
+    pub(crate) fn parse(src: &str) -> std::result::Result<Self, String> {
         // Jinja string literals may hold real newlines or `\n` escapes; compare on the latter.
         let norm = src.replace('\n', "\\n").replace('"', "'");
         let compact: String = norm.chars().filter(|c| !c.is_whitespace()).collect();

@@ -161,7 +161,7 @@ impl LlamaConfig {
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: id("tokenizer.ggml.eos_token_id")?,
         };
-        cfg.validate().map_err(|m| g.error(m))?;
+        cfg.check().map_err(|m| g.error(m))?;
         Ok(cfg)
     }
 
@@ -239,13 +239,19 @@ impl LlamaConfig {
             bos_token_id: first_id(&h.bos_token_id),
             eos_token_id: first_id(&h.eos_token_id),
         };
-        cfg.validate()?;
+        cfg.check()?;
         Ok(cfg)
     }
 
     /// Checks that every size is positive, `num_key_value_heads` divides
-    /// `num_attention_heads`, `head_dim` is even, and the floats are finite and positive.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// `num_attention_heads`, `head_dim` is even, every matrix size fits, and `rope_theta` and
+    /// `rms_norm_eps` are finite and positive; the error is an [`Error::Invalid`] on `config`.
+    pub fn validate(&self) -> Result<()> {
+        self.check().map_err(|m| Error::invalid("config", m))
+    }
+
+    /// [`LlamaConfig::validate`] with the error as a bare message.
+    fn check(&self) -> std::result::Result<(), String> {
         let dims = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),

@@ -176,7 +176,7 @@ impl Tokenizer {
         let chat_template = match g.get("tokenizer.chat_template") {
             None => None,
             Some(_) => Some(
-                ChatTemplate::from_jinja(g.get_str("tokenizer.chat_template")?)
+                ChatTemplate::parse(g.get_str("tokenizer.chat_template")?)
                     .map_err(|m| g.error(format!("tokenizer.chat_template: {m}")))?,
             ),
         };
@@ -242,7 +242,7 @@ impl Tokenizer {
         };
         let chat_template = match cfg.as_ref().and_then(|c| c.get("chat_template")).and_then(|v| v.as_str()) {
             Some(src) => Some(
-                ChatTemplate::from_jinja(src)
+                ChatTemplate::parse(src)
                     .map_err(|m| Error::format(&cfg_path, format!("chat_template: {m}")))?,
             ),
             None => None,

@@ -905,7 +905,7 @@ impl GgufFile {
         out.try_reserve_exact(n)
             .map_err(|_| self.error(format!("tensor {name:?}: cannot allocate {n} f32 values")))?;
         out.resize(n, 0.0f32);
-        dequantize(t.ty, bytes, &mut out).map_err(|m| self.error(format!("tensor {name:?}: {m}")))?;
+        dequantize_msg(t.ty, bytes, &mut out).map_err(|m| self.error(format!("tensor {name:?}: {m}")))?;
         Ok((t.shape(), out))
     }
 }
@@ -970,11 +970,16 @@ fn deq_q8_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Converts `data` (stored as `ty`) to f32 into `out`, in parallel over blocks.
-/// `out.len()` values are produced; `data` must hold exactly `ty.bytes_for(out.len())` bytes.
-/// Returns a message (the caller adds the file and tensor) for an unsupported type or a size
-/// mismatch.
-pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
+/// Converts `data` (stored as `ty`) to f32 into `out`, in parallel over blocks (formulas in the
+/// module docs). `out.len()` values are produced; `data` must hold exactly
+/// `ty.bytes_for(out.len())` bytes. An unsupported type or a size mismatch is an
+/// [`Error::Invalid`].
+pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
+    dequantize_msg(ty, data, out).map_err(|m| Error::invalid("data", m))
+}
+
+/// [`dequantize`] with the error as a bare message (the reader adds the file and tensor).
+fn dequantize_msg(ty: GgmlType, data: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
     let (bs, ts) = ty.block();
     let need = ty
         .bytes_for(out.len() as u64)

@@ -360,7 +360,7 @@ impl LlamaWeights {
     /// the tensor. Call after editing the weights by hand.
     pub fn validate(&self) -> Result<()> {
         let c = &self.config;
-        c.validate().map_err(|m| Error::invalid("config", m))?;
+        c.validate()?;
         if self.layers.len() != c.num_hidden_layers {
             return Err(Error::invalid(
                 "layers",
