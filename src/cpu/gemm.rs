@@ -72,6 +72,34 @@ pub fn matmul<F: Scalar>(
     b: Mat<'_, F>,
     op_b: Op,
 ) -> Result<()> {
+    matmul_impl(c, alpha, beta, a, op_a, b, op_b, true)
+}
+
+/// [`matmul`] on the calling thread only, for small products run side by side under
+/// `rayon::join` (one synchronisation for the pair instead of one per product).
+pub fn matmul_serial<F: Scalar>(
+    c: &mut MatMut<'_, F>,
+    alpha: F,
+    beta: F,
+    a: Mat<'_, F>,
+    op_a: Op,
+    b: Mat<'_, F>,
+    op_b: Op,
+) -> Result<()> {
+    matmul_impl(c, alpha, beta, a, op_a, b, op_b, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_impl<F: Scalar>(
+    c: &mut MatMut<'_, F>,
+    alpha: F,
+    beta: F,
+    a: Mat<'_, F>,
+    op_a: Op,
+    b: Mat<'_, F>,
+    op_b: Op,
+    parallel: bool,
+) -> Result<()> {
     let (m, k, a_rs, a_cs) = op_dims(&a, op_a);
     let (kb, n, b_rs, b_cs) = op_dims(&b, op_b);
     if kb != k {
@@ -98,7 +126,7 @@ pub fn matmul<F: Scalar>(
         return Ok(());
     }
     let work = m.saturating_mul(n).saturating_mul(k);
-    let par = if work >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
+    let par = if parallel && work >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None

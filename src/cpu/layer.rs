@@ -28,7 +28,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Op};
+use super::gemm::{matmul, matmul_serial, Op};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::shape::{check_len, LayerShape, Mat, MatMut};
@@ -254,6 +254,25 @@ fn generate_u(sh: &LayerShape, x: Mat<'_, f32>, psi: Mat<'_, f32>) -> Result<Vec
     Ok(u)
 }
 
+/// Runs two fallible closures side by side on the rayon pool.
+fn pair(a: impl FnOnce() -> Result<()> + Send, b: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+    let (ra, rb) = rayon::join(a, b);
+    ra.and(rb)
+}
+
+/// `(C, u)`, computed side by side (each product on one thread).
+fn c_and_u(sh: &LayerShape, x: &F32<'_>, w: &F32<'_>, phi: &F32<'_>, psi: &F32<'_>, scale: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut c = vec![0.0f32; sh.d_out * sh.rank];
+    let mut u = vec![0.0f32; sh.tokens * sh.rank];
+    let (wm, phim, xm, psim) = (w.mat()?, phi.mat()?, x.mat()?, psi.mat()?);
+    let (mut cm, mut um) = (mat_mut("C", &mut c, sh.c())?, mat_mut("u", &mut u, sh.u())?);
+    pair(
+        || matmul_serial(&mut cm, 0.0, scale, wm, Op::N, phim, Op::N),
+        || matmul_serial(&mut um, 0.0, 1.0, xm, Op::N, psim, Op::T),
+    )?;
+    Ok((c, u))
+}
+
 fn check_adapter<T>(sh: &LayerShape, w: Mat<'_, T>, phi: Mat<'_, T>, psi: Mat<'_, T>, scale: f32) -> Result<()> {
     w.expect(sh.w())?;
     phi.expect(sh.phi())?;
@@ -287,8 +306,7 @@ pub fn wegeft_forward<T: Element>(
 
     let (xf, wf, phif, psif) = (F32::of(x)?, F32::of(w)?, F32::of(phi)?, F32::of(psi)?);
     let b = bias_f32(bias);
-    let c = generate_c(&sh, wf.mat()?, phif.mat()?, scale)?;
-    let u = generate_u(&sh, xf.mat()?, psif.mat()?)?;
+    let (c, u) = c_and_u(&sh, &xf, &wf, &phif, &psif, scale)?;
     with_f32_out(&mut y, false, |y| {
         xwt(y, xf.mat()?, wf.mat()?, b.as_deref())?;
         matmul(y, 1.0, 1.0, mat("u", &u, sh.u())?, Op::N, mat("C", &c, sh.c())?, Op::T)
@@ -343,21 +361,29 @@ pub fn wegeft_backward<T: Element>(
         Some(s) => (Cow::Borrowed(&s.u), Cow::Borrowed(&s.c)),
         None => {
             let phif = F32::of(phi)?;
-            (
-                Cow::Owned(generate_u(&sh, xf.mat()?, psif.mat()?)?),
-                Cow::Owned(generate_c(&sh, wf.mat()?, phif.mat()?, scale)?),
-            )
+            let (c, u) = c_and_u(&sh, &xf, &wf, &phif, &psif, scale)?;
+            (Cow::Owned(u), Cow::Owned(c))
         }
     };
     let (t, r) = (sh.tokens, sh.rank);
-    // v = G C (T x r), S = G^T u (d_out x r)
+    // The four rank-r products are small: run them in pairs side by side, each on one thread.
+    // v = G C (T x r) | S = G^T u (d_out x r)
     let mut v = vec![0.0f32; t * r];
-    matmul(&mut mat_mut("v", &mut v, sh.u())?, 0.0, 1.0, gf.mat()?, Op::N, mat("C", &c, sh.c())?, Op::N)?;
     let mut s = vec![0.0f32; sh.d_out * r];
-    matmul(&mut mat_mut("S", &mut s, sh.c())?, 0.0, 1.0, gf.mat()?, Op::T, mat("u", &u, sh.u())?, Op::N)?;
-    // dphi += s W^T S, dpsi += v^T x
-    matmul(&mut mat_mut("dphi", dphi, sh.phi())?, 1.0, scale, wf.mat()?, Op::T, mat("S", &s, sh.c())?, Op::N)?;
-    matmul(&mut mat_mut("dpsi", dpsi, sh.psi())?, 1.0, 1.0, mat("v", &v, sh.u())?, Op::T, xf.mat()?, Op::N)?;
+    let (gm, cm, um) = (gf.mat()?, mat("C", &c, sh.c())?, mat("u", &u, sh.u())?);
+    let (mut vm, mut sm) = (mat_mut("v", &mut v, sh.u())?, mat_mut("S", &mut s, sh.c())?);
+    pair(
+        || matmul_serial(&mut vm, 0.0, 1.0, gm, Op::N, cm, Op::N),
+        || matmul_serial(&mut sm, 0.0, 1.0, gm, Op::T, um, Op::N),
+    )?;
+    // dphi += s W^T S | dpsi += v^T x
+    let (vm, sm) = (mat("v", &v, sh.u())?, mat("S", &s, sh.c())?);
+    let (mut dphim, mut dpsim) = (mat_mut("dphi", dphi, sh.phi())?, mat_mut("dpsi", dpsi, sh.psi())?);
+    let (wm, xm) = (wf.mat()?, xf.mat()?);
+    pair(
+        || matmul_serial(&mut dphim, 1.0, scale, wm, Op::T, sm, Op::N),
+        || matmul_serial(&mut dpsim, 1.0, 1.0, vm, Op::T, xm, Op::N),
+    )?;
     // dx = G W + v psi
     if let Some(dx) = dx.as_mut() {
         with_f32_out(dx, false, |dx| {
