@@ -26,6 +26,8 @@
 use std::any::TypeId;
 use std::borrow::Cow;
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_serial, Op};
@@ -56,6 +58,64 @@ fn is_f32<T: 'static>() -> bool {
     TypeId::of::<T>() == TypeId::of::<f32>()
 }
 
+/// `dst[i] = src[i] as f32` (equal lengths), with half's vectorised slice conversions for
+/// bf16/f16.
+fn row_to_f32<T: Element>(src: &[T], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len());
+    if TypeId::of::<T>() == TypeId::of::<bf16>() {
+        if let Ok(s) = bytemuck::try_cast_slice::<T, u16>(src) {
+            // bf16 is the high half of an f32: exact, and a loop the compiler vectorises.
+            for (d, &b) in dst.iter_mut().zip(s) {
+                *d = f32::from_bits((b as u32) << 16);
+            }
+            return;
+        }
+    }
+    if TypeId::of::<T>() == TypeId::of::<f16>() {
+        if let Ok(s) = bytemuck::try_cast_slice::<T, f16>(src) {
+            return s.convert_to_f32_slice(dst);
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// f32 to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN. Branch-free, so that
+/// loops over it vectorise; the same results as `half::bf16::from_f32`.
+#[inline(always)]
+fn f32_to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x0040;
+    if x.is_nan() {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// `dst[i] = T::from_f32(src[i])` (equal lengths, round to nearest even).
+fn row_from_f32<T: Element>(src: &[f32], dst: &mut [T]) {
+    debug_assert_eq!(src.len(), dst.len());
+    if TypeId::of::<T>() == TypeId::of::<bf16>() {
+        if let Ok(d) = bytemuck::try_cast_slice_mut::<T, u16>(dst) {
+            for (d, &x) in d.iter_mut().zip(src) {
+                *d = f32_to_bf16_bits(x);
+            }
+            return;
+        }
+    }
+    if TypeId::of::<T>() == TypeId::of::<f16>() {
+        if let Ok(d) = bytemuck::try_cast_slice_mut::<T, f16>(dst) {
+            return d.convert_from_f32_slice(src);
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = T::from_f32(*s);
+    }
+}
+
 /// Minimum elements before a conversion is split over the rayon pool.
 const PAR_CONVERT: usize = 1 << 15;
 
@@ -78,11 +138,7 @@ impl<'a> F32<'a> {
             }
         }
         let mut out = vec![0.0f32; rows * cols];
-        let conv = |(i, dst): (usize, &mut [f32])| {
-            for (d, s) in dst.iter_mut().zip(m.row(i)) {
-                *d = s.to_f32();
-            }
-        };
+        let conv = |(i, dst): (usize, &mut [f32])| row_to_f32(m.row(i), dst);
         if rows * cols >= PAR_CONVERT {
             out.par_chunks_mut(cols.max(1)).enumerate().for_each(conv);
         } else {
@@ -113,11 +169,7 @@ fn with_f32_out<T: Element>(
     let mut scratch = vec![0.0f32; rows * cols];
     if read_old {
         let src = y.as_ref();
-        let conv = |(i, dst): (usize, &mut [f32])| {
-            for (d, s) in dst.iter_mut().zip(src.row(i)) {
-                *d = s.to_f32();
-            }
-        };
+        let conv = |(i, dst): (usize, &mut [f32])| row_to_f32(src.row(i), dst);
         if rows * cols >= PAR_CONVERT {
             scratch.par_chunks_mut(cols.max(1)).enumerate().for_each(conv);
         } else {
@@ -128,21 +180,16 @@ fn with_f32_out<T: Element>(
         let mut v = MatMut::new(name, &mut scratch, rows, cols)?;
         f(&mut v)?;
     }
-    let data = y.data_mut();
-    let store = |(i, src): (usize, &[f32]), data: &mut [T]| {
-        for (d, s) in data[i * ld..i * ld + cols].iter_mut().zip(src) {
-            *d = T::from_f32(*s);
-        }
-    };
-    if rows * cols >= PAR_CONVERT && ld == cols {
-        data[..rows * cols]
-            .par_chunks_mut(cols)
-            .zip(scratch.par_chunks(cols))
-            .for_each(|(d, s)| store((0, s), d));
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    // Row i of y is data[i * ld..i * ld + cols]; the view spans (rows - 1) * ld + cols.
+    let span = &mut y.data_mut()[..(rows - 1) * ld + cols];
+    let store = |(d, s): (&mut [T], &[f32])| row_from_f32(s, &mut d[..cols]);
+    if rows * cols >= PAR_CONVERT {
+        span.par_chunks_mut(ld).zip(scratch.par_chunks(cols)).for_each(store);
     } else {
-        for (i, src) in scratch.chunks(cols.max(1)).enumerate() {
-            store((i, src), data);
-        }
+        span.chunks_mut(ld).zip(scratch.chunks(cols)).for_each(store);
     }
     Ok(())
 }
@@ -548,4 +595,41 @@ pub fn lora_backward<T: Element>(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_conversions_match_half() {
+        let mut vals: Vec<f32> = vec![
+            0.0, -0.0, 1.0, -1.5, f32::MIN_POSITIVE, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-40,
+            -3e-39, 65504.0, 3.4e38,
+        ];
+        // every rounding case around a few bf16 values, including ties
+        for base in [1.0f32, -2.75, 1e-3, 3.0e38] {
+            let b = base.to_bits();
+            for k in 0..=0x1_0001u32 {
+                vals.push(f32::from_bits(b.wrapping_add(k)));
+            }
+        }
+        let mut got = vec![bf16::ZERO; vals.len()];
+        row_from_f32(&vals, &mut got);
+        for (g, v) in got.iter().zip(&vals) {
+            let want = bf16::from_f32(*v);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{v:e}: {g} vs {want}");
+        }
+        let mut back = vec![0.0f32; got.len()];
+        row_to_f32(&got, &mut back);
+        for (b, g) in back.iter().zip(&got) {
+            assert!(b.to_bits() == g.to_f32().to_bits() || b.is_nan());
+        }
+        let mut h = vec![f16::ZERO; vals.len()];
+        row_from_f32(&vals, &mut h);
+        for (g, v) in h.iter().zip(&vals) {
+            let want = f16::from_f32(*v);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{v:e}: f16 {g} vs {want}");
+        }
+    }
 }
