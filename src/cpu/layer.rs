@@ -30,7 +30,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, matmul_serial, Op};
+use super::gemm::{matmul, matmul_serial, Op, PARALLEL_THRESHOLD};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::shape::{check_len, LayerShape, Mat, MatMut};
@@ -301,8 +301,14 @@ fn generate_u(sh: &LayerShape, x: Mat<'_, f32>, psi: Mat<'_, f32>) -> Result<Vec
     Ok(u)
 }
 
-/// Runs two fallible closures side by side on the rayon pool.
-fn pair(a: impl FnOnce() -> Result<()> + Send, b: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+/// Runs two fallible closures side by side on the rayon pool, or one after the other when
+/// together they are under [`PARALLEL_THRESHOLD`] multiply-adds (`work`), too little to pay
+/// for a fork.
+fn pair(work: usize, a: impl FnOnce() -> Result<()> + Send, b: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+    if work < PARALLEL_THRESHOLD || rayon::current_num_threads() < 2 {
+        a()?;
+        return b();
+    }
     let (ra, rb) = rayon::join(a, b);
     ra.and(rb)
 }
@@ -313,7 +319,9 @@ fn c_and_u(sh: &LayerShape, x: &F32<'_>, w: &F32<'_>, phi: &F32<'_>, psi: &F32<'
     let mut u = vec![0.0f32; sh.tokens * sh.rank];
     let (wm, phim, xm, psim) = (w.mat()?, phi.mat()?, x.mat()?, psi.mat()?);
     let (mut cm, mut um) = (mat_mut("C", &mut c, sh.c())?, mat_mut("u", &mut u, sh.u())?);
+    let work = (sh.d_out + sh.tokens).saturating_mul(sh.d_in).saturating_mul(sh.rank);
     pair(
+        work,
         || matmul_serial(&mut cm, 0.0, scale, wm, Op::N, phim, Op::N),
         || matmul_serial(&mut um, 0.0, 1.0, xm, Op::N, psim, Op::T),
     )?;
@@ -419,7 +427,9 @@ pub fn wegeft_backward<T: Element>(
     let mut s = vec![0.0f32; sh.d_out * r];
     let (gm, cm, um) = (gf.mat()?, mat("C", &c, sh.c())?, mat("u", &u, sh.u())?);
     let (mut vm, mut sm) = (mat_mut("v", &mut v, sh.u())?, mat_mut("S", &mut s, sh.c())?);
+    let work = 2usize.saturating_mul(t).saturating_mul(sh.d_out).saturating_mul(r);
     pair(
+        work,
         || matmul_serial(&mut vm, 0.0, 1.0, gm, Op::N, cm, Op::N),
         || matmul_serial(&mut sm, 0.0, 1.0, gm, Op::T, um, Op::N),
     )?;
@@ -427,7 +437,9 @@ pub fn wegeft_backward<T: Element>(
     let (vm, sm) = (mat("v", &v, sh.u())?, mat("S", &s, sh.c())?);
     let (mut dphim, mut dpsim) = (mat_mut("dphi", dphi, sh.phi())?, mat_mut("dpsi", dpsi, sh.psi())?);
     let (wm, xm) = (wf.mat()?, xf.mat()?);
+    let work = (sh.d_out + t).saturating_mul(sh.d_in).saturating_mul(r);
     pair(
+        work,
         || matmul_serial(&mut dphim, 1.0, scale, wm, Op::T, sm, Op::N),
         || matmul_serial(&mut dpsim, 1.0, 1.0, vm, Op::T, xm, Op::N),
     )?;
