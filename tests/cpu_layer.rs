@@ -309,11 +309,14 @@ fn check_lora_frozen<T: Element>(what: &str, s: &LayerShape, d: &Data, scale: f3
 // ---------------------------------------------------------------------------------------------
 // fixtures
 
-fn get<'a>(m: &'a std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>, k: &str) -> &'a [f64] {
+/// The tensors of a fixture file, by name.
+type Tensors = std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+fn get<'a>(m: &'a Tensors, k: &str) -> &'a [f64] {
     &m.get(k).unwrap_or_else(|| panic!("fixture tensor {k} missing")).1
 }
 
-fn fixture_data(case: &common::LayerCase) -> (LayerShape, Data, std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>) {
+fn fixture_data(case: &common::LayerCase) -> (LayerShape, Data, Tensors) {
     let f = load_f64(&case.file);
     let s = LayerShape::new(case.t, case.d_in, case.d_out, case.rank).unwrap();
     let d = Data {
