@@ -58,8 +58,8 @@ fn is_f32<T: 'static>() -> bool {
     TypeId::of::<T>() == TypeId::of::<f32>()
 }
 
-/// `dst[i] = src[i] as f32` (equal lengths), with half's vectorised slice conversions for
-/// bf16/f16.
+/// `dst[i] = src[i] as f32` (equal lengths): a shift for bf16, half's vectorised slice
+/// conversion for f16.
 fn row_to_f32<T: Element>(src: &[T], dst: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len());
     if TypeId::of::<T>() == TypeId::of::<bf16>() {
