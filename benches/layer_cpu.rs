@@ -43,7 +43,12 @@ impl Method {
                 // C = s W phi, u = x psi^T, u C^T
                 frozen + 2.0 * dout * di * r + 2.0 * t * di * r + 2.0 * t * r * dout,
                 // v = G C, S = G^T u, dphi = s W^T S, dpsi = v^T x, v psi
-                frozen + 2.0 * t * dout * r + 2.0 * dout * t * r + 2.0 * di * dout * r + 2.0 * r * di * t + 2.0 * t * r * di,
+                frozen
+                    + 2.0 * t * dout * r
+                    + 2.0 * dout * t * r
+                    + 2.0 * di * dout * r
+                    + 2.0 * r * di * t
+                    + 2.0 * t * r * di,
             ),
             Method::Lora => (
                 // x A^T, (x A^T) B^T
@@ -200,7 +205,21 @@ fn table(quick: bool) {
     println!("\nWeGeFT CPU layer, f32, {} rayon threads (medians of interleaved runs)", rayon::current_num_threads());
     println!(
         "{:<17} {:<7} {:>9} {:>9} {:>9} | {:>6} {:>6} {:>6} | {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} {:>8}",
-        "shape", "method", "fwd ms", "bwd ms", "f+b ms", "fwd/fz", "bwd/fz", "f+b/fz", "floor f", "floor b", "floor", "x fl f", "x fl b", "x fl", "x fl min"
+        "shape",
+        "method",
+        "fwd ms",
+        "bwd ms",
+        "f+b ms",
+        "fwd/fz",
+        "bwd/fz",
+        "f+b/fz",
+        "floor f",
+        "floor b",
+        "floor",
+        "x fl f",
+        "x fl b",
+        "x fl",
+        "x fl min"
     );
     for (t, d, r) in shapes(quick) {
         let mut bench = Bench::new(t, d, r);
