@@ -224,15 +224,15 @@ fn table(quick: bool) {
     for (t, d, r) in shapes(quick) {
         let mut bench = Bench::new(t, d, r);
         let s = bench.s;
-        // warm up and size the run: about 1.5 s per shape in all
+        // warm up and size the run: about 10 s per shape (at least 9 rounds)
         let t0 = Instant::now();
         for m in METHODS {
             let sv = bench.forward(m);
             bench.backward(&sv);
         }
         let per_round = t0.elapsed().as_secs_f64();
-        let budget = if quick { 0.2 } else { 6.0 };
-        let rounds = ((budget / per_round.max(1e-6)) as usize).clamp(5, 200);
+        let budget = if quick { 0.2 } else { 10.0 };
+        let rounds = ((budget / per_round.max(1e-6)) as usize).clamp(9, 200);
         let mut fwd = vec![Vec::new(); 3];
         let mut bwd = vec![Vec::new(); 3];
         for _ in 0..rounds {
