@@ -31,6 +31,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_serial, Op, PARALLEL_THRESHOLD};
+use super::scratch::Scratch;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::shape::{check_len, LayerShape, Mat, MatMut};
@@ -119,10 +120,25 @@ fn row_from_f32<T: Element>(src: &[f32], dst: &mut [T]) {
 /// Minimum elements before a conversion is split over the rayon pool.
 const PAR_CONVERT: usize = 1 << 15;
 
+/// Borrowed `f32` data or a pooled converted copy.
+enum Buf<'a> {
+    View(&'a [f32]),
+    Pool(Scratch),
+}
+
+impl Buf<'_> {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Buf::View(v) => v,
+            Buf::Pool(s) => s,
+        }
+    }
+}
+
 /// An `f32` copy or view of a `T` matrix: borrowed as is for `f32`, converted (contiguous)
 /// otherwise.
 struct F32<'a> {
-    data: Cow<'a, [f32]>,
+    data: Buf<'a>,
     rows: usize,
     cols: usize,
     ld: usize,
@@ -134,26 +150,29 @@ impl<'a> F32<'a> {
         let (rows, cols, name) = (m.rows(), m.cols(), m.name());
         if is_f32::<T>() {
             if let Ok(data) = bytemuck::try_cast_slice::<T, f32>(m.data()) {
-                return Ok(F32 { data: Cow::Borrowed(data), rows, cols, ld: m.ld(), name });
+                return Ok(F32 { data: Buf::View(data), rows, cols, ld: m.ld(), name });
             }
         }
-        let mut out = vec![0.0f32; rows * cols];
+        // Every element is written by the conversion below.
+        let mut out = Scratch::stale(rows * cols);
         let conv = |(i, dst): (usize, &mut [f32])| row_to_f32(m.row(i), dst);
         if rows * cols >= PAR_CONVERT {
             out.par_chunks_mut(cols.max(1)).enumerate().for_each(conv);
         } else {
             out.chunks_mut(cols.max(1)).enumerate().for_each(conv);
         }
-        Ok(F32 { data: Cow::Owned(out), rows, cols, ld: cols, name })
+        Ok(F32 { data: Buf::Pool(out), rows, cols, ld: cols, name })
     }
 
     fn mat(&self) -> Result<Mat<'_, f32>> {
-        Mat::strided(self.name, &self.data, self.rows, self.cols, self.ld)
+        Mat::strided(self.name, self.data.as_slice(), self.rows, self.cols, self.ld)
     }
 }
 
 /// Runs `f` on an `f32` view of `y`: `y` itself for `f32` storage, otherwise a scratch copy
-/// (filled from `y` when `read_old`) that is rounded back into `y` afterwards.
+/// that is rounded back into `y` afterwards. The copy holds `y`'s values when `read_old`;
+/// otherwise its contents are unspecified and `f` must overwrite every element (as every
+/// caller does: a product with `alpha = 0`, or a bias fill first).
 fn with_f32_out<T: Element>(
     y: &mut MatMut<'_, T>,
     read_old: bool,
@@ -166,7 +185,7 @@ fn with_f32_out<T: Element>(
             return f(&mut v);
         }
     }
-    let mut scratch = vec![0.0f32; rows * cols];
+    let mut scratch = Scratch::stale(rows * cols);
     if read_old {
         let src = y.as_ref();
         let conv = |(i, dst): (usize, &mut [f32])| row_to_f32(src.row(i), dst);
@@ -432,8 +451,9 @@ pub fn wegeft_backward<T: Element>(
     // v = G C (T x r) | S^T = u^T G (r x d_out). (S^T rather than S: the gemm crate runs
     // products with a long output row dimension faster, here ~1.4x at d = 2048, r = 64.)
     let d_out = sh.d_out;
-    let mut v = vec![0.0f32; t * r];
-    let mut st = vec![0.0f32; r * d_out];
+    // Scratch contents are unspecified; the products below (alpha = 0) overwrite them.
+    let mut v = Scratch::stale(t * r);
+    let mut st = Scratch::stale(r * d_out);
     let (gm, cm, um) = (gf.mat()?, mat("C", &c, sh.c())?, mat("u", &u, sh.u())?);
     let (mut vm, mut stm) = (mat_mut("v", &mut v, sh.u())?, mat_mut("S^T", &mut st, (r, d_out))?);
     let work = 2usize.saturating_mul(t).saturating_mul(d_out).saturating_mul(r);
@@ -443,7 +463,7 @@ pub fn wegeft_backward<T: Element>(
         || matmul_serial(&mut stm, 0.0, 1.0, um, Op::T, gm, Op::N),
     )?;
     // dphi^T = s S^T W (r x d_in, scratch) | dpsi += v^T x
-    let mut dphi_t = vec![0.0f32; r * sh.d_in];
+    let mut dphi_t = Scratch::stale(r * sh.d_in);
     let (vm, stm) = (mat("v", &v, sh.u())?, mat("S^T", &st, (r, d_out))?);
     let (mut dphitm, mut dpsim) = (mat_mut("dphi^T", &mut dphi_t, sh.psi())?, mat_mut("dpsi", dpsi, sh.psi())?);
     let (wm, xm) = (wf.mat()?, xf.mat()?);
@@ -629,8 +649,8 @@ pub fn lora_backward<T: Element>(
     // The same pairing as in wegeft_backward.
     // gb = s G B (T x r) | dB^T = s (x A^T)^T G (r x d_out, scratch)
     let (t, r, d_out) = (sh.tokens, sh.rank, sh.d_out);
-    let mut gb = vec![0.0f32; t * r];
-    let mut db_t = vec![0.0f32; r * d_out];
+    let mut gb = Scratch::stale(t * r);
+    let mut db_t = Scratch::stale(r * d_out);
     let (gm, bm, xam) = (gf.mat()?, bf.mat()?, mat("xA^T", &xa, sh.u())?);
     let (mut gbm, mut dbtm) = (mat_mut("GB", &mut gb, sh.u())?, mat_mut("dB^T", &mut db_t, (r, d_out))?);
     let work = 2usize.saturating_mul(t).saturating_mul(d_out).saturating_mul(r);

@@ -8,6 +8,7 @@
 
 pub mod gemm;
 pub mod layer;
+mod scratch;
 
 pub use layer::{
     frozen_backward, frozen_forward, lora_backward, lora_forward, wegeft_backward, wegeft_forward, wegeft_merge,
