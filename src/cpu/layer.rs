@@ -14,11 +14,21 @@
 //! unmerge:   W <- W - (W phi) (I_r + s psi phi)^-1 (s psi)
 //! ```
 //!
-//! The K-extended products run as two GEMMs into the same output (the second with `alpha = 1`,
-//! i.e. accumulating), so the rank-`r` part costs its FLOPs plus one pass over the output; the
-//! `d_out x d_in` matrix `W phi psi` is never built. For `f32` storage every operand is used in
-//! place (no copies); `bf16`/`f16` operands are converted to `f32` scratch once per call and the
-//! result is rounded once at the end.
+//! How it runs:
+//!
+//! * The K-extended products run as two GEMMs into the same output (the second with
+//!   `alpha = 1`, i.e. accumulating), so the rank-`r` part costs its FLOPs plus one pass over the
+//!   output; the `d_out x d_in` matrix `W phi psi` is never built. (A literally concatenated K
+//!   would first copy `x` and `W` into `[x | u]`, `[W | C]`: a pass over both, more than the
+//!   `T x d_out` pass it saves.)
+//! * The small rank-`r` products run in independent pairs under `rayon::join`, one thread each
+//!   (`C | u` in the forward; `v | S^T`, then `dphi^T | dpsi` in the backward). `S^T = u^T G` and
+//!   `dphi^T = s S^T W` rather than `S`, `W^T S`: the `gemm` crate is faster with the long
+//!   dimension on the output rows (~1.4x at `d = 2048, r = 64`); `dphi^T` is added transposed.
+//! * For `f32` storage every operand is used in place (no copies). `bf16`/`f16` operands are
+//!   converted to `f32` once per call (into per-thread pooled scratch, so no page faults) and the
+//!   result is rounded once at the end. `W` is converted on every call: the cost is
+//!   `O(d_out d_in)` against the `O(T d_out d_in)` product.
 //!
 //! Every function checks every shape, length, stride and the scale before doing any work and
 //! returns an [`Error`] otherwise; none panics on bad input.
