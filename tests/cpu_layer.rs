@@ -819,3 +819,47 @@ fn every_bad_kind_on_every_entry_point() {
     }
     assert!(total > 60, "only {total} bad calls made");
 }
+
+/// One token: the row stride of `x`, `y`, `G`, `dx` is irrelevant and may be anything a view
+/// accepts (even `usize::MAX`); results equal the contiguous call.
+#[test]
+fn single_token_any_stride() {
+    fn run<T: Element>() {
+        let s = LayerShape::new(1, 5, 3, 2).unwrap();
+        let d = Data::random(&s, 7, false).rounded::<T>();
+        let conv = |v: &[f64]| v.iter().map(|&e| T::from_f32(e as f32)).collect::<Vec<T>>();
+        let (x, w, phi, psi, g) = (conv(&d.x), conv(&d.w), conv(&d.phi), conv(&d.psi), conv(&d.g));
+        let wv = Mat::new("W", &w, 3, 5).unwrap();
+        let (phiv, psiv) = (Mat::new("phi", &phi, 5, 2).unwrap(), Mat::new("psi", &psi, 2, 5).unwrap());
+        let mut out = Vec::new();
+        for ld in [None, Some(usize::MAX)] {
+            let xv = match ld {
+                None => Mat::new("x", &x, 1, 5).unwrap(),
+                Some(ld) => Mat::strided("x", &x, 1, 5, ld).unwrap(),
+            };
+            let gv = match ld {
+                None => Mat::new("G", &g, 1, 3).unwrap(),
+                Some(ld) => Mat::strided("G", &g, 1, 3, ld).unwrap(),
+            };
+            let mut y = vec![T::from_f32(0.0); 3];
+            let mut dx = vec![T::from_f32(0.0); 5];
+            let (mut dphi, mut dpsi) = (vec![0.0f32; 10], vec![0.0f32; 10]);
+            let yv = MatMut::strided("y", &mut y, 1, 3, ld.unwrap_or(3)).unwrap();
+            let sv = cpu::wegeft_forward(&s, xv, wv, None, phiv, psiv, 1.5, yv).unwrap();
+            let dxv = MatMut::strided("dx", &mut dx, 1, 5, ld.unwrap_or(5)).unwrap();
+            cpu::wegeft_backward(&s, xv, wv, phiv, psiv, 1.5, Some(&sv), gv, Some(dxv), &mut dphi, &mut dpsi).unwrap();
+            out.push((
+                y.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                dx.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                dphi,
+                dpsi,
+            ));
+        }
+        assert_eq!(out[0], out[1], "{}", std::any::type_name::<T>());
+        let y_ref = r::wegeft_forward(&s, &d.x, &d.w, None, &d.phi, &d.psi, 1.5).unwrap();
+        assert_close("single token y", &f64s(&out[0].0), &y_ref, T::tolerance());
+    }
+    run::<f32>();
+    run::<bf16>();
+    run::<f16>();
+}
