@@ -1,5 +1,19 @@
-//! The CPU backend: f32 compute over the `gemm` crate and rayon.
+//! The CPU backend: the same math as [`crate::reference`], in f32 on top of the `gemm` crate
+//! and rayon.
 //!
+//! * [`gemm`]: a safe, checked wrapper for strided row-major products
+//!   `C <- alpha C + beta op(A) op(B)` (also used by the model code);
+//! * [`layer`]: the WeGeFT layer (forward, backward, merge, exact unmerge) on the K-extended
+//!   formulation, and the frozen layer and LoRA for comparison;
 //! * [`ops`] — the non-WeGeFT Llama ops (embedding, RMSNorm, RoPE, GQA attention, SwiGLU,
 //!   cross-entropy), each forward paired with its backward.
+
+pub mod gemm;
+pub mod layer;
 pub mod ops;
+mod scratch;
+
+pub use layer::{
+    frozen_backward, frozen_forward, lora_backward, lora_forward, wegeft_backward, wegeft_forward, wegeft_merge,
+    wegeft_unmerge, LoraSaved, Saved,
+};
