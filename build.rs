@@ -16,13 +16,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The targets every kernel file is compiled for: (label, nvcc arguments, output extension).
+/// The cubin targets every kernel file is compiled for: (label, `-gencode` value).
 const CUBIN_TARGETS: &[(&str, &str)] = &[("sm_80", "arch=compute_80,code=sm_80"), ("sm_90a", "arch=compute_90a,code=sm_90a")];
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(wegeft_gemm)");
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/cuda/gemm.rs");
+    // Watch the folder, not the file: a missing file would make cargo rerun this every build.
+    println!("cargo:rerun-if-changed=src/cuda");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     // The K-extended GEMM launcher lives in its own file; the backend calls it when present.
     if manifest.join("src/cuda/gemm.rs").is_file() {
@@ -57,6 +58,21 @@ fn main() {
     if sources.is_empty() {
         panic!("no kernels/*.cu files found in {}", kdir.display());
     }
+
+    // nvcc runs only when a kernel file, the flags or nvcc changed since the last run.
+    let mut stamp = format!("{}\n{:?}\n", nvcc.display(), std::env::var("WEGEFT_NVCC_FLAGS").ok());
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&kdir).unwrap().filter_map(|e| e.ok().map(|e| e.path())).collect();
+    all.sort();
+    for p in all {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&std::fs::read(&p).unwrap_or_default(), &mut h);
+        stamp.push_str(&format!("{} {:x}\n", p.display(), std::hash::Hasher::finish(&h)));
+    }
+    let stamp_path = out.join("kernels.stamp");
+    if std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) && out.join("kernels.rs").is_file() {
+        return;
+    }
+    let _ = std::fs::remove_file(&stamp_path);
 
     // Every (file, target) pair is one nvcc run; run them on all cores.
     let mut jobs: Vec<(PathBuf, Option<(&str, &str)>)> = Vec::new();
@@ -120,6 +136,7 @@ fn main() {
         out.join("ptxas_report.tsv").display().to_string()
     ));
     std::fs::write(out.join("kernels.rs"), gen).unwrap();
+    std::fs::write(stamp_path, stamp).unwrap();
 }
 
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
