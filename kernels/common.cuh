@@ -9,6 +9,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#ifndef WEGEFT_HOST_EMULATION
+#include <mma.h>
+#endif
 
 namespace wegeft {
 
@@ -45,11 +48,6 @@ __device__ __forceinline__ uint32_t mask_threshold(float p) {
     return (uint32_t)ceil((double)p * 4294967296.0);
 }
 
-// Multiplier of W[row, col] under dropout: 0 or keep_scale = 1 / (1 - p).
-__device__ __forceinline__ float mask_factor(uint64_t seed, uint32_t row, uint32_t col, uint32_t thresh, float keep_scale) {
-    return mask_hash(seed, row, col) >= thresh ? keep_scale : 0.0f;
-}
-
 // ---- tiled product -----------------------------------------------------------------------
 //
 // D[M x N] = epilogue( sum_k A(m, k) B(k, n) ), with
@@ -64,7 +62,15 @@ __device__ __forceinline__ float mask_factor(uint64_t seed, uint32_t row, uint32
 // (D is not read when beta == 0, so it may hold garbage). With ksplit > 1 it stores the raw
 // partial sums in work[z][M][N] (f32) and `splitk_reduce` adds the slices in a fixed order:
 // the result does not depend on scheduling, and no float atomics are used anywhere.
-constexpr int TM = 64, TN = 64, TK = 16, THREADS = 256;
+//
+// The tiles are staged in shared memory as f32. For 16-bit A (bf16 / f16 storage) the
+// 64 x 64 x 16 step runs on the tensor cores as TF32 WMMA (m16n16k8, f32 accumulation): every
+// bf16 or f16 value is exact in TF32, so the products are exact and only the f32 accumulation
+// order differs from the FMA loop. An f32 B operand (S in dphi) is split into two TF32 terms
+// (hi + lo, two products), which keeps ~2^-22 relative precision. Dropout zeroes elements in
+// the tile and scales the sum by 1 / (1 - p), so kept values stay exact. f32 storage keeps the
+// FMA loop (4 x 4 outputs per thread).
+constexpr int TM = 64, TN = 64, TK = 16, THREADS = 256, PAD = 4;
 
 template <typename TA, typename TB, typename TD, bool TRANS_A, bool TRANS_B, bool MASK_A>
 __device__ __forceinline__ void tile_product(
@@ -73,8 +79,10 @@ __device__ __forceinline__ void tile_product(
     int M, int N, int K, float alpha, float beta, float p, unsigned long long seed,
     float* __restrict__ work, int ksplit)
 {
-    __shared__ float As[TK][TM + 4];
-    __shared__ float Bs[TK][TN + 4];
+    constexpr bool TC = sizeof(TA) == 2;
+    // WMMA loads and stores need 256-bit aligned rows: TM + PAD floats = 272 bytes.
+    __shared__ __align__(32) float As[TK][TM + PAD];
+    __shared__ __align__(32) float Bs[TK][TN + PAD];
 
     const int tid = threadIdx.x;
     const int tx = tid % 16, ty = tid / 16;
@@ -83,8 +91,8 @@ __device__ __forceinline__ void tile_product(
     const int kchunk = ((K + ksplit - 1) / ksplit + TK - 1) / TK * TK;
     const int kbeg = blockIdx.z * kchunk;
     const int kend = min(K, kbeg + kchunk);
-    const float keep_scale = MASK_A ? 1.0f / (1.0f - p) : 1.0f;
     const bool masked = MASK_A && p > 0.0f;
+    const float keep_scale = masked ? 1.0f / (1.0f - p) : 1.0f;
     const uint32_t thresh = masked ? mask_threshold(p) : 0u;
 
     float acc[4][4];
@@ -92,6 +100,12 @@ __device__ __forceinline__ void tile_product(
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    const int warp = tid / 32, wm = warp % 4, wn = warp / 4;
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> fc0, fc1;
+    if constexpr (TC) {
+        nvcuda::wmma::fill_fragment(fc0, 0.0f);
+        nvcuda::wmma::fill_fragment(fc1, 0.0f);
+    }
 
     for (int k0 = kbeg; k0 < kend; k0 += TK) {
         // Load the A tile (TM x TK) and B tile (TK x TN): 4 elements each per thread, with
@@ -105,9 +119,9 @@ __device__ __forceinline__ void tile_product(
             float v = 0.0f;
             if (gm < M && gk < kend) {
                 v = TRANS_A ? to_f32(A[(long long)gk * lda + gm]) : to_f32(A[(long long)gm * lda + gk]);
-                if (masked) {
-                    v *= TRANS_A ? mask_factor(seed, gk, gm, thresh, keep_scale) : mask_factor(seed, gm, gk, thresh, keep_scale);
-                }
+                // Dropped elements become 0; the 1 / (1 - p) of kept ones is applied to the
+                // sum (keep_scale below), so kept values stay exact in the TF32 path.
+                if (masked && (TRANS_A ? mask_hash(seed, gk, gm) : mask_hash(seed, gm, gk)) < thresh) v = 0.0f;
             }
             As[kk][mm] = v;
         }
@@ -124,19 +138,67 @@ __device__ __forceinline__ void tile_product(
             Bs[kk][nn] = v;
         }
         __syncthreads();
+        if constexpr (TC) {
+            // Warp w owns rows 16 (w % 4) .. + 16 and columns 32 (w / 4) .. + 32 of the tile.
 #pragma unroll
-        for (int kk = 0; kk < TK; ++kk) {
-            float a[4], b[4];
+            for (int kk = 0; kk < TK; kk += 8) {
+                nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32, nvcuda::wmma::col_major> fa;
+                nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32, nvcuda::wmma::row_major> fb0, fb1;
+                nvcuda::wmma::load_matrix_sync(fa, &As[kk][wm * 16], TM + PAD);
+                nvcuda::wmma::load_matrix_sync(fb0, &Bs[kk][wn * 32], TN + PAD);
+                nvcuda::wmma::load_matrix_sync(fb1, &Bs[kk][wn * 32 + 16], TN + PAD);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+                for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = nvcuda::wmma::__float_to_tf32(fa.x[t]);
+                if constexpr (sizeof(TB) == 4) {
+                    // f32 B (S in dphi): B = hi + lo, both TF32, two products: ~2^-22 relative.
+                    decltype(fb0) lo0, lo1;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+                    for (int t = 0; t < fb0.num_elements; ++t) {
+                        float h0 = nvcuda::wmma::__float_to_tf32(fb0.x[t]);
+                        float h1 = nvcuda::wmma::__float_to_tf32(fb1.x[t]);
+                        lo0.x[t] = nvcuda::wmma::__float_to_tf32(fb0.x[t] - h0);
+                        lo1.x[t] = nvcuda::wmma::__float_to_tf32(fb1.x[t] - h1);
+                        fb0.x[t] = h0;
+                        fb1.x[t] = h1;
+                    }
+                    nvcuda::wmma::mma_sync(fc0, fa, lo0, fc0);
+                    nvcuda::wmma::mma_sync(fc1, fa, lo1, fc1);
+                } else {
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+                    for (int t = 0; t < fb0.num_elements; ++t) {
+                        fb0.x[t] = nvcuda::wmma::__float_to_tf32(fb0.x[t]);
+                        fb1.x[t] = nvcuda::wmma::__float_to_tf32(fb1.x[t]);
+                    }
+                }
+                nvcuda::wmma::mma_sync(fc0, fa, fb0, fc0);
+                nvcuda::wmma::mma_sync(fc1, fa, fb1, fc1);
+            }
+        } else {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+            for (int kk = 0; kk < TK; ++kk) {
+                float a[4], b[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+            }
         }
         __syncthreads();
+    }
+    if constexpr (TC) {
+        // Through shared memory into the FMA loop's layout, for the one epilogue below.
+        __shared__ __align__(32) float Cs[TM][TN + PAD];
+        nvcuda::wmma::store_matrix_sync(&Cs[wm * 16][wn * 32], fc0, TN + PAD, nvcuda::wmma::mem_row_major);
+        nvcuda::wmma::store_matrix_sync(&Cs[wm * 16][wn * 32 + 16], fc1, TN + PAD, nvcuda::wmma::mem_row_major);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = Cs[ty + 16 * i][tx + 16 * j];
     }
 
 #pragma unroll
@@ -148,9 +210,9 @@ __device__ __forceinline__ void tile_product(
             const int n = n0 + tx + 16 * j;
             if (n >= N) continue;
             if (ksplit > 1) {
-                work[((long long)blockIdx.z * M + m) * N + n] = acc[i][j];
+                work[((long long)blockIdx.z * M + m) * N + n] = keep_scale * acc[i][j];
             } else {
-                float out = alpha * acc[i][j];
+                float out = alpha * (keep_scale * acc[i][j]);
                 if (beta != 0.0f) out += beta * to_f32(D[(long long)m * ldd + n]);
                 if (bias != nullptr) out += to_f32(bias[n]);
                 D[(long long)m * ldd + n] = from_f32<TD>(out);

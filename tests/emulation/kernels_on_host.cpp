@@ -24,6 +24,51 @@ inline void __syncthreads() { g_bar->arrive_and_wait(); }
 using std::min;
 #undef __shared__
 #define __shared__ static
+#include <cstring>
+#include <type_traits>
+
+// WMMA stand-in: every lane of a warp holds and computes the whole 16 x 16 tile (the real
+// fragments are spread over the lanes); lanes store identical values, so the result is the
+// collective operation's. TF32 rounding is emulated (round to nearest, 10-bit mantissa).
+#define WEGEFT_HOST_EMULATION 1
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
+namespace precision { struct tf32 {}; }
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+    static constexpr int R = std::is_same<Use, matrix_b>::value ? K : M;
+    static constexpr int C = std::is_same<Use, matrix_a>::value ? K : N;
+    static constexpr int num_elements = R * C;
+    float x[R * C];
+};
+inline float __float_to_tf32(float v) {
+    uint32_t u; std::memcpy(&u, &v, 4); u = (u + 0x1000u) & ~0x1FFFu; std::memcpy(&v, &u, 4); return v;
+}
+template <typename F> void fill_fragment(F& f, float v) { for (auto& e : f.x) e = v; }
+template <int M, int N, int K, typename T>
+void load_matrix_sync(fragment<matrix_a, M, N, K, T, col_major>& f, const float* p, unsigned ldm) {
+    for (int i = 0; i < M; ++i) for (int k = 0; k < K; ++k) f.x[i * K + k] = p[i + (size_t)k * ldm];
+}
+template <int M, int N, int K, typename T>
+void load_matrix_sync(fragment<matrix_b, M, N, K, T, row_major>& f, const float* p, unsigned ldm) {
+    for (int k = 0; k < K; ++k) for (int j = 0; j < N; ++j) f.x[k * N + j] = p[(size_t)k * ldm + j];
+}
+template <int M, int N, int K, typename TA, typename TB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, col_major>& a,
+              const fragment<matrix_b, M, N, K, TB, row_major>& b, const fragment<accumulator, M, N, K, float>& c) {
+    float out[M * N];
+    for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) {
+        float acc = c.x[i * N + j];
+        for (int k = 0; k < K; ++k) acc = fmaf(a.x[i * K + k], b.x[k * N + j], acc);
+        out[i * N + j] = acc;
+    }
+    std::memcpy(d.x, out, sizeof out);
+}
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t) {
+    for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) p[(size_t)i * ldm + j] = f.x[i * N + j];
+}
+}}  // namespace nvcuda::wmma
 #undef __global__
 #define __global__
 #undef __launch_bounds__
@@ -130,6 +175,13 @@ int main() {
     test("merge_f32", merge_f32, splitk_reduce_f32, false, false, false, 71, 83, 8, 1, 1.f, 1.f, false, 0.f);
     test("unmerge_wphi_f32", unmerge_wphi_f32, splitk_reduce_f32, false, false, false, 71, 8, 300, 2, 1.f, 0.f, false, 0.f);
     test("unmerge_psiphi_bf16", unmerge_psiphi_bf16, splitk_reduce_f32, false, false, false, 8, 8, 300, 2, 1.f, 0.f, false, 0.f);
+    // Tensor-core (TF32 WMMA) path of the 16-bit kernels: several tiles, every warp, tails.
+    test("lowrank_u_bf16(tc)", lowrank_u_bf16, splitk_reduce_bf16, false, true, false, 130, 70, 45, 1, 1.f, 0.f, false, 0.f);
+    test("wegeft_c_bf16(tc)", wegeft_c_bf16, splitk_reduce_bf16, false, false, true, 130, 70, 300, 2, 0.5f, 0.f, false, 0.2f);
+    test("lowrank_s_f16(tc)", lowrank_s_f16, splitk_reduce_f32, true, false, false, 130, 70, 300, 3, 1.f, 0.f, false, 0.f);
+    test("lowrank_dphi_bf16(tc)", lowrank_dphi_bf16, splitk_reduce_f32, true, false, true, 130, 70, 200, 2, 0.75f, 1.f, false, 0.3f);
+    test("lowrank_addmm_nt_f16(tc)", lowrank_addmm_nt_f16, splitk_reduce_f16, false, true, false, 130, 70, 24, 1, 1.f, 1.f, true, 0.f);
+    test("merge_bf16(tc)", merge_bf16, splitk_reduce_bf16, false, false, false, 130, 70, 9, 1, 1.f, 1.f, false, 0.f);
     test("unmerge_f16", unmerge_f16, splitk_reduce_f16, false, false, false, 71, 83, 8, 1, -1.f, 1.f, false, 0.f);
     // The device hash (common.cuh) for the Rust mirror to compare against.
     const uint64_t seeds[3] = {0, 42, 0xDEADBEEFull};
