@@ -215,7 +215,7 @@ fn parse_ptxas(text: &str, arch: &str) -> String {
     }
     fn num_before(line: &str, unit: &str) -> Option<u64> {
         let i = line.find(unit)?;
-        line[..i].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+        line[..i].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
     }
     let mut rows = String::new();
     let mut cur: Option<Entry> = None;

@@ -28,6 +28,8 @@ pub enum Image {
 /// Every launcher of the crate takes a `&CudaBackend`. Work goes on the stream a call is given
 /// or, without one, on [`CudaBackend::stream`].
 pub struct CudaBackend {
+    // Dropped first, while the context is still alive.
+    pub(crate) blas: OnceLock<std::result::Result<super::blas::Lt, String>>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     image: Image,
@@ -35,7 +37,6 @@ pub struct CudaBackend {
     sm_count: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
-    pub(crate) blas: OnceLock<std::result::Result<super::blas::Lt, String>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -96,8 +97,24 @@ impl CudaBackend {
             Ok("ptx") => Image::Ptx,
             _ => image,
         };
+        // Scratch memory (split-K partials, cuBLASLt workspace) comes from the stream-ordered
+        // pool; keep freed blocks in the pool instead of returning them to the driver at every
+        // synchronisation, so steady-state calls allocate nothing.
+        // SAFETY: plain driver calls on the device of the context just created.
+        unsafe {
+            let mut pool: cudarc::driver::sys::CUmemoryPool = std::ptr::null_mut();
+            if cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                let mut threshold: u64 = u64::MAX;
+                let _ = cudarc::driver::sys::cuMemPoolSetAttribute(
+                    pool,
+                    cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut c_void,
+                );
+            }
+        }
         let stream = ctx.default_stream();
         Ok(CudaBackend {
+            blas: OnceLock::new(),
             ctx,
             stream,
             image,
@@ -105,7 +122,6 @@ impl CudaBackend {
             sm_count,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
-            blas: OnceLock::new(),
         })
     }
 
@@ -183,6 +199,7 @@ impl CudaBackend {
     /// # Safety
     /// `params` must match the kernel's signature exactly, every device pointer among them must
     /// be valid for what the kernel does with it, and `stream` must belong to this context.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch(
         &self,
         op: &'static str,

@@ -506,6 +506,7 @@ impl CudaBackend {
     ///
     /// # Safety
     /// As for [`CudaBackend::wegeft_forward_raw`].
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn wegeft_merge_raw(&self, dtype: DType, shape: &LayerShape, stream: CUstream, w: CUdeviceptr, phi: CUdeviceptr, psi: CUdeviceptr, scale: f32) -> Result<()> {
         let s = reshape(shape)?;
         check_scale(scale)?;
@@ -517,6 +518,7 @@ impl CudaBackend {
     ///
     /// # Safety
     /// As for [`CudaBackend::wegeft_forward_raw`].
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn wegeft_unmerge_raw(&self, dtype: DType, shape: &LayerShape, stream: CUstream, w: CUdeviceptr, phi: CUdeviceptr, psi: CUdeviceptr, scale: f32) -> Result<()> {
         let s = reshape(shape)?;
         check_scale(scale)?;

@@ -44,6 +44,7 @@ pub(crate) struct Product {
 }
 
 impl Product {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(a: CUdeviceptr, lda: usize, b: CUdeviceptr, ldb: usize, d: CUdeviceptr, ldd: usize, m: usize, n: usize, k: usize) -> Self {
         Product { a, lda, b, ldb, d, ldd, bias: 0, m, n, k, alpha: 1.0, beta: 0.0, p: 0.0, seed: 0 }
     }
