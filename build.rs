@@ -142,7 +142,11 @@ fn main() {
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
     let ok = |p: &Path| p.is_file();
     if let Some(p) = std::env::var_os("NVCC") {
-        return Some(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        if !ok(&p) {
+            panic!("\n\nNVCC={} is not a file. Unset it, or install nvcc 13.0 with:\n\n    bash scripts/setup-cuda.sh\n\n", p.display());
+        }
+        return Some(p);
     }
     if let Some(h) = std::env::var_os("CUDA_HOME") {
         let p = PathBuf::from(h).join("bin/nvcc");
