@@ -35,6 +35,21 @@
 //! (`pub(crate) unsafe`), which maps errors to `Error::Cuda`. `compute_capability()` and
 //! `sm_count()` describe the device. Under `Path::Auto` the fused GEMM is used when every
 //! leading dimension is a multiple of 16 bytes; `Path::Fused` always uses it.
+//!
+//! Every `kernels/*.cu` is compiled three times: PTX for `compute_80`, cubins for `sm_80` and
+//! `sm_90a`; the device loads the `sm_90a` cubin on compute capability 9.0, the `sm_80` one
+//! on 8.x, the PTX elsewhere. Code that needs Hopper features (wgmma, TMA, setmaxnreg) must
+//! sit under `#if defined(__CUDA_ARCH_FEAT_SM90_ALL)` (defined only for `sm_90a`) with an
+//! `sm_80` fallback in the `#else`, so that the `compute_80` PTX and the `sm_80` cubin build.
+//! `tests/ptxas.rs` fails when any kernel spills or has a stack frame.
+//!
+//! # Precision
+//!
+//! Rank-r products accumulate in f32. With f32 storage they run as an FMA loop; with bf16 /
+//! f16 storage on the tensor cores as TF32 WMMA, exact for 16-bit inputs (an f32 `S` in `dphi`
+//! is split in two TF32 terms). The frozen GEMMs run in cuBLASLt with `CUBLAS_COMPUTE_32F`
+//! (no TF32 for f32 storage). Reductions over tokens are split-K with a fixed-order sum, so
+//! every result is bitwise reproducible on a given device.
 
 mod blas;
 pub mod context;
