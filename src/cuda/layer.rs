@@ -29,8 +29,8 @@ use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::{bf16, f16};
 
-use super::context::{cuda_err, CudaBackend};
-use super::mem::DeviceBuf;
+use super::context::CudaBackend;
+use super::exec::{Exec, Scratch};
 use super::product::Product;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -164,10 +164,6 @@ fn kname(op: &str, d: DType) -> String {
     format!("{op}_{}", d.name())
 }
 
-fn ld_ok(ld: usize, d: DType) -> bool {
-    (ld * d.size()) % 16 == 0
-}
-
 macro_rules! dispatch {
     ($dtype:expr, $f:ident :: <T> ($($arg:expr),* $(,)?)) => {
         match $dtype {
@@ -180,15 +176,8 @@ macro_rules! dispatch {
 
 // ---- the raw-pointer core -----------------------------------------------------------------
 
-impl CudaBackend {
-    fn stream_of<'a>(&'a self, launch: &Launch<'a>) -> Result<&'a CudaStream> {
-        let s = launch.stream.unwrap_or(self.stream());
-        if s.context() != self.context() {
-            return Err(Error::invalid("stream", "stream belongs to another CUDA context"));
-        }
-        Ok(s)
-    }
-
+/// The layer algorithms, for any [`Exec`] (the device, or the tests' host interpreter).
+pub(crate) trait Layer: Exec {
     /// `D[m x n] = A1 B1^T + A2 B2^T (+ bias)`, A1 `m x k1`, B1 `n x k1`, A2 `m x k2`, B2 `n x k2`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn kext_nt<T: Element>(
@@ -201,19 +190,10 @@ impl CudaBackend {
         (d, ldd, m, n): (CUdeviceptr, usize, usize, usize),
     ) -> Result<()> {
         let dt = T::DTYPE;
-        if self.use_fused(path, &[lda1, ldb1, lda2, ldb2, ldd], dt)? {
-            #[cfg(wegeft_gemm)]
-            {
-                #[allow(unused_unsafe)]
-                return unsafe {
-                    super::gemm::gemm_kext_nt::<T>(
-                        self, stream, a1, lda1 as _, b1, ldb1 as _, k1 as _, a2, lda2 as _, b2, ldb2 as _, k2 as _,
-                        bias, 0.0, d, ldd as _, m as _, n as _,
-                    )
-                };
-            }
+        if self.kext_fused::<T>(true, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)))? {
+            return Ok(());
         }
-        self.lt_gemm("frozen GEMM x W^T", dt, stream, false, true, m, n, k1, a1, lda1, b1, ldb1, bias, 0.0, d, ldd)?;
+        self.gemm("frozen GEMM x W^T", dt, stream, false, true, m, n, k1, a1, lda1, b1, ldb1, bias, 0.0, d, ldd)?;
         self.product(
             &kname("lowrank_addmm_nt", dt),
             dt,
@@ -232,36 +212,16 @@ impl CudaBackend {
         (d, ldd, m, n): (CUdeviceptr, usize, usize, usize),
     ) -> Result<()> {
         let dt = T::DTYPE;
-        if self.use_fused(path, &[lda1, ldb1, lda2, ldb2, ldd], dt)? {
-            #[cfg(wegeft_gemm)]
-            {
-                #[allow(unused_unsafe)]
-                return unsafe {
-                    super::gemm::gemm_kext_nn::<T>(
-                        self, stream, a1, lda1 as _, b1, ldb1 as _, k1 as _, a2, lda2 as _, b2, ldb2 as _, k2 as _,
-                        None, 0.0, d, ldd as _, m as _, n as _,
-                    )
-                };
-            }
+        if self.kext_fused::<T>(false, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), None, (d, ldd, m, n)))? {
+            return Ok(());
         }
-        self.lt_gemm("frozen GEMM G W", dt, stream, false, false, m, n, k1, a1, lda1, b1, ldb1, None, 0.0, d, ldd)?;
+        self.gemm("frozen GEMM G W", dt, stream, false, false, m, n, k1, a1, lda1, b1, ldb1, None, 0.0, d, ldd)?;
         self.product(
             &kname("lowrank_addmm_nn", dt),
             dt,
             stream,
             Product::new(a2, lda2, b2, ldb2, d, ldd, m, n, k2).beta(1.0),
         )
-    }
-
-    fn use_fused(&self, path: Path, lds: &[usize], dt: DType) -> Result<bool> {
-        match path {
-            Path::Composed => Ok(false),
-            Path::Fused if !FUSED_GEMM_BUILT => {
-                Err(Error::invalid("path", "Path::Fused asked for, but the fused K-extended GEMM is not built in"))
-            }
-            Path::Fused => Ok(true),
-            Path::Auto => Ok(FUSED_GEMM_BUILT && lds.iter().all(|&ld| ld_ok(ld, dt))),
-        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -314,8 +274,8 @@ impl CudaBackend {
         const OP: &str = "wegeft_backward";
         let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
         let dt = T::DTYPE;
-        let v = DeviceBuf::new(self, stream, checked_len("v", t, r)? * dt.size(), OP)?;
-        let big_s = DeviceBuf::new(self, stream, checked_len("S", dout, r)? * 4, OP)?;
+        let v = self.scratch(stream, checked_len("v", t, r)? * dt.size(), OP)?;
+        let big_s = self.scratch(stream, checked_len("S", dout, r)? * 4, OP)?;
         // v = G C (T x r); S = G^T u (d_out x r, f32).
         self.product(&kname("lowrank_v", dt), dt, stream, Product::new(g, dout, c, r, v.ptr(), r, t, r, dout))?;
         self.product(&kname("lowrank_s", dt), DType::F32, stream, Product::new(g, dout, u, r, big_s.ptr(), r, dout, r, t))?;
@@ -336,7 +296,7 @@ impl CudaBackend {
     unsafe fn merge_impl<T: Element>(&self, s: &LayerShape, stream: CUstream, w: CUdeviceptr, phi: CUdeviceptr, psi: CUdeviceptr, scale: f32) -> Result<()> {
         let (din, dout, r) = (s.d_in, s.d_out, s.rank);
         let dt = T::DTYPE;
-        let c = DeviceBuf::new(self, stream, checked_len("C", dout, r)? * dt.size(), "wegeft_merge")?;
+        let c = self.scratch(stream, checked_len("C", dout, r)? * dt.size(), "wegeft_merge")?;
         self.product(&kname("wegeft_c", dt), dt, stream, Product::new(w, din, phi, r, c.ptr(), r, dout, r, din).alpha(scale))?;
         self.product(&kname("merge", dt), dt, stream, Product::new(c.ptr(), r, psi, din, w, din, dout, din, r).beta(1.0))
     }
@@ -346,13 +306,13 @@ impl CudaBackend {
         let (din, dout, r) = (s.d_in, s.d_out, s.rank);
         let dt = T::DTYPE;
         // K0 = psi phi (r x r) on the device; psi to the host.
-        let k0_dev = DeviceBuf::new(self, stream, checked_len("psi phi", r, r)? * 4, OP)?;
+        let k0_dev = self.scratch(stream, checked_len("psi phi", r, r)? * 4, OP)?;
         self.product(&kname("unmerge_psiphi", dt), DType::F32, stream, Product::new(psi, din, phi, r, k0_dev.ptr(), r, r, r, din))?;
         let mut k0 = vec![0f32; r * r];
         let mut psi_h = vec![T::default(); checked_len("psi", r, din)?];
-        cudarc::driver::result::memcpy_dtoh_async(&mut k0, k0_dev.ptr(), stream).map_err(cuda_err(OP))?;
-        cudarc::driver::result::memcpy_dtoh_async(&mut psi_h, psi, stream).map_err(cuda_err(OP))?;
-        cudarc::driver::result::stream::synchronize(stream).map_err(cuda_err(OP))?;
+        self.download(&mut k0, k0_dev.ptr(), stream, OP)?;
+        self.download(&mut psi_h, psi, stream, OP)?;
+        self.sync(stream, OP)?;
         // K = I_r + s K0; Z = K^-1 (s psi), in f64.
         let sc = scale as f64;
         let mut k: Vec<f64> = k0.iter().map(|&v| sc * v as f64).collect();
@@ -361,14 +321,14 @@ impl CudaBackend {
         }
         let spsi: Vec<f64> = psi_h.iter().map(|v| sc * v.to_f32() as f64).collect();
         let z: Vec<f32> = crate::reference::solve(&k, &spsi, r, din)?.into_iter().map(|v| v as f32).collect();
-        let z_dev = DeviceBuf::new(self, stream, z.len() * 4, OP)?;
-        cudarc::driver::result::memcpy_htod_async(z_dev.ptr(), &z, stream).map_err(cuda_err(OP))?;
+        let z_dev = self.scratch(stream, z.len() * 4, OP)?;
+        self.upload_f32(z_dev.ptr(), &z, stream, OP)?;
         // P = W' phi (d_out x r, f32); W <- W' - P Z.
-        let p = DeviceBuf::new(self, stream, checked_len("W phi", dout, r)? * 4, OP)?;
+        let p = self.scratch(stream, checked_len("W phi", dout, r)? * 4, OP)?;
         self.product(&kname("unmerge_wphi", dt), DType::F32, stream, Product::new(w, din, phi, r, p.ptr(), r, dout, r, din))?;
         self.product(&kname("unmerge", dt), dt, stream, Product::new(p.ptr(), r, z_dev.ptr(), din, w, din, dout, din, r).alpha(-1.0).beta(1.0))?;
         // `z` (host) must outlive its copy.
-        cudarc::driver::result::stream::synchronize(stream).map_err(cuda_err(OP))?;
+        self.sync(stream, OP)?;
         drop(z);
         Ok(())
     }
@@ -413,7 +373,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
         let dt = T::DTYPE;
-        let gb = DeviceBuf::new(self, stream, checked_len("G B", t, r)? * dt.size(), "lora_backward")?;
+        let gb = self.scratch(stream, checked_len("G B", t, r)? * dt.size(), "lora_backward")?;
         // gb = s G B (T x r); dB += G^T xa (xa = s x A^T); dA += gb^T x; dx = G W + gb A.
         self.product(&kname("lowrank_v", dt), dt, stream, Product::new(g, dout, b, r, gb.ptr(), r, t, r, dout).alpha(scale))?;
         self.product(&kname("lowrank_s", dt), DType::F32, stream, Product::new(g, dout, xa, r, db, r, dout, r, t).beta(1.0))?;
@@ -423,6 +383,19 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+impl<E: Exec> Layer for E {}
+
+impl CudaBackend {
+    fn stream_of<'a>(&'a self, launch: &Launch<'a>) -> Result<&'a CudaStream> {
+        let s = launch.stream.unwrap_or(self.stream());
+        if s.context() != self.context() {
+            return Err(Error::invalid("stream", "stream belongs to another CUDA context"));
+        }
+        Ok(s)
+    }
+
 }
 
 // ---- raw-pointer entry points (for frameworks) --------------------------------------------

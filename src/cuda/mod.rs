@@ -53,6 +53,9 @@
 
 mod blas;
 pub mod context;
+mod exec;
+#[cfg(test)]
+mod host_exec;
 #[cfg(wegeft_gemm)]
 pub mod gemm;
 pub mod kernels;

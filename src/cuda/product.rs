@@ -80,7 +80,7 @@ impl CudaBackend {
     ///
     /// # Safety
     /// The pointers must be valid for the shapes of `p` and the kernel's layout, on `stream`.
-    pub(crate) unsafe fn product(&self, name: &str, out: DType, stream: CUstream, p: Product) -> Result<()> {
+    pub(crate) unsafe fn launch_product(&self, name: &str, out: DType, stream: CUstream, p: Product) -> Result<()> {
         const OP: &str = "rank-r product";
         if p.m == 0 || p.n == 0 {
             return Ok(());
