@@ -90,6 +90,27 @@ impl Drop for Pref {
     }
 }
 
+/// The column-major cuBLASLt call for a row-major product: `D^T (n x m) = op(B)^T op(A)^T`.
+/// The first cuBLASLt operand is the B buffer: a row-major `k x n` B (ld `ldb`) is the
+/// column-major `n x k` matrix `B^T`, used as is; a row-major `n x k` B (`transb`) is the
+/// column-major `k x n` matrix, transposed by cuBLASLt. Likewise for A as the second operand.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ColMajor {
+    /// cuBLASLt's TRANSA, TRANSB.
+    pub trans: [bool; 2],
+    /// `(rows, cols, ld)` of the first operand (B buffer), second (A buffer) and of D.
+    pub layouts: [(usize, usize, usize); 3],
+}
+
+impl ColMajor {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plan(transa: bool, transb: bool, m: usize, n: usize, k: usize, lda: usize, ldb: usize, ldd: usize) -> Self {
+        let first = if transb { (k, n, ldb) } else { (n, k, ldb) };
+        let second = if transa { (m, k, lda) } else { (k, m, lda) };
+        ColMajor { trans: [transb, transa], layouts: [first, second, (n, m, ldd)] }
+    }
+}
+
 impl CudaBackend {
     fn lt(&self) -> Result<&Lt> {
         let r = self.blas.get_or_init(|| {
@@ -134,14 +155,11 @@ impl CudaBackend {
         let h = self.lt()?;
         self.context().bind_to_thread().map_err(super::context::cuda_err(op))?;
         let dt = data_type(dtype);
-        // Column-major view: D^T (n x m) = op(B)^T (n x k) op(A)^T (k x m).
-        // First operand: the B buffer. Row-major k x n (ld ldb) is column-major n x k: no op.
-        // Row-major n x k (transb) is column-major k x n: transpose it.
-        let (b_rows, b_cols) = if transb { (k, n) } else { (n, k) };
-        let (a_rows, a_cols) = if transa { (m, k) } else { (k, m) };
-        let la = Layout(lt::create_matrix_layout(dt, b_rows as u64, b_cols as u64, ldb as i64).map_err(blas_err(op))?);
-        let lb = Layout(lt::create_matrix_layout(dt, a_rows as u64, a_cols as u64, lda as i64).map_err(blas_err(op))?);
-        let ld = Layout(lt::create_matrix_layout(dt, n as u64, m as u64, ldd as i64).map_err(blas_err(op))?);
+        let plan = ColMajor::plan(transa, transb, m, n, k, lda, ldb, ldd);
+        let [(r0, c0, l0), (r1, c1, l1), (r2, c2, l2)] = plan.layouts;
+        let la = Layout(lt::create_matrix_layout(dt, r0 as u64, c0 as u64, l0 as i64).map_err(blas_err(op))?);
+        let lb = Layout(lt::create_matrix_layout(dt, r1 as u64, c1 as u64, l1 as i64).map_err(blas_err(op))?);
+        let ld = Layout(lt::create_matrix_layout(dt, r2 as u64, c2 as u64, l2 as i64).map_err(blas_err(op))?);
         let desc = Desc(
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(blas_err(op))?,
@@ -149,8 +167,8 @@ impl CudaBackend {
         let set = |attr: sys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| {
             lt::set_matmul_desc_attribute(desc.0, attr, ptr, size).map_err(blas_err(op))
         };
-        let ta: i32 = transb as i32;
-        let tb: i32 = transa as i32;
+        let ta: i32 = plan.trans[0] as i32;
+        let tb: i32 = plan.trans[1] as i32;
         set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as _, 4)?;
         set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as _, 4)?;
         if let Some(bp) = bias.as_ref() {
@@ -207,5 +225,56 @@ impl CudaBackend {
             stream as _,
         )
         .map_err(blas_err(op))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ColMajor;
+
+    /// What cuBLASLt computes from a plan, in column-major terms, on the raw buffers:
+    /// `D(i, j) = sum_l op0(i, l) op1(l, j)`, `X(r, c) = buf[r + c * ld]`.
+    fn run_colmajor(p: &ColMajor, first: &[f64], second: &[f64], d: &mut [f64]) {
+        let [(r0, c0, l0), (r1, c1, l1), (rd, cd, ldd)] = p.layouts;
+        let (m, k) = if p.trans[0] { (c0, r0) } else { (r0, c0) };
+        let (k2, n) = if p.trans[1] { (c1, r1) } else { (r1, c1) };
+        assert_eq!(k, k2, "inner dimensions");
+        assert_eq!((rd, cd), (m, n), "D layout");
+        assert!(l0 >= r0 && l1 >= r1 && ldd >= rd, "column-major ld smaller than rows");
+        let x0 = |i: usize, l: usize| if p.trans[0] { first[l + i * l0] } else { first[i + l * l0] };
+        let x1 = |l: usize, j: usize| if p.trans[1] { second[j + l * l1] } else { second[l + j * l1] };
+        for i in 0..m {
+            for j in 0..n {
+                d[i + j * ldd] = (0..k).map(|l| x0(i, l) * x1(l, j)).sum();
+            }
+        }
+    }
+
+    #[test]
+    fn column_major_plan_computes_the_row_major_product() {
+        let (m, n, k) = (5usize, 7usize, 3usize);
+        for transa in [false, true] {
+            for transb in [false, true] {
+                let (lda, ldb, ldd) = (if transa { m } else { k } + 2, if transb { k } else { n } + 1, n + 3);
+                let a: Vec<f64> = (0..(if transa { k } else { m }) * lda).map(|i| (i as f64 * 0.37).sin()).collect();
+                let b: Vec<f64> = (0..(if transb { n } else { k }) * ldb).map(|i| (i as f64 * 0.91).cos()).collect();
+                let mut d = vec![f64::NAN; m * ldd];
+                let plan = ColMajor::plan(transa, transb, m, n, k, lda, ldb, ldd);
+                run_colmajor(&plan, &b, &a, &mut d);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|l| {
+                                let av = if transa { a[l * lda + i] } else { a[i * lda + l] };
+                                let bv = if transb { b[j * ldb + l] } else { b[l * ldb + j] };
+                                av * bv
+                            })
+                            .sum();
+                        let got = d[i * ldd + j];
+                        assert!((got - want).abs() < 1e-12, "transa={transa} transb={transb} D[{i},{j}]: {got} vs {want}");
+                    }
+                }
+            }
+        }
     }
 }
