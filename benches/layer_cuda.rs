@@ -31,6 +31,8 @@ struct Bufs {
     dphi: CudaSlice<f32>,
     dpsi: CudaSlice<f32>,
     bm: CudaSlice<T>,
+    da: CudaSlice<f32>,
+    db: CudaSlice<f32>,
 }
 
 fn rand(st: &Arc<CudaStream>, n: usize, seed: u64, amp: f32) -> CudaSlice<T> {
@@ -61,6 +63,8 @@ fn bufs(st: &Arc<CudaStream>, s: &LayerShape) -> Bufs {
         dphi: st.alloc_zeros(s.d_in * s.rank).unwrap(),
         dpsi: st.alloc_zeros(s.rank * s.d_in).unwrap(),
         bm: rand(st, s.d_out * s.rank, 6, 0.01),
+        da: st.alloc_zeros(s.rank * s.d_in).unwrap(),
+        db: st.alloc_zeros(s.d_out * s.rank).unwrap(),
     }
 }
 
@@ -150,7 +154,7 @@ fn main() {
             rows.push((
                 format!("lora bwd {p:?}"),
                 time(&dev, iters, || {
-                    dev.lora_backward(&s, &b.x, &b.w, &b.psi, &b.bm, sc, &b.u, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)
+                    dev.lora_backward(&s, &b.x, &b.w, &b.psi, &b.bm, sc, &b.u, &b.g, Some(&mut b.dx), &mut b.da, &mut b.db, l)
                 }),
                 frozen_flops,
             ));

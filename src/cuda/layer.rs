@@ -133,6 +133,14 @@ fn check_scale(scale: f32) -> Result<()> {
     Ok(())
 }
 
+/// `Path::Fused` without the fused GEMM is refused before anything is launched.
+fn check_path(path: Path) -> Result<()> {
+    if path == Path::Fused && !FUSED_GEMM_BUILT {
+        return Err(Error::invalid("path", "Path::Fused asked for, but the fused K-extended GEMM is not built in"));
+    }
+    Ok(())
+}
+
 fn check_ptr(arg: &'static str, ptr: CUdeviceptr) -> Result<()> {
     if ptr == 0 {
         return Err(Error::invalid(arg, "null device pointer"));
@@ -433,6 +441,7 @@ impl CudaBackend {
         path: Path,
     ) -> Result<()> {
         let s = reshape(shape)?;
+        check_path(path)?;
         check_scale(scale)?;
         dropout.check()?;
         check_ptrs(&[("x", x), ("W", w), ("phi", phi), ("psi", psi), ("u", u), ("C", c), ("y", y)])?;
@@ -466,6 +475,7 @@ impl CudaBackend {
         path: Path,
     ) -> Result<()> {
         let s = reshape(shape)?;
+        check_path(path)?;
         check_scale(scale)?;
         dropout.check()?;
         check_ptrs(&[("x", x), ("W", w), ("psi", psi), ("u", u), ("C", c), ("G", g), ("dphi", dphi), ("dpsi", dpsi)])?;
@@ -520,6 +530,7 @@ impl CudaBackend {
         path: Path,
     ) -> Result<()> {
         let s = reshape(shape)?;
+        check_path(path)?;
         check_scale(scale)?;
         check_ptrs(&[("x", x), ("W", w), ("A", a), ("B", b), ("xa", xa), ("y", y)])?;
         if let Some(p) = bias {
@@ -551,6 +562,7 @@ impl CudaBackend {
         path: Path,
     ) -> Result<()> {
         let s = reshape(shape)?;
+        check_path(path)?;
         check_scale(scale)?;
         check_ptrs(&[("x", x), ("W", w), ("A", a), ("B", b), ("xa", xa), ("G", g), ("dA", da), ("dB", db)])?;
         if let Some(p) = dx {
