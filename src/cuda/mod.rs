@@ -14,7 +14,7 @@
 //! # For the fused K-extended GEMM (`gemm.rs`)
 //!
 //! `build.rs` emits `--cfg wegeft_gemm` when `src/cuda/gemm.rs` exists; then this module
-//! declares `pub mod gemm;` and [`layer`] calls (in `unsafe` blocks, with integer arguments
+//! declares `pub mod gemm;` and `exec.rs` (`Exec::kext_fused`) calls (in `unsafe` blocks, integer arguments
 //! passed as `as _`):
 //!
 //! ```ignore
