@@ -215,3 +215,12 @@ impl CudaBackend {
             .map_err(|e| Error::Cuda { op, msg: format!("launch grid {grid:?} block {block:?}: {e}") })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backend_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::CudaBackend>();
+    }
+}
