@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Builds everything the GPU machine needs and packs it into the ignored gpu-pack/:
+# release test binaries and the GPU benchmark (feature cuda, debug info stripped), the layer
+# fixtures, the runner (gpu-pack/run.sh) and the PyTorch side-by-side script.
+# The GPU machine has CUDA, compute-sanitizer, PyTorch and peft, but no Rust and no network.
+#
+#   bash scripts/gpu-check.sh          # here
+#   bash gpu-pack/run.sh               # there (the run tool: carry ["gpu-pack"])
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+pack="$root/gpu-pack"
+limit_mib=64
+# Test targets whose binaries go to the GPU: every tests/cuda_*.rs plus the ptxas check.
+gpu_tests="ptxas $(ls tests/cuda_*.rs 2>/dev/null | xargs -n1 basename 2>/dev/null | sed 's/\.rs$//' | tr '\n' ' ')"
+
+bash scripts/setup-cuda.sh >/dev/null
+command -v python3 >/dev/null || { echo "gpu-check.sh: needs python3 to read cargo's JSON" >&2; exit 1; }
+
+rm -rf "$pack"
+mkdir -p "$pack/bin" "$pack/fixtures"
+json="$(mktemp)"
+trap 'rm -f "$json"' EXIT
+
+echo "gpu-check.sh: building release test binaries (features cuda)..." >&2
+CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_BENCH_DEBUG=0 \
+  cargo test --release --features cuda --no-run --message-format=json >"$json"
+echo "gpu-check.sh: building the GPU benchmark..." >&2
+CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_BENCH_DEBUG=0 \
+  cargo bench --features cuda --bench layer_cuda --no-run --message-format=json >>"$json"
+
+# Pick the executables of the wanted test targets and of the benchmark.
+python3 - "$json" "$pack/bin" $gpu_tests <<'PY'
+import json, shutil, sys, os
+src, dest, wanted = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+found = {}
+for line in open(src):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    kinds = set(t["kind"])
+    if ("test" in kinds and t["name"] in wanted) or ("bench" in kinds and t["name"] == "layer_cuda"):
+        found[t["name"]] = m["executable"]
+missing = (wanted | {"layer_cuda"}) - set(found)
+if missing:
+    sys.exit(f"gpu-check.sh: no executable for {sorted(missing)}")
+for name, exe in sorted(found.items()):
+    shutil.copy2(exe, os.path.join(dest, name))
+    print(f"  {name:<12} <- {exe}", file=sys.stderr)
+PY
+for f in "$pack"/bin/*; do strip --strip-debug "$f" 2>/dev/null || true; done
+
+fixtures="${WEGEFT_FIXTURES:-$root/../shared/fixtures}"
+[ -d "$fixtures/layer" ] || { echo "gpu-check.sh: fixtures not found at $fixtures/layer" >&2; exit 1; }
+cp -r "$fixtures/layer" "$pack/fixtures/"
+cp scripts/gpu-runner.sh "$pack/run.sh"
+cp scripts/torch_baseline.py "$pack/torch_baseline.py"
+git -C "$root" rev-parse HEAD >"$pack/COMMIT" 2>/dev/null || echo unknown >"$pack/COMMIT"
+git -C "$root" status --porcelain | grep -q . && echo "(with uncommitted changes)" >>"$pack/COMMIT" || true
+
+size_kib=$(du -sk "$pack" | cut -f1)
+if [ "$size_kib" -gt $((limit_mib * 1024)) ]; then
+  echo "gpu-check.sh: gpu-pack is $((size_kib / 1024)) MiB, over the ${limit_mib} MiB the run tool carries" >&2
+  exit 1
+fi
+echo "gpu-check.sh: gpu-pack/ ready ($((size_kib / 1024)) MiB, commit $(head -1 "$pack/COMMIT"))" >&2
+ls -la "$pack/bin" >&2
+echo
+echo "On the GPU machine run:   bash gpu-pack/run.sh"
+echo "(run tool: command \"bash gpu-pack/run.sh\", carry [\"gpu-pack\"], timeout_s 560)"

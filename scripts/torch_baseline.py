@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""PyTorch side-by-side for the wegeft GPU benchmark (bf16, CUDA events, median of N).
+
+For each shape it times, forward and forward+backward:
+  * linear      plain F.linear(x, W): the frozen layer, the floor;
+  * wegeft_ref  the official-style WeGeFT formulation: dW = s (W phi) psi materialised on
+                every call, y = F.linear(x, W + dW) (phi, psi trainable; x requires grad);
+  * lora_peft   PEFT-style LoRA: y = F.linear(x, W) + s * F.linear(F.linear(x, A), B);
+  * peft_lora   the real peft.LoraLayer around an nn.Linear, when peft imports.
+Shapes: T=8192 d=4096 r=64 and SmolLM2-135M's (T=4096: 576x576, 576->1536, 1536->576; r=8).
+"""
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [
+    ("T8192 4096->4096 r64", 8192, 4096, 4096, 64),
+    ("SmolLM2 T4096 576->576 r8", 4096, 576, 576, 8),
+    ("SmolLM2 T4096 576->1536 r8", 4096, 576, 1536, 8),
+    ("SmolLM2 T4096 1536->576 r8", 4096, 1536, 576, 8),
+]
+
+
+def timed(fn, iters):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ms = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ms.append(a.elapsed_time(b))
+    ms.sort()
+    return ms[len(ms) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA device")
+        return 0
+    dev = torch.device("cuda")
+    dt = torch.bfloat16
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+    out = open(args.json, "w") if args.json else None
+    name = torch.cuda.get_device_name(0)
+    print(f"device: {name}; torch {torch.__version__}; bf16; median of {args.iters}")
+    print(f"{'shape':<28} {'op':<24} {'ms':>10}")
+    try:
+        import peft  # noqa: F401
+        from peft.tuners.lora import Linear as PeftLoraLinear
+    except Exception as e:  # peft is optional
+        PeftLoraLinear = None
+        print(f"(peft not importable: {e})")
+    shapes = SHAPES[1:2] if args.quick else SHAPES
+    for label, T, din, dout, r in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        s = 2.0
+        x = torch.randn(T, din, device=dev, dtype=dt, generator=g)
+        W = torch.randn(dout, din, device=dev, dtype=dt, generator=g) / din**0.5
+        phi = (torch.randn(din, r, device=dev, dtype=dt, generator=g) / din**0.5).requires_grad_()
+        psi = (torch.randn(r, din, device=dev, dtype=dt, generator=g) / din**0.5).requires_grad_()
+        A = (torch.randn(r, din, device=dev, dtype=dt, generator=g) / din**0.5).requires_grad_()
+        B = (torch.randn(dout, r, device=dev, dtype=dt, generator=g) * 0.01).requires_grad_()
+        G = torch.randn(T, dout, device=dev, dtype=dt, generator=g)
+        xg = x.clone().requires_grad_()
+
+        def linear_fwd():
+            with torch.no_grad():
+                F.linear(x, W)
+
+        def linear_fb():
+            F.linear(xg, W).backward(G)
+
+        def wegeft_fwd():
+            with torch.no_grad():
+                F.linear(x, W + s * (W @ phi) @ psi)
+
+        def wegeft_fb():
+            F.linear(xg, W + s * (W @ phi) @ psi).backward(G)
+
+        def lora_fwd():
+            with torch.no_grad():
+                F.linear(x, W) + s * F.linear(F.linear(x, A), B)
+
+        def lora_fb():
+            (F.linear(xg, W) + s * F.linear(F.linear(xg, A), B)).backward(G)
+
+        ops = [
+            ("linear fwd", linear_fwd),
+            ("linear fwd+bwd", linear_fb),
+            ("wegeft_ref fwd", wegeft_fwd),
+            ("wegeft_ref fwd+bwd", wegeft_fb),
+            ("lora_peft fwd", lora_fwd),
+            ("lora_peft fwd+bwd", lora_fb),
+        ]
+        if PeftLoraLinear is not None:
+            try:
+                base = torch.nn.Linear(din, dout, bias=False, device=dev, dtype=dt)
+                base.weight.requires_grad_(False)
+                layer = PeftLoraLinear(base, "default", r=r, lora_alpha=2 * r, lora_dropout=0.0).to(dev, dt)
+
+                def peft_fwd():
+                    with torch.no_grad():
+                        layer(x)
+
+                def peft_fb():
+                    layer(xg).backward(G)
+
+                ops += [("peft_lora fwd", peft_fwd), ("peft_lora fwd+bwd", peft_fb)]
+            except Exception as e:
+                print(f"(peft LoraLayer failed: {e})")
+        for op, fn in ops:
+            try:
+                ms = timed(fn, args.iters)
+                print(f"{label:<28} {op:<24} {ms:>10.4f}")
+                if out:
+                    out.write(json.dumps({"device": name, "shape": label, "op": op, "ms": ms}) + "\n")
+            except Exception as e:
+                print(f"{label:<28} {op:<24} FAILED: {e}")
+        del x, W, phi, psi, A, B, G, xg
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

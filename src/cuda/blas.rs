@@ -1,0 +1,280 @@
+//! The frozen GEMMs through cuBLASLt on raw device pointers: `y = x W^T (+ b)` and `dx = G W`.
+//! Row-major in, row-major out (cuBLASLt is column-major: a row-major `D = A B` is run as the
+//! column-major `D^T = B^T A^T`). Compute in f32 (`CUBLAS_COMPUTE_32F`, no TF32 for f32
+//! storage), so results agree with the reference to the storage type's precision.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+
+use super::context::CudaBackend;
+use super::mem::DeviceBuf;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Workspace handed to cuBLASLt for each call (stream-ordered allocation from the pool).
+const WORKSPACE: usize = 32 << 20;
+
+/// The cuBLASLt handle and a cache of the algorithm chosen for each problem.
+pub(crate) struct Lt {
+    handle: sys::cublasLtHandle_t,
+    algos: Mutex<HashMap<Key, sys::cublasLtMatmulAlgo_t>>,
+}
+
+// SAFETY: a cuBLASLt handle may be used from any thread (calls are serialised per stream by
+// the caller); the algorithm cache is behind a Mutex.
+unsafe impl Send for Lt {}
+unsafe impl Sync for Lt {}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by cublasLtCreate and is destroyed once.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    dtype: DType,
+    transa: bool,
+    transb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldd: usize,
+    bias: bool,
+    beta: bool,
+}
+
+fn blas_err(op: &'static str) -> impl FnOnce(lt::CublasError) -> Error {
+    move |e| Error::Cuda { op, msg: format!("{e:?}") }
+}
+
+fn data_type(d: DType) -> sys::cudaDataType {
+    match d {
+        DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+    }
+}
+
+struct Layout(sys::cublasLtMatrixLayout_t);
+impl Drop for Layout {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.0);
+        }
+    }
+}
+struct Desc(sys::cublasLtMatmulDesc_t);
+impl Drop for Desc {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.0);
+        }
+    }
+}
+struct Pref(sys::cublasLtMatmulPreference_t);
+impl Drop for Pref {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = lt::destroy_matmul_pref(self.0);
+        }
+    }
+}
+
+/// The column-major cuBLASLt call for a row-major product: `D^T (n x m) = op(B)^T op(A)^T`.
+/// The first cuBLASLt operand is the B buffer: a row-major `k x n` B (ld `ldb`) is the
+/// column-major `n x k` matrix `B^T`, used as is; a row-major `n x k` B (`transb`) is the
+/// column-major `k x n` matrix, transposed by cuBLASLt. Likewise for A as the second operand.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ColMajor {
+    /// cuBLASLt's TRANSA, TRANSB.
+    pub trans: [bool; 2],
+    /// `(rows, cols, ld)` of the first operand (B buffer), second (A buffer) and of D.
+    pub layouts: [(usize, usize, usize); 3],
+}
+
+impl ColMajor {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plan(transa: bool, transb: bool, m: usize, n: usize, k: usize, lda: usize, ldb: usize, ldd: usize) -> Self {
+        let first = if transb { (k, n, ldb) } else { (n, k, ldb) };
+        let second = if transa { (m, k, lda) } else { (k, m, lda) };
+        ColMajor { trans: [transb, transa], layouts: [first, second, (n, m, ldd)] }
+    }
+}
+
+impl CudaBackend {
+    fn lt(&self) -> Result<&Lt> {
+        let r = self.blas.get_or_init(|| {
+            // SAFETY: only tries to dlopen libcublasLt.
+            if !unsafe { sys::is_culib_present() } {
+                return Err("libcublasLt not found (install the CUDA toolkit's cuBLAS or add its lib dir to LD_LIBRARY_PATH)".into());
+            }
+            self.context().bind_to_thread().map_err(|e| e.to_string())?;
+            let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
+            Ok(Lt { handle, algos: Mutex::new(HashMap::new()) })
+        });
+        r.as_ref().map_err(|msg| Error::Cuda { op: "cuBLASLt", msg: msg.clone() })
+    }
+
+    /// Row-major `D[m x n] = op(A) op(B) (+ bias[n]) (+ beta D)`, where `op(A)` is `A`
+    /// (`m x k`, row stride `lda`) or, with `transa`, the transpose of the `k x m` matrix `A`;
+    /// likewise `op(B)` is `B` (`k x n`) or, with `transb`, the transpose of `n x k` `B`.
+    ///
+    /// # Safety
+    /// The pointers must be valid device buffers of `dtype` for those shapes, on this
+    /// backend's context, and `stream` must belong to it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn lt_gemm(
+        &self,
+        op: &'static str,
+        dtype: DType,
+        stream: CUstream,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: CUdeviceptr,
+        lda: usize,
+        b: CUdeviceptr,
+        ldb: usize,
+        bias: Option<CUdeviceptr>,
+        beta: f32,
+        d: CUdeviceptr,
+        ldd: usize,
+    ) -> Result<()> {
+        let h = self.lt()?;
+        self.context().bind_to_thread().map_err(super::context::cuda_err(op))?;
+        let dt = data_type(dtype);
+        let plan = ColMajor::plan(transa, transb, m, n, k, lda, ldb, ldd);
+        let [(r0, c0, l0), (r1, c1, l1), (r2, c2, l2)] = plan.layouts;
+        let la = Layout(lt::create_matrix_layout(dt, r0 as u64, c0 as u64, l0 as i64).map_err(blas_err(op))?);
+        let lb = Layout(lt::create_matrix_layout(dt, r1 as u64, c1 as u64, l1 as i64).map_err(blas_err(op))?);
+        let ld = Layout(lt::create_matrix_layout(dt, r2 as u64, c2 as u64, l2 as i64).map_err(blas_err(op))?);
+        let desc = Desc(
+            lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
+                .map_err(blas_err(op))?,
+        );
+        let set = |attr: sys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| {
+            lt::set_matmul_desc_attribute(desc.0, attr, ptr, size).map_err(blas_err(op))
+        };
+        let ta: i32 = plan.trans[0] as i32;
+        let tb: i32 = plan.trans[1] as i32;
+        set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as _, 4)?;
+        set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as _, 4)?;
+        if let Some(bp) = bias.as_ref() {
+            let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            set(
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &epi as *const _ as _,
+                std::mem::size_of::<sys::cublasLtEpilogue_t>(),
+            )?;
+            set(
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                bp as *const CUdeviceptr as _,
+                std::mem::size_of::<CUdeviceptr>(),
+            )?;
+        }
+        let key = Key { dtype, transa, transb, m, n, k, lda, ldb, ldd, bias: bias.is_some(), beta: beta != 0.0 };
+        let cached = h.algos.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
+        let algo = match cached {
+            Some(a) => a,
+            None => {
+                let pref = Pref(lt::create_matmul_pref().map_err(blas_err(op))?);
+                let ws = WORKSPACE;
+                lt::set_matmul_pref_attribute(
+                    pref.0,
+                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const usize as _,
+                    std::mem::size_of::<usize>(),
+                )
+                .map_err(blas_err(op))?;
+                let heur = lt::get_matmul_algo_heuristic(h.handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0)
+                    .map_err(blas_err(op))?;
+                h.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, heur.algo);
+                heur.algo
+            }
+        };
+        let work = DeviceBuf::new(self, stream, WORKSPACE, op)?;
+        let alpha = 1.0f32;
+        lt::matmul(
+            h.handle,
+            desc.0,
+            &alpha as *const f32 as _,
+            &beta as *const f32 as _,
+            b as *const c_void,
+            la.0,
+            a as *const c_void,
+            lb.0,
+            d as *const c_void,
+            ld.0,
+            d as *mut c_void,
+            ld.0,
+            &algo,
+            work.ptr() as *mut c_void,
+            WORKSPACE,
+            stream as _,
+        )
+        .map_err(blas_err(op))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ColMajor;
+
+    /// What cuBLASLt computes from a plan, in column-major terms, on the raw buffers:
+    /// `D(i, j) = sum_l op0(i, l) op1(l, j)`, `X(r, c) = buf[r + c * ld]`.
+    fn run_colmajor(p: &ColMajor, first: &[f64], second: &[f64], d: &mut [f64]) {
+        let [(r0, c0, l0), (r1, c1, l1), (rd, cd, ldd)] = p.layouts;
+        let (m, k) = if p.trans[0] { (c0, r0) } else { (r0, c0) };
+        let (k2, n) = if p.trans[1] { (c1, r1) } else { (r1, c1) };
+        assert_eq!(k, k2, "inner dimensions");
+        assert_eq!((rd, cd), (m, n), "D layout");
+        assert!(l0 >= r0 && l1 >= r1 && ldd >= rd, "column-major ld smaller than rows");
+        let x0 = |i: usize, l: usize| if p.trans[0] { first[l + i * l0] } else { first[i + l * l0] };
+        let x1 = |l: usize, j: usize| if p.trans[1] { second[j + l * l1] } else { second[l + j * l1] };
+        for i in 0..m {
+            for j in 0..n {
+                d[i + j * ldd] = (0..k).map(|l| x0(i, l) * x1(l, j)).sum();
+            }
+        }
+    }
+
+    #[test]
+    fn column_major_plan_computes_the_row_major_product() {
+        let (m, n, k) = (5usize, 7usize, 3usize);
+        for transa in [false, true] {
+            for transb in [false, true] {
+                let (lda, ldb, ldd) = (if transa { m } else { k } + 2, if transb { k } else { n } + 1, n + 3);
+                let a: Vec<f64> = (0..(if transa { k } else { m }) * lda).map(|i| (i as f64 * 0.37).sin()).collect();
+                let b: Vec<f64> = (0..(if transb { n } else { k }) * ldb).map(|i| (i as f64 * 0.91).cos()).collect();
+                let mut d = vec![f64::NAN; m * ldd];
+                let plan = ColMajor::plan(transa, transb, m, n, k, lda, ldb, ldd);
+                run_colmajor(&plan, &b, &a, &mut d);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|l| {
+                                let av = if transa { a[l * lda + i] } else { a[i * lda + l] };
+                                let bv = if transb { b[j * ldb + l] } else { b[l * ldb + j] };
+                                av * bv
+                            })
+                            .sum();
+                        let got = d[i * ldd + j];
+                        assert!((got - want).abs() < 1e-12, "transa={transa} transb={transb} D[{i},{j}]: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The CUDA device: driver check, context, default stream, the embedded kernel modules and the
+//! lazily created cuBLASLt handle.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUstream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use super::kernels::{self, EmbeddedModule};
+use crate::error::{Error, Result};
+
+/// Which compiled image of the kernels a device runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Image {
+    /// The `sm_90a` cubin (compute capability 9.0).
+    Sm90a,
+    /// The `sm_80` cubin (compute capability 8.x).
+    Sm80,
+    /// The `compute_80` PTX, JIT-compiled by the driver (any other card of capability >= 8.0).
+    Ptx,
+}
+
+/// One CUDA device with its context, a default stream and the loaded `wegeft` kernels.
+///
+/// Every launcher of the crate takes a `&CudaBackend`. Work goes on the stream a call is given
+/// or, without one, on [`CudaBackend::stream`].
+pub struct CudaBackend {
+    // Dropped first, while the context is still alive.
+    pub(crate) blas: OnceLock<std::result::Result<super::blas::Lt, String>>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    image: Image,
+    cc: (i32, i32),
+    sm_count: u32,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("compute_capability", &self.cc)
+            .field("sm_count", &self.sm_count)
+            .field("image", &self.image)
+            .finish()
+    }
+}
+
+/// Maps a driver error of operation `op` to [`Error::Cuda`].
+pub(crate) fn cuda_err(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Cuda { op, msg: e.to_string() }
+}
+
+/// Whether a CUDA driver library can be loaded on this machine (no device is touched).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`: checks that the driver is present and the device exists
+    /// ([`Error::NoCuda`] otherwise), creates the context and picks the kernel image for the
+    /// device's compute capability (`sm_90a` cubin on 9.0, `sm_80` cubin on 8.x, the PTX
+    /// elsewhere). Modules are loaded on first use of one of their kernels.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::NoCuda("no CUDA driver library (libcuda) found".into()));
+        }
+        let count = CudaContext::device_count().map_err(|e| Error::NoCuda(format!("cuInit / device count failed: {e}")))?;
+        if count <= 0 {
+            return Err(Error::NoCuda("the CUDA driver reports no device".into()));
+        }
+        if ordinal >= count as usize {
+            return Err(Error::NoCuda(format!("device {ordinal} asked for, {count} present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("cuCtxCreate"))?;
+        let cc = ctx.compute_capability().map_err(cuda_err("compute capability"))?;
+        if cc.0 < 8 {
+            return Err(Error::NoCuda(format!(
+                "device {ordinal} has compute capability {}.{}; wegeft needs 8.0 or newer",
+                cc.0, cc.1
+            )));
+        }
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err("multiprocessor count"))? as u32;
+        let image = match cc {
+            (9, 0) => Image::Sm90a,
+            (8, _) => Image::Sm80,
+            _ => Image::Ptx,
+        };
+        let image = match std::env::var("WEGEFT_CUDA_IMAGE").as_deref() {
+            Ok("ptx") => Image::Ptx,
+            _ => image,
+        };
+        // Scratch memory (split-K partials, cuBLASLt workspace) comes from the stream-ordered
+        // pool; keep freed blocks in the pool instead of returning them to the driver at every
+        // synchronisation, so steady-state calls allocate nothing.
+        // SAFETY: plain driver calls on the device of the context just created.
+        unsafe {
+            let mut pool: cudarc::driver::sys::CUmemoryPool = std::ptr::null_mut();
+            if cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                let mut threshold: u64 = u64::MAX;
+                let _ = cudarc::driver::sys::cuMemPoolSetAttribute(
+                    pool,
+                    cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut c_void,
+                );
+            }
+        }
+        let stream = ctx.default_stream();
+        Ok(CudaBackend {
+            blas: OnceLock::new(),
+            ctx,
+            stream,
+            image,
+            cc,
+            sm_count,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The driver context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream used when a call is given none.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// Compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+    /// Which compiled image the kernels are loaded from.
+    pub fn image(&self) -> Image {
+        self.image
+    }
+    /// The device name, as the driver reports it.
+    pub fn name(&self) -> Result<String> {
+        self.ctx.name().map_err(cuda_err("device name"))
+    }
+    /// Waits for all work on the default stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("stream synchronize"))
+    }
+
+    fn module(&self, m: &'static EmbeddedModule) -> Result<Arc<CudaModule>> {
+        let mut mods = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(md) = mods.get(m.name) {
+            return Ok(md.clone());
+        }
+        let ptx = match self.image {
+            Image::Sm90a => Ptx::from_binary(m.cubin_sm90a.to_vec()),
+            Image::Sm80 => Ptx::from_binary(m.cubin_sm80.to_vec()),
+            Image::Ptx => Ptx::from_src(m.ptx),
+        };
+        let md = self.ctx.load_module(ptx).map_err(|e| Error::Cuda {
+            op: "cuModuleLoadData",
+            msg: format!("module {} ({:?} image): {e}", m.name, self.image),
+        })?;
+        mods.insert(m.name, md.clone());
+        Ok(md)
+    }
+
+    /// The kernel `name` (an `extern "C"` function of one of the `kernels/*.cu` files), from
+    /// the image for this device; modules are loaded and functions looked up once, then cached.
+    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(f.clone());
+        }
+        let m = kernels::module_of(name)
+            .ok_or_else(|| Error::Cuda { op: "kernel lookup", msg: format!("no kernel named {name} is compiled in") })?;
+        let f = self.module(m)?.load_function(name).map_err(|e| Error::Cuda {
+            op: "cuModuleGetFunction",
+            msg: format!("{name}: {e}"),
+        })?;
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Whether a kernel of this name is compiled in.
+    pub fn has_kernel(&self, name: &str) -> bool {
+        kernels::module_of(name).is_some()
+    }
+
+    /// Launches `f` on the raw `stream` with kernel arguments `params` (pointers to the
+    /// argument values, in the kernel's parameter order).
+    ///
+    /// # Safety
+    /// `params` must match the kernel's signature exactly, every device pointer among them must
+    /// be valid for what the kernel does with it, and `stream` must belong to this context.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch(
+        &self,
+        op: &'static str,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        stream: CUstream,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(cuda_err(op))?;
+        cudarc::driver::result::launch_kernel(f.cu_function(), grid, block, smem, stream, params)
+            .map_err(|e| Error::Cuda { op, msg: format!("launch grid {grid:?} block {block:?}: {e}") })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backend_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::CudaBackend>();
+    }
+}

@@ -1,0 +1,149 @@
+//! What the layer algorithms (`layer.rs`) need from a device, as a trait: launch a rank-r
+//! product, run a cuBLASLt GEMM, hold scratch memory, copy small buffers, synchronise, and
+//! optionally run the fused K-extended GEMM. [`CudaBackend`] implements it with the real
+//! device; the unit tests implement it with a float64 host interpreter of the same kernel
+//! contracts, so that the launch wiring (operands, strides, shapes, scalars) is checked on
+//! machines without a GPU.
+
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+
+use super::context::{cuda_err, CudaBackend};
+use super::layer::Path;
+use super::mem::DeviceBuf;
+use super::product::Product;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+
+/// Scratch memory that lives until dropped.
+pub(crate) trait Scratch {
+    fn ptr(&self) -> CUdeviceptr;
+}
+
+impl Scratch for DeviceBuf {
+    fn ptr(&self) -> CUdeviceptr {
+        DeviceBuf::ptr(self)
+    }
+}
+
+/// Operands of one K-extended GEMM: `(a1, lda1, b1, ldb1, k1)`, `(a2, lda2, b2, ldb2, k2)`,
+/// optional bias, `(d, ldd, m, n)`.
+pub(crate) type KextArgs = (
+    (CUdeviceptr, usize, CUdeviceptr, usize, usize),
+    (CUdeviceptr, usize, CUdeviceptr, usize, usize),
+    Option<CUdeviceptr>,
+    (CUdeviceptr, usize, usize, usize),
+);
+
+pub(crate) trait Exec {
+    type Buf: Scratch;
+
+    /// Launches product kernel `name` (output dtype `out`), see `product.rs`.
+    unsafe fn product(&self, name: &str, out: DType, stream: CUstream, p: Product) -> Result<()>;
+
+    /// Row-major `D[m x n] = op(A) op(B) (+ bias[n]) (+ beta D)`, see `blas.rs`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        &self,
+        op: &'static str,
+        dtype: DType,
+        stream: CUstream,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: CUdeviceptr,
+        lda: usize,
+        b: CUdeviceptr,
+        ldb: usize,
+        bias: Option<CUdeviceptr>,
+        beta: f32,
+        d: CUdeviceptr,
+        ldd: usize,
+    ) -> Result<()>;
+
+    fn scratch(&self, stream: CUstream, bytes: usize, op: &'static str) -> Result<Self::Buf>;
+    unsafe fn download<T: Element>(&self, dst: &mut [T], src: CUdeviceptr, stream: CUstream, op: &'static str) -> Result<()>;
+    unsafe fn upload_f32(&self, dst: CUdeviceptr, src: &[f32], stream: CUstream, op: &'static str) -> Result<()>;
+    unsafe fn sync(&self, stream: CUstream, op: &'static str) -> Result<()>;
+
+    /// Runs the fused K-extended GEMM (`nt`: `D = A1 B1^T + A2 B2^T (+ bias)`, else
+    /// `D = A1 B1 + A2 B2`) when `path` asks for it and it is available; `Ok(false)` means
+    /// the caller runs the composed path. Without a fused GEMM, `Path::Fused` is an error.
+    unsafe fn kext_fused<T: Element>(&self, _nt: bool, _stream: CUstream, path: Path, _args: KextArgs) -> Result<bool> {
+        match path {
+            Path::Fused => Err(Error::invalid("path", "Path::Fused asked for, but the fused K-extended GEMM is not built in")),
+            _ => Ok(false),
+        }
+    }
+}
+
+impl Exec for CudaBackend {
+    type Buf = DeviceBuf;
+
+    unsafe fn product(&self, name: &str, out: DType, stream: CUstream, p: Product) -> Result<()> {
+        self.launch_product(name, out, stream, p)
+    }
+
+    unsafe fn gemm(
+        &self,
+        op: &'static str,
+        dtype: DType,
+        stream: CUstream,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: CUdeviceptr,
+        lda: usize,
+        b: CUdeviceptr,
+        ldb: usize,
+        bias: Option<CUdeviceptr>,
+        beta: f32,
+        d: CUdeviceptr,
+        ldd: usize,
+    ) -> Result<()> {
+        self.lt_gemm(op, dtype, stream, transa, transb, m, n, k, a, lda, b, ldb, bias, beta, d, ldd)
+    }
+
+    fn scratch(&self, stream: CUstream, bytes: usize, op: &'static str) -> Result<DeviceBuf> {
+        DeviceBuf::new(self, stream, bytes, op)
+    }
+
+    unsafe fn download<T: Element>(&self, dst: &mut [T], src: CUdeviceptr, stream: CUstream, op: &'static str) -> Result<()> {
+        cudarc::driver::result::memcpy_dtoh_async(dst, src, stream).map_err(cuda_err(op))
+    }
+
+    unsafe fn upload_f32(&self, dst: CUdeviceptr, src: &[f32], stream: CUstream, op: &'static str) -> Result<()> {
+        cudarc::driver::result::memcpy_htod_async(dst, src, stream).map_err(cuda_err(op))
+    }
+
+    unsafe fn sync(&self, stream: CUstream, op: &'static str) -> Result<()> {
+        cudarc::driver::result::stream::synchronize(stream).map_err(cuda_err(op))
+    }
+
+    #[cfg(wegeft_gemm)]
+    unsafe fn kext_fused<T: Element>(&self, nt: bool, stream: CUstream, path: Path, args: KextArgs) -> Result<bool> {
+        let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)) = args;
+        let aligned = [lda1, ldb1, lda2, ldb2, ldd].iter().all(|&ld| (ld * T::DTYPE.size()) % 16 == 0);
+        if path == Path::Composed || (path == Path::Auto && !aligned) {
+            return Ok(false);
+        }
+        #[allow(unused_unsafe)]
+        unsafe {
+            if nt {
+                super::gemm::gemm_kext_nt::<T>(
+                    self, stream, a1, lda1 as _, b1, ldb1 as _, k1 as _, a2, lda2 as _, b2, ldb2 as _, k2 as _, bias, 0.0, d,
+                    ldd as _, m as _, n as _,
+                )?;
+            } else {
+                super::gemm::gemm_kext_nn::<T>(
+                    self, stream, a1, lda1 as _, b1, ldb1 as _, k1 as _, a2, lda2 as _, b2, ldb2 as _, k2 as _, bias, 0.0, d,
+                    ldd as _, m as _, n as _,
+                )?;
+            }
+        }
+        Ok(true)
+    }
+}

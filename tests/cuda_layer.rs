@@ -1,0 +1,573 @@
+//! The CUDA backend against the float64 reference (`wegeft::reference`): every kernel on fresh
+//! random inputs, outputs poisoned with NaN before each run, sizes that are multiples of no
+//! tile, ranks 1, 8, 64 and 256, a single token; the PyTorch fixtures; determinism.
+//!
+//! Without a CUDA device each GPU test prints `skipped: no CUDA device` and passes; with
+//! `WEGEFT_REQUIRE_GPU=1` it fails instead (the GPU check runs them so).
+//! Tests named `sanitize_*` are the small cases compute-sanitizer runs.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{assert_close, rand_vec, t};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use half::{bf16, f16};
+use wegeft::cuda::{dropout_keep, CudaBackend, Dropout, Launch, Path};
+use wegeft::reference as rf;
+use wegeft::{DType, Element, Error, LayerShape};
+
+// ---- the one skip rule ---------------------------------------------------------------------
+
+/// The device, or `None` (after printing `skipped: no CUDA device`) when there is none and
+/// `WEGEFT_REQUIRE_GPU` is not `1`. Any other error fails the test.
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(dev) => Some(dev),
+        Err(Error::NoCuda(msg)) => {
+            if std::env::var("WEGEFT_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("WEGEFT_REQUIRE_GPU=1 but no CUDA device: {msg}");
+            }
+            println!("skipped: no CUDA device ({msg})");
+            None
+        }
+        Err(e) => panic!("CUDA backend failed to start: {e}"),
+    }
+}
+
+macro_rules! gpu_or_skip {
+    () => {
+        match gpu() {
+            Some(d) => d,
+            None => return,
+        }
+    };
+}
+
+// ---- host <-> device ------------------------------------------------------------------------
+
+trait El: Element + DeviceRepr {}
+impl El for f32 {}
+impl El for bf16 {}
+impl El for f16 {}
+
+/// `v` rounded to `T` and back: what the device sees.
+fn q<T: Element>(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| T::from_f32(x as f32).to_f32() as f64).collect()
+}
+
+fn up<T: El>(s: &Arc<CudaStream>, v: &[f64]) -> CudaSlice<T> {
+    let h: Vec<T> = v.iter().map(|&x| T::from_f32(x as f32)).collect();
+    s.clone_htod(&h).unwrap()
+}
+
+fn up_f32(s: &Arc<CudaStream>, v: &[f64]) -> CudaSlice<f32> {
+    up::<f32>(s, v)
+}
+
+/// An output buffer of `n` NaNs.
+fn poisoned<T: El>(s: &Arc<CudaStream>, n: usize) -> CudaSlice<T> {
+    s.clone_htod(&vec![T::from_f32(f32::NAN); n]).unwrap()
+}
+
+fn down<T: El>(s: &Arc<CudaStream>, d: &CudaSlice<T>) -> Vec<f64> {
+    s.clone_dtoh(d).unwrap().into_iter().map(|x| x.to_f32() as f64).collect()
+}
+
+fn bits<T: El>(s: &Arc<CudaStream>, d: &CudaSlice<T>) -> Vec<u8> {
+    bytemuck::cast_slice(&s.clone_dtoh(d).unwrap()).to_vec()
+}
+
+/// Tolerance of a result in `T` (relative to the largest reference element).
+fn tol<T: Element>() -> f64 {
+    T::tolerance()
+}
+
+/// A layer's random inputs (already rounded to `T`).
+struct Case {
+    s: LayerShape,
+    x: Vec<f64>,
+    w: Vec<f64>,
+    b: Vec<f64>,
+    phi: Vec<f64>,
+    psi: Vec<f64>,
+    g: Vec<f64>,
+    dphi0: Vec<f64>,
+    dpsi0: Vec<f64>,
+    scale: f64,
+}
+
+fn case<T: Element>(seed: u64, tokens: usize, d_in: usize, d_out: usize, rank: usize) -> Case {
+    let s = LayerShape::new(tokens, d_in, d_out, rank).unwrap();
+    let r = |k: u64, n: usize, amp: f64| q::<T>(&rand_vec(seed * 101 + k, n).iter().map(|v| v * amp).collect::<Vec<_>>());
+    Case {
+        s,
+        x: r(1, tokens * d_in, 1.0),
+        w: r(2, d_out * d_in, 1.0 / (d_in as f64).sqrt()),
+        b: r(3, d_out, 0.5),
+        phi: r(4, d_in * rank, 1.0 / (d_in as f64).sqrt()),
+        psi: r(5, rank * d_in, 1.0 / (d_in as f64).sqrt()),
+        g: r(6, tokens * d_out, 1.0),
+        dphi0: rand_vec(seed * 101 + 7, d_in * rank),
+        dpsi0: rand_vec(seed * 101 + 8, rank * d_in),
+        scale: 0.75,
+    }
+}
+
+const SHAPES: &[(usize, usize, usize)] = &[(37, 83, 71), (1, 129, 65), (130, 67, 259)];
+const RANKS: &[usize] = &[1, 8, 64, 256];
+
+fn paths() -> Vec<Path> {
+    let mut p = vec![Path::Composed];
+    if wegeft::cuda::FUSED_GEMM_BUILT {
+        p.push(Path::Fused);
+    }
+    p
+}
+
+// ---- forward / backward ---------------------------------------------------------------------
+
+fn check_forward<T: El>(dev: &CudaBackend, c: &Case, path: Path, what: &str) {
+    let st = dev.stream().clone();
+    let s = &c.s;
+    let (x, w, b) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.b));
+    let (phi, psi) = (up::<T>(&st, &c.phi), up::<T>(&st, &c.psi));
+    let mut u = poisoned::<T>(&st, s.tokens * s.rank);
+    let mut cc = poisoned::<T>(&st, s.d_out * s.rank);
+    let mut y = poisoned::<T>(&st, s.tokens * s.d_out);
+    dev.wegeft_forward(s, &x, &w, Some(&b), &phi, &psi, c.scale as f32, Dropout::NONE, &mut u, &mut cc, &mut y, Launch::new().path(path))
+        .unwrap();
+    let want_y = rf::wegeft_forward(s, &c.x, &c.w, Some(&c.b), &c.phi, &c.psi, c.scale).unwrap();
+    let want_u = rf::matmul(&c.x, &t(&c.psi, s.rank, s.d_in), s.tokens, s.d_in, s.rank);
+    let want_c = rf::generate_c(s, &c.w, &c.phi, c.scale);
+    assert_close(&format!("{what} u"), &down(&st, &u), &want_u, tol::<T>());
+    assert_close(&format!("{what} C"), &down(&st, &cc), &want_c, tol::<T>());
+    assert_close(&format!("{what} y"), &down(&st, &y), &want_y, tol::<T>());
+}
+
+fn check_backward<T: El>(dev: &CudaBackend, c: &Case, path: Path, what: &str) {
+    let st = dev.stream().clone();
+    let s = &c.s;
+    let (x, w, g) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.g));
+    let (phi, psi) = (up::<T>(&st, &c.phi), up::<T>(&st, &c.psi));
+    let mut u = poisoned::<T>(&st, s.tokens * s.rank);
+    let mut cc = poisoned::<T>(&st, s.d_out * s.rank);
+    let mut y = poisoned::<T>(&st, s.tokens * s.d_out);
+    let launch = Launch::new().path(path);
+    dev.wegeft_forward(s, &x, &w, None, &phi, &psi, c.scale as f32, Dropout::NONE, &mut u, &mut cc, &mut y, launch).unwrap();
+    let mut dx = poisoned::<T>(&st, s.tokens * s.d_in);
+    let mut dphi = up_f32(&st, &c.dphi0);
+    let mut dpsi = up_f32(&st, &c.dpsi0);
+    dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, Dropout::NONE, &u, &cc, &g, Some(&mut dx), &mut dphi, &mut dpsi, launch)
+        .unwrap();
+    // The device computed from u and C rounded to T: give the reference the same.
+    let gr = rf::wegeft_backward(s, &c.x, &c.w, &c.phi, &c.psi, c.scale, &c.g).unwrap();
+    assert_close(&format!("{what} dx"), &down(&st, &dx), &gr.dx, tol::<T>());
+    // Accumulated in f32 onto random initial values; compare the increments' scale.
+    let got_dphi: Vec<f64> = down(&st, &dphi).iter().zip(&c.dphi0).map(|(a, b)| a - b).collect();
+    let got_dpsi: Vec<f64> = down(&st, &dpsi).iter().zip(&c.dpsi0).map(|(a, b)| a - b).collect();
+    assert_close(&format!("{what} dphi"), &got_dphi, &gr.dphi, tol::<T>().max(1e-5) * 2.0);
+    assert_close(&format!("{what} dpsi"), &got_dpsi, &gr.dpsi, tol::<T>().max(1e-5) * 2.0);
+}
+
+fn forward_all<T: El>() {
+    let dev = gpu_or_skip!();
+    for (i, &(tk, din, dout)) in SHAPES.iter().enumerate() {
+        for &r in RANKS {
+            let c = case::<T>(i as u64 * 10 + r as u64, tk, din, dout, r);
+            for p in paths() {
+                check_forward::<T>(&dev, &c, p, &format!("{} T={tk} d_in={din} d_out={dout} r={r} {p:?}", T::DTYPE));
+            }
+        }
+    }
+}
+
+fn backward_all<T: El>() {
+    let dev = gpu_or_skip!();
+    for (i, &(tk, din, dout)) in SHAPES.iter().enumerate() {
+        for &r in RANKS {
+            let c = case::<T>(i as u64 * 10 + r as u64 + 1000, tk, din, dout, r);
+            for p in paths() {
+                check_backward::<T>(&dev, &c, p, &format!("{} T={tk} d_in={din} d_out={dout} r={r} {p:?}", T::DTYPE));
+            }
+        }
+    }
+}
+
+#[test]
+fn forward_f32() {
+    forward_all::<f32>();
+}
+#[test]
+fn forward_bf16() {
+    forward_all::<bf16>();
+}
+#[test]
+fn forward_f16() {
+    forward_all::<f16>();
+}
+#[test]
+fn backward_f32() {
+    backward_all::<f32>();
+}
+#[test]
+fn backward_bf16() {
+    backward_all::<bf16>();
+}
+#[test]
+fn backward_f16() {
+    backward_all::<f16>();
+}
+
+/// A long token dimension, so the reductions over tokens are split over blocks.
+#[test]
+fn backward_long_reduction_f32() {
+    let dev = gpu_or_skip!();
+    let c = case::<f32>(77, 3001, 96, 40, 8);
+    check_backward::<f32>(&dev, &c, Path::Composed, "f32 T=3001 split-K");
+}
+
+// ---- dropout ----------------------------------------------------------------------------------
+
+#[test]
+fn dropout_mask_rate_and_determinism() {
+    // Host mirror only: no GPU needed.
+    let (p, n) = (0.3f32, 200_000u32);
+    let kept = (0..n).filter(|&i| dropout_keep(42, i / 500, i % 500, p)).count() as f64 / n as f64;
+    assert!((kept - 0.7).abs() < 0.01, "kept fraction {kept}, want 0.7");
+    assert!((0..1000).all(|i| dropout_keep(7, i, 3, p) == dropout_keep(7, i, 3, p)));
+    let differ = (0..1000).filter(|&i| dropout_keep(7, i, 3, p) != dropout_keep(8, i, 3, p)).count();
+    assert!(differ > 200, "seeds 7 and 8 give nearly the same mask ({differ} of 1000 differ)");
+    assert!((0..1000).all(|i| dropout_keep(1, i, i, 0.0)));
+}
+
+fn check_dropout<T: El>(dev: &CudaBackend) {
+    let st = dev.stream().clone();
+    let c = case::<T>(5, 45, 77, 61, 8);
+    let s = &c.s;
+    let drop = Dropout { p: 0.25, seed: 0xDEAD_BEEF };
+    // W .* M / (1 - p), on the host.
+    let wm: Vec<f64> = (0..s.d_out * s.d_in)
+        .map(|k| {
+            let (o, i) = ((k / s.d_in) as u32, (k % s.d_in) as u32);
+            if dropout_keep(drop.seed, o, i, drop.p) {
+                c.w[k] / (1.0 - drop.p as f64)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let (x, w, g) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.g));
+    let (phi, psi) = (up::<T>(&st, &c.phi), up::<T>(&st, &c.psi));
+    let mut u = poisoned::<T>(&st, s.tokens * s.rank);
+    let mut cc = poisoned::<T>(&st, s.d_out * s.rank);
+    let mut y = poisoned::<T>(&st, s.tokens * s.d_out);
+    dev.wegeft_forward(s, &x, &w, None, &phi, &psi, c.scale as f32, drop, &mut u, &mut cc, &mut y, Launch::new()).unwrap();
+    let want_c = rf::generate_c(s, &wm, &c.phi, c.scale);
+    let want_u = rf::matmul(&c.x, &t(&c.psi, s.rank, s.d_in), s.tokens, s.d_in, s.rank);
+    let mut want_y = rf::matmul(&c.x, &t(&c.w, s.d_out, s.d_in), s.tokens, s.d_in, s.d_out);
+    for (a, b) in want_y.iter_mut().zip(rf::matmul(&want_u, &t(&want_c, s.d_out, s.rank), s.tokens, s.rank, s.d_out)) {
+        *a += b;
+    }
+    assert_close("dropout C", &down(&st, &cc), &want_c, tol::<T>());
+    assert_close("dropout y", &down(&st, &y), &want_y, tol::<T>());
+    let mut dphi = st.alloc_zeros::<f32>(s.d_in * s.rank).unwrap();
+    let mut dpsi = st.alloc_zeros::<f32>(s.rank * s.d_in).unwrap();
+    dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, drop, &u, &cc, &g, None, &mut dphi, &mut dpsi, Launch::new()).unwrap();
+    let big_s = rf::matmul(&t(&c.g, s.tokens, s.d_out), &want_u, s.d_out, s.tokens, s.rank);
+    let want_dphi: Vec<f64> =
+        rf::matmul(&t(&wm, s.d_out, s.d_in), &big_s, s.d_in, s.d_out, s.rank).iter().map(|v| v * c.scale).collect();
+    let v = rf::matmul(&c.g, &want_c, s.tokens, s.d_out, s.rank);
+    let want_dpsi = rf::matmul(&t(&v, s.tokens, s.rank), &c.x, s.rank, s.tokens, s.d_in);
+    assert_close("dropout dphi", &down(&st, &dphi), &want_dphi, tol::<T>().max(1e-5) * 2.0);
+    assert_close("dropout dpsi", &down(&st, &dpsi), &want_dpsi, tol::<T>().max(1e-5) * 2.0);
+}
+
+#[test]
+fn dropout_f32() {
+    let dev = gpu_or_skip!();
+    check_dropout::<f32>(&dev);
+}
+#[test]
+fn dropout_bf16() {
+    let dev = gpu_or_skip!();
+    check_dropout::<bf16>(&dev);
+}
+
+// ---- merge / unmerge ----------------------------------------------------------------------
+
+fn check_merge<T: El>(dev: &CudaBackend, c: &Case, what: &str) {
+    let st = dev.stream().clone();
+    let s = &c.s;
+    let mut w = up::<T>(&st, &c.w);
+    let (phi, psi) = (up::<T>(&st, &c.phi), up::<T>(&st, &c.psi));
+    dev.wegeft_merge(s, &mut w, &phi, &psi, c.scale as f32, None).unwrap();
+    let merged = down(&st, &w);
+    let want = rf::merge(s, &c.w, &c.phi, &c.psi, c.scale).unwrap();
+    assert_close(&format!("{what} merge"), &merged, &want, tol::<T>());
+    // Unmerge what the device merged (as stored), against the reference unmerge of it.
+    dev.wegeft_unmerge(s, &mut w, &phi, &psi, c.scale as f32, None).unwrap();
+    let want_back = rf::unmerge(s, &merged, &c.phi, &c.psi, c.scale).unwrap();
+    assert_close(&format!("{what} unmerge"), &down(&st, &w), &want_back, tol::<T>() * 2.0);
+    assert_close(&format!("{what} unmerge(merge(W)) = W"), &down(&st, &w), &c.w, tol::<T>() * 4.0);
+}
+
+fn merge_all<T: El>() {
+    let dev = gpu_or_skip!();
+    for (i, &(_, din, dout)) in SHAPES.iter().enumerate() {
+        for &r in RANKS {
+            let c = case::<T>(i as u64 * 10 + r as u64 + 2000, 1, din, dout, r);
+            check_merge::<T>(&dev, &c, &format!("{} d_in={din} d_out={dout} r={r}", T::DTYPE));
+        }
+    }
+}
+
+#[test]
+fn merge_unmerge_f32() {
+    merge_all::<f32>();
+}
+#[test]
+fn merge_unmerge_bf16() {
+    merge_all::<bf16>();
+}
+#[test]
+fn merge_unmerge_f16() {
+    merge_all::<f16>();
+}
+
+#[test]
+fn unmerge_singular_is_an_error() {
+    let dev = gpu_or_skip!();
+    let st = dev.stream().clone();
+    // psi phi = -1/s makes I + s psi phi = 0 (rank 1).
+    let s = LayerShape::new(1, 4, 3, 1).unwrap();
+    let phi = up::<f32>(&st, &[1.0, 0.0, 0.0, 0.0]);
+    let psi = up::<f32>(&st, &[-2.0, 0.0, 0.0, 0.0]);
+    let mut w = up::<f32>(&st, &rand_vec(3, 12));
+    match dev.wegeft_unmerge(&s, &mut w, &phi, &psi, 0.5, None) {
+        Err(Error::Numerical(_)) => {}
+        other => panic!("expected Err(Numerical), got {other:?}"),
+    }
+}
+
+// ---- LoRA and the frozen layer --------------------------------------------------------------
+
+fn check_lora<T: El>(dev: &CudaBackend, c: &Case, path: Path, what: &str) {
+    let st = dev.stream().clone();
+    let s = &c.s;
+    // A (r x d_in) = psi's shape, B (d_out x r).
+    let bm = q::<T>(&rand_vec(99, s.d_out * s.rank));
+    let (x, w, b, g) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.b), up::<T>(&st, &c.g));
+    let (a, bd) = (up::<T>(&st, &c.psi), up::<T>(&st, &bm));
+    let mut xa = poisoned::<T>(&st, s.tokens * s.rank);
+    let mut y = poisoned::<T>(&st, s.tokens * s.d_out);
+    let launch = Launch::new().path(path);
+    dev.lora_forward(s, &x, &w, Some(&b), &a, &bd, c.scale as f32, &mut xa, &mut y, launch).unwrap();
+    let want_y = rf::lora_forward(s, &c.x, &c.w, Some(&c.b), &c.psi, &bm, c.scale).unwrap();
+    assert_close(&format!("{what} lora y"), &down(&st, &y), &want_y, tol::<T>());
+    let mut dx = poisoned::<T>(&st, s.tokens * s.d_in);
+    let mut da = st.alloc_zeros::<f32>(s.rank * s.d_in).unwrap();
+    let mut db = st.alloc_zeros::<f32>(s.d_out * s.rank).unwrap();
+    dev.lora_backward(s, &x, &w, &a, &bd, c.scale as f32, &xa, &g, Some(&mut dx), &mut da, &mut db, launch).unwrap();
+    let gr = rf::lora_backward(s, &c.x, &c.w, &c.psi, &bm, c.scale, &c.g).unwrap();
+    assert_close(&format!("{what} lora dx"), &down(&st, &dx), &gr.dx, tol::<T>());
+    assert_close(&format!("{what} lora dA"), &down(&st, &da), &gr.da, tol::<T>().max(1e-5) * 2.0);
+    assert_close(&format!("{what} lora dB"), &down(&st, &db), &gr.db, tol::<T>().max(1e-5) * 2.0);
+}
+
+fn check_frozen<T: El>(dev: &CudaBackend, c: &Case, what: &str) {
+    let st = dev.stream().clone();
+    let s = &c.s;
+    let (x, w, b, g) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.b), up::<T>(&st, &c.g));
+    let mut y = poisoned::<T>(&st, s.tokens * s.d_out);
+    dev.frozen_forward(s, &x, &w, Some(&b), &mut y, None).unwrap();
+    let mut want = rf::matmul(&c.x, &t(&c.w, s.d_out, s.d_in), s.tokens, s.d_in, s.d_out);
+    for row in want.chunks_mut(s.d_out) {
+        row.iter_mut().zip(&c.b).for_each(|(a, b)| *a += b);
+    }
+    assert_close(&format!("{what} frozen y"), &down(&st, &y), &want, tol::<T>());
+    let mut dx = poisoned::<T>(&st, s.tokens * s.d_in);
+    dev.frozen_backward(s, &w, &g, &mut dx, None).unwrap();
+    let want_dx = rf::matmul(&c.g, &c.w, s.tokens, s.d_out, s.d_in);
+    assert_close(&format!("{what} frozen dx"), &down(&st, &dx), &want_dx, tol::<T>());
+}
+
+fn lora_frozen_all<T: El>() {
+    let dev = gpu_or_skip!();
+    for (i, &(tk, din, dout)) in SHAPES.iter().enumerate() {
+        for &r in &[1usize, 8, 64] {
+            let c = case::<T>(i as u64 * 10 + r as u64 + 3000, tk, din, dout, r);
+            let what = format!("{} T={tk} d_in={din} d_out={dout} r={r}", T::DTYPE);
+            for p in paths() {
+                check_lora::<T>(&dev, &c, p, &format!("{what} {p:?}"));
+            }
+            check_frozen::<T>(&dev, &c, &what);
+        }
+    }
+}
+
+#[test]
+fn lora_and_frozen_f32() {
+    lora_frozen_all::<f32>();
+}
+#[test]
+fn lora_and_frozen_bf16() {
+    lora_frozen_all::<bf16>();
+}
+
+// ---- the PyTorch fixtures ------------------------------------------------------------------
+
+#[test]
+fn fixtures_f32() {
+    let dev = gpu_or_skip!();
+    let st = dev.stream().clone();
+    for case in common::layer_cases() {
+        let f = common::load_f64(&case.file);
+        let get = |k: &str| f.get(k).unwrap_or_else(|| panic!("{}: no {k}", case.file)).1.clone();
+        let s = LayerShape::new(case.t, case.d_in, case.d_out, case.rank).unwrap();
+        let (x, w, b, g) = (get("layer.x"), get("layer.W"), get("layer.b"), get("layer.G"));
+        // in_proj = phi^T (r x d_in), out_proj = psi^T (d_in x r).
+        let phi = t(&get("layer.in_proj"), s.rank, s.d_in);
+        let psi = t(&get("layer.out_proj"), s.d_in, s.rank);
+        let (xd, wd, bd, gd) = (up::<f32>(&st, &x), up::<f32>(&st, &w), up::<f32>(&st, &b), up::<f32>(&st, &g));
+        let (phid, psid) = (up::<f32>(&st, &phi), up::<f32>(&st, &psi));
+        for p in paths() {
+            let what = format!("{} {p:?}", case.file);
+            let mut u = poisoned::<f32>(&st, s.tokens * s.rank);
+            let mut c = poisoned::<f32>(&st, s.d_out * s.rank);
+            let mut y = poisoned::<f32>(&st, s.tokens * s.d_out);
+            let launch = Launch::new().path(p);
+            dev.wegeft_forward(&s, &xd, &wd, Some(&bd), &phid, &psid, 1.0, Dropout::NONE, &mut u, &mut c, &mut y, launch).unwrap();
+            assert_close(&format!("{what} y"), &down(&st, &y), &get("layer.y"), 1e-5);
+            let mut dx = poisoned::<f32>(&st, s.tokens * s.d_in);
+            let mut dphi = st.alloc_zeros::<f32>(s.d_in * s.rank).unwrap();
+            let mut dpsi = st.alloc_zeros::<f32>(s.rank * s.d_in).unwrap();
+            dev.wegeft_backward(&s, &xd, &wd, &psid, 1.0, Dropout::NONE, &u, &c, &gd, Some(&mut dx), &mut dphi, &mut dpsi, launch)
+                .unwrap();
+            assert_close(&format!("{what} dx"), &down(&st, &dx), &get("layer.dx"), 1e-5);
+            let d_in_proj = t(&down(&st, &dphi), s.d_in, s.rank);
+            let d_out_proj = t(&down(&st, &dpsi), s.rank, s.d_in);
+            assert_close(&format!("{what} d_in_proj"), &d_in_proj, &get("layer.d_in_proj"), 1e-5);
+            assert_close(&format!("{what} d_out_proj"), &d_out_proj, &get("layer.d_out_proj"), 1e-5);
+        }
+        let mut wm = up::<f32>(&st, &w);
+        dev.wegeft_merge(&s, &mut wm, &phid, &psid, 1.0, None).unwrap();
+        assert_close(&format!("{} W_merged", case.file), &down(&st, &wm), &get("layer.W_merged"), 1e-5);
+    }
+}
+
+// ---- determinism ------------------------------------------------------------------------------
+
+fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case) -> Vec<Vec<u8>> {
+    let st = dev.stream().clone();
+    let s = &c.s;
+    let (x, w, g) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.g));
+    let (phi, psi) = (up::<T>(&st, &c.phi), up::<T>(&st, &c.psi));
+    let mut u = poisoned::<T>(&st, s.tokens * s.rank);
+    let mut cc = poisoned::<T>(&st, s.d_out * s.rank);
+    let mut y = poisoned::<T>(&st, s.tokens * s.d_out);
+    dev.wegeft_forward(s, &x, &w, None, &phi, &psi, c.scale as f32, Dropout { p: 0.1, seed: 3 }, &mut u, &mut cc, &mut y, Launch::new())
+        .unwrap();
+    let mut dx = poisoned::<T>(&st, s.tokens * s.d_in);
+    let mut dphi = st.alloc_zeros::<f32>(s.d_in * s.rank).unwrap();
+    let mut dpsi = st.alloc_zeros::<f32>(s.rank * s.d_in).unwrap();
+    dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, Dropout { p: 0.1, seed: 3 }, &u, &cc, &g, Some(&mut dx), &mut dphi, &mut dpsi, Launch::new())
+        .unwrap();
+    vec![bits(&st, &y), bits(&st, &dx), bits(&st, &dphi), bits(&st, &dpsi)]
+}
+
+#[test]
+fn deterministic_bitwise() {
+    let dev = gpu_or_skip!();
+    let c = case::<bf16>(11, 2049, 300, 200, 64);
+    let a = run_backward_bits::<bf16>(&dev, &c);
+    let b = run_backward_bits::<bf16>(&dev, &c);
+    for (i, name) in ["y", "dx", "dphi", "dpsi"].iter().enumerate() {
+        assert!(a[i] == b[i], "{name} differs between two identical runs");
+    }
+}
+
+// ---- bad input -------------------------------------------------------------------------------
+
+#[test]
+fn bad_input_is_an_error_before_any_launch() {
+    let dev = gpu_or_skip!();
+    let st = dev.stream().clone();
+    let c = case::<f32>(1, 5, 16, 8, 4);
+    let s = &c.s;
+    let (x, w, phi, psi) = (up::<f32>(&st, &c.x), up::<f32>(&st, &c.w), up::<f32>(&st, &c.phi), up::<f32>(&st, &c.psi));
+    let mut u = poisoned::<f32>(&st, s.tokens * s.rank);
+    let mut cc = poisoned::<f32>(&st, s.d_out * s.rank);
+    let mut y_short = poisoned::<f32>(&st, s.tokens * s.d_out - 1);
+    let r = dev.wegeft_forward(s, &x, &w, None, &phi, &psi, 1.0, Dropout::NONE, &mut u, &mut cc, &mut y_short, Launch::new());
+    assert!(matches!(r, Err(Error::Layout { arg: "y", .. })), "short y: {r:?}");
+    let mut y = poisoned::<f32>(&st, s.tokens * s.d_out);
+    let r = dev.wegeft_forward(s, &x, &w, None, &phi, &psi, 1.0, Dropout { p: 1.0, seed: 0 }, &mut u, &mut cc, &mut y, Launch::new());
+    assert!(matches!(r, Err(Error::Invalid { arg: "dropout.p", .. })), "p = 1: {r:?}");
+    let r = dev.wegeft_forward(s, &x, &w, None, &phi, &psi, f32::NAN, Dropout::NONE, &mut u, &mut cc, &mut y, Launch::new());
+    assert!(matches!(r, Err(Error::Invalid { arg: "scale", .. })), "NaN scale: {r:?}");
+    let zero = LayerShape { tokens: 0, ..*s };
+    let r = dev.wegeft_forward(&zero, &x, &w, None, &phi, &psi, 1.0, Dropout::NONE, &mut u, &mut cc, &mut y, Launch::new());
+    assert!(matches!(r, Err(Error::ZeroDim { .. })), "zero tokens: {r:?}");
+    if !wegeft::cuda::FUSED_GEMM_BUILT {
+        let r = dev.wegeft_forward(s, &x, &w, None, &phi, &psi, 1.0, Dropout::NONE, &mut u, &mut cc, &mut y, Launch::new().path(Path::Fused));
+        assert!(matches!(r, Err(Error::Invalid { arg: "path", .. })), "fused without gemm: {r:?}");
+    }
+    // A misaligned raw pointer.
+    let (xp, _gx) = x.device_ptr(&st);
+    let (wp, _gw) = w.device_ptr(&st);
+    let (php, _gp) = phi.device_ptr(&st);
+    let (psp, _gs) = psi.device_ptr(&st);
+    let (yp, _gy) = y.device_ptr(&st);
+    let r = unsafe {
+        dev.wegeft_forward_raw(DType::F32, s, st.cu_stream(), xp + 4, wp, None, php, psp, 1.0, Dropout::NONE, yp, yp, yp, Path::Composed)
+    };
+    assert!(matches!(r, Err(Error::Align { arg: "x", .. })), "misaligned x: {r:?}");
+    // Nothing was written to y: still all NaN.
+    assert!(down(&st, &y).iter().all(|v| v.is_nan()), "y was written by a rejected call");
+}
+
+// ---- small cases for compute-sanitizer -------------------------------------------------------
+
+/// Every kernel once, split-K paths included (T and d_in above 512), small enough for
+/// compute-sanitizer. The GPU check runs `sanitize_` tests under memcheck, racecheck and
+/// initcheck.
+fn sanitize_case<T: El>(dev: &CudaBackend) {
+    let c = case::<T>(21, 600, 520, 70, 5);
+    for p in paths() {
+        check_forward::<T>(dev, &c, p, "sanitize");
+        check_backward::<T>(dev, &c, p, "sanitize");
+        check_lora::<T>(dev, &c, p, "sanitize");
+    }
+    check_frozen::<T>(dev, &c, "sanitize");
+    check_dropout::<T>(dev);
+    let m = case::<T>(22, 1, 520, 70, 5);
+    check_merge::<T>(dev, &m, "sanitize");
+}
+
+#[test]
+fn sanitize_f32() {
+    let dev = gpu_or_skip!();
+    sanitize_case::<f32>(&dev);
+}
+#[test]
+fn sanitize_bf16() {
+    let dev = gpu_or_skip!();
+    sanitize_case::<bf16>(&dev);
+}
+#[test]
+fn sanitize_f16() {
+    let dev = gpu_or_skip!();
+    sanitize_case::<f16>(&dev);
+}
+
+#[test]
+fn skip_helper_reports_no_device_here_or_a_device() {
+    // On a machine without CUDA this exercises the skip path; with WEGEFT_REQUIRE_GPU=1 and no
+    // device it fails, as it must.
+    if let Some(dev) = gpu() {
+        assert!(dev.compute_capability().0 >= 8);
+        assert!(dev.sm_count() > 0);
+    }
+}

@@ -1,0 +1,80 @@
+//! The `ptxas -v` report of the embedded kernels (written by build.rs, no GPU needed): every
+//! expected kernel is compiled for every target, and none spills registers or uses local
+//! memory.
+#![cfg(feature = "cuda")]
+
+use wegeft::cuda::kernels::{ptxas_rows, PTXAS_REPORT, MODULES};
+
+const ARCHES: [&str; 2] = ["sm_80", "sm_90a"];
+const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
+const OPS: [&str; 13] = [
+    "lowrank_u",
+    "wegeft_c",
+    "lowrank_v",
+    "lowrank_s",
+    "lowrank_dpsi",
+    "lowrank_dphi",
+    "lowrank_addmm_nt",
+    "lowrank_addmm_nn",
+    "splitk_reduce",
+    "merge",
+    "unmerge_wphi",
+    "unmerge_psiphi",
+    "unmerge",
+];
+
+#[test]
+fn every_expected_kernel_is_compiled_for_every_target() {
+    let rows = ptxas_rows().unwrap();
+    let mut missing = Vec::new();
+    for op in OPS {
+        for dt in DTYPES {
+            let name = format!("{op}_{dt}");
+            for arch in ARCHES {
+                if !rows.iter().any(|r| r.kernel == name && r.arch == arch) {
+                    missing.push(format!("{name} ({arch})"));
+                }
+            }
+            if !MODULES.iter().any(|m| m.kernels.contains(&name.as_str())) {
+                missing.push(format!("{name} (PTX)"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "kernels missing from the build: {missing:?}\nreport:\n{PTXAS_REPORT}");
+}
+
+#[test]
+fn no_kernel_spills_or_uses_local_memory() {
+    let rows = ptxas_rows().unwrap();
+    assert!(!rows.is_empty(), "empty ptxas report");
+    let offenders: Vec<String> = rows
+        .iter()
+        .filter(|r| r.spill_stores > 0 || r.spill_loads > 0 || r.stack_frame > 0)
+        .map(|r| {
+            format!(
+                "{} ({}): {} registers, {} B spill stores, {} B spill loads, {} B stack frame",
+                r.kernel, r.arch, r.registers, r.spill_stores, r.spill_loads, r.stack_frame
+            )
+        })
+        .collect();
+    assert!(offenders.is_empty(), "kernels that spill or use local memory:\n{}", offenders.join("\n"));
+}
+
+#[test]
+fn report_rows_are_well_formed() {
+    for r in ptxas_rows().unwrap() {
+        assert!(ARCHES.contains(&r.arch.as_str()), "unexpected arch in {r:?}");
+        assert!(r.registers > 0 && r.registers <= 255, "implausible register count in {r:?}");
+    }
+}
+
+#[test]
+fn every_module_has_all_images() {
+    for m in MODULES {
+        assert!(m.ptx.contains(".entry"), "{}: PTX has no entry", m.name);
+        assert!(m.ptx.contains(".target sm_80"), "{}: PTX is not for compute_80", m.name);
+        // ELF magic.
+        assert_eq!(&m.cubin_sm80[..4], b"\x7fELF", "{}: sm_80 cubin", m.name);
+        assert_eq!(&m.cubin_sm90a[..4], b"\x7fELF", "{}: sm_90a cubin", m.name);
+    }
+}
