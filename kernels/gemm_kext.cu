@@ -297,6 +297,64 @@ __device__ __forceinline__ void gemm_kext_tc(int M, int N, int K1, int K2, const
     }
   };
 
+  // ---- fast path: the full (unpredicated in k) tiles of pair 1 when it is 16-byte aligned ----
+  // Everything but the k offset is hoisted: per chunk a source pointer (row clamped into
+  // range) and a byte count (16, or 0 for a row outside M / N; for NN's B the N tail gives a
+  // partial count). Chunk p = 1 lies 64 rows (A, NT B) or 16 k-rows (NN B) below chunk p = 0,
+  // i.e. 4096 bytes further in the swizzled stage: the XOR pattern repeats every 8 rows.
+  const int KF = vec1 ? K1 / BK : 0;  // tiles 0..KF-1 take the fast path
+  const T* fa[2];
+  const T* fb[2];
+  int fa_n[2], fb_n[2];
+  uint32_t fa_dst, fb_dst;
+  {
+    const int r = tid >> 2, c = tid & 3;
+    fa_dst = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int gm = m0 + r + p * 64;
+      fa[p] = A1 + ((size_t)(gm < M ? gm : 0) * lda1 + c * 8);
+      fa_n[p] = gm < M ? 16 : 0;
+    }
+    if (!NN) {
+      fb_dst = fa_dst;
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int gn = n0 + r + p * 64;
+        fb[p] = B1 + ((size_t)(gn < N ? gn : 0) * ldb1 + c * 8);
+        fb_n[p] = gn < N ? 16 : 0;
+      }
+    } else {
+      const int kr = tid >> 4, cn = tid & 15;
+      fb_dst = kr * 256 + ((cn ^ (kr & 7)) << 4);
+      const int gn = n0 + cn * 8;
+      const int nb = max(0, min(8, N - gn)) * 2;
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        fb[p] = B1 + ((size_t)(kr + p * 16) * ldb1 + (gn < N ? gn : 0));
+        fb_n[p] = nb;
+      }
+    }
+  }
+  auto load_tile_fast = [&](int t, int slot) {
+    const uint32_t sa = smem_base + slot * STAGE_BYTES;
+    const uint32_t sb = sa + A_BYTES;
+    const int ka = t * BK;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) gk::cp_async_16(sa + fa_dst + p * 4096, fa[p] + ka, fa_n[p]);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const T* src = NN ? fb[p] + (size_t)ka * ldb1 : fb[p] + ka;
+      gk::cp_async_16(sb + fb_dst + p * 4096, src, fb_n[p]);
+    }
+  };
+  auto load = [&](int t, int slot) {
+    if (t < KF)
+      load_tile_fast(t, slot);
+    else if (t < KT)
+      load_tile(t, slot);
+  };
+
   // ---- per-lane ldmatrix offsets (bytes within a stage's A / B tile) ----
   uint32_t a_off[2];
   {
@@ -335,7 +393,7 @@ __device__ __forceinline__ void gemm_kext_tc(int M, int N, int K1, int K2, const
   // ---- prologue: tiles 0 .. STAGES-2 in flight ----
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < KT) load_tile(s, s);
+    load(s, s);
     gk::cp_async_commit();
   }
 
@@ -344,8 +402,8 @@ __device__ __forceinline__ void gemm_kext_tc(int M, int N, int K1, int K2, const
     gk::cp_async_wait<STAGES - 2>();  // this thread's copies of tile t have landed
     __syncthreads();                  // ... everybody's; and tile t-1's slot is free
     {
-      const int tn_ = t + STAGES - 1;
-      if (tn_ < KT) load_tile(tn_, tn_ % STAGES);
+      const int tl = t + STAGES - 1;
+      load(tl, tl % STAGES);
       gk::cp_async_commit();
     }
     const int slot = t % STAGES;
