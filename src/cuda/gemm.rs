@@ -1,0 +1,374 @@
+//! Launchers of the K-extended GEMM core (`kernels/gemm_kext.cu`).
+//!
+//! Row-major everywhere; a leading dimension is the distance between two rows, in elements.
+//!
+//! * NT form ([`gemm_kext_nt`], the fused forward `y = [x|u] [W|C]^T + b`):
+//!   `D[M x N] = A1[M x K1] B1[N x K1]^T + A2[M x K2] B2[N x K2]^T (+ bias[N]) (+ beta D)`.
+//! * NN form ([`gemm_kext_nn`], the input gradient `dx = [G|v] [W ; psi]`):
+//!   `D[M x N] = A1[M x K1] B1[K1 x N] + A2[M x K2] B2[K2 x N] (+ bias[N]) (+ beta D)`.
+//!
+//! One accumulator (f32) runs over the `K1` columns of the first pair and then the `K2`
+//! columns of the second; `K2 = 0` makes it a plain GEMM (the second pair is then ignored).
+//! `beta = 0` means `D` is not read at all, so garbage (NaN) in `D` does not propagate.
+//!
+//! Kernels are dumb, launchers are strict: everything the kernel assumes is checked here
+//! (positive sizes, `ld >= cols`, non-null pointers, element alignment, 32-bit ranges, finite
+//! `beta`). The launcher cannot see the buffer lengths behind raw device pointers, hence the
+//! functions are `unsafe`: the caller promises that every matrix view fits its allocation.
+//!
+//! Alignment: the bf16/f16 kernels take a fast path (16-byte `cp.async`) for an operand pair
+//! when both of its base pointers are 16-byte aligned and both leading dimensions are
+//! multiples of 8 elements; otherwise that pair is loaded with predicated scalar loads
+//! (correct, several times slower). The test is made by the kernel itself, per pair, so no
+//! layout is rejected; [`GemmKext::fast_path`] tells a caller which pairs are fast, and callers
+//! that allocate their own buffers (`u`, `v`, `C`) should pad their rows to 8 elements.
+//!
+//! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with [`GemmOptions::use_sm90`] on a
+//! compute-capability 9.0 device the bf16/f16 forms use the `_sm90` (wgmma) kernels instead.
+
+use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+
+/// Geometry of the kernels, mirrored from `kernels/gemm_kext.cu`.
+mod geom {
+    /// sm_80 tensor-core kernels: 128 x 128 block tile, 256 threads, 4 stages x 16 KiB.
+    pub const TC_TILE: usize = 128;
+    pub const TC_THREADS: u32 = 256;
+    pub const TC_SMEM: u32 = 4 * (128 * 32 * 2 + 128 * 32 * 2);
+    /// f32 FMA kernels: 64 x 64 block tile, 256 threads, static shared memory only.
+    pub const FMA_TILE: usize = 64;
+    pub const FMA_THREADS: u32 = 256;
+    /// sm_90a wgmma kernels: 128 x 128 x 64 block tile, 2 warpgroups, 5 stages x 32 KiB plus
+    /// 1 KiB to align the stages to 1024 bytes (the 128-byte swizzle pattern).
+    pub const H_TILE: usize = 128;
+    pub const H_THREADS: u32 = 256;
+    pub const H_SMEM: u32 = 5 * (128 * 64 * 2 + 128 * 64 * 2) + 1024;
+}
+
+/// Which product: `B` stored `N x K` (NT, forward) or `K x N` (NN, input gradient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Form {
+    Nt,
+    Nn,
+}
+
+impl Form {
+    fn name(self) -> &'static str {
+        match self {
+            Form::Nt => "nt",
+            Form::Nn => "nn",
+        }
+    }
+    fn op(self) -> &'static str {
+        match self {
+            Form::Nt => "gemm_kext_nt",
+            Form::Nn => "gemm_kext_nn",
+        }
+    }
+}
+
+/// One K-extended GEMM call: raw device pointers (0 = null), leading dimensions in elements.
+///
+/// NT: `A1` is `m x k1`, `B1` is `n x k1`, `A2` is `m x k2`, `B2` is `n x k2`.
+/// NN: `A1` is `m x k1`, `B1` is `k1 x n`, `A2` is `m x k2`, `B2` is `k2 x n`.
+/// `D` is `m x n`; `bias` has `n` elements; all in the same storage dtype.
+/// With `k2 == 0`, `a2`/`b2`/`lda2`/`ldb2` are ignored (pass 0).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GemmKext {
+    pub m: usize,
+    pub n: usize,
+    pub k1: usize,
+    pub k2: usize,
+    pub a1: CUdeviceptr,
+    pub lda1: usize,
+    pub b1: CUdeviceptr,
+    pub ldb1: usize,
+    pub a2: CUdeviceptr,
+    pub lda2: usize,
+    pub b2: CUdeviceptr,
+    pub ldb2: usize,
+    pub bias: Option<CUdeviceptr>,
+    pub beta: f32,
+    pub d: CUdeviceptr,
+    pub ldd: usize,
+}
+
+/// Launch options.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GemmOptions {
+    /// Use the sm_90a wgmma kernels for bf16/f16 when the device has compute capability 9.0
+    /// (ignored elsewhere and for f32).
+    pub use_sm90: bool,
+}
+
+/// What the launcher decided: kernel name and launch geometry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub kernel: String,
+    pub grid: u32,
+    pub block: u32,
+    pub smem: u32,
+}
+
+impl GemmKext {
+    /// `(first pair fast, second pair fast)`: whether each operand pair meets the 16-byte
+    /// `cp.async` condition (both pointers 16-byte aligned, both lds multiples of 8 elements)
+    /// for a 2-byte dtype. Always `(false, false)` for f32, which has no vector path.
+    pub(crate) fn fast_path(&self, dtype: DType) -> (bool, bool) {
+        if dtype == DType::F32 {
+            return (false, false);
+        }
+        let ok = |a: CUdeviceptr, lda: usize, b: CUdeviceptr, ldb: usize| {
+            (a | b) % 16 == 0 && lda % 8 == 0 && ldb % 8 == 0
+        };
+        (
+            ok(self.a1, self.lda1, self.b1, self.ldb1),
+            self.k2 == 0 || ok(self.a2, self.lda2, self.b2, self.ldb2),
+        )
+    }
+
+    /// Every check the kernel relies on, then the kernel name and geometry.
+    /// `sm90` says whether the `_sm90` kernels may be used (device 9.0 and asked for).
+    pub(crate) fn plan(&self, form: Form, dtype: DType, sm90: bool) -> Result<Plan> {
+        let g = self;
+        for (what, v) in [("m", g.m), ("n", g.n), ("k1", g.k1)] {
+            if v == 0 {
+                return Err(Error::ZeroDim { what });
+            }
+        }
+        // Shapes (rows, cols) of every operand, as stored.
+        let (b1_shape, b2_shape) = match form {
+            Form::Nt => ((g.n, g.k1), (g.n, g.k2)),
+            Form::Nn => ((g.k1, g.n), (g.k2, g.n)),
+        };
+        let mut mats: Vec<(&'static str, CUdeviceptr, usize, (usize, usize))> = vec![
+            ("A1", g.a1, g.lda1, (g.m, g.k1)),
+            ("B1", g.b1, g.ldb1, b1_shape),
+            ("D", g.d, g.ldd, (g.m, g.n)),
+        ];
+        if g.k2 > 0 {
+            mats.push(("A2", g.a2, g.lda2, (g.m, g.k2)));
+            mats.push(("B2", g.b2, g.ldb2, b2_shape));
+        }
+        let esize = dtype.size();
+        let i32_max = i32::MAX as usize;
+        for &(arg, ptr, ld, (rows, cols)) in &mats {
+            if ptr == 0 {
+                return Err(Error::invalid(arg, format!("null device pointer for a {rows}x{cols} matrix")));
+            }
+            if ld < cols {
+                return Err(Error::Stride { arg, ld, cols });
+            }
+            if ld > i32_max || rows > i32_max {
+                return Err(Error::invalid(arg, format!("{rows}x{cols} with ld {ld} exceeds the 32-bit index range")));
+            }
+            if ptr % esize as u64 != 0 {
+                return Err(Error::Align { arg, addr: ptr as usize, align: esize });
+            }
+            // The last element must be addressable: (rows-1)*ld + cols elements from ptr.
+            let span = (rows - 1)
+                .checked_mul(ld)
+                .and_then(|v| v.checked_add(cols))
+                .and_then(|v| v.checked_mul(esize))
+                .ok_or(Error::Overflow { what: arg, rows, cols: ld })?;
+            if (ptr as u128) + (span as u128) > u64::MAX as u128 {
+                return Err(Error::Overflow { what: arg, rows, cols: ld });
+            }
+        }
+        if g.k2 > i32_max {
+            return Err(Error::invalid("k2", format!("{} exceeds the 32-bit index range", g.k2)));
+        }
+        if let Some(bias) = g.bias {
+            if bias == 0 {
+                return Err(Error::invalid("bias", "null device pointer (use None for no bias)"));
+            }
+            if bias % esize as u64 != 0 {
+                return Err(Error::Align { arg: "bias", addr: bias as usize, align: esize });
+            }
+        }
+        if !g.beta.is_finite() {
+            return Err(Error::invalid("beta", format!("must be finite, got {}", g.beta)));
+        }
+
+        let half = dtype != DType::F32;
+        let (tile, block, smem, suffix) = if !half {
+            (geom::FMA_TILE, geom::FMA_THREADS, 0, "")
+        } else if sm90 {
+            (geom::H_TILE, geom::H_THREADS, geom::H_SMEM, "_sm90")
+        } else {
+            (geom::TC_TILE, geom::TC_THREADS, geom::TC_SMEM, "")
+        };
+        let blocks = g.m.div_ceil(tile) as u64 * g.n.div_ceil(tile) as u64;
+        if blocks > i32::MAX as u64 {
+            return Err(Error::invalid("m x n", format!("{}x{} needs {blocks} blocks, over the grid limit", g.m, g.n)));
+        }
+        Ok(Plan {
+            kernel: format!("gemm_kext_{}_{}{}", form.name(), dtype.name(), suffix),
+            grid: blocks as u32,
+            block,
+            smem,
+        })
+    }
+}
+
+/// `D = A1 B1^T + A2 B2^T (+ bias) (+ beta D)` — the fused WeGeFT forward
+/// (`A1 = x`, `B1 = W`, `A2 = u`, `B2 = C`, `D = y`). See the module docs for the contract.
+///
+/// # Safety
+/// Every pointer must be a live device allocation of the stream's context holding its
+/// matrix view (`(rows - 1) * ld + cols` elements of `T`); `D` must not overlap the inputs.
+pub(crate) unsafe fn gemm_kext_nt<T: Element>(
+    stream: &CudaStream,
+    lookup: &dyn Fn(&str) -> Result<CudaFunction>,
+    g: &GemmKext,
+    opts: GemmOptions,
+) -> Result<()> {
+    unsafe { launch::<T>(Form::Nt, stream, lookup, g, opts) }
+}
+
+/// `D = A1 B1 + A2 B2 (+ bias) (+ beta D)` — the fused WeGeFT input gradient
+/// (`A1 = G`, `B1 = W`, `A2 = v`, `B2 = psi`, `D = dx`). See the module docs for the contract.
+///
+/// # Safety
+/// As for [`gemm_kext_nt`].
+pub(crate) unsafe fn gemm_kext_nn<T: Element>(
+    stream: &CudaStream,
+    lookup: &dyn Fn(&str) -> Result<CudaFunction>,
+    g: &GemmKext,
+    opts: GemmOptions,
+) -> Result<()> {
+    unsafe { launch::<T>(Form::Nn, stream, lookup, g, opts) }
+}
+
+unsafe fn launch<T: Element>(
+    form: Form,
+    stream: &CudaStream,
+    lookup: &dyn Fn(&str) -> Result<CudaFunction>,
+    g: &GemmKext,
+    opts: GemmOptions,
+) -> Result<()> {
+    let op = form.op();
+    let cuda = |e: cudarc::driver::DriverError| Error::Cuda { op, msg: e.to_string() };
+    let dtype = T::DTYPE;
+    let sm90 = opts.use_sm90
+        && dtype != DType::F32
+        && stream.context().compute_capability().map_err(cuda)? == (9, 0);
+    let plan = g.plan(form, dtype, sm90)?;
+    let func = lookup(&plan.kernel)?;
+    if plan.smem > 48 * 1024 {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            plan.smem as i32,
+        )
+        .map_err(cuda)?;
+    }
+    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (plan.block, 1, 1), shared_mem_bytes: plan.smem };
+    // All narrowing below was range-checked by `plan`.
+    let (m, n, k1, k2) = (g.m as i32, g.n as i32, g.k1 as i32, g.k2 as i32);
+    let (a2, b2, lda2, ldb2) = if g.k2 > 0 { (g.a2, g.b2, g.lda2 as i32, g.ldb2 as i32) } else { (0, 0, 0, 0) };
+    let (lda1, ldb1, ldd) = (g.lda1 as i32, g.ldb1 as i32, g.ldd as i32);
+    let bias: CUdeviceptr = g.bias.unwrap_or(0);
+    let beta = g.beta;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&m).arg(&n).arg(&k1).arg(&k2);
+    b.arg(&g.a1).arg(&lda1).arg(&g.b1).arg(&ldb1);
+    b.arg(&a2).arg(&lda2).arg(&b2).arg(&ldb2);
+    b.arg(&bias).arg(&beta).arg(&g.d).arg(&ldd);
+    unsafe { b.launch(cfg) }.map_err(cuda)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nt(m: usize, n: usize, k1: usize, k2: usize) -> GemmKext {
+        GemmKext {
+            m,
+            n,
+            k1,
+            k2,
+            a1: 0x1000,
+            lda1: k1,
+            b1: 0x100000,
+            ldb1: k1,
+            a2: 0x200000,
+            lda2: k2,
+            b2: 0x300000,
+            ldb2: k2,
+            bias: None,
+            beta: 0.0,
+            d: 0x400000,
+            ldd: n,
+        }
+    }
+
+    #[test]
+    fn plan_picks_kernel_and_grid() {
+        let g = nt(300, 577, 576, 8);
+        let p = g.plan(Form::Nt, DType::BF16, false).unwrap();
+        assert_eq!(p.kernel, "gemm_kext_nt_bf16");
+        assert_eq!(p.grid, 3 * 5);
+        assert_eq!((p.block, p.smem), (256, 65536));
+        let p = g.plan(Form::Nt, DType::F32, false).unwrap();
+        assert_eq!(p.kernel, "gemm_kext_nt_f32");
+        assert_eq!(p.grid, 5 * 10);
+        assert_eq!(p.smem, 0);
+        let mut g2 = g;
+        // NN: B1 is k1 x n and B2 is k2 x n, so their lds must cover n = 577.
+        g2.k1 = 300;
+        g2.lda1 = 300;
+        g2.ldb1 = 584;
+        g2.ldb2 = 584;
+        let p = g2.plan(Form::Nn, DType::F16, true).unwrap();
+        assert_eq!(p.kernel, "gemm_kext_nn_f16_sm90");
+        assert_eq!(p.smem, 5 * 32768 + 1024);
+    }
+
+    #[test]
+    fn plan_rejects_bad_arguments() {
+        let ok = nt(37, 40, 33, 1);
+        assert!(ok.plan(Form::Nt, DType::F16, false).is_ok());
+        let bad = |f: &dyn Fn(&mut GemmKext), form: Form| {
+            let mut g = ok;
+            f(&mut g);
+            g.plan(form, DType::F16, false).unwrap_err().to_string()
+        };
+        assert!(bad(&|g| g.m = 0, Form::Nt).contains("m must be positive"));
+        assert!(bad(&|g| g.k1 = 0, Form::Nt).contains("k1"));
+        assert!(bad(&|g| g.lda1 = 32, Form::Nt).contains("A1"));
+        assert!(bad(&|g| g.ldb2 = 0, Form::Nt).contains("B2"));
+        // NN: B1 is k1 x n, so its ld must cover n = 40 (33 is too small).
+        assert!(bad(&|_| (), Form::Nn).contains("B1"));
+        assert!(bad(&|g| g.ldd = 39, Form::Nt).contains("D"));
+        assert!(bad(&|g| g.a1 = 0, Form::Nt).contains("null"));
+        assert!(bad(&|g| g.b1 = 0x1001, Form::Nt).contains("aligned"));
+        assert!(bad(&|g| g.bias = Some(0x3), Form::Nt).contains("bias"));
+        assert!(bad(&|g| g.beta = f32::NAN, Form::Nt).contains("beta"));
+        assert!(bad(&|g| g.lda1 = 1 << 31, Form::Nt).contains("32-bit"));
+        // k2 = 0: the second pair is ignored entirely.
+        let mut g = ok;
+        g.k2 = 0;
+        g.a2 = 0;
+        g.b2 = 0;
+        g.lda2 = 0;
+        g.ldb2 = 0;
+        assert!(g.plan(Form::Nt, DType::BF16, false).is_ok());
+    }
+
+    #[test]
+    fn fast_path_test_matches_the_kernel_condition() {
+        let mut g = nt(64, 64, 64, 4);
+        g.lda2 = 8;
+        g.ldb2 = 8;
+        assert_eq!(g.fast_path(DType::BF16), (true, true));
+        g.ldb2 = 4;
+        assert_eq!(g.fast_path(DType::BF16), (true, false));
+        g.a1 += 8;
+        assert_eq!(g.fast_path(DType::BF16), (false, false));
+        assert_eq!(g.fast_path(DType::F32), (false, false));
+    }
+}
