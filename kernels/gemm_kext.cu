@@ -25,8 +25,8 @@
 //     16-byte cp.async (the fast path), otherwise by predicated scalar loads stored into the
 //     same swizzled shared layout (correct, slower). The epilogue stores two adjacent outputs
 //     as one 32-bit word when D is 4-byte aligned and ldd is even, else element by element.
-//     The launcher (src/cuda/gemm.rs) requires the fast-path alignment for (A1,B1) by default
-//     because a slow main pair is almost always a caller bug; see `allow_unaligned` there.
+//     So no layout is rejected for alignment; the launcher (src/cuda/gemm.rs) reports which
+//     pairs are fast (`GemmKext::fast_path`), and callers should pad rows to 8 elements.
 //   * D must not alias A1, B1, A2, B2 or bias.
 //
 // Kernels (extern "C", the same parameter list for all):
@@ -218,6 +218,7 @@ constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;    // 64 KiB
 static_assert(THREADS == 32 * (BM / WM) * (BN / WN), "8 warps");
 static_assert(BK == 32, "the K-major swizzle assumes 4 chunks per row");
 static_assert(BN == 128, "the N-major swizzle assumes 16 chunks per row");
+static_assert(SMEM_BYTES == 65536, "mirrored as geom::TC_SMEM in src/cuda/gemm.rs");
 }  // namespace tc
 
 template <typename T, bool NN>
@@ -228,8 +229,8 @@ __device__ __forceinline__ void gemm_kext_tc(int M, int N, int K1, int K2, const
                                              const T* __restrict__ bias, float beta,
                                              T* __restrict__ D, int ldd) {
   using namespace tc;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const uint32_t smem_base = gk::smem_u32(smem);
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  const uint32_t smem_base = gk::smem_u32(smem_tc);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -580,3 +581,248 @@ extern "C" __global__ void __launch_bounds__(fm::THREADS) gemm_kext_nt_f32(GEMM_
 extern "C" __global__ void __launch_bounds__(fm::THREADS) gemm_kext_nn_f32(GEMM_KEXT_PARAMS(float)) {
   gemm_kext_fma<true>(GEMM_KEXT_ARGS);
 }
+
+// ------------------------------------------------------------------------------------------
+// sm_90a kernel: wgmma.mma_async (m64n128k16) fed by a cp.async pipeline.
+//
+// Not TMA: building CUtensorMap descriptors would move layout logic into the launcher and
+// needs one map per operand and call; instead all 256 threads fill the shared tiles with
+// cp.async (the same K-extension / zero-fill / scalar-fallback logic as the sm_80 kernel)
+// directly in the wgmma canonical 128-byte-swizzle layouts, then a proxy fence hands them to
+// the async proxy.
+//   block tile 128 x 128 x 64, 2 warpgroups; warpgroup g computes rows 64g..64g+63 x 128
+//   columns with 4 wgmma m64n128k16 per k tile (64 f32 accumulators per thread).
+//   5 stages x 32 KiB (+1 KiB to align the stages to 1024 B) = 161 KiB, one block per SM.
+//   Pipeline: tile t+3 is loaded while tile t is multiplied; wgmma groups are kept one deep
+//   (wait_group 1), so the slot refilled in iteration t (that of tile t-2) is no longer read.
+//   Shared layouts (16-byte chunk c, tile base 1024-aligned):
+//     K-major (A; B of NT), rows of 64 k = 128 B:  row r, chunk c at  r*128 + ((c ^ (r&7))*16)
+//       descriptor: SW128, SBO = 1024 B (8-row groups), LBO unused (16 B); k16 step = +32 B.
+//     N-major (B of NN): two 64-column halves of 64 k-rows x 128 B each (8 KiB apart);
+//       k-row k, chunk c of half h at  h*8192 + k*128 + ((c ^ (k&7))*16)
+//       descriptor: SW128, transposed B, LBO = 8192 B (next 64 columns), SBO = 1024 B
+//       (next 8 k-rows); k16 step = +2048 B.
+// ------------------------------------------------------------------------------------------
+namespace h90 {
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 5, THREADS = 256;
+constexpr int A_BYTES = BM * BK * 2;              // 16 KiB
+constexpr int B_BYTES = BN * BK * 2;              // 16 KiB
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;    // 32 KiB
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+static_assert(STAGES >= 3, "the refill distance is STAGES - 2");
+static_assert(SMEM_BYTES == 5 * 32768 + 1024, "mirrored as geom::H_SMEM in src/cuda/gemm.rs");
+}  // namespace h90
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+namespace h90 {
+// Shared-memory matrix descriptor, 128-byte swizzle; offsets in bytes (multiples of 16).
+__device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = 0;
+  d |= (uint64_t)((addr >> 4) & 0x3FFF);
+  d |= (uint64_t)((lbo >> 4) & 0x3FFF) << 16;
+  d |= (uint64_t)((sbo >> 4) & 0x3FFF) << 32;
+  d |= (uint64_t)1 << 62;
+  return d;
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from touching accumulator registers across async wgmma boundaries.
+__device__ __forceinline__ void fence_regs(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <typename T, int TRANS_B>
+struct Wgmma;
+template <int TRANS_B>
+struct Wgmma<__nv_bfloat16, TRANS_B> {
+  __device__ __forceinline__ static void run(float (&d)[64], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, %67;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+  }
+};
+template <int TRANS_B>
+struct Wgmma<__half, TRANS_B> {
+  __device__ __forceinline__ static void run(float (&d)[64], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, %67;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+  }
+};
+}  // namespace h90
+#endif
+
+template <typename T, bool NN>
+__device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace h90;
+  extern __shared__ __align__(1024) unsigned char smem_h90[];
+  const uint32_t smem_base = (gk::smem_u32(smem_h90) + 1023u) & ~1023u;
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;            // warpgroup: rows 64*wg .. 64*wg+63 of the block tile
+  const int wrow = (tid & 127) >> 5;  // warp within the warpgroup: 16 rows each
+  const int lane = tid & 31;
+
+  int tm, tn;
+  gk::block_tile_coords((M + BM - 1) / BM, (N + BN - 1) / BN, tm, tn);
+  const int m0 = tm * BM;
+  const int n0 = tn * BN;
+
+  const bool vec1 = ((((uintptr_t)A1 | (uintptr_t)B1) & 15) == 0) && (((lda1 | ldb1) & 7) == 0);
+  const bool vec2 = ((((uintptr_t)A2 | (uintptr_t)B2) & 15) == 0) && (((lda2 | ldb2) & 7) == 0);
+  const int KT1 = (K1 + BK - 1) / BK;
+  const int KT2 = (K2 + BK - 1) / BK;
+  const int KT = KT1 + KT2;
+
+  auto load_tile = [&](int t, int slot) {
+    const bool second = t >= KT1;
+    const T* A = second ? A2 : A1;
+    const T* B = second ? B2 : B1;
+    const int lda = second ? lda2 : lda1;
+    const int ldb = second ? ldb2 : ldb1;
+    const int K = second ? K2 : K1;
+    const int kb = (second ? t - KT1 : t) * BK;
+    const bool vec = second ? vec2 : vec1;
+    const uint32_t sa = smem_base + slot * STAGE_BYTES;
+    const uint32_t sb = sa + A_BYTES;
+    // A: 128 rows x 8 chunks = 1024 chunks, 4 per thread.
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int idx = tid + p * THREADS;
+      const int r = idx >> 3, c = idx & 7;
+      const int gm = m0 + r, kk = kb + c * 8;
+      const int nv = (gm < M) ? K - kk : 0;
+      const T* src = A + ((size_t)(gm < M ? gm : 0) * lda + (kk < K ? kk : 0));
+      gk::load_chunk<T>(sa + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, A);
+    }
+    if (!NN) {
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const int idx = tid + p * THREADS;
+        const int r = idx >> 3, c = idx & 7;
+        const int gn = n0 + r, kk = kb + c * 8;
+        const int nv = (gn < N) ? K - kk : 0;
+        const T* src = B + ((size_t)(gn < N ? gn : 0) * ldb + (kk < K ? kk : 0));
+        gk::load_chunk<T>(sb + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
+      }
+    } else {
+      // 64 k-rows x 16 chunks = 1024 chunks, 4 per thread; chunk cn lies in half cn >> 3.
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const int idx = tid + p * THREADS;
+        const int r = idx >> 4, cn = idx & 15;
+        const int h = cn >> 3, c = cn & 7;
+        const int kk = kb + r, gn = n0 + cn * 8;
+        const int nv = (kk < K) ? N - gn : 0;
+        const T* src = B + ((size_t)(kk < K ? kk : 0) * ldb + (gn < N ? gn : 0));
+        gk::load_chunk<T>(sb + h * 8192 + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
+      }
+    }
+  };
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  fence_regs(acc);
+
+  // Prologue: tiles 0 .. STAGES-3 in flight.
+#pragma unroll
+  for (int s = 0; s < STAGES - 2; ++s) {
+    if (s < KT) load_tile(s, s);
+    gk::cp_async_commit();
+  }
+
+  for (int t = 0; t < KT; ++t) {
+    gk::cp_async_wait<STAGES - 3>();  // this thread's part of tile t has landed
+    fence_proxy_async();              // ... and is visible to the async (wgmma) proxy
+    __syncthreads();                  // everyone's; wgmma(t-2) finished in every warpgroup
+    {
+      const int tl = t + STAGES - 2;  // refill the slot of tile t-2
+      if (tl < KT) load_tile(tl, tl % STAGES);
+      gk::cp_async_commit();
+    }
+    const uint32_t sa = smem_base + (t % STAGES) * STAGE_BYTES;
+    const uint32_t sb = sa + A_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      const uint64_t da = desc(sa + wg * (64 * 128) + ks * 32, 16, 1024);
+      const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
+      Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(acc);
+  }
+  wgmma_wait<0>();
+  fence_regs(acc);
+  gk::cp_async_wait_all();
+
+  // Epilogue. Accumulator layout of m64nNk16: acc[4j + 2h + e] is row 16*wrow + lane/4 + 8h,
+  // column 8j + 2*(lane%4) + e of the warpgroup's 64 x 128 tile.
+  const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
+  const bool read_d = beta != 0.f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int col = n0 + j * 8 + (lane & 3) * 2;
+    if (col >= N) continue;
+    const bool has1 = col + 1 < N;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      b0 = gk::Ty<T>::to_f32(bias[col]);
+      if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + wg * 64 + wrow * 16 + (lane >> 2) + h * 8;
+      if (row >= M) continue;
+      T* dp = D + (size_t)row * ldd + col;
+      float v0 = acc[4 * j + 2 * h] + b0;
+      float v1 = acc[4 * j + 2 * h + 1] + b1;
+      if (read_d) {
+        v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
+        if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
+      }
+      if (has1 && pair_store) {
+        *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
+      } else {
+        dp[0] = gk::Ty<T>::from_f32(v0);
+        if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
+      }
+    }
+  }
+#else
+  // Built for an architecture without wgmma: launching this kernel is a launcher bug.
+  __trap();
+#endif
+}
+
+#define GEMM_KEXT_H90(NAME, T, NN)                                                       \
+  extern "C" __global__ void __launch_bounds__(h90::THREADS, 1) NAME(GEMM_KEXT_PARAMS(T)) { \
+    gemm_kext_h90<T, NN>(GEMM_KEXT_ARGS);                                                \
+  }
+
+GEMM_KEXT_H90(gemm_kext_nt_bf16_sm90, __nv_bfloat16, false)
+GEMM_KEXT_H90(gemm_kext_nn_bf16_sm90, __nv_bfloat16, true)
+GEMM_KEXT_H90(gemm_kext_nt_f16_sm90, __half, false)
+GEMM_KEXT_H90(gemm_kext_nn_f16_sm90, __half, true)
