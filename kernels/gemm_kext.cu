@@ -42,10 +42,10 @@
 //
 // Launch geometry (the launcher computes it; constants below, mirrored in gemm.rs):
 //   tensor-core sm_80: block 256 threads, grid.x = ceil(M/128) * ceil(N/128),
-//                      dynamic smem = TC_SMEM_BYTES (65536 B: needs the opt-in attribute).
+//                      dynamic smem = tc::SMEM_BYTES = 65536 B (needs the opt-in attribute).
 //   f32 FMA:           block 256 threads, grid.x = ceil(M/64) * ceil(N/64), no dynamic smem.
-//   sm_90a:            block 384 threads, grid.x = ceil(M/128) * ceil(N/128),
-//                      dynamic smem = H_SMEM_BYTES (see below).
+//   sm_90a:            block 256 threads, grid.x = ceil(M/128) * ceil(N/128),
+//                      dynamic smem = h90::SMEM_BYTES = 5 * 32 KiB + 1 KiB = 164864 B.
 // ===========================================================================================
 //
 // Design of the sm_80 tensor-core kernel
@@ -68,7 +68,15 @@
 //   8x8 gives the "col" B fragment directly); B of NN via ldmatrix.x4.trans (rows = k).
 //   K extension: tile t < KT1 = ceil(K1/32) reads (A1,B1) at k = 32 t, tile t >= KT1 reads
 //   (A2,B2) at k = 32 (t - KT1). The partial last tile of each pair is zero-filled.
+//   Loads: the full k tiles of the first pair (k + 32 <= K1), when that pair passes the
+//   alignment test, take a hoisted path (per-thread source pointers and byte counts computed
+//   once; ~20 instructions and 4 cp.async per tile). Every other tile (the partial last tile of
+//   K1, all K2 tiles, unaligned pairs) takes the general predicated loader.
 //   Block order: grouped rasterisation (8 block-rows per group) for L2 reuse.
+//   ptxas (CUDA 13.0): 126-128 registers, 0 spills, 0 stack, for sm_80 and sm_90a.
+//   Verified without a GPU by kernels/test/emulate_sm80.py: a literal Python translation of
+//   the index math run against the PTX semantics of cp.async zero-fill, ldmatrix(.trans) and
+//   the mma.m16n8k16 fragment layouts (exact on integer data, odd sizes, both load paths).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -602,6 +610,9 @@ extern "C" __global__ void __launch_bounds__(fm::THREADS) gemm_kext_nn_f32(GEMM_
 //       k-row k, chunk c of half h at  h*8192 + k*128 + ((c ^ (k&7))*16)
 //       descriptor: SW128, transposed B, LBO = 8192 B (next 64 columns), SBO = 1024 B
 //       (next 8 k-rows); k16 step = +2048 B.
+//   The layouts were checked against the canonical-layout definitions (cute make_gmma_desc:
+//   Swizzle<3,4,3> over ((8,m),(8,2)) K-major and ((8,n),(8,k)) MN-major) by
+//   kernels/test/emulate_sm90.py. ptxas (CUDA 13.0, sm_90a): 113-114 registers, 0 spills.
 // ------------------------------------------------------------------------------------------
 namespace h90 {
 constexpr int BM = 128, BN = 128, BK = 64, STAGES = 5, THREADS = 256;
