@@ -612,7 +612,7 @@ extern "C" __global__ void __launch_bounds__(fm::THREADS) gemm_kext_nn_f32(GEMM_
 //       (next 8 k-rows); k16 step = +2048 B.
 //   The layouts were checked against the canonical-layout definitions (cute make_gmma_desc:
 //   Swizzle<3,4,3> over ((8,m),(8,2)) K-major and ((8,n),(8,k)) MN-major) by
-//   kernels/test/emulate_sm90.py. ptxas (CUDA 13.0, sm_90a): 113-114 registers, 0 spills.
+//   kernels/test/emulate_sm90.py. ptxas (CUDA 13.0, sm_90a): 134-138 registers, 0 spills.
 // ------------------------------------------------------------------------------------------
 namespace h90 {
 constexpr int BM = 128, BN = 128, BK = 64, STAGES = 5, THREADS = 256;
@@ -751,6 +751,60 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
     }
   };
 
+  // Fast path for the full tiles of an aligned first pair (as in the sm_80 kernel): chunk p
+  // of a thread lies 32 rows (A, NT B) or 16 k-rows (NN B) below chunk 0, i.e. 4096 / 2048
+  // bytes further in the swizzled tile (the XOR pattern repeats every 8 rows).
+  const int KF = vec1 ? K1 / BK : 0;
+  const T* fa[4];
+  const T* fb[4];
+  int fa_n[4], fb_n[4];
+  uint32_t fa_dst, fb_dst;
+  {
+    const int r = tid >> 3, c = tid & 7;
+    fa_dst = r * 128 + ((c ^ (r & 7)) << 4);
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int gm = m0 + r + p * 32;
+      fa[p] = A1 + ((size_t)(gm < M ? gm : 0) * lda1 + c * 8);
+      fa_n[p] = gm < M ? 16 : 0;
+    }
+    if (!NN) {
+      fb_dst = fa_dst;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const int gn = n0 + r + p * 32;
+        fb[p] = B1 + ((size_t)(gn < N ? gn : 0) * ldb1 + c * 8);
+        fb_n[p] = gn < N ? 16 : 0;
+      }
+    } else {
+      const int kr = tid >> 4, cn = tid & 15;
+      fb_dst = (cn >> 3) * 8192 + kr * 128 + (((cn & 7) ^ (kr & 7)) << 4);
+      const int gn = n0 + cn * 8;
+      const int nb = max(0, min(8, N - gn)) * 2;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        fb[p] = B1 + ((size_t)(kr + p * 16) * ldb1 + (gn < N ? gn : 0));
+        fb_n[p] = nb;
+      }
+    }
+  }
+  auto load = [&](int t, int slot) {
+    if (t < KF) {
+      const uint32_t sa = smem_base + slot * STAGE_BYTES;
+      const uint32_t sb = sa + A_BYTES;
+      const int ka = t * BK;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) gk::cp_async_16(sa + fa_dst + p * 4096, fa[p] + ka, fa_n[p]);
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const T* src = NN ? fb[p] + (size_t)ka * ldb1 : fb[p] + ka;
+        gk::cp_async_16(sb + fb_dst + p * (NN ? 2048 : 4096), src, fb_n[p]);
+      }
+    } else if (t < KT) {
+      load_tile(t, slot);
+    }
+  };
+
   float acc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.f;
@@ -759,7 +813,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
   // Prologue: tiles 0 .. STAGES-3 in flight.
 #pragma unroll
   for (int s = 0; s < STAGES - 2; ++s) {
-    if (s < KT) load_tile(s, s);
+    load(s, s);
     gk::cp_async_commit();
   }
 
@@ -769,7 +823,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
     __syncthreads();                  // everyone's; wgmma(t-2) finished in every warpgroup
     {
       const int tl = t + STAGES - 2;  // refill the slot of tile t-2
-      if (tl < KT) load_tile(tl, tl % STAGES);
+      load(tl, tl % STAGES);
       gk::cp_async_commit();
     }
     const uint32_t sa = smem_base + (t % STAGES) * STAGE_BYTES;

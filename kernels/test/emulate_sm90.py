@@ -48,15 +48,40 @@ def run(M,N,K1,K2,NN,lda1,ldb1,lda2,ldb2,vec1,vec2,bias,beta,D0,ldd,A1,B1,A2,B2)
                         idx=tid+p*THREADS; r=idx>>4; cn=idx&15; h=cn>>3; c=cn&7
                         kk=kb+r; gn=n0+cn*8; nv=N-gn if kk<K else 0
                         chunk(sb+h*8192+r*128+((c^(r&7))<<4),B,(kk if kk<K else 0)*ldb+(gn if gn<N else 0),nv)
+        KF=K1//BK if vec1 else 0
+        def load_tile_fast(t,slot):
+            sa=slot*STAGE_BYTES; sb=sa+A_BYTES; ka=t*BK
+            for tid in range(THREADS):
+                r=tid>>3; c=tid&7
+                fa_dst=r*128+((c^(r&7))<<4)
+                for p in range(4):
+                    gm=m0+r+p*32
+                    fa=(gm if gm<M else 0)*lda1+c*8
+                    chunk(sa+fa_dst+p*4096, A1, fa+ka, 8 if gm<M else 0)
+                if not NN:
+                    for p in range(4):
+                        gn=n0+r+p*32
+                        fb=(gn if gn<N else 0)*ldb1+c*8
+                        chunk(sb+fa_dst+p*4096, B1, fb+ka, 8 if gn<N else 0)
+                else:
+                    kr=tid>>4; cn=tid&15
+                    fb_dst=(cn>>3)*8192+kr*128+(((cn&7)^(kr&7))<<4)
+                    gn=n0+cn*8; nb=max(0,min(8,N-gn))
+                    for p in range(4):
+                        fb=(kr+p*16)*ldb1+(gn if gn<N else 0)
+                        chunk(sb+fb_dst+p*2048, B1, fb+ka*ldb1, nb)
+        def load(t,slot):
+            if t<KF: load_tile_fast(t,slot)
+            elif t<KT: load_tile(t,slot)
         acc=np.zeros((2,128,64))
         for s in range(STAGES-2):
-            if s<KT: load_tile(s,s)
+            load(s,s)
         for t in range(KT):
             tl=t+STAGES-2
             # slots in use by wgmma: t%S (now) and (t-1)%S (possibly in flight)
             if tl<KT:
                 assert tl%STAGES not in (t%STAGES,(t-1)%STAGES)
-                load_tile(tl, tl%STAGES)
+                load(tl, tl%STAGES)
             sa=(t%STAGES)*STAGE_BYTES; sb=sa+A_BYTES
             for wg in range(2):
                 for ks in range(BK//16):
@@ -101,6 +126,7 @@ import emulate_sm80 as emu80
 emu80.run=run
 ok=True
 for args in [(130,136,70,9,False,0,0),(130,136,70,9,True,0,0),(37,40,33,1,False,0,1),(37,40,33,1,True,1,1),
-             (1,8,1,0,False,0,0),(129,130,128,64,True,0,3),(140,129,96,5,False,3,0)]:
+             (1,8,1,0,False,0,0),(129,130,128,64,True,0,3),(140,129,96,5,False,3,0),
+             (136,140,200,16,False,0,0),(136,140,200,16,True,0,0)]:
     ok&=emu80.check(*args)
 print("ALL OK" if ok else "FAIL")
