@@ -33,7 +33,7 @@
 //   gemm_kext_nt_bf16  gemm_kext_nt_f16  gemm_kext_nn_bf16  gemm_kext_nn_f16      (sm_80+)
 //   gemm_kext_nt_f32   gemm_kext_nn_f32                                           (any, FMA)
 //   gemm_kext_nt_bf16_sm90  gemm_kext_nn_bf16_sm90  gemm_kext_nt_f16_sm90  gemm_kext_nn_f16_sm90
-//                                                          (sm_90a only; trap elsewhere)
+//       (wgmma in the sm_90a cubin; built for any other target they run the sm_80 body)
 //
 //   (int M, int N, int K1, int K2,
 //    const T* A1, int lda1, const T* B1, int ldb1,
@@ -622,6 +622,9 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;    // 32 KiB
 constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
 static_assert(STAGES >= 3, "the refill distance is STAGES - 2");
 static_assert(SMEM_BYTES == 5 * 32768 + 1024, "mirrored as geom::H_SMEM in src/cuda/gemm.rs");
+static_assert(THREADS == tc::THREADS && BM == tc::BM && BN == tc::BN &&
+                  SMEM_BYTES >= tc::SMEM_BYTES,
+              "an _sm90 launch must also fit the sm_80 body (the non-sm_90a fallback)");
 }  // namespace h90
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -877,8 +880,11 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
     }
   }
 #else
-  // Built for an architecture without wgmma: launching this kernel is a launcher bug.
-  __trap();
+  // Built for a target without sm_90a features (the compute_80 PTX, sm_80, or plain sm_90):
+  // run the sm_80 tensor-core body instead. Its launch geometry is the same (256 threads,
+  // one block per 128 x 128 tile, grouped order) and it needs less dynamic shared memory
+  // (64 KiB) than an `_sm90` launch provides, so a launch of this name is always correct.
+  gemm_kext_tc<T, NN>(GEMM_KEXT_ARGS);
 #endif
 }
 

@@ -24,9 +24,10 @@
 //! that allocate their own buffers (`u`, `v`, `C`) should pad their rows to 8 elements.
 //!
 //! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with [`GemmOptions::use_sm90`] on a
-//! compute-capability 9.0 device the bf16/f16 forms use the `_sm90` (wgmma) kernels instead,
-//! provided the function was loaded from the sm_90a cubin (its PTX version is >= 9.0; the
-//! compute_80 PTX build of an `_sm90` kernel only traps, so the sm_80 kernel is used then).
+//! compute-capability 9.0 device the bf16/f16 forms use the `_sm90` (wgmma) kernels instead.
+//! Their wgmma body exists only in the sm_90a cubin; built for any other target (e.g. when a
+//! registry JIT-compiles the compute_80 PTX) an `_sm90` kernel runs the sm_80 body, which has
+//! the same launch geometry, so the choice is always safe.
 //!
 //! The lookup closure maps a kernel name to a loaded function (the crate's kernel registry);
 //! the launcher sets `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` before each launch that
@@ -262,17 +263,8 @@ unsafe fn launch<T: Element>(
     let sm90 = opts.use_sm90
         && dtype != DType::F32
         && stream.context().compute_capability().map_err(cuda)? == (9, 0);
-    let mut plan = g.plan(form, dtype, sm90)?;
-    let mut func = lookup(&plan.kernel)?;
-    if sm90 {
-        // The `_sm90` kernels have a body only in the sm_90a cubin (elsewhere they trap). If the
-        // module was loaded from the compute_80 PTX instead, use the sm_80 kernel.
-        let ptx = func.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION).map_err(cuda)?;
-        if ptx < 90 {
-            plan = g.plan(form, dtype, false)?;
-            func = lookup(&plan.kernel)?;
-        }
-    }
+    let plan = g.plan(form, dtype, sm90)?;
+    let func = lookup(&plan.kernel)?;
     if plan.smem > 48 * 1024 {
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
