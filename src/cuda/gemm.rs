@@ -266,6 +266,8 @@ unsafe fn launch<T: Element>(
     let plan = g.plan(form, dtype, sm90)?;
     let func = lookup(&plan.kernel)?;
     if plan.smem > 48 * 1024 {
+        // cuFuncSetAttribute acts on the current context; cudarc binds it only for the launch.
+        stream.context().bind_to_thread().map_err(cuda)?;
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             plan.smem as i32,
