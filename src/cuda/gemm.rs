@@ -164,40 +164,71 @@ impl GemmKext {
         let i32_max = i32::MAX as usize;
         for &(arg, ptr, ld, (rows, cols)) in &mats {
             if ptr == 0 {
-                return Err(Error::invalid(arg, format!("null device pointer for a {rows}x{cols} matrix")));
+                return Err(Error::invalid(
+                    arg,
+                    format!("null device pointer for a {rows}x{cols} matrix"),
+                ));
             }
             if ld < cols {
                 return Err(Error::Stride { arg, ld, cols });
             }
             if ld > i32_max || rows > i32_max {
-                return Err(Error::invalid(arg, format!("{rows}x{cols} with ld {ld} exceeds the 32-bit index range")));
+                return Err(Error::invalid(
+                    arg,
+                    format!("{rows}x{cols} with ld {ld} exceeds the 32-bit index range"),
+                ));
             }
             if ptr % esize as u64 != 0 {
-                return Err(Error::Align { arg, addr: ptr as usize, align: esize });
+                return Err(Error::Align {
+                    arg,
+                    addr: ptr as usize,
+                    align: esize,
+                });
             }
             // The last element must be addressable: (rows-1)*ld + cols elements from ptr.
             let span = (rows - 1)
                 .checked_mul(ld)
                 .and_then(|v| v.checked_add(cols))
                 .and_then(|v| v.checked_mul(esize))
-                .ok_or(Error::Overflow { what: arg, rows, cols: ld })?;
+                .ok_or(Error::Overflow {
+                    what: arg,
+                    rows,
+                    cols: ld,
+                })?;
             if (ptr as u128) + (span as u128) > u64::MAX as u128 {
-                return Err(Error::Overflow { what: arg, rows, cols: ld });
+                return Err(Error::Overflow {
+                    what: arg,
+                    rows,
+                    cols: ld,
+                });
             }
         }
         if g.k2 > i32_max {
-            return Err(Error::invalid("k2", format!("{} exceeds the 32-bit index range", g.k2)));
+            return Err(Error::invalid(
+                "k2",
+                format!("{} exceeds the 32-bit index range", g.k2),
+            ));
         }
         if let Some(bias) = g.bias {
             if bias == 0 {
-                return Err(Error::invalid("bias", "null device pointer (use None for no bias)"));
+                return Err(Error::invalid(
+                    "bias",
+                    "null device pointer (use None for no bias)",
+                ));
             }
             if bias % esize as u64 != 0 {
-                return Err(Error::Align { arg: "bias", addr: bias as usize, align: esize });
+                return Err(Error::Align {
+                    arg: "bias",
+                    addr: bias as usize,
+                    align: esize,
+                });
             }
         }
         if !g.beta.is_finite() {
-            return Err(Error::invalid("beta", format!("must be finite, got {}", g.beta)));
+            return Err(Error::invalid(
+                "beta",
+                format!("must be finite, got {}", g.beta),
+            ));
         }
 
         let half = dtype != DType::F32;
@@ -210,7 +241,10 @@ impl GemmKext {
         };
         let blocks = g.m.div_ceil(tile) as u64 * g.n.div_ceil(tile) as u64;
         if blocks > i32::MAX as u64 {
-            return Err(Error::invalid("m x n", format!("{}x{} needs {blocks} blocks, over the grid limit", g.m, g.n)));
+            return Err(Error::invalid(
+                "m x n",
+                format!("{}x{} needs {blocks} blocks, over the grid limit", g.m, g.n),
+            ));
         }
         Ok(Plan {
             kernel: format!("gemm_kext_{}_{}{}", form.name(), dtype.name(), suffix),
@@ -258,7 +292,10 @@ unsafe fn launch<T: Element>(
     opts: GemmOptions,
 ) -> Result<()> {
     let op = form.op();
-    let cuda = |e: cudarc::driver::DriverError| Error::Cuda { op, msg: e.to_string() };
+    let cuda = |e: cudarc::driver::DriverError| Error::Cuda {
+        op,
+        msg: e.to_string(),
+    };
     let dtype = T::DTYPE;
     let sm90 = opts.use_sm90
         && dtype != DType::F32
@@ -274,10 +311,18 @@ unsafe fn launch<T: Element>(
         )
         .map_err(cuda)?;
     }
-    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (plan.block, 1, 1), shared_mem_bytes: plan.smem };
+    let cfg = LaunchConfig {
+        grid_dim: (plan.grid, 1, 1),
+        block_dim: (plan.block, 1, 1),
+        shared_mem_bytes: plan.smem,
+    };
     // All narrowing below was range-checked by `plan`.
     let (m, n, k1, k2) = (g.m as i32, g.n as i32, g.k1 as i32, g.k2 as i32);
-    let (a2, b2, lda2, ldb2) = if g.k2 > 0 { (g.a2, g.b2, g.lda2 as i32, g.ldb2 as i32) } else { (0, 0, 0, 0) };
+    let (a2, b2, lda2, ldb2) = if g.k2 > 0 {
+        (g.a2, g.b2, g.lda2 as i32, g.ldb2 as i32)
+    } else {
+        (0, 0, 0, 0)
+    };
     let (lda1, ldb1, ldd) = (g.lda1 as i32, g.ldb1 as i32, g.ldd as i32);
     let bias: CUdeviceptr = g.bias.unwrap_or(0);
     let beta = g.beta;
