@@ -44,8 +44,8 @@
 //   tensor-core sm_80: block 256 threads, grid.x = ceil(M/128) * ceil(N/128),
 //                      dynamic smem = tc::SMEM_BYTES = 65536 B (needs the opt-in attribute).
 //   f32 FMA:           block 256 threads, grid.x = ceil(M/64) * ceil(N/64), no dynamic smem.
-//   sm_90a:            block 256 threads, grid.x = ceil(M/128) * ceil(N/128),
-//                      dynamic smem = h90::SMEM_BYTES = 5 * 32 KiB + 1 KiB = 164864 B.
+//   sm_90a:            block 256 threads, grid.x = ceil(M/128) * ceil(N/256),
+//                      dynamic smem = h90::SMEM_BYTES = 4 * 48 KiB + 1 KiB = 197632 B.
 // ===========================================================================================
 //
 // Design of the sm_80 tensor-core kernel
@@ -229,13 +229,15 @@ static_assert(BN == 128, "the N-major swizzle assumes 16 chunks per row");
 static_assert(SMEM_BYTES == 65536, "mirrored as geom::TC_SMEM in src/cuda/gemm.rs");
 }  // namespace tc
 
+// One 128 x 128 output tile with origin (m0, n0) (multiples of 128, inside M x N).
 template <typename T, bool NN>
-__device__ __forceinline__ void gemm_kext_tc(int M, int N, int K1, int K2, const T* __restrict__ A1,
-                                             int lda1, const T* __restrict__ B1, int ldb1,
-                                             const T* __restrict__ A2, int lda2,
-                                             const T* __restrict__ B2, int ldb2,
-                                             const T* __restrict__ bias, float beta,
-                                             T* __restrict__ D, int ldd) {
+__device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, int K1, int K2,
+                                                  const T* __restrict__ A1, int lda1,
+                                                  const T* __restrict__ B1, int ldb1,
+                                                  const T* __restrict__ A2, int lda2,
+                                                  const T* __restrict__ B2, int ldb2,
+                                                  const T* __restrict__ bias, float beta,
+                                                  T* __restrict__ D, int ldd) {
   using namespace tc;
   extern __shared__ __align__(128) unsigned char smem_tc[];
   const uint32_t smem_base = gk::smem_u32(smem_tc);
@@ -245,11 +247,6 @@ __device__ __forceinline__ void gemm_kext_tc(int M, int N, int K1, int K2, const
   const int warp = tid >> 5;
   const int wm = warp >> 2;  // 0..1
   const int wn = warp & 3;   // 0..3
-
-  int tm, tn;
-  gk::block_tile_coords((M + BM - 1) / BM, (N + BN - 1) / BN, tm, tn);
-  const int m0 = tm * BM;
-  const int n0 = tn * BN;
 
   // Fast-path test per operand pair (uniform over the grid).
   const bool vec1 = ((((uintptr_t)A1 | (uintptr_t)B1) & 15) == 0) && (((lda1 | ldb1) & 7) == 0);
@@ -487,6 +484,14 @@ __device__ __forceinline__ void gemm_kext_tc(int M, int N, int K1, int K2, const
       const T *__restrict__ bias, float beta, T *__restrict__ D, int ldd
 #define GEMM_KEXT_ARGS M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2, bias, beta, D, ldd
 
+// The sm_80 kernel: one 128 x 128 tile per block, in grouped order.
+template <typename T, bool NN>
+__device__ __forceinline__ void gemm_kext_tc(GEMM_KEXT_PARAMS(T)) {
+  int tm, tn;
+  gk::block_tile_coords((M + tc::BM - 1) / tc::BM, (N + tc::BN - 1) / tc::BN, tm, tn);
+  gemm_kext_tc_tile<T, NN>(tm * tc::BM, tn * tc::BN, GEMM_KEXT_ARGS);
+}
+
 #define GEMM_KEXT_TC(NAME, T, NN)                                              \
   extern "C" __global__ void __launch_bounds__(tc::THREADS, 2) NAME(GEMM_KEXT_PARAMS(T)) { \
     gemm_kext_tc<T, NN>(GEMM_KEXT_ARGS);                                       \
@@ -591,40 +596,48 @@ extern "C" __global__ void __launch_bounds__(fm::THREADS) gemm_kext_nn_f32(GEMM_
 }
 
 // ------------------------------------------------------------------------------------------
-// sm_90a kernel: wgmma.mma_async (m64n128k16) fed by a cp.async pipeline.
+// sm_90a kernel: wgmma.mma_async (m64n256k16) fed by a cp.async pipeline.
 //
-// Not TMA: building CUtensorMap descriptors would move layout logic into the launcher and
-// needs one map per operand and call; instead all 256 threads fill the shared tiles with
-// cp.async (the same K-extension / zero-fill / scalar-fallback logic as the sm_80 kernel)
-// directly in the wgmma canonical 128-byte-swizzle layouts, then a proxy fence hands them to
-// the async proxy.
-//   block tile 128 x 128 x 64, 2 warpgroups; warpgroup g computes rows 64g..64g+63 x 128
-//   columns with 4 wgmma m64n128k16 per k tile (64 f32 accumulators per thread).
-//   5 stages x 32 KiB (+1 KiB to align the stages to 1024 B) = 161 KiB, one block per SM.
-//   Pipeline: tile t+3 is loaded while tile t is multiplied; wgmma groups are kept one deep
+// Not TMA: tensor maps would move layout logic into the launcher (one CUtensorMap per operand
+// and call, passed as __grid_constant__) and need a warp-specialised mbarrier pipeline; this
+// kernel instead has all 256 threads fill the shared tiles with cp.async (the same
+// K-extension / zero-fill / scalar-fallback logic as the sm_80 kernel) directly in the wgmma
+// canonical 128-byte-swizzle layouts, and a proxy fence hands them to the async proxy.
+//   block tile 128 x 256 x 64, 2 warpgroups; warpgroup g computes rows 64g..64g+63 x 256
+//   columns with 4 wgmma m64n256k16 per k tile (128 f32 accumulators per thread).
+//   Why 128 x 256: per 64-deep k tile an SM moves 48 KiB from L2 for 1024 tensor cycles
+//   (48 B/clk; a 128 x 128 tile needs 64 B/clk, at the limit of what L2 delivers per SM) and
+//   reads 80 KiB of shared memory (80 B/clk, under the 128 B/clk of the SM).
+//   4 stages x 48 KiB (+1 KiB to align the stages to 1024 B) = 193 KiB, one block per SM.
+//   Pipeline: tile t+2 is loaded while tile t is multiplied; wgmma groups are kept one deep
 //   (wait_group 1), so the slot refilled in iteration t (that of tile t-2) is no longer read.
-//   Shared layouts (16-byte chunk c, tile base 1024-aligned):
+//   Shared layouts (16-byte chunk c, stage base 1024-aligned):
 //     K-major (A; B of NT), rows of 64 k = 128 B:  row r, chunk c at  r*128 + ((c ^ (r&7))*16)
 //       descriptor: SW128, SBO = 1024 B (8-row groups), LBO unused (16 B); k16 step = +32 B.
-//     N-major (B of NN): two 64-column halves of 64 k-rows x 128 B each (8 KiB apart);
-//       k-row k, chunk c of half h at  h*8192 + k*128 + ((c ^ (k&7))*16)
+//     N-major (B of NN): four 64-column quarters of 64 k-rows x 128 B each (8 KiB apart);
+//       k-row k, chunk c of quarter h at  h*8192 + k*128 + ((c ^ (k&7))*16)
 //       descriptor: SW128, transposed B, LBO = 8192 B (next 64 columns), SBO = 1024 B
 //       (next 8 k-rows); k16 step = +2048 B.
-//   The layouts were checked against the canonical-layout definitions (cute make_gmma_desc:
-//   Swizzle<3,4,3> over ((8,m),(8,2)) K-major and ((8,n),(8,k)) MN-major) by
-//   kernels/test/emulate_sm90.py. ptxas (CUDA 13.0, sm_90a): 134-138 registers, 0 spills.
+//   The layouts were checked against the canonical-layout definitions (PTX ISA "Shared Memory
+//   Matrix Layout"; cute make_gmma_desc: Swizzle<3,4,3> over ((8,m),(T,2k)) K-major and
+//   ((T,8,m),(8,k)) MN-major) by kernels/test/emulate_sm90.py.
+//   ptxas (CUDA 13.0, sm_90a): 168-177 registers, 0 spills, 0 stack.
+//   Built for a target without sm_90a features, the same names run the sm_80 body on the
+//   two 128 x 128 halves of the block's tile (correct, same launch geometry).
 // ------------------------------------------------------------------------------------------
 namespace h90 {
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 5, THREADS = 256;
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, THREADS = 256;
+constexpr int NACC = BN / 2;                      // f32 accumulators per thread (64 x 256 / 128)
+static_assert(NACC == 128, "the wgmma wrappers below are m64n256k16: 128 accumulators");
 constexpr int A_BYTES = BM * BK * 2;              // 16 KiB
-constexpr int B_BYTES = BN * BK * 2;              // 16 KiB
-constexpr int STAGE_BYTES = A_BYTES + B_BYTES;    // 32 KiB
+constexpr int B_BYTES = BN * BK * 2;              // 32 KiB
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;    // 48 KiB
 constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
 static_assert(STAGES >= 3, "the refill distance is STAGES - 2");
-static_assert(SMEM_BYTES == 5 * 32768 + 1024, "mirrored as geom::H_SMEM in src/cuda/gemm.rs");
-static_assert(THREADS == tc::THREADS && BM == tc::BM && BN == tc::BN &&
+static_assert(SMEM_BYTES == 4 * 49152 + 1024, "mirrored as geom::H_SMEM in src/cuda/gemm.rs");
+static_assert(THREADS == tc::THREADS && BM == tc::BM && BN == 2 * tc::BN &&
                   SMEM_BYTES >= tc::SMEM_BYTES,
-              "an _sm90 launch must also fit the sm_80 body (the non-sm_90a fallback)");
+              "the non-sm_90a fallback runs two sm_80 tiles in an _sm90 launch");
 }  // namespace h90
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -652,34 +665,34 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Keeps the compiler from touching accumulator registers across async wgmma boundaries.
-__device__ __forceinline__ void fence_regs(float (&d)[64]) {
+__device__ __forceinline__ void fence_regs(float (&d)[NACC]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < NACC; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 template <typename T, int TRANS_B>
 struct Wgmma;
 template <int TRANS_B>
 struct Wgmma<__nv_bfloat16, TRANS_B> {
-  __device__ __forceinline__ static void run(float (&d)[64], uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, %67;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+  __device__ __forceinline__ static void run(float (&d)[NACC], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, %131;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
   }
 };
 template <int TRANS_B>
 struct Wgmma<__half, TRANS_B> {
-  __device__ __forceinline__ static void run(float (&d)[64], uint64_t da, uint64_t db) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, %67;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+  __device__ __forceinline__ static void run(float (&d)[NACC], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, %131;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
   }
 };
 }  // namespace h90
@@ -687,6 +700,10 @@ struct Wgmma<__half, TRANS_B> {
 
 template <typename T, bool NN>
 __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
+  int tm, tn;
+  gk::block_tile_coords((M + h90::BM - 1) / h90::BM, (N + h90::BN - 1) / h90::BN, tm, tn);
+  const int m0 = tm * h90::BM;
+  const int n0 = tn * h90::BN;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace h90;
   extern __shared__ __align__(1024) unsigned char smem_h90[];
@@ -697,17 +714,13 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
   const int wrow = (tid & 127) >> 5;  // warp within the warpgroup: 16 rows each
   const int lane = tid & 31;
 
-  int tm, tn;
-  gk::block_tile_coords((M + BM - 1) / BM, (N + BN - 1) / BN, tm, tn);
-  const int m0 = tm * BM;
-  const int n0 = tn * BN;
-
   const bool vec1 = ((((uintptr_t)A1 | (uintptr_t)B1) & 15) == 0) && (((lda1 | ldb1) & 7) == 0);
   const bool vec2 = ((((uintptr_t)A2 | (uintptr_t)B2) & 15) == 0) && (((lda2 | ldb2) & 7) == 0);
   const int KT1 = (K1 + BK - 1) / BK;
   const int KT2 = (K2 + BK - 1) / BK;
   const int KT = KT1 + KT2;
 
+  // General loader (any tile, predicated, either pair).
   auto load_tile = [&](int t, int slot) {
     const bool second = t >= KT1;
     const T* A = second ? A2 : A1;
@@ -730,8 +743,9 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
       gk::load_chunk<T>(sa + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, A);
     }
     if (!NN) {
+      // B: 256 rows x 8 chunks = 2048 chunks, 8 per thread.
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
+      for (int p = 0; p < 8; ++p) {
         const int idx = tid + p * THREADS;
         const int r = idx >> 3, c = idx & 7;
         const int gn = n0 + r, kk = kb + c * 8;
@@ -740,11 +754,11 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
         gk::load_chunk<T>(sb + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
       }
     } else {
-      // 64 k-rows x 16 chunks = 1024 chunks, 4 per thread; chunk cn lies in half cn >> 3.
+      // B: 64 k-rows x 32 chunks = 2048 chunks, 8 per thread; chunk cn lies in quarter cn >> 3.
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
+      for (int p = 0; p < 8; ++p) {
         const int idx = tid + p * THREADS;
-        const int r = idx >> 4, cn = idx & 15;
+        const int r = idx >> 5, cn = idx & 31;
         const int h = cn >> 3, c = cn & 7;
         const int kk = kb + r, gn = n0 + cn * 8;
         const int nv = (kk < K) ? N - gn : 0;
@@ -754,13 +768,13 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
     }
   };
 
-  // Fast path for the full tiles of an aligned first pair (as in the sm_80 kernel): chunk p
-  // of a thread lies 32 rows (A, NT B) or 16 k-rows (NN B) below chunk 0, i.e. 4096 / 2048
-  // bytes further in the swizzled tile (the XOR pattern repeats every 8 rows).
+  // Fast path for the full tiles of an aligned first pair (as in the sm_80 kernel). Chunk p of
+  // a thread lies 32 rows (A, NT B) or 8 k-rows (NN B) below chunk 0, i.e. 4096 / 1024 bytes
+  // further in the swizzled tile (the XOR pattern repeats every 8 rows).
   const int KF = vec1 ? K1 / BK : 0;
   const T* fa[4];
-  const T* fb[4];
-  int fa_n[4], fb_n[4];
+  const T* fb[8];
+  int fa_n[4], fb_n[8];
   uint32_t fa_dst, fb_dst;
   {
     const int r = tid >> 3, c = tid & 7;
@@ -774,19 +788,19 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
     if (!NN) {
       fb_dst = fa_dst;
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
+      for (int p = 0; p < 8; ++p) {
         const int gn = n0 + r + p * 32;
         fb[p] = B1 + ((size_t)(gn < N ? gn : 0) * ldb1 + c * 8);
         fb_n[p] = gn < N ? 16 : 0;
       }
     } else {
-      const int kr = tid >> 4, cn = tid & 15;
+      const int kr = tid >> 5, cn = tid & 31;
       fb_dst = (cn >> 3) * 8192 + kr * 128 + (((cn & 7) ^ (kr & 7)) << 4);
       const int gn = n0 + cn * 8;
       const int nb = max(0, min(8, N - gn)) * 2;
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        fb[p] = B1 + ((size_t)(kr + p * 16) * ldb1 + (gn < N ? gn : 0));
+      for (int p = 0; p < 8; ++p) {
+        fb[p] = B1 + ((size_t)(kr + p * 8) * ldb1 + (gn < N ? gn : 0));
         fb_n[p] = nb;
       }
     }
@@ -799,18 +813,18 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
 #pragma unroll
       for (int p = 0; p < 4; ++p) gk::cp_async_16(sa + fa_dst + p * 4096, fa[p] + ka, fa_n[p]);
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
+      for (int p = 0; p < 8; ++p) {
         const T* src = NN ? fb[p] + (size_t)ka * ldb1 : fb[p] + ka;
-        gk::cp_async_16(sb + fb_dst + p * (NN ? 2048 : 4096), src, fb_n[p]);
+        gk::cp_async_16(sb + fb_dst + p * (NN ? 1024 : 4096), src, fb_n[p]);
       }
     } else if (t < KT) {
       load_tile(t, slot);
     }
   };
 
-  float acc[64];
+  float acc[NACC];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
   fence_regs(acc);
 
   // Prologue: tiles 0 .. STAGES-3 in flight.
@@ -847,11 +861,11 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
   gk::cp_async_wait_all();
 
   // Epilogue. Accumulator layout of m64nNk16: acc[4j + 2h + e] is row 16*wrow + lane/4 + 8h,
-  // column 8j + 2*(lane%4) + e of the warpgroup's 64 x 128 tile.
+  // column 8j + 2*(lane%4) + e of the warpgroup's 64 x 256 tile.
   const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
   const bool read_d = beta != 0.f;
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
+  for (int j = 0; j < BN / 8; ++j) {
     const int col = n0 + j * 8 + (lane & 3) * 2;
     if (col >= N) continue;
     const bool has1 = col + 1 < N;
@@ -881,10 +895,14 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
   }
 #else
   // Built for a target without sm_90a features (the compute_80 PTX, sm_80, or plain sm_90):
-  // run the sm_80 tensor-core body instead. Its launch geometry is the same (256 threads,
-  // one block per 128 x 128 tile, grouped order) and it needs less dynamic shared memory
-  // (64 KiB) than an `_sm90` launch provides, so a launch of this name is always correct.
-  gemm_kext_tc<T, NN>(GEMM_KEXT_ARGS);
+  // compute the block's 128 x 256 tile as two 128 x 128 tiles with the sm_80 body. Same
+  // launch geometry, and it needs less dynamic shared memory than an _sm90 launch provides,
+  // so a launch of these names is correct everywhere.
+  gemm_kext_tc_tile<T, NN>(m0, n0, GEMM_KEXT_ARGS);
+  if (n0 + tc::BN < N) {
+    __syncthreads();  // the second tile reuses the shared stages of the first
+    gemm_kext_tc_tile<T, NN>(m0, n0 + tc::BN, GEMM_KEXT_ARGS);
+  }
 #endif
 }
 

@@ -46,7 +46,7 @@ struct Variant {
   const char* name;
   KernelFn<T> fn;
   bool nn;
-  int tile, threads, smem;
+  int tile_m, tile_n, threads, smem;
 };
 
 static inline float to_f(float v) { return v; }
@@ -161,7 +161,7 @@ static double run_case(const Variant<T>& var, const Problem& p, double rel_tol) 
   if (c.beta == 0.f)  // D must not be read: fill it with NaN
     for (auto& x : d0) x = NAN;
   T* dD = upload<T>(d0, p.off);
-  const int tiles = ((c.M + var.tile - 1) / var.tile) * ((c.N + var.tile - 1) / var.tile);
+  const int tiles = ((c.M + var.tile_m - 1) / var.tile_m) * ((c.N + var.tile_n - 1) / var.tile_n);
   var.fn<<<tiles, var.threads, var.smem>>>(
       c.M, c.N, c.K1, c.K2, dA1 + p.off, p.A1.ld, dB1 + p.off, p.B1.ld,
       dA2 ? dA2 + p.off : nullptr, p.A2.ld, dB2 ? dB2 + p.off : nullptr, p.B2.ld,
@@ -212,31 +212,31 @@ static void set_smem(const Variant<T>& v) {
     CK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
 }
 
-static const int H_SMEM = 5 * 32768 + 1024;
+static const int H_SMEM = h90::SMEM_BYTES;
 
 static std::vector<Variant<__nv_bfloat16>> bf16_variants(bool sm90) {
   std::vector<Variant<__nv_bfloat16>> v = {
-      {"gemm_kext_nt_bf16", gemm_kext_nt_bf16, false, 128, 256, tc::SMEM_BYTES},
-      {"gemm_kext_nn_bf16", gemm_kext_nn_bf16, true, 128, 256, tc::SMEM_BYTES}};
+      {"gemm_kext_nt_bf16", gemm_kext_nt_bf16, false, 128, 128, 256, tc::SMEM_BYTES},
+      {"gemm_kext_nn_bf16", gemm_kext_nn_bf16, true, 128, 128, 256, tc::SMEM_BYTES}};
   if (sm90) {
-    v.push_back({"gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, false, 128, 256, H_SMEM});
-    v.push_back({"gemm_kext_nn_bf16_sm90", gemm_kext_nn_bf16_sm90, true, 128, 256, H_SMEM});
+    v.push_back({"gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, false, 128, 256, 256, H_SMEM});
+    v.push_back({"gemm_kext_nn_bf16_sm90", gemm_kext_nn_bf16_sm90, true, 128, 256, 256, H_SMEM});
   }
   return v;
 }
 static std::vector<Variant<__half>> f16_variants(bool sm90) {
   std::vector<Variant<__half>> v = {
-      {"gemm_kext_nt_f16", gemm_kext_nt_f16, false, 128, 256, tc::SMEM_BYTES},
-      {"gemm_kext_nn_f16", gemm_kext_nn_f16, true, 128, 256, tc::SMEM_BYTES}};
+      {"gemm_kext_nt_f16", gemm_kext_nt_f16, false, 128, 128, 256, tc::SMEM_BYTES},
+      {"gemm_kext_nn_f16", gemm_kext_nn_f16, true, 128, 128, 256, tc::SMEM_BYTES}};
   if (sm90) {
-    v.push_back({"gemm_kext_nt_f16_sm90", gemm_kext_nt_f16_sm90, false, 128, 256, H_SMEM});
-    v.push_back({"gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, true, 128, 256, H_SMEM});
+    v.push_back({"gemm_kext_nt_f16_sm90", gemm_kext_nt_f16_sm90, false, 128, 256, 256, H_SMEM});
+    v.push_back({"gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, true, 128, 256, 256, H_SMEM});
   }
   return v;
 }
 static std::vector<Variant<float>> f32_variants() {
-  return {{"gemm_kext_nt_f32", gemm_kext_nt_f32, false, 64, 256, 0},
-          {"gemm_kext_nn_f32", gemm_kext_nn_f32, true, 64, 256, 0}};
+  return {{"gemm_kext_nt_f32", gemm_kext_nt_f32, false, 64, 64, 256, 0},
+          {"gemm_kext_nn_f32", gemm_kext_nn_f32, true, 64, 64, 256, 0}};
 }
 
 template <typename T>
@@ -310,7 +310,7 @@ static void bench_variants(const std::vector<Variant<T>>& vars, bool cublas_ok, 
   for (const auto& v : vars) {
     set_smem(v);
     for (int k2 : {0, R}) {
-      const int tiles = (S / v.tile) * (S / v.tile);
+      const int tiles = (S / v.tile_m) * (S / v.tile_n);
       // B2 is N x R (NT, ld R) or R x N (NN, ld S).
       const int ldb2 = v.nn ? S : R;
       double ms = time_ms(

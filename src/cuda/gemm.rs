@@ -58,17 +58,17 @@ use crate::error::{Error, Result};
 /// Geometry of the kernels, mirrored from `kernels/gemm_kext.cu`.
 mod geom {
     /// sm_80 tensor-core kernels: 128 x 128 block tile, 256 threads, 4 stages x 16 KiB.
-    pub const TC_TILE: usize = 128;
+    pub const TC_TILE: (usize, usize) = (128, 128);
     pub const TC_THREADS: u32 = 256;
     pub const TC_SMEM: u32 = 4 * (128 * 32 * 2 + 128 * 32 * 2);
     /// f32 FMA kernels: 64 x 64 block tile, 256 threads, static shared memory only.
-    pub const FMA_TILE: usize = 64;
+    pub const FMA_TILE: (usize, usize) = (64, 64);
     pub const FMA_THREADS: u32 = 256;
-    /// sm_90a wgmma kernels: 128 x 128 x 64 block tile, 2 warpgroups, 5 stages x 32 KiB plus
+    /// sm_90a wgmma kernels: 128 x 256 x 64 block tile, 2 warpgroups, 4 stages x 48 KiB plus
     /// 1 KiB to align the stages to 1024 bytes (the 128-byte swizzle pattern).
-    pub const H_TILE: usize = 128;
+    pub const H_TILE: (usize, usize) = (128, 256);
     pub const H_THREADS: u32 = 256;
-    pub const H_SMEM: u32 = 5 * (128 * 64 * 2 + 128 * 64 * 2) + 1024;
+    pub const H_SMEM: u32 = 4 * (128 * 64 * 2 + 256 * 64 * 2) + 1024;
 }
 
 /// Which product: `B` stored `N x K` (NT, forward) or `K x N` (NN, input gradient).
@@ -255,7 +255,7 @@ impl GemmKext {
         } else {
             (geom::TC_TILE, geom::TC_THREADS, geom::TC_SMEM, "")
         };
-        let blocks = g.m.div_ceil(tile) as u64 * g.n.div_ceil(tile) as u64;
+        let blocks = g.m.div_ceil(tile.0) as u64 * g.n.div_ceil(tile.1) as u64;
         if blocks > i32::MAX as u64 {
             return Err(Error::invalid(
                 "m x n",
@@ -395,7 +395,8 @@ mod tests {
         g2.ldb2 = 584;
         let p = g2.plan(Form::Nn, DType::F16, true).unwrap();
         assert_eq!(p.kernel, "gemm_kext_nn_f16_sm90");
-        assert_eq!(p.smem, 5 * 32768 + 1024);
+        assert_eq!(p.grid, 3 * 3);
+        assert_eq!(p.smem, 4 * 49152 + 1024);
     }
 
     #[test]
