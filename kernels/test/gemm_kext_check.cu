@@ -1,10 +1,11 @@
 // gemm_kext_check.cu — standalone correctness and timing check of kernels/gemm_kext.cu.
-// Not built by cargo. Build (from the crate root; add -I for the PyPI CUDA include dirs):
+// Not built by cargo. Build: kernels/test/compile_check.sh (-> target/gemm_kext_check), or
 //
 //   nvcc -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
 //        -o gemm_kext_check kernels/test/gemm_kext_check.cu -ldl
-//   (add -DWITH_CUBLAS -I <cublas include dir> to compare with cuBLAS in --bench; libcublas is
-//    dlopen'ed at run time, so the binary also runs where it is missing.)
+//   (with the PyPI wheels add -I .../include -I .../include/cccl -L .../lib; add -DWITH_CUBLAS
+//    -I <cublas include dir> to compare with cuBLAS in --bench: libcublas is dlopen'ed at run
+//    time, so the binary also runs where it is missing. cudart is linked statically.)
 //
 // Run:  ./gemm_kext_check            every variant on the odd-size grid; exit 1 on any failure
 //       ./gemm_kext_check --bench    4096^3 timings (K2 = 0 and 64) and cuBLAS if available
