@@ -127,6 +127,7 @@ fn main() {
         let mut paths = vec![Path::Composed];
         if FUSED_GEMM_BUILT {
             paths.push(Path::Fused);
+            paths.push(Path::FusedSm90);
         }
         let frozen_flops = 2.0 * s.tokens as f64 * s.d_in as f64 * s.d_out as f64;
         let mut rows: Vec<(String, wegeft::Result<f64>, f64)> = Vec::new();

@@ -122,6 +122,7 @@ fn paths() -> Vec<Path> {
     let mut p = vec![Path::Composed];
     if wegeft::cuda::FUSED_GEMM_BUILT {
         p.push(Path::Fused);
+        p.push(Path::FusedSm90);
     }
     p
 }

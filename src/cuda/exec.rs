@@ -72,7 +72,7 @@ pub(crate) trait Exec {
     /// the caller runs the composed path. Without a fused GEMM, `Path::Fused` is an error.
     unsafe fn kext_fused<T: Element>(&self, _nt: bool, _stream: CUstream, path: Path, _args: KextArgs) -> Result<bool> {
         match path {
-            Path::Fused => Err(Error::invalid("path", "Path::Fused asked for, but the fused K-extended GEMM is not built in")),
+            Path::Fused | Path::FusedSm90 => Err(Error::invalid("path", "a fused path asked for, but the fused K-extended GEMM is not built in")),
             _ => Ok(false),
         }
     }
@@ -130,18 +130,13 @@ impl Exec for CudaBackend {
         if path == Path::Composed || (path == Path::Auto && !aligned) {
             return Ok(false);
         }
-        #[allow(unused_unsafe)]
+        let g = super::gemm::GemmKext { m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta: 0.0, d, ldd };
+        let opts = super::gemm::GemmOptions { use_sm90: path == Path::FusedSm90 };
         unsafe {
             if nt {
-                super::gemm::gemm_kext_nt::<T>(
-                    self, stream, a1, lda1 as _, b1, ldb1 as _, k1 as _, a2, lda2 as _, b2, ldb2 as _, k2 as _, bias, 0.0, d,
-                    ldd as _, m as _, n as _,
-                )?;
+                super::gemm::gemm_kext_nt::<T>(self, stream, &g, opts)?;
             } else {
-                super::gemm::gemm_kext_nn::<T>(
-                    self, stream, a1, lda1 as _, b1, ldb1 as _, k1 as _, a2, lda2 as _, b2, ldb2 as _, k2 as _, bias, 0.0, d,
-                    ldd as _, m as _, n as _,
-                )?;
+                super::gemm::gemm_kext_nn::<T>(self, stream, &g, opts)?;
             }
         }
         Ok(true)

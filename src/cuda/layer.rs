@@ -44,6 +44,9 @@ pub enum Path {
     Auto,
     /// The fused K-extended GEMM (`crate::cuda::gemm`); an error when it is not built in.
     Fused,
+    /// As `Fused`, with the sm_90a wgmma kernels for bf16/f16 on a compute capability 9.0
+    /// device (the sm_80 kernels elsewhere and for f32).
+    FusedSm90,
     /// cuBLASLt for the frozen product, then the `lowrank_addmm_*` kernel for the rank-r part.
     Composed,
 }
@@ -135,7 +138,7 @@ fn check_scale(scale: f32) -> Result<()> {
 
 /// `Path::Fused` without the fused GEMM is refused before anything is launched.
 fn check_path(path: Path) -> Result<()> {
-    if path == Path::Fused && !FUSED_GEMM_BUILT {
+    if matches!(path, Path::Fused | Path::FusedSm90) && !FUSED_GEMM_BUILT {
         return Err(Error::invalid("path", "Path::Fused asked for, but the fused K-extended GEMM is not built in"));
     }
     Ok(())

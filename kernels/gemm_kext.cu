@@ -1,0 +1,917 @@
+// gemm_kext.cu — the K-extended GEMM core of wegeft (fused WeGeFT forward and input gradient).
+//
+// ===================================== KERNEL CONTRACT =====================================
+// All matrices are row-major; a leading dimension (ld*) is the distance in ELEMENTS between
+// two consecutive rows. Compute is f32 (tensor-core f32 accumulation for bf16/f16).
+//
+//   NT form (forward, y = [x|u] [W|C]^T + b):
+//     D[M x N] = A1[M x K1] * B1[N x K1]^T + A2[M x K2] * B2[N x K2]^T  (+ bias[N])  (+ beta * D)
+//   NN form (input gradient, dx = [G|v] [W;psi]):
+//     D[M x N] = A1[M x K1] * B1[K1 x N]   + A2[M x K2] * B2[K2 x N]    (+ bias[N])  (+ beta * D)
+//
+//   * One accumulator: the K loop runs over the K1 tiles of (A1,B1), then over the K2 tiles of
+//     (A2,B2); one epilogue. K2 may be 0 (a plain GEMM; A2/B2 are then never read and may be
+//     null). K1 may be 0 too (then only the second pair contributes).
+//   * bias: optional (nullptr = none), N elements in the storage dtype, added in f32.
+//   * beta: if beta == 0.0f the old D is NOT read (NaN garbage in D cannot propagate);
+//     otherwise D_new = acc + bias + beta * D_old, computed in f32 and rounded once (RN).
+//   * M, N >= 1 ; K1, K2 >= 0; every ld >= the number of columns of its matrix; all of them fit
+//     in a signed 32-bit int (row offsets are computed in 64 bits).
+//   * Tails: any M, N, K1, K2. Out-of-range rows/columns are zero-filled in shared memory
+//     (cp.async with src-size < 16 zero-fills the rest of a 16-byte chunk) and never stored.
+//   * Alignment: none required beyond the natural 2-byte (bf16/f16) or 4-byte (f32) alignment.
+//     The tensor-core kernels test at run time, per operand pair, whether both base pointers
+//     are 16-byte aligned and both lds are multiples of 8 elements; if so that pair is fed by
+//     16-byte cp.async (the fast path), otherwise by predicated scalar loads stored into the
+//     same swizzled shared layout (correct, slower). The epilogue stores two adjacent outputs
+//     as one 32-bit word when D is 4-byte aligned and ldd is even, else element by element.
+//     So no layout is rejected for alignment; the launcher (src/cuda/gemm.rs) reports which
+//     pairs are fast (`GemmKext::fast_path`), and callers should pad rows to 8 elements.
+//   * D must not alias A1, B1, A2, B2 or bias.
+//
+// Kernels (extern "C", the same parameter list for all):
+//   gemm_kext_nt_bf16  gemm_kext_nt_f16  gemm_kext_nn_bf16  gemm_kext_nn_f16      (sm_80+)
+//   gemm_kext_nt_f32   gemm_kext_nn_f32                                           (any, FMA)
+//   gemm_kext_nt_bf16_sm90  gemm_kext_nn_bf16_sm90  gemm_kext_nt_f16_sm90  gemm_kext_nn_f16_sm90
+//       (wgmma in the sm_90a cubin; built for any other target they run the sm_80 body)
+//
+//   (int M, int N, int K1, int K2,
+//    const T* A1, int lda1, const T* B1, int ldb1,
+//    const T* A2, int lda2, const T* B2, int ldb2,
+//    const T* bias, float beta, T* D, int ldd)
+//
+// Launch geometry (the launcher computes it; constants below, mirrored in gemm.rs):
+//   tensor-core sm_80: block 256 threads, grid.x = ceil(M/128) * ceil(N/128),
+//                      dynamic smem = tc::SMEM_BYTES = 65536 B (needs the opt-in attribute).
+//   f32 FMA:           block 256 threads, grid.x = ceil(M/64) * ceil(N/64), no dynamic smem.
+//   sm_90a:            block 256 threads, grid.x = ceil(M/128) * ceil(N/256),
+//                      dynamic smem = h90::SMEM_BYTES = 4 * 48 KiB + 1 KiB = 197632 B.
+// ===========================================================================================
+//
+// Design of the sm_80 tensor-core kernel
+//   block tile 128 x 128 x 32, 8 warps as 2 (M) x 4 (N), warp tile 64 x 32
+//     -> per k16 step a warp issues 4 (A) + 2 (B) ldmatrix.x4 and 16 mma.m16n8k16,
+//        64 f32 accumulators per thread; __launch_bounds__(256, 2) caps registers at 128 so
+//        two blocks share an SM (2 x 64 KiB smem fits the 164 KiB of an A100 and 228 KiB of an
+//        H100).
+//   4-stage cp.async pipeline (3 tiles in flight while one is computed), one __syncthreads per
+//   k tile. Stage = A tile 128x32 (8 KiB) + B tile 8 KiB = 16 KiB; 4 stages = 64 KiB.
+//   Shared layouts (all 16-byte chunks, XOR-swizzled so that both the cp.async stores and the
+//   ldmatrix reads touch 8 distinct 16-byte bank groups per 8-lane phase — conflict free):
+//     "K-major" tile (A, and B of NT): 128 rows x 32 k = 4 chunks of 8 per 64-byte row;
+//        chunk c of row r lives at  r*64 + ((c ^ ((r >> 1) & 3)) * 16).
+//        (8 consecutive rows = 512 bytes; rows r and r^1 share a 128-byte line, the XOR with
+//         (r>>1)&3 spreads the 4 line-pairs over the 4 chunk slots.)
+//     "N-major" tile (B of NN): 32 k-rows x 128 n = 16 chunks per 256-byte row;
+//        chunk c of row k lives at  k*256 + ((c ^ (k & 7)) * 16).
+//   Fragments: A via ldmatrix.x4; B of NT via ldmatrix.x4 (rows = n, so the non-transposed
+//   8x8 gives the "col" B fragment directly); B of NN via ldmatrix.x4.trans (rows = k).
+//   K extension: tile t < KT1 = ceil(K1/32) reads (A1,B1) at k = 32 t, tile t >= KT1 reads
+//   (A2,B2) at k = 32 (t - KT1). The partial last tile of each pair is zero-filled.
+//   Loads: the full k tiles of the first pair (k + 32 <= K1), when that pair passes the
+//   alignment test, take a hoisted path (per-thread source pointers and byte counts computed
+//   once; ~20 instructions and 4 cp.async per tile). Every other tile (the partial last tile of
+//   K1, all K2 tiles, unaligned pairs) takes the general predicated loader.
+//   Block order: grouped rasterisation (8 block-rows per group) for L2 reuse.
+//   ptxas (CUDA 13.0): 126-128 registers, 0 spills, 0 stack, for sm_80 and sm_90a.
+//   Verified without a GPU by kernels/test/emulate_sm80.py: a literal Python translation of
+//   the index math run against the PTX semantics of cp.async zero-fill, ldmatrix(.trans) and
+//   the mma.m16n8k16 fragment layouts (exact on integer data, odd sizes, both load paths).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// ------------------------------------------------------------------------------------------
+// PTX helpers
+// ------------------------------------------------------------------------------------------
+namespace gk {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared, bypassing L1. Reads `src_bytes` (0..16) bytes and
+// zero-fills the rest of the 16-byte destination. With src_bytes == 0 nothing is read.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Storage-type traits: the mma instruction and f32 <-> storage conversions.
+template <typename T>
+struct Ty;
+template <>
+struct Ty<__nv_bfloat16> {
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  __device__ __forceinline__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static __nv_bfloat16 from_f32(float v) {
+    return __float2bfloat16_rn(v);
+  }
+  // Two values packed in one 32-bit word, the lower column in the low half.
+  __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct Ty<__half> {
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  __device__ __forceinline__ static float to_f32(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half from_f32(float v) { return __float2half_rn(v); }
+  __device__ __forceinline__ static uint32_t pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// Grouped rasterisation: consecutive block ids walk down GROUP_M block-rows before moving to
+// the next block-column, so that the B tiles of a column stay in L2 while A is streamed.
+__device__ __forceinline__ void block_tile_coords(int tiles_m, int tiles_n, int& tm, int& tn) {
+  constexpr int GROUP_M = 8;
+  const int pid = blockIdx.x;
+  const int in_group = GROUP_M * tiles_n;
+  const int group = pid / in_group;
+  const int first_m = group * GROUP_M;
+  const int gsize = min(tiles_m - first_m, GROUP_M);
+  const int r = pid - group * in_group;
+  tm = first_m + r % gsize;
+  tn = r / gsize;
+}
+
+// Load up to 8 consecutive 16-bit elements (n_valid of them, 0..8) with scalar loads and
+// zero-fill the rest. Slow path for operands that fail the 16-byte alignment test.
+__device__ __forceinline__ uint4 load8_scalar(const unsigned short* p, int n_valid) {
+  unsigned short e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = (i < n_valid) ? p[i] : (unsigned short)0;
+  uint4 v;
+  v.x = (uint32_t)e[0] | ((uint32_t)e[1] << 16);
+  v.y = (uint32_t)e[2] | ((uint32_t)e[3] << 16);
+  v.z = (uint32_t)e[4] | ((uint32_t)e[5] << 16);
+  v.w = (uint32_t)e[6] | ((uint32_t)e[7] << 16);
+  return v;
+}
+
+// One 16-byte chunk global -> shared: 8 elements of which n_valid (clamped to 0..8) are in
+// range. `vec` selects cp.async (the pointer is then 16-byte aligned by the caller's test).
+template <typename T>
+__device__ __forceinline__ void load_chunk(uint32_t dst, const T* src, int n_valid, bool vec,
+                                           const T* safe) {
+  n_valid = max(0, min(8, n_valid));
+  if (vec) {
+    cp_async_16(dst, n_valid > 0 ? (const void*)src : (const void*)safe, n_valid * 2);
+  } else {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (n_valid > 0) v = load8_scalar(reinterpret_cast<const unsigned short*>(src), n_valid);
+    st_shared_v4(dst, v);
+  }
+}
+
+}  // namespace gk
+
+// ------------------------------------------------------------------------------------------
+// sm_80 tensor-core kernel (mma.sync m16n8k16, ldmatrix, 4-stage cp.async)
+// ------------------------------------------------------------------------------------------
+namespace tc {
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, THREADS = 256;
+constexpr int WM = 64, WN = 32;                     // warp tile
+constexpr int MI = WM / 16, NJ = WN / 8;            // 4 x 4 mma tiles per warp
+constexpr int A_BYTES = BM * BK * 2;                // 8 KiB
+constexpr int B_BYTES = BN * BK * 2;                // 8 KiB
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;      // 16 KiB
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;    // 64 KiB
+static_assert(THREADS == 32 * (BM / WM) * (BN / WN), "8 warps");
+static_assert(BK == 32, "the K-major swizzle assumes 4 chunks per row");
+static_assert(BN == 128, "the N-major swizzle assumes 16 chunks per row");
+static_assert(SMEM_BYTES == 65536, "mirrored as geom::TC_SMEM in src/cuda/gemm.rs");
+}  // namespace tc
+
+// One 128 x 128 output tile with origin (m0, n0) (multiples of 128, inside M x N).
+template <typename T, bool NN>
+__device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, int K1, int K2,
+                                                  const T* __restrict__ A1, int lda1,
+                                                  const T* __restrict__ B1, int ldb1,
+                                                  const T* __restrict__ A2, int lda2,
+                                                  const T* __restrict__ B2, int ldb2,
+                                                  const T* __restrict__ bias, float beta,
+                                                  T* __restrict__ D, int ldd) {
+  using namespace tc;
+  extern __shared__ __align__(128) unsigned char smem_tc[];
+  const uint32_t smem_base = gk::smem_u32(smem_tc);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp >> 2;  // 0..1
+  const int wn = warp & 3;   // 0..3
+
+  // Fast-path test per operand pair (uniform over the grid).
+  const bool vec1 = ((((uintptr_t)A1 | (uintptr_t)B1) & 15) == 0) && (((lda1 | ldb1) & 7) == 0);
+  const bool vec2 = ((((uintptr_t)A2 | (uintptr_t)B2) & 15) == 0) && (((lda2 | ldb2) & 7) == 0);
+
+  const int KT1 = (K1 + BK - 1) / BK;
+  const int KT2 = (K2 + BK - 1) / BK;
+  const int KT = KT1 + KT2;
+
+  // ---- global -> shared for k tile `t` into stage `slot` ----
+  auto load_tile = [&](int t, int slot) {
+    const bool second = t >= KT1;
+    const T* A = second ? A2 : A1;
+    const T* B = second ? B2 : B1;
+    const int lda = second ? lda2 : lda1;
+    const int ldb = second ? ldb2 : ldb1;
+    const int K = second ? K2 : K1;
+    const int kb = (second ? t - KT1 : t) * BK;
+    const bool vec = second ? vec2 : vec1;
+    const uint32_t sa = smem_base + slot * STAGE_BYTES;
+    const uint32_t sb = sa + A_BYTES;
+    // A tile: 128 rows x 4 chunks = 512 chunks, 2 per thread.
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int idx = tid + p * THREADS;
+      const int r = idx >> 2, c = idx & 3;
+      const int gm = m0 + r, kk = kb + c * 8;
+      const int nv = (gm < M) ? K - kk : 0;
+      const T* src = A + ((size_t)(gm < M ? gm : 0) * lda + (kk < K ? kk : 0));
+      gk::load_chunk<T>(sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, nv, vec, A);
+    }
+    if (!NN) {
+      // B (N x K, k contiguous): same K-major tile as A.
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int idx = tid + p * THREADS;
+        const int r = idx >> 2, c = idx & 3;
+        const int gn = n0 + r, kk = kb + c * 8;
+        const int nv = (gn < N) ? K - kk : 0;
+        const T* src = B + ((size_t)(gn < N ? gn : 0) * ldb + (kk < K ? kk : 0));
+        gk::load_chunk<T>(sb + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, nv, vec, B);
+      }
+    } else {
+      // B (K x N, n contiguous): N-major tile, 32 k-rows x 16 chunks, 2 per thread.
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int idx = tid + p * THREADS;
+        const int r = idx >> 4, c = idx & 15;
+        const int kk = kb + r, gn = n0 + c * 8;
+        const int nv = (kk < K) ? N - gn : 0;
+        const T* src = B + ((size_t)(kk < K ? kk : 0) * ldb + (gn < N ? gn : 0));
+        gk::load_chunk<T>(sb + r * 256 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
+      }
+    }
+  };
+
+  // ---- fast path: the full (unpredicated in k) tiles of pair 1 when it is 16-byte aligned ----
+  // Everything but the k offset is hoisted: per chunk a source pointer (row clamped into
+  // range) and a byte count (16, or 0 for a row outside M / N; for NN's B the N tail gives a
+  // partial count). Chunk p = 1 lies 64 rows (A, NT B) or 16 k-rows (NN B) below chunk p = 0,
+  // i.e. 4096 bytes further in the swizzled stage: the XOR pattern repeats every 8 rows.
+  const int KF = vec1 ? K1 / BK : 0;  // tiles 0..KF-1 take the fast path
+  const T* fa[2];
+  const T* fb[2];
+  int fa_n[2], fb_n[2];
+  uint32_t fa_dst, fb_dst;
+  {
+    const int r = tid >> 2, c = tid & 3;
+    fa_dst = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int gm = m0 + r + p * 64;
+      fa[p] = A1 + ((size_t)(gm < M ? gm : 0) * lda1 + c * 8);
+      fa_n[p] = gm < M ? 16 : 0;
+    }
+    if (!NN) {
+      fb_dst = fa_dst;
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int gn = n0 + r + p * 64;
+        fb[p] = B1 + ((size_t)(gn < N ? gn : 0) * ldb1 + c * 8);
+        fb_n[p] = gn < N ? 16 : 0;
+      }
+    } else {
+      const int kr = tid >> 4, cn = tid & 15;
+      fb_dst = kr * 256 + ((cn ^ (kr & 7)) << 4);
+      const int gn = n0 + cn * 8;
+      const int nb = max(0, min(8, N - gn)) * 2;
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        fb[p] = B1 + ((size_t)(kr + p * 16) * ldb1 + (gn < N ? gn : 0));
+        fb_n[p] = nb;
+      }
+    }
+  }
+  auto load_tile_fast = [&](int t, int slot) {
+    const uint32_t sa = smem_base + slot * STAGE_BYTES;
+    const uint32_t sb = sa + A_BYTES;
+    const int ka = t * BK;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) gk::cp_async_16(sa + fa_dst + p * 4096, fa[p] + ka, fa_n[p]);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const T* src = NN ? fb[p] + (size_t)ka * ldb1 : fb[p] + ka;
+      gk::cp_async_16(sb + fb_dst + p * 4096, src, fb_n[p]);
+    }
+  };
+  auto load = [&](int t, int slot) {
+    if (t < KF)
+      load_tile_fast(t, slot);
+    else if (t < KT)
+      load_tile(t, slot);
+  };
+
+  // ---- per-lane ldmatrix offsets (bytes within a stage's A / B tile) ----
+  uint32_t a_off[2];
+  {
+    const int r = wm * WM + (lane & 15);
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int c = ks * 2 + (lane >> 4);
+      a_off[ks] = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+    }
+  }
+  uint32_t b_off[2];  // NT: indexed by ks; NN: indexed by the n16 pair jp (add ks*16 rows)
+  if (!NN) {
+    const int r = wn * WN + (lane & 7) + ((lane >> 4) << 3);
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int c = ks * 2 + ((lane >> 3) & 1);
+      b_off[ks] = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+    }
+  } else {
+    const int kr = (lane & 7) + (((lane >> 3) & 1) << 3);
+#pragma unroll
+    for (int jp = 0; jp < 2; ++jp) {
+      const int c = wn * (WN / 8) + jp * 2 + (lane >> 4);
+      b_off[jp] = kr * 256 + ((c ^ (kr & 7)) << 4);
+    }
+  }
+
+  float acc[MI][NJ][4];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+  // ---- prologue: tiles 0 .. STAGES-2 in flight ----
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    load(s, s);
+    gk::cp_async_commit();
+  }
+
+  // ---- main loop ----
+  for (int t = 0; t < KT; ++t) {
+    gk::cp_async_wait<STAGES - 2>();  // this thread's copies of tile t have landed
+    __syncthreads();                  // ... everybody's; and tile t-1's slot is free
+    {
+      const int tl = t + STAGES - 1;
+      load(tl, tl % STAGES);
+      gk::cp_async_commit();
+    }
+    const int slot = t % STAGES;
+    const uint32_t sa = smem_base + slot * STAGE_BYTES;
+    const uint32_t sb = sa + A_BYTES;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      uint32_t af[MI][4];
+      uint32_t bf[NJ][2];
+#pragma unroll
+      for (int i = 0; i < MI; ++i) gk::ldmatrix_x4(af[i], sa + a_off[ks] + i * 16 * 64);
+#pragma unroll
+      for (int jp = 0; jp < NJ / 2; ++jp) {
+        uint32_t r[4];
+        if (!NN)
+          gk::ldmatrix_x4(r, sb + b_off[ks] + jp * 16 * 64);
+        else
+          gk::ldmatrix_x4_trans(r, sb + ks * 16 * 256 + b_off[jp]);
+        bf[2 * jp][0] = r[0];
+        bf[2 * jp][1] = r[1];
+        bf[2 * jp + 1][0] = r[2];
+        bf[2 * jp + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) gk::Ty<T>::mma(acc[i][j], af[i], bf[j]);
+    }
+  }
+  gk::cp_async_wait_all();
+
+  // ---- epilogue: D = acc (+ bias) (+ beta * D) ----
+  const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
+  const bool read_d = beta != 0.f;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    const int col = n0 + wn * WN + j * 8 + (lane & 3) * 2;
+    if (col >= N) continue;
+    const bool has1 = col + 1 < N;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      b0 = gk::Ty<T>::to_f32(bias[col]);
+      if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
+    }
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wm * WM + i * 16 + (lane >> 2) + h * 8;
+        if (row >= M) continue;
+        T* dp = D + (size_t)row * ldd + col;
+        float v0 = acc[i][j][2 * h] + b0;
+        float v1 = acc[i][j][2 * h + 1] + b1;
+        if (read_d) {
+          v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
+          if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
+        }
+        if (has1 && pair_store) {
+          *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
+        } else {
+          dp[0] = gk::Ty<T>::from_f32(v0);
+          if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
+        }
+      }
+    }
+  }
+}
+
+#define GEMM_KEXT_PARAMS(T)                                                                  \
+  int M, int N, int K1, int K2, const T *__restrict__ A1, int lda1, const T *__restrict__ B1, \
+      int ldb1, const T *__restrict__ A2, int lda2, const T *__restrict__ B2, int ldb2,       \
+      const T *__restrict__ bias, float beta, T *__restrict__ D, int ldd
+#define GEMM_KEXT_ARGS M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2, bias, beta, D, ldd
+
+// The sm_80 kernel: one 128 x 128 tile per block, in grouped order.
+template <typename T, bool NN>
+__device__ __forceinline__ void gemm_kext_tc(GEMM_KEXT_PARAMS(T)) {
+  int tm, tn;
+  gk::block_tile_coords((M + tc::BM - 1) / tc::BM, (N + tc::BN - 1) / tc::BN, tm, tn);
+  gemm_kext_tc_tile<T, NN>(tm * tc::BM, tn * tc::BN, GEMM_KEXT_ARGS);
+}
+
+#define GEMM_KEXT_TC(NAME, T, NN)                                              \
+  extern "C" __global__ void __launch_bounds__(tc::THREADS, 2) NAME(GEMM_KEXT_PARAMS(T)) { \
+    gemm_kext_tc<T, NN>(GEMM_KEXT_ARGS);                                       \
+  }
+
+GEMM_KEXT_TC(gemm_kext_nt_bf16, __nv_bfloat16, false)
+GEMM_KEXT_TC(gemm_kext_nt_f16, __half, false)
+GEMM_KEXT_TC(gemm_kext_nn_bf16, __nv_bfloat16, true)
+GEMM_KEXT_TC(gemm_kext_nn_f16, __half, true)
+
+// ------------------------------------------------------------------------------------------
+// f32 kernel: plain FMA, 64x64 block tile, 16-deep k tiles, 4x4 outputs per thread.
+// For tests and the f32 storage path; no alignment requirement at all.
+// ------------------------------------------------------------------------------------------
+namespace fm {
+constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256;
+}
+
+template <bool NN>
+__device__ __forceinline__ void gemm_kext_fma(GEMM_KEXT_PARAMS(float)) {
+  using namespace fm;
+  __shared__ float As[BK][BM + 4];
+  __shared__ float Bs[BK][BN + 4];
+  const int tid = threadIdx.x;
+  const int tx = tid & 15, ty = tid >> 4;
+  int tm, tn;
+  gk::block_tile_coords((M + BM - 1) / BM, (N + BN - 1) / BN, tm, tn);
+  const int m0 = tm * BM, n0 = tn * BN;
+  const int KT1 = (K1 + BK - 1) / BK, KT2 = (K2 + BK - 1) / BK;
+
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  for (int t = 0; t < KT1 + KT2; ++t) {
+    const bool second = t >= KT1;
+    const float* A = second ? A2 : A1;
+    const float* B = second ? B2 : B1;
+    const int lda = second ? lda2 : lda1, ldb = second ? ldb2 : ldb1, K = second ? K2 : K1;
+    const int kb = (second ? t - KT1 : t) * BK;
+#pragma unroll
+    for (int p = 0; p < (BM * BK) / THREADS; ++p) {
+      const int idx = tid + p * THREADS;
+      const int r = idx / BK, k = idx % BK;  // 16 consecutive threads read one row's k run
+      const int gm = m0 + r, gk_ = kb + k;
+      As[k][r] = (gm < M && gk_ < K) ? A[(size_t)gm * lda + gk_] : 0.f;
+    }
+#pragma unroll
+    for (int p = 0; p < (BN * BK) / THREADS; ++p) {
+      const int idx = tid + p * THREADS;
+      if (!NN) {
+        const int r = idx / BK, k = idx % BK;
+        const int gn = n0 + r, gk_ = kb + k;
+        Bs[k][r] = (gn < N && gk_ < K) ? B[(size_t)gn * ldb + gk_] : 0.f;
+      } else {
+        const int k = idx / BN, c = idx % BN;
+        const int gk_ = kb + k, gn = n0 + c;
+        Bs[k][c] = (gn < N && gk_ < K) ? B[(size_t)gk_ * ldb + gn] : 0.f;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[k][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[k][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+  const bool read_d = beta != 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = m0 + ty + 16 * i;
+    if (row >= M) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int col = n0 + tx + 16 * j;
+      if (col >= N) continue;
+      float v = acc[i][j];
+      if (bias != nullptr) v += bias[col];
+      float* dp = D + (size_t)row * ldd + col;
+      if (read_d) v = fmaf(beta, *dp, v);
+      *dp = v;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(fm::THREADS) gemm_kext_nt_f32(GEMM_KEXT_PARAMS(float)) {
+  gemm_kext_fma<false>(GEMM_KEXT_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(fm::THREADS) gemm_kext_nn_f32(GEMM_KEXT_PARAMS(float)) {
+  gemm_kext_fma<true>(GEMM_KEXT_ARGS);
+}
+
+// ------------------------------------------------------------------------------------------
+// sm_90a kernel: wgmma.mma_async (m64n256k16) fed by a cp.async pipeline.
+//
+// Not TMA: tensor maps would move layout logic into the launcher (one CUtensorMap per operand
+// and call, passed as __grid_constant__) and need a warp-specialised mbarrier pipeline; this
+// kernel instead has all 256 threads fill the shared tiles with cp.async (the same
+// K-extension / zero-fill / scalar-fallback logic as the sm_80 kernel) directly in the wgmma
+// canonical 128-byte-swizzle layouts, and a proxy fence hands them to the async proxy.
+//   block tile 128 x 256 x 64, 2 warpgroups; warpgroup g computes rows 64g..64g+63 x 256
+//   columns with 4 wgmma m64n256k16 per k tile (128 f32 accumulators per thread).
+//   Why 128 x 256: per 64-deep k tile an SM moves 48 KiB from L2 for 1024 tensor cycles
+//   (48 B/clk; a 128 x 128 tile needs 64 B/clk, at the limit of what L2 delivers per SM) and
+//   reads 80 KiB of shared memory (80 B/clk, under the 128 B/clk of the SM).
+//   4 stages x 48 KiB (+1 KiB to align the stages to 1024 B) = 193 KiB, one block per SM.
+//   Pipeline: tile t+2 is loaded while tile t is multiplied; wgmma groups are kept one deep
+//   (wait_group 1), so the slot refilled in iteration t (that of tile t-2) is no longer read.
+//   Shared layouts (16-byte chunk c, stage base 1024-aligned):
+//     K-major (A; B of NT), rows of 64 k = 128 B:  row r, chunk c at  r*128 + ((c ^ (r&7))*16)
+//       descriptor: SW128, SBO = 1024 B (8-row groups), LBO unused (16 B); k16 step = +32 B.
+//     N-major (B of NN): four 64-column quarters of 64 k-rows x 128 B each (8 KiB apart);
+//       k-row k, chunk c of quarter h at  h*8192 + k*128 + ((c ^ (k&7))*16)
+//       descriptor: SW128, transposed B, LBO = 8192 B (next 64 columns), SBO = 1024 B
+//       (next 8 k-rows); k16 step = +2048 B.
+//   The layouts were checked against the canonical-layout definitions (PTX ISA "Shared Memory
+//   Matrix Layout"; cute make_gmma_desc: Swizzle<3,4,3> over ((8,m),(T,2k)) K-major and
+//   ((T,8,m),(8,k)) MN-major) by kernels/test/emulate_sm90.py.
+//   ptxas (CUDA 13.0, sm_90a): 168-177 registers, 0 spills, 0 stack.
+//   Built for a target without sm_90a features, the same names run the sm_80 body on the
+//   two 128 x 128 halves of the block's tile (correct, same launch geometry).
+// ------------------------------------------------------------------------------------------
+namespace h90 {
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, THREADS = 256;
+constexpr int NACC = BN / 2;                      // f32 accumulators per thread (64 x 256 / 128)
+static_assert(NACC == 128, "the wgmma wrappers below are m64n256k16: 128 accumulators");
+constexpr int A_BYTES = BM * BK * 2;              // 16 KiB
+constexpr int B_BYTES = BN * BK * 2;              // 32 KiB
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;    // 48 KiB
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+static_assert(STAGES >= 3, "the refill distance is STAGES - 2");
+static_assert(SMEM_BYTES == 4 * 49152 + 1024, "mirrored as geom::H_SMEM in src/cuda/gemm.rs");
+static_assert(THREADS == tc::THREADS && BM == tc::BM && BN == 2 * tc::BN &&
+                  SMEM_BYTES >= tc::SMEM_BYTES,
+              "the non-sm_90a fallback runs two sm_80 tiles in an _sm90 launch");
+}  // namespace h90
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+namespace h90 {
+// Shared-memory matrix descriptor, 128-byte swizzle; offsets in bytes (multiples of 16).
+__device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = 0;
+  d |= (uint64_t)((addr >> 4) & 0x3FFF);
+  d |= (uint64_t)((lbo >> 4) & 0x3FFF) << 16;
+  d |= (uint64_t)((sbo >> 4) & 0x3FFF) << 32;
+  d |= (uint64_t)1 << 62;
+  return d;
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from touching accumulator registers across async wgmma boundaries.
+__device__ __forceinline__ void fence_regs(float (&d)[NACC]) {
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <typename T, int TRANS_B>
+struct Wgmma;
+template <int TRANS_B>
+struct Wgmma<__nv_bfloat16, TRANS_B> {
+  __device__ __forceinline__ static void run(float (&d)[NACC], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, %131;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+  }
+};
+template <int TRANS_B>
+struct Wgmma<__half, TRANS_B> {
+  __device__ __forceinline__ static void run(float (&d)[NACC], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, %131;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+  }
+};
+}  // namespace h90
+#endif
+
+template <typename T, bool NN>
+__device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
+  int tm, tn;
+  gk::block_tile_coords((M + h90::BM - 1) / h90::BM, (N + h90::BN - 1) / h90::BN, tm, tn);
+  const int m0 = tm * h90::BM;
+  const int n0 = tn * h90::BN;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace h90;
+  extern __shared__ __align__(1024) unsigned char smem_h90[];
+  const uint32_t smem_base = (gk::smem_u32(smem_h90) + 1023u) & ~1023u;
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;            // warpgroup: rows 64*wg .. 64*wg+63 of the block tile
+  const int wrow = (tid & 127) >> 5;  // warp within the warpgroup: 16 rows each
+  const int lane = tid & 31;
+
+  const bool vec1 = ((((uintptr_t)A1 | (uintptr_t)B1) & 15) == 0) && (((lda1 | ldb1) & 7) == 0);
+  const bool vec2 = ((((uintptr_t)A2 | (uintptr_t)B2) & 15) == 0) && (((lda2 | ldb2) & 7) == 0);
+  const int KT1 = (K1 + BK - 1) / BK;
+  const int KT2 = (K2 + BK - 1) / BK;
+  const int KT = KT1 + KT2;
+
+  // General loader (any tile, predicated, either pair).
+  auto load_tile = [&](int t, int slot) {
+    const bool second = t >= KT1;
+    const T* A = second ? A2 : A1;
+    const T* B = second ? B2 : B1;
+    const int lda = second ? lda2 : lda1;
+    const int ldb = second ? ldb2 : ldb1;
+    const int K = second ? K2 : K1;
+    const int kb = (second ? t - KT1 : t) * BK;
+    const bool vec = second ? vec2 : vec1;
+    const uint32_t sa = smem_base + slot * STAGE_BYTES;
+    const uint32_t sb = sa + A_BYTES;
+    // A: 128 rows x 8 chunks = 1024 chunks, 4 per thread.
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int idx = tid + p * THREADS;
+      const int r = idx >> 3, c = idx & 7;
+      const int gm = m0 + r, kk = kb + c * 8;
+      const int nv = (gm < M) ? K - kk : 0;
+      const T* src = A + ((size_t)(gm < M ? gm : 0) * lda + (kk < K ? kk : 0));
+      gk::load_chunk<T>(sa + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, A);
+    }
+    if (!NN) {
+      // B: 256 rows x 8 chunks = 2048 chunks, 8 per thread.
+#pragma unroll
+      for (int p = 0; p < 8; ++p) {
+        const int idx = tid + p * THREADS;
+        const int r = idx >> 3, c = idx & 7;
+        const int gn = n0 + r, kk = kb + c * 8;
+        const int nv = (gn < N) ? K - kk : 0;
+        const T* src = B + ((size_t)(gn < N ? gn : 0) * ldb + (kk < K ? kk : 0));
+        gk::load_chunk<T>(sb + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
+      }
+    } else {
+      // B: 64 k-rows x 32 chunks = 2048 chunks, 8 per thread; chunk cn lies in quarter cn >> 3.
+#pragma unroll
+      for (int p = 0; p < 8; ++p) {
+        const int idx = tid + p * THREADS;
+        const int r = idx >> 5, cn = idx & 31;
+        const int h = cn >> 3, c = cn & 7;
+        const int kk = kb + r, gn = n0 + cn * 8;
+        const int nv = (kk < K) ? N - gn : 0;
+        const T* src = B + ((size_t)(kk < K ? kk : 0) * ldb + (gn < N ? gn : 0));
+        gk::load_chunk<T>(sb + h * 8192 + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
+      }
+    }
+  };
+
+  // Fast path for the full tiles of an aligned first pair (as in the sm_80 kernel). Chunk p of
+  // a thread lies 32 rows (A, NT B) or 8 k-rows (NN B) below chunk 0, i.e. 4096 / 1024 bytes
+  // further in the swizzled tile (the XOR pattern repeats every 8 rows).
+  const int KF = vec1 ? K1 / BK : 0;
+  const T* fa[4];
+  const T* fb[8];
+  int fa_n[4], fb_n[8];
+  uint32_t fa_dst, fb_dst;
+  {
+    const int r = tid >> 3, c = tid & 7;
+    fa_dst = r * 128 + ((c ^ (r & 7)) << 4);
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const int gm = m0 + r + p * 32;
+      fa[p] = A1 + ((size_t)(gm < M ? gm : 0) * lda1 + c * 8);
+      fa_n[p] = gm < M ? 16 : 0;
+    }
+    if (!NN) {
+      fb_dst = fa_dst;
+#pragma unroll
+      for (int p = 0; p < 8; ++p) {
+        const int gn = n0 + r + p * 32;
+        fb[p] = B1 + ((size_t)(gn < N ? gn : 0) * ldb1 + c * 8);
+        fb_n[p] = gn < N ? 16 : 0;
+      }
+    } else {
+      const int kr = tid >> 5, cn = tid & 31;
+      fb_dst = (cn >> 3) * 8192 + kr * 128 + (((cn & 7) ^ (kr & 7)) << 4);
+      const int gn = n0 + cn * 8;
+      const int nb = max(0, min(8, N - gn)) * 2;
+#pragma unroll
+      for (int p = 0; p < 8; ++p) {
+        fb[p] = B1 + ((size_t)(kr + p * 8) * ldb1 + (gn < N ? gn : 0));
+        fb_n[p] = nb;
+      }
+    }
+  }
+  auto load = [&](int t, int slot) {
+    if (t < KF) {
+      const uint32_t sa = smem_base + slot * STAGE_BYTES;
+      const uint32_t sb = sa + A_BYTES;
+      const int ka = t * BK;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) gk::cp_async_16(sa + fa_dst + p * 4096, fa[p] + ka, fa_n[p]);
+#pragma unroll
+      for (int p = 0; p < 8; ++p) {
+        const T* src = NN ? fb[p] + (size_t)ka * ldb1 : fb[p] + ka;
+        gk::cp_async_16(sb + fb_dst + p * (NN ? 1024 : 4096), src, fb_n[p]);
+      }
+    } else if (t < KT) {
+      load_tile(t, slot);
+    }
+  };
+
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+  fence_regs(acc);
+
+  // Prologue: tiles 0 .. STAGES-3 in flight.
+#pragma unroll
+  for (int s = 0; s < STAGES - 2; ++s) {
+    load(s, s);
+    gk::cp_async_commit();
+  }
+
+  for (int t = 0; t < KT; ++t) {
+    gk::cp_async_wait<STAGES - 3>();  // this thread's part of tile t has landed
+    fence_proxy_async();              // ... and is visible to the async (wgmma) proxy
+    __syncthreads();                  // everyone's; wgmma(t-2) finished in every warpgroup
+    {
+      const int tl = t + STAGES - 2;  // refill the slot of tile t-2
+      load(tl, tl % STAGES);
+      gk::cp_async_commit();
+    }
+    const uint32_t sa = smem_base + (t % STAGES) * STAGE_BYTES;
+    const uint32_t sb = sa + A_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      const uint64_t da = desc(sa + wg * (64 * 128) + ks * 32, 16, 1024);
+      const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
+      Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_regs(acc);
+  }
+  wgmma_wait<0>();
+  fence_regs(acc);
+  gk::cp_async_wait_all();
+
+  // Epilogue. Accumulator layout of m64nNk16: acc[4j + 2h + e] is row 16*wrow + lane/4 + 8h,
+  // column 8j + 2*(lane%4) + e of the warpgroup's 64 x 256 tile.
+  const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
+  const bool read_d = beta != 0.f;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = n0 + j * 8 + (lane & 3) * 2;
+    if (col >= N) continue;
+    const bool has1 = col + 1 < N;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      b0 = gk::Ty<T>::to_f32(bias[col]);
+      if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + wg * 64 + wrow * 16 + (lane >> 2) + h * 8;
+      if (row >= M) continue;
+      T* dp = D + (size_t)row * ldd + col;
+      float v0 = acc[4 * j + 2 * h] + b0;
+      float v1 = acc[4 * j + 2 * h + 1] + b1;
+      if (read_d) {
+        v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
+        if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
+      }
+      if (has1 && pair_store) {
+        *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
+      } else {
+        dp[0] = gk::Ty<T>::from_f32(v0);
+        if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
+      }
+    }
+  }
+#else
+  // Built for a target without sm_90a features (the compute_80 PTX, sm_80, or plain sm_90):
+  // compute the block's 128 x 256 tile as two 128 x 128 tiles with the sm_80 body. Same
+  // launch geometry, and it needs less dynamic shared memory than an _sm90 launch provides,
+  // so a launch of these names is correct everywhere.
+  gemm_kext_tc_tile<T, NN>(m0, n0, GEMM_KEXT_ARGS);
+  if (n0 + tc::BN < N) {
+    __syncthreads();  // the second tile reuses the shared stages of the first
+    gemm_kext_tc_tile<T, NN>(m0, n0 + tc::BN, GEMM_KEXT_ARGS);
+  }
+#endif
+}
+
+#define GEMM_KEXT_H90(NAME, T, NN)                                                       \
+  extern "C" __global__ void __launch_bounds__(h90::THREADS, 1) NAME(GEMM_KEXT_PARAMS(T)) { \
+    gemm_kext_h90<T, NN>(GEMM_KEXT_ARGS);                                                \
+  }
+
+GEMM_KEXT_H90(gemm_kext_nt_bf16_sm90, __nv_bfloat16, false)
+GEMM_KEXT_H90(gemm_kext_nn_bf16_sm90, __nv_bfloat16, true)
+GEMM_KEXT_H90(gemm_kext_nt_f16_sm90, __half, false)
+GEMM_KEXT_H90(gemm_kext_nn_f16_sm90, __half, true)

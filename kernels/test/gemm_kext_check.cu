@@ -1,0 +1,419 @@
+// gemm_kext_check.cu — standalone correctness and timing check of kernels/gemm_kext.cu.
+// Not built by cargo. Build: kernels/test/compile_check.sh (-> target/gemm_kext_check), or
+//
+//   nvcc -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
+//        -o gemm_kext_check kernels/test/gemm_kext_check.cu -ldl
+//   (with the PyPI wheels add -I .../include -I .../include/cccl -L .../lib; add -DWITH_CUBLAS
+//    -I <cublas include dir> to compare with cuBLAS in --bench: libcublas is dlopen'ed at run
+//    time, so the binary also runs where it is missing. cudart is linked statically.)
+//
+// Run:  ./gemm_kext_check            every variant on the odd-size grid; exit 1 on any failure
+//       ./gemm_kext_check --bench    4096^3 timings (K2 = 0 and 64) and cuBLAS if available
+//
+// Inputs are multiples of 1/8 in [-1/2, 1/2] (and bias, old D likewise; beta = 1/2), so every
+// product and partial sum is exact in f32 for these sizes: the f32 kernels must match the
+// float64 reference exactly, and bf16/f16 results may differ only by the final rounding
+// (relative 2^-8 / 2^-11). Each case cycles through layouts that exercise the fast path
+// (lds multiples of 8), the slow scalar path of the second pair (odd lds), and of both pairs
+// with misaligned base pointers and an odd ldd (scalar epilogue stores).
+
+#include "../gemm_kext.cu"
+
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      exit(2);                                                                             \
+    }                                                                                      \
+  } while (0)
+
+template <typename T>
+using KernelFn = void (*)(int, int, int, int, const T*, int, const T*, int, const T*, int,
+                          const T*, int, const T*, float, T*, int);
+
+template <typename T>
+struct Variant {
+  const char* name;
+  KernelFn<T> fn;
+  bool nn;
+  int tile_m, tile_n, threads, smem;
+};
+
+static inline float to_f(float v) { return v; }
+static inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+static inline float to_f(__half v) { return __half2float(v); }
+template <typename T>
+static inline T from_f(float v);
+template <>
+inline float from_f<float>(float v) { return v; }
+template <>
+inline __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+inline __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+static float rnd8() {  // multiple of 1/8 in [-1/2, 1/2]
+  g_rng ^= g_rng << 13;
+  g_rng ^= g_rng >> 7;
+  g_rng ^= g_rng << 17;
+  return (float)((int)(g_rng % 9) - 4) / 8.0f;
+}
+
+// A host matrix with a given leading dimension, filled with rnd8 (padding filled with a
+// large sentinel so that reading outside the view shows up as a wrong result).
+struct HostMat {
+  int rows = 0, cols = 0, ld = 0;
+  std::vector<float> v;
+  void init(int r, int c, int l) {
+    rows = r, cols = c, ld = l;
+    v.assign((size_t)(r > 0 ? (r - 1) * (size_t)l + c : 0) + 16, 1000.0f);
+    for (int i = 0; i < r; ++i)
+      for (int j = 0; j < c; ++j) v[(size_t)i * l + j] = rnd8();
+  }
+  float at(int i, int j) const { return v[(size_t)i * ld + j]; }
+};
+
+struct Case {
+  int M, N, K1, K2;
+  bool nn;
+  int layout;  // 0: aligned lds; 1: second pair odd lds; 2: everything odd / misaligned
+  bool bias;
+  float beta;
+};
+
+struct Problem {
+  Case c;
+  HostMat A1, B1, A2, B2, D0;
+  std::vector<float> bias;
+  std::vector<double> ref;  // M x N
+  int off;                  // element offset of every base pointer (layout 2: 1)
+  int ldd;
+};
+
+static int round8(int x) { return (x + 7) / 8 * 8; }
+
+static void make_problem(Problem& p, const Case& c) {
+  p.c = c;
+  auto ld_for = [&](int cols, bool second) {
+    if (c.layout == 0) return round8(cols);
+    if (c.layout == 1) return second ? cols + 1 : round8(cols) + 8;
+    return cols + 3;
+  };
+  p.off = c.layout == 2 ? 1 : 0;
+  p.A1.init(c.M, c.K1, ld_for(c.K1, false));
+  p.A2.init(c.M, c.K2, ld_for(c.K2, true));
+  if (!c.nn) {
+    p.B1.init(c.N, c.K1, ld_for(c.K1, false));
+    p.B2.init(c.N, c.K2, ld_for(c.K2, true));
+  } else {
+    p.B1.init(c.K1, c.N, ld_for(c.N, false));
+    p.B2.init(c.K2, c.N, ld_for(c.N, true));
+  }
+  p.ldd = c.layout == 2 ? c.N + 1 : round8(c.N);
+  p.D0.init(c.M, c.N, p.ldd);
+  p.bias.resize(c.N);
+  for (auto& b : p.bias) b = rnd8();
+  p.ref.assign((size_t)c.M * c.N, 0.0);
+  for (int i = 0; i < c.M; ++i)
+    for (int j = 0; j < c.N; ++j) {
+      double s = 0;
+      for (int k = 0; k < c.K1; ++k)
+        s += (double)p.A1.at(i, k) * (c.nn ? p.B1.at(k, j) : p.B1.at(j, k));
+      for (int k = 0; k < c.K2; ++k)
+        s += (double)p.A2.at(i, k) * (c.nn ? p.B2.at(k, j) : p.B2.at(j, k));
+      if (c.bias) s += p.bias[j];
+      if (c.beta != 0.f) s += (double)c.beta * p.D0.at(i, j);
+      p.ref[(size_t)i * c.N + j] = s;
+    }
+}
+
+template <typename T>
+static T* upload(const std::vector<float>& h, int off) {
+  std::vector<T> t(h.size() + off);
+  for (size_t i = 0; i < h.size(); ++i) t[i + off] = from_f<T>(h[i]);
+  T* d = nullptr;
+  CK(cudaMalloc(&d, t.size() * sizeof(T)));
+  CK(cudaMemcpy(d, t.data(), t.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// Runs one variant on one problem; returns the worst error in units of the tolerance
+// (> 1 = failure) and prints a line for failures.
+template <typename T>
+static double run_case(const Variant<T>& var, const Problem& p, double rel_tol) {
+  const Case& c = p.c;
+  T* dA1 = upload<T>(p.A1.v, p.off);
+  T* dB1 = upload<T>(p.B1.v, p.off);
+  T* dA2 = c.K2 ? upload<T>(p.A2.v, p.off) : nullptr;
+  T* dB2 = c.K2 ? upload<T>(p.B2.v, p.off) : nullptr;
+  T* dbias = c.bias ? upload<T>(p.bias, p.off) : nullptr;
+  std::vector<float> d0 = p.D0.v;
+  if (c.beta == 0.f)  // D must not be read: fill it with NaN
+    for (auto& x : d0) x = NAN;
+  T* dD = upload<T>(d0, p.off);
+  const int tiles = ((c.M + var.tile_m - 1) / var.tile_m) * ((c.N + var.tile_n - 1) / var.tile_n);
+  var.fn<<<tiles, var.threads, var.smem>>>(
+      c.M, c.N, c.K1, c.K2, dA1 + p.off, p.A1.ld, dB1 + p.off, p.B1.ld,
+      dA2 ? dA2 + p.off : nullptr, p.A2.ld, dB2 ? dB2 + p.off : nullptr, p.B2.ld,
+      dbias ? dbias + p.off : nullptr, c.beta, dD + p.off, p.ldd);
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  std::vector<T> out(d0.size() + p.off);
+  CK(cudaMemcpy(out.data(), dD, out.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  double worst = 0;
+  int wi = -1, wj = -1;
+  double wgot = 0, wref = 0;
+  for (int i = 0; i < c.M; ++i)
+    for (int j = 0; j < c.N; ++j) {
+      const double r = p.ref[(size_t)i * c.N + j];
+      const double g = to_f(out[(size_t)i * p.ldd + j + p.off]);
+      double e = std::fabs(g - r) / (rel_tol * std::fmax(1.0, std::fabs(r)));
+      if (!(e <= 1e300)) e = 1e300;  // NaN
+      if (e > worst) worst = e, wi = i, wj = j, wgot = g, wref = r;
+    }
+  // Padding between rows of D must be untouched (it held rnd8 values or NaN).
+  for (int i = 0; i + 1 < c.M; ++i)
+    for (int j = c.N; j < p.ldd; ++j) {
+      const float before = d0[(size_t)i * p.ldd + j];
+      const float after = to_f(out[(size_t)i * p.ldd + j + p.off]);
+      const bool same = (std::isnan(before) && std::isnan(after)) || to_f(from_f<T>(before)) == after;
+      if (!same) {
+        worst = 1e300;
+        wi = i, wj = j, wgot = after, wref = before;
+      }
+    }
+  if (worst > 1.0)
+    printf("FAIL %-24s M=%d N=%d K1=%d K2=%d layout=%d bias=%d beta=%g: worst at (%d,%d) got %.6g "
+           "want %.6g (%.3g x tol)\n",
+           var.name, c.M, c.N, c.K1, c.K2, c.layout, (int)c.bias, c.beta, wi, wj, wgot, wref,
+           worst);
+  cudaFree(dA1);
+  cudaFree(dB1);
+  if (dA2) cudaFree(dA2);
+  if (dB2) cudaFree(dB2);
+  if (dbias) cudaFree(dbias);
+  cudaFree(dD);
+  return worst;
+}
+
+template <typename T>
+static void set_smem(const Variant<T>& v) {
+  if (v.smem > 48 * 1024)
+    CK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
+}
+
+static const int H_SMEM = h90::SMEM_BYTES;
+
+static std::vector<Variant<__nv_bfloat16>> bf16_variants(bool sm90) {
+  std::vector<Variant<__nv_bfloat16>> v = {
+      {"gemm_kext_nt_bf16", gemm_kext_nt_bf16, false, 128, 128, 256, tc::SMEM_BYTES},
+      {"gemm_kext_nn_bf16", gemm_kext_nn_bf16, true, 128, 128, 256, tc::SMEM_BYTES}};
+  if (sm90) {
+    v.push_back({"gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, false, 128, 256, 256, H_SMEM});
+    v.push_back({"gemm_kext_nn_bf16_sm90", gemm_kext_nn_bf16_sm90, true, 128, 256, 256, H_SMEM});
+  }
+  return v;
+}
+static std::vector<Variant<__half>> f16_variants(bool sm90) {
+  std::vector<Variant<__half>> v = {
+      {"gemm_kext_nt_f16", gemm_kext_nt_f16, false, 128, 128, 256, tc::SMEM_BYTES},
+      {"gemm_kext_nn_f16", gemm_kext_nn_f16, true, 128, 128, 256, tc::SMEM_BYTES}};
+  if (sm90) {
+    v.push_back({"gemm_kext_nt_f16_sm90", gemm_kext_nt_f16_sm90, false, 128, 256, 256, H_SMEM});
+    v.push_back({"gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, true, 128, 256, 256, H_SMEM});
+  }
+  return v;
+}
+static std::vector<Variant<float>> f32_variants() {
+  return {{"gemm_kext_nt_f32", gemm_kext_nt_f32, false, 64, 64, 256, 0},
+          {"gemm_kext_nn_f32", gemm_kext_nn_f32, true, 64, 64, 256, 0}};
+}
+
+template <typename T>
+static bool check_all(const std::vector<Variant<T>>& vars, const std::vector<Problem>& probs,
+                      double tol) {
+  bool ok = true;
+  for (const auto& v : vars) {
+    set_smem(v);
+    double worst = 0;
+    int n = 0;
+    for (const auto& p : probs) {
+      if (p.c.nn != v.nn) continue;
+      worst = std::fmax(worst, run_case(v, p, tol));
+      ++n;
+    }
+    printf("%-24s %4d cases  worst error %.3g x tol (tol %.3g relative)  %s\n", v.name, n,
+           worst, tol, worst <= 1.0 ? "ok" : "FAIL");
+    ok = ok && worst <= 1.0;
+  }
+  return ok;
+}
+
+// ------------------------------------------------------------------------------------------
+// --bench: 4096^3
+// ------------------------------------------------------------------------------------------
+#ifdef WITH_CUBLAS
+#include <cublas_v2.h>
+typedef cublasStatus_t (*CreateFn)(cublasHandle_t*);
+typedef cublasStatus_t (*GemmExFn)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
+                                   int, const void*, const void*, cudaDataType, int, const void*,
+                                   cudaDataType, int, const void*, void*, cudaDataType, int,
+                                   cublasComputeType_t, cublasGemmAlgo_t);
+#endif
+
+template <typename F>
+static double time_ms(F&& f, int iters) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) f();
+  CK(cudaEventRecord(a));
+  for (int i = 0; i < iters; ++i) f();
+  CK(cudaEventRecord(b));
+  CK(cudaEventSynchronize(b));
+  CK(cudaGetLastError());
+  float ms = 0;
+  CK(cudaEventElapsedTime(&ms, a, b));
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ms / iters;
+}
+
+template <typename T>
+static void bench_variants(const std::vector<Variant<T>>& vars, bool cublas_ok, void* cublas_h,
+                           void* gemm_ex, int cuda_type) {
+  const int S = 4096, R = 64;
+  T *A, *B, *A2, *B2, *D;
+  CK(cudaMalloc(&A, (size_t)S * S * sizeof(T)));
+  CK(cudaMalloc(&B, (size_t)S * S * sizeof(T)));
+  CK(cudaMalloc(&A2, (size_t)S * R * sizeof(T)));
+  CK(cudaMalloc(&B2, (size_t)S * R * sizeof(T)));
+  CK(cudaMalloc(&D, (size_t)S * S * sizeof(T)));
+  {
+    std::vector<T> h((size_t)S * S);
+    for (auto& x : h) x = from_f<T>(rnd8());
+    CK(cudaMemcpy(A, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(B, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(A2, h.data(), (size_t)S * R * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(B2, h.data(), (size_t)S * R * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  for (const auto& v : vars) {
+    set_smem(v);
+    for (int k2 : {0, R}) {
+      const int tiles = (S / v.tile_m) * (S / v.tile_n);
+      // B2 is N x R (NT, ld R) or R x N (NN, ld S).
+      const int ldb2 = v.nn ? S : R;
+      double ms = time_ms(
+          [&] {
+            v.fn<<<tiles, v.threads, v.smem>>>(S, S, S, k2, A, S, B, S, A2, R, B2, ldb2, nullptr,
+                                               0.f, D, S);
+          },
+          20);
+      const double flops = 2.0 * S * S * (double)(S + k2);
+      printf("%-24s M=N=K1=%d K2=%-3d %8.3f ms  %7.1f TFLOP/s\n", v.name, S, k2, ms,
+             flops / ms / 1e9);
+    }
+  }
+#ifdef WITH_CUBLAS
+  if (cublas_ok) {
+    auto gemm = (GemmExFn)gemm_ex;
+    auto h = (cublasHandle_t)cublas_h;
+    const float one = 1.f, zero = 0.f;
+    for (int nn = 0; nn < 2; ++nn) {
+      // Row-major D = A B^T (NT) or A B (NN), as column-major D^T = B^T-ish A^T.
+      double ms = time_ms(
+          [&] {
+            cublasStatus_t st =
+                gemm(h, nn ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, S, S, S, &one, B,
+                     (cudaDataType)cuda_type, S, A, (cudaDataType)cuda_type, S, &zero, D,
+                     (cudaDataType)cuda_type, S, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+            if (st != CUBLAS_STATUS_SUCCESS) {
+              fprintf(stderr, "cublasGemmEx failed: %d\n", (int)st);
+              exit(2);
+            }
+          },
+          20);
+      printf("cuBLAS %-17s M=N=K=%d        %8.3f ms  %7.1f TFLOP/s\n", nn ? "NN" : "NT", S, ms,
+             2.0 * S * S * (double)S / ms / 1e9);
+    }
+  }
+#else
+  (void)cublas_ok, (void)cublas_h, (void)gemm_ex, (void)cuda_type;
+#endif
+  cudaFree(A);
+  cudaFree(B);
+  cudaFree(A2);
+  cudaFree(B2);
+  cudaFree(D);
+}
+
+int main(int argc, char** argv) {
+  const bool bench = argc > 1 && std::string(argv[1]) == "--bench";
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  // The _sm90 kernels run wgmma on sm_90 and the sm_80 body elsewhere (test both when the
+  // device can give them their shared memory).
+  const bool sm90 = (prop.major == 9 && prop.minor == 0) || prop.sharedMemPerBlockOptin >= (size_t)H_SMEM;
+  printf("device: %s (sm_%d%d)%s\n", prop.name, prop.major, prop.minor,
+         sm90 ? (prop.major == 9 ? ", testing the sm_90a wgmma kernels too"
+                                 : ", testing the _sm90 names (sm_80 body) too")
+              : "");
+
+  if (bench) {
+    bool ok = false;
+    void* handle = nullptr;
+    void* gemm_ex = nullptr;
+#ifdef WITH_CUBLAS
+    void* lib = dlopen("libcublas.so.13", RTLD_NOW);
+    if (!lib) lib = dlopen("libcublas.so", RTLD_NOW);
+    if (lib) {
+      auto create = (CreateFn)dlsym(lib, "cublasCreate_v2");
+      gemm_ex = dlsym(lib, "cublasGemmEx");
+      cublasHandle_t h;
+      if (create && gemm_ex && create(&h) == CUBLAS_STATUS_SUCCESS) {
+        handle = h;
+        ok = true;
+      }
+    }
+    if (!ok) printf("cuBLAS not available (%s): no comparison\n", dlerror());
+#else
+    printf("built without -DWITH_CUBLAS: no cuBLAS comparison\n");
+#endif
+    bench_variants(bf16_variants(sm90), ok, handle, gemm_ex, (int)CUDA_R_16BF);
+    bench_variants(f16_variants(sm90), ok, handle, gemm_ex, (int)CUDA_R_16F);
+    return 0;
+  }
+
+  // The odd-size grid: every combination, both forms, layouts / bias / beta cycling.
+  const int Ms[] = {1, 37, 129, 300}, Ns[] = {8, 40, 136, 577}, K1s[] = {1, 16, 33, 576},
+            K2s[] = {0, 1, 8, 64};
+  std::vector<Problem> probs;
+  int idx = 0;
+  for (int nn = 0; nn < 2; ++nn)
+    for (int M : Ms)
+      for (int N : Ns)
+        for (int K1 : K1s)
+          for (int K2 : K2s) {
+            Case c{M, N, K1, K2, nn != 0, idx % 3, idx % 2 == 1, (idx / 2) % 2 ? 0.5f : 0.f};
+            ++idx;
+            probs.emplace_back();
+            make_problem(probs.back(), c);
+          }
+  bool ok = true;
+  ok &= check_all(f32_variants(), probs, 1e-6);
+  ok &= check_all(bf16_variants(sm90), probs, 1.0 / 256);   // bf16: 8 significant bits
+  ok &= check_all(f16_variants(sm90), probs, 1.0 / 2048);   // f16: 11 significant bits
+  printf("%s\n", ok ? "ALL OK" : "SOME FAILED");
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,444 @@
+//! Launchers of the K-extended GEMM core (`kernels/gemm_kext.cu`).
+//!
+//! Row-major everywhere; a leading dimension is the distance between two rows, in elements.
+//!
+//! * NT form ([`gemm_kext_nt`], the fused forward `y = [x|u] [W|C]^T + b`):
+//!   `D[M x N] = A1[M x K1] B1[N x K1]^T + A2[M x K2] B2[N x K2]^T (+ bias[N]) (+ beta D)`.
+//! * NN form ([`gemm_kext_nn`], the input gradient `dx = [G|v] [W ; psi]`):
+//!   `D[M x N] = A1[M x K1] B1[K1 x N] + A2[M x K2] B2[K2 x N] (+ bias[N]) (+ beta D)`.
+//!
+//! One accumulator (f32) runs over the `K1` columns of the first pair and then the `K2`
+//! columns of the second; `K2 = 0` makes it a plain GEMM (the second pair is then ignored).
+//! `beta = 0` means `D` is not read at all, so garbage (NaN) in `D` does not propagate.
+//!
+//! Kernels are dumb, launchers are strict: everything the kernel assumes is checked here
+//! (positive sizes, `ld >= cols`, non-null pointers, element alignment, 32-bit ranges, finite
+//! `beta`). The launcher cannot see the buffer lengths behind raw device pointers, hence the
+//! functions are `unsafe`: the caller promises that every matrix view fits its allocation.
+//!
+//! Alignment: the bf16/f16 kernels take a fast path (16-byte `cp.async`) for an operand pair
+//! when both of its base pointers are 16-byte aligned and both leading dimensions are
+//! multiples of 8 elements; otherwise that pair is loaded with predicated scalar loads
+//! (correct, several times slower). The test is made by the kernel itself, per pair, so no
+//! layout is rejected; [`GemmKext::fast_path`] tells a caller which pairs are fast, and callers
+//! that allocate their own buffers (`u`, `v`, `C`) should pad their rows to 8 elements.
+//!
+//! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with [`GemmOptions::use_sm90`] on a
+//! compute-capability 9.0 device the bf16/f16 forms use the `_sm90` (wgmma) kernels instead.
+//! Their wgmma body exists only in the sm_90a cubin; built for any other target (e.g. when a
+//! registry JIT-compiles the compute_80 PTX) an `_sm90` kernel runs the sm_80 body, which has
+//! the same launch geometry, so the choice is always safe.
+//!
+//! The lookup closure maps a kernel name to a loaded function (the crate's kernel registry);
+//! the launcher sets `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` before each launch that
+//! needs more than 48 KiB of dynamic shared memory.
+
+//! Example, the fused forward `y = [x | u] [W | C]^T + b` for `T` tokens (rows of `u` and `C`
+//! padded to `r8 = r` rounded up to 8 so that the second pair also takes the fast path):
+//!
+//! ```ignore
+//! let g = GemmKext {
+//!     m: t, n: d_out, k1: d_in, k2: r,
+//!     a1: x, lda1: d_in, b1: w, ldb1: d_in,
+//!     a2: u, lda2: r8, b2: c, ldb2: r8,
+//!     bias: Some(b), beta: 0.0, d: y, ldd: d_out,
+//! };
+//! unsafe { gemm_kext_nt::<bf16>(&stream, &|name| kernels.function(name), &g, GemmOptions::default())? };
+//! ```
+//! and the input gradient `dx = [G | v] [W ; psi]`: `gemm_kext_nn` with `m: t, n: d_in,
+//! k1: d_out, k2: r, a1: G (ld d_out), b1: W (ld d_in), a2: v (ld r8), b2: psi (ld d_in),
+//! d: dx (ld d_in)`; `beta: 1.0` accumulates into an existing `dx`.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute, CUstream};
+
+use super::context::CudaBackend;
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+
+/// Geometry of the kernels, mirrored from `kernels/gemm_kext.cu`.
+mod geom {
+    /// sm_80 tensor-core kernels: 128 x 128 block tile, 256 threads, 4 stages x 16 KiB.
+    pub const TC_TILE: (usize, usize) = (128, 128);
+    pub const TC_THREADS: u32 = 256;
+    pub const TC_SMEM: u32 = 4 * (128 * 32 * 2 + 128 * 32 * 2);
+    /// f32 FMA kernels: 64 x 64 block tile, 256 threads, static shared memory only.
+    pub const FMA_TILE: (usize, usize) = (64, 64);
+    pub const FMA_THREADS: u32 = 256;
+    /// sm_90a wgmma kernels: 128 x 256 x 64 block tile, 2 warpgroups, 4 stages x 48 KiB plus
+    /// 1 KiB to align the stages to 1024 bytes (the 128-byte swizzle pattern).
+    pub const H_TILE: (usize, usize) = (128, 256);
+    pub const H_THREADS: u32 = 256;
+    pub const H_SMEM: u32 = 4 * (128 * 64 * 2 + 256 * 64 * 2) + 1024;
+}
+
+/// Which product: `B` stored `N x K` (NT, forward) or `K x N` (NN, input gradient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Form {
+    Nt,
+    Nn,
+}
+
+impl Form {
+    fn name(self) -> &'static str {
+        match self {
+            Form::Nt => "nt",
+            Form::Nn => "nn",
+        }
+    }
+    fn op(self) -> &'static str {
+        match self {
+            Form::Nt => "gemm_kext_nt",
+            Form::Nn => "gemm_kext_nn",
+        }
+    }
+}
+
+/// One K-extended GEMM call: raw device pointers (0 = null), leading dimensions in elements.
+///
+/// NT: `A1` is `m x k1`, `B1` is `n x k1`, `A2` is `m x k2`, `B2` is `n x k2`.
+/// NN: `A1` is `m x k1`, `B1` is `k1 x n`, `A2` is `m x k2`, `B2` is `k2 x n`.
+/// `D` is `m x n`; `bias` has `n` elements; all in the same storage dtype.
+/// With `k2 == 0`, `a2`/`b2`/`lda2`/`ldb2` are ignored (pass 0).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GemmKext {
+    pub m: usize,
+    pub n: usize,
+    pub k1: usize,
+    pub k2: usize,
+    pub a1: CUdeviceptr,
+    pub lda1: usize,
+    pub b1: CUdeviceptr,
+    pub ldb1: usize,
+    pub a2: CUdeviceptr,
+    pub lda2: usize,
+    pub b2: CUdeviceptr,
+    pub ldb2: usize,
+    pub bias: Option<CUdeviceptr>,
+    pub beta: f32,
+    pub d: CUdeviceptr,
+    pub ldd: usize,
+}
+
+/// Launch options.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GemmOptions {
+    /// Use the sm_90a wgmma kernels for bf16/f16 when the device has compute capability 9.0
+    /// (ignored elsewhere and for f32).
+    pub use_sm90: bool,
+}
+
+/// What the launcher decided: kernel name and launch geometry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub kernel: String,
+    pub grid: u32,
+    pub block: u32,
+    pub smem: u32,
+}
+
+impl GemmKext {
+    /// `(first pair fast, second pair fast)`: whether each operand pair meets the 16-byte
+    /// `cp.async` condition (both pointers 16-byte aligned, both lds multiples of 8 elements)
+    /// for a 2-byte dtype. Always `(false, false)` for f32, which has no vector path.
+    pub(crate) fn fast_path(&self, dtype: DType) -> (bool, bool) {
+        if dtype == DType::F32 {
+            return (false, false);
+        }
+        let ok = |a: CUdeviceptr, lda: usize, b: CUdeviceptr, ldb: usize| {
+            (a | b) % 16 == 0 && lda % 8 == 0 && ldb % 8 == 0
+        };
+        (
+            ok(self.a1, self.lda1, self.b1, self.ldb1),
+            self.k2 == 0 || ok(self.a2, self.lda2, self.b2, self.ldb2),
+        )
+    }
+
+    /// Every check the kernel relies on, then the kernel name and geometry.
+    /// `sm90` says whether the `_sm90` kernels may be used (device 9.0 and asked for).
+    pub(crate) fn plan(&self, form: Form, dtype: DType, sm90: bool) -> Result<Plan> {
+        let g = self;
+        for (what, v) in [("m", g.m), ("n", g.n), ("k1", g.k1)] {
+            if v == 0 {
+                return Err(Error::ZeroDim { what });
+            }
+        }
+        // Shapes (rows, cols) of every operand, as stored.
+        let (b1_shape, b2_shape) = match form {
+            Form::Nt => ((g.n, g.k1), (g.n, g.k2)),
+            Form::Nn => ((g.k1, g.n), (g.k2, g.n)),
+        };
+        let mut mats: Vec<(&'static str, CUdeviceptr, usize, (usize, usize))> = vec![
+            ("A1", g.a1, g.lda1, (g.m, g.k1)),
+            ("B1", g.b1, g.ldb1, b1_shape),
+            ("D", g.d, g.ldd, (g.m, g.n)),
+        ];
+        if g.k2 > 0 {
+            mats.push(("A2", g.a2, g.lda2, (g.m, g.k2)));
+            mats.push(("B2", g.b2, g.ldb2, b2_shape));
+        }
+        let esize = dtype.size();
+        let i32_max = i32::MAX as usize;
+        for &(arg, ptr, ld, (rows, cols)) in &mats {
+            if ptr == 0 {
+                return Err(Error::invalid(
+                    arg,
+                    format!("null device pointer for a {rows}x{cols} matrix"),
+                ));
+            }
+            if ld < cols {
+                return Err(Error::Stride { arg, ld, cols });
+            }
+            if ld > i32_max || rows > i32_max {
+                return Err(Error::invalid(
+                    arg,
+                    format!("{rows}x{cols} with ld {ld} exceeds the 32-bit index range"),
+                ));
+            }
+            if ptr % esize as u64 != 0 {
+                return Err(Error::Align {
+                    arg,
+                    addr: ptr as usize,
+                    align: esize,
+                });
+            }
+            // The last element must be addressable: (rows-1)*ld + cols elements from ptr.
+            let span = (rows - 1)
+                .checked_mul(ld)
+                .and_then(|v| v.checked_add(cols))
+                .and_then(|v| v.checked_mul(esize))
+                .ok_or(Error::Overflow {
+                    what: arg,
+                    rows,
+                    cols: ld,
+                })?;
+            if (ptr as u128) + (span as u128) > u64::MAX as u128 {
+                return Err(Error::Overflow {
+                    what: arg,
+                    rows,
+                    cols: ld,
+                });
+            }
+        }
+        if g.k2 > i32_max {
+            return Err(Error::invalid(
+                "k2",
+                format!("{} exceeds the 32-bit index range", g.k2),
+            ));
+        }
+        if let Some(bias) = g.bias {
+            if bias == 0 {
+                return Err(Error::invalid(
+                    "bias",
+                    "null device pointer (use None for no bias)",
+                ));
+            }
+            if bias % esize as u64 != 0 {
+                return Err(Error::Align {
+                    arg: "bias",
+                    addr: bias as usize,
+                    align: esize,
+                });
+            }
+        }
+        if !g.beta.is_finite() {
+            return Err(Error::invalid(
+                "beta",
+                format!("must be finite, got {}", g.beta),
+            ));
+        }
+
+        let half = dtype != DType::F32;
+        let (tile, block, smem, suffix) = if !half {
+            (geom::FMA_TILE, geom::FMA_THREADS, 0, "")
+        } else if sm90 {
+            (geom::H_TILE, geom::H_THREADS, geom::H_SMEM, "_sm90")
+        } else {
+            (geom::TC_TILE, geom::TC_THREADS, geom::TC_SMEM, "")
+        };
+        let blocks = g.m.div_ceil(tile.0) as u64 * g.n.div_ceil(tile.1) as u64;
+        if blocks > i32::MAX as u64 {
+            return Err(Error::invalid(
+                "m x n",
+                format!("{}x{} needs {blocks} blocks, over the grid limit", g.m, g.n),
+            ));
+        }
+        Ok(Plan {
+            kernel: format!("gemm_kext_{}_{}{}", form.name(), dtype.name(), suffix),
+            grid: blocks as u32,
+            block,
+            smem,
+        })
+    }
+}
+
+/// `D = A1 B1^T + A2 B2^T (+ bias) (+ beta D)` — the fused WeGeFT forward
+/// (`A1 = x`, `B1 = W`, `A2 = u`, `B2 = C`, `D = y`). See the module docs for the contract.
+///
+/// # Safety
+/// Every pointer must be a live device allocation of the stream's context holding its
+/// matrix view (`(rows - 1) * ld + cols` elements of `T`); `D` must not overlap the inputs.
+pub(crate) unsafe fn gemm_kext_nt<T: Element>(
+    dev: &CudaBackend,
+    stream: CUstream,
+    g: &GemmKext,
+    opts: GemmOptions,
+) -> Result<()> {
+    unsafe { launch::<T>(Form::Nt, dev, stream, g, opts) }
+}
+
+/// `D = A1 B1 + A2 B2 (+ bias) (+ beta D)` — the fused WeGeFT input gradient
+/// (`A1 = G`, `B1 = W`, `A2 = v`, `B2 = psi`, `D = dx`). See the module docs for the contract.
+///
+/// # Safety
+/// As for [`gemm_kext_nt`].
+pub(crate) unsafe fn gemm_kext_nn<T: Element>(
+    dev: &CudaBackend,
+    stream: CUstream,
+    g: &GemmKext,
+    opts: GemmOptions,
+) -> Result<()> {
+    unsafe { launch::<T>(Form::Nn, dev, stream, g, opts) }
+}
+
+unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g: &GemmKext, opts: GemmOptions) -> Result<()> {
+    let op = form.op();
+    let cuda = |e: cudarc::driver::DriverError| Error::Cuda { op, msg: e.to_string() };
+    let dtype = T::DTYPE;
+    let sm90 = opts.use_sm90 && dtype != DType::F32 && dev.compute_capability() == (9, 0);
+    let plan = g.plan(form, dtype, sm90)?;
+    let func = dev.function(&plan.kernel)?;
+    if plan.smem > 48 * 1024 {
+        // cuFuncSetAttribute acts on the current context.
+        dev.context().bind_to_thread().map_err(cuda)?;
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem as i32)
+            .map_err(cuda)?;
+    }
+    // All narrowing below was range-checked by `plan`.
+    let (mut m, mut n, mut k1, mut k2) = (g.m as i32, g.n as i32, g.k1 as i32, g.k2 as i32);
+    let (mut a2, mut b2, mut lda2, mut ldb2) =
+        if g.k2 > 0 { (g.a2, g.b2, g.lda2 as i32, g.ldb2 as i32) } else { (0, 0, 0, 0) };
+    let (mut a1, mut b1, mut d) = (g.a1, g.b1, g.d);
+    let (mut lda1, mut ldb1, mut ldd) = (g.lda1 as i32, g.ldb1 as i32, g.ldd as i32);
+    let mut bias: CUdeviceptr = g.bias.unwrap_or(0);
+    let mut beta = g.beta;
+    // The kernel's parameter order: (M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2,
+    // bias, beta, D, ldd).
+    fn p<V>(v: &mut V) -> *mut c_void {
+        v as *mut V as *mut c_void
+    }
+    let mut params = [
+        p(&mut m),
+        p(&mut n),
+        p(&mut k1),
+        p(&mut k2),
+        p(&mut a1),
+        p(&mut lda1),
+        p(&mut b1),
+        p(&mut ldb1),
+        p(&mut a2),
+        p(&mut lda2),
+        p(&mut b2),
+        p(&mut ldb2),
+        p(&mut bias),
+        p(&mut beta),
+        p(&mut d),
+        p(&mut ldd),
+    ];
+    unsafe { dev.launch(op, &func, (plan.grid, 1, 1), (plan.block, 1, 1), plan.smem, stream, &mut params) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nt(m: usize, n: usize, k1: usize, k2: usize) -> GemmKext {
+        GemmKext {
+            m,
+            n,
+            k1,
+            k2,
+            a1: 0x1000,
+            lda1: k1,
+            b1: 0x100000,
+            ldb1: k1,
+            a2: 0x200000,
+            lda2: k2,
+            b2: 0x300000,
+            ldb2: k2,
+            bias: None,
+            beta: 0.0,
+            d: 0x400000,
+            ldd: n,
+        }
+    }
+
+    #[test]
+    fn plan_picks_kernel_and_grid() {
+        let g = nt(300, 577, 576, 8);
+        let p = g.plan(Form::Nt, DType::BF16, false).unwrap();
+        assert_eq!(p.kernel, "gemm_kext_nt_bf16");
+        assert_eq!(p.grid, 3 * 5);
+        assert_eq!((p.block, p.smem), (256, 65536));
+        let p = g.plan(Form::Nt, DType::F32, false).unwrap();
+        assert_eq!(p.kernel, "gemm_kext_nt_f32");
+        assert_eq!(p.grid, 5 * 10);
+        assert_eq!(p.smem, 0);
+        let mut g2 = g;
+        // NN: B1 is k1 x n and B2 is k2 x n, so their lds must cover n = 577.
+        g2.k1 = 300;
+        g2.lda1 = 300;
+        g2.ldb1 = 584;
+        g2.ldb2 = 584;
+        let p = g2.plan(Form::Nn, DType::F16, true).unwrap();
+        assert_eq!(p.kernel, "gemm_kext_nn_f16_sm90");
+        assert_eq!(p.grid, 3 * 3);
+        assert_eq!(p.smem, 4 * 49152 + 1024);
+    }
+
+    #[test]
+    fn plan_rejects_bad_arguments() {
+        let ok = nt(37, 40, 33, 1);
+        assert!(ok.plan(Form::Nt, DType::F16, false).is_ok());
+        let bad = |f: &dyn Fn(&mut GemmKext), form: Form| {
+            let mut g = ok;
+            f(&mut g);
+            g.plan(form, DType::F16, false).unwrap_err().to_string()
+        };
+        assert!(bad(&|g| g.m = 0, Form::Nt).contains("m must be positive"));
+        assert!(bad(&|g| g.k1 = 0, Form::Nt).contains("k1"));
+        assert!(bad(&|g| g.lda1 = 32, Form::Nt).contains("A1"));
+        assert!(bad(&|g| g.ldb2 = 0, Form::Nt).contains("B2"));
+        // NN: B1 is k1 x n, so its ld must cover n = 40 (33 is too small).
+        assert!(bad(&|_| (), Form::Nn).contains("B1"));
+        assert!(bad(&|g| g.ldd = 39, Form::Nt).contains("D"));
+        assert!(bad(&|g| g.a1 = 0, Form::Nt).contains("null"));
+        assert!(bad(&|g| g.b1 = 0x1001, Form::Nt).contains("aligned"));
+        assert!(bad(&|g| g.bias = Some(0x3), Form::Nt).contains("bias"));
+        assert!(bad(&|g| g.beta = f32::NAN, Form::Nt).contains("beta"));
+        assert!(bad(&|g| g.lda1 = 1 << 31, Form::Nt).contains("32-bit"));
+        // k2 = 0: the second pair is ignored entirely.
+        let mut g = ok;
+        g.k2 = 0;
+        g.a2 = 0;
+        g.b2 = 0;
+        g.lda2 = 0;
+        g.ldb2 = 0;
+        assert!(g.plan(Form::Nt, DType::BF16, false).is_ok());
+    }
+
+    #[test]
+    fn fast_path_test_matches_the_kernel_condition() {
+        let mut g = nt(64, 64, 64, 4);
+        g.lda2 = 8;
+        g.ldb2 = 8;
+        assert_eq!(g.fast_path(DType::BF16), (true, true));
+        g.ldb2 = 4;
+        assert_eq!(g.fast_path(DType::BF16), (true, false));
+        g.a1 += 8;
+        assert_eq!(g.fast_path(DType::BF16), (false, false));
+        assert_eq!(g.fast_path(DType::F32), (false, false));
+    }
+}
