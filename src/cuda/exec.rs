@@ -126,11 +126,13 @@ impl Exec for CudaBackend {
     #[cfg(wegeft_gemm)]
     unsafe fn kext_fused<T: Element>(&self, nt: bool, stream: CUstream, path: Path, args: KextArgs) -> Result<bool> {
         let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)) = args;
-        let aligned = [lda1, ldb1, lda2, ldb2, ldd].iter().all(|&ld| (ld * T::DTYPE.size()) % 16 == 0);
-        if path == Path::Composed || (path == Path::Auto && !aligned) {
+        let g = super::gemm::GemmKext { m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta: 0.0, d, ldd };
+        // Auto takes the fused GEMM only where both operand pairs get its vectorised
+        // tensor-core loads (16-bit storage, 16-byte aligned, lds multiples of 8); f32 and odd
+        // layouts go to cuBLASLt + the rank-r kernel.
+        if path == Path::Composed || (path == Path::Auto && g.fast_path(T::DTYPE) != (true, true)) {
             return Ok(false);
         }
-        let g = super::gemm::GemmKext { m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta: 0.0, d, ldd };
         let opts = super::gemm::GemmOptions { use_sm90: path == Path::FusedSm90 };
         unsafe {
             if nt {

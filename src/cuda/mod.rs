@@ -11,30 +11,17 @@
 //!
 //! The math is the one of [`crate::reference`]; see [`layer`] for the formulas.
 //!
-//! # For the fused K-extended GEMM (`gemm.rs`)
+//! # The fused K-extended GEMM ([`gemm`])
 //!
-//! `build.rs` emits `--cfg wegeft_gemm` when `src/cuda/gemm.rs` exists; then this module
-//! declares `pub mod gemm;` and `exec.rs` (`Exec::kext_fused`) calls (in `unsafe` blocks, integer arguments
-//! passed as `as _`):
-//!
-//! ```ignore
-//! crate::cuda::gemm::gemm_kext_nt::<T>(dev: &CudaBackend, stream: CUstream,
-//!     a1: CUdeviceptr, lda1, b1: CUdeviceptr, ldb1, k1,
-//!     a2: CUdeviceptr, lda2, b2: CUdeviceptr, ldb2, k2,
-//!     bias: Option<CUdeviceptr>, beta: f32, d: CUdeviceptr, ldd, m, n) -> crate::Result<()>
-//! //  D[m x n] = A1 B1^T + A2 B2^T (+ bias[n]) (+ beta D); A1 m x k1, B1 n x k1, A2 m x k2, B2 n x k2
-//! crate::cuda::gemm::gemm_kext_nn::<T>(/* same arguments; bias is always None */)
-//! //  D[m x n] = A1 B1 + A2 B2;   A1 m x k1, B1 k1 x n, A2 m x k2, B2 k2 x n
-//! ```
-//!
-//! with `T: crate::Element`, row-major operands, leading dimensions in elements. The kernels
-//! are looked up with `CudaBackend::function(&self, name: &str) -> crate::Result<CudaFunction>`
-//! (`pub(crate)`; any `extern "C"` kernel of any `kernels/*.cu`) and launched with
-//! `CudaBackend::launch(&self, op: &'static str, f: &CudaFunction, grid: (u32, u32, u32),
-//! block: (u32, u32, u32), smem: u32, stream: CUstream, params: &mut [*mut c_void])`
-//! (`pub(crate) unsafe`), which maps errors to `Error::Cuda`. `compute_capability()` and
-//! `sm_count()` describe the device. Under `Path::Auto` the fused GEMM is used when every
-//! leading dimension is a multiple of 16 bytes; `Path::Fused` always uses it.
+//! `build.rs` emits `--cfg wegeft_gemm` when `src/cuda/gemm.rs` exists. `exec.rs`
+//! (`Exec::kext_fused`) fills a `gemm::GemmKext` and calls `gemm::gemm_kext_nt::<T>` (forward,
+//! `D = A1 B1^T + A2 B2^T (+ bias)`) or `gemm::gemm_kext_nn::<T>` (input gradient,
+//! `D = A1 B1 + A2 B2`) on the caller's raw stream; kernels come from
+//! `CudaBackend::function` and are launched with `CudaBackend::launch`, which maps errors to
+//! `Error::Cuda`. Under [`Path::Auto`] the fused GEMM is used when both operand pairs get its
+//! vectorised tensor-core loads (bf16/f16, 16-byte aligned, leading dimensions multiples of 8
+//! elements), cuBLASLt plus the rank-r kernel otherwise; [`Path::Fused`] and
+//! [`Path::FusedSm90`] (wgmma kernels on compute capability 9.0) always use it.
 //!
 //! Every `kernels/*.cu` is compiled three times: PTX for `compute_80`, cubins for `sm_80` and
 //! `sm_90a`; the device loads the `sm_90a` cubin on compute capability 9.0, the `sm_80` one
