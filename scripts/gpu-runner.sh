@@ -134,10 +134,10 @@ done
 have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
 
 # --- benchmarks ----------------------------------------------------------------------------------
-have layer_cuda && WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
+have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
 if [ -n "$py" ]; then
-  step torch_baseline 120 "$py" -u "$here/torch_baseline.py" --json "$logs/torch.jsonl"
+  step torch_baseline 120 "$py" -u "$here/torch_baseline.py" --iters 100 --json "$logs/torch.jsonl"
 else
   record torch_baseline "SKIP (no python3)" 0
 fi
