@@ -97,6 +97,9 @@ for r in sorted(roots):
 PY
   ); do libdirs="$libdirs:$d"; done
 fi
+# For our binaries (cudarc dlopens libcublasLt / libcublas by name). PyTorch keeps the
+# original: a toolkit folder ahead of its own wheels could give it a cuBLAS it was not built for.
+orig_ldp="${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 sanitizer=""
 for c in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
@@ -137,7 +140,7 @@ have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
 have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
 if [ -n "$py" ]; then
-  step torch_baseline 120 "$py" -u "$here/torch_baseline.py" --iters 100 --json "$logs/torch.jsonl"
+  step torch_baseline 120 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_baseline.py" --iters 100 --json "$logs/torch.jsonl"
 else
   record torch_baseline "SKIP (no python3)" 0
 fi

@@ -80,6 +80,9 @@ def sanitizer_key(text):
     parts = []
     if m:
         parts.append(f"{m.group(1)} sanitizer errors")
+    m = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
+    if m:
+        parts.append(f"racecheck: {m.group(2)} errors, {m.group(3)} warnings")
     t = test_counts(text)
     if t:
         parts.append(t)
