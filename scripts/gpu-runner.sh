@@ -16,23 +16,24 @@
 #   memcheck / racecheck / initcheck (90 / 60 / 60)  compute-sanitizer on cuda_layer sanitize_*
 #
 # Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
-# Logs: gpu-pack/logs/NAME.log; with $OUT set (the run tool), $OUT/all.log grows after every
-# step (so it survives a kill), and at the end $OUT/summary.md and $OUT/logs.tar.gz.
+# Logs: /tmp/gpu-pack-run.*/logs/NAME.log (the path is printed at the end); with $OUT set
+# (the run tool), $OUT/all.log grows after every step (so it survives a kill), and at the end
+# $OUT/summary.md and $OUT/logs.tar.gz.
 # Exit status: 0 only if every step passed (SKIP for budget or a missing tool counts as a
 # failure too: the run is meant to check everything).
 set -u
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# Scratch (unpacked binaries, logs): inside the pack, or /tmp where the pack is read-only.
-work="$here"
-touch "$work/.w" 2>/dev/null && rm -f "$work/.w" || work="$(mktemp -d /tmp/gpu-pack.XXXXXX)"
+# Scratch (unpacked binaries, logs) outside the pack: unpacked, the binaries would take the
+# pack past the 64 MiB the run tool carries if it were carried again after a run here.
+work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-pack-run.XXXXXX" 2>/dev/null)" || { work="$here/.run"; mkdir -p "$work"; }
 bin="$work/bin"
+[ -f "$here/bin.tar.gz" ] || bin="$here/bin"  # an unpacked pack
 logs="$work/logs"
 rm -rf "$logs"
 mkdir -p "$logs"
 unpack_msg=""
 if [ -f "$here/bin.tar.gz" ]; then
-  rm -rf "$bin"
   tar xzf "$here/bin.tar.gz" -C "$work" 2>"$logs/unpack.err" || unpack_msg="unpacking bin.tar.gz failed: $(head -c 300 "$logs/unpack.err")"
 fi
 out="${OUT:-}"
@@ -195,6 +196,7 @@ if [ -n "$out" ]; then
   cp "$summary" "$out/summary.md"
   tar czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null
 fi
+echo "logs: $logs${out:+ (and $out)}"
 echo
 cat "$summary"
 exit $fail
