@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds everything the GPU machine needs and packs it into the ignored gpu-pack/:
-# release test binaries and the GPU benchmark (feature cuda, debug info stripped), the layer
-# fixtures, the runner (gpu-pack/run.sh) and the PyTorch side-by-side script.
+# release test binaries and the GPU benchmark (feature cuda, debug info stripped), the
+# standalone fused-GEMM check kernels/test/gemm_kext_check.cu (nvcc: sm_80 + sm_90a cubins and
+# compute_80 PTX, cudart static, cuBLAS dlopen'ed there), the layer fixtures, the runner
+# (gpu-pack/run.sh), its summary maker (summary.py) and the PyTorch side-by-side script.
 # The GPU machine has CUDA, compute-sanitizer, PyTorch and peft, but no Rust and no network.
 #
 #   bash scripts/gpu-check.sh          # here
@@ -53,13 +55,38 @@ for name, exe in sorted(found.items()):
     shutil.copy2(exe, os.path.join(dest, name))
     print(f"  {name:<12} <- {exe}", file=sys.stderr)
 PY
+
+# The standalone fused-GEMM check (rebuilt only when its sources change: nvcc takes minutes).
+cuda_py="${CUDA_PY:-$root/.cuda/py/nvidia/cu13}"
+nvcc="$cuda_py/bin/nvcc"
+[ -x "$nvcc" ] || { echo "gpu-check.sh: no nvcc at $nvcc (scripts/setup-cuda.sh)" >&2; exit 1; }
+gk_cache="${CARGO_TARGET_DIR:-$root/target}/gpu-pack-cache"
+mkdir -p "$gk_cache"
+gk="$gk_cache/gemm_kext_check"
+if [ ! -x "$gk" ] || [ kernels/gemm_kext.cu -nt "$gk" ] || [ kernels/test/gemm_kext_check.cu -nt "$gk" ] || \
+   [ kernels/common.cuh -nt "$gk" ]; then
+  echo "gpu-check.sh: building kernels/test/gemm_kext_check.cu (nvcc)..." >&2
+  "$nvcc" -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
+    -gencode arch=compute_80,code=compute_80 -I "$cuda_py/include" -I "$cuda_py/include/cccl" \
+    -L "$cuda_py/lib" -o "$gk.tmp" kernels/test/gemm_kext_check.cu -ldl
+  mv "$gk.tmp" "$gk"
+fi
+cp "$gk" "$pack/bin/gemm_kext_check"
+echo "  gemm_kext_check <- $gk" >&2
+
 for f in "$pack"/bin/*; do strip --strip-debug "$f" 2>/dev/null || true; done
+ls -la "$pack/bin" >&2
+# Each Rust binary carries the same ~17 MB of kernel images (PTX + cubins): gzip brings the
+# binaries from ~56 MB to ~12 MB, leaving room under the run tool's 64 MiB. run.sh unpacks.
+tar czf "$pack/bin.tar.gz" -C "$pack" bin
+rm -rf "$pack/bin"
 
 fixtures="${WEGEFT_FIXTURES:-$root/../shared/fixtures}"
 [ -d "$fixtures/layer" ] || { echo "gpu-check.sh: fixtures not found at $fixtures/layer" >&2; exit 1; }
 cp -r "$fixtures/layer" "$pack/fixtures/"
 cp scripts/gpu-runner.sh "$pack/run.sh"
 cp scripts/torch_baseline.py "$pack/torch_baseline.py"
+cp scripts/gpu_summary.py "$pack/summary.py"
 git -C "$root" rev-parse HEAD >"$pack/COMMIT" 2>/dev/null || echo unknown >"$pack/COMMIT"
 git -C "$root" status --porcelain | grep -q . && echo "(with uncommitted changes)" >>"$pack/COMMIT" || true
 
@@ -69,7 +96,8 @@ if [ "$size_kib" -gt $((limit_mib * 1024)) ]; then
   exit 1
 fi
 echo "gpu-check.sh: gpu-pack/ ready ($((size_kib / 1024)) MiB, commit $(head -1 "$pack/COMMIT"))" >&2
-ls -la "$pack/bin" >&2
+ls -la "$pack" >&2
 echo
 echo "On the GPU machine run:   bash gpu-pack/run.sh"
-echo "(run tool: command \"bash gpu-pack/run.sh\", carry [\"gpu-pack\"], timeout_s 560)"
+echo "(run tool: command \"bash gpu-pack/run.sh\", carry [\"gpu-pack\"], timeout_s 540; the runner keeps to"
+echo " RUNNER_BUDGET_S=450 s; logs come back as \$OUT/all.log, summary.md, logs.tar.gz)"

@@ -1,108 +1,202 @@
 #!/usr/bin/env bash
 # The GPU machine's half of scripts/gpu-check.sh (copied to gpu-pack/run.sh). No Rust, no
 # network: runs the packed binaries. Each step has its own timeout and its status goes into
-# the summary table printed last; one failing or hanging step does not stop the others.
-# Everything stays under RUNNER_BUDGET_S seconds (default 450); steps that would start after
-# that are marked SKIP. Logs go to $OUT (the run tool brings them back) or gpu-pack/logs.
+# the summary printed last; one failing or hanging step does not stop the others.
+#
+# Steps, most informative first (timeout in seconds; each is also cut to what the budget has
+# left, and a step that would start with under 15 s left is marked SKIP):
+#   env            nvidia-smi, driver, libraries found, compute-sanitizer found
+#   ptxas (20)     the embedded kernels' ptxas report (no spills, every kernel present)
+#   cuda_* (150)   the CUDA backend against the float64 reference, WEGEFT_REQUIRE_GPU=1
+#   gemm_check (90)   every fused-GEMM variant on the odd-size grid vs a CPU loop
+#   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios
+#   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
+#   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
+#   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
+#   memcheck / racecheck / initcheck (90 / 60 / 60)  compute-sanitizer on cuda_layer sanitize_*
+#
+# Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
+# Logs: /tmp/gpu-pack-run.*/logs/NAME.log (the path is printed at the end); with $OUT set
+# (the run tool), $OUT/all.log grows after every step (so it survives a kill), and at the end
+# $OUT/summary.md and $OUT/logs.tar.gz.
+# Exit status: 0 only if every step passed (SKIP for budget or a missing tool counts as a
+# failure too: the run is meant to check everything).
 set -u
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-bin="$here/bin"
-logs="${OUT:-$here/logs}"
+# Scratch (unpacked binaries, logs) outside the pack: unpacked, the binaries would take the
+# pack past the 64 MiB the run tool carries if it were carried again after a run here.
+work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-pack-run.XXXXXX" 2>/dev/null)" || { work="$here/.run"; mkdir -p "$work"; }
+bin="$work/bin"
+[ -f "$here/bin.tar.gz" ] || bin="$here/bin"  # an unpacked pack
+logs="$work/logs"
+rm -rf "$logs"
 mkdir -p "$logs"
+unpack_msg=""
+if [ -f "$here/bin.tar.gz" ]; then
+  tar xzf "$here/bin.tar.gz" -C "$work" 2>"$logs/unpack.err" || unpack_msg="unpacking bin.tar.gz failed: $(head -c 300 "$logs/unpack.err")"
+fi
+out="${OUT:-}"
+[ -n "$out" ] && mkdir -p "$out" && : >"$out/all.log"
 budget="${RUNNER_BUDGET_S:-450}"
 start=$(date +%s)
 export WEGEFT_REQUIRE_GPU=1
 export WEGEFT_FIXTURES="$here/fixtures"
+export PYTHONUNBUFFERED=1
+export RUST_BACKTRACE=0  # panics print file:line and the message (assert_close: the worst element)
+steps="$logs/steps.tsv"
+: >"$steps"
 
-names=(); statuses=(); times=()
-record() { names+=("$1"); statuses+=("$2"); times+=("$3"); }
+# record NAME STATUS SECONDS
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$steps"; }
 
-# step NAME TIMEOUT_S COMMAND...: runs it with a timeout, output to $logs/NAME.log (and the
-# last lines to the console), records PASS / FAIL(rc) / TIMEOUT / SKIP.
+# step NAME TIMEOUT_S COMMAND...: runs it with a timeout, stdout and stderr to
+# $logs/NAME.log (and its last lines to the console), records PASS / FAIL (rc N) / TIMEOUT /
+# SKIP (budget).
 step() {
   local name="$1" limit="$2"; shift 2
-  local now left t0 rc
+  local now left t0 rc dt
   now=$(date +%s); left=$((budget - (now - start)))
   if [ "$left" -lt 15 ]; then
     record "$name" "SKIP (budget)" 0; echo "== $name: skipped, budget spent"; return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  echo "== $name (timeout ${limit}s)"
+  echo "== $name (timeout ${limit}s): $*"
   t0=$(date +%s)
-  timeout --kill-after=5 "$limit" "$@" >"$logs/$name.log" 2>&1
+  { echo "\$ $*"; echo; } >"$logs/$name.log"
+  timeout --kill-after=5 "$limit" "$@" >>"$logs/$name.log" 2>&1 </dev/null
   rc=$?
-  tail -n 25 "$logs/$name.log"
-  local dt=$(( $(date +%s) - t0 ))
+  dt=$(( $(date +%s) - t0 ))
+  tail -n 15 "$logs/$name.log"
   if [ $rc -eq 0 ]; then record "$name" PASS "$dt"
-  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record "$name" "TIMEOUT" "$dt"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record "$name" "TIMEOUT (${limit}s)" "$dt"
   else record "$name" "FAIL (rc $rc)" "$dt"; fi
+  if [ -n "$out" ]; then
+    { echo "=================== $name: rc $rc, ${dt}s"; cat "$logs/$name.log"; echo; } >>"$out/all.log"
+  fi
 }
 
-# --- environment: cuBLASLt and compute-sanitizer -------------------------------------------
+# --- environment: cuBLAS(Lt), compute-sanitizer, python ----------------------------------------
 libdirs=""
 for d in /usr/local/cuda/lib64 /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib /usr/lib/x86_64-linux-gnu; do
   ls "$d"/libcublasLt.so* >/dev/null 2>&1 && libdirs="$libdirs:$d"
 done
-if command -v python3 >/dev/null 2>&1; then
-  for d in $(python3 - 2>/dev/null <<'PY'
-import glob, os, site, sys
+py=""
+command -v python3 >/dev/null 2>&1 && py="$(command -v python3)"
+if [ -n "$py" ]; then
+  # The NVIDIA wheels (PyTorch's): nvidia/cu13/lib (CUDA 13), nvidia/cublas/lib (before).
+  for d in $(timeout 30 "$py" - 2>/dev/null <<'PY'
+import glob, os, site
 roots = set(site.getsitepackages() + [site.getusersitepackages()])
-for r in roots:
-    for p in glob.glob(os.path.join(r, "nvidia", "**", "libcublasLt.so*"), recursive=True):
-        print(os.path.dirname(p))
+seen = set()
+for r in sorted(roots):
+    for p in sorted(glob.glob(os.path.join(r, "nvidia", "**", "libcublasLt.so*"), recursive=True)):
+        d = os.path.dirname(p)
+        if d not in seen:
+            seen.add(d)
+            print(d)
 PY
   ); do libdirs="$libdirs:$d"; done
 fi
+# For our binaries (cudarc dlopens libcublasLt / libcublas by name). PyTorch keeps the
+# original: a toolkit folder ahead of its own wheels could give it a cuBLAS it was not built for.
+orig_ldp="${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 sanitizer=""
 for c in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
-         /usr/local/cuda*/compute-sanitizer/compute-sanitizer; do
+         /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer/compute-sanitizer; do
   [ -n "$c" ] && [ -x "$c" ] && { sanitizer="$c"; break; }
 done
+gpu="$(timeout 20 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
+[ -n "$gpu" ] || gpu="(nvidia-smi printed nothing)"
 {
-  echo "commit: $(cat "$here/COMMIT" 2>/dev/null)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
+  echo "commit: $(head -1 "$here/COMMIT" 2>/dev/null)"
+  echo "gpu (name, driver): $gpu"
+  timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 | head -3
+  echo "host: $(uname -srm); $(nproc) cpus"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   echo "compute-sanitizer: ${sanitizer:-not found}"
-} | tee "$logs/env.log"
+  echo "python3: ${py:-not found}"
+  [ -n "$unpack_msg" ] && echo "$unpack_msg"
+  ls -la "$bin"
+} >"$logs/env.log" 2>&1
+cat "$logs/env.log"
+[ -n "$out" ] && { echo "=================== env"; cat "$logs/env.log"; echo; } >>"$out/all.log"
 
-# --- tests ---------------------------------------------------------------------------------
-step ptxas 20 "$bin/ptxas"
+# have NAME: the packed binary exists (else recorded as MISSING, a failure).
+have() { [ -x "$bin/$1" ] && return 0; record "$1" "MISSING (bin/$1)" 0; return 1; }
+
+# --- correctness ---------------------------------------------------------------------------------
+have ptxas && step ptxas 20 "$bin/ptxas"
+n_cuda=0
 for t in "$bin"/cuda_*; do
   [ -x "$t" ] || continue
+  n_cuda=$((n_cuda + 1))
   step "$(basename "$t")" 150 "$t"
 done
+[ $n_cuda -gt 0 ] || record "cuda_*" "MISSING (bin/cuda_*)" 0
+have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
 
-# --- compute-sanitizer on the small case of every kernel ------------------------------------
-if [ -n "$sanitizer" ]; then
-  step memcheck 75 "$sanitizer" --tool memcheck --error-exitcode 99 --leak-check no "$bin/cuda_layer" sanitize_ --test-threads=1
-  step racecheck 60 "$sanitizer" --tool racecheck --error-exitcode 99 "$bin/cuda_layer" sanitize_bf16 --test-threads=1
-  step initcheck 60 "$sanitizer" --tool initcheck --error-exitcode 99 "$bin/cuda_layer" sanitize_f32 --test-threads=1
-else
-  record memcheck "SKIP (no compute-sanitizer)" 0
-  record racecheck "SKIP (no compute-sanitizer)" 0
-  record initcheck "SKIP (no compute-sanitizer)" 0
-fi
-
-# --- benchmarks ------------------------------------------------------------------------------
-WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
-if command -v python3 >/dev/null 2>&1; then
-  step torch_baseline 90 python3 "$here/torch_baseline.py" --json "$logs/torch.jsonl"
+# --- benchmarks ----------------------------------------------------------------------------------
+have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
+[ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
+if [ -n "$py" ]; then
+  step torch_baseline 120 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_baseline.py" --iters 100 --json "$logs/torch.jsonl"
 else
   record torch_baseline "SKIP (no python3)" 0
 fi
 
-# --- summary -----------------------------------------------------------------------------------
-echo
-echo "== bench (wegeft, bf16)"; grep -v '^==' "$logs/bench.log" 2>/dev/null | tail -n 40
-echo "== torch baseline (bf16)"; tail -n 30 "$logs/torch_baseline.log" 2>/dev/null
-echo
-echo "== summary ($(( $(date +%s) - start ))s of ${budget}s)"
-printf '%-22s %-28s %s\n' step status seconds
+# --- compute-sanitizer on the small cases --------------------------------------------------------
+if [ -n "$sanitizer" ]; then
+  san=("$sanitizer" --error-exitcode 99 --print-limit 30)
+  [ -x "$bin/gemm_kext_check" ] && step gemm_memcheck 90 "${san[@]}" --tool memcheck --leak-check no "$bin/gemm_kext_check" --small
+  if [ -x "$bin/cuda_layer" ]; then
+    step memcheck 90 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_layer" sanitize_ --test-threads=1
+    step racecheck 60 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_bf16 --test-threads=1
+    step initcheck 60 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_f32 --test-threads=1
+  fi
+else
+  for s in gemm_memcheck memcheck racecheck initcheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
+fi
+
+# --- logs of the failed steps, then the summary (last) ----------------------------------------------
+while IFS=$'\t' read -r name status secs; do
+  case "$status" in PASS) continue ;; esac
+  [ -f "$logs/$name.log" ] || continue
+  echo
+  echo "== $name: $status. Error lines (first 25), then the log's last 25 lines (stdout and stderr):"
+  grep -n -A2 -E "panicked at|^FAIL|FAILED|[Ee]rror|Traceback|Invalid|out of bounds|Hazard" "$logs/$name.log" | head -n 25
+  echo "   ..."
+  tail -n 25 "$logs/$name.log"
+done <"$steps"
+
+total=$(( $(date +%s) - start ))
+summary="$logs/summary.md"
+if [ -n "$py" ] && [ -f "$here/summary.py" ] && \
+   timeout 30 "$py" "$here/summary.py" --logs "$logs" --gpu "$gpu" --commit "$(head -1 "$here/COMMIT" 2>/dev/null)" \
+     --total "$total" --budget "$budget" >"$summary" 2>"$logs/summary.err"; then
+  :
+else
+  # Without python3: the step table alone.
+  {
+    echo "## GPU check: $gpu, commit $(head -1 "$here/COMMIT" 2>/dev/null), ${total}s of ${budget}s"
+    echo "(summary.py failed or no python3: $(tail -n 3 "$logs/summary.err" 2>/dev/null | tr '\n' ' '))"
+    echo
+    echo "| step | status | s |"
+    echo "|---|---|---|"
+    while IFS=$'\t' read -r name status secs; do echo "| $name | $status | $secs |"; done <"$steps"
+  } >"$summary"
+fi
 fail=0
-for i in "${!names[@]}"; do
-  printf '%-22s %-28s %s\n' "${names[$i]}" "${statuses[$i]}" "${times[$i]}"
-  case "${statuses[$i]}" in PASS|SKIP*) ;; *) fail=1 ;; esac
-done
+while IFS=$'\t' read -r name status secs; do
+  [ "$status" = PASS ] || fail=1
+done <"$steps"
+echo "overall: $([ $fail -eq 0 ] && echo PASS || echo FAIL)" >>"$summary"
+if [ -n "$out" ]; then
+  cp "$summary" "$out/summary.md"
+  tar czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null
+fi
+echo "logs: $logs${out:+ (and $out)}"
+echo
+cat "$summary"
 exit $fail

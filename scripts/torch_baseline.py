@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""PyTorch side-by-side for the wegeft GPU benchmark (bf16, CUDA events, median of N).
+"""PyTorch side-by-side for the wegeft GPU benchmark (bf16, CUDA events, median of N; the L2
+is flushed by a 256 MiB zero_() before every timed rep, outside the events, as in
+benches/layer_cuda.rs).
 
 For each shape it times, forward and forward+backward:
   * linear      plain F.linear(x, W): the frozen layer, the floor;
@@ -8,7 +10,11 @@ For each shape it times, forward and forward+backward:
   * lora_peft   PEFT-style LoRA: y = F.linear(x, W) + s * F.linear(F.linear(x, A), B);
   * peft_lora   the real peft.LoraLayer around an nn.Linear, when peft imports.
 Shapes: T=8192 d=4096 r=64 and SmolLM2-135M's (T=4096: 576x576, 576->1536, 1536->576; r=8).
+Each time is also given as a ratio to `linear` of the same kind (fwd, fwd+bwd); `linear
+fwd+bwd` computes dx only (W is frozen), like wegeft's frozen fwd + frozen bwd dx.
+Exit status: 0, or 1 when an op failed or (with WEGEFT_REQUIRE_GPU=1) there is no device.
 """
+import os
 import argparse
 import json
 import sys
@@ -24,14 +30,21 @@ SHAPES = [
 ]
 
 
+_FLUSH = None
+
+
 def timed(fn, iters):
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     ms = []
+    a = torch.cuda.Event(enable_timing=True)
+    b = torch.cuda.Event(enable_timing=True)
     for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
+        _FLUSH.zero_()
         a.record()
         fn()
         b.record()
@@ -43,20 +56,21 @@ def timed(fn, iters):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
-        return 0
+        return 1 if os.environ.get("WEGEFT_REQUIRE_GPU") == "1" else 0
     dev = torch.device("cuda")
     dt = torch.bfloat16
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
     out = open(args.json, "w") if args.json else None
     name = torch.cuda.get_device_name(0)
-    print(f"device: {name}; torch {torch.__version__}; bf16; median of {args.iters}")
-    print(f"{'shape':<28} {'op':<24} {'ms':>10}")
+    print(f"device: {name}; torch {torch.__version__}; bf16; median of {args.iters}; L2 flushed per rep")
+    print(f"{'shape':<28} {'op':<24} {'ms':>10} {'x linear':>9}")
+    failed = False
     try:
         import peft  # noqa: F401
         from peft.tuners.lora import Linear as PeftLoraLinear
@@ -110,6 +124,10 @@ def main():
                 base = torch.nn.Linear(din, dout, bias=False, device=dev, dtype=dt)
                 base.weight.requires_grad_(False)
                 layer = PeftLoraLinear(base, "default", r=r, lora_alpha=2 * r, lora_dropout=0.0).to(dev, dt)
+                # peft starts B at zero; time it on random values like everything else.
+                with torch.no_grad():
+                    layer.lora_B["default"].weight.copy_(B)
+                    layer.lora_A["default"].weight.copy_(A)
 
                 def peft_fwd():
                     with torch.no_grad():
@@ -121,17 +139,26 @@ def main():
                 ops += [("peft_lora fwd", peft_fwd), ("peft_lora fwd+bwd", peft_fb)]
             except Exception as e:
                 print(f"(peft LoraLayer failed: {e})")
+        floor = {}
         for op, fn in ops:
             try:
                 ms = timed(fn, args.iters)
-                print(f"{label:<28} {op:<24} {ms:>10.4f}")
+                kind = op.split(" ", 1)[1]  # "fwd" or "fwd+bwd"
+                if op.startswith("linear "):
+                    floor[kind] = ms
+                ratio = ms / floor[kind] if kind in floor else None
+                rs = f"{ratio:>9.3f}" if ratio is not None else f"{'-':>9}"
+                print(f"{label:<28} {op:<24} {ms:>10.4f} {rs}", flush=True)
                 if out:
-                    out.write(json.dumps({"device": name, "shape": label, "op": op, "ms": ms}) + "\n")
+                    out.write(json.dumps({"device": name, "shape": label, "op": op, "ms": ms,
+                                          "ratio_to_linear": ratio, "iters": args.iters}) + "\n")
+                    out.flush()
             except Exception as e:
-                print(f"{label:<28} {op:<24} FAILED: {e}")
+                failed = True
+                print(f"{label:<28} {op:<24} FAILED: {e}", flush=True)
         del x, W, phi, psi, A, B, G, xg
         torch.cuda.empty_cache()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

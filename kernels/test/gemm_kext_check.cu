@@ -3,12 +3,15 @@
 //
 //   nvcc -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
 //        -o gemm_kext_check kernels/test/gemm_kext_check.cu -ldl
-//   (with the PyPI wheels add -I .../include -I .../include/cccl -L .../lib; add -DWITH_CUBLAS
-//    -I <cublas include dir> to compare with cuBLAS in --bench: libcublas is dlopen'ed at run
-//    time, so the binary also runs where it is missing. cudart is linked statically.)
+//   (with the PyPI wheels add -I .../include -I .../include/cccl -L .../lib. cudart is linked
+//    statically. libcublas is dlopen'ed at run time (no cuBLAS header or library is needed to
+//    build, and the binary also runs where it is missing): see find_cublas below for where it
+//    is looked for; GEMM_CHECK_CUBLAS=/path/to/libcublas.so.13 names it.)
 //
 // Run:  ./gemm_kext_check            every variant on the odd-size grid; exit 1 on any failure
-//       ./gemm_kext_check --bench    4096^3 timings (K2 = 0 and 64) and cuBLAS if available
+//       ./gemm_kext_check --small    a subset of that grid (for compute-sanitizer)
+//       ./gemm_kext_check --bench    4096^3 timings (K2 = 0 and 64) and cuBLAS if available;
+//                                    exit 3 when cuBLAS could not be loaded
 //
 // Inputs are multiples of 1/8 in [-1/2, 1/2] (and bias, old D likewise; beta = 1/2), so every
 // product and partial sum is exact in f32 for these sizes: the f32 kernels must match the
@@ -21,6 +24,8 @@
 
 #include <cuda_runtime.h>
 #include <dlfcn.h>
+#include <glob.h>
+#include <library_types.h>
 
 #include <cmath>
 #include <cstdio>
@@ -263,17 +268,114 @@ static bool check_all(const std::vector<Variant<T>>& vars, const std::vector<Pro
 // ------------------------------------------------------------------------------------------
 // --bench: 4096^3
 // ------------------------------------------------------------------------------------------
-#ifdef WITH_CUBLAS
-#include <cublas_v2.h>
-typedef cublasStatus_t (*CreateFn)(cublasHandle_t*);
-typedef cublasStatus_t (*GemmExFn)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
-                                   int, const void*, const void*, cudaDataType, int, const void*,
-                                   cudaDataType, int, const void*, void*, cudaDataType, int,
-                                   cublasComputeType_t, cublasGemmAlgo_t);
-#endif
+// cuBLAS through dlopen, declared here (ABI values of cublas_api.h, stable across 11-13) so
+// that neither its header nor its library is needed to build.
+typedef void* CublasHandle;
+typedef int (*CreateFn)(CublasHandle*);
+typedef int (*GemmExFn)(CublasHandle, int opA, int opB, int m, int n, int k, const void* alpha,
+                        const void* A, cudaDataType Atype, int lda, const void* B,
+                        cudaDataType Btype, int ldb, const void* beta, void* C,
+                        cudaDataType Ctype, int ldc, int computeType, int algo);
+typedef int (*VersionFn)(CublasHandle, int*);
+enum { kCublasOpN = 0, kCublasOpT = 1, kCublasCompute32F = 68, kCublasGemmDefault = -1 };
+
+struct Cublas {
+  CublasHandle h = nullptr;
+  GemmExFn gemm = nullptr;
+  std::string path;
+  int version = 0;
+};
+
+// Tries one libcublas: its libcublasLt (same folder) is loaded first, RTLD_GLOBAL, since a
+// toolkit's lib64 has no RUNPATH to find it by.
+static bool try_cublas(const std::string& lib_path, Cublas& cb, std::string& why) {
+  const size_t slash = lib_path.rfind('/');
+  if (slash != std::string::npos) {
+    const std::string dir = lib_path.substr(0, slash);
+    glob_t g;
+    if (glob((dir + "/libcublasLt.so*").c_str(), 0, nullptr, &g) == 0) {
+      for (size_t i = 0; i < g.gl_pathc; ++i)
+        if (dlopen(g.gl_pathv[i], RTLD_NOW | RTLD_GLOBAL)) break;
+      globfree(&g);
+    }
+  }
+  void* lib = dlopen(lib_path.c_str(), RTLD_NOW);
+  if (!lib) {
+    const char* e = dlerror();
+    why += "\n  " + lib_path + ": " + (e ? e : "dlopen failed");
+    return false;
+  }
+  auto create = (CreateFn)dlsym(lib, "cublasCreate_v2");
+  auto gemm = (GemmExFn)dlsym(lib, "cublasGemmEx");
+  auto version = (VersionFn)dlsym(lib, "cublasGetVersion_v2");
+  CublasHandle h = nullptr;
+  int st = -1;
+  if (create && gemm) st = create(&h);
+  if (st != 0) {
+    why += "\n  " + lib_path + ": cublasCreate_v2 " +
+           (create && gemm ? "returned " + std::to_string(st) : std::string("not found"));
+    return false;
+  }
+  cb.h = h;
+  cb.gemm = gemm;
+  cb.path = lib_path;
+  if (version) version(h, &cb.version);
+  return true;
+}
+
+// Where libcublas is looked for, in order: $GEMM_CHECK_CUBLAS (a file, or a folder), the
+// loader's own search (LD_LIBRARY_PATH, ldconfig), the CUDA toolkit folders, then the NVIDIA
+// wheels of any Python on the machine (PyTorch's: site-packages/nvidia/cu13/lib for CUDA 13,
+// site-packages/nvidia/cublas/lib before that).
+static bool find_cublas(Cublas& cb, std::string& why) {
+  std::vector<std::string> cands;
+  if (const char* env = getenv("GEMM_CHECK_CUBLAS")) {
+    std::string e = env;
+    if (!e.empty() && e.find(".so") == std::string::npos) {
+      cands.push_back(e + "/libcublas.so.13");
+      cands.push_back(e + "/libcublas.so.12");
+      cands.push_back(e + "/libcublas.so");
+    } else if (!e.empty()) {
+      cands.push_back(e);
+    }
+  }
+  cands.push_back("libcublas.so.13");
+  cands.push_back("libcublas.so.12");
+  cands.push_back("libcublas.so");
+  const char* pats[] = {
+      "/usr/local/cuda/lib64/libcublas.so.*[0-9]",
+      "/usr/local/cuda/targets/*/lib/libcublas.so.*[0-9]",
+      "/usr/local/cuda-*/lib64/libcublas.so.*[0-9]",
+      "/usr/local/cuda-*/targets/*/lib/libcublas.so.*[0-9]",
+      "/usr/lib/x86_64-linux-gnu/libcublas.so.*[0-9]",
+      "/opt/*/.venv/lib/python3*/site-packages/nvidia/cu1*/lib/libcublas.so.*[0-9]",
+      "/opt/*/.venv/lib/python3*/site-packages/nvidia/cublas/lib/libcublas.so.*[0-9]",
+      "/opt/*/lib/python3*/site-packages/nvidia/cu1*/lib/libcublas.so.*[0-9]",
+      "/opt/*/lib/python3*/site-packages/nvidia/cublas/lib/libcublas.so.*[0-9]",
+      "/usr/local/lib/python3*/*-packages/nvidia/cu1*/lib/libcublas.so.*[0-9]",
+      "/usr/local/lib/python3*/*-packages/nvidia/cublas/lib/libcublas.so.*[0-9]",
+      "/usr/lib/python3*/*-packages/nvidia/cu1*/lib/libcublas.so.*[0-9]",
+      "/usr/lib/python3*/*-packages/nvidia/cublas/lib/libcublas.so.*[0-9]",
+      "/root/.local/lib/python3*/site-packages/nvidia/cu1*/lib/libcublas.so.*[0-9]",
+      "/opt/conda/lib/libcublas.so.*[0-9]",
+  };
+  for (const char* pat : pats) {
+    glob_t g;
+    if (glob(pat, 0, nullptr, &g) == 0) {
+      // Newest first (glob sorts ascending): .so.13 before .so.12.
+      for (size_t i = g.gl_pathc; i-- > 0;) cands.push_back(g.gl_pathv[i]);
+      globfree(&g);
+    }
+  }
+  for (const auto& c : cands)
+    if (try_cublas(c, cb, why)) return true;
+  return false;
+}
 
 template <typename F>
 static double time_ms(F&& f, int iters) {
+  // Back-to-back launches between two events (mean): at 4096^3 each product reads 64 MB of
+  // operands and takes ~0.2 ms, so the L2 (50-60 MB) holds little of one across launches.
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));
@@ -291,9 +393,9 @@ static double time_ms(F&& f, int iters) {
 }
 
 template <typename T>
-static void bench_variants(const std::vector<Variant<T>>& vars, bool cublas_ok, void* cublas_h,
-                           void* gemm_ex, int cuda_type) {
-  const int S = 4096, R = 64;
+static void bench_variants(const std::vector<Variant<T>>& vars, const Cublas* cb, int cuda_type,
+                           const char* dtype) {
+  const int S = 4096, R = 64, ITERS = 50;
   T *A, *B, *A2, *B2, *D;
   CK(cudaMalloc(&A, (size_t)S * S * sizeof(T)));
   CK(cudaMalloc(&B, (size_t)S * S * sizeof(T)));
@@ -308,6 +410,28 @@ static void bench_variants(const std::vector<Variant<T>>& vars, bool cublas_ok, 
     CK(cudaMemcpy(A2, h.data(), (size_t)S * R * sizeof(T), cudaMemcpyHostToDevice));
     CK(cudaMemcpy(B2, h.data(), (size_t)S * R * sizeof(T), cudaMemcpyHostToDevice));
   }
+  // cuBLAS first, so that every kernel line can give its ratio to it.
+  double cublas_ms[2] = {0, 0};
+  if (cb) {
+    const float one = 1.f, zero = 0.f;
+    for (int nn = 0; nn < 2; ++nn) {
+      // Row-major D = A B^T (NT) or A B (NN), as column-major D^T = B^T-ish A^T.
+      double ms = time_ms(
+          [&] {
+            int st = cb->gemm(cb->h, nn ? kCublasOpN : kCublasOpT, kCublasOpN, S, S, S, &one, B,
+                              (cudaDataType)cuda_type, S, A, (cudaDataType)cuda_type, S, &zero, D,
+                              (cudaDataType)cuda_type, S, kCublasCompute32F, kCublasGemmDefault);
+            if (st != 0) {
+              fprintf(stderr, "cublasGemmEx failed: %d\n", st);
+              exit(2);
+            }
+          },
+          ITERS);
+      cublas_ms[nn] = ms;
+      printf("cuBLAS %-4s %-12s M=N=K1=%d K2=0   %8.3f ms  %7.1f TFLOP/s\n", dtype, nn ? "NN" : "NT",
+             S, ms, 2.0 * S * S * (double)S / ms / 1e9);
+    }
+  }
   for (const auto& v : vars) {
     set_smem(v);
     for (int k2 : {0, R}) {
@@ -319,38 +443,15 @@ static void bench_variants(const std::vector<Variant<T>>& vars, bool cublas_ok, 
             v.fn<<<tiles, v.threads, v.smem>>>(S, S, S, k2, A, S, B, S, A2, R, B2, ldb2, nullptr,
                                                0.f, D, S);
           },
-          20);
+          ITERS);
       const double flops = 2.0 * S * S * (double)(S + k2);
-      printf("%-24s M=N=K1=%d K2=%-3d %8.3f ms  %7.1f TFLOP/s\n", v.name, S, k2, ms,
-             flops / ms / 1e9);
+      printf("%-24s M=N=K1=%d K2=%-3d %8.3f ms  %7.1f TFLOP/s", v.name, S, k2, ms, flops / ms / 1e9);
+      // RATIO: time over cuBLAS's time for the plain 4096^3 product of the same form (for
+      // K2 = 64 the kernel also does the rank-64 extension, 1.6% more work).
+      if (cb) printf("  RATIO %.3f x cuBLAS %s", ms / cublas_ms[v.nn ? 1 : 0], v.nn ? "NN" : "NT");
+      printf("\n");
     }
   }
-#ifdef WITH_CUBLAS
-  if (cublas_ok) {
-    auto gemm = (GemmExFn)gemm_ex;
-    auto h = (cublasHandle_t)cublas_h;
-    const float one = 1.f, zero = 0.f;
-    for (int nn = 0; nn < 2; ++nn) {
-      // Row-major D = A B^T (NT) or A B (NN), as column-major D^T = B^T-ish A^T.
-      double ms = time_ms(
-          [&] {
-            cublasStatus_t st =
-                gemm(h, nn ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, S, S, S, &one, B,
-                     (cudaDataType)cuda_type, S, A, (cudaDataType)cuda_type, S, &zero, D,
-                     (cudaDataType)cuda_type, S, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-            if (st != CUBLAS_STATUS_SUCCESS) {
-              fprintf(stderr, "cublasGemmEx failed: %d\n", (int)st);
-              exit(2);
-            }
-          },
-          20);
-      printf("cuBLAS %-17s M=N=K=%d        %8.3f ms  %7.1f TFLOP/s\n", nn ? "NN" : "NT", S, ms,
-             2.0 * S * S * (double)S / ms / 1e9);
-    }
-  }
-#else
-  (void)cublas_ok, (void)cublas_h, (void)gemm_ex, (void)cuda_type;
-#endif
   cudaFree(A);
   cudaFree(B);
   cudaFree(A2);
@@ -359,6 +460,7 @@ static void bench_variants(const std::vector<Variant<T>>& vars, bool cublas_ok, 
 }
 
 int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IOLBF, 0);  // line by line into a log, even if killed by a timeout
   const bool bench = argc > 1 && std::string(argv[1]) == "--bench";
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
@@ -371,33 +473,31 @@ int main(int argc, char** argv) {
               : "");
 
   if (bench) {
-    bool ok = false;
-    void* handle = nullptr;
-    void* gemm_ex = nullptr;
-#ifdef WITH_CUBLAS
-    void* lib = dlopen("libcublas.so.13", RTLD_NOW);
-    if (!lib) lib = dlopen("libcublas.so", RTLD_NOW);
-    if (lib) {
-      auto create = (CreateFn)dlsym(lib, "cublasCreate_v2");
-      gemm_ex = dlsym(lib, "cublasGemmEx");
-      cublasHandle_t h;
-      if (create && gemm_ex && create(&h) == CUBLAS_STATUS_SUCCESS) {
-        handle = h;
-        ok = true;
-      }
-    }
-    if (!ok) printf("cuBLAS not available (%s): no comparison\n", dlerror());
-#else
-    printf("built without -DWITH_CUBLAS: no cuBLAS comparison\n");
-#endif
-    bench_variants(bf16_variants(sm90), ok, handle, gemm_ex, (int)CUDA_R_16BF);
-    bench_variants(f16_variants(sm90), ok, handle, gemm_ex, (int)CUDA_R_16F);
-    return 0;
+    Cublas cb;
+    std::string why;
+    const bool have = find_cublas(cb, why);
+    if (have)
+      printf("cuBLAS: %s (version %d)\n", cb.path.c_str(), cb.version);
+    else
+      printf("cuBLAS not available: no comparison. Tried:%s\n", why.empty() ? " nothing found" : why.c_str());
+    bench_variants(bf16_variants(sm90), have ? &cb : nullptr, (int)CUDA_R_16BF, "bf16");
+    bench_variants(f16_variants(sm90), have ? &cb : nullptr, (int)CUDA_R_16F, "f16");
+    CK(cudaDeviceSynchronize());
+    return have ? 0 : 3;
+  }
+  const bool small = argc > 1 && std::string(argv[1]) == "--small";
+  if (argc > 1 && !small) {
+    fprintf(stderr, "usage: %s [--small | --bench]\n", argv[0]);
+    return 2;
   }
 
   // The odd-size grid: every combination, both forms, layouts / bias / beta cycling.
-  const int Ms[] = {1, 37, 129, 300}, Ns[] = {8, 40, 136, 577}, K1s[] = {1, 16, 33, 576},
-            K2s[] = {0, 1, 8, 64};
+  // --small: M past one tile (129), N past one sm90 tile (577 > 256), K1 past one k-step and past the pipeline depth (33, 576)
+  // and both the fast and the scalar paths; every layout / bias / beta still cycles.
+  const std::vector<int> Ms = small ? std::vector<int>{1, 129} : std::vector<int>{1, 37, 129, 300};
+  const std::vector<int> Ns = small ? std::vector<int>{40, 577} : std::vector<int>{8, 40, 136, 577};
+  const std::vector<int> K1s = small ? std::vector<int>{1, 33, 576} : std::vector<int>{1, 16, 33, 576};
+  const std::vector<int> K2s = small ? std::vector<int>{0, 8, 64} : std::vector<int>{0, 1, 8, 64};
   std::vector<Problem> probs;
   int idx = 0;
   for (int nn = 0; nn < 2; ++nn)

@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""The summary of a GPU check run (gpu-pack/run.sh), as markdown to paste into BENCHMARKS.md.
+
+Reads the runner's logs folder: steps.tsv (name, status, seconds), NAME.log per step,
+bench.jsonl (benches/layer_cuda.rs), torch.jsonl (torch_baseline.py), gemm_bench.log
+(kernels/test/gemm_kext_check --bench). Standard library only; whatever is missing is shown
+as missing, never guessed.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+
+def read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def jsonl(path):
+    rows = []
+    for line in read(path).splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def fmt_ms(ms, ratio=None):
+    if ms is None:
+        return "—"
+    s = f"{ms:.3f}"
+    if ratio is not None:
+        s += f" ({ratio:.2f}x)"
+    return s
+
+
+def test_counts(text):
+    p = f = 0
+    found = False
+    for m in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed", text):
+        found = True
+        p += int(m.group(1))
+        f += int(m.group(2))
+    if not found:
+        return None
+    s = f"{p} passed, {f} failed"
+    skipped = text.count("skipped: no CUDA device")
+    if skipped:
+        s += f", {skipped} skipped (no device)"
+    return s
+
+
+def first_error(text):
+    """One line saying why a step failed: a panic's message, else the last error-looking line,
+    else the last line."""
+    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith("$ ")]
+    for i, l in enumerate(lines):
+        if "panicked at" in l and i + 1 < len(lines):
+            return lines[i + 1]
+    pat = re.compile(r"error|Error|ERROR|FAIL|failed|No module|insufficient|not found|Killed|Abort")
+    for l in reversed(lines):
+        if pat.search(l) and not l.startswith("test result") and not l.startswith("failures"):
+            return l
+    return lines[-1] if lines else "(empty log)"
+
+
+def cell(s):
+    s = s.replace("|", "\\|").replace("\n", " ")
+    return s if len(s) <= 160 else s[:157] + "..."
+
+
+def sanitizer_key(text):
+    m = re.search(r"ERROR SUMMARY: (\d+) errors?", text)
+    parts = []
+    if m:
+        parts.append(f"{m.group(1)} sanitizer errors")
+    m = re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
+    if m:
+        parts.append(f"racecheck: {m.group(2)} errors, {m.group(3)} warnings")
+    t = test_counts(text)
+    if t:
+        parts.append(t)
+    if "ALL OK" in text:
+        parts.append("ALL OK")
+    if "SOME FAILED" in text:
+        parts.append("SOME FAILED")
+    return "; ".join(parts)
+
+
+def gemm_check_key(text):
+    lines = [l for l in text.splitlines() if re.search(r"cases\s+worst error", l)]
+    if not lines:
+        return ""
+    bad = [l.split()[0] for l in lines if l.rstrip().endswith("FAIL")]
+    s = f"{len(lines) - len(bad)}/{len(lines)} variants ok"
+    if bad:
+        s += " (FAIL: " + ", ".join(bad) + ")"
+    return s
+
+
+def gemm_bench_rows(text):
+    """(name, dtype, form, k2, ms, tflops, ratio) per kernel line, and the cuBLAS lines."""
+    rows, cublas = [], []
+    for l in text.splitlines():
+        m = re.match(r"cuBLAS (\w+)\s+(NT|NN)\s+M=N=K1=(\d+) K2=0\s+([\d.]+) ms\s+([\d.]+) TFLOP/s", l)
+        if m:
+            cublas.append((m.group(1), m.group(2), float(m.group(4)), float(m.group(5))))
+            continue
+        m = re.match(r"(gemm_kext_(nt|nn)_(bf16|f16)\w*)\s+M=N=K1=(\d+) K2=(\d+)\s+([\d.]+) ms\s+([\d.]+) TFLOP/s"
+                     r"(?:\s+RATIO ([\d.]+))?", l)
+        if m:
+            rows.append((m.group(1), m.group(3), m.group(2).upper(), int(m.group(5)), float(m.group(6)),
+                         float(m.group(7)), float(m.group(8)) if m.group(8) else None))
+    return rows, cublas
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--logs", required=True)
+    ap.add_argument("--gpu", default="?")
+    ap.add_argument("--commit", default="?")
+    ap.add_argument("--total", default="?")
+    ap.add_argument("--budget", default="?")
+    a = ap.parse_args()
+    L = a.logs
+    steps = []
+    for line in read(os.path.join(L, "steps.tsv")).splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3:
+            steps.append(parts)
+    bench = jsonl(os.path.join(L, "bench.jsonl"))
+    torch_rows = jsonl(os.path.join(L, "torch.jsonl"))
+    gemm_rows, cublas = gemm_bench_rows(read(os.path.join(L, "gemm_bench.log")))
+
+    def bms(shape, op):
+        for r in bench:
+            if r.get("shape") == shape and r.get("op") == op:
+                return r.get("ms"), r.get("ratio_to_frozen")
+        return None, None
+
+    def tms(shape, op):
+        for r in torch_rows:
+            if r.get("shape") == shape and r.get("op") == op:
+                return r.get("ms"), r.get("ratio_to_linear")
+        return None, None
+
+    shapes = []
+    for r in bench + torch_rows:
+        if r.get("shape") not in shapes:
+            shapes.append(r.get("shape"))
+    paths = ["Composed", "Fused", "FusedSm90"]
+
+    def best(shape, method, kind):
+        """The fastest path of `method` ('wegeft' / 'lora') for `kind`: (path, ms, ratio)."""
+        got = []
+        for p in paths:
+            ms, ratio = bms(shape, f"{method} {kind} {p}")
+            if ms is not None:
+                got.append((ms, p, ratio))
+        if not got:
+            return None
+        ms, p, ratio = min(got)
+        return p, ms, ratio
+
+    # Key numbers per step.
+    keys = {}
+    for name, status, secs in steps:
+        text = read(os.path.join(L, f"{name}.log"))
+        if name in ("gemm_memcheck", "memcheck", "racecheck", "initcheck"):
+            keys[name] = sanitizer_key(text)
+        elif name == "gemm_check":
+            keys[name] = gemm_check_key(text)
+        elif name == "gemm_bench":
+            parts = []
+            for dt in ("bf16",):
+                for k2 in (0, 64):
+                    rs = [r for r in gemm_rows if r[1] == dt and r[3] == k2 and r[6] is not None]
+                    if rs:
+                        r = min(rs, key=lambda r: r[6])
+                        parts.append(f"{dt} K2={k2}: best {r[6]:.2f}x cuBLAS ({r[0]}, {r[5]:.0f} TFLOP/s)")
+            if not parts and "cuBLAS not available" in text:
+                parts.append("cuBLAS not loaded")
+            keys[name] = "; ".join(parts)
+        elif name == "bench":
+            parts = []
+            if shapes:
+                sh = shapes[0]
+                for kind in ("fwd", "bwd"):
+                    b = best(sh, "wegeft", kind)
+                    if b:
+                        parts.append(f"WeGeFT {kind} {b[2]:.2f}x frozen ({b[0]})")
+                if parts:
+                    parts[0] = f"{sh}: " + parts[0]
+            fails = len(re.findall(r"FAILED", text))
+            if fails:
+                parts.append(f"{fails} rows FAILED")
+            if "skipped: no CUDA device" in text:
+                parts.append("no CUDA device")
+            keys[name] = "; ".join(parts)
+        elif name == "torch_baseline":
+            parts = []
+            if torch_rows and shapes:
+                sh = shapes[0]
+                for op in ("wegeft_ref fwd", "wegeft_ref fwd+bwd"):
+                    ms, r = tms(sh, op)
+                    if r is not None:
+                        parts.append(f"{op} {r:.2f}x linear")
+                if parts:
+                    parts[0] = f"{sh}: " + parts[0]
+            m = re.search(r"device: [^;]*; torch ([^;]+);", text)
+            if m:
+                parts.append(f"torch {m.group(1)}")
+            if "peft not importable" in text:
+                parts.append("peft missing")
+            if "skipped: no CUDA device" in text:
+                parts.append("no CUDA device")
+            keys[name] = "; ".join(parts)
+        else:
+            keys[name] = test_counts(text) or ""
+        if "skipped: no CUDA device" in text and name not in ("bench", "torch_baseline") and "no CUDA" not in keys[name]:
+            keys[name] = (keys[name] + "; " if keys[name] else "") + "no CUDA device"
+        if status != "PASS" and text:
+            err = first_error(text)
+            if err not in keys[name]:
+                keys[name] = (keys[name] + "; " if keys[name] else "") + err
+
+    o = []
+    o.append(f"## GPU check: {a.gpu}")
+    o.append("")
+    o.append(f"commit `{a.commit}`; {a.total} s of the {a.budget} s budget. "
+             "bf16; CUDA events; median of reps with the L2 flushed before each (wegeft bench, PyTorch); "
+             "GEMM core: mean of 50 back-to-back launches.")
+    o.append("")
+    o.append("| step | status | s | key result |")
+    o.append("|---|---|---|---|")
+    for name, status, secs in steps:
+        o.append(f"| {name} | {status} | {secs} | {cell(keys.get(name, ''))} |")
+
+    if bench:
+        o.append("")
+        o.append("### Layer (wegeft, `benches/layer_cuda.rs`): ms (x the frozen cuBLASLt GEMM)")
+        o.append("")
+        o.append("Frozen: fwd `y = x W^T`, bwd `dx = G W`, fwd+bwd their sum; adapter bwd = its whole backward "
+                 "(dx and the adapter's gradients).")
+        o.append("")
+        o.append("| shape | op | frozen | " + " | ".join(paths) + " |")
+        o.append("|---|---|---|" + "---|" * len(paths))
+        frozen_of = {"fwd": "frozen fwd (cuBLASLt)", "bwd": "frozen bwd dx (cuBLASLt)",
+                     "fwd+bwd": "frozen fwd+bwd dx (cuBLASLt)"}
+        for sh in shapes:
+            if not any(r.get("shape") == sh for r in bench):
+                continue
+            for method in ("wegeft", "lora"):
+                for kind in ("fwd", "bwd", "fwd+bwd"):
+                    fz, _ = bms(sh, frozen_of[kind])
+                    cells = [fmt_ms(*bms(sh, f"{method} {kind} {p}")) for p in paths]
+                    o.append(f"| {sh} | {'WeGeFT' if method == 'wegeft' else 'LoRA'} {kind} | {fmt_ms(fz)} | "
+                             + " | ".join(cells) + " |")
+            mg, _ = bms(sh, "wegeft merge")
+            if mg is not None:
+                o.append(f"| {sh} | WeGeFT merge | | {fmt_ms(mg)} | | |")
+
+    if gemm_rows or cublas:
+        o.append("")
+        o.append("### GEMM core (`kernels/gemm_kext.cu`) at M=N=K1=4096: ms, TFLOP/s (x cuBLAS of the same form, K2=0)")
+        o.append("")
+        o.append("| kernel | form | K2 | ms | TFLOP/s | x cuBLAS |")
+        o.append("|---|---|---|---|---|---|")
+        for dt, form, ms, tf in cublas:
+            o.append(f"| cuBLAS GemmEx {dt} | {form} | 0 | {ms:.3f} | {tf:.0f} | 1.00 |")
+        for name, dt, form, k2, ms, tf, ratio in gemm_rows:
+            o.append(f"| {name} | {form} | {k2} | {ms:.3f} | {tf:.0f} | {'—' if ratio is None else f'{ratio:.2f}'} |")
+
+    if torch_rows:
+        o.append("")
+        o.append("### PyTorch (`torch_baseline.py`): ms (x F.linear of the same kind)")
+        o.append("")
+        tops = ["linear", "wegeft_ref", "lora_peft", "peft_lora"]
+        o.append("| shape | kind | F.linear | WeGeFT official-style | LoRA (F.linear) | peft LoRA |")
+        o.append("|---|---|---|---|---|---|")
+        for sh in shapes:
+            if not any(r.get("shape") == sh for r in torch_rows):
+                continue
+            for kind in ("fwd", "fwd+bwd"):
+                cells = []
+                for t in tops:
+                    ms, r = tms(sh, f"{t} {kind}")
+                    cells.append(fmt_ms(ms, None if t == "linear" else r))
+                o.append(f"| {sh} | {kind} | " + " | ".join(cells) + " |")
+
+    if bench and torch_rows:
+        o.append("")
+        o.append("### wegeft (fastest path) vs PyTorch: ms, speed-up = PyTorch / wegeft")
+        o.append("")
+        o.append("| shape | kind | frozen (cuBLASLt) | F.linear | WeGeFT (path) | official-style | speed-up | "
+                 "LoRA (path) | peft LoRA | speed-up |")
+        o.append("|---|---|---|---|---|---|---|---|---|---|")
+        for sh in shapes:
+            for kind in ("fwd", "fwd+bwd"):
+                fz, _ = bms(sh, "frozen fwd (cuBLASLt)" if kind == "fwd" else "frozen fwd+bwd dx (cuBLASLt)")
+                lin, _ = tms(sh, f"linear {kind}")
+                row = [sh, kind, fmt_ms(fz), fmt_ms(lin)]
+                for method, ref in (("wegeft", "wegeft_ref"), ("lora", "peft_lora")):
+                    b = best(sh, method, kind)
+                    t, _ = tms(sh, f"{ref} {kind}")
+                    if t is None and method == "lora":
+                        t, _ = tms(sh, f"lora_peft {kind}")
+                    row.append(f"{b[1]:.3f} ({b[0]})" if b else "—")
+                    row.append(fmt_ms(t))
+                    row.append(f"{t / b[1]:.2f}x" if b and t else "—")
+                o.append("| " + " | ".join(row) + " |")
+    print("\n".join(o))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
