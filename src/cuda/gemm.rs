@@ -29,21 +29,21 @@
 //! registry JIT-compiles the compute_80 PTX) an `_sm90` kernel runs the sm_80 body, which has
 //! the same launch geometry, so the choice is always safe.
 //!
-//! The lookup closure maps a kernel name to a loaded function (the crate's kernel registry);
-//! the launcher sets `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` before each launch that
+//! Kernels come from `CudaBackend::function` (the crate's kernel registry) and run on the
+//! caller's raw stream through `CudaBackend::launch`; the launcher sets `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` before each launch that
 //! needs more than 48 KiB of dynamic shared memory.
-
+//!
 //! Example, the fused forward `y = [x | u] [W | C]^T + b` for `T` tokens (rows of `u` and `C`
 //! padded to `r8 = r` rounded up to 8 so that the second pair also takes the fast path):
 //!
-//! ```ignore
+//! ```text
 //! let g = GemmKext {
 //!     m: t, n: d_out, k1: d_in, k2: r,
 //!     a1: x, lda1: d_in, b1: w, ldb1: d_in,
 //!     a2: u, lda2: r8, b2: c, ldb2: r8,
 //!     bias: Some(b), beta: 0.0, d: y, ldd: d_out,
 //! };
-//! unsafe { gemm_kext_nt::<bf16>(&stream, &|name| kernels.function(name), &g, GemmOptions::default())? };
+//! unsafe { gemm_kext_nt::<bf16>(&dev, stream, &g, GemmOptions::default())? };
 //! ```
 //! and the input gradient `dx = [G | v] [W ; psi]`: `gemm_kext_nn` with `m: t, n: d_in,
 //! k1: d_out, k2: r, a1: G (ld d_out), b1: W (ld d_in), a2: v (ld r8), b2: psi (ld d_in),
