@@ -24,11 +24,13 @@
 //! Modules: [`reference`] (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
 //! `cuda`), [`shape`] (shapes and matrix views), [`error`].
 
+pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod model;
 pub mod reference;
 pub mod shape;
 

@@ -1,1 +1,4 @@
-//! The CPU backend (to be filled in).
+//! The CPU backend: [`backend::Cpu`] implements [`crate::backend::Backend`] on host memory.
+pub mod backend;
+
+pub use backend::Cpu;

@@ -1,0 +1,235 @@
+//! The seam between the model and an engine: every operation the Llama model needs, on
+//! buffers that live wherever the engine keeps them.
+//!
+//! The model ([`crate::model::llama`]) is written once over this trait; [`crate::cpu::Cpu`]
+//! implements it on host `Vec<f32>`s, and the CUDA backend on device memory. Compute is f32.
+//! Matrices are row-major; "`T x d`" means `T` rows (tokens) of `d` contiguous floats.
+//!
+//! Conventions: functions named `*_forward` overwrite their outputs; `*_backward` functions
+//! *accumulate* into adapter gradients (`dphi`, `dpsi`) so that a pair shared by many layers
+//! sums its gradient naturally, and accumulate into an input gradient when told to
+//! (`accumulate: true`), overwrite it otherwise. Every method checks its lengths and returns
+//! [`crate::Error`] on disagreement; none panics on bad input.
+
+use crate::error::Result;
+use crate::shape::LayerShape;
+
+/// The shape of one causal multi-head attention call with grouped-query heads.
+///
+/// Queries `q` are `batch * q_len` rows of `heads * head_dim`; keys and values are
+/// `batch * kv_stride` rows of `kv_heads * head_dim` of which the first `kv_len` rows of each
+/// batch element are used. Query `i` of a batch element sits at absolute position
+/// `q_offset + i` and sees the keys at positions `0 ..= q_offset + i` (causal).
+/// Query head `h` uses key/value head `h / (heads / kv_heads)`.
+/// Training uses `q_offset = 0, q_len = kv_len = kv_stride = S`; a KV-cache decode step
+/// uses `batch = 1`, `q_len = 1`, `q_offset = kv_len - 1`, `kv_stride` = the cache capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub kv_stride: usize,
+    pub q_offset: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    /// Checks the dimensions: all positive, `heads % kv_heads == 0`,
+    /// `q_offset + q_len == kv_len <= kv_stride`.
+    pub fn check(&self) -> Result<()> {
+        use crate::error::Error;
+        for (what, v) in [
+            ("batch", self.batch),
+            ("q_len", self.q_len),
+            ("kv_len", self.kv_len),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v == 0 {
+                return Err(Error::ZeroDim { what });
+            }
+        }
+        if self.heads % self.kv_heads != 0 {
+            return Err(Error::invalid(
+                "attention heads",
+                format!("{} query heads are not a multiple of {} kv heads", self.heads, self.kv_heads),
+            ));
+        }
+        if self.q_offset + self.q_len != self.kv_len || self.kv_len > self.kv_stride {
+            return Err(Error::invalid(
+                "attention shape",
+                format!(
+                    "need q_offset + q_len == kv_len <= kv_stride, got {} + {} vs {} (stride {})",
+                    self.q_offset, self.q_len, self.kv_len, self.kv_stride
+                ),
+            ));
+        }
+        Ok(())
+    }
+    /// Elements of `q` (and of the attention output).
+    pub fn q_elems(&self) -> usize {
+        self.batch * self.q_len * self.heads * self.head_dim
+    }
+    /// Elements of the `k` / `v` buffers (`batch * kv_stride` rows).
+    pub fn kv_elems(&self) -> usize {
+        self.batch * self.kv_stride * self.kv_heads * self.head_dim
+    }
+    /// Elements of the log-sum-exp statistics (`batch * heads * q_len`).
+    pub fn lse_elems(&self) -> usize {
+        self.batch * self.heads * self.q_len
+    }
+}
+
+/// The hyper-parameters of one AdamW step, with `torch.optim.AdamW`'s semantics:
+/// `p <- p (1 - lr wd)`, `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`,
+/// `p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)` at step `t >= 1`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamHyper {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// The 1-based step number `t`.
+    pub step: u64,
+}
+
+/// An engine for the Llama model. `Buf` is an f32 buffer owned by the engine.
+pub trait Backend {
+    /// An f32 buffer on this engine.
+    type Buf;
+
+    /// A short name (`"cpu"`, `"cuda"`).
+    fn name(&self) -> &'static str;
+    /// A buffer of `n` zeros.
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A buffer holding a copy of `data`.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// The buffer's content, on the host.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Number of f32 elements in `buf`.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// `buf <- 0`.
+    fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
+    /// `dst[dst_offset .. dst_offset + src.len()] <- src`.
+    fn copy_into(&self, src: &Self::Buf, dst: &mut Self::Buf, dst_offset: usize) -> Result<()>;
+    /// `y <- y + x` (same length).
+    fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+
+    /// `out[t] = table[ids[t]]`: `table` is `vocab x dim`, `out` is `ids.len() x dim`.
+    fn embedding_forward(&self, table: &Self::Buf, vocab: usize, dim: usize, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
+
+    /// RMSNorm of each row: `rstd = 1 / sqrt(mean(x^2) + eps)`, `y = x * rstd * weight`.
+    /// `x`, `y`: `rows x dim`; `rstd`: `rows`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(&self, x: &Self::Buf, weight: &Self::Buf, rows: usize, dim: usize, eps: f32, y: &mut Self::Buf, rstd: &mut Self::Buf) -> Result<()>;
+
+    /// RMSNorm backward: with `g = dy * weight`,
+    /// `dx += rstd * (g - x * rstd^2 * mean(g * x))` (accumulates into `dx`).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(&self, x: &Self::Buf, weight: &Self::Buf, rstd: &Self::Buf, dy: &Self::Buf, rows: usize, dim: usize, dx: &mut Self::Buf) -> Result<()>;
+
+    /// Frozen linear layer: `y = x W^T`, `x`: `rows x d_in`, `W`: `d_out x d_in`.
+    fn linear_forward(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, d_in: usize, d_out: usize, y: &mut Self::Buf) -> Result<()>;
+
+    /// Input gradient of a frozen linear layer: `dx (+)= G W`, `G`: `rows x d_out`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(&self, g: &Self::Buf, w: &Self::Buf, rows: usize, d_in: usize, d_out: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()>;
+
+    /// WeGeFT forward (`shape.tokens` rows): `C = s W phi`, `u = x psi^T`, `y = x W^T + u C^T`.
+    /// Saves `u` (`T x r`) and `C` (`d_out x r`) for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn wegeft_forward(
+        &self,
+        shape: LayerShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        phi: &Self::Buf,
+        psi: &Self::Buf,
+        scale: f32,
+        y: &mut Self::Buf,
+        u: &mut Self::Buf,
+        c: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// WeGeFT backward from `G = dL/dy`, with `u`, `C` from the forward: `v = G C`,
+    /// `S = G^T u`; `dx (+)= G W + v psi` (when `dx` is given; `bool` = accumulate);
+    /// `dphi += s W^T S`; `dpsi += v^T x`.
+    #[allow(clippy::too_many_arguments)]
+    fn wegeft_backward(
+        &self,
+        shape: LayerShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        psi: &Self::Buf,
+        scale: f32,
+        u: &Self::Buf,
+        c: &Self::Buf,
+        g: &Self::Buf,
+        dx: Option<(&mut Self::Buf, bool)>,
+        dphi: &mut Self::Buf,
+        dpsi: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Rotary position embedding, HF "rotate half" convention, in place on `x`
+    /// (`positions.len()` rows of `heads * head_dim`): for `i < head_dim/2`, with
+    /// `f = pos * theta^(-2i/head_dim)`:
+    /// `(x_i, x_{i+h/2}) <- (x_i cos f - x_{i+h/2} sin f, x_{i+h/2} cos f + x_i sin f)`.
+    /// `inverse` applies the transpose rotation (angle `-f`), which is the backward.
+    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[u32], theta: f32, inverse: bool) -> Result<()>;
+
+    /// Causal GQA attention: `out = softmax(q k^T / sqrt(head_dim) + mask) v` per head;
+    /// `lse` (`batch x heads x q_len`) keeps each row's log-sum-exp of the scaled scores.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(&self, shape: AttnShape, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, out: &mut Self::Buf, lse: &mut Self::Buf) -> Result<()>;
+
+    /// Attention backward: with `P = exp(q k^T / sqrt(d) - lse)`, `dV = P^T dO`,
+    /// `dP = dO V^T`, `dS = P (dP - rowsum(dO * O))`, `dq = dS k / sqrt(d)`,
+    /// `dk = dS^T q / sqrt(d)` (summed over the query heads of a group). Overwrites
+    /// `dq`, `dk`, `dv` (`dk`/`dv` shaped like `k`/`v`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        shape: AttnShape,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// SwiGLU: `h = silu(gate) * up`, `silu(a) = a / (1 + e^-a)`; all of length `n`.
+    fn swiglu_forward(&self, gate: &Self::Buf, up: &Self::Buf, h: &mut Self::Buf) -> Result<()>;
+
+    /// SwiGLU backward: `dgate = dh * up * sig(a) (1 + a (1 - sig(a)))`, `dup = dh * silu(a)`.
+    fn swiglu_backward(&self, gate: &Self::Buf, up: &Self::Buf, dh: &Self::Buf, dgate: &mut Self::Buf, dup: &mut Self::Buf) -> Result<()>;
+
+    /// `logits = h E^T` for `rows` rows of `h` (`rows x dim`), `E`: `vocab x dim`.
+    fn logits(&self, h: &Self::Buf, head: &Self::Buf, rows: usize, dim: usize, vocab: usize, out: &mut Self::Buf) -> Result<()>;
+
+    /// The LM head and cross-entropy, computed only on rows with a label
+    /// (`labels[t] >= 0`), chunked so that `T x vocab` logits never exist at once.
+    /// Returns the *sum* over labelled rows of `logsumexp(z_t) - z_t[label_t]`, `z_t = h_t E^T`.
+    /// With `dh = Some((buf, c))`, writes `dh_t = c (softmax(z_t) - onehot(label_t)) E`
+    /// (zero on unlabelled rows).
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_loss(
+        &self,
+        h: &Self::Buf,
+        head: &Self::Buf,
+        dim: usize,
+        vocab: usize,
+        labels: &[i32],
+        dh: Option<(&mut Self::Buf, f32)>,
+    ) -> Result<f32>;
+
+    /// One AdamW step on `param` from `grad` with moments `m`, `v` (see [`AdamHyper`]).
+    fn adamw_step(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hyper: AdamHyper) -> Result<()>;
+}
