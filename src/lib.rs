@@ -33,6 +33,7 @@ pub mod error;
 pub mod model;
 pub mod reference;
 pub mod shape;
+pub mod train;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

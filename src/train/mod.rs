@@ -1,0 +1,5 @@
+//! Training: data ([`data`]: JSONL records, batching), the built-in task ([`arithmetic`]) and
+//! the loop's core ([`trainer`]).
+pub mod arithmetic;
+pub mod data;
+pub mod trainer;

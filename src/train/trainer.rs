@@ -1,0 +1,105 @@
+//! The training loop's core: one step = forward + backward over a batch, then AdamW on every
+//! adapter pair. Deterministic: the same model, adapter and batches give bitwise the same
+//! losses and parameters.
+
+use crate::backend::{AdamHyper, Backend};
+use crate::error::{Error, Result};
+use crate::model::llama::{Adapter, Batch, HostAdapter, Llama};
+
+/// AdamW hyper-parameters (constant learning rate), `torch.optim.AdamW` semantics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for OptimConfig {
+    /// lr 2e-3, betas (0.9, 0.999), eps 1e-8, no weight decay.
+    fn default() -> Self {
+        OptimConfig { lr: 2e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+impl OptimConfig {
+    /// Checks the ranges: `lr > 0`, `0 <= beta < 1`, `eps > 0`, `weight_decay >= 0`, all finite.
+    pub fn check(&self) -> Result<()> {
+        let ok = self.lr.is_finite()
+            && self.lr > 0.0
+            && (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2)
+            && self.eps.is_finite()
+            && self.eps > 0.0
+            && self.weight_decay.is_finite()
+            && self.weight_decay >= 0.0;
+        if !ok {
+            return Err(Error::invalid("optimizer", format!("{self:?}: need lr > 0, 0 <= betas < 1, eps > 0, weight_decay >= 0")));
+        }
+        Ok(())
+    }
+}
+
+/// Trains an adapter on a frozen model.
+pub struct Trainer<'m, B: Backend> {
+    be: &'m B,
+    model: &'m Llama<B>,
+    adapter: Adapter<B>,
+    grads: Vec<(B::Buf, B::Buf)>,
+    m: Vec<(B::Buf, B::Buf)>,
+    v: Vec<(B::Buf, B::Buf)>,
+    step: u64,
+    optim: OptimConfig,
+}
+
+impl<'m, B: Backend> Trainer<'m, B> {
+    /// A trainer starting from `init` (uploaded to the backend), with zero AdamW moments.
+    pub fn new(be: &'m B, model: &'m Llama<B>, init: &HostAdapter, optim: OptimConfig) -> Result<Self> {
+        optim.check()?;
+        let adapter = init.upload(be, &model.dims)?;
+        let grads = adapter.zero_grads(be)?;
+        let m = adapter.zero_grads(be)?;
+        let v = adapter.zero_grads(be)?;
+        Ok(Trainer { be, model, adapter, grads, m, v, step: 0, optim })
+    }
+
+    /// One step on `batch`: returns the loss *before* the update (mean over the batch's
+    /// labelled tokens), then applies AdamW to every pair.
+    pub fn step(&mut self, batch: &Batch) -> Result<f32> {
+        for (dphi, dpsi) in self.grads.iter_mut() {
+            self.be.fill_zero(dphi)?;
+            self.be.fill_zero(dpsi)?;
+        }
+        let loss = self.model.loss_and_grad(self.be, &self.adapter, batch, &mut self.grads)?;
+        if !loss.is_finite() {
+            return Err(Error::Numerical(format!("loss is {loss} at step {}", self.step + 1)));
+        }
+        self.step += 1;
+        let o = self.optim;
+        let hyper =
+            AdamHyper { lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay, step: self.step };
+        for (((pair, g), m), v) in self.adapter.pairs.iter_mut().zip(&self.grads).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+            self.be.adamw_step(&mut pair.phi, &g.0, &mut m.0, &mut v.0, hyper)?;
+            self.be.adamw_step(&mut pair.psi, &g.1, &mut m.1, &mut v.1, hyper)?;
+        }
+        Ok(loss)
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+    /// The adapter on the backend (for evaluation between steps).
+    pub fn adapter(&self) -> &Adapter<B> {
+        &self.adapter
+    }
+    /// The current adapter, on the host.
+    pub fn host_adapter(&self) -> Result<HostAdapter> {
+        self.adapter.download(self.be)
+    }
+    /// The gradients of the last step (`(dphi, dpsi)` per pair), on the host.
+    pub fn last_grads(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        self.grads.iter().map(|(a, b)| Ok((self.be.download(a)?, self.be.download(b)?))).collect()
+    }
+}
