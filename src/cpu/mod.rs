@@ -1,4 +1,18 @@
-//! The CPU backend: [`backend::Cpu`] implements [`crate::backend::Backend`] on host memory.
+//! The CPU backend: the same math as [`crate::reference`], in f32 on top of the `gemm` crate
+//! and rayon.
+//!
+//! * [`gemm`]: a safe, checked wrapper for strided row-major products
+//!   `C <- alpha C + beta op(A) op(B)` (also used by the model code);
+//! * [`layer`]: the WeGeFT layer (forward, backward, merge, exact unmerge) on the K-extended
+//!   formulation, and the frozen layer and LoRA for comparison;
+//! * [`backend`]: [`Cpu`], the [`crate::backend::Backend`] on host memory.
+
 pub mod backend;
+pub mod gemm;
+pub mod layer;
 
 pub use backend::Cpu;
+pub use layer::{
+    frozen_backward, frozen_forward, lora_backward, lora_forward, wegeft_backward, wegeft_forward, wegeft_merge,
+    wegeft_unmerge, LoraSaved, Saved,
+};
