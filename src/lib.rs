@@ -24,6 +24,7 @@
 //! Modules: [`reference`] (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
 //! `cuda`), [`shape`] (shapes and matrix views), [`error`].
 
+pub mod adapter;
 pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -32,6 +33,7 @@ pub mod dtype;
 pub mod error;
 pub mod model;
 pub mod reference;
+pub mod rng;
 pub mod shape;
 pub mod train;
 

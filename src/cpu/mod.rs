@@ -5,11 +5,14 @@
 //!   `C <- alpha C + beta op(A) op(B)` (also used by the model code);
 //! * [`layer`]: the WeGeFT layer (forward, backward, merge, exact unmerge) on the K-extended
 //!   formulation, and the frozen layer and LoRA for comparison;
+//! * [`ops`] — the non-WeGeFT Llama ops (embedding, RMSNorm, RoPE, GQA attention, SwiGLU,
+//!   cross-entropy), each forward paired with its backward;
 //! * [`backend`]: [`Cpu`], the [`crate::backend::Backend`] on host memory.
 
 pub mod backend;
 pub mod gemm;
 pub mod layer;
+pub mod ops;
 
 pub use backend::Cpu;
 pub use layer::{
