@@ -14,85 +14,21 @@
 use crate::error::Result;
 use crate::shape::LayerShape;
 
-/// The shape of one causal multi-head attention call with grouped-query heads.
-///
-/// Queries `q` are `batch * q_len` rows of `heads * head_dim`; keys and values are
-/// `batch * kv_stride` rows of `kv_heads * head_dim` of which the first `kv_len` rows of each
-/// batch element are used. Query `i` of a batch element sits at absolute position
-/// `q_offset + i` and sees the keys at positions `0 ..= q_offset + i` (causal).
-/// Query head `h` uses key/value head `h / (heads / kv_heads)`.
-/// Training uses `q_offset = 0, q_len = kv_len = kv_stride = S`; a KV-cache decode step
-/// uses `batch = 1`, `q_len = 1`, `q_offset = kv_len - 1`, `kv_stride` = the cache capacity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttnShape {
-    pub batch: usize,
-    pub q_len: usize,
-    pub kv_len: usize,
-    pub kv_stride: usize,
-    pub q_offset: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl AttnShape {
-    /// Checks the dimensions: all positive, `heads % kv_heads == 0`,
-    /// `q_offset + q_len == kv_len <= kv_stride`.
-    pub fn check(&self) -> Result<()> {
-        use crate::error::Error;
-        for (what, v) in [
-            ("batch", self.batch),
-            ("q_len", self.q_len),
-            ("kv_len", self.kv_len),
-            ("heads", self.heads),
-            ("kv_heads", self.kv_heads),
-            ("head_dim", self.head_dim),
-        ] {
-            if v == 0 {
-                return Err(Error::ZeroDim { what });
-            }
-        }
-        if self.heads % self.kv_heads != 0 {
-            return Err(Error::invalid(
-                "attention heads",
-                format!("{} query heads are not a multiple of {} kv heads", self.heads, self.kv_heads),
-            ));
-        }
-        if self.q_offset + self.q_len != self.kv_len || self.kv_len > self.kv_stride {
-            return Err(Error::invalid(
-                "attention shape",
-                format!(
-                    "need q_offset + q_len == kv_len <= kv_stride, got {} + {} vs {} (stride {})",
-                    self.q_offset, self.q_len, self.kv_len, self.kv_stride
-                ),
-            ));
-        }
-        Ok(())
-    }
-    /// Elements of `q` (and of the attention output).
-    pub fn q_elems(&self) -> usize {
-        self.batch * self.q_len * self.heads * self.head_dim
-    }
-    /// Elements of the `k` / `v` buffers (`batch * kv_stride` rows).
-    pub fn kv_elems(&self) -> usize {
-        self.batch * self.kv_stride * self.kv_heads * self.head_dim
-    }
-    /// Elements of the log-sum-exp statistics (`batch * heads * q_len`).
-    pub fn lse_elems(&self) -> usize {
-        self.batch * self.heads * self.q_len
-    }
-}
+/// The shape of one causal grouped-query attention call (`batch` sequences of `seq` tokens,
+/// `heads` query heads sharing `kv_heads` key/value heads of `head_dim`): the CPU ops' type,
+/// shared by every backend.
+pub use crate::cpu::ops::AttnShape;
 
 /// The hyper-parameters of one AdamW step, with `torch.optim.AdamW`'s semantics:
 /// `p <- p (1 - lr wd)`, `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`,
 /// `p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)` at step `t >= 1`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamHyper {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
     /// The 1-based step number `t`.
     pub step: u64,
 }
@@ -101,6 +37,9 @@ pub struct AdamHyper {
 pub trait Backend {
     /// An f32 buffer on this engine.
     type Buf;
+    /// What [`Backend::wegeft_forward`] keeps for [`Backend::wegeft_backward`]: `u = x psi^T`
+    /// (`T x r`) and `C = s W phi` (`d_out x r`).
+    type Saved;
 
     /// A short name (`"cpu"`, `"cuda"`).
     fn name(&self) -> &'static str;
@@ -139,8 +78,8 @@ pub trait Backend {
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(&self, g: &Self::Buf, w: &Self::Buf, rows: usize, d_in: usize, d_out: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()>;
 
-    /// WeGeFT forward (`shape.tokens` rows): `C = s W phi`, `u = x psi^T`, `y = x W^T + u C^T`.
-    /// Saves `u` (`T x r`) and `C` (`d_out x r`) for the backward.
+    /// WeGeFT forward (`shape.tokens` rows): `C = s W phi`, `u = x psi^T`, `y = x W^T + u C^T`
+    /// (overwrites `y`). Returns `u` and `C` for the backward.
     #[allow(clippy::too_many_arguments)]
     fn wegeft_forward(
         &self,
@@ -151,11 +90,9 @@ pub trait Backend {
         psi: &Self::Buf,
         scale: f32,
         y: &mut Self::Buf,
-        u: &mut Self::Buf,
-        c: &mut Self::Buf,
-    ) -> Result<()>;
+    ) -> Result<Self::Saved>;
 
-    /// WeGeFT backward from `G = dL/dy`, with `u`, `C` from the forward: `v = G C`,
+    /// WeGeFT backward from `G = dL/dy`, with `u`, `C` saved by the forward: `v = G C`,
     /// `S = G^T u`; `dx (+)= G W + v psi` (when `dx` is given; `bool` = accumulate);
     /// `dphi += s W^T S`; `dpsi += v^T x`.
     #[allow(clippy::too_many_arguments)]
@@ -164,10 +101,10 @@ pub trait Backend {
         shape: LayerShape,
         x: &Self::Buf,
         w: &Self::Buf,
+        phi: &Self::Buf,
         psi: &Self::Buf,
         scale: f32,
-        u: &Self::Buf,
-        c: &Self::Buf,
+        saved: &Self::Saved,
         g: &Self::Buf,
         dx: Option<(&mut Self::Buf, bool)>,
         dphi: &mut Self::Buf,
@@ -181,15 +118,16 @@ pub trait Backend {
     /// `inverse` applies the transpose rotation (angle `-f`), which is the backward.
     fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[u32], theta: f32, inverse: bool) -> Result<()>;
 
-    /// Causal GQA attention: `out = softmax(q k^T / sqrt(head_dim) + mask) v` per head;
-    /// `lse` (`batch x heads x q_len`) keeps each row's log-sum-exp of the scaled scores.
-    #[allow(clippy::too_many_arguments)]
+    /// Causal GQA attention over whole sequences (`q`: `B*S x H*hd`, `k`, `v`: `B*S x KVH*hd`):
+    /// `out = softmax(q k^T / sqrt(hd) + causal mask) v` per head, query head `h` reading
+    /// kv head `h / (H / KVH)`; `lse` (`B*S x H`) keeps each row's log-sum-exp of the scaled
+    /// scores for the backward.
     fn attention_forward(&self, shape: AttnShape, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, out: &mut Self::Buf, lse: &mut Self::Buf) -> Result<()>;
 
-    /// Attention backward: with `P = exp(q k^T / sqrt(d) - lse)`, `dV = P^T dO`,
-    /// `dP = dO V^T`, `dS = P (dP - rowsum(dO * O))`, `dq = dS k / sqrt(d)`,
-    /// `dk = dS^T q / sqrt(d)` (summed over the query heads of a group). Overwrites
-    /// `dq`, `dk`, `dv` (`dk`/`dv` shaped like `k`/`v`).
+    /// Attention backward: with `P = exp(q k^T / sqrt(hd) - lse)`, `dV = P^T dO`,
+    /// `dP = dO V^T`, `dS = P (dP - rowsum(dO * O))`, `dq = dS k / sqrt(hd)`,
+    /// `dk = dS^T q / sqrt(hd)` (summed over the query heads of a group). Overwrites
+    /// `dq`, `dk`, `dv`.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -203,6 +141,24 @@ pub trait Backend {
         dq: &mut Self::Buf,
         dk: &mut Self::Buf,
         dv: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// One decoding step: `q` holds one new token per sequence (`batch x H*hd`); the caches
+    /// are `batch x capacity x KVH*hd` and already hold the new token's key and value at
+    /// position `len - 1`. Attention over positions `0..len`; writes `out` (`batch x H*hd`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        len: usize,
+        out: &mut Self::Buf,
     ) -> Result<()>;
 
     /// SwiGLU: `h = silu(gate) * up`, `silu(a) = a / (1 + e^-a)`; all of length `n`.

@@ -303,8 +303,8 @@ struct LayerActs<B: Backend> {
     gate: B::Buf,
     up: B::Buf,
     h: B::Buf,
-    /// `(u, C)` of each adapted projection.
-    saved: [Option<(B::Buf, B::Buf)>; 7],
+    /// What each adapted projection's forward saved (`u`, `C`).
+    saved: [Option<B::Saved>; 7],
 }
 
 /// Per-layer key/value cache for greedy decoding of one sequence.
@@ -426,7 +426,7 @@ impl<B: Backend> Llama<B> {
         rows: usize,
         adapter: Option<&Adapter<B>>,
         save: bool,
-    ) -> Result<(B::Buf, Option<(B::Buf, B::Buf)>)> {
+    ) -> Result<(B::Buf, Option<B::Saved>)> {
         let (d_in, d_out) = self.dims.module_dims(m);
         let w = &self.layers[l].proj[m];
         let mut y = be.zeros(rows * d_out)?;
@@ -434,10 +434,8 @@ impl<B: Backend> Llama<B> {
             if let Some(p) = a.sites[l][m] {
                 let pair = &a.pairs[p];
                 let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
-                let mut u = be.zeros(rows * a.rank)?;
-                let mut c = be.zeros(d_out * a.rank)?;
-                be.wegeft_forward(shape, x, w, &pair.phi, &pair.psi, a.scale, &mut y, &mut u, &mut c)?;
-                return Ok((y, if save { Some((u, c)) } else { None }));
+                let saved = be.wegeft_forward(shape, x, w, &pair.phi, &pair.psi, a.scale, &mut y)?;
+                return Ok((y, if save { Some(saved) } else { None }));
             }
         }
         be.linear_forward(x, w, rows, d_in, d_out, &mut y)?;
@@ -455,17 +453,18 @@ impl<B: Backend> Llama<B> {
         g: &B::Buf,
         rows: usize,
         adapter: Option<&Adapter<B>>,
-        saved: &Option<(B::Buf, B::Buf)>,
+        saved: &Option<B::Saved>,
         dx: Option<(&mut B::Buf, bool)>,
         grads: &mut [(B::Buf, B::Buf)],
     ) -> Result<()> {
         let (d_in, d_out) = self.dims.module_dims(m);
         let w = &self.layers[l].proj[m];
-        if let (Some(a), Some((u, c))) = (adapter, saved) {
+        if let (Some(a), Some(saved)) = (adapter, saved) {
             if let Some(p) = a.sites[l][m] {
                 let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
                 let (dphi, dpsi) = &mut grads[p];
-                return be.wegeft_backward(shape, x, w, &a.pairs[p].psi, a.scale, u, c, g, dx, dphi, dpsi);
+                let pair = &a.pairs[p];
+                return be.wegeft_backward(shape, x, w, &pair.phi, &pair.psi, a.scale, saved, g, dx, dphi, dpsi);
             }
         }
         if let Some((dx, acc)) = dx {
@@ -508,17 +507,8 @@ impl<B: Backend> Llama<B> {
             let mut att = be.zeros(rows * qw)?;
             let lse = match &mut mode {
                 Mode::Full { .. } => {
-                    let shape = AttnShape {
-                        batch,
-                        q_len: seq,
-                        kv_len: seq,
-                        kv_stride: seq,
-                        q_offset: 0,
-                        heads: d.heads,
-                        kv_heads: d.kv_heads,
-                        head_dim: d.head_dim,
-                    };
-                    let mut lse = be.zeros(shape.lse_elems())?;
+                    let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
+                    let mut lse = be.zeros(rows * d.heads)?;
                     be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
                     lse
                 }
@@ -531,19 +521,18 @@ impl<B: Backend> Llama<B> {
                     }
                     be.copy_into(&k, &mut cache.k[l], cache.len * kw)?;
                     be.copy_into(&v, &mut cache.v[l], cache.len * kw)?;
-                    let shape = AttnShape {
-                        batch: 1,
-                        q_len: rows,
-                        kv_len: cache.len + rows,
-                        kv_stride: cache.capacity,
-                        q_offset: cache.len,
-                        heads: d.heads,
-                        kv_heads: d.kv_heads,
-                        head_dim: d.head_dim,
-                    };
-                    let mut lse = be.zeros(shape.lse_elems())?;
-                    be.attention_forward(shape, &q, &cache.k[l], &cache.v[l], &mut att, &mut lse)?;
-                    lse
+                    if cache.len == 0 {
+                        // Prefill: plain causal attention over the new tokens.
+                        let shape = AttnShape::new(1, rows, d.heads, d.kv_heads, d.head_dim)?;
+                        let mut lse = be.zeros(rows * d.heads)?;
+                        be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
+                    } else if rows == 1 {
+                        let (len, cap) = (cache.len + 1, cache.capacity);
+                        be.attention_decode(&q, &cache.k[l], &cache.v[l], 1, d.heads, d.kv_heads, d.head_dim, cap, len, &mut att)?;
+                    } else {
+                        return Err(Error::invalid("kv cache", "after the prefill, tokens are fed one at a time"));
+                    }
+                    be.zeros(0)?
                 }
             };
             let (o, so) = self.proj_forward(be, l, O, &att, rows, adapter, save)?;
@@ -650,16 +639,7 @@ impl<B: Backend> Llama<B> {
         let mut dx = be.zeros(rows * d.hidden)?;
         be.rmsnorm_backward(&xf, &self.final_norm, &rstdf, &dhn, rows, d.hidden, &mut dx)?;
         drop(dhn);
-        let shape = AttnShape {
-            batch: batch.batch,
-            q_len: batch.seq,
-            kv_len: batch.seq,
-            kv_stride: batch.seq,
-            q_offset: 0,
-            heads: d.heads,
-            kv_heads: d.kv_heads,
-            head_dim: d.head_dim,
-        };
+        let shape = AttnShape::new(batch.batch, batch.seq, d.heads, d.kv_heads, d.head_dim)?;
         // The lowest layer with an adapted site: below it no gradient is needed.
         let lowest = (0..d.layers).find(|&l| adapter.sites[l].iter().any(|s| s.is_some()));
         let Some(lowest) = lowest else {
@@ -728,12 +708,25 @@ impl<B: Backend> Llama<B> {
         if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.dims.vocab) {
             return Err(Error::invalid("ids", format!("token id {id} is outside the vocabulary of {}", self.dims.vocab)));
         }
-        let start = cache.len as u32;
-        let positions: Vec<u32> = (0..ids.len() as u32).map(|i| start + i).collect();
-        let (hn, _, _, _) = self.run(be, adapter, ids, 1, ids.len(), &positions, Mode::Cached(cache))?;
         let d = &self.dims;
+        if cache.len + ids.len() > cache.capacity {
+            return Err(Error::invalid(
+                "kv cache",
+                format!("{} cached + {} new tokens exceed the capacity {}", cache.len, ids.len(), cache.capacity),
+            ));
+        }
+        // A prefill runs all tokens at once; later tokens go one at a time.
+        let chunks: Vec<&[u32]> = if cache.len == 0 { vec![ids] } else { ids.chunks(1).collect() };
+        let mut hn = None;
+        for chunk in chunks {
+            let start = cache.len as u32;
+            let positions: Vec<u32> = (0..chunk.len() as u32).map(|i| start + i).collect();
+            let (h, _, _, _) = self.run(be, adapter, chunk, 1, chunk.len(), &positions, Mode::Cached(cache))?;
+            hn = Some((h, chunk.len()));
+        }
+        let (hn, n) = hn.ok_or(Error::ZeroDim { what: "ids" })?;
         let all = be.download(&hn)?;
-        let last = be.upload(&all[(ids.len() - 1) * d.hidden..])?;
+        let last = be.upload(&all[(n - 1) * d.hidden..])?;
         let mut logits = be.zeros(d.vocab)?;
         be.logits(&last, self.head(), 1, d.hidden, d.vocab, &mut logits)?;
         be.download(&logits)

@@ -5,41 +5,7 @@
 use crate::backend::{AdamHyper, Backend};
 use crate::error::{Error, Result};
 use crate::model::llama::{Adapter, Batch, HostAdapter, Llama};
-
-/// AdamW hyper-parameters (constant learning rate), `torch.optim.AdamW` semantics.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct OptimConfig {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-}
-
-impl Default for OptimConfig {
-    /// lr 2e-3, betas (0.9, 0.999), eps 1e-8, no weight decay.
-    fn default() -> Self {
-        OptimConfig { lr: 2e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
-    }
-}
-
-impl OptimConfig {
-    /// Checks the ranges: `lr > 0`, `0 <= beta < 1`, `eps > 0`, `weight_decay >= 0`, all finite.
-    pub fn check(&self) -> Result<()> {
-        let ok = self.lr.is_finite()
-            && self.lr > 0.0
-            && (0.0..1.0).contains(&self.beta1)
-            && (0.0..1.0).contains(&self.beta2)
-            && self.eps.is_finite()
-            && self.eps > 0.0
-            && self.weight_decay.is_finite()
-            && self.weight_decay >= 0.0;
-        if !ok {
-            return Err(Error::invalid("optimizer", format!("{self:?}: need lr > 0, 0 <= betas < 1, eps > 0, weight_decay >= 0")));
-        }
-        Ok(())
-    }
-}
+use crate::train::optim::AdamWConfig;
 
 /// Trains an adapter on a frozen model.
 pub struct Trainer<'m, B: Backend> {
@@ -50,13 +16,13 @@ pub struct Trainer<'m, B: Backend> {
     m: Vec<(B::Buf, B::Buf)>,
     v: Vec<(B::Buf, B::Buf)>,
     step: u64,
-    optim: OptimConfig,
+    optim: AdamWConfig,
 }
 
 impl<'m, B: Backend> Trainer<'m, B> {
     /// A trainer starting from `init` (uploaded to the backend), with zero AdamW moments.
-    pub fn new(be: &'m B, model: &'m Llama<B>, init: &HostAdapter, optim: OptimConfig) -> Result<Self> {
-        optim.check()?;
+    pub fn new(be: &'m B, model: &'m Llama<B>, init: &HostAdapter, optim: AdamWConfig) -> Result<Self> {
+        optim.validate()?;
         let adapter = init.upload(be, &model.dims)?;
         let grads = adapter.zero_grads(be)?;
         let m = adapter.zero_grads(be)?;
