@@ -22,7 +22,8 @@
 //! The official PyTorch code stores `in_proj.weight = phi^T` and `out_proj.weight = psi^T`.
 //!
 //! Modules: [`reference`] (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
-//! `cuda`), [`shape`] (shapes and matrix views), [`error`].
+//! `cuda`), [`model`] (Llama config, weights, tokenizer), [`shape`] (shapes and matrix views),
+//! [`error`].
 
 pub mod adapter;
 pub mod backend;

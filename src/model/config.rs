@@ -1,0 +1,350 @@
+//! The Llama hyper-parameters, read from GGUF metadata (`llama.*` keys) or from a Hugging Face
+//! `config.json`, and written back as a `config.json`.
+//!
+//! The model these describe (HF `LlamaForCausalLM`): `embed_tokens` (vocab x hidden), then
+//! `num_hidden_layers` blocks of
+//! `h = x + o_proj(attn(rope(q_proj(rms(x))), rope(k_proj(rms(x))), v_proj(rms(x))))`,
+//! `x' = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))`, a final RMSNorm
+//! (`rms(x) = x / sqrt(mean(x^2) + rms_norm_eps) * w`) and `lm_head` (= `embed_tokens` when
+//! `tie_word_embeddings`). Attention has `num_attention_heads` query heads and
+//! `num_key_value_heads` key/value heads (GQA) of `head_dim`; RoPE rotates `(x[i], x[i+head_dim/2])`
+//! by the angle `pos * rope_theta^(-2i/head_dim)`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::weights::gguf::GgufFile;
+use crate::error::{Error, Result};
+
+/// Llama hyper-parameters, with Hugging Face `config.json` field names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Number of tokens in the vocabulary (rows of `embed_tokens`).
+    pub vocab_size: usize,
+    /// Model width `d`.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (divides `num_attention_heads`).
+    pub num_key_value_heads: usize,
+    /// Width of one head (`hidden_size / num_attention_heads` unless given).
+    pub head_dim: usize,
+    /// RoPE base `theta`.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// Longest context the model was trained for.
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` is `embed_tokens` (no separate output matrix).
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence token id, if the model has one.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token id, if the model has one.
+    pub eos_token_id: Option<u32>,
+}
+
+/// The subset of an HF `config.json` this crate reads.
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rope_theta: Option<f64>,
+    rms_norm_eps: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
+        Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok()),
+        _ => None,
+    }
+}
+
+impl LlamaConfig {
+    /// Reads the config from GGUF metadata: `general.architecture` must be `llama`; keys
+    /// `llama.{block_count, embedding_length, feed_forward_length, attention.head_count,
+    /// attention.head_count_kv, rope.freq_base, attention.layer_norm_rms_epsilon,
+    /// context_length, vocab_size, attention.key_length, rope.dimension_count}`. The vocabulary
+    /// falls back to the length of `tokenizer.ggml.tokens`; the embeddings are tied when the
+    /// file has no `output.weight`.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(g.error(format!("general.architecture is {arch:?}; only \"llama\" is supported")));
+        }
+        let k = |s: &str| format!("llama.{s}");
+        let hidden_size = g.get_usize(&k("embedding_length"))?;
+        let num_attention_heads = g.get_usize(&k("attention.head_count"))?;
+        let num_key_value_heads = match g.get(&k("attention.head_count_kv")) {
+            Some(_) => g.get_usize(&k("attention.head_count_kv"))?,
+            None => num_attention_heads,
+        };
+        let head_dim = match g.get(&k("attention.key_length")) {
+            Some(_) => g.get_usize(&k("attention.key_length"))?,
+            None if num_attention_heads > 0 => hidden_size / num_attention_heads,
+            None => 0,
+        };
+        if let Some(_) = g.get(&k("attention.value_length")) {
+            let vl = g.get_usize(&k("attention.value_length"))?;
+            if vl != head_dim {
+                return Err(g.error(format!("llama.attention.value_length {vl} differs from key_length {head_dim}")));
+            }
+        }
+        if g.get(&k("rope.dimension_count")).is_some() {
+            let rd = g.get_usize(&k("rope.dimension_count"))?;
+            if rd != head_dim {
+                return Err(g.error(format!(
+                    "llama.rope.dimension_count {rd} differs from head_dim {head_dim}: partial RoPE is not supported"
+                )));
+            }
+        }
+        if let Some(v) = g.get(&k("rope.scaling.type")) {
+            if v.as_str() != Some("none") {
+                return Err(g.error(format!("llama.rope.scaling.type {v:?} is not supported")));
+            }
+        }
+        if g.has_tensor("rope_freqs.weight") {
+            return Err(g.error("tensor \"rope_freqs.weight\" (Llama 3 RoPE scaling) is not supported"));
+        }
+        let vocab_size = match g.get(&k("vocab_size")) {
+            Some(_) => g.get_usize(&k("vocab_size"))?,
+            None => g.get_str_array("tokenizer.ggml.tokens")?.len(),
+        };
+        let id = |key: &str| -> Result<Option<u32>> {
+            match g.get(key) {
+                None => Ok(None),
+                Some(_) => u32::try_from(g.get_usize(key)?)
+                    .map(Some)
+                    .map_err(|_| g.error(format!("metadata {key:?} does not fit u32"))),
+            }
+        };
+        let cfg = LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: g.get_usize(&k("feed_forward_length"))?,
+            num_hidden_layers: g.get_usize(&k("block_count"))?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rope_theta: match g.get(&k("rope.freq_base")) {
+                Some(_) => g.get_f64(&k("rope.freq_base"))? as f32,
+                None => 10000.0,
+            },
+            rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
+            max_position_embeddings: g.get_usize(&k("context_length"))?,
+            tie_word_embeddings: !g.has_tensor("output.weight"),
+            bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: id("tokenizer.ggml.eos_token_id")?,
+        };
+        cfg.validate().map_err(|m| g.error(m))?;
+        Ok(cfg)
+    }
+
+    /// Reads an HF `config.json` (`model_type` `llama` or absent; no `rope_scaling`, no biases,
+    /// `hidden_act` `silu`).
+    pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_hf_str(&text).map_err(|m| Error::format(path, m))
+    }
+
+    /// Parses the text of an HF `config.json`; the error is a message without the path.
+    fn from_hf_str(text: &str) -> std::result::Result<Self, String> {
+        let h: HfConfig = serde_json::from_str(text).map_err(|e| format!("config.json: {e}"))?;
+        if let Some(mt) = &h.model_type {
+            if mt != "llama" {
+                return Err(format!("model_type {mt:?}; only \"llama\" is supported"));
+            }
+        }
+        if let Some(rs) = &h.rope_scaling {
+            if !rs.is_null() {
+                return Err(format!("rope_scaling {rs} is not supported"));
+            }
+        }
+        if h.attention_bias == Some(true) || h.mlp_bias == Some(true) {
+            return Err("attention_bias / mlp_bias are not supported".into());
+        }
+        if let Some(act) = &h.hidden_act {
+            if act != "silu" {
+                return Err(format!("hidden_act {act:?}; only \"silu\" is supported"));
+            }
+        }
+        let head_dim = match h.head_dim {
+            Some(d) => d,
+            None if h.num_attention_heads > 0 => h.hidden_size / h.num_attention_heads,
+            None => 0,
+        };
+        let cfg = LlamaConfig {
+            vocab_size: h.vocab_size,
+            hidden_size: h.hidden_size,
+            intermediate_size: h.intermediate_size,
+            num_hidden_layers: h.num_hidden_layers,
+            num_attention_heads: h.num_attention_heads,
+            num_key_value_heads: h.num_key_value_heads.unwrap_or(h.num_attention_heads),
+            head_dim,
+            rope_theta: h.rope_theta.unwrap_or(10000.0) as f32,
+            rms_norm_eps: h.rms_norm_eps.unwrap_or(1e-6) as f32,
+            max_position_embeddings: h.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: h.tie_word_embeddings.unwrap_or(true),
+            bos_token_id: first_id(&h.bos_token_id),
+            eos_token_id: first_id(&h.eos_token_id),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks that every size is positive, `num_key_value_heads` divides
+    /// `num_attention_heads`, `head_dim` is even, and the floats are finite and positive.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let dims = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (name, v) in dims {
+            if v == 0 {
+                return Err(format!("{name} must be positive, got 0"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(format!(
+                "num_key_value_heads {} does not divide num_attention_heads {}",
+                self.num_key_value_heads, self.num_attention_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        // Every matrix must be addressable: vocab*hidden, heads*head_dim*hidden, ...
+        let prods = [
+            self.vocab_size.checked_mul(self.hidden_size),
+            self.q_dim().checked_mul(self.hidden_size),
+            self.intermediate_size.checked_mul(self.hidden_size),
+        ];
+        if prods.iter().any(|p| p.map_or(true, |p| p > isize::MAX as usize / 4)) {
+            return Err("matrix sizes overflow".into());
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta {} must be finite and positive", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(format!("rms_norm_eps {} must be finite and positive", self.rms_norm_eps));
+        }
+        Ok(())
+    }
+
+    /// Width of all query heads together: `num_attention_heads * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads.saturating_mul(self.head_dim)
+    }
+
+    /// Width of all key (or value) heads together: `num_key_value_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads.saturating_mul(self.head_dim)
+    }
+
+    /// `(d_out, d_in)` of a linear module by its HF name (`q_proj`, `k_proj`, `v_proj`,
+    /// `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
+    pub fn linear_shape(&self, module: &str) -> Result<(usize, usize)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        Ok(match module {
+            "q_proj" => (self.q_dim(), h),
+            "k_proj" | "v_proj" => (self.kv_dim(), h),
+            "o_proj" => (h, self.q_dim()),
+            "gate_proj" | "up_proj" => (i, h),
+            "down_proj" => (h, i),
+            other => {
+                return Err(Error::invalid(
+                    "module",
+                    format!("{other:?} is not a Llama linear module (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"),
+                ))
+            }
+        })
+    }
+
+    /// The HF `config.json` for this model (`LlamaForCausalLM`, float32).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta as f64,
+            "rope_scaling": null,
+            "rms_norm_eps": self.rms_norm_eps as f64,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_json_round_trip() {
+        let cfg = LlamaConfig {
+            vocab_size: 10,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            rope_theta: 100000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
+        };
+        let text = cfg.to_hf_json().to_string();
+        assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn hf_json_rejects_bad_configs() {
+        let base = r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,"num_attention_heads":2"#;
+        assert!(LlamaConfig::from_hf_str(&format!("{base}}}")).is_ok());
+        assert!(LlamaConfig::from_hf_str(&format!("{base},\"num_key_value_heads\":3}}")).is_err());
+        assert!(LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"gpt2\"}}")).is_err());
+        assert!(LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\"}}}}")).is_err());
+        assert!(LlamaConfig::from_hf_str(&format!("{base},\"rms_norm_eps\":-1}}")).is_err());
+        assert!(LlamaConfig::from_hf_str("{}").is_err());
+    }
+}

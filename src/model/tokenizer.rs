@@ -1,0 +1,355 @@
+//! The model's tokenizer: a `tokenizers::Tokenizer` built from GGUF metadata, or read from a
+//! `tokenizer.json`.
+//!
+//! From GGUF (`tokenizer.ggml.model = "gpt2"`, byte-level BPE):
+//! * vocabulary `tokenizer.ggml.tokens` (id = position), merges `tokenizer.ggml.merges`
+//!   (`"a b"`, in priority order);
+//! * pre-tokenizer by `tokenizer.ggml.pre`: for `smollm` (and the other llama.cpp types with the
+//!   same rules: `starcoder`, `refact`, `command-r`, `codeshell`, `exaone`, `minerva`) every
+//!   digit `\p{N}` is first split off into its own piece, then the GPT-2 regex
+//!   `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+` splits the
+//!   rest and bytes are mapped to GPT-2's byte alphabet (`ByteLevel`, no prefix space) — the
+//!   `Digits(individual_digits) + ByteLevel` pair of SmolLM2's own `tokenizer.json` and
+//!   llama.cpp's `smollm` pre-tokenizer. `gpt2`/`gpt-2` use the GPT-2 regex alone;
+//! * `token_type == 3` (control) tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, ...)
+//!   are special added tokens: matched whole in the input before BPE, skipped by
+//!   `decode(.., skip_special = true)`; `token_type == 4` (user-defined) are non-special added
+//!   tokens;
+//! * BOS is prepended by [`Tokenizer::encode`] with `add_special = true` only when
+//!   `tokenizer.ggml.add_bos_token` is true (false for SmolLM2). EOS is
+//!   `tokenizer.ggml.eos_token_id`.
+//!
+//! Built with `tokenizers` `default-features = false, features = ["fancy-regex"]`: pure Rust,
+//! no oniguruma C library.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+use super::chat::{ChatMessage, ChatTemplate};
+use super::weights::gguf::GgufFile;
+use crate::error::{Error, Result};
+
+/// llama.cpp pre-tokenizer types that split every digit off before the GPT-2 regex.
+const DIGIT_SPLIT_PRE: [&str; 7] = ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"];
+
+/// A text tokenizer with the model's special ids and chat template.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    source: PathBuf,
+    bos_id: Option<u32>,
+    eos_id: u32,
+    pad_id: Option<u32>,
+    add_bos: bool,
+    vocab_size: usize,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source)
+            .field("vocab_size", &self.vocab_size)
+            .field("bos_id", &self.bos_id)
+            .field("eos_id", &self.eos_id)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer from the metadata of the GGUF file at `path`.
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_gguf_file(&GgufFile::open(path)?)
+    }
+
+    /// Builds the tokenizer from an opened GGUF file (see the module docs).
+    pub fn from_gguf_file(g: &GgufFile) -> Result<Self> {
+        let model = g.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(g.error(format!("tokenizer.ggml.model {model:?}: only byte-level BPE (\"gpt2\") is supported")));
+        }
+        let pre = match g.get("tokenizer.ggml.pre") {
+            Some(_) => g.get_str("tokenizer.ggml.pre")?,
+            None => "gpt2",
+        };
+        let split_digits = if DIGIT_SPLIT_PRE.contains(&pre) {
+            true
+        } else if pre == "gpt2" || pre == "gpt-2" {
+            false
+        } else {
+            return Err(g.error(format!(
+                "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, gpt2)"
+            )));
+        };
+        let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
+        let types = match g.get("tokenizer.ggml.token_type") {
+            Some(_) => g.get_i64_array("tokenizer.ggml.token_type")?,
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(g.error(format!(
+                "tokenizer.ggml.token_type has {} entries, tokenizer.ggml.tokens {}",
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let merges_raw = g.get_str_array("tokenizer.ggml.merges")?;
+        let n = tokens.len();
+        let mut vocab = tokenizers::models::bpe::Vocab::default();
+        vocab.reserve(n);
+        for (i, t) in tokens.iter().enumerate() {
+            if vocab.insert(t.to_string(), i as u32).is_some() {
+                return Err(g.error(format!("tokenizer.ggml.tokens: token {t:?} appears twice")));
+            }
+        }
+        let mut merges = Vec::with_capacity(merges_raw.len());
+        for (i, m) in merges_raw.iter().enumerate() {
+            let (a, b) = m
+                .split_once(' ')
+                .filter(|(a, b)| vocab.contains_key(*a) && vocab.contains_key(*b) && !b.contains(' '))
+                .ok_or_else(|| g.error(format!("tokenizer.ggml.merges[{i}] = {m:?} is not two vocabulary tokens")))?;
+            merges.push((a.to_string(), b.to_string()));
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(false)
+            .build()
+            .map_err(|e| g.error(format!("building the BPE model: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tok: PreTokenizerWrapper = if split_digits {
+            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+        } else {
+            byte_level.into()
+        };
+        inner.with_pre_tokenizer(Some(pre_tok));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        let special: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| ty == 3)
+            .map(|(t, _)| AddedToken::from(t.to_string(), true).normalized(false))
+            .collect();
+        let user: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| ty == 4)
+            .map(|(t, _)| AddedToken::from(t.to_string(), false).normalized(false))
+            .collect();
+        inner.add_special_tokens(&special);
+        inner.add_tokens(&user);
+
+        let id = |key: &str| -> Result<Option<u32>> {
+            match g.get(key) {
+                None => Ok(None),
+                Some(_) => {
+                    let v = g.get_usize(key)?;
+                    if v >= n {
+                        return Err(g.error(format!("{key} = {v} is outside the vocabulary of {n}")));
+                    }
+                    Ok(Some(v as u32))
+                }
+            }
+        };
+        let bos_id = id("tokenizer.ggml.bos_token_id")?;
+        let eos_id = id("tokenizer.ggml.eos_token_id")?
+            .ok_or_else(|| g.error("missing metadata key \"tokenizer.ggml.eos_token_id\""))?;
+        let pad_id = id("tokenizer.ggml.padding_token_id")?;
+        let add_bos = match g.get("tokenizer.ggml.add_bos_token") {
+            Some(_) => g.get_bool("tokenizer.ggml.add_bos_token")?,
+            None => false,
+        };
+        if add_bos && bos_id.is_none() {
+            return Err(g.error("tokenizer.ggml.add_bos_token is true but there is no bos_token_id"));
+        }
+        let chat_template = match g.get("tokenizer.chat_template") {
+            None => None,
+            Some(_) => Some(
+                ChatTemplate::from_jinja(g.get_str("tokenizer.chat_template")?)
+                    .map_err(|m| g.error(format!("tokenizer.chat_template: {m}")))?,
+            ),
+        };
+        Ok(Tokenizer {
+            inner,
+            source: g.path().to_path_buf(),
+            bos_id,
+            eos_id,
+            pad_id,
+            add_bos,
+            vocab_size: n,
+            chat_template,
+        })
+    }
+
+    /// Reads a Hugging Face `tokenizer.json`. The EOS token, BOS token and chat template come
+    /// from `tokenizer_config.json` beside it (`eos_token`, `bos_token`, `chat_template`);
+    /// without it, EOS is `<|im_end|>` or `<|endoftext|>`, whichever the vocabulary has.
+    /// BOS/EOS insertion is left to the file's own post-processor.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
+            .map_err(|e| Error::format(path, format!("invalid tokenizer.json: {e}")))?;
+        let cfg_path = path.with_file_name("tokenizer_config.json");
+        let cfg: Option<serde_json::Value> = if cfg_path.exists() {
+            let t = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            Some(serde_json::from_str(&t).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?)
+        } else {
+            None
+        };
+        let token_of = |key: &str| -> Option<String> {
+            let v = cfg.as_ref()?.get(key)?;
+            v.as_str().map(str::to_string).or_else(|| v.get("content")?.as_str().map(str::to_string))
+        };
+        let lookup = |tok: &str, key: &str| -> Result<u32> {
+            inner
+                .token_to_id(tok)
+                .ok_or_else(|| Error::format(&cfg_path, format!("{key} {tok:?} is not in the vocabulary")))
+        };
+        let eos_id = match token_of("eos_token") {
+            Some(t) => lookup(&t, "eos_token")?,
+            None => inner
+                .token_to_id("<|im_end|>")
+                .or_else(|| inner.token_to_id("<|endoftext|>"))
+                .ok_or_else(|| Error::format(path, "no tokenizer_config.json eos_token and no <|im_end|> or <|endoftext|> token"))?,
+        };
+        let bos_id = match token_of("bos_token") {
+            Some(t) => Some(lookup(&t, "bos_token")?),
+            None => None,
+        };
+        let pad_id = match token_of("pad_token") {
+            Some(t) => Some(lookup(&t, "pad_token")?),
+            None => None,
+        };
+        let chat_template = match cfg.as_ref().and_then(|c| c.get("chat_template")).and_then(|v| v.as_str()) {
+            Some(src) => Some(
+                ChatTemplate::from_jinja(src).map_err(|m| Error::format(&cfg_path, format!("chat_template: {m}")))?,
+            ),
+            None => None,
+        };
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Tokenizer { inner, source: path.to_path_buf(), bos_id, eos_id, pad_id, add_bos: false, vocab_size, chat_template })
+    }
+
+    /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their
+    /// ids. With `add_special`, BOS is prepended when the model asks for it
+    /// (`tokenizer.ggml.add_bos_token`; never for SmolLM2) or, for a `tokenizer.json`, its
+    /// post-processor runs.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| Error::invalid("text", format!("tokenizing failed: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_special && self.add_bos {
+            ids.extend(self.bos_id);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The text of `ids`; special tokens are left out when `skip_special`. Every id must be
+    /// below [`Tokenizer::vocab_size`].
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab_size) {
+            return Err(Error::invalid("ids", format!("ids[{i}] = {bad} is outside the vocabulary of {}", self.vocab_size)));
+        }
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::invalid("ids", format!("decoding failed: {e}")))
+    }
+
+    /// The end-of-sequence id (`<|im_end|>`, 2, for SmolLM2-Instruct).
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
+    /// The beginning-of-sequence id, if the model has one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    /// The padding id, if the model names one.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_id
+    }
+
+    /// Number of ids (base vocabulary plus added tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The id of token string `token` (`"<|im_end|>"`), if any.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The token string of `id`, if any.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// The underlying `tokenizers::Tokenizer`.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// The chat prompt text of `messages` (see [`ChatTemplate::render`]).
+    pub fn chat_text(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let t = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::format(&self.source, "the tokenizer has no chat template"))?;
+        Ok(t.render(messages, add_generation_prompt))
+    }
+
+    /// Ids of `messages` rendered with the chat template, tokenized as one text without BOS
+    /// (as `apply_chat_template(messages, add_generation_prompt, tokenize=True)`).
+    pub fn chat_ids(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        self.encode(&self.chat_text(messages, add_generation_prompt)?, false)
+    }
+
+    /// Ids of a one-turn instruct prompt: the default system message, `user`, and the
+    /// assistant generation prompt. For SmolLM2:
+    /// `<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging
+    /// Face<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n`.
+    pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
+        self.chat_ids(&[ChatMessage::new("user", user)], true)
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos/pad tokens, chat
+    /// template) into `dir`, atomically, so that [`Tokenizer::from_file`] and `transformers`
+    /// read the same tokenizer back.
+    pub fn save_hf(&self, dir: impl AsRef<Path>) -> Result<()> {
+        use std::io::Write;
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| Error::invalid("tokenizer", format!("serializing: {e}")))?;
+        super::weights::write_atomic(&dir.join("tokenizer.json"), |f| f.write_all(json.as_bytes()))?;
+        let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let cfg = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id),
+            "eos_token": name(Some(self.eos_id)),
+            "pad_token": name(self.pad_id),
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template.as_ref().map(|t| t.source.clone()),
+        });
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::invalid("tokenizer", e.to_string()))?;
+        super::weights::write_atomic(&dir.join("tokenizer_config.json"), |f| f.write_all(text.as_bytes()))
+    }
+}

@@ -1,0 +1,388 @@
+//! Llama weights in f32 with Hugging Face names and layout, loaded from a GGUF file
+//! ([`gguf`]) or an HF safetensors directory ([`safetensors`]), and saved as the latter.
+//!
+//! Layout (as `nn.Linear` / `nn.Embedding`): every projection is `d_out x d_in` row-major, so
+//! `y = x W^T`; `embed_tokens` is `vocab x hidden`; norms are vectors of `hidden`.
+//!
+//! | HF name (`model.layers.N.` prefix) | GGUF name (`blk.N.` prefix) | shape |
+//! |---|---|---|
+//! | `model.embed_tokens.weight` | `token_embd.weight` | vocab x hidden |
+//! | `self_attn.q_proj.weight` | `attn_q.weight` (rows permuted) | heads*head_dim x hidden |
+//! | `self_attn.k_proj.weight` | `attn_k.weight` (rows permuted) | kv_heads*head_dim x hidden |
+//! | `self_attn.v_proj.weight` | `attn_v.weight` | kv_heads*head_dim x hidden |
+//! | `self_attn.o_proj.weight` | `attn_output.weight` | hidden x heads*head_dim |
+//! | `mlp.gate_proj.weight` | `ffn_gate.weight` | intermediate x hidden |
+//! | `mlp.up_proj.weight` | `ffn_up.weight` | intermediate x hidden |
+//! | `mlp.down_proj.weight` | `ffn_down.weight` | hidden x intermediate |
+//! | `input_layernorm.weight` | `attn_norm.weight` | hidden |
+//! | `post_attention_layernorm.weight` | `ffn_norm.weight` | hidden |
+//! | `model.norm.weight` | `output_norm.weight` | hidden |
+//! | `lm_head.weight` (absent when tied) | `output.weight` (absent when tied) | vocab x hidden |
+//!
+//! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` so that RoPE rotates
+//! adjacent pairs `(x[2i], x[2i+1])`. The loader undoes it ([`unpermute_qk_rows`]) so the
+//! model uses HF's rotate-half RoPE on `(x[i], x[i + head_dim/2])`: within head `h`,
+//! HF row `h*head_dim + half*head_dim/2 + j` = GGUF row `h*head_dim + 2j + half`.
+
+pub mod gguf;
+pub mod safetensors;
+
+use std::fs::File;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::shape::Mat;
+
+use super::config::LlamaConfig;
+use gguf::GgufFile;
+
+/// A dense f32 tensor, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    /// Dimensions, slowest first (`[rows, cols]` for a matrix).
+    pub shape: Vec<usize>,
+    /// `prod(shape)` values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    /// A tensor of `shape` holding `data`; `data.len()` must equal the product of `shape`.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n != Some(data.len()) {
+            return Err(Error::invalid("data", format!("shape {shape:?} needs {n:?} values, got {}", data.len())));
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    /// Rows of a matrix (the first dimension; the length of a vector).
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+
+    /// Columns of a matrix (product of the dimensions after the first; 1 for a vector).
+    pub fn cols(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// A checked row-major `rows x cols` view.
+    pub fn mat(&self, name: &'static str) -> Result<Mat<'_, f32>> {
+        Mat::new(name, &self.data, self.rows(), self.cols())
+    }
+}
+
+/// The names of the seven linear modules of a Llama block, in HF order.
+pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// The weights of one transformer block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerWeights {
+    pub q_proj: Tensor,
+    pub k_proj: Tensor,
+    pub v_proj: Tensor,
+    pub o_proj: Tensor,
+    pub gate_proj: Tensor,
+    pub up_proj: Tensor,
+    pub down_proj: Tensor,
+    /// RMSNorm weight before attention (`hidden`).
+    pub input_layernorm: Tensor,
+    /// RMSNorm weight before the MLP (`hidden`).
+    pub post_attention_layernorm: Tensor,
+}
+
+impl LayerWeights {
+    /// The linear module called `module` (one of [`LINEAR_MODULES`]).
+    pub fn linear(&self, module: &str) -> Result<&Tensor> {
+        Ok(match module {
+            "q_proj" => &self.q_proj,
+            "k_proj" => &self.k_proj,
+            "v_proj" => &self.v_proj,
+            "o_proj" => &self.o_proj,
+            "gate_proj" => &self.gate_proj,
+            "up_proj" => &self.up_proj,
+            "down_proj" => &self.down_proj,
+            other => return Err(Error::invalid("module", format!("{other:?} is not one of {LINEAR_MODULES:?}"))),
+        })
+    }
+
+    /// The linear module called `module`, mutable (to merge an adapter into it).
+    pub fn linear_mut(&mut self, module: &str) -> Result<&mut Tensor> {
+        Ok(match module {
+            "q_proj" => &mut self.q_proj,
+            "k_proj" => &mut self.k_proj,
+            "v_proj" => &mut self.v_proj,
+            "o_proj" => &mut self.o_proj,
+            "gate_proj" => &mut self.gate_proj,
+            "up_proj" => &mut self.up_proj,
+            "down_proj" => &mut self.down_proj,
+            other => return Err(Error::invalid("module", format!("{other:?} is not one of {LINEAR_MODULES:?}"))),
+        })
+    }
+}
+
+/// All weights of a Llama model in f32, HF names and layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaWeights {
+    pub config: LlamaConfig,
+    /// `vocab x hidden`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm weight (`hidden`).
+    pub norm: Tensor,
+    /// `vocab x hidden`; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+}
+
+/// The HF safetensors name of a per-layer tensor (`model.layers.3.self_attn.q_proj.weight`).
+pub fn hf_layer_name(layer: usize, field: &str) -> String {
+    let group = match field {
+        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn.",
+        "gate_proj" | "up_proj" | "down_proj" => "mlp.",
+        _ => "",
+    };
+    format!("model.layers.{layer}.{group}{field}.weight")
+}
+
+/// The GGUF name of the per-layer tensor with HF field name `field`.
+fn gguf_layer_name(layer: usize, field: &str) -> String {
+    let g = match field {
+        "q_proj" => "attn_q",
+        "k_proj" => "attn_k",
+        "v_proj" => "attn_v",
+        "o_proj" => "attn_output",
+        "gate_proj" => "ffn_gate",
+        "up_proj" => "ffn_up",
+        "down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        other => other,
+    };
+    format!("blk.{layer}.{g}.weight")
+}
+
+/// The nine per-layer tensors, HF field names, with their expected shapes.
+pub(crate) fn layer_fields(c: &LlamaConfig) -> [(&'static str, Vec<usize>); 9] {
+    let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+    [
+        ("q_proj", vec![q, h]),
+        ("k_proj", vec![kv, h]),
+        ("v_proj", vec![kv, h]),
+        ("o_proj", vec![h, q]),
+        ("gate_proj", vec![i, h]),
+        ("up_proj", vec![i, h]),
+        ("down_proj", vec![h, i]),
+        ("input_layernorm", vec![h]),
+        ("post_attention_layernorm", vec![h]),
+    ]
+}
+
+/// Builds a [`LayerWeights`] from its nine tensors in [`layer_fields`] order.
+pub(crate) fn layer_from_vec(v: Vec<Tensor>) -> Result<LayerWeights> {
+    let n = v.len();
+    let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm]: [Tensor; 9] =
+        v.try_into().map_err(|_| Error::invalid("layer", format!("expected 9 tensors, got {n}")))?;
+    Ok(LayerWeights { q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm })
+}
+
+/// Reorders the rows of a GGUF `attn_q`/`attn_k` matrix (`n_heads * head_dim` rows of `cols`)
+/// back to HF order: HF row `h*head_dim + half*head_dim/2 + j` = GGUF row
+/// `h*head_dim + 2j + half`, for `half` in {0, 1}, `j < head_dim/2`.
+pub fn unpermute_qk_rows(data: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Result<Vec<f32>> {
+    reorder_qk_rows(data, n_heads, head_dim, cols, false)
+}
+
+/// The inverse of [`unpermute_qk_rows`]: HF order to llama.cpp's interleaved order.
+pub fn permute_qk_rows(data: &[f32], n_heads: usize, head_dim: usize, cols: usize) -> Result<Vec<f32>> {
+    reorder_qk_rows(data, n_heads, head_dim, cols, true)
+}
+
+fn reorder_qk_rows(data: &[f32], n_heads: usize, head_dim: usize, cols: usize, to_gguf: bool) -> Result<Vec<f32>> {
+    if head_dim % 2 != 0 || head_dim == 0 {
+        return Err(Error::invalid("head_dim", format!("must be even and positive, got {head_dim}")));
+    }
+    let need = n_heads.checked_mul(head_dim).and_then(|r| r.checked_mul(cols));
+    if need != Some(data.len()) {
+        return Err(Error::invalid(
+            "data",
+            format!("{n_heads} heads x {head_dim} rows x {cols} cols need {need:?} values, got {}", data.len()),
+        ));
+    }
+    let half_dim = head_dim / 2;
+    let mut out = vec![0.0f32; data.len()];
+    for h in 0..n_heads {
+        for half in 0..2 {
+            for j in 0..half_dim {
+                let hf = h * head_dim + half * half_dim + j;
+                let gg = h * head_dim + 2 * j + half;
+                let (src, dst) = if to_gguf { (hf, gg) } else { (gg, hf) };
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl LlamaWeights {
+    /// Loads `path`: a directory is read as an HF safetensors checkpoint
+    /// ([`LlamaWeights::from_safetensors_dir`]), a file as GGUF ([`LlamaWeights::from_gguf`]).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            Self::from_safetensors_dir(path)
+        } else {
+            Self::from_gguf(path)
+        }
+    }
+
+    /// Loads and dequantizes a GGUF file (see the module docs for the name mapping).
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        let g = GgufFile::open(path)?;
+        Self::from_gguf_file(&g)
+    }
+
+    /// Loads the weights from an opened GGUF file. Every tensor's shape is checked against the
+    /// config; q/k rows are un-permuted; a tensor the model does not use is an error.
+    pub fn from_gguf_file(g: &GgufFile) -> Result<Self> {
+        let config = LlamaConfig::from_gguf(g)?;
+        let mut used = std::collections::HashSet::new();
+        let mut load = |name: String, expected: &[usize]| -> Result<Tensor> {
+            let info = g.tensor_info(&name)?;
+            let shape = info.shape();
+            if shape != expected {
+                return Err(g.error(format!(
+                    "tensor {name:?}: shape {shape:?} (ggml ne {:?}) disagrees with the config, expected {expected:?}",
+                    info.ne
+                )));
+            }
+            let (shape, data) = g.tensor_f32(&name)?;
+            used.insert(name);
+            Ok(Tensor { shape, data })
+        };
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = load("token_embd.weight".into(), &[v, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let mut ts = Vec::with_capacity(9);
+            for (field, shape) in layer_fields(&config) {
+                let name = gguf_layer_name(l, field);
+                let mut t = load(name.clone(), &shape)?;
+                let heads = match field {
+                    "q_proj" => Some(config.num_attention_heads),
+                    "k_proj" => Some(config.num_key_value_heads),
+                    _ => None,
+                };
+                if let Some(nh) = heads {
+                    t.data = unpermute_qk_rows(&t.data, nh, config.head_dim, h)
+                        .map_err(|e| g.error(format!("tensor {name:?}: {e}")))?;
+                }
+                ts.push(t);
+            }
+            layers.push(layer_from_vec(ts)?);
+        }
+        let norm = load("output_norm.weight".into(), &[h])?;
+        let lm_head = if config.tie_word_embeddings { None } else { Some(load("output.weight".into(), &[v, h])?) };
+        let extra: Vec<&str> =
+            g.tensors().iter().map(|t| t.name.as_str()).filter(|n| !used.contains(*n)).take(10).collect();
+        if !extra.is_empty() {
+            return Err(g.error(format!("tensors the Llama model does not use: {extra:?}")));
+        }
+        Ok(LlamaWeights { config, embed_tokens, layers, norm, lm_head })
+    }
+
+    /// The output projection: `lm_head`, or `embed_tokens` when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Every tensor with its HF safetensors name, in a fixed order (embeddings, layers in
+    /// order, final norm, `lm_head` when untied).
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        for (l, lw) in self.layers.iter().enumerate() {
+            let ts = [
+                &lw.q_proj,
+                &lw.k_proj,
+                &lw.v_proj,
+                &lw.o_proj,
+                &lw.gate_proj,
+                &lw.up_proj,
+                &lw.down_proj,
+                &lw.input_layernorm,
+                &lw.post_attention_layernorm,
+            ];
+            for ((field, _), t) in layer_fields(&self.config).iter().zip(ts) {
+                v.push((hf_layer_name(l, field), t));
+            }
+        }
+        v.push(("model.norm.weight".to_string(), &self.norm));
+        if let Some(t) = &self.lm_head {
+            v.push(("lm_head.weight".to_string(), t));
+        }
+        v
+    }
+
+    /// Checks every tensor's shape against the config (and the layer count); the error names
+    /// the tensor. Call after editing the weights by hand.
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.config;
+        c.validate().map_err(|m| Error::invalid("config", m))?;
+        if self.layers.len() != c.num_hidden_layers {
+            return Err(Error::invalid(
+                "layers",
+                format!("{} layers, the config says {}", self.layers.len(), c.num_hidden_layers),
+            ));
+        }
+        if self.lm_head.is_some() == c.tie_word_embeddings {
+            return Err(Error::invalid("lm_head", "present exactly when tie_word_embeddings is false"));
+        }
+        let mut expected = vec![vec![c.vocab_size, c.hidden_size]];
+        for _ in 0..c.num_hidden_layers {
+            expected.extend(layer_fields(c).into_iter().map(|(_, s)| s));
+        }
+        expected.push(vec![c.hidden_size]);
+        if self.lm_head.is_some() {
+            expected.push(vec![c.vocab_size, c.hidden_size]);
+        }
+        for ((name, t), want) in self.named_tensors().into_iter().zip(expected) {
+            if t.shape != want || t.data.len() != want.iter().product::<usize>() {
+                return Err(Error::invalid(
+                    "weights",
+                    format!("{name}: shape {:?} with {} values, expected {want:?}", t.shape, t.data.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `path` atomically: the content goes to `path.tmp`, is fsynced, and is renamed over
+/// `path`; then the directory is fsynced. On error the temporary file is removed.
+pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let result = (|| -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        write(&mut f)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path);
+        Ok(())
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// fsyncs the directory holding `path` (best effort: not every platform allows it).
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
