@@ -762,3 +762,83 @@ pub fn argmax(v: &[f32]) -> usize {
     }
     best
 }
+
+impl Dims {
+    /// The dimensions of a loaded model's configuration.
+    pub fn from_config(c: &crate::model::LlamaConfig) -> Dims {
+        Dims {
+            hidden: c.hidden_size,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            ffn: c.intermediate_size,
+            vocab: c.vocab_size,
+            rope_theta: c.rope_theta,
+            eps: c.rms_norm_eps,
+        }
+    }
+    /// The adapter-side dimensions (layers, hidden, intermediate).
+    pub fn adapter_dims(&self) -> Result<crate::adapter::ModelDims> {
+        crate::adapter::ModelDims::new(self.layers, self.hidden, self.ffn)
+    }
+}
+
+impl HostWeights {
+    /// Takes the tensors of loaded weights (HF layout, q/k already un-permuted), without copying.
+    pub fn from_llama(w: crate::model::LlamaWeights) -> Result<HostWeights> {
+        let dims = Dims::from_config(&w.config);
+        let layers = w
+            .layers
+            .into_iter()
+            .map(|l| HostLayer {
+                attn_norm: l.input_layernorm.data,
+                mlp_norm: l.post_attention_layernorm.data,
+                proj: [l.q_proj.data, l.k_proj.data, l.v_proj.data, l.o_proj.data, l.gate_proj.data, l.up_proj.data, l.down_proj.data],
+            })
+            .collect();
+        Ok(HostWeights {
+            dims,
+            embed: w.embed_tokens.data,
+            final_norm: w.norm.data,
+            lm_head: w.lm_head.map(|t| t.data),
+            layers,
+        })
+    }
+}
+
+impl HostAdapter {
+    /// The model-side view of an adapter (its pairs in order, each site's pair, the scale).
+    pub fn from_adapter(a: &crate::adapter::Adapter) -> Result<HostAdapter> {
+        let mut sites = vec![[None; 7]; a.dims.n_layers];
+        for (l, row) in sites.iter_mut().enumerate() {
+            for m in crate::adapter::Module::ALL {
+                row[m.index()] = a.pair_index(l, m)?;
+            }
+        }
+        let pairs = a
+            .pairs()
+            .iter()
+            .map(|p| {
+                let (_, m) = *p.sites.first().ok_or_else(|| Error::invalid("adapter", format!("pair {} has no site", p.name)))?;
+                Ok((m.index(), p.phi.clone(), p.psi.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HostAdapter { rank: a.rank(), scale: a.scale(), pairs, sites })
+    }
+
+    /// Writes these values back into `a` (same layout: pairs in the same order).
+    pub fn store_into(&self, a: &mut crate::adapter::Adapter) -> Result<()> {
+        if a.pairs().len() != self.pairs.len() {
+            return Err(Error::Len { arg: "adapter pairs", expected: a.pairs().len(), got: self.pairs.len() });
+        }
+        for (dst, (_, phi, psi)) in a.pairs_mut().iter_mut().zip(&self.pairs) {
+            if dst.phi.len() != phi.len() || dst.psi.len() != psi.len() {
+                return Err(Error::invalid("adapter", format!("pair {}: sizes differ", dst.name)));
+            }
+            dst.phi.copy_from_slice(phi);
+            dst.psi.copy_from_slice(psi);
+        }
+        Ok(())
+    }
+}
