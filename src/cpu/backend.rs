@@ -40,6 +40,20 @@ fn write_or_add(dst: &mut [f32], accumulate: bool, f: impl FnOnce(&mut [f32]) ->
     }
 }
 
+/// `e^x` for `x <= 0` in f32, branch-free so that loops over it vectorize: `x = n ln2 + r`,
+/// `|r| <= ln2/2`, a degree-6 polynomial for `e^r` (relative error below 2e-7, as libm's
+/// `expf` to about an ulp), times `2^n` built in the exponent bits; inputs below `-87` give `e^-87` (~1.6e-38).
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    // Cody-Waite split of ln 2 for an accurate reduction.
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.0
+        + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+}
+
 /// Rows of the LM head processed at once: `CHUNK x vocab` logits at a time.
 const CHUNK: usize = 64;
 
@@ -244,13 +258,31 @@ impl Backend for Cpu {
                 .zip(chunk.par_iter())
                 .map(|(zr, &t)| {
                     let label = labels[t] as usize;
+                    let target = zr[label];
                     let mx = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let sum: f64 = zr.iter().map(|&v| ((v - mx) as f64).exp()).sum();
-                    let lse = mx as f64 + sum.ln();
-                    let loss = lse - zr[label] as f64;
+                    // One pass of f32 exponentials (kept for the gradient), summed in f64 in
+                    // blocks of 8 f32 partial sums.
+                    let mut sum = 0.0f64;
+                    for block in zr.chunks_mut(512) {
+                        let mut part = [0.0f32; 8];
+                        let mut it = block.chunks_exact_mut(8);
+                        for c in &mut it {
+                            for (p, v) in part.iter_mut().zip(c.iter_mut()) {
+                                *v = exp_neg(*v - mx);
+                                *p += *v;
+                            }
+                        }
+                        for v in it.into_remainder() {
+                            *v = exp_neg(*v - mx);
+                            part[0] += *v;
+                        }
+                        sum += part.iter().map(|&p| p as f64).sum::<f64>();
+                    }
+                    let loss = mx as f64 + sum.ln() - target as f64;
                     if let Some(c) = grad_scale {
+                        let k = (c as f64 / sum) as f32;
                         for v in zr.iter_mut() {
-                            *v = (((*v as f64) - lse).exp() as f32) * c;
+                            *v *= k;
                         }
                         zr[label] -= c;
                     }
@@ -286,5 +318,23 @@ impl Backend for Cpu {
         *m = opt.m.pop().unwrap_or_default();
         *v = opt.v.pop().unwrap_or_default();
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_neg;
+
+    #[test]
+    fn exp_neg_matches_libm() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 87.0 / 200_000.0;
+            let (got, want) = (exp_neg(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 5e-7, "worst relative error {worst:e}");
+        assert!(exp_neg(-1000.0) < 1e-37);
+        assert_eq!(exp_neg(0.0), 1.0);
     }
 }
