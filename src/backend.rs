@@ -47,6 +47,10 @@ pub trait Backend {
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     /// A buffer holding a copy of `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// A buffer holding `data`, taking it over where the engine can (the CPU keeps the `Vec`).
+    fn upload_vec(&self, data: Vec<f32>) -> Result<Self::Buf> {
+        self.upload(&data)
+    }
     /// The buffer's content, on the host.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Number of f32 elements in `buf`.

@@ -239,7 +239,7 @@ fn load(m: &ModelArgs) -> Result<Loaded> {
     let be = check_device(m.device)?;
     let w = LlamaWeights::load(&m.model)?;
     let weights_config = w.config.clone();
-    let model = Llama::new(&be, &HostWeights::from_llama(w)?)?;
+    let model = Llama::from_host(&be, HostWeights::from_llama(w)?)?;
     let tok = load_tokenizer(&m.model)?;
     Ok(Loaded { model, tok, weights_config })
 }

@@ -339,7 +339,12 @@ enum Mode<'c, B: Backend> {
 impl<B: Backend> Llama<B> {
     /// Uploads host weights to the backend after checking every shape against `w.dims`.
     pub fn new(be: &B, w: &HostWeights) -> Result<Self> {
-        let d = &w.dims;
+        Self::from_host(be, w.clone())
+    }
+
+    /// Like [`Llama::new`], taking the host weights over (no copy on the CPU).
+    pub fn from_host(be: &B, w: HostWeights) -> Result<Self> {
+        let d = w.dims.clone();
         d.check()?;
         let chk = |name: String, v: &[f32], n: usize| -> Result<()> {
             if v.len() != n {
@@ -355,7 +360,6 @@ impl<B: Backend> Llama<B> {
         if w.layers.len() != d.layers {
             return Err(Error::invalid("weights", format!("{} layers, config says {}", w.layers.len(), d.layers)));
         }
-        let mut layers = Vec::with_capacity(d.layers);
         for (l, hl) in w.layers.iter().enumerate() {
             chk(format!("layers.{l}.input_layernorm"), &hl.attn_norm, d.hidden)?;
             chk(format!("layers.{l}.post_attention_layernorm"), &hl.mlp_norm, d.hidden)?;
@@ -363,26 +367,29 @@ impl<B: Backend> Llama<B> {
                 let (i, o) = d.module_dims(m);
                 chk(format!("layers.{l}.{}", MODULES[m]), &hl.proj[m], i * o)?;
             }
-            let p = &hl.proj;
+        }
+        let mut layers = Vec::with_capacity(d.layers);
+        for hl in w.layers {
+            let [q, k, v, o, g, u, dn] = hl.proj;
             layers.push(Layer {
-                attn_norm: be.upload(&hl.attn_norm)?,
-                mlp_norm: be.upload(&hl.mlp_norm)?,
+                attn_norm: be.upload_vec(hl.attn_norm)?,
+                mlp_norm: be.upload_vec(hl.mlp_norm)?,
                 proj: [
-                    be.upload(&p[0])?,
-                    be.upload(&p[1])?,
-                    be.upload(&p[2])?,
-                    be.upload(&p[3])?,
-                    be.upload(&p[4])?,
-                    be.upload(&p[5])?,
-                    be.upload(&p[6])?,
+                    be.upload_vec(q)?,
+                    be.upload_vec(k)?,
+                    be.upload_vec(v)?,
+                    be.upload_vec(o)?,
+                    be.upload_vec(g)?,
+                    be.upload_vec(u)?,
+                    be.upload_vec(dn)?,
                 ],
             });
         }
         Ok(Llama {
-            dims: d.clone(),
-            embed: be.upload(&w.embed)?,
-            final_norm: be.upload(&w.final_norm)?,
-            lm_head: w.lm_head.as_ref().map(|h| be.upload(h)).transpose()?,
+            dims: d,
+            embed: be.upload_vec(w.embed)?,
+            final_norm: be.upload_vec(w.final_norm)?,
+            lm_head: w.lm_head.map(|h| be.upload_vec(h)).transpose()?,
             layers,
         })
     }
