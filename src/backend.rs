@@ -59,6 +59,8 @@ pub trait Backend {
     fn fill_zero(&self, buf: &mut Self::Buf) -> Result<()>;
     /// `dst[dst_offset .. dst_offset + src.len()] <- src`.
     fn copy_into(&self, src: &Self::Buf, dst: &mut Self::Buf, dst_offset: usize) -> Result<()>;
+    /// `dst[dst_offset .. dst_offset + len] <- src[src_offset .. src_offset + len]`.
+    fn copy_range(&self, src: &Self::Buf, src_offset: usize, len: usize, dst: &mut Self::Buf, dst_offset: usize) -> Result<()>;
     /// `y <- y + x` (same length).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
 

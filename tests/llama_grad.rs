@@ -155,7 +155,7 @@ fn kv_cache_decode_matches_full_forward() {
     let ad = tiny_adapter(&d, &[0, 1, 2, 3, 4, 5, 6], true, 1.0, 3).upload(&Cpu, &d).unwrap();
     let ids: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9];
     let (logits, _) = model.score(&Cpu, Some(&ad), &ids).unwrap();
-    let mut cache = model.new_cache(&Cpu, 16).unwrap();
+    let mut cache = model.new_cache(&Cpu, 1, 16).unwrap();
     // A prefill of 4 tokens, then one at a time.
     let mut got = model.forward_cached(&Cpu, Some(&ad), &ids[..4], &mut cache).unwrap();
     for t in 4..=ids.len() {
@@ -176,8 +176,35 @@ fn kv_cache_decode_matches_full_forward() {
     }
     assert_eq!(new, seq[3..].to_vec());
     // The cache refuses to overflow.
-    let mut small = model.new_cache(&Cpu, 2).unwrap();
+    let mut small = model.new_cache(&Cpu, 1, 2).unwrap();
     assert!(model.forward_cached(&Cpu, None, &ids[..3], &mut small).is_err());
+}
+
+#[test]
+fn batched_generation_matches_one_at_a_time() {
+    let d = tiny_dims();
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 11, false)).unwrap();
+    let ad = tiny_adapter(&d, &[0, 3, 5], false, 0.7, 2).upload(&Cpu, &d).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![7, 8], vec![4, 5, 6], vec![9, 9, 9], vec![30]];
+    // Stop on a token that some sequences produce, so that they finish at different times.
+    let first: Vec<u32> = prompts.iter().map(|p| model.generate(&Cpu, Some(&ad), p, 1, &[]).unwrap()[0]).collect();
+    let stop = [first[2]];
+    let batched = model.generate_batch(&Cpu, Some(&ad), &prompts, 6, &stop).unwrap();
+    for (p, got) in prompts.iter().zip(&batched) {
+        assert_eq!(got, &model.generate(&Cpu, Some(&ad), p, 6, &stop).unwrap(), "prompt {p:?}");
+    }
+    assert_eq!(batched[2], vec![first[2]]);
+    // Batched prefill logits equal the full forward's.
+    let mut cache = model.new_cache(&Cpu, 2, 8).unwrap();
+    let lg = model.forward_cached(&Cpu, Some(&ad), &[1, 2, 3, 4, 5, 6], &mut cache).unwrap();
+    for (j, p) in [[1u32, 2, 3], [4, 5, 6]].iter().enumerate() {
+        let (full, _) = model.score(&Cpu, Some(&ad), p).unwrap();
+        let want: Vec<f64> = full[2 * d.vocab..].iter().map(|&v| v as f64).collect();
+        let got: Vec<f64> = lg[j * d.vocab..(j + 1) * d.vocab].iter().map(|&v| v as f64).collect();
+        common::assert_close("batched prefill logits", &got, &want, 1e-5);
+    }
+    // A second step with the wrong number of tokens is an error.
+    assert!(model.forward_cached(&Cpu, None, &[1, 2, 3], &mut cache).is_err());
 }
 
 #[test]

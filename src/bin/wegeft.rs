@@ -290,14 +290,17 @@ fn exact_match(
     let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
     let pb = bar(cases.len() as u64, label);
     let mut correct = 0usize;
-    for (i, (prompt, want)) in cases.iter().enumerate() {
-        let out = l.model.generate(&Cpu, adapter, prompt, max_new, &stop)?;
-        let text = l.tok.decode(&out, true)?;
-        if text.trim() == want.trim() {
-            correct += 1;
+    // Batches of 32 prompts through one KV cache (prompts of equal length decode together).
+    for (k, chunk) in cases.chunks(32).enumerate() {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|(p, _)| p.clone()).collect();
+        let outs = l.model.generate_batch(&Cpu, adapter, &prompts, max_new, &stop)?;
+        for ((_, want), out) in chunk.iter().zip(outs) {
+            if l.tok.decode(&out, true)?.trim() == want.trim() {
+                correct += 1;
+            }
         }
-        pb.inc(1);
-        pb.set_message(format!("{correct}/{}", i + 1));
+        pb.inc(chunk.len() as u64);
+        pb.set_message(format!("{correct}/{}", (k * 32 + chunk.len())));
     }
     pb.finish_and_clear();
     Ok(correct as f64 / cases.len().max(1) as f64)

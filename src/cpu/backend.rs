@@ -90,6 +90,20 @@ impl Backend for Cpu {
         dst[dst_offset..end].copy_from_slice(src);
         Ok(())
     }
+    fn copy_range(&self, src: &Vec<f32>, src_offset: usize, len: usize, dst: &mut Vec<f32>, dst_offset: usize) -> Result<()> {
+        let s_end = src_offset.checked_add(len).filter(|&e| e <= src.len());
+        let d_end = dst_offset.checked_add(len).filter(|&e| e <= dst.len());
+        match (s_end, d_end) {
+            (Some(se), Some(de)) => {
+                dst[dst_offset..de].copy_from_slice(&src[src_offset..se]);
+                Ok(())
+            }
+            _ => Err(Error::invalid(
+                "copy_range",
+                format!("{len} elements from {src_offset} (of {}) to {dst_offset} (of {}) overrun", src.len(), dst.len()),
+            )),
+        }
+    }
     fn add_assign(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
         ops::add_inplace(y, x)
     }

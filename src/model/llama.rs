@@ -307,16 +307,22 @@ struct LayerActs<B: Backend> {
     saved: [Option<B::Saved>; 7],
 }
 
-/// Per-layer key/value cache for greedy decoding of one sequence.
+/// Per-layer key/value cache for greedy decoding of `batch` sequences of equal length
+/// (`batch x capacity x kv_heads*head_dim` per layer).
 pub struct KvCache<B: Backend> {
     k: Vec<B::Buf>,
     v: Vec<B::Buf>,
+    batch: usize,
     len: usize,
     capacity: usize,
 }
 
 impl<B: Backend> KvCache<B> {
-    /// Tokens already in the cache.
+    /// Sequences in the cache.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Tokens per sequence already in the cache.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -520,22 +526,29 @@ impl<B: Backend> Llama<B> {
                     lse
                 }
                 Mode::Cached(cache) => {
-                    if cache.len + rows > cache.capacity {
+                    // `batch` sequences of `seq` new tokens each.
+                    if cache.batch != batch || cache.len + seq > cache.capacity {
                         return Err(Error::invalid(
                             "kv cache",
-                            format!("{} cached + {rows} new tokens exceed the capacity {}", cache.len, cache.capacity),
+                            format!(
+                                "{batch} x {seq} new tokens for a cache of {} sequences holding {} of {}",
+                                cache.batch, cache.len, cache.capacity
+                            ),
                         ));
                     }
-                    be.copy_into(&k, &mut cache.k[l], cache.len * kw)?;
-                    be.copy_into(&v, &mut cache.v[l], cache.len * kw)?;
+                    for b in 0..batch {
+                        let at = (b * cache.capacity + cache.len) * kw;
+                        be.copy_range(&k, b * seq * kw, seq * kw, &mut cache.k[l], at)?;
+                        be.copy_range(&v, b * seq * kw, seq * kw, &mut cache.v[l], at)?;
+                    }
                     if cache.len == 0 {
                         // Prefill: plain causal attention over the new tokens.
-                        let shape = AttnShape::new(1, rows, d.heads, d.kv_heads, d.head_dim)?;
+                        let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
                         let mut lse = be.zeros(rows * d.heads)?;
                         be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
-                    } else if rows == 1 {
+                    } else if seq == 1 {
                         let (len, cap) = (cache.len + 1, cache.capacity);
-                        be.attention_decode(&q, &cache.k[l], &cache.v[l], 1, d.heads, d.kv_heads, d.head_dim, cap, len, &mut att)?;
+                        be.attention_decode(&q, &cache.k[l], &cache.v[l], batch, d.heads, d.kv_heads, d.head_dim, cap, len, &mut att)?;
                     } else {
                         return Err(Error::invalid("kv cache", "after the prefill, tokens are fed one at a time"));
                     }
@@ -581,7 +594,7 @@ impl<B: Backend> Llama<B> {
             x = x3;
         }
         if let Mode::Cached(cache) = &mut mode {
-            cache.len += rows;
+            cache.len += seq;
         }
         let mut hn = be.zeros(rows * d.hidden)?;
         let mut rstd = be.zeros(rows)?;
@@ -694,68 +707,113 @@ impl<B: Backend> Llama<B> {
         Ok(sum / n as f32)
     }
 
-    /// An empty KV cache for up to `capacity` tokens of one sequence.
-    pub fn new_cache(&self, be: &B, capacity: usize) -> Result<KvCache<B>> {
-        if capacity == 0 {
-            return Err(Error::ZeroDim { what: "cache capacity" });
+    /// An empty KV cache for `batch` sequences of up to `capacity` tokens each.
+    pub fn new_cache(&self, be: &B, batch: usize, capacity: usize) -> Result<KvCache<B>> {
+        if capacity == 0 || batch == 0 {
+            return Err(Error::ZeroDim { what: "cache batch and capacity" });
         }
-        let kw = self.dims.kv_heads * self.dims.head_dim;
-        let k = (0..self.dims.layers).map(|_| be.zeros(capacity * kw)).collect::<Result<Vec<_>>>()?;
-        let v = (0..self.dims.layers).map(|_| be.zeros(capacity * kw)).collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { k, v, len: 0, capacity })
+        let n = batch * capacity * self.dims.kv_heads * self.dims.head_dim;
+        let k = (0..self.dims.layers).map(|_| be.zeros(n)).collect::<Result<Vec<_>>>()?;
+        let v = (0..self.dims.layers).map(|_| be.zeros(n)).collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { k, v, batch, len: 0, capacity })
     }
 
-    /// Feeds `ids` after what `cache` holds and returns the logits (`vocab`, host) at the
-    /// last new position.
+    /// Feeds `ids` (`cache.batch()` sequences of `n` new tokens each, row-major) after what
+    /// `cache` holds and returns the logits (`batch x vocab`, host) at each sequence's last
+    /// new position. The first call (the prefill) takes any `n`; later tokens go through one
+    /// position at a time.
     pub fn forward_cached(&self, be: &B, adapter: Option<&Adapter<B>>, ids: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
-        if ids.is_empty() {
-            return Err(Error::ZeroDim { what: "ids" });
+        let batch = cache.batch;
+        if ids.is_empty() || ids.len() % batch != 0 {
+            return Err(Error::invalid("ids", format!("{} ids for a cache of {batch} sequences", ids.len())));
         }
         self.check_adapter(adapter)?;
         if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.dims.vocab) {
             return Err(Error::invalid("ids", format!("token id {id} is outside the vocabulary of {}", self.dims.vocab)));
         }
+        let n = ids.len() / batch;
         let d = &self.dims;
-        if cache.len + ids.len() > cache.capacity {
+        if cache.len + n > cache.capacity {
             return Err(Error::invalid(
                 "kv cache",
-                format!("{} cached + {} new tokens exceed the capacity {}", cache.len, ids.len(), cache.capacity),
+                format!("{} cached + {n} new tokens exceed the capacity {}", cache.len, cache.capacity),
             ));
         }
-        // A prefill runs all tokens at once; later tokens go one at a time.
-        let chunks: Vec<&[u32]> = if cache.len == 0 { vec![ids] } else { ids.chunks(1).collect() };
-        let mut hn = None;
-        for chunk in chunks {
+        // A prefill runs all tokens at once; later tokens go one position at a time.
+        let steps: Vec<Vec<u32>> = if cache.len == 0 {
+            vec![ids.to_vec()]
+        } else {
+            (0..n).map(|t| (0..batch).map(|b| ids[b * n + t]).collect()).collect()
+        };
+        let mut last = None;
+        for step in steps {
+            let seq = step.len() / batch;
             let start = cache.len as u32;
-            let positions: Vec<u32> = (0..chunk.len() as u32).map(|i| start + i).collect();
-            let (h, _, _, _) = self.run(be, adapter, chunk, 1, chunk.len(), &positions, Mode::Cached(cache))?;
-            hn = Some((h, chunk.len()));
+            let positions: Vec<u32> = (0..batch).flat_map(|_| (0..seq as u32).map(move |i| start + i)).collect();
+            let (h, _, _, _) = self.run(be, adapter, &step, batch, seq, &positions, Mode::Cached(cache))?;
+            last = Some((h, seq));
         }
-        let (hn, n) = hn.ok_or(Error::ZeroDim { what: "ids" })?;
-        let all = be.download(&hn)?;
-        let last = be.upload(&all[(n - 1) * d.hidden..])?;
-        let mut logits = be.zeros(d.vocab)?;
-        be.logits(&last, self.head(), 1, d.hidden, d.vocab, &mut logits)?;
+        let (hn, seq) = last.ok_or(Error::ZeroDim { what: "ids" })?;
+        let mut rows = be.zeros(batch * d.hidden)?;
+        for b in 0..batch {
+            be.copy_range(&hn, (b * seq + seq - 1) * d.hidden, d.hidden, &mut rows, b * d.hidden)?;
+        }
+        let mut logits = be.zeros(batch * d.vocab)?;
+        be.logits(&rows, self.head(), batch, d.hidden, d.vocab, &mut logits)?;
         be.download(&logits)
     }
 
     /// Greedy decoding: up to `max_new` tokens after `prompt`, stopping after any token in
     /// `stop` (which is included in the output). Returns the new tokens only.
     pub fn generate(&self, be: &B, adapter: Option<&Adapter<B>>, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-        let mut cache = self.new_cache(be, prompt.len() + max_new + 1)?;
-        let mut out = Vec::new();
+        Ok(self.generate_batch(be, adapter, &[prompt.to_vec()], max_new, stop)?.pop().unwrap_or_default())
+    }
+
+    /// Greedy decoding of many prompts; prompts of equal length run together (up to 64 at a
+    /// time) through one batched KV cache. The same result as [`Llama::generate`] on each.
+    pub fn generate_batch(
+        &self,
+        be: &B,
+        adapter: Option<&Adapter<B>>,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut out = vec![Vec::new(); prompts.len()];
         if max_new == 0 {
             return Ok(out);
         }
-        let mut logits = self.forward_cached(be, adapter, prompt, &mut cache)?;
-        loop {
-            let next = argmax(&logits) as u32;
-            out.push(next);
-            if out.len() >= max_new || stop.contains(&next) {
-                return Ok(out);
-            }
-            logits = self.forward_cached(be, adapter, &[next], &mut cache)?;
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(Error::invalid("prompts", format!("prompt {i} is empty")));
         }
+        let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, p) in prompts.iter().enumerate() {
+            by_len.entry(p.len()).or_default().push(i);
+        }
+        let v = self.dims.vocab;
+        for (len, idx) in by_len {
+            for group in idx.chunks(64) {
+                let b = group.len();
+                let mut cache = self.new_cache(be, b, len + max_new)?;
+                let ids: Vec<u32> = group.iter().flat_map(|&i| prompts[i].iter().copied()).collect();
+                let mut logits = self.forward_cached(be, adapter, &ids, &mut cache)?;
+                let mut done = vec![false; b];
+                for step in 0..max_new {
+                    let next: Vec<u32> = (0..b).map(|j| argmax(&logits[j * v..(j + 1) * v]) as u32).collect();
+                    for (j, &i) in group.iter().enumerate() {
+                        if !done[j] {
+                            out[i].push(next[j]);
+                            done[j] = stop.contains(&next[j]) || out[i].len() >= max_new;
+                        }
+                    }
+                    if done.iter().all(|&d| d) || step + 1 == max_new {
+                        break;
+                    }
+                    logits = self.forward_cached(be, adapter, &next, &mut cache)?;
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
