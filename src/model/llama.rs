@@ -369,9 +369,9 @@ impl<B: Backend> Llama<B> {
         for (l, hl) in w.layers.iter().enumerate() {
             chk(format!("layers.{l}.input_layernorm"), &hl.attn_norm, d.hidden)?;
             chk(format!("layers.{l}.post_attention_layernorm"), &hl.mlp_norm, d.hidden)?;
-            for m in 0..7 {
+            for (m, name) in MODULES.iter().enumerate() {
                 let (i, o) = d.module_dims(m);
-                chk(format!("layers.{l}.{}", MODULES[m]), &hl.proj[m], i * o)?;
+                chk(format!("layers.{l}.{name}"), &hl.proj[m], i * o)?;
             }
         }
         let mut layers = Vec::with_capacity(d.layers);
@@ -429,7 +429,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// One projection's forward; returns `y` and, when `save` and adapted, `(u, C)`.
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::too_many_arguments)]
     fn proj_forward(
         &self,
         be: &B,
@@ -489,7 +489,7 @@ impl<B: Backend> Llama<B> {
     /// Runs the layers on `ids` (`batch` sequences of `seq` tokens, or new tokens for a
     /// cache) and returns the final normed hidden states, their input and rstd, and the
     /// per-layer activations when asked.
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn run(
         &self,
         be: &B,
