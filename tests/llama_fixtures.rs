@@ -168,13 +168,14 @@ fn finetune_reproduces_the_official_run() {
     // rounding noise take a sign that depends on summation order. Perturbing the initial phi
     // by 1e-6 (relative) in our own code moves loss 4 by 5e-4 and loss 5 by 1e-2 (relative),
     // and the final adapter by ~0.1 of its update (measured on this fixture). So: losses
-    // 0..=3 within 1e-4 (we get <= 1.3e-5), losses 4, 5 within 2e-2, the final adapter within
-    // 0.25 of its update (relative Frobenius distance; we get 0.07..0.14 per module, as
-    // between two of our own runs 1e-6 apart), the probe logits within 1.0.
+    // 0..=3 within 1e-4 (we get <= 1.3e-5), losses 4, 5 within 3e-2 (we get 5e-4, 1.1e-2),
+    // the final adapter within 0.25 of its update (relative Frobenius distance; we get
+    // 0.07..0.14 per module, as between two of our own runs 1e-6 apart), the probe logits
+    // within 1.0 (we get 0.53).
     let want: Vec<f64> = t["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert_eq!(losses.len(), want.len());
     for (i, (g, w)) in losses.iter().zip(&want).enumerate() {
-        check_loss(&format!("step {i}"), *g, *w, if i < 4 { 1e-4 } else { 2e-2 });
+        check_loss(&format!("step {i}"), *g, *w, if i < 4 { 1e-4 } else { 3e-2 });
     }
     // The final adapter, pair by pair: the distance between our update and theirs.
     let want_final = adapter::io::load_gift(&dir.join("final_adapter.safetensors"), &dims.adapter_dims().unwrap()).unwrap();
