@@ -51,11 +51,19 @@ impl Scalar for f64 {
 
 /// `(rows, cols, row stride, col stride)` of `op(X)` for a row-major view `X`.
 fn op_dims<F>(x: &Mat<'_, F>, op: Op) -> (usize, usize, isize, isize) {
-    let ld = x.ld() as isize;
+    let ld = stride(x.rows(), x.cols(), x.ld());
     match op {
         Op::N => (x.rows(), x.cols(), ld, 1),
         Op::T => (x.cols(), x.rows(), 1, ld),
     }
+}
+
+/// The row stride to hand to `gemm`. With two rows or more, `ld < data.len() <= isize::MAX`
+/// (a slice never exceeds `isize::MAX` bytes); a single row never moves by its stride, so any
+/// `ld` a view allows (up to `usize::MAX`) is replaced by `cols`.
+fn stride(rows: usize, cols: usize, ld: usize) -> isize {
+    let ld = if rows <= 1 { cols } else { ld };
+    isize::try_from(ld).unwrap_or(isize::MAX)
 }
 
 /// `c <- alpha * c + beta * op(a) op(b)`.
@@ -71,6 +79,34 @@ pub fn matmul<F: Scalar>(
     op_a: Op,
     b: Mat<'_, F>,
     op_b: Op,
+) -> Result<()> {
+    matmul_impl(c, alpha, beta, a, op_a, b, op_b, true)
+}
+
+/// [`matmul`] on the calling thread only, for small products run side by side under
+/// `rayon::join` (one synchronisation for the pair instead of one per product).
+pub fn matmul_serial<F: Scalar>(
+    c: &mut MatMut<'_, F>,
+    alpha: F,
+    beta: F,
+    a: Mat<'_, F>,
+    op_a: Op,
+    b: Mat<'_, F>,
+    op_b: Op,
+) -> Result<()> {
+    matmul_impl(c, alpha, beta, a, op_a, b, op_b, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_impl<F: Scalar>(
+    c: &mut MatMut<'_, F>,
+    alpha: F,
+    beta: F,
+    a: Mat<'_, F>,
+    op_a: Op,
+    b: Mat<'_, F>,
+    op_b: Op,
+    parallel: bool,
 ) -> Result<()> {
     let (m, k, a_rs, a_cs) = op_dims(&a, op_a);
     let (kb, n, b_rs, b_cs) = op_dims(&b, op_b);
@@ -88,7 +124,7 @@ pub fn matmul<F: Scalar>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let c_ld = c.ld();
+    let c_ld = stride(c.rows(), c.cols(), c.ld());
     if k == 0 {
         for i in 0..m {
             for v in c.row_mut(i) {
@@ -98,7 +134,7 @@ pub fn matmul<F: Scalar>(
         return Ok(());
     }
     let work = m.saturating_mul(n).saturating_mul(k);
-    let par = if work >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
+    let par = if parallel && work >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
@@ -115,7 +151,7 @@ pub fn matmul<F: Scalar>(
             k,
             c.data_mut().as_mut_ptr(),
             1,
-            c_ld as isize,
+            c_ld,
             read_dst,
             a.data().as_ptr(),
             a_cs,
@@ -215,6 +251,23 @@ mod tests {
         let mut c3 = vec![0.0f32; 6];
         let err = matmul_slices(&mut c3, (3, 2), 0.0, 1.0, &a, (2, 3), Op::N, &b, (3, 2), Op::N);
         assert!(matches!(err, Err(Error::Shape { arg: "c", .. })));
+    }
+
+    #[test]
+    fn single_rows_with_huge_strides() {
+        // A 1-row view may have any stride; it must not turn into a negative gemm stride.
+        let a = [1.0f32, 2.0, 3.0];
+        let b = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let mut c = [0.0f32; 2];
+        let av = Mat::strided("a", &a, 1, 3, usize::MAX).unwrap();
+        let bv = Mat::new("b", &b, 3, 2).unwrap();
+        let mut cv = MatMut::strided("c", &mut c, 1, 2, usize::MAX).unwrap();
+        matmul(&mut cv, 0.0, 1.0, av, Op::N, bv, Op::N).unwrap();
+        assert_eq!(c, [4.0, 5.0]);
+        let mut c2 = [0.0f32; 3];
+        let mut cv = MatMut::new("c", &mut c2, 3, 1).unwrap();
+        matmul(&mut cv, 0.0, 1.0, av, Op::T, Mat::strided("one", &[2.0f32], 1, 1, usize::MAX).unwrap(), Op::N).unwrap();
+        assert_eq!(c2, [2.0, 4.0, 6.0]);
     }
 
     #[test]

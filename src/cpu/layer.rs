@@ -14,11 +14,21 @@
 //! unmerge:   W <- W - (W phi) (I_r + s psi phi)^-1 (s psi)
 //! ```
 //!
-//! The K-extended products run as two GEMMs into the same output (the second with `alpha = 1`,
-//! i.e. accumulating), so the rank-`r` part costs its FLOPs plus one pass over the output; the
-//! `d_out x d_in` matrix `W phi psi` is never built. For `f32` storage every operand is used in
-//! place (no copies); `bf16`/`f16` operands are converted to `f32` scratch once per call and the
-//! result is rounded once at the end.
+//! How it runs:
+//!
+//! * The K-extended products run as two GEMMs into the same output (the second with
+//!   `alpha = 1`, i.e. accumulating), so the rank-`r` part costs its FLOPs plus one pass over the
+//!   output; the `d_out x d_in` matrix `W phi psi` is never built. (A literally concatenated K
+//!   would first copy `x` and `W` into `[x | u]`, `[W | C]`: a pass over both, more than the
+//!   `T x d_out` pass it saves.)
+//! * The small rank-`r` products run in independent pairs under `rayon::join`, one thread each
+//!   (`C | u` in the forward; `v | S^T`, then `dphi^T | dpsi` in the backward). `S^T = u^T G` and
+//!   `dphi^T = s S^T W` rather than `S`, `W^T S`: the `gemm` crate is faster with the long
+//!   dimension on the output rows (~1.4x at `d = 2048, r = 64`); `dphi^T` is added transposed.
+//! * For `f32` storage every operand is used in place (no copies). `bf16`/`f16` operands are
+//!   converted to `f32` once per call (into per-thread pooled scratch, so no page faults) and the
+//!   result is rounded once at the end. `W` is converted on every call: the cost is
+//!   `O(d_out d_in)` against the `O(T d_out d_in)` product.
 //!
 //! Every function checks every shape, length, stride and the scale before doing any work and
 //! returns an [`Error`] otherwise; none panics on bad input.
@@ -26,9 +36,12 @@
 use std::any::TypeId;
 use std::borrow::Cow;
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Op};
+use super::gemm::{matmul, matmul_serial, Op, PARALLEL_THRESHOLD};
+use super::scratch::Scratch;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::shape::{check_len, LayerShape, Mat, MatMut};
@@ -56,13 +69,86 @@ fn is_f32<T: 'static>() -> bool {
     TypeId::of::<T>() == TypeId::of::<f32>()
 }
 
+/// `dst[i] = src[i] as f32` (equal lengths): a shift for bf16, half's vectorised slice
+/// conversion for f16.
+fn row_to_f32<T: Element>(src: &[T], dst: &mut [f32]) {
+    debug_assert_eq!(src.len(), dst.len());
+    if TypeId::of::<T>() == TypeId::of::<bf16>() {
+        if let Ok(s) = bytemuck::try_cast_slice::<T, u16>(src) {
+            // bf16 is the high half of an f32: exact, and a loop the compiler vectorises.
+            for (d, &b) in dst.iter_mut().zip(s) {
+                *d = f32::from_bits((b as u32) << 16);
+            }
+            return;
+        }
+    }
+    if TypeId::of::<T>() == TypeId::of::<f16>() {
+        if let Ok(s) = bytemuck::try_cast_slice::<T, f16>(src) {
+            return s.convert_to_f32_slice(dst);
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// f32 to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN. Branch-free, so that
+/// loops over it vectorise; the same results as `half::bf16::from_f32`.
+#[inline(always)]
+fn f32_to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x0040;
+    if x.is_nan() {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// `dst[i] = T::from_f32(src[i])` (equal lengths, round to nearest even).
+fn row_from_f32<T: Element>(src: &[f32], dst: &mut [T]) {
+    debug_assert_eq!(src.len(), dst.len());
+    if TypeId::of::<T>() == TypeId::of::<bf16>() {
+        if let Ok(d) = bytemuck::try_cast_slice_mut::<T, u16>(dst) {
+            for (d, &x) in d.iter_mut().zip(src) {
+                *d = f32_to_bf16_bits(x);
+            }
+            return;
+        }
+    }
+    if TypeId::of::<T>() == TypeId::of::<f16>() {
+        if let Ok(d) = bytemuck::try_cast_slice_mut::<T, f16>(dst) {
+            return d.convert_from_f32_slice(src);
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = T::from_f32(*s);
+    }
+}
+
 /// Minimum elements before a conversion is split over the rayon pool.
 const PAR_CONVERT: usize = 1 << 15;
+
+/// Borrowed `f32` data or a pooled converted copy.
+enum Buf<'a> {
+    View(&'a [f32]),
+    Pool(Scratch),
+}
+
+impl Buf<'_> {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Buf::View(v) => v,
+            Buf::Pool(s) => s,
+        }
+    }
+}
 
 /// An `f32` copy or view of a `T` matrix: borrowed as is for `f32`, converted (contiguous)
 /// otherwise.
 struct F32<'a> {
-    data: Cow<'a, [f32]>,
+    data: Buf<'a>,
     rows: usize,
     cols: usize,
     ld: usize,
@@ -74,30 +160,29 @@ impl<'a> F32<'a> {
         let (rows, cols, name) = (m.rows(), m.cols(), m.name());
         if is_f32::<T>() {
             if let Ok(data) = bytemuck::try_cast_slice::<T, f32>(m.data()) {
-                return Ok(F32 { data: Cow::Borrowed(data), rows, cols, ld: m.ld(), name });
+                return Ok(F32 { data: Buf::View(data), rows, cols, ld: m.ld(), name });
             }
         }
-        let mut out = vec![0.0f32; rows * cols];
-        let conv = |(i, dst): (usize, &mut [f32])| {
-            for (d, s) in dst.iter_mut().zip(m.row(i)) {
-                *d = s.to_f32();
-            }
-        };
+        // Every element is written by the conversion below.
+        let mut out = Scratch::stale(rows * cols);
+        let conv = |(i, dst): (usize, &mut [f32])| row_to_f32(m.row(i), dst);
         if rows * cols >= PAR_CONVERT {
             out.par_chunks_mut(cols.max(1)).enumerate().for_each(conv);
         } else {
             out.chunks_mut(cols.max(1)).enumerate().for_each(conv);
         }
-        Ok(F32 { data: Cow::Owned(out), rows, cols, ld: cols, name })
+        Ok(F32 { data: Buf::Pool(out), rows, cols, ld: cols, name })
     }
 
     fn mat(&self) -> Result<Mat<'_, f32>> {
-        Mat::strided(self.name, &self.data, self.rows, self.cols, self.ld)
+        Mat::strided(self.name, self.data.as_slice(), self.rows, self.cols, self.ld)
     }
 }
 
 /// Runs `f` on an `f32` view of `y`: `y` itself for `f32` storage, otherwise a scratch copy
-/// (filled from `y` when `read_old`) that is rounded back into `y` afterwards.
+/// that is rounded back into `y` afterwards. The copy holds `y`'s values when `read_old`;
+/// otherwise its contents are unspecified and `f` must overwrite every element (as every
+/// caller does: a product with `alpha = 0`, or a bias fill first).
 fn with_f32_out<T: Element>(
     y: &mut MatMut<'_, T>,
     read_old: bool,
@@ -110,14 +195,10 @@ fn with_f32_out<T: Element>(
             return f(&mut v);
         }
     }
-    let mut scratch = vec![0.0f32; rows * cols];
+    let mut scratch = Scratch::stale(rows * cols);
     if read_old {
         let src = y.as_ref();
-        let conv = |(i, dst): (usize, &mut [f32])| {
-            for (d, s) in dst.iter_mut().zip(src.row(i)) {
-                *d = s.to_f32();
-            }
-        };
+        let conv = |(i, dst): (usize, &mut [f32])| row_to_f32(src.row(i), dst);
         if rows * cols >= PAR_CONVERT {
             scratch.par_chunks_mut(cols.max(1)).enumerate().for_each(conv);
         } else {
@@ -128,21 +209,16 @@ fn with_f32_out<T: Element>(
         let mut v = MatMut::new(name, &mut scratch, rows, cols)?;
         f(&mut v)?;
     }
-    let data = y.data_mut();
-    let store = |(i, src): (usize, &[f32]), data: &mut [T]| {
-        for (d, s) in data[i * ld..i * ld + cols].iter_mut().zip(src) {
-            *d = T::from_f32(*s);
-        }
-    };
-    if rows * cols >= PAR_CONVERT && ld == cols {
-        data[..rows * cols]
-            .par_chunks_mut(cols)
-            .zip(scratch.par_chunks(cols))
-            .for_each(|(d, s)| store((0, s), d));
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    // Row i of y is data[i * ld..i * ld + cols]; the view spans (rows - 1) * ld + cols.
+    let span = &mut y.data_mut()[..(rows - 1) * ld + cols];
+    let store = |(d, s): (&mut [T], &[f32])| row_from_f32(s, &mut d[..cols]);
+    if rows * cols >= PAR_CONVERT {
+        span.par_chunks_mut(ld).zip(scratch.par_chunks(cols)).for_each(store);
     } else {
-        for (i, src) in scratch.chunks(cols.max(1)).enumerate() {
-            store((i, src), data);
-        }
+        span.chunks_mut(ld).zip(scratch.chunks(cols)).for_each(store);
     }
     Ok(())
 }
@@ -254,6 +330,40 @@ fn generate_u(sh: &LayerShape, x: Mat<'_, f32>, psi: Mat<'_, f32>) -> Result<Vec
     Ok(u)
 }
 
+/// Runs two fallible closures side by side on the rayon pool, or one after the other when
+/// together they are under [`PARALLEL_THRESHOLD`] multiply-adds (`work`), too little to pay
+/// for a fork.
+fn pair(work: usize, a: impl FnOnce() -> Result<()> + Send, b: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+    if work < PARALLEL_THRESHOLD || rayon::current_num_threads() < 2 {
+        a()?;
+        return b();
+    }
+    let (ra, rb) = rayon::join(a, b);
+    ra.and(rb)
+}
+
+/// `(C, u)`, computed side by side (each product on one thread).
+fn c_and_u(
+    sh: &LayerShape,
+    x: &F32<'_>,
+    w: &F32<'_>,
+    phi: &F32<'_>,
+    psi: &F32<'_>,
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut c = vec![0.0f32; sh.d_out * sh.rank];
+    let mut u = vec![0.0f32; sh.tokens * sh.rank];
+    let (wm, phim, xm, psim) = (w.mat()?, phi.mat()?, x.mat()?, psi.mat()?);
+    let (mut cm, mut um) = (mat_mut("C", &mut c, sh.c())?, mat_mut("u", &mut u, sh.u())?);
+    let work = (sh.d_out + sh.tokens).saturating_mul(sh.d_in).saturating_mul(sh.rank);
+    pair(
+        work,
+        || matmul_serial(&mut cm, 0.0, scale, wm, Op::N, phim, Op::N),
+        || matmul_serial(&mut um, 0.0, 1.0, xm, Op::N, psim, Op::T),
+    )?;
+    Ok((c, u))
+}
+
 fn check_adapter<T>(sh: &LayerShape, w: Mat<'_, T>, phi: Mat<'_, T>, psi: Mat<'_, T>, scale: f32) -> Result<()> {
     w.expect(sh.w())?;
     phi.expect(sh.phi())?;
@@ -287,8 +397,7 @@ pub fn wegeft_forward<T: Element>(
 
     let (xf, wf, phif, psif) = (F32::of(x)?, F32::of(w)?, F32::of(phi)?, F32::of(psi)?);
     let b = bias_f32(bias);
-    let c = generate_c(&sh, wf.mat()?, phif.mat()?, scale)?;
-    let u = generate_u(&sh, xf.mat()?, psif.mat()?)?;
+    let (c, u) = c_and_u(&sh, &xf, &wf, &phif, &psif, scale)?;
     with_f32_out(&mut y, false, |y| {
         xwt(y, xf.mat()?, wf.mat()?, b.as_deref())?;
         matmul(y, 1.0, 1.0, mat("u", &u, sh.u())?, Op::N, mat("C", &c, sh.c())?, Op::T)
@@ -343,21 +452,38 @@ pub fn wegeft_backward<T: Element>(
         Some(s) => (Cow::Borrowed(&s.u), Cow::Borrowed(&s.c)),
         None => {
             let phif = F32::of(phi)?;
-            (
-                Cow::Owned(generate_u(&sh, xf.mat()?, psif.mat()?)?),
-                Cow::Owned(generate_c(&sh, wf.mat()?, phif.mat()?, scale)?),
-            )
+            let (c, u) = c_and_u(&sh, &xf, &wf, &phif, &psif, scale)?;
+            (Cow::Owned(u), Cow::Owned(c))
         }
     };
     let (t, r) = (sh.tokens, sh.rank);
-    // v = G C (T x r), S = G^T u (d_out x r)
-    let mut v = vec![0.0f32; t * r];
-    matmul(&mut mat_mut("v", &mut v, sh.u())?, 0.0, 1.0, gf.mat()?, Op::N, mat("C", &c, sh.c())?, Op::N)?;
-    let mut s = vec![0.0f32; sh.d_out * r];
-    matmul(&mut mat_mut("S", &mut s, sh.c())?, 0.0, 1.0, gf.mat()?, Op::T, mat("u", &u, sh.u())?, Op::N)?;
-    // dphi += s W^T S, dpsi += v^T x
-    matmul(&mut mat_mut("dphi", dphi, sh.phi())?, 1.0, scale, wf.mat()?, Op::T, mat("S", &s, sh.c())?, Op::N)?;
-    matmul(&mut mat_mut("dpsi", dpsi, sh.psi())?, 1.0, 1.0, mat("v", &v, sh.u())?, Op::T, xf.mat()?, Op::N)?;
+    // The four rank-r products are small: run them in pairs side by side, each on one thread.
+    // v = G C (T x r) | S^T = u^T G (r x d_out). (S^T rather than S: the gemm crate runs
+    // products with a long output row dimension faster, here ~1.4x at d = 2048, r = 64.)
+    let d_out = sh.d_out;
+    // Scratch contents are unspecified; the products below (alpha = 0) overwrite them.
+    let mut v = Scratch::stale(t * r);
+    let mut st = Scratch::stale(r * d_out);
+    let (gm, cm, um) = (gf.mat()?, mat("C", &c, sh.c())?, mat("u", &u, sh.u())?);
+    let (mut vm, mut stm) = (mat_mut("v", &mut v, sh.u())?, mat_mut("S^T", &mut st, (r, d_out))?);
+    let work = 2usize.saturating_mul(t).saturating_mul(d_out).saturating_mul(r);
+    pair(
+        work,
+        || matmul_serial(&mut vm, 0.0, 1.0, gm, Op::N, cm, Op::N),
+        || matmul_serial(&mut stm, 0.0, 1.0, um, Op::T, gm, Op::N),
+    )?;
+    // dphi^T = s S^T W (r x d_in, scratch) | dpsi += v^T x
+    let mut dphi_t = Scratch::stale(r * sh.d_in);
+    let (vm, stm) = (mat("v", &v, sh.u())?, mat("S^T", &st, (r, d_out))?);
+    let (mut dphitm, mut dpsim) = (mat_mut("dphi^T", &mut dphi_t, sh.psi())?, mat_mut("dpsi", dpsi, sh.psi())?);
+    let (wm, xm) = (wf.mat()?, xf.mat()?);
+    let work = (d_out + t).saturating_mul(sh.d_in).saturating_mul(r);
+    pair(
+        work,
+        || matmul_serial(&mut dphitm, 0.0, scale, stm, Op::N, wm, Op::N),
+        || matmul_serial(&mut dpsim, 1.0, 1.0, vm, Op::T, xm, Op::N),
+    )?;
+    add_transposed(dphi, &dphi_t, r, sh.d_in);
     // dx = G W + v psi
     if let Some(dx) = dx.as_mut() {
         with_f32_out(dx, false, |dx| {
@@ -368,9 +494,24 @@ pub fn wegeft_backward<T: Element>(
     Ok(())
 }
 
+/// `acc (n x r) += t^T` for `t` stored `r x n` (small: adapter-sized).
+fn add_transposed(acc: &mut [f32], t: &[f32], r: usize, n: usize) {
+    for (i, row) in acc.chunks_mut(r).enumerate().take(n) {
+        for (k, d) in row.iter_mut().enumerate() {
+            *d += t[k * n + i];
+        }
+    }
+}
+
 /// Merge in place: `W <- W + C psi = W + s W phi psi` (`W` is `d_out x d_in`). For half
 /// storage the merged weight is rounded once. `shape.tokens` is not used (any positive value).
-pub fn wegeft_merge<T: Element>(shape: &LayerShape, w: MatMut<'_, T>, phi: Mat<'_, T>, psi: Mat<'_, T>, scale: f32) -> Result<()> {
+pub fn wegeft_merge<T: Element>(
+    shape: &LayerShape,
+    w: MatMut<'_, T>,
+    phi: Mat<'_, T>,
+    psi: Mat<'_, T>,
+    scale: f32,
+) -> Result<()> {
     let sh = checked_shape(shape)?;
     let mut w = w.expect(sh.w())?;
     check_adapter(&sh, w.as_ref(), phi, psi, scale)?;
@@ -389,7 +530,13 @@ pub fn wegeft_merge<T: Element>(shape: &LayerShape, w: MatMut<'_, T>, phi: Mat<'
 ///
 /// The `r x r` system is solved in f64; `(W' phi)` and the final update run in f32. Returns
 /// [`Error::Numerical`] (and leaves `W` untouched) when `I_r + s psi phi` is singular.
-pub fn wegeft_unmerge<T: Element>(shape: &LayerShape, w: MatMut<'_, T>, phi: Mat<'_, T>, psi: Mat<'_, T>, scale: f32) -> Result<()> {
+pub fn wegeft_unmerge<T: Element>(
+    shape: &LayerShape,
+    w: MatMut<'_, T>,
+    phi: Mat<'_, T>,
+    psi: Mat<'_, T>,
+    scale: f32,
+) -> Result<()> {
     let sh = checked_shape(shape)?;
     let mut w = w.expect(sh.w())?;
     check_adapter(&sh, w.as_ref(), phi, psi, scale)?;
@@ -509,12 +656,22 @@ pub fn lora_backward<T: Element>(
         Some(s) => Cow::Borrowed(&s.xa),
         None => Cow::Owned(generate_u(&sh, xf.mat()?, af.mat()?)?),
     };
-    // gb = s G B (T x r)
-    let mut gb = vec![0.0f32; sh.tokens * sh.rank];
-    matmul(&mut mat_mut("GB", &mut gb, sh.u())?, 0.0, scale, gf.mat()?, Op::N, bf.mat()?, Op::N)?;
-    // dA += gb^T x ; dB += s G^T xa
+    // The same pairing as in wegeft_backward.
+    // gb = s G B (T x r) | dB^T = s (x A^T)^T G (r x d_out, scratch)
+    let (t, r, d_out) = (sh.tokens, sh.rank, sh.d_out);
+    let mut gb = Scratch::stale(t * r);
+    let mut db_t = Scratch::stale(r * d_out);
+    let (gm, bm, xam) = (gf.mat()?, bf.mat()?, mat("xA^T", &xa, sh.u())?);
+    let (mut gbm, mut dbtm) = (mat_mut("GB", &mut gb, sh.u())?, mat_mut("dB^T", &mut db_t, (r, d_out))?);
+    let work = 2usize.saturating_mul(t).saturating_mul(d_out).saturating_mul(r);
+    pair(
+        work,
+        || matmul_serial(&mut gbm, 0.0, scale, gm, Op::N, bm, Op::N),
+        || matmul_serial(&mut dbtm, 0.0, scale, xam, Op::T, gm, Op::N),
+    )?;
+    add_transposed(db, &db_t, r, d_out);
+    // dA += gb^T x
     matmul(&mut mat_mut("dA", da, sh.lora_a())?, 1.0, 1.0, mat("GB", &gb, sh.u())?, Op::T, xf.mat()?, Op::N)?;
-    matmul(&mut mat_mut("dB", db, sh.lora_b())?, 1.0, scale, gf.mat()?, Op::T, mat("xA^T", &xa, sh.u())?, Op::N)?;
     if let Some(dx) = dx.as_mut() {
         with_f32_out(dx, false, |dx| {
             matmul(dx, 0.0, 1.0, gf.mat()?, Op::N, wf.mat()?, Op::N)?;
@@ -522,4 +679,53 @@ pub fn lora_backward<T: Element>(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_conversions_match_half() {
+        let mut vals: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::MIN_POSITIVE,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-40,
+            -3e-39,
+            65504.0,
+            3.4e38,
+        ];
+        // every rounding case around a few bf16 values, including ties
+        for base in [1.0f32, -2.75, 1e-3, 3.0e38] {
+            let b = base.to_bits();
+            for k in 0..=0x1_0001u32 {
+                vals.push(f32::from_bits(b.wrapping_add(k)));
+            }
+        }
+        let mut got = vec![bf16::ZERO; vals.len()];
+        row_from_f32(&vals, &mut got);
+        for (g, v) in got.iter().zip(&vals) {
+            let want = bf16::from_f32(*v);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{v:e}: {g} vs {want}");
+        }
+        let mut back = vec![0.0f32; got.len()];
+        row_to_f32(&got, &mut back);
+        for (b, g) in back.iter().zip(&got) {
+            assert!(b.to_bits() == g.to_f32().to_bits() || b.is_nan());
+        }
+        let mut h = vec![f16::ZERO; vals.len()];
+        row_from_f32(&vals, &mut h);
+        for (g, v) in h.iter().zip(&vals) {
+            let want = f16::from_f32(*v);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{v:e}: f16 {g} vs {want}");
+        }
+    }
 }

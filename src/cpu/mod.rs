@@ -13,6 +13,7 @@ pub mod backend;
 pub mod gemm;
 pub mod layer;
 pub mod ops;
+mod scratch;
 
 pub use backend::Cpu;
 pub use layer::{
