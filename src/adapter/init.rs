@@ -11,11 +11,19 @@
 //! [`crate::rng::Rng`] (same distribution as PyTorch, not the same stream).
 
 use super::config::Init;
+use crate::error::{Error, Result};
 use crate::rng::Rng;
 
 /// `(phi (d_in x r), psi (r x d_in))` for one pair, drawing from `rng` in the row-major order
 /// of the PyTorch weight that is random (`in_proj.weight` or `wegeft_psi.weight`, `r x d_in`).
-pub fn init_pair(init: Init, d_in: usize, rank: usize, rng: &mut Rng) -> (Vec<f32>, Vec<f32>) {
+pub fn init_pair(init: Init, d_in: usize, rank: usize, rng: &mut Rng) -> Result<(Vec<f32>, Vec<f32>)> {
+    if d_in == 0 {
+        return Err(Error::ZeroDim { what: "d_in" });
+    }
+    if rank == 0 {
+        return Err(Error::ZeroDim { what: "rank" });
+    }
+    crate::shape::checked_len("phi", d_in, rank)?;
     let bound = 1.0 / (d_in as f32).sqrt();
     let mut phi = vec![0.0f32; d_in * rank];
     let mut psi = vec![0.0f32; rank * d_in];
@@ -34,5 +42,5 @@ pub fn init_pair(init: Init, d_in: usize, rank: usize, rng: &mut Rng) -> (Vec<f3
             }
         }
     }
-    (phi, psi)
+    Ok((phi, psi))
 }

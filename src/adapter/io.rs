@@ -36,7 +36,7 @@
 //!
 //! **Reading checks everything**: unknown or missing keys, shapes against the rank and the
 //! model's dims, rank consistency, dtypes. F32 is taken as is; F16, BF16 and F64 are converted
-//! to f32 (F64 rounds to nearest); any other dtype is an error. Errors are
+//! to f32 (F64 rounds to nearest); any other dtype, and any NaN or infinity, is an error. Errors are
 //! [`Error::Format`] naming the file and the key. **Writing is atomic**: a temporary file in the
 //! same directory, fsync, rename (then fsync of the directory).
 
@@ -246,7 +246,9 @@ pub fn load_gift(path: &Path, dims: &ModelDims) -> Result<Adapter> {
     // collect module names of in/out projections
     let mut ins: BTreeMap<String, ()> = BTreeMap::new();
     let mut outs: BTreeMap<String, ()> = BTreeMap::new();
-    for name in st.names() {
+    let mut names = st.names();
+    names.sort_unstable();
+    for name in names {
         let parse = |prefix: &str| name.strip_prefix(prefix).and_then(|s| s.strip_suffix(".weight")).map(str::to_string);
         if let Some(m) = parse("in_projections.") {
             ins.insert(m, ());
@@ -684,7 +686,9 @@ pub fn load_peft(dir: &Path, dims: &ModelDims) -> Result<Adapter> {
         expected.insert(kphi);
         expected.insert(kpsi);
     }
-    if let Some(k) = st.names().into_iter().find(|k| !expected.contains(*k)) {
+    let mut names = st.names();
+    names.sort_unstable();
+    if let Some(k) = names.into_iter().find(|k| !expected.contains(*k)) {
         return Err(Error::format(&wpath, format!("unexpected tensor {k} (not the owner of a pair under {PEFT_CONFIG_FILE})")));
     }
     Adapter::from_values(config, *dims, values)

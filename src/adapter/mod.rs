@@ -37,15 +37,19 @@ pub struct Adapter {
     pub config: AdapterConfig,
     pub dims: ModelDims,
     pairs: Vec<Pair>,
-    /// `index[layer][module.index()]`
-    index: Vec<[Option<usize>; 7]>,
+    index: SiteIndex,
 }
 
-/// The pair layout (names, sites, `d_in`) a configuration gives on a model, pairs in order of
+/// One pair of a layout: `(name, d_in, sites)`.
+pub(crate) type PairLayout = (String, usize, Vec<(usize, Module)>);
+/// `index[layer][module.index()]` -> pair.
+pub(crate) type SiteIndex = Vec<[Option<usize>; 7]>;
+
+/// The pair layout (names, `d_in`, sites) a configuration gives on a model, pairs in order of
 /// their first site (layers ascending, modules in decoder order).
-pub(crate) fn layout(config: &AdapterConfig, dims: &ModelDims) -> Result<(Vec<(String, usize, Vec<(usize, Module)>)>, Vec<[Option<usize>; 7]>)> {
+pub(crate) fn layout(config: &AdapterConfig, dims: &ModelDims) -> Result<(Vec<PairLayout>, SiteIndex)> {
     config.validate_for(dims)?;
-    let mut pairs: Vec<(String, usize, Vec<(usize, Module)>)> = Vec::new();
+    let mut pairs: Vec<PairLayout> = Vec::new();
     let mut index = vec![[None; 7]; dims.n_layers];
     let mut by_key: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for layer in 0..dims.n_layers {
@@ -88,10 +92,10 @@ impl Adapter {
         let pairs = lay
             .into_iter()
             .map(|(name, d_in, sites)| {
-                let (phi, psi) = init::init_pair(config.init, d_in, config.rank, &mut rng);
-                Pair { name, d_in, rank: config.rank, phi, psi, sites }
+                let (phi, psi) = init::init_pair(config.init, d_in, config.rank, &mut rng)?;
+                Ok(Pair { name, d_in, rank: config.rank, phi, psi, sites })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Adapter { config, dims, pairs, index })
     }
 
@@ -131,8 +135,11 @@ impl Adapter {
     pub fn pairs(&self) -> &[Pair] {
         &self.pairs
     }
-    pub fn pairs_mut(&mut self) -> &mut [Pair] {
-        &mut self.pairs
+    /// `(phi, psi)` of pair `k` as mutable slices (their lengths are fixed).
+    pub fn pair_values_mut(&mut self, k: usize) -> Result<(&mut [f32], &mut [f32])> {
+        let n = self.pairs.len();
+        let p = self.pairs.get_mut(k).ok_or_else(|| Error::invalid("k", format!("pair {k} of {n}")))?;
+        Ok((p.phi.as_mut_slice(), p.psi.as_mut_slice()))
     }
     /// The pair index of a site, `None` where the module is not targeted. A layer beyond the
     /// model is an error.

@@ -399,7 +399,9 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 ///
 /// Writes `out` (`(B,S,H,hd)`) and `lse` (`(B,S,H)`), the softmax statistics that
 /// [`attention_backward`] uses to recompute the probabilities. Memory beyond the outputs: one
-/// row of `S` scores per worker.
+/// row of `S` scores per worker. Sequences of different lengths need no mask when padded on
+/// the right: causality keeps the padding out of every earlier position; give the padded
+/// targets [`IGNORE_INDEX`] in the loss.
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
@@ -536,6 +538,23 @@ pub fn attention_backward(
             }
         }
     });
+    Ok(())
+}
+
+/// Stores the keys or values of one new token per sequence into a KV cache: `new` is
+/// `batch x width` (`width = KVH * hd`), `cache` is `(batch, capacity, width)`, and row `b` of
+/// `new` goes to position `pos` of sequence `b`.
+pub fn kv_cache_store(new: &[f32], cache: &mut [f32], batch: usize, capacity: usize, width: usize, pos: usize) -> Result<()> {
+    nonzero("width", width)?;
+    nonzero("capacity", capacity)?;
+    check_mat("new", new.len(), batch, width)?;
+    check_mat("cache", cache.len(), mul("batch * capacity", batch, capacity)?, width)?;
+    if pos >= capacity {
+        return Err(Error::invalid("pos", format!("position {pos} is beyond the cache capacity {capacity}")));
+    }
+    for b in 0..batch {
+        cache[(b * capacity + pos) * width..(b * capacity + pos + 1) * width].copy_from_slice(&new[b * width..(b + 1) * width]);
+    }
     Ok(())
 }
 
@@ -801,6 +820,21 @@ pub fn lm_head_cross_entropy(
         r0 += m;
     }
     Ok((total / count as f64) as f32)
+}
+
+/// Logits of the (tied) language-model head: `logits = hidden emb^T`, `hidden` `n x d`, `emb`
+/// `vocab x d`, `logits` `n x vocab` (for evaluation and generation; training uses
+/// [`lm_head_cross_entropy`], which never holds all the logits).
+pub fn lm_head_forward(hidden: &[f32], emb: &[f32], n: usize, d: usize, vocab: usize, logits: &mut [f32]) -> Result<()> {
+    nonzero("d", d)?;
+    nonzero("vocab", vocab)?;
+    check_mat("hidden", hidden.len(), n, d)?;
+    check_mat("emb", emb.len(), vocab, d)?;
+    check_mat("logits", logits.len(), n, vocab)?;
+    if n > 0 {
+        gemm_f32(n, vocab, d, logits, hidden, d as isize, 1, emb, 1, d as isize, false);
+    }
+    Ok(())
 }
 
 /// `dst (m x n, row-major contiguous) = lhs (m x k) rhs (k x n)` with the given strides

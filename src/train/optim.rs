@@ -111,7 +111,7 @@ impl AdamW {
         }
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
+        let t = self.step.min(i32::MAX as u64) as i32;
         let decay = (1.0 - c.lr * c.weight_decay) as f32;
         let w1 = (1.0 - c.beta1) as f32;
         let b2 = c.beta2 as f32;
@@ -156,4 +156,26 @@ impl AdamW {
         }
         Ok(s)
     }
+}
+
+/// Gradient-norm clipping as `torch.nn.utils.clip_grad_norm_` (L2, `foreach=False`): with
+/// `total = sqrt(sum_i ||g_i||^2)` over all tensors and `coef = max_norm / (total + 1e-6)`,
+/// every gradient is multiplied by `coef` when `coef < 1`. Returns `total` (before clipping).
+/// A non-finite total is an error (nothing is changed), as with `error_if_nonfinite=True`.
+pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> Result<f32> {
+    if !(max_norm > 0.0) || !max_norm.is_finite() {
+        return Err(Error::invalid("max_norm", format!("must be a positive finite number, got {max_norm}")));
+    }
+    let sq: f64 = grads.iter().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum();
+    let total = sq.sqrt() as f32;
+    if !total.is_finite() {
+        return Err(Error::Numerical(format!("gradient norm is {total}")));
+    }
+    let coef = max_norm / (total + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            g.iter_mut().for_each(|x| *x *= coef);
+        }
+    }
+    Ok(total)
 }
