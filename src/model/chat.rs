@@ -20,8 +20,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+
 /// The default system prompt of SmolLM2-Instruct's template.
-pub const SMOLLM2_SYSTEM_PROMPT: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+pub const SMOLLM2_SYSTEM_PROMPT: &str =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 /// The Jinja chat template shipped with SmolLM2-Instruct (as in its GGUF metadata).
 pub const SMOLLM2_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -56,18 +59,27 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     /// SmolLM2-Instruct's template.
     pub fn smollm2() -> Self {
-        ChatTemplate { default_system: Some(SMOLLM2_SYSTEM_PROMPT.to_string()), source: SMOLLM2_CHAT_TEMPLATE.into() }
+        ChatTemplate {
+            default_system: Some(SMOLLM2_SYSTEM_PROMPT.to_string()),
+            source: SMOLLM2_CHAT_TEMPLATE.into(),
+        }
     }
 
     /// Recognises a ChatML Jinja template (`<|im_start|>` + role + newline + content +
     /// `<|im_end|>` + newline per message). A default system prompt is taken from a literal
     /// `<|im_start|>system\n...<|im_end|>` guarded by `messages[0]['role'] != 'system'`.
-    /// Returns a message describing why the template is not supported otherwise.
-    pub fn from_jinja(src: &str) -> Result<Self, String> {
+    /// Any other template is an [`Error::Invalid`] on `chat_template` saying why.
+    pub fn from_jinja(src: &str) -> Result<Self> {
+        Self::parse(src).map_err(|m| Error::invalid("chat_template", m))
+    }
+
+    /// [`ChatTemplate::from_jinja`] with the error as a bare message.
+    pub(crate) fn parse(src: &str) -> std::result::Result<Self, String> {
         // Jinja string literals may hold real newlines or `\n` escapes; compare on the latter.
         let norm = src.replace('\n', "\\n").replace('"', "'");
         let compact: String = norm.chars().filter(|c| !c.is_whitespace()).collect();
-        let is_chatml = compact.contains("'<|im_start|>'+message['role']+'\\n'+message['content']+'<|im_end|>'+'\\n'")
+        let is_chatml = compact
+            .contains("'<|im_start|>'+message['role']+'\\n'+message['content']+'<|im_end|>'+'\\n'")
             && compact.contains("{%ifadd_generation_prompt%}{{'<|im_start|>assistant\\n'}}{%endif%}");
         if !is_chatml {
             return Err(format!(
@@ -77,7 +89,8 @@ impl ChatTemplate {
         }
         let default_system = if compact.contains("messages[0]['role']!='system'") {
             let key = "'<|im_start|>system\\n";
-            let start = norm.find(key).ok_or("the template checks for a system message but has no default one")?;
+            let start =
+                norm.find(key).ok_or("the template checks for a system message but has no default one")?;
             let rest = &norm[start + key.len()..];
             let end = rest.find("<|im_end|>").ok_or("the default system message has no <|im_end|>")?;
             Some(rest[..end].replace("\\n", "\n").replace("\\'", "'"))
@@ -136,11 +149,17 @@ mod tests {
         let src = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
         let t = ChatTemplate::from_jinja(src).unwrap();
         assert_eq!(t.default_system, None);
-        assert_eq!(t.render(&[ChatMessage::new("user", "x")], true), "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "x")], true),
+            "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn other_templates_are_rejected() {
-        assert!(ChatTemplate::from_jinja("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}").is_err());
+        assert!(ChatTemplate::from_jinja(
+            "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+        )
+        .is_err());
     }
 }

@@ -64,6 +64,8 @@ struct HfConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers >= 5 writes `{"rope_theta": .., "rope_type": "default"}` here.
+    rope_parameters: Option<serde_json::Value>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
@@ -74,7 +76,9 @@ struct HfConfig {
 fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
     match v {
         Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
-        Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok()),
+        Some(serde_json::Value::Array(a)) => {
+            a.first().and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok())
+        }
         _ => None,
     }
 }
@@ -103,10 +107,12 @@ impl LlamaConfig {
             None if num_attention_heads > 0 => hidden_size / num_attention_heads,
             None => 0,
         };
-        if let Some(_) = g.get(&k("attention.value_length")) {
+        if g.get(&k("attention.value_length")).is_some() {
             let vl = g.get_usize(&k("attention.value_length"))?;
             if vl != head_dim {
-                return Err(g.error(format!("llama.attention.value_length {vl} differs from key_length {head_dim}")));
+                return Err(
+                    g.error(format!("llama.attention.value_length {vl} differs from key_length {head_dim}"))
+                );
             }
         }
         if g.get(&k("rope.dimension_count")).is_some() {
@@ -155,12 +161,15 @@ impl LlamaConfig {
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: id("tokenizer.ggml.eos_token_id")?,
         };
-        cfg.validate().map_err(|m| g.error(m))?;
+        cfg.check().map_err(|m| g.error(m))?;
         Ok(cfg)
     }
 
-    /// Reads an HF `config.json` (`model_type` `llama` or absent; no `rope_scaling`, no biases,
-    /// `hidden_act` `silu`).
+    /// Reads an HF `config.json` (`model_type` `llama` or absent; default RoPE only, no biases,
+    /// `hidden_act` `silu`). Missing fields take transformers' `LlamaConfig` defaults
+    /// (`rope_theta` 10000, `rms_norm_eps` 1e-6, `max_position_embeddings` 2048,
+    /// `tie_word_embeddings` false); `rope_theta` may also come from transformers 5's
+    /// `rope_parameters`.
     pub fn from_hf_json(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -175,9 +184,31 @@ impl LlamaConfig {
                 return Err(format!("model_type {mt:?}; only \"llama\" is supported"));
             }
         }
+        let default_rope = |v: &serde_json::Value| {
+            v.is_null()
+                || v.get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .map_or(true, |t| t.as_str() == Some("default"))
+        };
         if let Some(rs) = &h.rope_scaling {
-            if !rs.is_null() {
+            if !default_rope(rs) {
                 return Err(format!("rope_scaling {rs} is not supported"));
+            }
+        }
+        let mut rope_theta = h.rope_theta;
+        if let Some(rp) = h.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+            if !default_rope(rp) {
+                return Err(format!("rope_parameters {rp} are not supported (only rope_type \"default\")"));
+            }
+            if let Some(t) = rp.get("rope_theta") {
+                let t =
+                    t.as_f64().ok_or_else(|| format!("rope_parameters.rope_theta {t} is not a number"))?;
+                if rope_theta.is_some_and(|r| r != t) {
+                    return Err(format!(
+                        "rope_theta {rope_theta:?} and rope_parameters.rope_theta {t} differ"
+                    ));
+                }
+                rope_theta = Some(t);
             }
         }
         if h.attention_bias == Some(true) || h.mlp_bias == Some(true) {
@@ -201,20 +232,26 @@ impl LlamaConfig {
             num_attention_heads: h.num_attention_heads,
             num_key_value_heads: h.num_key_value_heads.unwrap_or(h.num_attention_heads),
             head_dim,
-            rope_theta: h.rope_theta.unwrap_or(10000.0) as f32,
+            rope_theta: rope_theta.unwrap_or(10000.0) as f32,
             rms_norm_eps: h.rms_norm_eps.unwrap_or(1e-6) as f32,
             max_position_embeddings: h.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: h.tie_word_embeddings.unwrap_or(true),
+            tie_word_embeddings: h.tie_word_embeddings.unwrap_or(false),
             bos_token_id: first_id(&h.bos_token_id),
             eos_token_id: first_id(&h.eos_token_id),
         };
-        cfg.validate()?;
+        cfg.check()?;
         Ok(cfg)
     }
 
     /// Checks that every size is positive, `num_key_value_heads` divides
-    /// `num_attention_heads`, `head_dim` is even, and the floats are finite and positive.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// `num_attention_heads`, `head_dim` is even, every matrix size fits, and `rope_theta` and
+    /// `rms_norm_eps` are finite and positive; the error is an [`Error::Invalid`] on `config`.
+    pub fn validate(&self) -> Result<()> {
+        self.check().map_err(|m| Error::invalid("config", m))
+    }
+
+    /// [`LlamaConfig::validate`] with the error as a bare message.
+    fn check(&self) -> std::result::Result<(), String> {
         let dims = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -343,8 +380,24 @@ mod tests {
         assert!(LlamaConfig::from_hf_str(&format!("{base}}}")).is_ok());
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"num_key_value_heads\":3}}")).is_err());
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"gpt2\"}}")).is_err());
-        assert!(LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\"}}}}")).is_err());
+        assert!(
+            LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\"}}}}")).is_err()
+        );
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"rms_norm_eps\":-1}}")).is_err());
         assert!(LlamaConfig::from_hf_str("{}").is_err());
+        let v5 = LlamaConfig::from_hf_str(&format!(
+            "{base},\"rope_parameters\":{{\"rope_theta\":100000.0,\"rope_type\":\"default\"}}}}"
+        ))
+        .unwrap();
+        assert_eq!(v5.rope_theta, 100000.0);
+        assert!(!v5.tie_word_embeddings);
+        assert!(LlamaConfig::from_hf_str(&format!(
+            "{base},\"rope_parameters\":{{\"rope_theta\":1.0,\"rope_type\":\"llama3\"}}}}"
+        ))
+        .is_err());
+        assert!(LlamaConfig::from_hf_str(&format!(
+            "{base},\"rope_theta\":5.0,\"rope_parameters\":{{\"rope_theta\":1.0}}}}"
+        ))
+        .is_err());
     }
 }

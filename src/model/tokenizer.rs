@@ -36,7 +36,8 @@ use super::weights::gguf::GgufFile;
 use crate::error::{Error, Result};
 
 /// llama.cpp pre-tokenizer types that split every digit off before the GPT-2 regex.
-const DIGIT_SPLIT_PRE: [&str; 7] = ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"];
+const DIGIT_SPLIT_PRE: [&str; 7] =
+    ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"];
 
 /// A text tokenizer with the model's special ids and chat template.
 #[derive(Clone)]
@@ -72,7 +73,9 @@ impl Tokenizer {
     pub fn from_gguf_file(g: &GgufFile) -> Result<Self> {
         let model = g.get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
-            return Err(g.error(format!("tokenizer.ggml.model {model:?}: only byte-level BPE (\"gpt2\") is supported")));
+            return Err(g.error(format!(
+                "tokenizer.ggml.model {model:?}: only byte-level BPE (\"gpt2\") is supported"
+            )));
         }
         let pre = match g.get("tokenizer.ggml.pre") {
             Some(_) => g.get_str("tokenizer.ggml.pre")?,
@@ -113,7 +116,9 @@ impl Tokenizer {
             let (a, b) = m
                 .split_once(' ')
                 .filter(|(a, b)| vocab.contains_key(*a) && vocab.contains_key(*b) && !b.contains(' '))
-                .ok_or_else(|| g.error(format!("tokenizer.ggml.merges[{i}] = {m:?} is not two vocabulary tokens")))?;
+                .ok_or_else(|| {
+                    g.error(format!("tokenizer.ggml.merges[{i}] = {m:?} is not two vocabulary tokens"))
+                })?;
             merges.push((a.to_string(), b.to_string()));
         }
         let bpe = BPE::builder()
@@ -171,7 +176,7 @@ impl Tokenizer {
         let chat_template = match g.get("tokenizer.chat_template") {
             None => None,
             Some(_) => Some(
-                ChatTemplate::from_jinja(g.get_str("tokenizer.chat_template")?)
+                ChatTemplate::parse(g.get_str("tokenizer.chat_template")?)
                     .map_err(|m| g.error(format!("tokenizer.chat_template: {m}")))?,
             ),
         };
@@ -199,7 +204,10 @@ impl Tokenizer {
         let cfg_path = path.with_file_name("tokenizer_config.json");
         let cfg: Option<serde_json::Value> = if cfg_path.exists() {
             let t = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            Some(serde_json::from_str(&t).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?)
+            Some(
+                serde_json::from_str(&t)
+                    .map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?,
+            )
         } else {
             None
         };
@@ -217,7 +225,12 @@ impl Tokenizer {
             None => inner
                 .token_to_id("<|im_end|>")
                 .or_else(|| inner.token_to_id("<|endoftext|>"))
-                .ok_or_else(|| Error::format(path, "no tokenizer_config.json eos_token and no <|im_end|> or <|endoftext|> token"))?,
+                .ok_or_else(|| {
+                    Error::format(
+                        path,
+                        "no tokenizer_config.json eos_token and no <|im_end|> or <|endoftext|> token",
+                    )
+                })?,
         };
         let bos_id = match token_of("bos_token") {
             Some(t) => Some(lookup(&t, "bos_token")?),
@@ -229,12 +242,22 @@ impl Tokenizer {
         };
         let chat_template = match cfg.as_ref().and_then(|c| c.get("chat_template")).and_then(|v| v.as_str()) {
             Some(src) => Some(
-                ChatTemplate::from_jinja(src).map_err(|m| Error::format(&cfg_path, format!("chat_template: {m}")))?,
+                ChatTemplate::parse(src)
+                    .map_err(|m| Error::format(&cfg_path, format!("chat_template: {m}")))?,
             ),
             None => None,
         };
         let vocab_size = inner.get_vocab_size(true);
-        Ok(Tokenizer { inner, source: path.to_path_buf(), bos_id, eos_id, pad_id, add_bos: false, vocab_size, chat_template })
+        Ok(Tokenizer {
+            inner,
+            source: path.to_path_buf(),
+            bos_id,
+            eos_id,
+            pad_id,
+            add_bos: false,
+            vocab_size,
+            chat_template,
+        })
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their
@@ -258,7 +281,10 @@ impl Tokenizer {
     /// below [`Tokenizer::vocab_size`].
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         if let Some((i, &bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab_size) {
-            return Err(Error::invalid("ids", format!("ids[{i}] = {bad} is outside the vocabulary of {}", self.vocab_size)));
+            return Err(Error::invalid(
+                "ids",
+                format!("ids[{i}] = {bad} is outside the vocabulary of {}", self.vocab_size),
+            ));
         }
         self.inner
             .decode(ids, skip_special)
@@ -349,7 +375,8 @@ impl Tokenizer {
             "add_bos_token": self.add_bos,
             "chat_template": self.chat_template.as_ref().map(|t| t.source.clone()),
         });
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::invalid("tokenizer", e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&cfg).map_err(|e| Error::invalid("tokenizer", e.to_string()))?;
         super::weights::write_atomic(&dir.join("tokenizer_config.json"), |f| f.write_all(text.as_bytes()))
     }
 }

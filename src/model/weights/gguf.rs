@@ -704,7 +704,10 @@ impl GgufFile {
             Some(&i) => {
                 let a = metadata[i].1.as_u64().filter(|&a| a > 0 && a.is_power_of_two() && a <= 1 << 20);
                 a.ok_or_else(|| {
-                    c.err(format!("general.alignment = {:?} is not a power of two in 1..=2^20", metadata[i].1))
+                    c.err(format!(
+                        "general.alignment = {:?} is not a power of two in 1..=2^20",
+                        metadata[i].1
+                    ))
                 })?
             }
         };
@@ -726,7 +729,8 @@ impl GgufFile {
                 .ok_or_else(|| c.err(format!("tensor {name:?}: unknown ggml type id {ty_id}")))?;
             let offset = c.u64(&|| format!("tensor {name:?}: data offset"))?;
             let n_elem = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let n_elem = n_elem.ok_or_else(|| c.err(format!("tensor {name:?}: dimensions {ne:?} overflow")))?;
+            let n_elem =
+                n_elem.ok_or_else(|| c.err(format!("tensor {name:?}: dimensions {ne:?} overflow")))?;
             let (bs, _) = ty.block();
             if ne[0] % bs as u64 != 0 {
                 return Err(c.err(format!(
@@ -763,8 +767,17 @@ impl GgufFile {
                 }
             }
         }
-        drop(c);
-        Ok(GgufFile { path, storage, version, alignment, data_start, metadata, meta_index, tensors, tensor_index })
+        Ok(GgufFile {
+            path,
+            storage,
+            version,
+            alignment,
+            data_start,
+            metadata,
+            meta_index,
+            tensors,
+            tensor_index,
+        })
     }
 
     /// The file this was read from.
@@ -892,7 +905,7 @@ impl GgufFile {
         out.try_reserve_exact(n)
             .map_err(|_| self.error(format!("tensor {name:?}: cannot allocate {n} f32 values")))?;
         out.resize(n, 0.0f32);
-        dequantize(t.ty, bytes, &mut out).map_err(|m| self.error(format!("tensor {name:?}: {m}")))?;
+        dequantize_msg(t.ty, bytes, &mut out).map_err(|m| self.error(format!("tensor {name:?}: {m}")))?;
         Ok((t.shape(), out))
     }
 }
@@ -957,11 +970,16 @@ fn deq_q8_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Converts `data` (stored as `ty`) to f32 into `out`, in parallel over blocks.
-/// `out.len()` values are produced; `data` must hold exactly `ty.bytes_for(out.len())` bytes.
-/// Returns a message (the caller adds the file and tensor) for an unsupported type or a size
-/// mismatch.
-pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
+/// Converts `data` (stored as `ty`) to f32 into `out`, in parallel over blocks (formulas in the
+/// module docs). `out.len()` values are produced; `data` must hold exactly
+/// `ty.bytes_for(out.len())` bytes. An unsupported type or a size mismatch is an
+/// [`Error::Invalid`].
+pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
+    dequantize_msg(ty, data, out).map_err(|m| Error::invalid("data", m))
+}
+
+/// [`dequantize`] with the error as a bare message (the reader adds the file and tensor).
+fn dequantize_msg(ty: GgmlType, data: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
     let (bs, ts) = ty.block();
     let need = ty
         .bytes_for(out.len() as u64)
@@ -1023,7 +1041,13 @@ impl GgufWriter {
 
     /// Adds a tensor with ggml dimensions `ne` (`ne[0]` fastest) and its encoded bytes,
     /// which must be exactly `ty.bytes_for(prod(ne))` long.
-    pub fn tensor(&mut self, name: impl Into<String>, ne: &[u64], ty: GgmlType, data: Vec<u8>) -> Result<&mut Self> {
+    pub fn tensor(
+        &mut self,
+        name: impl Into<String>,
+        ne: &[u64],
+        ty: GgmlType,
+        data: Vec<u8>,
+    ) -> Result<&mut Self> {
         let name = name.into();
         let n = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
         let need = n.and_then(|n| ty.bytes_for(n));
@@ -1038,7 +1062,12 @@ impl GgufWriter {
     }
 
     /// Adds an f32 tensor from row-major values of shape `shape` (ggml `ne` = shape reversed).
-    pub fn tensor_f32(&mut self, name: impl Into<String>, shape: &[usize], values: &[f32]) -> Result<&mut Self> {
+    pub fn tensor_f32(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        values: &[f32],
+    ) -> Result<&mut Self> {
         let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         self.tensor(name, &ne, GgmlType::F32, bytemuck::cast_slice(values).to_vec())
     }

@@ -50,7 +50,10 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
         let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if n != Some(data.len()) {
-            return Err(Error::invalid("data", format!("shape {shape:?} needs {n:?} values, got {}", data.len())));
+            return Err(Error::invalid(
+                "data",
+                format!("shape {shape:?} needs {n:?} values, got {}", data.len()),
+            ));
         }
         Ok(Tensor { shape, data })
     }
@@ -72,7 +75,8 @@ impl Tensor {
 }
 
 /// The names of the seven linear modules of a Llama block, in HF order.
-pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const LINEAR_MODULES: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 /// The weights of one transformer block.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,7 +105,9 @@ impl LayerWeights {
             "gate_proj" => &self.gate_proj,
             "up_proj" => &self.up_proj,
             "down_proj" => &self.down_proj,
-            other => return Err(Error::invalid("module", format!("{other:?} is not one of {LINEAR_MODULES:?}"))),
+            other => {
+                return Err(Error::invalid("module", format!("{other:?} is not one of {LINEAR_MODULES:?}")))
+            }
         })
     }
 
@@ -115,7 +121,9 @@ impl LayerWeights {
             "gate_proj" => &mut self.gate_proj,
             "up_proj" => &mut self.up_proj,
             "down_proj" => &mut self.down_proj,
-            other => return Err(Error::invalid("module", format!("{other:?} is not one of {LINEAR_MODULES:?}"))),
+            other => {
+                return Err(Error::invalid("module", format!("{other:?} is not one of {LINEAR_MODULES:?}")))
+            }
         })
     }
 }
@@ -181,7 +189,17 @@ pub(crate) fn layer_from_vec(v: Vec<Tensor>) -> Result<LayerWeights> {
     let n = v.len();
     let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm]: [Tensor; 9] =
         v.try_into().map_err(|_| Error::invalid("layer", format!("expected 9 tensors, got {n}")))?;
-    Ok(LayerWeights { q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm })
+    Ok(LayerWeights {
+        q_proj,
+        k_proj,
+        v_proj,
+        o_proj,
+        gate_proj,
+        up_proj,
+        down_proj,
+        input_layernorm,
+        post_attention_layernorm,
+    })
 }
 
 /// Reorders the rows of a GGUF `attn_q`/`attn_k` matrix (`n_heads * head_dim` rows of `cols`)
@@ -196,7 +214,13 @@ pub fn permute_qk_rows(data: &[f32], n_heads: usize, head_dim: usize, cols: usiz
     reorder_qk_rows(data, n_heads, head_dim, cols, true)
 }
 
-fn reorder_qk_rows(data: &[f32], n_heads: usize, head_dim: usize, cols: usize, to_gguf: bool) -> Result<Vec<f32>> {
+fn reorder_qk_rows(
+    data: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+    cols: usize,
+    to_gguf: bool,
+) -> Result<Vec<f32>> {
     if head_dim % 2 != 0 || head_dim == 0 {
         return Err(Error::invalid("head_dim", format!("must be even and positive, got {head_dim}")));
     }
@@ -204,7 +228,10 @@ fn reorder_qk_rows(data: &[f32], n_heads: usize, head_dim: usize, cols: usize, t
     if need != Some(data.len()) {
         return Err(Error::invalid(
             "data",
-            format!("{n_heads} heads x {head_dim} rows x {cols} cols need {need:?} values, got {}", data.len()),
+            format!(
+                "{n_heads} heads x {head_dim} rows x {cols} cols need {need:?} values, got {}",
+                data.len()
+            ),
         ));
     }
     let half_dim = head_dim / 2;
@@ -223,13 +250,19 @@ fn reorder_qk_rows(data: &[f32], n_heads: usize, head_dim: usize, cols: usize, t
 }
 
 impl LlamaWeights {
-    /// Loads `path`: a directory is read as an HF safetensors checkpoint
-    /// ([`LlamaWeights::from_safetensors_dir`]), a file as GGUF ([`LlamaWeights::from_gguf`]).
+    /// Loads `path`: a directory (or a `*.safetensors` / `*.json` file in one) is read as an HF
+    /// safetensors checkpoint ([`LlamaWeights::from_safetensors_dir`]), any other file as GGUF
+    /// ([`LlamaWeights::from_gguf`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let is_hf_file = path.extension().is_some_and(|x| x == "safetensors" || x == "json");
         if meta.is_dir() {
             Self::from_safetensors_dir(path)
+        } else if is_hf_file {
+            // `model.safetensors` or `config.json` of an HF checkpoint: load its directory.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            Self::from_safetensors_dir(dir)
         } else {
             Self::from_gguf(path)
         }
@@ -261,7 +294,7 @@ impl LlamaWeights {
         };
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = load("token_embd.weight".into(), &[v, h])?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut layers = Vec::new(); // no capacity from an untrusted count
         for l in 0..config.num_hidden_layers {
             let mut ts = Vec::with_capacity(9);
             for (field, shape) in layer_fields(&config) {
@@ -281,7 +314,8 @@ impl LlamaWeights {
             layers.push(layer_from_vec(ts)?);
         }
         let norm = load("output_norm.weight".into(), &[h])?;
-        let lm_head = if config.tie_word_embeddings { None } else { Some(load("output.weight".into(), &[v, h])?) };
+        let lm_head =
+            if config.tie_word_embeddings { None } else { Some(load("output.weight".into(), &[v, h])?) };
         let extra: Vec<&str> =
             g.tensors().iter().map(|t| t.name.as_str()).filter(|n| !used.contains(*n)).take(10).collect();
         if !extra.is_empty() {
@@ -326,7 +360,7 @@ impl LlamaWeights {
     /// the tensor. Call after editing the weights by hand.
     pub fn validate(&self) -> Result<()> {
         let c = &self.config;
-        c.validate().map_err(|m| Error::invalid("config", m))?;
+        c.validate()?;
         if self.layers.len() != c.num_hidden_layers {
             return Err(Error::invalid(
                 "layers",

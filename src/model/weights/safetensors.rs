@@ -37,7 +37,10 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 .as_str()
                 .ok_or_else(|| Error::format(&index, format!("weight_map[{name:?}] is not a file name")))?;
             if f.contains('/') || f.contains('\\') || f == ".." {
-                return Err(Error::format(&index, format!("weight_map[{name:?}] = {f:?} is not a plain file name")));
+                return Err(Error::format(
+                    &index,
+                    format!("weight_map[{name:?}] = {f:?} is not a plain file name"),
+                ));
             }
             files.insert(f.to_string());
         }
@@ -98,7 +101,8 @@ impl LlamaWeights {
         }
         let mut parsed = Vec::with_capacity(files.len());
         for (f, m) in files.iter().zip(&maps) {
-            let st = SafeTensors::deserialize(m).map_err(|e| Error::format(f, format!("invalid safetensors: {e}")))?;
+            let st = SafeTensors::deserialize(m)
+                .map_err(|e| Error::format(f, format!("invalid safetensors: {e}")))?;
             parsed.push(st);
         }
         // name -> file index
@@ -123,7 +127,10 @@ impl LlamaWeights {
             if v.shape() != expected {
                 return Err(Error::format(
                     f,
-                    format!("tensor {name:?}: shape {:?} disagrees with config.json, expected {expected:?}", v.shape()),
+                    format!(
+                        "tensor {name:?}: shape {:?} disagrees with config.json, expected {expected:?}",
+                        v.shape()
+                    ),
                 ));
             }
             let data = view_to_f32(f, &name, &v)?;
@@ -132,7 +139,7 @@ impl LlamaWeights {
         };
         let (vs, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = load("model.embed_tokens.weight".into(), &[vs, h])?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut layers = Vec::new(); // no capacity from an untrusted count
         for l in 0..config.num_hidden_layers {
             let mut ts = Vec::with_capacity(9);
             for (field, shape) in layer_fields(&config) {
@@ -171,7 +178,10 @@ impl LlamaWeights {
         if dir.join(INDEX_FILE).exists() {
             return Err(Error::invalid(
                 "dir",
-                format!("{} holds a sharded checkpoint ({INDEX_FILE}); write into an empty directory", dir.display()),
+                format!(
+                    "{} holds a sharded checkpoint ({INDEX_FILE}); write into an empty directory",
+                    dir.display()
+                ),
             ));
         }
         let others: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -182,7 +192,10 @@ impl LlamaWeights {
         if !others.is_empty() {
             return Err(Error::invalid(
                 "dir",
-                format!("{} holds other safetensors files {others:?}; write into an empty directory", dir.display()),
+                format!(
+                    "{} holds other safetensors files {others:?}; write into an empty directory",
+                    dir.display()
+                ),
             ));
         }
 
