@@ -409,8 +409,9 @@ fn run(cmd: Cmd) -> Result<()> {
             let config = AdapterConfig::new(rank, parse_targets(&targets)?)?;
             let mut init = adapter::Adapter::new(config, dims.adapter_dims()?)?;
             // A nonzero psi, so that every product of the step does real work.
-            for p in init.pairs_mut() {
-                p.psi.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 1e-3);
+            for k in 0..init.pairs().len() {
+                let (_, psi) = init.pair_values_mut(k)?;
+                psi.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 1e-3);
             }
             let host = HostAdapter::from_adapter(&init)?;
             let opt = AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..AdamWConfig::default() };

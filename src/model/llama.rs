@@ -897,12 +897,13 @@ impl HostAdapter {
         if a.pairs().len() != self.pairs.len() {
             return Err(Error::Len { arg: "adapter pairs", expected: a.pairs().len(), got: self.pairs.len() });
         }
-        for (dst, (_, phi, psi)) in a.pairs_mut().iter_mut().zip(&self.pairs) {
-            if dst.phi.len() != phi.len() || dst.psi.len() != psi.len() {
-                return Err(Error::invalid("adapter", format!("pair {}: sizes differ", dst.name)));
+        for (k, (_, phi, psi)) in self.pairs.iter().enumerate() {
+            let (dphi, dpsi) = a.pair_values_mut(k)?;
+            if dphi.len() != phi.len() || dpsi.len() != psi.len() {
+                return Err(Error::invalid("adapter", format!("pair {k}: sizes differ")));
             }
-            dst.phi.copy_from_slice(phi);
-            dst.psi.copy_from_slice(psi);
+            dphi.copy_from_slice(phi);
+            dpsi.copy_from_slice(psi);
         }
         Ok(())
     }
