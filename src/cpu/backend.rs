@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::backend::{AdamHyper, AttnShape, Backend};
 use crate::cpu::gemm::{matmul_slices, Op};
+use crate::cpu::attention::{self, exp_neg};
 use crate::cpu::{layer, ops};
 use crate::error::{Error, Result};
 use crate::shape::{LayerShape, Mat, MatMut};
@@ -38,20 +39,6 @@ fn write_or_add(dst: &mut [f32], accumulate: bool, f: impl FnOnce(&mut [f32]) ->
     } else {
         f(dst)
     }
-}
-
-/// `e^x` for `x <= 0` in f32, branch-free so that loops over it vectorize: `x = n ln2 + r`,
-/// `|r| <= ln2/2`, a degree-6 polynomial for `e^r` (relative error below 2e-7, as libm's
-/// `expf` to about an ulp), times `2^n` built in the exponent bits; inputs below `-87` give `e^-87` (~1.6e-38).
-#[inline(always)]
-fn exp_neg(x: f32) -> f32 {
-    let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    // Cody-Waite split of ln 2 for an accurate reduction.
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
 /// Rows of the LM head processed at once: `CHUNK x vocab` logits at a time (100 MB for a
@@ -198,7 +185,7 @@ impl Backend for Cpu {
     }
 
     fn attention_forward(&self, shape: AttnShape, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, out: &mut Vec<f32>, lse: &mut Vec<f32>) -> Result<()> {
-        ops::attention_forward(q, k, v, shape, out, lse)
+        attention::attention_forward(q, k, v, shape, out, lse)
     }
 
     fn attention_backward(
@@ -214,7 +201,7 @@ impl Backend for Cpu {
         dk: &mut Vec<f32>,
         dv: &mut Vec<f32>,
     ) -> Result<()> {
-        ops::attention_backward(dout, q, k, v, out, lse, shape, dq, dk, dv)
+        attention::attention_backward(dout, q, k, v, out, lse, shape, dq, dk, dv)
     }
 
     fn attention_decode(
@@ -234,11 +221,11 @@ impl Backend for Cpu {
     }
 
     fn swiglu_forward(&self, gate: &Vec<f32>, up: &Vec<f32>, h: &mut Vec<f32>) -> Result<()> {
-        ops::swiglu_forward(gate, up, h)
+        attention::swiglu_forward(gate, up, h)
     }
 
     fn swiglu_backward(&self, gate: &Vec<f32>, up: &Vec<f32>, dh: &Vec<f32>, dgate: &mut Vec<f32>, dup: &mut Vec<f32>) -> Result<()> {
-        ops::swiglu_backward(dh, gate, up, dgate, dup)
+        attention::swiglu_backward(dh, gate, up, dgate, dup)
     }
 
     fn logits(&self, h: &Vec<f32>, head: &Vec<f32>, rows: usize, dim: usize, vocab: usize, out: &mut Vec<f32>) -> Result<()> {

@@ -7,8 +7,11 @@
 //!   formulation, and the frozen layer and LoRA for comparison;
 //! * [`ops`] — the non-WeGeFT Llama ops (embedding, RMSNorm, RoPE, GQA attention, SwiGLU,
 //!   cross-entropy), each forward paired with its backward;
+//! * [`attention`]: training-time attention as per-head GEMMs and SwiGLU with a vectorizable
+//!   exponential (faster twins of the [`ops`] versions, tested against them);
 //! * [`backend`]: [`Cpu`], the [`crate::backend::Backend`] on host memory.
 
+pub mod attention;
 pub mod backend;
 pub mod gemm;
 pub mod layer;
