@@ -148,6 +148,41 @@ fn grad_single_target_in_the_mlp() {
     check_grads(true, true, &[5], 2.0);
 }
 
+/// One pair shared by q, k, v, gate and up (all read the hidden state) in every layer, as
+/// the PEFT fork's `tied_modules` allow: the pair's gradient sums over ten sites.
+#[test]
+fn grad_pair_shared_across_module_types() {
+    let d = tiny_dims();
+    let mut ad = tiny_adapter(&d, &[0], true, 0.9, 21);
+    for row in ad.sites.iter_mut() {
+        for m in [1, 2, 4, 5] {
+            row[m] = Some(0);
+        }
+    }
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 33, true)).unwrap();
+    let batch = tiny_batch(&d);
+    let a = ad.upload(&Cpu, &d).unwrap();
+    let mut grads = a.zero_grads(&Cpu).unwrap();
+    model.loss_and_grad(&Cpu, &a, &batch, &mut grads).unwrap();
+    let eps = 2e-3f32;
+    for which in 0..2 {
+        let dir = rand_f32(77 + which, ad.pairs[0].1.len(), 1.0);
+        let shifted = |sign: f32| {
+            let mut ad2 = ad.clone();
+            let t = if which == 0 { &mut ad2.pairs[0].1 } else { &mut ad2.pairs[0].2 };
+            t.iter_mut().zip(&dir).for_each(|(p, d)| *p += sign * eps * d);
+            loss_at(&model, &ad2, &batch)
+        };
+        let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+        let g = if which == 0 { &grads[0].0 } else { &grads[0].1 };
+        let an: f64 = g.iter().zip(&dir).map(|(g, d)| *g as f64 * *d as f64).sum();
+        assert!((fd - an).abs() <= 2e-3 * an.abs().max(1.0), "{}: fd {fd} vs analytic {an}", ["phi", "psi"][which as usize]);
+    }
+    // A site pointing at a pair of the wrong d_in is refused (down_proj reads the FFN width).
+    ad.sites[1][6] = Some(0);
+    assert!(ad.upload(&Cpu, &d).is_err());
+}
+
 #[test]
 fn kv_cache_decode_matches_full_forward() {
     let d = tiny_dims();

@@ -127,7 +127,8 @@ pub struct Llama<B: Backend> {
 
 /// One trainable pair `(phi, psi)` on the backend: `phi` is `d_in x r`, `psi` is `r x d_in`.
 pub struct Pair<B: Backend> {
-    /// Module index (into [`MODULES`]) of the sites that share this pair.
+    /// Module index (into [`MODULES`]) of the first site using this pair (a sharing group may
+    /// hand it to other module types of the same `d_in` too).
     pub module: usize,
     pub phi: B::Buf,
     pub psi: B::Buf,
@@ -199,12 +200,14 @@ impl HostAdapter {
         for (l, row) in self.sites.iter().enumerate() {
             for (m, p) in row.iter().enumerate() {
                 if let Some(p) = p {
+                    // A pair may serve several module types (sharing groups) of the same d_in.
+                    let (d_in, _) = dims.module_dims(m);
                     match self.pairs.get(*p) {
-                        Some((pm, _, _)) if *pm == m => {}
+                        Some((_, phi, _)) if phi.len() == d_in * self.rank => {}
                         _ => {
                             return Err(Error::invalid(
                                 "adapter sites",
-                                format!("layer {l} {} points at pair {p}, which is not a {} pair", MODULES[m], MODULES[m]),
+                                format!("layer {l} {} points at pair {p}, which is missing or not {d_in} x {}", MODULES[m], self.rank),
                             ))
                         }
                     }
@@ -410,7 +413,7 @@ impl<B: Backend> Llama<B> {
         be.download(&l.proj[module.min(6)])
     }
 
-    fn check_adapter(&self, a: Option<&Adapter<B>>) -> Result<()> {
+    fn check_adapter(&self, be: &B, a: Option<&Adapter<B>>) -> Result<()> {
         if let Some(a) = a {
             if a.sites.len() != self.dims.layers {
                 return Err(Error::invalid("adapter", format!("{} layers of sites, model has {}", a.sites.len(), self.dims.layers)));
@@ -418,8 +421,10 @@ impl<B: Backend> Llama<B> {
             for row in &a.sites {
                 for (m, p) in row.iter().enumerate() {
                     if let Some(p) = p {
-                        if a.pairs.get(*p).map(|p| p.module) != Some(m) {
-                            return Err(Error::invalid("adapter", format!("site {} points at a wrong pair {p}", MODULES[m])));
+                        let (d_in, _) = self.dims.module_dims(m);
+                        let ok = a.pairs.get(*p).map(|pair| be.len(&pair.phi) == d_in * a.rank && be.len(&pair.psi) == d_in * a.rank);
+                        if ok != Some(true) {
+                            return Err(Error::invalid("adapter", format!("site {} points at a missing or mis-sized pair {p}", MODULES[m])));
                         }
                     }
                 }
@@ -605,7 +610,7 @@ impl<B: Backend> Llama<B> {
     /// Mean cross-entropy over the labelled positions of `batch` (no gradients).
     pub fn loss(&self, be: &B, adapter: Option<&Adapter<B>>, batch: &Batch) -> Result<f32> {
         batch.check(self.dims.vocab)?;
-        self.check_adapter(adapter)?;
+        self.check_adapter(be, adapter)?;
         let n = batch.count();
         if n == 0 {
             return Err(Error::invalid("batch", "no labelled positions"));
@@ -621,7 +626,7 @@ impl<B: Backend> Llama<B> {
     pub fn score(&self, be: &B, adapter: Option<&Adapter<B>>, ids: &[u32]) -> Result<(Vec<f32>, Option<f32>)> {
         let batch = Batch::causal(&[ids.to_vec()])?;
         batch.check(self.dims.vocab)?;
-        self.check_adapter(adapter)?;
+        self.check_adapter(be, adapter)?;
         let (hn, _, _, _) = self.run(be, adapter, &batch.ids, 1, ids.len(), &batch.positions(), Mode::Full { save: false })?;
         let mut logits = be.zeros(ids.len() * self.dims.vocab)?;
         be.logits(&hn, self.head(), ids.len(), self.dims.hidden, self.dims.vocab, &mut logits)?;
@@ -638,7 +643,7 @@ impl<B: Backend> Llama<B> {
     /// from [`Adapter::zero_grads`]). Frozen weights get no gradient.
     pub fn loss_and_grad(&self, be: &B, adapter: &Adapter<B>, batch: &Batch, grads: &mut [(B::Buf, B::Buf)]) -> Result<f32> {
         batch.check(self.dims.vocab)?;
-        self.check_adapter(Some(adapter))?;
+        self.check_adapter(be, Some(adapter))?;
         if grads.len() != adapter.pairs.len() {
             return Err(Error::invalid("grads", format!("{} gradient pairs for {} adapter pairs", grads.len(), adapter.pairs.len())));
         }
@@ -727,7 +732,7 @@ impl<B: Backend> Llama<B> {
         if ids.is_empty() || ids.len() % batch != 0 {
             return Err(Error::invalid("ids", format!("{} ids for a cache of {batch} sequences", ids.len())));
         }
-        self.check_adapter(adapter)?;
+        self.check_adapter(be, adapter)?;
         if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.dims.vocab) {
             return Err(Error::invalid("ids", format!("token id {id} is outside the vocabulary of {}", self.dims.vocab)));
         }
