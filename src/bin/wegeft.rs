@@ -76,7 +76,7 @@ enum Cmd {
         /// Scale alpha/rank on the update (the PEFT fork); none = scale 1 (the official code).
         #[arg(long)]
         alpha: Option<f32>,
-        /// Pairs shared per module type across layers (default), or one pair per layer.
+        /// One pair per (layer, module) instead of one per module type shared by all layers.
         #[arg(long)]
         no_sharing: bool,
         /// Initialisation of a fresh adapter: gift (phi ~ U, psi = 0) or peft (phi = 0, psi ~ U).
