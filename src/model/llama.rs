@@ -410,7 +410,8 @@ impl<B: Backend> Llama<B> {
     /// Frozen weight of `(layer, module)`, downloaded (for merging).
     pub fn weight(&self, be: &B, layer: usize, module: usize) -> Result<Vec<f32>> {
         let l = self.layers.get(layer).ok_or_else(|| Error::invalid("layer", format!("{layer} >= {}", self.dims.layers)))?;
-        be.download(&l.proj[module.min(6)])
+        let w = l.proj.get(module).ok_or_else(|| Error::invalid("module", format!("index {module} >= 7")))?;
+        be.download(w)
     }
 
     fn check_adapter(&self, be: &B, a: Option<&Adapter<B>>) -> Result<()> {
