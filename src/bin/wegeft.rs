@@ -14,7 +14,7 @@ use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama,
 use wegeft::model::{LlamaWeights, Tokenizer};
 use wegeft::shape::{LayerShape, Mat, MatMut};
 use wegeft::train::arithmetic::{self, Problem, Split};
-use wegeft::train::data::{self, Batcher, Encode, Example};
+use wegeft::train::data::{self, Batcher, Example};
 use wegeft::train::optim::AdamWConfig;
 use wegeft::train::trainer::Trainer;
 use wegeft::{Error, Result};
@@ -258,14 +258,6 @@ fn host_adapter(path: Option<&Path>, dims: &Dims) -> Result<Option<HostAdapter>>
     path.map(|p| HostAdapter::from_adapter(&read_adapter(p, dims)?)).transpose()
 }
 
-struct TokEnc<'a>(&'a Tokenizer);
-
-impl Encode for TokEnc<'_> {
-    fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.0.encode(text, false)
-    }
-}
-
 fn end_of_turn(tok: &Tokenizer) -> u32 {
     tok.token_to_id("<|im_end|>").unwrap_or_else(|| tok.eos_id())
 }
@@ -487,7 +479,7 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             // The examples.
             let examples: Vec<Example> = match (&data, task) {
-                (Some(path), _) => data::read_jsonl(path, Some(&TokEnc(&l.tok)), seq)?,
+                (Some(path), _) => data::read_jsonl(path, Some(&l.tok), seq)?,
                 (None, Some(Task::Arithmetic)) => arithmetic::problems(Split::Train, seed, steps * batch)?
                     .iter()
                     .map(|p| {

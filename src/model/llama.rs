@@ -52,7 +52,7 @@ pub struct Dims {
 }
 
 impl Dims {
-    /// `(d_in, d_out)` of module `m` (index into [`MODULES`]).
+    /// `(d_in, d_out)` of module `m` (index into [`MODULES`]; 6 and above read as `down_proj`).
     pub fn module_dims(&self, m: usize) -> (usize, usize) {
         let (d, q, kv, f) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.ffn);
         match m {

@@ -22,6 +22,13 @@ pub trait Encode {
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
 }
 
+impl Encode for crate::model::Tokenizer {
+    /// `Tokenizer::encode(text, false)`: no BOS/EOS added.
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        crate::model::Tokenizer::encode(self, text, false)
+    }
+}
+
 /// One training example: `ids`, and for each position whether *that token* is a target
 /// (predicted from the tokens before it).
 #[derive(Clone, Debug, PartialEq, Eq)]
