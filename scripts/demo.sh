@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: fetch SmolLM2-135M-Instruct (sha256-checked) and fine-tune it with WeGeFT on
 # the built-in arithmetic task (3-digit additions in the chat format, loss on the answer
-# only), printing held-out exact match before and after (0% -> 75% on 200 held-out problems
-# in our run). About 6-10 minutes on 2 CPU cores.
+# only), printing held-out exact match before and after (0% -> 81% on 200 held-out problems
+# in our run, 300 steps in 348 s at 324 tokens/s with other jobs on the machine). About
+# 6-10 minutes on 2 CPU cores.
 # Extra arguments go to `wegeft finetune` (e.g. --steps 50 for a quick look).
 set -euo pipefail
 
