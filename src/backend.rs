@@ -33,6 +33,35 @@ pub struct AdamHyper {
     pub step: u64,
 }
 
+/// Dropout on `W` inside the adapter path (the PEFT fork's `wegeft_dropout`), training only:
+/// `C = s (W o M / (1 - p)) phi` with the mask `M_ij = [u(seed, i d_in + j) >= p]`, `u` a
+/// uniform in `[0, 1)` from a counter-based hash (so the backward regenerates the same mask).
+/// The frozen product `x W^T` and the input gradient `G W` keep the whole `W`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// `u(seed, i)`: splitmix64 of `seed` and `i`, top 24 bits, in `[0, 1)`.
+    #[inline]
+    pub fn uniform(seed: u64, i: u64) -> f32 {
+        let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Checks `0 <= p < 1`.
+    pub fn check(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.p) {
+            return Err(crate::error::Error::invalid("dropout", format!("must be in [0, 1), got {}", self.p)));
+        }
+        Ok(())
+    }
+}
+
 /// An engine for the Llama model. `Buf` is an f32 buffer owned by the engine.
 pub trait Backend {
     /// An f32 buffer on this engine.
@@ -85,7 +114,8 @@ pub trait Backend {
     fn linear_backward(&self, g: &Self::Buf, w: &Self::Buf, rows: usize, d_in: usize, d_out: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()>;
 
     /// WeGeFT forward (`shape.tokens` rows): `C = s W phi`, `u = x psi^T`, `y = x W^T + u C^T`
-    /// (overwrites `y`). Returns `u` and `C` for the backward.
+    /// (overwrites `y`). Returns `u` and `C` for the backward. With `dropout`, `C` is made
+    /// from the masked `W` (see [`Dropout`]).
     #[allow(clippy::too_many_arguments)]
     fn wegeft_forward(
         &self,
@@ -95,12 +125,14 @@ pub trait Backend {
         phi: &Self::Buf,
         psi: &Self::Buf,
         scale: f32,
+        dropout: Option<Dropout>,
         y: &mut Self::Buf,
     ) -> Result<Self::Saved>;
 
     /// WeGeFT backward from `G = dL/dy`, with `u`, `C` saved by the forward: `v = G C`,
     /// `S = G^T u`; `dx (+)= G W + v psi` (when `dx` is given; `bool` = accumulate);
-    /// `dphi += s W^T S`; `dpsi += v^T x`.
+    /// `dphi += s W^T S` (the masked `W` with `dropout`, the same as the forward's);
+    /// `dpsi += v^T x`.
     #[allow(clippy::too_many_arguments)]
     fn wegeft_backward(
         &self,
@@ -110,6 +142,7 @@ pub trait Backend {
         phi: &Self::Buf,
         psi: &Self::Buf,
         scale: f32,
+        dropout: Option<Dropout>,
         saved: &Self::Saved,
         g: &Self::Buf,
         dx: Option<(&mut Self::Buf, bool)>,

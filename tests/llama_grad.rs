@@ -65,7 +65,7 @@ fn tiny_adapter(d: &Dims, targets: &[usize], shared: bool, scale: f32, seed: u64
             }
         }
     }
-    HostAdapter { rank: r, scale, pairs, sites }
+    HostAdapter { rank: r, scale, pairs, sites, dropout: 0.0 }
 }
 
 fn tiny_batch(d: &Dims) -> Batch {
@@ -180,6 +180,52 @@ fn grad_pair_shared_across_module_types() {
     }
     // A site pointing at a pair of the wrong d_in is refused (down_proj reads the FFN width).
     ad.sites[1][6] = Some(0);
+    assert!(ad.upload(&Cpu, &d).is_err());
+}
+
+/// Weight dropout (the PEFT fork's `wegeft_dropout`): the training pass with fixed masks
+/// against finite differences of that same training loss; evaluation ignores it.
+#[test]
+fn grad_with_weight_dropout() {
+    let d = tiny_dims();
+    let mut ad = tiny_adapter(&d, &[0, 2, 4, 6], true, 1.0, 5);
+    ad.dropout = 0.3;
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 8, true)).unwrap();
+    let batch = tiny_batch(&d);
+    let train_loss = |ad: &HostAdapter| {
+        let mut a = ad.upload(&Cpu, &d).unwrap();
+        a.dropout_seed = 1234;
+        let mut g = a.zero_grads(&Cpu).unwrap();
+        let l = model.loss_and_grad(&Cpu, &a, &batch, &mut g).unwrap() as f64;
+        (l, g)
+    };
+    let (l0, grads) = train_loss(&ad);
+    // Dropout is active in training, off in evaluation.
+    let mut plain = ad.clone();
+    plain.dropout = 0.0;
+    let eval = loss_at(&model, &ad, &batch);
+    assert_eq!(eval, loss_at(&model, &plain, &batch));
+    assert!((l0 - eval).abs() > 1e-4, "dropout changes nothing: {l0} vs {eval}");
+    assert_eq!(l0, train_loss(&ad).0, "same seed, same masks");
+    let eps = 2e-3f32;
+    for (p, (_, phi, psi)) in ad.pairs.iter().enumerate() {
+        for which in 0..2 {
+            let n = if which == 0 { phi.len() } else { psi.len() };
+            let dir = rand_f32(500 + 2 * p as u64 + which, n, 1.0);
+            let shifted = |sign: f32| {
+                let mut ad2 = ad.clone();
+                let t = if which == 0 { &mut ad2.pairs[p].1 } else { &mut ad2.pairs[p].2 };
+                t.iter_mut().zip(&dir).for_each(|(x, d)| *x += sign * eps * d);
+                train_loss(&ad2).0
+            };
+            let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+            let g = if which == 0 { &grads[p].0 } else { &grads[p].1 };
+            let an: f64 = g.iter().zip(&dir).map(|(g, d)| *g as f64 * *d as f64).sum();
+            assert!((fd - an).abs() <= 2e-3 * an.abs().max(1.0), "pair {p} {which}: fd {fd} vs analytic {an}");
+        }
+    }
+    // Out of range.
+    ad.dropout = 1.0;
     assert!(ad.upload(&Cpu, &d).is_err());
 }
 

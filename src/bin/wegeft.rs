@@ -79,6 +79,10 @@ enum Cmd {
         /// One pair per (layer, module) instead of one per module type shared by all layers.
         #[arg(long)]
         no_sharing: bool,
+        /// Dropout probability on W in the adapter path during training (the PEFT fork's
+        /// wegeft_dropout); default 0, or the --init-adapter's.
+        #[arg(long)]
+        dropout: Option<f32>,
         /// Initialisation of a fresh adapter: gift (phi ~ U, psi = 0) or peft (phi = 0, psi ~ U).
         #[arg(long, default_value = "gift")]
         init: String,
@@ -433,6 +437,7 @@ fn run(cmd: Cmd) -> Result<()> {
             rank,
             alpha,
             no_sharing,
+            dropout,
             init,
             lr,
             weight_decay,
@@ -465,14 +470,15 @@ fn run(cmd: Cmd) -> Result<()> {
                         targets: parse_targets(&targets)?,
                         sharing: if no_sharing { Sharing::None } else { Sharing::PerModule },
                         init,
-                        dropout: 0.0,
+                        dropout: dropout.unwrap_or(0.0),
                         seed,
                     };
                     adapter::Adapter::new(config, ad_dims)?
                 }
             };
-            if adapter.config.dropout != 0.0 {
-                return Err(Error::invalid("adapter", "weight dropout is not supported by the trainer yet"));
+            if let Some(p) = dropout {
+                adapter.config.dropout = p;
+                adapter.config.validate()?;
             }
             if steps == 0 {
                 return Err(Error::ZeroDim { what: "steps" });
@@ -501,7 +507,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 println!("held-out exact match before: {:.1}% ({} problems)", acc * 100.0, cases.len());
             }
             let opt = AdamWConfig { lr, weight_decay, ..AdamWConfig::default() };
-            let mut tr = Trainer::new(&Cpu, &l.model, &host, opt)?;
+            let mut tr = Trainer::new(&Cpu, &l.model, &host, opt)?.with_seed(adapter.config.seed);
             let mut batcher = Batcher::new(examples.len(), batch, shuffle.then_some(seed))?;
             let mut log = match &log_json {
                 Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{AdamHyper, AttnShape, Backend};
+use crate::backend::{AdamHyper, AttnShape, Backend, Dropout};
 use crate::cpu::gemm::{matmul_slices, Op};
 use crate::cpu::attention::{self, exp_neg};
 use crate::cpu::{layer, ops};
@@ -39,6 +39,20 @@ fn write_or_add(dst: &mut [f32], accumulate: bool, f: impl FnOnce(&mut [f32]) ->
     } else {
         f(dst)
     }
+}
+
+/// `W o M / (1 - p)` (see [`Dropout`]), row-parallel.
+fn masked(w: &[f32], d_in: usize, d: Dropout) -> Result<Vec<f32>> {
+    d.check()?;
+    let keep = 1.0 / (1.0 - d.p);
+    let mut out = vec![0.0f32; w.len()];
+    out.par_chunks_mut(d_in.max(1)).zip(w.par_chunks(d_in.max(1))).enumerate().for_each(|(i, (o, wr))| {
+        let base = (i * d_in) as u64;
+        for (j, (o, &x)) in o.iter_mut().zip(wr).enumerate() {
+            *o = if Dropout::uniform(d.seed, base + j as u64) >= d.p { x * keep } else { 0.0 };
+        }
+    });
+    Ok(out)
 }
 
 /// Rows of the LM head processed at once: `CHUNK x vocab` logits at a time (100 MB for a
@@ -131,18 +145,24 @@ impl Backend for Cpu {
         phi: &Vec<f32>,
         psi: &Vec<f32>,
         scale: f32,
+        dropout: Option<Dropout>,
         y: &mut Vec<f32>,
     ) -> Result<layer::Saved> {
-        layer::wegeft_forward(
-            &s,
-            Mat::new("x", x, s.tokens, s.d_in)?,
-            Mat::new("W", w, s.d_out, s.d_in)?,
-            None,
-            Mat::new("phi", phi, s.d_in, s.rank)?,
-            Mat::new("psi", psi, s.rank, s.d_in)?,
-            scale,
-            MatMut::new("y", y, s.tokens, s.d_out)?,
-        )
+        let (xm, wm) = (Mat::new("x", x, s.tokens, s.d_in)?, Mat::new("W", w, s.d_out, s.d_in)?);
+        let (phim, psim) = (Mat::new("phi", phi, s.d_in, s.rank)?, Mat::new("psi", psi, s.rank, s.d_in)?);
+        let Some(d) = dropout else {
+            return layer::wegeft_forward(&s, xm, wm, None, phim, psim, scale, MatMut::new("y", y, s.tokens, s.d_out)?);
+        };
+        // C from the masked W; the frozen product from the whole W.
+        let wd = masked(w, s.d_in, d)?;
+        let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
+        let mut c = vec![0.0f32; dout * r];
+        matmul_slices(&mut c, (dout, r), 0.0, scale, &wd, (dout, din), Op::N, phi, (din, r), Op::N)?;
+        let mut u = vec![0.0f32; t * r];
+        matmul_slices(&mut u, (t, r), 0.0, 1.0, x, (t, din), Op::N, psi, (r, din), Op::T)?;
+        layer::frozen_forward(xm, wm, None, MatMut::new("y", y, t, dout)?)?;
+        matmul_slices(y, (t, dout), 1.0, 1.0, &u, (t, r), Op::N, &c, (dout, r), Op::T)?;
+        Ok(layer::Saved { u, c })
     }
 
     fn wegeft_backward(
@@ -153,6 +173,7 @@ impl Backend for Cpu {
         phi: &Vec<f32>,
         psi: &Vec<f32>,
         scale: f32,
+        dropout: Option<Dropout>,
         saved: &layer::Saved,
         g: &Vec<f32>,
         dx: Option<(&mut Vec<f32>, bool)>,
@@ -160,10 +181,26 @@ impl Backend for Cpu {
         dpsi: &mut Vec<f32>,
     ) -> Result<()> {
         let x = Mat::new("x", x, s.tokens, s.d_in)?;
-        let w = Mat::new("W", w, s.d_out, s.d_in)?;
         let phi = Mat::new("phi", phi, s.d_in, s.rank)?;
         let psi = Mat::new("psi", psi, s.rank, s.d_in)?;
         let g = Mat::new("G", g, s.tokens, s.d_out)?;
+        if let Some(d) = dropout {
+            // The layer's backward with the masked W gives dphi = s W_d^T S and dpsi = v^T x
+            // (v = G C from the saved C); dx = G W + v psi takes the whole W.
+            let wd = masked(w, s.d_in, d)?;
+            let wdm = Mat::new("W", &wd, s.d_out, s.d_in)?;
+            layer::wegeft_backward(&s, x, wdm, phi, psi, scale, Some(saved), g, None, dphi, dpsi)?;
+            if let Some((dx, acc)) = dx {
+                let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
+                let mut v = vec![0.0f32; t * r];
+                matmul_slices(&mut v, (t, r), 0.0, 1.0, g.data(), (t, dout), Op::N, &saved.c, (dout, r), Op::N)?;
+                let alpha = if acc { 1.0 } else { 0.0 };
+                matmul_slices(dx, (t, din), alpha, 1.0, g.data(), (t, dout), Op::N, w, (dout, din), Op::N)?;
+                matmul_slices(dx, (t, din), 1.0, 1.0, &v, (t, r), Op::N, psi.data(), (r, din), Op::N)?;
+            }
+            return Ok(());
+        }
+        let w = Mat::new("W", w, s.d_out, s.d_in)?;
         match dx {
             None => layer::wegeft_backward(&s, x, w, phi, psi, scale, Some(saved), g, None, dphi, dpsi),
             Some((dx, acc)) => write_or_add(dx, acc, |d| {

@@ -14,7 +14,7 @@
 //! cross-entropy over the labelled positions. Each `proj_*` is a frozen linear layer or,
 //! where the adapter has a pair for that site, a WeGeFT layer `y = x W^T + (x psi^T)(s W phi)^T`.
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, Dropout};
 use crate::error::{Error, Result};
 use crate::shape::LayerShape;
 
@@ -143,6 +143,21 @@ pub struct Adapter<B: Backend> {
     pub pairs: Vec<Pair<B>>,
     /// `sites[layer][module]`: index into `pairs`, or `None` for a frozen projection.
     pub sites: Vec<[Option<usize>; 7]>,
+    /// Dropout probability on `W` in the adapter path during training (0 = none).
+    pub dropout: f32,
+    /// Seed of this step's dropout masks (site `(l, m)` uses a seed mixed from it, `l`, `m`);
+    /// the trainer sets a fresh one every step.
+    pub dropout_seed: u64,
+}
+
+impl<B: Backend> Adapter<B> {
+    /// The dropout of site `(l, m)` in training, `None` when off.
+    fn dropout_at(&self, l: usize, m: usize) -> Option<Dropout> {
+        (self.dropout > 0.0).then(|| Dropout {
+            p: self.dropout,
+            seed: self.dropout_seed ^ ((l as u64) << 32 | m as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+        })
+    }
 }
 
 /// Host-side twin of [`Adapter`] (f32): what files hold and what the optimizer reports.
@@ -153,6 +168,9 @@ pub struct HostAdapter {
     /// `(module index, phi (d_in x r), psi (r x d_in))`.
     pub pairs: Vec<(usize, Vec<f32>, Vec<f32>)>,
     pub sites: Vec<[Option<usize>; 7]>,
+    /// Dropout probability on `W` in the adapter path during training (the PEFT fork's
+    /// `wegeft_dropout`; 0 = none).
+    pub dropout: f32,
 }
 
 impl HostAdapter {
@@ -169,7 +187,7 @@ impl HostAdapter {
             }
             site[*m] = Some(i);
         }
-        Ok(HostAdapter { rank, scale, pairs, sites: vec![site; layers] })
+        Ok(HostAdapter { rank, scale, pairs, sites: vec![site; layers], dropout: 0.0 })
     }
 
     /// Checks the pair shapes against `dims` and that every site points at a pair of its
@@ -178,6 +196,7 @@ impl HostAdapter {
         if self.rank == 0 {
             return Err(Error::ZeroDim { what: "rank" });
         }
+        Dropout { p: self.dropout, seed: 0 }.check()?;
         if self.sites.len() != dims.layers {
             return Err(Error::invalid("adapter sites", format!("{} layers, model has {}", self.sites.len(), dims.layers)));
         }
@@ -225,7 +244,7 @@ impl HostAdapter {
             .iter()
             .map(|(m, phi, psi)| Ok(Pair { module: *m, phi: be.upload(phi)?, psi: be.upload(psi)? }))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Adapter { rank: self.rank, scale: self.scale, pairs, sites: self.sites.clone() })
+        Ok(Adapter { rank: self.rank, scale: self.scale, pairs, sites: self.sites.clone(), dropout: self.dropout, dropout_seed: 0 })
     }
 }
 
@@ -234,7 +253,7 @@ impl<B: Backend> Adapter<B> {
     pub fn download(&self, be: &B) -> Result<HostAdapter> {
         let pairs =
             self.pairs.iter().map(|p| Ok((p.module, be.download(&p.phi)?, be.download(&p.psi)?))).collect::<Result<Vec<_>>>()?;
-        Ok(HostAdapter { rank: self.rank, scale: self.scale, pairs, sites: self.sites.clone() })
+        Ok(HostAdapter { rank: self.rank, scale: self.scale, pairs, sites: self.sites.clone(), dropout: self.dropout })
     }
     /// Zeroed gradient buffers, one `(dphi, dpsi)` per pair.
     pub fn zero_grads(&self, be: &B) -> Result<Vec<(B::Buf, B::Buf)>> {
@@ -453,7 +472,9 @@ impl<B: Backend> Llama<B> {
             if let Some(p) = a.sites[l][m] {
                 let pair = &a.pairs[p];
                 let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
-                let saved = be.wegeft_forward(shape, x, w, &pair.phi, &pair.psi, a.scale, &mut y)?;
+                // Dropout only in training (when the activations are saved for a backward).
+                let drop = if save { a.dropout_at(l, m) } else { None };
+                let saved = be.wegeft_forward(shape, x, w, &pair.phi, &pair.psi, a.scale, drop, &mut y)?;
                 return Ok((y, if save { Some(saved) } else { None }));
             }
         }
@@ -483,7 +504,8 @@ impl<B: Backend> Llama<B> {
                 let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
                 let (dphi, dpsi) = &mut grads[p];
                 let pair = &a.pairs[p];
-                return be.wegeft_backward(shape, x, w, &pair.phi, &pair.psi, a.scale, saved, g, dx, dphi, dpsi);
+                let drop = a.dropout_at(l, m);
+                return be.wegeft_backward(shape, x, w, &pair.phi, &pair.psi, a.scale, drop, saved, g, dx, dphi, dpsi);
             }
         }
         if let Some((dx, acc)) = dx {
@@ -641,7 +663,9 @@ impl<B: Backend> Llama<B> {
 
     /// The mean cross-entropy over the labelled positions of `batch` and its gradient with
     /// respect to every adapter pair, *added* to `grads` (one `(dphi, dpsi)` per pair, as
-    /// from [`Adapter::zero_grads`]). Frozen weights get no gradient.
+    /// from [`Adapter::zero_grads`]). Frozen weights get no gradient. This is the training
+    /// pass: the adapter's weight dropout (if any) applies, with masks from
+    /// `adapter.dropout_seed`; [`Llama::loss`] and [`Llama::score`] evaluate without it.
     pub fn loss_and_grad(&self, be: &B, adapter: &Adapter<B>, batch: &Batch, grads: &mut [(B::Buf, B::Buf)]) -> Result<f32> {
         batch.check(self.dims.vocab)?;
         self.check_adapter(be, Some(adapter))?;
@@ -895,7 +919,7 @@ impl HostAdapter {
                 Ok((m.index(), p.phi.clone(), p.psi.clone()))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(HostAdapter { rank: a.rank(), scale: a.scale(), pairs, sites })
+        Ok(HostAdapter { rank: a.rank(), scale: a.scale(), pairs, sites, dropout: a.config.dropout })
     }
 
     /// Writes these values back into `a` (same layout: pairs in the same order).

@@ -17,6 +17,7 @@ pub struct Trainer<'m, B: Backend> {
     v: Vec<(B::Buf, B::Buf)>,
     step: u64,
     optim: AdamWConfig,
+    seed: u64,
 }
 
 impl<'m, B: Backend> Trainer<'m, B> {
@@ -27,12 +28,21 @@ impl<'m, B: Backend> Trainer<'m, B> {
         let grads = adapter.zero_grads(be)?;
         let m = adapter.zero_grads(be)?;
         let v = adapter.zero_grads(be)?;
-        Ok(Trainer { be, model, adapter, grads, m, v, step: 0, optim })
+        Ok(Trainer { be, model, adapter, grads, m, v, step: 0, optim, seed: 0 })
+    }
+
+    /// The seed of the weight-dropout masks (step `t` uses masks from a mix of `seed` and `t`;
+    /// default 0). Only matters with an adapter dropout above 0.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
     }
 
     /// One step on `batch`: returns the loss *before* the update (mean over the batch's
-    /// labelled tokens), then applies AdamW to every pair.
+    /// labelled tokens, with this step's weight dropout if any), then applies AdamW to every
+    /// pair.
     pub fn step(&mut self, batch: &Batch) -> Result<f32> {
+        self.adapter.dropout_seed = crate::train::arithmetic::SplitMix::new(self.seed ^ (self.step + 1).wrapping_mul(0xA076_1D64_78BD_642F)).next_u64();
         for (dphi, dpsi) in self.grads.iter_mut() {
             self.be.fill_zero(dphi)?;
             self.be.fill_zero(dpsi)?;
