@@ -89,29 +89,78 @@ pub trait Backend {
     /// `dst[dst_offset .. dst_offset + src.len()] <- src`.
     fn copy_into(&self, src: &Self::Buf, dst: &mut Self::Buf, dst_offset: usize) -> Result<()>;
     /// `dst[dst_offset .. dst_offset + len] <- src[src_offset .. src_offset + len]`.
-    fn copy_range(&self, src: &Self::Buf, src_offset: usize, len: usize, dst: &mut Self::Buf, dst_offset: usize) -> Result<()>;
+    fn copy_range(
+        &self,
+        src: &Self::Buf,
+        src_offset: usize,
+        len: usize,
+        dst: &mut Self::Buf,
+        dst_offset: usize,
+    ) -> Result<()>;
     /// `y <- y + x` (same length).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
 
     /// `out[t] = table[ids[t]]`: `table` is `vocab x dim`, `out` is `ids.len() x dim`.
-    fn embedding_forward(&self, table: &Self::Buf, vocab: usize, dim: usize, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
+    fn embedding_forward(
+        &self,
+        table: &Self::Buf,
+        vocab: usize,
+        dim: usize,
+        ids: &[u32],
+        out: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// RMSNorm of each row: `rstd = 1 / sqrt(mean(x^2) + eps)`, `y = x * rstd * weight`.
     /// `x`, `y`: `rows x dim`; `rstd`: `rows`.
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_forward(&self, x: &Self::Buf, weight: &Self::Buf, rows: usize, dim: usize, eps: f32, y: &mut Self::Buf, rstd: &mut Self::Buf) -> Result<()>;
+    fn rmsnorm_forward(
+        &self,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        y: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// RMSNorm backward: with `g = dy * weight`,
     /// `dx += rstd * (g - x * rstd^2 * mean(g * x))` (accumulates into `dx`).
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_backward(&self, x: &Self::Buf, weight: &Self::Buf, rstd: &Self::Buf, dy: &Self::Buf, rows: usize, dim: usize, dx: &mut Self::Buf) -> Result<()>;
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        rstd: &Self::Buf,
+        dy: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// Frozen linear layer: `y = x W^T`, `x`: `rows x d_in`, `W`: `d_out x d_in`.
-    fn linear_forward(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, d_in: usize, d_out: usize, y: &mut Self::Buf) -> Result<()>;
+    fn linear_forward(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// Input gradient of a frozen linear layer: `dx (+)= G W`, `G`: `rows x d_out`.
     #[allow(clippy::too_many_arguments)]
-    fn linear_backward(&self, g: &Self::Buf, w: &Self::Buf, rows: usize, d_in: usize, d_out: usize, dx: &mut Self::Buf, accumulate: bool) -> Result<()>;
+    fn linear_backward(
+        &self,
+        g: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
 
     /// WeGeFT forward (`shape.tokens` rows): `C = s W phi`, `u = x psi^T`, `y = x W^T + u C^T`
     /// (overwrites `y`). Returns `u` and `C` for the backward. With `dropout`, `C` is made
@@ -155,13 +204,29 @@ pub trait Backend {
     /// `f = pos * theta^(-2i/head_dim)`:
     /// `(x_i, x_{i+h/2}) <- (x_i cos f - x_{i+h/2} sin f, x_{i+h/2} cos f + x_i sin f)`.
     /// `inverse` applies the transpose rotation (angle `-f`), which is the backward.
-    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[u32], theta: f32, inverse: bool) -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        theta: f32,
+        inverse: bool,
+    ) -> Result<()>;
 
     /// Causal GQA attention over whole sequences (`q`: `B*S x H*hd`, `k`, `v`: `B*S x KVH*hd`):
     /// `out = softmax(q k^T / sqrt(hd) + causal mask) v` per head, query head `h` reading
     /// kv head `h / (H / KVH)`; `lse` (`B*S x H`) keeps each row's log-sum-exp of the scaled
     /// scores for the backward.
-    fn attention_forward(&self, shape: AttnShape, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, out: &mut Self::Buf, lse: &mut Self::Buf) -> Result<()>;
+    fn attention_forward(
+        &self,
+        shape: AttnShape,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// Attention backward: with `P = exp(q k^T / sqrt(hd) - lse)`, `dV = P^T dO`,
     /// `dP = dO V^T`, `dS = P (dP - rowsum(dO * O))`, `dq = dS k / sqrt(hd)`,
@@ -204,10 +269,25 @@ pub trait Backend {
     fn swiglu_forward(&self, gate: &Self::Buf, up: &Self::Buf, h: &mut Self::Buf) -> Result<()>;
 
     /// SwiGLU backward: `dgate = dh * up * sig(a) (1 + a (1 - sig(a)))`, `dup = dh * silu(a)`.
-    fn swiglu_backward(&self, gate: &Self::Buf, up: &Self::Buf, dh: &Self::Buf, dgate: &mut Self::Buf, dup: &mut Self::Buf) -> Result<()>;
+    fn swiglu_backward(
+        &self,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dh: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// `logits = h E^T` for `rows` rows of `h` (`rows x dim`), `E`: `vocab x dim`.
-    fn logits(&self, h: &Self::Buf, head: &Self::Buf, rows: usize, dim: usize, vocab: usize, out: &mut Self::Buf) -> Result<()>;
+    fn logits(
+        &self,
+        h: &Self::Buf,
+        head: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
 
     /// The LM head and cross-entropy, computed only on rows with a label
     /// (`labels[t] >= 0`), chunked so that `T x vocab` logits never exist at once.
@@ -226,5 +306,12 @@ pub trait Backend {
     ) -> Result<f32>;
 
     /// One AdamW step on `param` from `grad` with moments `m`, `v` (see [`AdamHyper`]).
-    fn adamw_step(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hyper: AdamHyper) -> Result<()>;
+    fn adamw_step(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        hyper: AdamHyper,
+    ) -> Result<()>;
 }

@@ -58,7 +58,8 @@ fn s(p: &Path) -> &str {
 fn score_prints_the_reference_numbers() {
     let m = model_path();
     let r: Value = serde_json::from_str(&std::fs::read_to_string(fixture("prompt_reference.json")).unwrap()).unwrap();
-    let out: Value = serde_json::from_str(&ok(&["score", "--model", s(&m), "--text", "The capital of France is"])).unwrap();
+    let out: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&m), "--text", "The capital of France is"])).unwrap();
     assert_eq!(out["ids"], r["ids"]);
     assert_eq!(out["argmax"], r["argmax_per_pos"]);
     let loss = out["loss"].as_f64().unwrap();
@@ -71,7 +72,8 @@ fn score_prints_the_reference_numbers() {
         assert!((g[1].as_f64().unwrap() - w[1].as_f64().unwrap()).abs() <= 1e-3, "{g} vs {w}");
     }
     // --tokens gives the same.
-    let out2: Value = serde_json::from_str(&ok(&["score", "--model", s(&m), "--tokens", "504,3575,282,4649,314"])).unwrap();
+    let out2: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&m), "--tokens", "504,3575,282,4649,314"])).unwrap();
     assert_eq!(out, out2);
 }
 
@@ -83,9 +85,25 @@ fn finetune_eval_merge_generate() {
     let out = dir.join("adapter");
     // The official run's setup (train.json): rank 4, all targets, lr 5e-3, batch 2, seq 24.
     ok(&[
-        "finetune", "--model", s(&m), "--data", s(&fixture("train.jsonl")), "--init-adapter",
-        s(&fixture("init_adapter.safetensors")), "--lr", "5e-3", "--batch", "2", "--seq", "24", "--steps", "4",
-        "--out", s(&out), "--log-json", s(&log),
+        "finetune",
+        "--model",
+        s(&m),
+        "--data",
+        s(&fixture("train.jsonl")),
+        "--init-adapter",
+        s(&fixture("init_adapter.safetensors")),
+        "--lr",
+        "5e-3",
+        "--batch",
+        "2",
+        "--seq",
+        "24",
+        "--steps",
+        "4",
+        "--out",
+        s(&out),
+        "--log-json",
+        s(&log),
     ]);
     let t: Value = serde_json::from_str(&std::fs::read_to_string(fixture("train.json")).unwrap()).unwrap();
     let lines: Vec<Value> =
@@ -101,7 +119,8 @@ fn finetune_eval_merge_generate() {
 
     // Score with the adapter, and with the merged model: the same logits.
     let ids = "504,3575,282,4649,314";
-    let with: Value = serde_json::from_str(&ok(&["score", "--model", s(&m), "--adapter", s(&adapter), "--tokens", ids])).unwrap();
+    let with: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&m), "--adapter", s(&adapter), "--tokens", ids])).unwrap();
     let base: Value = serde_json::from_str(&ok(&["score", "--model", s(&m), "--tokens", ids])).unwrap();
     assert_ne!(with["top5_last"], base["top5_last"], "the adapter changes nothing");
     let merged = dir.join("merged");
@@ -114,12 +133,15 @@ fn finetune_eval_merge_generate() {
     }
     assert!((via["loss"].as_f64().unwrap() - with["loss"].as_f64().unwrap()).abs() <= 1e-4);
     // The merged directory's tokenizer works: --text agrees with the GGUF's.
-    let t1: Value = serde_json::from_str(&ok(&["score", "--model", s(&merged), "--text", "What is 345 + 678?"])).unwrap();
+    let t1: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&merged), "--text", "What is 345 + 678?"])).unwrap();
     let t2: Value = serde_json::from_str(&ok(&["score", "--model", s(&m), "--text", "What is 345 + 678?"])).unwrap();
     assert_eq!(t1["ids"], t2["ids"]);
 
     // Eval and generate run and report.
-    let e: Value = serde_json::from_str(&ok(&["eval", "--model", s(&m), "--task", "arithmetic", "--n", "2", "--max-new", "6"])).unwrap();
+    let e: Value =
+        serde_json::from_str(&ok(&["eval", "--model", s(&m), "--task", "arithmetic", "--n", "2", "--max-new", "6"]))
+            .unwrap();
     assert_eq!(e["n"].as_u64(), Some(2));
     let acc = e["exact_match"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
@@ -133,14 +155,33 @@ fn finetune_arithmetic_smoke_and_bench() {
     let m = model_path();
     let dir = tmpdir("arith");
     let stdout = ok(&[
-        "finetune", "--model", s(&m), "--task", "arithmetic", "--targets", "q_proj,v_proj", "--rank", "2", "--steps",
-        "2", "--batch", "2", "--eval-n", "1", "--out", s(&dir), "--format", "peft",
+        "finetune",
+        "--model",
+        s(&m),
+        "--task",
+        "arithmetic",
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "2",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--eval-n",
+        "1",
+        "--out",
+        s(&dir),
+        "--format",
+        "peft",
     ]);
     assert!(stdout.contains("held-out exact match before") && stdout.contains("after"), "{stdout}");
     assert!(dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file());
     // A PEFT directory reads back.
     ok(&["score", "--model", s(&m), "--adapter", s(&dir), "--tokens", "1,2,3"]);
-    let b: Value = serde_json::from_str(&ok(&["bench-step", "--model", s(&m), "--batch", "1", "--seq", "8", "--steps", "1"])).unwrap();
+    let b: Value =
+        serde_json::from_str(&ok(&["bench-step", "--model", s(&m), "--batch", "1", "--seq", "8", "--steps", "1"]))
+            .unwrap();
     assert!(b["tokens_per_s"].as_f64().unwrap() > 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -159,7 +200,19 @@ fn bad_input_is_a_clear_error() {
     std::fs::write(&data, "{\"tokens\": [1, 2, 3]}\n{\"txt\": \"oops\"}\n").unwrap();
     let e = fails(&["finetune", "--model", s(&m), "--data", s(&data), "--steps", "1", "--out", s(&dir)]);
     assert!(e.contains("line 2"), "{e}");
-    let e = fails(&["finetune", "--model", s(&m), "--task", "arithmetic", "--targets", "qq_proj", "--steps", "1", "--out", s(&dir)]);
+    let e = fails(&[
+        "finetune",
+        "--model",
+        s(&m),
+        "--task",
+        "arithmetic",
+        "--targets",
+        "qq_proj",
+        "--steps",
+        "1",
+        "--out",
+        s(&dir),
+    ]);
     assert!(e.contains("qq_proj"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

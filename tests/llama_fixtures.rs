@@ -59,8 +59,12 @@ fn usizes(v: &Value) -> Vec<usize> {
 
 /// `[[id, logit], ...]` against our logits row: same ids in the same order, logits within `tol`.
 fn check_top(what: &str, row: &[f32], want: &Value, tol: f32) {
-    let want: Vec<(usize, f32)> =
-        want.as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32)).collect();
+    let want: Vec<(usize, f32)> = want
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32))
+        .collect();
     let mut idx: Vec<usize> = (0..row.len()).collect();
     idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
     for (k, (id, logit)) in want.iter().enumerate() {
@@ -121,7 +125,12 @@ fn logits_match_transformers() {
                 (w, a)
             }
         });
-        assert!(worst <= 1e-3, "case {i}: last-position logit {at} off by {worst:e} (got {}, want {})", last[at], want[at]);
+        assert!(
+            worst <= 1e-3,
+            "case {i}: last-position logit {at} off by {worst:e} (got {}, want {})",
+            last[at],
+            want[at]
+        );
     }
 }
 
@@ -135,19 +144,14 @@ fn finetune_reproduces_the_official_run() {
     let init = adapter::io::load_gift(&dir.join("init_adapter.safetensors"), &dims.adapter_dims().unwrap()).unwrap();
     assert_eq!(init.rank(), t["rank"].as_u64().unwrap() as usize);
     let targets: Vec<String> = init.config.targets.iter().map(|m| m.name().to_string()).collect();
-    let mut want_targets: Vec<String> = t["targets"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let mut want_targets: Vec<String> =
+        t["targets"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
     let mut got_targets = targets.clone();
     want_targets.sort();
     got_targets.sort();
     assert_eq!(got_targets, want_targets);
     let host = HostAdapter::from_adapter(&init).unwrap();
-    let opt = AdamWConfig {
-        lr: t["lr"].as_f64().unwrap(),
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    let opt = AdamWConfig { lr: t["lr"].as_f64().unwrap(), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let seq = t["seq"].as_u64().unwrap() as usize;
     let batch = t["batch"].as_u64().unwrap() as usize;
     let examples: Vec<Example> = data::read_jsonl(&dir.join("train.jsonl"), None, seq).unwrap();
@@ -178,10 +182,13 @@ fn finetune_reproduces_the_official_run() {
         check_loss(&format!("step {i}"), *g, *w, if i < 4 { 1e-4 } else { 3e-2 });
     }
     // The final adapter, pair by pair: the distance between our update and theirs.
-    let want_final = adapter::io::load_gift(&dir.join("final_adapter.safetensors"), &dims.adapter_dims().unwrap()).unwrap();
+    let want_final =
+        adapter::io::load_gift(&dir.join("final_adapter.safetensors"), &dims.adapter_dims().unwrap()).unwrap();
     let want_final = HostAdapter::from_adapter(&want_final).unwrap();
     assert_eq!(fin.pairs.len(), want_final.pairs.len());
-    for (((m, phi, psi), (wm, wphi, wpsi)), (im, iphi, ipsi)) in fin.pairs.iter().zip(&want_final.pairs).zip(&host.pairs) {
+    for (((m, phi, psi), (wm, wphi, wpsi)), (im, iphi, ipsi)) in
+        fin.pairs.iter().zip(&want_final.pairs).zip(&host.pairs)
+    {
         assert_eq!((m, m), (wm, im));
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for ((g, w), i) in phi.iter().chain(psi).zip(wphi.iter().chain(wpsi)).zip(iphi.iter().chain(ipsi)) {
@@ -189,7 +196,11 @@ fn finetune_reproduces_the_official_run() {
             den += (*w as f64 - *i as f64).powi(2);
         }
         let dist = (num / den).sqrt();
-        assert!(den > 0.0 && dist <= 0.25, "{}: our update is {dist:.3} (relative) away from the official one", MODULES[*m]);
+        assert!(
+            den > 0.0 && dist <= 0.25,
+            "{}: our update is {dist:.3} (relative) away from the official one",
+            MODULES[*m]
+        );
     }
     // The adapted model's logits after training.
     let probe = ids_of(&t["probe_ids"]);
@@ -198,7 +209,10 @@ fn finetune_reproduces_the_official_run() {
     check_top("probe top5 after training", &logits[(probe.len() - 1) * v..], &t["probe_logits_last_top5"], 1.0);
     // Determinism: a second run is bitwise equal.
     let (losses2, fin2, _) = run();
-    assert_eq!(losses.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), losses2.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        losses.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        losses2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
     assert!(fin == fin2, "a second run gives a different adapter");
 }
 

@@ -11,7 +11,17 @@ fn rand_f32(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 }
 
 fn tiny_dims() -> Dims {
-    Dims { hidden: 32, layers: 2, heads: 4, kv_heads: 2, head_dim: 8, ffn: 48, vocab: 61, rope_theta: 10000.0, eps: 1e-5 }
+    Dims {
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        ffn: 48,
+        vocab: 61,
+        rope_theta: 10000.0,
+        eps: 1e-5,
+    }
 }
 
 fn tiny_weights(d: &Dims, seed: u64, tied: bool) -> HostWeights {
@@ -69,7 +79,8 @@ fn tiny_adapter(d: &Dims, targets: &[usize], shared: bool, scale: f32, seed: u64
 }
 
 fn tiny_batch(d: &Dims) -> Batch {
-    let seqs: Vec<Vec<u32>> = (0..2).map(|b| (0..7).map(|t| ((b * 31 + t * 17 + 5) % d.vocab) as u32).collect()).collect();
+    let seqs: Vec<Vec<u32>> =
+        (0..2).map(|b| (0..7).map(|t| ((b * 31 + t * 17 + 5) % d.vocab) as u32).collect()).collect();
     let mut batch = Batch::causal(&seqs).unwrap();
     // No loss on one position, as for a prompt.
     batch.labels[1] = -1;
@@ -89,13 +100,17 @@ fn check_grads(tied: bool, shared: bool, targets: &[usize], scale: f32) {
     let a = ad.upload(&Cpu, &d).unwrap();
     let mut grads = a.zero_grads(&Cpu).unwrap();
     let loss = model.loss_and_grad(&Cpu, &a, &batch, &mut grads).unwrap() as f64;
-    assert!((loss - loss_at(&model, &ad, &batch)).abs() < 1e-5 * loss.abs(), "loss_and_grad's loss differs from loss()");
+    assert!(
+        (loss - loss_at(&model, &ad, &batch)).abs() < 1e-5 * loss.abs(),
+        "loss_and_grad's loss differs from loss()"
+    );
     // Directional derivatives along random directions, one pair at a time and all at once.
     let eps = 2e-3f32;
     let mut dirs: Vec<Vec<(Vec<f32>, Vec<f32>)>> = Vec::new();
     for (p, (_, phi, psi)) in ad.pairs.iter().enumerate() {
         for which in 0..2 {
-            let mut dir: Vec<(Vec<f32>, Vec<f32>)> = ad.pairs.iter().map(|(_, f, s)| (vec![0.0; f.len()], vec![0.0; s.len()])).collect();
+            let mut dir: Vec<(Vec<f32>, Vec<f32>)> =
+                ad.pairs.iter().map(|(_, f, s)| (vec![0.0; f.len()], vec![0.0; s.len()])).collect();
             if which == 0 {
                 dir[p].0 = rand_f32(1000 + p as u64, phi.len(), 1.0);
             } else {
@@ -104,7 +119,13 @@ fn check_grads(tied: bool, shared: bool, targets: &[usize], scale: f32) {
             dirs.push(dir);
         }
     }
-    dirs.push(ad.pairs.iter().enumerate().map(|(p, (_, f, s))| (rand_f32(3000 + p as u64, f.len(), 1.0), rand_f32(4000 + p as u64, s.len(), 1.0))).collect());
+    dirs.push(
+        ad.pairs
+            .iter()
+            .enumerate()
+            .map(|(p, (_, f, s))| (rand_f32(3000 + p as u64, f.len(), 1.0), rand_f32(4000 + p as u64, s.len(), 1.0)))
+            .collect(),
+    );
     let (mut worst, mut scale_max) = (0.0f64, 0.0f64);
     let mut rows = Vec::new();
     for dir in &dirs {
@@ -130,7 +151,10 @@ fn check_grads(tied: bool, shared: bool, targets: &[usize], scale: f32) {
         rows.push((fd, an));
     }
     assert!(scale_max > 1e-3, "gradients vanish: {rows:?}");
-    assert!(worst <= 2e-3 * scale_max.max(1.0), "finite differences disagree (fd, analytic): {rows:?}; worst {worst:e}");
+    assert!(
+        worst <= 2e-3 * scale_max.max(1.0),
+        "finite differences disagree (fd, analytic): {rows:?}; worst {worst:e}"
+    );
 }
 
 #[test]
@@ -176,7 +200,11 @@ fn grad_pair_shared_across_module_types() {
         let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
         let g = if which == 0 { &grads[0].0 } else { &grads[0].1 };
         let an: f64 = g.iter().zip(&dir).map(|(g, d)| *g as f64 * *d as f64).sum();
-        assert!((fd - an).abs() <= 2e-3 * an.abs().max(1.0), "{}: fd {fd} vs analytic {an}", ["phi", "psi"][which as usize]);
+        assert!(
+            (fd - an).abs() <= 2e-3 * an.abs().max(1.0),
+            "{}: fd {fd} vs analytic {an}",
+            ["phi", "psi"][which as usize]
+        );
     }
     // A site pointing at a pair of the wrong d_in is refused (down_proj reads the FFN width).
     ad.sites[1][6] = Some(0);

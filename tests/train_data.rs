@@ -63,7 +63,10 @@ fn bad_records_name_the_line() {
     assert!(read_jsonl(&p, None, 8).is_err());
     let p2 = write("empty.jsonl", "\n");
     assert!(read_jsonl(&p2, None, 8).is_err());
-    assert!(read_jsonl(std::path::Path::new("/nonexistent.jsonl"), None, 8).unwrap_err().to_string().contains("/nonexistent.jsonl"));
+    assert!(read_jsonl(std::path::Path::new("/nonexistent.jsonl"), None, 8)
+        .unwrap_err()
+        .to_string()
+        .contains("/nonexistent.jsonl"));
     let _ = std::fs::remove_file(&p);
     let _ = std::fs::remove_file(&p2);
 }
@@ -100,7 +103,10 @@ fn arithmetic_splits_are_disjoint_and_seeded() {
     assert_eq!(train, arithmetic::problems(Split::Train, 0, 2000).unwrap());
     assert_ne!(train[..20], arithmetic::problems(Split::Train, 1, 20).unwrap()[..]);
     // About 1 in 8 of all pairs is held out.
-    let n_held = (100..1000).flat_map(|a| (100..1000).map(move |b| (a, b))).filter(|&(a, b)| split_of(a, b) == Split::HeldOut).count();
+    let n_held = (100..1000)
+        .flat_map(|a| (100..1000).map(move |b| (a, b)))
+        .filter(|&(a, b)| split_of(a, b) == Split::HeldOut)
+        .count();
     let frac = n_held as f64 / 810_000.0;
     assert!((0.11..0.14).contains(&frac), "{frac}");
     let p = Problem { a: 345, b: 678 };

@@ -303,7 +303,10 @@ fn exact_match(
 }
 
 fn arithmetic_cases(tok: &Tokenizer, seed: u64, n: usize) -> Result<Vec<(Vec<u32>, String)>> {
-    arithmetic::problems(Split::HeldOut, seed, n)?.iter().map(|p| Ok((tok.chat_prompt(&p.question())?, p.answer()))).collect()
+    arithmetic::problems(Split::HeldOut, seed, n)?
+        .iter()
+        .map(|p| Ok((tok.chat_prompt(&p.question())?, p.answer())))
+        .collect()
 }
 
 fn bar(n: u64, label: &str) -> ProgressBar {
@@ -339,7 +342,8 @@ fn run(cmd: Cmd) -> Result<()> {
                 (None, Some(t)) => t,
                 (None, None) => return Err(Error::invalid("score", "give --text or --tokens")),
             };
-            let ad = host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
+            let ad =
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
             let (logits, loss) = l.model.score(&Cpu, ad.as_ref(), &ids)?;
             let v = l.model.dims.vocab;
             let am: Vec<usize> = logits.chunks(v).map(argmax).collect();
@@ -353,7 +357,8 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Generate { m, adapter, prompt, max_new, raw } => {
             let l = load(&m)?;
-            let ad = host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
+            let ad =
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
             let ids = if raw { l.tok.encode(&prompt, false)? } else { l.tok.chat_prompt(&prompt)? };
             let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
             let out = l.model.generate(&Cpu, ad.as_ref(), &ids, max_new, &stop)?;
@@ -362,7 +367,8 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::Eval { m, adapter, task, data, n, seed, max_new } => {
             let l = load(&m)?;
-            let ad = host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
+            let ad =
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
             let cases = match (task, data) {
                 (Some(Task::Arithmetic), _) => arithmetic_cases(&l.tok, seed, n)?,
                 (None, Some(path)) => read_eval_cases(&path, &l.tok, n)?,
@@ -412,8 +418,9 @@ fn run(cmd: Cmd) -> Result<()> {
             let host = HostAdapter::from_adapter(&init)?;
             let opt = AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..AdamWConfig::default() };
             let mut tr = Trainer::new(&Cpu, &l.model, &host, opt)?;
-            let seqs: Vec<Vec<u32>> =
-                (0..batch).map(|b| (0..seq).map(|t| ((b * 7919 + t * 104_729 + 17) % dims.vocab) as u32).collect()).collect();
+            let seqs: Vec<Vec<u32>> = (0..batch)
+                .map(|b| (0..seq).map(|t| ((b * 7919 + t * 104_729 + 17) % dims.vocab) as u32).collect())
+                .collect();
             let bt = Batch::causal(&seqs)?;
             tr.step(&bt)?;
             let t0 = Instant::now();

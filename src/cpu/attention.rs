@@ -103,7 +103,14 @@ pub fn swiglu_backward(dh: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], 
 }
 
 /// The `seq x hd` block of head `head` of batch element `b` in a `(B*S) x width` buffer.
-fn block<'a>(name: &'static str, x: &'a [f32], s: &AttnShape, b: usize, head: usize, width: usize) -> Result<Mat<'a, f32>> {
+fn block<'a>(
+    name: &'static str,
+    x: &'a [f32],
+    s: &AttnShape,
+    b: usize,
+    head: usize,
+    width: usize,
+) -> Result<Mat<'a, f32>> {
     let at = b * s.seq * width + head * s.head_dim;
     Mat::strided(name, &x[at..], s.seq, s.head_dim, width)
 }
@@ -137,7 +144,14 @@ fn probs(z: &mut [f32], seq: usize, lse: &mut [f32], recompute: bool) {
 
 /// Causal GQA attention forward (see the module docs): `out` is `(B*S) x (H*hd)`, `lse` is
 /// `(B*S) x H`, as [`crate::cpu::ops::attention_forward`].
-pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, out: &mut [f32], lse: &mut [f32]) -> Result<()> {
+pub fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
     check(&s, q.len(), k.len(), v.len())?;
     need("out", out.len(), s.tokens() * s.q_width())?;
     need("lse", lse.len(), s.tokens() * s.heads)?;
@@ -148,13 +162,22 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, out: &mu
         .par_iter()
         .map(|&(b, h)| -> Result<(Vec<f32>, Vec<f32>)> {
             let g = h / s.group();
-            let (qh, kg, vg) = (block("q", q, &s, b, h, qw)?, block("k", k, &s, b, g, kw)?, block("v", v, &s, b, g, kw)?);
+            let (qh, kg, vg) =
+                (block("q", q, &s, b, h, qw)?, block("k", k, &s, b, g, kw)?, block("v", v, &s, b, g, kw)?);
             let mut z = vec![0.0f32; seq * seq];
             matmul_serial(&mut MatMut::new("Z", &mut z, seq, seq)?, 0.0, c, qh, Op::N, kg, Op::T)?;
             let mut l = vec![0.0f32; seq];
             probs(&mut z, seq, &mut l, false);
             let mut o = vec![0.0f32; seq * hd];
-            matmul_serial(&mut MatMut::new("O", &mut o, seq, hd)?, 0.0, 1.0, Mat::new("P", &z, seq, seq)?, Op::N, vg, Op::N)?;
+            matmul_serial(
+                &mut MatMut::new("O", &mut o, seq, hd)?,
+                0.0,
+                1.0,
+                Mat::new("P", &z, seq, seq)?,
+                Op::N,
+                vg,
+                Op::N,
+            )?;
             Ok((o, l))
         })
         .collect::<Result<_>>()?;
@@ -207,7 +230,11 @@ pub fn attention_backward(
             let mut l = vec![0.0f32; seq];
             for hg in 0..group {
                 let h = g * group + hg;
-                let (qh, doh, oh) = (block("q", q, &s, b, h, qw)?, block("dout", dout, &s, b, h, qw)?, block("out", out, &s, b, h, qw)?);
+                let (qh, doh, oh) = (
+                    block("q", q, &s, b, h, qw)?,
+                    block("dout", dout, &s, b, h, qw)?,
+                    block("out", out, &s, b, h, qw)?,
+                );
                 matmul_serial(&mut MatMut::new("Z", &mut p, seq, seq)?, 0.0, c, qh, Op::N, kg, Op::T)?;
                 for (i, li) in l.iter_mut().enumerate() {
                     *li = lse[(b * seq + i) * s.heads + h];
@@ -236,7 +263,8 @@ pub fn attention_backward(
             let t = b * seq + i;
             for hg in 0..group {
                 let h = g * group + hg;
-                dq[t * qw + h * hd..t * qw + (h + 1) * hd].copy_from_slice(&ldq[(hg * seq + i) * hd..(hg * seq + i + 1) * hd]);
+                dq[t * qw + h * hd..t * qw + (h + 1) * hd]
+                    .copy_from_slice(&ldq[(hg * seq + i) * hd..(hg * seq + i + 1) * hd]);
             }
             dk[t * kw + g * hd..t * kw + (g + 1) * hd].copy_from_slice(&ldk[i * hd..(i + 1) * hd]);
             dv[t * kw + g * hd..t * kw + (g + 1) * hd].copy_from_slice(&ldv[i * hd..(i + 1) * hd]);
@@ -271,7 +299,9 @@ mod tests {
     /// Against the row-by-row reference ops, at several shapes (GQA, odd lengths).
     #[test]
     fn attention_matches_the_reference_ops() {
-        for (i, &(b, seq, h, kvh, hd)) in [(2, 7, 4, 2, 8), (1, 1, 3, 3, 4), (3, 33, 9, 3, 16), (4, 64, 9, 3, 64)].iter().enumerate() {
+        for (i, &(b, seq, h, kvh, hd)) in
+            [(2, 7, 4, 2, 8), (1, 1, 3, 3, 4), (3, 33, 9, 3, 16), (4, 64, 9, 3, 64)].iter().enumerate()
+        {
             let s = AttnShape::new(b, seq, h, kvh, hd).unwrap();
             let n = i as u64 * 10;
             let q = rnd(n + 1, s.tokens() * s.q_width()).iter().map(|x| x * 3.0).collect::<Vec<_>>();

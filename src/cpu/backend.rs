@@ -6,8 +6,8 @@
 use rayon::prelude::*;
 
 use crate::backend::{AdamHyper, AttnShape, Backend, Dropout};
-use crate::cpu::gemm::{matmul_slices, Op};
 use crate::cpu::attention::{self, exp_neg};
+use crate::cpu::gemm::{matmul_slices, Op};
 use crate::cpu::{layer, ops};
 use crate::error::{Error, Result};
 use crate::shape::{LayerShape, Mat, MatMut};
@@ -94,7 +94,14 @@ impl Backend for Cpu {
         dst[dst_offset..end].copy_from_slice(src);
         Ok(())
     }
-    fn copy_range(&self, src: &Vec<f32>, src_offset: usize, len: usize, dst: &mut Vec<f32>, dst_offset: usize) -> Result<()> {
+    fn copy_range(
+        &self,
+        src: &Vec<f32>,
+        src_offset: usize,
+        len: usize,
+        dst: &mut Vec<f32>,
+        dst_offset: usize,
+    ) -> Result<()> {
         let s_end = src_offset.checked_add(len).filter(|&e| e <= src.len());
         let d_end = dst_offset.checked_add(len).filter(|&e| e <= dst.len());
         match (s_end, d_end) {
@@ -104,7 +111,11 @@ impl Backend for Cpu {
             }
             _ => Err(Error::invalid(
                 "copy_range",
-                format!("{len} elements from {src_offset} (of {}) to {dst_offset} (of {}) overrun", src.len(), dst.len()),
+                format!(
+                    "{len} elements from {src_offset} (of {}) to {dst_offset} (of {}) overrun",
+                    src.len(),
+                    dst.len()
+                ),
             )),
         }
     }
@@ -112,27 +123,85 @@ impl Backend for Cpu {
         ops::add_inplace(y, x)
     }
 
-    fn embedding_forward(&self, table: &Vec<f32>, vocab: usize, dim: usize, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+    fn embedding_forward(
+        &self,
+        table: &Vec<f32>,
+        vocab: usize,
+        dim: usize,
+        ids: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         ops::embedding_forward(ids, table, vocab, dim, out)
     }
 
-    fn rmsnorm_forward(&self, x: &Vec<f32>, weight: &Vec<f32>, rows: usize, dim: usize, eps: f32, y: &mut Vec<f32>, rstd: &mut Vec<f32>) -> Result<()> {
+    fn rmsnorm_forward(
+        &self,
+        x: &Vec<f32>,
+        weight: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        y: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+    ) -> Result<()> {
         ops::rmsnorm_forward(x, weight, rows, dim, eps, y, rstd)
     }
 
-    fn rmsnorm_backward(&self, x: &Vec<f32>, weight: &Vec<f32>, rstd: &Vec<f32>, dy: &Vec<f32>, rows: usize, dim: usize, dx: &mut Vec<f32>) -> Result<()> {
+    fn rmsnorm_backward(
+        &self,
+        x: &Vec<f32>,
+        weight: &Vec<f32>,
+        rstd: &Vec<f32>,
+        dy: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
         write_or_add(dx, true, |d| ops::rmsnorm_backward(dy, x, weight, rstd, rows, dim, d))
     }
 
-    fn linear_forward(&self, x: &Vec<f32>, w: &Vec<f32>, rows: usize, d_in: usize, d_out: usize, y: &mut Vec<f32>) -> Result<()> {
-        layer::frozen_forward(Mat::new("x", x, rows, d_in)?, Mat::new("W", w, d_out, d_in)?, None, MatMut::new("y", y, rows, d_out)?)
+    fn linear_forward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        layer::frozen_forward(
+            Mat::new("x", x, rows, d_in)?,
+            Mat::new("W", w, d_out, d_in)?,
+            None,
+            MatMut::new("y", y, rows, d_out)?,
+        )
     }
 
-    fn linear_backward(&self, g: &Vec<f32>, w: &Vec<f32>, rows: usize, d_in: usize, d_out: usize, dx: &mut Vec<f32>, accumulate: bool) -> Result<()> {
+    fn linear_backward(
+        &self,
+        g: &Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
         let (g, w) = (Mat::new("G", g, rows, d_out)?, Mat::new("W", w, d_out, d_in)?);
         if accumulate {
             // dx += G W in one product.
-            return matmul_slices(dx, (rows, d_in), 1.0, 1.0, g.data(), (rows, d_out), Op::N, w.data(), (d_out, d_in), Op::N);
+            return matmul_slices(
+                dx,
+                (rows, d_in),
+                1.0,
+                1.0,
+                g.data(),
+                (rows, d_out),
+                Op::N,
+                w.data(),
+                (d_out, d_in),
+                Op::N,
+            );
         }
         layer::frozen_backward(g, w, MatMut::new("dx", dx, rows, d_in)?)
     }
@@ -210,7 +279,15 @@ impl Backend for Cpu {
         }
     }
 
-    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: &[u32], theta: f32, inverse: bool) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        theta: f32,
+        inverse: bool,
+    ) -> Result<()> {
         let pos: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
         let max_pos = pos.iter().max().map_or(1, |p| p + 1);
         let cache = ops::RopeCache::new(head_dim, theta, max_pos)?;
@@ -221,7 +298,15 @@ impl Backend for Cpu {
         }
     }
 
-    fn attention_forward(&self, shape: AttnShape, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, out: &mut Vec<f32>, lse: &mut Vec<f32>) -> Result<()> {
+    fn attention_forward(
+        &self,
+        shape: AttnShape,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+    ) -> Result<()> {
         attention::attention_forward(q, k, v, shape, out, lse)
     }
 
@@ -261,23 +346,49 @@ impl Backend for Cpu {
         attention::swiglu_forward(gate, up, h)
     }
 
-    fn swiglu_backward(&self, gate: &Vec<f32>, up: &Vec<f32>, dh: &Vec<f32>, dgate: &mut Vec<f32>, dup: &mut Vec<f32>) -> Result<()> {
+    fn swiglu_backward(
+        &self,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        dh: &Vec<f32>,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+    ) -> Result<()> {
         attention::swiglu_backward(dh, gate, up, dgate, dup)
     }
 
-    fn logits(&self, h: &Vec<f32>, head: &Vec<f32>, rows: usize, dim: usize, vocab: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn logits(
+        &self,
+        h: &Vec<f32>,
+        head: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         need("logits h", h, rows * dim)?;
         need("logits head", head, vocab * dim)?;
         matmul_slices(out, (rows, vocab), 0.0, 1.0, h, (rows, dim), Op::N, head, (vocab, dim), Op::T)
     }
 
-    fn lm_head_loss(&self, h: &Vec<f32>, head: &Vec<f32>, dim: usize, vocab: usize, labels: &[i32], dh: Option<(&mut Vec<f32>, f32)>) -> Result<f32> {
+    fn lm_head_loss(
+        &self,
+        h: &Vec<f32>,
+        head: &Vec<f32>,
+        dim: usize,
+        vocab: usize,
+        labels: &[i32],
+        dh: Option<(&mut Vec<f32>, f32)>,
+    ) -> Result<f32> {
         let rows = labels.len();
         need("lm_head h", h, rows * dim)?;
         need("lm_head head", head, vocab * dim)?;
         for (t, &l) in labels.iter().enumerate() {
             if l >= vocab as i32 {
-                return Err(Error::invalid("labels", format!("label {l} at row {t} is outside the vocabulary of {vocab}")));
+                return Err(Error::invalid(
+                    "labels",
+                    format!("label {l} at row {t} is outside the vocabulary of {vocab}"),
+                ));
             }
         }
         let picked: Vec<usize> = (0..rows).filter(|&t| labels[t] >= 0).collect();
@@ -296,7 +407,18 @@ impl Backend for Cpu {
             for (i, &t) in chunk.iter().enumerate() {
                 hc[i * dim..(i + 1) * dim].copy_from_slice(&h[t * dim..(t + 1) * dim]);
             }
-            matmul_slices(&mut z[..n * vocab], (n, vocab), 0.0, 1.0, &hc[..n * dim], (n, dim), Op::N, head, (vocab, dim), Op::T)?;
+            matmul_slices(
+                &mut z[..n * vocab],
+                (n, vocab),
+                0.0,
+                1.0,
+                &hc[..n * dim],
+                (n, dim),
+                Op::N,
+                head,
+                (vocab, dim),
+                Op::T,
+            )?;
             let grad_scale = dh.as_ref().map(|(_, c)| *c);
             let losses: Vec<f64> = z[..n * vocab]
                 .par_chunks_mut(vocab)
@@ -336,7 +458,18 @@ impl Backend for Cpu {
                 .collect();
             total += losses.iter().sum::<f64>();
             if let Some((d, _)) = dh.as_mut() {
-                matmul_slices(&mut dhc[..n * dim], (n, dim), 0.0, 1.0, &z[..n * vocab], (n, vocab), Op::N, head, (vocab, dim), Op::N)?;
+                matmul_slices(
+                    &mut dhc[..n * dim],
+                    (n, dim),
+                    0.0,
+                    1.0,
+                    &z[..n * vocab],
+                    (n, vocab),
+                    Op::N,
+                    head,
+                    (vocab, dim),
+                    Op::N,
+                )?;
                 for (i, &t) in chunk.iter().enumerate() {
                     d[t * dim..(t + 1) * dim].copy_from_slice(&dhc[i * dim..(i + 1) * dim]);
                 }
@@ -345,7 +478,14 @@ impl Backend for Cpu {
         Ok(total as f32)
     }
 
-    fn adamw_step(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: AdamHyper) -> Result<()> {
+    fn adamw_step(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        hp: AdamHyper,
+    ) -> Result<()> {
         if hp.step == 0 {
             return Err(Error::invalid("adamw step", "steps count from 1"));
         }
@@ -388,7 +528,8 @@ mod tests {
         let loss = Cpu.lm_head_loss(&h, &e, dim, vocab, &labels, Some((&mut dh, c))).unwrap() as f64;
         let (mut want, mut worst) = (0.0f64, 0.0f64);
         for t in 0..rows {
-            let z: Vec<f64> = (0..vocab).map(|v| (0..dim).map(|i| h[t * dim + i] as f64 * e[v * dim + i] as f64).sum()).collect();
+            let z: Vec<f64> =
+                (0..vocab).map(|v| (0..dim).map(|i| h[t * dim + i] as f64 * e[v * dim + i] as f64).sum()).collect();
             if labels[t] < 0 {
                 assert!(dh[t * dim..(t + 1) * dim].iter().all(|&x| x == 0.0));
                 continue;
@@ -398,7 +539,11 @@ mod tests {
             want += lse - z[labels[t] as usize];
             for i in 0..dim {
                 let g: f64 = (0..vocab)
-                    .map(|v| c as f64 * ((z[v] - lse).exp() - if v == labels[t] as usize { 1.0 } else { 0.0 }) * e[v * dim + i] as f64)
+                    .map(|v| {
+                        c as f64
+                            * ((z[v] - lse).exp() - if v == labels[t] as usize { 1.0 } else { 0.0 })
+                            * e[v * dim + i] as f64
+                    })
                     .sum();
                 worst = worst.max((g - dh[t * dim + i] as f64).abs());
             }

@@ -81,7 +81,10 @@ impl Dims {
         if self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
             return Err(Error::invalid(
                 "dims",
-                format!("heads {} must be a multiple of kv_heads {}, head_dim {} even", self.heads, self.kv_heads, self.head_dim),
+                format!(
+                    "heads {} must be a multiple of kv_heads {}, head_dim {} even",
+                    self.heads, self.kv_heads, self.head_dim
+                ),
             ));
         }
         Ok(())
@@ -198,7 +201,10 @@ impl HostAdapter {
         }
         Dropout { p: self.dropout, seed: 0 }.check()?;
         if self.sites.len() != dims.layers {
-            return Err(Error::invalid("adapter sites", format!("{} layers, model has {}", self.sites.len(), dims.layers)));
+            return Err(Error::invalid(
+                "adapter sites",
+                format!("{} layers, model has {}", self.sites.len(), dims.layers),
+            ));
         }
         for (m, phi, psi) in &self.pairs {
             let (d_in, _) = dims.module_dims(*m);
@@ -226,7 +232,10 @@ impl HostAdapter {
                         _ => {
                             return Err(Error::invalid(
                                 "adapter sites",
-                                format!("layer {l} {} points at pair {p}, which is missing or not {d_in} x {}", MODULES[m], self.rank),
+                                format!(
+                                    "layer {l} {} points at pair {p}, which is missing or not {d_in} x {}",
+                                    MODULES[m], self.rank
+                                ),
                             ))
                         }
                     }
@@ -244,15 +253,25 @@ impl HostAdapter {
             .iter()
             .map(|(m, phi, psi)| Ok(Pair { module: *m, phi: be.upload(phi)?, psi: be.upload(psi)? }))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Adapter { rank: self.rank, scale: self.scale, pairs, sites: self.sites.clone(), dropout: self.dropout, dropout_seed: 0 })
+        Ok(Adapter {
+            rank: self.rank,
+            scale: self.scale,
+            pairs,
+            sites: self.sites.clone(),
+            dropout: self.dropout,
+            dropout_seed: 0,
+        })
     }
 }
 
 impl<B: Backend> Adapter<B> {
     /// The adapter, back on the host.
     pub fn download(&self, be: &B) -> Result<HostAdapter> {
-        let pairs =
-            self.pairs.iter().map(|p| Ok((p.module, be.download(&p.phi)?, be.download(&p.psi)?))).collect::<Result<Vec<_>>>()?;
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|p| Ok((p.module, be.download(&p.phi)?, be.download(&p.psi)?)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(HostAdapter { rank: self.rank, scale: self.scale, pairs, sites: self.sites.clone(), dropout: self.dropout })
     }
     /// Zeroed gradient buffers, one `(dphi, dpsi)` per pair.
@@ -296,7 +315,13 @@ impl Batch {
         if n == 0 || self.ids.len() != n || self.labels.len() != n {
             return Err(Error::invalid(
                 "batch",
-                format!("{} x {} needs {n} ids and labels, got {} and {}", self.batch, self.seq, self.ids.len(), self.labels.len()),
+                format!(
+                    "{} x {} needs {n} ids and labels, got {} and {}",
+                    self.batch,
+                    self.seq,
+                    self.ids.len(),
+                    self.labels.len()
+                ),
             ));
         }
         if let Some(&id) = self.ids.iter().find(|&&i| i as usize >= vocab) {
@@ -428,7 +453,10 @@ impl<B: Backend> Llama<B> {
 
     /// Frozen weight of `(layer, module)`, downloaded (for merging).
     pub fn weight(&self, be: &B, layer: usize, module: usize) -> Result<Vec<f32>> {
-        let l = self.layers.get(layer).ok_or_else(|| Error::invalid("layer", format!("{layer} >= {}", self.dims.layers)))?;
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::invalid("layer", format!("{layer} >= {}", self.dims.layers)))?;
         let w = l.proj.get(module).ok_or_else(|| Error::invalid("module", format!("index {module} >= 7")))?;
         be.download(w)
     }
@@ -436,15 +464,24 @@ impl<B: Backend> Llama<B> {
     fn check_adapter(&self, be: &B, a: Option<&Adapter<B>>) -> Result<()> {
         if let Some(a) = a {
             if a.sites.len() != self.dims.layers {
-                return Err(Error::invalid("adapter", format!("{} layers of sites, model has {}", a.sites.len(), self.dims.layers)));
+                return Err(Error::invalid(
+                    "adapter",
+                    format!("{} layers of sites, model has {}", a.sites.len(), self.dims.layers),
+                ));
             }
             for row in &a.sites {
                 for (m, p) in row.iter().enumerate() {
                     if let Some(p) = p {
                         let (d_in, _) = self.dims.module_dims(m);
-                        let ok = a.pairs.get(*p).map(|pair| be.len(&pair.phi) == d_in * a.rank && be.len(&pair.psi) == d_in * a.rank);
+                        let ok = a
+                            .pairs
+                            .get(*p)
+                            .map(|pair| be.len(&pair.phi) == d_in * a.rank && be.len(&pair.psi) == d_in * a.rank);
                         if ok != Some(true) {
-                            return Err(Error::invalid("adapter", format!("site {} points at a missing or mis-sized pair {p}", MODULES[m])));
+                            return Err(Error::invalid(
+                                "adapter",
+                                format!("site {} points at a missing or mis-sized pair {p}", MODULES[m]),
+                            ));
                         }
                     }
                 }
@@ -576,7 +613,18 @@ impl<B: Backend> Llama<B> {
                         be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
                     } else if seq == 1 {
                         let (len, cap) = (cache.len + 1, cache.capacity);
-                        be.attention_decode(&q, &cache.k[l], &cache.v[l], batch, d.heads, d.kv_heads, d.head_dim, cap, len, &mut att)?;
+                        be.attention_decode(
+                            &q,
+                            &cache.k[l],
+                            &cache.v[l],
+                            batch,
+                            d.heads,
+                            d.kv_heads,
+                            d.head_dim,
+                            cap,
+                            len,
+                            &mut att,
+                        )?;
                     } else {
                         return Err(Error::invalid("kv cache", "after the prefill, tokens are fed one at a time"));
                     }
@@ -650,11 +698,15 @@ impl<B: Backend> Llama<B> {
         let batch = Batch::causal(&[ids.to_vec()])?;
         batch.check(self.dims.vocab)?;
         self.check_adapter(be, adapter)?;
-        let (hn, _, _, _) = self.run(be, adapter, &batch.ids, 1, ids.len(), &batch.positions(), Mode::Full { save: false })?;
+        let (hn, _, _, _) =
+            self.run(be, adapter, &batch.ids, 1, ids.len(), &batch.positions(), Mode::Full { save: false })?;
         let mut logits = be.zeros(ids.len() * self.dims.vocab)?;
         be.logits(&hn, self.head(), ids.len(), self.dims.hidden, self.dims.vocab, &mut logits)?;
         let loss = if ids.len() > 1 {
-            Some(be.lm_head_loss(&hn, self.head(), self.dims.hidden, self.dims.vocab, &batch.labels, None)? / (ids.len() - 1) as f32)
+            Some(
+                be.lm_head_loss(&hn, self.head(), self.dims.hidden, self.dims.vocab, &batch.labels, None)?
+                    / (ids.len() - 1) as f32,
+            )
         } else {
             None
         };
@@ -666,11 +718,20 @@ impl<B: Backend> Llama<B> {
     /// from [`Adapter::zero_grads`]). Frozen weights get no gradient. This is the training
     /// pass: the adapter's weight dropout (if any) applies, with masks from
     /// `adapter.dropout_seed`; [`Llama::loss`] and [`Llama::score`] evaluate without it.
-    pub fn loss_and_grad(&self, be: &B, adapter: &Adapter<B>, batch: &Batch, grads: &mut [(B::Buf, B::Buf)]) -> Result<f32> {
+    pub fn loss_and_grad(
+        &self,
+        be: &B,
+        adapter: &Adapter<B>,
+        batch: &Batch,
+        grads: &mut [(B::Buf, B::Buf)],
+    ) -> Result<f32> {
         batch.check(self.dims.vocab)?;
         self.check_adapter(be, Some(adapter))?;
         if grads.len() != adapter.pairs.len() {
-            return Err(Error::invalid("grads", format!("{} gradient pairs for {} adapter pairs", grads.len(), adapter.pairs.len())));
+            return Err(Error::invalid(
+                "grads",
+                format!("{} gradient pairs for {} adapter pairs", grads.len(), adapter.pairs.len()),
+            ));
         }
         let n = batch.count();
         if n == 0 {
@@ -681,9 +742,11 @@ impl<B: Backend> Llama<B> {
         let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
         let positions = batch.positions();
         let a = Some(adapter);
-        let (hn, xf, rstdf, acts) = self.run(be, a, &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
+        let (hn, xf, rstdf, acts) =
+            self.run(be, a, &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
         let mut dhn = be.zeros(rows * d.hidden)?;
-        let sum = be.lm_head_loss(&hn, self.head(), d.hidden, d.vocab, &batch.labels, Some((&mut dhn, 1.0 / n as f32)))?;
+        let sum =
+            be.lm_head_loss(&hn, self.head(), d.hidden, d.vocab, &batch.labels, Some((&mut dhn, 1.0 / n as f32)))?;
         drop(hn);
         // dx: gradient with respect to the residual stream, walking down the layers.
         let mut dx = be.zeros(rows * d.hidden)?;
@@ -708,7 +771,18 @@ impl<B: Backend> Llama<B> {
             be.swiglu_backward(&act.gate, &act.up, &dh, &mut dgate, &mut dup)?;
             drop(dh);
             let mut dxn2 = be.zeros(rows * d.hidden)?;
-            self.proj_backward(be, l, GATE, &act.xn2, &dgate, rows, a, &act.saved[GATE], Some((&mut dxn2, false)), grads)?;
+            self.proj_backward(
+                be,
+                l,
+                GATE,
+                &act.xn2,
+                &dgate,
+                rows,
+                a,
+                &act.saved[GATE],
+                Some((&mut dxn2, false)),
+                grads,
+            )?;
             self.proj_backward(be, l, UP, &act.xn2, &dup, rows, a, &act.saved[UP], Some((&mut dxn2, true)), grads)?;
             be.rmsnorm_backward(&act.x2, &layer.mlp_norm, &act.rstd2, &dxn2, rows, d.hidden, &mut dx)?;
             // Attention.
@@ -752,14 +826,23 @@ impl<B: Backend> Llama<B> {
     /// `cache` holds and returns the logits (`batch x vocab`, host) at each sequence's last
     /// new position. The first call (the prefill) takes any `n`; later tokens go through one
     /// position at a time.
-    pub fn forward_cached(&self, be: &B, adapter: Option<&Adapter<B>>, ids: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
+    pub fn forward_cached(
+        &self,
+        be: &B,
+        adapter: Option<&Adapter<B>>,
+        ids: &[u32],
+        cache: &mut KvCache<B>,
+    ) -> Result<Vec<f32>> {
         let batch = cache.batch;
         if ids.is_empty() || ids.len() % batch != 0 {
             return Err(Error::invalid("ids", format!("{} ids for a cache of {batch} sequences", ids.len())));
         }
         self.check_adapter(be, adapter)?;
         if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.dims.vocab) {
-            return Err(Error::invalid("ids", format!("token id {id} is outside the vocabulary of {}", self.dims.vocab)));
+            return Err(Error::invalid(
+                "ids",
+                format!("token id {id} is outside the vocabulary of {}", self.dims.vocab),
+            ));
         }
         let n = ids.len() / batch;
         let d = &self.dims;
@@ -795,7 +878,14 @@ impl<B: Backend> Llama<B> {
 
     /// Greedy decoding: up to `max_new` tokens after `prompt`, stopping after any token in
     /// `stop` (which is included in the output). Returns the new tokens only.
-    pub fn generate(&self, be: &B, adapter: Option<&Adapter<B>>, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+    pub fn generate(
+        &self,
+        be: &B,
+        adapter: Option<&Adapter<B>>,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
         Ok(self.generate_batch(be, adapter, &[prompt.to_vec()], max_new, stop)?.pop().unwrap_or_default())
     }
 
@@ -889,7 +979,15 @@ impl HostWeights {
             .map(|l| HostLayer {
                 attn_norm: l.input_layernorm.data,
                 mlp_norm: l.post_attention_layernorm.data,
-                proj: [l.q_proj.data, l.k_proj.data, l.v_proj.data, l.o_proj.data, l.gate_proj.data, l.up_proj.data, l.down_proj.data],
+                proj: [
+                    l.q_proj.data,
+                    l.k_proj.data,
+                    l.v_proj.data,
+                    l.o_proj.data,
+                    l.gate_proj.data,
+                    l.up_proj.data,
+                    l.down_proj.data,
+                ],
             })
             .collect();
         Ok(HostWeights {
@@ -915,7 +1013,10 @@ impl HostAdapter {
             .pairs()
             .iter()
             .map(|p| {
-                let (_, m) = *p.sites.first().ok_or_else(|| Error::invalid("adapter", format!("pair {} has no site", p.name)))?;
+                let (_, m) = *p
+                    .sites
+                    .first()
+                    .ok_or_else(|| Error::invalid("adapter", format!("pair {} has no site", p.name)))?;
                 Ok((m.index(), p.phi.clone(), p.psi.clone()))
             })
             .collect::<Result<Vec<_>>>()?;

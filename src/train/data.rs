@@ -99,7 +99,11 @@ pub fn read_jsonl(path: &Path, enc: Option<&dyn Encode>, seq: usize) -> Result<V
                 let e = need_enc()?;
                 Example::completion(e.encode(&p)?, e.encode(&c)?)
             }
-            _ => return Err(bad("expected exactly one of {\"tokens\"}, {\"text\"} or {\"prompt\", \"completion\"}".into())),
+            _ => {
+                return Err(bad(
+                    "expected exactly one of {\"tokens\"}, {\"text\"} or {\"prompt\", \"completion\"}".into()
+                ))
+            }
         };
         ex.truncate(seq);
         if ex.count() == 0 {
@@ -164,7 +168,8 @@ impl Batcher {
     fn reorder(&mut self) {
         self.order = (0..self.n).collect();
         if let Some(seed) = self.shuffle {
-            let mut rng = crate::train::arithmetic::SplitMix::new(seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng =
+                crate::train::arithmetic::SplitMix::new(seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             for i in (1..self.n).rev() {
                 let j = rng.below(i as u64 + 1) as usize;
                 self.order.swap(i, j);

@@ -42,7 +42,9 @@ impl<'m, B: Backend> Trainer<'m, B> {
     /// labelled tokens, with this step's weight dropout if any), then applies AdamW to every
     /// pair.
     pub fn step(&mut self, batch: &Batch) -> Result<f32> {
-        self.adapter.dropout_seed = crate::train::arithmetic::SplitMix::new(self.seed ^ (self.step + 1).wrapping_mul(0xA076_1D64_78BD_642F)).next_u64();
+        self.adapter.dropout_seed =
+            crate::train::arithmetic::SplitMix::new(self.seed ^ (self.step + 1).wrapping_mul(0xA076_1D64_78BD_642F))
+                .next_u64();
         for (dphi, dpsi) in self.grads.iter_mut() {
             self.be.fill_zero(dphi)?;
             self.be.fill_zero(dpsi)?;
@@ -53,9 +55,17 @@ impl<'m, B: Backend> Trainer<'m, B> {
         }
         self.step += 1;
         let o = self.optim;
-        let hyper =
-            AdamHyper { lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay, step: self.step };
-        for (((pair, g), m), v) in self.adapter.pairs.iter_mut().zip(&self.grads).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+        let hyper = AdamHyper {
+            lr: o.lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            step: self.step,
+        };
+        for (((pair, g), m), v) in
+            self.adapter.pairs.iter_mut().zip(&self.grads).zip(self.m.iter_mut()).zip(self.v.iter_mut())
+        {
             self.be.adamw_step(&mut pair.phi, &g.0, &mut m.0, &mut v.0, hyper)?;
             self.be.adamw_step(&mut pair.psi, &g.1, &mut m.1, &mut v.1, hyper)?;
         }
