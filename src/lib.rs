@@ -21,7 +21,7 @@
 //!
 //! The official PyTorch code stores `in_proj.weight = phi^T` and `out_proj.weight = psi^T`.
 //!
-//! Modules: [`reference`] (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
+//! Modules: [`reference`](mod@reference) (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
 //! `cuda`), [`backend`] (the trait the model runs on), [`model`] (the Llama model
 //! [`model::llama`], its config, weights, tokenizer), [`adapter`] (config, init, files),
 //! [`train`] (AdamW, data, the arithmetic task, the trainer), [`shape`] (shapes and matrix
