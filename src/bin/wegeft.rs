@@ -20,7 +20,7 @@ use wegeft::train::trainer::Trainer;
 use wegeft::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "wegeft", version, about = "WeGeFT fine-tuning of Llama-family models")]
+#[command(name = "wegeft", version, about = "WeGeFT fine-tuning of Llama-family models", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
