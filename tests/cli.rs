@@ -177,10 +177,10 @@ fn finetune_arithmetic_smoke_and_bench() {
     ]);
     assert!(stdout.contains("held-out exact match before") && stdout.contains("after"), "{stdout}");
     assert!(dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file());
-    // A PEFT directory reads back.
+    // A PEFT directory reads back; a repeated option overrides the earlier one (as demo.sh uses).
     ok(&["score", "--model", s(&m), "--adapter", s(&dir), "--tokens", "1,2,3"]);
     let b: Value =
-        serde_json::from_str(&ok(&["bench-step", "--model", s(&m), "--batch", "1", "--seq", "8", "--steps", "1"]))
+        serde_json::from_str(&ok(&["bench-step", "--model", s(&m), "--batch", "1", "--seq", "8", "--steps", "9", "--steps", "1"]))
             .unwrap();
     assert!(b["tokens_per_s"].as_f64().unwrap() > 0.0);
     let _ = std::fs::remove_dir_all(&dir);
