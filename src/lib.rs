@@ -21,11 +21,33 @@
 //!
 //! The official PyTorch code stores `in_proj.weight = phi^T` and `out_proj.weight = psi^T`.
 //!
-//! Modules: [`reference`] (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
-//! `cuda`), [`model`] (Llama config, weights, tokenizer), [`shape`] (shapes and matrix views),
-//! [`error`].
+//! Modules: [`reference`](mod@reference) (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
+//! `cuda`), [`backend`] (the trait the model runs on), [`model`] (the Llama model
+//! [`model::llama`], its config, weights, tokenizer), [`adapter`] (config, init, files),
+//! [`train`] (AdamW, data, the arithmetic task, the trainer), [`shape`] (shapes and matrix
+//! views), [`error`].
+//!
+//! Fine-tuning from Rust, on the CPU:
+//!
+//! ```no_run
+//! use wegeft::adapter::{Adapter, AdapterConfig, Module};
+//! use wegeft::cpu::Cpu;
+//! use wegeft::model::llama::{Batch, HostAdapter, HostWeights, Llama};
+//! use wegeft::model::LlamaWeights;
+//! use wegeft::train::{optim::AdamWConfig, trainer::Trainer};
+//!
+//! let w = LlamaWeights::load(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+//! let model = Llama::from_host(&Cpu, HostWeights::from_llama(w)?)?;
+//! let config = AdapterConfig::new(8, vec![Module::QProj, Module::VProj])?;
+//! let init = HostAdapter::from_adapter(&Adapter::new(config, model.dims.adapter_dims()?)?)?;
+//! let opt = AdamWConfig { lr: 2e-3, weight_decay: 0.0, ..AdamWConfig::default() };
+//! let mut trainer = Trainer::new(&Cpu, &model, &init, opt)?;
+//! let loss = trainer.step(&Batch::causal(&[vec![504, 3575, 282, 4649, 314]])?)?; // before the update
+//! # Ok::<(), wegeft::Error>(())
+//! ```
 
 pub mod adapter;
+pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -1,1 +1,584 @@
-fn main() {}
+//! `wegeft`: fine-tune, evaluate, score, generate with and merge WeGeFT adapters on a Llama
+//! model (GGUF file or HF safetensors directory). Run `wegeft --help`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use wegeft::adapter::{self, AdapterConfig, Init, Module, Sharing};
+use wegeft::cpu::Cpu;
+use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama, MODULES};
+use wegeft::model::{LlamaWeights, Tokenizer};
+use wegeft::shape::{LayerShape, Mat, MatMut};
+use wegeft::train::arithmetic::{self, Problem, Split};
+use wegeft::train::data::{self, Batcher, Example};
+use wegeft::train::optim::AdamWConfig;
+use wegeft::train::trainer::Trainer;
+use wegeft::{Error, Result};
+
+#[derive(Parser)]
+#[command(name = "wegeft", version, about = "WeGeFT fine-tuning of Llama-family models", args_override_self = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Task {
+    Arithmetic,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    /// The official GIFT layout: `<out>/adapter.safetensors` + `<out>/adapter.json`.
+    Gift,
+    /// The PEFT fork's layout: `<out>/adapter_config.json` + `<out>/adapter_model.safetensors`.
+    Peft,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A GGUF file or an HF safetensors directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Compute device; `auto` is the CPU until the CUDA backend lands.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fine-tune a WeGeFT adapter and save it.
+    Finetune {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// JSONL records: {"tokens":[..]}, {"text":..} or {"prompt":..,"completion":..}.
+        #[arg(long, conflicts_with = "task", required_unless_present = "task")]
+        data: Option<PathBuf>,
+        /// A built-in task instead of --data.
+        #[arg(long, value_enum)]
+        task: Option<Task>,
+        /// Comma-separated target modules.
+        #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", value_delimiter = ',')]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// Scale alpha/rank on the update (the PEFT fork); none = scale 1 (the official code).
+        #[arg(long)]
+        alpha: Option<f32>,
+        /// One pair per (layer, module) instead of one per module type shared by all layers.
+        #[arg(long)]
+        no_sharing: bool,
+        /// Dropout probability on W in the adapter path during training (the PEFT fork's
+        /// wegeft_dropout); default 0, or the --init-adapter's.
+        #[arg(long)]
+        dropout: Option<f32>,
+        /// Initialisation of a fresh adapter: gift (phi ~ U, psi = 0) or peft (phi = 0, psi ~ U).
+        #[arg(long, default_value = "gift")]
+        init: String,
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = 150)]
+        steps: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Examples are cut to this many tokens.
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        /// Start from this adapter (official layout .safetensors, or a PEFT directory).
+        #[arg(long)]
+        init_adapter: Option<PathBuf>,
+        /// Output directory for the adapter.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "gift")]
+        format: Format,
+        /// One JSON line per step: {"step": i, "loss": loss before that step's update}.
+        #[arg(long)]
+        log_json: Option<PathBuf>,
+        /// Shuffle the data (seeded) instead of file order.
+        #[arg(long)]
+        shuffle: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Held-out problems evaluated before and after training (--task only; 0 = none).
+        #[arg(long, default_value_t = 100)]
+        eval_n: usize,
+    },
+    /// Exact-match accuracy with greedy decoding.
+    Eval {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, value_enum, conflicts_with = "data", required_unless_present = "data")]
+        task: Option<Task>,
+        /// JSONL of {"prompt":..,"completion":..}: the completion is the expected output.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Problems (task) or records (data) to evaluate.
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 16)]
+        max_new: usize,
+    },
+    /// Logits of a sequence, as JSON: ids, argmax per position, top5_last, loss.
+    Score {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+        text: Option<String>,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',')]
+        tokens: Option<Vec<u32>>,
+    },
+    /// Greedy generation from a chat prompt (or raw text with --raw).
+    Generate {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new: usize,
+        /// Use the prompt as raw text, without the chat template.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Merge an adapter into the weights and write an HF safetensors directory.
+    Merge {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Time training steps (forward + backward + AdamW) in tokens per second.
+    BenchStep {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
+}
+
+/// Keeps freed activation buffers in the heap: without this, glibc returns every freed
+/// buffer above its mmap threshold to the kernel and the next training step page-faults on
+/// all of them again (about 40k faults, 160 MB of zeroing, per SmolLM2 step at B=4, S=64).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}
+
+fn main() {
+    tune_malloc();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli.cmd) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn check_device(d: Device) -> Result<Cpu> {
+    match d {
+        Device::Auto | Device::Cpu => Ok(Cpu),
+        Device::Cuda => Err(Error::NoCuda("the CUDA backend of the model is not built yet; use --device cpu".into())),
+    }
+}
+
+struct Loaded {
+    model: Llama<Cpu>,
+    tok: Tokenizer,
+    weights_config: wegeft::model::LlamaConfig,
+}
+
+fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if path.is_dir() {
+        Tokenizer::from_file(path.join("tokenizer.json"))
+    } else {
+        Tokenizer::from_gguf(path)
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<Loaded> {
+    let be = check_device(m.device)?;
+    let w = LlamaWeights::load(&m.model)?;
+    let weights_config = w.config.clone();
+    let model = Llama::from_host(&be, HostWeights::from_llama(w)?)?;
+    let tok = load_tokenizer(&m.model)?;
+    Ok(Loaded { model, tok, weights_config })
+}
+
+/// Reads an adapter: a directory in the PEFT layout, or an official-layout `.safetensors`.
+fn read_adapter(path: &Path, dims: &Dims) -> Result<adapter::Adapter> {
+    let ad = dims.adapter_dims()?;
+    if path.is_dir() {
+        adapter::io::load_peft(path, &ad)
+    } else {
+        adapter::io::load_gift(path, &ad)
+    }
+}
+
+fn host_adapter(path: Option<&Path>, dims: &Dims) -> Result<Option<HostAdapter>> {
+    path.map(|p| HostAdapter::from_adapter(&read_adapter(p, dims)?)).transpose()
+}
+
+fn end_of_turn(tok: &Tokenizer) -> u32 {
+    tok.token_to_id("<|im_end|>").unwrap_or_else(|| tok.eos_id())
+}
+
+/// A chat-format arithmetic example: the prompt, then the answer and the end-of-turn token
+/// (the loss on those only).
+fn arithmetic_example(tok: &Tokenizer, p: &Problem) -> Result<Example> {
+    let prompt = tok.chat_prompt(&p.question())?;
+    let mut completion = tok.encode(&p.answer(), false)?;
+    completion.push(end_of_turn(tok));
+    Ok(Example::completion(prompt, completion))
+}
+
+/// Exact-match accuracy of greedy answers on `(prompt ids, expected text)` pairs.
+fn exact_match(
+    l: &Loaded,
+    adapter: Option<&wegeft::model::llama::Adapter<Cpu>>,
+    cases: &[(Vec<u32>, String)],
+    max_new: usize,
+    label: &str,
+) -> Result<f64> {
+    let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
+    let pb = bar(cases.len() as u64, label);
+    let mut correct = 0usize;
+    // Batches of 32 prompts through one KV cache (prompts of equal length decode together).
+    for (k, chunk) in cases.chunks(32).enumerate() {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|(p, _)| p.clone()).collect();
+        let outs = l.model.generate_batch(&Cpu, adapter, &prompts, max_new, &stop)?;
+        for ((_, want), out) in chunk.iter().zip(outs) {
+            if l.tok.decode(&out, true)?.trim() == want.trim() {
+                correct += 1;
+            }
+        }
+        pb.inc(chunk.len() as u64);
+        pb.set_message(format!("{correct}/{}", (k * 32 + chunk.len())));
+    }
+    pb.finish_and_clear();
+    Ok(correct as f64 / cases.len().max(1) as f64)
+}
+
+fn arithmetic_cases(tok: &Tokenizer, seed: u64, n: usize) -> Result<Vec<(Vec<u32>, String)>> {
+    arithmetic::problems(Split::HeldOut, seed, n)?
+        .iter()
+        .map(|p| Ok((tok.chat_prompt(&p.question())?, p.answer())))
+        .collect()
+}
+
+fn bar(n: u64, label: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+fn parse_targets(targets: &[String]) -> Result<Vec<Module>> {
+    let mut out: Vec<Module> = Vec::new();
+    for t in targets {
+        let m = Module::parse(t.trim())?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("targets", "no target modules"));
+    }
+    Ok(out)
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Score { m, adapter, text, tokens } => {
+            let l = load(&m)?;
+            let ids = match (text, tokens) {
+                (Some(t), _) => l.tok.encode(&t, false)?,
+                (None, Some(t)) => t,
+                (None, None) => return Err(Error::invalid("score", "give --text or --tokens")),
+            };
+            let ad =
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
+            let (logits, loss) = l.model.score(&Cpu, ad.as_ref(), &ids)?;
+            let v = l.model.dims.vocab;
+            let am: Vec<usize> = logits.chunks(v).map(argmax).collect();
+            let last = &logits[(ids.len() - 1) * v..];
+            let mut idx: Vec<usize> = (0..v).collect();
+            idx.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
+            let top5: Vec<(usize, f32)> = idx[..5.min(v)].iter().map(|&i| (i, last[i])).collect();
+            let out = serde_json::json!({"ids": ids, "argmax": am, "top5_last": top5, "loss": loss});
+            println!("{out}");
+            Ok(())
+        }
+        Cmd::Generate { m, adapter, prompt, max_new, raw } => {
+            let l = load(&m)?;
+            let ad =
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
+            let ids = if raw { l.tok.encode(&prompt, false)? } else { l.tok.chat_prompt(&prompt)? };
+            let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
+            let out = l.model.generate(&Cpu, ad.as_ref(), &ids, max_new, &stop)?;
+            println!("{}", l.tok.decode(&out, true)?);
+            Ok(())
+        }
+        Cmd::Eval { m, adapter, task, data, n, seed, max_new } => {
+            let l = load(&m)?;
+            let ad =
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
+            let cases = match (task, data) {
+                (Some(Task::Arithmetic), _) => arithmetic_cases(&l.tok, seed, n)?,
+                (None, Some(path)) => read_eval_cases(&path, &l.tok, n)?,
+                (None, None) => return Err(Error::invalid("eval", "give --task or --data")),
+            };
+            let acc = exact_match(&l, ad.as_ref(), &cases, max_new, "eval")?;
+            println!("{}", serde_json::json!({"n": cases.len(), "exact_match": acc}));
+            Ok(())
+        }
+        Cmd::Merge { m, adapter, out } => {
+            check_device(m.device)?;
+            let mut w = LlamaWeights::load(&m.model)?;
+            let dims = Dims::from_config(&w.config);
+            let ad = HostAdapter::from_adapter(&read_adapter(&adapter, &dims)?)?;
+            ad.check(&dims)?;
+            for (l, row) in ad.sites.iter().enumerate() {
+                for (mi, p) in row.iter().enumerate() {
+                    let Some(p) = p else { continue };
+                    let (_, phi, psi) = &ad.pairs[*p];
+                    let (d_in, d_out) = dims.module_dims(mi);
+                    let shape = LayerShape::new(1, d_in, d_out, ad.rank)?;
+                    let t = w.layers[l].linear_mut(MODULES[mi])?;
+                    wegeft::cpu::wegeft_merge(
+                        &shape,
+                        MatMut::new("W", &mut t.data, d_out, d_in)?,
+                        Mat::new("phi", phi, d_in, ad.rank)?,
+                        Mat::new("psi", psi, ad.rank, d_in)?,
+                        ad.scale,
+                    )?;
+                }
+            }
+            w.save_safetensors_hf(&out)?;
+            load_tokenizer(&m.model)?.save_hf(&out)?;
+            eprintln!("merged model written to {}", out.display());
+            Ok(())
+        }
+        Cmd::BenchStep { m, batch, seq, rank, targets, steps } => {
+            let l = load(&m)?;
+            let dims = &l.model.dims;
+            let config = AdapterConfig::new(rank, parse_targets(&targets)?)?;
+            let mut init = adapter::Adapter::new(config, dims.adapter_dims()?)?;
+            // A nonzero psi, so that every product of the step does real work.
+            for k in 0..init.pairs().len() {
+                let (_, psi) = init.pair_values_mut(k)?;
+                psi.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 1e-3);
+            }
+            let host = HostAdapter::from_adapter(&init)?;
+            let opt = AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..AdamWConfig::default() };
+            let mut tr = Trainer::new(&Cpu, &l.model, &host, opt)?;
+            let seqs: Vec<Vec<u32>> = (0..batch)
+                .map(|b| (0..seq).map(|t| ((b * 7919 + t * 104_729 + 17) % dims.vocab) as u32).collect())
+                .collect();
+            let bt = Batch::causal(&seqs)?;
+            tr.step(&bt)?;
+            let t0 = Instant::now();
+            for _ in 0..steps {
+                tr.step(&bt)?;
+            }
+            let dt = t0.elapsed().as_secs_f64() / steps.max(1) as f64;
+            let tps = (batch * seq) as f64 / dt;
+            println!(
+                "{}",
+                serde_json::json!({"batch": batch, "seq": seq, "rank": rank, "targets": targets,
+                    "threads": rayon::current_num_threads(), "step_s": dt, "tokens_per_s": tps})
+            );
+            Ok(())
+        }
+        Cmd::Finetune {
+            m,
+            data,
+            task,
+            targets,
+            rank,
+            alpha,
+            no_sharing,
+            dropout,
+            init,
+            lr,
+            weight_decay,
+            steps,
+            batch,
+            seq,
+            init_adapter,
+            out,
+            format,
+            log_json,
+            shuffle,
+            seed,
+            eval_n,
+        } => {
+            let l = load(&m)?;
+            let dims = l.model.dims.clone();
+            let ad_dims = dims.adapter_dims()?;
+            // The adapter: from a file, or fresh.
+            let mut adapter = match &init_adapter {
+                Some(p) => read_adapter(p, &dims)?,
+                None => {
+                    let init = match init.as_str() {
+                        "gift" => Init::Gift,
+                        "peft" => Init::Peft,
+                        other => return Err(Error::invalid("init", format!("{other:?}: expected gift or peft"))),
+                    };
+                    let config = AdapterConfig {
+                        rank,
+                        alpha,
+                        targets: parse_targets(&targets)?,
+                        sharing: if no_sharing { Sharing::None } else { Sharing::PerModule },
+                        init,
+                        dropout: dropout.unwrap_or(0.0),
+                        seed,
+                    };
+                    adapter::Adapter::new(config, ad_dims)?
+                }
+            };
+            if let Some(p) = dropout {
+                adapter.config.dropout = p;
+                adapter.config.validate()?;
+            }
+            if steps == 0 {
+                return Err(Error::ZeroDim { what: "steps" });
+            }
+            // The examples.
+            let examples: Vec<Example> = match (&data, task) {
+                (Some(path), _) => data::read_jsonl(path, Some(&l.tok), seq)?,
+                (None, Some(Task::Arithmetic)) => arithmetic::problems(Split::Train, seed, steps * batch)?
+                    .iter()
+                    .map(|p| {
+                        let mut e = arithmetic_example(&l.tok, p)?;
+                        e.truncate(seq);
+                        Ok(e)
+                    })
+                    .collect::<Result<_>>()?,
+                (None, None) => return Err(Error::invalid("finetune", "give --data or --task")),
+            };
+            let eval_cases = match task {
+                Some(Task::Arithmetic) if eval_n > 0 => Some(arithmetic_cases(&l.tok, seed, eval_n)?),
+                _ => None,
+            };
+            let host = HostAdapter::from_adapter(&adapter)?;
+            if let Some(cases) = &eval_cases {
+                let a = host.upload(&Cpu, &dims)?;
+                let acc = exact_match(&l, Some(&a), cases, 8, "eval before")?;
+                println!("held-out exact match before: {:.1}% ({} problems)", acc * 100.0, cases.len());
+            }
+            let opt = AdamWConfig { lr, weight_decay, ..AdamWConfig::default() };
+            let mut tr = Trainer::new(&Cpu, &l.model, &host, opt)?.with_seed(adapter.config.seed);
+            let mut batcher = Batcher::new(examples.len(), batch, shuffle.then_some(seed))?;
+            let mut log = match &log_json {
+                Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
+                None => None,
+            };
+            let pad = l.tok.pad_id().unwrap_or(0);
+            let pb = bar(steps as u64, "finetune");
+            let t0 = Instant::now();
+            let mut tokens = 0usize;
+            for step in 0..steps {
+                let idx = batcher.next_indices();
+                let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+                let b = data::make_batch(&refs, pad)?;
+                tokens += b.ids.len();
+                let loss = tr.step(&b)?;
+                if let (Some(w), Some(p)) = (log.as_mut(), &log_json) {
+                    writeln!(w, "{}", serde_json::json!({"step": step, "loss": loss})).map_err(|e| Error::io(p, e))?;
+                    w.flush().map_err(|e| Error::io(p, e))?;
+                }
+                pb.inc(1);
+                pb.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens as f64 / t0.elapsed().as_secs_f64()));
+            }
+            pb.finish_and_clear();
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!("trained {steps} steps in {secs:.1} s ({:.0} tokens/s)", tokens as f64 / secs);
+            tr.host_adapter()?.store_into(&mut adapter)?;
+            std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+            let saved = match format {
+                Format::Gift => {
+                    let p = out.join("adapter.safetensors");
+                    adapter::io::save_gift(&adapter, &p)?;
+                    p
+                }
+                Format::Peft => {
+                    adapter::io::save_peft(&adapter, &out)?;
+                    out.clone()
+                }
+            };
+            eprintln!("adapter saved to {}", saved.display());
+            if let Some(cases) = &eval_cases {
+                let acc = exact_match(&l, Some(tr.adapter()), cases, 8, "eval after")?;
+                println!("held-out exact match after: {:.1}% ({} problems)", acc * 100.0, cases.len());
+            }
+            let _ = &l.weights_config;
+            Ok(())
+        }
+    }
+}
+
+/// `{"prompt":..,"completion":..}` records: the chat-free prompt ids and the expected text.
+fn read_eval_cases(path: &Path, tok: &Tokenizer, n: usize) -> Result<Vec<(Vec<u32>, String)>> {
+    #[derive(serde::Deserialize)]
+    struct Rec {
+        prompt: String,
+        completion: String,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).take(n) {
+        let r: Rec = serde_json::from_str(line).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
+        out.push((tok.encode(&r.prompt, false)?, r.completion));
+    }
+    if out.is_empty() {
+        return Err(Error::format(path, "no records"));
+    }
+    Ok(out)
+}

@@ -1,4 +1,5 @@
-//! The Llama model's files: hyper-parameters ([`config`]), weights from GGUF or HF safetensors
+//! The Llama model: [`llama`] (the network, written once over the [`crate::backend::Backend`]
+//! trait) and its files: hyper-parameters ([`config`]), weights from GGUF or HF safetensors
 //! ([`weights`]), the tokenizer ([`tokenizer`]) and chat prompts ([`chat`]).
 //!
 //! ```no_run
@@ -13,6 +14,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod llama;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,0 +1,346 @@
+//! Training-time causal GQA attention and SwiGLU on the CPU, in the form that is fast on a
+//! few cores: attention as small GEMMs per head (scores `S x S`, then `P V`), SwiGLU with a
+//! vectorizable exponential. Same contracts, layouts and formulas as
+//! [`crate::cpu::ops::attention_forward`] / [`crate::cpu::ops::attention_backward`] /
+//! [`crate::cpu::ops::swiglu_forward`] / [`crate::cpu::ops::swiglu_backward`] (the
+//! references they are tested against); [`crate::cpu::Cpu`] runs these.
+//!
+//! Per batch element `b` and query head `h` (kv head `g = h / (H / KVH)`), with `Q_h`, `K_g`,
+//! `V_g`, `O_h` the `S x hd` blocks and `c = 1 / sqrt(hd)`:
+//!
+//! ```text
+//! forward:  Z = c Q_h K_g^T;  P = softmax(Z + causal mask) (row-wise);  O_h = P V_g;
+//!           lse_i = log sum_{j<=i} exp(Z_ij)
+//! backward: P recomputed from Z and lse;  dV_g += P^T dO_h;  dP = dO_h V_g^T;
+//!           dZ = P * (dP - rowsum(dO_h * O_h));  dQ_h = c dZ K_g;  dK_g += c dZ^T Q_h
+//! ```
+//!
+//! Masked entries are computed and then zeroed: the full `S x S` products cost twice the
+//! causal FLOPs but run as dense GEMMs, far faster than row-by-row dot products.
+
+use rayon::prelude::*;
+
+use crate::cpu::gemm::{matmul_serial, Op};
+use crate::cpu::ops::AttnShape;
+use crate::error::{Error, Result};
+use crate::shape::{Mat, MatMut};
+
+fn need(arg: &'static str, got: usize, n: usize) -> Result<()> {
+    if got != n {
+        return Err(Error::Len { arg, expected: n, got });
+    }
+    Ok(())
+}
+
+fn check(s: &AttnShape, q: usize, k: usize, v: usize) -> Result<()> {
+    // Re-validates the public fields (they may have been set without AttnShape::new).
+    AttnShape::new(s.batch, s.seq, s.heads, s.kv_heads, s.head_dim)?;
+    need("q", q, s.tokens() * s.q_width())?;
+    need("k", k, s.tokens() * s.kv_width())?;
+    need("v", v, s.tokens() * s.kv_width())
+}
+
+/// `e^x` for `x <= 0`, branch-free (vectorizes): `x = n ln2 + r`, a degree-6 polynomial for
+/// `e^r`, `2^n` built in the exponent bits. Relative error below 5e-7; inputs below `-87`
+/// give `e^-87`.
+#[inline(always)]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer (to even)
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // Cody-Waite split of ln 2 for an accurate reduction.
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.0
+        + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+}
+
+/// `1 / (1 + e^-a)` from [`exp_neg`] of `-|a|`.
+#[inline(always)]
+fn sigmoid(a: f32) -> f32 {
+    let e = exp_neg(-a.abs());
+    let s = 1.0 / (1.0 + e);
+    if a >= 0.0 {
+        s
+    } else {
+        e * s
+    }
+}
+
+const ELEMS: usize = 4096;
+
+/// `h = silu(gate) * up = gate * sigmoid(gate) * up` (all of one length).
+pub fn swiglu_forward(gate: &[f32], up: &[f32], h: &mut [f32]) -> Result<()> {
+    need("up", up.len(), gate.len())?;
+    need("h", h.len(), gate.len())?;
+    h.par_chunks_mut(ELEMS).zip(gate.par_chunks(ELEMS).zip(up.par_chunks(ELEMS))).for_each(|(h, (g, u))| {
+        for ((h, &a), &u) in h.iter_mut().zip(g).zip(u) {
+            *h = a * sigmoid(a) * u;
+        }
+    });
+    Ok(())
+}
+
+/// With `s = sigmoid(gate)`: `dgate = dh * up * s (1 + gate (1 - s))`, `dup = dh * gate * s`.
+pub fn swiglu_backward(dh: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) -> Result<()> {
+    let n = gate.len();
+    need("dh", dh.len(), n)?;
+    need("up", up.len(), n)?;
+    need("dgate", dgate.len(), n)?;
+    need("dup", dup.len(), n)?;
+    dgate
+        .par_chunks_mut(ELEMS)
+        .zip(dup.par_chunks_mut(ELEMS))
+        .zip(dh.par_chunks(ELEMS).zip(gate.par_chunks(ELEMS).zip(up.par_chunks(ELEMS))))
+        .for_each(|((dg, du), (d, (g, u)))| {
+            for i in 0..dg.len() {
+                let (a, s) = (g[i], sigmoid(g[i]));
+                du[i] = d[i] * a * s;
+                dg[i] = d[i] * u[i] * s * (1.0 + a * (1.0 - s));
+            }
+        });
+    Ok(())
+}
+
+/// The `seq x hd` block of head `head` of batch element `b` in a `(B*S) x width` buffer.
+fn block<'a>(
+    name: &'static str,
+    x: &'a [f32],
+    s: &AttnShape,
+    b: usize,
+    head: usize,
+    width: usize,
+) -> Result<Mat<'a, f32>> {
+    let at = b * s.seq * width + head * s.head_dim;
+    Mat::strided(name, &x[at..], s.seq, s.head_dim, width)
+}
+
+/// Scores `Z = c Q_h K_g^T` into `z` (`S x S`), then the causal softmax in place; returns
+/// nothing but fills `lse_col[i]` when given, else uses it to recompute `P`.
+fn probs(z: &mut [f32], seq: usize, lse: &mut [f32], recompute: bool) {
+    for i in 0..seq {
+        let row = &mut z[i * seq..(i + 1) * seq];
+        if recompute {
+            let l = lse[i];
+            for x in row[..=i].iter_mut() {
+                *x = exp_neg(*x - l);
+            }
+        } else {
+            let m = row[..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0.0f32;
+            for x in row[..=i].iter_mut() {
+                *x = exp_neg(*x - m);
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in row[..=i].iter_mut() {
+                *x *= inv;
+            }
+            lse[i] = m + sum.ln();
+        }
+        row[i + 1..].fill(0.0);
+    }
+}
+
+/// Causal GQA attention forward (see the module docs): `out` is `(B*S) x (H*hd)`, `lse` is
+/// `(B*S) x H`, as [`crate::cpu::ops::attention_forward`].
+pub fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    check(&s, q.len(), k.len(), v.len())?;
+    need("out", out.len(), s.tokens() * s.q_width())?;
+    need("lse", lse.len(), s.tokens() * s.heads)?;
+    let (seq, hd, qw, kw) = (s.seq, s.head_dim, s.q_width(), s.kv_width());
+    let c = 1.0 / (hd as f32).sqrt();
+    let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.heads).map(move |h| (b, h))).collect();
+    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(b, h)| -> Result<(Vec<f32>, Vec<f32>)> {
+            let g = h / s.group();
+            let (qh, kg, vg) =
+                (block("q", q, &s, b, h, qw)?, block("k", k, &s, b, g, kw)?, block("v", v, &s, b, g, kw)?);
+            let mut z = vec![0.0f32; seq * seq];
+            matmul_serial(&mut MatMut::new("Z", &mut z, seq, seq)?, 0.0, c, qh, Op::N, kg, Op::T)?;
+            let mut l = vec![0.0f32; seq];
+            probs(&mut z, seq, &mut l, false);
+            let mut o = vec![0.0f32; seq * hd];
+            matmul_serial(
+                &mut MatMut::new("O", &mut o, seq, hd)?,
+                0.0,
+                1.0,
+                Mat::new("P", &z, seq, seq)?,
+                Op::N,
+                vg,
+                Op::N,
+            )?;
+            Ok((o, l))
+        })
+        .collect::<Result<_>>()?;
+    for (&(b, h), (o, l)) in tasks.iter().zip(results) {
+        for i in 0..seq {
+            let t = b * seq + i;
+            out[t * qw + h * hd..t * qw + (h + 1) * hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+            lse[t * s.heads + h] = l[i];
+        }
+    }
+    Ok(())
+}
+
+/// Causal GQA attention backward (see the module docs), overwriting `dq`, `dk`, `dv`, as
+/// [`crate::cpu::ops::attention_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    s: AttnShape,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> Result<()> {
+    check(&s, q.len(), k.len(), v.len())?;
+    let (seq, hd, qw, kw, group) = (s.seq, s.head_dim, s.q_width(), s.kv_width(), s.group());
+    need("dout", dout.len(), s.tokens() * qw)?;
+    need("out", out.len(), s.tokens() * qw)?;
+    need("lse", lse.len(), s.tokens() * s.heads)?;
+    need("dq", dq.len(), s.tokens() * qw)?;
+    need("dk", dk.len(), s.tokens() * kw)?;
+    need("dv", dv.len(), s.tokens() * kw)?;
+    let c = 1.0 / (hd as f32).sqrt();
+    // One task per (batch, kv head): it owns dK_g, dV_g and dQ of its query heads.
+    let tasks: Vec<(usize, usize)> = (0..s.batch).flat_map(|b| (0..s.kv_heads).map(move |g| (b, g))).collect();
+    type Local = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let results: Vec<Local> = tasks
+        .par_iter()
+        .map(|&(b, g)| -> Result<Local> {
+            let (kg, vg) = (block("k", k, &s, b, g, kw)?, block("v", v, &s, b, g, kw)?);
+            let mut ldq = vec![0.0f32; group * seq * hd];
+            let mut ldk = vec![0.0f32; seq * hd];
+            let mut ldv = vec![0.0f32; seq * hd];
+            let mut p = vec![0.0f32; seq * seq];
+            let mut dp = vec![0.0f32; seq * seq];
+            let mut l = vec![0.0f32; seq];
+            for hg in 0..group {
+                let h = g * group + hg;
+                let (qh, doh, oh) = (
+                    block("q", q, &s, b, h, qw)?,
+                    block("dout", dout, &s, b, h, qw)?,
+                    block("out", out, &s, b, h, qw)?,
+                );
+                matmul_serial(&mut MatMut::new("Z", &mut p, seq, seq)?, 0.0, c, qh, Op::N, kg, Op::T)?;
+                for (i, li) in l.iter_mut().enumerate() {
+                    *li = lse[(b * seq + i) * s.heads + h];
+                }
+                probs(&mut p, seq, &mut l, true);
+                let pm = Mat::new("P", &p, seq, seq)?;
+                matmul_serial(&mut MatMut::new("dV", &mut ldv, seq, hd)?, 1.0, 1.0, pm, Op::T, doh, Op::N)?;
+                matmul_serial(&mut MatMut::new("dP", &mut dp, seq, seq)?, 0.0, 1.0, doh, Op::N, vg, Op::T)?;
+                for i in 0..seq {
+                    let delta: f32 = doh.row(i).iter().zip(oh.row(i)).map(|(a, b)| a * b).sum();
+                    let (pr, dr) = (&p[i * seq..(i + 1) * seq], &mut dp[i * seq..(i + 1) * seq]);
+                    for (d, &pv) in dr.iter_mut().zip(pr) {
+                        *d = pv * (*d - delta);
+                    }
+                }
+                let dz = Mat::new("dZ", &dp, seq, seq)?;
+                let dqh = &mut ldq[hg * seq * hd..(hg + 1) * seq * hd];
+                matmul_serial(&mut MatMut::new("dQ", dqh, seq, hd)?, 0.0, c, dz, Op::N, kg, Op::N)?;
+                matmul_serial(&mut MatMut::new("dK", &mut ldk, seq, hd)?, 1.0, c, dz, Op::T, qh, Op::N)?;
+            }
+            Ok((ldq, ldk, ldv))
+        })
+        .collect::<Result<_>>()?;
+    for (&(b, g), (ldq, ldk, ldv)) in tasks.iter().zip(results) {
+        for i in 0..seq {
+            let t = b * seq + i;
+            for hg in 0..group {
+                let h = g * group + hg;
+                dq[t * qw + h * hd..t * qw + (h + 1) * hd]
+                    .copy_from_slice(&ldq[(hg * seq + i) * hd..(hg * seq + i + 1) * hd]);
+            }
+            dk[t * kw + g * hd..t * kw + (g + 1) * hd].copy_from_slice(&ldk[i * hd..(i + 1) * hd]);
+            dv[t * kw + g * hd..t * kw + (g + 1) * hd].copy_from_slice(&ldv[i * hd..(i + 1) * hd]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::ops;
+
+    fn rnd(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Relative to the largest reference magnitude, floored at 1 (with one key, dq and dk are
+    /// rounding noise around an exact 0).
+    fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1.0);
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max) / scale;
+        assert!(worst <= tol, "{what}: worst relative error {worst:e}");
+    }
+
+    /// Against the row-by-row reference ops, at several shapes (GQA, odd lengths).
+    #[test]
+    fn attention_matches_the_reference_ops() {
+        for (i, &(b, seq, h, kvh, hd)) in
+            [(2, 7, 4, 2, 8), (1, 1, 3, 3, 4), (3, 33, 9, 3, 16), (4, 64, 9, 3, 64)].iter().enumerate()
+        {
+            let s = AttnShape::new(b, seq, h, kvh, hd).unwrap();
+            let n = i as u64 * 10;
+            let q = rnd(n + 1, s.tokens() * s.q_width()).iter().map(|x| x * 3.0).collect::<Vec<_>>();
+            let k = rnd(n + 2, s.tokens() * s.kv_width());
+            let v = rnd(n + 3, s.tokens() * s.kv_width());
+            let g = rnd(n + 4, s.tokens() * s.q_width());
+            let (mut o1, mut l1) = (vec![0.0; q.len()], vec![0.0; s.tokens() * h]);
+            let (mut o2, mut l2) = (o1.clone(), l1.clone());
+            attention_forward(&q, &k, &v, s, &mut o1, &mut l1).unwrap();
+            ops::attention_forward(&q, &k, &v, s, &mut o2, &mut l2).unwrap();
+            close("out", &o1, &o2, 1e-5);
+            close("lse", &l1, &l2, 1e-5);
+            let (mut dq1, mut dk1, mut dv1) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+            let (mut dq2, mut dk2, mut dv2) = (dq1.clone(), dk1.clone(), dv1.clone());
+            attention_backward(&g, &q, &k, &v, &o1, &l1, s, &mut dq1, &mut dk1, &mut dv1).unwrap();
+            ops::attention_backward(&g, &q, &k, &v, &o2, &l2, s, &mut dq2, &mut dk2, &mut dv2).unwrap();
+            close("dq", &dq1, &dq2, 1e-5);
+            close("dk", &dk1, &dk2, 1e-5);
+            close("dv", &dv1, &dv2, 1e-5);
+        }
+        let s = AttnShape::new(1, 4, 2, 1, 4).unwrap();
+        assert!(attention_forward(&[0.0; 31], &[0.0; 16], &[0.0; 16], s, &mut [0.0; 32], &mut [0.0; 8]).is_err());
+    }
+
+    #[test]
+    fn swiglu_matches_the_reference_ops() {
+        let n = 10_000;
+        let gate: Vec<f32> = rnd(7, n).iter().map(|x| x * 30.0).collect();
+        let up = rnd(8, n);
+        let dh = rnd(9, n);
+        let (mut h1, mut h2) = (vec![0.0; n], vec![0.0; n]);
+        swiglu_forward(&gate, &up, &mut h1).unwrap();
+        ops::swiglu_forward(&gate, &up, &mut h2).unwrap();
+        close("h", &h1, &h2, 1e-6);
+        let (mut a1, mut b1, mut a2, mut b2) = (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        swiglu_backward(&dh, &gate, &up, &mut a1, &mut b1).unwrap();
+        ops::swiglu_backward(&dh, &gate, &up, &mut a2, &mut b2).unwrap();
+        close("dgate", &a1, &a2, 1e-6);
+        close("dup", &b1, &b2, 1e-6);
+        assert!(swiglu_forward(&gate, &up[1..], &mut h1).is_err());
+    }
+}

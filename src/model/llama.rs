@@ -1,0 +1,1041 @@
+//! The Llama model, written once over [`Backend`]: forward (saving what the backward needs),
+//! a hand-written backward that produces the adapter gradients only, and greedy decoding
+//! with a KV cache.
+//!
+//! Per layer `l` with residual stream `x` (`T x d`):
+//!
+//! ```text
+//! a  = rmsnorm(x) * w_attn;  q, k, v = proj_q(a), proj_k(a), proj_v(a);  q, k = rope(q), rope(k)
+//! x2 = x + proj_o(attention(q, k, v))
+//! m  = rmsnorm(x2) * w_mlp;  x' = x2 + proj_down(silu(proj_gate(m)) * proj_up(m))
+//! ```
+//!
+//! then `logits = (rmsnorm(x) * w_final) E^T` (tied or untied head) and the mean
+//! cross-entropy over the labelled positions. Each `proj_*` is a frozen linear layer or,
+//! where the adapter has a pair for that site, a WeGeFT layer `y = x W^T + (x psi^T)(s W phi)^T`.
+
+use crate::backend::{AttnShape, Backend, Dropout};
+use crate::error::{Error, Result};
+use crate::shape::LayerShape;
+
+/// The seven projection module types of a Llama layer, in this order everywhere.
+pub const MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Index of a module name (`"q_proj"`, ... ) in [`MODULES`].
+pub fn module_index(name: &str) -> Result<usize> {
+    MODULES
+        .iter()
+        .position(|m| *m == name)
+        .ok_or_else(|| Error::invalid("module", format!("unknown module {name:?}; expected one of {MODULES:?}")))
+}
+
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// The dimensions of a Llama model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dims {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub eps: f32,
+}
+
+impl Dims {
+    /// `(d_in, d_out)` of module `m` (index into [`MODULES`]; 6 and above read as `down_proj`).
+    pub fn module_dims(&self, m: usize) -> (usize, usize) {
+        let (d, q, kv, f) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.ffn);
+        match m {
+            Q => (d, q),
+            K | V => (d, kv),
+            O => (q, d),
+            GATE | UP => (d, f),
+            _ => (f, d),
+        }
+    }
+    /// Checks that every dimension is positive and that the heads divide evenly.
+    pub fn check(&self) -> Result<()> {
+        for (what, v) in [
+            ("hidden", self.hidden),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("ffn", self.ffn),
+            ("vocab", self.vocab),
+        ] {
+            if v == 0 {
+                return Err(Error::ZeroDim { what });
+            }
+        }
+        if self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
+            return Err(Error::invalid(
+                "dims",
+                format!(
+                    "heads {} must be a multiple of kv_heads {}, head_dim {} even",
+                    self.heads, self.kv_heads, self.head_dim
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Host-side weights of one layer (f32, row-major, HF layout: projections `d_out x d_in`,
+/// q/k rows ordered for rotate-half RoPE).
+#[derive(Clone, Debug)]
+pub struct HostLayer {
+    pub attn_norm: Vec<f32>,
+    pub mlp_norm: Vec<f32>,
+    /// In [`MODULES`] order.
+    pub proj: [Vec<f32>; 7],
+}
+
+/// Host-side weights of a whole model.
+#[derive(Clone, Debug)]
+pub struct HostWeights {
+    pub dims: Dims,
+    /// `vocab x hidden`.
+    pub embed: Vec<f32>,
+    pub final_norm: Vec<f32>,
+    /// `vocab x hidden`; `None` when the head is tied to `embed`.
+    pub lm_head: Option<Vec<f32>>,
+    pub layers: Vec<HostLayer>,
+}
+
+struct Layer<B: Backend> {
+    attn_norm: B::Buf,
+    mlp_norm: B::Buf,
+    proj: [B::Buf; 7],
+}
+
+/// A Llama model whose weights live on backend `B`.
+pub struct Llama<B: Backend> {
+    pub dims: Dims,
+    embed: B::Buf,
+    final_norm: B::Buf,
+    lm_head: Option<B::Buf>,
+    layers: Vec<Layer<B>>,
+}
+
+/// One trainable pair `(phi, psi)` on the backend: `phi` is `d_in x r`, `psi` is `r x d_in`.
+pub struct Pair<B: Backend> {
+    /// Module index (into [`MODULES`]) of the first site using this pair (a sharing group may
+    /// hand it to other module types of the same `d_in` too).
+    pub module: usize,
+    pub phi: B::Buf,
+    pub psi: B::Buf,
+}
+
+/// A WeGeFT adapter on the backend: pairs, and which pair each `(layer, module)` site uses.
+pub struct Adapter<B: Backend> {
+    pub rank: usize,
+    /// `s` in `W' = W + s W phi psi` (1 for the original GIFT code, `alpha / r` for the
+    /// PEFT fork).
+    pub scale: f32,
+    pub pairs: Vec<Pair<B>>,
+    /// `sites[layer][module]`: index into `pairs`, or `None` for a frozen projection.
+    pub sites: Vec<[Option<usize>; 7]>,
+    /// Dropout probability on `W` in the adapter path during training (0 = none).
+    pub dropout: f32,
+    /// Seed of this step's dropout masks (site `(l, m)` uses a seed mixed from it, `l`, `m`);
+    /// the trainer sets a fresh one every step.
+    pub dropout_seed: u64,
+}
+
+impl<B: Backend> Adapter<B> {
+    /// The dropout of site `(l, m)` in training, `None` when off.
+    fn dropout_at(&self, l: usize, m: usize) -> Option<Dropout> {
+        (self.dropout > 0.0).then(|| Dropout {
+            p: self.dropout,
+            seed: self.dropout_seed ^ ((l as u64) << 32 | m as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+        })
+    }
+}
+
+/// Host-side twin of [`Adapter`] (f32): what files hold and what the optimizer reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostAdapter {
+    pub rank: usize,
+    pub scale: f32,
+    /// `(module index, phi (d_in x r), psi (r x d_in))`.
+    pub pairs: Vec<(usize, Vec<f32>, Vec<f32>)>,
+    pub sites: Vec<[Option<usize>; 7]>,
+    /// Dropout probability on `W` in the adapter path during training (the PEFT fork's
+    /// `wegeft_dropout`; 0 = none).
+    pub dropout: f32,
+}
+
+impl HostAdapter {
+    /// The official scheme: one pair per targeted module type, shared by all `layers`.
+    /// `pairs` gives `(module, phi, psi)` for each target.
+    pub fn shared(rank: usize, scale: f32, layers: usize, pairs: Vec<(usize, Vec<f32>, Vec<f32>)>) -> Result<Self> {
+        let mut site = [None; 7];
+        for (i, (m, _, _)) in pairs.iter().enumerate() {
+            if *m >= 7 {
+                return Err(Error::invalid("module", format!("module index {m} out of range")));
+            }
+            if site[*m].is_some() {
+                return Err(Error::invalid("pairs", format!("two pairs for module {}", MODULES[*m])));
+            }
+            site[*m] = Some(i);
+        }
+        Ok(HostAdapter { rank, scale, pairs, sites: vec![site; layers], dropout: 0.0 })
+    }
+
+    /// Checks the pair shapes against `dims` and that every site points at a pair of its
+    /// own module type.
+    pub fn check(&self, dims: &Dims) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::ZeroDim { what: "rank" });
+        }
+        Dropout { p: self.dropout, seed: 0 }.check()?;
+        if self.sites.len() != dims.layers {
+            return Err(Error::invalid(
+                "adapter sites",
+                format!("{} layers, model has {}", self.sites.len(), dims.layers),
+            ));
+        }
+        for (m, phi, psi) in &self.pairs {
+            let (d_in, _) = dims.module_dims(*m);
+            if phi.len() != d_in * self.rank || psi.len() != d_in * self.rank {
+                return Err(Error::invalid(
+                    "adapter pair",
+                    format!(
+                        "{}: phi has {} and psi {} elements, expected {d_in} x {} = {}",
+                        MODULES[*m],
+                        phi.len(),
+                        psi.len(),
+                        self.rank,
+                        d_in * self.rank
+                    ),
+                ));
+            }
+        }
+        for (l, row) in self.sites.iter().enumerate() {
+            for (m, p) in row.iter().enumerate() {
+                if let Some(p) = p {
+                    // A pair may serve several module types (sharing groups) of the same d_in.
+                    let (d_in, _) = dims.module_dims(m);
+                    match self.pairs.get(*p) {
+                        Some((_, phi, _)) if phi.len() == d_in * self.rank => {}
+                        _ => {
+                            return Err(Error::invalid(
+                                "adapter sites",
+                                format!(
+                                    "layer {l} {} points at pair {p}, which is missing or not {d_in} x {}",
+                                    MODULES[m], self.rank
+                                ),
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the adapter on the backend.
+    pub fn upload<B: Backend>(&self, be: &B, dims: &Dims) -> Result<Adapter<B>> {
+        self.check(dims)?;
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|(m, phi, psi)| Ok(Pair { module: *m, phi: be.upload(phi)?, psi: be.upload(psi)? }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Adapter {
+            rank: self.rank,
+            scale: self.scale,
+            pairs,
+            sites: self.sites.clone(),
+            dropout: self.dropout,
+            dropout_seed: 0,
+        })
+    }
+}
+
+impl<B: Backend> Adapter<B> {
+    /// The adapter, back on the host.
+    pub fn download(&self, be: &B) -> Result<HostAdapter> {
+        let pairs = self
+            .pairs
+            .iter()
+            .map(|p| Ok((p.module, be.download(&p.phi)?, be.download(&p.psi)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HostAdapter { rank: self.rank, scale: self.scale, pairs, sites: self.sites.clone(), dropout: self.dropout })
+    }
+    /// Zeroed gradient buffers, one `(dphi, dpsi)` per pair.
+    pub fn zero_grads(&self, be: &B) -> Result<Vec<(B::Buf, B::Buf)>> {
+        self.pairs.iter().map(|p| Ok((be.zeros(be.len(&p.phi))?, be.zeros(be.len(&p.psi))?))).collect()
+    }
+}
+
+/// A batch of `batch` sequences of `seq` tokens each (row-major, `batch * seq` ids).
+/// `labels[t]` is the token that position `t` must predict, or `-1` for no loss there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub ids: Vec<u32>,
+    pub labels: Vec<i32>,
+}
+
+impl Batch {
+    /// Sequences with the loss on every next token (`labels[t] = ids[t+1]`, none on the last).
+    pub fn causal(seqs: &[Vec<u32>]) -> Result<Batch> {
+        let seq = seqs.first().map(|s| s.len()).unwrap_or(0);
+        if seqs.is_empty() || seq == 0 || seqs.iter().any(|s| s.len() != seq) {
+            return Err(Error::invalid("batch", "needs one or more non-empty sequences of equal length"));
+        }
+        let mut ids = Vec::with_capacity(seqs.len() * seq);
+        let mut labels = Vec::with_capacity(seqs.len() * seq);
+        for s in seqs {
+            ids.extend_from_slice(s);
+            labels.extend(s[1..].iter().map(|&t| t as i32));
+            labels.push(-1);
+        }
+        Ok(Batch { batch: seqs.len(), seq, ids, labels })
+    }
+    /// Number of labelled positions.
+    pub fn count(&self) -> usize {
+        self.labels.iter().filter(|&&l| l >= 0).count()
+    }
+    fn check(&self, vocab: usize) -> Result<()> {
+        let n = self.batch * self.seq;
+        if n == 0 || self.ids.len() != n || self.labels.len() != n {
+            return Err(Error::invalid(
+                "batch",
+                format!(
+                    "{} x {} needs {n} ids and labels, got {} and {}",
+                    self.batch,
+                    self.seq,
+                    self.ids.len(),
+                    self.labels.len()
+                ),
+            ));
+        }
+        if let Some(&id) = self.ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::invalid("batch ids", format!("token id {id} is outside the vocabulary of {vocab}")));
+        }
+        Ok(())
+    }
+    fn positions(&self) -> Vec<u32> {
+        (0..self.batch).flat_map(|_| 0..self.seq as u32).collect()
+    }
+}
+
+/// What one layer's forward keeps for its backward.
+struct LayerActs<B: Backend> {
+    x: B::Buf,
+    rstd1: B::Buf,
+    xn1: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    att: B::Buf,
+    lse: B::Buf,
+    x2: B::Buf,
+    rstd2: B::Buf,
+    xn2: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    h: B::Buf,
+    /// What each adapted projection's forward saved (`u`, `C`).
+    saved: [Option<B::Saved>; 7],
+}
+
+/// Per-layer key/value cache for greedy decoding of `batch` sequences of equal length
+/// (`batch x capacity x kv_heads*head_dim` per layer).
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    batch: usize,
+    len: usize,
+    capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Sequences in the cache.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// Tokens per sequence already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// How a forward pass treats keys and values.
+enum Mode<'c, B: Backend> {
+    /// Training/scoring over whole sequences; `save` keeps the activations.
+    Full { save: bool },
+    /// Append the new tokens' keys/values to the cache and attend over all of it.
+    Cached(&'c mut KvCache<B>),
+}
+
+impl<B: Backend> Llama<B> {
+    /// Uploads host weights to the backend after checking every shape against `w.dims`.
+    pub fn new(be: &B, w: &HostWeights) -> Result<Self> {
+        Self::from_host(be, w.clone())
+    }
+
+    /// Like [`Llama::new`], taking the host weights over (no copy on the CPU).
+    pub fn from_host(be: &B, w: HostWeights) -> Result<Self> {
+        let d = w.dims.clone();
+        d.check()?;
+        let chk = |name: String, v: &[f32], n: usize| -> Result<()> {
+            if v.len() != n {
+                return Err(Error::invalid("weights", format!("{name}: {} elements, expected {n}", v.len())));
+            }
+            Ok(())
+        };
+        chk("embed_tokens".into(), &w.embed, d.vocab * d.hidden)?;
+        chk("norm".into(), &w.final_norm, d.hidden)?;
+        if let Some(h) = &w.lm_head {
+            chk("lm_head".into(), h, d.vocab * d.hidden)?;
+        }
+        if w.layers.len() != d.layers {
+            return Err(Error::invalid("weights", format!("{} layers, config says {}", w.layers.len(), d.layers)));
+        }
+        for (l, hl) in w.layers.iter().enumerate() {
+            chk(format!("layers.{l}.input_layernorm"), &hl.attn_norm, d.hidden)?;
+            chk(format!("layers.{l}.post_attention_layernorm"), &hl.mlp_norm, d.hidden)?;
+            for (m, name) in MODULES.iter().enumerate() {
+                let (i, o) = d.module_dims(m);
+                chk(format!("layers.{l}.{name}"), &hl.proj[m], i * o)?;
+            }
+        }
+        let mut layers = Vec::with_capacity(d.layers);
+        for hl in w.layers {
+            let [q, k, v, o, g, u, dn] = hl.proj;
+            layers.push(Layer {
+                attn_norm: be.upload_vec(hl.attn_norm)?,
+                mlp_norm: be.upload_vec(hl.mlp_norm)?,
+                proj: [
+                    be.upload_vec(q)?,
+                    be.upload_vec(k)?,
+                    be.upload_vec(v)?,
+                    be.upload_vec(o)?,
+                    be.upload_vec(g)?,
+                    be.upload_vec(u)?,
+                    be.upload_vec(dn)?,
+                ],
+            });
+        }
+        Ok(Llama {
+            dims: d,
+            embed: be.upload_vec(w.embed)?,
+            final_norm: be.upload_vec(w.final_norm)?,
+            lm_head: w.lm_head.map(|h| be.upload_vec(h)).transpose()?,
+            layers,
+        })
+    }
+
+    fn head(&self) -> &B::Buf {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Frozen weight of `(layer, module)`, downloaded (for merging).
+    pub fn weight(&self, be: &B, layer: usize, module: usize) -> Result<Vec<f32>> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::invalid("layer", format!("{layer} >= {}", self.dims.layers)))?;
+        let w = l.proj.get(module).ok_or_else(|| Error::invalid("module", format!("index {module} >= 7")))?;
+        be.download(w)
+    }
+
+    fn check_adapter(&self, be: &B, a: Option<&Adapter<B>>) -> Result<()> {
+        if let Some(a) = a {
+            if a.sites.len() != self.dims.layers {
+                return Err(Error::invalid(
+                    "adapter",
+                    format!("{} layers of sites, model has {}", a.sites.len(), self.dims.layers),
+                ));
+            }
+            for row in &a.sites {
+                for (m, p) in row.iter().enumerate() {
+                    if let Some(p) = p {
+                        let (d_in, _) = self.dims.module_dims(m);
+                        let ok = a
+                            .pairs
+                            .get(*p)
+                            .map(|pair| be.len(&pair.phi) == d_in * a.rank && be.len(&pair.psi) == d_in * a.rank);
+                        if ok != Some(true) {
+                            return Err(Error::invalid(
+                                "adapter",
+                                format!("site {} points at a missing or mis-sized pair {p}", MODULES[m]),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One projection's forward; returns `y` and, when `save` and adapted, `(u, C)`.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_forward(
+        &self,
+        be: &B,
+        l: usize,
+        m: usize,
+        x: &B::Buf,
+        rows: usize,
+        adapter: Option<&Adapter<B>>,
+        save: bool,
+    ) -> Result<(B::Buf, Option<B::Saved>)> {
+        let (d_in, d_out) = self.dims.module_dims(m);
+        let w = &self.layers[l].proj[m];
+        let mut y = be.zeros(rows * d_out)?;
+        if let Some(a) = adapter {
+            if let Some(p) = a.sites[l][m] {
+                let pair = &a.pairs[p];
+                let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
+                // Dropout only in training (when the activations are saved for a backward).
+                let drop = if save { a.dropout_at(l, m) } else { None };
+                let saved = be.wegeft_forward(shape, x, w, &pair.phi, &pair.psi, a.scale, drop, &mut y)?;
+                return Ok((y, if save { Some(saved) } else { None }));
+            }
+        }
+        be.linear_forward(x, w, rows, d_in, d_out, &mut y)?;
+        Ok((y, None))
+    }
+
+    /// One projection's backward: input gradient into `dx` (if given) and adapter gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_backward(
+        &self,
+        be: &B,
+        l: usize,
+        m: usize,
+        x: &B::Buf,
+        g: &B::Buf,
+        rows: usize,
+        adapter: Option<&Adapter<B>>,
+        saved: &Option<B::Saved>,
+        dx: Option<(&mut B::Buf, bool)>,
+        grads: &mut [(B::Buf, B::Buf)],
+    ) -> Result<()> {
+        let (d_in, d_out) = self.dims.module_dims(m);
+        let w = &self.layers[l].proj[m];
+        if let (Some(a), Some(saved)) = (adapter, saved) {
+            if let Some(p) = a.sites[l][m] {
+                let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
+                let (dphi, dpsi) = &mut grads[p];
+                let pair = &a.pairs[p];
+                let drop = a.dropout_at(l, m);
+                return be.wegeft_backward(shape, x, w, &pair.phi, &pair.psi, a.scale, drop, saved, g, dx, dphi, dpsi);
+            }
+        }
+        if let Some((dx, acc)) = dx {
+            be.linear_backward(g, w, rows, d_in, d_out, dx, acc)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the layers on `ids` (`batch` sequences of `seq` tokens, or new tokens for a
+    /// cache) and returns the final normed hidden states, their input and rstd, and the
+    /// per-layer activations when asked.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn run(
+        &self,
+        be: &B,
+        adapter: Option<&Adapter<B>>,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        positions: &[u32],
+        mut mode: Mode<'_, B>,
+    ) -> Result<(B::Buf, B::Buf, B::Buf, Vec<LayerActs<B>>)> {
+        let d = &self.dims;
+        let rows = ids.len();
+        let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+        let mut x = be.zeros(rows * d.hidden)?;
+        be.embedding_forward(&self.embed, d.vocab, d.hidden, ids, &mut x)?;
+        let save = matches!(mode, Mode::Full { save: true });
+        let mut acts = Vec::new();
+        for l in 0..d.layers {
+            let layer = &self.layers[l];
+            let mut xn1 = be.zeros(rows * d.hidden)?;
+            let mut rstd1 = be.zeros(rows)?;
+            be.rmsnorm_forward(&x, &layer.attn_norm, rows, d.hidden, d.eps, &mut xn1, &mut rstd1)?;
+            let (mut q, sq) = self.proj_forward(be, l, Q, &xn1, rows, adapter, save)?;
+            let (mut k, sk) = self.proj_forward(be, l, K, &xn1, rows, adapter, save)?;
+            let (v, sv) = self.proj_forward(be, l, V, &xn1, rows, adapter, save)?;
+            be.rope(&mut q, d.heads, d.head_dim, positions, d.rope_theta, false)?;
+            be.rope(&mut k, d.kv_heads, d.head_dim, positions, d.rope_theta, false)?;
+            let mut att = be.zeros(rows * qw)?;
+            let lse = match &mut mode {
+                Mode::Full { .. } => {
+                    let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
+                    let mut lse = be.zeros(rows * d.heads)?;
+                    be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
+                    lse
+                }
+                Mode::Cached(cache) => {
+                    // `batch` sequences of `seq` new tokens each.
+                    if cache.batch != batch || cache.len + seq > cache.capacity {
+                        return Err(Error::invalid(
+                            "kv cache",
+                            format!(
+                                "{batch} x {seq} new tokens for a cache of {} sequences holding {} of {}",
+                                cache.batch, cache.len, cache.capacity
+                            ),
+                        ));
+                    }
+                    for b in 0..batch {
+                        let at = (b * cache.capacity + cache.len) * kw;
+                        be.copy_range(&k, b * seq * kw, seq * kw, &mut cache.k[l], at)?;
+                        be.copy_range(&v, b * seq * kw, seq * kw, &mut cache.v[l], at)?;
+                    }
+                    if cache.len == 0 {
+                        // Prefill: plain causal attention over the new tokens.
+                        let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
+                        let mut lse = be.zeros(rows * d.heads)?;
+                        be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
+                    } else if seq == 1 {
+                        let (len, cap) = (cache.len + 1, cache.capacity);
+                        be.attention_decode(
+                            &q,
+                            &cache.k[l],
+                            &cache.v[l],
+                            batch,
+                            d.heads,
+                            d.kv_heads,
+                            d.head_dim,
+                            cap,
+                            len,
+                            &mut att,
+                        )?;
+                    } else {
+                        return Err(Error::invalid("kv cache", "after the prefill, tokens are fed one at a time"));
+                    }
+                    be.zeros(0)?
+                }
+            };
+            let (o, so) = self.proj_forward(be, l, O, &att, rows, adapter, save)?;
+            // x2 = x + o (x itself is kept for the backward when saving).
+            let mut x2 = be.zeros(rows * d.hidden)?;
+            be.copy_into(&x, &mut x2, 0)?;
+            be.add_assign(&mut x2, &o)?;
+            drop(o);
+            let mut xn2 = be.zeros(rows * d.hidden)?;
+            let mut rstd2 = be.zeros(rows)?;
+            be.rmsnorm_forward(&x2, &layer.mlp_norm, rows, d.hidden, d.eps, &mut xn2, &mut rstd2)?;
+            let (gate, sg) = self.proj_forward(be, l, GATE, &xn2, rows, adapter, save)?;
+            let (up, su) = self.proj_forward(be, l, UP, &xn2, rows, adapter, save)?;
+            let mut h = be.zeros(rows * d.ffn)?;
+            be.swiglu_forward(&gate, &up, &mut h)?;
+            let (down, sd) = self.proj_forward(be, l, DOWN, &h, rows, adapter, save)?;
+            let mut x3 = be.zeros(rows * d.hidden)?;
+            be.copy_into(&x2, &mut x3, 0)?;
+            be.add_assign(&mut x3, &down)?;
+            if save {
+                acts.push(LayerActs {
+                    x,
+                    rstd1,
+                    xn1,
+                    q,
+                    k,
+                    v,
+                    att,
+                    lse,
+                    x2,
+                    rstd2,
+                    xn2,
+                    gate,
+                    up,
+                    h,
+                    saved: [sq, sk, sv, so, sg, su, sd],
+                });
+            }
+            x = x3;
+        }
+        if let Mode::Cached(cache) = &mut mode {
+            cache.len += seq;
+        }
+        let mut hn = be.zeros(rows * d.hidden)?;
+        let mut rstd = be.zeros(rows)?;
+        be.rmsnorm_forward(&x, &self.final_norm, rows, d.hidden, d.eps, &mut hn, &mut rstd)?;
+        Ok((hn, x, rstd, acts))
+    }
+
+    /// Mean cross-entropy over the labelled positions of `batch` (no gradients).
+    pub fn loss(&self, be: &B, adapter: Option<&Adapter<B>>, batch: &Batch) -> Result<f32> {
+        batch.check(self.dims.vocab)?;
+        self.check_adapter(be, adapter)?;
+        let n = batch.count();
+        if n == 0 {
+            return Err(Error::invalid("batch", "no labelled positions"));
+        }
+        let (hn, _, _, _) =
+            self.run(be, adapter, &batch.ids, batch.batch, batch.seq, &batch.positions(), Mode::Full { save: false })?;
+        let sum = be.lm_head_loss(&hn, self.head(), self.dims.hidden, self.dims.vocab, &batch.labels, None)?;
+        Ok(sum / n as f32)
+    }
+
+    /// Logits (`T x vocab`, on the host) of one sequence at every position, and the mean
+    /// next-token loss over it (`None` for a single token).
+    pub fn score(&self, be: &B, adapter: Option<&Adapter<B>>, ids: &[u32]) -> Result<(Vec<f32>, Option<f32>)> {
+        let batch = Batch::causal(&[ids.to_vec()])?;
+        batch.check(self.dims.vocab)?;
+        self.check_adapter(be, adapter)?;
+        let (hn, _, _, _) =
+            self.run(be, adapter, &batch.ids, 1, ids.len(), &batch.positions(), Mode::Full { save: false })?;
+        let mut logits = be.zeros(ids.len() * self.dims.vocab)?;
+        be.logits(&hn, self.head(), ids.len(), self.dims.hidden, self.dims.vocab, &mut logits)?;
+        let loss = if ids.len() > 1 {
+            Some(
+                be.lm_head_loss(&hn, self.head(), self.dims.hidden, self.dims.vocab, &batch.labels, None)?
+                    / (ids.len() - 1) as f32,
+            )
+        } else {
+            None
+        };
+        Ok((be.download(&logits)?, loss))
+    }
+
+    /// The mean cross-entropy over the labelled positions of `batch` and its gradient with
+    /// respect to every adapter pair, *added* to `grads` (one `(dphi, dpsi)` per pair, as
+    /// from [`Adapter::zero_grads`]). Frozen weights get no gradient. This is the training
+    /// pass: the adapter's weight dropout (if any) applies, with masks from
+    /// `adapter.dropout_seed`; [`Llama::loss`] and [`Llama::score`] evaluate without it.
+    pub fn loss_and_grad(
+        &self,
+        be: &B,
+        adapter: &Adapter<B>,
+        batch: &Batch,
+        grads: &mut [(B::Buf, B::Buf)],
+    ) -> Result<f32> {
+        batch.check(self.dims.vocab)?;
+        self.check_adapter(be, Some(adapter))?;
+        if grads.len() != adapter.pairs.len() {
+            return Err(Error::invalid(
+                "grads",
+                format!("{} gradient pairs for {} adapter pairs", grads.len(), adapter.pairs.len()),
+            ));
+        }
+        let n = batch.count();
+        if n == 0 {
+            return Err(Error::invalid("batch", "no labelled positions"));
+        }
+        let d = &self.dims;
+        let rows = batch.ids.len();
+        let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+        let positions = batch.positions();
+        let a = Some(adapter);
+        let (hn, xf, rstdf, acts) =
+            self.run(be, a, &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
+        let mut dhn = be.zeros(rows * d.hidden)?;
+        let sum =
+            be.lm_head_loss(&hn, self.head(), d.hidden, d.vocab, &batch.labels, Some((&mut dhn, 1.0 / n as f32)))?;
+        drop(hn);
+        // dx: gradient with respect to the residual stream, walking down the layers.
+        let mut dx = be.zeros(rows * d.hidden)?;
+        be.rmsnorm_backward(&xf, &self.final_norm, &rstdf, &dhn, rows, d.hidden, &mut dx)?;
+        drop(dhn);
+        let shape = AttnShape::new(batch.batch, batch.seq, d.heads, d.kv_heads, d.head_dim)?;
+        // The lowest layer with an adapted site: below it no gradient is needed.
+        let lowest = (0..d.layers).find(|&l| adapter.sites[l].iter().any(|s| s.is_some()));
+        let Some(lowest) = lowest else {
+            return Ok(sum / n as f32);
+        };
+        for (l, act) in acts.iter().enumerate().rev() {
+            if l < lowest {
+                break;
+            }
+            let layer = &self.layers[l];
+            // MLP.
+            let mut dh = be.zeros(rows * d.ffn)?;
+            self.proj_backward(be, l, DOWN, &act.h, &dx, rows, a, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
+            let mut dgate = be.zeros(rows * d.ffn)?;
+            let mut dup = be.zeros(rows * d.ffn)?;
+            be.swiglu_backward(&act.gate, &act.up, &dh, &mut dgate, &mut dup)?;
+            drop(dh);
+            let mut dxn2 = be.zeros(rows * d.hidden)?;
+            self.proj_backward(
+                be,
+                l,
+                GATE,
+                &act.xn2,
+                &dgate,
+                rows,
+                a,
+                &act.saved[GATE],
+                Some((&mut dxn2, false)),
+                grads,
+            )?;
+            self.proj_backward(be, l, UP, &act.xn2, &dup, rows, a, &act.saved[UP], Some((&mut dxn2, true)), grads)?;
+            be.rmsnorm_backward(&act.x2, &layer.mlp_norm, &act.rstd2, &dxn2, rows, d.hidden, &mut dx)?;
+            // Attention.
+            let mut datt = be.zeros(rows * qw)?;
+            self.proj_backward(be, l, O, &act.att, &dx, rows, a, &act.saved[O], Some((&mut datt, false)), grads)?;
+            let mut dq = be.zeros(rows * qw)?;
+            let mut dk = be.zeros(rows * kw)?;
+            let mut dv = be.zeros(rows * kw)?;
+            be.attention_backward(shape, &act.q, &act.k, &act.v, &act.att, &act.lse, &datt, &mut dq, &mut dk, &mut dv)?;
+            drop(datt);
+            be.rope(&mut dq, d.heads, d.head_dim, &positions, d.rope_theta, true)?;
+            be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, d.rope_theta, true)?;
+            if l == lowest {
+                // Only the adapter gradients are needed here, not dx.
+                self.proj_backward(be, l, Q, &act.xn1, &dq, rows, a, &act.saved[Q], None, grads)?;
+                self.proj_backward(be, l, K, &act.xn1, &dk, rows, a, &act.saved[K], None, grads)?;
+                self.proj_backward(be, l, V, &act.xn1, &dv, rows, a, &act.saved[V], None, grads)?;
+            } else {
+                let mut dxn1 = be.zeros(rows * d.hidden)?;
+                self.proj_backward(be, l, Q, &act.xn1, &dq, rows, a, &act.saved[Q], Some((&mut dxn1, false)), grads)?;
+                self.proj_backward(be, l, K, &act.xn1, &dk, rows, a, &act.saved[K], Some((&mut dxn1, true)), grads)?;
+                self.proj_backward(be, l, V, &act.xn1, &dv, rows, a, &act.saved[V], Some((&mut dxn1, true)), grads)?;
+                be.rmsnorm_backward(&act.x, &layer.attn_norm, &act.rstd1, &dxn1, rows, d.hidden, &mut dx)?;
+            }
+        }
+        Ok(sum / n as f32)
+    }
+
+    /// An empty KV cache for `batch` sequences of up to `capacity` tokens each.
+    pub fn new_cache(&self, be: &B, batch: usize, capacity: usize) -> Result<KvCache<B>> {
+        if capacity == 0 || batch == 0 {
+            return Err(Error::ZeroDim { what: "cache batch and capacity" });
+        }
+        let n = batch * capacity * self.dims.kv_heads * self.dims.head_dim;
+        let k = (0..self.dims.layers).map(|_| be.zeros(n)).collect::<Result<Vec<_>>>()?;
+        let v = (0..self.dims.layers).map(|_| be.zeros(n)).collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { k, v, batch, len: 0, capacity })
+    }
+
+    /// Feeds `ids` (`cache.batch()` sequences of `n` new tokens each, row-major) after what
+    /// `cache` holds and returns the logits (`batch x vocab`, host) at each sequence's last
+    /// new position. The first call (the prefill) takes any `n`; later tokens go through one
+    /// position at a time.
+    pub fn forward_cached(
+        &self,
+        be: &B,
+        adapter: Option<&Adapter<B>>,
+        ids: &[u32],
+        cache: &mut KvCache<B>,
+    ) -> Result<Vec<f32>> {
+        let batch = cache.batch;
+        if ids.is_empty() || ids.len() % batch != 0 {
+            return Err(Error::invalid("ids", format!("{} ids for a cache of {batch} sequences", ids.len())));
+        }
+        self.check_adapter(be, adapter)?;
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.dims.vocab) {
+            return Err(Error::invalid(
+                "ids",
+                format!("token id {id} is outside the vocabulary of {}", self.dims.vocab),
+            ));
+        }
+        let n = ids.len() / batch;
+        let d = &self.dims;
+        if cache.len + n > cache.capacity {
+            return Err(Error::invalid(
+                "kv cache",
+                format!("{} cached + {n} new tokens exceed the capacity {}", cache.len, cache.capacity),
+            ));
+        }
+        // A prefill runs all tokens at once; later tokens go one position at a time.
+        let steps: Vec<Vec<u32>> = if cache.len == 0 {
+            vec![ids.to_vec()]
+        } else {
+            (0..n).map(|t| (0..batch).map(|b| ids[b * n + t]).collect()).collect()
+        };
+        let mut last = None;
+        for step in steps {
+            let seq = step.len() / batch;
+            let start = cache.len as u32;
+            let positions: Vec<u32> = (0..batch).flat_map(|_| (0..seq as u32).map(move |i| start + i)).collect();
+            let (h, _, _, _) = self.run(be, adapter, &step, batch, seq, &positions, Mode::Cached(cache))?;
+            last = Some((h, seq));
+        }
+        let (hn, seq) = last.ok_or(Error::ZeroDim { what: "ids" })?;
+        let mut rows = be.zeros(batch * d.hidden)?;
+        for b in 0..batch {
+            be.copy_range(&hn, (b * seq + seq - 1) * d.hidden, d.hidden, &mut rows, b * d.hidden)?;
+        }
+        let mut logits = be.zeros(batch * d.vocab)?;
+        be.logits(&rows, self.head(), batch, d.hidden, d.vocab, &mut logits)?;
+        be.download(&logits)
+    }
+
+    /// Greedy decoding: up to `max_new` tokens after `prompt`, stopping after any token in
+    /// `stop` (which is included in the output). Returns the new tokens only.
+    pub fn generate(
+        &self,
+        be: &B,
+        adapter: Option<&Adapter<B>>,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        Ok(self.generate_batch(be, adapter, &[prompt.to_vec()], max_new, stop)?.pop().unwrap_or_default())
+    }
+
+    /// Greedy decoding of many prompts; prompts of equal length run together (up to 64 at a
+    /// time) through one batched KV cache. The same result as [`Llama::generate`] on each.
+    pub fn generate_batch(
+        &self,
+        be: &B,
+        adapter: Option<&Adapter<B>>,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut out = vec![Vec::new(); prompts.len()];
+        if max_new == 0 {
+            return Ok(out);
+        }
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(Error::invalid("prompts", format!("prompt {i} is empty")));
+        }
+        let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, p) in prompts.iter().enumerate() {
+            by_len.entry(p.len()).or_default().push(i);
+        }
+        let v = self.dims.vocab;
+        for (len, idx) in by_len {
+            for group in idx.chunks(64) {
+                let b = group.len();
+                let mut cache = self.new_cache(be, b, len + max_new)?;
+                let ids: Vec<u32> = group.iter().flat_map(|&i| prompts[i].iter().copied()).collect();
+                let mut logits = self.forward_cached(be, adapter, &ids, &mut cache)?;
+                let mut done = vec![false; b];
+                for step in 0..max_new {
+                    let next: Vec<u32> = (0..b).map(|j| argmax(&logits[j * v..(j + 1) * v]) as u32).collect();
+                    for (j, &i) in group.iter().enumerate() {
+                        if !done[j] {
+                            out[i].push(next[j]);
+                            done[j] = stop.contains(&next[j]) || out[i].len() >= max_new;
+                        }
+                    }
+                    if done.iter().all(|&d| d) || step + 1 == max_new {
+                        break;
+                    }
+                    logits = self.forward_cached(be, adapter, &next, &mut cache)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the largest element (the first one on ties), 0 for an empty slice.
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl Dims {
+    /// The dimensions of a loaded model's configuration.
+    pub fn from_config(c: &crate::model::LlamaConfig) -> Dims {
+        Dims {
+            hidden: c.hidden_size,
+            layers: c.num_hidden_layers,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            ffn: c.intermediate_size,
+            vocab: c.vocab_size,
+            rope_theta: c.rope_theta,
+            eps: c.rms_norm_eps,
+        }
+    }
+    /// The adapter-side dimensions (layers, hidden, intermediate).
+    pub fn adapter_dims(&self) -> Result<crate::adapter::ModelDims> {
+        crate::adapter::ModelDims::new(self.layers, self.hidden, self.ffn)
+    }
+}
+
+impl HostWeights {
+    /// Takes the tensors of loaded weights (HF layout, q/k already un-permuted), without copying.
+    pub fn from_llama(w: crate::model::LlamaWeights) -> Result<HostWeights> {
+        let dims = Dims::from_config(&w.config);
+        let layers = w
+            .layers
+            .into_iter()
+            .map(|l| HostLayer {
+                attn_norm: l.input_layernorm.data,
+                mlp_norm: l.post_attention_layernorm.data,
+                proj: [
+                    l.q_proj.data,
+                    l.k_proj.data,
+                    l.v_proj.data,
+                    l.o_proj.data,
+                    l.gate_proj.data,
+                    l.up_proj.data,
+                    l.down_proj.data,
+                ],
+            })
+            .collect();
+        Ok(HostWeights {
+            dims,
+            embed: w.embed_tokens.data,
+            final_norm: w.norm.data,
+            lm_head: w.lm_head.map(|t| t.data),
+            layers,
+        })
+    }
+}
+
+impl HostAdapter {
+    /// The model-side view of an adapter (its pairs in order, each site's pair, the scale).
+    pub fn from_adapter(a: &crate::adapter::Adapter) -> Result<HostAdapter> {
+        let mut sites = vec![[None; 7]; a.dims.n_layers];
+        for (l, row) in sites.iter_mut().enumerate() {
+            for m in crate::adapter::Module::ALL {
+                row[m.index()] = a.pair_index(l, m)?;
+            }
+        }
+        let pairs = a
+            .pairs()
+            .iter()
+            .map(|p| {
+                let (_, m) = *p
+                    .sites
+                    .first()
+                    .ok_or_else(|| Error::invalid("adapter", format!("pair {} has no site", p.name)))?;
+                Ok((m.index(), p.phi.clone(), p.psi.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HostAdapter { rank: a.rank(), scale: a.scale(), pairs, sites, dropout: a.config.dropout })
+    }
+
+    /// Writes these values back into `a` (same layout: pairs in the same order).
+    pub fn store_into(&self, a: &mut crate::adapter::Adapter) -> Result<()> {
+        if a.pairs().len() != self.pairs.len() {
+            return Err(Error::Len { arg: "adapter pairs", expected: a.pairs().len(), got: self.pairs.len() });
+        }
+        for (k, (_, phi, psi)) in self.pairs.iter().enumerate() {
+            let (dphi, dpsi) = a.pair_values_mut(k)?;
+            if dphi.len() != phi.len() || dpsi.len() != psi.len() {
+                return Err(Error::invalid("adapter", format!("pair {k}: sizes differ")));
+            }
+            dphi.copy_from_slice(phi);
+            dpsi.copy_from_slice(psi);
+        }
+        Ok(())
+    }
+}

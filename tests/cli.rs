@@ -1,0 +1,218 @@
+//! The `wegeft` binary end to end on SmolLM2-135M-Instruct (`bash scripts/fetch-model.sh`
+//! or `$WEGEFT_MODEL`): score, finetune (the official run's first steps), eval, generate,
+//! merge (the merged model scores like the adapter model), bench-step, and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn model_path() -> PathBuf {
+    let p = match std::env::var_os("WEGEFT_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    assert!(p.is_file(), "model {} not found: run `bash scripts/fetch-model.sh` (or set WEGEFT_MODEL)", p.display());
+    p
+}
+
+fn wegeft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().expect("run wegeft")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = wegeft(args);
+    assert!(
+        out.status.success(),
+        "wegeft {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = wegeft(args);
+    assert!(!out.status.success(), "wegeft {args:?} should fail, printed {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wegeft-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fixture(name: &str) -> PathBuf {
+    common::fixtures_dir().join("smollm2").join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn score_prints_the_reference_numbers() {
+    let m = model_path();
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(fixture("prompt_reference.json")).unwrap()).unwrap();
+    let out: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&m), "--text", "The capital of France is"])).unwrap();
+    assert_eq!(out["ids"], r["ids"]);
+    assert_eq!(out["argmax"], r["argmax_per_pos"]);
+    let loss = out["loss"].as_f64().unwrap();
+    let want = r["ce_loss_labels_eq_ids"].as_f64().unwrap();
+    assert!((loss - want).abs() <= 1e-4 * want, "loss {loss} vs {want}");
+    let top = out["top5_last"].as_array().unwrap();
+    assert_eq!(top.len(), 5);
+    for (g, w) in top.iter().zip(r["top10_last"].as_array().unwrap()) {
+        assert_eq!(g[0], w[0]);
+        assert!((g[1].as_f64().unwrap() - w[1].as_f64().unwrap()).abs() <= 1e-3, "{g} vs {w}");
+    }
+    // --tokens gives the same.
+    let out2: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&m), "--tokens", "504,3575,282,4649,314"])).unwrap();
+    assert_eq!(out, out2);
+}
+
+#[test]
+fn finetune_eval_merge_generate() {
+    let m = model_path();
+    let dir = tmpdir("ft");
+    let log = dir.join("log.jsonl");
+    let out = dir.join("adapter");
+    // The official run's setup (train.json): rank 4, all targets, lr 5e-3, batch 2, seq 24.
+    ok(&[
+        "finetune",
+        "--model",
+        s(&m),
+        "--data",
+        s(&fixture("train.jsonl")),
+        "--init-adapter",
+        s(&fixture("init_adapter.safetensors")),
+        "--lr",
+        "5e-3",
+        "--batch",
+        "2",
+        "--seq",
+        "24",
+        "--steps",
+        "4",
+        "--out",
+        s(&out),
+        "--log-json",
+        s(&log),
+    ]);
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(fixture("train.json")).unwrap()).unwrap();
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"].as_u64().unwrap(), i as u64);
+        let (g, w) = (l["loss"].as_f64().unwrap(), t["losses"][i].as_f64().unwrap());
+        assert!((g - w).abs() <= 1e-4 * w, "step {i}: loss {g}, official {w}");
+    }
+    let adapter = out.join("adapter.safetensors");
+    assert!(adapter.is_file() && out.join("adapter.json").is_file());
+
+    // Score with the adapter, and with the merged model: the same logits.
+    let ids = "504,3575,282,4649,314";
+    let with: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&m), "--adapter", s(&adapter), "--tokens", ids])).unwrap();
+    let base: Value = serde_json::from_str(&ok(&["score", "--model", s(&m), "--tokens", ids])).unwrap();
+    assert_ne!(with["top5_last"], base["top5_last"], "the adapter changes nothing");
+    let merged = dir.join("merged");
+    ok(&["merge", "--model", s(&m), "--adapter", s(&adapter), "--out", s(&merged)]);
+    let via: Value = serde_json::from_str(&ok(&["score", "--model", s(&merged), "--tokens", ids])).unwrap();
+    assert_eq!(via["argmax"], with["argmax"]);
+    for (a, b) in via["top5_last"].as_array().unwrap().iter().zip(with["top5_last"].as_array().unwrap()) {
+        assert_eq!(a[0], b[0]);
+        assert!((a[1].as_f64().unwrap() - b[1].as_f64().unwrap()).abs() <= 1e-3, "merged {a} vs adapter {b}");
+    }
+    assert!((via["loss"].as_f64().unwrap() - with["loss"].as_f64().unwrap()).abs() <= 1e-4);
+    // The merged directory's tokenizer works: --text agrees with the GGUF's.
+    let t1: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&merged), "--text", "What is 345 + 678?"])).unwrap();
+    let t2: Value = serde_json::from_str(&ok(&["score", "--model", s(&m), "--text", "What is 345 + 678?"])).unwrap();
+    assert_eq!(t1["ids"], t2["ids"]);
+
+    // Eval and generate run and report.
+    let e: Value =
+        serde_json::from_str(&ok(&["eval", "--model", s(&m), "--task", "arithmetic", "--n", "2", "--max-new", "6"]))
+            .unwrap();
+    assert_eq!(e["n"].as_u64(), Some(2));
+    let acc = e["exact_match"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    let g = ok(&["generate", "--model", s(&m), "--prompt", "What is the capital of France?", "--max-new", "8"]);
+    assert!(g.contains("Paris"), "generated {g:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn finetune_arithmetic_smoke_and_bench() {
+    let m = model_path();
+    let dir = tmpdir("arith");
+    let stdout = ok(&[
+        "finetune",
+        "--model",
+        s(&m),
+        "--task",
+        "arithmetic",
+        "--targets",
+        "q_proj,v_proj",
+        "--rank",
+        "2",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--eval-n",
+        "1",
+        "--out",
+        s(&dir),
+        "--format",
+        "peft",
+    ]);
+    assert!(stdout.contains("held-out exact match before") && stdout.contains("after"), "{stdout}");
+    assert!(dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file());
+    // A PEFT directory reads back; a repeated option overrides the earlier one (as demo.sh uses).
+    ok(&["score", "--model", s(&m), "--adapter", s(&dir), "--tokens", "1,2,3"]);
+    let b: Value =
+        serde_json::from_str(&ok(&["bench-step", "--model", s(&m), "--batch", "1", "--seq", "8", "--steps", "9", "--steps", "1"]))
+            .unwrap();
+    assert!(b["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let m = model_path();
+    let e = fails(&["score", "--model", "/nonexistent/model.gguf", "--tokens", "1"]);
+    assert!(e.contains("/nonexistent/model.gguf"), "{e}");
+    let e = fails(&["score", "--model", s(&m), "--device", "cuda", "--tokens", "1"]);
+    assert!(e.contains("CUDA"), "{e}");
+    let e = fails(&["score", "--model", s(&m), "--tokens", "49152"]);
+    assert!(e.contains("49152"), "{e}");
+    let dir = tmpdir("bad");
+    let data = dir.join("bad.jsonl");
+    std::fs::write(&data, "{\"tokens\": [1, 2, 3]}\n{\"txt\": \"oops\"}\n").unwrap();
+    let e = fails(&["finetune", "--model", s(&m), "--data", s(&data), "--steps", "1", "--out", s(&dir)]);
+    assert!(e.contains("line 2"), "{e}");
+    let e = fails(&[
+        "finetune",
+        "--model",
+        s(&m),
+        "--task",
+        "arithmetic",
+        "--targets",
+        "qq_proj",
+        "--steps",
+        "1",
+        "--out",
+        s(&dir),
+    ]);
+    assert!(e.contains("qq_proj"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,359 @@
+//! The whole Llama model on a tiny random configuration: adapter gradients against finite
+//! differences, KV-cache decoding against the full forward, determinism, bad input.
+
+mod common;
+
+use wegeft::cpu::Cpu;
+use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostLayer, HostWeights, Llama, MODULES};
+
+fn rand_f32(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    common::rand_vec(seed, n).into_iter().map(|v| v as f32 * scale).collect()
+}
+
+fn tiny_dims() -> Dims {
+    Dims {
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        ffn: 48,
+        vocab: 61,
+        rope_theta: 10000.0,
+        eps: 1e-5,
+    }
+}
+
+fn tiny_weights(d: &Dims, seed: u64, tied: bool) -> HostWeights {
+    let mut s = seed;
+    let mut next = |n: usize, scale: f32| {
+        s += 1;
+        rand_f32(s, n, scale)
+    };
+    let layers = (0..d.layers)
+        .map(|_| {
+            let norm = |v: Vec<f32>| v.into_iter().map(|x| 1.0 + 0.2 * x).collect::<Vec<f32>>();
+            HostLayer {
+                attn_norm: norm(next(d.hidden, 1.0)),
+                mlp_norm: norm(next(d.hidden, 1.0)),
+                proj: std::array::from_fn(|m| {
+                    let (i, o) = d.module_dims(m);
+                    next(i * o, 1.0 / (i as f32).sqrt() * 1.7)
+                }),
+            }
+        })
+        .collect();
+    HostWeights {
+        dims: d.clone(),
+        embed: next(d.vocab * d.hidden, 1.0),
+        final_norm: next(d.hidden, 0.3).into_iter().map(|x| 1.0 + x).collect(),
+        lm_head: if tied { None } else { Some(next(d.vocab * d.hidden, 0.5)) },
+        layers,
+    }
+}
+
+/// Rank-3 pairs with nonzero phi and psi on `targets`; `shared` = one pair per module
+/// type across layers, else one pair per layer and module.
+fn tiny_adapter(d: &Dims, targets: &[usize], shared: bool, scale: f32, seed: u64) -> HostAdapter {
+    let r = 3;
+    let mut pairs = Vec::new();
+    let mut sites = vec![[None; 7]; d.layers];
+    let mut s = seed;
+    for &m in targets {
+        let (din, _) = d.module_dims(m);
+        let copies = if shared { 1 } else { d.layers };
+        for c in 0..copies {
+            s += 2;
+            pairs.push((m, rand_f32(s, din * r, 0.4), rand_f32(s + 1, r * din, 0.4)));
+            let idx = pairs.len() - 1;
+            if shared {
+                for row in sites.iter_mut() {
+                    row[m] = Some(idx);
+                }
+            } else {
+                sites[c][m] = Some(idx);
+            }
+        }
+    }
+    HostAdapter { rank: r, scale, pairs, sites, dropout: 0.0 }
+}
+
+fn tiny_batch(d: &Dims) -> Batch {
+    let seqs: Vec<Vec<u32>> =
+        (0..2).map(|b| (0..7).map(|t| ((b * 31 + t * 17 + 5) % d.vocab) as u32).collect()).collect();
+    let mut batch = Batch::causal(&seqs).unwrap();
+    // No loss on one position, as for a prompt.
+    batch.labels[1] = -1;
+    batch
+}
+
+fn loss_at(model: &Llama<Cpu>, ad: &HostAdapter, batch: &Batch) -> f64 {
+    let a = ad.upload(&Cpu, &model.dims).unwrap();
+    model.loss(&Cpu, Some(&a), batch).unwrap() as f64
+}
+
+fn check_grads(tied: bool, shared: bool, targets: &[usize], scale: f32) {
+    let d = tiny_dims();
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 100, tied)).unwrap();
+    let ad = tiny_adapter(&d, targets, shared, scale, 7);
+    let batch = tiny_batch(&d);
+    let a = ad.upload(&Cpu, &d).unwrap();
+    let mut grads = a.zero_grads(&Cpu).unwrap();
+    let loss = model.loss_and_grad(&Cpu, &a, &batch, &mut grads).unwrap() as f64;
+    assert!(
+        (loss - loss_at(&model, &ad, &batch)).abs() < 1e-5 * loss.abs(),
+        "loss_and_grad's loss differs from loss()"
+    );
+    // Directional derivatives along random directions, one pair at a time and all at once.
+    let eps = 2e-3f32;
+    let mut dirs: Vec<Vec<(Vec<f32>, Vec<f32>)>> = Vec::new();
+    for (p, (_, phi, psi)) in ad.pairs.iter().enumerate() {
+        for which in 0..2 {
+            let mut dir: Vec<(Vec<f32>, Vec<f32>)> =
+                ad.pairs.iter().map(|(_, f, s)| (vec![0.0; f.len()], vec![0.0; s.len()])).collect();
+            if which == 0 {
+                dir[p].0 = rand_f32(1000 + p as u64, phi.len(), 1.0);
+            } else {
+                dir[p].1 = rand_f32(2000 + p as u64, psi.len(), 1.0);
+            }
+            dirs.push(dir);
+        }
+    }
+    dirs.push(
+        ad.pairs
+            .iter()
+            .enumerate()
+            .map(|(p, (_, f, s))| (rand_f32(3000 + p as u64, f.len(), 1.0), rand_f32(4000 + p as u64, s.len(), 1.0)))
+            .collect(),
+    );
+    let (mut worst, mut scale_max) = (0.0f64, 0.0f64);
+    let mut rows = Vec::new();
+    for dir in &dirs {
+        let shifted = |sign: f32| {
+            let mut ad2 = ad.clone();
+            for ((_, phi, psi), (dphi, dpsi)) in ad2.pairs.iter_mut().zip(dir) {
+                phi.iter_mut().zip(dphi).for_each(|(p, d)| *p += sign * eps * d);
+                psi.iter_mut().zip(dpsi).for_each(|(p, d)| *p += sign * eps * d);
+            }
+            loss_at(&model, &ad2, &batch)
+        };
+        let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+        let an: f64 = grads
+            .iter()
+            .zip(dir)
+            .map(|((gphi, gpsi), (dphi, dpsi))| {
+                gphi.iter().zip(dphi).map(|(g, d)| (*g as f64) * (*d as f64)).sum::<f64>()
+                    + gpsi.iter().zip(dpsi).map(|(g, d)| (*g as f64) * (*d as f64)).sum::<f64>()
+            })
+            .sum();
+        worst = worst.max((fd - an).abs());
+        scale_max = scale_max.max(an.abs());
+        rows.push((fd, an));
+    }
+    assert!(scale_max > 1e-3, "gradients vanish: {rows:?}");
+    assert!(
+        worst <= 2e-3 * scale_max.max(1.0),
+        "finite differences disagree (fd, analytic): {rows:?}; worst {worst:e}"
+    );
+}
+
+#[test]
+fn grad_all_targets_shared_tied() {
+    check_grads(true, true, &[0, 1, 2, 3, 4, 5, 6], 1.0);
+}
+
+#[test]
+fn grad_per_layer_pairs_untied_scaled() {
+    check_grads(false, false, &[0, 2, 3, 6], 0.5);
+}
+
+#[test]
+fn grad_single_target_in_the_mlp() {
+    check_grads(true, true, &[5], 2.0);
+}
+
+/// One pair shared by q, k, v, gate and up (all read the hidden state) in every layer, as
+/// the PEFT fork's `tied_modules` allow: the pair's gradient sums over ten sites.
+#[test]
+fn grad_pair_shared_across_module_types() {
+    let d = tiny_dims();
+    let mut ad = tiny_adapter(&d, &[0], true, 0.9, 21);
+    for row in ad.sites.iter_mut() {
+        for m in [1, 2, 4, 5] {
+            row[m] = Some(0);
+        }
+    }
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 33, true)).unwrap();
+    let batch = tiny_batch(&d);
+    let a = ad.upload(&Cpu, &d).unwrap();
+    let mut grads = a.zero_grads(&Cpu).unwrap();
+    model.loss_and_grad(&Cpu, &a, &batch, &mut grads).unwrap();
+    let eps = 2e-3f32;
+    for which in 0..2 {
+        let dir = rand_f32(77 + which, ad.pairs[0].1.len(), 1.0);
+        let shifted = |sign: f32| {
+            let mut ad2 = ad.clone();
+            let t = if which == 0 { &mut ad2.pairs[0].1 } else { &mut ad2.pairs[0].2 };
+            t.iter_mut().zip(&dir).for_each(|(p, d)| *p += sign * eps * d);
+            loss_at(&model, &ad2, &batch)
+        };
+        let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+        let g = if which == 0 { &grads[0].0 } else { &grads[0].1 };
+        let an: f64 = g.iter().zip(&dir).map(|(g, d)| *g as f64 * *d as f64).sum();
+        assert!(
+            (fd - an).abs() <= 2e-3 * an.abs().max(1.0),
+            "{}: fd {fd} vs analytic {an}",
+            ["phi", "psi"][which as usize]
+        );
+    }
+    // A site pointing at a pair of the wrong d_in is refused (down_proj reads the FFN width).
+    ad.sites[1][6] = Some(0);
+    assert!(ad.upload(&Cpu, &d).is_err());
+}
+
+/// Weight dropout (the PEFT fork's `wegeft_dropout`): the training pass with fixed masks
+/// against finite differences of that same training loss; evaluation ignores it.
+#[test]
+fn grad_with_weight_dropout() {
+    let d = tiny_dims();
+    let mut ad = tiny_adapter(&d, &[0, 2, 4, 6], true, 1.0, 5);
+    ad.dropout = 0.3;
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 8, true)).unwrap();
+    let batch = tiny_batch(&d);
+    let train_loss = |ad: &HostAdapter| {
+        let mut a = ad.upload(&Cpu, &d).unwrap();
+        a.dropout_seed = 1234;
+        let mut g = a.zero_grads(&Cpu).unwrap();
+        let l = model.loss_and_grad(&Cpu, &a, &batch, &mut g).unwrap() as f64;
+        (l, g)
+    };
+    let (l0, grads) = train_loss(&ad);
+    // Dropout is active in training, off in evaluation.
+    let mut plain = ad.clone();
+    plain.dropout = 0.0;
+    let eval = loss_at(&model, &ad, &batch);
+    assert_eq!(eval, loss_at(&model, &plain, &batch));
+    assert!((l0 - eval).abs() > 1e-4, "dropout changes nothing: {l0} vs {eval}");
+    assert_eq!(l0, train_loss(&ad).0, "same seed, same masks");
+    let eps = 2e-3f32;
+    for (p, (_, phi, psi)) in ad.pairs.iter().enumerate() {
+        for which in 0..2 {
+            let n = if which == 0 { phi.len() } else { psi.len() };
+            let dir = rand_f32(500 + 2 * p as u64 + which, n, 1.0);
+            let shifted = |sign: f32| {
+                let mut ad2 = ad.clone();
+                let t = if which == 0 { &mut ad2.pairs[p].1 } else { &mut ad2.pairs[p].2 };
+                t.iter_mut().zip(&dir).for_each(|(x, d)| *x += sign * eps * d);
+                train_loss(&ad2).0
+            };
+            let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
+            let g = if which == 0 { &grads[p].0 } else { &grads[p].1 };
+            let an: f64 = g.iter().zip(&dir).map(|(g, d)| *g as f64 * *d as f64).sum();
+            assert!((fd - an).abs() <= 2e-3 * an.abs().max(1.0), "pair {p} {which}: fd {fd} vs analytic {an}");
+        }
+    }
+    // Out of range.
+    ad.dropout = 1.0;
+    assert!(ad.upload(&Cpu, &d).is_err());
+}
+
+#[test]
+fn kv_cache_decode_matches_full_forward() {
+    let d = tiny_dims();
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 5, true)).unwrap();
+    let ad = tiny_adapter(&d, &[0, 1, 2, 3, 4, 5, 6], true, 1.0, 3).upload(&Cpu, &d).unwrap();
+    let ids: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9];
+    let (logits, _) = model.score(&Cpu, Some(&ad), &ids).unwrap();
+    let mut cache = model.new_cache(&Cpu, 1, 16).unwrap();
+    // A prefill of 4 tokens, then one at a time.
+    let mut got = model.forward_cached(&Cpu, Some(&ad), &ids[..4], &mut cache).unwrap();
+    for t in 4..=ids.len() {
+        let want: Vec<f64> = logits[(t - 1) * d.vocab..t * d.vocab].iter().map(|&v| v as f64).collect();
+        let g: Vec<f64> = got.iter().map(|&v| v as f64).collect();
+        common::assert_close(&format!("logits at position {}", t - 1), &g, &want, 1e-5);
+        if t < ids.len() {
+            got = model.forward_cached(&Cpu, Some(&ad), &ids[t..t + 1], &mut cache).unwrap();
+        }
+    }
+    assert_eq!(cache.len(), ids.len());
+    // Greedy generation equals argmax over repeated full forwards.
+    let new = model.generate(&Cpu, Some(&ad), &ids[..3], 5, &[]).unwrap();
+    let mut seq = ids[..3].to_vec();
+    for _ in 0..5 {
+        let (lg, _) = model.score(&Cpu, Some(&ad), &seq).unwrap();
+        seq.push(argmax(&lg[(seq.len() - 1) * d.vocab..]) as u32);
+    }
+    assert_eq!(new, seq[3..].to_vec());
+    // The cache refuses to overflow.
+    let mut small = model.new_cache(&Cpu, 1, 2).unwrap();
+    assert!(model.forward_cached(&Cpu, None, &ids[..3], &mut small).is_err());
+}
+
+#[test]
+fn batched_generation_matches_one_at_a_time() {
+    let d = tiny_dims();
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 11, false)).unwrap();
+    let ad = tiny_adapter(&d, &[0, 3, 5], false, 0.7, 2).upload(&Cpu, &d).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3], vec![7, 8], vec![4, 5, 6], vec![9, 9, 9], vec![30]];
+    // Stop on a token that some sequences produce, so that they finish at different times.
+    let first: Vec<u32> = prompts.iter().map(|p| model.generate(&Cpu, Some(&ad), p, 1, &[]).unwrap()[0]).collect();
+    let stop = [first[2]];
+    let batched = model.generate_batch(&Cpu, Some(&ad), &prompts, 6, &stop).unwrap();
+    for (p, got) in prompts.iter().zip(&batched) {
+        assert_eq!(got, &model.generate(&Cpu, Some(&ad), p, 6, &stop).unwrap(), "prompt {p:?}");
+    }
+    assert_eq!(batched[2], vec![first[2]]);
+    // Batched prefill logits equal the full forward's.
+    let mut cache = model.new_cache(&Cpu, 2, 8).unwrap();
+    let lg = model.forward_cached(&Cpu, Some(&ad), &[1, 2, 3, 4, 5, 6], &mut cache).unwrap();
+    for (j, p) in [[1u32, 2, 3], [4, 5, 6]].iter().enumerate() {
+        let (full, _) = model.score(&Cpu, Some(&ad), p).unwrap();
+        let want: Vec<f64> = full[2 * d.vocab..].iter().map(|&v| v as f64).collect();
+        let got: Vec<f64> = lg[j * d.vocab..(j + 1) * d.vocab].iter().map(|&v| v as f64).collect();
+        common::assert_close("batched prefill logits", &got, &want, 1e-5);
+    }
+    // A second step with the wrong number of tokens is an error.
+    assert!(model.forward_cached(&Cpu, None, &[1, 2, 3], &mut cache).is_err());
+}
+
+#[test]
+fn gradients_are_deterministic() {
+    let d = tiny_dims();
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 9, true)).unwrap();
+    let a = tiny_adapter(&d, &[0, 2, 6], true, 1.0, 4).upload(&Cpu, &d).unwrap();
+    let batch = tiny_batch(&d);
+    let run = || {
+        let mut g = a.zero_grads(&Cpu).unwrap();
+        let l = model.loss_and_grad(&Cpu, &a, &batch, &mut g).unwrap();
+        (l.to_bits(), g.into_iter().flat_map(|(x, y)| x.into_iter().chain(y)).map(f32::to_bits).collect::<Vec<_>>())
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let d = tiny_dims();
+    let w = tiny_weights(&d, 1, true);
+    let model = Llama::new(&Cpu, &w).unwrap();
+    // A token outside the vocabulary.
+    let mut batch = tiny_batch(&d);
+    batch.ids[3] = d.vocab as u32;
+    assert!(model.loss(&Cpu, None, &batch).is_err());
+    // A label outside the vocabulary.
+    let mut batch = tiny_batch(&d);
+    batch.labels[2] = d.vocab as i32 + 4;
+    assert!(model.loss(&Cpu, None, &batch).is_err());
+    // No labels.
+    let mut batch = tiny_batch(&d);
+    batch.labels.iter_mut().for_each(|l| *l = -1);
+    assert!(model.loss(&Cpu, None, &batch).is_err());
+    // A weight of the wrong size.
+    let mut bad = w.clone();
+    bad.layers[1].proj[2].pop();
+    let err = Llama::new(&Cpu, &bad).err().expect("wrong size accepted").to_string();
+    assert!(err.contains(MODULES[2]), "{err}");
+    // An adapter pair of the wrong size.
+    let mut ad = tiny_adapter(&d, &[0], true, 1.0, 1);
+    ad.pairs[0].1.pop();
+    assert!(ad.upload(&Cpu, &d).is_err());
+}
