@@ -80,6 +80,13 @@ pub trait Backend {
     fn upload_vec(&self, data: Vec<f32>) -> Result<Self::Buf> {
         self.upload(&data)
     }
+    /// A frozen weight matrix (a projection, the embedding, the LM head), taken over like
+    /// [`Backend::upload_vec`]. An engine may store it in a narrower type (the CUDA engine keeps
+    /// bf16); the buffer is then only an operand of the products, the embedding and the LM head,
+    /// and downloads as f32. The default keeps it as an f32 buffer.
+    fn upload_weight(&self, data: Vec<f32>) -> Result<Self::Buf> {
+        self.upload_vec(data)
+    }
     /// The buffer's content, on the host.
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// Number of f32 elements in `buf`.

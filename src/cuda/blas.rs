@@ -41,6 +41,7 @@ impl Drop for Lt {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Key {
     dtype: DType,
+    out: DType,
     transa: bool,
     transb: bool,
     m: usize,
@@ -152,6 +153,35 @@ impl CudaBackend {
         d: CUdeviceptr,
         ldd: usize,
     ) -> Result<()> {
+        self.lt_gemm_ex(op, dtype, dtype, stream, transa, transb, m, n, k, a, lda, b, ldb, bias, beta, d, ldd)
+    }
+
+    /// [`CudaBackend::lt_gemm`] with `A`, `B` of `dtype` and `D` of `out` (e.g. bf16 inputs
+    /// with an f32 result, which `beta` then accumulates into in f32). `bias` is of `out`.
+    ///
+    /// # Safety
+    /// As for [`CudaBackend::lt_gemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn lt_gemm_ex(
+        &self,
+        op: &'static str,
+        dtype: DType,
+        out: DType,
+        stream: CUstream,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: CUdeviceptr,
+        lda: usize,
+        b: CUdeviceptr,
+        ldb: usize,
+        bias: Option<CUdeviceptr>,
+        beta: f32,
+        d: CUdeviceptr,
+        ldd: usize,
+    ) -> Result<()> {
         let h = self.lt()?;
         self.context().bind_to_thread().map_err(super::context::cuda_err(op))?;
         let dt = data_type(dtype);
@@ -159,7 +189,7 @@ impl CudaBackend {
         let [(r0, c0, l0), (r1, c1, l1), (r2, c2, l2)] = plan.layouts;
         let la = Layout(lt::create_matrix_layout(dt, r0 as u64, c0 as u64, l0 as i64).map_err(blas_err(op))?);
         let lb = Layout(lt::create_matrix_layout(dt, r1 as u64, c1 as u64, l1 as i64).map_err(blas_err(op))?);
-        let ld = Layout(lt::create_matrix_layout(dt, r2 as u64, c2 as u64, l2 as i64).map_err(blas_err(op))?);
+        let ld = Layout(lt::create_matrix_layout(data_type(out), r2 as u64, c2 as u64, l2 as i64).map_err(blas_err(op))?);
         let desc = Desc(
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(blas_err(op))?,
@@ -184,7 +214,7 @@ impl CudaBackend {
                 std::mem::size_of::<CUdeviceptr>(),
             )?;
         }
-        let key = Key { dtype, transa, transb, m, n, k, lda, ldb, ldd, bias: bias.is_some(), beta: beta != 0.0 };
+        let key = Key { dtype, out, transa, transb, m, n, k, lda, ldb, ldd, bias: bias.is_some(), beta: beta != 0.0 };
         let cached = h.algos.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
         let algo = match cached {
             Some(a) => a,

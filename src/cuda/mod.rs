@@ -9,6 +9,10 @@
 //!   `wegeft_unmerge`, `lora_forward`, `lora_backward`, `frozen_forward`, `frozen_backward` on
 //!   `CudaSlice`s, and `*_raw` twins on `CUdeviceptr` + `CUstream` for frameworks.
 //!
+//! * [`backend`]: [`Gpu`], the [`crate::backend::Backend`] of the Llama model on the device
+//!   (bf16 frozen weights, f32 activations and adapter state), over the kernels of
+//!   `kernels/{embedding,rmsnorm,rope,swiglu,xent,adamw,elementwise,attention_naive}.cu`.
+//!
 //! The math is the one of [`crate::reference`]; see [`layer`] for the formulas.
 //!
 //! # The fused K-extended GEMM ([`gemm`])
@@ -38,6 +42,8 @@
 //! (no TF32 for f32 storage). Reductions over tokens are split-K with a fixed-order sum, so
 //! every result is bitwise reproducible on a given device.
 
+mod attention;
+pub mod backend;
 mod blas;
 pub mod context;
 mod exec;
@@ -50,5 +56,6 @@ pub mod layer;
 mod mem;
 mod product;
 
+pub use backend::{Gpu, GpuBuf, GpuSaved};
 pub use context::{driver_present, CudaBackend, Image};
 pub use layer::{dropout_hash, dropout_keep, Dropout, Launch, Path, FUSED_GEMM_BUILT};

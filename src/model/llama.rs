@@ -428,21 +428,21 @@ impl<B: Backend> Llama<B> {
                 attn_norm: be.upload_vec(hl.attn_norm)?,
                 mlp_norm: be.upload_vec(hl.mlp_norm)?,
                 proj: [
-                    be.upload_vec(q)?,
-                    be.upload_vec(k)?,
-                    be.upload_vec(v)?,
-                    be.upload_vec(o)?,
-                    be.upload_vec(g)?,
-                    be.upload_vec(u)?,
-                    be.upload_vec(dn)?,
+                    be.upload_weight(q)?,
+                    be.upload_weight(k)?,
+                    be.upload_weight(v)?,
+                    be.upload_weight(o)?,
+                    be.upload_weight(g)?,
+                    be.upload_weight(u)?,
+                    be.upload_weight(dn)?,
                 ],
             });
         }
         Ok(Llama {
             dims: d,
-            embed: be.upload_vec(w.embed)?,
+            embed: be.upload_weight(w.embed)?,
             final_norm: be.upload_vec(w.final_norm)?,
-            lm_head: w.lm_head.map(|h| be.upload_vec(h)).transpose()?,
+            lm_head: w.lm_head.map(|h| be.upload_weight(h)).transpose()?,
             layers,
         })
     }

@@ -1,0 +1,55 @@
+// Small elementwise helpers of the model's CUDA backend (src/cuda/backend.rs). All f32 math;
+// one thread per element in a grid-stride loop.
+//
+//   add_f32            y[i] += x[i]
+//   cast_f32_bf16      y[i] = bf16(x[i])                 (round to nearest even)
+//   cast_bf16_f32      y[i] = x[i]  or  y[i] += x[i]     (accumulate != 0)
+//   gather_rows_T      dst[r, :] = T(src[idx[r], :])     (rows of width dim; T = f32, bf16)
+//   scatter_rows_f32   dst[idx[r], :] = src[r, :]
+#include "common.cuh"
+
+using bf16 = __nv_bfloat16;
+
+#define GRID_STRIDE(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+extern "C" __global__ void add_f32(float* __restrict__ y, const float* __restrict__ x, long long n) {
+    GRID_STRIDE(i, n) { y[i] += x[i]; }
+}
+
+extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y, long long n) {
+    GRID_STRIDE(i, n) { y[i] = wegeft::from_f32<bf16>(x[i]); }
+}
+
+extern "C" __global__ void cast_bf16_f32(const bf16* __restrict__ x, float* __restrict__ y, long long n, int accumulate) {
+    GRID_STRIDE(i, n) {
+        float v = wegeft::to_f32(x[i]);
+        y[i] = accumulate ? y[i] + v : v;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void gather_rows(const float* __restrict__ src, const int* __restrict__ idx, T* __restrict__ dst,
+                                            long long rows, int dim) {
+    GRID_STRIDE(i, rows * dim) {
+        long long r = i / dim;
+        int c = (int)(i - r * dim);
+        dst[i] = wegeft::from_f32<T>(src[(long long)idx[r] * dim + c]);
+    }
+}
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst,
+                                           long long rows, int dim) {
+    gather_rows<float>(src, idx, dst, rows, dim);
+}
+extern "C" __global__ void gather_rows_bf16(const float* __restrict__ src, const int* __restrict__ idx, bf16* __restrict__ dst,
+                                            long long rows, int dim) {
+    gather_rows<bf16>(src, idx, dst, rows, dim);
+}
+
+extern "C" __global__ void scatter_rows_f32(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst,
+                                            long long rows, int dim) {
+    GRID_STRIDE(i, rows * dim) {
+        long long r = i / dim;
+        int c = (int)(i - r * dim);
+        dst[(long long)idx[r] * dim + c] = src[i];
+    }
+}
