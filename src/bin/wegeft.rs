@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use wegeft::adapter::{self, AdapterConfig, Init, Module, Sharing};
+use wegeft::backend::Backend;
 use wegeft::cpu::Cpu;
 use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama, MODULES};
 use wegeft::model::{LlamaWeights, Tokenizer};
@@ -51,7 +52,8 @@ struct ModelArgs {
     /// A GGUF file or an HF safetensors directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// Compute device; `auto` is the CPU until the CUDA backend lands.
+    /// Compute device; `auto` is the GPU when a CUDA driver and device are present (and the
+    /// `cuda` feature is built in), else the CPU.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
 }
@@ -218,15 +220,59 @@ fn main() {
     }
 }
 
-fn check_device(d: Device) -> Result<Cpu> {
+/// The engine `--device` names: `cpu`; `cuda` (an error without a usable device, or without
+/// the `cuda` feature); `auto`, the GPU when a driver and a device are there, else the CPU.
+enum Engine {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<wegeft::cuda::Gpu>),
+}
+
+fn check_device(d: Device) -> Result<Engine> {
     match d {
-        Device::Auto | Device::Cpu => Ok(Cpu),
-        Device::Cuda => Err(Error::NoCuda("the CUDA backend of the model is not built yet; use --device cpu".into())),
+        Device::Cpu => Ok(Engine::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => Ok(Engine::Cuda(Box::new(wegeft::cuda::Gpu::new(0)?))),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(Error::NoCuda("this wegeft was built without the `cuda` feature; use --device cpu".into())),
+        #[cfg(feature = "cuda")]
+        Device::Auto if wegeft::cuda::driver_present() => match wegeft::cuda::Gpu::new(0) {
+            Ok(g) => Ok(Engine::Cuda(Box::new(g))),
+            Err(Error::NoCuda(_)) => Ok(Engine::Cpu),
+            Err(e) => Err(e),
+        },
+        Device::Auto => Ok(Engine::Cpu),
     }
 }
 
-struct Loaded {
-    model: Llama<Cpu>,
+impl Cmd {
+    fn device(&self) -> Device {
+        match self {
+            Cmd::Score { m, .. }
+            | Cmd::Generate { m, .. }
+            | Cmd::Eval { m, .. }
+            | Cmd::Merge { m, .. }
+            | Cmd::BenchStep { m, .. }
+            | Cmd::Finetune { m, .. } => m.device,
+        }
+    }
+}
+
+/// Runs `cmd` on the engine its `--device` picks.
+fn run(cmd: Cmd) -> Result<()> {
+    if matches!(cmd, Cmd::Merge { .. }) {
+        // The merge is host arithmetic on the weights.
+        return run_on(&Cpu, cmd);
+    }
+    match check_device(cmd.device())? {
+        Engine::Cpu => run_on(&Cpu, cmd),
+        #[cfg(feature = "cuda")]
+        Engine::Cuda(g) => run_on(g.as_ref(), cmd),
+    }
+}
+
+struct Loaded<B: Backend> {
+    model: Llama<B>,
     tok: Tokenizer,
     weights_config: wegeft::model::LlamaConfig,
 }
@@ -239,11 +285,10 @@ fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     }
 }
 
-fn load(m: &ModelArgs) -> Result<Loaded> {
-    let be = check_device(m.device)?;
+fn load<B: Backend>(be: &B, m: &ModelArgs) -> Result<Loaded<B>> {
     let w = LlamaWeights::load(&m.model)?;
     let weights_config = w.config.clone();
-    let model = Llama::from_host(&be, HostWeights::from_llama(w)?)?;
+    let model = Llama::from_host(be, HostWeights::from_llama(w)?)?;
     let tok = load_tokenizer(&m.model)?;
     Ok(Loaded { model, tok, weights_config })
 }
@@ -276,9 +321,10 @@ fn arithmetic_example(tok: &Tokenizer, p: &Problem) -> Result<Example> {
 }
 
 /// Exact-match accuracy of greedy answers on `(prompt ids, expected text)` pairs.
-fn exact_match(
-    l: &Loaded,
-    adapter: Option<&wegeft::model::llama::Adapter<Cpu>>,
+fn exact_match<B: Backend>(
+    be: &B,
+    l: &Loaded<B>,
+    adapter: Option<&wegeft::model::llama::Adapter<B>>,
     cases: &[(Vec<u32>, String)],
     max_new: usize,
     label: &str,
@@ -289,7 +335,7 @@ fn exact_match(
     // Batches of 32 prompts through one KV cache (prompts of equal length decode together).
     for (k, chunk) in cases.chunks(32).enumerate() {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|(p, _)| p.clone()).collect();
-        let outs = l.model.generate_batch(&Cpu, adapter, &prompts, max_new, &stop)?;
+        let outs = l.model.generate_batch(be, adapter, &prompts, max_new, &stop)?;
         for ((_, want), out) in chunk.iter().zip(outs) {
             if l.tok.decode(&out, true)?.trim() == want.trim() {
                 correct += 1;
@@ -333,18 +379,18 @@ fn parse_targets(targets: &[String]) -> Result<Vec<Module>> {
     Ok(out)
 }
 
-fn run(cmd: Cmd) -> Result<()> {
+fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Score { m, adapter, text, tokens } => {
-            let l = load(&m)?;
+            let l = load(be, &m)?;
             let ids = match (text, tokens) {
                 (Some(t), _) => l.tok.encode(&t, false)?,
                 (None, Some(t)) => t,
                 (None, None) => return Err(Error::invalid("score", "give --text or --tokens")),
             };
             let ad =
-                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
-            let (logits, loss) = l.model.score(&Cpu, ad.as_ref(), &ids)?;
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(be, &l.model.dims)).transpose()?;
+            let (logits, loss) = l.model.score(be, ad.as_ref(), &ids)?;
             let v = l.model.dims.vocab;
             let am: Vec<usize> = logits.chunks(v).map(argmax).collect();
             let last = &logits[(ids.len() - 1) * v..];
@@ -356,30 +402,29 @@ fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Generate { m, adapter, prompt, max_new, raw } => {
-            let l = load(&m)?;
+            let l = load(be, &m)?;
             let ad =
-                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(be, &l.model.dims)).transpose()?;
             let ids = if raw { l.tok.encode(&prompt, false)? } else { l.tok.chat_prompt(&prompt)? };
             let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
-            let out = l.model.generate(&Cpu, ad.as_ref(), &ids, max_new, &stop)?;
+            let out = l.model.generate(be, ad.as_ref(), &ids, max_new, &stop)?;
             println!("{}", l.tok.decode(&out, true)?);
             Ok(())
         }
         Cmd::Eval { m, adapter, task, data, n, seed, max_new } => {
-            let l = load(&m)?;
+            let l = load(be, &m)?;
             let ad =
-                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
+                host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(be, &l.model.dims)).transpose()?;
             let cases = match (task, data) {
                 (Some(Task::Arithmetic), _) => arithmetic_cases(&l.tok, seed, n)?,
                 (None, Some(path)) => read_eval_cases(&path, &l.tok, n)?,
                 (None, None) => return Err(Error::invalid("eval", "give --task or --data")),
             };
-            let acc = exact_match(&l, ad.as_ref(), &cases, max_new, "eval")?;
+            let acc = exact_match(be, &l, ad.as_ref(), &cases, max_new, "eval")?;
             println!("{}", serde_json::json!({"n": cases.len(), "exact_match": acc}));
             Ok(())
         }
         Cmd::Merge { m, adapter, out } => {
-            check_device(m.device)?;
             let mut w = LlamaWeights::load(&m.model)?;
             let dims = Dims::from_config(&w.config);
             let ad = HostAdapter::from_adapter(&read_adapter(&adapter, &dims)?)?;
@@ -406,7 +451,7 @@ fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::BenchStep { m, batch, seq, rank, targets, steps } => {
-            let l = load(&m)?;
+            let l = load(be, &m)?;
             let dims = &l.model.dims;
             let config = AdapterConfig::new(rank, parse_targets(&targets)?)?;
             let mut init = adapter::Adapter::new(config, dims.adapter_dims()?)?;
@@ -417,7 +462,7 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             let host = HostAdapter::from_adapter(&init)?;
             let opt = AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..AdamWConfig::default() };
-            let mut tr = Trainer::new(&Cpu, &l.model, &host, opt)?;
+            let mut tr = Trainer::new(be, &l.model, &host, opt)?;
             let seqs: Vec<Vec<u32>> = (0..batch)
                 .map(|b| (0..seq).map(|t| ((b * 7919 + t * 104_729 + 17) % dims.vocab) as u32).collect())
                 .collect();
@@ -431,7 +476,7 @@ fn run(cmd: Cmd) -> Result<()> {
             let tps = (batch * seq) as f64 / dt;
             println!(
                 "{}",
-                serde_json::json!({"batch": batch, "seq": seq, "rank": rank, "targets": targets,
+                serde_json::json!({"device": be.name(), "batch": batch, "seq": seq, "rank": rank, "targets": targets,
                     "threads": rayon::current_num_threads(), "step_s": dt, "tokens_per_s": tps})
             );
             Ok(())
@@ -459,7 +504,7 @@ fn run(cmd: Cmd) -> Result<()> {
             seed,
             eval_n,
         } => {
-            let l = load(&m)?;
+            let l = load(be, &m)?;
             let dims = l.model.dims.clone();
             let ad_dims = dims.adapter_dims()?;
             // The adapter: from a file, or fresh.
@@ -509,12 +554,12 @@ fn run(cmd: Cmd) -> Result<()> {
             };
             let host = HostAdapter::from_adapter(&adapter)?;
             if let Some(cases) = &eval_cases {
-                let a = host.upload(&Cpu, &dims)?;
-                let acc = exact_match(&l, Some(&a), cases, 8, "eval before")?;
+                let a = host.upload(be, &dims)?;
+                let acc = exact_match(be, &l, Some(&a), cases, 8, "eval before")?;
                 println!("held-out exact match before: {:.1}% ({} problems)", acc * 100.0, cases.len());
             }
             let opt = AdamWConfig { lr, weight_decay, ..AdamWConfig::default() };
-            let mut tr = Trainer::new(&Cpu, &l.model, &host, opt)?.with_seed(adapter.config.seed);
+            let mut tr = Trainer::new(be, &l.model, &host, opt)?.with_seed(adapter.config.seed);
             let mut batcher = Batcher::new(examples.len(), batch, shuffle.then_some(seed))?;
             let mut log = match &log_json {
                 Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
@@ -555,7 +600,7 @@ fn run(cmd: Cmd) -> Result<()> {
             };
             eprintln!("adapter saved to {}", saved.display());
             if let Some(cases) = &eval_cases {
-                let acc = exact_match(&l, Some(tr.adapter()), cases, 8, "eval after")?;
+                let acc = exact_match(be, &l, Some(tr.adapter()), cases, 8, "eval after")?;
                 println!("held-out exact match after: {:.1}% ({} problems)", acc * 100.0, cases.len());
             }
             let _ = &l.weights_config;

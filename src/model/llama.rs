@@ -963,6 +963,21 @@ impl Dims {
             eps: c.rms_norm_eps,
         }
     }
+    /// SmolLM2-135M's dimensions: hidden 576, 30 layers, 9 query / 3 key-value heads of 64,
+    /// intermediate 1536, vocabulary 49152, rope theta 100000, eps 1e-5 (tied head).
+    pub fn smollm2_135m() -> Dims {
+        Dims {
+            hidden: 576,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            ffn: 1536,
+            vocab: 49152,
+            rope_theta: 100000.0,
+            eps: 1e-5,
+        }
+    }
     /// The adapter-side dimensions (layers, hidden, intermediate).
     pub fn adapter_dims(&self) -> Result<crate::adapter::ModelDims> {
         crate::adapter::ModelDims::new(self.layers, self.hidden, self.ffn)
@@ -970,6 +985,52 @@ impl Dims {
 }
 
 impl HostWeights {
+    /// Seeded random weights for `dims` (for tests and benchmarks without a model file), every
+    /// value uniform with mean `mu` and standard deviation `sigma` ([`crate::rng::Rng`], one
+    /// stream per tensor): projections `sigma = 1/sqrt(d_in)` (activations stay of order 1),
+    /// embedding `sigma = 0.1`, norm weights `mu = 1, sigma = 0.1`; the head is tied (`None`)
+    /// unless `untied`.
+    pub fn random(dims: &Dims, seed: u64, untied: bool) -> Result<HostWeights> {
+        dims.check()?;
+        let mut k = 0u64;
+        let mut tensor = |n: usize, mu: f32, sigma: f32| -> Vec<f32> {
+            k += 1;
+            let mut r = crate::rng::Rng::new(seed ^ k.wrapping_mul(0xD1B5_4A32_D192_ED03));
+            let a = sigma * 3f32.sqrt();
+            (0..n).map(|_| mu + r.uniform_f32(-a, a)).collect()
+        };
+        let layers = (0..dims.layers)
+            .map(|_| HostLayer {
+                attn_norm: tensor(dims.hidden, 1.0, 0.1),
+                mlp_norm: tensor(dims.hidden, 1.0, 0.1),
+                proj: std::array::from_fn(|m| {
+                    let (i, o) = dims.module_dims(m);
+                    tensor(i * o, 0.0, 1.0 / (i as f32).sqrt())
+                }),
+            })
+            .collect();
+        Ok(HostWeights {
+            dims: dims.clone(),
+            embed: tensor(dims.vocab * dims.hidden, 0.0, 0.1),
+            final_norm: tensor(dims.hidden, 1.0, 0.1),
+            lm_head: if untied { Some(tensor(dims.vocab * dims.hidden, 0.0, 0.1)) } else { None },
+            layers,
+        })
+    }
+
+    /// The weight matrices (projections, embedding, head: what [`Backend::upload_weight`] takes)
+    /// rounded to bf16 and back, as a bf16 device holds them; norm weights stay f32.
+    pub fn round_to_bf16(&mut self) {
+        let r = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+        r(&mut self.embed);
+        if let Some(h) = self.lm_head.as_mut() {
+            r(h);
+        }
+        for l in self.layers.iter_mut() {
+            l.proj.iter_mut().for_each(r);
+        }
+    }
+
     /// Takes the tensors of loaded weights (HF layout, q/k already un-permuted), without copying.
     pub fn from_llama(w: crate::model::LlamaWeights) -> Result<HostWeights> {
         let dims = Dims::from_config(&w.config);
