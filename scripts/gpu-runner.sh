@@ -12,6 +12,8 @@
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
+#   model_bench (60)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8
+#   torch_model (70)  torch_model.py: the same step in transformers (official-style WeGeFT, peft LoRA)
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
 #   memcheck / racecheck / initcheck (90 / 60 / 60)  compute-sanitizer on cuda_layer sanitize_*
 #
@@ -140,6 +142,12 @@ have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
 # --- benchmarks ----------------------------------------------------------------------------------
 have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
+have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 60 "$bin/model_cuda"
+if [ -n "$py" ]; then
+  step torch_model 70 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_model.py" --json "$logs/torch_model.jsonl"
+else
+  record torch_model "SKIP (no python3)" 0
+fi
 if [ -n "$py" ]; then
   step torch_baseline 120 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_baseline.py" --iters 100 --json "$logs/torch.jsonl"
 else

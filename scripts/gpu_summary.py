@@ -136,6 +136,7 @@ def main():
             steps.append(parts)
     bench = jsonl(os.path.join(L, "bench.jsonl"))
     torch_rows = jsonl(os.path.join(L, "torch.jsonl"))
+    model_rows = jsonl(os.path.join(L, "model.jsonl")) + jsonl(os.path.join(L, "torch_model.jsonl"))
     gemm_rows, cublas = gemm_bench_rows(read(os.path.join(L, "gemm_bench.log")))
 
     def bms(shape, op):
@@ -223,7 +224,7 @@ def main():
             keys[name] = "; ".join(parts)
         else:
             keys[name] = test_counts(text) or ""
-        if "skipped: no CUDA device" in text and name not in ("bench", "torch_baseline") and "no CUDA" not in keys[name]:
+        if "skipped: no CUDA device" in text and name not in ("bench", "torch_baseline", "model_bench", "torch_model") and "no CUDA" not in keys[name]:
             keys[name] = (keys[name] + "; " if keys[name] else "") + "no CUDA device"
         if status != "PASS" and text:
             err = first_error(text)
@@ -315,6 +316,28 @@ def main():
                     row.append(fmt_ms(t))
                     row.append(f"{t / b[1]:.2f}x" if b and t else "—")
                 o.append("| " + " | ".join(row) + " |")
+    if model_rows:
+        o.append("")
+        o.append("### Training step, SmolLM2-135M shapes, random weights, bf16 (`benches/model_cuda.rs`, `torch_model.py`)")
+        o.append("")
+        o.append("Forward + backward + AdamW over the adapter; median step; peak = device memory high-water mark "
+                 "(wegeft: the memory pool; PyTorch: max_memory_allocated), weights included. "
+                 "Speed-up = wegeft tokens/s over the row's.")
+        o.append("")
+        o.append("| targets | impl | B x S | r | tokens/s | step ms | peak GiB | loss | wegeft speed-up | wegeft peak / this |")
+        o.append("|---|---|---|---|---|---|---|---|---|---|")
+        def tkey(r):
+            return ",".join(r.get("targets", []))
+        for tk in sorted({tkey(r) for r in model_rows}, key=len):
+            rows = [r for r in model_rows if tkey(r) == tk]
+            ours = next((r for r in rows if r.get("impl") == "wegeft-cuda"), None)
+            label = "q,v" if tk == "q_proj,v_proj" else ("all seven" if tk.count(",") == 6 else tk)
+            for r in rows:
+                sp = (f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours and r is not ours else "—")
+                mem = (f"{ours['peak_mem_bytes'] / r['peak_mem_bytes']:.2f}" if ours and r is not ours else "—")
+                o.append(f"| {label} | {r.get('impl')} | {r.get('batch')} x {r.get('seq')} | {r.get('rank')} | "
+                         f"{r['tokens_per_s']:.0f} | {r['step_s'] * 1e3:.1f} | {r['peak_mem_bytes'] / 2**30:.2f} | "
+                         f"{r.get('loss', float('nan')):.3f} | {sp} | {mem} |")
     print("\n".join(o))
     return 0
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""PyTorch side-by-side for benches/model_cuda.rs: one training step (forward, backward, AdamW
+over the adapter) of transformers' LlamaForCausalLM with SmolLM2-135M's config and random
+weights, bf16, B=16, S=512, rank 8, targets q,v and all seven; tokens/s (median step time)
+and peak device memory (torch.cuda.max_memory_allocated over the timed steps, weights
+included).
+
+  * wegeft_ref  the official-style WeGeFT formulation, written from its formula: each target
+                nn.Linear (W: d_out x d_in, frozen) gets in_proj (r x d_in) and out_proj
+                (d_in x r), trainable, and computes on every call
+                    dW = (W in_proj^T) out_proj^T          (d_out x d_in)
+                    y  = F.linear(x, W) + F.linear(x, dW)
+  * peft_lora   PEFT LoRA (peft.get_peft_model, LoraConfig r=8, alpha=16, no dropout).
+The adapter's output half starts nonzero (out_proj / lora_B random) so that every product
+does real work. Exit status 0, or 1 when a configuration failed (or, with
+WEGEFT_REQUIRE_GPU=1, there is no device).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def smollm2_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu",
+        attention_bias=False, mlp_bias=False, torch_dtype="bfloat16",
+    )
+
+
+class WeGeFTLinear(nn.Module):
+    """y = F.linear(x, W) + F.linear(x, dW), dW = (W in_proj^T) out_proj^T built per call."""
+
+    def __init__(self, base: nn.Linear, r: int):
+        super().__init__()
+        self.base = base
+        d_out, d_in = base.weight.shape
+        dev, dt = base.weight.device, base.weight.dtype
+        self.in_proj = nn.Parameter(torch.randn(r, d_in, device=dev, dtype=dt) / d_in ** 0.5)
+        self.out_proj = nn.Parameter(torch.randn(d_in, r, device=dev, dtype=dt) * 1e-3)
+
+    def forward(self, x):
+        w = self.base.weight
+        dw = (w @ self.in_proj.t()) @ self.out_proj.t()
+        return F.linear(x, w) + F.linear(x, dw)
+
+
+def build(kind, targets, r):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(smollm2_config())
+    model = model.to(dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if kind == "wegeft_ref":
+        for layer in model.model.layers:
+            for name in targets:
+                parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+                setattr(parent, name, WeGeFTLinear(getattr(parent, name), r))
+    elif kind == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                with torch.no_grad():
+                    p.normal_(0.0, 1e-3)
+    else:
+        raise ValueError(kind)
+    return model
+
+
+def run(kind, targets, batch, seq, r, steps):
+    model = build(kind, targets, r)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, 49152, (batch, seq), generator=g).cuda()
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    step()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    loss = None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    step_s = times[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated()
+    n_params = sum(p.numel() for p in params)
+    del model, opt, params
+    torch.cuda.empty_cache()
+    return {"bench": "model_step", "impl": kind, "device": torch.cuda.get_device_name(), "batch": batch, "seq": seq,
+            "rank": r, "targets": targets, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
+            "peak_mem_bytes": peak, "loss": float(loss), "trainable": n_params}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA device")
+        sys.exit(1 if os.environ.get("WEGEFT_REQUIRE_GPU") == "1" else 0)
+    failed = 0
+    for targets in (["q_proj", "v_proj"], ALL):
+        for kind in ("wegeft_ref", "peft_lora"):
+            try:
+                row = run(kind, targets, a.batch, a.seq, a.rank, a.steps)
+            except Exception as e:  # one failing configuration does not hide the others
+                failed += 1
+                print(f"{kind} {','.join(targets)}: FAILED: {type(e).__name__}: {e}", flush=True)
+                continue
+            print(json.dumps(row), flush=True)
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+//! The Llama harness on the CUDA backend ([`wegeft::cuda::Gpu`]) against the CPU backend on the
+//! same weights: every op of the `Backend` trait on random inputs; a SmolLM2-135M-shaped model
+//! with seeded random weights (no model file on the GPU machine): logits and argmax, greedy
+//! decoding, training losses over a few AdamW steps; two runs bitwise equal.
+//!
+//! Two device configurations: `Gpu::new_f32` (f32 weights: every product in f32, tight
+//! tolerances) and `Gpu::new` (bf16 frozen weights, activations rounded to bf16 at the GEMM
+//! inputs: bf16 tolerances, against the CPU on the same bf16-rounded weights).
+//!
+//! Without a CUDA device each test prints `skipped: no CUDA device` and passes; with
+//! `WEGEFT_REQUIRE_GPU=1` it fails instead (the GPU check runs them so).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use wegeft::backend::{AdamHyper, AttnShape, Backend};
+use wegeft::cpu::Cpu;
+use wegeft::cuda::Gpu;
+use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama};
+use wegeft::train::optim::AdamWConfig;
+use wegeft::train::trainer::Trainer;
+use wegeft::{DType, Error, LayerShape};
+
+// ---- the one skip rule ---------------------------------------------------------------------
+
+fn gpu_with(weights: DType) -> Option<Gpu> {
+    match Gpu::with_weights(0, weights) {
+        Ok(g) => Some(g),
+        Err(Error::NoCuda(msg)) => {
+            if std::env::var("WEGEFT_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("WEGEFT_REQUIRE_GPU=1 but no CUDA device: {msg}");
+            }
+            println!("skipped: no CUDA device ({msg})");
+            None
+        }
+        Err(e) => panic!("CUDA backend failed to start: {e}"),
+    }
+}
+
+macro_rules! gpu_or_skip {
+    ($w:expr) => {
+        match gpu_with($w) {
+            Some(g) => g,
+            None => return,
+        }
+    };
+}
+
+// ---- helpers -------------------------------------------------------------------------------
+
+fn rv(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    common::rand_vec(seed, n).into_iter().map(|v| v as f32 * scale).collect()
+}
+
+fn bf(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// `got` vs `want`, worst error relative to `max |want|`.
+fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite values on the device");
+    common::assert_close(what, &f64s(got), &f64s(want), tol);
+}
+
+fn up(g: &Gpu, v: &[f32]) -> wegeft::cuda::GpuBuf {
+    g.upload(v).unwrap()
+}
+
+fn down(g: &Gpu, b: &wegeft::cuda::GpuBuf) -> Vec<f32> {
+    g.download(b).unwrap()
+}
+
+/// Tolerances of the products: f32 weights vs bf16 weights (activations rounded on the way in).
+fn gemm_tol(g: &Gpu) -> f64 {
+    if g.weight_dtype() == DType::F32 {
+        2e-5
+    } else {
+        1.5e-2
+    }
+}
+
+// ---- ops -----------------------------------------------------------------------------------
+
+#[test]
+fn elementwise_ops_match_cpu() {
+    let g = gpu_or_skip!(DType::F32);
+    let (rows, dim) = (37usize, 200usize);
+    // embedding: f32 table, and a bf16 weight table (exact against the rounded table).
+    let (vocab, ids) = (50usize, vec![3u32, 0, 49, 7, 7, 12]);
+    let table = rv(1, vocab * dim, 1.0);
+    let mut want = vec![0.0f32; ids.len() * dim];
+    Cpu.embedding_forward(&table, vocab, dim, &ids, &mut want).unwrap();
+    let mut out = g.zeros(ids.len() * dim).unwrap();
+    g.embedding_forward(&up(&g, &table), vocab, dim, &ids, &mut out).unwrap();
+    assert_eq!(down(&g, &out), want, "embedding f32");
+    let gb = gpu_or_skip!(DType::BF16);
+    let tb = gb.upload_weight(table.clone()).unwrap();
+    assert_eq!(tb.dtype(), DType::BF16);
+    let mut out = gb.zeros(ids.len() * dim).unwrap();
+    gb.embedding_forward(&tb, vocab, dim, &ids, &mut out).unwrap();
+    Cpu.embedding_forward(&bf(&table), vocab, dim, &ids, &mut want).unwrap();
+    assert_eq!(gb.download(&out).unwrap(), want, "embedding bf16");
+    assert!(g.embedding_forward(&up(&g, &table), vocab, dim, &[50], &mut g.zeros(dim).unwrap()).is_err(), "id out of range");
+
+    // rmsnorm forward / backward (accumulating into a nonzero dx).
+    let x = rv(2, rows * dim, 3.0);
+    let w: Vec<f32> = rv(3, dim, 0.3).iter().map(|v| 1.0 + v).collect();
+    let (mut y, mut rstd) = (vec![0.0f32; rows * dim], vec![0.0f32; rows]);
+    Cpu.rmsnorm_forward(&x, &w, rows, dim, 1e-5, &mut y, &mut rstd).unwrap();
+    let (mut yd, mut rd) = (g.zeros(rows * dim).unwrap(), g.zeros(rows).unwrap());
+    let (xd, wd) = (up(&g, &x), up(&g, &w));
+    g.rmsnorm_forward(&xd, &wd, rows, dim, 1e-5, &mut yd, &mut rd).unwrap();
+    close("rmsnorm y", &down(&g, &yd), &y, 1e-6);
+    close("rmsnorm rstd", &down(&g, &rd), &rstd, 1e-6);
+    let dy = rv(4, rows * dim, 1.0);
+    let mut dx = rv(5, rows * dim, 1.0);
+    let mut dxd = up(&g, &dx);
+    Cpu.rmsnorm_backward(&x, &w, &rstd, &dy, rows, dim, &mut dx).unwrap();
+    g.rmsnorm_backward(&xd, &wd, &up(&g, &rstd), &up(&g, &dy), rows, dim, &mut dxd).unwrap();
+    close("rmsnorm dx", &down(&g, &dxd), &dx, 1e-5);
+
+    // rope forward and inverse at scattered positions.
+    let (heads, hd) = (3usize, 64usize);
+    let pos: Vec<u32> = (0..rows as u32).map(|t| (t * 37 + 5) % 900).collect();
+    let q = rv(6, rows * heads * hd, 1.0);
+    for inverse in [false, true] {
+        let mut want = q.clone();
+        Cpu.rope(&mut want, heads, hd, &pos, 100000.0, inverse).unwrap();
+        let mut qd = up(&g, &q);
+        g.rope(&mut qd, heads, hd, &pos, 100000.0, inverse).unwrap();
+        close(if inverse { "rope inverse" } else { "rope" }, &down(&g, &qd), &want, 1e-6);
+    }
+
+    // swiglu forward / backward.
+    let n = rows * dim;
+    let (ga, u, dh) = (rv(7, n, 6.0), rv(8, n, 2.0), rv(9, n, 1.0));
+    let mut h = vec![0.0f32; n];
+    Cpu.swiglu_forward(&ga, &u, &mut h).unwrap();
+    let (gad, ud) = (up(&g, &ga), up(&g, &u));
+    let mut hd_ = g.zeros(n).unwrap();
+    g.swiglu_forward(&gad, &ud, &mut hd_).unwrap();
+    close("swiglu h", &down(&g, &hd_), &h, 1e-6);
+    let (mut dga, mut du) = (vec![0.0f32; n], vec![0.0f32; n]);
+    Cpu.swiglu_backward(&ga, &u, &dh, &mut dga, &mut du).unwrap();
+    let (mut dgad, mut dud) = (g.zeros(n).unwrap(), g.zeros(n).unwrap());
+    g.swiglu_backward(&gad, &ud, &up(&g, &dh), &mut dgad, &mut dud).unwrap();
+    close("swiglu dgate", &down(&g, &dgad), &dga, 1e-6);
+    close("swiglu dup", &down(&g, &dud), &du, 1e-6);
+
+    // add, copies, fill.
+    let mut yd = up(&g, &ga);
+    g.add_assign(&mut yd, &ud).unwrap();
+    let sum: Vec<f32> = ga.iter().zip(&u).map(|(a, b)| a + b).collect();
+    assert_eq!(down(&g, &yd), sum, "add_assign");
+    let mut dst = g.zeros(n).unwrap();
+    g.copy_range(&ud, 10, 100, &mut dst, 500).unwrap();
+    let got = down(&g, &dst);
+    assert_eq!(&got[500..600], &u[10..110]);
+    assert!(got[..500].iter().chain(&got[600..]).all(|&v| v == 0.0));
+    assert!(g.copy_range(&ud, n - 5, 10, &mut dst, 0).is_err(), "overrun");
+    g.fill_zero(&mut dst).unwrap();
+    assert!(down(&g, &dst).iter().all(|&v| v == 0.0));
+
+    // AdamW, two steps with weight decay: the CPU optimiser's exact arithmetic.
+    let p0 = rv(10, 1000, 1.0);
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0.0f32; 1000], vec![0.0f32; 1000]);
+    let (mut pd, mut md, mut vd) = (up(&g, &p0), g.zeros(1000).unwrap(), g.zeros(1000).unwrap());
+    for step in 1..=2 {
+        let gr = rv(10 + step, 1000, 0.1);
+        let hp = AdamHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step };
+        Cpu.adamw_step(&mut p, &gr, &mut m, &mut v, hp).unwrap();
+        g.adamw_step(&mut pd, &up(&g, &gr), &mut md, &mut vd, hp).unwrap();
+    }
+    close("adamw p", &down(&g, &pd), &p, 1e-6);
+    close("adamw m", &down(&g, &md), &m, 1e-6);
+    close("adamw v", &down(&g, &vd), &v, 1e-6);
+
+    // Bad input is an error, not a panic.
+    assert!(g.rmsnorm_forward(&xd, &wd, rows + 1, dim, 1e-5, &mut yd, &mut rd).is_err());
+    assert!(g.swiglu_forward(&gad, &up(&g, &u[1..]), &mut hd_).is_err());
+}
+
+#[test]
+fn attention_matches_cpu() {
+    let g = gpu_or_skip!(DType::F32);
+    for (b, s, h, kvh, hd) in [(2usize, 37usize, 6usize, 2usize, 64usize), (1, 130, 4, 4, 40), (3, 1, 9, 3, 64)] {
+        let shape = AttnShape::new(b, s, h, kvh, hd).unwrap();
+        let (t, qw, kw) = (b * s, h * hd, kvh * hd);
+        let (q, k, v, dout) = (rv(20, t * qw, 1.5), rv(21, t * kw, 1.5), rv(22, t * kw, 1.0), rv(23, t * qw, 1.0));
+        let (mut out, mut lse) = (vec![0.0f32; t * qw], vec![0.0f32; t * h]);
+        Cpu.attention_forward(shape, &q, &k, &v, &mut out, &mut lse).unwrap();
+        let (qd, kd, vd) = (up(&g, &q), up(&g, &k), up(&g, &v));
+        let (mut od, mut ld) = (g.zeros(t * qw).unwrap(), g.zeros(t * h).unwrap());
+        g.attention_forward(shape, &qd, &kd, &vd, &mut od, &mut ld).unwrap();
+        let tag = format!("B{b} S{s} H{h}/{kvh} hd{hd}");
+        close(&format!("attention out {tag}"), &down(&g, &od), &out, 2e-6);
+        close(&format!("attention lse {tag}"), &down(&g, &ld), &lse, 2e-6);
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; t * qw], vec![0.0f32; t * kw], vec![0.0f32; t * kw]);
+        Cpu.attention_backward(shape, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+        let (mut dqd, mut dkd, mut dvd) = (g.zeros(t * qw).unwrap(), g.zeros(t * kw).unwrap(), g.zeros(t * kw).unwrap());
+        g.attention_backward(shape, &qd, &kd, &vd, &od, &ld, &up(&g, &dout), &mut dqd, &mut dkd, &mut dvd).unwrap();
+        close(&format!("attention dq {tag}"), &down(&g, &dqd), &dq, 1e-5);
+        close(&format!("attention dk {tag}"), &down(&g, &dkd), &dk, 1e-5);
+        close(&format!("attention dv {tag}"), &down(&g, &dvd), &dv, 1e-5);
+    }
+    // decode: one query per sequence against caches of capacity 50, 23 positions filled.
+    let (b, h, kvh, hd, cap, len) = (3usize, 6usize, 2usize, 64usize, 50usize, 23usize);
+    let (q, kc, vc) = (rv(30, b * h * hd, 1.5), rv(31, b * cap * kvh * hd, 1.5), rv(32, b * cap * kvh * hd, 1.0));
+    let mut out = vec![0.0f32; b * h * hd];
+    Cpu.attention_decode(&q, &kc, &vc, b, h, kvh, hd, cap, len, &mut out).unwrap();
+    let mut od = g.zeros(b * h * hd).unwrap();
+    g.attention_decode(&up(&g, &q), &up(&g, &kc), &up(&g, &vc), b, h, kvh, hd, cap, len, &mut od).unwrap();
+    close("attention decode", &down(&g, &od), &out, 2e-6);
+    assert!(g.attention_decode(&up(&g, &q), &up(&g, &kc), &up(&g, &vc), b, h, kvh, hd, cap, cap + 1, &mut od).is_err());
+}
+
+/// Frozen and WeGeFT layers, the logits and the chunked LM head loss, on f32 and bf16 weights.
+#[test]
+fn products_match_cpu() {
+    for wdt in [DType::F32, DType::BF16] {
+        let g = gpu_or_skip!(wdt);
+        let tol = gemm_tol(&g);
+        let (t, din, dout, r) = (77usize, 192usize, 136usize, 8usize);
+        let (x, w0, gr) = (rv(40, t * din, 1.0), rv(41, dout * din, 0.1), rv(42, t * dout, 1.0));
+        let w = if wdt == DType::BF16 { bf(&w0) } else { w0.clone() };
+        let wd = g.upload_weight(w0.clone()).unwrap();
+        let (xd, gd) = (up(&g, &x), up(&g, &gr));
+        // frozen
+        let mut y = vec![0.0f32; t * dout];
+        Cpu.linear_forward(&x, &w, t, din, dout, &mut y).unwrap();
+        let mut yd = g.zeros(t * dout).unwrap();
+        g.linear_forward(&xd, &wd, t, din, dout, &mut yd).unwrap();
+        close(&format!("linear y {wdt:?}"), &down(&g, &yd), &y, tol);
+        for acc in [false, true] {
+            let mut dx = rv(43, t * din, 1.0);
+            let mut dxd = up(&g, &dx);
+            Cpu.linear_backward(&gr, &w, t, din, dout, &mut dx, acc).unwrap();
+            g.linear_backward(&gd, &wd, t, din, dout, &mut dxd, acc).unwrap();
+            close(&format!("linear dx {wdt:?} acc={acc}"), &down(&g, &dxd), &dx, tol);
+        }
+        // WeGeFT
+        let s = LayerShape::new(t, din, dout, r).unwrap();
+        let (phi, psi) = (rv(44, din * r, 0.3), rv(45, r * din, 0.3));
+        let (phid, psid) = (up(&g, &phi), up(&g, &psi));
+        let saved = Cpu.wegeft_forward(s, &x, &w, &phi, &psi, 0.5, None, &mut y).unwrap();
+        let sd = g.wegeft_forward(s, &xd, &wd, &phid, &psid, 0.5, None, &mut yd).unwrap();
+        close(&format!("wegeft y {wdt:?}"), &down(&g, &yd), &y, tol);
+        for acc in [false, true] {
+            let mut dx = rv(46, t * din, 1.0);
+            let (mut dphi, mut dpsi) = (rv(47, din * r, 0.1), rv(48, r * din, 0.1));
+            let (mut dxd, mut dphid, mut dpsid) = (up(&g, &dx), up(&g, &dphi), up(&g, &dpsi));
+            Cpu.wegeft_backward(s, &x, &w, &phi, &psi, 0.5, None, &saved, &gr, Some((&mut dx, acc)), &mut dphi, &mut dpsi)
+                .unwrap();
+            g.wegeft_backward(s, &xd, &wd, &phid, &psid, 0.5, None, &sd, &gd, Some((&mut dxd, acc)), &mut dphid, &mut dpsid)
+                .unwrap();
+            close(&format!("wegeft dx {wdt:?} acc={acc}"), &down(&g, &dxd), &dx, tol);
+            close(&format!("wegeft dphi {wdt:?} acc={acc}"), &down(&g, &dphid), &dphi, tol);
+            close(&format!("wegeft dpsi {wdt:?} acc={acc}"), &down(&g, &dpsid), &dpsi, tol);
+        }
+        // logits and the LM head over more than one chunk of labelled rows.
+        let (rows, dim, vocab) = (wegeft::cuda::backend::LM_CHUNK * 2 + 37, 64usize, 301usize);
+        let h = rv(50, rows * dim, 1.0);
+        let e0 = rv(51, vocab * dim, 0.5);
+        let e = if wdt == DType::BF16 { bf(&e0) } else { e0.clone() };
+        let ed = g.upload_weight(e0).unwrap();
+        let hd = up(&g, &h);
+        let lrows = 45;
+        let mut z = vec![0.0f32; lrows * vocab];
+        Cpu.logits(&h[..lrows * dim], &e, lrows, dim, vocab, &mut z).unwrap();
+        let mut zd = g.zeros(lrows * vocab).unwrap();
+        g.logits(&up(&g, &h[..lrows * dim]), &ed, lrows, dim, vocab, &mut zd).unwrap();
+        close(&format!("logits {wdt:?}"), &down(&g, &zd), &z, tol);
+        let labels: Vec<i32> = (0..rows).map(|t| if t % 5 == 2 { -1 } else { ((t * 13) % vocab) as i32 }).collect();
+        let mut dh = vec![0.0f32; rows * dim];
+        let loss = Cpu.lm_head_loss(&h, &e, dim, vocab, &labels, Some((&mut dh, 0.01))).unwrap();
+        let mut dhd = up(&g, &rv(52, rows * dim, 1.0)); // overwritten, unlabelled rows zeroed
+        let lossd = g.lm_head_loss(&hd, &ed, dim, vocab, &labels, Some((&mut dhd, 0.01))).unwrap();
+        let ltol = if wdt == DType::F32 { 1e-5 } else { 5e-3 };
+        assert!(((lossd - loss) / loss).abs() < ltol, "lm_head loss {wdt:?}: {lossd} vs {loss}");
+        close(&format!("lm_head dh {wdt:?}"), &down(&g, &dhd), &dh, if wdt == DType::F32 { 1e-5 } else { 2e-2 });
+        let lossn = g.lm_head_loss(&hd, &ed, dim, vocab, &labels, None).unwrap();
+        assert_eq!(lossn, lossd, "the loss does not depend on whether the gradient is asked for");
+        let mut bad = labels.clone();
+        bad[3] = vocab as i32;
+        assert!(g.lm_head_loss(&hd, &ed, dim, vocab, &bad, None).is_err(), "label outside the vocabulary");
+    }
+}
+
+// ---- the whole model -----------------------------------------------------------------------
+
+fn smollm2(layers: usize) -> Dims {
+    let mut d = Dims::smollm2_135m();
+    d.layers = layers;
+    d
+}
+
+/// Rank-8 shared pairs on all seven modules with nonzero phi and psi.
+fn adapter(d: &Dims, seed: u64) -> HostAdapter {
+    let r = 8;
+    let mut pairs = Vec::new();
+    let mut sites = vec![[None; 7]; d.layers];
+    for m in 0..7 {
+        let (din, _) = d.module_dims(m);
+        pairs.push((m, rv(seed + 2 * m as u64, din * r, 0.05), rv(seed + 2 * m as u64 + 1, r * din, 0.05)));
+        for row in sites.iter_mut() {
+            row[m] = Some(m);
+        }
+    }
+    HostAdapter { rank: r, scale: 1.0, pairs, sites, dropout: 0.0 }
+}
+
+fn prompt(d: &Dims, n: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|t| ((t * 104_729 + salt * 7919 + 17) % d.vocab) as u32).collect()
+}
+
+/// Rows where the device's argmax differs from the CPU's must be near ties on the CPU (the
+/// CPU logit at the device's argmax within `gap` of the CPU maximum).
+fn same_argmax(what: &str, got: &[f32], want: &[f32], vocab: usize, gap: f32) {
+    let mut differ = 0;
+    for (row, (gr, wr)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        let (a, b) = (argmax(gr), argmax(wr));
+        if a != b {
+            differ += 1;
+            assert!(wr[b] - wr[a] <= gap, "{what}: row {row} argmax {a} vs CPU {b}, CPU logits {} vs {}", wr[a], wr[b]);
+        }
+    }
+    println!("{what}: {differ} of {} rows with a different argmax (near ties)", want.len() / vocab);
+}
+
+#[test]
+fn smollm2_logits_match_cpu() {
+    for wdt in [DType::F32, DType::BF16] {
+        let g = gpu_or_skip!(wdt);
+        let d = smollm2(30);
+        let mut w = HostWeights::random(&d, 7, false).unwrap();
+        if wdt == DType::BF16 {
+            w.round_to_bf16();
+        }
+        let ad = adapter(&d, 100);
+        let ids = prompt(&d, 24, 1);
+        let cpu = Llama::new(&Cpu, &w).unwrap();
+        let (want, wloss) = cpu.score(&Cpu, Some(&ad.upload(&Cpu, &d).unwrap()), &ids).unwrap();
+        drop(cpu);
+        let dev = Llama::from_host(&g, w).unwrap();
+        let (got, gloss) = dev.score(&g, Some(&ad.upload(&g, &d).unwrap()), &ids).unwrap();
+        let tol = if wdt == DType::F32 { 1e-3 } else { 3e-2 };
+        close(&format!("SmolLM2-shaped logits {wdt:?}"), &got, &want, tol);
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        same_argmax(&format!("argmax {wdt:?}"), &got, &want, d.vocab, 2.0 * tol as f32 * scale);
+        let (gl, wl) = (gloss.unwrap(), wloss.unwrap());
+        assert!(((gl - wl) / wl).abs() < tol as f32, "loss {wdt:?}: {gl} vs {wl}");
+    }
+}
+
+#[test]
+fn greedy_decoding_matches_cpu() {
+    let g = gpu_or_skip!(DType::F32);
+    let d = smollm2(4);
+    let w = HostWeights::random(&d, 9, false).unwrap();
+    let ad = adapter(&d, 200);
+    let prompts = vec![prompt(&d, 11, 2), prompt(&d, 11, 3)];
+    let cpu = Llama::new(&Cpu, &w).unwrap();
+    let want = cpu.generate_batch(&Cpu, Some(&ad.upload(&Cpu, &d).unwrap()), &prompts, 6, &[]).unwrap();
+    let dev = Llama::from_host(&g, w).unwrap();
+    let got = dev.generate_batch(&g, Some(&ad.upload(&g, &d).unwrap()), &prompts, 6, &[]).unwrap();
+    assert_eq!(got, want, "greedy tokens, f32 weights");
+}
+
+fn train_losses<B: Backend>(be: &B, model: &Llama<B>, ad: &HostAdapter, batches: &[Batch]) -> (Vec<f32>, HostAdapter) {
+    let opt = AdamWConfig { lr: 2e-3, weight_decay: 0.01, ..AdamWConfig::default() };
+    let mut tr = Trainer::new(be, model, ad, opt).unwrap();
+    let losses = batches.iter().map(|b| tr.step(b).unwrap()).collect();
+    (losses, tr.host_adapter().unwrap())
+}
+
+fn batches(d: &Dims, n: usize, b: usize, s: usize) -> Vec<Batch> {
+    (0..n)
+        .map(|k| {
+            let seqs: Vec<Vec<u32>> = (0..b).map(|i| prompt(d, s, 10 * k + i)).collect();
+            let mut bt = Batch::causal(&seqs).unwrap();
+            bt.labels[..s / 2].iter_mut().for_each(|l| *l = -1); // a prompt without loss
+            bt
+        })
+        .collect()
+}
+
+#[test]
+fn smollm2_training_losses_match_cpu() {
+    let d = smollm2(30);
+    let bts = batches(&d, 3, 2, 40);
+    let ad = adapter(&d, 300);
+    let mut w = HostWeights::random(&d, 11, false).unwrap();
+    w.round_to_bf16();
+    let g = gpu_or_skip!(DType::BF16);
+    let cpu = Llama::new(&Cpu, &w).unwrap();
+    let (want, want_ad) = train_losses(&Cpu, &cpu, &ad, &bts);
+    drop(cpu);
+    let dev = Llama::from_host(&g, w).unwrap();
+    let (got, got_ad) = train_losses(&g, &dev, &ad, &bts);
+    println!("losses: cuda bf16 {got:?}, cpu {want:?}");
+    for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(((a - b) / b).abs() < 2e-2, "step {k}: loss {a} vs CPU {b}");
+    }
+    // The adapters moved the same way (AdamW normalises the step, so compare the updates).
+    for (p, ((_, gphi, gpsi), (_, wphi, wpsi))) in got_ad.pairs.iter().zip(&want_ad.pairs).enumerate() {
+        let (_, phi0, psi0) = &ad.pairs[p];
+        let delta = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
+        for (what, got, want, init) in [("phi", gphi, wphi, phi0), ("psi", gpsi, wpsi, psi0)] {
+            let (dg, dw) = (delta(got, init), delta(want, init));
+            let dot: f64 = dg.iter().zip(&dw).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let (ng, nw) = (dg.iter().map(|v| (*v as f64).powi(2)).sum::<f64>(), dw.iter().map(|v| (*v as f64).powi(2)).sum::<f64>());
+            let cos = dot / (ng.sqrt() * nw.sqrt()).max(1e-30);
+            assert!(cos > 0.9, "pair {p} {what}: cosine of the updates {cos}");
+        }
+    }
+}
+
+#[test]
+fn two_runs_are_bitwise_equal() {
+    let g = gpu_or_skip!(DType::BF16);
+    let d = smollm2(4);
+    let w = HostWeights::random(&d, 13, false).unwrap();
+    let bts = batches(&d, 2, 3, 33);
+    let ad = adapter(&d, 400);
+    let dev = Llama::from_host(&g, w).unwrap();
+    let (l1, a1) = train_losses(&g, &dev, &ad, &bts);
+    let (l2, a2) = train_losses(&g, &dev, &ad, &bts);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    assert_eq!(bits(&l1), bits(&l2), "losses");
+    for ((_, p1, s1), (_, p2, s2)) in a1.pairs.iter().zip(&a2.pairs) {
+        assert_eq!(bits(p1), bits(p2), "phi");
+        assert_eq!(bits(s1), bits(s2), "psi");
+    }
+    assert!(l1.iter().all(|l| l.is_finite() && *l > 0.0));
+}
