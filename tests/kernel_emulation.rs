@@ -44,3 +44,164 @@ fn kernels_match_the_reference_when_emulated_on_the_host() {
     }
     assert!(hashes >= 27, "expected the hash table, got {hashes} rows");
 }
+
+// ---- the model kernels (src/cuda/backend.rs, src/cuda/attention.rs) against the CPU ops -----
+
+fn read_f32(dir: &std::path::Path, name: &str) -> Vec<f32> {
+    let b = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Worst error relative to max |want| (and no NaN: every output starts as NaN in the emulation).
+fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+    let (mut worst, mut at) = (0.0f64, 0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (*g as f64 - *w as f64).abs() / scale;
+        if !(e <= worst) {
+            worst = e;
+            at = i;
+        }
+    }
+    assert!(worst <= tol, "{what}: worst relative error {worst:e} at {at} (got {}, want {}), tolerance {tol:e}", got[at], want[at]);
+}
+
+fn bf(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+/// `tests/emulation/model_kernels_on_host.cpp` runs the model kernels on the host (the sizes
+/// and parameters below are the ones it uses); every output against the CPU backend's op.
+#[test]
+fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
+    use wegeft::backend::{AdamHyper, AttnShape, Backend};
+    use wegeft::cpu::Cpu;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let include = std::env::var_os("CUDA_HOME")
+        .map(|h| PathBuf::from(h).join("include"))
+        .filter(|p| p.join("cuda_bf16.h").is_file())
+        .unwrap_or_else(|| root.join(".cuda/home/include"));
+    assert!(include.join("cuda_bf16.h").is_file(), "CUDA headers not found at {} (run bash scripts/setup-cuda.sh)", include.display());
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let exe = tmp.join("wegeft_model_kernels_on_host");
+    let out = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-w", "-pthread"])
+        .arg("-I")
+        .arg(&include)
+        .arg("-I")
+        .arg(root.join("kernels"))
+        .arg(root.join("tests/emulation/model_kernels_on_host.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx:?} (set CXX): {e}"));
+    assert!(out.status.success(), "compiling the model kernels' emulation failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let dir = tmp.join("model_kernels_on_host");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = Command::new(&exe).arg(&dir).output().unwrap();
+    assert!(run.status.success(), "emulation failed: {}", String::from_utf8_lossy(&run.stderr));
+    let r = |n: &str| read_f32(&dir, n);
+
+    // rmsnorm (rows 5, dim 300, eps 1e-5)
+    let (x, w, dy) = (r("rms_x"), r("rms_w"), r("rms_dy"));
+    let (mut y, mut rstd) = (vec![0.0f32; 1500], vec![0.0f32; 5]);
+    Cpu.rmsnorm_forward(&x, &w, 5, 300, 1e-5, &mut y, &mut rstd).unwrap();
+    close("rmsnorm y", &r("rms_y"), &y, 1e-6);
+    close("rmsnorm rstd", &r("rms_rstd"), &rstd, 1e-6);
+    let mut dx = r("rms_dx0");
+    Cpu.rmsnorm_backward(&x, &w, &rstd, &dy, 5, 300, &mut dx).unwrap();
+    close("rmsnorm dx (accumulated)", &r("rms_dx"), &dx, 1e-6);
+
+    // rope (rows 6, heads 3, hd 16, theta 10000)
+    let pos = [0u32, 5, 3, 17, 2, 9];
+    for (name, inverse) in [("rope_fwd", false), ("rope_inv", true)] {
+        let mut q = r("rope_x");
+        Cpu.rope(&mut q, 3, 16, &pos, 10000.0, inverse).unwrap();
+        close(name, &r(name), &q, 1e-6);
+    }
+
+    // swiglu (n 1000)
+    let (g, u, dh) = (r("swi_g"), r("swi_u"), r("swi_dh"));
+    let mut h = vec![0.0f32; 1000];
+    Cpu.swiglu_forward(&g, &u, &mut h).unwrap();
+    close("swiglu h", &r("swi_h"), &h, 1e-6);
+    let (mut dg, mut du) = (vec![0.0f32; 1000], vec![0.0f32; 1000]);
+    Cpu.swiglu_backward(&g, &u, &dh, &mut dg, &mut du).unwrap();
+    close("swiglu dgate", &r("swi_dg"), &dg, 1e-6);
+    close("swiglu dup", &r("swi_du"), &du, 1e-6);
+
+    // AdamW: two steps; the same f32 operations in the same order as the CPU optimiser.
+    let (mut p, mut m, mut v) = (r("adam_p0"), vec![0.0f32; 700], vec![0.0f32; 700]);
+    for (step, gname) in [(1u64, "adam_g1"), (2, "adam_g2")] {
+        let hp = AdamHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step };
+        Cpu.adamw_step(&mut p, &r(gname), &mut m, &mut v, hp).unwrap();
+    }
+    assert_eq!(r("adam_p"), p, "adamw p (bitwise)");
+    assert_eq!(r("adam_m"), m, "adamw m (bitwise)");
+    assert_eq!(r("adam_v"), v, "adamw v (bitwise)");
+
+    // xent (rows 3, vocab 1000, c 0.25, labels 5 999 0): f64 softmax / cross-entropy.
+    let z = r("xent_z");
+    let labels = [5usize, 999, 0];
+    let (mut loss, mut zg) = (vec![0.0f32; 3], vec![0.0f32; 3000]);
+    for (row, &l) in labels.iter().enumerate() {
+        let zr = &z[row * 1000..(row + 1) * 1000];
+        let mx = zr.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+        let lse = mx + zr.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+        loss[row] = (lse - zr[l] as f64) as f32;
+        for (j, &v) in zr.iter().enumerate() {
+            zg[row * 1000 + j] = (0.25 * ((v as f64 - lse).exp() - if j == l { 1.0 } else { 0.0 })) as f32;
+        }
+    }
+    close("xent loss", &r("xent_loss"), &loss, 1e-6);
+    close("xent zg", &r("xent_zg"), &zg, 1e-6);
+    assert_eq!(r("xent_loss_bf16"), r("xent_loss"), "the loss does not depend on the gradient's dtype");
+    close("xent zg bf16", &r("xent_zg_bf16"), &zg, 4e-3);
+
+    // embedding (vocab 20, dim 33)
+    let ids = [3u32, 0, 19, 7, 7, 12, 1];
+    let t = r("emb_t");
+    let mut e = vec![0.0f32; ids.len() * 33];
+    Cpu.embedding_forward(&t, 20, 33, &ids, &mut e).unwrap();
+    assert_eq!(r("emb_out"), e, "embedding f32");
+    Cpu.embedding_forward(&bf(&t), 20, 33, &ids, &mut e).unwrap();
+    assert_eq!(r("emb_out_bf16"), e, "embedding bf16 (the host's round-to-nearest-even table)");
+
+    // casts, add, gather, scatter (9 rows of 70; rows 8 0 3 5)
+    let (x, y) = (r("ew_x"), r("ew_y"));
+    assert_eq!(r("ew_xb"), bf(&x), "cast_f32_bf16 rounds as half::bf16::from_f32");
+    let acc: Vec<f32> = y.iter().zip(bf(&x)).map(|(a, b)| a + b).collect();
+    assert_eq!(r("ew_acc"), acc, "cast_bf16_f32 accumulate");
+    let sum: Vec<f32> = y.iter().zip(&x).map(|(a, b)| a + b).collect();
+    assert_eq!(r("ew_sum"), sum, "add_f32");
+    let idx = [8usize, 0, 3, 5];
+    let gath: Vec<f32> = idx.iter().flat_map(|&i| x[i * 70..(i + 1) * 70].to_vec()).collect();
+    assert_eq!(r("ew_gather"), gath, "gather_rows_f32");
+    assert_eq!(r("ew_gather_bf16"), bf(&gath), "gather_rows_bf16");
+    let mut scat = vec![0.0f32; 630];
+    for (k, &i) in idx.iter().enumerate() {
+        scat[i * 70..(i + 1) * 70].copy_from_slice(&gath[k * 70..(k + 1) * 70]);
+    }
+    assert_eq!(r("ew_scatter"), scat, "scatter_rows_f32");
+
+    // attention (B 2, S 9, H 4, KVH 2, hd 40) and decode (cap 12, len 7)
+    let shape = AttnShape::new(2, 9, 4, 2, 40).unwrap();
+    let (q, k, v, dout) = (r("att_q"), r("att_k"), r("att_v"), r("att_dout"));
+    let (mut o, mut lse) = (vec![0.0f32; q.len()], vec![0.0f32; 18 * 4]);
+    Cpu.attention_forward(shape, &q, &k, &v, &mut o, &mut lse).unwrap();
+    close("attention out", &r("att_out"), &o, 2e-6);
+    close("attention lse", &r("att_lse"), &lse, 2e-6);
+    let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
+    Cpu.attention_backward(shape, &q, &k, &v, &o, &lse, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+    close("attention dq", &r("att_dq"), &dq, 1e-5);
+    close("attention dk", &r("att_dk"), &dk, 1e-5);
+    close("attention dv", &r("att_dv"), &dv, 1e-5);
+    Cpu.attention_forward(shape, &bf(&q), &bf(&k), &bf(&v), &mut o, &mut lse).unwrap();
+    close("attention out bf16", &r("att_out_bf16"), &o, 4e-3);
+    close("attention lse bf16", &r("att_lse_bf16"), &lse, 1e-5);
+    let mut dec = vec![0.0f32; 2 * 4 * 40];
+    Cpu.attention_decode(&r("dec_q"), &r("dec_k"), &r("dec_v"), 2, 4, 2, 40, 12, 7, &mut dec).unwrap();
+    close("attention decode", &r("dec_out"), &dec, 2e-6);
+}

@@ -1,0 +1,277 @@
+// Host emulation of the model kernels of the CUDA backend (src/cuda/backend.rs,
+// src/cuda/attention.rs): kernels/{elementwise,embedding,rmsnorm,rope,swiglu,adamw,xent,
+// attention_naive}.cu compiled by g++ against a small shim: each block runs as blockDim
+// std::threads meeting at a std::barrier for __syncthreads, warps of 32 at their own barrier
+// for __shfl_xor_sync, blocks one after another (so `static` stands in for __shared__).
+// The program generates the inputs (a fixed xorshift stream), runs every kernel the way the
+// Rust launchers do (grid-stride kernels on a deliberately small grid, so the stride loops
+// run), and writes inputs and outputs as raw little-endian arrays into the directory argv[1];
+// tests/kernel_emulation.rs reads them and compares against the CPU backend's ops.
+//   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/model_kernels_on_host.cpp
+#include <barrier>
+#include <thread>
+#include <vector>
+#include <memory>
+#include <string>
+#include <cstdio>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+struct dim3e { unsigned x, y, z; };
+thread_local dim3e threadIdx, blockIdx;
+dim3e blockDim{256, 1, 1}, gridDim{1, 1, 1};
+std::barrier<>* g_bar;
+std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
+float g_shfl[32][32];
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    g_shfl[w][lane] = v;
+    g_warp_bar[w]->arrive_and_wait();
+    float r = g_shfl[w][lane ^ (unsigned)o];
+    g_warp_bar[w]->arrive_and_wait();
+    return r;
+}
+#define __fmul_rn(a, b) ((float)(a) * (float)(b))
+#define __fadd_rn(a, b) ((float)(a) + (float)(b))
+#define __fsub_rn(a, b) ((float)(a) - (float)(b))
+#define __fdiv_rn(a, b) ((float)(a) / (float)(b))
+#define __fsqrt_rn(a) sqrtf(a)
+using std::min;
+// common.cuh's tiled product (not used here) names nvcuda::wmma: the stand-in of
+// kernels_on_host.cpp, copied.
+#include <type_traits>
+// WMMA stand-in: every lane of a warp holds and computes the whole 16 x 16 tile (the real
+// fragments are spread over the lanes); lanes store identical values, so the result is the
+// collective operation's. TF32 rounding is emulated (round to nearest, 10-bit mantissa).
+#define WEGEFT_HOST_EMULATION 1
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
+namespace precision { struct tf32 {}; }
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+    static constexpr int R = std::is_same<Use, matrix_b>::value ? K : M;
+    static constexpr int C = std::is_same<Use, matrix_a>::value ? K : N;
+    static constexpr int num_elements = R * C;
+    float x[R * C];
+};
+inline float __float_to_tf32(float v) {
+    uint32_t u; std::memcpy(&u, &v, 4); u = (u + 0x1000u) & ~0x1FFFu; std::memcpy(&v, &u, 4); return v;
+}
+template <typename F> void fill_fragment(F& f, float v) { for (auto& e : f.x) e = v; }
+template <int M, int N, int K, typename T>
+void load_matrix_sync(fragment<matrix_a, M, N, K, T, col_major>& f, const float* p, unsigned ldm) {
+    for (int i = 0; i < M; ++i) for (int k = 0; k < K; ++k) f.x[i * K + k] = p[i + (size_t)k * ldm];
+}
+template <int M, int N, int K, typename T>
+void load_matrix_sync(fragment<matrix_b, M, N, K, T, row_major>& f, const float* p, unsigned ldm) {
+    for (int k = 0; k < K; ++k) for (int j = 0; j < N; ++j) f.x[k * N + j] = p[(size_t)k * ldm + j];
+}
+template <int M, int N, int K, typename TA, typename TB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, col_major>& a,
+              const fragment<matrix_b, M, N, K, TB, row_major>& b, const fragment<accumulator, M, N, K, float>& c) {
+    float out[M * N];
+    for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) {
+        float acc = c.x[i * N + j];
+        for (int k = 0; k < K; ++k) acc = fmaf(a.x[i * K + k], b.x[k * N + j], acc);
+        out[i * N + j] = acc;
+    }
+    std::memcpy(d.x, out, sizeof out);
+}
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t) {
+    for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) p[(size_t)i * ldm + j] = f.x[i * N + j];
+}
+}}  // namespace nvcuda::wmma
+#define WEGEFT_HOST_EMULATION 1
+#undef __shared__
+#define __shared__ static
+#undef __global__
+#define __global__
+#undef __launch_bounds__
+#define __launch_bounds__(x)
+#include "elementwise.cu"
+#include "embedding.cu"
+#include "rmsnorm.cu"
+#include "rope.cu"
+#include "swiglu.cu"
+#include "adamw.cu"
+#include "xent.cu"
+#include "attention_naive.cu"
+
+template <typename F>
+void launch(unsigned grid, unsigned block, F f) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    for (unsigned x = 0; x < grid; ++x) {
+        std::barrier<> bar(block);
+        g_bar = &bar;
+        g_warp_bar.clear();
+        for (unsigned w = 0; w < block / 32; ++w) g_warp_bar.emplace_back(new std::barrier<>(32));
+        std::vector<std::thread> ts;
+        for (unsigned t = 0; t < block; ++t) ts.emplace_back([&, t] { threadIdx = {t, 0, 0}; blockIdx = {x, 0, 0}; f(); });
+        for (auto& t : ts) t.join();
+    }
+}
+
+uint64_t rs = 12345;
+float rnd(float scale = 1.0f) { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return (float)((double)(rs >> 11) / (1ull << 53) * 2 - 1) * scale; }
+std::vector<float> rv(size_t n, float scale = 1.0f, float mu = 0.0f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = mu + rnd(scale);
+    return v;
+}
+std::vector<__nv_bfloat16> to_bf(const std::vector<float>& v) {
+    std::vector<__nv_bfloat16> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = __float2bfloat16_rn(v[i]);
+    return o;
+}
+std::vector<float> from_bf(const std::vector<__nv_bfloat16>& v) {
+    std::vector<float> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = __bfloat162float(v[i]);
+    return o;
+}
+
+std::string dir;
+template <typename T>
+void dump(const char* name, const std::vector<T>& v) {
+    std::string p = dir + "/" + name;
+    FILE* f = fopen(p.c_str(), "wb");
+    if (!f || fwrite(v.data(), sizeof(T), v.size(), f) != v.size()) { fprintf(stderr, "cannot write %s\n", p.c_str()); exit(2); }
+    fclose(f);
+}
+
+int main(int argc, char** argv) {
+    if (argc < 2) { fprintf(stderr, "usage: %s OUTDIR\n", argv[0]); return 2; }
+    dir = argv[1];
+    // ---- rmsnorm: rows 5, dim 300, eps 1e-5 ----
+    {
+        const int rows = 5, dim = 300;
+        auto x = rv(rows * dim, 3.0f), w = rv(dim, 0.3f, 1.0f), dy = rv(rows * dim), dx = rv(rows * dim);
+        std::vector<float> y(rows * dim, NAN), rstd(rows, NAN);
+        dump("rms_x", x); dump("rms_w", w); dump("rms_dy", dy); dump("rms_dx0", dx);
+        launch(rows, 256, [&] { rmsnorm_fwd_f32(x.data(), w.data(), y.data(), rstd.data(), dim, 1e-5f); });
+        launch(rows, 256, [&] { rmsnorm_bwd_f32(x.data(), w.data(), rstd.data(), dy.data(), dx.data(), dim); });
+        dump("rms_y", y); dump("rms_rstd", rstd); dump("rms_dx", dx);
+    }
+    // ---- rope: rows 6, heads 3, hd 16, theta 10000, positions below; tables as RopeCache ----
+    {
+        const int rows = 6, heads = 3, hd = 16, half = hd / 2, maxp = 32;
+        std::vector<unsigned> pos = {0, 5, 3, 17, 2, 9};
+        std::vector<float> cs(maxp * half), sn(maxp * half);
+        for (int p = 0; p < maxp; ++p)
+            for (int i = 0; i < half; ++i) {
+                float inv = 1.0f / powf(10000.0f, (float)(2 * i) / (float)hd);
+                float a = (float)p * inv;
+                cs[p * half + i] = cosf(a);
+                sn[p * half + i] = sinf(a);
+            }
+        auto x = rv(rows * heads * hd, 2.0f);
+        dump("rope_x", x);
+        for (int inv = 0; inv < 2; ++inv) {
+            auto y = x;
+            launch(2, 256, [&] { rope_f32(y.data(), pos.data(), cs.data(), sn.data(), rows, heads, hd, inv); });
+            dump(inv ? "rope_inv" : "rope_fwd", y);
+        }
+    }
+    // ---- swiglu: n 1000 ----
+    {
+        const long long n = 1000;
+        auto g = rv(n, 6.0f), u = rv(n, 2.0f), dh = rv(n);
+        std::vector<float> h(n, NAN), dg(n, NAN), du(n, NAN);
+        launch(2, 256, [&] { swiglu_fwd_f32(g.data(), u.data(), h.data(), n); });
+        launch(2, 256, [&] { swiglu_bwd_f32(g.data(), u.data(), dh.data(), dg.data(), du.data(), n); });
+        dump("swi_g", g); dump("swi_u", u); dump("swi_dh", dh); dump("swi_h", h); dump("swi_dg", dg); dump("swi_du", du);
+    }
+    // ---- adamw: n 700, two steps, lr 1e-2, b1 0.9, b2 0.999, eps 1e-8, wd 0.01 (constants as backend.rs) ----
+    {
+        const long long n = 700;
+        auto p = rv(n), g1 = rv(n, 0.1f), g2 = rv(n, 0.1f);
+        std::vector<float> m(n, 0.0f), v(n, 0.0f);
+        dump("adam_p0", p); dump("adam_g1", g1); dump("adam_g2", g2);
+        const double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.01;
+        for (int t = 1; t <= 2; ++t) {
+            float decay = (float)(1.0 - lr * wd), w1 = (float)(1.0 - b1), fb2 = (float)b2, w2 = (float)(1.0 - b2);
+            double bc1 = 1.0 - pow(b1, t), bc2 = 1.0 - pow(b2, t);
+            float step = (float)(-(lr / bc1)), bc2s = (float)sqrt(bc2), feps = (float)eps;
+            const float* g = t == 1 ? g1.data() : g2.data();
+            launch(2, 256, [&] { adamw_f32(p.data(), g, m.data(), v.data(), n, 1, decay, w1, fb2, w2, step, bc2s, feps); });
+        }
+        dump("adam_p", p); dump("adam_m", m); dump("adam_v", v);
+    }
+    // ---- xent: rows 3, vocab 1000, c 0.25, labels 5 999 0 (f32 and bf16 gradients) ----
+    {
+        const int rows = 3, vocab = 1000;
+        auto z = rv(rows * vocab, 5.0f);
+        std::vector<int> lab = {5, 999, 0};
+        std::vector<float> loss(rows, NAN), zg(rows * vocab, NAN), loss2(rows, NAN);
+        std::vector<__nv_bfloat16> zgb(rows * vocab);
+        launch(rows, 256, [&] { xent_rows_f32(z.data(), lab.data(), loss.data(), zg.data(), vocab, 0.25f, 1); });
+        launch(rows, 256, [&] { xent_rows_bf16(z.data(), lab.data(), loss2.data(), zgb.data(), vocab, 0.25f, 1); });
+        dump("xent_z", z); dump("xent_loss", loss); dump("xent_zg", zg); dump("xent_loss_bf16", loss2); dump("xent_zg_bf16", from_bf(zgb));
+    }
+    // ---- embedding (f32 and bf16 tables): vocab 20, dim 33 ----
+    {
+        const int vocab = 20, dim = 33;
+        std::vector<unsigned> ids = {3, 0, 19, 7, 7, 12, 1};
+        auto t = rv(vocab * dim);
+        auto tb = to_bf(t);
+        std::vector<float> o(ids.size() * dim, NAN), ob(ids.size() * dim, NAN);
+        launch(1, 256, [&] { embedding_f32(t.data(), ids.data(), o.data(), (long long)ids.size(), dim); });
+        launch(1, 256, [&] { embedding_bf16(tb.data(), ids.data(), ob.data(), (long long)ids.size(), dim); });
+        dump("emb_t", t); dump("emb_out", o); dump("emb_out_bf16", ob);
+    }
+    // ---- casts, add, gather, scatter: 9 rows of 70 ----
+    {
+        const int rows = 9, dim = 70;
+        const long long n = rows * dim;
+        auto x = rv(n, 3.0f), y = rv(n);
+        std::vector<__nv_bfloat16> xb(n);
+        launch(2, 256, [&] { cast_f32_bf16(x.data(), xb.data(), n); });
+        auto acc = y;
+        launch(2, 256, [&] { cast_bf16_f32(xb.data(), acc.data(), n, 1); });
+        auto sum = y;
+        launch(2, 256, [&] { add_f32(sum.data(), x.data(), n); });
+        std::vector<int> idx = {8, 0, 3, 5};
+        std::vector<float> gath(idx.size() * dim, NAN), scat(n, 0.0f);
+        std::vector<__nv_bfloat16> gathb(idx.size() * dim);
+        launch(2, 256, [&] { gather_rows_f32(x.data(), idx.data(), gath.data(), (long long)idx.size(), dim); });
+        launch(2, 256, [&] { gather_rows_bf16(x.data(), idx.data(), gathb.data(), (long long)idx.size(), dim); });
+        launch(2, 256, [&] { scatter_rows_f32(gath.data(), idx.data(), scat.data(), (long long)idx.size(), dim); });
+        dump("ew_x", x); dump("ew_y", y); dump("ew_xb", from_bf(xb)); dump("ew_acc", acc); dump("ew_sum", sum);
+        dump("ew_gather", gath); dump("ew_gather_bf16", from_bf(gathb)); dump("ew_scatter", scat);
+    }
+    // ---- attention: B 2, S 9, H 4, KVH 2, hd 40 (f32; forward also bf16); decode: cap 12, len 7 ----
+    {
+        const int B = 2, S = 9, H = 4, KVH = 2, hd = 40, T = B * S;
+        const float scale = 1.0f / sqrtf((float)hd);
+        auto q = rv(T * H * hd, 1.5f), k = rv(T * KVH * hd, 1.5f), v = rv(T * KVH * hd), dout = rv(T * H * hd);
+        std::vector<float> out(T * H * hd, NAN), lse(T * H, NAN), dq(T * H * hd, NAN), dk(T * KVH * hd, NAN), dv(T * KVH * hd, NAN);
+        auto warps_grid = [](int warps) { return (unsigned)((warps * 32 + 127) / 128); };
+        launch(warps_grid(T * H), 128, [&] { attn_naive_fwd_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), B, S, H, KVH, hd, scale); });
+        launch(warps_grid(T * H), 128, [&] {
+            attn_naive_dq_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(), dq.data(), B, S, H, KVH, hd, scale);
+        });
+        launch(warps_grid(T * KVH), 128, [&] {
+            attn_naive_dkv_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(), dk.data(), dv.data(), B, S, H, KVH, hd, scale);
+        });
+        dump("att_q", q); dump("att_k", k); dump("att_v", v); dump("att_dout", dout);
+        dump("att_out", out); dump("att_lse", lse); dump("att_dq", dq); dump("att_dk", dk); dump("att_dv", dv);
+        auto qb = to_bf(q), kb = to_bf(k), vb = to_bf(v);
+        std::vector<__nv_bfloat16> ob(T * H * hd);
+        std::vector<float> lseb(T * H, NAN);
+        launch(warps_grid(T * H), 128, [&] { attn_naive_fwd_bf16(qb.data(), kb.data(), vb.data(), ob.data(), lseb.data(), B, S, H, KVH, hd, scale); });
+        dump("att_out_bf16", from_bf(ob)); dump("att_lse_bf16", lseb);
+        const int cap = 12, len = 7;
+        auto dq1 = rv(B * H * hd, 1.5f), kc = rv(B * cap * KVH * hd, 1.5f), vc = rv(B * cap * KVH * hd);
+        std::vector<float> dec(B * H * hd, NAN);
+        launch(warps_grid(B * H), 128, [&] { attn_naive_decode_f32(dq1.data(), kc.data(), vc.data(), dec.data(), B, H, KVH, hd, cap, len, scale); });
+        dump("dec_q", dq1); dump("dec_k", kc); dump("dec_v", vc); dump("dec_out", dec);
+    }
+    printf("model kernels emulated\n");
+    return 0;
+}
