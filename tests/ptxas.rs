@@ -78,3 +78,46 @@ fn every_module_has_all_images() {
         assert_eq!(&m.cubin_sm90a[..4], b"\x7fELF", "{}: sm_90a cubin", m.name);
     }
 }
+
+/// Every kernel the model's backend (`src/cuda/backend.rs`, `src/cuda/attention.rs`) launches.
+const MODEL_KERNELS: [&str; 22] = [
+    "add_f32",
+    "cast_f32_bf16",
+    "cast_bf16_f32",
+    "gather_rows_f32",
+    "gather_rows_bf16",
+    "scatter_rows_f32",
+    "embedding_f32",
+    "embedding_bf16",
+    "rmsnorm_fwd_f32",
+    "rmsnorm_bwd_f32",
+    "rope_f32",
+    "swiglu_fwd_f32",
+    "swiglu_bwd_f32",
+    "xent_rows_f32",
+    "xent_rows_bf16",
+    "adamw_f32",
+    "attn_naive_fwd_f32",
+    "attn_naive_dq_f32",
+    "attn_naive_dkv_f32",
+    "attn_naive_decode_f32",
+    "attn_naive_fwd_bf16",
+    "attn_naive_decode_bf16",
+];
+
+#[test]
+fn every_model_kernel_is_compiled_for_every_target() {
+    let rows = ptxas_rows().unwrap();
+    let mut missing = Vec::new();
+    for name in MODEL_KERNELS {
+        for arch in ARCHES {
+            if !rows.iter().any(|r| r.kernel == name && r.arch == arch) {
+                missing.push(format!("{name} ({arch})"));
+            }
+        }
+        if !MODULES.iter().any(|m| m.kernels.contains(&name)) {
+            missing.push(format!("{name} (PTX)"));
+        }
+    }
+    assert!(missing.is_empty(), "model kernels missing from the build: {missing:?}");
+}
