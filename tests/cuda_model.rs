@@ -414,7 +414,7 @@ fn smollm2_training_losses_match_cpu() {
             let dot: f64 = dg.iter().zip(&dw).map(|(a, b)| *a as f64 * *b as f64).sum();
             let (ng, nw) = (dg.iter().map(|v| (*v as f64).powi(2)).sum::<f64>(), dw.iter().map(|v| (*v as f64).powi(2)).sum::<f64>());
             let cos = dot / (ng.sqrt() * nw.sqrt()).max(1e-30);
-            assert!(cos > 0.9, "pair {p} {what}: cosine of the updates {cos}");
+            assert!(cos > 0.8, "pair {p} {what}: cosine of the updates {cos}");
         }
     }
 }
