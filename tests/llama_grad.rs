@@ -357,3 +357,33 @@ fn bad_input_is_an_error() {
     ad.pairs[0].1.pop();
     assert!(ad.upload(&Cpu, &d).is_err());
 }
+
+/// The seeded random weights the GPU tests and benchmark use (`HostWeights::random`): shapes,
+/// determinism, bf16 rounding of the matrices only, and a loss of the order of ln(vocab) on a
+/// two-layer SmolLM2-shaped model (activations neither vanish nor explode).
+#[test]
+fn random_smollm2_weights_are_seeded_and_sane() {
+    let mut d = Dims::smollm2_135m();
+    d.layers = 2;
+    let w = HostWeights::random(&d, 5, false).unwrap();
+    assert_eq!(w.embed.len(), d.vocab * d.hidden);
+    assert!(w.lm_head.is_none());
+    for l in &w.layers {
+        for m in 0..7 {
+            let (i, o) = d.module_dims(m);
+            assert_eq!(l.proj[m].len(), i * o);
+        }
+    }
+    let again = HostWeights::random(&d, 5, false).unwrap();
+    assert_eq!(w.layers[1].proj[6], again.layers[1].proj[6]);
+    assert_ne!(w.layers[1].proj[6], HostWeights::random(&d, 6, false).unwrap().layers[1].proj[6]);
+    let mut r = w.clone();
+    r.round_to_bf16();
+    assert!(r.layers[0].proj[0].iter().all(|&x| half::bf16::from_f32(x).to_f32() == x));
+    assert_eq!(r.layers[0].attn_norm, w.layers[0].attn_norm, "norm weights stay f32");
+    let model = Llama::new(&Cpu, &w).unwrap();
+    let ids: Vec<u32> = (0..12).map(|t| (t * 7919 + 3) % d.vocab as u32).collect();
+    let loss = model.loss(&Cpu, None, &Batch::causal(&[ids]).unwrap()).unwrap();
+    let lnv = (d.vocab as f32).ln();
+    assert!(loss.is_finite() && loss > 0.5 * lnv && loss < 3.0 * lnv, "loss {loss} vs ln(vocab) {lnv}");
+}
