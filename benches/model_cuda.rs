@@ -9,7 +9,8 @@
 //! `skipped: no CUDA device` and exits 0 (with `WEGEFT_REQUIRE_GPU=1` it exits 1).
 //! Environment: `WEGEFT_BENCH_STEPS` (timed steps, default 5), `WEGEFT_BENCH_BATCH` (16),
 //! `WEGEFT_BENCH_SEQ` (512), `WEGEFT_BENCH_LAYERS` (30), `WEGEFT_BENCH_JSON` (a file to append
-//! the results to as JSON lines).
+//! the results to as JSON lines), `WEGEFT_LAYER_PATH` (`composed` / `fused`: the WeGeFT
+//! layers' path; default the fused GEMM where it applies).
 
 use std::io::Write;
 use std::time::Instant;
@@ -87,7 +88,7 @@ fn run(gpu: &Gpu) -> wegeft::Result<()> {
         let names: Vec<&str> = targets.iter().map(|m| m.name()).collect();
         let line = serde_json::json!({
             "bench": "model_step", "impl": "wegeft-cuda", "device": name, "batch": batch, "seq": seq, "rank": 8,
-            "layers": dims.layers, "targets": names, "step_s": step_s, "tokens_per_s": (batch * seq) as f64 / step_s,
+            "layers": dims.layers, "path": format!("{:?}", gpu.path()), "targets": names, "step_s": step_s, "tokens_per_s": (batch * seq) as f64 / step_s,
             "peak_mem_bytes": peak, "loss": loss,
         });
         println!("{line}");

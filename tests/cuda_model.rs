@@ -290,6 +290,32 @@ fn products_match_cpu() {
     }
 }
 
+/// The WeGeFT layer on the composed path (cuBLASLt + rank-r kernels) agrees with the CPU too,
+/// so a failure of the default (fused) path is told apart from one of the model code.
+#[test]
+fn composed_path_matches_cpu() {
+    let g = gpu_or_skip!(DType::BF16).with_path(wegeft::cuda::Path::Composed);
+    let (t, din, dout, r) = (64usize, 576usize, 192usize, 8usize);
+    let (x, w0, gr) = (rv(60, t * din, 1.0), rv(61, dout * din, 0.05), rv(62, t * dout, 1.0));
+    let w = bf(&w0);
+    let s = LayerShape::new(t, din, dout, r).unwrap();
+    let (phi, psi) = (rv(63, din * r, 0.3), rv(64, r * din, 0.3));
+    let mut y = vec![0.0f32; t * dout];
+    let saved = Cpu.wegeft_forward(s, &x, &w, &phi, &psi, 0.5, None, &mut y).unwrap();
+    let (xd, wd, phid, psid) = (up(&g, &x), g.upload_weight(w0).unwrap(), up(&g, &phi), up(&g, &psi));
+    let mut yd = g.zeros(t * dout).unwrap();
+    let sd = g.wegeft_forward(s, &xd, &wd, &phid, &psid, 0.5, None, &mut yd).unwrap();
+    close("composed wegeft y", &down(&g, &yd), &y, 1.5e-2);
+    let (mut dx, mut dphi, mut dpsi) = (vec![0.0f32; t * din], vec![0.0f32; din * r], vec![0.0f32; r * din]);
+    Cpu.wegeft_backward(s, &x, &w, &phi, &psi, 0.5, None, &saved, &gr, Some((&mut dx, false)), &mut dphi, &mut dpsi).unwrap();
+    let (mut dxd, mut dphid, mut dpsid) = (g.zeros(t * din).unwrap(), g.zeros(din * r).unwrap(), g.zeros(r * din).unwrap());
+    g.wegeft_backward(s, &xd, &wd, &phid, &psid, 0.5, None, &sd, &up(&g, &gr), Some((&mut dxd, false)), &mut dphid, &mut dpsid)
+        .unwrap();
+    close("composed wegeft dx", &down(&g, &dxd), &dx, 1.5e-2);
+    close("composed wegeft dphi", &down(&g, &dphid), &dphi, 1.5e-2);
+    close("composed wegeft dpsi", &down(&g, &dpsid), &dpsi, 1.5e-2);
+}
+
 // ---- the whole model -----------------------------------------------------------------------
 
 fn smollm2(layers: usize) -> Dims {

@@ -157,7 +157,25 @@ impl Gpu {
             return Err(Error::invalid("weights", format!("f32 or bf16, got {}", weights.name())));
         }
         let dev = CudaBackend::new(ordinal)?;
-        Ok(Gpu { dev, weights, path: Path::Auto, rope: Mutex::new(None), positions: Mutex::new(None) })
+        // WEGEFT_LAYER_PATH=composed|fused|fused_sm90 picks the WeGeFT layers' path (diagnosis).
+        let path = match std::env::var("WEGEFT_LAYER_PATH").as_deref() {
+            Ok("composed") => Path::Composed,
+            Ok("fused") => Path::Fused,
+            Ok("fused_sm90") => Path::FusedSm90,
+            _ => Path::Auto,
+        };
+        Ok(Gpu { dev, weights, path, rope: Mutex::new(None), positions: Mutex::new(None) })
+    }
+
+    /// With the WeGeFT layers on `path` (default [`Path::Auto`], or `WEGEFT_LAYER_PATH`).
+    pub fn with_path(mut self, path: Path) -> Self {
+        self.path = path;
+        self
+    }
+
+    /// The WeGeFT layers' path.
+    pub fn path(&self) -> Path {
+        self.path
     }
 
     /// The device.
