@@ -14,6 +14,7 @@
 #   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
 #   memcheck / racecheck / initcheck (90 / 60 / 60)  compute-sanitizer on cuda_layer sanitize_*
+#   attn_memcheck / attn_racecheck (45 / 45)  compute-sanitizer on cuda_attention sanitize_attention
 #
 # Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
 # Logs: /tmp/gpu-pack-run.*/logs/NAME.log (the path is printed at the end); with $OUT set
@@ -155,8 +156,12 @@ if [ -n "$sanitizer" ]; then
     step racecheck 60 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_bf16 --test-threads=1
     step initcheck 60 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_f32 --test-threads=1
   fi
+  if [ -x "$bin/cuda_attention" ]; then
+    step attn_memcheck 45 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_attention" sanitize_attention --test-threads=1
+    step attn_racecheck 45 "${san[@]}" --tool racecheck "$bin/cuda_attention" sanitize_attention --test-threads=1
+  fi
 else
-  for s in gemm_memcheck memcheck racecheck initcheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
+  for s in gemm_memcheck memcheck racecheck initcheck attn_memcheck attn_racecheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
 fi
 
 # --- logs of the failed steps, then the summary (last) ----------------------------------------------

@@ -172,7 +172,7 @@ def main():
     keys = {}
     for name, status, secs in steps:
         text = read(os.path.join(L, f"{name}.log"))
-        if name in ("gemm_memcheck", "memcheck", "racecheck", "initcheck"):
+        if name in ("gemm_memcheck", "memcheck", "racecheck", "initcheck", "attn_memcheck", "attn_racecheck"):
             keys[name] = sanitizer_key(text)
         elif name == "gemm_check":
             keys[name] = gemm_check_key(text)
