@@ -23,6 +23,12 @@
 //       registers (row max / sum over the 4 lanes of a quad), P re-packed from the accumulator
 //       layout straight into A fragments, O += P V (V via ldmatrix.trans). Key tiles past the
 //       diagonal are never visited; the diagonal tile is masked element-wise.
+//   attn_bwd_dq_mma64_bf16, attn_bwd_dkdv_mma64_bf16 (bf16, hd = 64, 16-byte aligned rows):
+//       FlashAttention-2 backward on tensor cores, 64 x 64 tiles, 4 warps of 16 rows. dq: per
+//       query tile, over key tiles <= diag: S = Q K^T, P, dP = dO V^T, dS = P (dP - D),
+//       dq += dS K. dk / dv: per key tile, over the group's query heads and query tiles >= diag:
+//       S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T, dK += dS^T Q. P / dS go from the
+//       accumulator layout straight into bf16 A fragments; B operands via ldmatrix(.trans).
 //   attn_fwd64_T, attn_fwd128_T: the plain-FMA forward for any hd <= 64 / 128 (f32 always,
 //       bf16 when the tensor-core kernel does not apply). 128 threads; each query row is owned
 //       by hd_max / 16 consecutive lanes holding 16 dims each; key tiles of 32 in shared memory.
@@ -253,6 +259,205 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
         if (row0 < S) lse[((long long)b * S + row0) * H + h] = (m0 + log2f(l0)) * LN2;
         if (row1 < S) lse[((long long)b * S + row1) * H + h] = (m1 + log2f(l1)) * LN2;
     }
+}
+
+// ============================================================================================
+// Tensor-core backward (bf16, hd = HD = 64): dq over query tiles, dk / dv over key tiles.
+// ============================================================================================
+
+// acc[nt] += A B^T for the warp's 16 rows: A = rows ar0 .. ar0 + 16 of swizzled tile As
+// (16 x HD), B = rows br0 .. br0 + 8 NT of swizzled tile Bs (N x HD); acc in the m16n8
+// accumulator layout (lane: rows g, g + 8, columns 2 tig, 2 tig + 1 of each 8-column tile).
+template <int HD, int NT>
+__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const __nv_bfloat16* As, int ar0,
+                                        const __nv_bfloat16* Bs, int br0, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ++ks) {
+        uint32_t a[4];
+        ldsm_x4(a, As + swz<HD>(ar0 + (lane & 15), 2 * ks + (lane >> 4)));
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+            uint32_t b[4];
+            ldsm_x4(b, Bs + swz<HD>(br0 + nt * 8 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+            mma_bf16(acc[nt], a, b[0], b[1]);
+            mma_bf16(acc[nt + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// acc[nd] += P B for the warp's 16 rows: P (16 x 16 KSTEPS) given as accumulator tiles p[2 KSTEPS]
+// (rounded to bf16 here), B = rows br0 .. br0 + 16 KSTEPS of swizzled tile Bs (K x HD).
+template <int HD, int KSTEPS>
+__device__ __forceinline__ void mma_pb(float (&acc)[HD / 8][4], const float (&p)[2 * KSTEPS][4],
+                                       const __nv_bfloat16* Bs, int br0, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+        uint32_t pa[4];
+        pa[0] = pack_bf16(p[2 * ks][0], p[2 * ks][1]);
+        pa[1] = pack_bf16(p[2 * ks][2], p[2 * ks][3]);
+        pa[2] = pack_bf16(p[2 * ks + 1][0], p[2 * ks + 1][1]);
+        pa[3] = pack_bf16(p[2 * ks + 1][2], p[2 * ks + 1][3]);
+#pragma unroll
+        for (int nd = 0; nd < HD / 8; nd += 2) {
+            uint32_t b[4];
+            ldsm_x4_t(b, Bs + swz<HD>(br0 + ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), nd + (lane >> 4)));
+            mma_bf16(acc[nd], pa, b[0], b[1]);
+            mma_bf16(acc[nd + 1], pa, b[2], b[3]);
+        }
+    }
+}
+
+template <int N> __device__ __forceinline__ void zero(float (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) a[i][0] = a[i][1] = a[i][2] = a[i][3] = 0.0f;
+}
+
+// Stores the warp's 16 x HD accumulator (times `mul`) as bf16 rows r0 + g, r0 + g + 8 (< S).
+template <int HD>
+__device__ __forceinline__ void store_rows(const float (&acc)[HD / 8][4], float mul, __nv_bfloat16* base, long long ld,
+                                           int r0, int S, int lane) {
+    const int g = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int nd = 0; nd < HD / 8; ++nd) {
+        const int col = nd * 8 + 2 * tig;
+        if (r0 + g < S)
+            *reinterpret_cast<__nv_bfloat162*>(base + (long long)(r0 + g) * ld + col) =
+                __floats2bfloat162_rn(acc[nd][0] * mul, acc[nd][1] * mul);
+        if (r0 + g + 8 < S)
+            *reinterpret_cast<__nv_bfloat162*>(base + (long long)(r0 + g + 8) * ld + col) =
+                __floats2bfloat162_rn(acc[nd][2] * mul, acc[nd][3] * mul);
+    }
+}
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+// dq for query rows q0 .. q0 + 64 of head h: per key tile (<= diagonal) S = Q K^T,
+// P = exp(scale S - lse), dP = dO V^T, dS = P (dP - D), dq += dS K; dq *= scale at the end.
+template <int HD>
+__device__ __forceinline__ void attn_bwd_dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                                const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse,
+                                                const float* __restrict__ D, const __nv_bfloat16* __restrict__ dout,
+                                                __nv_bfloat16* __restrict__ dq, int S, int H, int KVH, float scale) {
+    __shared__ __align__(128) __nv_bfloat16 Qs[MMA_BM * HD];
+    __shared__ __align__(128) __nv_bfloat16 Gs[MMA_BM * HD];  // dout
+    __shared__ __align__(128) __nv_bfloat16 Ks[MMA_BN * HD];
+    __shared__ __align__(128) __nv_bfloat16 Vs[MMA_BN * HD];
+    constexpr int NT = MMA_BN / 8, ND = HD / 8;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, tig = lane & 3;
+    const int qtile = gridDim.x - 1 - blockIdx.x;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, kvh = h / (H / KVH);
+    const int q0 = qtile * MMA_BM;
+    const long long qld = (long long)H * HD, kld = (long long)KVH * HD;
+    const __nv_bfloat16* qg = q + (long long)b * S * qld + (long long)h * HD;
+    const __nv_bfloat16* gg = dout + (long long)b * S * qld + (long long)h * HD;
+    const __nv_bfloat16* kg = k + (long long)b * S * kld + (long long)kvh * HD;
+    const __nv_bfloat16* vg = v + (long long)b * S * kld + (long long)kvh * HD;
+    load_tile<HD, MMA_BM>(Qs, qg, qld, q0, S, tid);
+    load_tile<HD, MMA_BM>(Gs, gg, qld, q0, S, tid);
+    cp_async_commit();
+    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const float sl2 = scale * LOG2E;
+    const long long t0 = (long long)b * S + min(row0, S - 1), t1 = (long long)b * S + min(row1, S - 1);
+    const float lse0 = lse[t0 * H + h] * LOG2E, lse1 = lse[t1 * H + h] * LOG2E;
+    const float d0 = D[t0 * H + h], d1 = D[t1 * H + h];
+    float acc[ND][4];
+    zero(acc);
+    const int kend = min(S, q0 + MMA_BM);
+    for (int k0 = 0; k0 < kend; k0 += MMA_BN) {
+        load_tile<HD, MMA_BN>(Ks, kg, kld, k0, S, tid);
+        load_tile<HD, MMA_BN>(Vs, vg, kld, k0, S, tid);
+        cp_async_commit();
+        cp_async_wait_all();
+        block_sync();
+        float sc[NT][4], dp[NT][4];
+        zero(sc);
+        zero(dp);
+        mma_abt<HD, NT>(sc, Qs, warp * 16, Ks, 0, lane);
+        mma_abt<HD, NT>(dp, Gs, warp * 16, Vs, 0, lane);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + nt * 8 + 2 * tig + (e & 1);
+                const int row = e < 2 ? row0 : row1;
+                const float p = (key > row || key >= S) ? 0.0f : exp2f(sc[nt][e] * sl2 - (e < 2 ? lse0 : lse1));
+                sc[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1));  // dS
+            }
+        }
+        mma_pb<HD, MMA_BN / 16>(acc, sc, Ks, 0, lane);
+        block_sync();
+    }
+    store_rows<HD>(acc, scale, dq + (long long)b * S * qld + (long long)h * HD, qld, q0 + warp * 16, S, lane);
+}
+
+// dk, dv for key rows k0 .. k0 + 64 of kv head kvh: for each query head of the group (in
+// order) and each query tile from the diagonal on, S^T = K Q^T, P^T = exp(scale S^T - lse),
+// dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q; dK *= scale at the end.
+template <int HD>
+__device__ __forceinline__ void attn_bwd_dkdv_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                                  const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse,
+                                                  const float* __restrict__ D, const __nv_bfloat16* __restrict__ dout,
+                                                  __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv, int S,
+                                                  int H, int KVH, float scale) {
+    __shared__ __align__(128) __nv_bfloat16 Ks[MMA_BN * HD];
+    __shared__ __align__(128) __nv_bfloat16 Vs[MMA_BN * HD];
+    __shared__ __align__(128) __nv_bfloat16 Qs[MMA_BM * HD];
+    __shared__ __align__(128) __nv_bfloat16 Gs[MMA_BM * HD];  // dout
+    __shared__ float Ls[MMA_BM], Ds[MMA_BM];
+    constexpr int NT = MMA_BM / 8, ND = HD / 8;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, tig = lane & 3;
+    const int ktile = gridDim.x - 1 - blockIdx.x;  // early keys see the most queries: first
+    const int bg = blockIdx.y, b = bg / KVH, kvh = bg % KVH, group = H / KVH;
+    const int k0 = ktile * MMA_BN;
+    const long long qld = (long long)H * HD, kld = (long long)KVH * HD;
+    load_tile<HD, MMA_BN>(Ks, k + (long long)b * S * kld + (long long)kvh * HD, kld, k0, S, tid);
+    load_tile<HD, MMA_BN>(Vs, v + (long long)b * S * kld + (long long)kvh * HD, kld, k0, S, tid);
+    cp_async_commit();
+    const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;
+    const float sl2 = scale * LOG2E;
+    float dka[ND][4], dva[ND][4];
+    zero(dka);
+    zero(dva);
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = kvh * group + hh;
+        const __nv_bfloat16* qg = q + (long long)b * S * qld + (long long)h * HD;
+        const __nv_bfloat16* gg = dout + (long long)b * S * qld + (long long)h * HD;
+        for (int q0 = k0; q0 < S; q0 += MMA_BM) {
+            load_tile<HD, MMA_BM>(Qs, qg, qld, q0, S, tid);
+            load_tile<HD, MMA_BM>(Gs, gg, qld, q0, S, tid);
+            cp_async_commit();
+            if (tid < MMA_BM) {
+                const bool ok = q0 + tid < S;
+                const long long t = (long long)b * S + (ok ? q0 + tid : 0);
+                Ls[tid] = ok ? lse[t * H + h] * LOG2E : 0.0f;
+                Ds[tid] = ok ? D[t * H + h] : 0.0f;
+            }
+            cp_async_wait_all();
+            block_sync();
+            float st[NT][4], dpt[NT][4];
+            zero(st);
+            zero(dpt);
+            mma_abt<HD, NT>(st, Ks, warp * 16, Qs, 0, lane);   // S^T: keys x queries
+            mma_abt<HD, NT>(dpt, Vs, warp * 16, Gs, 0, lane);  // dP^T
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = nt * 8 + 2 * tig + (e & 1);
+                    const int query = q0 + qi;
+                    const int key = e < 2 ? key0 : key1;
+                    const float p = (query < key || query >= S) ? 0.0f : exp2f(st[nt][e] * sl2 - Ls[qi]);
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - Ds[qi]);  // dS^T
+                }
+            }
+            mma_pb<HD, MMA_BM / 16>(dva, st, Gs, 0, lane);
+            mma_pb<HD, MMA_BM / 16>(dka, dpt, Qs, 0, lane);
+            block_sync();
+        }
+    }
+    store_rows<HD>(dka, scale, dk + (long long)b * S * kld + (long long)kvh * HD, kld, k0 + warp * 16, S, lane);
+    store_rows<HD>(dva, 1.0f, dv + (long long)b * S * kld + (long long)kvh * HD, kld, k0 + warp * 16, S, lane);
 }
 
 // ============================================================================================
@@ -580,6 +785,22 @@ __device__ __forceinline__ void attn_decode_combine(const float* __restrict__ wo
     }
 ATTN_FWD_MMA(64)
 ATTN_FWD_MMA(128)
+
+#define ATTN_BWD_MMA(HD)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(wegeft_attn::MMA_THREADS) attn_bwd_dq_mma##HD##_bf16(              \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                                    \
+        const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ D,             \
+        const __nv_bfloat16* __restrict__ dout, __nv_bfloat16* __restrict__ dq, int S, int H, int KVH, float scale) { \
+        wegeft_attn::attn_bwd_dq_mma<HD>(q, k, v, lse, D, dout, dq, S, H, KVH, scale);                              \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(wegeft_attn::MMA_THREADS) attn_bwd_dkdv_mma##HD##_bf16(            \
+        const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                                    \
+        const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ D,             \
+        const __nv_bfloat16* __restrict__ dout, __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv,      \
+        int S, int H, int KVH, float scale) {                                                                        \
+        wegeft_attn::attn_bwd_dkdv_mma<HD>(q, k, v, lse, D, dout, dk, dv, S, H, KVH, scale);                        \
+    }
+ATTN_BWD_MMA(64)
 
 #define ATTN_PLAIN(T, SUF, HDMAX)                                                                                     \
     extern "C" __global__ void __launch_bounds__(wegeft_attn::THREADS) attn_fwd##HDMAX##_##SUF(                       \

@@ -63,6 +63,8 @@ fn every_attention_kernel_is_compiled_for_every_target() {
     let mut names: Vec<String> = ATTN_OPS.iter().flat_map(|op| ["f32", "bf16"].map(|dt| format!("{op}_{dt}"))).collect();
     names.push("attn_fwd_mma64_bf16".into());
     names.push("attn_fwd_mma128_bf16".into());
+    names.push("attn_bwd_dq_mma64_bf16".into());
+    names.push("attn_bwd_dkdv_mma64_bf16".into());
     let mut missing = Vec::new();
     for name in &names {
         for arch in ARCHES {

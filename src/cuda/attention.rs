@@ -22,7 +22,9 @@
 //!   plain-FMA tiled kernel with the same math.
 //! * Backward: `D = rowsum(dout * out)` (one kernel), then `dq` over query tiles and `dk`, `dv`
 //!   over key tiles of one kv head, the block summing over the query heads of the group in a
-//!   fixed order. Scratch: `B*S*H` floats for `D`.
+//!   fixed order (no atomics). bf16 with `hd = 64` and 16-byte aligned buffers runs both on the
+//!   tensor cores (64 x 64 tiles, `P` / `dS` recomputed in registers and re-packed as bf16 A
+//!   fragments); everything else the plain-FMA kernels. Scratch: `B*S*H` floats for `D`.
 //! * Decode: the cache positions `0..len` are split in chunks of 256, one block per (sequence,
 //!   head, chunk) writing its (max, sum, unnormalised output); a second kernel merges the
 //!   chunks in order. Scratch: `B*H*ceil(len/256)*(hd+2)` floats.
@@ -230,6 +232,41 @@ pub(crate) unsafe fn attention_backward_raw(
     let mut params = [ptr_arg(&out), ptr_arg(&dout), ptr_arg(&dp), ptr_arg(&rh), ptr_arg(&hd)];
     dev.launch("attention backward (D)", &f, (gx, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)?;
 
+    if uses_mma(dtype, s.head_dim, &[q, k, v, dout, dq, dk, dv]) && s.head_dim == 64 {
+        let gx = s.seq.div_ceil(64) as u32;
+        let f = dev.function("attn_bwd_dq_mma64_bf16")?;
+        let mut params = [
+            ptr_arg(&q),
+            ptr_arg(&k),
+            ptr_arg(&v),
+            ptr_arg(&lse),
+            ptr_arg(&dp),
+            ptr_arg(&dout),
+            ptr_arg(&dq),
+            ptr_arg(&seq),
+            ptr_arg(&heads),
+            ptr_arg(&kvh),
+            ptr_arg(&scale),
+        ];
+        dev.launch("attention backward (dq)", &f, (gx, (s.batch * s.heads) as u32, 1), (THREADS, 1, 1), 0, stream, &mut params)?;
+        let f = dev.function("attn_bwd_dkdv_mma64_bf16")?;
+        let mut params = [
+            ptr_arg(&q),
+            ptr_arg(&k),
+            ptr_arg(&v),
+            ptr_arg(&lse),
+            ptr_arg(&dp),
+            ptr_arg(&dout),
+            ptr_arg(&dk),
+            ptr_arg(&dv),
+            ptr_arg(&seq),
+            ptr_arg(&heads),
+            ptr_arg(&kvh),
+            ptr_arg(&scale),
+        ];
+        let grid = (gx, (s.batch * s.kv_heads) as u32, 1);
+        return dev.launch("attention backward (dk, dv)", &f, grid, (THREADS, 1, 1), 0, stream, &mut params);
+    }
     let w = plain_width(s.head_dim);
     let rows = (THREADS as usize) / (w / 16);
     let f = dev.function(&kname(&format!("attn_bwd_dq{w}"), dtype))?;

@@ -287,7 +287,7 @@ void run_case(const Shape& s, bool mma, double tol, std::mt19937& rng) {
     }
     check(what, "out", out, ref.out, tol);
     check(what, "lse", lse, ref.lse, sizeof(T) == 4 ? tol : 1e-3);
-    if (mma) return;  // the backward has no tensor-core kernel; the plain one is checked below
+    if (mma && s.hd != 64) return;  // the tensor-core backward exists for hd = 64 only
 
     // Backward from the kernel's own out and lse (as the model does).
     std::vector<float> D(n * s.H, NAN);
@@ -303,14 +303,30 @@ void run_case(const Shape& s, bool mma, double tol, std::mt19937& rng) {
     dim3e gk{(unsigned)((s.S + rows - 1) / rows), (unsigned)(s.B * s.KVH), 1};
 #define ARGS_DQ q.data(), k.data(), v.data(), lse.data(), D.data(), dout.data(), dq.data(), s.S, s.H, s.KVH, s.hd, scale
 #define ARGS_DKDV q.data(), k.data(), v.data(), lse.data(), D.data(), dout.data(), dk.data(), dv.data(), s.S, s.H, s.KVH, s.hd, scale
-    launch(gq, [&] {
-        if constexpr (sizeof(T) == 4) { if (W == 64) attn_bwd_dq64_f32(ARGS_DQ); else attn_bwd_dq128_f32(ARGS_DQ); }
-        else { if (W == 64) attn_bwd_dq64_bf16(ARGS_DQ); else attn_bwd_dq128_bf16(ARGS_DQ); }
-    });
-    launch(gk, [&] {
-        if constexpr (sizeof(T) == 4) { if (W == 64) attn_bwd_dkdv64_f32(ARGS_DKDV); else attn_bwd_dkdv128_f32(ARGS_DKDV); }
-        else { if (W == 64) attn_bwd_dkdv64_bf16(ARGS_DKDV); else attn_bwd_dkdv128_bf16(ARGS_DKDV); }
-    });
+    if (mma) {
+        // The tensor-core backward: 64-row tiles, grid (ceil(S / 64), B * H) and (.., B * KVH).
+        auto* qb = (const __nv_bfloat16*)q.data();
+        auto* kb = (const __nv_bfloat16*)k.data();
+        auto* vb = (const __nv_bfloat16*)v.data();
+        auto* gb = (const __nv_bfloat16*)dout.data();
+        const unsigned nt = (unsigned)((s.S + 63) / 64);
+        launch({nt, (unsigned)(s.B * s.H), 1}, [&] {
+            attn_bwd_dq_mma64_bf16(qb, kb, vb, lse.data(), D.data(), gb, (__nv_bfloat16*)dq.data(), s.S, s.H, s.KVH, scale);
+        });
+        launch({nt, (unsigned)(s.B * s.KVH), 1}, [&] {
+            attn_bwd_dkdv_mma64_bf16(qb, kb, vb, lse.data(), D.data(), gb, (__nv_bfloat16*)dk.data(), (__nv_bfloat16*)dv.data(),
+                                     s.S, s.H, s.KVH, scale);
+        });
+    } else {
+        launch(gq, [&] {
+            if constexpr (sizeof(T) == 4) { if (W == 64) attn_bwd_dq64_f32(ARGS_DQ); else attn_bwd_dq128_f32(ARGS_DQ); }
+            else { if (W == 64) attn_bwd_dq64_bf16(ARGS_DQ); else attn_bwd_dq128_bf16(ARGS_DQ); }
+        });
+        launch(gk, [&] {
+            if constexpr (sizeof(T) == 4) { if (W == 64) attn_bwd_dkdv64_f32(ARGS_DKDV); else attn_bwd_dkdv128_f32(ARGS_DKDV); }
+            else { if (W == 64) attn_bwd_dkdv64_bf16(ARGS_DKDV); else attn_bwd_dkdv128_bf16(ARGS_DKDV); }
+        });
+    }
     check(what, "dq", dq, ref.dq, tol);
     check(what, "dk", dk, ref.dk, tol);
     check(what, "dv", dv, ref.dv, tol);
