@@ -17,7 +17,8 @@
 //   attn_fwd_mma64_bf16, attn_fwd_mma128_bf16 (bf16, hd = 64 / 128, 16-byte aligned rows):
 //       FlashAttention-2 forward on tensor cores. Block = 4 warps = 64 query rows (16 per
 //       warp), grid (ceil(S / 64), B * H), heavy (late) query tiles scheduled first. Per key
-//       tile of 64: K and V tiles land in shared memory by cp.async (rows past S zero-filled,
+//       tile of 64: K and V tiles land in shared memory by cp.async, K(t+1) loading during
+//       softmax and P V(t), V(t+1) during Q K(t+1)^T (rows past S zero-filled,
 //       16-byte chunks XOR-swizzled by row & 7 so ldmatrix reads are conflict free); S = Q K^T
 //       by mma.m16n8k16 (Q fragments stay in registers, K via ldmatrix), online softmax in
 //       registers (row max / sum over the 4 lanes of a quad), P re-packed from the accumulator
@@ -63,6 +64,8 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int byte
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed cp.async groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
@@ -132,11 +135,14 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
     const __nv_bfloat16* kg = k + (long long)b * S * kld + (long long)kvh * HD;
     const __nv_bfloat16* vg = v + (long long)b * S * kld + (long long)kvh * HD;
 
+    // Two cp.async groups per key tile, K (with Q for the first) then V, so that each load
+    // overlaps compute: K(t+1) streams in during softmax and P V(t), V(t+1) during Q K(t+1)^T.
     load_tile<HD, MMA_BM>(Qs, qg, qld, q0, S, tid);
     load_tile<HD, MMA_BN>(Ks, kg, kld, 0, S, tid);
+    cp_async_commit();
     load_tile<HD, MMA_BN>(Vs, vg, kld, 0, S, tid);
     cp_async_commit();
-    cp_async_wait_all();
+    cp_async_wait<1>();  // Q and K(0)
     block_sync();
 
     // Q fragments: A of m16k16 for each k step, rows warp*16 .. +16.
@@ -156,10 +162,7 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
     for (int kt = 0; kt < ntiles; ++kt) {
         const int k0 = kt * MMA_BN;
         if (kt > 0) {
-            load_tile<HD, MMA_BN>(Ks, kg, kld, k0, S, tid);
-            load_tile<HD, MMA_BN>(Vs, vg, kld, k0, S, tid);
-            cp_async_commit();
-            cp_async_wait_all();
+            cp_async_wait<1>();  // K(kt) landed (V(kt) may still be in flight)
             block_sync();
         }
         float s[NT][4];
@@ -218,6 +221,12 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
             o[i][2] *= c1;
             o[i][3] *= c1;
         }
+        cp_async_wait<0>();  // V(kt) landed
+        block_sync();        // ... for every thread, and every warp is done reading K(kt)
+        if (kt + 1 < ntiles) {
+            load_tile<HD, MMA_BN>(Ks, kg, kld, k0 + MMA_BN, S, tid);
+            cp_async_commit();
+        }
         // O += P V: P's accumulator tiles (2 ks, 2 ks + 1) are the A fragment of key step ks.
 #pragma unroll
         for (int ks = 0; ks < MMA_BN / 16; ++ks) {
@@ -234,7 +243,11 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
                 mma_bf16(o[nd + 1], pa, bf[2], bf[3]);
             }
         }
-        block_sync();  // everyone is done with Ks / Vs before the next tile overwrites them
+        block_sync();  // every warp is done reading V(kt)
+        if (kt + 1 < ntiles) {
+            load_tile<HD, MMA_BN>(Vs, vg, kld, k0 + MMA_BN, S, tid);
+            cp_async_commit();
+        }
     }
     // The quad's partial row sums -> the row's.
     l0 += shfl_xor(l0, 1);

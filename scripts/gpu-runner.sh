@@ -12,6 +12,7 @@
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
+#   attn_bench (40) / attn_torch (60)  benches/attention_cuda vs PyTorch SDPA (B=16, S=512/2048)
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
 #   memcheck / racecheck / initcheck (90 / 60 / 60)  compute-sanitizer on cuda_layer sanitize_*
 #   attn_memcheck / attn_racecheck (45 / 45)  compute-sanitizer on cuda_attention sanitize_attention
@@ -145,6 +146,12 @@ if [ -n "$py" ]; then
   step torch_baseline 120 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_baseline.py" --iters 100 --json "$logs/torch.jsonl"
 else
   record torch_baseline "SKIP (no python3)" 0
+fi
+have attention_cuda && WEGEFT_BENCH_ITERS=20 step attn_bench 40 "$bin/attention_cuda"
+if [ -n "$py" ]; then
+  step attn_torch 60 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_sdpa.py" --iters 20
+else
+  record attn_torch "SKIP (no python3)" 0
 fi
 
 # --- compute-sanitizer on the small cases --------------------------------------------------------

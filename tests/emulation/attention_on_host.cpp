@@ -61,6 +61,7 @@ inline void cp_async_16(void* dst, const void* src, int bytes) {
 }
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
+template <int N> inline void cp_async_wait() {}
 // ldmatrix .x4: lanes 8i..8i+7 give the row addresses of matrix i; lane l receives row l/4,
 // elements 2(l%4), 2(l%4)+1 of each matrix (.trans: column l/4, rows 2(l%4), 2(l%4)+1).
 inline void ldsm_x4(uint32_t (&r)[4], const void* p) {
