@@ -211,6 +211,7 @@ fn backward_bf16_matches_cpu() {
 
 /// Decoding the last token of a sequence from a cache equals the forward's last row (and the
 /// CPU decode); the cache is longer than `len` and holds garbage past it.
+#[allow(clippy::too_many_arguments)]
 fn check_decode<T: El>(dev: &CudaBackend, b: usize, h: usize, kvh: usize, hd: usize, len: usize, cap: usize, seed: u64) {
     let st = dev.stream().clone();
     let s = shape(b, len, h, kvh, hd);
