@@ -365,8 +365,13 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const __nv_bfloat16* __restrict_
     const __nv_bfloat16* gg = dout + (long long)b * S * qld + (long long)h * HD;
     const __nv_bfloat16* kg = k + (long long)b * S * kld + (long long)kvh * HD;
     const __nv_bfloat16* vg = v + (long long)b * S * kld + (long long)kvh * HD;
+    // cp.async groups: (Q, dO, V(0)), K(0); then per key tile V(t+1) streams in during
+    // S / dS / dq += dS K(t), and K(t+1) during dO V(t+1)^T.
     load_tile<HD, MMA_BM>(Qs, qg, qld, q0, S, tid);
     load_tile<HD, MMA_BM>(Gs, gg, qld, q0, S, tid);
+    load_tile<HD, MMA_BN>(Vs, vg, kld, 0, S, tid);
+    cp_async_commit();
+    load_tile<HD, MMA_BN>(Ks, kg, kld, 0, S, tid);
     cp_async_commit();
     const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
     const float sl2 = scale * LOG2E;
@@ -377,16 +382,20 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const __nv_bfloat16* __restrict_
     zero(acc);
     const int kend = min(S, q0 + MMA_BM);
     for (int k0 = 0; k0 < kend; k0 += MMA_BN) {
-        load_tile<HD, MMA_BN>(Ks, kg, kld, k0, S, tid);
-        load_tile<HD, MMA_BN>(Vs, vg, kld, k0, S, tid);
-        cp_async_commit();
-        cp_async_wait_all();
+        const bool more = k0 + MMA_BN < kend;
+        cp_async_wait<1>();  // V(t) (and Q, dO) landed
         block_sync();
         float sc[NT][4], dp[NT][4];
-        zero(sc);
         zero(dp);
-        mma_abt<HD, NT>(sc, Qs, warp * 16, Ks, 0, lane);
         mma_abt<HD, NT>(dp, Gs, warp * 16, Vs, 0, lane);
+        cp_async_wait<0>();  // K(t) landed
+        block_sync();        // ... for all threads, and every warp is done reading V(t)
+        if (more) {
+            load_tile<HD, MMA_BN>(Vs, vg, kld, k0 + MMA_BN, S, tid);
+            cp_async_commit();
+        }
+        zero(sc);
+        mma_abt<HD, NT>(sc, Qs, warp * 16, Ks, 0, lane);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -398,7 +407,11 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const __nv_bfloat16* __restrict_
             }
         }
         mma_pb<HD, MMA_BN / 16>(acc, sc, Ks, 0, lane);
-        block_sync();
+        block_sync();  // every warp is done reading K(t)
+        if (more) {
+            load_tile<HD, MMA_BN>(Ks, kg, kld, k0 + MMA_BN, S, tid);
+            cp_async_commit();
+        }
     }
     store_rows<HD>(acc, scale, dq + (long long)b * S * qld + (long long)h * HD, qld, q0 + warp * 16, S, lane);
 }
@@ -423,51 +436,72 @@ __device__ __forceinline__ void attn_bwd_dkdv_mma(const __nv_bfloat16* __restric
     const int bg = blockIdx.y, b = bg / KVH, kvh = bg % KVH, group = H / KVH;
     const int k0 = ktile * MMA_BN;
     const long long qld = (long long)H * HD, kld = (long long)KVH * HD;
+    // cp.async groups: (K, V, Q(first)), dO(first); then per query tile Q(next) streams in
+    // during dV += P^T dO, and dO(next) during the next K Q^T.
+    auto load_q = [&](int hh, int q0) {
+        const int h = kvh * group + hh;
+        load_tile<HD, MMA_BM>(Qs, q + (long long)b * S * qld + (long long)h * HD, qld, q0, S, tid);
+        cp_async_commit();
+        if (tid < MMA_BM) {
+            const bool ok = q0 + tid < S;
+            const long long t = (long long)b * S + (ok ? q0 + tid : 0);
+            Ls[tid] = ok ? lse[t * H + h] * LOG2E : 0.0f;
+            Ds[tid] = ok ? D[t * H + h] : 0.0f;
+        }
+    };
+    auto load_do = [&](int hh, int q0) {
+        const int h = kvh * group + hh;
+        load_tile<HD, MMA_BM>(Gs, dout + (long long)b * S * qld + (long long)h * HD, qld, q0, S, tid);
+        cp_async_commit();
+    };
     load_tile<HD, MMA_BN>(Ks, k + (long long)b * S * kld + (long long)kvh * HD, kld, k0, S, tid);
     load_tile<HD, MMA_BN>(Vs, v + (long long)b * S * kld + (long long)kvh * HD, kld, k0, S, tid);
-    cp_async_commit();
+    load_q(0, k0);
+    load_do(0, k0);
     const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;
     const float sl2 = scale * LOG2E;
     float dka[ND][4], dva[ND][4];
     zero(dka);
     zero(dva);
-    for (int hh = 0; hh < group; ++hh) {
-        const int h = kvh * group + hh;
-        const __nv_bfloat16* qg = q + (long long)b * S * qld + (long long)h * HD;
-        const __nv_bfloat16* gg = dout + (long long)b * S * qld + (long long)h * HD;
-        for (int q0 = k0; q0 < S; q0 += MMA_BM) {
-            load_tile<HD, MMA_BM>(Qs, qg, qld, q0, S, tid);
-            load_tile<HD, MMA_BM>(Gs, gg, qld, q0, S, tid);
-            cp_async_commit();
-            if (tid < MMA_BM) {
-                const bool ok = q0 + tid < S;
-                const long long t = (long long)b * S + (ok ? q0 + tid : 0);
-                Ls[tid] = ok ? lse[t * H + h] * LOG2E : 0.0f;
-                Ds[tid] = ok ? D[t * H + h] : 0.0f;
-            }
-            cp_async_wait_all();
-            block_sync();
-            float st[NT][4], dpt[NT][4];
-            zero(st);
-            zero(dpt);
-            mma_abt<HD, NT>(st, Ks, warp * 16, Qs, 0, lane);   // S^T: keys x queries
-            mma_abt<HD, NT>(dpt, Vs, warp * 16, Gs, 0, lane);  // dP^T
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = nt * 8 + 2 * tig + (e & 1);
-                    const int query = q0 + qi;
-                    const int key = e < 2 ? key0 : key1;
-                    const float p = (query < key || query >= S) ? 0.0f : exp2f(st[nt][e] * sl2 - Ls[qi]);
-                    st[nt][e] = p;
-                    dpt[nt][e] = p * (dpt[nt][e] - Ds[qi]);  // dS^T
-                }
-            }
-            mma_pb<HD, MMA_BM / 16>(dva, st, Gs, 0, lane);
-            mma_pb<HD, MMA_BM / 16>(dka, dpt, Qs, 0, lane);
-            block_sync();
+    // Query tiles in order: every head of the group, each from the diagonal tile to the end.
+    int hh = 0, q0 = k0;
+    while (true) {
+        int nh = hh, nq = q0 + MMA_BM;
+        if (nq >= S) {
+            ++nh;
+            nq = k0;
         }
+        const bool more = nh < group;
+        cp_async_wait<1>();  // K, V, Q(t) landed
+        block_sync();        // ... and Ls / Ds of tile t are visible
+        float st[NT][4], dpt[NT][4];
+        zero(st);
+        mma_abt<HD, NT>(st, Ks, warp * 16, Qs, 0, lane);   // S^T: keys x queries
+        cp_async_wait<0>();  // dO(t) landed
+        block_sync();
+        zero(dpt);
+        mma_abt<HD, NT>(dpt, Vs, warp * 16, Gs, 0, lane);  // dP^T
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qi = nt * 8 + 2 * tig + (e & 1);
+                const int query = q0 + qi;
+                const int key = e < 2 ? key0 : key1;
+                const float p = (query < key || query >= S) ? 0.0f : exp2f(st[nt][e] * sl2 - Ls[qi]);
+                st[nt][e] = p;
+                dpt[nt][e] = p * (dpt[nt][e] - Ds[qi]);  // dS^T
+            }
+        }
+        mma_pb<HD, MMA_BM / 16>(dka, dpt, Qs, 0, lane);
+        block_sync();  // every warp is done reading Q(t), Ls, Ds
+        if (more) load_q(nh, nq);
+        mma_pb<HD, MMA_BM / 16>(dva, st, Gs, 0, lane);
+        block_sync();  // every warp is done reading dO(t)
+        if (!more) break;
+        load_do(nh, nq);
+        hh = nh;
+        q0 = nq;
     }
     store_rows<HD>(dka, scale, dk + (long long)b * S * kld + (long long)kvh * HD, kld, k0 + warp * 16, S, lane);
     store_rows<HD>(dva, 1.0f, dv + (long long)b * S * kld + (long long)kvh * HD, kld, k0 + warp * 16, S, lane);
@@ -800,7 +834,7 @@ ATTN_FWD_MMA(64)
 ATTN_FWD_MMA(128)
 
 #define ATTN_BWD_MMA(HD)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(wegeft_attn::MMA_THREADS) attn_bwd_dq_mma##HD##_bf16(              \
+    extern "C" __global__ void __launch_bounds__(wegeft_attn::MMA_THREADS, 2) attn_bwd_dq_mma##HD##_bf16(              \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                                    \
         const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ D,             \
         const __nv_bfloat16* __restrict__ dout, __nv_bfloat16* __restrict__ dq, int S, int H, int KVH, float scale) { \
