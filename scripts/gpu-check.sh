@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds everything the GPU machine needs and packs it into the ignored gpu-pack/:
-# release test binaries and the GPU benchmark (feature cuda, debug info stripped), the
+# release test binaries and the GPU benchmarks (layer_cuda, attention_cuda; feature cuda, debug info stripped), the
 # standalone fused-GEMM check kernels/test/gemm_kext_check.cu (nvcc: sm_80 + sm_90a cubins and
 # compute_80 PTX, cudart static, cuBLAS dlopen'ed there), the layer fixtures, the runner
 # (gpu-pack/run.sh), its summary maker (summary.py) and the PyTorch side-by-side script.
@@ -30,7 +30,7 @@ CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_BENCH_DEBUG=0 \
   cargo test --release --features cuda --no-run --message-format=json >"$json"
 echo "gpu-check.sh: building the GPU benchmark..." >&2
 CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_BENCH_DEBUG=0 \
-  cargo bench --features cuda --bench layer_cuda --bench model_cuda --no-run --message-format=json >>"$json"
+  cargo bench --features cuda --bench layer_cuda --bench model_cuda --bench attention_cuda --no-run --message-format=json >>"$json"
 
 # Pick the executables of the wanted test targets and of the benchmark.
 python3 - "$json" "$pack/bin" $gpu_tests <<'PY'
@@ -46,9 +46,9 @@ for line in open(src):
         continue
     t = m["target"]
     kinds = set(t["kind"])
-    if ("test" in kinds and t["name"] in wanted) or ("bench" in kinds and t["name"] in ("layer_cuda", "model_cuda")):
+    if ("test" in kinds and t["name"] in wanted) or ("bench" in kinds and t["name"] in ("layer_cuda", "model_cuda", "attention_cuda")):
         found[t["name"]] = m["executable"]
-missing = (wanted | {"layer_cuda", "model_cuda"}) - set(found)
+missing = (wanted | {"layer_cuda", "model_cuda", "attention_cuda"}) - set(found)
 if missing:
     sys.exit(f"gpu-check.sh: no executable for {sorted(missing)}")
 for name, exe in sorted(found.items()):
@@ -87,6 +87,7 @@ cp -r "$fixtures/layer" "$pack/fixtures/"
 cp scripts/gpu-runner.sh "$pack/run.sh"
 cp scripts/torch_baseline.py "$pack/torch_baseline.py"
 cp scripts/torch_model.py "$pack/torch_model.py"
+cp scripts/torch_sdpa.py "$pack/torch_sdpa.py"
 cp scripts/gpu_summary.py "$pack/summary.py"
 git -C "$root" rev-parse HEAD >"$pack/COMMIT" 2>/dev/null || echo unknown >"$pack/COMMIT"
 git -C "$root" status --porcelain | grep -q . && echo "(with uncommitted changes)" >>"$pack/COMMIT" || true

@@ -14,8 +14,10 @@
 #   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
 #   model_bench (60)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8
 #   torch_model (70)  torch_model.py: the same step in transformers (official-style WeGeFT, peft LoRA)
+#   attn_bench (40) / attn_torch (60)  benches/attention_cuda vs PyTorch SDPA (B=16, S=512/2048)
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
 #   memcheck / racecheck / initcheck (90 / 60 / 60)  compute-sanitizer on cuda_layer sanitize_*
+#   attn_memcheck / attn_racecheck (45 / 45)  compute-sanitizer on cuda_attention sanitize_attention
 #
 # Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
 # Logs: /tmp/gpu-pack-run.*/logs/NAME.log (the path is printed at the end); with $OUT set
@@ -153,6 +155,12 @@ if [ -n "$py" ]; then
 else
   record torch_baseline "SKIP (no python3)" 0
 fi
+have attention_cuda && WEGEFT_BENCH_ITERS=20 step attn_bench 40 "$bin/attention_cuda"
+if [ -n "$py" ]; then
+  step attn_torch 60 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_sdpa.py" --iters 20
+else
+  record attn_torch "SKIP (no python3)" 0
+fi
 
 # --- compute-sanitizer on the small cases --------------------------------------------------------
 if [ -n "$sanitizer" ]; then
@@ -163,8 +171,12 @@ if [ -n "$sanitizer" ]; then
     step racecheck 60 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_bf16 --test-threads=1
     step initcheck 60 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_f32 --test-threads=1
   fi
+  if [ -x "$bin/cuda_attention" ]; then
+    step attn_memcheck 45 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_attention" sanitize_attention --test-threads=1
+    step attn_racecheck 45 "${san[@]}" --tool racecheck "$bin/cuda_attention" sanitize_attention --test-threads=1
+  fi
 else
-  for s in gemm_memcheck memcheck racecheck initcheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
+  for s in gemm_memcheck memcheck racecheck initcheck attn_memcheck attn_racecheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
 fi
 
 # --- logs of the failed steps, then the summary (last) ----------------------------------------------

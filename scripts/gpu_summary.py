@@ -173,10 +173,22 @@ def main():
     keys = {}
     for name, status, secs in steps:
         text = read(os.path.join(L, f"{name}.log"))
-        if name in ("gemm_memcheck", "memcheck", "racecheck", "initcheck"):
+        if name in ("gemm_memcheck", "memcheck", "racecheck", "initcheck", "attn_memcheck", "attn_racecheck"):
             keys[name] = sanitizer_key(text)
         elif name == "gemm_check":
             keys[name] = gemm_check_key(text)
+        elif name in ("attn_bench", "attn_torch"):
+            # Attention ms per sequence length; attn_torch also gives wegeft's time / SDPA's.
+            pat = r'"seq":(\d+),"fwd_ms":([\d.]+),"bwd_ms":([\d.]+)'
+            ours = {int(m[0]): (float(m[1]), float(m[2])) for m in re.findall(pat, read(os.path.join(L, "attn_bench.log")))}
+            parts = []
+            for sq, f, b in re.findall(pat, text):
+                sq, f, b = int(sq), float(f), float(b)
+                p = f"S={sq}: fwd {f:.3f} ms, bwd {b:.3f} ms"
+                if name == "attn_torch" and sq in ours:
+                    p += f" (wegeft/SDPA: fwd {ours[sq][0] / f:.2f}x, bwd {ours[sq][1] / b:.2f}x time)"
+                parts.append(p)
+            keys[name] = "; ".join(parts)
         elif name == "gemm_bench":
             parts = []
             for dt in ("bf16",):

@@ -43,6 +43,42 @@ fn every_expected_kernel_is_compiled_for_every_target() {
     assert!(missing.is_empty(), "kernels missing from the build: {missing:?}\nreport:\n{PTXAS_REPORT}");
 }
 
+/// The attention kernels (`kernels/attention.cu`): f32 and bf16 only, plus the bf16
+/// tensor-core forwards.
+const ATTN_OPS: [&str; 9] = [
+    "attn_fwd64",
+    "attn_fwd128",
+    "attn_bwd_pre",
+    "attn_bwd_dq64",
+    "attn_bwd_dq128",
+    "attn_bwd_dkdv64",
+    "attn_bwd_dkdv128",
+    "attn_decode_split",
+    "attn_decode_combine",
+];
+
+#[test]
+fn every_attention_kernel_is_compiled_for_every_target() {
+    let rows = ptxas_rows().unwrap();
+    let mut names: Vec<String> = ATTN_OPS.iter().flat_map(|op| ["f32", "bf16"].map(|dt| format!("{op}_{dt}"))).collect();
+    names.push("attn_fwd_mma64_bf16".into());
+    names.push("attn_fwd_mma128_bf16".into());
+    names.push("attn_bwd_dq_mma64_bf16".into());
+    names.push("attn_bwd_dkdv_mma64_bf16".into());
+    let mut missing = Vec::new();
+    for name in &names {
+        for arch in ARCHES {
+            if !rows.iter().any(|r| &r.kernel == name && r.arch == arch) {
+                missing.push(format!("{name} ({arch})"));
+            }
+        }
+        if !MODULES.iter().any(|m| m.name == "attention" && m.kernels.contains(&name.as_str())) {
+            missing.push(format!("{name} (PTX)"));
+        }
+    }
+    assert!(missing.is_empty(), "attention kernels missing from the build: {missing:?}\nreport:\n{PTXAS_REPORT}");
+}
+
 #[test]
 fn no_kernel_spills_or_uses_local_memory() {
     let rows = ptxas_rows().unwrap();

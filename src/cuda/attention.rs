@@ -1,70 +1,132 @@
-//! Causal GQA attention on the device: forward, backward and one decoding step, on raw device
-//! pointers, with the layout of the [`crate::backend::Backend`] attention methods (`q`, `out`,
-//! `dout`, `dq`: `B*S x H*hd`; `k`, `v`, `dk`, `dv`: `B*S x KVH*hd`; `lse`: `B*S x H`, f32;
-//! the others of `dtype`, f32 or bf16).
+//! Causal grouped-query attention on the GPU (`kernels/attention.cu`): forward, backward and
+//! one decoding step, with the semantics of the [`Backend`](crate::backend::Backend) trait's
+//! `attention_forward`, `attention_backward` and `attention_decode` (and of their CPU twins in
+//! [`crate::cpu::ops`]).
 //!
-//! This file is the simple, complete implementation (`kernels/attention_naive.cu`, one warp
-//! per output row, f32 math, `hd <= 128`): the tiled kernels of the attention work replace it
-//! behind the same three functions.
+//! Rows are tokens `t = b S + i`; `q`, `out`, `dout`, `dq` are `B*S x H*hd`, `k`, `v`, `dk`,
+//! `dv` are `B*S x KVH*hd`, `lse` is `B*S x H` (always f32). Query head `h` reads kv head
+//! `h / (H / KVH)`, `scale = 1 / sqrt(hd)`:
 //!
 //! ```text
-//! s_ij = q_i . k_j / sqrt(hd)  (j <= i)    lse_i = log sum_j exp(s_ij)    out_i = sum_j exp(s_ij - lse_i) v_j
-//! D_i = dout_i . out_i    ds_ij = p_ij (dout_i . v_j - D_i)
-//! dq_i = sum_j ds_ij k_j / sqrt(hd)    dk_j = sum_i ds_ij q_i / sqrt(hd)    dv_j = sum_i p_ij dout_i
+//! s_ij = scale q_i . k_j  (j <= i)    lse_i = log sum_j exp(s_ij)    p_ij = exp(s_ij - lse_i)
+//! out_i = sum_j p_ij v_j
+//! D_i = dout_i . out_i    dp_ij = dout_i . v_j    ds_ij = p_ij (dp_ij - D_i)
+//! dq_i = scale sum_j ds_ij k_j    dk_j = scale sum_{i >= j, h in group} ds_ij q_i
+//! dv_j = sum_{i >= j, h in group} p_ij dout_i
 //! ```
-//! (`dk`, `dv` summed over the query heads of a group.) Deterministic: no atomics.
+//!
+//! * Forward: FlashAttention-2 style, the `S x S` scores never reach global memory. bf16 with
+//!   `hd` in {64, 128} and 16-byte aligned buffers runs the tensor-core kernel (mma.m16n8k16,
+//!   ldmatrix, cp.async; 64 query rows per block, key tiles of 64, online softmax, key tiles
+//!   past the diagonal skipped); every other case (f32, other `hd <= 128`, unaligned) runs the
+//!   plain-FMA tiled kernel with the same math.
+//! * Backward: `D = rowsum(dout * out)` (one kernel), then `dq` over query tiles and `dk`, `dv`
+//!   over key tiles of one kv head, the block summing over the query heads of the group in a
+//!   fixed order (no atomics). bf16 with `hd = 64` and 16-byte aligned buffers runs both on the
+//!   tensor cores (64 x 64 tiles, `P` / `dS` recomputed in registers and re-packed as bf16 A
+//!   fragments); everything else the plain-FMA kernels. Scratch: `B*S*H` floats for `D`.
+//! * Decode: the cache positions `0..len` are split in chunks of 256, one block per (sequence,
+//!   head, chunk) writing its (max, sum, unnormalised output); a second kernel merges the
+//!   chunks in order. Scratch: `B*H*ceil(len/256)*(hd+2)` floats.
+//!
+//! No atomics anywhere: two runs on one device give the same bits. Supported: dtype f32 or
+//! bf16 (f16 is refused), `head_dim <= 128`.
 
 use std::ffi::c_void;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::context::CudaBackend;
+use super::mem::DeviceBuf;
 use crate::backend::AttnShape;
-use crate::dtype::DType;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 
+/// The largest supported head dimension.
+pub const MAX_HEAD_DIM: usize = 128;
 const THREADS: u32 = 128;
+const DEC_CHUNK: usize = 256;
 
-fn check(dtype: DType, head_dim: usize, ptrs: &[(&'static str, CUdeviceptr)]) -> Result<()> {
-    if !matches!(dtype, DType::F32 | DType::BF16) {
-        return Err(Error::invalid("dtype", format!("attention runs on f32 or bf16, got {}", dtype.name())));
+fn check_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 => Ok(()),
+        DType::F16 => Err(Error::invalid("dtype", "attention supports f32 and bf16, got f16")),
     }
-    if head_dim == 0 || head_dim > 128 {
-        return Err(Error::invalid("head_dim", format!("must be in 1..=128, got {head_dim}")));
-    }
-    for &(arg, p) in ptrs {
-        if p == 0 {
-            return Err(Error::invalid(arg, "null device pointer"));
-        }
-    }
-    Ok(())
 }
 
-fn check_shape(s: &AttnShape) -> Result<()> {
-    AttnShape::new(s.batch, s.seq, s.heads, s.kv_heads, s.head_dim)?;
-    if s.batch * s.seq * s.heads.max(s.kv_heads) > (i32::MAX as usize) / 32 {
-        return Err(Error::invalid("shape", format!("{s:?} is too large for one launch")));
+fn check_head_dim(hd: usize) -> Result<()> {
+    if hd == 0 || hd > MAX_HEAD_DIM {
+        return Err(Error::invalid("head_dim", format!("must be in 1..={MAX_HEAD_DIM}, got {hd}")));
     }
     Ok(())
 }
 
-fn grid(warps: usize) -> (u32, u32, u32) {
-    (((warps * 32).div_ceil(THREADS as usize)) as u32, 1, 1)
+fn to_i32(arg: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(arg, format!("{v} does not fit a 32-bit kernel argument")))
 }
 
-fn scale(hd: usize) -> f32 {
-    1.0 / (hd as f32).sqrt()
+fn grid_y(arg: &'static str, v: usize) -> Result<u32> {
+    if v == 0 || v > 65535 {
+        return Err(Error::invalid(arg, format!("{v} blocks along grid y; the device allows 1..=65535")));
+    }
+    Ok(v as u32)
 }
 
-fn i32of(v: usize) -> i32 {
-    v as i32
+/// Re-validates `shape` (all positive, `heads % kv_heads == 0`, sizes representable) and the
+/// kernels' limits.
+fn check_shape(shape: AttnShape) -> Result<AttnShape> {
+    let s = AttnShape::new(shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim)?;
+    check_head_dim(s.head_dim)?;
+    to_i32("batch * seq", s.tokens())?;
+    to_i32("heads * head_dim", s.q_width())?;
+    grid_y("batch * heads", s.batch * s.heads)?;
+    Ok(s)
 }
 
-/// Causal attention forward: writes `out` (`dtype`) and `lse` (f32).
+/// Non-null and aligned to `align` bytes.
+fn check_ptr(arg: &'static str, p: CUdeviceptr, align: usize) -> Result<()> {
+    if p == 0 {
+        return Err(Error::invalid(arg, "null device pointer"));
+    }
+    if p as usize % align != 0 {
+        return Err(Error::Align { arg, addr: p as usize, align });
+    }
+    Ok(())
+}
+
+fn kname(op: &str, dtype: DType) -> String {
+    format!("{op}_{}", dtype.name())
+}
+
+/// The plain kernels come in two widths: `hd <= 64` and `hd <= 128`.
+fn plain_width(hd: usize) -> usize {
+    if hd <= 64 {
+        64
+    } else {
+        128
+    }
+}
+
+fn ptr_arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
+/// Whether the forward runs on the tensor cores for these arguments.
+fn uses_mma(dtype: DType, hd: usize, ptrs: &[CUdeviceptr]) -> bool {
+    dtype == DType::BF16 && (hd == 64 || hd == 128) && ptrs.iter().all(|&p| p % 16 == 0)
+}
+
+/// Causal GQA attention forward on raw device pointers: `out = softmax(q k^T / sqrt(hd) +
+/// causal mask) v` per head, `lse` (`B*S x H`, f32) the per-row log-sum-exp of the scaled
+/// scores. `q`, `k`, `v`, `out` are contiguous row-major buffers of `dtype` (f32 or bf16),
+/// aligned to their element size (bf16 with `hd` 64 or 128 and 16-byte aligned buffers takes
+/// the tensor-core kernel); work is queued on `stream`.
 ///
 /// # Safety
-/// Every pointer must be a live device allocation of `dev`'s context of the size the layout
-/// gives, `stream` must belong to the context, and the outputs must not overlap the inputs.
+/// Every pointer must be a live allocation of `dev`'s context holding the elements its shape
+/// needs; `stream` must belong to that context; `out` and `lse` must not overlap the inputs;
+/// the buffers must stay alive until the stream has run the work.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn attention_forward_raw(
     dev: &CudaBackend,
@@ -77,34 +139,60 @@ pub(crate) unsafe fn attention_forward_raw(
     out: CUdeviceptr,
     lse: CUdeviceptr,
 ) -> Result<()> {
-    check_shape(&shape)?;
-    check(dtype, shape.head_dim, &[("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])?;
-    let f = dev.function(&format!("attn_naive_fwd_{}", dtype.name()))?;
-    let (mut q, mut k, mut v, mut out, mut lse) = (q, k, v, out, lse);
-    let (mut b, mut s, mut h, mut kvh, mut hd) =
-        (i32of(shape.batch), i32of(shape.seq), i32of(shape.heads), i32of(shape.kv_heads), i32of(shape.head_dim));
-    let mut sc = scale(shape.head_dim);
-    let mut params: [*mut c_void; 11] = [
-        &mut q as *mut _ as _,
-        &mut k as *mut _ as _,
-        &mut v as *mut _ as _,
-        &mut out as *mut _ as _,
-        &mut lse as *mut _ as _,
-        &mut b as *mut _ as _,
-        &mut s as *mut _ as _,
-        &mut h as *mut _ as _,
-        &mut kvh as *mut _ as _,
-        &mut hd as *mut _ as _,
-        &mut sc as *mut _ as _,
+    check_dtype(dtype)?;
+    let s = check_shape(shape)?;
+    let es = dtype.size();
+    for (arg, p) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+        check_ptr(arg, p, es)?;
+    }
+    check_ptr("lse", lse, 4)?;
+    let (seq, heads, kvh, hd) = (s.seq as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+    let by = grid_y("batch * heads", s.batch * s.heads)?;
+    if uses_mma(dtype, s.head_dim, &[q, k, v, out]) {
+        let f = dev.function(&format!("attn_fwd_mma{}_bf16", s.head_dim))?;
+        let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
+        let gx = s.seq.div_ceil(64) as u32;
+        let mut params = [
+            ptr_arg(&q),
+            ptr_arg(&k),
+            ptr_arg(&v),
+            ptr_arg(&out),
+            ptr_arg(&lse),
+            ptr_arg(&seq),
+            ptr_arg(&heads),
+            ptr_arg(&kvh),
+            ptr_arg(&scale_log2),
+        ];
+        return dev.launch("attention forward", &f, (gx, by, 1), (THREADS, 1, 1), 0, stream, &mut params);
+    }
+    let w = plain_width(s.head_dim);
+    let f = dev.function(&kname(&format!("attn_fwd{w}"), dtype))?;
+    let rows = (THREADS as usize) / (w / 16);
+    let gx = s.seq.div_ceil(rows) as u32;
+    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+    let mut params = [
+        ptr_arg(&q),
+        ptr_arg(&k),
+        ptr_arg(&v),
+        ptr_arg(&out),
+        ptr_arg(&lse),
+        ptr_arg(&seq),
+        ptr_arg(&heads),
+        ptr_arg(&kvh),
+        ptr_arg(&hd),
+        ptr_arg(&scale),
     ];
-    dev.launch("attention_forward", &f, grid(shape.batch * shape.seq * shape.heads), (THREADS, 1, 1), 0, stream, &mut params)
+    dev.launch("attention forward", &f, (gx, by, 1), (THREADS, 1, 1), 0, stream, &mut params)
 }
 
-/// Causal attention backward: overwrites `dq`, `dk`, `dv` (`dtype`) from `dout` and the
-/// forward's `out`, `lse`.
+/// Attention backward on raw device pointers. With `P = exp(q k^T / sqrt(hd) - lse)`:
+/// `dV = P^T dO`, `dP = dO V^T`, `dS = P (dP - rowsum(dO * O))`, `dq = dS k / sqrt(hd)`,
+/// `dk = dS^T q / sqrt(hd)` (summed over the query heads of a group, in order). Overwrites
+/// `dq`, `dk`, `dv`. Layouts as in [`attention_forward_raw`]; `lse` f32; uses `B*S*H` floats
+/// of stream-ordered scratch.
 ///
 /// # Safety
-/// As for [`attention_forward_raw`].
+/// As for [`attention_forward_raw`]; `dq`, `dk`, `dv` must not overlap anything else.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn attention_backward_raw(
     dev: &CudaBackend,
@@ -121,55 +209,136 @@ pub(crate) unsafe fn attention_backward_raw(
     dk: CUdeviceptr,
     dv: CUdeviceptr,
 ) -> Result<()> {
-    check_shape(&shape)?;
-    check(
-        dtype,
-        shape.head_dim,
-        &[("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("dout", dout), ("dq", dq), ("dk", dk), ("dv", dv)],
-    )?;
-    let fq = dev.function(&format!("attn_naive_dq_{}", dtype.name()))?;
-    let fkv = dev.function(&format!("attn_naive_dkv_{}", dtype.name()))?;
-    let (mut q, mut k, mut v, mut out, mut lse, mut dout, mut dq, mut dk, mut dv) = (q, k, v, out, lse, dout, dq, dk, dv);
-    let (mut b, mut s, mut h, mut kvh, mut hd) =
-        (i32of(shape.batch), i32of(shape.seq), i32of(shape.heads), i32of(shape.kv_heads), i32of(shape.head_dim));
-    let mut sc = scale(shape.head_dim);
-    let mut pq: [*mut c_void; 13] = [
-        &mut q as *mut _ as _,
-        &mut k as *mut _ as _,
-        &mut v as *mut _ as _,
-        &mut out as *mut _ as _,
-        &mut lse as *mut _ as _,
-        &mut dout as *mut _ as _,
-        &mut dq as *mut _ as _,
-        &mut b as *mut _ as _,
-        &mut s as *mut _ as _,
-        &mut h as *mut _ as _,
-        &mut kvh as *mut _ as _,
-        &mut hd as *mut _ as _,
-        &mut sc as *mut _ as _,
+    check_dtype(dtype)?;
+    let s = check_shape(shape)?;
+    grid_y("batch * kv_heads", s.batch * s.kv_heads)?;
+    let es = dtype.size();
+    for (arg, p) in [("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout), ("dq", dq), ("dk", dk), ("dv", dv)] {
+        check_ptr(arg, p, es)?;
+    }
+    check_ptr("lse", lse, 4)?;
+    let rows_heads = s.tokens() * s.heads;
+    let d = DeviceBuf::new(dev, stream, rows_heads * 4, "attention backward scratch")?;
+    let dp = d.ptr();
+    let (seq, heads, kvh, hd) = (s.seq as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+
+    // D = rowsum(dout * out): one warp per (row, head).
+    let f = dev.function(&kname("attn_bwd_pre", dtype))?;
+    let rh = rows_heads as i64;
+    let warps = (THREADS / 32) as usize;
+    let gx = u32::try_from(rows_heads.div_ceil(warps))
+        .map_err(|_| Error::invalid("shape", format!("{rows_heads} rows x heads is too many for one launch")))?;
+    let mut params = [ptr_arg(&out), ptr_arg(&dout), ptr_arg(&dp), ptr_arg(&rh), ptr_arg(&hd)];
+    dev.launch("attention backward (D)", &f, (gx, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)?;
+
+    if uses_mma(dtype, s.head_dim, &[q, k, v, dout, dq, dk, dv]) && s.head_dim == 64 {
+        let gx = s.seq.div_ceil(64) as u32;
+        let f = dev.function("attn_bwd_dq_mma64_bf16")?;
+        let mut params = [
+            ptr_arg(&q),
+            ptr_arg(&k),
+            ptr_arg(&v),
+            ptr_arg(&lse),
+            ptr_arg(&dp),
+            ptr_arg(&dout),
+            ptr_arg(&dq),
+            ptr_arg(&seq),
+            ptr_arg(&heads),
+            ptr_arg(&kvh),
+            ptr_arg(&scale),
+        ];
+        dev.launch("attention backward (dq)", &f, (gx, (s.batch * s.heads) as u32, 1), (THREADS, 1, 1), 0, stream, &mut params)?;
+        let f = dev.function("attn_bwd_dkdv_mma64_bf16")?;
+        let mut params = [
+            ptr_arg(&q),
+            ptr_arg(&k),
+            ptr_arg(&v),
+            ptr_arg(&lse),
+            ptr_arg(&dp),
+            ptr_arg(&dout),
+            ptr_arg(&dk),
+            ptr_arg(&dv),
+            ptr_arg(&seq),
+            ptr_arg(&heads),
+            ptr_arg(&kvh),
+            ptr_arg(&scale),
+        ];
+        let grid = (gx, (s.batch * s.kv_heads) as u32, 1);
+        return dev.launch("attention backward (dk, dv)", &f, grid, (THREADS, 1, 1), 0, stream, &mut params);
+    }
+    let w = plain_width(s.head_dim);
+    let rows = (THREADS as usize) / (w / 16);
+    let f = dev.function(&kname(&format!("attn_bwd_dq{w}"), dtype))?;
+    let mut params = [
+        ptr_arg(&q),
+        ptr_arg(&k),
+        ptr_arg(&v),
+        ptr_arg(&lse),
+        ptr_arg(&dp),
+        ptr_arg(&dout),
+        ptr_arg(&dq),
+        ptr_arg(&seq),
+        ptr_arg(&heads),
+        ptr_arg(&kvh),
+        ptr_arg(&hd),
+        ptr_arg(&scale),
     ];
-    dev.launch("attention_backward dq", &fq, grid(shape.batch * shape.seq * shape.heads), (THREADS, 1, 1), 0, stream, &mut pq)?;
-    let mut pkv: [*mut c_void; 14] = [
-        &mut q as *mut _ as _,
-        &mut k as *mut _ as _,
-        &mut v as *mut _ as _,
-        &mut out as *mut _ as _,
-        &mut lse as *mut _ as _,
-        &mut dout as *mut _ as _,
-        &mut dk as *mut _ as _,
-        &mut dv as *mut _ as _,
-        &mut b as *mut _ as _,
-        &mut s as *mut _ as _,
-        &mut h as *mut _ as _,
-        &mut kvh as *mut _ as _,
-        &mut hd as *mut _ as _,
-        &mut sc as *mut _ as _,
+    let grid = (s.seq.div_ceil(rows) as u32, (s.batch * s.heads) as u32, 1);
+    dev.launch("attention backward (dq)", &f, grid, (THREADS, 1, 1), 0, stream, &mut params)?;
+
+    let f = dev.function(&kname(&format!("attn_bwd_dkdv{w}"), dtype))?;
+    let mut params = [
+        ptr_arg(&q),
+        ptr_arg(&k),
+        ptr_arg(&v),
+        ptr_arg(&lse),
+        ptr_arg(&dp),
+        ptr_arg(&dout),
+        ptr_arg(&dk),
+        ptr_arg(&dv),
+        ptr_arg(&seq),
+        ptr_arg(&heads),
+        ptr_arg(&kvh),
+        ptr_arg(&hd),
+        ptr_arg(&scale),
     ];
-    dev.launch("attention_backward dkv", &fkv, grid(shape.batch * shape.seq * shape.kv_heads), (THREADS, 1, 1), 0, stream, &mut pkv)
+    let grid = (s.seq.div_ceil(rows) as u32, (s.batch * s.kv_heads) as u32, 1);
+    dev.launch("attention backward (dk, dv)", &f, grid, (THREADS, 1, 1), 0, stream, &mut params)
 }
 
-/// One decoding step: `q` (`batch x heads*hd`) against the caches (`batch x capacity x
-/// kv_heads*hd`, positions `0..len`); writes `out` (`batch x heads*hd`).
+/// Checked arguments of a decode call.
+fn check_decode(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    len: usize,
+) -> Result<AttnShape> {
+    let s = AttnShape::new(batch, capacity.max(1), heads, kv_heads, head_dim)?;
+    check_head_dim(head_dim)?;
+    if capacity == 0 {
+        return Err(Error::ZeroDim { what: "capacity" });
+    }
+    if len == 0 {
+        return Err(Error::ZeroDim { what: "len" });
+    }
+    if len > capacity {
+        return Err(Error::invalid("len", format!("{len} exceeds the cache capacity {capacity}")));
+    }
+    to_i32("batch * capacity", batch * capacity)?;
+    to_i32("heads * head_dim", s.q_width())?;
+    grid_y("batch * heads", batch * heads)?;
+    Ok(s)
+}
+
+/// One decoding step on raw device pointers: `q` (`batch x H*hd`) holds one new token per
+/// sequence; `k_cache`, `v_cache` are `batch x capacity x KVH*hd` and already hold the new
+/// token's key and value at position `len - 1`. Attention over positions `0..len`
+/// (`out_b = sum_j softmax_j(q_b . k_bj / sqrt(hd)) v_bj` per head); writes `out`
+/// (`batch x H*hd`). Chunks of 256 positions merged in order (deterministic); uses
+/// `batch*H*ceil(len/256)*(hd+2)` floats of stream-ordered scratch.
 ///
 /// # Safety
 /// As for [`attention_forward_raw`].
@@ -189,31 +358,198 @@ pub(crate) unsafe fn attention_decode_raw(
     len: usize,
     out: CUdeviceptr,
 ) -> Result<()> {
-    AttnShape::new(batch, capacity, heads, kv_heads, head_dim)?;
-    if len == 0 || len > capacity {
-        return Err(Error::invalid("len", format!("must be in 1..={capacity}, got {len}")));
+    check_dtype(dtype)?;
+    check_decode(batch, heads, kv_heads, head_dim, capacity, len)?;
+    let es = dtype.size();
+    for (arg, p) in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)] {
+        check_ptr(arg, p, es)?;
     }
-    if batch * capacity * heads > i32::MAX as usize / 32 {
-        return Err(Error::invalid("batch", "too large for one launch"));
-    }
-    check(dtype, head_dim, &[("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)])?;
-    let f = dev.function(&format!("attn_naive_decode_{}", dtype.name()))?;
-    let (mut q, mut kc, mut vc, mut out) = (q, k_cache, v_cache, out);
-    let (mut b, mut h, mut kvh, mut hd, mut cap, mut l) =
-        (i32of(batch), i32of(heads), i32of(kv_heads), i32of(head_dim), i32of(capacity), i32of(len));
-    let mut sc = scale(head_dim);
-    let mut params: [*mut c_void; 11] = [
-        &mut q as *mut _ as _,
-        &mut kc as *mut _ as _,
-        &mut vc as *mut _ as _,
-        &mut out as *mut _ as _,
-        &mut b as *mut _ as _,
-        &mut h as *mut _ as _,
-        &mut kvh as *mut _ as _,
-        &mut hd as *mut _ as _,
-        &mut cap as *mut _ as _,
-        &mut l as *mut _ as _,
-        &mut sc as *mut _ as _,
+    let nchunks = len.div_ceil(DEC_CHUNK);
+    let work = DeviceBuf::new(dev, stream, batch * heads * nchunks * (head_dim + 2) * 4, "attention decode scratch")?;
+    let wp = work.ptr();
+    let (h, kvh, hd, cap, l, nc) =
+        (heads as i32, kv_heads as i32, head_dim as i32, capacity as i32, len as i32, nchunks as i32);
+    let scale = 1.0f32 / (head_dim as f32).sqrt();
+    let by = (batch * heads) as u32;
+    let f = dev.function(&kname("attn_decode_split", dtype))?;
+    let mut params = [
+        ptr_arg(&q),
+        ptr_arg(&k_cache),
+        ptr_arg(&v_cache),
+        ptr_arg(&wp),
+        ptr_arg(&h),
+        ptr_arg(&kvh),
+        ptr_arg(&hd),
+        ptr_arg(&cap),
+        ptr_arg(&l),
+        ptr_arg(&scale),
     ];
-    dev.launch("attention_decode", &f, grid(batch * heads), (THREADS, 1, 1), 0, stream, &mut params)
+    dev.launch("attention decode", &f, (nchunks as u32, by, 1), (THREADS, 1, 1), 0, stream, &mut params)?;
+    let f = dev.function(&kname("attn_decode_combine", dtype))?;
+    let mut params = [ptr_arg(&wp), ptr_arg(&out), ptr_arg(&hd), ptr_arg(&nc)];
+    dev.launch("attention decode (combine)", &f, (by, 1, 1), (THREADS, 1, 1), 0, stream, &mut params)
+}
+
+// ---- safe entry points ------------------------------------------------------------------------
+
+fn check_buf<T>(dev: &CudaBackend, arg: &'static str, s: &CudaSlice<T>, rows: usize, cols: usize) -> Result<()> {
+    let needed = rows
+        .checked_mul(cols)
+        .ok_or(Error::Overflow { what: arg, rows, cols })?;
+    if s.len() != needed {
+        return Err(Error::Layout { arg, rows, cols, ld: cols, needed, len: s.len() });
+    }
+    if s.context() != dev.context() {
+        return Err(Error::invalid(arg, "buffer belongs to another CUDA context"));
+    }
+    Ok(())
+}
+
+fn check_stream(dev: &CudaBackend, stream: &CudaStream) -> Result<()> {
+    if stream.context() != dev.context() {
+        return Err(Error::invalid("stream", "stream belongs to another CUDA context"));
+    }
+    Ok(())
+}
+
+/// `attention_forward_raw` on device slices of `T` (f32 or bf16), every length checked
+/// against `shape` before anything is queued on `stream`: `q`, `out` `B*S x H*hd`, `k`, `v`
+/// `B*S x KVH*hd`, `lse` `B*S x H`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward<T: Element>(
+    dev: &CudaBackend,
+    stream: &CudaStream,
+    shape: AttnShape,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    out: &mut CudaSlice<T>,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
+    check_dtype(T::DTYPE)?;
+    let s = check_shape(shape)?;
+    check_stream(dev, stream)?;
+    let n = s.tokens();
+    check_buf(dev, "q", q, n, s.q_width())?;
+    check_buf(dev, "k", k, n, s.kv_width())?;
+    check_buf(dev, "v", v, n, s.kv_width())?;
+    check_buf(dev, "out", out, n, s.q_width())?;
+    check_buf(dev, "lse", lse, n, s.heads)?;
+    let (qp, _g1) = q.device_ptr(stream);
+    let (kp, _g2) = k.device_ptr(stream);
+    let (vp, _g3) = v.device_ptr(stream);
+    let (op, _g4) = out.device_ptr_mut(stream);
+    let (lp, _g5) = lse.device_ptr_mut(stream);
+    // SAFETY: every buffer was checked to hold its matrix and to live on this context; the
+    // guards keep cudarc's stream ordering until the work is queued; `&mut` keeps the outputs
+    // apart from the inputs.
+    unsafe { attention_forward_raw(dev, stream.cu_stream(), T::DTYPE, s, qp, kp, vp, op, lp) }
+}
+
+/// `attention_backward_raw` on device slices (lengths as in [`attention_forward`]; `dout`,
+/// `dq` like `q`; `dk`, `dv` like `k`), checked before anything is queued.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<T: Element>(
+    dev: &CudaBackend,
+    stream: &CudaStream,
+    shape: AttnShape,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<T>,
+    dq: &mut CudaSlice<T>,
+    dk: &mut CudaSlice<T>,
+    dv: &mut CudaSlice<T>,
+) -> Result<()> {
+    check_dtype(T::DTYPE)?;
+    let s = check_shape(shape)?;
+    grid_y("batch * kv_heads", s.batch * s.kv_heads)?;
+    check_stream(dev, stream)?;
+    let n = s.tokens();
+    check_buf(dev, "q", q, n, s.q_width())?;
+    check_buf(dev, "k", k, n, s.kv_width())?;
+    check_buf(dev, "v", v, n, s.kv_width())?;
+    check_buf(dev, "out", out, n, s.q_width())?;
+    check_buf(dev, "lse", lse, n, s.heads)?;
+    check_buf(dev, "dout", dout, n, s.q_width())?;
+    check_buf(dev, "dq", dq, n, s.q_width())?;
+    check_buf(dev, "dk", dk, n, s.kv_width())?;
+    check_buf(dev, "dv", dv, n, s.kv_width())?;
+    let (qp, _g1) = q.device_ptr(stream);
+    let (kp, _g2) = k.device_ptr(stream);
+    let (vp, _g3) = v.device_ptr(stream);
+    let (op, _g4) = out.device_ptr(stream);
+    let (lp, _g5) = lse.device_ptr(stream);
+    let (gp, _g6) = dout.device_ptr(stream);
+    let (dqp, _g7) = dq.device_ptr_mut(stream);
+    let (dkp, _g8) = dk.device_ptr_mut(stream);
+    let (dvp, _g9) = dv.device_ptr_mut(stream);
+    // SAFETY: as in `attention_forward`.
+    unsafe { attention_backward_raw(dev, stream.cu_stream(), T::DTYPE, s, qp, kp, vp, op, lp, gp, dqp, dkp, dvp) }
+}
+
+/// `attention_decode_raw` on device slices: `q`, `out` `batch x H*hd`, the caches
+/// `batch*capacity x KVH*hd`; checked before anything is queued.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode<T: Element>(
+    dev: &CudaBackend,
+    stream: &CudaStream,
+    q: &CudaSlice<T>,
+    k_cache: &CudaSlice<T>,
+    v_cache: &CudaSlice<T>,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    len: usize,
+    out: &mut CudaSlice<T>,
+) -> Result<()> {
+    check_dtype(T::DTYPE)?;
+    let s = check_decode(batch, heads, kv_heads, head_dim, capacity, len)?;
+    check_stream(dev, stream)?;
+    check_buf(dev, "q", q, batch, s.q_width())?;
+    check_buf(dev, "k_cache", k_cache, batch * capacity, s.kv_width())?;
+    check_buf(dev, "v_cache", v_cache, batch * capacity, s.kv_width())?;
+    check_buf(dev, "out", out, batch, s.q_width())?;
+    let (qp, _g1) = q.device_ptr(stream);
+    let (kp, _g2) = k_cache.device_ptr(stream);
+    let (vp, _g3) = v_cache.device_ptr(stream);
+    let (op, _g4) = out.device_ptr_mut(stream);
+    // SAFETY: as in `attention_forward`.
+    unsafe {
+        attention_decode_raw(dev, stream.cu_stream(), T::DTYPE, qp, kp, vp, batch, heads, kv_heads, head_dim, capacity, len, op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_core_path_needs_bf16_hd_64_or_128_and_alignment() {
+        assert!(uses_mma(DType::BF16, 64, &[256, 512]));
+        assert!(uses_mma(DType::BF16, 128, &[256]));
+        assert!(!uses_mma(DType::F32, 64, &[256]));
+        assert!(!uses_mma(DType::BF16, 96, &[256]));
+        assert!(!uses_mma(DType::BF16, 64, &[256, 258]));
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        let ok = AttnShape { batch: 2, seq: 5, heads: 4, kv_heads: 2, head_dim: 64 };
+        assert!(check_shape(ok).is_ok());
+        assert!(check_shape(AttnShape { head_dim: 129, ..ok }).is_err());
+        assert!(check_shape(AttnShape { kv_heads: 3, ..ok }).is_err());
+        assert!(check_shape(AttnShape { seq: 0, ..ok }).is_err());
+        assert!(check_shape(AttnShape { batch: 70000, heads: 1, kv_heads: 1, ..ok }).is_err());
+        assert!(check_decode(1, 4, 2, 64, 8, 9).is_err());
+        assert!(check_decode(1, 4, 2, 64, 8, 0).is_err());
+        assert!(check_decode(1, 4, 2, 64, 8, 8).is_ok());
+        assert!(check_dtype(DType::F16).is_err());
+        assert!(check_ptr("q", 0, 2).is_err());
+        assert!(check_ptr("q", 3, 2).is_err());
+    }
 }

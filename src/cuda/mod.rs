@@ -5,13 +5,15 @@
 //! * [`context`]: [`CudaBackend`], one device: driver check ([`Error::NoCuda`](crate::Error)
 //!   without a driver or device), context, default stream, kernel modules.
 //! * [`kernels`]: the embedded PTX/cubins and the `ptxas -v` report ([`kernels::PTXAS_REPORT`]).
+//! * [`attention`]: causal GQA attention forward, backward and decode (`kernels/attention.cu`):
+//!   safe `attention_*` on `CudaSlice`s and `attention_*_raw` on `CUdeviceptr` + `CUstream`.
 //! * [`layer`]: the layer API — `wegeft_forward`, `wegeft_backward`, `wegeft_merge`,
 //!   `wegeft_unmerge`, `lora_forward`, `lora_backward`, `frozen_forward`, `frozen_backward` on
 //!   `CudaSlice`s, and `*_raw` twins on `CUdeviceptr` + `CUstream` for frameworks.
 //!
 //! * [`backend`]: [`Gpu`], the [`crate::backend::Backend`] of the Llama model on the device
 //!   (bf16 frozen weights, f32 activations and adapter state), over the kernels of
-//!   `kernels/{embedding,rmsnorm,rope,swiglu,xent,adamw,elementwise,attention_naive}.cu`.
+//!   `kernels/{embedding,rmsnorm,rope,swiglu,xent,adamw,elementwise}.cu` and `kernels/attention.cu` ([`attention`]).
 //!
 //! The math is the one of [`crate::reference`]; see [`layer`] for the formulas.
 //!
@@ -42,7 +44,7 @@
 //! (no TF32 for f32 storage). Reductions over tokens are split-K with a fixed-order sum, so
 //! every result is bitwise reproducible on a given device.
 
-mod attention;
+pub mod attention;
 pub mod backend;
 mod blas;
 pub mod context;
