@@ -264,3 +264,83 @@ fn smollm2_batched_adapters_equal_each_alone() {
     }
     eprintln!("base {base:?}\nmulti {out:?}");
 }
+
+// ---- the CLI -------------------------------------------------------------------------------
+
+fn wegeft_bin(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().expect("run wegeft")
+}
+
+#[test]
+fn cli_generate_with_several_adapters_equals_each_alone() {
+    let model = model_path();
+    let model = model.to_str().unwrap();
+    let weights = LlamaWeights::load(model).unwrap();
+    let dims = Dims::from_config(&weights.config).adapter_dims().unwrap();
+    drop(weights);
+    let dir = std::env::temp_dir().join(format!("wegeft_multi_cli_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = dir.join("first.safetensors");
+    let b = dir.join("second");
+    adapter::io::save_gift(
+        &random_adapter(AdapterConfig::new(4, vec![Module::QProj, Module::VProj]).unwrap(), dims, 40, 0.05),
+        &a,
+    )
+    .unwrap();
+    let mut cb = AdapterConfig::new(2, vec![Module::UpProj, Module::DownProj]).unwrap();
+    cb.alpha = Some(8.0);
+    adapter::io::save_peft(&random_adapter(cb, dims, 50, 0.05), &b).unwrap();
+    let jsonl = dir.join("prompts.jsonl");
+    std::fs::write(
+        &jsonl,
+        concat!(
+            "{\"adapter\": 1, \"prompt\": \"Name a colour.\"}\n",
+            "\n",
+            "{\"adapter\": \"first.safetensors\", \"prompt\": \"Name a colour.\"}\n",
+            "{\"adapter\": null, \"prompt\": \"What is 2 + 3?\"}\n",
+        ),
+    )
+    .unwrap();
+    let adapters = format!("{},{}", a.display(), b.display());
+    let out = wegeft_bin(&[
+        "generate", "--model", model, "--adapters", &adapters, "--prompts", jsonl.to_str().unwrap(), "--max-new", "5",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines.iter().map(|v| v["line"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 3, 4]);
+    let singles: [(Option<&PathBuf>, &str); 3] =
+        [(Some(&b), "Name a colour."), (Some(&a), "Name a colour."), (None, "What is 2 + 3?")];
+    for (v, (ad, prompt)) in lines.iter().zip(singles) {
+        let mut args = vec!["generate", "--model", model, "--prompt", prompt, "--max-new", "5"];
+        let p;
+        if let Some(ad) = ad {
+            p = ad.display().to_string();
+            args.extend(["--adapter", &p]);
+        }
+        let one = wegeft_bin(&args);
+        assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+        assert_eq!(
+            v["completion"].as_str().unwrap(),
+            String::from_utf8(one.stdout).unwrap().trim_end_matches('\n'),
+            "record {v}"
+        );
+    }
+    // The two adapters disagree on the same prompt (the test would catch a mix-up).
+    assert_ne!(lines[0]["tokens"], lines[1]["tokens"]);
+    // Bad records: one line naming the record's line.
+    for (bad, want) in [
+        ("{\"adapter\": 2, \"prompt\": \"x\"}", "line 2: adapter 2 is not an index"),
+        ("{\"adapter\": \"nope.safetensors\", \"prompt\": \"x\"}", "line 2: adapter \"nope.safetensors\""),
+        ("{\"prompt\": \"x\"}", "line 2: no \"adapter\""),
+        ("{\"adapter\": 0}", "line 2: missing field `prompt`"),
+        ("not json", "line 2:"),
+    ] {
+        std::fs::write(&jsonl, format!("{{\"adapter\": 0, \"prompt\": \"ok\"}}\n{bad}\n")).unwrap();
+        let out = wegeft_bin(&["generate", "--model", model, "--adapters", &adapters, "--prompts", jsonl.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want) && err.trim().lines().count() == 1, "{bad}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
