@@ -10,6 +10,8 @@
 #   cuda_* (150)   the CUDA backend against the float64 reference, WEGEFT_REQUIRE_GPU=1
 #   gemm_check (90)   every fused-GEMM variant on the odd-size grid vs a CPU loop
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios
+#   multi_bench (45)  tests/cuda_multi bench_multi: 1/8/64 adapters in one batch vs one after
+#                     another (WeGeFT, LoRA), a markdown table in its log
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
@@ -139,6 +141,7 @@ have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
 
 # --- benchmarks ----------------------------------------------------------------------------------
 have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
+have cuda_multi && WEGEFT_BENCH_ITERS=20 step multi_bench 45 "$bin/cuda_multi" bench_ --ignored --nocapture --test-threads=1
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
 if [ -n "$py" ]; then
   step torch_baseline 120 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_baseline.py" --iters 100 --json "$logs/torch.jsonl"

@@ -9,6 +9,9 @@
 //!   `wegeft_unmerge`, `lora_forward`, `lora_backward`, `frozen_forward`, `frozen_backward` on
 //!   `CudaSlice`s, and `*_raw` twins on `CUdeviceptr` + `CUstream` for frameworks.
 //!
+//! * [`multi`]: many adapters in one batch (`multi_edit_T`, the per-token input edit, then
+//!   one frozen GEMM).
+//!
 //! The math is the one of [`crate::reference`]; see [`layer`] for the formulas.
 //!
 //! # The fused K-extended GEMM ([`gemm`])
@@ -48,6 +51,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod layer;
 mod mem;
+pub mod multi;
 mod product;
 
 pub use context::{driver_present, CudaBackend, Image};
