@@ -224,36 +224,7 @@ pub trait Backend {
         adapter_of_row: &[i32],
         y: &mut Self::Buf,
     ) -> Result<()> {
-        check_multi(self, rows, d_in, d_out, rank, x, w, phi, psi, scales, adapter_of_row, y)?;
-        let n_ad = scales.len();
-        let groups = crate::cpu::multi::group_tokens(adapter_of_row, n_ad)?;
-        let per = d_in * rank;
-        for g in 0..=n_ad {
-            let toks = groups.tokens(g);
-            if toks.is_empty() {
-                continue;
-            }
-            let n = toks.len();
-            let mut xg = self.zeros(n * d_in)?;
-            for (i, &t) in toks.iter().enumerate() {
-                self.copy_range(x, t * d_in, d_in, &mut xg, i * d_in)?;
-            }
-            let mut yg = self.zeros(n * d_out)?;
-            if g < n_ad {
-                let mut phi_a = self.zeros(per)?;
-                let mut psi_a = self.zeros(per)?;
-                self.copy_range(phi, g * per, per, &mut phi_a, 0)?;
-                self.copy_range(psi, g * per, per, &mut psi_a, 0)?;
-                let shape = LayerShape::new(n, d_in, d_out, rank)?;
-                self.wegeft_forward(shape, &xg, w, &phi_a, &psi_a, scales[g], None, &mut yg)?;
-            } else {
-                self.linear_forward(&xg, w, n, d_in, d_out, &mut yg)?;
-            }
-            for (i, &t) in toks.iter().enumerate() {
-                self.copy_range(&yg, i * d_out, d_out, y, t * d_out)?;
-            }
-        }
-        Ok(())
+        multi_forward_by_groups(self, rows, d_in, d_out, rank, x, w, phi, psi, scales, adapter_of_row, y)
     }
 
     /// Rotary position embedding, HF "rotate half" convention, in place on `x`
@@ -413,4 +384,55 @@ pub fn check_multi<B: Backend + ?Sized>(
         return Err(Error::invalid("scales", format!("scale of adapter {a} is {}", scales[a])));
     }
     crate::cpu::multi::group_tokens(adapter_of_row, n_ad).map(|_| ())
+}
+
+/// The default [`Backend::wegeft_multi_forward`]: each adapter group's rows gathered with
+/// [`Backend::copy_range`], run through [`Backend::wegeft_forward`] (rows without an adapter
+/// through [`Backend::linear_forward`]) and scattered back. Public so that it can be tested
+/// against an engine's own implementation.
+#[allow(clippy::too_many_arguments)]
+pub fn multi_forward_by_groups<B: Backend + ?Sized>(
+    be: &B,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    rank: usize,
+    x: &B::Buf,
+    w: &B::Buf,
+    phi: &B::Buf,
+    psi: &B::Buf,
+    scales: &[f32],
+    adapter_of_row: &[i32],
+    y: &mut B::Buf,
+) -> Result<()> {
+    check_multi(be, rows, d_in, d_out, rank, x, w, phi, psi, scales, adapter_of_row, y)?;
+    let n_ad = scales.len();
+    let groups = crate::cpu::multi::group_tokens(adapter_of_row, n_ad)?;
+    let per = d_in * rank;
+    for g in 0..=n_ad {
+        let toks = groups.tokens(g);
+        if toks.is_empty() {
+            continue;
+        }
+        let n = toks.len();
+        let mut xg = be.zeros(n * d_in)?;
+        for (i, &t) in toks.iter().enumerate() {
+            be.copy_range(x, t * d_in, d_in, &mut xg, i * d_in)?;
+        }
+        let mut yg = be.zeros(n * d_out)?;
+        if g < n_ad {
+            let mut phi_a = be.zeros(per)?;
+            let mut psi_a = be.zeros(per)?;
+            be.copy_range(phi, g * per, per, &mut phi_a, 0)?;
+            be.copy_range(psi, g * per, per, &mut psi_a, 0)?;
+            let shape = LayerShape::new(n, d_in, d_out, rank)?;
+            be.wegeft_forward(shape, &xg, w, &phi_a, &psi_a, scales[g], None, &mut yg)?;
+        } else {
+            be.linear_forward(&xg, w, n, d_in, d_out, &mut yg)?;
+        }
+        for (i, &t) in toks.iter().enumerate() {
+            be.copy_range(&yg, i * d_out, d_out, y, t * d_out)?;
+        }
+    }
+    Ok(())
 }

@@ -247,3 +247,27 @@ fn bad_arguments_are_errors_naming_them() {
     let e = run(&[0, 1, 1], d, d, 3, Some(&[0.0; 3]), &mut y);
     assert!(e.contains("b"), "{e}");
 }
+
+/// The trait's default (what an engine without its own multi kernel runs) against the CPU
+/// backend's own implementation, and both against the oracle; bad indices are errors.
+#[test]
+fn backend_default_equals_the_cpu_backend() {
+    use wegeft::backend::{multi_forward_by_groups, Backend};
+    use wegeft::cpu::Cpu;
+    let c = case(70, 45, 40, 24, 4, 5);
+    let (x, w, phi, psi, sc) = (f32s(&c.x), f32s(&c.w), f32s(&c.phi), f32s(&c.psi), f32s(&c.scales));
+    let mut y1 = vec![f32::NAN; c.t * c.d_out];
+    let mut y2 = vec![f32::NAN; c.t * c.d_out];
+    Cpu.wegeft_multi_forward(c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &c.idx, &mut y1).unwrap();
+    multi_forward_by_groups(&Cpu, c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &c.idx, &mut y2).unwrap();
+    let want = c.want(false);
+    assert_close("Cpu::wegeft_multi_forward", &f64s(&y1), &want, 2e-5);
+    assert_close("default wegeft_multi_forward", &f64s(&y2), &want, 2e-5);
+    let mut bad = c.idx.clone();
+    bad[3] = 5;
+    let e = Cpu.wegeft_multi_forward(c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &bad, &mut y1).unwrap_err();
+    assert!(e.to_string().contains("token 3 names adapter 5"), "{e}");
+    let e = multi_forward_by_groups(&Cpu, c.t, c.d_in, c.d_out, c.r, &x, &w, &phi[1..].to_vec(), &psi, &sc, &c.idx, &mut y2)
+        .unwrap_err();
+    assert!(e.to_string().contains("phi"), "{e}");
+}
