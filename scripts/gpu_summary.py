@@ -315,6 +315,12 @@ def main():
                     row.append(fmt_ms(t))
                     row.append(f"{t / b[1]:.2f}x" if b and t else "—")
                 o.append("| " + " | ".join(row) + " |")
+    multi = [l for l in read(os.path.join(L, "multi_bench.log")).splitlines() if l.startswith("|")]
+    if multi:
+        o.append("")
+        o.append("### Many adapters in one batch (`cuda_multi bench_multi`, bf16, rank 16): ms")
+        o.append("")
+        o.extend(multi)
     print("\n".join(o))
     return 0
 
