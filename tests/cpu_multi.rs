@@ -126,7 +126,33 @@ fn every_path_equals_each_adapter_alone() {
     for (seed, t, d_in, d_out, r, n_ad) in
         [(10, 1, 8, 5, 1, 1), (20, 37, 33, 29, 4, 3), (30, 130, 72, 96, 8, 8), (40, 64, 48, 40, 16, 64)]
     {
-        let c = case(seed, t, d_in, d_out, r, n_ad);
+        let mut c = case(seed, t, d_in, d_out, r, n_ad);
+        for sorted in [false, true] {
+            // Sorted: consecutive tokens per adapter (edited in place), with strided x and y.
+            if sorted {
+                c.idx.sort();
+                let (xs, ys) = (c.x.clone(), c.idx.clone());
+                let want = c.want(true);
+                let pad = |v: &[f64], cols: usize| -> Vec<f32> {
+                    v.chunks(cols).flat_map(|row| row.iter().map(|&x| x as f32).chain([f32::NAN; 3])).collect()
+                };
+                let (x, w, b) = (pad(&xs, d_in), f32s(&c.w), f32s(&c.b));
+                let (phi, psi, sc) = (f32s(&c.phi), f32s(&c.psi), f32s(&c.scales));
+                let ad = MultiAdapters::new(&phi, &psi, &sc, d_in, r).unwrap();
+                let mut y = vec![f32::NAN; t * (d_out + 2)];
+                wegeft_multi_forward(
+                    Mat::strided("x", &x, t, d_in, d_in + 3).unwrap(),
+                    Mat::new("W", &w, d_out, d_in).unwrap(),
+                    Some(&b),
+                    &ad,
+                    &ys,
+                    MultiPath::InputEdit,
+                    MatMut::strided("y", &mut y, t, d_out, d_out + 2).unwrap(),
+                )
+                .unwrap();
+                let got: Vec<f64> = y.chunks(d_out + 2).flat_map(|row| row[..d_out].iter().map(|&v| v as f64)).collect();
+                assert_close(&format!("multi sorted strided T={t} A={n_ad}"), &got, &want, 2e-5);
+            }
         for bias in [false, true] {
             let want = c.want(bias);
             for path in [MultiPath::Auto, MultiPath::InputEdit, MultiPath::KExtended] {
@@ -136,6 +162,7 @@ fn every_path_equals_each_adapter_alone() {
         }
         // Deterministic: bitwise equal on a second run.
         assert_eq!(c.run(MultiPath::InputEdit, true), c.run(MultiPath::InputEdit, true));
+        }
         assert!(c.idx.contains(&NO_ADAPTER) || t < 8, "cases should mix in tokens without an adapter");
     }
 }

@@ -18,7 +18,9 @@
 //!
 //! * [`MultiPath::InputEdit`]: tokens grouped by adapter (a stable counting sort, so the order
 //!   inside a group is the token order); per group `u = x_g psi_a^T`, `h_g = x_g + s_a u phi_a^T`
-//!   (two rank-`r` GEMMs of the `gemm` crate); then `y = h W^T (+ b)`, one GEMM over all tokens.
+//!   (two rank-`r` GEMMs of the `gemm` crate; a group of consecutive tokens, such as one
+//!   sequence, is edited in place in `h`, others are gathered and scattered); then
+//!   `y = h W^T (+ b)`, one GEMM over all tokens.
 //! * [`MultiPath::KExtended`]: per group the layer's K-extended form
 //!   `y_g = [x_g | u] [W | C_a]^T`, `C_a = s_a W phi_a` (`d_out x r`, built per call): one
 //!   frozen GEMM per group plus a `d_out x d_in x r` product per adapter.
@@ -231,10 +233,30 @@ pub fn multi_edit(x: Mat<'_, f32>, ad: &MultiAdapters<'_>, adapter_of_token: &[i
 
 fn edit_into(x: &Mat<'_, f32>, ad: &MultiAdapters<'_>, groups: &Groups, h: &mut MatMut<'_, f32>) -> Result<()> {
     let a_count = ad.count();
-    // Groups run side by side (each small); results are scattered in a fixed order.
+    let (d, r) = (ad.d_in, ad.rank);
+    // A group of consecutive tokens (each sequence's, in generation) is edited in place in `h`:
+    // no gather, no scatter. Its GEMMs are parallel inside.
+    let contiguous = |a: usize| {
+        let toks = groups.tokens(a);
+        !toks.is_empty() && toks[toks.len() - 1] - toks[0] + 1 == toks.len()
+    };
+    for a in (0..a_count).filter(|&a| contiguous(a)) {
+        let toks = groups.tokens(a);
+        let (s0, n) = (toks[0], toks.len());
+        for &t in toks {
+            h.row_mut(t).copy_from_slice(x.row(t));
+        }
+        let xg = Mat::strided("x_g", &x.data()[s0 * x.ld()..], n, d, x.ld())?;
+        let mut u = vec![0.0f32; n * r];
+        matmul(&mut MatMut::new("u", &mut u, n, r)?, 0.0, 1.0, xg, Op::N, ad.psi(a)?, Op::T)?;
+        let ldh = h.ld();
+        let mut hg = MatMut::strided("h_g", &mut h.data_mut()[s0 * ldh..], n, d, ldh)?;
+        matmul(&mut hg, 1.0, ad.scale(a)?, Mat::new("u", &u, n, r)?, Op::N, ad.phi(a)?, Op::T)?;
+    }
+    // The other groups run side by side (each small); results are scattered in a fixed order.
     let edited: Vec<(usize, Vec<f32>)> = (0..a_count)
         .into_par_iter()
-        .filter(|&a| !groups.tokens(a).is_empty())
+        .filter(|&a| !groups.tokens(a).is_empty() && !contiguous(a))
         .map(|a| {
             let toks = groups.tokens(a);
             let mut xg = gather(x, toks);
@@ -242,7 +264,6 @@ fn edit_into(x: &Mat<'_, f32>, ad: &MultiAdapters<'_>, groups: &Groups, h: &mut 
             Ok((a, xg))
         })
         .collect::<Result<_>>()?;
-    let d = ad.d_in;
     for &t in groups.tokens(a_count) {
         h.row_mut(t).copy_from_slice(x.row(t));
     }
