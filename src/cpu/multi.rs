@@ -44,7 +44,7 @@ pub const NO_ADAPTER: i32 = -1;
 /// [`MultiPath::Auto`] takes the K-extended form only for a single adapter and at least this
 /// many tokens. `usize::MAX`, i.e. never: on the CPU the K-extended form showed no stable win
 /// even for one adapter (it must build `C_a = s W phi`, `d_out d_in r` multiply-adds per call),
-/// and loses by 3-18x with 8 or 64 adapters (BENCHMARKS.md, "Many adapters in one batch").
+/// and loses by 2.5-18x with 8 or 64 adapters (BENCHMARKS.md, "Many adapters in one batch").
 pub const KEXT_MIN_TOKENS: usize = usize::MAX;
 
 /// `A` adapters of one layer, stacked: `phi` is `A x d_in x r`, `psi` is `A x r x d_in`
