@@ -10,6 +10,8 @@
 #   cuda_* (150)   the CUDA backend against the float64 reference, WEGEFT_REQUIRE_GPU=1
 #   gemm_check (90)   every fused-GEMM variant on the odd-size grid vs a CPU loop
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios
+#   multi_bench (45)  tests/cuda_multi bench_multi: 1/8/64 adapters in one batch vs one after
+#                     another (WeGeFT, LoRA), a markdown table in its log
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
 #   model_bench (60)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8
@@ -143,6 +145,7 @@ have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
 
 # --- benchmarks ----------------------------------------------------------------------------------
 have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
+have cuda_multi && WEGEFT_BENCH_ITERS=20 step multi_bench 45 "$bin/cuda_multi" bench_ --ignored --nocapture --test-threads=1
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
 have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 60 "$bin/model_cuda"
 if [ -n "$py" ]; then

@@ -350,6 +350,12 @@ def main():
                 o.append(f"| {label} | {r.get('impl')} | {r.get('batch')} x {r.get('seq')} | {r.get('rank')} | "
                          f"{r['tokens_per_s']:.0f} | {r['step_s'] * 1e3:.1f} | {r['peak_mem_bytes'] / 2**30:.2f} | "
                          f"{r.get('loss', float('nan')):.3f} | {sp} | {mem} |")
+    multi = [l for l in read(os.path.join(L, "multi_bench.log")).splitlines() if l.startswith("|")]
+    if multi:
+        o.append("")
+        o.append("### Many adapters in one batch (`cuda_multi bench_multi`, bf16, rank 16): ms")
+        o.append("")
+        o.extend(multi)
     print("\n".join(o))
     return 0
 

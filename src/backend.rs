@@ -206,6 +206,34 @@ pub trait Backend {
         dpsi: &mut Self::Buf,
     ) -> Result<()>;
 
+    /// Many WeGeFT adapters in one batch (inference): row `t` of `x` (`rows x d_in`) goes
+    /// through adapter `a = adapter_of_row[t]`,
+    /// `y_t = h_t W^T` with `h_t = x_t + s_a (x_t psi_a^T) phi_a^T` (`= x_t W^T + (x_t psi_a^T)
+    /// (s_a W phi_a)^T`), or `y_t = x_t W^T` for `a = -1`. `phi` stacks the `A = scales.len()`
+    /// adapters' `phi_a` (`A x d_in x rank`), `psi` their `psi_a` (`A x rank x d_in`);
+    /// `y` is `rows x d_out` (overwritten).
+    ///
+    /// The default runs each adapter group through [`Backend::wegeft_forward`] (rows gathered
+    /// and scattered with [`Backend::copy_range`]): correct on any engine, not fast. Engines
+    /// override it with a batched kernel ([`crate::cpu::multi`] on the CPU).
+    #[allow(clippy::too_many_arguments)]
+    fn wegeft_multi_forward(
+        &self,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        phi: &Self::Buf,
+        psi: &Self::Buf,
+        scales: &[f32],
+        adapter_of_row: &[i32],
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        multi_forward_by_groups(self, rows, d_in, d_out, rank, x, w, phi, psi, scales, adapter_of_row, y)
+    }
+
     /// Rotary position embedding, HF "rotate half" convention, in place on `x`
     /// (`positions.len()` rows of `heads * head_dim`): for `i < head_dim/2`, with
     /// `f = pos * theta^(-2i/head_dim)`:
@@ -321,4 +349,97 @@ pub trait Backend {
         v: &mut Self::Buf,
         hyper: AdamHyper,
     ) -> Result<()>;
+}
+
+/// The checks of [`Backend::wegeft_multi_forward`]: every length against the shapes, every
+/// index `-1` or in `0..scales.len()`, finite scales.
+#[allow(clippy::too_many_arguments)]
+pub fn check_multi<B: Backend + ?Sized>(
+    be: &B,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    rank: usize,
+    x: &B::Buf,
+    w: &B::Buf,
+    phi: &B::Buf,
+    psi: &B::Buf,
+    scales: &[f32],
+    adapter_of_row: &[i32],
+    y: &B::Buf,
+) -> Result<()> {
+    use crate::error::Error;
+    LayerShape::new(rows, d_in, d_out, rank)?;
+    if scales.is_empty() {
+        return Err(Error::ZeroDim { what: "adapters (scales.len())" });
+    }
+    let per = d_in * rank;
+    let n_ad = scales.len();
+    for (arg, got, expected) in [
+        ("x", be.len(x), rows * d_in),
+        ("W", be.len(w), d_out * d_in),
+        ("phi", be.len(phi), n_ad * per),
+        ("psi", be.len(psi), n_ad * per),
+        ("y", be.len(y), rows * d_out),
+        ("adapter_of_row", adapter_of_row.len(), rows),
+    ] {
+        if got != expected {
+            return Err(Error::Len { arg, expected, got });
+        }
+    }
+    if let Some(a) = scales.iter().position(|s| !s.is_finite()) {
+        return Err(Error::invalid("scales", format!("scale of adapter {a} is {}", scales[a])));
+    }
+    crate::cpu::multi::group_tokens(adapter_of_row, n_ad).map(|_| ())
+}
+
+/// The default [`Backend::wegeft_multi_forward`]: each adapter group's rows gathered with
+/// [`Backend::copy_range`], run through [`Backend::wegeft_forward`] (rows without an adapter
+/// through [`Backend::linear_forward`]) and scattered back. Public so that it can be tested
+/// against an engine's own implementation.
+#[allow(clippy::too_many_arguments)]
+pub fn multi_forward_by_groups<B: Backend + ?Sized>(
+    be: &B,
+    rows: usize,
+    d_in: usize,
+    d_out: usize,
+    rank: usize,
+    x: &B::Buf,
+    w: &B::Buf,
+    phi: &B::Buf,
+    psi: &B::Buf,
+    scales: &[f32],
+    adapter_of_row: &[i32],
+    y: &mut B::Buf,
+) -> Result<()> {
+    check_multi(be, rows, d_in, d_out, rank, x, w, phi, psi, scales, adapter_of_row, y)?;
+    let n_ad = scales.len();
+    let groups = crate::cpu::multi::group_tokens(adapter_of_row, n_ad)?;
+    let per = d_in * rank;
+    for g in 0..=n_ad {
+        let toks = groups.tokens(g);
+        if toks.is_empty() {
+            continue;
+        }
+        let n = toks.len();
+        let mut xg = be.zeros(n * d_in)?;
+        for (i, &t) in toks.iter().enumerate() {
+            be.copy_range(x, t * d_in, d_in, &mut xg, i * d_in)?;
+        }
+        let mut yg = be.zeros(n * d_out)?;
+        if g < n_ad {
+            let mut phi_a = be.zeros(per)?;
+            let mut psi_a = be.zeros(per)?;
+            be.copy_range(phi, g * per, per, &mut phi_a, 0)?;
+            be.copy_range(psi, g * per, per, &mut psi_a, 0)?;
+            let shape = LayerShape::new(n, d_in, d_out, rank)?;
+            be.wegeft_forward(shape, &xg, w, &phi_a, &psi_a, scales[g], None, &mut yg)?;
+        } else {
+            be.linear_forward(&xg, w, n, d_in, d_out, &mut yg)?;
+        }
+        for (i, &t) in toks.iter().enumerate() {
+            be.copy_range(&yg, i * d_out, d_out, y, t * d_out)?;
+        }
+    }
+    Ok(())
 }

@@ -21,6 +21,11 @@
 //!
 //! The official PyTorch code stores `in_proj.weight = phi^T` and `out_proj.weight = psi^T`.
 //!
+//! Many adapters in one batch (multi-tenant inference): since `x W'^T = h W^T` with
+//! `h = x + s (x psi^T) phi^T`, each token applies its own adapter as a rank-`r` input edit and
+//! all tokens share one GEMM with `W` ([`cpu::multi`], `cuda::multi`,
+//! [`model::llama::Llama::generate_multi`]).
+//!
 //! Modules: [`reference`](mod@reference) (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
 //! `cuda`), [`backend`] (the trait the model runs on), [`model`] (the Llama model
 //! [`model::llama`], its config, weights, tokenizer), [`adapter`] (config, init, files),

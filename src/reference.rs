@@ -322,3 +322,58 @@ pub fn lora_backward(
     let db = scaled(&matmul(&transpose(g, t, dout), &xa, dout, t, r), scale);
     Ok(LoraGrads { dx, da, db })
 }
+
+/// Many adapters in one batch, the definition: token `t` goes through the layer of adapter
+/// `a = adapter_of_token[t]`, `y_t = x_t W^T + (x_t psi_a^T)(s_a W phi_a)^T + b` (just
+/// `x_t W^T + b` for `a = -1`), each token on its own ([`wegeft_forward`] with one token).
+/// `phis[a]`, `psis[a]`, `scales[a]` are adapter `a`'s pair and scale; `T = adapter_of_token.len()`.
+#[allow(clippy::too_many_arguments)]
+pub fn wegeft_multi_forward(
+    d_in: usize,
+    d_out: usize,
+    rank: usize,
+    x: &[f64],
+    w: &[f64],
+    b: Option<&[f64]>,
+    phis: &[&[f64]],
+    psis: &[&[f64]],
+    scales: &[f64],
+    adapter_of_token: &[i32],
+) -> Result<Vec<f64>> {
+    let t = adapter_of_token.len();
+    check("x", x, (t, d_in))?;
+    if phis.len() != scales.len() || psis.len() != scales.len() {
+        return Err(Error::invalid("phis", format!("{} phis, {} psis, {} scales", phis.len(), psis.len(), scales.len())));
+    }
+    let one = LayerShape::new(1, d_in, d_out, rank)?;
+    let mut y = Vec::with_capacity(t * d_out);
+    for (i, &a) in adapter_of_token.iter().enumerate() {
+        let xt = &x[i * d_in..(i + 1) * d_in];
+        let yt = if a == -1 {
+            let mut yt = matmul(xt, &transpose(w, d_out, d_in), 1, d_in, d_out);
+            if let Some(b) = b {
+                check_len("b", b, d_out)?;
+                yt = add(&yt, b);
+            }
+            yt
+        } else if a >= 0 && (a as usize) < scales.len() {
+            let a = a as usize;
+            wegeft_forward(&one, xt, w, b, phis[a], psis[a], scales[a])?
+        } else {
+            return Err(Error::invalid("adapter_of_token", format!("token {i} names adapter {a}")));
+        };
+        y.extend(yt);
+    }
+    Ok(y)
+}
+
+/// The input-side form of one adapted token: `h = x + s (x psi^T) phi^T` (`T x d_in`), so that
+/// `x W'^T = h W^T` for `W' = W + s W phi psi`.
+pub fn input_edit(s: &LayerShape, x: &[f64], phi: &[f64], psi: &[f64], scale: f64) -> Result<Vec<f64>> {
+    check("x", x, s.x())?;
+    check("phi", phi, s.phi())?;
+    check("psi", psi, s.psi())?;
+    let u = matmul(x, &transpose(psi, s.rank, s.d_in), s.tokens, s.d_in, s.rank);
+    let d = matmul(&u, &transpose(phi, s.d_in, s.rank), s.tokens, s.rank, s.d_in);
+    Ok(add(x, &scaled(&d, scale)))
+}

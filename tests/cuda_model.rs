@@ -261,6 +261,22 @@ fn products_match_cpu() {
             close(&format!("wegeft dphi {wdt:?} acc={acc}"), &down(&g, &dphid), &dphi, tol);
             close(&format!("wegeft dpsi {wdt:?} acc={acc}"), &down(&g, &dpsid), &dpsi, tol);
         }
+        // Many adapters in one batch (the Gpu override: multi_edit_f32 + the frozen product).
+        let na = 3usize;
+        let (phis, psis) = (rv(53, na * din * r, 0.3), rv(54, na * r * din, 0.3));
+        let scales = [0.5f32, 1.0, 2.0];
+        let which: Vec<i32> = (0..t).map(|i| (i % 4) as i32 - 1).collect();
+        Cpu.wegeft_multi_forward(t, din, dout, r, &x, &w, &phis, &psis, &scales, &which, &mut y).unwrap();
+        g.wegeft_multi_forward(t, din, dout, r, &xd, &wd, &up(&g, &phis), &up(&g, &psis), &scales, &which, &mut yd)
+            .unwrap();
+        close(&format!("wegeft_multi y {wdt:?}"), &down(&g, &yd), &y, tol);
+        let mut bad = which.clone();
+        bad[5] = na as i32;
+        assert!(
+            g.wegeft_multi_forward(t, din, dout, r, &xd, &wd, &up(&g, &phis), &up(&g, &psis), &scales, &bad, &mut yd)
+                .is_err(),
+            "adapter index outside the stack"
+        );
         // logits and the LM head over more than one chunk of labelled rows.
         let (rows, dim, vocab) = (wegeft::cuda::backend::LM_CHUNK * 2 + 37, 64usize, 301usize);
         let h = rv(50, rows * dim, 1.0);

@@ -7,7 +7,7 @@ use wegeft::cuda::kernels::{ptxas_rows, PTXAS_REPORT, MODULES};
 
 const ARCHES: [&str; 2] = ["sm_80", "sm_90a"];
 const DTYPES: [&str; 3] = ["f32", "bf16", "f16"];
-const OPS: [&str; 13] = [
+const OPS: [&str; 14] = [
     "lowrank_u",
     "wegeft_c",
     "lowrank_v",
@@ -21,6 +21,7 @@ const OPS: [&str; 13] = [
     "unmerge_wphi",
     "unmerge_psiphi",
     "unmerge",
+    "multi_edit",
 ];
 
 #[test]

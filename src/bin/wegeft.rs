@@ -154,15 +154,23 @@ enum Cmd {
     Generate {
         #[command(flatten)]
         m: ModelArgs,
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["adapters", "prompts"])]
         adapter: Option<PathBuf>,
-        #[arg(long)]
-        prompt: String,
+        #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+        prompt: Option<String>,
         #[arg(long, default_value_t = 64)]
         max_new: usize,
         /// Use the prompt as raw text, without the chat template.
         #[arg(long)]
         raw: bool,
+        /// Several adapters on one base model (comma-separated files or PEFT directories),
+        /// batched together; with --prompts.
+        #[arg(long, value_delimiter = ',', requires = "prompts")]
+        adapters: Option<Vec<PathBuf>>,
+        /// JSONL, one `{"adapter": INDEX | "FILE NAME" | null, "prompt": "..."}` per line;
+        /// prints one JSON line per prompt, in order.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
     },
     /// Merge an adapter into the weights and write an HF safetensors directory.
     Merge {
@@ -401,7 +409,11 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             println!("{out}");
             Ok(())
         }
-        Cmd::Generate { m, adapter, prompt, max_new, raw } => {
+        Cmd::Generate { m, adapter, prompt, max_new, raw, adapters, prompts } => {
+            if let Some(file) = prompts {
+                return generate_multi(be, &m, adapters.as_deref().unwrap_or_default(), &file, max_new, raw);
+            }
+            let prompt = prompt.ok_or_else(|| Error::invalid("prompt", "give --prompt or --prompts"))?;
             let l = load(be, &m)?;
             let ad =
                 host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(be, &l.model.dims)).transpose()?;
@@ -626,4 +638,76 @@ fn read_eval_cases(path: &Path, tok: &Tokenizer, n: usize) -> Result<Vec<(Vec<u3
         return Err(Error::format(path, "no records"));
     }
     Ok(out)
+}
+
+/// `generate --adapters a,b --prompts FILE.jsonl`: every prompt with the adapter its record
+/// names (index into --adapters, or the file name as given or its last component; `null`: the
+/// base model), all batched together; one JSON line per prompt, in the file's order.
+fn generate_multi<B: Backend>(be: &B, m: &ModelArgs, paths: &[PathBuf], file: &Path, max_new: usize, raw: bool) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Rec {
+        adapter: Option<serde_json::Value>,
+        prompt: String,
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
+    let mut recs = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |msg: String| Error::format(file, format!("line {}: {msg}", i + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        if v.get("adapter").is_none() {
+            return Err(bad("no \"adapter\" (an index, a file name, or null for the base model)".into()));
+        }
+        let r: Rec = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
+        let a: i32 = match &r.adapter {
+            None => -1,
+            Some(serde_json::Value::Number(n)) => match n.as_u64() {
+                Some(k) if (k as usize) < paths.len() => k as i32,
+                _ => return Err(bad(format!("adapter {n} is not an index into the {} --adapters", paths.len()))),
+            },
+            Some(serde_json::Value::String(name)) => {
+                let hit = paths.iter().position(|p| {
+                    p.as_os_str() == name.as_str() || p.file_name().is_some_and(|f| f == name.as_str())
+                });
+                match hit {
+                    Some(k) => k as i32,
+                    None => return Err(bad(format!("adapter {name:?} is not one of --adapters"))),
+                }
+            }
+            Some(other) => return Err(bad(format!("adapter must be an index, a file name or null, got {other}"))),
+        };
+        recs.push((i + 1, a, r.prompt));
+    }
+    if recs.is_empty() {
+        return Err(Error::format(file, "no records"));
+    }
+    let l = load(be, m)?;
+    let hosts = paths
+        .iter()
+        .map(|p| HostAdapter::from_adapter(&read_adapter(p, &l.model.dims)?))
+        .collect::<Result<Vec<_>>>()?;
+    let ids = recs
+        .iter()
+        .map(|(line, _, p)| {
+            if raw { l.tok.encode(p, false) } else { l.tok.chat_prompt(p) }
+                .map_err(|e| Error::format(file, format!("line {line}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some((line, _, _)) = recs.iter().zip(&ids).find(|(_, t)| t.is_empty()).map(|(r, _)| r) {
+        return Err(Error::format(file, format!("line {line}: the prompt has no tokens")));
+    }
+    let which: Vec<i32> = recs.iter().map(|r| r.1).collect();
+    let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
+    let outs = if hosts.is_empty() {
+        l.model.generate_batch(be, None, &ids, max_new, &stop)?
+    } else {
+        let multi = wegeft::model::llama::MultiAdapter::upload(be, &l.model.dims, &hosts)?;
+        l.model.generate_multi(be, &multi, &ids, &which, max_new, &stop)?
+    };
+    for ((line, a, _), out) in recs.iter().zip(outs) {
+        let adapter = usize::try_from(*a).ok().map(|k| paths[k].display().to_string());
+        let completion = l.tok.decode(&out, true)?;
+        println!("{}", serde_json::json!({"line": line, "adapter": adapter, "completion": completion, "tokens": out}));
+    }
+    Ok(())
 }

@@ -234,6 +234,33 @@ impl Backend for Cpu {
         Ok(layer::Saved { u, c })
     }
 
+    fn wegeft_multi_forward(
+        &self,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        phi: &Vec<f32>,
+        psi: &Vec<f32>,
+        scales: &[f32],
+        adapter_of_row: &[i32],
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        crate::backend::check_multi(self, rows, d_in, d_out, rank, x, w, phi, psi, scales, adapter_of_row, y)?;
+        let ad = crate::cpu::multi::MultiAdapters::new(phi, psi, scales, d_in, rank)?;
+        crate::cpu::multi::wegeft_multi_forward(
+            Mat::new("x", x, rows, d_in)?,
+            Mat::new("W", w, d_out, d_in)?,
+            None,
+            &ad,
+            adapter_of_row,
+            crate::cpu::multi::MultiPath::Auto,
+            MatMut::new("y", y, rows, d_out)?,
+        )
+    }
+
     fn wegeft_backward(
         &self,
         s: LayerShape,

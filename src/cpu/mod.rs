@@ -9,12 +9,15 @@
 //!   cross-entropy), each forward paired with its backward;
 //! * [`attention`]: training-time attention as per-head GEMMs and SwiGLU with a vectorizable
 //!   exponential (faster twins of the [`ops`] versions, tested against them);
+//! * [`multi`]: many adapters in one batch (per-token adapter indices, the input-side edit
+//!   `h = x + s (x psi_a^T) phi_a^T` then one shared GEMM);
 //! * [`backend`]: [`Cpu`], the [`crate::backend::Backend`] on host memory.
 
 pub mod attention;
 pub mod backend;
 pub mod gemm;
 pub mod layer;
+pub mod multi;
 pub mod ops;
 mod scratch;
 

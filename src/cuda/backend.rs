@@ -557,6 +557,43 @@ impl Backend for Gpu {
         }
     }
 
+    /// Many adapters in one batch on the device: `h = x + s_a (x psi_a^T) phi_a^T` per row by
+    /// `multi_edit_f32` (f32, the adapter stacks' dtype), then the one frozen product
+    /// `y = h W^T` as [`Backend::linear_forward`] runs it.
+    #[allow(clippy::too_many_arguments)]
+    fn wegeft_multi_forward(
+        &self,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        x: &GpuBuf,
+        w: &GpuBuf,
+        phi: &GpuBuf,
+        psi: &GpuBuf,
+        scales: &[f32],
+        adapter_of_row: &[i32],
+        y: &mut GpuBuf,
+    ) -> Result<()> {
+        crate::backend::check_multi(self, rows, d_in, d_out, rank, x, w, phi, psi, scales, adapter_of_row, y)?;
+        need_f32("x", x, rows * d_in)?;
+        need_f32("phi", phi, scales.len() * d_in * rank)?;
+        need_f32("psi", psi, scales.len() * rank * d_in)?;
+        // The index vector travels as 4-byte elements (the buffer's dtype only sizes it).
+        let idx = self.upload_raw(DType::F32, adapter_of_row)?;
+        let sc = self.upload_raw(DType::F32, scales)?;
+        let h = self.alloc(DType::F32, rows * d_in)?;
+        // SAFETY: every buffer is live on this stream with the checked length; check_multi
+        // checked every index against the number of adapters; `h` is fresh.
+        unsafe {
+            self.dev.multi_edit_raw(
+                DType::F32, self.stream(), rows, d_in, rank, scales.len(), x.ptr, d_in, idx.ptr, phi.ptr, psi.ptr, sc.ptr,
+                h.ptr, d_in,
+            )?;
+        }
+        self.linear_forward(&h, w, rows, d_in, d_out, y)
+    }
+
     fn linear_backward(
         &self,
         g: &GpuBuf,

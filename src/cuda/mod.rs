@@ -15,6 +15,9 @@
 //!   (bf16 frozen weights, f32 activations and adapter state), over the kernels of
 //!   `kernels/{embedding,rmsnorm,rope,swiglu,xent,adamw,elementwise}.cu` and `kernels/attention.cu` ([`attention`]).
 //!
+//! * [`multi`]: many adapters in one batch (`multi_edit_T`, the per-token input edit, then
+//!   one frozen GEMM).
+//!
 //! The math is the one of [`crate::reference`]; see [`layer`] for the formulas.
 //!
 //! # The fused K-extended GEMM ([`gemm`])
@@ -56,6 +59,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod layer;
 mod mem;
+pub mod multi;
 mod product;
 
 pub use backend::{Gpu, GpuBuf, GpuSaved};

@@ -264,6 +264,97 @@ impl HostAdapter {
     }
 }
 
+/// One stack of the adapters that target a site: every member's `phi_a` (`d_in x rank`) and
+/// `psi_a` (`rank x d_in`), zero-padded to the largest member rank (the padding adds exact
+/// zeros to `u` and to the edit), stacked `members x d_in x rank` / `members x rank x d_in`.
+pub struct MultiStack<B: Backend> {
+    pub rank: usize,
+    pub phi: B::Buf,
+    pub psi: B::Buf,
+    /// `s_a` of each member.
+    pub scales: Vec<f32>,
+    /// `slot[a]`: adapter `a`'s member index in this stack, `-1` when `a` does not target it.
+    pub slot: Vec<i32>,
+}
+
+/// Several adapters on one base model, for batched inference where each sequence uses its own
+/// adapter (or none): per `(layer, module)` site, the stack of the adapters' pairs for
+/// [`Backend::wegeft_multi_forward`]. Sites whose adapters use the same pairs (a pair shared by
+/// layers) share one stack.
+pub struct MultiAdapter<B: Backend> {
+    /// `A`, the number of adapters.
+    pub count: usize,
+    pub stacks: Vec<MultiStack<B>>,
+    /// `sites[layer][module]`: index into `stacks`, `None` where no adapter targets the site.
+    pub sites: Vec<[Option<usize>; 7]>,
+}
+
+impl<B: Backend> MultiAdapter<B> {
+    /// Stacks `adapters` (each checked against `dims`; ranks and scales may differ) on the
+    /// backend. Adapter `a` is index `a` of [`Llama::generate_multi`] and friends.
+    pub fn upload(be: &B, dims: &Dims, adapters: &[HostAdapter]) -> Result<Self> {
+        if adapters.is_empty() {
+            return Err(Error::ZeroDim { what: "adapters" });
+        }
+        for (a, h) in adapters.iter().enumerate() {
+            h.check(dims).map_err(|e| Error::invalid("adapters", format!("adapter {a}: {e}")))?;
+        }
+        let mut keys: Vec<Vec<Option<usize>>> = Vec::new();
+        let mut stacks = Vec::new();
+        let mut sites = vec![[None; 7]; dims.layers];
+        for (l, row) in sites.iter_mut().enumerate() {
+            for (m, site) in row.iter_mut().enumerate() {
+                let key: Vec<Option<usize>> = adapters.iter().map(|h| h.sites[l][m]).collect();
+                if key.iter().all(|k| k.is_none()) {
+                    continue;
+                }
+                if let Some(i) = keys.iter().position(|k| *k == key) {
+                    *site = Some(i);
+                    continue;
+                }
+                let (d_in, _) = dims.module_dims(m);
+                let rank = adapters.iter().zip(&key).filter(|(_, k)| k.is_some()).map(|(h, _)| h.rank).max().unwrap_or(1);
+                let (mut phi, mut psi, mut scales, mut slot) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for (h, k) in adapters.iter().zip(&key) {
+                    let Some(p) = *k else {
+                        slot.push(-1);
+                        continue;
+                    };
+                    slot.push(scales.len() as i32);
+                    scales.push(h.scale);
+                    let (_, ph, ps) = &h.pairs[p];
+                    let r = h.rank;
+                    for i in 0..d_in {
+                        phi.extend_from_slice(&ph[i * r..(i + 1) * r]);
+                        phi.extend(std::iter::repeat(0.0).take(rank - r));
+                    }
+                    psi.extend_from_slice(ps);
+                    psi.extend(std::iter::repeat(0.0).take((rank - r) * d_in));
+                }
+                stacks.push(MultiStack { rank, phi: be.upload_vec(phi)?, psi: be.upload_vec(psi)?, scales, slot });
+                keys.push(key);
+                *site = Some(stacks.len() - 1);
+            }
+        }
+        Ok(MultiAdapter { count: adapters.len(), stacks, sites })
+    }
+}
+
+/// Which adapters a forward pass uses: one (or none) for every row, or one per sequence.
+enum Adapt<'a, B: Backend> {
+    One(Option<&'a Adapter<B>>),
+    /// Per-sequence adapter indices into the stacks (`-1`: none) in [`Llama::run`]; per row in
+    /// `proj_forward`.
+    Multi(&'a MultiAdapter<B>, &'a [i32]),
+}
+
+impl<B: Backend> Clone for Adapt<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Adapt<'_, B> {}
+
 impl<B: Backend> Adapter<B> {
     /// The adapter, back on the host.
     pub fn download(&self, be: &B) -> Result<HostAdapter> {
@@ -499,12 +590,28 @@ impl<B: Backend> Llama<B> {
         m: usize,
         x: &B::Buf,
         rows: usize,
-        adapter: Option<&Adapter<B>>,
+        adapter: Adapt<'_, B>,
         save: bool,
     ) -> Result<(B::Buf, Option<B::Saved>)> {
         let (d_in, d_out) = self.dims.module_dims(m);
         let w = &self.layers[l].proj[m];
         let mut y = be.zeros(rows * d_out)?;
+        let adapter = match adapter {
+            Adapt::One(a) => a,
+            Adapt::Multi(ma, row_idx) => {
+                if let Some(si) = ma.sites[l][m] {
+                    let st = &ma.stacks[si];
+                    let idx: Vec<i32> = row_idx.iter().map(|&a| if a < 0 { -1 } else { st.slot[a as usize] }).collect();
+                    if idx.iter().any(|&a| a >= 0) {
+                        be.wegeft_multi_forward(
+                            rows, d_in, d_out, st.rank, x, w, &st.phi, &st.psi, &st.scales, &idx, &mut y,
+                        )?;
+                        return Ok((y, None));
+                    }
+                }
+                None
+            }
+        };
         if let Some(a) = adapter {
             if let Some(p) = a.sites[l][m] {
                 let pair = &a.pairs[p];
@@ -558,7 +665,7 @@ impl<B: Backend> Llama<B> {
     fn run(
         &self,
         be: &B,
-        adapter: Option<&Adapter<B>>,
+        adapter: Adapt<'_, B>,
         ids: &[u32],
         batch: usize,
         seq: usize,
@@ -571,6 +678,23 @@ impl<B: Backend> Llama<B> {
         let mut x = be.zeros(rows * d.hidden)?;
         be.embedding_forward(&self.embed, d.vocab, d.hidden, ids, &mut x)?;
         let save = matches!(mode, Mode::Full { save: true });
+        // Multi: per-sequence indices to per-row ones.
+        let row_idx: Vec<i32> = match adapter {
+            Adapt::Multi(_, seq_idx) => {
+                if seq_idx.len() != batch || rows != batch * seq {
+                    return Err(Error::invalid(
+                        "adapter_of_seq",
+                        format!("{} indices for {batch} sequences of {seq} tokens", seq_idx.len()),
+                    ));
+                }
+                seq_idx.iter().flat_map(|&a| std::iter::repeat(a).take(seq)).collect()
+            }
+            Adapt::One(_) => Vec::new(),
+        };
+        let adapter = match adapter {
+            Adapt::Multi(ma, _) => Adapt::Multi(ma, &row_idx),
+            one => one,
+        };
         let mut acts = Vec::new();
         for l in 0..d.layers {
             let layer = &self.layers[l];
@@ -687,7 +811,7 @@ impl<B: Backend> Llama<B> {
             return Err(Error::invalid("batch", "no labelled positions"));
         }
         let (hn, _, _, _) =
-            self.run(be, adapter, &batch.ids, batch.batch, batch.seq, &batch.positions(), Mode::Full { save: false })?;
+            self.run(be, Adapt::One(adapter), &batch.ids, batch.batch, batch.seq, &batch.positions(), Mode::Full { save: false })?;
         let sum = be.lm_head_loss(&hn, self.head(), self.dims.hidden, self.dims.vocab, &batch.labels, None)?;
         Ok(sum / n as f32)
     }
@@ -699,7 +823,7 @@ impl<B: Backend> Llama<B> {
         batch.check(self.dims.vocab)?;
         self.check_adapter(be, adapter)?;
         let (hn, _, _, _) =
-            self.run(be, adapter, &batch.ids, 1, ids.len(), &batch.positions(), Mode::Full { save: false })?;
+            self.run(be, Adapt::One(adapter), &batch.ids, 1, ids.len(), &batch.positions(), Mode::Full { save: false })?;
         let mut logits = be.zeros(ids.len() * self.dims.vocab)?;
         be.logits(&hn, self.head(), ids.len(), self.dims.hidden, self.dims.vocab, &mut logits)?;
         let loss = if ids.len() > 1 {
@@ -743,7 +867,7 @@ impl<B: Backend> Llama<B> {
         let positions = batch.positions();
         let a = Some(adapter);
         let (hn, xf, rstdf, acts) =
-            self.run(be, a, &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
+            self.run(be, Adapt::One(a), &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
         let mut dhn = be.zeros(rows * d.hidden)?;
         let sum =
             be.lm_head_loss(&hn, self.head(), d.hidden, d.vocab, &batch.labels, Some((&mut dhn, 1.0 / n as f32)))?;
@@ -833,11 +957,65 @@ impl<B: Backend> Llama<B> {
         ids: &[u32],
         cache: &mut KvCache<B>,
     ) -> Result<Vec<f32>> {
+        self.check_adapter(be, adapter)?;
+        self.forward_cached_with(be, Adapt::One(adapter), ids, cache)
+    }
+
+    /// [`Llama::forward_cached`] with several adapters: sequence `b` of the cache runs with
+    /// adapter `adapter_of_seq[b]` of `multi` (`-1`: the base model). Each sequence's logits
+    /// equal those of [`Llama::forward_cached`] with that adapter alone.
+    pub fn forward_cached_multi(
+        &self,
+        be: &B,
+        multi: &MultiAdapter<B>,
+        adapter_of_seq: &[i32],
+        ids: &[u32],
+        cache: &mut KvCache<B>,
+    ) -> Result<Vec<f32>> {
+        self.check_multi(be, multi, adapter_of_seq, "adapter_of_seq")?;
+        if adapter_of_seq.len() != cache.batch {
+            return Err(Error::Len { arg: "adapter_of_seq", expected: cache.batch, got: adapter_of_seq.len() });
+        }
+        self.forward_cached_with(be, Adapt::Multi(multi, adapter_of_seq), ids, cache)
+    }
+
+    fn check_multi(&self, be: &B, multi: &MultiAdapter<B>, idx: &[i32], arg: &'static str) -> Result<()> {
+        if multi.sites.len() != self.dims.layers {
+            return Err(Error::invalid(
+                "multi adapter",
+                format!("{} layers of sites, model has {}", multi.sites.len(), self.dims.layers),
+            ));
+        }
+        for row in &multi.sites {
+            for (m, si) in row.iter().enumerate() {
+                let Some(si) = si else { continue };
+                let (d_in, _) = self.dims.module_dims(m);
+                let ok = multi.stacks.get(*si).map(|st| {
+                    let n = st.scales.len() * d_in * st.rank;
+                    st.slot.len() == multi.count && be.len(&st.phi) == n && be.len(&st.psi) == n
+                });
+                if ok != Some(true) {
+                    return Err(Error::invalid(
+                        "multi adapter",
+                        format!("site {} points at a missing or mis-sized stack {si}", MODULES[m]),
+                    ));
+                }
+            }
+        }
+        if let Some((i, a)) = idx.iter().enumerate().find(|(_, &a)| a < -1 || a >= multi.count as i32) {
+            return Err(Error::invalid(
+                arg,
+                format!("entry {i} names adapter {a}; valid are 0..{} and -1 (none)", multi.count),
+            ));
+        }
+        Ok(())
+    }
+
+    fn forward_cached_with(&self, be: &B, adapter: Adapt<'_, B>, ids: &[u32], cache: &mut KvCache<B>) -> Result<Vec<f32>> {
         let batch = cache.batch;
         if ids.is_empty() || ids.len() % batch != 0 {
             return Err(Error::invalid("ids", format!("{} ids for a cache of {batch} sequences", ids.len())));
         }
-        self.check_adapter(be, adapter)?;
         if let Some(&id) = ids.iter().find(|&&i| i as usize >= self.dims.vocab) {
             return Err(Error::invalid(
                 "ids",
@@ -899,6 +1077,40 @@ impl<B: Backend> Llama<B> {
         max_new: usize,
         stop: &[u32],
     ) -> Result<Vec<Vec<u32>>> {
+        self.check_adapter(be, adapter)?;
+        self.generate_with(be, None, adapter, prompts, max_new, stop)
+    }
+
+    /// Greedy decoding of many prompts, prompt `i` with adapter `adapter_of_prompt[i]` of
+    /// `multi` (`-1`: the base model). Prompts of equal length run together (up to 64 at a
+    /// time, whatever their adapters) through one batched KV cache, every projection one
+    /// [`Backend::wegeft_multi_forward`]. The same tokens as [`Llama::generate`] with each
+    /// prompt's adapter alone.
+    pub fn generate_multi(
+        &self,
+        be: &B,
+        multi: &MultiAdapter<B>,
+        prompts: &[Vec<u32>],
+        adapter_of_prompt: &[i32],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        if adapter_of_prompt.len() != prompts.len() {
+            return Err(Error::Len { arg: "adapter_of_prompt", expected: prompts.len(), got: adapter_of_prompt.len() });
+        }
+        self.check_multi(be, multi, adapter_of_prompt, "adapter_of_prompt")?;
+        self.generate_with(be, Some((multi, adapter_of_prompt)), None, prompts, max_new, stop)
+    }
+
+    fn generate_with(
+        &self,
+        be: &B,
+        multi: Option<(&MultiAdapter<B>, &[i32])>,
+        adapter: Option<&Adapter<B>>,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
         let mut out = vec![Vec::new(); prompts.len()];
         if max_new == 0 {
             return Ok(out);
@@ -914,9 +1126,14 @@ impl<B: Backend> Llama<B> {
         for (len, idx) in by_len {
             for group in idx.chunks(64) {
                 let b = group.len();
+                let seq_idx: Vec<i32> = multi.map(|(_, ix)| group.iter().map(|&i| ix[i]).collect()).unwrap_or_default();
+                let adapt = match multi {
+                    Some((m, _)) => Adapt::Multi(m, &seq_idx),
+                    None => Adapt::One(adapter),
+                };
                 let mut cache = self.new_cache(be, b, len + max_new)?;
                 let ids: Vec<u32> = group.iter().flat_map(|&i| prompts[i].iter().copied()).collect();
-                let mut logits = self.forward_cached(be, adapter, &ids, &mut cache)?;
+                let mut logits = self.forward_cached_with(be, adapt, &ids, &mut cache)?;
                 let mut done = vec![false; b];
                 for step in 0..max_new {
                     let next: Vec<u32> = (0..b).map(|j| argmax(&logits[j * v..(j + 1) * v]) as u32).collect();
@@ -929,7 +1146,7 @@ impl<B: Backend> Llama<B> {
                     if done.iter().all(|&d| d) || step + 1 == max_new {
                         break;
                     }
-                    logits = self.forward_cached(be, adapter, &next, &mut cache)?;
+                    logits = self.forward_cached_with(be, adapt, &next, &mut cache)?;
                 }
             }
         }

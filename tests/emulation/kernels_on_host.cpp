@@ -75,6 +75,7 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
 #define __launch_bounds__(x)
 #include "lowrank.cu"
 #include "merge.cu"
+#include "multi.cu"
 
 template <typename F>
 void launch(dim3e grid, F f) {
@@ -157,6 +158,44 @@ void test(const char* name, void (*k)(const TA*, long long, const TB*, long long
     printf("%-22s M=%3d N=%3d K=%4d split=%d beta=%g bias=%d p=%.2f  worst %.2e pad %s  %s\n", name, M, N, K, ksplit, beta, bias, p, worst, pad_ok ? "ok" : "WRITTEN", ok ? "ok" : "FAIL");
 }
 
+// multi_edit (kernels/multi.cu): h_t = x_t + s_a (x_t psi_a^T) phi_a^T per token, a = idx[t]
+// (a < 0: h_t = x_t), one block per token; strided x and h, padding untouched.
+template <typename T>
+void test_multi(const char* name, void (*k)(const T*, long long, const int*, const T*, const T*, const float*, int, int, T*, long long),
+                int tokens, int d_in, int r, int A) {
+    long long ldx = d_in + 3, ldh = d_in + 1;
+    std::vector<T> x(tokens * ldx), phi((size_t)A * d_in * r), psi((size_t)A * r * d_in), h(tokens * ldh);
+    std::vector<double> xh(x.size()), phih(phi.size()), psih(psi.size());
+    std::vector<float> sc(A);
+    std::vector<int> idx(tokens);
+    for (size_t i = 0; i < x.size(); ++i) { x[i] = wegeft::from_f32<T>((float)rnd()); xh[i] = wegeft::to_f32(x[i]); }
+    for (size_t i = 0; i < phi.size(); ++i) { phi[i] = wegeft::from_f32<T>((float)(0.2 * rnd())); phih[i] = wegeft::to_f32(phi[i]); }
+    for (size_t i = 0; i < psi.size(); ++i) { psi[i] = wegeft::from_f32<T>((float)(0.2 * rnd())); psih[i] = wegeft::to_f32(psi[i]); }
+    for (int a = 0; a < A; ++a) sc[a] = a % 2 ? 2.0f : -0.5f;
+    for (int t = 0; t < tokens; ++t) idx[t] = (t * 7 + 3) % (A + 1) - 1;
+    for (auto& v : h) v = wegeft::from_f32<T>(NAN);
+    launch(dim3e{(unsigned)tokens, 1, 1}, [&] { k(x.data(), ldx, idx.data(), phi.data(), psi.data(), sc.data(), d_in, r, h.data(), ldh); });
+    double worst = 0; bool pad_ok = true;
+    for (int t = 0; t < tokens; ++t) {
+        int a = idx[t];
+        std::vector<double> u(r, 0.0);
+        if (a >= 0) for (int j = 0; j < r; ++j) for (int kk = 0; kk < d_in; ++kk)
+            u[j] += xh[t * ldx + kk] * psih[((size_t)a * r + j) * d_in + kk];
+        for (int kk = 0; kk < d_in; ++kk) {
+            double want = xh[t * ldx + kk];
+            if (a >= 0) { double acc = 0; for (int j = 0; j < r; ++j) acc += u[j] * phih[((size_t)a * d_in + kk) * r + j]; want += sc[a] * acc; }
+            double g = wegeft::to_f32(h[t * ldh + kk]);
+            double e = fabs(g - want) / std::max(1.0, fabs(want));
+            if (!(e <= worst)) worst = e;
+        }
+        for (long long kk = d_in; kk < ldh && t + 1 < tokens; ++kk) if (!std::isnan(wegeft::to_f32(h[t * ldh + kk]))) pad_ok = false;
+    }
+    double tol = sizeof(T) == 4 ? 1e-5 : 1e-2;
+    bool ok = worst <= tol && pad_ok;
+    if (!ok) fails++;
+    printf("%-22s T=%3d d_in=%4d r=%3d A=%d  worst %.2e pad %s  %s\n", name, tokens, d_in, r, A, worst, pad_ok ? "ok" : "WRITTEN", ok ? "ok" : "FAIL");
+}
+
 int main() {
     // The product kernels, in the configurations the launchers use (see layer.rs).
     test("lowrank_u_f32", lowrank_u_f32, splitk_reduce_f32, false, true, false, 70, 37, 300, 1, 1.f, 0.f, false, 0.f);
@@ -183,6 +222,11 @@ int main() {
     test("lowrank_addmm_nt_f16(tc)", lowrank_addmm_nt_f16, splitk_reduce_f16, false, true, false, 130, 70, 24, 1, 1.f, 1.f, true, 0.f);
     test("merge_bf16(tc)", merge_bf16, splitk_reduce_bf16, false, false, false, 130, 70, 9, 1, 1.f, 1.f, false, 0.f);
     test("unmerge_f16", unmerge_f16, splitk_reduce_f16, false, false, false, 71, 83, 8, 1, -1.f, 1.f, false, 0.f);
+    // The multi-adapter input edit: ranks below, at and above one chunk of 8, up to 64.
+    test_multi<float>("multi_edit_f32", multi_edit_f32, 9, 300, 9, 3);
+    test_multi<bf16>("multi_edit_bf16", multi_edit_bf16, 7, 577, 8, 4);
+    test_multi<f16>("multi_edit_f16", multi_edit_f16, 5, 70, 1, 2);
+    test_multi<float>("multi_edit_f32(r64)", multi_edit_f32, 4, 520, 64, 5);
     // The device hash (common.cuh) for the Rust mirror to compare against.
     const uint64_t seeds[3] = {0, 42, 0xDEADBEEFull};
     for (uint64_t s : seeds)
