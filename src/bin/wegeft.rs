@@ -351,6 +351,11 @@ fn run(cmd: Cmd) -> Result<()> {
                 (None, Some(t)) => t,
                 (None, None) => return Err(Error::invalid("score", "give --text or --tokens")),
             };
+            let ctx = l.weights_config.max_position_embeddings;
+            if ids.len() > ctx {
+                let msg = format!("{} tokens are longer than the model's context of {ctx}", ids.len());
+                return Err(Error::invalid("--text/--tokens", msg));
+            }
             let ad =
                 host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(&Cpu, &l.model.dims)).transpose()?;
             let (logits, loss) = l.model.score(&Cpu, ad.as_ref(), &ids)?;
@@ -507,7 +512,11 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             // The examples.
             let examples: Vec<Example> = match (&data, task) {
-                (Some(path), _) => data::read_jsonl(path, Some(&l.tok), seq)?,
+                (Some(path), _) => {
+                    let ex = data::read_jsonl(path, Some(&l.tok), seq)?;
+                    data::check_ids(path, &ex, dims.vocab)?;
+                    ex
+                }
                 (None, Some(Task::Arithmetic)) => arithmetic::problems(Split::Train, seed, steps * batch)?
                     .iter()
                     .map(|p| {

@@ -131,6 +131,20 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8], enc: Option<&dyn Encode>, seq: usi
     Ok(out)
 }
 
+/// Checks that every token id of `examples` (read from `path`) is below `vocab`: an error
+/// names the file, the record (counted from 1, blank lines skipped) and the id.
+pub fn check_ids(path: &Path, examples: &[Example], vocab: usize) -> Result<()> {
+    for (i, e) in examples.iter().enumerate() {
+        if let Some(&id) = e.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::format(
+                path,
+                format!("record {}: token id {id} is outside the model's vocabulary of {vocab}", i + 1),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A batch of examples, right-padded with `pad` to the longest: `labels[t] = ids[t+1]` where
 /// `ids[t+1]` is a target, `-1` elsewhere.
 pub fn make_batch(examples: &[&Example], pad: u32) -> Result<Batch> {
