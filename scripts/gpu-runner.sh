@@ -13,7 +13,8 @@
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
-#   memcheck / racecheck / initcheck (90 / 60 / 60)  compute-sanitizer on cuda_layer sanitize_*
+#   memcheck / racecheck / initcheck (90 / 120 / 90)  compute-sanitizer on cuda_layer sanitize_*
+#                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge, dropout)
 #
 # Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
 # Logs: /tmp/gpu-pack-run.*/logs/NAME.log (the path is printed at the end); with $OUT set
@@ -152,8 +153,10 @@ if [ -n "$sanitizer" ]; then
   [ -x "$bin/gemm_kext_check" ] && step gemm_memcheck 90 "${san[@]}" --tool memcheck --leak-check no "$bin/gemm_kext_check" --small
   if [ -x "$bin/cuda_layer" ]; then
     step memcheck 90 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_layer" sanitize_ --test-threads=1
-    step racecheck 60 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_bf16 --test-threads=1
-    step initcheck 60 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_f32 --test-threads=1
+    # Every dtype under every tool: the f32 fused GEMM (fm::) and the bf16/f16 tensor-core and
+    # sm90 ones are different code, and each kernel is instantiated per dtype.
+    step racecheck 120 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_ --test-threads=1
+    step initcheck 90 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_ --test-threads=1
   fi
 else
   for s in gemm_memcheck memcheck racecheck initcheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
