@@ -244,3 +244,45 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     assert!(!out2.exists(), "{} left behind", out2.display());
     let _ = std::fs::remove_dir_all(&st.dir);
 }
+
+/// The library side: a save/load round trip is exact; a torn or altered file is refused
+/// naming it; a temporary file left by a killed save is ignored by `load` and removed by the
+/// next `save`.
+#[test]
+fn checkpoint_file_round_trip_and_damage() {
+    let st = setup("lib");
+    let b = st.dir.join("b");
+    ok(&args(&st, &b, "3", &["--save-every", "3", "--shuffle"]));
+    let dir = b.join("checkpoint");
+    let c = Checkpoint::load(&dir).unwrap();
+    assert_eq!((c.step, c.params.len()), (3, 3));
+    assert!(c.v.iter().all(|(a, b)| a.iter().chain(b).any(|&x| x > 0.0)), "second moments are zero");
+    let copy = st.dir.join("copy");
+    c.save(&copy).unwrap();
+    assert_eq!(Checkpoint::load(&copy).unwrap(), c);
+    let file = Checkpoint::file(&copy);
+    let bytes = read(&file);
+    // A stale temporary file of a killed save: load ignores it, save removes it.
+    let stale = copy.join(".checkpoint.safetensors.tmp999999");
+    std::fs::write(&stale, &bytes[..bytes.len() / 3]).unwrap();
+    assert_eq!(Checkpoint::load(&copy).unwrap(), c);
+    c.save(&copy).unwrap();
+    assert!(!stale.exists());
+    // Torn: every cut is an error naming the file.
+    for cut in [0, 7, 8, 100, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&file, &bytes[..cut]).unwrap();
+        let e = Checkpoint::load(&copy).unwrap_err().to_string();
+        assert!(e.contains("checkpoint.safetensors"), "cut {cut}: {e}");
+    }
+    // A NaN moment.
+    let mut bad = c.clone();
+    bad.v[1].0[0] = f32::NAN;
+    bad.save(&copy).unwrap();
+    let e = Checkpoint::load(&copy).unwrap_err().to_string();
+    assert!(e.contains("adamw.v.1.phi") && e.contains("not finite"), "{e}");
+    // Inconsistent lengths are refused before writing.
+    let mut bad = c.clone();
+    bad.m[0].1.pop();
+    assert!(bad.save(&st.dir.join("never")).is_err());
+    let _ = std::fs::remove_dir_all(&st.dir);
+}
