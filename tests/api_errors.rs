@@ -33,7 +33,11 @@ fn fixture() -> &'static Fixture {
         let g = GgufFile::from_bytes("tiny.gguf", tiny::gguf_bytes()).unwrap();
         let host = HostWeights::from_llama(LlamaWeights::from_gguf_file(&g).unwrap()).unwrap();
         let model = Llama::new(&Cpu, &host).unwrap();
-        Fixture { model, host, tok: Tokenizer::from_gguf_file(&g).unwrap() }
+        Fixture {
+            model,
+            host,
+            tok: Tokenizer::from_gguf_file(&g).unwrap(),
+        }
     })
 }
 

@@ -14,12 +14,19 @@ use std::time::{Duration, Instant};
 use wegeft::train::checkpoint::Checkpoint;
 
 fn wegeft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().expect("run wegeft")
+    Command::new(env!("CARGO_BIN_EXE_wegeft"))
+        .args(args)
+        .output()
+        .expect("run wegeft")
 }
 
 fn ok(args: &[&str]) -> Output {
     let out = wegeft(args);
-    assert!(out.status.success(), "wegeft {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "wegeft {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -56,8 +63,25 @@ fn s(p: &Path) -> &str {
 /// (so 4 steps wrap an epoch), seq 16, then `extra`.
 fn args<'a>(st: &'a Setup, out: &'a Path, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
-        "finetune", "--model", s(&st.model), "--data", s(&st.data), "--rank", "2", "--targets",
-        "q_proj,v_proj,down_proj", "--lr", "1e-2", "--batch", "3", "--seq", "16", "--steps", steps, "--out", s(out),
+        "finetune",
+        "--model",
+        s(&st.model),
+        "--data",
+        s(&st.data),
+        "--rank",
+        "2",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "--lr",
+        "1e-2",
+        "--batch",
+        "3",
+        "--seq",
+        "16",
+        "--steps",
+        steps,
+        "--out",
+        s(out),
     ];
     a.extend_from_slice(extra);
     a
@@ -71,7 +95,10 @@ fn read(p: &Path) -> Vec<u8> {
 /// same metadata (the header's key order follows a `HashMap`, so the files' bytes may differ).
 fn same_safetensors(a: &Path, b: &Path) -> bool {
     let (ba, bb) = (read(a), read(b));
-    let (sa, sb) = (safetensors::SafeTensors::deserialize(&ba).unwrap(), safetensors::SafeTensors::deserialize(&bb).unwrap());
+    let (sa, sb) = (
+        safetensors::SafeTensors::deserialize(&ba).unwrap(),
+        safetensors::SafeTensors::deserialize(&bb).unwrap(),
+    );
     let (mut na, mut nb) = (sa.names(), sb.names());
     na.sort();
     nb.sort();
@@ -87,9 +114,19 @@ fn same_safetensors(a: &Path, b: &Path) -> bool {
 #[test]
 fn two_plus_two_steps_equal_four_bitwise() {
     let st = setup("resume");
-    for (tag, extra) in [("plain", vec![]), ("shuffle", vec!["--shuffle", "--seed", "5", "--dropout", "0.2"])] {
-        let (a, b, c) = (st.dir.join(format!("a-{tag}")), st.dir.join(format!("b-{tag}")), st.dir.join(format!("c-{tag}")));
-        let (la, lb) = (st.dir.join(format!("a-{tag}.jsonl")), st.dir.join(format!("bc-{tag}.jsonl")));
+    for (tag, extra) in [
+        ("plain", vec![]),
+        ("shuffle", vec!["--shuffle", "--seed", "5", "--dropout", "0.2"]),
+    ] {
+        let (a, b, c) = (
+            st.dir.join(format!("a-{tag}")),
+            st.dir.join(format!("b-{tag}")),
+            st.dir.join(format!("c-{tag}")),
+        );
+        let (la, lb) = (
+            st.dir.join(format!("a-{tag}.jsonl")),
+            st.dir.join(format!("bc-{tag}.jsonl")),
+        );
         let mut e = extra.clone();
         e.extend(["--save-every", "4", "--log-json", s(&la)]);
         ok(&args(&st, &a, "4", &e));
@@ -102,12 +139,26 @@ fn two_plus_two_steps_equal_four_bitwise() {
         ok(&args(&st, &c, "4", &e));
         // The adapter, the whole checkpoint (adapter, AdamW moments, step, data position) and
         // the losses: bitwise the same.
-        assert!(same_safetensors(&a.join("adapter.safetensors"), &c.join("adapter.safetensors")), "{tag}: adapters differ");
-        let (ca, cc) = (Checkpoint::load(&a.join("checkpoint")).unwrap(), Checkpoint::load(&c.join("checkpoint")).unwrap());
+        assert!(
+            same_safetensors(&a.join("adapter.safetensors"), &c.join("adapter.safetensors")),
+            "{tag}: adapters differ"
+        );
+        let (ca, cc) = (
+            Checkpoint::load(&a.join("checkpoint")).unwrap(),
+            Checkpoint::load(&c.join("checkpoint")).unwrap(),
+        );
         assert_eq!(ca.step, 4);
         assert_eq!(ca, cc, "{tag}: checkpoints differ");
-        assert_ne!(ca.params, Checkpoint::load(&bck).unwrap().params, "{tag}: steps 3-4 changed nothing");
-        assert_eq!(std::fs::read_to_string(&la).unwrap(), std::fs::read_to_string(&lb).unwrap(), "{tag}: losses differ");
+        assert_ne!(
+            ca.params,
+            Checkpoint::load(&bck).unwrap().params,
+            "{tag}: steps 3-4 changed nothing"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&la).unwrap(),
+            std::fs::read_to_string(&lb).unwrap(),
+            "{tag}: losses differ"
+        );
         assert_eq!(std::fs::read_to_string(&la).unwrap().lines().count(), 4);
     }
     let _ = std::fs::remove_dir_all(&st.dir);
@@ -121,7 +172,10 @@ fn resume_refuses_a_different_run() {
     let ck = b.join("checkpoint");
     let c = st.dir.join("c");
     let e = fails(&args(&st, &c, "4", &["--resume", s(&ck), "--rank", "3"]));
-    assert!(e.contains("adapter.rank was 2, now 3") && e.contains("checkpoint.safetensors"), "{e}");
+    assert!(
+        e.contains("adapter.rank was 2, now 3") && e.contains("checkpoint.safetensors"),
+        "{e}"
+    );
     let e = fails(&args(&st, &c, "4", &["--resume", s(&ck), "--lr", "0.5"]));
     assert!(e.contains("optim.lr"), "{e}");
     let mut a = args(&st, &c, "4", &["--resume", s(&ck)]);
@@ -198,7 +252,11 @@ fn sigkill_during_saves_leaves_a_checkpoint_that_resumes() {
         }
         if child.try_wait().unwrap().is_some() {
             let o = child.wait_with_output().unwrap();
-            assert!(o.status.success(), "round {round}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             break; // finished before the kill
         }
         child.kill().unwrap(); // SIGKILL
@@ -210,8 +268,14 @@ fn sigkill_during_saves_leaves_a_checkpoint_that_resumes() {
         }
     }
     assert!(kills >= 3, "only {kills} runs were killed before finishing");
-    assert!(loaded_steps.iter().any(|&k| k > 0), "no checkpoint was written before the kills: {loaded_steps:?}");
-    assert!(loaded_steps.windows(2).all(|w| w[0] <= w[1]), "checkpoints went back: {loaded_steps:?}");
+    assert!(
+        loaded_steps.iter().any(|&k| k > 0),
+        "no checkpoint was written before the kills: {loaded_steps:?}"
+    );
+    assert!(
+        loaded_steps.windows(2).all(|w| w[0] <= w[1]),
+        "checkpoints went back: {loaded_steps:?}"
+    );
     if Checkpoint::load(&ck).map_or(true, |c| c.step < 400) {
         ok(&{
             let mut a = args(&st, &out, steps, &["--shuffle", "--save-every", "1"]);
@@ -219,8 +283,14 @@ fn sigkill_during_saves_leaves_a_checkpoint_that_resumes() {
             a
         });
     }
-    assert!(same_safetensors(&full.join("adapter.safetensors"), &out.join("adapter.safetensors")));
-    assert_eq!(Checkpoint::load(&full.join("checkpoint")).unwrap(), Checkpoint::load(&ck).unwrap());
+    assert!(same_safetensors(
+        &full.join("adapter.safetensors"),
+        &out.join("adapter.safetensors")
+    ));
+    assert_eq!(
+        Checkpoint::load(&full.join("checkpoint")).unwrap(),
+        Checkpoint::load(&ck).unwrap()
+    );
     eprintln!("kills: {kills}, checkpoint steps after each: {loaded_steps:?}");
     let _ = std::fs::remove_dir_all(&st.dir);
 }
@@ -232,11 +302,17 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     // Weight decay 1e38 at lr 1e-2: each step multiplies phi by 1 - 1e36. Step 1 leaves it
     // finite (|phi| <~ 1e35); step 2 overflows (the loss, a gradient or phi itself).
     let e = fails(&args(&st, &out, "10", &["--weight-decay", "1e38", "--save-every", "1"]));
-    assert!(e.contains("step 2") && e.contains("last good checkpoint") && e.contains("(step 1)"), "{e}");
+    assert!(
+        e.contains("step 2") && e.contains("last good checkpoint") && e.contains("(step 1)"),
+        "{e}"
+    );
     let c = Checkpoint::load(&out.join("checkpoint")).unwrap();
     assert_eq!(c.step, 1);
     assert!(c.params.iter().all(|(a, b)| a.iter().chain(b).all(|x| x.is_finite())));
-    assert!(!out.join("adapter.safetensors").exists(), "an adapter was written after a failed run");
+    assert!(
+        !out.join("adapter.safetensors").exists(),
+        "an adapter was written after a failed run"
+    );
     // Without checkpoints: the same stop, and nothing left in --out.
     let out2 = st.dir.join("out2");
     let e = fails(&args(&st, &out2, "10", &["--weight-decay", "1e38"]));
@@ -256,7 +332,10 @@ fn checkpoint_file_round_trip_and_damage() {
     let dir = b.join("checkpoint");
     let c = Checkpoint::load(&dir).unwrap();
     assert_eq!((c.step, c.params.len()), (3, 3));
-    assert!(c.v.iter().all(|(a, b)| a.iter().chain(b).any(|&x| x > 0.0)), "second moments are zero");
+    assert!(
+        c.v.iter().all(|(a, b)| a.iter().chain(b).any(|&x| x > 0.0)),
+        "second moments are zero"
+    );
     let copy = st.dir.join("copy");
     c.save(&copy).unwrap();
     assert_eq!(Checkpoint::load(&copy).unwrap(), c);

@@ -41,10 +41,26 @@ fn small_forward_works(dev: &CudaBackend, what: &str) {
         st.clone_htod(&f(&phi)).unwrap(),
         st.clone_htod(&f(&psi)).unwrap(),
     );
-    let (mut u, mut c, mut y) =
-        (dev.alloc_zeros::<f32>(6).unwrap(), dev.alloc_zeros::<f32>(10).unwrap(), dev.alloc_zeros::<f32>(15).unwrap());
-    dev.wegeft_forward(&s, &xd, &wd, None, &phid, &psid, 1.0, Dropout::NONE, &mut u, &mut c, &mut y, Launch::new())
-        .unwrap_or_else(|e| panic!("{what}: forward failed: {e}"));
+    let (mut u, mut c, mut y) = (
+        dev.alloc_zeros::<f32>(6).unwrap(),
+        dev.alloc_zeros::<f32>(10).unwrap(),
+        dev.alloc_zeros::<f32>(15).unwrap(),
+    );
+    dev.wegeft_forward(
+        &s,
+        &xd,
+        &wd,
+        None,
+        &phid,
+        &psid,
+        1.0,
+        Dropout::NONE,
+        &mut u,
+        &mut c,
+        &mut y,
+        Launch::new(),
+    )
+    .unwrap_or_else(|e| panic!("{what}: forward failed: {e}"));
     let got = st.clone_dtoh(&y).unwrap();
     let want = rf::wegeft_forward(&s, &x, &w, None, &phi, &psi, 1.0).unwrap();
     for (g, w) in got.iter().zip(&want) {
@@ -62,7 +78,10 @@ fn out_of_memory_is_an_error_and_the_device_survives() {
         other => panic!("a 4 TiB allocation gave {:?}", other.map(|_| ())),
     }
     // Bytes that overflow usize.
-    assert!(matches!(dev.alloc_zeros::<f32>(usize::MAX / 2), Err(Error::Cuda { .. })));
+    assert!(matches!(
+        dev.alloc_zeros::<f32>(usize::MAX / 2),
+        Err(Error::Cuda { .. })
+    ));
     small_forward_works(&dev, "after a refused allocation");
     // Fill the device in 1 GiB pieces until it refuses (at most 512 pieces).
     let mut held = Vec::new();
@@ -97,7 +116,20 @@ fn absurd_layer_shapes_are_errors() {
     let b = |n| dev.alloc_zeros::<f32>(n).unwrap();
     let (x, w, phi, psi) = (b(16), b(16), b(16), b(16));
     let (mut u, mut c, mut y) = (b(16), b(16), b(16));
-    let r = dev.wegeft_forward(&s, &x, &w, None, &phi, &psi, 1.0, Dropout::NONE, &mut u, &mut c, &mut y, Launch::new());
+    let r = dev.wegeft_forward(
+        &s,
+        &x,
+        &w,
+        None,
+        &phi,
+        &psi,
+        1.0,
+        Dropout::NONE,
+        &mut u,
+        &mut c,
+        &mut y,
+        Launch::new(),
+    );
     assert!(r.is_err());
     small_forward_works(&dev, "after a refused shape");
 }

@@ -18,7 +18,10 @@ fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
         let Ok(rd) = std::fs::read_dir(&dir) else { continue };
         for e in rd.flatten() {
             if e.path().is_file() {
-                out.push((e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()));
+                out.push((
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                ));
             }
         }
     }
@@ -35,7 +38,9 @@ fn scratch(name: &str) -> PathBuf {
 
 /// The `gguf` target's calls; returns (parsed, weights loaded, tokenizer built).
 fn gguf(data: &[u8]) -> (bool, bool, bool) {
-    let Ok(g) = GgufFile::from_bytes("fuzz.gguf", data.to_vec()) else { return (false, false, false) };
+    let Ok(g) = GgufFile::from_bytes("fuzz.gguf", data.to_vec()) else {
+        return (false, false, false);
+    };
     for t in g.tensors() {
         let _ = g.tensor_f32(&t.name);
     }
@@ -140,7 +145,9 @@ fn jsonl_inputs() {
     let all = inputs("jsonl");
     assert!(all.len() >= 3);
     for (name, data) in &all {
-        let Some((&first, rest)) = data.split_first() else { continue };
+        let Some((&first, rest)) = data.split_first() else {
+            continue;
+        };
         let seq = (first & 0x3f) as usize;
         let enc: Option<&dyn Encode> = if first & 0x40 != 0 { Some(&Bytes) } else { None };
         let r = parse_jsonl(Path::new("fuzz.jsonl"), rest, enc, seq);

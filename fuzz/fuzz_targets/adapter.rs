@@ -10,7 +10,11 @@ use wegeft::adapter::io::{load_gift, load_peft, save_gift, save_peft};
 use wegeft::adapter::ModelDims;
 
 fn scratch() -> PathBuf {
-    let base = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
     let d = base.join(format!("wegeft-fuzz-adapter-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -6,7 +6,9 @@ use wegeft::model::weights::gguf::GgufFile;
 use wegeft::model::{LlamaWeights, Tokenizer};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(g) = GgufFile::from_bytes("fuzz.gguf", data.to_vec()) else { return };
+    let Ok(g) = GgufFile::from_bytes("fuzz.gguf", data.to_vec()) else {
+        return;
+    };
     for t in g.tensors() {
         let _ = g.tensor_f32(&t.name);
     }

@@ -13,7 +13,9 @@ impl Encode for Bytes {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&first, rest)) = data.split_first() else { return };
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
     let seq = (first & 0x3f) as usize;
     let enc: Option<&dyn Encode> = if first & 0x40 != 0 { Some(&Bytes) } else { None };
     if let Ok(ex) = parse_jsonl(Path::new("fuzz.jsonl"), rest, enc, seq) {

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use wegeft::model::LlamaWeights;
 
 fn scratch() -> PathBuf {
-    let base = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
     let d = base.join(format!("wegeft-fuzz-st-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -27,7 +27,10 @@ struct Input {
 }
 
 fn strs(v: &[String]) -> GgufValue {
-    GgufValue::Array(GgufValueType::String, v.iter().map(|s| GgufValue::String(s.clone())).collect())
+    GgufValue::Array(
+        GgufValueType::String,
+        v.iter().map(|s| GgufValue::String(s.clone())).collect(),
+    )
 }
 
 fuzz_target!(|inp: Input| {
@@ -51,14 +54,23 @@ fuzz_target!(|inp: Input| {
     let mut merges: Vec<String> = inp
         .merges
         .iter()
-        .filter_map(|&(a, b)| Some(format!("{} {}", inp.tokens.get(a as usize % n)?, inp.tokens.get(b as usize % n)?)))
+        .filter_map(|&(a, b)| {
+            Some(format!(
+                "{} {}",
+                inp.tokens.get(a as usize % n)?,
+                inp.tokens.get(b as usize % n)?
+            ))
+        })
         .collect();
     merges.extend(inp.raw_merges.iter().cloned());
     w.kv("tokenizer.ggml.merges", strs(&merges));
     if let Some(t) = &inp.types {
         w.kv(
             "tokenizer.ggml.token_type",
-            GgufValue::Array(GgufValueType::I32, t.iter().map(|&x| GgufValue::I32(x as i32 % 6)).collect()),
+            GgufValue::Array(
+                GgufValueType::I32,
+                t.iter().map(|&x| GgufValue::I32(x as i32 % 6)).collect(),
+            ),
         );
     }
     for (k, v) in [

@@ -67,7 +67,9 @@ pub struct RunConfig {
 
 /// FNV-1a (64-bit) of `bytes`: `h = 0xcbf29ce484222325; h = (h ^ b) * 0x100000001b3` per byte.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Flattens a JSON value into `(dotted key, value as text)` pairs.
@@ -75,7 +77,11 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
     match v {
         serde_json::Value::Object(o) => {
             for (k, x) in o {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&key, x, out);
             }
         }
@@ -108,7 +114,10 @@ impl RunConfig {
         if diffs.is_empty() {
             Ok(())
         } else {
-            Err(Error::format(path, format!("cannot resume a different run: {}", diffs.join("; "))))
+            Err(Error::format(
+                path,
+                format!("cannot resume a different run: {}", diffs.join("; ")),
+            ))
         }
     }
 }
@@ -180,13 +189,20 @@ impl Checkpoint {
         if self.m.len() != n || self.v.len() != n {
             return Err(Error::format(
                 path,
-                format!("{n} pairs of parameters but {} of m and {} of v", self.m.len(), self.v.len()),
+                format!(
+                    "{n} pairs of parameters but {} of m and {} of v",
+                    self.m.len(),
+                    self.v.len()
+                ),
             ));
         }
         for k in 0..n {
             let (p, m, v) = (&self.params[k], &self.m[k], &self.v[k]);
             if m.0.len() != p.0.len() || v.0.len() != p.0.len() || m.1.len() != p.1.len() || v.1.len() != p.1.len() {
-                return Err(Error::format(path, format!("pair {k}: m or v differs in length from the parameters")));
+                return Err(Error::format(
+                    path,
+                    format!("pair {k}: m or v differs in length from the parameters"),
+                ));
             }
         }
         Ok(())
@@ -240,11 +256,16 @@ impl Checkpoint {
     /// version, that every tensor is present with consistent lengths, and that every value
     /// is finite. Errors name the file.
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = if dir.is_dir() { Self::file(dir) } else { dir.to_path_buf() };
+        let path = if dir.is_dir() {
+            Self::file(dir)
+        } else {
+            dir.to_path_buf()
+        };
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let bad = |msg: String| Error::format(&path, msg);
         let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid checkpoint: {e}")))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid checkpoint: {e}")))?;
+        let (_, header) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a valid checkpoint: {e}")))?;
         let json = header
             .metadata()
             .as_ref()
@@ -252,10 +273,17 @@ impl Checkpoint {
             .ok_or_else(|| bad(format!("no {META_KEY} metadata: not a wegeft checkpoint")))?;
         let meta: Meta = serde_json::from_str(json).map_err(|e| bad(format!("metadata {META_KEY}: {e}")))?;
         if meta.version != VERSION {
-            return Err(bad(format!("checkpoint format version {} (this build reads {VERSION})", meta.version)));
+            return Err(bad(format!(
+                "checkpoint format version {} (this build reads {VERSION})",
+                meta.version
+            )));
         }
         if meta.pairs.checked_mul(6) != Some(st.len()) {
-            return Err(bad(format!("{} tensors, expected 6 per pair for {} pairs", st.len(), meta.pairs)));
+            return Err(bad(format!(
+                "{} tensors, expected 6 per pair for {} pairs",
+                st.len(),
+                meta.pairs
+            )));
         }
         let mut c = Checkpoint {
             run: meta.run,
@@ -271,10 +299,17 @@ impl Checkpoint {
             for (_, key) in keys(k) {
                 let t = st.tensor(&key).map_err(|_| bad(format!("missing tensor {key}")))?;
                 if t.dtype() != Dtype::F32 || t.shape().len() != 1 {
-                    return Err(bad(format!("tensor {key}: {:?} {:?}, expected 1-D F32", t.dtype(), t.shape())));
+                    return Err(bad(format!(
+                        "tensor {key}: {:?} {:?}, expected 1-D F32",
+                        t.dtype(),
+                        t.shape()
+                    )));
                 }
-                let v: Vec<f32> =
-                    t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let v: Vec<f32> = t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
                 if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                     return Err(bad(format!("tensor {key}: element {i} is not finite ({})", v[i])));
                 }
@@ -308,7 +343,10 @@ impl RunConfig {
         examples: usize,
         shuffle: Option<u64>,
     ) -> Result<Self> {
-        let name = |p: &Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let name = |p: &Path| {
+            p.file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+        };
         let meta = std::fs::metadata(model).map_err(|e| Error::io(model, e))?;
         let (data, data_hash) = match data {
             Some(p) => {
@@ -341,9 +379,22 @@ impl Checkpoint {
         run: &RunConfig,
     ) -> Result<Self> {
         let (step, m, v) = trainer.optimizer_state()?;
-        let params = trainer.host_adapter()?.pairs.into_iter().map(|(_, phi, psi)| (phi, psi)).collect();
+        let params = trainer
+            .host_adapter()?
+            .pairs
+            .into_iter()
+            .map(|(_, phi, psi)| (phi, psi))
+            .collect();
         let (epoch, pos) = batcher.position();
-        Ok(Checkpoint { run: run.clone(), step, epoch, pos, params, m, v })
+        Ok(Checkpoint {
+            run: run.clone(),
+            step,
+            epoch,
+            pos,
+            params,
+            m,
+            v,
+        })
     }
 
     /// Loads the checkpoint in `dir` to continue as the run `run` of `steps` steps in all: the
@@ -356,16 +407,27 @@ impl Checkpoint {
         steps: usize,
     ) -> Result<Self> {
         let c = Self::load(dir)?;
-        let path = if dir.is_dir() { Self::file(dir) } else { dir.to_path_buf() };
+        let path = if dir.is_dir() {
+            Self::file(dir)
+        } else {
+            dir.to_path_buf()
+        };
         c.run.check_resume(run, &path)?;
         if c.step >= steps as u64 {
             return Err(Error::invalid(
                 "--steps",
-                format!("{steps}, but the checkpoint {} is already at step {}", path.display(), c.step),
+                format!(
+                    "{steps}, but the checkpoint {} is already at step {}",
+                    path.display(),
+                    c.step
+                ),
             ));
         }
         if c.pos > run.examples {
-            return Err(Error::format(&path, format!("data position {} is past the {} examples", c.pos, run.examples)));
+            return Err(Error::format(
+                &path,
+                format!("data position {} is past the {} examples", c.pos, run.examples),
+            ));
         }
         if c.params.len() != adapter.pairs.len() {
             return Err(Error::format(
@@ -377,7 +439,13 @@ impl Checkpoint {
             if p.len() != phi.len() || q.len() != psi.len() {
                 return Err(Error::format(
                     &path,
-                    format!("pair {k}: ({}, {}) elements, the adapter has ({}, {})", p.len(), q.len(), phi.len(), psi.len()),
+                    format!(
+                        "pair {k}: ({}, {}) elements, the adapter has ({}, {})",
+                        p.len(),
+                        q.len(),
+                        phi.len(),
+                        psi.len()
+                    ),
                 ));
             }
             phi.copy_from_slice(p);
@@ -393,7 +461,12 @@ impl Checkpoint {
 pub fn prepare_out(out: &Path) -> Result<bool> {
     let created = match std::fs::metadata(out) {
         Ok(m) if m.is_dir() => false,
-        Ok(_) => return Err(Error::invalid("--out", format!("{} exists and is not a directory", out.display()))),
+        Ok(_) => {
+            return Err(Error::invalid(
+                "--out",
+                format!("{} exists and is not a directory", out.display()),
+            ))
+        }
         Err(_) => {
             std::fs::create_dir_all(out)
                 .map_err(|e| Error::invalid("--out", format!("cannot create {}: {e}", out.display())))?;
@@ -407,7 +480,10 @@ pub fn prepare_out(out: &Path) -> Result<bool> {
         if created {
             let _ = std::fs::remove_dir(out);
         }
-        return Err(Error::invalid("--out", format!("cannot write into {}: {e}", out.display())));
+        return Err(Error::invalid(
+            "--out",
+            format!("cannot write into {}: {e}", out.display()),
+        ));
     }
     Ok(created)
 }
@@ -417,7 +493,10 @@ pub fn prepare_out(out: &Path) -> Result<bool> {
 pub fn stopped(e: Error, dir: &Path, saved: Option<u64>) -> Error {
     match e {
         Error::Numerical(msg) => Error::Numerical(match saved {
-            Some(k) => format!("{msg}; training stopped, the last good checkpoint is {} (step {k})", dir.display()),
+            Some(k) => format!(
+                "{msg}; training stopped, the last good checkpoint is {} (step {k})",
+                dir.display()
+            ),
             None => format!("{msg}; training stopped, no checkpoint was written (see --save-every)"),
         }),
         other => other,

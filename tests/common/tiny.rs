@@ -95,9 +95,16 @@ pub fn write_data(path: &Path, n: usize) {
     let text: String = (0..n)
         .map(|i| {
             if i % 3 == 2 {
-                format!("{{\"prompt\":\"q{i}: \",\"completion\":\"{}\"}}\n", words[i % words.len()])
+                format!(
+                    "{{\"prompt\":\"q{i}: \",\"completion\":\"{}\"}}\n",
+                    words[i % words.len()]
+                )
             } else {
-                format!("{{\"text\":\"{} {}\"}}\n", words[i % words.len()], words[(i * 5 + 1) % words.len()])
+                format!(
+                    "{{\"text\":\"{} {}\"}}\n",
+                    words[i % words.len()],
+                    words[(i * 5 + 1) % words.len()]
+                )
             }
         })
         .collect();
