@@ -534,8 +534,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 &l.weights_config,
                 &adapter.config,
                 opt,
-                batch,
-                seq,
+                (batch, seq),
                 data.as_deref(),
                 "arithmetic",
                 examples.len(),
@@ -546,88 +545,76 @@ fn run(cmd: Cmd) -> Result<()> {
                 Some(dir) => Some(checkpoint::Checkpoint::load_for(dir, &run_config, &mut host, steps)?),
                 None => None,
             };
-            // Only now, with every input checked, the outputs.
-            let out_created = checkpoint::prepare_out(&out)?;
+            // Every input is checked: now the outputs (removed again if the run fails while empty).
+            let out_dir = checkpoint::OutDir::prepare(&out)?;
             let ckpt_dir = out.join("checkpoint");
-            let res = (|| -> Result<()> {
-                let eval_cases = match task {
-                    Some(Task::Arithmetic) if eval_n > 0 => Some(arithmetic_cases(&l.tok, seed, eval_n)?),
-                    _ => None,
-                };
-                if let Some(cases) = &eval_cases {
-                    let a = host.upload(&Cpu, &dims)?;
-                    let acc = exact_match(&l, Some(&a), cases, 8, "eval before")?;
-                    println!("held-out exact match before: {:.1}% ({} problems)", acc * 100.0, cases.len());
-                }
-                let mut tr = match &resumed {
-                    Some(c) => {
-                        batcher.seek(c.epoch, c.pos)?;
-                        Trainer::resume(&Cpu, &l.model, &host, opt, c.step, &c.m, &c.v)?
-                    }
-                    None => Trainer::new(&Cpu, &l.model, &host, opt)?,
-                }
-                .with_seed(adapter.config.seed);
-                let first = tr.steps() as usize;
-                let mut log = match &log_json {
-                    Some(p) => Some(std::io::BufWriter::new(
-                        std::fs::OpenOptions::new()
-                            .create(true)
-                            .write(true)
-                            .append(resumed.is_some())
-                            .truncate(resumed.is_none())
-                            .open(p)
-                            .map_err(|e| Error::io(p, e))?,
-                    )),
-                    None => None,
-                };
-                let pad = l.tok.pad_id().unwrap_or(0);
-                let pb = bar((steps - first) as u64, "finetune");
-                let t0 = Instant::now();
-                let mut tokens = 0usize;
-                let mut saved: Option<u64> = resumed.as_ref().map(|c| c.step).filter(|_| resume.as_deref() == Some(ckpt_dir.as_path()));
-                for step in first..steps {
-                    let idx = batcher.next_indices();
-                    let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
-                    let b = data::make_batch(&refs, pad)?;
-                    tokens += b.ids.len();
-                    let loss = tr.step(&b).map_err(|e| checkpoint::stopped(e, &ckpt_dir, saved))?;
-                    if let (Some(w), Some(p)) = (log.as_mut(), &log_json) {
-                        writeln!(w, "{}", serde_json::json!({"step": step, "loss": loss})).map_err(|e| Error::io(p, e))?;
-                        w.flush().map_err(|e| Error::io(p, e))?;
-                    }
-                    if save_every > 0 && ((step + 1) % save_every == 0 || step + 1 == steps) {
-                        checkpoint::Checkpoint::capture(&tr, &batcher, &run_config)?.save(&ckpt_dir)?;
-                        saved = Some(tr.steps());
-                    }
-                    pb.inc(1);
-                    pb.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens as f64 / t0.elapsed().as_secs_f64()));
-                }
-                pb.finish_and_clear();
-                let secs = t0.elapsed().as_secs_f64();
-                eprintln!("trained {} steps in {secs:.1} s ({:.0} tokens/s)", steps - first, tokens as f64 / secs);
-                tr.host_adapter()?.store_into(&mut adapter)?;
-                let saved = match format {
-                    Format::Gift => {
-                        let p = out.join("adapter.safetensors");
-                        adapter::io::save_gift(&adapter, &p)?;
-                        p
-                    }
-                    Format::Peft => {
-                        adapter::io::save_peft(&adapter, &out)?;
-                        out.clone()
-                    }
-                };
-                eprintln!("adapter saved to {}", saved.display());
-                if let Some(cases) = &eval_cases {
-                    let acc = exact_match(&l, Some(tr.adapter()), cases, 8, "eval after")?;
-                    println!("held-out exact match after: {:.1}% ({} problems)", acc * 100.0, cases.len());
-                }
-                Ok(())
-            })();
-            if res.is_err() && out_created {
-                let _ = std::fs::remove_dir(&out); // only when still empty
+            let mut saved = resumed.as_ref().map(|c| c.step).filter(|_| resume.as_deref() == Some(ckpt_dir.as_path()));
+            let eval_cases = match task {
+                Some(Task::Arithmetic) if eval_n > 0 => Some(arithmetic_cases(&l.tok, seed, eval_n)?),
+                _ => None,
+            };
+            if let Some(cases) = &eval_cases {
+                let a = host.upload(&Cpu, &dims)?;
+                let acc = exact_match(&l, Some(&a), cases, 8, "eval before")?;
+                println!("held-out exact match before: {:.1}% ({} problems)", acc * 100.0, cases.len());
             }
-            res
+            let mut tr = match &resumed {
+                Some(c) => {
+                    batcher.seek(c.epoch, c.pos)?;
+                    Trainer::resume(&Cpu, &l.model, &host, opt, c.step, &c.m, &c.v)?
+                }
+                None => Trainer::new(&Cpu, &l.model, &host, opt)?,
+            }
+            .with_seed(adapter.config.seed);
+            let first = tr.steps() as usize;
+            let mut log = match &log_json {
+                Some(p) => Some(std::io::BufWriter::new(checkpoint::open_log(p, resumed.is_some())?)),
+                None => None,
+            };
+            let pad = l.tok.pad_id().unwrap_or(0);
+            let pb = bar((steps - first) as u64, "finetune");
+            let t0 = Instant::now();
+            let mut tokens = 0usize;
+            for step in first..steps {
+                let idx = batcher.next_indices();
+                let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
+                let b = data::make_batch(&refs, pad)?;
+                tokens += b.ids.len();
+                let loss = tr.step(&b).map_err(|e| checkpoint::stopped(e, &ckpt_dir, saved))?;
+                if let (Some(w), Some(p)) = (log.as_mut(), &log_json) {
+                    writeln!(w, "{}", serde_json::json!({"step": step, "loss": loss})).map_err(|e| Error::io(p, e))?;
+                    w.flush().map_err(|e| Error::io(p, e))?;
+                }
+                if save_every > 0 && ((step + 1) % save_every == 0 || step + 1 == steps) {
+                    checkpoint::Checkpoint::capture(&tr, &batcher, &run_config)?.save(&ckpt_dir)?;
+                    saved = Some(tr.steps());
+                }
+                pb.inc(1);
+                pb.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens as f64 / t0.elapsed().as_secs_f64()));
+            }
+            pb.finish_and_clear();
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!("trained {} steps in {secs:.1} s ({:.0} tokens/s)", steps - first, tokens as f64 / secs);
+            tr.host_adapter()?.store_into(&mut adapter)?;
+            let saved = match format {
+                Format::Gift => {
+                    let p = out.join("adapter.safetensors");
+                    adapter::io::save_gift(&adapter, &p)?;
+                    p
+                }
+                Format::Peft => {
+                    adapter::io::save_peft(&adapter, &out)?;
+                    out.clone()
+                }
+            };
+            out_dir.keep();
+            eprintln!("adapter saved to {}", saved.display());
+            if let Some(cases) = &eval_cases {
+                let acc = exact_match(&l, Some(tr.adapter()), cases, 8, "eval after")?;
+                println!("held-out exact match after: {:.1}% ({} problems)", acc * 100.0, cases.len());
+            }
+            let _ = &l.weights_config;
+            Ok(())
         }
     }
 }

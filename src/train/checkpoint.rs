@@ -328,7 +328,7 @@ impl Checkpoint {
 
 impl RunConfig {
     /// The run config of a `finetune`: the model at `model` (name and size) with `config`,
-    /// the adapter, optimiser and batching settings, and the data: the file `data` (its name
+    /// the adapter, optimiser and batching (`batch`, `seq`) settings, and the data: the file `data` (its name
     /// and FNV-1a hash), or the built-in `task` when `data` is `None`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -336,8 +336,7 @@ impl RunConfig {
         config: &LlamaConfig,
         adapter: &AdapterConfig,
         optim: AdamWConfig,
-        batch: usize,
-        seq: usize,
+        (batch, seq): (usize, usize),
         data: Option<&Path>,
         task: &str,
         examples: usize,
@@ -455,37 +454,68 @@ impl Checkpoint {
     }
 }
 
-/// Makes sure `out` is a writable directory before a run spends time on training: creates it
-/// if needed and writes and removes a probe file. Returns whether it was created (so that a
-/// failed run can remove it again while it is empty). Errors name `--out` and the path.
-pub fn prepare_out(out: &Path) -> Result<bool> {
-    let created = match std::fs::metadata(out) {
-        Ok(m) if m.is_dir() => false,
-        Ok(_) => {
-            return Err(Error::invalid(
-                "--out",
-                format!("{} exists and is not a directory", out.display()),
-            ))
-        }
-        Err(_) => {
-            std::fs::create_dir_all(out)
-                .map_err(|e| Error::invalid("--out", format!("cannot create {}: {e}", out.display())))?;
-            true
-        }
-    };
-    let probe = out.join(format!(".wegeft-probe-{}", std::process::id()));
-    let res = std::fs::write(&probe, b"");
-    let _ = std::fs::remove_file(&probe);
-    if let Err(e) = res {
-        if created {
-            let _ = std::fs::remove_dir(out);
-        }
-        return Err(Error::invalid(
-            "--out",
-            format!("cannot write into {}: {e}", out.display()),
-        ));
+/// The output directory of a run, made sure to be writable before the run spends time on
+/// training. Dropped without [`OutDir::keep`] (the run failed), a directory that
+/// [`OutDir::prepare`] created is removed again if it is still empty.
+#[derive(Debug)]
+pub struct OutDir {
+    path: PathBuf,
+    created: bool,
+    keep: bool,
+}
+
+impl OutDir {
+    /// Creates `out` if needed and writes and removes a probe file in it. Errors name `--out`
+    /// and the path: an existing file, a path under a file, no permission.
+    pub fn prepare(out: &Path) -> Result<Self> {
+        let created = match std::fs::metadata(out) {
+            Ok(m) if m.is_dir() => false,
+            Ok(_) => {
+                return Err(Error::invalid(
+                    "--out",
+                    format!("{} exists and is not a directory", out.display()),
+                ))
+            }
+            Err(_) => {
+                std::fs::create_dir_all(out)
+                    .map_err(|e| Error::invalid("--out", format!("cannot create {}: {e}", out.display())))?;
+                true
+            }
+        };
+        let dir = OutDir {
+            path: out.to_path_buf(),
+            created,
+            keep: false,
+        };
+        let probe = out.join(format!(".wegeft-probe-{}", std::process::id()));
+        let res = std::fs::write(&probe, b"");
+        let _ = std::fs::remove_file(&probe);
+        res.map_err(|e| Error::invalid("--out", format!("cannot write into {}: {e}", out.display())))?;
+        Ok(dir)
     }
-    Ok(created)
+    /// The run succeeded: keep the directory.
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        if self.created && !self.keep {
+            let _ = std::fs::remove_dir(&self.path); // only succeeds while empty
+        }
+    }
+}
+
+/// Opens the `--log-json` file: truncated for a new run, appended to when resuming.
+pub fn open_log(path: &Path, resume: bool) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resume)
+        .truncate(!resume)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
 }
 
 /// A training error, with where the run's last good checkpoint is (`dir` at step `saved`) when
