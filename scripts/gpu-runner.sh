@@ -18,7 +18,8 @@
 #   torch_model (70)  torch_model.py: the same step in transformers (official-style WeGeFT, peft LoRA)
 #   attn_bench (40) / attn_torch (60)  benches/attention_cuda vs PyTorch SDPA (B=16, S=512/2048)
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
-#   memcheck / racecheck / initcheck (90 / 60 / 60)  compute-sanitizer on cuda_layer sanitize_*
+#   memcheck / racecheck / initcheck (90 / 120 / 90)  compute-sanitizer on cuda_layer sanitize_*
+#                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge, dropout)
 #   attn_memcheck / attn_racecheck (45 / 45)  compute-sanitizer on cuda_attention sanitize_attention
 #
 # Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
@@ -171,8 +172,10 @@ if [ -n "$sanitizer" ]; then
   [ -x "$bin/gemm_kext_check" ] && step gemm_memcheck 90 "${san[@]}" --tool memcheck --leak-check no "$bin/gemm_kext_check" --small
   if [ -x "$bin/cuda_layer" ]; then
     step memcheck 90 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_layer" sanitize_ --test-threads=1
-    step racecheck 60 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_bf16 --test-threads=1
-    step initcheck 60 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_f32 --test-threads=1
+    # Every dtype under every tool: the f32 fused GEMM (fm::) and the bf16/f16 tensor-core and
+    # sm90 ones are different code, and each kernel is instantiated per dtype.
+    step racecheck 120 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_ --test-threads=1
+    step initcheck 90 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_ --test-threads=1
   fi
   if [ -x "$bin/cuda_attention" ]; then
     step attn_memcheck 45 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_attention" sanitize_attention --test-threads=1

@@ -15,6 +15,7 @@ use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama,
 use wegeft::model::{LlamaWeights, Tokenizer};
 use wegeft::shape::{LayerShape, Mat, MatMut};
 use wegeft::train::arithmetic::{self, Problem, Split};
+use wegeft::train::checkpoint;
 use wegeft::train::data::{self, Batcher, Example};
 use wegeft::train::optim::AdamWConfig;
 use wegeft::train::trainer::Trainer;
@@ -118,6 +119,14 @@ enum Cmd {
         /// Held-out problems evaluated before and after training (--task only; 0 = none).
         #[arg(long, default_value_t = 100)]
         eval_n: usize,
+        /// Every N steps (and after the last), write a checkpoint (adapter, AdamW state, data
+        /// position) atomically to <out>/checkpoint/; 0 = never.
+        #[arg(long, default_value_t = 0)]
+        save_every: usize,
+        /// Continue the run checkpointed in DIR (same model, data and settings; --steps is the
+        /// new total).
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
     },
     /// Exact-match accuracy with greedy decoding.
     Eval {
@@ -396,6 +405,11 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 (None, Some(t)) => t,
                 (None, None) => return Err(Error::invalid("score", "give --text or --tokens")),
             };
+            let ctx = l.weights_config.max_position_embeddings;
+            if ids.len() > ctx {
+                let msg = format!("{} tokens are longer than the model's context of {ctx}", ids.len());
+                return Err(Error::invalid("--text/--tokens", msg));
+            }
             let ad =
                 host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(be, &l.model.dims)).transpose()?;
             let (logits, loss) = l.model.score(be, ad.as_ref(), &ids)?;
@@ -515,8 +529,17 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             shuffle,
             seed,
             eval_n,
+            save_every,
+            resume,
         } => {
+            if steps == 0 {
+                return Err(Error::invalid("--steps", "must be at least 1, got 0"));
+            }
             let l = load(be, &m)?;
+            let ctx = l.weights_config.max_position_embeddings;
+            if seq > ctx {
+                return Err(Error::invalid("--seq", format!("{seq} is longer than the model's context of {ctx} tokens")));
+            }
             let dims = l.model.dims.clone();
             let ad_dims = dims.adapter_dims()?;
             // The adapter: from a file, or fresh.
@@ -544,12 +567,13 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 adapter.config.dropout = p;
                 adapter.config.validate()?;
             }
-            if steps == 0 {
-                return Err(Error::ZeroDim { what: "steps" });
-            }
             // The examples.
             let examples: Vec<Example> = match (&data, task) {
-                (Some(path), _) => data::read_jsonl(path, Some(&l.tok), seq)?,
+                (Some(path), _) => {
+                    let ex = data::read_jsonl(path, Some(&l.tok), seq)?;
+                    data::check_ids(path, &ex, dims.vocab)?;
+                    ex
+                }
                 (None, Some(Task::Arithmetic)) => arithmetic::problems(Split::Train, seed, steps * batch)?
                     .iter()
                     .map(|p| {
@@ -560,45 +584,75 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                     .collect::<Result<_>>()?,
                 (None, None) => return Err(Error::invalid("finetune", "give --data or --task")),
             };
+            let opt = AdamWConfig { lr, weight_decay, ..AdamWConfig::default() };
+            let mut batcher = Batcher::new(examples.len(), batch, shuffle.then_some(seed))?;
+            let run_config = checkpoint::RunConfig::new(
+                &m.model,
+                &l.weights_config,
+                &adapter.config,
+                opt,
+                (batch, seq),
+                data.as_deref(),
+                "arithmetic",
+                examples.len(),
+                shuffle.then_some(seed),
+            )?;
+            let mut host = HostAdapter::from_adapter(&adapter)?;
+            let resumed = match &resume {
+                Some(dir) => Some(checkpoint::Checkpoint::load_for(dir, &run_config, &mut host, steps)?),
+                None => None,
+            };
+            // Every input is checked: now the outputs (removed again if the run fails while empty).
+            let out_dir = checkpoint::OutDir::prepare(&out)?;
+            let ckpt_dir = out.join("checkpoint");
+            let mut saved = resumed.as_ref().map(|c| c.step).filter(|_| resume.as_deref() == Some(ckpt_dir.as_path()));
             let eval_cases = match task {
                 Some(Task::Arithmetic) if eval_n > 0 => Some(arithmetic_cases(&l.tok, seed, eval_n)?),
                 _ => None,
             };
-            let host = HostAdapter::from_adapter(&adapter)?;
             if let Some(cases) = &eval_cases {
                 let a = host.upload(be, &dims)?;
                 let acc = exact_match(be, &l, Some(&a), cases, 8, "eval before")?;
                 println!("held-out exact match before: {:.1}% ({} problems)", acc * 100.0, cases.len());
             }
-            let opt = AdamWConfig { lr, weight_decay, ..AdamWConfig::default() };
-            let mut tr = Trainer::new(be, &l.model, &host, opt)?.with_seed(adapter.config.seed);
-            let mut batcher = Batcher::new(examples.len(), batch, shuffle.then_some(seed))?;
+            let mut tr = match &resumed {
+                Some(c) => {
+                    batcher.seek(c.epoch, c.pos)?;
+                    Trainer::resume(be, &l.model, &host, opt, c.step, &c.m, &c.v)?
+                }
+                None => Trainer::new(be, &l.model, &host, opt)?,
+            }
+            .with_seed(adapter.config.seed);
+            let first = tr.steps() as usize;
             let mut log = match &log_json {
-                Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?)),
+                Some(p) => Some(std::io::BufWriter::new(checkpoint::open_log(p, resumed.is_some())?)),
                 None => None,
             };
             let pad = l.tok.pad_id().unwrap_or(0);
-            let pb = bar(steps as u64, "finetune");
+            let pb = bar((steps - first) as u64, "finetune");
             let t0 = Instant::now();
             let mut tokens = 0usize;
-            for step in 0..steps {
+            for step in first..steps {
                 let idx = batcher.next_indices();
                 let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
                 let b = data::make_batch(&refs, pad)?;
                 tokens += b.ids.len();
-                let loss = tr.step(&b)?;
+                let loss = tr.step(&b).map_err(|e| checkpoint::stopped(e, &ckpt_dir, saved))?;
                 if let (Some(w), Some(p)) = (log.as_mut(), &log_json) {
                     writeln!(w, "{}", serde_json::json!({"step": step, "loss": loss})).map_err(|e| Error::io(p, e))?;
                     w.flush().map_err(|e| Error::io(p, e))?;
+                }
+                if save_every > 0 && ((step + 1) % save_every == 0 || step + 1 == steps) {
+                    checkpoint::Checkpoint::capture(&tr, &batcher, &run_config)?.save(&ckpt_dir)?;
+                    saved = Some(tr.steps());
                 }
                 pb.inc(1);
                 pb.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens as f64 / t0.elapsed().as_secs_f64()));
             }
             pb.finish_and_clear();
             let secs = t0.elapsed().as_secs_f64();
-            eprintln!("trained {steps} steps in {secs:.1} s ({:.0} tokens/s)", tokens as f64 / secs);
+            eprintln!("trained {} steps in {secs:.1} s ({:.0} tokens/s)", steps - first, tokens as f64 / secs);
             tr.host_adapter()?.store_into(&mut adapter)?;
-            std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
             let saved = match format {
                 Format::Gift => {
                     let p = out.join("adapter.safetensors");
@@ -610,12 +664,12 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                     out.clone()
                 }
             };
+            out_dir.keep();
             eprintln!("adapter saved to {}", saved.display());
             if let Some(cases) = &eval_cases {
                 let acc = exact_match(be, &l, Some(tr.adapter()), cases, 8, "eval after")?;
                 println!("held-out exact match after: {:.1}% ({} problems)", acc * 100.0, cases.len());
             }
-            let _ = &l.weights_config;
             Ok(())
         }
     }

@@ -149,6 +149,22 @@ impl CudaBackend {
     pub fn name(&self) -> Result<String> {
         self.ctx.name().map_err(cuda_err("device name"))
     }
+    /// `n` zeroed elements of `T` on the default stream. A size whose bytes overflow, or more
+    /// than the device can give (`CUDA_ERROR_OUT_OF_MEMORY`), is an [`Error::Cuda`] naming the
+    /// bytes asked for; the device stays usable.
+    pub fn alloc_zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<cudarc::driver::CudaSlice<T>> {
+        let bytes = n.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| Error::Cuda {
+            op: "alloc_zeros",
+            msg: format!("{n} elements of {} bytes overflow usize", std::mem::size_of::<T>()),
+        })?;
+        self.ctx.bind_to_thread().map_err(cuda_err("alloc_zeros"))?;
+        self.stream
+            .alloc_zeros::<T>(n)
+            .map_err(|e| Error::Cuda { op: "alloc_zeros", msg: format!("{bytes} bytes: {e}") })
+    }
     /// Waits for all work on the default stream.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("stream synchronize"))

@@ -206,7 +206,10 @@ impl HostAdapter {
                 format!("{} layers, model has {}", self.sites.len(), dims.layers),
             ));
         }
-        for (m, phi, psi) in &self.pairs {
+        for (k, (m, phi, psi)) in self.pairs.iter().enumerate() {
+            if *m >= MODULES.len() {
+                return Err(Error::invalid("adapter pair", format!("pair {k}: module index {m} is not below {}", MODULES.len())));
+            }
             let (d_in, _) = dims.module_dims(*m);
             if phi.len() != d_in * self.rank || psi.len() != d_in * self.rank {
                 return Err(Error::invalid(
@@ -1112,11 +1115,16 @@ impl<B: Backend> Llama<B> {
         stop: &[u32],
     ) -> Result<Vec<Vec<u32>>> {
         let mut out = vec![Vec::new(); prompts.len()];
-        if max_new == 0 {
-            return Ok(out);
-        }
         if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
             return Err(Error::invalid("prompts", format!("prompt {i} is empty")));
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            if let Some(&id) = p.iter().find(|&&id| id as usize >= self.dims.vocab) {
+                return Err(Error::invalid("prompts", format!("prompt {i}: token id {id} is outside the vocabulary of {}", self.dims.vocab)));
+            }
+        }
+        if max_new == 0 {
+            return Ok(out);
         }
         let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
         for (i, p) in prompts.iter().enumerate() {

@@ -82,7 +82,21 @@ pub fn read_jsonl(path: &Path, enc: Option<&dyn Encode>, seq: usize) -> Result<V
     if seq < 2 {
         return Err(Error::invalid("seq", format!("needs at least 2 tokens, got {seq}")));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_jsonl(path, &bytes, enc, seq)
+}
+
+/// [`read_jsonl`] on the bytes of a file: `path` only names it in errors. Bytes that are not
+/// UTF-8 are an error naming the line and byte offset.
+pub fn parse_jsonl(path: &Path, bytes: &[u8], enc: Option<&dyn Encode>, seq: usize) -> Result<Vec<Example>> {
+    if seq < 2 {
+        return Err(Error::invalid("seq", format!("needs at least 2 tokens, got {seq}")));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::format(path, format!("line {line}: not UTF-8 (invalid byte at offset {at})"))
+    })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
@@ -115,6 +129,20 @@ pub fn read_jsonl(path: &Path, enc: Option<&dyn Encode>, seq: usize) -> Result<V
         return Err(Error::format(path, "no records"));
     }
     Ok(out)
+}
+
+/// Checks that every token id of `examples` (read from `path`) is below `vocab`: an error
+/// names the file, the record (counted from 1, blank lines skipped) and the id.
+pub fn check_ids(path: &Path, examples: &[Example], vocab: usize) -> Result<()> {
+    for (i, e) in examples.iter().enumerate() {
+        if let Some(&id) = e.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::format(
+                path,
+                format!("record {}: token id {id} is outside the model's vocabulary of {vocab}", i + 1),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A batch of examples, right-padded with `pad` to the longest: `labels[t] = ids[t+1]` where
@@ -175,6 +203,23 @@ impl Batcher {
                 self.order.swap(i, j);
             }
         }
+    }
+    /// Where the next batch starts: `(epoch, position in that epoch's order)`. With
+    /// [`Batcher::seek`], all a checkpoint needs (the shuffle of epoch `e` is a function of the
+    /// seed and `e`).
+    pub fn position(&self) -> (u64, usize) {
+        (self.epoch, self.pos)
+    }
+    /// Continues from a [`Batcher::position`] of a batcher with the same `n`, `batch` and
+    /// shuffle seed. `pos` must be at most `n`.
+    pub fn seek(&mut self, epoch: u64, pos: usize) -> Result<()> {
+        if pos > self.n {
+            return Err(Error::invalid("pos", format!("position {pos} is past the {} examples", self.n)));
+        }
+        self.epoch = epoch;
+        self.pos = pos;
+        self.reorder();
+        Ok(())
     }
     /// Indices of the next batch.
     pub fn next_indices(&mut self) -> Vec<usize> {

@@ -40,7 +40,10 @@ impl<'m, B: Backend> Trainer<'m, B> {
 
     /// One step on `batch`: returns the loss *before* the update (mean over the batch's
     /// labelled tokens, with this step's weight dropout if any), then applies AdamW to every
-    /// pair.
+    /// pair. A non-finite loss or gradient is an [`Error::Numerical`] naming the step (counted
+    /// from 1); the adapter and the optimiser state are then left as they were. An update that
+    /// makes a parameter non-finite is the same error, but the trainer is then spent: continue
+    /// from the last checkpoint.
     pub fn step(&mut self, batch: &Batch) -> Result<f32> {
         self.adapter.dropout_seed =
             crate::train::arithmetic::SplitMix::new(self.seed ^ (self.step + 1).wrapping_mul(0xA076_1D64_78BD_642F))
@@ -52,6 +55,21 @@ impl<'m, B: Backend> Trainer<'m, B> {
         let loss = self.model.loss_and_grad(self.be, &self.adapter, batch, &mut self.grads)?;
         if !loss.is_finite() {
             return Err(Error::Numerical(format!("loss is {loss} at step {}", self.step + 1)));
+        }
+        // A non-finite gradient would poison the moments and then every parameter: stop
+        // before the update, with the adapter and the optimiser state of the last good step.
+        for (k, (dphi, dpsi)) in self.grads.iter().enumerate() {
+            for (what, g) in [("dphi", dphi), ("dpsi", dpsi)] {
+                let host = self.be.download(g)?;
+                if let Some(i) = host.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Numerical(format!(
+                        "{what} of pair {k} ({}) has the non-finite element {} at index {i} at step {}",
+                        crate::model::llama::MODULES[self.adapter.pairs[k].module],
+                        host[i],
+                        self.step + 1
+                    )));
+                }
+            }
         }
         self.step += 1;
         let o = self.optim;
@@ -69,7 +87,72 @@ impl<'m, B: Backend> Trainer<'m, B> {
             self.be.adamw_step(&mut pair.phi, &g.0, &mut m.0, &mut v.0, hyper)?;
             self.be.adamw_step(&mut pair.psi, &g.1, &mut m.1, &mut v.1, hyper)?;
         }
+        for (k, pair) in self.adapter.pairs.iter().enumerate() {
+            for (what, p) in [("phi", &pair.phi), ("psi", &pair.psi)] {
+                let host = self.be.download(p)?;
+                if let Some(i) = host.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Numerical(format!(
+                        "the update of step {} made {what} of pair {k} ({}) non-finite ({} at index {i}); lower the learning rate or weight decay",
+                        self.step,
+                        crate::model::llama::MODULES[pair.module],
+                        host[i]
+                    )));
+                }
+            }
+        }
         Ok(loss)
+    }
+
+    /// A trainer that continues a run: the adapter `params` (as uploaded by [`Trainer::new`]
+    /// from `init`, whose values are replaced), and the AdamW state after `step` steps: first
+    /// moments `m` and second moments `v`, `(phi, psi)` per pair, as [`Trainer::optimizer_state`]
+    /// returned them. Every length must match the pairs of `init`.
+    pub fn resume(
+        be: &'m B,
+        model: &'m Llama<B>,
+        init: &HostAdapter,
+        optim: AdamWConfig,
+        step: u64,
+        m: &[(Vec<f32>, Vec<f32>)],
+        v: &[(Vec<f32>, Vec<f32>)],
+    ) -> Result<Self> {
+        let mut t = Self::new(be, model, init, optim)?;
+        for (arg, state) in [("m", m), ("v", v)] {
+            if state.len() != init.pairs.len() {
+                return Err(Error::Len { arg, expected: init.pairs.len(), got: state.len() });
+            }
+            for (k, ((_, phi, psi), (a, b))) in init.pairs.iter().zip(state).enumerate() {
+                if a.len() != phi.len() || b.len() != psi.len() {
+                    return Err(Error::invalid(
+                        arg,
+                        format!(
+                            "pair {k}: ({}, {}) elements, the adapter has ({}, {})",
+                            a.len(),
+                            b.len(),
+                            phi.len(),
+                            psi.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        for (k, (a, b)) in m.iter().enumerate() {
+            t.m[k] = (be.upload(a)?, be.upload(b)?);
+        }
+        for (k, (a, b)) in v.iter().enumerate() {
+            t.v[k] = (be.upload(a)?, be.upload(b)?);
+        }
+        t.step = step;
+        Ok(t)
+    }
+
+    /// The AdamW state on the host: `(step, m, v)`, moments as `(phi, psi)` per pair.
+    #[allow(clippy::type_complexity)]
+    pub fn optimizer_state(&self) -> Result<(u64, Vec<(Vec<f32>, Vec<f32>)>, Vec<(Vec<f32>, Vec<f32>)>)> {
+        let get = |s: &Vec<(B::Buf, B::Buf)>| -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+            s.iter().map(|(a, b)| Ok((self.be.download(a)?, self.be.download(b)?))).collect()
+        };
+        Ok((self.step, get(&self.m)?, get(&self.v)?))
     }
 
     /// Steps taken so far.
