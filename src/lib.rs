@@ -48,6 +48,7 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod capi;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
