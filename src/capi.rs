@@ -158,7 +158,10 @@ fn dtype_of(code: c_int) -> R<DType> {
         WEGEFT_F32 => Ok(DType::F32),
         WEGEFT_BF16 => Ok(DType::BF16),
         WEGEFT_F16 => Ok(DType::F16),
-        _ => Err(invalid("dtype", format!("unknown dtype code {code} (WEGEFT_F32 = 0, WEGEFT_BF16 = 1, WEGEFT_F16 = 2)"))),
+        _ => Err(invalid(
+            "dtype",
+            format!("unknown dtype code {code} (WEGEFT_F32 = 0, WEGEFT_BF16 = 1, WEGEFT_F16 = 2)"),
+        )),
     }
 }
 
@@ -183,7 +186,10 @@ fn check_overlap(regions: &[Region]) -> R<()> {
                 continue;
             }
             if a.start < b.start + b.bytes && b.start < a.start + a.bytes {
-                return Err(invalid(a.arg, format!("overlaps {} (an output must not share memory with another argument)", b.arg)));
+                return Err(invalid(
+                    a.arg,
+                    format!("overlaps {} (an output must not share memory with another argument)", b.arg),
+                ));
             }
         }
     }
@@ -220,14 +226,24 @@ fn ld_or(ld: usize, cols: usize) -> usize {
 ///
 /// # Safety
 /// `m.data` must address `m.len` readable elements of `T` that no one writes during the call.
-unsafe fn view<'a, T>(arg: &'static str, m: WegeftConstMat, (rows, cols): (usize, usize), regions: &mut Vec<Region>) -> R<Mat<'a, T>> {
+unsafe fn view<'a, T>(
+    arg: &'static str,
+    m: WegeftConstMat,
+    (rows, cols): (usize, usize),
+    regions: &mut Vec<Region>,
+) -> R<Mat<'a, T>> {
     regions.push(region::<T>(arg, m.data, m.len, false)?);
     let data = std::slice::from_raw_parts(m.data as *const T, m.len);
     Ok(Mat::strided(arg, data, rows, cols, ld_or(m.ld, cols))?)
 }
 
 /// A checked layout of a writable C matrix (the slice is made after the overlap check).
-fn view_mut_region<T>(arg: &'static str, m: WegeftMat, (rows, cols): (usize, usize), regions: &mut Vec<Region>) -> R<()> {
+fn view_mut_region<T>(
+    arg: &'static str,
+    m: WegeftMat,
+    (rows, cols): (usize, usize),
+    regions: &mut Vec<Region>,
+) -> R<()> {
     regions.push(region::<T>(arg, m.data, m.len, true)?);
     let ld = ld_or(m.ld, cols);
     // Layout check without making a slice: the same rule as MatMut::strided.
@@ -342,7 +358,12 @@ pub unsafe extern "C" fn wegeft_cpu_forward(
     saved_c: *mut f32,
     saved_c_len: usize,
 ) -> c_int {
-    guard(|| dispatch!(dtype, cpu_forward(shape, x, w, bias, bias_len, phi, psi, scale, y, saved_u, saved_u_len, saved_c, saved_c_len)))
+    guard(|| {
+        dispatch!(
+            dtype,
+            cpu_forward(shape, x, w, bias, bias_len, phi, psi, scale, y, saved_u, saved_u_len, saved_c, saved_c_len)
+        )
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -424,7 +445,24 @@ pub unsafe extern "C" fn wegeft_cpu_backward(
     guard(|| {
         dispatch!(
             dtype,
-            cpu_backward(shape, x, w, phi, psi, scale, saved_u, saved_u_len, saved_c, saved_c_len, g, dx, dphi, dphi_len, dpsi, dpsi_len)
+            cpu_backward(
+                shape,
+                x,
+                w,
+                phi,
+                psi,
+                scale,
+                saved_u,
+                saved_u_len,
+                saved_c,
+                saved_c_len,
+                g,
+                dx,
+                dphi,
+                dphi_len,
+                dpsi,
+                dpsi_len
+            )
         )
     })
 }
@@ -434,7 +472,14 @@ fn merge_shape(sh: WegeftShape) -> R<LayerShape> {
     layer_shape(WegeftShape { tokens: sh.tokens.max(1), ..sh })
 }
 
-unsafe fn cpu_merge<T: Element>(sh: WegeftShape, w: WegeftMat, phi: WegeftConstMat, psi: WegeftConstMat, scale: f32, un: bool) -> R<()> {
+unsafe fn cpu_merge<T: Element>(
+    sh: WegeftShape,
+    w: WegeftMat,
+    phi: WegeftConstMat,
+    psi: WegeftConstMat,
+    scale: f32,
+    un: bool,
+) -> R<()> {
     let s = merge_shape(sh)?;
     let mut regions = Vec::new();
     let phim = view::<T>("phi", phi, s.phi(), &mut regions)?;
@@ -455,7 +500,14 @@ unsafe fn cpu_merge<T: Element>(sh: WegeftShape, w: WegeftMat, phi: WegeftConstM
 /// # Safety
 /// Each pointer must address at least as many elements as its length argument says.
 #[no_mangle]
-pub unsafe extern "C" fn wegeft_cpu_merge(dtype: c_int, shape: WegeftShape, w: WegeftMat, phi: WegeftConstMat, psi: WegeftConstMat, scale: f32) -> c_int {
+pub unsafe extern "C" fn wegeft_cpu_merge(
+    dtype: c_int,
+    shape: WegeftShape,
+    w: WegeftMat,
+    phi: WegeftConstMat,
+    psi: WegeftConstMat,
+    scale: f32,
+) -> c_int {
     guard(|| dispatch!(dtype, cpu_merge(shape, w, phi, psi, scale, false)))
 }
 
@@ -465,7 +517,14 @@ pub unsafe extern "C" fn wegeft_cpu_merge(dtype: c_int, shape: WegeftShape, w: W
 /// # Safety
 /// Each pointer must address at least as many elements as its length argument says.
 #[no_mangle]
-pub unsafe extern "C" fn wegeft_cpu_unmerge(dtype: c_int, shape: WegeftShape, w: WegeftMat, phi: WegeftConstMat, psi: WegeftConstMat, scale: f32) -> c_int {
+pub unsafe extern "C" fn wegeft_cpu_unmerge(
+    dtype: c_int,
+    shape: WegeftShape,
+    w: WegeftMat,
+    phi: WegeftConstMat,
+    psi: WegeftConstMat,
+    scale: f32,
+) -> c_int {
     guard(|| dispatch!(dtype, cpu_merge(shape, w, phi, psi, scale, true)))
 }
 
@@ -491,7 +550,13 @@ unsafe fn cpu_lora_forward<T: Element>(
     let bm = view::<T>("B", b, s.lora_b(), &mut regions)?;
     regions.extend(opt_vec_region::<T>("b", bias, bias_len, s.d_out, false)?);
     view_mut_region::<T>("y", y, s.y(), &mut regions)?;
-    regions.extend(opt_vec_region::<f32>("saved_xa", saved_xa as *const c_void, saved_xa_len, s.tokens * s.rank, true)?);
+    regions.extend(opt_vec_region::<f32>(
+        "saved_xa",
+        saved_xa as *const c_void,
+        saved_xa_len,
+        s.tokens * s.rank,
+        true,
+    )?);
     check_overlap(&regions)?;
     let bv = (!bias.is_null()).then(|| std::slice::from_raw_parts(bias as *const T, bias_len));
     let ym = make_mut::<T>("y", y, s.y())?;
@@ -549,14 +614,21 @@ unsafe fn cpu_lora_backward<T: Element>(
     let am = view::<T>("A", a, s.lora_a(), &mut regions)?;
     let bm = view::<T>("B", b, s.lora_b(), &mut regions)?;
     let gm = view::<T>("G", g, s.y(), &mut regions)?;
-    regions.extend(opt_vec_region::<f32>("saved_xa", saved_xa as *const c_void, saved_xa_len, s.tokens * s.rank, false)?);
+    regions.extend(opt_vec_region::<f32>(
+        "saved_xa",
+        saved_xa as *const c_void,
+        saved_xa_len,
+        s.tokens * s.rank,
+        false,
+    )?);
     if !dx.data.is_null() {
         view_mut_region::<T>("dx", dx, s.x(), &mut regions)?;
     }
     regions.push(vec_region("dA", da as *const c_void, da_len, s.rank * s.d_in, true)?);
     regions.push(vec_region("dB", db as *const c_void, db_len, s.d_out * s.rank, true)?);
     check_overlap(&regions)?;
-    let saved = (!saved_xa.is_null()).then(|| cpu::LoraSaved { xa: std::slice::from_raw_parts(saved_xa, saved_xa_len).to_vec() });
+    let saved = (!saved_xa.is_null())
+        .then(|| cpu::LoraSaved { xa: std::slice::from_raw_parts(saved_xa, saved_xa_len).to_vec() });
     let dxm = if dx.data.is_null() { None } else { Some(make_mut::<T>("dx", dx, s.x())?) };
     let das = std::slice::from_raw_parts_mut(da, da_len);
     let dbs = std::slice::from_raw_parts_mut(db, db_len);
@@ -587,7 +659,12 @@ pub unsafe extern "C" fn wegeft_cpu_lora_backward(
     db: *mut f32,
     db_len: usize,
 ) -> c_int {
-    guard(|| dispatch!(dtype, cpu_lora_backward(shape, x, w, a, b, scale, saved_xa, saved_xa_len, g, dx, da, da_len, db, db_len)))
+    guard(|| {
+        dispatch!(
+            dtype,
+            cpu_lora_backward(shape, x, w, a, b, scale, saved_xa, saved_xa_len, g, dx, da, da_len, db, db_len)
+        )
+    })
 }
 
 // ---- misc -----------------------------------------------------------------------------------
@@ -651,7 +728,8 @@ mod cuda_impl {
         }
         // SAFETY: out checked non-null; the caller gives a writable pointer.
         unsafe { *out = std::ptr::null_mut() };
-        let ordinal = usize::try_from(device).map_err(|_| invalid("device", format!("negative device ordinal {device}")))?;
+        let ordinal =
+            usize::try_from(device).map_err(|_| invalid("device", format!("negative device ordinal {device}")))?;
         let backend = crate::cuda::CudaBackend::new(ordinal)?;
         unsafe { *out = Box::into_raw(Box::new(WegeftCuda { backend })) };
         Ok(())
@@ -671,29 +749,91 @@ mod cuda_impl {
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn forward(
-        h: *const WegeftCuda, stream: *mut c_void, dtype: c_int, shape: WegeftShape, x: u64, w: u64, bias: u64, phi: u64, psi: u64,
-        scale: f32, u: u64, c: u64, y: u64,
+        h: *const WegeftCuda,
+        stream: *mut c_void,
+        dtype: c_int,
+        shape: WegeftShape,
+        x: u64,
+        w: u64,
+        bias: u64,
+        phi: u64,
+        psi: u64,
+        scale: f32,
+        u: u64,
+        c: u64,
+        y: u64,
     ) -> R<()> {
         let d = handle(h)?;
         let dt = dtype_of(dtype)?;
         let s = layer_shape(shape)?;
-        Ok(d.wegeft_forward_raw(dt, &s, stream as CUstream, x, w, opt(bias), phi, psi, scale, Dropout::NONE, u, c, y, Path::Auto)?)
+        Ok(d.wegeft_forward_raw(
+            dt,
+            &s,
+            stream as CUstream,
+            x,
+            w,
+            opt(bias),
+            phi,
+            psi,
+            scale,
+            Dropout::NONE,
+            u,
+            c,
+            y,
+            Path::Auto,
+        )?)
     }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn backward(
-        h: *const WegeftCuda, stream: *mut c_void, dtype: c_int, shape: WegeftShape, x: u64, w: u64, psi: u64, scale: f32, u: u64,
-        c: u64, g: u64, dx: u64, dphi: u64, dpsi: u64,
+        h: *const WegeftCuda,
+        stream: *mut c_void,
+        dtype: c_int,
+        shape: WegeftShape,
+        x: u64,
+        w: u64,
+        psi: u64,
+        scale: f32,
+        u: u64,
+        c: u64,
+        g: u64,
+        dx: u64,
+        dphi: u64,
+        dpsi: u64,
     ) -> R<()> {
         let d = handle(h)?;
         let dt = dtype_of(dtype)?;
         let s = layer_shape(shape)?;
-        Ok(d.wegeft_backward_raw(dt, &s, stream as CUstream, x, w, psi, scale, Dropout::NONE, u, c, g, opt(dx), dphi, dpsi, Path::Auto)?)
+        Ok(d.wegeft_backward_raw(
+            dt,
+            &s,
+            stream as CUstream,
+            x,
+            w,
+            psi,
+            scale,
+            Dropout::NONE,
+            u,
+            c,
+            g,
+            opt(dx),
+            dphi,
+            dpsi,
+            Path::Auto,
+        )?)
     }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn merge(
-        h: *const WegeftCuda, stream: *mut c_void, dtype: c_int, shape: WegeftShape, w: u64, phi: u64, psi: u64, scale: f32, un: bool,
+        h: *const WegeftCuda,
+        stream: *mut c_void,
+        dtype: c_int,
+        shape: WegeftShape,
+        w: u64,
+        phi: u64,
+        psi: u64,
+        scale: f32,
+        un: bool,
     ) -> R<()> {
         let d = handle(h)?;
         let dt = dtype_of(dtype)?;
@@ -707,8 +847,18 @@ mod cuda_impl {
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn lora_forward(
-        h: *const WegeftCuda, stream: *mut c_void, dtype: c_int, shape: WegeftShape, x: u64, w: u64, bias: u64, a: u64, b: u64,
-        scale: f32, xa: u64, y: u64,
+        h: *const WegeftCuda,
+        stream: *mut c_void,
+        dtype: c_int,
+        shape: WegeftShape,
+        x: u64,
+        w: u64,
+        bias: u64,
+        a: u64,
+        b: u64,
+        scale: f32,
+        xa: u64,
+        y: u64,
     ) -> R<()> {
         let d = handle(h)?;
         let dt = dtype_of(dtype)?;
@@ -718,8 +868,20 @@ mod cuda_impl {
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn lora_backward(
-        h: *const WegeftCuda, stream: *mut c_void, dtype: c_int, shape: WegeftShape, x: u64, w: u64, a: u64, b: u64, scale: f32,
-        xa: u64, g: u64, dx: u64, da: u64, db: u64,
+        h: *const WegeftCuda,
+        stream: *mut c_void,
+        dtype: c_int,
+        shape: WegeftShape,
+        x: u64,
+        w: u64,
+        a: u64,
+        b: u64,
+        scale: f32,
+        xa: u64,
+        g: u64,
+        dx: u64,
+        da: u64,
+        db: u64,
     ) -> R<()> {
         let d = handle(h)?;
         let dt = dtype_of(dtype)?;
@@ -730,7 +892,10 @@ mod cuda_impl {
 
 #[cfg(not(feature = "cuda"))]
 fn no_cuda() -> Fail {
-    Fail { status: WEGEFT_ERR_NO_CUDA, msg: "CUDA unavailable: wegeft was built without CUDA (cargo feature `cuda`)".into() }
+    Fail {
+        status: WEGEFT_ERR_NO_CUDA,
+        msg: "CUDA unavailable: wegeft was built without CUDA (cargo feature `cuda`)".into(),
+    }
 }
 
 /// Opens CUDA device `device` (its primary context, the one the CUDA runtime and PyTorch

@@ -35,9 +35,19 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
+/// Runs a C program against `lib`: cargo's LD_LIBRARY_PATH for tests lists `target/<profile>`,
+/// where an older `cargo build` may have left another `libwegeft.so` (the rpath would lose).
+fn run_c(exe: &Path, args: &[&str], lib: &Path) -> (bool, String, String) {
+    run(Command::new(exe).args(args).env("LD_LIBRARY_PATH", lib.parent().unwrap()))
+}
+
 fn run(cmd: &mut Command) -> (bool, String, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Compiles C sources with the system compiler, strict warnings as errors, linked against
@@ -78,7 +88,9 @@ fn header_functions() -> BTreeMap<String, (String, Vec<(String, String)>)> {
     let mut out = BTreeMap::new();
     for decl in code.split(';') {
         let decl = decl.split_whitespace().collect::<Vec<_>>().join(" ");
-        let Some(open) = decl.find("wegeft_").filter(|_| decl.contains('(') && !decl.contains("typedef")) else { continue };
+        let Some(open) = decl.find("wegeft_").filter(|_| decl.contains('(') && !decl.contains("typedef")) else {
+            continue;
+        };
         let paren = decl.find('(').unwrap();
         if paren < open {
             continue;
@@ -190,7 +202,9 @@ fn header_matches_the_exports_and_the_rust_signatures() {
 /// Writes a fixture case as the flat file test_wegeft.c reads (see its header comment).
 fn write_fixture(case: &common::LayerCase, path: &Path) {
     let f = common::load_f64(&case.file);
-    let get = |k: &str| -> &Vec<f64> { &f.get(&format!("layer.{k}")).unwrap_or_else(|| panic!("{}: no layer.{k}", case.file)).1 };
+    let get = |k: &str| -> &Vec<f64> {
+        &f.get(&format!("layer.{k}")).unwrap_or_else(|| panic!("{}: no layer.{k}", case.file)).1
+    };
     let (t, din, dout, r) = (case.t, case.d_in, case.d_out, case.rank);
     // phi = in_proj^T (d_in x r), psi = out_proj^T (r x d_in); their gradients likewise.
     let arrays: Vec<Vec<f64>> = vec![
@@ -206,7 +220,8 @@ fn write_fixture(case: &common::LayerCase, path: &Path) {
         common::t(get("d_out_proj"), din, r),
         get("W_merged").clone(),
     ];
-    let sizes = [t * din, dout * din, dout, din * r, r * din, t * dout, t * dout, t * din, din * r, r * din, dout * din];
+    let sizes =
+        [t * din, dout * din, dout, din * r, r * din, t * dout, t * dout, t * din, din * r, r * din, dout * din];
     let mut bytes = b"WGFT".to_vec();
     for d in [t, din, dout, r] {
         bytes.extend((d as u64).to_le_bytes());
@@ -233,14 +248,14 @@ fn c_program_on_the_fixtures_and_error_paths() {
     for case in common::layer_cases() {
         let bin = dir.join(format!("{}.bin", case.file));
         write_fixture(&case, &bin);
-        let (ok, out, err) = run(Command::new(&exe).arg("cpu").arg(&bin));
+        let (ok, out, err) = run_c(&exe, &["cpu", bin.to_str().unwrap()], &lib);
         println!("{}:\n{out}{err}", case.file);
         assert!(ok, "test_wegeft cpu {} failed:\n{out}\n{err}", case.file);
         assert!(out.contains(&abi), "C struct sizes differ from Rust's ({abi}):\n{out}");
         assert!(out.contains("ok: "), "{out}");
     }
     // The CUDA mode: passes on a GPU, else fails cleanly with a reason (never a crash).
-    let (ok, out, err) = run(Command::new(&exe).arg("cuda"));
+    let (ok, out, err) = run_c(&exe, &["cuda"], &lib);
     println!("test_wegeft cuda:\n{out}{err}");
     if !ok {
         let clean = ["built without CUDA", "no CUDA driver", "no CUDA device", "WEGEFT_ERR_NO_CUDA"];
@@ -258,7 +273,7 @@ fn c_example_builds_and_runs() {
     let dir = tmpdir("example");
     let exe = dir.join("wegeft_example");
     compile(&[root().join("examples/c/wegeft_example.c")], &exe, &lib);
-    let (ok, out, err) = run(&mut Command::new(&exe));
+    let (ok, out, err) = run_c(&exe, &[], &lib);
     println!("{out}{err}");
     assert!(ok, "examples/c/wegeft_example failed:\n{out}\n{err}");
     assert!(out.contains("max |y - y_merged| ="), "{out}");
