@@ -48,6 +48,8 @@
 
 pub mod adapter;
 pub mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod capi;
 pub mod cpu;
 #[cfg(feature = "cuda")]
