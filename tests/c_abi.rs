@@ -279,3 +279,117 @@ fn c_example_builds_and_runs() {
     assert!(out.contains("max |y - y_merged| ="), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// f16 (which the C program does not cover) and bf16 through the ABI from Rust: bit-identical to
+/// `cpu::wegeft_forward` / `_backward` / `_merge` called directly, with strided `x`.
+#[test]
+fn half_dtypes_through_the_abi_equal_the_cpu_layer() {
+    use wegeft::capi::*;
+    use wegeft::{cpu, Element, LayerShape, Mat, MatMut};
+    fn case<T: Element + PartialEq>(code: std::ffi::c_int) {
+        let (t, din, dout, r, ld) = (9usize, 24usize, 20usize, 4usize, 27usize);
+        let v = |seed: u64, n: usize| -> Vec<T> {
+            common::rand_vec(seed, n).iter().map(|&x| T::from_f32(x as f32 * 0.5)).collect()
+        };
+        let (x, w, b, phi, psi, g) =
+            (v(1, t * ld), v(2, dout * din), v(3, dout), v(4, din * r), v(5, r * din), v(6, t * dout));
+        let sh = WegeftShape { tokens: t, d_in: din, d_out: dout, rank: r };
+        let cm = |d: &[T], ld: usize| WegeftConstMat { data: d.as_ptr().cast(), len: d.len(), ld };
+        let (mut y, mut dx) = (vec![T::default(); t * dout], vec![T::default(); t * din]);
+        let (mut dphi, mut dpsi) = (vec![0f32; din * r], vec![0f32; r * din]);
+        let mut wm = w.clone();
+        unsafe {
+            let ym = WegeftMat { data: y.as_mut_ptr().cast(), len: y.len(), ld: 0 };
+            let st = wegeft_cpu_forward(
+                code,
+                sh,
+                cm(&x, ld),
+                cm(&w, 0),
+                b.as_ptr().cast(),
+                dout,
+                cm(&phi, 0),
+                cm(&psi, 0),
+                0.75,
+                ym,
+                std::ptr::null_mut(),
+                0,
+                std::ptr::null_mut(),
+                0,
+            );
+            assert_eq!(st, WEGEFT_OK);
+            let dxm = WegeftMat { data: dx.as_mut_ptr().cast(), len: dx.len(), ld: 0 };
+            let st = wegeft_cpu_backward(
+                code,
+                sh,
+                cm(&x, ld),
+                cm(&w, 0),
+                cm(&phi, 0),
+                cm(&psi, 0),
+                0.75,
+                std::ptr::null(),
+                0,
+                std::ptr::null(),
+                0,
+                cm(&g, 0),
+                dxm,
+                dphi.as_mut_ptr(),
+                dphi.len(),
+                dpsi.as_mut_ptr(),
+                dpsi.len(),
+            );
+            assert_eq!(st, WEGEFT_OK);
+            let wmm = WegeftMat { data: wm.as_mut_ptr().cast(), len: wm.len(), ld: 0 };
+            assert_eq!(wegeft_cpu_merge(code, sh, wmm, cm(&phi, 0), cm(&psi, 0), 0.75), WEGEFT_OK);
+        }
+        let s = LayerShape::new(t, din, dout, r).unwrap();
+        fn m<'a, T>(n: &'static str, d: &'a [T], r: usize, c: usize) -> Mat<'a, T> {
+            Mat::new(n, d, r, c).unwrap()
+        }
+        let xs = Mat::strided("x", &x, t, din, ld).unwrap();
+        let (mut y2, mut dx2) = (vec![T::default(); t * dout], vec![T::default(); t * din]);
+        let (mut dphi2, mut dpsi2) = (vec![0f32; din * r], vec![0f32; r * din]);
+        cpu::wegeft_forward(
+            &s,
+            xs,
+            m("W", &w, dout, din),
+            Some(&b),
+            m("phi", &phi, din, r),
+            m("psi", &psi, r, din),
+            0.75,
+            MatMut::new("y", &mut y2, t, dout).unwrap(),
+        )
+        .unwrap();
+        cpu::wegeft_backward(
+            &s,
+            xs,
+            m("W", &w, dout, din),
+            m("phi", &phi, din, r),
+            m("psi", &psi, r, din),
+            0.75,
+            None,
+            m("G", &g, t, dout),
+            Some(MatMut::new("dx", &mut dx2, t, din).unwrap()),
+            &mut dphi2,
+            &mut dpsi2,
+        )
+        .unwrap();
+        let mut wm2 = w.clone();
+        cpu::wegeft_merge(
+            &s,
+            MatMut::new("W", &mut wm2, dout, din).unwrap(),
+            m("phi", &phi, din, r),
+            m("psi", &psi, r, din),
+            0.75,
+        )
+        .unwrap();
+        assert!(
+            y == y2 && dx == dx2 && dphi == dphi2 && dpsi == dpsi2 && wm == wm2,
+            "{:?}: ABI and cpu:: differ",
+            T::DTYPE
+        );
+        assert!(y.iter().any(|e| e.to_f32() != 0.0));
+    }
+    case::<half::f16>(WEGEFT_F16);
+    case::<half::bf16>(WEGEFT_BF16);
+    case::<f32>(WEGEFT_F32);
+}
