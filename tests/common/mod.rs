@@ -44,8 +44,11 @@ pub fn load_f64(file: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
         .into_iter()
         .map(|(name, view)| {
             assert_eq!(view.dtype(), safetensors::Dtype::F64, "{name}");
-            let data: Vec<f64> =
-                view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+            let data: Vec<f64> = view
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             (name, (view.shape().to_vec(), data))
         })
         .collect()
