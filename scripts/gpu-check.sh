@@ -48,13 +48,21 @@ for line in open(src):
     kinds = set(t["kind"])
     if ("test" in kinds and t["name"] in wanted) or ("bench" in kinds and t["name"] in ("layer_cuda", "model_cuda", "attention_cuda")):
         found[t["name"]] = m["executable"]
-missing = (wanted | {"layer_cuda", "model_cuda", "attention_cuda"}) - set(found)
+for line in open(src):  # the C ABI library (the crate's cdylib), for tests/c/test_wegeft.c
+    m = json.loads(line) if line.startswith("{") else {}
+    if m.get("reason") == "compiler-artifact" and "cdylib" in m["target"]["kind"]:
+        found.update({"libwegeft.so": f for f in m["filenames"] if f.endswith(".so")})
+missing = (wanted | {"layer_cuda", "model_cuda", "attention_cuda", "libwegeft.so"}) - set(found)
 if missing:
     sys.exit(f"gpu-check.sh: no executable for {sorted(missing)}")
 for name, exe in sorted(found.items()):
     shutil.copy2(exe, os.path.join(dest, name))
     print(f"  {name:<12} <- {exe}", file=sys.stderr)
 PY
+
+# The C ABI test program against the packed library (the runner's c_abi step).
+cc -std=c11 -O2 -I include tests/c/test_wegeft.c -o "$pack/bin/test_wegeft_c" -L "$pack/bin" \
+  -Wl,-rpath,'$ORIGIN' -lwegeft -ldl -lm
 
 # The standalone fused-GEMM check (rebuilt only when its sources change: nvcc takes minutes).
 cuda_py="${CUDA_PY:-$root/.cuda/py/nvidia/cu13}"

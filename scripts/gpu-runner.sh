@@ -9,6 +9,7 @@
 #   ptxas (20)     the embedded kernels' ptxas report (no spills, every kernel present)
 #   cuda_* (150)   the CUDA backend against the float64 reference, WEGEFT_REQUIRE_GPU=1
 #   gemm_check (90)   every fused-GEMM variant on the odd-size grid vs a CPU loop
+#   c_abi (60)        tests/c/test_wegeft.c cuda: the C ABI's CUDA entry points vs its CPU path
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios
 #   multi_bench (45)  tests/cuda_multi bench_multi: 1/8/64 adapters in one batch vs one after
 #                     another (WeGeFT, LoRA), a markdown table in its log
@@ -143,6 +144,8 @@ for t in "$bin"/cuda_*; do
 done
 [ $n_cuda -gt 0 ] || record "cuda_*" "MISSING (bin/cuda_*)" 0
 have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
+# The C ABI (include/wegeft.h) on the GPU: wegeft_cuda_* against the library's CPU path.
+have test_wegeft_c && step c_abi 60 "$bin/test_wegeft_c" cuda
 
 # --- benchmarks ----------------------------------------------------------------------------------
 have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"

@@ -53,6 +53,9 @@
 
 pub mod adapter;
 pub mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
+pub mod capi;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
