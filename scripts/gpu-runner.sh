@@ -24,6 +24,8 @@
 #   attn_memcheck / attn_racecheck (45 / 45)  compute-sanitizer on cuda_attention sanitize_attention
 #
 # Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
+# RUNNER_STEPS='regex' runs only the steps whose whole name matches (e.g. a second call for what
+# the first one skipped: RUNNER_STEPS='.*memcheck|.*racecheck|initcheck' bash gpu-pack/run.sh).
 # Logs: /tmp/gpu-pack-run.*/logs/NAME.log (the path is printed at the end); with $OUT set
 # (the run tool), $OUT/all.log grows after every step (so it survives a kill), and at the end
 # $OUT/summary.md and $OUT/logs.tar.gz.
@@ -64,6 +66,9 @@ record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$steps"; }
 step() {
   local name="$1" limit="$2"; shift 2
   local now left t0 rc dt
+  if [ -n "${RUNNER_STEPS:-}" ] && ! [[ "$name" =~ ^(${RUNNER_STEPS})$ ]]; then
+    echo "== $name: not selected (RUNNER_STEPS)"; return
+  fi
   now=$(date +%s); left=$((budget - (now - start)))
   if [ "$left" -lt 15 ]; then
     record "$name" "SKIP (budget)" 0; echo "== $name: skipped, budget spent"; return
@@ -216,6 +221,7 @@ else
     while IFS=$'\t' read -r name status secs; do echo "| $name | $status | $secs |"; done <"$steps"
   } >"$summary"
 fi
+[ -n "${RUNNER_STEPS:-}" ] && echo "partial run: only the steps matching RUNNER_STEPS='${RUNNER_STEPS}'" >>"$summary"
 fail=0
 while IFS=$'\t' read -r name status secs; do
   [ "$status" = PASS ] || fail=1
