@@ -21,6 +21,7 @@
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
 #   memcheck / racecheck / initcheck (90 / 120 / 90)  compute-sanitizer on cuda_layer sanitize_*
 #                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge, dropout)
+#   model_memcheck (60) / multi_memcheck (45)  memcheck on cuda_model's op-by-op cases, cuda_multi sanitize_multi
 #   attn_memcheck / attn_racecheck (45 / 45)  compute-sanitizer on cuda_attention sanitize_attention
 #
 # Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
@@ -185,12 +186,16 @@ if [ -n "$sanitizer" ]; then
     step racecheck 120 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_ --test-threads=1
     step initcheck 90 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_ --test-threads=1
   fi
+  # The model-op kernels (embedding, rmsnorm, rope, swiglu, xent, adamw, elementwise, the LM
+  # head's chunks) and multi_edit, on their small op-by-op cases.
+  [ -x "$bin/cuda_model" ] && step model_memcheck 60 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_model" elementwise_ops_match_cpu products_match_cpu --test-threads=1
+  [ -x "$bin/cuda_multi" ] && step multi_memcheck 45 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_multi" sanitize_multi --test-threads=1
   if [ -x "$bin/cuda_attention" ]; then
     step attn_memcheck 45 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_attention" sanitize_attention --test-threads=1
     step attn_racecheck 45 "${san[@]}" --tool racecheck "$bin/cuda_attention" sanitize_attention --test-threads=1
   fi
 else
-  for s in gemm_memcheck memcheck racecheck initcheck attn_memcheck attn_racecheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
+  for s in gemm_memcheck memcheck racecheck initcheck model_memcheck multi_memcheck attn_memcheck attn_racecheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
 fi
 
 # --- logs of the failed steps, then the summary (last) ----------------------------------------------
