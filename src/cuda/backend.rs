@@ -292,6 +292,17 @@ impl Gpu {
         }
     }
 
+    /// The storage type attention runs in: bf16 (the tensor-core kernels, inputs rounded from
+    /// the f32 activations, outputs and gradients widened back) when the frozen weights are
+    /// bf16; f32 (the plain-FMA kernels) with `Gpu::new_f32`.
+    fn attention_dtype(&self) -> DType {
+        if self.weight_dtype() == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
     /// `y (+)= x` for an f32 `y` and an f32 or bf16 `x` of the same length.
     fn store_f32(&self, x: CUdeviceptr, x_dtype: DType, y: &GpuBuf, accumulate: bool) -> Result<()> {
         let n = y.len;
@@ -733,8 +744,18 @@ impl Backend for Gpu {
         need_f32("v", v, t * s.kv_heads * s.head_dim)?;
         need_f32("out", out, t * s.heads * s.head_dim)?;
         need_f32("lse", lse, t * s.heads)?;
-        // SAFETY: the buffers hold the checked shapes, on this stream.
-        unsafe { attention::attention_forward_raw(&self.dev, self.stream(), DType::F32, s, q.ptr, k.ptr, v.ptr, out.ptr, lse.ptr) }
+        let dt = self.attention_dtype();
+        let (qp, _qk) = self.as_dtype(q, dt)?;
+        let (kp, _kk) = self.as_dtype(k, dt)?;
+        let (vp, _vk) = self.as_dtype(v, dt)?;
+        let ob = if dt == DType::F32 { None } else { Some(self.alloc(dt, out.len)?) };
+        let op = ob.as_ref().map_or(out.ptr, |b| b.ptr);
+        // SAFETY: the buffers hold the checked shapes in `dt`, on this stream.
+        unsafe { attention::attention_forward_raw(&self.dev, self.stream(), dt, s, qp, kp, vp, op, lse.ptr)? };
+        match &ob {
+            Some(b) => self.store_f32(b.ptr, dt, out, false),
+            None => Ok(()),
+        }
     }
 
     fn attention_backward(
@@ -762,12 +783,30 @@ impl Backend for Gpu {
         need_f32("dq", dq, qn)?;
         need_f32("dk", dk, kn)?;
         need_f32("dv", dv, kn)?;
-        // SAFETY: as in attention_forward.
+        let dt = self.attention_dtype();
+        if dt == DType::F32 {
+            // SAFETY: as in attention_forward.
+            return unsafe {
+                attention::attention_backward_raw(
+                    &self.dev, self.stream(), dt, s, q.ptr, k.ptr, v.ptr, out.ptr, lse.ptr, dout.ptr, dq.ptr, dk.ptr, dv.ptr,
+                )
+            };
+        }
+        let (qp, _qk) = self.as_dtype(q, dt)?;
+        let (kp, _kk) = self.as_dtype(k, dt)?;
+        let (vp, _vk) = self.as_dtype(v, dt)?;
+        let (op, _ok) = self.as_dtype(out, dt)?;
+        let (gp, _gk) = self.as_dtype(dout, dt)?;
+        let (dqb, dkb, dvb) = (self.alloc(dt, qn)?, self.alloc(dt, kn)?, self.alloc(dt, kn)?);
+        // SAFETY: as in attention_forward; the gradients go to fresh `dt` buffers.
         unsafe {
             attention::attention_backward_raw(
-                &self.dev, self.stream(), DType::F32, s, q.ptr, k.ptr, v.ptr, out.ptr, lse.ptr, dout.ptr, dq.ptr, dk.ptr, dv.ptr,
-            )
-        }
+                &self.dev, self.stream(), dt, s, qp, kp, vp, op, lse.ptr, gp, dqb.ptr, dkb.ptr, dvb.ptr,
+            )?
+        };
+        self.store_f32(dqb.ptr, dt, dq, false)?;
+        self.store_f32(dkb.ptr, dt, dk, false)?;
+        self.store_f32(dvb.ptr, dt, dv, false)
     }
 
     fn attention_decode(
