@@ -84,9 +84,10 @@ echo "  gemm_kext_check <- $gk" >&2
 
 for f in "$pack"/bin/*; do strip --strip-debug "$f" 2>/dev/null || true; done
 ls -la "$pack/bin" >&2
-# Each Rust binary carries the same ~17 MB of kernel images (PTX + cubins): gzip brings the
-# binaries from ~56 MB to ~12 MB, leaving room under the run tool's 64 MiB. run.sh unpacks.
-tar czf "$pack/bin.tar.gz" -C "$pack" bin
+# Each Rust binary carries the same kernel images (PTX + cubins, ~20 MB): xz -9 (a 64 MiB
+# window) stores them once across the binaries — ~250 MB of binaries become ~4 MB (gzip's 32 KiB
+# window gave ~49 MB, near the run tool's 64 MiB). run.sh unpacks (tar xJf, or Python's lzma).
+tar cf - -C "$pack" bin | xz -9 -T1 >"$pack/bin.tar.xz"
 rm -rf "$pack/bin"
 
 fixtures="${WEGEFT_FIXTURES:-$root/../shared/fixtures}"

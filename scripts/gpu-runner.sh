@@ -39,13 +39,16 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # pack past the 64 MiB the run tool carries if it were carried again after a run here.
 work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-pack-run.XXXXXX" 2>/dev/null)" || { work="$here/.run"; mkdir -p "$work"; }
 bin="$work/bin"
-[ -f "$here/bin.tar.gz" ] || bin="$here/bin"  # an unpacked pack
+[ -f "$here/bin.tar.xz" ] || bin="$here/bin"  # an unpacked pack
 logs="$work/logs"
 rm -rf "$logs"
 mkdir -p "$logs"
 unpack_msg=""
-if [ -f "$here/bin.tar.gz" ]; then
-  tar xzf "$here/bin.tar.gz" -C "$work" 2>"$logs/unpack.err" || unpack_msg="unpacking bin.tar.gz failed: $(head -c 300 "$logs/unpack.err")"
+if [ -f "$here/bin.tar.xz" ]; then
+  tar xJf "$here/bin.tar.xz" -C "$work" 2>"$logs/unpack.err" ||
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$here/bin.tar.xz" "$work" \
+      2>>"$logs/unpack.err" ||
+    unpack_msg="unpacking bin.tar.xz failed: $(head -c 300 "$logs/unpack.err")"
 fi
 out="${OUT:-}"
 [ -n "$out" ] && mkdir -p "$out" && : >"$out/all.log"
@@ -59,7 +62,9 @@ steps="$logs/steps.tsv"
 : >"$steps"
 
 # record NAME STATUS SECONDS
-record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$steps"; }
+record() { selected "$1" && printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$steps"; return 0; }
+# selected NAME: the step is wanted (every step, or those matching RUNNER_STEPS).
+selected() { [ -z "${RUNNER_STEPS:-}" ] || [[ "$1" =~ ^(${RUNNER_STEPS})$ ]]; }
 
 # step NAME TIMEOUT_S COMMAND...: runs it with a timeout, stdout and stderr to
 # $logs/NAME.log (and its last lines to the console), records PASS / FAIL (rc N) / TIMEOUT /
@@ -67,7 +72,7 @@ record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$steps"; }
 step() {
   local name="$1" limit="$2"; shift 2
   local now left t0 rc dt
-  if [ -n "${RUNNER_STEPS:-}" ] && ! [[ "$name" =~ ^(${RUNNER_STEPS})$ ]]; then
+  if ! selected "$name"; then
     echo "== $name: not selected (RUNNER_STEPS)"; return
   fi
   now=$(date +%s); left=$((budget - (now - start)))
