@@ -86,7 +86,6 @@ impl Setup {
                 lora_multi_forward(x, w, None, &self.psi, &self.lora_b, &self.scales, r, &self.idx, ym).unwrap();
             }
             "wegeft_seq" | "lora_seq" => {
-                drop(ym);
                 let n = d * r;
                 for a in 0..self.n_ad {
                     let (s0, s1) = self.group(a);

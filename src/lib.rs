@@ -51,6 +51,10 @@
 //! # Ok::<(), wegeft::Error>(())
 //! ```
 
+// `!(a <= b)` is how the checks reject NaN along with out-of-range values; indexed loops
+// over several arrays at once read closest to the formulas.
+#![allow(clippy::neg_cmp_op_on_partial_ord, clippy::needless_range_loop)]
+
 pub mod adapter;
 pub mod backend;
 #[cfg(feature = "candle")]

@@ -25,8 +25,9 @@
 //!   `y_g = [x_g | u] [W | C_a]^T`, `C_a = s_a W phi_a` (`d_out x r`, built per call): one
 //!   frozen GEMM per group plus a `d_out x d_in x r` product per adapter.
 //!
-//! [`MultiPath::Auto`] picks `InputEdit` unless one adapter serves every token and the batch has
-//! at least [`KEXT_MIN_TOKENS`] tokens (see BENCHMARKS.md, "Many adapters in one batch").
+//! [`MultiPath::Auto`] picks `InputEdit`: on the CPU the K-extended form showed no stable win
+//! even for one adapter (it must build `C_a = s W phi`, `d_out d_in r` multiply-adds per call)
+//! and loses by 2.5-18x with 8 or 64 adapters (BENCHMARKS.md, "Many adapters in one batch").
 //!
 //! Results are deterministic: the grouping is a stable sort, and every product is computed by
 //! the same GEMM calls in the same order for the same input (the `gemm` crate splits work over
@@ -41,11 +42,6 @@ use crate::shape::{Mat, MatMut};
 /// The adapter index of a token that uses no adapter (the base model).
 pub const NO_ADAPTER: i32 = -1;
 
-/// [`MultiPath::Auto`] takes the K-extended form only for a single adapter and at least this
-/// many tokens. `usize::MAX`, i.e. never: on the CPU the K-extended form showed no stable win
-/// even for one adapter (it must build `C_a = s W phi`, `d_out d_in r` multiply-adds per call),
-/// and loses by 2.5-18x with 8 or 64 adapters (BENCHMARKS.md, "Many adapters in one batch").
-pub const KEXT_MIN_TOKENS: usize = usize::MAX;
 
 /// `A` adapters of one layer, stacked: `phi` is `A x d_in x r`, `psi` is `A x r x d_in`
 /// (adapter `a`'s matrices are contiguous, row-major), `scales[a] = s_a`.
@@ -304,11 +300,10 @@ pub fn wegeft_multi_forward(
     }
     let mut y = y.expect((t, d_out))?;
     let groups = group_tokens(adapter_of_token, ad.count())?;
-    let single = (0..ad.count()).any(|a| groups.tokens(a).len() == t);
+    // Auto: the input edit (see the module docs for why never the K-extended form).
     let kext = match path {
-        MultiPath::InputEdit => false,
+        MultiPath::InputEdit | MultiPath::Auto => false,
         MultiPath::KExtended => true,
-        MultiPath::Auto => single && t >= KEXT_MIN_TOKENS,
     };
     if kext {
         return kext_forward(&x, &w, bias, ad, &groups, &mut y);

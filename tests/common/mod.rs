@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: fixture loading and comparisons that print the
 //! worst element and the tolerance when they fail.
-#![allow(dead_code)]
+
+#![allow(dead_code, clippy::neg_cmp_op_on_partial_ord)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
