@@ -162,6 +162,32 @@ fn forward_matches<T: El>(dev: &CudaBackend) {
         let what = format!("{} T={t} d_in={d_in} d_out={d_out} r={r} A={n_ad}", T::DTYPE.name());
         assert_close(&format!("gpu multi vs cpu multi, {what}"), &got, &c.cpu_y(), T::tolerance());
         assert_close(&format!("gpu multi vs each adapter alone, {what}"), &got, &c.alone_y::<T>(dev), 2.0 * T::tolerance());
+        // The K-extended path over runs of one adapter (random and sorted adapter orders).
+        for sorted in [false, true] {
+            let mut idx = c.idx.clone();
+            if sorted {
+                idx.sort();
+            }
+            let st = dev.stream();
+            let (x, w, phi, psi) = (up::<T>(st, &c.x), up::<T>(st, &c.w), up::<T>(st, &c.phi), up::<T>(st, &c.psi));
+            let (b, mut y) = (up::<T>(st, &c.b), up::<T>(st, &vec![f32::NAN; t * d_out]));
+            dev.wegeft_multi_forward_path(&x, &w, Some(&b), &phi, &psi, &c.scales, &idx, d_in, d_out, r, &mut y, MultiPath::KExtended)
+                .unwrap();
+            let mut want = vec![0.0f32; t * d_out];
+            let ad = MultiAdapters::new(&c.phi, &c.psi, &c.scales, d_in, r).unwrap();
+            wegeft_multi_forward(
+                Mat::new("x", &c.x, t, d_in).unwrap(),
+                Mat::new("w", &c.w, d_out, d_in).unwrap(),
+                Some(&c.b),
+                &ad,
+                &idx,
+                MultiPath::InputEdit,
+                MatMut::new("y", &mut want, t, d_out).unwrap(),
+            )
+            .unwrap();
+            let want: Vec<f64> = want.into_iter().map(|v| v as f64).collect();
+            assert_close(&format!("gpu multi K-extended (sorted {sorted}) vs cpu, {what}"), &down::<T>(st, &y), &want, 2.0 * T::tolerance());
+        }
     }
 }
 
@@ -249,8 +275,8 @@ fn bench_multi() {
     let st = dev.stream().clone();
     let iters: usize = std::env::var("WEGEFT_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let r = 16;
-    println!("| shape (d_out x d_in) | T | adapters | multi (ms) | WeGeFT one after another (ms) | LoRA one after another (ms) | frozen (ms) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| shape (d_out x d_in) | T | adapters | multi, input edit (ms) | multi, K-extended per run (ms) | WeGeFT one after another (ms) | LoRA one after another (ms) | frozen (ms) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (d_out, d_in) in [(576usize, 576usize), (4096, 4096)] {
         for t in [256usize, 1024] {
             for n_ad in [1usize, 8, 64] {
@@ -266,6 +292,10 @@ fn bench_multi() {
                 let mut cc = up::<bf16>(&st, &vec![0.0; d_out * r]);
                 let multi = time_it(&dev, iters, || {
                     dev.wegeft_multi_forward(&x, &w, None, &phi, &psi, &c.scales, &idx, d_in, d_out, r, &mut y).unwrap()
+                });
+                let kext = time_it(&dev, iters, || {
+                    dev.wegeft_multi_forward_path(&x, &w, None, &phi, &psi, &c.scales, &idx, d_in, d_out, r, &mut y, MultiPath::KExtended)
+                        .unwrap()
                 });
                 let s_all = LayerShape::new(t, d_in, d_out, r).unwrap();
                 let frozen = time_it(&dev, iters, || dev.frozen_forward(&s_all, &x, &w, None, &mut y, None).unwrap());
@@ -306,8 +336,9 @@ fn bench_multi() {
                 let wseq = time_it(&dev, iters, || seq(false, &mut y, &mut u, &mut cc));
                 let lseq = time_it(&dev, iters, || seq(true, &mut y, &mut u, &mut cc));
                 println!(
-                    "| {d_out} x {d_in} | {t} | {n_ad} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                    "| {d_out} x {d_in} | {t} | {n_ad} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
                     multi * 1e3,
+                    kext * 1e3,
                     wseq * 1e3,
                     lseq * 1e3,
                     frozen * 1e3

@@ -30,6 +30,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use super::context::CudaBackend;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::cpu::multi::MultiPath;
 use crate::shape::LayerShape;
 
 /// The largest rank `multi_edit_T` takes (its shared `u`); larger ranks are an error.
@@ -178,7 +179,41 @@ impl CudaBackend {
         rank: usize,
         y: &mut CudaSlice<T>,
     ) -> Result<()> {
+        self.wegeft_multi_forward_path(x, w, bias, phi, psi, scales, adapter_of_token, d_in, d_out, rank, y, MultiPath::Auto)
+    }
+
+    /// [`CudaBackend::wegeft_multi_forward`] by a chosen [`MultiPath`]:
+    /// * `InputEdit` (and `Auto`, until a GPU benchmark says otherwise): `multi_edit_T` into a
+    ///   scratch `h`, then one frozen GEMM over every token;
+    /// * `KExtended`: for each maximal run of consecutive tokens with the same adapter (a
+    ///   sequence, in the per-sequence serving case), the single-adapter K-extended forward
+    ///   `y = [x | u][W | C_a]^T` on that run in place (no `h`, no gather; `C_a = s_a W phi_a`
+    ///   rebuilt per run), the frozen GEMM on runs without an adapter. Many short runs make many
+    ///   small GEMMs: `cuda_multi bench_multi` measures both (its second column is this path).
+    ///   Runs whose rows would not be 16-byte aligned (`d_in` or `d_out` times the element size
+    ///   not a multiple of 16, or `d_in r` for the stacked pairs) take the input edit instead.
+    #[allow(clippy::too_many_arguments)]
+    pub fn wegeft_multi_forward_path<T: Element + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        bias: Option<&CudaSlice<T>>,
+        phi: &CudaSlice<T>,
+        psi: &CudaSlice<T>,
+        scales: &[f32],
+        adapter_of_token: &[i32],
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        y: &mut CudaSlice<T>,
+        path: MultiPath,
+    ) -> Result<()> {
         let t = adapter_of_token.len();
+        let e = T::DTYPE.size();
+        let aligned = (d_in * e) % 16 == 0 && (d_out * e) % 16 == 0 && (d_in * rank * e) % 16 == 0;
+        if path == MultiPath::KExtended && aligned {
+            return self.multi_forward_runs(x, w, bias, phi, psi, scales, adapter_of_token, d_in, d_out, rank, y);
+        }
         let shape = LayerShape::new(t.max(1), d_in, d_out, rank)?;
         check_on(self, "W", w, d_out * d_in)?;
         check_on(self, "y", y, t * d_out)?;
@@ -196,5 +231,77 @@ impl CudaBackend {
         let (yp, _g3) = y.device_ptr_mut(st);
         // SAFETY: h holds T x d_in, W d_out x d_in, y T x d_out (checked), all on this context.
         unsafe { self.frozen_forward_raw(T::DTYPE, &shape, st.cu_stream(), hp, wp, bg.as_ref().map(|g| g.0), yp) }
+    }
+
+    /// The `KExtended` path of [`CudaBackend::wegeft_multi_forward_path`] (alignment checked).
+    #[allow(clippy::too_many_arguments)]
+    fn multi_forward_runs<T: Element + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        bias: Option<&CudaSlice<T>>,
+        phi: &CudaSlice<T>,
+        psi: &CudaSlice<T>,
+        scales: &[f32],
+        adapter_of_token: &[i32],
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        y: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let (t, n_ad) = (adapter_of_token.len(), scales.len());
+        check_dims(t, d_in, rank, n_ad)?;
+        LayerShape::new(t, d_in, d_out, rank)?;
+        check_on(self, "x", x, t * d_in)?;
+        check_on(self, "W", w, d_out * d_in)?;
+        check_on(self, "phi", phi, n_ad * d_in * rank)?;
+        check_on(self, "psi", psi, n_ad * rank * d_in)?;
+        check_on(self, "y", y, t * d_out)?;
+        if let Some(b) = bias {
+            check_on(self, "b", b, d_out)?;
+        }
+        crate::cpu::multi::group_tokens(adapter_of_token, n_ad)?;
+        // Maximal runs of one adapter: (first token, end, adapter).
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for i in 1..=t {
+            if i == t || adapter_of_token[i] != adapter_of_token[start] {
+                runs.push((start, i, adapter_of_token[start]));
+                start = i;
+            }
+        }
+        let longest = runs.iter().map(|r| r.1 - r.0).max().unwrap_or(1);
+        let st = self.stream();
+        let alloc = |n: usize, op: &'static str| st.alloc_zeros::<T>(n).map_err(|e| Error::Cuda { op, msg: e.to_string() });
+        let mut u = alloc(longest * rank, "multi u alloc")?;
+        let mut c = alloc(d_out * rank, "multi C alloc")?;
+        let e = T::DTYPE.size() as u64;
+        let (xp, _g1) = x.device_ptr(st);
+        let (wp, _g2) = w.device_ptr(st);
+        let (php, _g3) = phi.device_ptr(st);
+        let (psp, _g4) = psi.device_ptr(st);
+        let bg = bias.map(|b| b.device_ptr(st));
+        let (yp, _g5) = y.device_ptr_mut(st);
+        let (up, _g6) = u.device_ptr_mut(st);
+        let (cp, _g7) = c.device_ptr_mut(st);
+        for (r0, r1, a) in runs {
+            let s = LayerShape::new(r1 - r0, d_in, d_out, rank)?;
+            let (xr, yr) = (xp + (r0 * d_in) as u64 * e, yp + (r0 * d_out) as u64 * e);
+            // SAFETY: the run's rows lie inside x and y (checked lengths), the pair inside the
+            // stacks (index checked by group_tokens), u holds >= the run's rows x r, C d_out x r;
+            // every offset keeps 16-byte alignment (checked by the caller); one stream, in order.
+            unsafe {
+                if a < 0 {
+                    self.frozen_forward_raw(T::DTYPE, &s, st.cu_stream(), xr, wp, bg.as_ref().map(|g| g.0), yr)?;
+                } else {
+                    let pa = (a as usize * d_in * rank) as u64 * e;
+                    self.wegeft_forward_raw(
+                        T::DTYPE, &s, st.cu_stream(), xr, wp, bg.as_ref().map(|g| g.0), php + pa, psp + pa, scales[a as usize],
+                        super::Dropout::NONE, up, cp, yr, super::Path::Auto,
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 }
