@@ -20,22 +20,12 @@ use wegeft::backend::AttnShape;
 use wegeft::cpu::ops;
 use wegeft::cuda::attention::{attention_backward, attention_decode, attention_forward};
 use wegeft::cuda::CudaBackend;
-use wegeft::{Element, Error};
+use wegeft::Element;
 
 // ---- the one skip rule ---------------------------------------------------------------------
 
 fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(dev) => Some(dev),
-        Err(Error::NoCuda(msg)) => {
-            if std::env::var("WEGEFT_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("WEGEFT_REQUIRE_GPU=1 but no CUDA device: {msg}");
-            }
-            println!("skipped: no CUDA device ({msg})");
-            None
-        }
-        Err(e) => panic!("CUDA backend failed to start: {e}"),
-    }
+    common::device_or_skip(CudaBackend::new(0))
 }
 
 macro_rules! gpu_or_skip {

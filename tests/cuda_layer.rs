@@ -23,17 +23,7 @@ use wegeft::{DType, Element, Error, LayerShape};
 /// The device, or `None` (after printing `skipped: no CUDA device`) when there is none and
 /// `WEGEFT_REQUIRE_GPU` is not `1`. Any other error fails the test.
 fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(dev) => Some(dev),
-        Err(Error::NoCuda(msg)) => {
-            if std::env::var("WEGEFT_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("WEGEFT_REQUIRE_GPU=1 but no CUDA device: {msg}");
-            }
-            println!("skipped: no CUDA device ({msg})");
-            None
-        }
-        Err(e) => panic!("CUDA backend failed to start: {e}"),
-    }
+    common::device_or_skip(CudaBackend::new(0))
 }
 
 macro_rules! gpu_or_skip {

@@ -19,22 +19,12 @@ use wegeft::cuda::Gpu;
 use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama};
 use wegeft::train::optim::AdamWConfig;
 use wegeft::train::trainer::Trainer;
-use wegeft::{DType, Error, LayerShape};
+use wegeft::{DType, LayerShape};
 
 // ---- the one skip rule ---------------------------------------------------------------------
 
 fn gpu_with(weights: DType) -> Option<Gpu> {
-    match Gpu::with_weights(0, weights) {
-        Ok(g) => Some(g),
-        Err(Error::NoCuda(msg)) => {
-            if std::env::var("WEGEFT_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("WEGEFT_REQUIRE_GPU=1 but no CUDA device: {msg}");
-            }
-            println!("skipped: no CUDA device ({msg})");
-            None
-        }
-        Err(e) => panic!("CUDA backend failed to start: {e}"),
-    }
+    common::device_or_skip(Gpu::with_weights(0, weights))
 }
 
 macro_rules! gpu_or_skip {

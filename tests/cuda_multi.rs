@@ -17,20 +17,10 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 use half::{bf16, f16};
 use wegeft::cpu::multi::{multi_edit, wegeft_multi_forward, MultiAdapters, MultiPath};
 use wegeft::cuda::{CudaBackend, Dropout, Launch, Path};
-use wegeft::{Element, Error, LayerShape, Mat, MatMut};
+use wegeft::{Element, LayerShape, Mat, MatMut};
 
 fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(dev) => Some(dev),
-        Err(Error::NoCuda(msg)) => {
-            if std::env::var("WEGEFT_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("WEGEFT_REQUIRE_GPU=1 but no CUDA device: {msg}");
-            }
-            println!("skipped: no CUDA device ({msg})");
-            None
-        }
-        Err(e) => panic!("CUDA backend failed to start: {e}"),
-    }
+    common::device_or_skip(CudaBackend::new(0))
 }
 
 macro_rules! gpu_or_skip {

@@ -16,17 +16,7 @@ use wegeft::reference as rf;
 use wegeft::{Error, LayerShape};
 
 fn gpu() -> Option<CudaBackend> {
-    match CudaBackend::new(0) {
-        Ok(dev) => Some(dev),
-        Err(Error::NoCuda(msg)) => {
-            if std::env::var("WEGEFT_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("WEGEFT_REQUIRE_GPU=1 but no CUDA device: {msg}");
-            }
-            println!("skipped: no CUDA device ({msg})");
-            None
-        }
-        Err(e) => panic!("CUDA backend failed to start: {e}"),
-    }
+    common::device_or_skip(CudaBackend::new(0))
 }
 
 /// A small f32 forward pass, checked against the reference: the device still works.

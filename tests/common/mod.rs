@@ -96,3 +96,20 @@ pub fn rand_vec(seed: u64, n: usize) -> Vec<f64> {
         })
         .collect()
 }
+
+/// The one skip rule of the GPU tests (`tests/cuda_*.rs`): the started device, or `None` after
+/// printing `skipped: no CUDA device` when there is none; with `WEGEFT_REQUIRE_GPU=1` no device
+/// is a failure. Any other error starting the device fails the test.
+pub fn device_or_skip<T>(started: wegeft::Result<T>) -> Option<T> {
+    match started {
+        Ok(dev) => Some(dev),
+        Err(wegeft::Error::NoCuda(msg)) => {
+            if std::env::var("WEGEFT_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("WEGEFT_REQUIRE_GPU=1 but no CUDA device: {msg}");
+            }
+            println!("skipped: no CUDA device ({msg})");
+            None
+        }
+        Err(e) => panic!("CUDA backend failed to start: {e}"),
+    }
+}
