@@ -1,6 +1,6 @@
-// Host emulation of the model kernels of the CUDA backend (src/cuda/backend.rs,
-// src/cuda/attention.rs): kernels/{elementwise,embedding,rmsnorm,rope,swiglu,adamw,xent,
-// attention_naive}.cu compiled by g++ against a small shim: each block runs as blockDim
+// Host emulation of the model kernels of the CUDA backend (src/cuda/backend.rs):
+// kernels/{elementwise,embedding,rmsnorm,rope,swiglu,adamw,xent}.cu compiled by g++ against a
+// small shim (attention has its own, tests/emulation/attention_on_host.cpp): each block runs as blockDim
 // std::threads meeting at a std::barrier for __syncthreads, warps of 32 at their own barrier
 // for __shfl_xor_sync, blocks one after another (so `static` stands in for __shared__).
 // The program generates the inputs (a fixed xorshift stream), runs every kernel the way the
@@ -101,7 +101,6 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
 #include "swiglu.cu"
 #include "adamw.cu"
 #include "xent.cu"
-#include "attention_naive.cu"
 
 template <typename F>
 void launch(unsigned grid, unsigned block, F f) {
@@ -244,33 +243,6 @@ int main(int argc, char** argv) {
         launch(2, 256, [&] { scatter_rows_f32(gath.data(), idx.data(), scat.data(), (long long)idx.size(), dim); });
         dump("ew_x", x); dump("ew_y", y); dump("ew_xb", from_bf(xb)); dump("ew_acc", acc); dump("ew_sum", sum);
         dump("ew_gather", gath); dump("ew_gather_bf16", from_bf(gathb)); dump("ew_scatter", scat);
-    }
-    // ---- attention: B 2, S 9, H 4, KVH 2, hd 40 (f32; forward also bf16); decode: cap 12, len 7 ----
-    {
-        const int B = 2, S = 9, H = 4, KVH = 2, hd = 40, T = B * S;
-        const float scale = 1.0f / sqrtf((float)hd);
-        auto q = rv(T * H * hd, 1.5f), k = rv(T * KVH * hd, 1.5f), v = rv(T * KVH * hd), dout = rv(T * H * hd);
-        std::vector<float> out(T * H * hd, NAN), lse(T * H, NAN), dq(T * H * hd, NAN), dk(T * KVH * hd, NAN), dv(T * KVH * hd, NAN);
-        auto warps_grid = [](int warps) { return (unsigned)((warps * 32 + 127) / 128); };
-        launch(warps_grid(T * H), 128, [&] { attn_naive_fwd_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), B, S, H, KVH, hd, scale); });
-        launch(warps_grid(T * H), 128, [&] {
-            attn_naive_dq_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(), dq.data(), B, S, H, KVH, hd, scale);
-        });
-        launch(warps_grid(T * KVH), 128, [&] {
-            attn_naive_dkv_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), dout.data(), dk.data(), dv.data(), B, S, H, KVH, hd, scale);
-        });
-        dump("att_q", q); dump("att_k", k); dump("att_v", v); dump("att_dout", dout);
-        dump("att_out", out); dump("att_lse", lse); dump("att_dq", dq); dump("att_dk", dk); dump("att_dv", dv);
-        auto qb = to_bf(q), kb = to_bf(k), vb = to_bf(v);
-        std::vector<__nv_bfloat16> ob(T * H * hd);
-        std::vector<float> lseb(T * H, NAN);
-        launch(warps_grid(T * H), 128, [&] { attn_naive_fwd_bf16(qb.data(), kb.data(), vb.data(), ob.data(), lseb.data(), B, S, H, KVH, hd, scale); });
-        dump("att_out_bf16", from_bf(ob)); dump("att_lse_bf16", lseb);
-        const int cap = 12, len = 7;
-        auto dq1 = rv(B * H * hd, 1.5f), kc = rv(B * cap * KVH * hd, 1.5f), vc = rv(B * cap * KVH * hd);
-        std::vector<float> dec(B * H * hd, NAN);
-        launch(warps_grid(B * H), 128, [&] { attn_naive_decode_f32(dq1.data(), kc.data(), vc.data(), dec.data(), B, H, KVH, hd, cap, len, scale); });
-        dump("dec_q", dq1); dump("dec_k", kc); dump("dec_v", vc); dump("dec_out", dec);
     }
     printf("model kernels emulated\n");
     return 0;
