@@ -9,8 +9,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-#[test]
-fn kernels_match_the_reference_when_emulated_on_the_host() {
+/// Compiles `tests/emulation/<source>` (which includes kernels from `kernels/`) with the host
+/// C++ compiler (`$CXX` or `g++`) against the CUDA headers of `bash scripts/setup-cuda.sh` (or
+/// `$CUDA_HOME/include`) into `<target tmp>/<exe>`; returns the executable.
+fn build_emulation(source: &str, exe: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let include = std::env::var_os("CUDA_HOME")
         .map(|h| PathBuf::from(h).join("include"))
@@ -18,19 +20,25 @@ fn kernels_match_the_reference_when_emulated_on_the_host() {
         .unwrap_or_else(|| root.join(".cuda/home/include"));
     assert!(include.join("cuda_bf16.h").is_file(), "CUDA headers not found at {} (run bash scripts/setup-cuda.sh)", include.display());
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("wegeft_kernels_on_host");
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(exe);
     let out = Command::new(&cxx)
         .args(["-std=c++20", "-O1", "-w", "-pthread"])
         .arg("-I")
         .arg(&include)
         .arg("-I")
         .arg(root.join("kernels"))
-        .arg(root.join("tests/emulation/kernels_on_host.cpp"))
+        .arg(root.join("tests/emulation").join(source))
         .arg("-o")
         .arg(&exe)
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx:?} (set CXX): {e}"));
-    assert!(out.status.success(), "compiling the host emulation failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "compiling {source} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+#[test]
+fn kernels_match_the_reference_when_emulated_on_the_host() {
+    let exe = build_emulation("kernels_on_host.cpp", "wegeft_kernels_on_host");
     let run = Command::new(&exe).output().unwrap();
     let text = String::from_utf8_lossy(&run.stdout);
     println!("{}", text.lines().filter(|l| !l.starts_with("hash ")).collect::<Vec<_>>().join("\n"));
@@ -77,27 +85,8 @@ fn bf(v: &[f32]) -> Vec<f32> {
 fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
     use wegeft::backend::{AdamHyper, Backend};
     use wegeft::cpu::Cpu;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let include = std::env::var_os("CUDA_HOME")
-        .map(|h| PathBuf::from(h).join("include"))
-        .filter(|p| p.join("cuda_bf16.h").is_file())
-        .unwrap_or_else(|| root.join(".cuda/home/include"));
-    assert!(include.join("cuda_bf16.h").is_file(), "CUDA headers not found at {} (run bash scripts/setup-cuda.sh)", include.display());
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let exe = tmp.join("wegeft_model_kernels_on_host");
-    let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-w", "-pthread"])
-        .arg("-I")
-        .arg(&include)
-        .arg("-I")
-        .arg(root.join("kernels"))
-        .arg(root.join("tests/emulation/model_kernels_on_host.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx:?} (set CXX): {e}"));
-    assert!(out.status.success(), "compiling the model kernels' emulation failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let exe = build_emulation("model_kernels_on_host.cpp", "wegeft_model_kernels_on_host");
     let dir = tmp.join("model_kernels_on_host");
     std::fs::create_dir_all(&dir).unwrap();
     let run = Command::new(&exe).arg(&dir).output().unwrap();
@@ -195,26 +184,7 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
 /// loop (f32 within 2e-5, bf16 within 2e-2 of the largest reference value).
 #[test]
 fn attention_kernels_match_the_reference_when_emulated_on_the_host() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let include = std::env::var_os("CUDA_HOME")
-        .map(|h| PathBuf::from(h).join("include"))
-        .filter(|p| p.join("cuda_bf16.h").is_file())
-        .unwrap_or_else(|| root.join(".cuda/home/include"));
-    assert!(include.join("cuda_bf16.h").is_file(), "CUDA headers not found at {} (run bash scripts/setup-cuda.sh)", include.display());
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("wegeft_attention_on_host");
-    let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-w", "-pthread"])
-        .arg("-I")
-        .arg(&include)
-        .arg("-I")
-        .arg(root.join("kernels"))
-        .arg(root.join("tests/emulation/attention_on_host.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx:?} (set CXX): {e}"));
-    assert!(out.status.success(), "compiling the attention host emulation failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let exe = build_emulation("attention_on_host.cpp", "wegeft_attention_on_host");
     let run = Command::new(&exe).output().unwrap();
     let text = String::from_utf8_lossy(&run.stdout);
     println!("{text}");
