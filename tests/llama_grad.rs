@@ -3,12 +3,11 @@
 
 mod common;
 
-use wegeft::cpu::Cpu;
-use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostLayer, HostWeights, Llama, MODULES};
+use common::{rand_f32, tiny_weights};
 
-fn rand_f32(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    common::rand_vec(seed, n).into_iter().map(|v| v as f32 * scale).collect()
-}
+use wegeft::cpu::Cpu;
+use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama, MODULES};
+
 
 fn tiny_dims() -> Dims {
     Dims {
@@ -24,33 +23,6 @@ fn tiny_dims() -> Dims {
     }
 }
 
-fn tiny_weights(d: &Dims, seed: u64, tied: bool) -> HostWeights {
-    let mut s = seed;
-    let mut next = |n: usize, scale: f32| {
-        s += 1;
-        rand_f32(s, n, scale)
-    };
-    let layers = (0..d.layers)
-        .map(|_| {
-            let norm = |v: Vec<f32>| v.into_iter().map(|x| 1.0 + 0.2 * x).collect::<Vec<f32>>();
-            HostLayer {
-                attn_norm: norm(next(d.hidden, 1.0)),
-                mlp_norm: norm(next(d.hidden, 1.0)),
-                proj: std::array::from_fn(|m| {
-                    let (i, o) = d.module_dims(m);
-                    next(i * o, 1.0 / (i as f32).sqrt() * 1.7)
-                }),
-            }
-        })
-        .collect();
-    HostWeights {
-        dims: d.clone(),
-        embed: next(d.vocab * d.hidden, 1.0),
-        final_norm: next(d.hidden, 0.3).into_iter().map(|x| 1.0 + x).collect(),
-        lm_head: if tied { None } else { Some(next(d.vocab * d.hidden, 0.5)) },
-        layers,
-    }
-}
 
 /// Rank-3 pairs with nonzero phi and psi on `targets`; `shared` = one pair per module
 /// type across layers, else one pair per layer and module.

@@ -6,16 +6,15 @@
 
 mod common;
 
+use common::{rand_f32, tiny_weights};
+
 use std::path::PathBuf;
 
 use wegeft::adapter::{self, Adapter as FileAdapter, AdapterConfig, Module, ShareGroup, Sharing};
 use wegeft::cpu::Cpu;
-use wegeft::model::llama::{Dims, HostAdapter, HostLayer, HostWeights, Llama, MultiAdapter};
+use wegeft::model::llama::{Dims, HostAdapter, HostWeights, Llama, MultiAdapter};
 use wegeft::model::{LlamaWeights, Tokenizer};
 
-fn rand_f32(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    common::rand_vec(seed, n).into_iter().map(|v| v as f32 * scale).collect()
-}
 
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -27,33 +26,6 @@ fn tiny_dims() -> Dims {
     Dims { hidden: 32, layers: 2, heads: 4, kv_heads: 2, head_dim: 8, ffn: 48, vocab: 61, rope_theta: 10000.0, eps: 1e-5 }
 }
 
-fn tiny_weights(d: &Dims, seed: u64) -> HostWeights {
-    let mut s = seed;
-    let mut next = |n: usize, scale: f32| {
-        s += 1;
-        rand_f32(s, n, scale)
-    };
-    let layers = (0..d.layers)
-        .map(|_| {
-            let norm = |v: Vec<f32>| v.into_iter().map(|x| 1.0 + 0.2 * x).collect::<Vec<f32>>();
-            HostLayer {
-                attn_norm: norm(next(d.hidden, 1.0)),
-                mlp_norm: norm(next(d.hidden, 1.0)),
-                proj: std::array::from_fn(|m| {
-                    let (i, o) = d.module_dims(m);
-                    next(i * o, 1.0 / (i as f32).sqrt() * 1.7)
-                }),
-            }
-        })
-        .collect();
-    HostWeights {
-        dims: d.clone(),
-        embed: next(d.vocab * d.hidden, 1.0),
-        final_norm: next(d.hidden, 0.3).into_iter().map(|x| 1.0 + x).collect(),
-        lm_head: Some(next(d.vocab * d.hidden, 0.5)),
-        layers,
-    }
-}
 
 /// Rank-`r` pairs on `targets` (module indices); `shared`: one pair per module across layers.
 fn tiny_adapter(d: &Dims, targets: &[usize], r: usize, shared: bool, scale: f32, seed: u64) -> HostAdapter {
@@ -123,7 +95,7 @@ fn check_against_alone(
 #[test]
 fn tiny_model_batched_adapters_equal_each_alone() {
     let d = tiny_dims();
-    let model = Llama::new(&Cpu, &tiny_weights(&d, 7)).unwrap();
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 7, false)).unwrap();
     let hosts = vec![
         tiny_adapter(&d, &[0, 2], 3, true, 1.0, 100),
         tiny_adapter(&d, &[0, 1, 2, 3, 4, 5, 6], 5, false, 2.0, 200),
@@ -150,7 +122,7 @@ fn tiny_model_batched_adapters_equal_each_alone() {
 #[test]
 fn bad_multi_input_is_an_error_naming_it() {
     let d = tiny_dims();
-    let model = Llama::new(&Cpu, &tiny_weights(&d, 7)).unwrap();
+    let model = Llama::new(&Cpu, &tiny_weights(&d, 7, false)).unwrap();
     let hosts = vec![tiny_adapter(&d, &[0], 3, true, 1.0, 1), tiny_adapter(&d, &[1], 2, true, 1.0, 2)];
     let multi = MultiAdapter::upload(&Cpu, &d, &hosts).unwrap();
     let prompts = vec![vec![1u32, 2], vec![3, 4]];

@@ -113,3 +113,38 @@ pub fn device_or_skip<T>(started: wegeft::Result<T>) -> Option<T> {
         Err(e) => panic!("CUDA backend failed to start: {e}"),
     }
 }
+
+/// [`rand_vec`] scaled to `[-scale, scale)`, as f32.
+pub fn rand_f32(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    rand_vec(seed, n).into_iter().map(|v| v as f32 * scale).collect()
+}
+
+/// Seeded weights of a small Llama (the model tests' tiny model): norms near 1, projections
+/// scaled by `1.7 / sqrt(d_in)`; `tied` leaves out the LM head.
+pub fn tiny_weights(d: &wegeft::model::llama::Dims, seed: u64, tied: bool) -> wegeft::model::llama::HostWeights {
+    let mut s = seed;
+    let mut next = |n: usize, scale: f32| {
+        s += 1;
+        rand_f32(s, n, scale)
+    };
+    let layers = (0..d.layers)
+        .map(|_| {
+            let norm = |v: Vec<f32>| v.into_iter().map(|x| 1.0 + 0.2 * x).collect::<Vec<f32>>();
+            wegeft::model::llama::HostLayer {
+                attn_norm: norm(next(d.hidden, 1.0)),
+                mlp_norm: norm(next(d.hidden, 1.0)),
+                proj: std::array::from_fn(|m| {
+                    let (i, o) = d.module_dims(m);
+                    next(i * o, 1.0 / (i as f32).sqrt() * 1.7)
+                }),
+            }
+        })
+        .collect();
+    wegeft::model::llama::HostWeights {
+        dims: d.clone(),
+        embed: next(d.vocab * d.hidden, 1.0),
+        final_norm: next(d.hidden, 0.3).into_iter().map(|x| 1.0 + x).collect(),
+        lm_head: if tied { None } else { Some(next(d.vocab * d.hidden, 0.5)) },
+        layers,
+    }
+}
