@@ -428,22 +428,21 @@ impl Batch {
     }
 }
 
-/// What one layer's forward keeps for its backward.
+/// What one layer's forward keeps for its backward. The normed inputs (`xn1`, `xn2`, with
+/// their `rstd`) and the SwiGLU output `h` are not kept: the backward recomputes them from
+/// `x`, `x2`, `gate` and `up` with the same deterministic kernels (the same bits), which
+/// cuts the saved activations per token and layer from `8 d + 3 ffn` to `6 d + 2 ffn` floats
+/// (SmolLM2: 8448 -> 5760, a third less) for two cheap elementwise passes.
 struct LayerActs<B: Backend> {
     x: B::Buf,
-    rstd1: B::Buf,
-    xn1: B::Buf,
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
     att: B::Buf,
     lse: B::Buf,
     x2: B::Buf,
-    rstd2: B::Buf,
-    xn2: B::Buf,
     gate: B::Buf,
     up: B::Buf,
-    h: B::Buf,
     /// What each adapted projection's forward saved (`u`, `C`).
     saved: [Option<B::Saved>; 7],
 }
@@ -778,19 +777,14 @@ impl<B: Backend> Llama<B> {
             if save {
                 acts.push(LayerActs {
                     x,
-                    rstd1,
-                    xn1,
                     q,
                     k,
                     v,
                     att,
                     lse,
                     x2,
-                    rstd2,
-                    xn2,
                     gate,
                     up,
-                    h,
                     saved: [sq, sk, sv, so, sg, su, sd],
                 });
             }
@@ -885,24 +879,33 @@ impl<B: Backend> Llama<B> {
         let Some(lowest) = lowest else {
             return Ok(sum / n as f32);
         };
-        for (l, act) in acts.iter().enumerate().rev() {
+        // Walk down the layers, freeing each layer's activations once it is done.
+        let mut acts = acts;
+        while let Some(act) = acts.pop() {
+            let l = acts.len();
             if l < lowest {
                 break;
             }
             let layer = &self.layers[l];
-            // MLP.
+            // MLP: recompute h = swiglu(gate, up) and xn2 = rmsnorm(x2) (see LayerActs).
+            let mut h = be.zeros(rows * d.ffn)?;
+            be.swiglu_forward(&act.gate, &act.up, &mut h)?;
             let mut dh = be.zeros(rows * d.ffn)?;
-            self.proj_backward(be, l, DOWN, &act.h, &dx, rows, a, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
+            self.proj_backward(be, l, DOWN, &h, &dx, rows, a, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
             let mut dgate = be.zeros(rows * d.ffn)?;
             let mut dup = be.zeros(rows * d.ffn)?;
+            drop(h);
             be.swiglu_backward(&act.gate, &act.up, &dh, &mut dgate, &mut dup)?;
             drop(dh);
+            let mut xn2 = be.zeros(rows * d.hidden)?;
+            let mut rstd2 = be.zeros(rows)?;
+            be.rmsnorm_forward(&act.x2, &layer.mlp_norm, rows, d.hidden, d.eps, &mut xn2, &mut rstd2)?;
             let mut dxn2 = be.zeros(rows * d.hidden)?;
             self.proj_backward(
                 be,
                 l,
                 GATE,
-                &act.xn2,
+                &xn2,
                 &dgate,
                 rows,
                 a,
@@ -910,8 +913,8 @@ impl<B: Backend> Llama<B> {
                 Some((&mut dxn2, false)),
                 grads,
             )?;
-            self.proj_backward(be, l, UP, &act.xn2, &dup, rows, a, &act.saved[UP], Some((&mut dxn2, true)), grads)?;
-            be.rmsnorm_backward(&act.x2, &layer.mlp_norm, &act.rstd2, &dxn2, rows, d.hidden, &mut dx)?;
+            self.proj_backward(be, l, UP, &xn2, &dup, rows, a, &act.saved[UP], Some((&mut dxn2, true)), grads)?;
+            be.rmsnorm_backward(&act.x2, &layer.mlp_norm, &rstd2, &dxn2, rows, d.hidden, &mut dx)?;
             // Attention.
             let mut datt = be.zeros(rows * qw)?;
             self.proj_backward(be, l, O, &act.att, &dx, rows, a, &act.saved[O], Some((&mut datt, false)), grads)?;
@@ -922,17 +925,20 @@ impl<B: Backend> Llama<B> {
             drop(datt);
             be.rope(&mut dq, d.heads, d.head_dim, &positions, d.rope_theta, true)?;
             be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, d.rope_theta, true)?;
+            let mut xn1 = be.zeros(rows * d.hidden)?;
+            let mut rstd1 = be.zeros(rows)?;
+            be.rmsnorm_forward(&act.x, &layer.attn_norm, rows, d.hidden, d.eps, &mut xn1, &mut rstd1)?;
             if l == lowest {
                 // Only the adapter gradients are needed here, not dx.
-                self.proj_backward(be, l, Q, &act.xn1, &dq, rows, a, &act.saved[Q], None, grads)?;
-                self.proj_backward(be, l, K, &act.xn1, &dk, rows, a, &act.saved[K], None, grads)?;
-                self.proj_backward(be, l, V, &act.xn1, &dv, rows, a, &act.saved[V], None, grads)?;
+                self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &act.saved[Q], None, grads)?;
+                self.proj_backward(be, l, K, &xn1, &dk, rows, a, &act.saved[K], None, grads)?;
+                self.proj_backward(be, l, V, &xn1, &dv, rows, a, &act.saved[V], None, grads)?;
             } else {
                 let mut dxn1 = be.zeros(rows * d.hidden)?;
-                self.proj_backward(be, l, Q, &act.xn1, &dq, rows, a, &act.saved[Q], Some((&mut dxn1, false)), grads)?;
-                self.proj_backward(be, l, K, &act.xn1, &dk, rows, a, &act.saved[K], Some((&mut dxn1, true)), grads)?;
-                self.proj_backward(be, l, V, &act.xn1, &dv, rows, a, &act.saved[V], Some((&mut dxn1, true)), grads)?;
-                be.rmsnorm_backward(&act.x, &layer.attn_norm, &act.rstd1, &dxn1, rows, d.hidden, &mut dx)?;
+                self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &act.saved[Q], Some((&mut dxn1, false)), grads)?;
+                self.proj_backward(be, l, K, &xn1, &dk, rows, a, &act.saved[K], Some((&mut dxn1, true)), grads)?;
+                self.proj_backward(be, l, V, &xn1, &dv, rows, a, &act.saved[V], Some((&mut dxn1, true)), grads)?;
+                be.rmsnorm_backward(&act.x, &layer.attn_norm, &rstd1, &dxn1, rows, d.hidden, &mut dx)?;
             }
         }
         Ok(sum / n as f32)
