@@ -59,10 +59,12 @@ fn main() {
         panic!("no kernels/*.cu files found in {}", kdir.display());
     }
 
-    // nvcc runs only when a kernel file, the flags or nvcc changed since the last run.
+    // nvcc runs only when a kernel file, the flags, nvcc or this script changed since the
+    // last run.
     let mut stamp = format!("{}\n{:?}\n", nvcc.display(), std::env::var("WEGEFT_NVCC_FLAGS").ok());
     let mut all: Vec<PathBuf> = std::fs::read_dir(&kdir).unwrap().filter_map(|e| e.ok().map(|e| e.path())).collect();
     all.sort();
+    all.push(manifest.join("build.rs"));
     for p in all {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&std::fs::read(&p).unwrap_or_default(), &mut h);
@@ -118,11 +120,12 @@ fn main() {
     for src in &sources {
         let stem = src.file_stem().unwrap().to_str().unwrap();
         let ptx = out.join(format!("{stem}.ptx"));
-        let entries = ptx_entries(&std::fs::read_to_string(&ptx).unwrap());
+        let (entries, signatures): (Vec<String>, Vec<String>) =
+            ptx_entries(&std::fs::read_to_string(&ptx).unwrap()).into_iter().unzip();
         gen.push_str(&format!(
             "    EmbeddedModule {{\n        name: {stem:?},\n        ptx: include_str!({:?}),\n        \
              cubin_sm80: include_bytes!({:?}),\n        cubin_sm90a: include_bytes!({:?}),\n        \
-             kernels: &{entries:?},\n    }},\n",
+             kernels: &{entries:?},\n        signatures: &{signatures:?},\n    }},\n",
             ptx.display().to_string(),
             out.join(format!("{stem}.sm_80.cubin")).display().to_string(),
             out.join(format!("{stem}.sm_90a.cubin")).display().to_string(),
@@ -248,14 +251,32 @@ fn parse_ptxas(text: &str, arch: &str) -> String {
     rows
 }
 
-/// Names of the `.entry` functions of a PTX file.
-fn ptx_entries(ptx: &str) -> Vec<String> {
-    ptx.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let i = l.find(".entry ")?;
-            let name = l[i + 7..].split(|c: char| c == '(' || c.is_whitespace()).next()?;
-            (!name.is_empty()).then(|| name.to_string())
-        })
-        .collect()
+/// The `.entry` functions of a PTX file: each name with its parameter types in order
+/// (`"u64,u32,f32"`, PTX's spelling: pointers and 64-bit integers are `u64`).
+fn ptx_entries(ptx: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut lines = ptx.lines().map(str::trim);
+    while let Some(l) = lines.next() {
+        let Some(i) = l.find(".entry ") else { continue };
+        let name = l[i + 7..].split(|c: char| c == '(' || c.is_whitespace()).next().unwrap_or("");
+        if name.is_empty() {
+            continue;
+        }
+        // `.entry name(` then one `.param .TYPE name_param_N,` per line up to `)`; a kernel
+        // without parameters is `.entry name()`.
+        let mut params = Vec::new();
+        if !l.ends_with("()") {
+            for p in lines.by_ref() {
+                if let Some(rest) = p.strip_prefix(".param ") {
+                    let ty = rest.split_whitespace().take_while(|t| !t.contains("_param_")).collect::<Vec<_>>();
+                    params.push(ty.join(" ").replace('.', ""));
+                }
+                if p.starts_with(')') || p.ends_with(')') {
+                    break;
+                }
+            }
+        }
+        out.push((name.to_string(), params.join(",")));
+    }
+    out
 }

@@ -29,6 +29,7 @@ use cudarc::driver::CudaContext;
 use half::bf16;
 use rayon::prelude::*;
 
+use super::arg::KArg;
 use super::attention;
 use super::context::{cuda_err, CudaBackend};
 use super::layer::{self, Path};
@@ -132,10 +133,10 @@ fn need_f32(arg: &'static str, b: &GpuBuf, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// `&mut v as *mut _ as *mut c_void` for each kernel argument.
+/// The typed kernel arguments (checked against the kernel's signature at launch).
 macro_rules! args {
     ($($v:ident),* $(,)?) => {
-        [$(&mut $v as *mut _ as *mut c_void),*]
+        $crate::cuda::arg::kargs![$($v),*]
     };
 }
 
@@ -268,11 +269,11 @@ impl Gpu {
         (blocks as u32, 1, 1)
     }
 
-    fn run(&self, op: &'static str, kernel: &str, grid: (u32, u32, u32), block: u32, params: &mut [*mut c_void]) -> Result<()> {
+    fn run(&self, op: &'static str, kernel: &str, grid: (u32, u32, u32), block: u32, args: &[KArg]) -> Result<()> {
         let f = self.dev.function(kernel)?;
-        // SAFETY: every caller passes the kernel's exact parameter list and live buffers of
-        // the checked sizes.
-        unsafe { self.dev.launch(op, &f, grid, (block, 1, 1), 0, self.stream(), params) }
+        // SAFETY: `launch` checks the arguments against the kernel's parameters; every caller
+        // passes live buffers of the checked sizes.
+        unsafe { self.dev.launch(op, &f, grid, (block, 1, 1), 0, self.stream(), args) }
     }
 
     /// `x` as a buffer of `dtype`: `x` itself, or a rounded copy (kept alive by the second
@@ -284,8 +285,8 @@ impl Gpu {
         match (x.dtype, dtype) {
             (DType::F32, DType::BF16) => {
                 let out = self.alloc(DType::BF16, x.len)?;
-                let (mut xp, mut yp, mut n) = (x.ptr, out.ptr, x.len as i64);
-                self.run("cast", "cast_f32_bf16", self.grid(x.len), THREADS, &mut args!(xp, yp, n))?;
+                let (xp, yp, n) = (x.ptr, out.ptr, x.len as i64);
+                self.run("cast", "cast_f32_bf16", self.grid(x.len), THREADS, &args!(xp, yp, n))?;
                 Ok((out.ptr, Some(out)))
             }
             (a, b) => Err(Error::invalid("dtype", format!("no conversion from {} to {}", a.name(), b.name()))),
@@ -306,17 +307,17 @@ impl Gpu {
     /// `y (+)= x` for an f32 `y` and an f32 or bf16 `x` of the same length.
     fn store_f32(&self, x: CUdeviceptr, x_dtype: DType, y: &GpuBuf, accumulate: bool) -> Result<()> {
         let n = y.len;
-        let (mut xp, mut yp, mut nn) = (x, y.ptr, n as i64);
+        let (xp, yp, nn) = (x, y.ptr, n as i64);
         match (x_dtype, accumulate) {
-            (DType::F32, true) => self.run("add", "add_f32", self.grid(n), THREADS, &mut args!(yp, xp, nn)),
+            (DType::F32, true) => self.run("add", "add_f32", self.grid(n), THREADS, &args!(yp, xp, nn)),
             (DType::F32, false) => {
                 // SAFETY: both hold n f32 on this stream.
                 unsafe { cudarc::driver::result::memcpy_dtod_async(y.ptr, x, n * 4, self.stream()) }
                     .map_err(cuda_err("cuMemcpyDtoDAsync"))
             }
             (DType::BF16, acc) => {
-                let mut a = acc as i32;
-                self.run("cast", "cast_bf16_f32", self.grid(n), THREADS, &mut args!(xp, yp, nn, a))
+                let a = acc as i32;
+                self.run("cast", "cast_bf16_f32", self.grid(n), THREADS, &args!(xp, yp, nn, a))
             }
             (d, _) => Err(Error::invalid("dtype", format!("cannot store {} into f32", d.name()))),
         }
@@ -497,8 +498,8 @@ impl Backend for Gpu {
             DType::BF16 => "embedding_bf16",
             d => return Err(Error::invalid("table", format!("f32 or bf16, got {}", d.name()))),
         };
-        let (mut tp, mut ip, mut op, mut rows, mut d) = (table.ptr, idb.ptr, out.ptr, ids.len() as i64, dim as i32);
-        self.run("embedding", kernel, self.grid(ids.len() * dim), THREADS, &mut args!(tp, ip, op, rows, d))
+        let (tp, ip, op, rows, d) = (table.ptr, idb.ptr, out.ptr, ids.len() as i64, dim as i32);
+        self.run("embedding", kernel, self.grid(ids.len() * dim), THREADS, &args!(tp, ip, op, rows, d))
     }
 
     fn rmsnorm_forward(
@@ -524,8 +525,8 @@ impl Backend for Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let (mut xp, mut wp, mut yp, mut rp, mut d, mut e) = (x.ptr, weight.ptr, y.ptr, rstd.ptr, dim as i32, eps);
-        self.run("rmsnorm_forward", "rmsnorm_fwd_f32", (rows as u32, 1, 1), 256, &mut args!(xp, wp, yp, rp, d, e))
+        let (xp, wp, yp, rp, d, e) = (x.ptr, weight.ptr, y.ptr, rstd.ptr, dim as i32, eps);
+        self.run("rmsnorm_forward", "rmsnorm_fwd_f32", (rows as u32, 1, 1), 256, &args!(xp, wp, yp, rp, d, e))
     }
 
     fn rmsnorm_backward(
@@ -549,8 +550,8 @@ impl Backend for Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let (mut xp, mut wp, mut rp, mut gp, mut dp, mut d) = (x.ptr, weight.ptr, rstd.ptr, dy.ptr, dx.ptr, dim as i32);
-        self.run("rmsnorm_backward", "rmsnorm_bwd_f32", (rows as u32, 1, 1), 256, &mut args!(xp, wp, rp, gp, dp, d))
+        let (xp, wp, rp, gp, dp, d) = (x.ptr, weight.ptr, rstd.ptr, dy.ptr, dx.ptr, dim as i32);
+        self.run("rmsnorm_backward", "rmsnorm_bwd_f32", (rows as u32, 1, 1), 256, &args!(xp, wp, rp, gp, dp, d))
     }
 
     fn linear_forward(&self, x: &GpuBuf, w: &GpuBuf, rows: usize, d_in: usize, d_out: usize, y: &mut GpuBuf) -> Result<()> {
@@ -723,9 +724,9 @@ impl Backend for Gpu {
         let (cp, sp) = self.rope_table(head_dim, theta, max_pos)?;
         let pp = self.positions(positions)?;
         let n = positions.len() * heads * head_dim / 2;
-        let (mut xp, mut pp, mut cp, mut sp) = (x.ptr, pp, cp, sp);
-        let (mut rows, mut h, mut hd, mut inv) = (positions.len() as i64, heads as i32, head_dim as i32, inverse as i32);
-        self.run("rope", "rope_f32", self.grid(n), THREADS, &mut args!(xp, pp, cp, sp, rows, h, hd, inv))
+        let (xp, pp, cp, sp) = (x.ptr, pp, cp, sp);
+        let (rows, h, hd, inv) = (positions.len() as i64, heads as i32, head_dim as i32, inverse as i32);
+        self.run("rope", "rope_f32", self.grid(n), THREADS, &args!(xp, pp, cp, sp, rows, h, hd, inv))
     }
 
     fn attention_forward(
@@ -844,8 +845,8 @@ impl Backend for Gpu {
         need_f32("gate", gate, n)?;
         need_f32("up", up, n)?;
         need_f32("h", h, n)?;
-        let (mut gp, mut upp, mut hp, mut nn) = (gate.ptr, up.ptr, h.ptr, n as i64);
-        self.run("swiglu_forward", "swiglu_fwd_f32", self.grid(n), THREADS, &mut args!(gp, upp, hp, nn))
+        let (gp, upp, hp, nn) = (gate.ptr, up.ptr, h.ptr, n as i64);
+        self.run("swiglu_forward", "swiglu_fwd_f32", self.grid(n), THREADS, &args!(gp, upp, hp, nn))
     }
 
     fn swiglu_backward(&self, gate: &GpuBuf, up: &GpuBuf, dh: &GpuBuf, dgate: &mut GpuBuf, dup: &mut GpuBuf) -> Result<()> {
@@ -855,8 +856,8 @@ impl Backend for Gpu {
         need_f32("dh", dh, n)?;
         need_f32("dgate", dgate, n)?;
         need_f32("dup", dup, n)?;
-        let (mut gp, mut upp, mut dhp, mut dgp, mut dup_, mut nn) = (gate.ptr, up.ptr, dh.ptr, dgate.ptr, dup.ptr, n as i64);
-        self.run("swiglu_backward", "swiglu_bwd_f32", self.grid(n), THREADS, &mut args!(gp, upp, dhp, dgp, dup_, nn))
+        let (gp, upp, dhp, dgp, dup_, nn) = (gate.ptr, up.ptr, dh.ptr, dgate.ptr, dup.ptr, n as i64);
+        self.run("swiglu_backward", "swiglu_bwd_f32", self.grid(n), THREADS, &args!(gp, upp, dhp, dgp, dup_, nn))
     }
 
     fn logits(&self, h: &GpuBuf, head: &GpuBuf, rows: usize, dim: usize, vocab: usize, out: &mut GpuBuf) -> Result<()> {
@@ -927,8 +928,8 @@ impl Backend for Gpu {
         let mut start = 0;
         while start < picked.len() {
             let n = LM_CHUNK.min(picked.len() - start);
-            let (mut hp, mut ip, mut hcp, mut nn, mut d) = (h.ptr, idx.ptr + (start * 4) as u64, hc.ptr, n as i64, dim as i32);
-            self.run("lm_head gather", gather, self.grid(n * dim), THREADS, &mut args!(hp, ip, hcp, nn, d))?;
+            let (hp, ip, hcp, nn, d) = (h.ptr, idx.ptr + (start * 4) as u64, hc.ptr, n as i64, dim as i32);
+            self.run("lm_head gather", gather, self.grid(n * dim), THREADS, &args!(hp, ip, hcp, nn, d))?;
             // SAFETY: hc holds n x dim, z n x vocab, head vocab x dim.
             unsafe {
                 self.dev.lt_gemm_ex(
@@ -936,10 +937,10 @@ impl Backend for Gpu {
                     z.ptr, vocab,
                 )?;
             }
-            let (mut zp, mut lp, mut op, mut v) = (z.ptr, labd.ptr + (start * 4) as u64, losses.ptr + (start * 4) as u64, vocab as i32);
-            let mut zgp = zg.as_ref().map_or(0, |b| b.ptr);
-            let (mut c, mut g) = (grad.unwrap_or(0.0), grad.is_some() as i32);
-            self.run("lm_head xent", xent, (n as u32, 1, 1), 256, &mut args!(zp, lp, op, zgp, v, c, g))?;
+            let (zp, lp, op, v) = (z.ptr, labd.ptr + (start * 4) as u64, losses.ptr + (start * 4) as u64, vocab as i32);
+            let zgp = zg.as_ref().map_or(0, |b| b.ptr);
+            let (c, g) = (grad.unwrap_or(0.0), grad.is_some() as i32);
+            self.run("lm_head xent", xent, (n as u32, 1, 1), 256, &args!(zp, lp, op, zgp, v, c, g))?;
             if let (Some((d, _)), Some(zg), Some(dhc)) = (dh.as_mut(), zg.as_ref(), dhc.as_ref()) {
                 // SAFETY: zg holds n x vocab, dhc n x dim.
                 unsafe {
@@ -948,8 +949,8 @@ impl Backend for Gpu {
                         0.0, dhc.ptr, dim,
                     )?;
                 }
-                let (mut sp, mut ip, mut dp, mut nn, mut dd) = (dhc.ptr, idx.ptr + (start * 4) as u64, d.ptr, n as i64, dim as i32);
-                self.run("lm_head scatter", "scatter_rows_f32", self.grid(n * dim), THREADS, &mut args!(sp, ip, dp, nn, dd))?;
+                let (sp, ip, dp, nn, dd) = (dhc.ptr, idx.ptr + (start * 4) as u64, d.ptr, n as i64, dim as i32);
+                self.run("lm_head scatter", "scatter_rows_f32", self.grid(n * dim), THREADS, &args!(sp, ip, dp, nn, dd))?;
             }
             start += n;
         }
@@ -968,23 +969,23 @@ impl Backend for Gpu {
         need_f32("adamw v", v, n)?;
         // The step constants exactly as crate::train::optim::AdamW::step computes them.
         let t = hp.step.min(i32::MAX as u64) as i32;
-        let mut decay = (1.0 - hp.lr * hp.weight_decay) as f32;
-        let mut w1 = (1.0 - hp.beta1) as f32;
-        let mut b2 = hp.beta2 as f32;
-        let mut w2 = (1.0 - hp.beta2) as f32;
+        let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+        let w1 = (1.0 - hp.beta1) as f32;
+        let b2 = hp.beta2 as f32;
+        let w2 = (1.0 - hp.beta2) as f32;
         let bc1 = 1.0 - hp.beta1.powi(t);
         let bc2 = 1.0 - hp.beta2.powi(t);
-        let mut step_size = -(hp.lr / bc1) as f32;
-        let mut bc2_sqrt = bc2.sqrt() as f32;
-        let mut eps = hp.eps as f32;
-        let mut wd = (hp.weight_decay != 0.0) as i32;
-        let (mut pp, mut gp, mut mp, mut vp, mut nn) = (param.ptr, grad.ptr, m.ptr, v.ptr, n as i64);
+        let step_size = -(hp.lr / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        let eps = hp.eps as f32;
+        let wd = (hp.weight_decay != 0.0) as i32;
+        let (pp, gp, mp, vp, nn) = (param.ptr, grad.ptr, m.ptr, v.ptr, n as i64);
         self.run(
             "adamw",
             "adamw_f32",
             self.grid(n),
             THREADS,
-            &mut args!(pp, gp, mp, vp, nn, wd, decay, w1, b2, w2, step_size, bc2_sqrt, eps),
+            &args!(pp, gp, mp, vp, nn, wd, decay, w1, b2, w2, step_size, bc2_sqrt, eps),
         )
     }
 }

@@ -9,6 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUstream};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
+use super::arg::{self, KArg};
 use super::kernels::{self, EmbeddedModule};
 use crate::error::{Error, Result};
 
@@ -36,7 +37,15 @@ pub struct CudaBackend {
     cc: (i32, i32),
     sm_count: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    functions: Mutex<HashMap<String, Kernel>>,
+}
+
+/// A loaded kernel with its name and parameter types (see [`super::arg`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Kernel {
+    pub(crate) func: CudaFunction,
+    name: &'static str,
+    signature: &'static str,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -190,18 +199,20 @@ impl CudaBackend {
 
     /// The kernel `name` (an `extern "C"` function of one of the `kernels/*.cu` files), from
     /// the image for this device; modules are loaded and functions looked up once, then cached.
-    pub(crate) fn function(&self, name: &str) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, name: &str) -> Result<Kernel> {
         if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
             return Ok(f.clone());
         }
         let m = kernels::module_of(name)
             .ok_or_else(|| Error::Cuda { op: "kernel lookup", msg: format!("no kernel named {name} is compiled in") })?;
-        let f = self.module(m)?.load_function(name).map_err(|e| Error::Cuda {
+        let i = m.kernels.iter().position(|k| *k == name).expect("module_of found it");
+        let func = self.module(m)?.load_function(name).map_err(|e| Error::Cuda {
             op: "cuModuleGetFunction",
             msg: format!("{name}: {e}"),
         })?;
-        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), f.clone());
-        Ok(f)
+        let k = Kernel { func, name: m.kernels[i], signature: m.signatures[i] };
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), k.clone());
+        Ok(k)
     }
 
     /// Whether a kernel of this name is compiled in.
@@ -209,26 +220,30 @@ impl CudaBackend {
         kernels::module_of(name).is_some()
     }
 
-    /// Launches `f` on the raw `stream` with kernel arguments `params` (pointers to the
-    /// argument values, in the kernel's parameter order).
+    /// Launches kernel `k` on the raw `stream` with arguments `args` (in the kernel's
+    /// parameter order). Their number and types are checked against the kernel's signature
+    /// first (an [`Error::Cuda`] naming the parameter, nothing launched).
     ///
     /// # Safety
-    /// `params` must match the kernel's signature exactly, every device pointer among them must
-    /// be valid for what the kernel does with it, and `stream` must belong to this context.
+    /// Every device pointer among `args` must be valid for what the kernel does with it, and
+    /// `stream` must belong to this context.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch(
         &self,
         op: &'static str,
-        f: &CudaFunction,
+        k: &Kernel,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         smem: u32,
         stream: CUstream,
-        params: &mut [*mut c_void],
+        args: &[KArg],
     ) -> Result<()> {
+        let mut params = arg::check(k.name, k.signature, args)?;
         self.ctx.bind_to_thread().map_err(cuda_err(op))?;
-        cudarc::driver::result::launch_kernel(f.cu_function(), grid, block, smem, stream, params)
-            .map_err(|e| Error::Cuda { op, msg: format!("launch grid {grid:?} block {block:?}: {e}") })
+        // SAFETY: the arguments match the kernel's parameters in number and type (checked
+        // above); the caller vouches for the pointers and the stream.
+        unsafe { cudarc::driver::result::launch_kernel(k.func.cu_function(), grid, block, smem, stream, &mut params) }
+            .map_err(|e| Error::Cuda { op, msg: format!("{} with grid {grid:?} block {block:?}: {e}", k.name) })
     }
 }
 

@@ -49,7 +49,7 @@
 //! k1: d_out, k2: r, a1: G (ld d_out), b1: W (ld d_in), a2: v (ld r8), b2: psi (ld d_in),
 //! d: dx (ld d_in)`; `beta: 1.0` accumulates into an existing `dx`.
 
-use std::ffi::c_void;
+use super::arg::{KArg, KernelArg};
 
 use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute, CUstream};
 
@@ -313,7 +313,7 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     if plan.smem > 48 * 1024 {
         // cuFuncSetAttribute acts on the current context.
         dev.context().bind_to_thread().map_err(cuda)?;
-        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem as i32)
+        func.func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem as i32)
             .map_err(cuda)?;
     }
     // All narrowing below was range-checked by `plan`.
@@ -326,10 +326,10 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     let mut beta = g.beta;
     // The kernel's parameter order: (M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2,
     // bias, beta, D, ldd).
-    fn p<V>(v: &mut V) -> *mut c_void {
-        v as *mut V as *mut c_void
+    fn p<V: KernelArg>(v: &mut V) -> KArg {
+        KArg::new(v)
     }
-    let mut params = [
+    let params = [
         p(&mut m),
         p(&mut n),
         p(&mut k1),
@@ -347,7 +347,7 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
         p(&mut d),
         p(&mut ldd),
     ];
-    unsafe { dev.launch(op, &func, (plan.grid, 1, 1), (plan.block, 1, 1), plan.smem, stream, &mut params) }
+    unsafe { dev.launch(op, &func, (plan.grid, 1, 1), (plan.block, 1, 1), plan.smem, stream, &params) }
 }
 
 #[cfg(test)]

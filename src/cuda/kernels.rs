@@ -15,6 +15,9 @@ pub struct EmbeddedModule {
     pub cubin_sm90a: &'static [u8],
     /// The `extern "C"` kernels (`.entry` functions) of the module.
     pub kernels: &'static [&'static str],
+    /// Each kernel's parameter types, comma-separated, as the PTX declares them (`u64` for
+    /// pointers and 64-bit integers, `u32`, `f32`); launches are checked against them.
+    pub signatures: &'static [&'static str],
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -22,6 +25,11 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 /// The module that defines kernel `name`, if any.
 pub fn module_of(name: &str) -> Option<&'static EmbeddedModule> {
     MODULES.iter().find(|m| m.kernels.contains(&name))
+}
+
+/// The parameter types of kernel `name` (see [`EmbeddedModule::signatures`]).
+pub fn signature_of(name: &str) -> Option<&'static str> {
+    MODULES.iter().find_map(|m| m.kernels.iter().position(|k| *k == name).map(|i| m.signatures[i]))
 }
 
 /// One row of [`PTXAS_REPORT`].

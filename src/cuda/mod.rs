@@ -47,6 +47,7 @@
 //! (no TF32 for f32 storage). Reductions over tokens are split-K with a fixed-order sum, so
 //! every result is bitwise reproducible on a given device.
 
+mod arg;
 pub mod attention;
 pub mod backend;
 mod blas;

@@ -111,13 +111,13 @@ impl CudaBackend {
         let func = self.function(&name)?;
         let (mut x, mut ldx, mut idx, mut phi, mut psi, mut scales) = (x, ldx as i64, idx, phi, psi, scales);
         let (mut d_in, mut r, mut h, mut ldh) = (d_in as i32, rank as i32, h, ldh as i64);
-        fn p<V>(v: &mut V) -> *mut std::ffi::c_void {
-            v as *mut V as *mut std::ffi::c_void
+        fn p<V: crate::cuda::arg::KernelArg>(v: &mut V) -> crate::cuda::arg::KArg {
+            crate::cuda::arg::KArg::new(v)
         }
         // Kernel parameters: (x, ldx, idx, phi, psi, scales, d_in, r, h, ldh).
-        let mut params =
+        let params =
             [p(&mut x), p(&mut ldx), p(&mut idx), p(&mut phi), p(&mut psi), p(&mut scales), p(&mut d_in), p(&mut r), p(&mut h), p(&mut ldh)];
-        unsafe { self.launch("multi_edit", &func, (tokens as u32, 1, 1), (256, 1, 1), 0, stream, &mut params) }
+        unsafe { self.launch("multi_edit", &func, (tokens as u32, 1, 1), (256, 1, 1), 0, stream, &params) }
     }
 
     /// The per-token edit on buffers: `h_t = x_t + s_a (x_t psi_a^T) phi_a^T`,

@@ -10,7 +10,7 @@
 //! `splitk_reduce_<dtype of D>` adds them in a fixed order: bitwise deterministic for a given
 //! device and shape, no float atomics.
 
-use std::ffi::c_void;
+use super::arg::KArg;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
@@ -103,50 +103,50 @@ impl CudaBackend {
         } else {
             None
         };
-        let (mut a, mut lda, mut b, mut ldb) = (p.a, p.lda as i64, p.b, p.ldb as i64);
-        let (mut d, mut ldd, mut bias) = (p.d, p.ldd as i64, p.bias);
-        let (mut mm, mut nn, mut kk) = (m, n, k);
-        let (mut alpha, mut beta, mut prob, mut seed) = (p.alpha, p.beta, p.p, p.seed);
-        let mut wptr: CUdeviceptr = work.as_ref().map_or(0, |w| w.ptr());
-        let mut ks = split as i32;
-        let mut params: [*mut c_void; 16] = [
-            &mut a as *mut _ as _,
-            &mut lda as *mut _ as _,
-            &mut b as *mut _ as _,
-            &mut ldb as *mut _ as _,
-            &mut d as *mut _ as _,
-            &mut ldd as *mut _ as _,
-            &mut bias as *mut _ as _,
-            &mut mm as *mut _ as _,
-            &mut nn as *mut _ as _,
-            &mut kk as *mut _ as _,
-            &mut alpha as *mut _ as _,
-            &mut beta as *mut _ as _,
-            &mut prob as *mut _ as _,
-            &mut seed as *mut _ as _,
-            &mut wptr as *mut _ as _,
-            &mut ks as *mut _ as _,
+        let (a, lda, b, ldb) = (p.a, p.lda as i64, p.b, p.ldb as i64);
+        let (d, ldd, bias) = (p.d, p.ldd as i64, p.bias);
+        let (mm, nn, kk) = (m, n, k);
+        let (alpha, beta, prob, seed) = (p.alpha, p.beta, p.p, p.seed);
+        let wptr: CUdeviceptr = work.as_ref().map_or(0, |w| w.ptr());
+        let ks = split as i32;
+        let params = [
+            KArg::new(&a),
+            KArg::new(&lda),
+            KArg::new(&b),
+            KArg::new(&ldb),
+            KArg::new(&d),
+            KArg::new(&ldd),
+            KArg::new(&bias),
+            KArg::new(&mm),
+            KArg::new(&nn),
+            KArg::new(&kk),
+            KArg::new(&alpha),
+            KArg::new(&beta),
+            KArg::new(&prob),
+            KArg::new(&seed),
+            KArg::new(&wptr),
+            KArg::new(&ks),
         ];
-        self.launch(OP, &f, (grid_x, grid_y as u32, split as u32), (THREADS, 1, 1), 0, stream, &mut params)?;
+        self.launch(OP, &f, (grid_x, grid_y as u32, split as u32), (THREADS, 1, 1), 0, stream, &params)?;
         if split > 1 {
             let r = self.function(&format!("splitk_reduce_{}", out.name()))?;
             let total = p.m as u64 * p.n as u64;
             let blocks = u32::try_from(total.div_ceil(THREADS as u64))
                 .map_err(|_| Error::invalid("M x N", "too many outputs for one launch"))?;
-            let mut ks = split as i32;
-            let mut wptr = wptr;
-            let mut rparams: [*mut c_void; 9] = [
-                &mut wptr as *mut _ as _,
-                &mut ks as *mut _ as _,
-                &mut mm as *mut _ as _,
-                &mut nn as *mut _ as _,
-                &mut d as *mut _ as _,
-                &mut ldd as *mut _ as _,
-                &mut bias as *mut _ as _,
-                &mut alpha as *mut _ as _,
-                &mut beta as *mut _ as _,
+            let ks = split as i32;
+            let wptr = wptr;
+            let rparams = [
+                KArg::new(&wptr),
+                KArg::new(&ks),
+                KArg::new(&mm),
+                KArg::new(&nn),
+                KArg::new(&d),
+                KArg::new(&ldd),
+                KArg::new(&bias),
+                KArg::new(&alpha),
+                KArg::new(&beta),
             ];
-            self.launch("split-K reduce", &r, (blocks, 1, 1), (THREADS, 1, 1), 0, stream, &mut rparams)?;
+            self.launch("split-K reduce", &r, (blocks, 1, 1), (THREADS, 1, 1), 0, stream, &rparams)?;
         }
         drop(work);
         Ok(())
