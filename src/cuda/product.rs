@@ -134,7 +134,6 @@ impl CudaBackend {
             let blocks = u32::try_from(total.div_ceil(THREADS as u64))
                 .map_err(|_| Error::invalid("M x N", "too many outputs for one launch"))?;
             let ks = split as i32;
-            let wptr = wptr;
             let rparams = [
                 KArg::new(&wptr),
                 KArg::new(&ks),
