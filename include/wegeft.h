@@ -133,7 +133,10 @@ int wegeft_cpu_lora_backward(int dtype, wegeft_shape shape, wegeft_const_mat x, 
 
 /* ---- CUDA ---- */
 
-/* Opens device `device`; *out receives a handle (NULL on failure). */
+/* Opens device `device` (its primary context); *out receives a handle (NULL on failure).
+ * Scratch memory comes from the device's default stream-ordered pool, whose release
+ * threshold this raises to the maximum (freed blocks stay cached in the pool; that setting
+ * is per device, so it applies to other users of the default pool in the process). */
 int wegeft_cuda_create(int device, wegeft_cuda **out);
 /* Releases a handle (NULL: nothing to do); its queued work must have finished. */
 int wegeft_cuda_destroy(wegeft_cuda *handle);
@@ -158,12 +161,14 @@ int wegeft_cuda_merge(const wegeft_cuda *handle, void *stream, int dtype, wegeft
 int wegeft_cuda_unmerge(const wegeft_cuda *handle, void *stream, int dtype, wegeft_shape shape,
                         uint64_t w, uint64_t phi, uint64_t psi, float scale);
 
-/* LoRA: xa = x A^T (dtype, written for the backward), y = x W^T + s xa B^T (+ b). */
+/* LoRA: xa = s x A^T (dtype, scale included, written for the backward; unlike the CPU's
+ * saved_xa), y = x W^T + xa B^T (+ b). */
 int wegeft_cuda_lora_forward(const wegeft_cuda *handle, void *stream, int dtype,
                              wegeft_shape shape, uint64_t x, uint64_t w, uint64_t bias,
                              uint64_t a, uint64_t b, float scale, uint64_t xa, uint64_t y);
 
-/* LoRA: dx = G W + s (G B) A (skipped if dx is 0); dA += s (G B)^T x; dB += s G^T xa (f32). */
+/* LoRA: dx = G W + s (G B) A (skipped if dx is 0); dA += s (G B)^T x; dB += G^T xa (f32;
+ * xa from wegeft_cuda_lora_forward, scale included). */
 int wegeft_cuda_lora_backward(const wegeft_cuda *handle, void *stream, int dtype,
                               wegeft_shape shape, uint64_t x, uint64_t w, uint64_t a,
                               uint64_t b, float scale, uint64_t xa, uint64_t g, uint64_t dx,

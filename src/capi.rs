@@ -1044,8 +1044,8 @@ pub unsafe extern "C" fn wegeft_cuda_unmerge(
     cuda_call!(merge(handle, stream, dtype, shape, w, phi, psi, scale, true))
 }
 
-/// LoRA forward on the GPU: `xa = x A^T` (`tokens x rank`, dtype, written for the backward),
-/// `y = x W^T + s xa B^T (+ b)`.
+/// LoRA forward on the GPU: `xa = s x A^T` (`tokens x rank`, dtype, scale included — unlike
+/// the CPU's `saved_xa` — written for the backward), `y = x W^T + xa B^T (+ b)`.
 ///
 /// # Safety
 /// As [`wegeft_cuda_forward`].
@@ -1068,7 +1068,8 @@ pub unsafe extern "C" fn wegeft_cuda_lora_forward(
 }
 
 /// LoRA backward on the GPU: `dx = G W + s (G B) A` (skipped when `dx` is 0),
-/// `dA += s (G B)^T x`, `dB += s G^T xa` (f32, accumulated).
+/// `dA += s (G B)^T x`, `dB += G^T xa` (f32, accumulated; `xa` as the forward wrote it, scale
+/// included).
 ///
 /// # Safety
 /// As [`wegeft_cuda_forward`].

@@ -22,6 +22,7 @@
 //! allocations from the pool, so nothing waits for the device except downloads and uploads.
 
 use std::ffi::c_void;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
@@ -94,13 +95,17 @@ struct RopeTable {
     head_dim: usize,
     theta: f32,
     max_pos: usize,
-    cos: GpuBuf,
-    sin: GpuBuf,
+    cos: Rc<GpuBuf>,
+    sin: Rc<GpuBuf>,
 }
 
-struct Positions {
+/// A small host array and its device copy, kept while the next call passes the same values
+/// (every layer passes the same positions, every projection the same adapter indices).
+/// The device copy is shared: a caller holds it until its kernel is queued, so that nothing
+/// replacing the cache in between can free it first.
+struct HostCopy {
     host: Vec<u32>,
-    dev: GpuBuf,
+    dev: Rc<GpuBuf>,
 }
 
 /// The CUDA engine for the Llama model (see the module docs).
@@ -109,7 +114,9 @@ pub struct Gpu {
     weights: DType,
     path: Path,
     rope: Mutex<Option<RopeTable>>,
-    positions: Mutex<Option<Positions>>,
+    positions: Mutex<Option<HostCopy>>,
+    multi_idx: Mutex<Option<HostCopy>>,
+    multi_scales: Mutex<Option<HostCopy>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -165,7 +172,11 @@ impl Gpu {
             Ok("fused_sm90") => Path::FusedSm90,
             _ => Path::Auto,
         };
-        Ok(Gpu { dev, weights, path, rope: Mutex::new(None), positions: Mutex::new(None) })
+        Ok(Gpu { dev, weights, path, rope: Mutex::new(None),
+            positions: Mutex::new(None),
+            multi_idx: Mutex::new(None),
+            multi_scales: Mutex::new(None),
+        })
     }
 
     /// With the WeGeFT layers on `path` (default [`Path::Auto`], or `WEGEFT_LAYER_PATH`).
@@ -229,6 +240,13 @@ impl Gpu {
 
     fn stream(&self) -> CUstream {
         self.dev.stream().cu_stream()
+    }
+
+    /// The stream, with the context made current on this thread (for direct driver calls;
+    /// launches and allocations bind it themselves).
+    fn bound_stream(&self, op: &'static str) -> Result<CUstream> {
+        self.dev.context().bind_to_thread().map_err(cuda_err(op))?;
+        Ok(self.stream())
     }
 
     /// `n` uninitialised elements of `dtype`.
@@ -311,8 +329,9 @@ impl Gpu {
         match (x_dtype, accumulate) {
             (DType::F32, true) => self.run("add", "add_f32", self.grid(n), THREADS, &args!(yp, xp, nn)),
             (DType::F32, false) => {
+                let stream = self.bound_stream("cuMemcpyDtoDAsync")?;
                 // SAFETY: both hold n f32 on this stream.
-                unsafe { cudarc::driver::result::memcpy_dtod_async(y.ptr, x, n * 4, self.stream()) }
+                unsafe { cudarc::driver::result::memcpy_dtod_async(y.ptr, x, n * 4, stream) }
                     .map_err(cuda_err("cuMemcpyDtoDAsync"))
             }
             (DType::BF16, acc) => {
@@ -323,26 +342,33 @@ impl Gpu {
         }
     }
 
-    /// The positions as a device array (the last one is kept: every layer passes the same).
-    fn positions(&self, positions: &[u32]) -> Result<CUdeviceptr> {
-        let mut p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+    /// `data` (4-byte values) as a device array, uploaded only when it differs from what
+    /// `slot` holds (the upload synchronises the stream; a hit costs a host comparison).
+    /// Hold the returned buffer until the kernels that read it are queued.
+    fn cached_upload(&self, slot: &Mutex<Option<HostCopy>>, data: &[u32]) -> Result<Rc<GpuBuf>> {
+        let mut p = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = p.as_ref() {
-            if c.host == positions {
-                return Ok(c.dev.ptr);
+            if c.host == data {
+                return Ok(c.dev.clone());
             }
         }
-        let dev = self.upload_raw(DType::F32, positions)?; // u32: 4 bytes, like f32
-        let ptr = dev.ptr;
-        *p = Some(Positions { host: positions.to_vec(), dev });
-        Ok(ptr)
+        // Replacing the old copy frees it on this stream, after the kernels queued on it.
+        let dev = Rc::new(self.upload_raw(DType::F32, data)?); // 4-byte elements, like f32
+        *p = Some(HostCopy { host: data.to_vec(), dev: dev.clone() });
+        Ok(dev)
+    }
+
+    /// The positions as a device array (every layer passes the same).
+    fn positions(&self, positions: &[u32]) -> Result<Rc<GpuBuf>> {
+        self.cached_upload(&self.positions, positions)
     }
 
     /// The rope tables (the CPU's, uploaded) covering `max_pos`.
-    fn rope_table(&self, head_dim: usize, theta: f32, max_pos: usize) -> Result<(CUdeviceptr, CUdeviceptr)> {
+    fn rope_table(&self, head_dim: usize, theta: f32, max_pos: usize) -> Result<(Rc<GpuBuf>, Rc<GpuBuf>)> {
         let mut t = self.rope.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = t.as_ref() {
             if c.head_dim == head_dim && c.theta == theta && c.max_pos >= max_pos {
-                return Ok((c.cos.ptr, c.sin.ptr));
+                return Ok((c.cos.clone(), c.sin.clone()));
             }
         }
         let max_pos = max_pos.max(1).next_power_of_two().max(2048);
@@ -357,10 +383,9 @@ impl Gpu {
                 sin[p * half + i] = s;
             }
         }
-        let (cos, sin) = (self.upload_raw(DType::F32, &cos)?, self.upload_raw(DType::F32, &sin)?);
-        let r = (cos.ptr, sin.ptr);
-        *t = Some(RopeTable { head_dim, theta, max_pos, cos, sin });
-        Ok(r)
+        let (cos, sin) = (Rc::new(self.upload_raw(DType::F32, &cos)?), Rc::new(self.upload_raw(DType::F32, &sin)?));
+        *t = Some(RopeTable { head_dim, theta, max_pos, cos: cos.clone(), sin: sin.clone() });
+        Ok((cos, sin))
     }
 
     fn layer_dropout(d: Option<Dropout>) -> Result<layer::Dropout> {
@@ -437,8 +462,9 @@ impl Backend for Gpu {
     }
 
     fn fill_zero(&self, buf: &mut GpuBuf) -> Result<()> {
+        let stream = self.bound_stream("cuMemsetD8Async")?;
         // SAFETY: the buffer holds len elements on this stream.
-        unsafe { cudarc::driver::result::memset_d8_async(buf.ptr, 0, buf.len * buf.dtype.size(), self.stream()) }
+        unsafe { cudarc::driver::result::memset_d8_async(buf.ptr, 0, buf.len * buf.dtype.size(), stream) }
             .map_err(cuda_err("cuMemsetD8Async"))
     }
 
@@ -462,13 +488,14 @@ impl Backend for Gpu {
             return Ok(());
         }
         let sz = src.dtype.size();
+        let stream = self.bound_stream("cuMemcpyDtoDAsync")?;
         // SAFETY: both ranges were checked to lie inside their buffers.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(
                 dst.ptr + (dst_offset * sz) as u64,
                 src.ptr + (src_offset * sz) as u64,
                 len * sz,
-                self.stream(),
+                stream,
             )
         }
         .map_err(cuda_err("cuMemcpyDtoDAsync"))
@@ -591,9 +618,16 @@ impl Backend for Gpu {
         need_f32("x", x, rows * d_in)?;
         need_f32("phi", phi, scales.len() * d_in * rank)?;
         need_f32("psi", psi, scales.len() * rank * d_in)?;
-        // The index vector travels as 4-byte elements (the buffer's dtype only sizes it).
-        let idx = self.upload_raw(DType::F32, adapter_of_row)?;
-        let sc = self.upload_raw(DType::F32, scales)?;
+        if rank > super::multi::MULTI_MAX_RANK {
+            // Past the edit kernel's rank: group the rows by adapter (the CPU's fallback).
+            return crate::backend::multi_forward_by_groups(self, rows, d_in, d_out, rank, x, w, phi, psi, scales, adapter_of_row, y);
+        }
+        // Indices and scales as 4-byte device arrays, uploaded once per batch: every
+        // projection of every layer passes the same ones.
+        let idx: Vec<u32> = adapter_of_row.iter().map(|&a| a as u32).collect();
+        let idx = self.cached_upload(&self.multi_idx, &idx)?;
+        let sc: Vec<u32> = scales.iter().map(|s| s.to_bits()).collect();
+        let sc = self.cached_upload(&self.multi_scales, &sc)?;
         let h = self.alloc(DType::F32, rows * d_in)?;
         // SAFETY: every buffer is live on this stream with the checked length; check_multi
         // checked every index against the number of adapters; `h` is fresh.
@@ -721,10 +755,11 @@ impl Backend for Gpu {
             return Ok(());
         }
         let max_pos = positions.iter().map(|&p| p as usize).max().unwrap_or(0) + 1;
-        let (cp, sp) = self.rope_table(head_dim, theta, max_pos)?;
-        let pp = self.positions(positions)?;
+        // The tables stay alive (held here) until the kernel is queued.
+        let (cos, sin) = self.rope_table(head_dim, theta, max_pos)?;
+        let pos = self.positions(positions)?;
         let n = positions.len() * heads * head_dim / 2;
-        let (xp, pp, cp, sp) = (x.ptr, pp, cp, sp);
+        let (xp, pp, cp, sp) = (x.ptr, pos.ptr, cos.ptr, sin.ptr);
         let (rows, h, hd, inv) = (positions.len() as i64, heads as i32, head_dim as i32, inverse as i32);
         self.run("rope", "rope_f32", self.grid(n), THREADS, &args!(xp, pp, cp, sp, rows, h, hd, inv))
     }

@@ -52,6 +52,14 @@ struct Key {
     ldd: usize,
     bias: bool,
     beta: bool,
+    /// Alignment (bytes, up to 256) of cuBLASLt's A (our `b`), B (our `a`) and C = D.
+    align: (u32, u32, u32),
+}
+
+/// The alignment of a device address in bytes, capped at 256 (cuBLASLt's default assumption:
+/// an algorithm chosen for 256-byte aligned operands may fault on a row-offset sub-matrix).
+fn alignment(p: CUdeviceptr) -> u32 {
+    1u32 << p.trailing_zeros().min(8)
 }
 
 fn blas_err(op: &'static str) -> impl FnOnce(lt::CublasError) -> Error {
@@ -214,7 +222,8 @@ impl CudaBackend {
                 std::mem::size_of::<CUdeviceptr>(),
             )?;
         }
-        let key = Key { dtype, out, transa, transb, m, n, k, lda, ldb, ldd, bias: bias.is_some(), beta: beta != 0.0 };
+        let align = (alignment(b), alignment(a), alignment(d));
+        let key = Key { dtype, out, transa, transb, m, n, k, lda, ldb, ldd, bias: bias.is_some(), beta: beta != 0.0, align };
         let cached = h.algos.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
         let algo = match cached {
             Some(a) => a,
@@ -228,6 +237,17 @@ impl CudaBackend {
                     std::mem::size_of::<usize>(),
                 )
                 .map_err(blas_err(op))?;
+                // The operands' true alignment, so that the heuristic only offers algorithms
+                // that can run on them (cuBLASLt assumes 256 bytes otherwise).
+                use sys::cublasLtMatmulPreferenceAttributes_t as P;
+                for (attr, v) in [
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align.0),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align.1),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align.2),
+                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align.2),
+                ] {
+                    lt::set_matmul_pref_attribute(pref.0, attr, &v as *const u32 as _, 4).map_err(blas_err(op))?;
+                }
                 let heur = lt::get_matmul_algo_heuristic(h.handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0)
                     .map_err(blas_err(op))?;
                 h.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, heur.algo);
@@ -260,7 +280,16 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::ColMajor;
+    use super::{alignment, ColMajor};
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_dividing_the_address_up_to_256() {
+        assert_eq!(alignment(0x7f00_0000_0000), 256);
+        assert_eq!(alignment(0x7f00_0000_0100 + 16), 16);
+        assert_eq!(alignment(0x7f00_0000_0000 + 72 * 4), 32);
+        assert_eq!(alignment(0x7f00_0000_0002), 2);
+        assert_eq!(alignment(0), 256);
+    }
 
     /// What cuBLASLt computes from a plan, in column-major terms, on the raw buffers:
     /// `D(i, j) = sum_l op0(i, l) op1(l, j)`, `X(r, c) = buf[r + c * ld]`.

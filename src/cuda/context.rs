@@ -74,7 +74,9 @@ impl CudaBackend {
     /// Opens device `ordinal`: checks that the driver is present and the device exists
     /// ([`Error::NoCuda`] otherwise), creates the context and picks the kernel image for the
     /// device's compute capability (`sm_90a` cubin on 9.0, `sm_80` cubin on 8.x, the PTX
-    /// elsewhere). Modules are loaded on first use of one of their kernels.
+    /// elsewhere). Modules are loaded on first use of one of their kernels. Raises the release
+    /// threshold of the device's default memory pool to the maximum (per device: it applies to
+    /// every user of that pool in the process), so that freed scratch stays cached.
     pub fn new(ordinal: usize) -> Result<Self> {
         if !driver_present() {
             return Err(Error::NoCuda("no CUDA driver library (libcuda) found".into()));
