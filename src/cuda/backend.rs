@@ -313,7 +313,9 @@ impl Gpu {
 
     /// The storage type attention runs in: bf16 (the tensor-core kernels, inputs rounded from
     /// the f32 activations, outputs and gradients widened back) when the frozen weights are
-    /// bf16; f32 (the plain-FMA kernels) with `Gpu::new_f32`.
+    /// bf16; f32 (the plain-FMA kernels) with `Gpu::new_f32`. Decoding with a KV cache is the
+    /// exception: one query row per sequence has nothing for the tensor cores, so
+    /// `attention_decode` reads the f32 cache directly (a prompt's prefill still runs in bf16).
     fn attention_dtype(&self) -> DType {
         if self.weight_dtype() == DType::BF16 {
             DType::BF16
