@@ -162,7 +162,7 @@ have test_wegeft_c && step c_abi 60 "$bin/test_wegeft_c" cuda
 have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
 have cuda_multi && WEGEFT_BENCH_ITERS=20 step multi_bench 45 "$bin/cuda_multi" bench_ --ignored --nocapture --test-threads=1
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
-have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 60 "$bin/model_cuda"
+have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 90 "$bin/model_cuda"
 if [ -n "$py" ]; then
   step torch_model 70 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_model.py" --json "$logs/torch_model.jsonl"
 else

@@ -112,7 +112,7 @@ struct HostCopy {
 pub struct Gpu {
     dev: CudaBackend,
     weights: DType,
-    path: Path,
+    path: std::cell::Cell<Path>,
     rope: Mutex<Option<RopeTable>>,
     positions: Mutex<Option<HostCopy>>,
     multi_idx: Mutex<Option<HostCopy>>,
@@ -172,7 +172,7 @@ impl Gpu {
             Ok("fused_sm90") => Path::FusedSm90,
             _ => Path::Auto,
         };
-        Ok(Gpu { dev, weights, path, rope: Mutex::new(None),
+        Ok(Gpu { dev, weights, path: std::cell::Cell::new(path), rope: Mutex::new(None),
             positions: Mutex::new(None),
             multi_idx: Mutex::new(None),
             multi_scales: Mutex::new(None),
@@ -180,14 +180,20 @@ impl Gpu {
     }
 
     /// With the WeGeFT layers on `path` (default [`Path::Auto`], or `WEGEFT_LAYER_PATH`).
-    pub fn with_path(mut self, path: Path) -> Self {
-        self.path = path;
+    pub fn with_path(self, path: Path) -> Self {
+        self.path.set(path);
         self
+    }
+
+    /// Puts the WeGeFT layers of later calls on `path` (buffers and models stay valid: the
+    /// path only picks kernels).
+    pub fn set_path(&self, path: Path) {
+        self.path.set(path);
     }
 
     /// The WeGeFT layers' path.
     pub fn path(&self) -> Path {
-        self.path
+        self.path.get()
     }
 
     /// The device.
@@ -691,7 +697,7 @@ impl Backend for Gpu {
         let yp = tmp.as_ref().map_or(y.ptr, |t| t.ptr);
         // SAFETY: every buffer holds its checked matrix in `dt`, on this stream.
         unsafe {
-            self.dev.wegeft_forward_raw(dt, &s, self.stream(), xp, w.ptr, None, php, psp, scale, drop, u.ptr, c.ptr, yp, self.path)?;
+            self.dev.wegeft_forward_raw(dt, &s, self.stream(), xp, w.ptr, None, php, psp, scale, drop, u.ptr, c.ptr, yp, self.path())?;
         }
         if let Some(t) = tmp {
             self.store_f32(t.ptr, dt, y, false)?;
@@ -736,7 +742,7 @@ impl Backend for Gpu {
         // SAFETY: as in wegeft_forward.
         unsafe {
             self.dev.wegeft_backward_raw(
-                dt, &s, self.stream(), xp, w.ptr, psp, scale, drop, saved.u.ptr, saved.c.ptr, gp, dxp, dphi.ptr, dpsi.ptr, self.path,
+                dt, &s, self.stream(), xp, w.ptr, psp, scale, drop, saved.u.ptr, saved.c.ptr, gp, dxp, dphi.ptr, dpsi.ptr, self.path(),
             )?;
         }
         if let Some((d, acc, Some(t))) = target {
