@@ -15,7 +15,7 @@
 #                     another (WeGeFT, LoRA), a markdown table in its log
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
-#   model_bench (60)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8
+#   model_bench (90)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8, each layer path
 #   torch_model (70)  torch_model.py: the same step in transformers (official-style WeGeFT, peft LoRA)
 #   attn_bench (40) / attn_torch (60)  benches/attention_cuda vs PyTorch SDPA (B=16, S=512/2048)
 #   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
