@@ -118,7 +118,8 @@ fn check_grads(tied: bool, shared: bool, targets: &[usize], scale: f32) {
                     + gpsi.iter().zip(dpsi).map(|(g, d)| (*g as f64) * (*d as f64)).sum::<f64>()
             })
             .sum();
-        worst = worst.max((fd - an).abs());
+        let d = (fd - an).abs();
+        worst = worst.max(if d.is_nan() { f64::INFINITY } else { d });
         scale_max = scale_max.max(an.abs());
         rows.push((fd, an));
     }

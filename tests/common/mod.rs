@@ -67,8 +67,10 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
     let (mut worst, mut at) = (0.0f64, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        // NaN (an unwritten, poisoned output) counts as an infinite error.
         let e = (g - w).abs() / scale;
-        if !(e <= worst) {
+        let e = if e.is_nan() { f64::INFINITY } else { e };
+        if e > worst {
             worst = e;
             at = i;
         }
