@@ -4,7 +4,10 @@
 # standalone fused-GEMM check kernels/test/gemm_kext_check.cu (nvcc: sm_80 + sm_90a cubins and
 # compute_80 PTX, cudart static, cuBLAS dlopen'ed there), the layer fixtures, the runner
 # (gpu-pack/run.sh), its summary maker (summary.py) and the PyTorch side-by-side script.
-# The GPU machine has CUDA, compute-sanitizer, PyTorch and peft, but no Rust and no network.
+# Also compute-sanitizer (the PyPI wheel nvidia-cuda-sanitizer-api 13.0, cached in the target
+# folder): the GPU machine has the driver, PyTorch and peft, but no Rust and no network, and
+# maybe no sanitizer. The pack records the commit it was built from (COMMIT); a commit made
+# while it builds is an error.
 #
 #   bash scripts/gpu-check.sh          # here
 #   bash gpu-pack/run.sh               # there (the run tool: carry ["gpu-pack"])
@@ -17,6 +20,8 @@ limit_mib=64
 # Test targets whose binaries go to the GPU: every tests/cuda_*.rs plus the ptxas check.
 gpu_tests="ptxas $(ls tests/cuda_*.rs 2>/dev/null | xargs -n1 basename 2>/dev/null | sed 's/\.rs$//' | tr '\n' ' ')"
 
+head0="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+dirty0="$(git status --porcelain 2>/dev/null)"
 bash scripts/setup-cuda.sh >/dev/null
 command -v python3 >/dev/null || { echo "gpu-check.sh: needs python3 to read cargo's JSON" >&2; exit 1; }
 
@@ -70,9 +75,11 @@ nvcc="$cuda_py/bin/nvcc"
 [ -x "$nvcc" ] || { echo "gpu-check.sh: no nvcc at $nvcc (scripts/setup-cuda.sh)" >&2; exit 1; }
 gk_cache="${CARGO_TARGET_DIR:-$root/target}/gpu-pack-cache"
 mkdir -p "$gk_cache"
-gk="$gk_cache/gemm_kext_check"
-if [ ! -x "$gk" ] || [ kernels/gemm_kext.cu -nt "$gk" ] || [ kernels/test/gemm_kext_check.cu -nt "$gk" ] || \
-   [ kernels/common.cuh -nt "$gk" ]; then
+# Named by a hash of its sources: a target folder shared by several checkouts cannot hand
+# one of them another's binary.
+gk_hash="$(cat kernels/gemm_kext.cu kernels/test/gemm_kext_check.cu kernels/common.cuh | sha256sum | head -c 16)"
+gk="$gk_cache/gemm_kext_check-$gk_hash"
+if [ ! -x "$gk" ]; then
   echo "gpu-check.sh: building kernels/test/gemm_kext_check.cu (nvcc)..." >&2
   "$nvcc" -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
     -gencode arch=compute_80,code=compute_80 -I "$cuda_py/include" -I "$cuda_py/include/cccl" \
@@ -98,8 +105,26 @@ cp scripts/torch_baseline.py "$pack/torch_baseline.py"
 cp scripts/torch_model.py "$pack/torch_model.py"
 cp scripts/torch_sdpa.py "$pack/torch_sdpa.py"
 cp scripts/gpu_summary.py "$pack/summary.py"
-git -C "$root" rev-parse HEAD >"$pack/COMMIT" 2>/dev/null || echo unknown >"$pack/COMMIT"
-git -C "$root" status --porcelain | grep -q . && echo "(with uncommitted changes)" >>"$pack/COMMIT" || true
+# compute-sanitizer 13.0 (14 MB), downloaded once into the cache.
+san_whl="$(ls "$gk_cache"/nvidia_cuda_sanitizer_api-13.0.*.whl 2>/dev/null | head -1)"
+if [ -z "$san_whl" ]; then
+  echo "gpu-check.sh: downloading compute-sanitizer (nvidia-cuda-sanitizer-api==13.0.85)..." >&2
+  python3 -m pip download -q --no-deps --only-binary :all: -d "$gk_cache" nvidia-cuda-sanitizer-api==13.0.85 >&2 ||
+    echo "gpu-check.sh: WARNING: no compute-sanitizer packed (download failed); the runner will look on the GPU machine" >&2
+  san_whl="$(ls "$gk_cache"/nvidia_cuda_sanitizer_api-13.0.*.whl 2>/dev/null | head -1)"
+fi
+[ -n "$san_whl" ] && cp "$san_whl" "$pack/"
+
+head1="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+if [ "$head1" != "$head0" ] || [ "$(git status --porcelain 2>/dev/null)" != "$dirty0" ]; then
+  echo "gpu-check.sh: the tree changed while the pack was built ($head0 -> $head1); run it again" >&2
+  exit 1
+fi
+echo "$head0" >"$pack/COMMIT"
+if [ -n "$dirty0" ]; then
+  echo "(with uncommitted changes)" >>"$pack/COMMIT"
+  echo "gpu-check.sh: WARNING: the tree has uncommitted changes; the pack's results will not name a commit" >&2
+fi
 
 size_kib=$(du -sk "$pack" | cut -f1)
 if [ "$size_kib" -gt $((limit_mib * 1024)) ]; then

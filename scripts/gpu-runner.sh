@@ -3,26 +3,28 @@
 # network: runs the packed binaries. Each step has its own timeout and its status goes into
 # the summary printed last; one failing or hanging step does not stop the others.
 #
-# Steps, most informative first (timeout in seconds; each is also cut to what the budget has
-# left, and a step that would start with under 15 s left is marked SKIP):
+# Steps, in this order (timeout in seconds; each is also cut to what the budget has left, and a
+# step that would start with under 15 s left is marked SKIP):
 #   env            nvidia-smi, driver, libraries found, compute-sanitizer found
 #   ptxas (20)     the embedded kernels' ptxas report (no spills, every kernel present)
-#   cuda_* (150)   the CUDA backend against the float64 reference, WEGEFT_REQUIRE_GPU=1
+#   cuda_* (90)    the CUDA backend against the float64 reference, WEGEFT_REQUIRE_GPU=1, one test
+#                  at a time
 #   gemm_check (90)   every fused-GEMM variant on the odd-size grid vs a CPU loop
 #   c_abi (60)        tests/c/test_wegeft.c cuda: the C ABI's CUDA entry points vs its CPU path
-#   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios
-#   multi_bench (45)  tests/cuda_multi bench_multi: 1/8/64 adapters in one batch vs one after
-#                     another (WeGeFT, LoRA), a markdown table in its log
-#   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
-#   torch_baseline (120)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
+#   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios (every path
+#                     checked against the composed one)
 #   model_bench (90)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8, each layer path
 #   torch_model (70)  torch_model.py: the same step in transformers (official-style WeGeFT, peft LoRA)
+#   torch_baseline (90)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
+#   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
+#   sanitizers (150, all side by side): compute-sanitizer memcheck (also tracking the
+#                  stream-ordered pool), racecheck, initcheck, synccheck on cuda_layer sanitize_*
+#                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge,
+#                  dropout); memcheck on gemm_check --small, cuda_model's op-by-op cases,
+#                  cuda_multi sanitize_multi; memcheck / racecheck / synccheck on cuda_attention
+#   multi_bench (45)  tests/cuda_multi bench_multi: 1/8/64 adapters in one batch vs one after
+#                     another (WeGeFT, LoRA), a markdown table in its log
 #   attn_bench (40) / attn_torch (60)  benches/attention_cuda vs PyTorch SDPA (B=16, S=512/2048)
-#   gemm_memcheck (90)    compute-sanitizer memcheck on gemm_check --small
-#   memcheck / racecheck / initcheck (90 / 120 / 90)  compute-sanitizer on cuda_layer sanitize_*
-#                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge, dropout)
-#   model_memcheck (60) / multi_memcheck (45)  memcheck on cuda_model's op-by-op cases, cuda_multi sanitize_multi
-#   attn_memcheck / attn_racecheck (45 / 45)  compute-sanitizer on cuda_attention sanitize_attention
 #
 # Total under RUNNER_BUDGET_S seconds (default 450; the run tool's timeout_s should be ~540).
 # RUNNER_STEPS='regex' runs only the steps whose whole name matches (e.g. a second call for what
@@ -67,17 +69,21 @@ record() { selected "$1" && printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$steps"; ret
 selected() { [ -z "${RUNNER_STEPS:-}" ] || [[ "$1" =~ ^(${RUNNER_STEPS})$ ]]; }
 
 # step NAME TIMEOUT_S COMMAND...: runs it with a timeout, stdout and stderr to
-# $logs/NAME.log (and its last lines to the console), records PASS / FAIL (rc N) / TIMEOUT /
-# SKIP (budget).
-step() {
+# $logs/NAME.log, records PASS / FAIL (rc N) / TIMEOUT / SKIP (budget), then shows it (its last
+# lines on the console, the whole log appended to $OUT/all.log).
+step() { run_step "$@" && show "$1"; }
+
+# run_step NAME TIMEOUT_S COMMAND...: step without the showing (for steps run side by side:
+# `run_step ... &` each, `wait`, then `show` each); returns 1 when nothing ran.
+run_step() {
   local name="$1" limit="$2"; shift 2
   local now left t0 rc dt
   if ! selected "$name"; then
-    echo "== $name: not selected (RUNNER_STEPS)"; return
+    echo "== $name: not selected (RUNNER_STEPS)"; return 1
   fi
   now=$(date +%s); left=$((budget - (now - start)))
   if [ "$left" -lt 15 ]; then
-    record "$name" "SKIP (budget)" 0; echo "== $name: skipped, budget spent"; return
+    record "$name" "SKIP (budget)" 0; echo "== $name: skipped, budget spent"; return 1
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (timeout ${limit}s): $*"
@@ -86,10 +92,20 @@ step() {
   timeout --kill-after=5 "$limit" "$@" >>"$logs/$name.log" 2>&1 </dev/null
   rc=$?
   dt=$(( $(date +%s) - t0 ))
-  tail -n 15 "$logs/$name.log"
+  echo "$rc $dt" >"$logs/$name.rc"
   if [ $rc -eq 0 ]; then record "$name" PASS "$dt"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record "$name" "TIMEOUT (${limit}s)" "$dt"
   else record "$name" "FAIL (rc $rc)" "$dt"; fi
+  return 0
+}
+
+# show NAME: the finished step's last log lines on the console, its whole log into all.log.
+show() {
+  local name="$1" rc dt
+  [ -f "$logs/$name.rc" ] || return 0
+  read -r rc dt <"$logs/$name.rc"
+  echo "== $name: rc $rc, ${dt}s"
+  tail -n 15 "$logs/$name.log"
   if [ -n "$out" ]; then
     { echo "=================== $name: rc $rc, ${dt}s"; cat "$logs/$name.log"; echo; } >>"$out/all.log"
   fi
@@ -121,20 +137,35 @@ fi
 # original: a toolkit folder ahead of its own wheels could give it a cuBLAS it was not built for.
 orig_ldp="${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# compute-sanitizer: the packed one first (the wheel nvidia-cuda-sanitizer-api 13.0, the
+# version of the driver's CUDA, whose options this script uses), else the machine's.
 sanitizer=""
-for c in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
-         /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer/compute-sanitizer; do
-  [ -n "$c" ] && [ -x "$c" ] && { sanitizer="$c"; break; }
-done
+san_whl="$(ls "$here"/nvidia_cuda_sanitizer_api-*.whl 2>/dev/null | head -1)"
+if [ -n "$san_whl" ]; then
+  mkdir -p "$work/sanitizer"
+  if (cd "$work/sanitizer" && { unzip -q "$san_whl" 2>/dev/null || python3 -m zipfile -e "$san_whl" . 2>/dev/null; }); then
+    c="$work/sanitizer/nvidia/cu13/bin/compute-sanitizer"
+    chmod +x "$c" 2>/dev/null
+    timeout 20 "$c" --version >/dev/null 2>&1 && sanitizer="$c"
+  fi
+fi
+if [ -z "$sanitizer" ]; then
+  for c in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
+           /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer/compute-sanitizer; do
+    [ -n "$c" ] && [ -x "$c" ] && { sanitizer="$c"; break; }
+  done
+fi
 gpu="$(timeout 20 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
 [ -n "$gpu" ] || gpu="(nvidia-smi printed nothing)"
 {
-  echo "commit: $(head -1 "$here/COMMIT" 2>/dev/null)"
+  echo "commit: $(tr '\n' ' ' <"$here/COMMIT" 2>/dev/null)"
   echo "gpu (name, driver): $gpu"
   timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 | head -3
   echo "host: $(uname -srm); $(nproc) cpus"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-  echo "compute-sanitizer: ${sanitizer:-not found}"
+  echo "compute-sanitizer: ${sanitizer:-not found} $([ -n "$sanitizer" ] && timeout 20 "$sanitizer" --version 2>&1 | tail -1)"
+  echo "libraries: $(ldconfig -p 2>/dev/null | grep -oE 'lib(cuda|cublasLt)\.so[.0-9]*' | sort -u | tr '\n' ' ')"
+  timeout 20 nvidia-smi --query-gpu=persistence_mode,clocks.sm,temperature.gpu --format=csv 2>&1 | tail -1
   echo "python3: ${py:-not found}"
   [ -n "$unpack_msg" ] && echo "$unpack_msg"
   ls -la "$bin"
@@ -151,57 +182,64 @@ n_cuda=0
 for t in "$bin"/cuda_*; do
   [ -x "$t" ] || continue
   n_cuda=$((n_cuda + 1))
-  step "$(basename "$t")" 150 "$t"
+  # One test at a time: a sticky device error then names its test, and cuda_oom's
+  # device-filling test cannot starve the others.
+  step "$(basename "$t")" 90 "$t" --test-threads=1
 done
 [ $n_cuda -gt 0 ] || record "cuda_*" "MISSING (bin/cuda_*)" 0
 have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
 # The C ABI (include/wegeft.h) on the GPU: wegeft_cuda_* against the library's CPU path.
 have test_wegeft_c && step c_abi 60 "$bin/test_wegeft_c" cuda
 
-# --- benchmarks ----------------------------------------------------------------------------------
-have layer_cuda && WEGEFT_BENCH_ITERS=100 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
-have cuda_multi && WEGEFT_BENCH_ITERS=20 step multi_bench 45 "$bin/cuda_multi" bench_ --ignored --nocapture --test-threads=1
-[ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
+# --- benchmarks: the layer, the GEMM core and the training step against PyTorch ---------------------
+py_step() {  # py_step NAME TIMEOUT SCRIPT ARGS...: a PyTorch script (its own LD_LIBRARY_PATH)
+  local name="$1" limit="$2"; shift 2
+  if [ -n "$py" ]; then step "$name" "$limit" env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$@"
+  else record "$name" "SKIP (no python3)" 0; fi
+}
+have layer_cuda && WEGEFT_BENCH_ITERS=30 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
 have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 90 "$bin/model_cuda"
-if [ -n "$py" ]; then
-  step torch_model 70 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_model.py" --json "$logs/torch_model.jsonl"
-else
-  record torch_model "SKIP (no python3)" 0
-fi
-if [ -n "$py" ]; then
-  step torch_baseline 120 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_baseline.py" --iters 100 --json "$logs/torch.jsonl"
-else
-  record torch_baseline "SKIP (no python3)" 0
-fi
-have attention_cuda && WEGEFT_BENCH_ITERS=20 step attn_bench 40 "$bin/attention_cuda"
-if [ -n "$py" ]; then
-  step attn_torch 60 env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$here/torch_sdpa.py" --iters 20
-else
-  record attn_torch "SKIP (no python3)" 0
-fi
+py_step torch_model 70 "$here/torch_model.py" --json "$logs/torch_model.jsonl"
+py_step torch_baseline 90 "$here/torch_baseline.py" --iters 30 --json "$logs/torch.jsonl"
+[ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
 
-# --- compute-sanitizer on the small cases --------------------------------------------------------
+# --- compute-sanitizer on the small cases, side by side (each tool instruments on the CPU) --------
+san_steps="gemm_memcheck memcheck racecheck initcheck synccheck model_memcheck multi_memcheck attn_memcheck attn_racecheck attn_synccheck"
 if [ -n "$sanitizer" ]; then
   san=("$sanitizer" --error-exitcode 99 --print-limit 30)
-  [ -x "$bin/gemm_kext_check" ] && step gemm_memcheck 90 "${san[@]}" --tool memcheck --leak-check no "$bin/gemm_kext_check" --small
+  # memcheck also tracks the stream-ordered pool (use after free, overruns into a neighbour:
+  # freed blocks stay mapped in the pool, so plain memcheck cannot see them).
+  mem=("${san[@]}" --tool memcheck --leak-check no --track-stream-ordered-races all --padding 256)
+  started=""
+  bg() { run_step "$@" & started="$started $1"; }
+  [ -x "$bin/gemm_kext_check" ] && bg gemm_memcheck 150 "${mem[@]}" "$bin/gemm_kext_check" --small
   if [ -x "$bin/cuda_layer" ]; then
-    step memcheck 90 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_layer" sanitize_ --test-threads=1
     # Every dtype under every tool: the f32 fused GEMM (fm::) and the bf16/f16 tensor-core and
     # sm90 ones are different code, and each kernel is instantiated per dtype.
-    step racecheck 120 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_ --test-threads=1
-    step initcheck 90 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_ --test-threads=1
+    bg memcheck 150 "${mem[@]}" "$bin/cuda_layer" sanitize_ --test-threads=1
+    bg racecheck 150 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_ --test-threads=1
+    bg initcheck 150 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_ --test-threads=1
+    bg synccheck 150 "${san[@]}" --tool synccheck "$bin/cuda_layer" sanitize_ --test-threads=1
   fi
   # The model-op kernels (embedding, rmsnorm, rope, swiglu, xent, adamw, elementwise, the LM
   # head's chunks) and multi_edit, on their small op-by-op cases.
-  [ -x "$bin/cuda_model" ] && step model_memcheck 60 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_model" elementwise_ops_match_cpu products_match_cpu --test-threads=1
-  [ -x "$bin/cuda_multi" ] && step multi_memcheck 45 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_multi" sanitize_multi --test-threads=1
+  [ -x "$bin/cuda_model" ] && bg model_memcheck 150 "${mem[@]}" "$bin/cuda_model" elementwise_ops_match_cpu products_match_cpu --test-threads=1
+  [ -x "$bin/cuda_multi" ] && bg multi_memcheck 150 "${mem[@]}" "$bin/cuda_multi" sanitize_multi --test-threads=1
   if [ -x "$bin/cuda_attention" ]; then
-    step attn_memcheck 45 "${san[@]}" --tool memcheck --leak-check no "$bin/cuda_attention" sanitize_attention --test-threads=1
-    step attn_racecheck 45 "${san[@]}" --tool racecheck "$bin/cuda_attention" sanitize_attention --test-threads=1
+    bg attn_memcheck 150 "${mem[@]}" "$bin/cuda_attention" sanitize_attention --test-threads=1
+    bg attn_racecheck 150 "${san[@]}" --tool racecheck "$bin/cuda_attention" sanitize_attention --test-threads=1
+    bg attn_synccheck 150 "${san[@]}" --tool synccheck "$bin/cuda_attention" sanitize_attention --test-threads=1
   fi
+  wait
+  for s in $started; do show "$s"; done
 else
-  for s in gemm_memcheck memcheck racecheck initcheck model_memcheck multi_memcheck attn_memcheck attn_racecheck; do record "$s" "SKIP (no compute-sanitizer)" 0; done
+  for s in $san_steps; do record "$s" "SKIP (no compute-sanitizer)" 0; done
 fi
+
+# --- the other benchmarks ----------------------------------------------------------------------
+have cuda_multi && WEGEFT_BENCH_ITERS=20 step multi_bench 45 "$bin/cuda_multi" bench_ --ignored --nocapture --test-threads=1
+have attention_cuda && WEGEFT_BENCH_ITERS=20 step attn_bench 40 "$bin/attention_cuda"
+py_step attn_torch 60 "$here/torch_sdpa.py" --iters 20
 
 # --- logs of the failed steps, then the summary (last) ----------------------------------------------
 while IFS=$'\t' read -r name status secs; do
@@ -217,13 +255,13 @@ done <"$steps"
 total=$(( $(date +%s) - start ))
 summary="$logs/summary.md"
 if [ -n "$py" ] && [ -f "$here/summary.py" ] && \
-   timeout 30 "$py" "$here/summary.py" --logs "$logs" --gpu "$gpu" --commit "$(head -1 "$here/COMMIT" 2>/dev/null)" \
+   timeout 30 "$py" "$here/summary.py" --logs "$logs" --gpu "$gpu" --commit "$(tr '\n' ' ' <"$here/COMMIT" 2>/dev/null)" \
      --total "$total" --budget "$budget" >"$summary" 2>"$logs/summary.err"; then
   :
 else
   # Without python3: the step table alone.
   {
-    echo "## GPU check: $gpu, commit $(head -1 "$here/COMMIT" 2>/dev/null), ${total}s of ${budget}s"
+    echo "## GPU check: $gpu, commit $(tr '\n' ' ' <"$here/COMMIT" 2>/dev/null), ${total}s of ${budget}s"
     echo "(summary.py failed or no python3: $(tail -n 3 "$logs/summary.err" 2>/dev/null | tr '\n' ' '))"
     echo
     echo "| step | status | s |"
