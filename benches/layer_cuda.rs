@@ -10,6 +10,15 @@
 //! runs, then per rep a 256 MiB memset (flushes the L2, outside the timed interval) and one
 //! run between two events; the median of the reps is reported.
 //!
+//! After the timings of a shape, every path's results are checked against the `Composed`
+//! path's (cuBLASLt + the rank-r kernels) on the same inputs, each call run once more from
+//! outputs poisoned with NaN and zeroed gradient accumulators: `Auto`, and `Fused`,
+//! `FusedSm90` when built in; WeGeFT `y`, `u`, `C`, `dx`, `dphi`, `dpsi` and LoRA `y`, `xa`,
+//! `dx`, `dA`, `dB` (every backward reads the reference forward's saved `u`, `C`, `xa`). Errors
+//! are relative to the largest reference element; tolerances: see [`TOL_BF16`], [`TOL_F32`].
+//! A NaN anywhere (in the reference too) fails. A mismatch prints the path, the quantity and
+//! the error, and the bench exits 1 after printing everything.
+//!
 //! `cargo bench --features cuda --bench layer_cuda`. Without a device it prints
 //! `skipped: no CUDA device` and exits 0 (with `WEGEFT_REQUIRE_GPU=1` it exits 1).
 //! Environment: `WEGEFT_BENCH_ITERS` (timed reps, default 50), `WEGEFT_BENCH_JSON`
@@ -18,7 +27,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
 use half::bf16;
 use wegeft::cuda::{CudaBackend, Dropout, Launch, Path, FUSED_GEMM_BUILT};
 use wegeft::{Error, LayerShape};
@@ -81,6 +90,179 @@ fn bufs(st: &Arc<CudaStream>, s: &LayerShape) -> Bufs {
 
 fn cuda_err(e: impl std::fmt::Display) -> Error {
     Error::Cuda { op: "bench event", msg: e.to_string() }
+}
+
+// ---- the cross-path check ----------------------------------------------------------------------
+
+/// Tolerance of a bf16 result (`y`, `dx`, the saved `u`, `C`, `xa`) against the Composed
+/// path's, relative to its largest element. Both sides round to bf16 (2^-9 relative) and read
+/// the same bf16 operands; only the summation order of the K = d_in (+ r) products differs,
+/// so honest results differ by ~1e-3 of the largest element. tests/cuda_layer.rs allows bf16
+/// 1e-2 against float64 at K <= 259; 2e-2 at K = 4096 still fails a wrong or skipped tile, a
+/// lost K chunk or an unwritten (NaN) element.
+const TOL_BF16: f64 = 2e-2;
+/// Tolerance of the f32 gradient accumulators (`dphi`, `dpsi`, `dA`, `dB`). The path only
+/// switches the two K-extended GEMMs (`y`, `dx`); these come from the same rank-r kernels on
+/// the same inputs whatever the path, so they agree to f32 rounding (tests/cuda_layer.rs: f32
+/// 1e-5 against float64; 1e-4 leaves room for a split-K order). More means a path disturbed them.
+const TOL_F32: f64 = 1e-4;
+
+/// Worst `|got - want| / max |want|` and its index; a NaN or infinity on either side (or a
+/// length mismatch) is an infinite error, so it can never be skipped by a comparison.
+fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
+    if got.len() != want.len() {
+        return (f64::INFINITY, 0);
+    }
+    let scale = want.iter().filter(|v| v.is_finite()).fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
+    let (mut worst, mut at) = (0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let e = if g.is_finite() && w.is_finite() { (g as f64 - w as f64).abs() / scale } else { f64::INFINITY };
+        if e > worst {
+            worst = e;
+            at = i;
+        }
+    }
+    (worst, at)
+}
+
+/// Fills `buf` with 0xFF bytes (NaN in bf16 and f32) on the device's stream.
+fn poison<E: DeviceRepr>(dev: &CudaBackend, buf: &mut CudaSlice<E>) -> wegeft::Result<()> {
+    let st = dev.stream();
+    st.context().bind_to_thread().map_err(cuda_err)?;
+    let bytes = buf.num_bytes();
+    let (p, _guard) = buf.device_ptr_mut(st);
+    // SAFETY: `p` is `buf`'s allocation of `bytes` bytes, on this context; the guard orders the
+    // memset on `st` with cudarc's tracking of the buffer.
+    unsafe { cudarc::driver::result::memset_d8_async(p, 0xFF, bytes, st.cu_stream()) }.map_err(cuda_err)
+}
+
+fn down_t(dev: &CudaBackend, buf: &CudaSlice<T>) -> wegeft::Result<Vec<f32>> {
+    Ok(dev.stream().clone_dtoh(buf).map_err(cuda_err)?.into_iter().map(|v| v.to_f32()).collect())
+}
+
+fn down_f32(dev: &CudaBackend, buf: &CudaSlice<f32>) -> wegeft::Result<Vec<f32>> {
+    dev.stream().clone_dtoh(buf).map_err(cuda_err)
+}
+
+/// The reference forward's saved activations, read by every path's backward.
+struct Saved {
+    u: CudaSlice<T>,
+    c: CudaSlice<T>,
+    xa: CudaSlice<T>,
+}
+
+/// One path's results: (quantity, values, tolerance).
+type Outputs = Vec<(&'static str, Vec<f32>, f64)>;
+
+/// Runs the four layer calls once on `path`, each from outputs poisoned with NaN (gradient
+/// accumulators zeroed), and downloads every result. The backwards read `saved`; with `save`
+/// (the reference run) this run's forward results are copied there first.
+fn run_once(dev: &CudaBackend, s: &LayerShape, b: &mut Bufs, saved: &mut Saved, path: Path, sc: f32, save: bool) -> wegeft::Result<Outputs> {
+    let st = dev.stream().clone();
+    let l = Launch::new().path(path);
+    let mut out: Outputs = Vec::new();
+    poison(dev, &mut b.u)?;
+    poison(dev, &mut b.c)?;
+    poison(dev, &mut b.y)?;
+    dev.wegeft_forward(s, &b.x, &b.w, None, &b.phi, &b.psi, sc, Dropout::NONE, &mut b.u, &mut b.c, &mut b.y, l)?;
+    out.push(("wegeft y", down_t(dev, &b.y)?, TOL_BF16));
+    out.push(("wegeft u", down_t(dev, &b.u)?, TOL_BF16));
+    out.push(("wegeft C", down_t(dev, &b.c)?, TOL_BF16));
+    if save {
+        st.memcpy_dtod(&b.u, &mut saved.u).map_err(cuda_err)?;
+        st.memcpy_dtod(&b.c, &mut saved.c).map_err(cuda_err)?;
+    }
+    poison(dev, &mut b.dx)?;
+    st.memset_zeros(&mut b.dphi).map_err(cuda_err)?;
+    st.memset_zeros(&mut b.dpsi).map_err(cuda_err)?;
+    dev.wegeft_backward(s, &b.x, &b.w, &b.psi, sc, Dropout::NONE, &saved.u, &saved.c, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)?;
+    out.push(("wegeft dx", down_t(dev, &b.dx)?, TOL_BF16));
+    out.push(("wegeft dphi", down_f32(dev, &b.dphi)?, TOL_F32));
+    out.push(("wegeft dpsi", down_f32(dev, &b.dpsi)?, TOL_F32));
+    poison(dev, &mut b.u)?;
+    poison(dev, &mut b.y)?;
+    dev.lora_forward(s, &b.x, &b.w, None, &b.psi, &b.bm, sc, &mut b.u, &mut b.y, l)?;
+    out.push(("lora y", down_t(dev, &b.y)?, TOL_BF16));
+    out.push(("lora xa", down_t(dev, &b.u)?, TOL_BF16));
+    if save {
+        st.memcpy_dtod(&b.u, &mut saved.xa).map_err(cuda_err)?;
+    }
+    poison(dev, &mut b.dx)?;
+    st.memset_zeros(&mut b.da).map_err(cuda_err)?;
+    st.memset_zeros(&mut b.db).map_err(cuda_err)?;
+    dev.lora_backward(s, &b.x, &b.w, &b.psi, &b.bm, sc, &saved.xa, &b.g, Some(&mut b.dx), &mut b.da, &mut b.db, l)?;
+    out.push(("lora dx", down_t(dev, &b.dx)?, TOL_BF16));
+    out.push(("lora dA", down_f32(dev, &b.da)?, TOL_F32));
+    out.push(("lora dB", down_f32(dev, &b.db)?, TOL_F32));
+    Ok(out)
+}
+
+/// Checks every path against `Composed` on `b`'s inputs (see the module docs). Returns the
+/// lines to print and whether anything failed.
+fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc: f32) -> (Vec<String>, bool) {
+    let mut lines = Vec::new();
+    let mut failed = false;
+    let st = dev.stream().clone();
+    let saved = (|| -> wegeft::Result<Saved> {
+        Ok(Saved {
+            u: st.alloc_zeros(s.tokens * s.rank).map_err(cuda_err)?,
+            c: st.alloc_zeros(s.d_out * s.rank).map_err(cuda_err)?,
+            xa: st.alloc_zeros(s.tokens * s.rank).map_err(cuda_err)?,
+        })
+    })();
+    let reference = saved.and_then(|mut saved| run_once(dev, s, b, &mut saved, Path::Composed, sc, true).map(|r| (r, saved)));
+    let (refs, mut saved) = match reference {
+        Ok(r) => r,
+        Err(e) => {
+            lines.push(format!("{label:<28} check: the Composed reference FAILED: {e}"));
+            return (lines, true);
+        }
+    };
+    for (q, v, _) in &refs {
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            failed = true;
+            lines.push(format!("{label:<28} check Composed (reference): MISMATCH {q}: non-finite {} at element {i}", v[i]));
+        }
+    }
+    let mut paths = vec![Path::Auto];
+    if FUSED_GEMM_BUILT {
+        paths.push(Path::Fused);
+        paths.push(Path::FusedSm90);
+    }
+    for p in paths {
+        match run_once(dev, s, b, &mut saved, p, sc, false) {
+            Err(e) => {
+                failed = true;
+                lines.push(format!("{label:<28} check {p:?}: FAILED: {e}"));
+            }
+            Ok(outs) => {
+                let (mut worst_h, mut worst_f, mut bad) = (0f64, 0f64, false);
+                for ((q, got, tol), (_, want, _)) in outs.iter().zip(&refs) {
+                    let (e, at) = rel_err(got, want);
+                    if *tol == TOL_F32 {
+                        worst_f = worst_f.max(e);
+                    } else {
+                        worst_h = worst_h.max(e);
+                    }
+                    if e > *tol {
+                        // (`rel_err` never returns NaN: non-finite values are infinite errors.)
+                        bad = true;
+                        lines.push(format!(
+                            "{label:<28} check {p:?}: MISMATCH {q}: error {e:.3e} at element {at} (got {}, Composed {}), tolerance {tol:e}",
+                            got.get(at).copied().unwrap_or(f32::NAN),
+                            want.get(at).copied().unwrap_or(f32::NAN)
+                        ));
+                    }
+                }
+                failed |= bad;
+                lines.push(format!(
+                    "{label:<28} check {p:?} vs Composed: worst error {worst_h:.2e} (bf16 y u C dx xa, tol {TOL_BF16:e}), {worst_f:.2e} (f32 dphi dpsi dA dB, tol {TOL_F32:e}): {}",
+                    if bad { "OUT OF TOLERANCE" } else { "ok" }
+                ));
+            }
+        }
+    }
+    (lines, failed)
 }
 
 /// Bytes written between reps to evict the L2 (H100: 50 MB, H200: 60 MB).
@@ -189,6 +371,9 @@ fn main() {
                 frozen_flops,
             ));
         }
+        // Every path's results against Composed's, before the merge below changes W.
+        let (check_lines, check_failed) = check_paths(&dev, label, &s, &mut b, sc);
+        failed |= check_failed;
         rows.push((
             "wegeft merge".into(),
             time(&dev, &mut flush, iters, || dev.wegeft_merge(&s, &mut b.w, &b.phi, &b.psi, 1e-3, None)),
@@ -243,8 +428,12 @@ fn main() {
                 }
             }
         }
+        for l in check_lines {
+            println!("{l}");
+        }
     }
     if failed {
+        eprintln!("layer_cuda: a row failed or a path's results differ from Composed's (see the lines above)");
         std::process::exit(1);
     }
 }

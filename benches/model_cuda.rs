@@ -14,6 +14,12 @@
 //! (`Auto`, reported as `wegeft-cuda`: what users get) and then on the others (`Composed`,
 //! and `FusedSm90` on a compute capability 9.0 device), reported as `wegeft-cuda (path)`, so
 //! that one run shows which path a training step should take.
+//!
+//! Each row also reports `first_loss` (the warm-up step's, computed from the initial weights
+//! before any update, identical on every path) and `loss` (the last timed step's). After all
+//! rows are printed, the bench exits 1 if a configuration failed, if any loss is not finite,
+//! or if, for the same targets, a path's first or last loss differs from the first path's by
+//! more than [`LOSS_TOL`] relative.
 
 use std::io::Write;
 use std::time::Instant;
@@ -24,6 +30,20 @@ use wegeft::model::llama::{Batch, Dims, HostAdapter, HostWeights, Llama};
 use wegeft::train::optim::AdamWConfig;
 use wegeft::train::trainer::Trainer;
 use wegeft::Error;
+
+/// Relative tolerance between the paths' losses for the same targets. The paths differ only in
+/// how the bf16 K-extended products are summed (~1e-3 of an activation); the first loss comes
+/// from identical weights, the last after a few AdamW steps at lr 1e-3, so honest paths agree
+/// to ~1e-3 and a broken one (a wrong tile, NaN) is far off.
+const LOSS_TOL: f64 = 2e-2;
+
+/// One printed row's losses, for the checks after the table.
+struct Losses {
+    targets: String,
+    imp: String,
+    first: f32,
+    last: f32,
+}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -73,44 +93,116 @@ fn run(gpu: &Gpu) -> wegeft::Result<()> {
         }
         p
     };
+    let mut failed = false;
+    let mut losses: Vec<Losses> = Vec::new();
     for targets in [vec![Module::QProj, Module::VProj], Module::ALL.to_vec()] {
+        let names: Vec<&str> = targets.iter().map(|m| m.name()).collect();
         for &path in &paths {
             gpu.set_path(path);
-            let config = AdapterConfig::new(8, targets.clone())?;
-            let mut init = adapter::Adapter::new(config, dims.adapter_dims()?)?;
-            for k in 0..init.pairs().len() {
-                let (_, psi) = init.pair_values_mut(k)?;
-                psi.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 1e-3);
-            }
-            let host = HostAdapter::from_adapter(&init)?;
-            let opt = AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..AdamWConfig::default() };
-            let mut tr = Trainer::new(gpu, &model, &host, opt)?;
-            gpu.synchronize()?;
-            gpu.reset_peak_memory()?;
-            tr.step(&bt)?; // warm-up (cuBLASLt heuristics, module loads, pool growth)
-            let mut times = Vec::with_capacity(steps);
-            let mut loss = 0.0;
-            for _ in 0..steps.max(1) {
-                let t0 = Instant::now();
-                loss = tr.step(&bt)?;
-                gpu.synchronize()?;
-                times.push(t0.elapsed().as_secs_f64());
-            }
-            times.sort_by(f64::total_cmp);
-            let step_s = times[times.len() / 2];
-            let peak = gpu.peak_memory()?;
-            let names: Vec<&str> = targets.iter().map(|m| m.name()).collect();
             let imp = if path == Path::Auto { "wegeft-cuda".to_string() } else { format!("wegeft-cuda ({path:?})") };
+            // A failed configuration is printed and the others still run; the exit status says.
+            let (first, loss, step_s, peak) = match one_config(gpu, &model, &dims, &bt, &targets, steps) {
+                Ok(r) => r,
+                Err(e) => {
+                    failed = true;
+                    println!("{} {imp}: FAILED: {e}", names.join(","));
+                    continue;
+                }
+            };
             let line = serde_json::json!({
                 "bench": "model_step", "impl": imp, "device": name, "batch": batch, "seq": seq, "rank": 8,
                 "layers": dims.layers, "path": format!("{:?}", gpu.path()), "targets": names, "step_s": step_s, "tokens_per_s": (batch * seq) as f64 / step_s,
-                "peak_mem_bytes": peak, "loss": loss,
+                "peak_mem_bytes": peak, "loss": loss, "first_loss": first,
             });
             println!("{line}");
             if let Some(f) = json.as_mut() {
                 writeln!(f, "{line}").map_err(|e| Error::io("WEGEFT_BENCH_JSON", e))?;
             }
+            losses.push(Losses { targets: names.join(","), imp, first, last: loss });
         }
     }
+    failed |= !check_losses(&losses);
+    if failed {
+        return Err(Error::invalid("model_cuda", "a configuration failed or the losses check failed (see the lines above)"));
+    }
     Ok(())
+}
+
+/// One configuration on the current path: (first loss, last loss, median step seconds, peak
+/// device bytes).
+fn one_config(gpu: &Gpu, model: &Llama<Gpu>, dims: &Dims, bt: &Batch, targets: &[Module], steps: usize) -> wegeft::Result<(f32, f32, f64, u64)> {
+    let config = AdapterConfig::new(8, targets.to_vec())?;
+    let mut init = adapter::Adapter::new(config, dims.adapter_dims()?)?;
+    for k in 0..init.pairs().len() {
+        let (_, psi) = init.pair_values_mut(k)?;
+        psi.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 1e-3);
+    }
+    let host = HostAdapter::from_adapter(&init)?;
+    let opt = AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..AdamWConfig::default() };
+    let mut tr = Trainer::new(gpu, model, &host, opt)?;
+    gpu.synchronize()?;
+    gpu.reset_peak_memory()?;
+    // Warm-up (cuBLASLt heuristics, module loads, pool growth); its loss is computed from the
+    // initial weights, before any update.
+    let first = tr.step(bt)?;
+    let mut times = Vec::with_capacity(steps);
+    let mut loss = f32::NAN;
+    for _ in 0..steps.max(1) {
+        let t0 = Instant::now();
+        loss = tr.step(bt)?;
+        gpu.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let step_s = times[times.len() / 2];
+    let peak = gpu.peak_memory()?;
+    Ok((first, loss, step_s, peak))
+}
+
+/// Prints one `loss check` line per targets (and one per problem); false if any loss is not
+/// finite or the paths' first or last losses differ by more than [`LOSS_TOL`] relative.
+fn check_losses(rows: &[Losses]) -> bool {
+    let mut ok = true;
+    for r in rows {
+        if !r.first.is_finite() || !r.last.is_finite() {
+            ok = false;
+            println!("loss check: {} {}: NOT FINITE (first loss {}, last loss {})", r.targets, r.imp, r.first, r.last);
+        }
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for r in rows {
+        if seen.contains(&r.targets.as_str()) {
+            continue;
+        }
+        seen.push(&r.targets);
+        let group: Vec<&Losses> = rows.iter().filter(|g| g.targets == r.targets).collect();
+        let base = group[0];
+        let (mut worst_first, mut worst_last) = (0f64, 0f64);
+        for g in &group[1..] {
+            for (which, a, b, worst) in
+                [("first", g.first, base.first, &mut worst_first), ("last", g.last, base.last, &mut worst_last)]
+            {
+                let d = (a as f64 - b as f64).abs() / (b as f64).abs().max(1e-30);
+                // NaN (a non-finite loss) counts as an infinite difference.
+                let d = if d.is_finite() { d } else { f64::INFINITY };
+                *worst = worst.max(d);
+                if d > LOSS_TOL {
+                    ok = false;
+                    println!(
+                        "loss check: {}: MISMATCH {which} loss {a} ({}) vs {b} ({}): relative difference {d:.3e} > {LOSS_TOL:e}",
+                        r.targets, g.imp, base.imp
+                    );
+                }
+            }
+        }
+        let paths: Vec<&str> = group.iter().map(|g| g.imp.as_str()).collect();
+        println!(
+            "loss check: {} over {}: first {}, last {}; worst relative difference {worst_first:.2e} first, {worst_last:.2e} last (tol {LOSS_TOL:e})",
+            r.targets,
+            paths.join(" / "),
+            group.iter().map(|g| g.first.to_string()).collect::<Vec<_>>().join(" / "),
+            group.iter().map(|g| g.last.to_string()).collect::<Vec<_>>().join(" / "),
+        );
+    }
+    ok
 }

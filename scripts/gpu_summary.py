@@ -8,6 +8,7 @@ as missing, never guessed.
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -31,12 +32,39 @@ def jsonl(path):
     return rows
 
 
-def fmt_ms(ms, ratio=None):
-    if ms is None:
+def num(v):
+    """`v` as a float when it is a number (NaN included), else None (missing, null, text)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def fmt(v, spec=".3f", suffix=""):
+    """A number for the tables: "—" when missing or not a number, "NaN" / "inf" as such."""
+    x = num(v)
+    if x is None:
         return "—"
-    s = f"{ms:.3f}"
-    if ratio is not None:
-        s += f" ({ratio:.2f}x)"
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:{spec}}{suffix}"
+
+
+def div(a, b):
+    """a / b when both are finite numbers and b is not zero, else None."""
+    a, b = num(a), num(b)
+    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or b == 0:
+        return None
+    return a / b
+
+
+def fmt_ms(ms, r=None):
+    if num(ms) is None:
+        return "—"
+    s = fmt(ms)
+    if num(r) is not None:
+        s += f" ({fmt(r, '.2f')}x)"
     return s
 
 
@@ -63,6 +91,10 @@ def first_error(text):
     for i, l in enumerate(lines):
         if "panicked at" in l and i + 1 < len(lines):
             return lines[i + 1]
+    # A binary that could not start (a library missing on the GPU machine) says so once.
+    for l in lines:
+        if "error while loading shared libraries" in l or "cannot open shared object" in l:
+            return l
     pat = re.compile(r"error|Error|ERROR|FAIL|failed|No module|insufficient|not found|Killed|Abort")
     for l in reversed(lines):
         if pat.search(l) and not l.startswith("test result") and not l.startswith("failures"):
@@ -73,6 +105,16 @@ def first_error(text):
 def cell(s):
     s = s.replace("|", "\\|").replace("\n", " ")
     return s if len(s) <= 160 else s[:157] + "..."
+
+
+# The compute-sanitizer steps of gpu-runner.sh (and any later one named *memcheck / *racecheck /
+# *initcheck / *synccheck).
+SANITIZER_STEPS = ("gemm_memcheck", "memcheck", "racecheck", "initcheck", "model_memcheck", "multi_memcheck",
+                   "attn_memcheck", "attn_racecheck")
+
+
+def is_sanitizer_step(name):
+    return name in SANITIZER_STEPS or re.search(r"(memcheck|racecheck|initcheck|synccheck)$", name) is not None
 
 
 def sanitizer_key(text):
@@ -139,16 +181,17 @@ def main():
     model_rows = jsonl(os.path.join(L, "model.jsonl")) + jsonl(os.path.join(L, "torch_model.jsonl"))
     gemm_rows, cublas = gemm_bench_rows(read(os.path.join(L, "gemm_bench.log")))
 
+    # Every number read from the JSON lines is a float or None (null, missing, text).
     def bms(shape, op):
         for r in bench:
             if r.get("shape") == shape and r.get("op") == op:
-                return r.get("ms"), r.get("ratio_to_frozen")
+                return num(r.get("ms")), num(r.get("ratio_to_frozen"))
         return None, None
 
     def tms(shape, op):
         for r in torch_rows:
             if r.get("shape") == shape and r.get("op") == op:
-                return r.get("ms"), r.get("ratio_to_linear")
+                return num(r.get("ms")), num(r.get("ratio_to_linear"))
         return None, None
 
     shapes = []
@@ -161,19 +204,19 @@ def main():
         """The fastest path of `method` ('wegeft' / 'lora') for `kind`: (path, ms, ratio)."""
         got = []
         for p in paths:
-            ms, ratio = bms(shape, f"{method} {kind} {p}")
-            if ms is not None:
-                got.append((ms, p, ratio))
+            ms, r = bms(shape, f"{method} {kind} {p}")
+            if ms is not None and math.isfinite(ms):
+                got.append((ms, p, r))
         if not got:
             return None
-        ms, p, ratio = min(got)
-        return p, ms, ratio
+        ms, p, r = min(got, key=lambda g: g[0])
+        return p, ms, r
 
     # Key numbers per step.
     keys = {}
     for name, status, secs in steps:
         text = read(os.path.join(L, f"{name}.log"))
-        if name in ("gemm_memcheck", "memcheck", "racecheck", "initcheck", "attn_memcheck", "attn_racecheck"):
+        if is_sanitizer_step(name):
             keys[name] = sanitizer_key(text)
         elif name == "gemm_check":
             keys[name] = gemm_check_key(text)
@@ -186,8 +229,13 @@ def main():
                 sq, f, b = int(sq), float(f), float(b)
                 p = f"S={sq}: fwd {f:.3f} ms, bwd {b:.3f} ms"
                 if name == "attn_torch" and sq in ours:
-                    p += f" (wegeft/SDPA: fwd {ours[sq][0] / f:.2f}x, bwd {ours[sq][1] / b:.2f}x time)"
+                    p += (f" (wegeft/SDPA time: fwd {fmt(div(ours[sq][0], f), '.2f')}x, "
+                          f"bwd {fmt(div(ours[sq][1], b), '.2f')}x)")
                 parts.append(p)
+            if name == "attn_bench":
+                bad = [l.strip() for l in text.splitlines() if "MISMATCH" in l]
+                if bad:
+                    parts.append(f"{len(bad)} MISMATCH vs the plain kernels: {bad[0]}")
             keys[name] = "; ".join(parts)
         elif name == "gemm_bench":
             parts = []
@@ -196,7 +244,7 @@ def main():
                     rs = [r for r in gemm_rows if r[1] == dt and r[3] == k2 and r[6] is not None]
                     if rs:
                         r = min(rs, key=lambda r: r[6])
-                        parts.append(f"{dt} K2={k2}: best {r[6]:.2f}x cuBLAS ({r[0]}, {r[5]:.0f} TFLOP/s)")
+                        parts.append(f"{dt} K2={k2}: time {r[6]:.2f}x cuBLAS's ({r[0]}, {r[5]:.0f} TFLOP/s)")
             if not parts and "cuBLAS not available" in text:
                 parts.append("cuBLAS not loaded")
             keys[name] = "; ".join(parts)
@@ -207,15 +255,24 @@ def main():
                 for kind in ("fwd", "bwd"):
                     b = best(sh, "wegeft", kind)
                     if b:
-                        parts.append(f"WeGeFT {kind} {b[2]:.2f}x frozen ({b[0]})")
+                        if b[2] is None:  # no frozen time to compare with (its row failed)
+                            parts.append(f"WeGeFT {kind} {fmt(b[1])} ms ({b[0]}; no frozen time)")
+                        else:
+                            parts.append(f"WeGeFT {kind} time {fmt(b[2], '.2f')}x frozen's ({b[0]})")
                 if parts:
                     parts[0] = f"{sh}: " + parts[0]
             fails = len(re.findall(r"FAILED", text))
             if fails:
                 parts.append(f"{fails} rows FAILED")
+            bad = [l.strip() for l in text.splitlines() if "MISMATCH" in l]
+            if bad:
+                parts.append(f"{len(bad)} outputs MISMATCH the Composed path: {bad[0]}")
             if "skipped: no CUDA device" in text:
                 parts.append("no CUDA device")
             keys[name] = "; ".join(parts)
+        elif name == "model_bench":
+            parts = [l.strip() for l in text.splitlines() if l.startswith("loss check") or "MISMATCH" in l]
+            keys[name] = "; ".join(parts[:3])
         elif name == "torch_baseline":
             parts = []
             if torch_rows and shapes:
@@ -223,7 +280,7 @@ def main():
                 for op in ("wegeft_ref fwd", "wegeft_ref fwd+bwd"):
                     ms, r = tms(sh, op)
                     if r is not None:
-                        parts.append(f"{op} {r:.2f}x linear")
+                        parts.append(f"{op} time {fmt(r, '.2f')}x linear's")
                 if parts:
                     parts[0] = f"{sh}: " + parts[0]
             m = re.search(r"device: [^;]*; torch ([^;]+);", text)
@@ -257,7 +314,7 @@ def main():
 
     if bench:
         o.append("")
-        o.append("### Layer (wegeft, `benches/layer_cuda.rs`): ms (x the frozen cuBLASLt GEMM)")
+        o.append("### Layer (wegeft, `benches/layer_cuda.rs`): ms (time x the frozen cuBLASLt GEMM's)")
         o.append("")
         o.append("Frozen: fwd `y = x W^T`, bwd `dx = G W`, fwd+bwd their sum; adapter bwd = its whole backward "
                  "(dx and the adapter's gradients).")
@@ -281,9 +338,10 @@ def main():
 
     if gemm_rows or cublas:
         o.append("")
-        o.append("### GEMM core (`kernels/gemm_kext.cu`) at M=N=K1=4096: ms, TFLOP/s (x cuBLAS of the same form, K2=0)")
+        o.append("### GEMM core (`kernels/gemm_kext.cu`) at M=N=K1=4096: ms, TFLOP/s "
+                 "(time x cuBLAS's of the same form, K2=0; lower is better)")
         o.append("")
-        o.append("| kernel | form | K2 | ms | TFLOP/s | x cuBLAS |")
+        o.append("| kernel | form | K2 | ms | TFLOP/s | time x cuBLAS's |")
         o.append("|---|---|---|---|---|---|")
         for dt, form, ms, tf in cublas:
             o.append(f"| cuBLAS GemmEx {dt} | {form} | 0 | {ms:.3f} | {tf:.0f} | 1.00 |")
@@ -292,7 +350,7 @@ def main():
 
     if torch_rows:
         o.append("")
-        o.append("### PyTorch (`torch_baseline.py`): ms (x F.linear of the same kind)")
+        o.append("### PyTorch (`torch_baseline.py`): ms (time x F.linear's of the same kind)")
         o.append("")
         tops = ["linear", "wegeft_ref", "lora_peft", "peft_lora"]
         o.append("| shape | kind | F.linear | WeGeFT official-style | LoRA (F.linear) | peft LoRA |")
@@ -324,9 +382,10 @@ def main():
                     t, _ = tms(sh, f"{ref} {kind}")
                     if t is None and method == "lora":
                         t, _ = tms(sh, f"lora_peft {kind}")
-                    row.append(f"{b[1]:.3f} ({b[0]})" if b else "—")
+                    row.append(f"{fmt(b[1])} ({b[0]})" if b else "—")
                     row.append(fmt_ms(t))
-                    row.append(f"{t / b[1]:.2f}x" if b and t else "—")
+                    sp = div(t, b[1]) if b else None
+                    row.append(f"{sp:.2f}x" if sp is not None else "—")
                 o.append("| " + " | ".join(row) + " |")
     if model_rows:
         o.append("")
@@ -336,20 +395,32 @@ def main():
                  "(wegeft: the memory pool; PyTorch: max_memory_allocated), weights included. "
                  "Speed-up = wegeft tokens/s over the row's.")
         o.append("")
-        o.append("| targets | impl | B x S | r | tokens/s | step ms | peak GiB | loss | wegeft speed-up | wegeft peak / this |")
+        o.append("Loss: the last timed step's (a missing or non-finite loss shows as — or NaN); "
+                 "first: the warm-up step's, before any update.")
+        o.append("")
+        o.append("| targets | impl | B x S | r | tokens/s | step ms | peak GiB | loss (first) | wegeft speed-up | "
+                 "wegeft peak / this |")
         o.append("|---|---|---|---|---|---|---|---|---|---|")
+
         def tkey(r):
-            return ",".join(r.get("targets", []))
+            t = r.get("targets")
+            return ",".join(str(x) for x in t) if isinstance(t, list) else str(t or "?")
         for tk in sorted({tkey(r) for r in model_rows}, key=len):
             rows = [r for r in model_rows if tkey(r) == tk]
             ours = next((r for r in rows if r.get("impl") == "wegeft-cuda"), None)
             label = "q,v" if tk == "q_proj,v_proj" else ("all seven" if tk.count(",") == 6 else tk)
             for r in rows:
-                sp = (f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if ours and r is not ours else "—")
-                mem = (f"{ours['peak_mem_bytes'] / r['peak_mem_bytes']:.2f}" if ours and r is not ours else "—")
+                sp = div(ours.get("tokens_per_s"), r.get("tokens_per_s")) if ours and r is not ours else None
+                mem = div(ours.get("peak_mem_bytes"), r.get("peak_mem_bytes")) if ours and r is not ours else None
+                step_ms = num(r.get("step_s"))
+                peak = num(r.get("peak_mem_bytes"))
+                loss = fmt(r.get("loss"))
+                if "first_loss" in r:
+                    loss += f" ({fmt(r.get('first_loss'))})"
                 o.append(f"| {label} | {r.get('impl')} | {r.get('batch')} x {r.get('seq')} | {r.get('rank')} | "
-                         f"{r['tokens_per_s']:.0f} | {r['step_s'] * 1e3:.1f} | {r['peak_mem_bytes'] / 2**30:.2f} | "
-                         f"{r.get('loss', float('nan')):.3f} | {sp} | {mem} |")
+                         f"{fmt(r.get('tokens_per_s'), '.0f')} | {fmt(None if step_ms is None else step_ms * 1e3, '.1f')} | "
+                         f"{fmt(None if peak is None else peak / 2**30, '.2f')} | {loss} | "
+                         f"{'—' if sp is None else f'{sp:.2f}x'} | {'—' if mem is None else f'{mem:.2f}'} |")
     multi = [l for l in read(os.path.join(L, "multi_bench.log")).splitlines() if l.startswith("|")]
     if multi:
         o.append("")

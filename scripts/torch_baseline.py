@@ -94,7 +94,11 @@ def main():
             with torch.no_grad():
                 F.linear(x, W)
 
+        # Each timed fwd+bwd starts with no .grad (set to None: no kernel, no sync), so the
+        # backward writes its gradients instead of adding them to the previous rep's (an extra
+        # add kernel per leaf that wegeft's side does not run).
         def linear_fb():
+            xg.grad = None
             F.linear(xg, W).backward(G)
 
         def wegeft_fwd():
@@ -102,6 +106,7 @@ def main():
                 F.linear(x, W + s * (W @ phi) @ psi)
 
         def wegeft_fb():
+            xg.grad = phi.grad = psi.grad = None
             F.linear(xg, W + s * (W @ phi) @ psi).backward(G)
 
         def lora_fwd():
@@ -109,6 +114,7 @@ def main():
                 F.linear(x, W) + s * F.linear(F.linear(x, A), B)
 
         def lora_fb():
+            xg.grad = A.grad = B.grad = None
             (F.linear(xg, W) + s * F.linear(F.linear(xg, A), B)).backward(G)
 
         ops = [
@@ -134,6 +140,8 @@ def main():
                         layer(x)
 
                 def peft_fb():
+                    xg.grad = None
+                    layer.zero_grad(set_to_none=True)
                     layer(xg).backward(G)
 
                 ops += [("peft_lora fwd", peft_fwd), ("peft_lora fwd+bwd", peft_fb)]

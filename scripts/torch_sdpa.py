@@ -43,6 +43,9 @@ def main():
                 F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         def fwd_bwd():
+            # No .grad left from the previous rep (None: no kernel, no sync), so the backward
+            # writes dq, dk, dv instead of adding them to the old ones (an extra add kernel).
+            q.grad = k.grad = v.grad = None
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             o.backward(g)
 

@@ -152,3 +152,38 @@ fn every_model_kernel_is_compiled_for_every_target() {
     }
     assert!(missing.is_empty(), "model kernels missing from the build: {missing:?}");
 }
+
+/// The fused K-extended GEMM (`kernels/gemm_kext.cu`, launched by `src/cuda/gemm.rs`): build.rs
+/// sets `cfg(wegeft_gemm)` whenever `src/cuda/gemm.rs` is in the tree, which it always is in
+/// this repository, so a `cuda` build without it (`Path::Fused` refused, `Auto` silently
+/// composed) is a broken build, not a configuration.
+#[test]
+fn fused_gemm_is_built_with_all_its_kernels() {
+    assert!(
+        wegeft::cuda::FUSED_GEMM_BUILT,
+        "the `cuda` feature was built without the fused GEMM (cfg wegeft_gemm unset: is src/cuda/gemm.rs missing?)"
+    );
+    let rows = ptxas_rows().unwrap();
+    let mut names = Vec::new();
+    for form in ["nt", "nn"] {
+        for dt in DTYPES {
+            names.push(format!("gemm_kext_{form}_{dt}"));
+        }
+        // The sm_90a wgmma kernels (Path::FusedSm90), bf16 and f16 only.
+        for dt in ["bf16", "f16"] {
+            names.push(format!("gemm_kext_{form}_{dt}_sm90"));
+        }
+    }
+    let mut missing = Vec::new();
+    for name in &names {
+        for arch in ARCHES {
+            if !rows.iter().any(|r| &r.kernel == name && r.arch == arch) {
+                missing.push(format!("{name} ({arch})"));
+            }
+        }
+        if !MODULES.iter().any(|m| m.name == "gemm_kext" && m.kernels.contains(&name.as_str())) {
+            missing.push(format!("{name} (module gemm_kext)"));
+        }
+    }
+    assert!(missing.is_empty(), "fused GEMM kernels missing from the build: {missing:?}\nreport:\n{PTXAS_REPORT}");
+}
