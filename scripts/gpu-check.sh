@@ -106,12 +106,13 @@ cp scripts/torch_model.py "$pack/torch_model.py"
 cp scripts/torch_sdpa.py "$pack/torch_sdpa.py"
 cp scripts/gpu_summary.py "$pack/summary.py"
 # compute-sanitizer 13.0 (14 MB), downloaded once into the cache.
-san_whl="$(ls "$gk_cache"/nvidia_cuda_sanitizer_api-13.0.*.whl 2>/dev/null | head -1)"
+find_san() { find "$gk_cache" -maxdepth 1 -name 'nvidia_cuda_sanitizer_api-13.0.*.whl' | head -1; }
+san_whl="$(find_san)"
 if [ -z "$san_whl" ]; then
   echo "gpu-check.sh: downloading compute-sanitizer (nvidia-cuda-sanitizer-api==13.0.85)..." >&2
   python3 -m pip download -q --no-deps --only-binary :all: -d "$gk_cache" nvidia-cuda-sanitizer-api==13.0.85 >&2 ||
     echo "gpu-check.sh: WARNING: no compute-sanitizer packed (download failed); the runner will look on the GPU machine" >&2
-  san_whl="$(ls "$gk_cache"/nvidia_cuda_sanitizer_api-13.0.*.whl 2>/dev/null | head -1)"
+  san_whl="$(find_san)"
 fi
 [ -n "$san_whl" ] && cp "$san_whl" "$pack/"
 
