@@ -744,6 +744,9 @@ constexpr int DEC_CHUNK = 256;
 
 // Block (chunk c, sequence*head bh): scores of cache positions [c*256, min(len, c*256+256)),
 // then work[(bh * nchunks + c) * (hd + 2) + ...] = (max, sum of exp(s - max), sum exp(s - max) v).
+// Reads are coalesced: a warp reads one cache row per score (lanes over d, then a fixed-order
+// shuffle reduction), and for the weighted sum of V the threads run over d with G = THREADS / hd
+// groups taking every G-th position (summed in group order at the end: deterministic).
 template <typename T>
 __device__ __forceinline__ void attn_decode_split(const T* __restrict__ q, const T* __restrict__ kc,
                                                   const T* __restrict__ vc, float* __restrict__ work, int H, int KVH,
@@ -760,17 +763,21 @@ __device__ __forceinline__ void attn_decode_split(const T* __restrict__ q, const
     if (tid < hd) qs[tid] = to_f(q[((long long)b * H + h) * hd + tid]) * scale;
     block_sync();
     const int j0 = c * DEC_CHUNK, j1 = min(len, j0 + DEC_CHUNK);
-    float mx = -INFINITY;
-    for (int jj = tid; jj < DEC_CHUNK; jj += THREADS) {
+    for (int jj = warp; jj < DEC_CHUNK; jj += THREADS / 32) {
         const int jpos = j0 + jj;
         float s = -INFINITY;
-        if (jpos < j1) {
-            s = 0.0f;
-            for (int d = 0; d < hd; ++d) s = fmaf(qs[d], to_f(kb[(long long)jpos * kld + d]), s);
+        if (jpos < j1) {  // warp-uniform
+            const T* krow = kb + (long long)jpos * kld;
+            float part = 0.0f;
+#pragma unroll 1  // (at most 4 trips; unrolled, ptxas spilled 4 bytes for sm_80 bf16)
+            for (int d = lane; d < hd; d += 32) part = fmaf(qs[d], to_f(krow[d]), part);
+            s = row_sum<32>(part);
         }
-        ps[jj] = s;
-        mx = fmaxf(mx, s);
+        if (lane == 0) ps[jj] = s;
     }
+    block_sync();
+    float mx = -INFINITY;
+    for (int jj = tid; jj < DEC_CHUNK; jj += THREADS) mx = fmaxf(mx, ps[jj]);
 #pragma unroll
     for (int m = 1; m < 32; m <<= 1) mx = fmaxf(mx, shfl_xor(mx, m));
     if (lane == 0) red[warp] = mx;
@@ -795,9 +802,19 @@ __device__ __forceinline__ void attn_decode_split(const T* __restrict__ q, const
         wrow[0] = mx;
         wrow[1] = t;
     }
+    // ps now holds the probabilities (every thread wrote its own entries; the barrier after
+    // red[] made them visible). V: group g of hd threads takes positions j0 + g, j0 + g + G, ...
+    const int groups = THREADS / hd, g = tid / hd, d = tid % hd;
+    __shared__ float vpart[THREADS];
+    if (g < groups) {
+        float acc = 0.0f;
+        for (int jpos = j0 + g; jpos < j1; jpos += groups) acc = fmaf(ps[jpos - j0], to_f(vb[(long long)jpos * kld + d]), acc);
+        vpart[g * hd + d] = acc;
+    }
+    block_sync();
     if (tid < hd) {
         float acc = 0.0f;
-        for (int jpos = j0; jpos < j1; ++jpos) acc = fmaf(ps[jpos - j0], to_f(vb[(long long)jpos * kld + tid]), acc);
+        for (int gg = 0; gg < groups; ++gg) acc += vpart[gg * hd + tid];
         wrow[2 + tid] = acc;
     }
 }
