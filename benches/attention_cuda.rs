@@ -17,6 +17,9 @@
 //! `cargo bench --features cuda --bench attention_cuda`. Without a device it prints
 //! `skipped: no CUDA device` and exits 0 (with `WEGEFT_REQUIRE_GPU=1` it exits 1).
 
+#[path = "common/check.rs"]
+mod check;
+
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
@@ -51,23 +54,6 @@ const TOL_BF16: f64 = 2e-2;
 /// Tolerance of the bf16 forward's f32 `lse` (tests/cuda_attention.rs, bf16 vs CPU).
 const TOL_LSE: f64 = 1e-3;
 
-/// Worst `|got - want| / max |want|` and its index; a NaN or infinity on either side (or a
-/// length mismatch) is an infinite error.
-fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
-    if got.len() != want.len() {
-        return (f64::INFINITY, 0);
-    }
-    let scale = want.iter().filter(|v| v.is_finite()).fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
-    let (mut worst, mut at) = (0f64, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let e = if g.is_finite() && w.is_finite() { (g as f64 - w as f64).abs() / scale } else { f64::INFINITY };
-        if e > worst {
-            worst = e;
-            at = i;
-        }
-    }
-    (worst, at)
-}
 
 /// Fills `buf` with 0xFF bytes (NaN in bf16 and f32) on `st`.
 fn poison<E: DeviceRepr>(st: &Arc<CudaStream>, buf: &mut CudaSlice<E>) -> wegeft::Result<()> {
@@ -97,7 +83,7 @@ fn poisoned<E: DeviceRepr>(st: &Arc<CudaStream>, n: usize) -> wegeft::Result<Cud
 /// Compares `got` with `want`, printing a MISMATCH line when the error passes `tol`; returns
 /// whether it passed and the error.
 fn compare(what: &str, q: &str, got: &[f32], want: &[f32], tol: f64) -> (bool, f64) {
-    let (e, at) = rel_err(got, want);
+    let (e, at) = check::rel_err(got, want);
     if e > tol {
         // (`rel_err` never returns NaN: non-finite values are infinite errors.)
         println!(

@@ -24,6 +24,9 @@
 //! Environment: `WEGEFT_BENCH_ITERS` (timed reps, default 50), `WEGEFT_BENCH_JSON`
 //! (a file to write the results to as JSON lines), `WEGEFT_BENCH_QUICK=1` (one small shape).
 
+#[path = "common/check.rs"]
+mod check;
+
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
@@ -107,23 +110,6 @@ const TOL_BF16: f64 = 2e-2;
 /// 1e-5 against float64; 1e-4 leaves room for a split-K order). More means a path disturbed them.
 const TOL_F32: f64 = 1e-4;
 
-/// Worst `|got - want| / max |want|` and its index; a NaN or infinity on either side (or a
-/// length mismatch) is an infinite error, so it can never be skipped by a comparison.
-fn rel_err(got: &[f32], want: &[f32]) -> (f64, usize) {
-    if got.len() != want.len() {
-        return (f64::INFINITY, 0);
-    }
-    let scale = want.iter().filter(|v| v.is_finite()).fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
-    let (mut worst, mut at) = (0f64, 0usize);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let e = if g.is_finite() && w.is_finite() { (g as f64 - w as f64).abs() / scale } else { f64::INFINITY };
-        if e > worst {
-            worst = e;
-            at = i;
-        }
-    }
-    (worst, at)
-}
 
 /// Fills `buf` with 0xFF bytes (NaN in bf16 and f32) on the device's stream.
 fn poison<E: DeviceRepr>(dev: &CudaBackend, buf: &mut CudaSlice<E>) -> wegeft::Result<()> {
@@ -238,7 +224,7 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
             Ok(outs) => {
                 let (mut worst_h, mut worst_f, mut bad) = (0f64, 0f64, false);
                 for ((q, got, tol), (_, want, _)) in outs.iter().zip(&refs) {
-                    let (e, at) = rel_err(got, want);
+                    let (e, at) = check::rel_err(got, want);
                     if *tol == TOL_F32 {
                         worst_f = worst_f.max(e);
                     } else {
