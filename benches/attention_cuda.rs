@@ -17,13 +17,13 @@
 //! `cargo bench --features cuda --bench attention_cuda`. Without a device it prints
 //! `skipped: no CUDA device` and exits 0 (with `WEGEFT_REQUIRE_GPU=1` it exits 1).
 
-#[path = "common/check.rs"]
-mod check;
+#[path = "common/gpu.rs"]
+mod gpu;
+use gpu::{cuda_err, poison, rel_err, time};
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use half::bf16;
 use wegeft::backend::AttnShape;
 use wegeft::cuda::attention::{attention_backward, attention_decode, attention_forward};
@@ -43,10 +43,6 @@ fn rand(st: &Arc<CudaStream>, n: usize, seed: u64) -> CudaSlice<bf16> {
     st.clone_htod(&h).expect("upload")
 }
 
-fn cuda_err(e: impl std::fmt::Display) -> Error {
-    Error::Cuda { op: "bench event", msg: e.to_string() }
-}
-
 // ---- the check against the plain f32 kernels ------------------------------------------------------
 
 /// Tolerance of a bf16 result against the f32 kernels' (tests/cuda_attention.rs, bf16 vs CPU).
@@ -55,14 +51,6 @@ const TOL_BF16: f64 = 2e-2;
 const TOL_LSE: f64 = 1e-3;
 
 
-/// Fills `buf` with 0xFF bytes (NaN in bf16 and f32) on `st`.
-fn poison<E: DeviceRepr>(st: &Arc<CudaStream>, buf: &mut CudaSlice<E>) -> wegeft::Result<()> {
-    st.context().bind_to_thread().map_err(cuda_err)?;
-    let bytes = buf.num_bytes();
-    let (p, _guard) = buf.device_ptr_mut(st);
-    // SAFETY: `p` is `buf`'s allocation of `bytes` bytes on this context, written on `st`.
-    unsafe { cudarc::driver::result::memset_d8_async(p, 0xFF, bytes, st.cu_stream()) }.map_err(cuda_err)
-}
 
 fn down_bf16(st: &Arc<CudaStream>, buf: &CudaSlice<bf16>) -> wegeft::Result<Vec<f32>> {
     Ok(st.clone_dtoh(buf).map_err(cuda_err)?.into_iter().map(|v| v.to_f32()).collect())
@@ -83,7 +71,7 @@ fn poisoned<E: DeviceRepr>(st: &Arc<CudaStream>, n: usize) -> wegeft::Result<Cud
 /// Compares `got` with `want`, printing a MISMATCH line when the error passes `tol`; returns
 /// whether it passed and the error.
 fn compare(what: &str, q: &str, got: &[f32], want: &[f32], tol: f64) -> (bool, f64) {
-    let (e, at) = check::rel_err(got, want);
+    let (e, at) = rel_err(got, want);
     if e > tol {
         // (`rel_err` never returns NaN: non-finite values are infinite errors.)
         println!(
@@ -150,26 +138,6 @@ fn check_fwd_bwd(
     Ok(ok)
 }
 
-/// Median milliseconds of `iters` runs of `f` after 3 warm-up runs, L2 flushed before each.
-fn time(dev: &CudaBackend, flush: &mut CudaSlice<u8>, iters: usize, mut f: impl FnMut() -> wegeft::Result<()>) -> wegeft::Result<f64> {
-    let st = dev.stream();
-    for _ in 0..3 {
-        f()?;
-    }
-    let e0 = dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda_err)?;
-    let e1 = dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda_err)?;
-    let mut ms = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
-        st.memset_zeros(flush).map_err(cuda_err)?;
-        e0.record(st).map_err(cuda_err)?;
-        f()?;
-        e1.record(st).map_err(cuda_err)?;
-        e1.synchronize().map_err(cuda_err)?;
-        ms.push(e0.elapsed_ms(&e1).map_err(cuda_err)? as f64);
-    }
-    ms.sort_by(f64::total_cmp);
-    Ok(ms[ms.len() / 2])
-}
 
 fn run(dev: &CudaBackend, iters: usize) -> wegeft::Result<()> {
     let st = dev.stream().clone();

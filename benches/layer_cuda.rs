@@ -24,13 +24,13 @@
 //! Environment: `WEGEFT_BENCH_ITERS` (timed reps, default 50), `WEGEFT_BENCH_JSON`
 //! (a file to write the results to as JSON lines), `WEGEFT_BENCH_QUICK=1` (one small shape).
 
-#[path = "common/check.rs"]
-mod check;
+#[path = "common/gpu.rs"]
+mod gpu;
+use gpu::{cuda_err, poison, rel_err, time};
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use wegeft::cuda::{CudaBackend, Dropout, Launch, Path, FUSED_GEMM_BUILT};
 use wegeft::{Error, LayerShape};
@@ -91,10 +91,6 @@ fn bufs(st: &Arc<CudaStream>, s: &LayerShape) -> Bufs {
     }
 }
 
-fn cuda_err(e: impl std::fmt::Display) -> Error {
-    Error::Cuda { op: "bench event", msg: e.to_string() }
-}
-
 // ---- the cross-path check ----------------------------------------------------------------------
 
 /// Tolerance of a bf16 result (`y`, `dx`, the saved `u`, `C`, `xa`) against the Composed
@@ -111,16 +107,6 @@ const TOL_BF16: f64 = 2e-2;
 const TOL_F32: f64 = 1e-4;
 
 
-/// Fills `buf` with 0xFF bytes (NaN in bf16 and f32) on the device's stream.
-fn poison<E: DeviceRepr>(dev: &CudaBackend, buf: &mut CudaSlice<E>) -> wegeft::Result<()> {
-    let st = dev.stream();
-    st.context().bind_to_thread().map_err(cuda_err)?;
-    let bytes = buf.num_bytes();
-    let (p, _guard) = buf.device_ptr_mut(st);
-    // SAFETY: `p` is `buf`'s allocation of `bytes` bytes, on this context; the guard orders the
-    // memset on `st` with cudarc's tracking of the buffer.
-    unsafe { cudarc::driver::result::memset_d8_async(p, 0xFF, bytes, st.cu_stream()) }.map_err(cuda_err)
-}
 
 fn down_t(dev: &CudaBackend, buf: &CudaSlice<T>) -> wegeft::Result<Vec<f32>> {
     Ok(dev.stream().clone_dtoh(buf).map_err(cuda_err)?.into_iter().map(|v| v.to_f32()).collect())
@@ -147,9 +133,9 @@ fn run_once(dev: &CudaBackend, s: &LayerShape, b: &mut Bufs, saved: &mut Saved, 
     let st = dev.stream().clone();
     let l = Launch::new().path(path);
     let mut out: Outputs = Vec::new();
-    poison(dev, &mut b.u)?;
-    poison(dev, &mut b.c)?;
-    poison(dev, &mut b.y)?;
+    poison(dev.stream(), &mut b.u)?;
+    poison(dev.stream(), &mut b.c)?;
+    poison(dev.stream(), &mut b.y)?;
     dev.wegeft_forward(s, &b.x, &b.w, None, &b.phi, &b.psi, sc, Dropout::NONE, &mut b.u, &mut b.c, &mut b.y, l)?;
     out.push(("wegeft y", down_t(dev, &b.y)?, TOL_BF16));
     out.push(("wegeft u", down_t(dev, &b.u)?, TOL_BF16));
@@ -158,22 +144,22 @@ fn run_once(dev: &CudaBackend, s: &LayerShape, b: &mut Bufs, saved: &mut Saved, 
         st.memcpy_dtod(&b.u, &mut saved.u).map_err(cuda_err)?;
         st.memcpy_dtod(&b.c, &mut saved.c).map_err(cuda_err)?;
     }
-    poison(dev, &mut b.dx)?;
+    poison(dev.stream(), &mut b.dx)?;
     st.memset_zeros(&mut b.dphi).map_err(cuda_err)?;
     st.memset_zeros(&mut b.dpsi).map_err(cuda_err)?;
     dev.wegeft_backward(s, &b.x, &b.w, &b.psi, sc, Dropout::NONE, &saved.u, &saved.c, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)?;
     out.push(("wegeft dx", down_t(dev, &b.dx)?, TOL_BF16));
     out.push(("wegeft dphi", down_f32(dev, &b.dphi)?, TOL_F32));
     out.push(("wegeft dpsi", down_f32(dev, &b.dpsi)?, TOL_F32));
-    poison(dev, &mut b.u)?;
-    poison(dev, &mut b.y)?;
+    poison(dev.stream(), &mut b.u)?;
+    poison(dev.stream(), &mut b.y)?;
     dev.lora_forward(s, &b.x, &b.w, None, &b.psi, &b.bm, sc, &mut b.u, &mut b.y, l)?;
     out.push(("lora y", down_t(dev, &b.y)?, TOL_BF16));
     out.push(("lora xa", down_t(dev, &b.u)?, TOL_BF16));
     if save {
         st.memcpy_dtod(&b.u, &mut saved.xa).map_err(cuda_err)?;
     }
-    poison(dev, &mut b.dx)?;
+    poison(dev.stream(), &mut b.dx)?;
     st.memset_zeros(&mut b.da).map_err(cuda_err)?;
     st.memset_zeros(&mut b.db).map_err(cuda_err)?;
     dev.lora_backward(s, &b.x, &b.w, &b.psi, &b.bm, sc, &saved.xa, &b.g, Some(&mut b.dx), &mut b.da, &mut b.db, l)?;
@@ -224,7 +210,7 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
             Ok(outs) => {
                 let (mut worst_h, mut worst_f, mut bad) = (0f64, 0f64, false);
                 for ((q, got, tol), (_, want, _)) in outs.iter().zip(&refs) {
-                    let (e, at) = check::rel_err(got, want);
+                    let (e, at) = rel_err(got, want);
                     if *tol == TOL_F32 {
                         worst_f = worst_f.max(e);
                     } else {
@@ -254,27 +240,6 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
 /// Bytes written between reps to evict the L2 (H100: 50 MB, H200: 60 MB).
 const FLUSH_BYTES: usize = 256 << 20;
 
-/// Median milliseconds of `iters` runs of `f` (after 3 warm-up runs), timed with events; the
-/// L2 is flushed (a memset of `flush`, outside the events) before every timed run.
-fn time(dev: &CudaBackend, flush: &mut CudaSlice<u8>, iters: usize, mut f: impl FnMut() -> wegeft::Result<()>) -> wegeft::Result<f64> {
-    let st = dev.stream();
-    for _ in 0..3 {
-        f()?;
-    }
-    let e0 = dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda_err)?;
-    let e1 = dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(cuda_err)?;
-    let mut ms = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
-        st.memset_zeros(flush).map_err(cuda_err)?;
-        e0.record(st).map_err(cuda_err)?;
-        f()?;
-        e1.record(st).map_err(cuda_err)?;
-        e1.synchronize().map_err(cuda_err)?;
-        ms.push(e0.elapsed_ms(&e1).map_err(cuda_err)? as f64);
-    }
-    ms.sort_by(f64::total_cmp);
-    Ok(ms[ms.len() / 2])
-}
 
 fn main() {
     let dev = match CudaBackend::new(0) {
