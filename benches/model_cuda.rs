@@ -132,11 +132,7 @@ fn run(gpu: &Gpu) -> wegeft::Result<()> {
 /// device bytes).
 fn one_config(gpu: &Gpu, model: &Llama<Gpu>, dims: &Dims, bt: &Batch, targets: &[Module], steps: usize) -> wegeft::Result<(f32, f32, f64, u64)> {
     let config = AdapterConfig::new(8, targets.to_vec())?;
-    let mut init = adapter::Adapter::new(config, dims.adapter_dims()?)?;
-    for k in 0..init.pairs().len() {
-        let (_, psi) = init.pair_values_mut(k)?;
-        psi.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 1e-3);
-    }
+    let init = adapter::Adapter::for_benchmark(config, dims.adapter_dims()?)?;
     let host = HostAdapter::from_adapter(&init)?;
     let opt = AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..AdamWConfig::default() };
     let mut tr = Trainer::new(gpu, model, &host, opt)?;

@@ -158,6 +158,7 @@ fn every_model_kernel_is_compiled_for_every_target() {
 /// this repository, so a `cuda` build without it (`Path::Fused` refused, `Auto` silently
 /// composed) is a broken build, not a configuration.
 #[test]
+#[allow(clippy::assertions_on_constants)] // a constant of the build: this checks the build
 fn fused_gemm_is_built_with_all_its_kernels() {
     assert!(
         wegeft::cuda::FUSED_GEMM_BUILT,

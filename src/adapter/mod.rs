@@ -99,6 +99,17 @@ impl Adapter {
         Ok(Adapter { config, dims, pairs, index })
     }
 
+    /// [`Adapter::new`] with a small nonzero `psi` (`((i % 7) - 3) * 1e-3` at element `i` of
+    /// each pair), for benchmarks: from the zero init of `psi`, C = W phi psi's products would
+    /// multiply zeros, and a step would not do the work of a trained adapter.
+    pub fn for_benchmark(config: AdapterConfig, dims: ModelDims) -> Result<Self> {
+        let mut a = Self::new(config, dims)?;
+        for p in &mut a.pairs {
+            p.psi.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 1e-3);
+        }
+        Ok(a)
+    }
+
     /// An adapter with the given values: `values[k] = (phi, psi)` for pair `k` of the layout of
     /// `config` (see [`Adapter::pair_names`]); each length is checked.
     pub fn from_values(config: AdapterConfig, dims: ModelDims, values: Vec<(Vec<f32>, Vec<f32>)>) -> Result<Self> {

@@ -480,12 +480,8 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             let l = load(be, &m)?;
             let dims = &l.model.dims;
             let config = AdapterConfig::new(rank, parse_targets(&targets)?)?;
-            let mut init = adapter::Adapter::new(config, dims.adapter_dims()?)?;
             // A nonzero psi, so that every product of the step does real work.
-            for k in 0..init.pairs().len() {
-                let (_, psi) = init.pair_values_mut(k)?;
-                psi.iter_mut().enumerate().for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 1e-3);
-            }
+            let init = adapter::Adapter::for_benchmark(config, dims.adapter_dims()?)?;
             let host = HostAdapter::from_adapter(&init)?;
             let opt = AdamWConfig { lr: 1e-3, weight_decay: 0.0, ..AdamWConfig::default() };
             let mut tr = Trainer::new(be, &l.model, &host, opt)?;
