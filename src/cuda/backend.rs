@@ -22,7 +22,6 @@
 //! allocations from the pool, so nothing waits for the device except downloads and uploads.
 
 use std::ffi::c_void;
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
@@ -95,17 +94,15 @@ struct RopeTable {
     head_dim: usize,
     theta: f32,
     max_pos: usize,
-    cos: Rc<GpuBuf>,
-    sin: Rc<GpuBuf>,
+    cos: GpuBuf,
+    sin: GpuBuf,
 }
 
 /// A small host array and its device copy, kept while the next call passes the same values
 /// (every layer passes the same positions, every projection the same adapter indices).
-/// The device copy is shared: a caller holds it until its kernel is queued, so that nothing
-/// replacing the cache in between can free it first.
 struct HostCopy {
     host: Vec<u32>,
-    dev: Rc<GpuBuf>,
+    dev: GpuBuf,
 }
 
 /// The CUDA engine for the Llama model (see the module docs).
@@ -172,7 +169,11 @@ impl Gpu {
             Ok("fused_sm90") => Path::FusedSm90,
             _ => Path::Auto,
         };
-        Ok(Gpu { dev, weights, path: std::cell::Cell::new(path), rope: Mutex::new(None),
+        Ok(Gpu {
+            dev,
+            weights,
+            path: std::cell::Cell::new(path),
+            rope: Mutex::new(None),
             positions: Mutex::new(None),
             multi_idx: Mutex::new(None),
             multi_scales: Mutex::new(None),
@@ -248,8 +249,8 @@ impl Gpu {
         self.dev.stream().cu_stream()
     }
 
-    /// The stream, with the context made current on this thread (for direct driver calls;
-    /// launches and allocations bind it themselves).
+    /// The stream, with the context made current on this thread (for allocations and direct
+    /// driver calls; launches bind it themselves).
     fn bound_stream(&self, op: &'static str) -> Result<CUstream> {
         self.dev.context().bind_to_thread().map_err(cuda_err(op))?;
         Ok(self.stream())
@@ -258,9 +259,8 @@ impl Gpu {
     /// `n` uninitialised elements of `dtype`.
     fn alloc(&self, dtype: DType, n: usize) -> Result<GpuBuf> {
         let bytes = n.checked_mul(dtype.size()).ok_or_else(|| Error::invalid("buffer", format!("{n} elements overflow")))?;
+        let stream = self.bound_stream("cuMemAllocAsync")?;
         let ctx = self.dev.context().clone();
-        ctx.bind_to_thread().map_err(cuda_err("cuMemAllocAsync"))?;
-        let stream = self.stream();
         // SAFETY: the stream belongs to this context.
         let ptr = unsafe { cudarc::driver::result::malloc_async(stream, bytes.max(256)) }.map_err(cuda_err("cuMemAllocAsync"))?;
         Ok(GpuBuf { ptr, len: n, dtype, stream, _ctx: ctx })
@@ -352,31 +352,31 @@ impl Gpu {
 
     /// `data` (4-byte values) as a device array, uploaded only when it differs from what
     /// `slot` holds (the upload synchronises the stream; a hit costs a host comparison).
-    /// Hold the returned buffer until the kernels that read it are queued.
-    fn cached_upload(&self, slot: &Mutex<Option<HostCopy>>, data: &[u32]) -> Result<Rc<GpuBuf>> {
+    fn cached_upload(&self, slot: &Mutex<Option<HostCopy>>, data: &[u32]) -> Result<CUdeviceptr> {
         let mut p = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = p.as_ref() {
             if c.host == data {
-                return Ok(c.dev.clone());
+                return Ok(c.dev.ptr);
             }
         }
         // Replacing the old copy frees it on this stream, after the kernels queued on it.
-        let dev = Rc::new(self.upload_raw(DType::F32, data)?); // 4-byte elements, like f32
-        *p = Some(HostCopy { host: data.to_vec(), dev: dev.clone() });
-        Ok(dev)
+        let dev = self.upload_raw(DType::F32, data)?; // 4-byte elements, like f32
+        let ptr = dev.ptr;
+        *p = Some(HostCopy { host: data.to_vec(), dev });
+        Ok(ptr)
     }
 
     /// The positions as a device array (every layer passes the same).
-    fn positions(&self, positions: &[u32]) -> Result<Rc<GpuBuf>> {
+    fn positions(&self, positions: &[u32]) -> Result<CUdeviceptr> {
         self.cached_upload(&self.positions, positions)
     }
 
     /// The rope tables (the CPU's, uploaded) covering `max_pos`.
-    fn rope_table(&self, head_dim: usize, theta: f32, max_pos: usize) -> Result<(Rc<GpuBuf>, Rc<GpuBuf>)> {
+    fn rope_table(&self, head_dim: usize, theta: f32, max_pos: usize) -> Result<(CUdeviceptr, CUdeviceptr)> {
         let mut t = self.rope.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = t.as_ref() {
             if c.head_dim == head_dim && c.theta == theta && c.max_pos >= max_pos {
-                return Ok((c.cos.clone(), c.sin.clone()));
+                return Ok((c.cos.ptr, c.sin.ptr));
             }
         }
         let max_pos = max_pos.max(1).next_power_of_two().max(2048);
@@ -391,9 +391,10 @@ impl Gpu {
                 sin[p * half + i] = s;
             }
         }
-        let (cos, sin) = (Rc::new(self.upload_raw(DType::F32, &cos)?), Rc::new(self.upload_raw(DType::F32, &sin)?));
-        *t = Some(RopeTable { head_dim, theta, max_pos, cos: cos.clone(), sin: sin.clone() });
-        Ok((cos, sin))
+        let (cos, sin) = (self.upload_raw(DType::F32, &cos)?, self.upload_raw(DType::F32, &sin)?);
+        let r = (cos.ptr, sin.ptr);
+        *t = Some(RopeTable { head_dim, theta, max_pos, cos, sin });
+        Ok(r)
     }
 
     fn layer_dropout(d: Option<Dropout>) -> Result<layer::Dropout> {
@@ -641,7 +642,7 @@ impl Backend for Gpu {
         // checked every index against the number of adapters; `h` is fresh.
         unsafe {
             self.dev.multi_edit_raw(
-                DType::F32, self.stream(), rows, d_in, rank, scales.len(), x.ptr, d_in, idx.ptr, phi.ptr, psi.ptr, sc.ptr,
+                DType::F32, self.stream(), rows, d_in, rank, scales.len(), x.ptr, d_in, idx, phi.ptr, psi.ptr, sc,
                 h.ptr, d_in,
             )?;
         }
@@ -763,11 +764,10 @@ impl Backend for Gpu {
             return Ok(());
         }
         let max_pos = positions.iter().map(|&p| p as usize).max().unwrap_or(0) + 1;
-        // The tables stay alive (held here) until the kernel is queued.
-        let (cos, sin) = self.rope_table(head_dim, theta, max_pos)?;
-        let pos = self.positions(positions)?;
+        let (cp, sp) = self.rope_table(head_dim, theta, max_pos)?;
+        let pp = self.positions(positions)?;
         let n = positions.len() * heads * head_dim / 2;
-        let (xp, pp, cp, sp) = (x.ptr, pos.ptr, cos.ptr, sin.ptr);
+        let xp = x.ptr;
         let (rows, h, hd, inv) = (positions.len() as i64, heads as i32, head_dim as i32, inverse as i32);
         self.run("rope", "rope_f32", self.grid(n), THREADS, &args!(xp, pp, cp, sp, rows, h, hd, inv))
     }
