@@ -32,7 +32,7 @@
 //! No atomics anywhere: two runs on one device give the same bits. Supported: dtype f32 or
 //! bf16 (f16 is refused), `head_dim <= 128`.
 
-use super::arg::{KArg, KernelArg};
+use super::arg::kargs;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
@@ -108,10 +108,6 @@ fn plain_width(hd: usize) -> usize {
     }
 }
 
-fn ptr_arg<T: KernelArg>(v: &T) -> KArg {
-    KArg::new(v)
-}
-
 /// Whether the forward runs on the tensor cores for these arguments.
 fn uses_mma(dtype: DType, hd: usize, ptrs: &[CUdeviceptr]) -> bool {
     dtype == DType::BF16 && (hd == 64 || hd == 128) && ptrs.iter().all(|&p| p % 16 == 0)
@@ -152,17 +148,7 @@ pub(crate) unsafe fn attention_forward_raw(
         let f = dev.function(&format!("attn_fwd_mma{}_bf16", s.head_dim))?;
         let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
         let gx = s.seq.div_ceil(64) as u32;
-        let params = [
-            ptr_arg(&q),
-            ptr_arg(&k),
-            ptr_arg(&v),
-            ptr_arg(&out),
-            ptr_arg(&lse),
-            ptr_arg(&seq),
-            ptr_arg(&heads),
-            ptr_arg(&kvh),
-            ptr_arg(&scale_log2),
-        ];
+        let params = kargs![q, k, v, out, lse, seq, heads, kvh, scale_log2];
         return dev.launch("attention forward", &f, (gx, by, 1), (THREADS, 1, 1), 0, stream, &params);
     }
     let w = plain_width(s.head_dim);
@@ -170,18 +156,7 @@ pub(crate) unsafe fn attention_forward_raw(
     let rows = (THREADS as usize) / (w / 16);
     let gx = s.seq.div_ceil(rows) as u32;
     let scale = 1.0f32 / (s.head_dim as f32).sqrt();
-    let params = [
-        ptr_arg(&q),
-        ptr_arg(&k),
-        ptr_arg(&v),
-        ptr_arg(&out),
-        ptr_arg(&lse),
-        ptr_arg(&seq),
-        ptr_arg(&heads),
-        ptr_arg(&kvh),
-        ptr_arg(&hd),
-        ptr_arg(&scale),
-    ];
+    let params = kargs![q, k, v, out, lse, seq, heads, kvh, hd, scale];
     dev.launch("attention forward", &f, (gx, by, 1), (THREADS, 1, 1), 0, stream, &params)
 }
 
@@ -229,80 +204,28 @@ pub(crate) unsafe fn attention_backward_raw(
     let warps = (THREADS / 32) as usize;
     let gx = u32::try_from(rows_heads.div_ceil(warps))
         .map_err(|_| Error::invalid("shape", format!("{rows_heads} rows x heads is too many for one launch")))?;
-    let params = [ptr_arg(&out), ptr_arg(&dout), ptr_arg(&dp), ptr_arg(&rh), ptr_arg(&hd)];
+    let params = kargs![out, dout, dp, rh, hd];
     dev.launch("attention backward (D)", &f, (gx, 1, 1), (THREADS, 1, 1), 0, stream, &params)?;
 
     if uses_mma(dtype, s.head_dim, &[q, k, v, dout, dq, dk, dv]) && s.head_dim == 64 {
         let gx = s.seq.div_ceil(64) as u32;
         let f = dev.function("attn_bwd_dq_mma64_bf16")?;
-        let params = [
-            ptr_arg(&q),
-            ptr_arg(&k),
-            ptr_arg(&v),
-            ptr_arg(&lse),
-            ptr_arg(&dp),
-            ptr_arg(&dout),
-            ptr_arg(&dq),
-            ptr_arg(&seq),
-            ptr_arg(&heads),
-            ptr_arg(&kvh),
-            ptr_arg(&scale),
-        ];
+        let params = kargs![q, k, v, lse, dp, dout, dq, seq, heads, kvh, scale];
         dev.launch("attention backward (dq)", &f, (gx, (s.batch * s.heads) as u32, 1), (THREADS, 1, 1), 0, stream, &params)?;
         let f = dev.function("attn_bwd_dkdv_mma64_bf16")?;
-        let params = [
-            ptr_arg(&q),
-            ptr_arg(&k),
-            ptr_arg(&v),
-            ptr_arg(&lse),
-            ptr_arg(&dp),
-            ptr_arg(&dout),
-            ptr_arg(&dk),
-            ptr_arg(&dv),
-            ptr_arg(&seq),
-            ptr_arg(&heads),
-            ptr_arg(&kvh),
-            ptr_arg(&scale),
-        ];
+        let params = kargs![q, k, v, lse, dp, dout, dk, dv, seq, heads, kvh, scale];
         let grid = (gx, (s.batch * s.kv_heads) as u32, 1);
         return dev.launch("attention backward (dk, dv)", &f, grid, (THREADS, 1, 1), 0, stream, &params);
     }
     let w = plain_width(s.head_dim);
     let rows = (THREADS as usize) / (w / 16);
     let f = dev.function(&kname(&format!("attn_bwd_dq{w}"), dtype))?;
-    let params = [
-        ptr_arg(&q),
-        ptr_arg(&k),
-        ptr_arg(&v),
-        ptr_arg(&lse),
-        ptr_arg(&dp),
-        ptr_arg(&dout),
-        ptr_arg(&dq),
-        ptr_arg(&seq),
-        ptr_arg(&heads),
-        ptr_arg(&kvh),
-        ptr_arg(&hd),
-        ptr_arg(&scale),
-    ];
+    let params = kargs![q, k, v, lse, dp, dout, dq, seq, heads, kvh, hd, scale];
     let grid = (s.seq.div_ceil(rows) as u32, (s.batch * s.heads) as u32, 1);
     dev.launch("attention backward (dq)", &f, grid, (THREADS, 1, 1), 0, stream, &params)?;
 
     let f = dev.function(&kname(&format!("attn_bwd_dkdv{w}"), dtype))?;
-    let params = [
-        ptr_arg(&q),
-        ptr_arg(&k),
-        ptr_arg(&v),
-        ptr_arg(&lse),
-        ptr_arg(&dp),
-        ptr_arg(&dout),
-        ptr_arg(&dk),
-        ptr_arg(&dv),
-        ptr_arg(&seq),
-        ptr_arg(&heads),
-        ptr_arg(&kvh),
-        ptr_arg(&hd),
-        ptr_arg(&scale),
-    ];
+    let params = kargs![q, k, v, lse, dp, dout, dk, dv, seq, heads, kvh, hd, scale];
     let grid = (s.seq.div_ceil(rows) as u32, (s.batch * s.kv_heads) as u32, 1);
     dev.launch("attention backward (dk, dv)", &f, grid, (THREADS, 1, 1), 0, stream, &params)
 }
@@ -372,21 +295,10 @@ pub(crate) unsafe fn attention_decode_raw(
     let scale = 1.0f32 / (head_dim as f32).sqrt();
     let by = (batch * heads) as u32;
     let f = dev.function(&kname("attn_decode_split", dtype))?;
-    let params = [
-        ptr_arg(&q),
-        ptr_arg(&k_cache),
-        ptr_arg(&v_cache),
-        ptr_arg(&wp),
-        ptr_arg(&h),
-        ptr_arg(&kvh),
-        ptr_arg(&hd),
-        ptr_arg(&cap),
-        ptr_arg(&l),
-        ptr_arg(&scale),
-    ];
+    let params = kargs![q, k_cache, v_cache, wp, h, kvh, hd, cap, l, scale];
     dev.launch("attention decode", &f, (nchunks as u32, by, 1), (THREADS, 1, 1), 0, stream, &params)?;
     let f = dev.function(&kname("attn_decode_combine", dtype))?;
-    let params = [ptr_arg(&wp), ptr_arg(&out), ptr_arg(&hd), ptr_arg(&nc)];
+    let params = kargs![wp, out, hd, nc];
     dev.launch("attention decode (combine)", &f, (by, 1, 1), (THREADS, 1, 1), 0, stream, &params)
 }
 

@@ -29,7 +29,7 @@ use cudarc::driver::CudaContext;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::arg::KArg;
+use super::arg::{kargs, KArg};
 use super::attention;
 use super::context::{cuda_err, CudaBackend};
 use super::layer::{self, Path};
@@ -135,13 +135,6 @@ fn need_f32(arg: &'static str, b: &GpuBuf, n: usize) -> Result<()> {
         return Err(Error::invalid(arg, format!("must be an f32 buffer, got {}", b.dtype.name())));
     }
     Ok(())
-}
-
-/// The typed kernel arguments (checked against the kernel's signature at launch).
-macro_rules! args {
-    ($($v:ident),* $(,)?) => {
-        $crate::cuda::arg::kargs![$($v),*]
-    };
 }
 
 impl Gpu {
@@ -310,7 +303,7 @@ impl Gpu {
             (DType::F32, DType::BF16) => {
                 let out = self.alloc(DType::BF16, x.len)?;
                 let (xp, yp, n) = (x.ptr, out.ptr, x.len as i64);
-                self.run("cast", "cast_f32_bf16", self.grid(x.len), THREADS, &args!(xp, yp, n))?;
+                self.run("cast", "cast_f32_bf16", self.grid(x.len), THREADS, &kargs![xp, yp, n])?;
                 Ok((out.ptr, Some(out)))
             }
             (a, b) => Err(Error::invalid("dtype", format!("no conversion from {} to {}", a.name(), b.name()))),
@@ -335,7 +328,7 @@ impl Gpu {
         let n = y.len;
         let (xp, yp, nn) = (x, y.ptr, n as i64);
         match (x_dtype, accumulate) {
-            (DType::F32, true) => self.run("add", "add_f32", self.grid(n), THREADS, &args!(yp, xp, nn)),
+            (DType::F32, true) => self.run("add", "add_f32", self.grid(n), THREADS, &kargs![yp, xp, nn]),
             (DType::F32, false) => {
                 let stream = self.bound_stream("cuMemcpyDtoDAsync")?;
                 // SAFETY: both hold n f32 on this stream.
@@ -344,7 +337,7 @@ impl Gpu {
             }
             (DType::BF16, acc) => {
                 let a = acc as i32;
-                self.run("cast", "cast_bf16_f32", self.grid(n), THREADS, &args!(xp, yp, nn, a))
+                self.run("cast", "cast_bf16_f32", self.grid(n), THREADS, &kargs![xp, yp, nn, a])
             }
             (d, _) => Err(Error::invalid("dtype", format!("cannot store {} into f32", d.name()))),
         }
@@ -535,7 +528,7 @@ impl Backend for Gpu {
             d => return Err(Error::invalid("table", format!("f32 or bf16, got {}", d.name()))),
         };
         let (tp, ip, op, rows, d) = (table.ptr, idb.ptr, out.ptr, ids.len() as i64, dim as i32);
-        self.run("embedding", kernel, self.grid(ids.len() * dim), THREADS, &args!(tp, ip, op, rows, d))
+        self.run("embedding", kernel, self.grid(ids.len() * dim), THREADS, &kargs![tp, ip, op, rows, d])
     }
 
     fn rmsnorm_forward(
@@ -562,7 +555,7 @@ impl Backend for Gpu {
             return Ok(());
         }
         let (xp, wp, yp, rp, d, e) = (x.ptr, weight.ptr, y.ptr, rstd.ptr, dim as i32, eps);
-        self.run("rmsnorm_forward", "rmsnorm_fwd_f32", (rows as u32, 1, 1), 256, &args!(xp, wp, yp, rp, d, e))
+        self.run("rmsnorm_forward", "rmsnorm_fwd_f32", (rows as u32, 1, 1), 256, &kargs![xp, wp, yp, rp, d, e])
     }
 
     fn rmsnorm_backward(
@@ -587,7 +580,7 @@ impl Backend for Gpu {
             return Ok(());
         }
         let (xp, wp, rp, gp, dp, d) = (x.ptr, weight.ptr, rstd.ptr, dy.ptr, dx.ptr, dim as i32);
-        self.run("rmsnorm_backward", "rmsnorm_bwd_f32", (rows as u32, 1, 1), 256, &args!(xp, wp, rp, gp, dp, d))
+        self.run("rmsnorm_backward", "rmsnorm_bwd_f32", (rows as u32, 1, 1), 256, &kargs![xp, wp, rp, gp, dp, d])
     }
 
     fn linear_forward(&self, x: &GpuBuf, w: &GpuBuf, rows: usize, d_in: usize, d_out: usize, y: &mut GpuBuf) -> Result<()> {
@@ -769,7 +762,7 @@ impl Backend for Gpu {
         let n = positions.len() * heads * head_dim / 2;
         let xp = x.ptr;
         let (rows, h, hd, inv) = (positions.len() as i64, heads as i32, head_dim as i32, inverse as i32);
-        self.run("rope", "rope_f32", self.grid(n), THREADS, &args!(xp, pp, cp, sp, rows, h, hd, inv))
+        self.run("rope", "rope_f32", self.grid(n), THREADS, &kargs![xp, pp, cp, sp, rows, h, hd, inv])
     }
 
     fn attention_forward(
@@ -889,7 +882,7 @@ impl Backend for Gpu {
         need_f32("up", up, n)?;
         need_f32("h", h, n)?;
         let (gp, upp, hp, nn) = (gate.ptr, up.ptr, h.ptr, n as i64);
-        self.run("swiglu_forward", "swiglu_fwd_f32", self.grid(n), THREADS, &args!(gp, upp, hp, nn))
+        self.run("swiglu_forward", "swiglu_fwd_f32", self.grid(n), THREADS, &kargs![gp, upp, hp, nn])
     }
 
     fn swiglu_backward(&self, gate: &GpuBuf, up: &GpuBuf, dh: &GpuBuf, dgate: &mut GpuBuf, dup: &mut GpuBuf) -> Result<()> {
@@ -900,7 +893,7 @@ impl Backend for Gpu {
         need_f32("dgate", dgate, n)?;
         need_f32("dup", dup, n)?;
         let (gp, upp, dhp, dgp, dup_, nn) = (gate.ptr, up.ptr, dh.ptr, dgate.ptr, dup.ptr, n as i64);
-        self.run("swiglu_backward", "swiglu_bwd_f32", self.grid(n), THREADS, &args!(gp, upp, dhp, dgp, dup_, nn))
+        self.run("swiglu_backward", "swiglu_bwd_f32", self.grid(n), THREADS, &kargs![gp, upp, dhp, dgp, dup_, nn])
     }
 
     fn logits(&self, h: &GpuBuf, head: &GpuBuf, rows: usize, dim: usize, vocab: usize, out: &mut GpuBuf) -> Result<()> {
@@ -972,7 +965,7 @@ impl Backend for Gpu {
         while start < picked.len() {
             let n = LM_CHUNK.min(picked.len() - start);
             let (hp, ip, hcp, nn, d) = (h.ptr, idx.ptr + (start * 4) as u64, hc.ptr, n as i64, dim as i32);
-            self.run("lm_head gather", gather, self.grid(n * dim), THREADS, &args!(hp, ip, hcp, nn, d))?;
+            self.run("lm_head gather", gather, self.grid(n * dim), THREADS, &kargs![hp, ip, hcp, nn, d])?;
             // SAFETY: hc holds n x dim, z n x vocab, head vocab x dim.
             unsafe {
                 self.dev.lt_gemm_ex(
@@ -983,7 +976,7 @@ impl Backend for Gpu {
             let (zp, lp, op, v) = (z.ptr, labd.ptr + (start * 4) as u64, losses.ptr + (start * 4) as u64, vocab as i32);
             let zgp = zg.as_ref().map_or(0, |b| b.ptr);
             let (c, g) = (grad.unwrap_or(0.0), grad.is_some() as i32);
-            self.run("lm_head xent", xent, (n as u32, 1, 1), 256, &args!(zp, lp, op, zgp, v, c, g))?;
+            self.run("lm_head xent", xent, (n as u32, 1, 1), 256, &kargs![zp, lp, op, zgp, v, c, g])?;
             if let (Some((d, _)), Some(zg), Some(dhc)) = (dh.as_mut(), zg.as_ref(), dhc.as_ref()) {
                 // SAFETY: zg holds n x vocab, dhc n x dim.
                 unsafe {
@@ -993,7 +986,7 @@ impl Backend for Gpu {
                     )?;
                 }
                 let (sp, ip, dp, nn, dd) = (dhc.ptr, idx.ptr + (start * 4) as u64, d.ptr, n as i64, dim as i32);
-                self.run("lm_head scatter", "scatter_rows_f32", self.grid(n * dim), THREADS, &args!(sp, ip, dp, nn, dd))?;
+                self.run("lm_head scatter", "scatter_rows_f32", self.grid(n * dim), THREADS, &kargs![sp, ip, dp, nn, dd])?;
             }
             start += n;
         }
@@ -1028,7 +1021,7 @@ impl Backend for Gpu {
             "adamw_f32",
             self.grid(n),
             THREADS,
-            &args!(pp, gp, mp, vp, nn, wd, decay, w1, b2, w2, step_size, bc2_sqrt, eps),
+            &kargs![pp, gp, mp, vp, nn, wd, decay, w1, b2, w2, step_size, bc2_sqrt, eps],
         )
     }
 }

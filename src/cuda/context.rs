@@ -205,9 +205,8 @@ impl CudaBackend {
         if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
             return Ok(f.clone());
         }
-        let m = kernels::module_of(name)
+        let (m, i) = kernels::lookup(name)
             .ok_or_else(|| Error::Cuda { op: "kernel lookup", msg: format!("no kernel named {name} is compiled in") })?;
-        let i = m.kernels.iter().position(|k| *k == name).expect("module_of found it");
         let func = self.module(m)?.load_function(name).map_err(|e| Error::Cuda {
             op: "cuModuleGetFunction",
             msg: format!("{name}: {e}"),

@@ -49,7 +49,7 @@
 //! k1: d_out, k2: r, a1: G (ld d_out), b1: W (ld d_in), a2: v (ld r8), b2: psi (ld d_in),
 //! d: dx (ld d_in)`; `beta: 1.0` accumulates into an existing `dx`.
 
-use super::arg::{KArg, KernelArg};
+use super::arg::kargs;
 
 use cudarc::driver::sys::{CUdeviceptr, CUfunction_attribute, CUstream};
 
@@ -317,36 +317,16 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
             .map_err(cuda)?;
     }
     // All narrowing below was range-checked by `plan`.
-    let (mut m, mut n, mut k1, mut k2) = (g.m as i32, g.n as i32, g.k1 as i32, g.k2 as i32);
-    let (mut a2, mut b2, mut lda2, mut ldb2) =
+    let (m, n, k1, k2) = (g.m as i32, g.n as i32, g.k1 as i32, g.k2 as i32);
+    let (a2, b2, lda2, ldb2) =
         if g.k2 > 0 { (g.a2, g.b2, g.lda2 as i32, g.ldb2 as i32) } else { (0, 0, 0, 0) };
-    let (mut a1, mut b1, mut d) = (g.a1, g.b1, g.d);
-    let (mut lda1, mut ldb1, mut ldd) = (g.lda1 as i32, g.ldb1 as i32, g.ldd as i32);
-    let mut bias: CUdeviceptr = g.bias.unwrap_or(0);
-    let mut beta = g.beta;
+    let (a1, b1, d) = (g.a1, g.b1, g.d);
+    let (lda1, ldb1, ldd) = (g.lda1 as i32, g.ldb1 as i32, g.ldd as i32);
+    let bias: CUdeviceptr = g.bias.unwrap_or(0);
+    let beta = g.beta;
     // The kernel's parameter order: (M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2,
     // bias, beta, D, ldd).
-    fn p<V: KernelArg>(v: &mut V) -> KArg {
-        KArg::new(v)
-    }
-    let params = [
-        p(&mut m),
-        p(&mut n),
-        p(&mut k1),
-        p(&mut k2),
-        p(&mut a1),
-        p(&mut lda1),
-        p(&mut b1),
-        p(&mut ldb1),
-        p(&mut a2),
-        p(&mut lda2),
-        p(&mut b2),
-        p(&mut ldb2),
-        p(&mut bias),
-        p(&mut beta),
-        p(&mut d),
-        p(&mut ldd),
-    ];
+    let params = kargs![m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
     unsafe { dev.launch(op, &func, (plan.grid, 1, 1), (plan.block, 1, 1), plan.smem, stream, &params) }
 }
 

@@ -24,12 +24,17 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 /// The module that defines kernel `name`, if any.
 pub fn module_of(name: &str) -> Option<&'static EmbeddedModule> {
-    MODULES.iter().find(|m| m.kernels.contains(&name))
+    lookup(name).map(|(m, _)| m)
 }
 
 /// The parameter types of kernel `name` (see [`EmbeddedModule::signatures`]).
 pub fn signature_of(name: &str) -> Option<&'static str> {
-    MODULES.iter().find_map(|m| m.kernels.iter().position(|k| *k == name).map(|i| m.signatures[i]))
+    lookup(name).map(|(m, i)| m.signatures[i])
+}
+
+/// The module that defines kernel `name` and the kernel's index in it.
+pub fn lookup(name: &str) -> Option<(&'static EmbeddedModule, usize)> {
+    MODULES.iter().find_map(|m| m.kernels.iter().position(|k| *k == name).map(|i| (m, i)))
 }
 
 /// One row of [`PTXAS_REPORT`].

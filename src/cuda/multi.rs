@@ -109,14 +109,9 @@ impl CudaBackend {
         }
         let name = format!("multi_edit_{}", dtype.name());
         let func = self.function(&name)?;
-        let (mut x, mut ldx, mut idx, mut phi, mut psi, mut scales) = (x, ldx as i64, idx, phi, psi, scales);
-        let (mut d_in, mut r, mut h, mut ldh) = (d_in as i32, rank as i32, h, ldh as i64);
-        fn p<V: crate::cuda::arg::KernelArg>(v: &mut V) -> crate::cuda::arg::KArg {
-            crate::cuda::arg::KArg::new(v)
-        }
+        let (ldx, d_in, r, ldh) = (ldx as i64, d_in as i32, rank as i32, ldh as i64);
         // Kernel parameters: (x, ldx, idx, phi, psi, scales, d_in, r, h, ldh).
-        let params =
-            [p(&mut x), p(&mut ldx), p(&mut idx), p(&mut phi), p(&mut psi), p(&mut scales), p(&mut d_in), p(&mut r), p(&mut h), p(&mut ldh)];
+        let params = crate::cuda::arg::kargs![x, ldx, idx, phi, psi, scales, d_in, r, h, ldh];
         unsafe { self.launch("multi_edit", &func, (tokens as u32, 1, 1), (256, 1, 1), 0, stream, &params) }
     }
 

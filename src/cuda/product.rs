@@ -10,7 +10,7 @@
 //! `splitk_reduce_<dtype of D>` adds them in a fixed order: bitwise deterministic for a given
 //! device and shape, no float atomics.
 
-use super::arg::KArg;
+use super::arg::kargs;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
@@ -103,48 +103,17 @@ impl CudaBackend {
         } else {
             None
         };
-        let (a, lda, b, ldb) = (p.a, p.lda as i64, p.b, p.ldb as i64);
-        let (d, ldd, bias) = (p.d, p.ldd as i64, p.bias);
-        let (mm, nn, kk) = (m, n, k);
-        let (alpha, beta, prob, seed) = (p.alpha, p.beta, p.p, p.seed);
+        let (lda, ldb, ldd) = (p.lda as i64, p.ldb as i64, p.ldd as i64);
         let wptr: CUdeviceptr = work.as_ref().map_or(0, |w| w.ptr());
         let ks = split as i32;
-        let params = [
-            KArg::new(&a),
-            KArg::new(&lda),
-            KArg::new(&b),
-            KArg::new(&ldb),
-            KArg::new(&d),
-            KArg::new(&ldd),
-            KArg::new(&bias),
-            KArg::new(&mm),
-            KArg::new(&nn),
-            KArg::new(&kk),
-            KArg::new(&alpha),
-            KArg::new(&beta),
-            KArg::new(&prob),
-            KArg::new(&seed),
-            KArg::new(&wptr),
-            KArg::new(&ks),
-        ];
+        let params = kargs![p.a, lda, p.b, ldb, p.d, ldd, p.bias, m, n, k, p.alpha, p.beta, p.p, p.seed, wptr, ks];
         self.launch(OP, &f, (grid_x, grid_y as u32, split as u32), (THREADS, 1, 1), 0, stream, &params)?;
         if split > 1 {
             let r = self.function(&format!("splitk_reduce_{}", out.name()))?;
             let total = p.m as u64 * p.n as u64;
             let blocks = u32::try_from(total.div_ceil(THREADS as u64))
                 .map_err(|_| Error::invalid("M x N", "too many outputs for one launch"))?;
-            let ks = split as i32;
-            let rparams = [
-                KArg::new(&wptr),
-                KArg::new(&ks),
-                KArg::new(&mm),
-                KArg::new(&nn),
-                KArg::new(&d),
-                KArg::new(&ldd),
-                KArg::new(&bias),
-                KArg::new(&alpha),
-                KArg::new(&beta),
-            ];
+            let rparams = kargs![wptr, ks, m, n, p.d, ldd, p.bias, p.alpha, p.beta];
             self.launch("split-K reduce", &r, (blocks, 1, 1), (THREADS, 1, 1), 0, stream, &rparams)?;
         }
         drop(work);
