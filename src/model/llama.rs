@@ -583,6 +583,23 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
+    /// RMSNorm of the `rows x hidden` activations `x` with weight `w`: `(x_normed, rstd)`.
+    /// Deterministic, so the backward recomputes it bit for bit instead of keeping it.
+    fn norm(&self, be: &B, x: &B::Buf, w: &B::Buf, rows: usize) -> Result<(B::Buf, B::Buf)> {
+        let d = &self.dims;
+        let mut xn = be.zeros(rows * d.hidden)?;
+        let mut rstd = be.zeros(rows)?;
+        be.rmsnorm_forward(x, w, rows, d.hidden, d.eps, &mut xn, &mut rstd)?;
+        Ok((xn, rstd))
+    }
+
+    /// The SwiGLU of `rows x ffn` gate and up activations (recomputed by the backward too).
+    fn swiglu(&self, be: &B, gate: &B::Buf, up: &B::Buf, rows: usize) -> Result<B::Buf> {
+        let mut h = be.zeros(rows * self.dims.ffn)?;
+        be.swiglu_forward(gate, up, &mut h)?;
+        Ok(h)
+    }
+
     /// One projection's forward; returns `y` and, when `save` and adapted, `(u, C)`.
     #[allow(clippy::too_many_arguments)]
     fn proj_forward(
@@ -700,9 +717,7 @@ impl<B: Backend> Llama<B> {
         let mut acts = Vec::new();
         for l in 0..d.layers {
             let layer = &self.layers[l];
-            let mut xn1 = be.zeros(rows * d.hidden)?;
-            let mut rstd1 = be.zeros(rows)?;
-            be.rmsnorm_forward(&x, &layer.attn_norm, rows, d.hidden, d.eps, &mut xn1, &mut rstd1)?;
+            let (xn1, _) = self.norm(be, &x, &layer.attn_norm, rows)?;
             let (mut q, sq) = self.proj_forward(be, l, Q, &xn1, rows, adapter, save)?;
             let (mut k, sk) = self.proj_forward(be, l, K, &xn1, rows, adapter, save)?;
             let (v, sv) = self.proj_forward(be, l, V, &xn1, rows, adapter, save)?;
@@ -763,13 +778,10 @@ impl<B: Backend> Llama<B> {
             be.copy_into(&x, &mut x2, 0)?;
             be.add_assign(&mut x2, &o)?;
             drop(o);
-            let mut xn2 = be.zeros(rows * d.hidden)?;
-            let mut rstd2 = be.zeros(rows)?;
-            be.rmsnorm_forward(&x2, &layer.mlp_norm, rows, d.hidden, d.eps, &mut xn2, &mut rstd2)?;
+            let (xn2, _) = self.norm(be, &x2, &layer.mlp_norm, rows)?;
             let (gate, sg) = self.proj_forward(be, l, GATE, &xn2, rows, adapter, save)?;
             let (up, su) = self.proj_forward(be, l, UP, &xn2, rows, adapter, save)?;
-            let mut h = be.zeros(rows * d.ffn)?;
-            be.swiglu_forward(&gate, &up, &mut h)?;
+            let h = self.swiglu(be, &gate, &up, rows)?;
             let (down, sd) = self.proj_forward(be, l, DOWN, &h, rows, adapter, save)?;
             let mut x3 = be.zeros(rows * d.hidden)?;
             be.copy_into(&x2, &mut x3, 0)?;
@@ -793,9 +805,7 @@ impl<B: Backend> Llama<B> {
         if let Mode::Cached(cache) = &mut mode {
             cache.len += seq;
         }
-        let mut hn = be.zeros(rows * d.hidden)?;
-        let mut rstd = be.zeros(rows)?;
-        be.rmsnorm_forward(&x, &self.final_norm, rows, d.hidden, d.eps, &mut hn, &mut rstd)?;
+        let (hn, rstd) = self.norm(be, &x, &self.final_norm, rows)?;
         Ok((hn, x, rstd, acts))
     }
 
@@ -863,7 +873,7 @@ impl<B: Backend> Llama<B> {
         let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
         let positions = batch.positions();
         let a = Some(adapter);
-        let (hn, xf, rstdf, acts) =
+        let (hn, xf, rstdf, mut acts) =
             self.run(be, Adapt::One(a), &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
         let mut dhn = be.zeros(rows * d.hidden)?;
         let sum =
@@ -880,7 +890,6 @@ impl<B: Backend> Llama<B> {
             return Ok(sum / n as f32);
         };
         // Walk down the layers, freeing each layer's activations once it is done.
-        let mut acts = acts;
         while let Some(act) = acts.pop() {
             let l = acts.len();
             if l < lowest {
@@ -888,8 +897,7 @@ impl<B: Backend> Llama<B> {
             }
             let layer = &self.layers[l];
             // MLP: recompute h = swiglu(gate, up) and xn2 = rmsnorm(x2) (see LayerActs).
-            let mut h = be.zeros(rows * d.ffn)?;
-            be.swiglu_forward(&act.gate, &act.up, &mut h)?;
+            let h = self.swiglu(be, &act.gate, &act.up, rows)?;
             let mut dh = be.zeros(rows * d.ffn)?;
             self.proj_backward(be, l, DOWN, &h, &dx, rows, a, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
             let mut dgate = be.zeros(rows * d.ffn)?;
@@ -897,9 +905,7 @@ impl<B: Backend> Llama<B> {
             drop(h);
             be.swiglu_backward(&act.gate, &act.up, &dh, &mut dgate, &mut dup)?;
             drop(dh);
-            let mut xn2 = be.zeros(rows * d.hidden)?;
-            let mut rstd2 = be.zeros(rows)?;
-            be.rmsnorm_forward(&act.x2, &layer.mlp_norm, rows, d.hidden, d.eps, &mut xn2, &mut rstd2)?;
+            let (xn2, rstd2) = self.norm(be, &act.x2, &layer.mlp_norm, rows)?;
             let mut dxn2 = be.zeros(rows * d.hidden)?;
             self.proj_backward(
                 be,
@@ -925,9 +931,7 @@ impl<B: Backend> Llama<B> {
             drop(datt);
             be.rope(&mut dq, d.heads, d.head_dim, &positions, d.rope_theta, true)?;
             be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, d.rope_theta, true)?;
-            let mut xn1 = be.zeros(rows * d.hidden)?;
-            let mut rstd1 = be.zeros(rows)?;
-            be.rmsnorm_forward(&act.x, &layer.attn_norm, rows, d.hidden, d.eps, &mut xn1, &mut rstd1)?;
+            let (xn1, rstd1) = self.norm(be, &act.x, &layer.attn_norm, rows)?;
             if l == lowest {
                 // Only the adapter gradients are needed here, not dx.
                 self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &act.saved[Q], None, grads)?;
