@@ -201,6 +201,7 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
         paths.push(Path::Fused);
         paths.push(Path::FusedSm90);
     }
+    paths.push(Path::Tuned);
     for p in paths {
         match run_once(dev, s, b, &mut saved, p, sc, false) {
             Err(e) => {
@@ -286,11 +287,13 @@ fn main() {
         let st = dev.stream().clone();
         let mut b = bufs(&st, &s);
         let sc = 2.0f32;
+        // Tuned last: its warm-up runs time the others once per product, then it runs the winner.
         let mut paths = vec![Path::Composed];
         if FUSED_GEMM_BUILT {
             paths.push(Path::Fused);
             paths.push(Path::FusedSm90);
         }
+        paths.push(Path::Tuned);
         let frozen_flops = 2.0 * s.tokens as f64 * s.d_in as f64 * s.d_out as f64;
         let mut rows: Vec<(String, wegeft::Result<f64>, f64)> = Vec::new();
         rows.push((FROZEN_FWD.into(), time(&dev, &mut flush, iters, || dev.frozen_forward(&s, &b.x, &b.w, None, &mut b.y, None)), frozen_flops));
@@ -382,6 +385,22 @@ fn main() {
         for l in check_lines {
             println!("{l}");
         }
+    }
+    // What Path::Tuned chose for every product it met (the check's shapes included).
+    for (k, t) in dev.tuned_paths() {
+        let times: Vec<String> = t.timings.iter().map(|(p, ms)| format!("{p:?} {ms:.4} ms")).collect();
+        println!(
+            "tuned: {} {} m={} n={} k1={} k2={} vector loads {} -> {:?} ({})",
+            if k.nt { "fwd  [x|u][W|C]^T" } else { "bwd  [G|v][W;psi]" },
+            k.dtype.name(),
+            k.m,
+            k.n,
+            k.k1,
+            k.k2,
+            k.vector_loads,
+            t.path,
+            times.join(", ")
+        );
     }
     if failed {
         eprintln!("layer_cuda: a row failed or a path's results differ from Composed's (see the lines above)");

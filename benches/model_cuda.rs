@@ -9,10 +9,11 @@
 //! `skipped: no CUDA device` and exits 0 (with `WEGEFT_REQUIRE_GPU=1` it exits 1).
 //! Environment: `WEGEFT_BENCH_STEPS` (timed steps, default 5), `WEGEFT_BENCH_BATCH` (16),
 //! `WEGEFT_BENCH_SEQ` (512), `WEGEFT_BENCH_LAYERS` (30), `WEGEFT_BENCH_JSON` (a file to append
-//! the results to as JSON lines), `WEGEFT_LAYER_PATH` (`composed` / `fused` / `fused_sm90`: only
-//! that path for the WeGeFT layers). Without it, each configuration runs on the default path
-//! (`Auto`, reported as `wegeft-cuda`: what users get) and then on the others (`Composed`,
-//! and `FusedSm90` on a compute capability 9.0 device), reported as `wegeft-cuda (path)`, so
+//! the results to as JSON lines), `WEGEFT_LAYER_PATH` (`composed` / `fused` / `fused_sm90` /
+//! `tuned`: only that path for the WeGeFT layers). Without it, each configuration runs on the
+//! default path (`Auto`, reported as `wegeft-cuda`: what users get) and then on the others
+//! (`Composed`, `FusedSm90` on a compute capability 9.0 device, and `Tuned`, which times the
+//! paths per shape in its warm-up step), reported as `wegeft-cuda (path)`, so
 //! that one run shows which path a training step should take.
 //!
 //! Each row also reports `first_loss` (the warm-up step's, computed from the initial weights
@@ -91,6 +92,7 @@ fn run(gpu: &Gpu) -> wegeft::Result<()> {
         if gpu.device().compute_capability() == (9, 0) {
             p.push(Path::FusedSm90);
         }
+        p.push(Path::Tuned);
         p
     };
     let mut failed = false;

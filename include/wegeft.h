@@ -54,6 +54,13 @@ extern "C" {
 #define WEGEFT_BF16 1
 #define WEGEFT_F16  2
 
+/* K-extended product paths of wegeft_cuda_set_path. */
+#define WEGEFT_PATH_AUTO       0 /* fused GEMM where its 16-byte loads apply, else cuBLASLt + rank-r kernel */
+#define WEGEFT_PATH_FUSED      1 /* the fused K-extended GEMM (sm_80 kernels) */
+#define WEGEFT_PATH_FUSED_SM90 2 /* the fused GEMM's wgmma kernels on compute capability 9.0 */
+#define WEGEFT_PATH_COMPOSED   3 /* cuBLASLt for x W^T / G W, then the rank-r kernel */
+#define WEGEFT_PATH_TUNED      4 /* per shape, the fastest of the above, timed at its first call */
+
 /* x: tokens x d_in, W: d_out x d_in, phi: d_in x rank, psi: rank x d_in, y and G: tokens x d_out. */
 typedef struct wegeft_shape {
     size_t tokens;
@@ -140,6 +147,11 @@ int wegeft_cpu_lora_backward(int dtype, wegeft_shape shape, wegeft_const_mat x, 
 int wegeft_cuda_create(int device, wegeft_cuda **out);
 /* Releases a handle (NULL: nothing to do); its queued work must have finished. */
 int wegeft_cuda_destroy(wegeft_cuda *handle);
+/* Puts the handle's later forward, backward and LoRA calls on a WEGEFT_PATH_* path (default
+ * WEGEFT_PATH_AUTO). TUNED times the paths on the first call of each shape (waiting for its
+ * stream, so not during a CUDA graph capture) and keeps the fastest: results are bitwise
+ * reproducible within a process, not across processes. */
+int wegeft_cuda_set_path(wegeft_cuda *handle, int path);
 
 /* u = x psi^T, C = s W phi (both dtype, written for the backward), y = x W^T + u C^T (+ b);
  * bias may be 0. */

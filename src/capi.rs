@@ -62,6 +62,13 @@ pub const WEGEFT_F32: c_int = 0;
 pub const WEGEFT_BF16: c_int = 1;
 pub const WEGEFT_F16: c_int = 2;
 
+/// Path codes of [`wegeft_cuda_set_path`] (see `crate::cuda::Path`).
+pub const WEGEFT_PATH_AUTO: c_int = 0;
+pub const WEGEFT_PATH_FUSED: c_int = 1;
+pub const WEGEFT_PATH_FUSED_SM90: c_int = 2;
+pub const WEGEFT_PATH_COMPOSED: c_int = 3;
+pub const WEGEFT_PATH_TUNED: c_int = 4;
+
 /// One layer call's shape: `x` is `tokens x d_in`, `W` `d_out x d_in`, `phi` `d_in x rank`,
 /// `psi` `rank x d_in`, `y` and `G` `tokens x d_out` (LoRA: `A` `rank x d_in`, `B` `d_out x rank`).
 #[repr(C)]
@@ -711,6 +718,9 @@ pub extern "C" fn wegeft_built_with_cuda() -> c_int {
 pub struct WegeftCuda {
     #[cfg(feature = "cuda")]
     backend: crate::cuda::CudaBackend,
+    /// The `WEGEFT_PATH_*` code of the K-extended products (forward, backward, LoRA).
+    #[cfg(feature = "cuda")]
+    path: std::sync::atomic::AtomicI32,
 }
 
 /// A device pointer (`CUdeviceptr`).
@@ -731,16 +741,43 @@ mod cuda_impl {
         let ordinal =
             usize::try_from(device).map_err(|_| invalid("device", format!("negative device ordinal {device}")))?;
         let backend = crate::cuda::CudaBackend::new(ordinal)?;
-        unsafe { *out = Box::into_raw(Box::new(WegeftCuda { backend })) };
+        let path = std::sync::atomic::AtomicI32::new(WEGEFT_PATH_AUTO);
+        unsafe { *out = Box::into_raw(Box::new(WegeftCuda { backend, path })) };
         Ok(())
     }
 
-    pub(super) fn handle<'a>(h: *const WegeftCuda) -> R<&'a crate::cuda::CudaBackend> {
+    /// The handle's backend and path.
+    pub(super) fn handle<'a>(h: *const WegeftCuda) -> R<(&'a crate::cuda::CudaBackend, Path)> {
         if h.is_null() {
             return Err(null("handle"));
         }
         // SAFETY: a non-null handle comes from wegeft_cuda_create and is not yet destroyed.
-        Ok(unsafe { &(*h).backend })
+        let h = unsafe { &*h };
+        Ok((&h.backend, path_of(h.path.load(std::sync::atomic::Ordering::Relaxed))?))
+    }
+
+    fn path_of(code: c_int) -> R<Path> {
+        Ok(match code {
+            WEGEFT_PATH_AUTO => Path::Auto,
+            WEGEFT_PATH_FUSED => Path::Fused,
+            WEGEFT_PATH_FUSED_SM90 => Path::FusedSm90,
+            WEGEFT_PATH_COMPOSED => Path::Composed,
+            WEGEFT_PATH_TUNED => Path::Tuned,
+            _ => return Err(invalid("path", format!("unknown path code {code} (WEGEFT_PATH_AUTO .. WEGEFT_PATH_TUNED)"))),
+        })
+    }
+
+    pub(super) fn set_path(h: *mut WegeftCuda, code: c_int) -> R<()> {
+        if h.is_null() {
+            return Err(null("handle"));
+        }
+        let path = path_of(code)?;
+        if matches!(path, Path::Fused | Path::FusedSm90) && !crate::cuda::FUSED_GEMM_BUILT {
+            return Err(invalid("path", "a fused path asked for, but the fused K-extended GEMM is not built in"));
+        }
+        // SAFETY: as in `handle`.
+        unsafe { &*h }.path.store(code, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn opt(p: WegeftDevicePtr) -> Option<u64> {
@@ -763,7 +800,7 @@ mod cuda_impl {
         c: u64,
         y: u64,
     ) -> R<()> {
-        let d = handle(h)?;
+        let (d, path) = handle(h)?;
         let dt = dtype_of(dtype)?;
         let s = layer_shape(shape)?;
         Ok(d.wegeft_forward_raw(
@@ -780,7 +817,7 @@ mod cuda_impl {
             u,
             c,
             y,
-            Path::Auto,
+            path,
         )?)
     }
 
@@ -801,7 +838,7 @@ mod cuda_impl {
         dphi: u64,
         dpsi: u64,
     ) -> R<()> {
-        let d = handle(h)?;
+        let (d, path) = handle(h)?;
         let dt = dtype_of(dtype)?;
         let s = layer_shape(shape)?;
         Ok(d.wegeft_backward_raw(
@@ -819,7 +856,7 @@ mod cuda_impl {
             opt(dx),
             dphi,
             dpsi,
-            Path::Auto,
+            path,
         )?)
     }
 
@@ -835,7 +872,7 @@ mod cuda_impl {
         scale: f32,
         un: bool,
     ) -> R<()> {
-        let d = handle(h)?;
+        let (d, _) = handle(h)?;
         let dt = dtype_of(dtype)?;
         let s = merge_shape(shape)?;
         if un {
@@ -860,10 +897,10 @@ mod cuda_impl {
         xa: u64,
         y: u64,
     ) -> R<()> {
-        let d = handle(h)?;
+        let (d, path) = handle(h)?;
         let dt = dtype_of(dtype)?;
         let s = layer_shape(shape)?;
-        Ok(d.lora_forward_raw(dt, &s, stream as CUstream, x, w, opt(bias), a, b, scale, xa, y, Path::Auto)?)
+        Ok(d.lora_forward_raw(dt, &s, stream as CUstream, x, w, opt(bias), a, b, scale, xa, y, path)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -883,10 +920,10 @@ mod cuda_impl {
         da: u64,
         db: u64,
     ) -> R<()> {
-        let d = handle(h)?;
+        let (d, path) = handle(h)?;
         let dt = dtype_of(dtype)?;
         let s = layer_shape(shape)?;
-        Ok(d.lora_backward_raw(dt, &s, stream as CUstream, x, w, a, b, scale, xa, g, opt(dx), da, db, Path::Auto)?)
+        Ok(d.lora_backward_raw(dt, &s, stream as CUstream, x, w, a, b, scale, xa, g, opt(dx), da, db, path)?)
     }
 }
 
@@ -953,6 +990,20 @@ macro_rules! cuda_call {
             }
         })
     };
+}
+
+/// Puts the handle's later forward, backward and LoRA calls on `path`, a `WEGEFT_PATH_*` code:
+/// `AUTO` (the default: the fused K-extended GEMM where its vector loads apply, else cuBLASLt +
+/// the rank-r kernel), `FUSED`, `FUSED_SM90` (wgmma kernels on compute capability 9.0),
+/// `COMPOSED`, or `TUNED` (per shape, the fastest of these as timed on the first call of that
+/// shape, which waits for its stream: not inside a CUDA graph capture; results are bitwise
+/// reproducible within a process, not across processes). Merge and unmerge are unaffected.
+///
+/// # Safety
+/// `handle` must be NULL (an error) or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn wegeft_cuda_set_path(handle: *mut WegeftCuda, path: c_int) -> c_int {
+    cuda_call!(set_path(handle, path))
 }
 
 /// WeGeFT forward on the GPU: `u = x psi^T` (`tokens x rank`), `C = s W phi`

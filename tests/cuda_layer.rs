@@ -108,12 +108,21 @@ fn case<T: Element>(seed: u64, tokens: usize, d_in: usize, d_out: usize, rank: u
 const SHAPES: &[(usize, usize, usize)] = &[(37, 83, 71), (1, 129, 65), (130, 67, 259)];
 const RANKS: &[usize] = &[1, 8, 64, 256];
 
-fn paths() -> Vec<Path> {
+/// Every concrete path this build has.
+fn concrete_paths() -> Vec<Path> {
     let mut p = vec![Path::Composed];
     if wegeft::cuda::FUSED_GEMM_BUILT {
         p.push(Path::Fused);
         p.push(Path::FusedSm90);
     }
+    p
+}
+
+/// The concrete paths and `Tuned` (whose first call of a shape runs each of them, the winner
+/// last: its results must be as right as theirs).
+fn paths() -> Vec<Path> {
+    let mut p = concrete_paths();
+    p.push(Path::Tuned);
     p
 }
 
@@ -450,7 +459,7 @@ fn fixtures_f32() {
 
 // ---- determinism ------------------------------------------------------------------------------
 
-fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case) -> Vec<Vec<u8>> {
+fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case, path: Path) -> Vec<Vec<u8>> {
     let st = dev.stream().clone();
     let s = &c.s;
     let (x, w, g) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.g));
@@ -458,12 +467,12 @@ fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case) -> Vec<Vec<u8>> {
     let mut u = poisoned::<T>(&st, s.tokens * s.rank);
     let mut cc = poisoned::<T>(&st, s.d_out * s.rank);
     let mut y = poisoned::<T>(&st, s.tokens * s.d_out);
-    dev.wegeft_forward(s, &x, &w, None, &phi, &psi, c.scale as f32, Dropout { p: 0.1, seed: 3 }, &mut u, &mut cc, &mut y, Launch::new())
+    dev.wegeft_forward(s, &x, &w, None, &phi, &psi, c.scale as f32, Dropout { p: 0.1, seed: 3 }, &mut u, &mut cc, &mut y, Launch::new().path(path))
         .unwrap();
     let mut dx = poisoned::<T>(&st, s.tokens * s.d_in);
     let mut dphi = st.alloc_zeros::<f32>(s.d_in * s.rank).unwrap();
     let mut dpsi = st.alloc_zeros::<f32>(s.rank * s.d_in).unwrap();
-    dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, Dropout { p: 0.1, seed: 3 }, &u, &cc, &g, Some(&mut dx), &mut dphi, &mut dpsi, Launch::new())
+    dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, Dropout { p: 0.1, seed: 3 }, &u, &cc, &g, Some(&mut dx), &mut dphi, &mut dpsi, Launch::new().path(path))
         .unwrap();
     vec![bits(&st, &y), bits(&st, &dx), bits(&st, &dphi), bits(&st, &dpsi)]
 }
@@ -472,10 +481,13 @@ fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case) -> Vec<Vec<u8>> {
 fn deterministic_bitwise() {
     let dev = gpu_or_skip!();
     let c = case::<bf16>(11, 2049, 300, 200, 64);
-    let a = run_backward_bits::<bf16>(&dev, &c);
-    let b = run_backward_bits::<bf16>(&dev, &c);
-    for (i, name) in ["y", "dx", "dphi", "dpsi"].iter().enumerate() {
-        assert!(a[i] == b[i], "{name} differs between two identical runs");
+    // Under Tuned the first run times the paths (the winner last), the second takes the winner.
+    for path in [Path::Auto, Path::Tuned] {
+        let a = run_backward_bits::<bf16>(&dev, &c, path);
+        let b = run_backward_bits::<bf16>(&dev, &c, path);
+        for (i, name) in ["y", "dx", "dphi", "dpsi"].iter().enumerate() {
+            assert!(a[i] == b[i], "{name} differs between two identical runs on {path:?}");
+        }
     }
 }
 
@@ -526,7 +538,8 @@ fn bad_input_is_an_error_before_any_launch() {
 /// initcheck.
 fn sanitize_case<T: El>(dev: &CudaBackend) {
     let c = case::<T>(21, 600, 520, 70, 5);
-    for p in paths() {
+    // (Tuned runs these same kernels, only more often.)
+    for p in concrete_paths() {
         check_forward::<T>(dev, &c, p, "sanitize");
         check_backward::<T>(dev, &c, p, "sanitize");
         check_lora::<T>(dev, &c, p, "sanitize");

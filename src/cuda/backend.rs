@@ -154,14 +154,21 @@ impl Gpu {
         if !matches!(weights, DType::F32 | DType::BF16) {
             return Err(Error::invalid("weights", format!("f32 or bf16, got {}", weights.name())));
         }
-        let dev = CudaBackend::new(ordinal)?;
-        // WEGEFT_LAYER_PATH=composed|fused|fused_sm90 picks the WeGeFT layers' path (diagnosis).
+        // WEGEFT_LAYER_PATH=auto|composed|fused|fused_sm90|tuned picks the WeGeFT layers' path.
         let path = match std::env::var("WEGEFT_LAYER_PATH").as_deref() {
+            Err(_) | Ok("") | Ok("auto") => Path::Auto,
             Ok("composed") => Path::Composed,
             Ok("fused") => Path::Fused,
             Ok("fused_sm90") => Path::FusedSm90,
-            _ => Path::Auto,
+            Ok("tuned") => Path::Tuned,
+            Ok(other) => {
+                return Err(Error::invalid(
+                    "WEGEFT_LAYER_PATH",
+                    format!("unknown path {other:?} (auto, composed, fused, fused_sm90 or tuned)"),
+                ))
+            }
         };
+        let dev = CudaBackend::new(ordinal)?;
         Ok(Gpu {
             dev,
             weights,

@@ -38,6 +38,7 @@ pub struct CudaBackend {
     sm_count: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, Kernel>>,
+    pub(crate) tuned: super::tune::TuneTable,
 }
 
 /// A loaded kernel with its name and parameter types (see [`super::arg`]).
@@ -133,6 +134,7 @@ impl CudaBackend {
             sm_count,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            tuned: Default::default(),
         })
     }
 

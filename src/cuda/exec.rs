@@ -11,6 +11,7 @@ use super::context::{cuda_err, CudaBackend};
 use super::layer::Path;
 use super::mem::DeviceBuf;
 use super::product::Product;
+use super::tune::TuneTable;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 
@@ -76,6 +77,18 @@ pub(crate) trait Exec {
             _ => Ok(false),
         }
     }
+
+    /// [`Path::Tuned`]'s choices on this device.
+    fn tune_table(&self) -> &TuneTable;
+
+    /// The paths [`Path::Tuned`] times for a product in `dtype`; `vector_loads`: its operands
+    /// suit the fused GEMM's 16-byte loads (see [`super::tune::vector_loads`]). Never empty.
+    fn tune_candidates(&self, _dtype: DType, _vector_loads: bool) -> Vec<Path> {
+        vec![Path::Composed]
+    }
+
+    /// Milliseconds that `run` (the product on `path`) takes on `stream`; waits for the stream.
+    unsafe fn time_ms(&self, stream: CUstream, path: Path, run: &mut dyn FnMut() -> Result<()>) -> Result<f64>;
 }
 
 impl Exec for CudaBackend {
@@ -123,6 +136,37 @@ impl Exec for CudaBackend {
         cudarc::driver::result::stream::synchronize(stream).map_err(cuda_err(op))
     }
 
+    fn tune_table(&self) -> &TuneTable {
+        &self.tuned
+    }
+
+    fn tune_candidates(&self, dtype: DType, vector_loads: bool) -> Vec<Path> {
+        let mut paths = vec![Path::Composed];
+        if cfg!(wegeft_gemm) && vector_loads {
+            paths.push(Path::Fused);
+            if dtype != DType::F32 && self.compute_capability() == (9, 0) {
+                paths.push(Path::FusedSm90);
+            }
+        }
+        paths
+    }
+
+    unsafe fn time_ms(&self, stream: CUstream, _path: Path, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        const OP: &str = "Path::Tuned timing";
+        self.context().bind_to_thread().map_err(cuda_err(OP))?;
+        let start = Event::new(OP)?;
+        let end = Event::new(OP)?;
+        // SAFETY: both events were just created on this context and live until the end of this
+        // function; `stream` is the caller's stream of this context.
+        unsafe {
+            cudarc::driver::result::event::record(start.0, stream).map_err(cuda_err(OP))?;
+            run()?;
+            cudarc::driver::result::event::record(end.0, stream).map_err(cuda_err(OP))?;
+            cudarc::driver::result::event::synchronize(end.0).map_err(cuda_err(OP))?;
+            Ok(cudarc::driver::result::event::elapsed(start.0, end.0).map_err(cuda_err(OP))? as f64)
+        }
+    }
+
     #[cfg(wegeft_gemm)]
     unsafe fn kext_fused<T: Element>(&self, nt: bool, stream: CUstream, path: Path, args: KextArgs) -> Result<bool> {
         let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)) = args;
@@ -142,5 +186,22 @@ impl Exec for CudaBackend {
             }
         }
         Ok(true)
+    }
+}
+
+/// A CUDA event with timing, destroyed when dropped.
+struct Event(cudarc::driver::sys::CUevent);
+
+impl Event {
+    fn new(op: &'static str) -> Result<Event> {
+        cudarc::driver::result::event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT).map(Event).map_err(cuda_err(op))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by `Event::new`, destroyed once; the driver releases an event that is
+        // still pending once it completes.
+        let _ = unsafe { cudarc::driver::result::event::destroy(self.0) };
     }
 }

@@ -144,15 +144,10 @@ impl GemmKext {
     /// `cp.async` condition (both pointers 16-byte aligned, both lds multiples of 8 elements)
     /// for a 2-byte dtype. Always `(false, false)` for f32, which has no vector path.
     pub(crate) fn fast_path(&self, dtype: DType) -> (bool, bool) {
-        if dtype == DType::F32 {
-            return (false, false);
-        }
-        let ok = |a: CUdeviceptr, lda: usize, b: CUdeviceptr, ldb: usize| {
-            (a | b) % 16 == 0 && lda % 8 == 0 && ldb % 8 == 0
-        };
+        use super::tune::vector_loads;
         (
-            ok(self.a1, self.lda1, self.b1, self.ldb1),
-            self.k2 == 0 || ok(self.a2, self.lda2, self.b2, self.ldb2),
+            vector_loads(dtype, (self.a1, self.lda1, self.b1, self.ldb1)),
+            dtype != DType::F32 && (self.k2 == 0 || vector_loads(dtype, (self.a2, self.lda2, self.b2, self.ldb2))),
         )
     }
 

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
-use super::exec::{Exec, Scratch};
+use super::exec::{Exec, KextArgs, Scratch};
+use super::tune::{TuneTable, TUNE_REPS};
 use super::layer::{dropout_keep, Dropout, Layer, Path};
 use super::product::Product;
 use crate::dtype::{DType, Element};
@@ -39,6 +40,10 @@ struct HostExec {
     mem: RefCell<HashMap<CUdeviceptr, Vec<f64>>>,
     next: RefCell<CUdeviceptr>,
     log: RefCell<Vec<String>>,
+    /// With a "fused GEMM" (`Some`): a direct f64 K-extended product, and the milliseconds that
+    /// `time_ms` reports for the fused and the composed path.
+    fused: Option<(f64, f64)>,
+    tuned: TuneTable,
 }
 
 struct HostBuf(CUdeviceptr);
@@ -172,6 +177,54 @@ impl Exec for HostExec {
 
     unsafe fn sync(&self, _stream: CUstream, _op: &'static str) -> Result<()> {
         Ok(())
+    }
+
+    unsafe fn kext_fused<T: Element>(&self, nt: bool, _stream: CUstream, path: Path, args: KextArgs) -> Result<bool> {
+        if self.fused.is_none() {
+            return match path {
+                Path::Fused | Path::FusedSm90 => Err(crate::Error::invalid("path", "no fused GEMM")),
+                _ => Ok(false),
+            };
+        }
+        if path != Path::Fused {
+            return Ok(false);
+        }
+        self.log.borrow_mut().push("fused".into());
+        let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)) = args;
+        let mut dv = self.get(d);
+        let bias = bias.map(|p| self.get(p));
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = bias.as_ref().map_or(0.0, |b| b[j]);
+                for (a, lda, b, ldb, k) in [(a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2)] {
+                    let (av, bv) = (self.get(a), self.get(b));
+                    for l in 0..k {
+                        acc += Self::at(&av, i * lda + l, "fused A") * Self::at(&bv, if nt { j * ldb + l } else { l * ldb + j }, "fused B");
+                    }
+                }
+                dv[i * ldd + j] = acc;
+            }
+        }
+        self.mem.borrow_mut().insert(d, dv);
+        Ok(true)
+    }
+
+    fn tune_table(&self) -> &TuneTable {
+        &self.tuned
+    }
+
+    fn tune_candidates(&self, _dtype: DType, _vector_loads: bool) -> Vec<Path> {
+        if self.fused.is_some() {
+            vec![Path::Composed, Path::Fused]
+        } else {
+            vec![Path::Composed]
+        }
+    }
+
+    unsafe fn time_ms(&self, _stream: CUstream, path: Path, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        run()?;
+        let (fused, composed) = self.fused.unwrap_or((f64::NAN, 1.0));
+        Ok(if path == Path::Fused { fused } else { composed })
     }
 }
 
@@ -322,4 +375,87 @@ fn fused_path_without_the_fused_gemm_is_an_error() {
     let p: Vec<CUdeviceptr> = (0..7).map(|_| h.alloc(vec![0.0; 16])).collect();
     let r = unsafe { h.forward_impl::<f32>(&s, NULL, Path::Fused, p[0], p[1], None, p[2], p[3], 1.0, Dropout::NONE, p[4], p[5], p[6]) };
     assert!(matches!(r, Err(crate::Error::Invalid { arg: "path", .. })), "{r:?}");
+}
+
+/// The kernels a K-extended product ran, by path: `fused`, or the composed GEMM + `lowrank_addmm`.
+fn runs(log: &[String]) -> Vec<&'static str> {
+    log.iter()
+        .filter_map(|e| match e.as_str() {
+            "fused" => Some("fused"),
+            e if e.starts_with("frozen GEMM") => Some("composed"),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn tuned_path_times_each_candidate_once_per_shape_and_keeps_the_fastest() {
+    let reps = TUNE_REPS + 1;
+    for (fused_ms, composed_ms, winner) in [(1.0, 2.0, Path::Fused), (3.0, 2.0, Path::Composed)] {
+        let s = LayerShape::new(5, 7, 9, 3).unwrap();
+        let [x, w, b, phi, psi, g] = case(&s, 21);
+        let h = HostExec { fused: Some((fused_ms, composed_ms)), ..Default::default() };
+        let (xp, wp, bp, php, psp, gp) = (h.alloc(x.clone()), h.alloc(w.clone()), h.alloc(b.clone()), h.alloc(phi.clone()), h.alloc(psi.clone()), h.alloc(g.clone()));
+        let (up, cp, yp) = (h.alloc(vec![f64::NAN; 5 * 3]), h.alloc(vec![f64::NAN; 9 * 3]), h.alloc(vec![f64::NAN; 5 * 9]));
+        let want_y = rf::wegeft_forward(&s, &x, &w, Some(&b), &phi, &psi, 0.5).unwrap();
+        let gr = rf::wegeft_backward(&s, &x, &w, &phi, &psi, 0.5, &g).unwrap();
+        let last = if winner == Path::Fused { "fused" } else { "composed" };
+        for call in 0..2 {
+            h.log.borrow_mut().clear();
+            unsafe { h.forward_impl::<f32>(&s, NULL, Path::Tuned, xp, wp, Some(bp), php, psp, 0.5, Dropout::NONE, up, cp, yp) }.unwrap();
+            close("tuned y", &h.get(yp), &want_y, 1e-12);
+            let log = h.log.borrow().clone();
+            let r = runs(&log);
+            if call == 0 {
+                // Composed, then fused, each warm-up + timed runs; the winner runs last.
+                let mut want = vec!["composed"; reps];
+                want.extend(vec!["fused"; reps]);
+                if winner == Path::Composed {
+                    want.push("composed");
+                }
+                assert_eq!(r, want, "{log:?}");
+            } else {
+                assert_eq!(r, vec![last], "a tuned shape runs once: {log:?}");
+            }
+            // u and C are computed once per call, not per candidate.
+            assert_eq!(log.iter().filter(|e| e.starts_with("lowrank_u")).count(), 1, "{log:?}");
+        }
+        // The backward's dx product is tuned separately (a new key); dphi, dpsi accumulate once.
+        let (dxp, dphp, dpsp) = (h.alloc(vec![f64::NAN; 5 * 7]), h.alloc(vec![0.0; 7 * 3]), h.alloc(vec![0.0; 3 * 7]));
+        h.log.borrow_mut().clear();
+        unsafe { h.backward_impl::<f32>(&s, NULL, Path::Tuned, xp, wp, psp, 0.5, Dropout::NONE, up, cp, gp, Some(dxp), dphp, dpsp) }.unwrap();
+        assert_eq!(runs(&h.log.borrow()).len(), 2 * reps + usize::from(winner == Path::Composed));
+        close("tuned dx", &h.get(dxp), &gr.dx, 1e-12);
+        close("tuned dphi", &h.get(dphp), &gr.dphi, 1e-12);
+        close("tuned dpsi", &h.get(dpsp), &gr.dpsi, 1e-12);
+        let table = h.tuned.entries();
+        assert_eq!(table.len(), 2, "{table:?}");
+        for (key, t) in &table {
+            assert_eq!(t.path, winner, "{key:?}");
+            assert_eq!(t.timings, vec![(Path::Composed, composed_ms), (Path::Fused, fused_ms)]);
+            assert_eq!((key.m, key.bias), if key.nt { (5, true) } else { (5, false) });
+            assert_eq!((key.n, key.k1, key.k2), if key.nt { (9, 7, 3) } else { (7, 9, 3) });
+        }
+        // Another shape is tuned anew.
+        let s2 = LayerShape::new(4, 7, 9, 3).unwrap();
+        h.log.borrow_mut().clear();
+        unsafe { h.forward_impl::<f32>(&s2, NULL, Path::Tuned, xp, wp, Some(bp), php, psp, 0.5, Dropout::NONE, up, cp, yp) }.unwrap();
+        assert!(runs(&h.log.borrow()).len() >= 2 * reps);
+        assert_eq!(h.tuned.entries().len(), 3);
+    }
+}
+
+#[test]
+fn tuned_path_without_a_fused_gemm_is_the_composed_one() {
+    let s = LayerShape::new(3, 6, 5, 2).unwrap();
+    let [x, w, _, phi, psi, _] = case(&s, 31);
+    let h = HostExec::default();
+    let (xp, wp, php, psp) = (h.alloc(x.clone()), h.alloc(w.clone()), h.alloc(phi.clone()), h.alloc(psi.clone()));
+    let (up, cp, yp) = (h.alloc(vec![f64::NAN; 3 * 2]), h.alloc(vec![f64::NAN; 5 * 2]), h.alloc(vec![f64::NAN; 3 * 5]));
+    unsafe { h.forward_impl::<f32>(&s, NULL, Path::Tuned, xp, wp, None, php, psp, 1.0, Dropout::NONE, up, cp, yp) }.unwrap();
+    close("y", &h.get(yp), &rf::wegeft_forward(&s, &x, &w, None, &phi, &psi, 1.0).unwrap(), 1e-12);
+    let table = h.tuned.entries();
+    assert_eq!(table.len(), 1);
+    assert_eq!(table[0].1.path, Path::Composed);
+    assert!(!table[0].0.vector_loads, "f32 never takes the vector loads");
 }

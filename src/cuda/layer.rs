@@ -16,7 +16,8 @@
 //! The two K-extended products (`y` and `dx`) run either as one fused GEMM
 //! (`crate::cuda::gemm`, when built in) or composed: a cuBLASLt GEMM for the frozen part, then
 //! the rank-r accumulate kernel `lowrank_addmm_*`. [`Path`] picks; `Auto` takes the fused GEMM
-//! when it is built in and every leading dimension is a multiple of 16 bytes.
+//! when it is built in and every leading dimension is a multiple of 16 bytes; `Tuned` measures
+//! the candidates once per shape and keeps the fastest.
 //!
 //! Every entry point checks shapes (the buffers must hold exactly the contiguous row-major
 //! matrices of [`LayerShape`]), dtype and 16-byte alignment before the first launch, and
@@ -32,6 +33,7 @@ use half::{bf16, f16};
 use super::context::CudaBackend;
 use super::exec::{Exec, Scratch};
 use super::product::Product;
+use super::tune::{run_tuned, Pair, TuneKey};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::shape::{checked_len, LayerShape};
@@ -49,6 +51,9 @@ pub enum Path {
     FusedSm90,
     /// cuBLASLt for the frozen product, then the `lowrank_addmm_*` kernel for the rank-r part.
     Composed,
+    /// Per shape, the fastest of the above as measured on this device at the shape's first
+    /// call ([`crate::cuda::tune`]); bitwise reproducible within a process, not across them.
+    Tuned,
 }
 
 /// Whether the fused K-extended GEMM (`src/cuda/gemm.rs`) is compiled into this build.
@@ -123,6 +128,9 @@ impl<'a> Launch<'a> {
     }
 }
 
+/// The output of a K-extended product: `(d, ldd, m, n)`.
+type Out = (CUdeviceptr, usize, usize, usize);
+
 // ---- checks -------------------------------------------------------------------------------
 
 fn reshape(s: &LayerShape) -> Result<LayerShape> {
@@ -190,49 +198,45 @@ macro_rules! dispatch {
 /// The layer algorithms, for any [`Exec`] (the device, or the tests' host interpreter).
 pub(crate) trait Layer: Exec {
     /// `D[m x n] = A1 B1^T + A2 B2^T (+ bias)`, A1 `m x k1`, B1 `n x k1`, A2 `m x k2`, B2 `n x k2`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kext_nt<T: Element>(
-        &self,
-        stream: CUstream,
-        path: Path,
-        (a1, lda1, b1, ldb1, k1): (CUdeviceptr, usize, CUdeviceptr, usize, usize),
-        (a2, lda2, b2, ldb2, k2): (CUdeviceptr, usize, CUdeviceptr, usize, usize),
-        bias: Option<CUdeviceptr>,
-        (d, ldd, m, n): (CUdeviceptr, usize, usize, usize),
-    ) -> Result<()> {
-        let dt = T::DTYPE;
-        if self.kext_fused::<T>(true, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)))? {
-            return Ok(());
+    unsafe fn kext_nt<T: Element>(&self, stream: CUstream, path: Path, p1: Pair, p2: Pair, bias: Option<CUdeviceptr>, out: Out) -> Result<()> {
+        let run = |path: Path| unsafe { self.kext_on::<T>(true, stream, path, p1, p2, bias, out) };
+        if path != Path::Tuned {
+            return run(path);
         }
-        self.gemm("frozen GEMM x W^T", dt, stream, false, true, m, n, k1, a1, lda1, b1, ldb1, bias, 0.0, d, ldd)?;
-        self.product(
-            &kname("lowrank_addmm_nt", dt),
-            dt,
-            stream,
-            Product::new(a2, lda2, b2, ldb2, d, ldd, m, n, k2).beta(1.0),
-        )
+        // SAFETY: each run overwrites D (beta = 0) and reads only the operands and the bias.
+        unsafe { run_tuned(self, stream, TuneKey::new(true, T::DTYPE, p1, p2, bias.is_some(), (out.1, out.2, out.3)), &run) }
     }
 
     /// `D[m x n] = A1 B1 + A2 B2`, A1 `m x k1`, B1 `k1 x n`, A2 `m x k2`, B2 `k2 x n`.
-    unsafe fn kext_nn<T: Element>(
+    unsafe fn kext_nn<T: Element>(&self, stream: CUstream, path: Path, p1: Pair, p2: Pair, out: Out) -> Result<()> {
+        let run = |path: Path| unsafe { self.kext_on::<T>(false, stream, path, p1, p2, None, out) };
+        if path != Path::Tuned {
+            return run(path);
+        }
+        // SAFETY: as in kext_nt.
+        unsafe { run_tuned(self, stream, TuneKey::new(false, T::DTYPE, p1, p2, false, (out.1, out.2, out.3)), &run) }
+    }
+
+    /// [`Layer::kext_nt`] (`nt`) or [`Layer::kext_nn`] on `path` (not `Tuned`): the fused GEMM
+    /// when `path` takes it, else cuBLASLt for the first pair and `lowrank_addmm_*` for the second.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kext_on<T: Element>(
         &self,
+        nt: bool,
         stream: CUstream,
         path: Path,
-        (a1, lda1, b1, ldb1, k1): (CUdeviceptr, usize, CUdeviceptr, usize, usize),
-        (a2, lda2, b2, ldb2, k2): (CUdeviceptr, usize, CUdeviceptr, usize, usize),
-        (d, ldd, m, n): (CUdeviceptr, usize, usize, usize),
+        (a1, lda1, b1, ldb1, k1): Pair,
+        (a2, lda2, b2, ldb2, k2): Pair,
+        bias: Option<CUdeviceptr>,
+        (d, ldd, m, n): Out,
     ) -> Result<()> {
         let dt = T::DTYPE;
-        if self.kext_fused::<T>(false, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), None, (d, ldd, m, n)))? {
+        if self.kext_fused::<T>(nt, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)))? {
             return Ok(());
         }
-        self.gemm("frozen GEMM G W", dt, stream, false, false, m, n, k1, a1, lda1, b1, ldb1, None, 0.0, d, ldd)?;
-        self.product(
-            &kname("lowrank_addmm_nn", dt),
-            dt,
-            stream,
-            Product::new(a2, lda2, b2, ldb2, d, ldd, m, n, k2).beta(1.0),
-        )
+        let (what, addmm) = if nt { ("frozen GEMM x W^T", "lowrank_addmm_nt") } else { ("frozen GEMM G W", "lowrank_addmm_nn") };
+        self.gemm(what, dt, stream, false, nt, m, n, k1, a1, lda1, b1, ldb1, bias, 0.0, d, ldd)?;
+        self.product(&kname(addmm, dt), dt, stream, Product::new(a2, lda2, b2, ldb2, d, ldd, m, n, k2).beta(1.0))
     }
 
     #[allow(clippy::too_many_arguments)]

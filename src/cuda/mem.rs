@@ -1,7 +1,10 @@
 //! Scratch device memory for one call: allocated and freed in stream order
 //! (`cuMemAllocAsync` / `cuMemFreeAsync`), so it is safe on any stream a caller gives.
 
+use std::sync::Arc;
+
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
+use cudarc::driver::CudaContext;
 
 use super::context::{cuda_err, CudaBackend};
 use crate::error::Result;
@@ -11,6 +14,9 @@ use crate::error::Result;
 pub(crate) struct DeviceBuf {
     ptr: CUdeviceptr,
     stream: CUstream,
+    // Bound again for the free: a NULL `stream` means the default stream of whichever context
+    // is current, which in a multi-device process may no longer be this one.
+    ctx: Arc<CudaContext>,
 }
 
 impl DeviceBuf {
@@ -18,7 +24,7 @@ impl DeviceBuf {
         dev.context().bind_to_thread().map_err(cuda_err(op))?;
         // SAFETY: `stream` belongs to the backend's context (every caller checks or owns it).
         let ptr = unsafe { cudarc::driver::result::malloc_async(stream, bytes.max(256)) }.map_err(cuda_err(op))?;
-        Ok(DeviceBuf { ptr, stream })
+        Ok(DeviceBuf { ptr, stream, ctx: dev.context().clone() })
     }
     pub(crate) fn ptr(&self) -> CUdeviceptr {
         self.ptr
@@ -27,8 +33,10 @@ impl DeviceBuf {
 
 impl Drop for DeviceBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated by malloc_async on this stream; freed once, in stream order.
+        // SAFETY: allocated by malloc_async on this stream of this context; freed once, in
+        // stream order.
         unsafe {
+            let _ = self.ctx.bind_to_thread();
             let _ = cudarc::driver::result::free_async(self.ptr, self.stream);
         }
     }

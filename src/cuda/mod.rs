@@ -30,7 +30,8 @@
 //! `Error::Cuda`. Under [`Path::Auto`] the fused GEMM is used when both operand pairs get its
 //! vectorised tensor-core loads (bf16/f16, 16-byte aligned, leading dimensions multiples of 8
 //! elements), cuBLASLt plus the rank-r kernel otherwise; [`Path::Fused`] and
-//! [`Path::FusedSm90`] (wgmma kernels on compute capability 9.0) always use it.
+//! [`Path::FusedSm90`] (wgmma kernels on compute capability 9.0) always use it; [`Path::Tuned`]
+//! times the candidates on the first call of each shape and keeps the fastest ([`tune`]).
 //!
 //! Every `kernels/*.cu` is compiled three times: PTX for `compute_80`, cubins for `sm_80` and
 //! `sm_90a`; the device loads the `sm_90a` cubin on compute capability 9.0, the `sm_80` one
@@ -62,7 +63,9 @@ pub mod layer;
 mod mem;
 pub mod multi;
 mod product;
+pub mod tune;
 
 pub use backend::{Gpu, GpuBuf, GpuSaved};
 pub use context::{driver_present, CudaBackend, Image};
 pub use layer::{dropout_hash, dropout_keep, Dropout, Launch, Path, FUSED_GEMM_BUILT};
+pub use tune::{TuneKey, Tuned};

@@ -332,6 +332,7 @@ static void cuda_absent(void) {
     FAILS(wegeft_cuda_lora_forward(NULL, NULL, WEGEFT_F32, s, 256, 256, 0, 256, 256, 1.0f, 256, 256), want, msg);
     FAILS(wegeft_cuda_lora_backward(NULL, NULL, WEGEFT_F32, s, 256, 256, 256, 256, 1.0f, 256, 256, 0, 256, 256), want,
           msg);
+    FAILS(wegeft_cuda_set_path(NULL, WEGEFT_PATH_TUNED), want, msg);
     OK(wegeft_cuda_destroy(NULL));
 }
 
@@ -450,15 +451,18 @@ static int run_cuda(void) {
     for (size_t i = 0; i < np; i++) phi[i] = urand() * 0.3f, psi[i] = urand() * 0.3f;
     for (size_t i = 0; i < ny; i++) g[i] = urand();
 
-    for (int pass = 0; pass < 2; pass++) {
+    FAILS(wegeft_cuda_set_path(h, 9), WEGEFT_ERR_INVALID, "path");
+    /* f32 and bf16 on the default path, then bf16 tuned (its first call times every path). */
+    for (int pass = 0; pass < 3; pass++) {
         int dt = pass == 0 ? WEGEFT_F32 : WEGEFT_BF16;
-        const char *name = pass == 0 ? "f32" : "bf16";
+        const char *name = pass == 0 ? "f32" : pass == 1 ? "bf16" : "bf16 tuned";
         double tol = pass == 0 ? 1e-4 : 2e-2;
         size_t es = pass == 0 ? 4 : 2;
+        OK(wegeft_cuda_set_path(h, pass == 2 ? WEGEFT_PATH_TUNED : WEGEFT_PATH_AUTO));
         /* Inputs in the storage type; the CPU path on the same (rounded) inputs is the reference. */
         const void *hx = x, *hw = w, *hb = b, *hphi = phi, *hpsi = psi, *hg = g;
         uint16_t *bx = NULL, *bw = NULL, *bb = NULL, *bphi = NULL, *bpsi = NULL, *bg = NULL;
-        if (pass == 1) {
+        if (pass > 0) {
             hx = bx = to_bf16(x, nx), hw = bw = to_bf16(w, nw), hb = bb = to_bf16(b, DOUT);
             hphi = bphi = to_bf16(phi, np), hpsi = bpsi = to_bf16(psi, np), hg = bg = to_bf16(g, ny);
         }
