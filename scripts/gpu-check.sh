@@ -105,6 +105,8 @@ cp scripts/torch_baseline.py "$pack/torch_baseline.py"
 cp scripts/torch_model.py "$pack/torch_model.py"
 cp scripts/torch_sdpa.py "$pack/torch_sdpa.py"
 cp scripts/gpu_summary.py "$pack/summary.py"
+mkdir -p "$pack/python"
+cp examples/python/wegeft.py examples/python/wegeft_torch.py examples/python/test_wegeft_torch.py "$pack/python/"
 # compute-sanitizer 13.0 (14 MB), downloaded once into the cache.
 find_san() { find "$gk_cache" -maxdepth 1 -name 'nvidia_cuda_sanitizer_api-13.0.*.whl' | head -1; }
 san_whl="$(find_san)"

@@ -11,6 +11,8 @@
 #                  at a time
 #   gemm_check (90)   every fused-GEMM variant on the odd-size grid vs a CPU loop
 #   c_abi (60)        tests/c/test_wegeft.c cuda: the C ABI's CUDA entry points vs its CPU path
+#   torch_abi (60)    examples/python/test_wegeft_torch.py: the PyTorch layer over the C ABI (CPU
+#                     and CUDA tensors) vs the official formulation, training, merge; its bench
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios (every path
 #                     checked against the composed one)
 #   model_bench (90)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8, each layer path
@@ -191,12 +193,17 @@ have gemm_kext_check && step gemm_check 90 "$bin/gemm_kext_check"
 # The C ABI (include/wegeft.h) on the GPU: wegeft_cuda_* against the library's CPU path.
 have test_wegeft_c && step c_abi 60 "$bin/test_wegeft_c" cuda
 
-# --- benchmarks: the layer, the GEMM core and the training step against PyTorch ---------------------
 py_step() {  # py_step NAME TIMEOUT SCRIPT ARGS...: a PyTorch script (its own LD_LIBRARY_PATH)
   local name="$1" limit="$2"; shift 2
   if [ -n "$py" ]; then step "$name" "$limit" env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$@"
   else record "$name" "SKIP (no python3)" 0; fi
 }
+# The same library from PyTorch (ctypes), in PyTorch's own environment as a user runs it: the
+# library's cudarc then finds cuBLASLt through the copy PyTorch has loaded.
+[ -f "$bin/libwegeft.so" ] && py_step torch_abi 60 "$here/python/test_wegeft_torch.py" \
+  --lib "$bin/libwegeft.so" --device all --bench
+
+# --- benchmarks: the layer, the GEMM core and the training step against PyTorch ---------------------
 have layer_cuda && WEGEFT_BENCH_ITERS=30 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
 have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 90 "$bin/model_cuda"
 py_step torch_model 70 "$here/torch_model.py" --json "$logs/torch_model.jsonl"

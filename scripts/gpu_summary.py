@@ -223,6 +223,9 @@ def main():
             keys[name] = sanitizer_key(text)
         elif name == "gemm_check":
             keys[name] = gemm_check_key(text)
+        elif name == "torch_abi":
+            m = re.search(r"^(ok: .*|\d+ of \d+ checks failed)$", text, re.M)
+            keys[name] = m.group(1) if m else ""
         elif name in ("attn_bench", "attn_torch"):
             # Attention ms per sequence length; attn_torch also gives wegeft's time / SDPA's.
             pat = r'"seq":(\d+),"fwd_ms":([\d.]+),"bwd_ms":([\d.]+)'
@@ -424,6 +427,12 @@ def main():
                          f"{fmt(r.get('tokens_per_s'), '.0f')} | {fmt(None if step_ms is None else step_ms * 1e3, '.1f')} | "
                          f"{fmt(None if peak is None else peak / 2**30, '.2f')} | {loss} | "
                          f"{'—' if sp is None else f'{sp:.2f}x'} | {'—' if mem is None else f'{mem:.2f}'} |")
+    abi = [l for l in read(os.path.join(L, "torch_abi.log")).splitlines() if l.startswith("|")]
+    if abi:
+        o.append("")
+        o.append("### The PyTorch layer over the C ABI (`examples/python/wegeft_torch.py`), bf16 forward + backward")
+        o.append("")
+        o.extend(abi)
     multi = [l for l in read(os.path.join(L, "multi_bench.log")).splitlines() if l.startswith("|")]
     if multi:
         o.append("")

@@ -1,9 +1,11 @@
-//! The C ABI from C: `include/wegeft.h` against the exports of `libwegeft.so` (the crate's
-//! `cdylib`, built by cargo next to this test) and against `src/capi.rs`; then
+//! The C ABI from C and from Python: `include/wegeft.h` against the exports of `libwegeft.so`
+//! (the crate's `cdylib`, built by cargo next to this test) and against `src/capi.rs`; then
 //! `tests/c/test_wegeft.c` and `examples/c/wegeft_example.c`, compiled with the system C
 //! compiler (`cc`, or `$CC`), linked against the library, and run: the CPU path on every layer
 //! fixture (written to a flat binary file the C program reads), the error paths, and the CUDA
-//! entry points' clean failure where there is no GPU.
+//! entry points' clean failure where there is no GPU. The ctypes bindings
+//! (`examples/python/wegeft.py`) run the same fixtures through `examples/python/test_wegeft.py`
+//! (`python3`, or `$PYTHON`; standard library only).
 
 mod common;
 
@@ -264,6 +266,29 @@ fn c_program_on_the_fixtures_and_error_paths() {
             panic!("WEGEFT_REQUIRE_GPU=1 but test_wegeft cuda did not run: {err}");
         }
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The ctypes bindings' prototypes against the library: every fixture in f32 and bf16 storage
+/// (forward with and without bias, backward saved / recomputed / accumulating, merge, unmerge),
+/// the error paths as `WegeftError`s, and a CUDA handle (or its clean absence).
+#[test]
+fn python_bindings_on_the_fixtures_and_error_paths() {
+    let lib = library();
+    let dir = tmpdir("python");
+    let mut cmd = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()));
+    cmd.arg(root().join("examples/python/test_wegeft.py")).arg("--lib").arg(&lib);
+    if std::env::var_os("WEGEFT_REQUIRE_GPU").is_some_and(|v| v == "1") {
+        cmd.arg("--require-gpu");
+    }
+    for case in common::layer_cases() {
+        let bin = dir.join(format!("{}.bin", case.file));
+        write_fixture(&case, &bin);
+        cmd.arg(bin);
+    }
+    let (ok, out, err) = run(&mut cmd);
+    println!("{out}{err}");
+    assert!(ok && out.contains("ok: "), "examples/python/test_wegeft.py failed:\n{out}\n{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

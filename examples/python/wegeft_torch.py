@@ -1,0 +1,294 @@
+"""WeGeFT layers for PyTorch over libwegeft.so (the crate's C ABI, through wegeft.py).
+
+    import wegeft_torch as wt
+    adapter = wt.attach(model, targets=("q_proj", "v_proj"), rank=8)   # freezes the base model
+    opt = torch.optim.AdamW(adapter.parameters(), lr=2e-3)
+    ... train model as usual (CPU tensors: the CPU layer; CUDA tensors: the CUDA kernels) ...
+    safetensors.torch.save_file(adapter.state_dict(), "adapter.safetensors")  # official keys
+
+`wegeft_linear(x, weight, bias, in_proj, out_proj, scale)` is the autograd function: with the
+official GIFT parameters `in_proj` (r x d_in, = phi^T) and `out_proj` (d_in x r, = psi^T),
+
+    y = x W^T + s (x out_proj) (W in_proj^T)^T (+ b)  =  F.linear(x, W + s (W in_proj^T) out_proj^T, b)
+
+computed as one K-extended product on the device (`W phi psi`, d_out x d_in, is never built);
+its backward returns dx, d in_proj and d out_proj (W and b are frozen: asking for their
+gradient is an error). `WegeftLinear` wraps an `nn.Linear`; `Adapter` holds one pair per
+module type in `in_projections` / `out_projections` (the official code's names, so its
+`state_dict()` loads there and in `wegeft finetune --init-adapter`); `attach` puts them into a
+model. Storage dtypes f32, bf16, f16 (all tensors of a call the same); compute f32.
+
+On CUDA the kernels run on the tensors' device, on PyTorch's current stream (no
+synchronisation). Scratch memory comes from the device's stream-ordered pool, next to
+PyTorch's caching allocator.
+"""
+
+import math
+import os
+import sys
+import threading
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import wegeft  # noqa: E402
+
+_DTYPES = {torch.float32: wegeft.F32, torch.bfloat16: wegeft.BF16, torch.float16: wegeft.F16}
+_state = {"lib": None, "handles": {}, "path": wegeft.PATH_AUTO}
+_lock = threading.Lock()
+
+
+def library(path=None):
+    """The loaded libwegeft.so (loaded once; `path` only matters on the first call)."""
+    with _lock:
+        if _state["lib"] is None:
+            _state["lib"] = wegeft.load(path)
+        return _state["lib"]
+
+
+def set_cuda_path(path):
+    """wegeft.PATH_* for every CUDA call from now on (default PATH_AUTO)."""
+    with _lock:
+        _state["path"] = path
+        for h in _state["handles"].values():
+            h.set_path(path)
+
+
+def _handle(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    lib = library()
+    with _lock:
+        h = _state["handles"].get(index)
+        if h is None:
+            h = lib.cuda(index)  # lives until the process ends (PyTorch may still use the device)
+            h.set_path(_state["path"])
+            _state["handles"][index] = h
+        return h
+
+
+def _check(x, weight, bias, in_proj, out_proj, scale):
+    """Shapes, dtypes and devices, checked before any pointer reaches the library."""
+    def fail(msg):
+        raise ValueError(f"wegeft_linear: {msg}")
+
+    if weight.dim() != 2 or in_proj.dim() != 2 or out_proj.dim() != 2 or x.dim() < 1:
+        fail(f"want x (..., d_in), weight (d_out, d_in), in_proj (r, d_in), out_proj (d_in, r); got x "
+             f"{tuple(x.shape)}, weight {tuple(weight.shape)}, in_proj {tuple(in_proj.shape)}, out_proj "
+             f"{tuple(out_proj.shape)}")
+    d_out, d_in = weight.shape
+    r = in_proj.shape[0]
+    if x.shape[-1] != d_in or tuple(in_proj.shape) != (r, d_in) or tuple(out_proj.shape) != (d_in, r) or r == 0:
+        fail(f"shapes disagree: x {tuple(x.shape)}, weight {tuple(weight.shape)} (d_out, d_in), in_proj "
+             f"{tuple(in_proj.shape)} (r, d_in), out_proj {tuple(out_proj.shape)} (d_in, r)")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        fail(f"bias {tuple(bias.shape)}, want ({d_out},)")
+    tensors = [("x", x), ("weight", weight), ("in_proj", in_proj), ("out_proj", out_proj)]
+    if bias is not None:
+        tensors.append(("bias", bias))
+    if x.dtype not in _DTYPES or any(t.dtype != x.dtype for _, t in tensors):
+        fail("dtypes: " + ", ".join(f"{n} {t.dtype}" for n, t in tensors) + " (want all float32, bfloat16 or "
+             "float16)")
+    if any(t.device != x.device for _, t in tensors) or x.device.type not in ("cpu", "cuda"):
+        fail("devices: " + ", ".join(f"{n} {t.device}" for n, t in tensors) + " (want one CPU or CUDA device)")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        fail("weight and bias are frozen (no gradient is computed for them): call requires_grad_(False) on them")
+    if not math.isfinite(scale):
+        fail(f"scale {scale} is not finite")
+    return d_in, d_out, r
+
+
+def _dense(t):
+    """Contiguous and 16-byte aligned (the CUDA entry points' requirement; a view into a larger
+    tensor can start anywhere)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _c(t):
+    return wegeft.cmat(t.data_ptr(), t.numel())
+
+
+def _m(t):
+    return wegeft.mat(t.data_ptr(), t.numel())
+
+
+class _WegeftLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, in_proj, out_proj, scale):
+        d_in, d_out, r = _check(x, weight, bias, in_proj, out_proj, scale)
+        lead = x.shape[:-1]
+        x2 = _dense(x.reshape(-1, d_in))
+        t = x2.shape[0]
+        dtype, dev = _DTYPES[x.dtype], x.device
+        # phi (d_in x r) and psi (r x d_in) as the kernels want them: adapter-sized copies.
+        phi, psi = _dense(in_proj.t()), _dense(out_proj.t())
+        w = _dense(weight)
+        b = _dense(bias) if bias is not None else None
+        y = torch.empty(t, d_out, dtype=x.dtype, device=dev)
+        shape = wegeft.Shape(t, d_in, d_out, r)
+        if t == 0:
+            u = c = None
+        elif dev.type == "cpu":
+            u = torch.empty(t, r, dtype=torch.float32)
+            c = torch.empty(d_out, r, dtype=torch.float32)
+            library().cpu_forward(dtype, shape, _c(x2), _c(w), _c(phi), _c(psi), scale, _m(y),
+                                  bias=b.data_ptr() if b is not None else None, bias_len=d_out if b is not None else 0,
+                                  saved_u=u.data_ptr(), saved_u_len=u.numel(), saved_c=c.data_ptr(),
+                                  saved_c_len=c.numel())
+        else:
+            u = torch.empty(t, r, dtype=x.dtype, device=dev)
+            c = torch.empty(d_out, r, dtype=x.dtype, device=dev)
+            with torch.cuda.device(dev):
+                stream = torch.cuda.current_stream(dev).cuda_stream
+                _handle(dev).forward(stream, dtype, shape, x2.data_ptr(), w.data_ptr(),
+                                     b.data_ptr() if b is not None else 0, phi.data_ptr(), psi.data_ptr(), scale,
+                                     u.data_ptr(), c.data_ptr(), y.data_ptr())
+        ctx.save_for_backward(x2, w, phi, psi, u, c)
+        ctx.meta = (shape, dtype, scale, x.shape)
+        return y.reshape(*lead, d_out)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, w, phi, psi, u, c = ctx.saved_tensors
+        shape, dtype, scale, x_shape = ctx.meta
+        t, d_in, d_out, r = shape.tokens, shape.d_in, shape.d_out, shape.rank
+        dev = x2.device
+        g = _dense(gy.reshape(-1, d_out).to(x2.dtype))
+        dphi = torch.zeros(d_in, r, dtype=torch.float32, device=dev)
+        dpsi = torch.zeros(r, d_in, dtype=torch.float32, device=dev)
+        want_dx = ctx.needs_input_grad[0]
+        dx = torch.empty_like(x2) if want_dx else None
+        if t == 0:
+            pass
+        elif dev.type == "cpu":
+            library().cpu_backward(dtype, shape, _c(x2), _c(w), _c(phi), _c(psi), scale, _c(g),
+                                   _m(dx) if want_dx else wegeft.mat(None, 0), dphi.data_ptr(), dphi.numel(),
+                                   dpsi.data_ptr(), dpsi.numel(), saved_u=u.data_ptr(), saved_u_len=u.numel(),
+                                   saved_c=c.data_ptr(), saved_c_len=c.numel())
+        else:
+            with torch.cuda.device(dev):
+                stream = torch.cuda.current_stream(dev).cuda_stream
+                _handle(dev).backward(stream, dtype, shape, x2.data_ptr(), w.data_ptr(), psi.data_ptr(), scale,
+                                      u.data_ptr(), c.data_ptr(), g.data_ptr(), dx.data_ptr() if want_dx else 0,
+                                      dphi.data_ptr(), dpsi.data_ptr())
+        if want_dx and t == 0:
+            dx.zero_()
+        d_in_proj = dphi.t().to(x2.dtype) if ctx.needs_input_grad[3] else None
+        d_out_proj = dpsi.t().to(x2.dtype) if ctx.needs_input_grad[4] else None
+        return (dx.reshape(x_shape) if want_dx else None), None, None, d_in_proj, d_out_proj, None
+
+
+def wegeft_linear(x, weight, bias, in_proj, out_proj, scale=1.0):
+    """y = F.linear(x, W + s (W in_proj^T) out_proj^T, b), differentiable in x, in_proj, out_proj."""
+    return _WegeftLinear.apply(x, weight, bias, in_proj, out_proj, float(scale))
+
+
+def merge_(weight, in_proj, out_proj, scale=1.0):
+    """W <- W + s (W in_proj^T) out_proj^T in place (serving without the adapter's cost)."""
+    _merge(weight, in_proj, out_proj, scale, unmerge=False)
+
+
+def unmerge_(weight, in_proj, out_proj, scale=1.0):
+    """W <- W (I + s phi psi)^-1 in place: exactly undoes merge_ (up to rounding)."""
+    _merge(weight, in_proj, out_proj, scale, unmerge=True)
+
+
+@torch.no_grad()
+def _merge(weight, in_proj, out_proj, scale, unmerge):
+    x = weight.new_empty(0, weight.shape[1])
+    d_in, d_out, r = _check(x, weight.detach(), None, in_proj.detach(), out_proj.detach(), float(scale))
+    if not (weight.is_contiguous() and weight.data_ptr() % 16 == 0):
+        raise ValueError("merge_/unmerge_: weight must be contiguous and 16-byte aligned (it is updated in place)")
+    phi, psi = _dense(in_proj.detach().t()), _dense(out_proj.detach().t())
+    shape, dtype = wegeft.Shape(0, d_in, d_out, r), _DTYPES[weight.dtype]
+    if weight.device.type == "cpu":
+        f = library().cpu_unmerge if unmerge else library().cpu_merge
+        f(dtype, shape, _m(weight), _c(phi), _c(psi), float(scale))
+    else:
+        with torch.cuda.device(weight.device):
+            h, stream = _handle(weight.device), torch.cuda.current_stream(weight.device).cuda_stream
+            f = h.unmerge if unmerge else h.merge
+            f(stream, dtype, shape, weight.data_ptr(), phi.data_ptr(), psi.data_ptr(), float(scale))
+
+
+class Adapter(nn.Module):
+    """One WeGeFT pair per module type, in the official GIFT layout: `in_projections[m]` is an
+    `nn.Linear(d_in, r)` (weight r x d_in = phi^T, `nn.Linear`'s default init) and
+    `out_projections[m]` an `nn.Linear(r, d_in)` (weight d_in x r = psi^T, zero), both without
+    bias; `scale` multiplies the update (1.0 in the official code, alpha / r in the PEFT fork)."""
+
+    def __init__(self, dims, rank, scale=1.0, dtype=None, device=None):
+        super().__init__()
+        self.rank, self.scale = rank, float(scale)
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.in_projections = nn.ModuleDict({m: nn.Linear(d, rank, **kw) for m, d in dims.items()})
+        self.out_projections = nn.ModuleDict({m: nn.Linear(rank, d, **kw) for m, d in dims.items()})
+        for p in self.out_projections.values():
+            nn.init.zeros_(p.weight)
+
+    def pair(self, module):
+        return self.in_projections[module].weight, self.out_projections[module].weight
+
+
+class WegeftLinear(nn.Module):
+    """An `nn.Linear` (frozen) adapted by the `module` pair of an `Adapter` (shared with every
+    other layer of that module type)."""
+
+    def __init__(self, base, adapter, module):
+        super().__init__()
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.base, self.module = base, module
+        self._adapter = [adapter]  # not a submodule: the adapter's parameters belong to it alone
+        self.merged = False
+
+    @property
+    def adapter(self):
+        return self._adapter[0]
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        a = self.adapter
+        return wegeft_linear(x, self.base.weight, self.base.bias, *a.pair(self.module), a.scale)
+
+    def merge(self):
+        """Folds the adapter into the base weight (forward becomes the plain `nn.Linear`)."""
+        if not self.merged:
+            merge_(self.base.weight, *self.adapter.pair(self.module), self.adapter.scale)
+            self.merged = True
+
+    def unmerge(self):
+        if self.merged:
+            unmerge_(self.base.weight, *self.adapter.pair(self.module), self.adapter.scale)
+            self.merged = False
+
+
+def attach(model, targets=("q_proj", "v_proj"), rank=8, scale=1.0):
+    """Freezes `model`, replaces each `nn.Linear` child whose name is in `targets` by a
+    `WegeftLinear` (one pair per name, shared by all layers, as the official code does) and
+    returns the `Adapter` holding the pairs, also registered as the submodule `model.wegeft`
+    (so `model.to(...)` moves it); its parameters are the model's only trainable ones, and
+    `adapter.state_dict()` has the official key names."""
+    if hasattr(model, "wegeft"):
+        raise ValueError("attach: the model already has a `wegeft` attribute (attached twice?)")
+    sites = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if name in targets and isinstance(child, nn.Linear)]
+    if not sites:
+        raise ValueError(f"attach: no nn.Linear named any of {list(targets)} in the model")
+    dims, like = {}, {}
+    for _, name, lin in sites:
+        if dims.setdefault(name, lin.in_features) != lin.in_features:
+            raise ValueError(f"attach: {name} layers have different d_in ({dims[name]} and {lin.in_features}); "
+                             "one pair per module type needs one d_in")
+        like.setdefault(name, lin.weight)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    first = next(iter(like.values()))
+    adapter = Adapter(dims, rank, scale, dtype=first.dtype, device=first.device)
+    for parent, name, lin in sites:
+        setattr(parent, name, WegeftLinear(lin, adapter, name))
+    model.add_module("wegeft", adapter)
+    return adapter
