@@ -16,7 +16,8 @@
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios (every path
 #                     checked against the composed one)
 #   model_bench (90)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8, each layer path
-#   torch_model (70)  torch_model.py: the same step in transformers (official-style WeGeFT, peft LoRA)
+#   torch_model (90)  torch_model.py: the same step in transformers (official-style WeGeFT, peft LoRA,
+#                     and our kernels inside transformers through examples/python/wegeft_torch.py)
 #   torch_baseline (90)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   sanitizers (150, all side by side): compute-sanitizer memcheck (also tracking the
@@ -206,7 +207,7 @@ py_step() {  # py_step NAME TIMEOUT SCRIPT ARGS...: a PyTorch script (its own LD
 # --- benchmarks: the layer, the GEMM core and the training step against PyTorch ---------------------
 have layer_cuda && WEGEFT_BENCH_ITERS=30 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
 have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 90 "$bin/model_cuda"
-py_step torch_model 70 "$here/torch_model.py" --json "$logs/torch_model.jsonl"
+py_step torch_model 90 "$here/torch_model.py" --json "$logs/torch_model.jsonl" --wegeft-lib "$bin/libwegeft.so"
 py_step torch_baseline 90 "$here/torch_baseline.py" --iters 30 --json "$logs/torch.jsonl"
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
 

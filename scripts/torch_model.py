@@ -11,6 +11,9 @@ included).
                     dW = (W in_proj^T) out_proj^T          (d_out x d_in)
                     y  = F.linear(x, W) + F.linear(x, dW)
   * peft_lora   PEFT LoRA (peft.get_peft_model, LoraConfig r=8, alpha=16, no dropout).
+  * wegeft_torch  (with --wegeft-lib PATH) this crate's kernels inside the same transformers
+                model: examples/python/wegeft_torch.py attach() (one pair per module type,
+                the official scheme), through libwegeft.so's C ABI on PyTorch's stream.
 The adapter's output half starts nonzero (out_proj / lora_B random) so that every product
 does real work. Exit status 0, or 1 when a configuration failed (or, with
 WEGEFT_REQUIRE_GPU=1, there is no device).
@@ -78,6 +81,13 @@ def build(kind, targets, r):
             if "lora_B" in n:
                 with torch.no_grad():
                     p.normal_(0.0, 1e-3)
+    elif kind == "wegeft_torch":
+        import wegeft_torch
+
+        adapter = wegeft_torch.attach(model, targets=targets, rank=r)
+        with torch.no_grad():
+            for lin in adapter.out_projections.values():
+                lin.weight.normal_(0.0, 1e-3)
     else:
         raise ValueError(kind)
     return model
@@ -125,13 +135,26 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--wegeft-lib", default=None,
+                    help="libwegeft.so (built with --features cuda): also time wegeft_torch")
     a = ap.parse_args()
+    kinds = ["wegeft_ref", "peft_lora"]
+    if a.wegeft_lib:
+        here = os.path.dirname(os.path.abspath(__file__))
+        for d in (os.path.join(here, "python"), os.path.join(here, "..", "examples", "python")):
+            if os.path.isfile(os.path.join(d, "wegeft_torch.py")):
+                sys.path.insert(0, d)
+                break
+        import wegeft_torch
+
+        wegeft_torch.library(a.wegeft_lib)
+        kinds.append("wegeft_torch")
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
         sys.exit(1 if os.environ.get("WEGEFT_REQUIRE_GPU") == "1" else 0)
     failed = 0
     for targets in (["q_proj", "v_proj"], ALL):
-        for kind in ("wegeft_ref", "peft_lora"):
+        for kind in kinds:
             try:
                 row = run(kind, targets, a.batch, a.seq, a.rank, a.steps)
             except Exception as e:  # one failing configuration does not hide the others
