@@ -11,8 +11,6 @@
 #                  at a time
 #   gemm_check (90)   every fused-GEMM variant on the odd-size grid vs a CPU loop
 #   c_abi (60)        tests/c/test_wegeft.c cuda: the C ABI's CUDA entry points vs its CPU path
-#   torch_abi (60)    examples/python/test_wegeft_torch.py: the PyTorch layer over the C ABI (CPU
-#                     and CUDA tensors) vs the official formulation, training, merge; its bench
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios (every path
 #                     checked against the composed one)
 #   model_bench (90)  benches/model_cuda: a SmolLM2-shaped training step, B=16 S=512 r=8, each layer path
@@ -25,6 +23,8 @@
 #                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge,
 #                  dropout); memcheck on gemm_check --small, cuda_model's op-by-op cases,
 #                  cuda_multi sanitize_multi; memcheck / racecheck / synccheck on cuda_attention
+#   torch_abi (60)    examples/python/test_wegeft_torch.py: the PyTorch layer over the C ABI (CPU
+#                     and CUDA tensors) vs the official formulation, training, merge; its bench
 #   multi_bench (45)  tests/cuda_multi bench_multi: 1/8/64 adapters in one batch vs one after
 #                     another (WeGeFT, LoRA), a markdown table in its log
 #   attn_bench (40) / attn_torch (60)  benches/attention_cuda vs PyTorch SDPA (B=16, S=512/2048)
@@ -199,11 +199,6 @@ py_step() {  # py_step NAME TIMEOUT SCRIPT ARGS...: a PyTorch script (its own LD
   if [ -n "$py" ]; then step "$name" "$limit" env LD_LIBRARY_PATH="$orig_ldp" "$py" -u "$@"
   else record "$name" "SKIP (no python3)" 0; fi
 }
-# The same library from PyTorch (ctypes), in PyTorch's own environment as a user runs it: the
-# library's cudarc then finds cuBLASLt through the copy PyTorch has loaded.
-[ -f "$bin/libwegeft.so" ] && py_step torch_abi 60 "$here/python/test_wegeft_torch.py" \
-  --lib "$bin/libwegeft.so" --device all --bench
-
 # --- benchmarks: the layer, the GEMM core and the training step against PyTorch ---------------------
 have layer_cuda && WEGEFT_BENCH_ITERS=30 WEGEFT_BENCH_JSON="$logs/bench.jsonl" step bench 90 "$bin/layer_cuda"
 have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 90 "$bin/model_cuda"
@@ -243,6 +238,11 @@ if [ -n "$sanitizer" ]; then
 else
   for s in $san_steps; do record "$s" "SKIP (no compute-sanitizer)" 0; done
 fi
+
+# --- the library from PyTorch (ctypes), in PyTorch's own environment as a user runs it (the
+# library's cudarc then finds cuBLASLt through the copy PyTorch has loaded) ------------------------
+[ -f "$bin/libwegeft.so" ] && py_step torch_abi 60 "$here/python/test_wegeft_torch.py" \
+  --lib "$bin/libwegeft.so" --device all --bench
 
 # --- the other benchmarks ----------------------------------------------------------------------
 have cuda_multi && WEGEFT_BENCH_ITERS=20 step multi_bench 45 "$bin/cuda_multi" bench_ --ignored --nocapture --test-threads=1

@@ -3,7 +3,8 @@
 over the adapter) of transformers' LlamaForCausalLM with SmolLM2-135M's config and random
 weights, bf16, B=16, S=512, rank 8, targets q,v and all seven; tokens/s (median step time)
 and peak device memory (torch.cuda.max_memory_allocated over the timed steps, weights
-included).
+included). With --device cpu: f32 on the CPU, for `wegeft bench-step` (the CPU benchmark:
+--batch 4 --seq 64 --targets qv --threads 2).
 
   * wegeft_ref  the official-style WeGeFT formulation, written from its formula: each target
                 nn.Linear (W: d_out x d_in, frozen) gets in_proj (r x d_in) and out_proj
@@ -59,13 +60,13 @@ class WeGeFTLinear(nn.Module):
         return F.linear(x, w) + F.linear(x, dw)
 
 
-def build(kind, targets, r):
+def build(kind, targets, r, dev, dtype):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(dev):
         model = LlamaForCausalLM(smollm2_config())
-    model = model.to(dtype=torch.bfloat16)
+    model = model.to(dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     if kind == "wegeft_ref":
@@ -93,12 +94,14 @@ def build(kind, targets, r):
     return model
 
 
-def run(kind, targets, batch, seq, r, steps):
-    model = build(kind, targets, r)
+def run(kind, targets, batch, seq, r, steps, dev, dtype):
+    model = build(kind, targets, r, dev, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(0, 49152, (batch, seq), generator=g).cuda()
+    ids = torch.randint(0, 49152, (batch, seq), generator=g).to(dev)
+    cuda = dev == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
         out = model(input_ids=ids, labels=ids)
@@ -108,24 +111,28 @@ def run(kind, targets, batch, seq, r, steps):
         return out.loss
 
     step()  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     loss = None
     for _ in range(steps):
         t0 = time.perf_counter()
         loss = step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     times.sort()
     step_s = times[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() if cuda else None
     n_params = sum(p.numel() for p in params)
     del model, opt, params
-    torch.cuda.empty_cache()
-    return {"bench": "model_step", "impl": kind, "device": torch.cuda.get_device_name(), "batch": batch, "seq": seq,
-            "rank": r, "targets": targets, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
-            "peak_mem_bytes": peak, "loss": float(loss), "trainable": n_params}
+    if cuda:
+        torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    return {"bench": "model_step", "impl": kind, "device": name, "batch": batch, "seq": seq,
+            "rank": r, "targets": targets, "dtype": str(dtype)[6:], "step_s": step_s,
+            "tokens_per_s": batch * seq / step_s, "peak_mem_bytes": peak, "loss": float(loss),
+            "trainable": n_params}
 
 
 def main():
@@ -135,6 +142,10 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: f32 (the CPU benchmark of the Llama issue: --batch 4 --seq 64 --targets qv)")
+    ap.add_argument("--targets", default="both", choices=("qv", "all", "both"))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     ap.add_argument("--wegeft-lib", default=None,
                     help="libwegeft.so (built with --features cuda): also time wegeft_torch")
     a = ap.parse_args()
@@ -149,14 +160,17 @@ def main():
 
         wegeft_torch.library(a.wegeft_lib)
         kinds.append("wegeft_torch")
-    if not torch.cuda.is_available():
+    if a.device == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device")
         sys.exit(1 if os.environ.get("WEGEFT_REQUIRE_GPU") == "1" else 0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     failed = 0
-    for targets in (["q_proj", "v_proj"], ALL):
+    for targets in {"qv": [["q_proj", "v_proj"]], "all": [ALL], "both": [["q_proj", "v_proj"], ALL]}[a.targets]:
         for kind in kinds:
             try:
-                row = run(kind, targets, a.batch, a.seq, a.rank, a.steps)
+                row = run(kind, targets, a.batch, a.seq, a.rank, a.steps, a.device, dtype)
             except Exception as e:  # one failing configuration does not hide the others
                 failed += 1
                 print(f"{kind} {','.join(targets)}: FAILED: {type(e).__name__}: {e}", flush=True)
