@@ -7,8 +7,9 @@ included). With --device cpu: f32 on the CPU, for `wegeft bench-step` (the CPU b
 --batch 4 --seq 64 --targets qv --threads 2).
 
   * wegeft_ref  the official-style WeGeFT formulation, written from its formula: each target
-                nn.Linear (W: d_out x d_in, frozen) gets in_proj (r x d_in) and out_proj
-                (d_in x r), trainable, and computes on every call
+                nn.Linear (W: d_out x d_in, frozen) uses its module type's in_proj (r x d_in)
+                and out_proj (d_in x r), trainable and shared by all layers, and computes on
+                every call
                     dW = (W in_proj^T) out_proj^T          (d_out x d_in)
                     y  = F.linear(x, W) + F.linear(x, dW)
   * peft_lora   PEFT LoRA (peft.get_peft_model, LoraConfig r=8, alpha=16, no dropout).
@@ -44,19 +45,18 @@ def smollm2_config():
 
 
 class WeGeFTLinear(nn.Module):
-    """y = F.linear(x, W) + F.linear(x, dW), dW = (W in_proj^T) out_proj^T built per call."""
+    """y = F.linear(x, W) + F.linear(x, dW), dW = (W in_proj^T) out_proj^T built per call;
+    `pair` (in_proj, out_proj) is shared by every layer of the module type, as officially."""
 
-    def __init__(self, base: nn.Linear, r: int):
+    def __init__(self, base: nn.Linear, pair):
         super().__init__()
         self.base = base
-        d_out, d_in = base.weight.shape
-        dev, dt = base.weight.device, base.weight.dtype
-        self.in_proj = nn.Parameter(torch.randn(r, d_in, device=dev, dtype=dt) / d_in ** 0.5)
-        self.out_proj = nn.Parameter(torch.randn(d_in, r, device=dev, dtype=dt) * 1e-3)
+        self._pair = pair  # a list: the parameters are registered once, on the model
 
     def forward(self, x):
         w = self.base.weight
-        dw = (w @ self.in_proj.t()) @ self.out_proj.t()
+        in_proj, out_proj = self._pair
+        dw = (w @ in_proj.t()) @ out_proj.t()
         return F.linear(x, w) + F.linear(x, dw)
 
 
@@ -70,10 +70,18 @@ def build(kind, targets, r, dev, dtype):
     for p in model.parameters():
         p.requires_grad_(False)
     if kind == "wegeft_ref":
+        pairs = nn.ParameterDict()
         for layer in model.model.layers:
             for name in targets:
                 parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-                setattr(parent, name, WeGeFTLinear(getattr(parent, name), r))
+                base = getattr(parent, name)
+                if name + "_in" not in pairs:
+                    d_in = base.in_features
+                    kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+                    pairs[name + "_in"] = nn.Parameter(torch.randn(r, d_in, **kw) / d_in ** 0.5)
+                    pairs[name + "_out"] = nn.Parameter(torch.randn(d_in, r, **kw) * 1e-3)
+                setattr(parent, name, WeGeFTLinear(base, [pairs[name + "_in"], pairs[name + "_out"]]))
+        model.wegeft_pairs = pairs
     elif kind == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
@@ -131,7 +139,7 @@ def run(kind, targets, batch, seq, r, steps, dev, dtype):
     name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     return {"bench": "model_step", "impl": kind, "device": name, "batch": batch, "seq": seq,
             "rank": r, "targets": targets, "dtype": str(dtype)[6:], "step_s": step_s,
-            "tokens_per_s": batch * seq / step_s, "peak_mem_bytes": peak, "loss": float(loss),
+            "tokens_per_s": batch * seq / step_s, "peak_mem_bytes": peak, "loss": loss.item(),
             "trainable": n_params}
 
 
