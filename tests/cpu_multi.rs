@@ -22,11 +22,7 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 /// `x (W + s W phi psi)^T + b` for GIFT (s = 1) and PEFT (s = alpha / r) scales.
 #[test]
 fn input_edit_then_frozen_gemm_is_the_layer_in_f64() {
-    for (t, d_in, d_out, r, scale) in [
-        (5, 24, 17, 3, 1.0),
-        (9, 40, 64, 8, 16.0 / 8.0),
-        (1, 7, 3, 1, -0.5),
-    ] {
+    for (t, d_in, d_out, r, scale) in [(5, 24, 17, 3, 1.0), (9, 40, 64, 8, 16.0 / 8.0), (1, 7, 3, 1, -0.5)] {
         let s = LayerShape::new(t, d_in, d_out, r).unwrap();
         let x = rand_vec(1, t * d_in);
         let w = rand_vec(2, d_out * d_in);
@@ -107,13 +103,7 @@ impl Case {
         .unwrap()
     }
     fn run(&self, path: MultiPath, bias: bool) -> Vec<f32> {
-        let (x, w, b, phi, psi) = (
-            f32s(&self.x),
-            f32s(&self.w),
-            f32s(&self.b),
-            f32s(&self.phi),
-            f32s(&self.psi),
-        );
+        let (x, w, b, phi, psi) = (f32s(&self.x), f32s(&self.w), f32s(&self.b), f32s(&self.phi), f32s(&self.psi));
         let sc = f32s(&self.scales);
         let ad = MultiAdapters::new(&phi, &psi, &sc, self.d_in, self.r).unwrap();
         let mut y = vec![f32::NAN; self.t * self.d_out];
@@ -133,12 +123,9 @@ impl Case {
 
 #[test]
 fn every_path_equals_each_adapter_alone() {
-    for (seed, t, d_in, d_out, r, n_ad) in [
-        (10, 1, 8, 5, 1, 1),
-        (20, 37, 33, 29, 4, 3),
-        (30, 130, 72, 96, 8, 8),
-        (40, 64, 48, 40, 16, 64),
-    ] {
+    for (seed, t, d_in, d_out, r, n_ad) in
+        [(10, 1, 8, 5, 1, 1), (20, 37, 33, 29, 4, 3), (30, 130, 72, 96, 8, 8), (40, 64, 48, 40, 16, 64)]
+    {
         let mut c = case(seed, t, d_in, d_out, r, n_ad);
         for sorted in [false, true] {
             // Sorted: consecutive tokens per adapter (edited in place), with strided x and y.
@@ -147,9 +134,7 @@ fn every_path_equals_each_adapter_alone() {
                 let (xs, ys) = (c.x.clone(), c.idx.clone());
                 let want = c.want(true);
                 let pad = |v: &[f64], cols: usize| -> Vec<f32> {
-                    v.chunks(cols)
-                        .flat_map(|row| row.iter().map(|&x| x as f32).chain([f32::NAN; 3]))
-                        .collect()
+                    v.chunks(cols).flat_map(|row| row.iter().map(|&x| x as f32).chain([f32::NAN; 3])).collect()
                 };
                 let (x, w, b) = (pad(&xs, d_in), f32s(&c.w), f32s(&c.b));
                 let (phi, psi, sc) = (f32s(&c.phi), f32s(&c.psi), f32s(&c.scales));
@@ -165,39 +150,20 @@ fn every_path_equals_each_adapter_alone() {
                     MatMut::strided("y", &mut y, t, d_out, d_out + 2).unwrap(),
                 )
                 .unwrap();
-                let got: Vec<f64> = y
-                    .chunks(d_out + 2)
-                    .flat_map(|row| row[..d_out].iter().map(|&v| v as f64))
-                    .collect();
-                assert_close(
-                    &format!("multi sorted strided T={t} A={n_ad}"),
-                    &got,
-                    &want,
-                    2e-5,
-                );
+                let got: Vec<f64> = y.chunks(d_out + 2).flat_map(|row| row[..d_out].iter().map(|&v| v as f64)).collect();
+                assert_close(&format!("multi sorted strided T={t} A={n_ad}"), &got, &want, 2e-5);
             }
-            for bias in [false, true] {
-                let want = c.want(bias);
-                for path in [MultiPath::Auto, MultiPath::InputEdit, MultiPath::KExtended] {
-                    let got = c.run(path, bias);
-                    assert_close(
-                        &format!("multi {path:?} T={t} A={n_ad} bias={bias}"),
-                        &f64s(&got),
-                        &want,
-                        2e-5,
-                    );
-                }
+        for bias in [false, true] {
+            let want = c.want(bias);
+            for path in [MultiPath::Auto, MultiPath::InputEdit, MultiPath::KExtended] {
+                let got = c.run(path, bias);
+                assert_close(&format!("multi {path:?} T={t} A={n_ad} bias={bias}"), &f64s(&got), &want, 2e-5);
             }
-            // Deterministic: bitwise equal on a second run.
-            assert_eq!(
-                c.run(MultiPath::InputEdit, true),
-                c.run(MultiPath::InputEdit, true)
-            );
         }
-        assert!(
-            c.idx.contains(&NO_ADAPTER) || t < 8,
-            "cases should mix in tokens without an adapter"
-        );
+        // Deterministic: bitwise equal on a second run.
+        assert_eq!(c.run(MultiPath::InputEdit, true), c.run(MultiPath::InputEdit, true));
+        }
+        assert!(c.idx.contains(&NO_ADAPTER) || t < 8, "cases should mix in tokens without an adapter");
     }
 }
 
@@ -215,39 +181,20 @@ fn edit_alone_matches_the_reference_edit() {
             c.idx.sort();
         }
         let mut h = vec![f32::NAN; (c.t - 1) * ld + c.d_in];
-        multi_edit(
-            Mat::new("x", &x, c.t, c.d_in).unwrap(),
-            &ad,
-            &c.idx,
-            MatMut::strided("h", &mut h, c.t, c.d_in, ld).unwrap(),
-        )
-        .unwrap();
+        let hm = MatMut::strided("h", &mut h, c.t, c.d_in, ld).unwrap();
+        multi_edit(Mat::new("x", &x, c.t, c.d_in).unwrap(), &ad, &c.idx, hm).unwrap();
         for (t, &a) in c.idx.iter().enumerate() {
             let xt = &c.x[t * c.d_in..(t + 1) * c.d_in];
             let want = if a < 0 {
                 xt.to_vec()
             } else {
                 let a = a as usize;
-                rf::input_edit(
-                    &one,
-                    xt,
-                    &c.phi[a * n..(a + 1) * n],
-                    &c.psi[a * n..(a + 1) * n],
-                    c.scales[a],
-                )
-                .unwrap()
+                rf::input_edit(&one, xt, &c.phi[a * n..(a + 1) * n], &c.psi[a * n..(a + 1) * n], c.scales[a]).unwrap()
             };
-            assert_close(
-                &format!("h row {t} (adapter {a}, sorted {sorted})"),
-                &f64s(&h[t * ld..t * ld + c.d_in]),
-                &want,
-                1e-5,
-            );
+            let got = f64s(&h[t * ld..t * ld + c.d_in]);
+            assert_close(&format!("h row {t} (adapter {a}, sorted {sorted})"), &got, &want, 1e-5);
             if t + 1 < c.t {
-                assert!(
-                    h[t * ld + c.d_in..(t + 1) * ld].iter().all(|v| v.is_nan()),
-                    "padding after row {t} written"
-                );
+                assert!(h[t * ld + c.d_in..(t + 1) * ld].iter().all(|v| v.is_nan()), "padding after row {t} written");
             }
         }
     }
@@ -292,12 +239,7 @@ fn lora_multi_matches_the_reference() {
             )
             .unwrap()
         };
-        assert_close(
-            &format!("lora row {i}"),
-            &f64s(&y[i * d_out..(i + 1) * d_out]),
-            &want,
-            2e-5,
-        );
+        assert_close(&format!("lora row {i}"), &f64s(&y[i * d_out..(i + 1) * d_out]), &want, 2e-5);
     }
 }
 
@@ -307,41 +249,31 @@ fn bad_arguments_are_errors_naming_them() {
     let phi = vec![0.0f32; 2 * d * r];
     let psi = vec![0.0f32; 2 * d * r];
     let sc = [1.0f32, 1.0];
-    let e = MultiAdapters::new(&phi[1..], &psi, &sc, d, r)
-        .unwrap_err()
-        .to_string();
+    let e = MultiAdapters::new(&phi[1..], &psi, &sc, d, r).unwrap_err().to_string();
     assert!(e.contains("phi"), "{e}");
-    let e = MultiAdapters::new(&phi, &psi[..5], &sc, d, r)
-        .unwrap_err()
-        .to_string();
+    let e = MultiAdapters::new(&phi, &psi[..5], &sc, d, r).unwrap_err().to_string();
     assert!(e.contains("psi"), "{e}");
-    let e = MultiAdapters::new(&phi, &psi, &[1.0, f32::NAN], d, r)
-        .unwrap_err()
-        .to_string();
+    let e = MultiAdapters::new(&phi, &psi, &[1.0, f32::NAN], d, r).unwrap_err().to_string();
     assert!(e.contains("scale"), "{e}");
     let ad = MultiAdapters::new(&phi, &psi, &sc, d, r).unwrap();
     let x = vec![0.0f32; 3 * d];
     let w = vec![0.0f32; 4 * d];
     let mut y = vec![0.0f32; 3 * 4];
-    let run =
-        |idx: &[i32], xc: usize, wc: usize, yr: usize, b: Option<&[f32]>, y: &mut Vec<f32>| {
-            wegeft_multi_forward(
-                Mat::new("x", &x[..3 * xc], 3, xc).unwrap(),
-                Mat::new("W", &w[..4 * wc], 4, wc).unwrap(),
-                b,
-                &ad,
-                idx,
-                MultiPath::Auto,
-                MatMut::new("y", &mut y[..yr * 4], yr, 4).unwrap(),
-            )
-            .unwrap_err()
-            .to_string()
-        };
+    let run = |idx: &[i32], xc: usize, wc: usize, yr: usize, b: Option<&[f32]>, y: &mut Vec<f32>| {
+        wegeft_multi_forward(
+            Mat::new("x", &x[..3 * xc], 3, xc).unwrap(),
+            Mat::new("W", &w[..4 * wc], 4, wc).unwrap(),
+            b,
+            &ad,
+            idx,
+            MultiPath::Auto,
+            MatMut::new("y", &mut y[..yr * 4], yr, 4).unwrap(),
+        )
+        .unwrap_err()
+        .to_string()
+    };
     let e = run(&[0, 2, 1], d, d, 3, None, &mut y);
-    assert!(
-        e.contains("adapter_of_token") && e.contains("token 1 names adapter 2"),
-        "{e}"
-    );
+    assert!(e.contains("adapter_of_token") && e.contains("token 1 names adapter 2"), "{e}");
     let e = run(&[0, 1], d, d, 3, None, &mut y);
     assert!(e.contains("adapter_of_token"), "{e}");
     let e = run(&[0, 1, 1], 4, d, 3, None, &mut y);
@@ -361,48 +293,19 @@ fn backend_default_equals_the_cpu_backend() {
     use wegeft::backend::{multi_forward_by_groups, Backend};
     use wegeft::cpu::Cpu;
     let c = case(70, 45, 40, 24, 4, 5);
-    let (x, w, phi, psi, sc) = (
-        f32s(&c.x),
-        f32s(&c.w),
-        f32s(&c.phi),
-        f32s(&c.psi),
-        f32s(&c.scales),
-    );
+    let (x, w, phi, psi, sc) = (f32s(&c.x), f32s(&c.w), f32s(&c.phi), f32s(&c.psi), f32s(&c.scales));
     let mut y1 = vec![f32::NAN; c.t * c.d_out];
     let mut y2 = vec![f32::NAN; c.t * c.d_out];
-    Cpu.wegeft_multi_forward(
-        c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &c.idx, &mut y1,
-    )
-    .unwrap();
-    multi_forward_by_groups(
-        &Cpu, c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &c.idx, &mut y2,
-    )
-    .unwrap();
+    Cpu.wegeft_multi_forward(c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &c.idx, &mut y1).unwrap();
+    multi_forward_by_groups(&Cpu, c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &c.idx, &mut y2).unwrap();
     let want = c.want(false);
     assert_close("Cpu::wegeft_multi_forward", &f64s(&y1), &want, 2e-5);
     assert_close("default wegeft_multi_forward", &f64s(&y2), &want, 2e-5);
     let mut bad = c.idx.clone();
     bad[3] = 5;
-    let e = Cpu
-        .wegeft_multi_forward(
-            c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &bad, &mut y1,
-        )
-        .unwrap_err();
+    let e = Cpu.wegeft_multi_forward(c.t, c.d_in, c.d_out, c.r, &x, &w, &phi, &psi, &sc, &bad, &mut y1).unwrap_err();
     assert!(e.to_string().contains("token 3 names adapter 5"), "{e}");
-    let e = multi_forward_by_groups(
-        &Cpu,
-        c.t,
-        c.d_in,
-        c.d_out,
-        c.r,
-        &x,
-        &w,
-        &phi[1..].to_vec(),
-        &psi,
-        &sc,
-        &c.idx,
-        &mut y2,
-    )
-    .unwrap_err();
+    let e = multi_forward_by_groups(&Cpu, c.t, c.d_in, c.d_out, c.r, &x, &w, &phi[1..].to_vec(), &psi, &sc, &c.idx, &mut y2)
+        .unwrap_err();
     assert!(e.to_string().contains("phi"), "{e}");
 }

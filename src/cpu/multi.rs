@@ -42,6 +42,7 @@ use crate::shape::{Mat, MatMut};
 /// The adapter index of a token that uses no adapter (the base model).
 pub const NO_ADAPTER: i32 = -1;
 
+
 /// `A` adapters of one layer, stacked: `phi` is `A x d_in x r`, `psi` is `A x r x d_in`
 /// (adapter `a`'s matrices are contiguous, row-major), `scales[a] = s_a`.
 #[derive(Clone, Copy, Debug)]
@@ -56,13 +57,7 @@ pub struct MultiAdapters<'a> {
 impl<'a> MultiAdapters<'a> {
     /// Checks `phi.len() == psi.len() == A d_in r` with `A = scales.len() >= 1`, `d_in, r > 0`
     /// and finite scales.
-    pub fn new(
-        phi: &'a [f32],
-        psi: &'a [f32],
-        scales: &'a [f32],
-        d_in: usize,
-        rank: usize,
-    ) -> Result<Self> {
+    pub fn new(phi: &'a [f32], psi: &'a [f32], scales: &'a [f32], d_in: usize, rank: usize) -> Result<Self> {
         if d_in == 0 {
             return Err(Error::ZeroDim { what: "d_in" });
         }
@@ -70,49 +65,28 @@ impl<'a> MultiAdapters<'a> {
             return Err(Error::ZeroDim { what: "rank" });
         }
         if scales.is_empty() {
-            return Err(Error::ZeroDim {
-                what: "adapters (scales.len())",
-            });
+            return Err(Error::ZeroDim { what: "adapters (scales.len())" });
         }
         let per = crate::shape::checked_len("phi", d_in, rank)?;
-        let n = per.checked_mul(scales.len()).ok_or(Error::Overflow {
-            what: "stacked phi",
-            rows: scales.len(),
-            cols: per,
-        })?;
+        let n = per
+            .checked_mul(scales.len())
+            .ok_or(Error::Overflow { what: "stacked phi", rows: scales.len(), cols: per })?;
         if phi.len() != n {
             return Err(Error::invalid(
                 "phi",
-                format!(
-                    "{} adapters x {d_in} x {rank} need {n} elements, got {}",
-                    scales.len(),
-                    phi.len()
-                ),
+                format!("{} adapters x {d_in} x {rank} need {n} elements, got {}", scales.len(), phi.len()),
             ));
         }
         if psi.len() != n {
             return Err(Error::invalid(
                 "psi",
-                format!(
-                    "{} adapters x {rank} x {d_in} need {n} elements, got {}",
-                    scales.len(),
-                    psi.len()
-                ),
+                format!("{} adapters x {rank} x {d_in} need {n} elements, got {}", scales.len(), psi.len()),
             ));
         }
         if let Some(a) = scales.iter().position(|s| !s.is_finite()) {
-            return Err(Error::invalid(
-                "scales",
-                format!("scale of adapter {a} is {}", scales[a]),
-            ));
+            return Err(Error::invalid("scales", format!("scale of adapter {a} is {}", scales[a])));
         }
-        Ok(MultiAdapters {
-            phi,
-            psi,
-            scales,
-            d_in,
-            rank,
-        })
+        Ok(MultiAdapters { phi, psi, scales, d_in, rank })
     }
     /// `A`.
     pub fn count(&self) -> usize {
@@ -127,26 +101,12 @@ impl<'a> MultiAdapters<'a> {
     /// `phi_a` (`d_in x r`).
     pub fn phi(&self, a: usize) -> Result<Mat<'a, f32>> {
         let n = self.d_in * self.rank;
-        Mat::new(
-            "phi_a",
-            self.phi
-                .get(a * n..(a + 1) * n)
-                .ok_or_else(|| self.oob(a))?,
-            self.d_in,
-            self.rank,
-        )
+        Mat::new("phi_a", self.phi.get(a * n..(a + 1) * n).ok_or_else(|| self.oob(a))?, self.d_in, self.rank)
     }
     /// `psi_a` (`r x d_in`).
     pub fn psi(&self, a: usize) -> Result<Mat<'a, f32>> {
         let n = self.d_in * self.rank;
-        Mat::new(
-            "psi_a",
-            self.psi
-                .get(a * n..(a + 1) * n)
-                .ok_or_else(|| self.oob(a))?,
-            self.rank,
-            self.d_in,
-        )
+        Mat::new("psi_a", self.psi.get(a * n..(a + 1) * n).ok_or_else(|| self.oob(a))?, self.rank, self.d_in)
     }
     /// `s_a`.
     pub fn scale(&self, a: usize) -> Result<f32> {
@@ -219,33 +179,17 @@ fn check_index(t: usize, a: i32, adapters: usize) -> Result<usize> {
 /// `b`, in order (sequences concatenated). Indices are checked by the functions that use them.
 pub fn tokens_of_sequences(adapter_of_seq: &[i32], lens: &[usize]) -> Result<Vec<i32>> {
     if adapter_of_seq.len() != lens.len() {
-        return Err(Error::Len {
-            arg: "lens",
-            expected: adapter_of_seq.len(),
-            got: lens.len(),
-        });
+        return Err(Error::Len { arg: "lens", expected: adapter_of_seq.len(), got: lens.len() });
     }
-    Ok(adapter_of_seq
-        .iter()
-        .zip(lens)
-        .flat_map(|(&a, &n)| std::iter::repeat(a).take(n))
-        .collect())
+    Ok(adapter_of_seq.iter().zip(lens).flat_map(|(&a, &n)| std::iter::repeat(a).take(n)).collect())
 }
 
 fn check_x(x: &Mat<'_, f32>, ad: &MultiAdapters<'_>, idx: &[i32]) -> Result<()> {
     if x.cols() != ad.d_in {
-        return Err(Error::Shape {
-            arg: x.name(),
-            expected: (x.rows(), ad.d_in),
-            got: x.shape(),
-        });
+        return Err(Error::Shape { arg: x.name(), expected: (x.rows(), ad.d_in), got: x.shape() });
     }
     if idx.len() != x.rows() {
-        return Err(Error::Len {
-            arg: "adapter_of_token",
-            expected: x.rows(),
-            got: idx.len(),
-        });
+        return Err(Error::Len { arg: "adapter_of_token", expected: x.rows(), got: idx.len() });
     }
     if x.rows() == 0 {
         return Err(Error::ZeroDim { what: "tokens" });
@@ -268,48 +212,22 @@ fn edit_group(xg: &mut [f32], n: usize, ad: &MultiAdapters<'_>, a: usize) -> Res
     let mut u = vec![0.0f32; n * r];
     {
         let xv = Mat::new("x_g", &*xg, n, d)?;
-        matmul(
-            &mut MatMut::new("u", &mut u, n, r)?,
-            0.0,
-            1.0,
-            xv,
-            Op::N,
-            ad.psi(a)?,
-            Op::T,
-        )?;
+        matmul(&mut MatMut::new("u", &mut u, n, r)?, 0.0, 1.0, xv, Op::N, ad.psi(a)?, Op::T)?;
     }
     let s = ad.scale(a)?;
-    matmul(
-        &mut MatMut::new("h_g", xg, n, d)?,
-        1.0,
-        s,
-        Mat::new("u", &u, n, r)?,
-        Op::N,
-        ad.phi(a)?,
-        Op::T,
-    )
+    matmul(&mut MatMut::new("h_g", xg, n, d)?, 1.0, s, Mat::new("u", &u, n, r)?, Op::N, ad.phi(a)?, Op::T)
 }
 
 /// The per-token input edit alone: `h_t = x_t + s_a (x_t psi_a^T) phi_a^T` with `a = a_t`
 /// (`h_t = x_t` for [`NO_ADAPTER`]). `x`, `h`: `T x d_in`; `adapter_of_token`: `T` indices.
-pub fn multi_edit(
-    x: Mat<'_, f32>,
-    ad: &MultiAdapters<'_>,
-    adapter_of_token: &[i32],
-    h: MatMut<'_, f32>,
-) -> Result<()> {
+pub fn multi_edit(x: Mat<'_, f32>, ad: &MultiAdapters<'_>, adapter_of_token: &[i32], h: MatMut<'_, f32>) -> Result<()> {
     check_x(&x, ad, adapter_of_token)?;
     let mut h = h.expect(x.shape())?;
     let groups = group_tokens(adapter_of_token, ad.count())?;
     edit_into(&x, ad, &groups, &mut h)
 }
 
-fn edit_into(
-    x: &Mat<'_, f32>,
-    ad: &MultiAdapters<'_>,
-    groups: &Groups,
-    h: &mut MatMut<'_, f32>,
-) -> Result<()> {
+fn edit_into(x: &Mat<'_, f32>, ad: &MultiAdapters<'_>, groups: &Groups, h: &mut MatMut<'_, f32>) -> Result<()> {
     let a_count = ad.count();
     let (d, r) = (ad.d_in, ad.rank);
     // A group of consecutive tokens (each sequence's, in generation) is edited in place in `h`:
@@ -319,50 +237,28 @@ fn edit_into(
         let toks = groups.tokens(a);
         !toks.is_empty() && toks[toks.len() - 1] - toks[0] + 1 == toks.len()
     };
-    let mut ranges: Vec<(usize, usize, usize)> = (0..a_count)
-        .filter(|&a| contiguous(a))
-        .map(|a| (groups.tokens(a)[0], groups.tokens(a).len(), a))
-        .collect();
+    let mut ranges: Vec<(usize, usize, usize)> =
+        (0..a_count).filter(|&a| contiguous(a)).map(|a| (groups.tokens(a)[0], groups.tokens(a).len(), a)).collect();
     ranges.sort_unstable();
     let ldh = h.ld();
     let mut parts = Vec::with_capacity(ranges.len());
     let (mut rest, mut rest_row): (&mut [f32], usize) = (h.data_mut(), 0);
     for &(s0, n, a) in &ranges {
-        let tail = std::mem::take(&mut rest)
-            .split_at_mut((s0 - rest_row) * ldh)
-            .1;
+        let tail = std::mem::take(&mut rest).split_at_mut((s0 - rest_row) * ldh).1;
         let (mine, after) = tail.split_at_mut((n * ldh).min(tail.len()));
         parts.push((s0, n, a, mine));
         (rest, rest_row) = (after, s0 + n);
     }
-    parts
-        .into_par_iter()
-        .try_for_each(|(s0, n, a, hs)| -> Result<()> {
-            let mut hg = MatMut::strided("h_g", hs, n, d, ldh)?;
-            for i in 0..n {
-                hg.row_mut(i).copy_from_slice(x.row(s0 + i));
-            }
-            let xg = Mat::strided("x_g", &x.data()[s0 * x.ld()..], n, d, x.ld())?;
-            let mut u = vec![0.0f32; n * r];
-            matmul(
-                &mut MatMut::new("u", &mut u, n, r)?,
-                0.0,
-                1.0,
-                xg,
-                Op::N,
-                ad.psi(a)?,
-                Op::T,
-            )?;
-            matmul(
-                &mut hg,
-                1.0,
-                ad.scale(a)?,
-                Mat::new("u", &u, n, r)?,
-                Op::N,
-                ad.phi(a)?,
-                Op::T,
-            )
-        })?;
+    parts.into_par_iter().try_for_each(|(s0, n, a, hs)| -> Result<()> {
+        let mut hg = MatMut::strided("h_g", hs, n, d, ldh)?;
+        for i in 0..n {
+            hg.row_mut(i).copy_from_slice(x.row(s0 + i));
+        }
+        let xg = Mat::strided("x_g", &x.data()[s0 * x.ld()..], n, d, x.ld())?;
+        let mut u = vec![0.0f32; n * r];
+        matmul(&mut MatMut::new("u", &mut u, n, r)?, 0.0, 1.0, xg, Op::N, ad.psi(a)?, Op::T)?;
+        matmul(&mut hg, 1.0, ad.scale(a)?, Mat::new("u", &u, n, r)?, Op::N, ad.phi(a)?, Op::T)
+    })?;
     // The other groups run side by side (each small); results are scattered in a fixed order.
     let edited: Vec<(usize, Vec<f32>)> = (0..a_count)
         .into_par_iter()
@@ -403,11 +299,7 @@ pub fn wegeft_multi_forward(
 ) -> Result<()> {
     check_x(&x, ad, adapter_of_token)?;
     if w.cols() != ad.d_in {
-        return Err(Error::Shape {
-            arg: w.name(),
-            expected: (w.rows(), ad.d_in),
-            got: w.shape(),
-        });
+        return Err(Error::Shape { arg: w.name(), expected: (w.rows(), ad.d_in), got: w.shape() });
     }
     let (t, d_out) = (x.rows(), w.rows());
     if d_out == 0 {
@@ -432,12 +324,7 @@ pub fn wegeft_multi_forward(
 }
 
 /// `y <- x W^T (+ b)`.
-fn xwt_bias(
-    y: &mut MatMut<'_, f32>,
-    x: Mat<'_, f32>,
-    w: Mat<'_, f32>,
-    bias: Option<&[f32]>,
-) -> Result<()> {
+fn xwt_bias(y: &mut MatMut<'_, f32>, x: Mat<'_, f32>, w: Mat<'_, f32>, bias: Option<&[f32]>) -> Result<()> {
     let alpha = match bias {
         Some(b) => {
             for i in 0..y.rows() {
@@ -475,39 +362,14 @@ fn kext_forward(
             xwt_bias(&mut yv, xv, *w, bias)?;
             if g < ad.count() {
                 let mut c = vec![0.0f32; d_out * r];
-                matmul(
-                    &mut MatMut::new("C_a", &mut c, d_out, r)?,
-                    0.0,
-                    ad.scale(g)?,
-                    *w,
-                    Op::N,
-                    ad.phi(g)?,
-                    Op::N,
-                )?;
+                matmul(&mut MatMut::new("C_a", &mut c, d_out, r)?, 0.0, ad.scale(g)?, *w, Op::N, ad.phi(g)?, Op::N)?;
                 let mut u = vec![0.0f32; n * r];
-                matmul(
-                    &mut MatMut::new("u", &mut u, n, r)?,
-                    0.0,
-                    1.0,
-                    xv,
-                    Op::N,
-                    ad.psi(g)?,
-                    Op::T,
-                )?;
-                matmul(
-                    &mut yv,
-                    1.0,
-                    1.0,
-                    Mat::new("u", &u, n, r)?,
-                    Op::N,
-                    Mat::new("C_a", &c, d_out, r)?,
-                    Op::T,
-                )?;
+                matmul(&mut MatMut::new("u", &mut u, n, r)?, 0.0, 1.0, xv, Op::N, ad.psi(g)?, Op::T)?;
+                matmul(&mut yv, 1.0, 1.0, Mat::new("u", &u, n, r)?, Op::N, Mat::new("C_a", &c, d_out, r)?, Op::T)?;
             }
         }
         for (i, &tk) in toks.iter().enumerate() {
-            y.row_mut(tk)
-                .copy_from_slice(&yg[i * d_out..(i + 1) * d_out]);
+            y.row_mut(tk).copy_from_slice(&yg[i * d_out..(i + 1) * d_out]);
         }
     }
     Ok(())
@@ -531,18 +393,10 @@ pub fn lora_multi_forward(
 ) -> Result<()> {
     let (t, d, d_out) = (x.rows(), x.cols(), w.rows());
     if w.cols() != d {
-        return Err(Error::Shape {
-            arg: w.name(),
-            expected: (d_out, d),
-            got: w.shape(),
-        });
+        return Err(Error::Shape { arg: w.name(), expected: (d_out, d), got: w.shape() });
     }
     if adapter_of_token.len() != t {
-        return Err(Error::Len {
-            arg: "adapter_of_token",
-            expected: t,
-            got: adapter_of_token.len(),
-        });
+        return Err(Error::Len { arg: "adapter_of_token", expected: t, got: adapter_of_token.len() });
     }
     let n_ad = scales.len();
     crate::shape::check_len("A stack", a, n_ad * rank * d)?;
@@ -562,41 +416,16 @@ pub fn lora_multi_forward(
             let xg = gather(&x, toks);
             let mut xa = vec![0.0f32; n * rank];
             let am = Mat::new("A_a", &a[g * rank * d..(g + 1) * rank * d], rank, d)?;
-            matmul(
-                &mut MatMut::new("xA", &mut xa, n, rank)?,
-                0.0,
-                1.0,
-                Mat::new("x_g", &xg, n, d)?,
-                Op::N,
-                am,
-                Op::T,
-            )?;
-            let bm = Mat::new(
-                "B_a",
-                &b_stack[g * d_out * rank..(g + 1) * d_out * rank],
-                d_out,
-                rank,
-            )?;
+            matmul(&mut MatMut::new("xA", &mut xa, n, rank)?, 0.0, 1.0, Mat::new("x_g", &xg, n, d)?, Op::N, am, Op::T)?;
+            let bm = Mat::new("B_a", &b_stack[g * d_out * rank..(g + 1) * d_out * rank], d_out, rank)?;
             let mut dy = vec![0.0f32; n * d_out];
-            matmul(
-                &mut MatMut::new("dy", &mut dy, n, d_out)?,
-                0.0,
-                scales[g],
-                Mat::new("xA", &xa, n, rank)?,
-                Op::N,
-                bm,
-                Op::T,
-            )?;
+            matmul(&mut MatMut::new("dy", &mut dy, n, d_out)?, 0.0, scales[g], Mat::new("xA", &xa, n, rank)?, Op::N, bm, Op::T)?;
             Ok((g, dy))
         })
         .collect::<Result<_>>()?;
     for (g, dy) in deltas {
         for (i, &tk) in groups.tokens(g).iter().enumerate() {
-            for (yv, dv) in y
-                .row_mut(tk)
-                .iter_mut()
-                .zip(&dy[i * d_out..(i + 1) * d_out])
-            {
+            for (yv, dv) in y.row_mut(tk).iter_mut().zip(&dy[i * d_out..(i + 1) * d_out]) {
                 *yv += dv;
             }
         }
@@ -618,10 +447,7 @@ mod tests {
         assert!(e.contains("token 1 names adapter 2"), "{e}");
         let e = group_tokens(&[-2], 2).unwrap_err().to_string();
         assert!(e.contains("token 0 names adapter -2"), "{e}");
-        assert_eq!(
-            tokens_of_sequences(&[3, -1], &[2, 1]).unwrap(),
-            vec![3, 3, -1]
-        );
+        assert_eq!(tokens_of_sequences(&[3, -1], &[2, 1]).unwrap(), vec![3, 3, -1]);
         assert!(tokens_of_sequences(&[3], &[2, 1]).is_err());
     }
 }
