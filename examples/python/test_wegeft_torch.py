@@ -11,7 +11,8 @@ AdamW steps next to the same model in plain PyTorch (losses and final pair); `at
 state_dict keys, only the pair trainable, zero update at init); merge / unmerge; bad calls
 raise ValueError naming the shapes. `--bench` (CUDA): forward + backward times against
 `F.linear` (frozen) and the official formulation at T=8192, d=4096, r=64 and SmolLM2's shapes.
-Prints "ok: ..." and exits 0 when every check passes; `--device cuda` without a GPU fails.
+Prints "ok: ..." and exits 0 when every check passes; `--device cuda` (or WEGEFT_REQUIRE_GPU=1)
+without a GPU fails.
 """
 
 import argparse
@@ -298,6 +299,8 @@ def main():
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
+    if os.environ.get("WEGEFT_REQUIRE_GPU") == "1" and "cuda" not in devices:
+        sys.exit("WEGEFT_REQUIRE_GPU=1 but torch sees no CUDA device")
     for dev in devices:
         layer_tests(dev)
         shared_pair(dev)
