@@ -10,6 +10,7 @@
  *   merge:     W <- W + C psi;       unmerge: W <- W (I + s phi psi)^-1 (exact)
  *   LoRA:      y = x W^T + s (x A^T) B^T (+ b), A r x d_in, B d_out x r;
  *              dx = G W + s (G B) A;  dA += s (G B)^T x;  dB += s G^T (x A^T)
+ *   many adapters in one batch (serving): y_t = (x_t + s_a (x_t psi_a^T) phi_a^T) W^T (+ b)
  *
  * Every function returns WEGEFT_OK (0) or an error status, and sets a thread-local message
  * (wegeft_last_error(), empty after a success). No function aborts or unwinds into C.
@@ -138,6 +139,17 @@ int wegeft_cpu_lora_backward(int dtype, wegeft_shape shape, wegeft_const_mat x, 
                              const float *saved_xa, size_t saved_xa_len, wegeft_const_mat g,
                              wegeft_mat dx, float *da, size_t da_len, float *db, size_t db_len);
 
+/* Many adapters in one batch (multi-tenant serving): y_t = h_t W^T (+ b) with
+ * h_t = x_t + s_a (x_t psi_a^T) phi_a^T, a = adapter_of_token[t] (-1: no adapter, h_t = x_t):
+ * every token gets its own adapter's layer output, with one frozen GEMM for the whole batch.
+ * The pairs are stacked contiguously: phi is adapters x d_in x rank, psi adapters x rank x d_in
+ * (dtype); scales holds adapters floats. shape.tokens = adapter_of_token_len; bias may be NULL. */
+int wegeft_cpu_multi_forward(int dtype, wegeft_shape shape, size_t adapters, wegeft_const_mat x,
+                             wegeft_const_mat w, const void *bias, size_t bias_len, const void *phi,
+                             size_t phi_len, const void *psi, size_t psi_len, const float *scales,
+                             size_t scales_len, const int32_t *adapter_of_token,
+                             size_t adapter_of_token_len, wegeft_mat y);
+
 /* ---- CUDA ---- */
 
 /* Opens device `device` (its primary context); *out receives a handle (NULL on failure).
@@ -185,6 +197,16 @@ int wegeft_cuda_lora_backward(const wegeft_cuda *handle, void *stream, int dtype
                               wegeft_shape shape, uint64_t x, uint64_t w, uint64_t a,
                               uint64_t b, float scale, uint64_t xa, uint64_t g, uint64_t dx,
                               uint64_t da, uint64_t db);
+
+/* Many adapters in one batch on the GPU, as wegeft_cpu_multi_forward on device pointers (x, w,
+ * bias (0: none), phi, psi, y: contiguous, dtype). scales and adapter_of_token are HOST arrays:
+ * checked, then copied to the device on `stream` before the call returns (reusable at once).
+ * shape.rank <= 256. */
+int wegeft_cuda_multi_forward(const wegeft_cuda *handle, void *stream, int dtype, wegeft_shape shape,
+                              size_t adapters, uint64_t x, uint64_t w, uint64_t bias, uint64_t phi,
+                              uint64_t psi, const float *scales, size_t scales_len,
+                              const int32_t *adapter_of_token, size_t adapter_of_token_len,
+                              uint64_t y);
 
 #ifdef __cplusplus
 }

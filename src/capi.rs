@@ -674,6 +674,105 @@ pub unsafe extern "C" fn wegeft_cpu_lora_backward(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
+unsafe fn cpu_multi_forward<T: Element>(
+    sh: WegeftShape,
+    adapters: usize,
+    x: WegeftConstMat,
+    w: WegeftConstMat,
+    bias: *const c_void,
+    bias_len: usize,
+    phi: *const c_void,
+    phi_len: usize,
+    psi: *const c_void,
+    psi_len: usize,
+    scales: *const f32,
+    scales_len: usize,
+    adapter_of_token: *const i32,
+    adapter_of_token_len: usize,
+    y: WegeftMat,
+) -> R<()> {
+    let s = layer_shape(sh)?;
+    if adapters == 0 {
+        return Err(Error::ZeroDim { what: "adapters" }.into());
+    }
+    let pair = adapters
+        .checked_mul(s.d_in)
+        .and_then(|v| v.checked_mul(s.rank))
+        .ok_or_else(|| invalid("adapters", "adapters x d_in x rank overflows"))?;
+    let mut regions = Vec::new();
+    let xm = view::<T>("x", x, s.x(), &mut regions)?;
+    let wm = view::<T>("W", w, s.w(), &mut regions)?;
+    regions.extend(opt_vec_region::<T>("b", bias, bias_len, s.d_out, false)?);
+    regions.push(opt_vec_region::<T>("phi", phi, phi_len, pair, false)?.ok_or_else(|| null("phi"))?);
+    regions.push(opt_vec_region::<T>("psi", psi, psi_len, pair, false)?.ok_or_else(|| null("psi"))?);
+    regions.push(vec_region("scales", scales as *const c_void, scales_len, adapters, false)?);
+    let idx = adapter_of_token as *const c_void;
+    regions.push(opt_vec_region::<i32>("adapter_of_token", idx, adapter_of_token_len, s.tokens, false)?.ok_or_else(|| null("adapter_of_token"))?);
+    view_mut_region::<T>("y", y, s.y(), &mut regions)?;
+    check_overlap(&regions)?;
+    let b = (!bias.is_null()).then(|| std::slice::from_raw_parts(bias as *const T, bias_len));
+    let phis = std::slice::from_raw_parts(phi as *const T, phi_len);
+    let psis = std::slice::from_raw_parts(psi as *const T, psi_len);
+    let scs = std::slice::from_raw_parts(scales, scales_len);
+    let idxs = std::slice::from_raw_parts(adapter_of_token, adapter_of_token_len);
+    let ym = make_mut::<T>("y", y, s.y())?;
+    let path = cpu::multi::MultiPath::Auto;
+    Ok(cpu::multi::wegeft_multi_forward_as(xm, wm, b, phis, psis, scs, s.rank, idxs, path, ym)?)
+}
+
+/// Many adapters in one batch on the CPU (multi-tenant serving): `y_t = h_t W^T (+ b)` with
+/// `h_t = x_t + s_a (x_t psi_a^T) phi_a^T`, `a = adapter_of_token[t]` (`-1`: no adapter,
+/// `h_t = x_t`) — for every token the output of its own adapter's layer, with one frozen GEMM
+/// for the whole batch. The `adapters` pairs are stacked contiguously: `phi` is
+/// `adapters x d_in x rank` and `psi` `adapters x rank x d_in` (`dtype`), `scales` holds
+/// `adapters` f32. `shape.tokens` = `adapter_of_token_len`; `bias` may be NULL.
+///
+/// # Safety
+/// Each pointer must address at least as many elements as its length argument says.
+#[no_mangle]
+pub unsafe extern "C" fn wegeft_cpu_multi_forward(
+    dtype: c_int,
+    shape: WegeftShape,
+    adapters: usize,
+    x: WegeftConstMat,
+    w: WegeftConstMat,
+    bias: *const c_void,
+    bias_len: usize,
+    phi: *const c_void,
+    phi_len: usize,
+    psi: *const c_void,
+    psi_len: usize,
+    scales: *const f32,
+    scales_len: usize,
+    adapter_of_token: *const i32,
+    adapter_of_token_len: usize,
+    y: WegeftMat,
+) -> c_int {
+    guard(|| {
+        dispatch!(
+            dtype,
+            cpu_multi_forward(
+                shape,
+                adapters,
+                x,
+                w,
+                bias,
+                bias_len,
+                phi,
+                phi_len,
+                psi,
+                psi_len,
+                scales,
+                scales_len,
+                adapter_of_token,
+                adapter_of_token_len,
+                y
+            )
+        )
+    })
+}
+
 // ---- misc -----------------------------------------------------------------------------------
 
 /// The message of the last failed call on this thread (empty after a success). Valid until
@@ -925,6 +1024,40 @@ mod cuda_impl {
         let s = layer_shape(shape)?;
         Ok(d.lora_backward_raw(dt, &s, stream as CUstream, x, w, a, b, scale, xa, g, opt(dx), da, db, path)?)
     }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn multi_forward(
+        h: *const WegeftCuda,
+        stream: *mut c_void,
+        dtype: c_int,
+        shape: WegeftShape,
+        adapters: usize,
+        x: u64,
+        w: u64,
+        bias: u64,
+        phi: u64,
+        psi: u64,
+        scales: *const f32,
+        scales_len: usize,
+        adapter_of_token: *const i32,
+        adapter_of_token_len: usize,
+        y: u64,
+    ) -> R<()> {
+        let (d, _) = handle(h)?;
+        let dt = dtype_of(dtype)?;
+        let s = layer_shape(shape)?;
+        region::<f32>("scales", scales as *const c_void, scales_len, false)?;
+        region::<i32>("adapter_of_token", adapter_of_token as *const c_void, adapter_of_token_len, false)?;
+        if scales_len != adapters {
+            return Err(Error::Len { arg: "scales", expected: adapters, got: scales_len }.into());
+        }
+        if adapter_of_token_len != s.tokens {
+            return Err(Error::Len { arg: "adapter_of_token", expected: s.tokens, got: adapter_of_token_len }.into());
+        }
+        let scs = std::slice::from_raw_parts(scales, scales_len);
+        let idx = std::slice::from_raw_parts(adapter_of_token, adapter_of_token_len);
+        Ok(d.wegeft_multi_forward_raw(dt, stream as CUstream, s.d_in, s.d_out, s.rank, x, w, opt(bias), phi, psi, scs, idx, y)?)
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -1004,6 +1137,54 @@ macro_rules! cuda_call {
 #[no_mangle]
 pub unsafe extern "C" fn wegeft_cuda_set_path(handle: *mut WegeftCuda, path: c_int) -> c_int {
     cuda_call!(set_path(handle, path))
+}
+
+/// Many adapters in one batch on the GPU: as [`wegeft_cpu_multi_forward`], on device pointers
+/// (`x`, `w`, `bias` (0: none), `phi` `adapters x d_in x rank`, `psi` `adapters x rank x d_in`,
+/// `y`: contiguous, `dtype`, 16-byte aligned). `scales` and `adapter_of_token` are HOST
+/// arrays: checked (finite scales, indices `-1` or `0..adapters`), then copied to the device on
+/// `stream` before the call returns, so they may be reused at once. `shape.rank` <= 256. One
+/// kernel edits every token's input (`h`, stream-ordered scratch), one cuBLASLt GEMM does
+/// `h W^T (+ b)`.
+///
+/// # Safety
+/// Device pointers as for [`wegeft_cuda_forward`]; host pointers must address as many
+/// elements as their lengths say.
+#[no_mangle]
+pub unsafe extern "C" fn wegeft_cuda_multi_forward(
+    handle: *const WegeftCuda,
+    stream: *mut c_void,
+    dtype: c_int,
+    shape: WegeftShape,
+    adapters: usize,
+    x: WegeftDevicePtr,
+    w: WegeftDevicePtr,
+    bias: WegeftDevicePtr,
+    phi: WegeftDevicePtr,
+    psi: WegeftDevicePtr,
+    scales: *const f32,
+    scales_len: usize,
+    adapter_of_token: *const i32,
+    adapter_of_token_len: usize,
+    y: WegeftDevicePtr,
+) -> c_int {
+    cuda_call!(multi_forward(
+        handle,
+        stream,
+        dtype,
+        shape,
+        adapters,
+        x,
+        w,
+        bias,
+        phi,
+        psi,
+        scales,
+        scales_len,
+        adapter_of_token,
+        adapter_of_token_len,
+        y
+    ))
 }
 
 /// WeGeFT forward on the GPU: `u = x psi^T` (`tokens x rank`), `C = s W phi`

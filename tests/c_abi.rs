@@ -136,6 +136,7 @@ fn c_of_rust(t: &str) -> String {
         "usize" => "size_t",
         "f32" => "float",
         "u64" | "WegeftDevicePtr" => "uint64_t",
+        "i32" => "int32_t",
         "c_void" => "void",
         "c_char" => "char",
         "WegeftShape" => "wegeft_shape",
@@ -417,4 +418,96 @@ fn half_dtypes_through_the_abi_equal_the_cpu_layer() {
     case::<half::f16>(WEGEFT_F16);
     case::<half::bf16>(WEGEFT_BF16);
     case::<f32>(WEGEFT_F32);
+}
+
+/// `wegeft_cpu_multi_forward` in each storage type: every token's row equals its own adapter's
+/// single-adapter layer (`cpu::wegeft_forward`, or the frozen layer for `-1`) within the type's
+/// rounding, with a strided `x`; then the error paths (a bad index, a NaN scale, a short stack,
+/// NULL pointers, `y` overlapping `x`) are statuses with messages naming the argument.
+#[test]
+fn multi_adapter_forward_through_the_abi() {
+    use wegeft::capi::*;
+    use wegeft::{cpu, Element, LayerShape, Mat, MatMut};
+    fn case<T: Element>(code: std::ffi::c_int) {
+        let (t, din, dout, r, n_ad, ld) = (11usize, 24usize, 20usize, 4usize, 3usize, 27usize);
+        let v = |seed: u64, n: usize| -> Vec<T> {
+            common::rand_vec(seed, n).iter().map(|&x| T::from_f32(x as f32 * 0.5)).collect()
+        };
+        let (x, w, b, phi, psi) = (v(1, t * ld), v(2, dout * din), v(3, dout), v(4, n_ad * din * r), v(5, n_ad * r * din));
+        let scales = [0.5f32, 1.0, 2.0];
+        let idx: Vec<i32> = (0..t).map(|i| [2, -1, 0, 1, 1][i % 5]).collect();
+        let sh = WegeftShape { tokens: t, d_in: din, d_out: dout, rank: r };
+        let cm = |d: &[T], ld: usize| WegeftConstMat { data: d.as_ptr().cast(), len: d.len(), ld };
+        let mut y = vec![T::from_f32(f32::NAN); t * dout];
+        let call = |y: &mut [T], idx: &[i32], scales: &[f32], phi_len: usize, phi_ptr: *const T| unsafe {
+            let ym = WegeftMat { data: y.as_mut_ptr().cast(), len: y.len(), ld: 0 };
+            wegeft_cpu_multi_forward(
+                code,
+                sh,
+                n_ad,
+                cm(&x, ld),
+                cm(&w, 0),
+                b.as_ptr().cast(),
+                dout,
+                phi_ptr.cast(),
+                phi_len,
+                psi.as_ptr().cast(),
+                psi.len(),
+                scales.as_ptr(),
+                scales.len(),
+                idx.as_ptr(),
+                idx.len(),
+                ym,
+            )
+        };
+        assert_eq!(call(&mut y, &idx, &scales, phi.len(), phi.as_ptr()), WEGEFT_OK, "{}", last_error());
+        let one = LayerShape::new(1, din, dout, r).unwrap();
+        let tol = T::tolerance() * 4.0;
+        for (tk, &a) in idx.iter().enumerate() {
+            let xt = Mat::new("x", &x[tk * ld..tk * ld + din], 1, din).unwrap();
+            let mut want = vec![T::default(); dout];
+            let wm = Mat::new("W", &w, dout, din).unwrap();
+            if a < 0 {
+                cpu::frozen_forward(xt, wm, Some(&b), MatMut::new("y", &mut want, 1, dout).unwrap()).unwrap();
+            } else {
+                let a = a as usize;
+                let p = Mat::new("phi", &phi[a * din * r..(a + 1) * din * r], din, r).unwrap();
+                let q = Mat::new("psi", &psi[a * r * din..(a + 1) * r * din], r, din).unwrap();
+                cpu::wegeft_forward(&one, xt, wm, Some(&b), p, q, scales[a], MatMut::new("y", &mut want, 1, dout).unwrap())
+                    .unwrap();
+            }
+            let got = &y[tk * dout..(tk + 1) * dout];
+            let scale = want.iter().map(|e| e.to_f32().abs()).fold(1e-6f32, f32::max) as f64;
+            for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                let d = (g.to_f32() - e.to_f32()).abs() as f64;
+                assert!(d <= tol * scale, "{:?} token {tk} (adapter {a}) y[{j}]: {} vs {}", T::DTYPE, g.to_f32(), e.to_f32());
+            }
+        }
+        // Error paths.
+        let fails = |st: std::ffi::c_int, status: std::ffi::c_int, needle: &str| {
+            let msg = last_error();
+            assert!(st == status && msg.contains(needle), "{:?}: status {st}, want {status} with {needle:?}: {msg}", T::DTYPE);
+        };
+        let mut bad = idx.clone();
+        bad[4] = 3;
+        fails(call(&mut y, &bad, &scales, phi.len(), phi.as_ptr()), WEGEFT_ERR_INVALID, "adapter");
+        fails(call(&mut y, &idx, &[0.5, f32::NAN, 1.0], phi.len(), phi.as_ptr()), WEGEFT_ERR_INVALID, "scale");
+        fails(call(&mut y, &idx, &scales, phi.len() - 1, phi.as_ptr()), WEGEFT_ERR_INVALID, "phi");
+        fails(call(&mut y, &idx, &scales, phi.len(), std::ptr::null()), WEGEFT_ERR_NULL, "phi");
+        fails(call(&mut y, &idx[1..], &scales, phi.len(), phi.as_ptr()), WEGEFT_ERR_INVALID, "adapter_of_token");
+        let st = unsafe {
+            let ym = WegeftMat { data: x.as_ptr() as *mut std::ffi::c_void, len: t * dout, ld: 0 };
+            wegeft_cpu_multi_forward(
+                code, sh, n_ad, cm(&x, ld), cm(&w, 0), std::ptr::null(), 0, phi.as_ptr().cast(), phi.len(),
+                psi.as_ptr().cast(), psi.len(), scales.as_ptr(), 3, idx.as_ptr(), t, ym,
+            )
+        };
+        fails(st, WEGEFT_ERR_INVALID, "overlaps");
+    }
+    fn last_error() -> String {
+        unsafe { std::ffi::CStr::from_ptr(wegeft::capi::wegeft_last_error()) }.to_string_lossy().into_owned()
+    }
+    case::<f32>(WEGEFT_F32);
+    case::<half::bf16>(WEGEFT_BF16);
+    case::<half::f16>(WEGEFT_F16);
 }

@@ -6,7 +6,8 @@ A fixture file is what tests/c_abi.rs writes for tests/c/test_wegeft.c: "WGFT", 
 d_out, rank (u64 LE), then f32 arrays x, W, b, phi, psi, G, y, dx, dphi, dpsi, W_merged
 (float64 PyTorch autograd answers of ../shared/fixtures/layer/, scale 1). For each fixture:
 forward (with and without bias, with the saved u / C), backward (saved and recomputed; dx
-skipped), merge and unmerge, in f32 and bf16 storage, against the fixture. Then the error
+skipped), the multi-adapter forward with one adapter, merge and unmerge, in f32 and bf16
+storage, against the fixture. Then the error
 paths: a WegeftError naming the argument, never a crash. Prints "ok: ..." and exits 0 when all
 pass.
 """
@@ -129,6 +130,13 @@ def run_fixture(lib, name, fx, dtype):
                      dphi.buffer_info()[0], len(dphi), dpsi.buffer_info()[0], len(dpsi))
     close_to(f"{tag} backward accumulates dphi", dphi, array("f", (2 * v for v in fx["dphi"])), tol)
     close_to(f"{tag} backward accumulates dpsi", dpsi, array("f", (2 * v for v in fx["dpsi"])), tol)
+    # One adapter for every token: the batched multi-adapter forward is the layer.
+    ym = Buf([math.nan] * (t * dout), dtype)
+    lib.cpu_multi_forward(dtype, shape, 1, x.c(), w.c(), phi.ptr, len(phi.a), psi.ptr, len(psi.a), [1.0], [0] * t,
+                          ym.m(), bias=b.ptr, bias_len=dout)
+    close_to(f"{tag} multi-adapter forward y", ym.f32(), fx["y"], tol)
+    expect_error(f"{tag} multi-adapter index past the stack", wegeft.ERR_INVALID, "adapter", lib.cpu_multi_forward,
+                 dtype, shape, 1, x.c(), w.c(), phi.ptr, len(phi.a), psi.ptr, len(psi.a), [1.0], [1] * t, ym.m())
     wm = Buf(fx["W"], dtype)
     lib.cpu_merge(dtype, shape, wm.m(), phi.c(), psi.c(), 1.0)
     close_to(f"{tag} merge", wm.f32(), fx["W_merged"], tol)

@@ -9,7 +9,8 @@ aligned shapes; with and without bias; scale 1 and 0.5; on CUDA every K-extended
 side stream); one pair shared by two layers (gradients summed); a small model fine-tuned for 8
 AdamW steps next to the same model in plain PyTorch (losses and final pair); `attach` (official
 state_dict keys, only the pair trainable, zero update at init); merge / unmerge; bad calls
-raise ValueError naming the shapes. `--bench` (CUDA): forward + backward times against
+raise ValueError naming the shapes; `multi_linear` (many adapters in one batch) per token
+against each adapter's official layer. `--bench` (CUDA): forward + backward times against
 `F.linear` (frozen) and the official formulation at T=8192, d=4096, r=64 and SmolLM2's shapes.
 Prints "ok: ..." and exits 0 when every check passes; `--device cuda` (or WEGEFT_REQUIRE_GPU=1)
 without a GPU fails.
@@ -251,6 +252,41 @@ def bad_calls(dev):
     check(y.shape == (0, 6) and ino.grad.abs().max().item() == 0.0, f"{dev} empty batch")
 
 
+def multi_adapters(dev):
+    """multi_linear: each token through its own adapter (or none), against the official layer per token."""
+    g = torch.Generator().manual_seed(5)
+    n_ad, r, d_in, d_out = 3, 6, 40, 24
+    x = torch.randn(2, 9, d_in, generator=g)
+    w, b = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5, torch.randn(d_out, generator=g)
+    ins, outs = torch.randn(n_ad, r, d_in, generator=g) / d_in ** 0.5, torch.randn(n_ad, d_in, r, generator=g)
+    scales = [0.5, 1.0, 2.0]
+    idx = [(t % 4) - 1 for t in range(18)]
+    for dtype in (torch.float32, torch.bfloat16):
+        cast = lambda t: t.to(dtype).to(dev)  # noqa: E731
+        y = wt.multi_linear(cast(x), cast(w), cast(b), cast(ins), cast(outs), scales, idx)
+        xr, wr, br = (cast(t).double().cpu() for t in (x, w, b))
+        rows = []
+        for t, a in enumerate(idx):
+            xt = xr.reshape(-1, d_in)[t]
+            if a < 0:
+                rows.append(F.linear(xt, wr, br))
+            else:
+                rows.append(official(xt, wr, br, cast(ins[a]).double().cpu(), cast(outs[a]).double().cpu(), scales[a]))
+        want = torch.stack(rows).reshape(2, 9, d_out)
+        e = rel(y, want)
+        check(e <= TOL[dtype], f"{dev} multi_linear {str(dtype)[6:]}: rel err {e:.3g}")
+    try:
+        wt.multi_linear(x.to(dev), w.to(dev), None, ins.to(dev), outs.to(dev), scales, [3] + idx[1:])
+        check(False, f"{dev} multi_linear: an adapter index past the stack was accepted")
+    except wegeft.WegeftError as e:
+        check("adapter" in e.message, f"{dev} multi_linear bad index: {e}")
+    try:
+        wt.multi_linear(x.to(dev).requires_grad_(), w.to(dev), None, ins.to(dev), outs.to(dev), scales, idx)
+        check(False, f"{dev} multi_linear: accepted an input that requires grad")
+    except ValueError as e:
+        check("no_grad" in str(e), f"{dev} multi_linear requires_grad: {e}")
+
+
 def bench():
     """Forward + backward (dx and the pair's gradients) on CUDA events, median of 30 after warm-up."""
     dev, dt = "cuda", torch.bfloat16
@@ -306,6 +342,7 @@ def main():
         shared_pair(dev)
         training(dev)
         bad_calls(dev)
+        multi_adapters(dev)
     if a.bench and "cuda" in devices:
         bench()
     if FAILURES:

@@ -78,6 +78,8 @@ _PROTOTYPES = {
     "wegeft_cpu_lora_forward": (c_int, _S, _CM, _CM, c_void_p, c_size_t, _CM, _CM, c_float, _M, _FP, c_size_t),
     "wegeft_cpu_lora_backward": (c_int, _S, _CM, _CM, _CM, _CM, c_float, _FP, c_size_t, _CM, _M, _FP, c_size_t, _FP,
                                  c_size_t),
+    "wegeft_cpu_multi_forward": (c_int, _S, c_size_t, _CM, _CM, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p,
+                                 c_size_t, _FP, c_size_t, POINTER(ctypes.c_int32), c_size_t, _M),
     "wegeft_cuda_create": (c_int, POINTER(c_void_p)),
     "wegeft_cuda_destroy": (c_void_p,),
     "wegeft_cuda_set_path": (c_void_p, c_int),
@@ -87,6 +89,8 @@ _PROTOTYPES = {
     "wegeft_cuda_unmerge": (c_void_p, c_void_p, c_int, _S, c_uint64, c_uint64, c_uint64, c_float),
     "wegeft_cuda_lora_forward": (c_void_p, c_void_p, c_int, _S) + (c_uint64,) * 5 + (c_float,) + (c_uint64,) * 2,
     "wegeft_cuda_lora_backward": (c_void_p, c_void_p, c_int, _S) + (c_uint64,) * 4 + (c_float,) + (c_uint64,) * 5,
+    "wegeft_cuda_multi_forward": (c_void_p, c_void_p, c_int, _S, c_size_t) + (c_uint64,) * 5 +
+                                 (_FP, c_size_t, POINTER(ctypes.c_int32), c_size_t, c_uint64),
 }
 
 
@@ -108,6 +112,15 @@ def default_path():
 def _fptr(p):
     """An optional f32 pointer argument from an int address (None / 0: NULL)."""
     return ctypes.cast(c_void_p(p or None), _FP)
+
+
+def _host_array(values, ctype):
+    """(pointer, length) of a host array: an (address, length) pair as is, else a sequence
+    copied into a new ctypes array (kept alive by the returned pointer)."""
+    if isinstance(values, tuple) and len(values) == 2 and isinstance(values[0], int):
+        return ctypes.cast(c_void_p(values[0] or None), POINTER(ctype)), values[1]
+    arr = (ctype * len(values))(*values)
+    return ctypes.cast(arr, POINTER(ctype)), len(values)
 
 
 class Library:
@@ -167,6 +180,17 @@ class Library:
                           saved_xa_len=0):
         self._call("cpu_lora_backward", dtype, shape, x, w, a, b, scale, _fptr(saved_xa), saved_xa_len, g, dx,
                    _fptr(da), da_len, _fptr(db), db_len)
+
+    def cpu_multi_forward(self, dtype, shape, adapters, x, w, phi, phi_len, psi, psi_len, scales, adapter_of_token,
+                          y, bias=None, bias_len=0):
+        """Many adapters in one batch: y_t = (x_t + s_a (x_t psi_a^T) phi_a^T) W^T (+ b),
+        a = adapter_of_token[t] (-1: none). phi / psi: addresses of the stacked pairs
+        (adapters x d_in x rank, adapters x rank x d_in); scales, adapter_of_token: sequences,
+        or (address, length) pairs of f32 / int32 host arrays."""
+        sp, sn = _host_array(scales, c_float)
+        ip, n = _host_array(adapter_of_token, ctypes.c_int32)
+        self._call("cpu_multi_forward", dtype, shape, adapters, x, w, bias, bias_len, phi, phi_len, psi, psi_len, sp,
+                   sn, ip, n, y)
 
     # ---- CUDA ----
 
@@ -233,6 +257,14 @@ class CudaHandle:
     def lora_backward(self, stream, dtype, shape, x, w, a, b, scale, xa, g, dx, da, db):
         self._lib._call("cuda_lora_backward", self._live(), stream, dtype, shape, x, w, a, b, scale, xa, g, dx, da,
                         db)
+
+    def multi_forward(self, stream, dtype, shape, adapters, x, w, bias, phi, psi, scales, adapter_of_token, y):
+        """Many adapters in one batch (device pointers; scales and adapter_of_token on the host,
+        as for Library.cpu_multi_forward, copied before the call returns)."""
+        sp, sn = _host_array(scales, c_float)
+        ip, n = _host_array(adapter_of_token, ctypes.c_int32)
+        self._lib._call("cuda_multi_forward", self._live(), stream, dtype, shape, adapters, x, w, bias, phi, psi, sp,
+                        sn, ip, n, y)
 
 
 def load(path=None):

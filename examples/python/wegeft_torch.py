@@ -16,7 +16,8 @@ its backward returns dx, d in_proj and d out_proj (W and b are frozen: asking fo
 gradient is an error). `WegeftLinear` wraps an `nn.Linear`; `Adapter` holds one pair per
 module type in `in_projections` / `out_projections` (the official code's names, so its
 `state_dict()` loads there and in `wegeft finetune --init-adapter`); `attach` puts them into a
-model. Storage dtypes f32, bf16, f16 (all tensors of a call the same); compute f32.
+model. `multi_linear` serves many adapters in one batch (each token its own adapter, one frozen
+GEMM). Storage dtypes f32, bf16, f16 (all tensors of a call the same); compute f32.
 
 On CUDA the kernels run on the tensors' device, on PyTorch's current stream (no
 synchronisation). Scratch memory comes from the device's stream-ordered pool, next to
@@ -210,6 +211,63 @@ def _merge(weight, in_proj, out_proj, scale, unmerge):
             h, stream = _handle(weight.device), torch.cuda.current_stream(weight.device).cuda_stream
             f = h.unmerge if unmerge else h.merge
             f(stream, dtype, shape, weight.data_ptr(), phi.data_ptr(), psi.data_ptr(), float(scale))
+
+
+def multi_linear(x, weight, bias, in_projs, out_projs, scales, adapter_of_token):
+    """Many adapters in one batch (serving, no autograd): row t of `x` (..., d_in, flattened to
+    T rows) goes through its own adapter `a = adapter_of_token[t]` (-1: none, the frozen
+    layer), `in_projs[a]` (r x d_in) / `out_projs[a]` (d_in x r) in the official layout,
+    stacked as (A, r, d_in) / (A, d_in, r), `scales[a]`:
+
+        y_t = F.linear(x_t, W + s_a (W in_proj_a^T) out_proj_a^T, b)
+
+    computed as one per-token input edit and one frozen GEMM for the whole batch.
+    `adapter_of_token`: T ints (a list or an integer tensor; on CUDA keep it on the host, the
+    library copies it). `stack(...)` builds the stacks from `Adapter`s."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, in_projs,
+                                                                                   out_projs)):
+        raise ValueError("multi_linear is for inference (no gradient): call it under torch.no_grad()")
+    if in_projs.dim() != 3 or out_projs.dim() != 3:
+        raise ValueError(f"multi_linear: in_projs {tuple(in_projs.shape)} and out_projs {tuple(out_projs.shape)} "
+                         "must be stacks (A, r, d_in) and (A, d_in, r)")
+    n_ad, r, d_in = in_projs.shape
+    if tuple(out_projs.shape) != (n_ad, d_in, r):
+        raise ValueError(f"multi_linear: out_projs {tuple(out_projs.shape)}, want ({n_ad}, {d_in}, {r})")
+    d_in, d_out, r = _check(x, weight, bias, in_projs[0], out_projs[0], 1.0)
+    scales = [float(v) for v in scales]
+    if len(scales) != n_ad:
+        raise ValueError(f"multi_linear: {len(scales)} scales for {n_ad} adapters")
+    lead = x.shape[:-1]
+    x2 = _dense(x.reshape(-1, d_in))
+    t = x2.shape[0]
+    idx = torch.as_tensor(adapter_of_token, dtype=torch.int32, device="cpu").reshape(-1).contiguous()
+    if idx.numel() != t:
+        raise ValueError(f"multi_linear: {idx.numel()} adapter indices for {t} tokens")
+    y = torch.empty(t, d_out, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return y.reshape(*lead, d_out)
+    phi, psi = _dense(in_projs.transpose(1, 2)), _dense(out_projs.transpose(1, 2))
+    w, b = _dense(weight), (_dense(bias) if bias is not None else None)
+    dtype, shape = _DTYPES[x.dtype], wegeft.Shape(t, d_in, d_out, r)
+    ids = (idx.data_ptr(), idx.numel())
+    if x.device.type == "cpu":
+        library().cpu_multi_forward(dtype, shape, n_ad, _c(x2), _c(w), phi.data_ptr(), phi.numel(), psi.data_ptr(),
+                                    psi.numel(), scales, ids, _m(y), bias=b.data_ptr() if b is not None else None,
+                                    bias_len=d_out if b is not None else 0)
+    else:
+        with torch.cuda.device(x.device):
+            stream = torch.cuda.current_stream(x.device).cuda_stream
+            _handle(x.device).multi_forward(stream, dtype, shape, n_ad, x2.data_ptr(), w.data_ptr(),
+                                            b.data_ptr() if b is not None else 0, phi.data_ptr(), psi.data_ptr(),
+                                            scales, ids, y.data_ptr())
+    return y.reshape(*lead, d_out)
+
+
+def stack(adapters, module):
+    """The `module` pairs of several `Adapter`s as multi_linear's stacks and scales."""
+    ins = torch.stack([a.in_projections[module].weight.detach() for a in adapters])
+    outs = torch.stack([a.out_projections[module].weight.detach() for a in adapters])
+    return ins, outs, [a.scale for a in adapters]
 
 
 class Adapter(nn.Module):

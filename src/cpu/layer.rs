@@ -147,7 +147,7 @@ impl Buf<'_> {
 
 /// An `f32` copy or view of a `T` matrix: borrowed as is for `f32`, converted (contiguous)
 /// otherwise.
-struct F32<'a> {
+pub(crate) struct F32<'a> {
     data: Buf<'a>,
     rows: usize,
     cols: usize,
@@ -156,7 +156,7 @@ struct F32<'a> {
 }
 
 impl<'a> F32<'a> {
-    fn of<T: Element>(m: Mat<'a, T>) -> Result<Self> {
+    pub(crate) fn of<T: Element>(m: Mat<'a, T>) -> Result<Self> {
         let (rows, cols, name) = (m.rows(), m.cols(), m.name());
         if is_f32::<T>() {
             if let Ok(data) = bytemuck::try_cast_slice::<T, f32>(m.data()) {
@@ -174,7 +174,7 @@ impl<'a> F32<'a> {
         Ok(F32 { data: Buf::Pool(out), rows, cols, ld: cols, name })
     }
 
-    fn mat(&self) -> Result<Mat<'_, f32>> {
+    pub(crate) fn mat(&self) -> Result<Mat<'_, f32>> {
         Mat::strided(self.name, self.data.as_slice(), self.rows, self.cols, self.ld)
     }
 }
@@ -183,7 +183,7 @@ impl<'a> F32<'a> {
 /// that is rounded back into `y` afterwards. The copy holds `y`'s values when `read_old`;
 /// otherwise its contents are unspecified and `f` must overwrite every element (as every
 /// caller does: a product with `alpha = 0`, or a bias fill first).
-fn with_f32_out<T: Element>(
+pub(crate) fn with_f32_out<T: Element>(
     y: &mut MatMut<'_, T>,
     read_old: bool,
     f: impl FnOnce(&mut MatMut<'_, f32>) -> Result<()>,

@@ -36,6 +36,8 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Op};
+use super::layer::{with_f32_out, F32};
+use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::shape::{Mat, MatMut};
 
@@ -321,6 +323,35 @@ pub fn wegeft_multi_forward(
     let mut h = vec![0.0f32; t * ad.d_in];
     edit_into(&x, ad, &groups, &mut MatMut::new("h", &mut h, t, ad.d_in)?)?;
     xwt_bias(&mut y, Mat::new("h", &h, t, ad.d_in)?, w, bias)
+}
+
+/// [`wegeft_multi_forward`] for `f32`, `bf16` or `f16` storage of `x`, `W`, `b`, the stacked
+/// pairs and `y` (`phi`: `A x d_in x rank`, `psi`: `A x rank x d_in`, `A = scales.len()`),
+/// computed in f32 as the single-adapter CPU layer does: half inputs are converted once, `y`
+/// is rounded once. Same checks and errors.
+#[allow(clippy::too_many_arguments)]
+pub fn wegeft_multi_forward_as<T: Element>(
+    x: Mat<'_, T>,
+    w: Mat<'_, T>,
+    bias: Option<&[T]>,
+    phi: &[T],
+    psi: &[T],
+    scales: &[f32],
+    rank: usize,
+    adapter_of_token: &[i32],
+    path: MultiPath,
+    mut y: MatMut<'_, T>,
+) -> Result<()> {
+    let to_f32 = |v: &[T]| -> Vec<f32> { v.iter().map(|e| e.to_f32()).collect() };
+    let (phi, psi) = (to_f32(phi), to_f32(psi));
+    let ad = MultiAdapters::new(&phi, &psi, scales, x.cols(), rank)?;
+    let bias = bias.map(to_f32);
+    let (xf, wf) = (F32::of(x)?, F32::of(w)?);
+    with_f32_out(&mut y, false, |y| {
+        let (rows, cols, ld, name) = (y.rows(), y.cols(), y.ld(), y.name());
+        let y = MatMut::strided(name, y.data_mut(), rows, cols, ld)?;
+        wegeft_multi_forward(xf.mat()?, wf.mat()?, bias.as_deref(), &ad, adapter_of_token, path, y)
+    })
 }
 
 /// `y <- x W^T (+ b)`.

@@ -115,6 +115,61 @@ impl CudaBackend {
         unsafe { self.launch("multi_edit", &func, (tokens as u32, 1, 1), (256, 1, 1), 0, stream, &params) }
     }
 
+    /// Raw-pointer many-adapter forward on a caller's stream: `y = h W^T (+ b)` with
+    /// `h_t = x_t + s_a (x_t psi_a^T) phi_a^T`, `a = adapter_of_token[t]` (`-1`: `h_t = x_t`).
+    /// `x` (`T x d_in`), `w` (`d_out x d_in`), `bias` (`d_out`), `phi` (`A x d_in x rank`),
+    /// `psi` (`A x rank x d_in`) and `y` (`T x d_out`) are contiguous device buffers of
+    /// `dtype`, 16-byte aligned; `scales` (`A`) and `adapter_of_token` (`T`) are host slices,
+    /// checked here (finite scales, every index `-1` or in `0..A`) and copied to stream-ordered
+    /// scratch on `stream` (with `h`) before this returns, so the caller may reuse them at once.
+    /// `rank <= MULTI_MAX_RANK`.
+    ///
+    /// # Safety
+    /// The device pointers must be live allocations of this context holding at least the
+    /// elements stated above, `y` must not overlap the inputs, and all must stay alive until
+    /// `stream` has run the work.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn wegeft_multi_forward_raw(
+        &self,
+        dtype: DType,
+        stream: CUstream,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        x: CUdeviceptr,
+        w: CUdeviceptr,
+        bias: Option<CUdeviceptr>,
+        phi: CUdeviceptr,
+        psi: CUdeviceptr,
+        scales: &[f32],
+        adapter_of_token: &[i32],
+        y: CUdeviceptr,
+    ) -> Result<()> {
+        let (t, n_ad) = (adapter_of_token.len(), scales.len());
+        check_dims(t, d_in, rank, n_ad)?;
+        let shape = LayerShape::new(t, d_in, d_out, rank)?;
+        if let Some(a) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(Error::invalid("scales", format!("scale of adapter {a} is {}", scales[a])));
+        }
+        crate::cpu::multi::group_tokens(adapter_of_token, n_ad)?;
+        let bytes = |n: usize, what: &'static str| {
+            n.checked_mul(dtype.size()).ok_or_else(|| Error::invalid(what, "size overflows"))
+        };
+        let idx = super::mem::DeviceBuf::new(self, stream, t * 4, "multi adapter_of_token")?;
+        let sc = super::mem::DeviceBuf::new(self, stream, n_ad * 4, "multi scales")?;
+        let h = super::mem::DeviceBuf::new(self, stream, bytes(t * d_in, "h")?, "multi h")?;
+        // SAFETY: both scratch buffers hold the slices' bytes; pageable host memory is staged
+        // before the call returns.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(idx.ptr(), adapter_of_token, stream)
+                .map_err(super::context::cuda_err("multi adapter_of_token upload"))?;
+            cudarc::driver::result::memcpy_htod_async(sc.ptr(), scales, stream)
+                .map_err(super::context::cuda_err("multi scales upload"))?;
+            self.multi_edit_raw(dtype, stream, t, d_in, rank, n_ad, x, d_in, idx.ptr(), phi, psi, sc.ptr(), h.ptr(), d_in)?;
+            self.frozen_forward_raw(dtype, &shape, stream, h.ptr(), w, bias, y)
+        }
+    }
+
     /// The per-token edit on buffers: `h_t = x_t + s_a (x_t psi_a^T) phi_a^T`,
     /// `a = adapter_of_token[t]` (`-1`: `h_t = x_t`). `x`, `h`: `T x d_in`; `phi`:
     /// `A x d_in x rank`; `psi`: `A x rank x d_in`; `A = scales.len()`. Indices and lengths

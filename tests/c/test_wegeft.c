@@ -501,6 +501,39 @@ static int run_cuda(void) {
         OK(wegeft_cuda_unmerge(h, stream, dt, s, dw, dphi, dpsi, scale));
         float *gw0 = host_of(dw, nw, dt), *w0 = pass ? from_bf16(bw, nw) : w;
         snprintf(what, sizeof what, "cuda %s unmerge", name), close_to(what, gw0, w0, nw, pass ? 3e-2 : 1e-4);
+        /* Many adapters in one batch: the device entry against the CPU one on the same inputs
+         * (3 adapters, tokens cycling through none, 0, 1, 2). */
+        {
+            enum { NA = 3 };
+            const float scales[NA] = {0.5f, 1.0f, 2.0f};
+            float *sphi = malloc(NA * np * 4), *spsi = malloc(NA * np * 4);
+            for (size_t a = 0; a < NA; a++)
+                for (size_t i = 0; i < np; i++)
+                    sphi[a * np + i] = phi[i] * (1.0f + (float)a), spsi[a * np + i] = psi[(i * 7 + a) % np];
+            int32_t *idx = malloc(T * sizeof(int32_t));
+            for (size_t t = 0; t < T; t++) idx[t] = (int32_t)(t % 4) - 1;
+            const void *hsphi = sphi, *hspsi = spsi;
+            uint16_t *bsphi = NULL, *bspsi = NULL;
+            if (pass > 0) hsphi = bsphi = to_bf16(sphi, NA * np), hspsi = bspsi = to_bf16(spsi, NA * np);
+            void *my = calloc(ny, es);
+            OK(wegeft_cpu_multi_forward(dt, s, NA, cm(hx, nx), cm(hw, nw), hb, DOUT, hsphi, NA * np, hspsi, NA * np,
+                                        scales, NA, idx, T, mm(my, ny)));
+            unsigned long long mphi = dev_copy(hsphi, NA * np * es), mpsi = dev_copy(hspsi, NA * np * es),
+                               mx = dev_copy(hx, nx * es), mw = dev_copy(hw, nw * es), mb = dev_copy(hb, DOUT * es),
+                               mdy = dev_copy(NULL, ny * es);
+            poison(stream, mdy, ny * es);
+            OK(wegeft_cuda_multi_forward(h, stream, dt, s, NA, mx, mw, mb, mphi, mpsi, scales, NA, idx, T, mdy));
+            idx[0] = NA; /* the host indices may be reused at once: the call has copied them */
+            FAILS(wegeft_cuda_multi_forward(h, stream, dt, s, NA, mx, mw, mb, mphi, mpsi, scales, NA, idx, T, mdy),
+                  WEGEFT_ERR_INVALID, "adapter");
+            CHECK(stream_sync(stream) == 0, "cuStreamSynchronize failed");
+            float *gmy = host_of(mdy, ny, dt), *fmy = pass ? from_bf16(my, ny) : my;
+            snprintf(what, sizeof what, "cuda %s multi-adapter forward", name), close_to(what, gmy, fmy, ny, tol);
+            unsigned long long mall[] = {mphi, mpsi, mx, mw, mb, mdy};
+            for (size_t i = 0; i < sizeof mall / sizeof mall[0]; i++) cu.free_(mall[i]);
+            free(gmy), free(sphi), free(spsi), free(idx), free(bsphi), free(bspsi), free(my);
+            if (pass) free(fmy);
+        }
         /* Error paths on the device entry points. */
         FAILS(wegeft_cuda_forward(h, stream, dt, s, 0, dw, db, dphi, dpsi, scale, du, dc, dy), WEGEFT_ERR_INVALID,
               "null device pointer");
