@@ -309,3 +309,90 @@ fn backend_default_equals_the_cpu_backend() {
         .unwrap_err();
     assert!(e.to_string().contains("phi"), "{e}");
 }
+
+/// The half-storage entry (`wegeft_multi_forward_as`) equals the f32 one on the same rounded
+/// values to within one bf16 rounding of `y`, and (proptest) never panics on arguments of the
+/// wrong size: it returns Ok exactly when every length, index and scale is consistent.
+#[test]
+fn half_storage_entry_matches_the_f32_one() {
+    use half::bf16;
+    use wegeft::cpu::multi::wegeft_multi_forward_as;
+    let (t, din, dout, r, n_ad) = (13, 24, 16, 4, 3);
+    let bfv = |seed: u64, n: usize| -> Vec<bf16> { rand_vec(seed, n).iter().map(|&v| bf16::from_f64(v * 0.5)).collect() };
+    let (x, w, b, phi, psi) = (bfv(1, t * din), bfv(2, dout * din), bfv(3, dout), bfv(4, n_ad * din * r), bfv(5, n_ad * r * din));
+    let sc = [0.5f32, 1.0, 2.0];
+    let idx: Vec<i32> = (0..t as i32).map(|i| i % 4 - 1).collect();
+    let mut y = vec![bf16::from_f32(f32::NAN); t * dout];
+    wegeft_multi_forward_as(
+        Mat::new("x", &x, t, din).unwrap(),
+        Mat::new("W", &w, dout, din).unwrap(),
+        Some(&b),
+        &phi,
+        &psi,
+        &sc,
+        r,
+        &idx,
+        MultiPath::Auto,
+        MatMut::new("y", &mut y, t, dout).unwrap(),
+    )
+    .unwrap();
+    let f = |v: &[bf16]| -> Vec<f32> { v.iter().map(|e| e.to_f32()).collect() };
+    let (xf, wf, bf, phif, psif) = (f(&x), f(&w), f(&b), f(&phi), f(&psi));
+    let ad = MultiAdapters::new(&phif, &psif, &sc, din, r).unwrap();
+    let mut yf = vec![f32::NAN; t * dout];
+    let (xm, wm) = (Mat::new("x", &xf, t, din).unwrap(), Mat::new("W", &wf, dout, din).unwrap());
+    wegeft_multi_forward(xm, wm, Some(&bf), &ad, &idx, MultiPath::Auto, MatMut::new("y", &mut yf, t, dout).unwrap()).unwrap();
+    assert_close("bf16 storage vs f32", &f64s(&f(&y)), &f64s(&yf), 1e-2);
+}
+
+mod bad_sizes {
+    use super::*;
+    use half::bf16;
+    use proptest::prelude::*;
+    use wegeft::cpu::multi::wegeft_multi_forward_as;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn multi_forward_never_panics(
+            t in 0usize..4, din in 0usize..4, dout in 0usize..4, r in 0usize..3, n_ad in 0usize..3,
+            dphi in 0usize..3, dpsi in 0usize..3, didx in 0usize..3, dbias in 0usize..3,
+            with_bias in any::<bool>(), bad_index in any::<bool>(), nan_scale in any::<bool>(),
+        ) {
+            // d* = 1: the right length; 0 or 2: one element short or long.
+            let len = |n: usize, d: usize| (n + d).saturating_sub(1);
+            let z = |n: usize| vec![bf16::from_f32(0.25); n];
+            let (x, w) = (z(t * din), z(dout * din));
+            let (phi, psi) = (z(len(n_ad * din * r, dphi)), z(len(n_ad * r * din, dpsi)));
+            let b = z(len(dout, dbias));
+            let mut sc = vec![1.0f32; n_ad];
+            if nan_scale && n_ad > 0 {
+                sc[0] = f32::NAN;
+            }
+            let mut idx: Vec<i32> = (0..len(t, didx)).map(|i| if n_ad == 0 { -1 } else { (i % n_ad) as i32 }).collect();
+            if bad_index && !idx.is_empty() {
+                idx[0] = n_ad as i32;
+            }
+            let mut y = z(t * dout);
+            let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                wegeft_multi_forward_as(
+                    Mat::new("x", &x, t, din).unwrap(),
+                    Mat::new("W", &w, dout, din).unwrap(),
+                    with_bias.then_some(&b[..]),
+                    &phi,
+                    &psi,
+                    &sc,
+                    r,
+                    &idx,
+                    MultiPath::Auto,
+                    MatMut::new("y", &mut y, t, dout).unwrap(),
+                )
+            }));
+            prop_assert!(got.is_ok(), "wegeft_multi_forward_as panicked");
+            let consistent = t > 0 && din > 0 && dout > 0 && r > 0 && n_ad > 0 && dphi == 1 && dpsi == 1
+                && didx == 1 && (!with_bias || dbias == 1) && !bad_index && !nan_scale;
+            prop_assert_eq!(got.unwrap().is_ok(), consistent);
+        }
+    }
+}
