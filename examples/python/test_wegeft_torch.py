@@ -10,7 +10,8 @@ side stream); one pair shared by two layers (gradients summed); a small model fi
 AdamW steps next to the same model in plain PyTorch (losses and final pair); `attach` (official
 state_dict keys, only the pair trainable, zero update at init); merge / unmerge; bad calls
 raise ValueError naming the shapes; `multi_linear` (many adapters in one batch) per token
-against each adapter's official layer. `--bench` (CUDA): forward + backward times against
+against each adapter's official layer; the custom ops under torch.library.opcheck and
+torch.compile(fullgraph=True). `--bench` (CUDA): forward + backward times against
 `F.linear` (frozen) and the official formulation at T=8192, d=4096, r=64 and SmolLM2's shapes.
 Prints "ok: ..." and exits 0 when every check passes; `--device cuda` (or WEGEFT_REQUIRE_GPU=1)
 without a GPU fails.
@@ -276,6 +277,25 @@ def multi_adapters(dev):
         e = rel(y, want)
         check(e <= TOL[dtype], f"{dev} multi_linear {str(dtype)[6:]}: rel err {e:.3g}")
     try:
+        torch.library.opcheck(torch.ops.wegeft.multi_forward.default,
+                              (x.reshape(-1, d_in).to(dev), w.to(dev), b.to(dev), ins.transpose(1, 2).to(dev),
+                               outs.transpose(1, 2).to(dev), scales, torch.tensor(idx, dtype=torch.int32)))
+        check(True, "")
+    except Exception as e:
+        check(False, f"{dev} opcheck wegeft::multi_forward: {type(e).__name__}: {str(e)[:300]}")
+    # Under torch.compile (fullgraph): the same bits.
+    torch._dynamo.reset()
+    xs, wsd, bsd, insd, outsd = (t.to(dev) for t in (x, w, b, ins, outs))
+    idx_t = torch.tensor(idx, dtype=torch.int32)
+    with torch.no_grad():
+        eager = wt.multi_linear(xs, wsd, bsd, insd, outsd, scales, idx_t)
+        try:
+            comp = torch.compile(wt.multi_linear, fullgraph=True, backend="aot_eager")(xs, wsd, bsd, insd, outsd,
+                                                                                      scales, idx_t)
+            check(torch.equal(comp, eager), f"{dev} multi_linear compiled differs from eager")
+        except Exception as e:
+            check(False, f"{dev} multi_linear under torch.compile: {type(e).__name__}: {str(e)[:300]}")
+    try:
         wt.multi_linear(x.to(dev), w.to(dev), None, ins.to(dev), outs.to(dev), scales, [3] + idx[1:])
         check(False, f"{dev} multi_linear: an adapter index past the stack was accepted")
     except wegeft.WegeftError as e:
@@ -285,6 +305,52 @@ def multi_adapters(dev):
         check(False, f"{dev} multi_linear: accepted an input that requires grad")
     except ValueError as e:
         check("no_grad" in str(e), f"{dev} multi_linear requires_grad: {e}")
+
+
+def custom_ops(dev):
+    """torch.library.opcheck on both ops (schema, fake tensors, autograd registration, AOT
+    dispatch), then a small model under torch.compile(fullgraph=True): no graph break, and the
+    compiled forward and backward equal eager mode."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 16, generator=g).to(dev).requires_grad_()
+    w, b = (torch.randn(12, 16, generator=g) / 4).to(dev), torch.randn(12, generator=g).to(dev)
+    in_p = (torch.randn(3, 16, generator=g) / 4).to(dev).requires_grad_()
+    out_p = torch.randn(16, 3, generator=g).to(dev).requires_grad_()
+    phi, psi = in_p.detach().t().contiguous().requires_grad_(), out_p.detach().t().contiguous().requires_grad_()
+    for args in ((x, w, b, phi, psi, 0.5), (x, w, None, phi, psi, 1.0)):
+        try:
+            torch.library.opcheck(torch.ops.wegeft.forward.default, args)
+            check(True, "")
+        except Exception as e:  # opcheck raises on the first failed sub-test
+            check(False, f"{dev} opcheck wegeft::forward (bias={args[2] is not None}): {type(e).__name__}: {e}")
+    with torch.no_grad():
+        y, u, c = torch.ops.wegeft.forward(x, w, b, phi, psi, 0.5)
+    gy = torch.randn(7, 12, generator=g).to(dev)
+    for need_dx in (True, False):
+        try:
+            torch.library.opcheck(torch.ops.wegeft.backward.default, (gy, x.detach(), w, phi.detach(), psi.detach(),
+                                                                        0.5, u, c, need_dx))
+            check(True, "")
+        except Exception as e:
+            check(False, f"{dev} opcheck wegeft::backward (need_dx={need_dx}): {type(e).__name__}: {e}")
+
+    def layer(x, in_p, out_p):
+        return torch.tanh(wt.wegeft_linear(x, w, b, in_p, out_p, 0.5)).pow(2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (layer, compiled):
+        xs, ins, outs = (t.detach().clone().requires_grad_() for t in (x, in_p, out_p))
+        try:
+            loss = fn(xs, ins, outs)
+            loss.backward()
+            results.append((loss.detach(), xs.grad, ins.grad, outs.grad))
+        except Exception as e:
+            check(False, f"{dev} torch.compile(fullgraph=True): {type(e).__name__}: {str(e)[:300]}")
+            return
+    for name, a, e in zip(("loss", "dx", "d in_proj", "d out_proj"), *results):
+        check(torch.equal(a, e), f"{dev} torch.compile: {name} differs from eager (rel {rel(a, e):.3g})")
 
 
 def bench():
@@ -343,6 +409,7 @@ def main():
         training(dev)
         bad_calls(dev)
         multi_adapters(dev)
+        custom_ops(dev)
     if a.bench and "cuda" in devices:
         bench()
     if FAILURES:

@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import threading
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -114,75 +115,109 @@ def _m(t):
     return wegeft.mat(t.data_ptr(), t.numel())
 
 
-class _WegeftLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, in_proj, out_proj, scale):
-        d_in, d_out, r = _check(x, weight, bias, in_proj, out_proj, scale)
-        lead = x.shape[:-1]
-        x2 = _dense(x.reshape(-1, d_in))
-        t = x2.shape[0]
-        dtype, dev = _DTYPES[x.dtype], x.device
-        # phi (d_in x r) and psi (r x d_in) as the kernels want them: adapter-sized copies.
-        phi, psi = _dense(in_proj.t()), _dense(out_proj.t())
-        w = _dense(weight)
-        b = _dense(bias) if bias is not None else None
-        y = torch.empty(t, d_out, dtype=x.dtype, device=dev)
-        shape = wegeft.Shape(t, d_in, d_out, r)
-        if t == 0:
-            u = c = None
-        elif dev.type == "cpu":
-            u = torch.empty(t, r, dtype=torch.float32)
-            c = torch.empty(d_out, r, dtype=torch.float32)
-            library().cpu_forward(dtype, shape, _c(x2), _c(w), _c(phi), _c(psi), scale, _m(y),
-                                  bias=b.data_ptr() if b is not None else None, bias_len=d_out if b is not None else 0,
-                                  saved_u=u.data_ptr(), saved_u_len=u.numel(), saved_c=c.data_ptr(),
-                                  saved_c_len=c.numel())
-        else:
-            u = torch.empty(t, r, dtype=x.dtype, device=dev)
-            c = torch.empty(d_out, r, dtype=x.dtype, device=dev)
-            with torch.cuda.device(dev):
-                stream = torch.cuda.current_stream(dev).cuda_stream
-                _handle(dev).forward(stream, dtype, shape, x2.data_ptr(), w.data_ptr(),
-                                     b.data_ptr() if b is not None else 0, phi.data_ptr(), psi.data_ptr(), scale,
-                                     u.data_ptr(), c.data_ptr(), y.data_ptr())
-        ctx.save_for_backward(x2, w, phi, psi, u, c)
-        ctx.meta = (shape, dtype, scale, x.shape)
-        return y.reshape(*lead, d_out)
+# The kernels as PyTorch custom ops (torch.library): autograd is registered on the forward op,
+# and fake (meta) implementations give shapes to torch.compile, which traces them without a
+# graph break. phi = in_proj^T and psi = out_proj^T are views made outside the ops, so
+# PyTorch's own autograd maps their gradients back to in_proj / out_proj.
 
-    @staticmethod
-    def backward(ctx, gy):
-        x2, w, phi, psi, u, c = ctx.saved_tensors
-        shape, dtype, scale, x_shape = ctx.meta
-        t, d_in, d_out, r = shape.tokens, shape.d_in, shape.d_out, shape.rank
-        dev = x2.device
-        g = _dense(gy.reshape(-1, d_out).to(x2.dtype))
-        dphi = torch.zeros(d_in, r, dtype=torch.float32, device=dev)
-        dpsi = torch.zeros(r, d_in, dtype=torch.float32, device=dev)
-        want_dx = ctx.needs_input_grad[0]
-        dx = torch.empty_like(x2) if want_dx else None
-        if t == 0:
-            pass
-        elif dev.type == "cpu":
-            library().cpu_backward(dtype, shape, _c(x2), _c(w), _c(phi), _c(psi), scale, _c(g),
-                                   _m(dx) if want_dx else wegeft.mat(None, 0), dphi.data_ptr(), dphi.numel(),
-                                   dpsi.data_ptr(), dpsi.numel(), saved_u=u.data_ptr(), saved_u_len=u.numel(),
-                                   saved_c=c.data_ptr(), saved_c_len=c.numel())
-        else:
-            with torch.cuda.device(dev):
-                stream = torch.cuda.current_stream(dev).cuda_stream
-                _handle(dev).backward(stream, dtype, shape, x2.data_ptr(), w.data_ptr(), psi.data_ptr(), scale,
-                                      u.data_ptr(), c.data_ptr(), g.data_ptr(), dx.data_ptr() if want_dx else 0,
-                                      dphi.data_ptr(), dpsi.data_ptr())
-        if want_dx and t == 0:
-            dx.zero_()
-        d_in_proj = dphi.t().to(x2.dtype) if ctx.needs_input_grad[3] else None
-        d_out_proj = dpsi.t().to(x2.dtype) if ctx.needs_input_grad[4] else None
-        return (dx.reshape(x_shape) if want_dx else None), None, None, d_in_proj, d_out_proj, None
+
+def _saved_dtype(x):
+    """u and C as the forward keeps them: f32 from the CPU layer, the storage type on CUDA."""
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
+@torch.library.custom_op("wegeft::forward", mutates_args=())
+def _forward_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], phi: torch.Tensor,
+                psi: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, u, C): y = x2 W^T + u C^T (+ b), u = x2 psi^T, C = s W phi (u, C kept for backward)."""
+    (t, d_in), d_out, r = x2.shape, weight.shape[0], phi.shape[1]
+    dev, sd = x2.device, _saved_dtype(x2)
+    y = torch.empty(t, d_out, dtype=x2.dtype, device=dev)
+    u = torch.empty(t, r, dtype=sd, device=dev)
+    c = torch.empty(d_out, r, dtype=sd, device=dev)
+    if t == 0:
+        return y, u, c.zero_()
+    x2, w, phi, psi = _dense(x2), _dense(weight), _dense(phi), _dense(psi)
+    b = _dense(bias) if bias is not None else None
+    dtype, shape = _DTYPES[x2.dtype], wegeft.Shape(t, d_in, d_out, r)
+    if dev.type == "cpu":
+        library().cpu_forward(dtype, shape, _c(x2), _c(w), _c(phi), _c(psi), scale, _m(y),
+                              bias=b.data_ptr() if b is not None else None, bias_len=d_out if b is not None else 0,
+                              saved_u=u.data_ptr(), saved_u_len=u.numel(), saved_c=c.data_ptr(), saved_c_len=c.numel())
+    else:
+        with torch.cuda.device(dev):
+            stream = torch.cuda.current_stream(dev).cuda_stream
+            _handle(dev).forward(stream, dtype, shape, x2.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else 0,
+                                 phi.data_ptr(), psi.data_ptr(), scale, u.data_ptr(), c.data_ptr(), y.data_ptr())
+    return y, u, c
+
+
+@_forward_op.register_fake
+def _(x2, weight, bias, phi, psi, scale):
+    t, d_out, r, sd = x2.shape[0], weight.shape[0], phi.shape[1], _saved_dtype(x2)
+    return x2.new_empty(t, d_out), x2.new_empty(t, r, dtype=sd), x2.new_empty(d_out, r, dtype=sd)
+
+
+@torch.library.custom_op("wegeft::backward", mutates_args=())
+def _backward_op(g: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, phi: torch.Tensor, psi: torch.Tensor,
+                 scale: float, u: torch.Tensor, c: torch.Tensor,
+                 need_dx: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dphi, dpsi): dx = G W + (G C) psi (0 rows unless need_dx), dphi = s W^T G^T u,
+    dpsi = (G C)^T x2 (f32)."""
+    (t, d_in), d_out, r, dev = x2.shape, weight.shape[0], phi.shape[1], x2.device
+    dx = torch.empty(t if need_dx else 0, d_in, dtype=x2.dtype, device=dev)
+    dphi = torch.zeros(d_in, r, dtype=torch.float32, device=dev)
+    dpsi = torch.zeros(r, d_in, dtype=torch.float32, device=dev)
+    if t == 0:
+        return dx, dphi, dpsi
+    g, x2, w, phi, psi = _dense(g.to(x2.dtype)), _dense(x2), _dense(weight), _dense(phi), _dense(psi)
+    u, c = _dense(u), _dense(c)
+    dtype, shape = _DTYPES[x2.dtype], wegeft.Shape(t, d_in, d_out, r)
+    if dev.type == "cpu":
+        library().cpu_backward(dtype, shape, _c(x2), _c(w), _c(phi), _c(psi), scale, _c(g),
+                               _m(dx) if need_dx else wegeft.mat(None, 0), dphi.data_ptr(), dphi.numel(),
+                               dpsi.data_ptr(), dpsi.numel(), saved_u=u.data_ptr(), saved_u_len=u.numel(),
+                               saved_c=c.data_ptr(), saved_c_len=c.numel())
+    else:
+        with torch.cuda.device(dev):
+            stream = torch.cuda.current_stream(dev).cuda_stream
+            _handle(dev).backward(stream, dtype, shape, x2.data_ptr(), w.data_ptr(), psi.data_ptr(), scale,
+                                  u.data_ptr(), c.data_ptr(), g.data_ptr(), dx.data_ptr() if need_dx else 0,
+                                  dphi.data_ptr(), dpsi.data_ptr())
+    return dx, dphi, dpsi
+
+
+@_backward_op.register_fake
+def _(g, x2, weight, phi, psi, scale, u, c, need_dx):
+    (t, d_in), r = x2.shape, phi.shape[1]
+    f32 = torch.float32
+    return x2.new_empty(t if need_dx else 0, d_in), x2.new_empty(d_in, r, dtype=f32), x2.new_empty(r, d_in, dtype=f32)
+
+
+def _setup_context(ctx, inputs, output):
+    x2, weight, _, phi, psi, scale = inputs
+    _, u, c = output
+    ctx.save_for_backward(x2, weight, phi, psi, u, c)
+    ctx.scale = scale
+
+
+def _backward(ctx, gy, _gu, _gc):
+    x2, weight, phi, psi, u, c = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dphi, dpsi = _backward_op(gy, x2, weight, phi, psi, ctx.scale, u, c, need[0])
+    return (dx if need[0] else None, None, None, dphi.to(phi.dtype) if need[3] else None,
+            dpsi.to(psi.dtype) if need[4] else None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def wegeft_linear(x, weight, bias, in_proj, out_proj, scale=1.0):
-    """y = F.linear(x, W + s (W in_proj^T) out_proj^T, b), differentiable in x, in_proj, out_proj."""
-    return _WegeftLinear.apply(x, weight, bias, in_proj, out_proj, float(scale))
+    """y = F.linear(x, W + s (W in_proj^T) out_proj^T, b), differentiable in x, in_proj, out_proj
+    (the custom ops torch.ops.wegeft.forward / backward; torch.compile traces them)."""
+    d_in, d_out, _ = _check(x, weight, bias, in_proj, out_proj, scale)
+    y, _, _ = _forward_op(x.reshape(-1, d_in), weight, bias, in_proj.t(), out_proj.t(), float(scale))
+    return y.reshape(*x.shape[:-1], d_out)
 
 
 def merge_(weight, in_proj, out_proj, scale=1.0):
@@ -238,7 +273,7 @@ def multi_linear(x, weight, bias, in_projs, out_projs, scales, adapter_of_token)
     if len(scales) != n_ad:
         raise ValueError(f"multi_linear: {len(scales)} scales for {n_ad} adapters")
     lead = x.shape[:-1]
-    x2 = _dense(x.reshape(-1, d_in))
+    x2 = x.reshape(-1, d_in)
     t = x2.shape[0]
     idx = torch.as_tensor(adapter_of_token, dtype=torch.int32, device="cpu").reshape(-1).contiguous()
     if idx.numel() != t:
@@ -246,21 +281,37 @@ def multi_linear(x, weight, bias, in_projs, out_projs, scales, adapter_of_token)
     y = torch.empty(t, d_out, dtype=x.dtype, device=x.device)
     if t == 0:
         return y.reshape(*lead, d_out)
-    phi, psi = _dense(in_projs.transpose(1, 2)), _dense(out_projs.transpose(1, 2))
-    w, b = _dense(weight), (_dense(bias) if bias is not None else None)
-    dtype, shape = _DTYPES[x.dtype], wegeft.Shape(t, d_in, d_out, r)
-    ids = (idx.data_ptr(), idx.numel())
-    if x.device.type == "cpu":
+    y = _multi_op(x2, weight, bias, in_projs.transpose(1, 2), out_projs.transpose(1, 2), scales, idx)
+    return y.reshape(*lead, d_out)
+
+
+@torch.library.custom_op("wegeft::multi_forward", mutates_args=())
+def _multi_op(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], phi: torch.Tensor,
+              psi: torch.Tensor, scales: List[float], idx: torch.Tensor) -> torch.Tensor:
+    """y_t = (x_t + s_a (x_t psi_a^T) phi_a^T) W^T (+ b), a = idx[t] (host int32); phi: (A, d_in,
+    r), psi: (A, r, d_in)."""
+    (t, d_in), d_out, (n_ad, _, r) = x2.shape, weight.shape[0], phi.shape
+    y = torch.empty(t, d_out, dtype=x2.dtype, device=x2.device)
+    x2, w, phi, psi = _dense(x2), _dense(weight), _dense(phi), _dense(psi)
+    b = _dense(bias) if bias is not None else None
+    idx = idx.to(device="cpu", dtype=torch.int32).contiguous()
+    dtype, shape, ids = _DTYPES[x2.dtype], wegeft.Shape(t, d_in, d_out, r), (idx.data_ptr(), idx.numel())
+    if x2.device.type == "cpu":
         library().cpu_multi_forward(dtype, shape, n_ad, _c(x2), _c(w), phi.data_ptr(), phi.numel(), psi.data_ptr(),
                                     psi.numel(), scales, ids, _m(y), bias=b.data_ptr() if b is not None else None,
                                     bias_len=d_out if b is not None else 0)
     else:
-        with torch.cuda.device(x.device):
-            stream = torch.cuda.current_stream(x.device).cuda_stream
-            _handle(x.device).multi_forward(stream, dtype, shape, n_ad, x2.data_ptr(), w.data_ptr(),
-                                            b.data_ptr() if b is not None else 0, phi.data_ptr(), psi.data_ptr(),
-                                            scales, ids, y.data_ptr())
-    return y.reshape(*lead, d_out)
+        with torch.cuda.device(x2.device):
+            stream = torch.cuda.current_stream(x2.device).cuda_stream
+            _handle(x2.device).multi_forward(stream, dtype, shape, n_ad, x2.data_ptr(), w.data_ptr(),
+                                             b.data_ptr() if b is not None else 0, phi.data_ptr(), psi.data_ptr(),
+                                             scales, ids, y.data_ptr())
+    return y
+
+
+@_multi_op.register_fake
+def _(x2, weight, bias, phi, psi, scales, idx):
+    return x2.new_empty(x2.shape[0], weight.shape[0])
 
 
 def stack(adapters, module):
