@@ -11,7 +11,8 @@ AdamW steps next to the same model in plain PyTorch (losses and final pair); `at
 state_dict keys, only the pair trainable, zero update at init); merge / unmerge; bad calls
 raise ValueError naming the shapes; `multi_linear` (many adapters in one batch) per token
 against each adapter's official layer; the custom ops under torch.library.opcheck and
-torch.compile(fullgraph=True). `--bench` (CUDA): forward + backward times against
+torch.compile(fullgraph=True); on CUDA, forward + backward captured in a CUDA graph and
+replayed. `--bench` (CUDA): forward + backward times against
 `F.linear` (frozen) and the official formulation at T=8192, d=4096, r=64 and SmolLM2's shapes.
 Prints "ok: ..." and exits 0 when every check passes; `--device cuda` (or WEGEFT_REQUIRE_GPU=1)
 without a GPU fails.
@@ -353,6 +354,51 @@ def custom_ops(dev):
         check(torch.equal(a, e), f"{dev} torch.compile: {name} differs from eager (rel {rel(a, e):.3g})")
 
 
+def cuda_graph():
+    """Forward + backward captured in a CUDA graph (torch.cuda.graph) and replayed on new inputs:
+    the library's entry points must be capture-safe (stream-ordered scratch, no host sync on the
+    default path); the replay must equal eager mode on the same inputs."""
+    g = torch.Generator().manual_seed(8)
+    dt, dev = torch.bfloat16, "cuda"
+    mk = lambda *sh, s=1.0: (torch.randn(*sh, generator=g) * s).to(dt).to(dev)  # noqa: E731
+    w, gy = mk(96, 128, s=0.1), mk(64, 96)
+    x = mk(64, 128).requires_grad_()
+    in_p, out_p = mk(8, 128, s=0.1).requires_grad_(), mk(128, 8).requires_grad_()
+    params = (x, in_p, out_p)
+
+    def step():
+        wt.wegeft_linear(x, w, None, in_p, out_p).backward(gy)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for p in params:
+                p.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:
+        check(False, f"cuda graph capture of wegeft_linear forward + backward: {type(e).__name__}: {str(e)[:300]}")
+        return
+    grads = [p.grad for p in params]
+    with torch.no_grad():
+        x.copy_(mk(64, 128))
+        in_p.copy_(mk(8, 128, s=0.1))
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [t.clone() for t in grads]
+    xe, ine, oute = (p.detach().clone().requires_grad_() for p in params)
+    wt.wegeft_linear(xe, w, None, ine, oute).backward(gy)
+    for name, a, e in zip(("dx", "d in_proj", "d out_proj"), got, (xe.grad, ine.grad, oute.grad)):
+        check(torch.equal(a, e), f"cuda graph replay: {name} differs from eager (rel {rel(a, e):.3g})")
+
+
 def bench():
     """Forward + backward (dx and the pair's gradients) on CUDA events, median of 30 after warm-up."""
     dev, dt = "cuda", torch.bfloat16
@@ -410,6 +456,8 @@ def main():
         bad_calls(dev)
         multi_adapters(dev)
         custom_ops(dev)
+    if "cuda" in devices:
+        cuda_graph()
     if a.bench and "cuda" in devices:
         bench()
     if FAILURES:
