@@ -23,7 +23,7 @@
 #                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge,
 #                  dropout); memcheck on gemm_check --small, cuda_model's op-by-op cases,
 #                  cuda_multi sanitize_multi; memcheck / racecheck / synccheck on cuda_attention
-#   torch_abi (60)    examples/python/test_wegeft_torch.py: the PyTorch layer over the C ABI (CPU
+#   torch_abi (90)    examples/python/test_wegeft_torch.py: the PyTorch layer over the C ABI (CPU
 #                     and CUDA tensors) vs the official formulation, training, merge; its bench
 #   multi_bench (45)  tests/cuda_multi bench_multi: 1/8/64 adapters in one batch vs one after
 #                     another (WeGeFT, LoRA), a markdown table in its log
@@ -241,7 +241,7 @@ fi
 
 # --- the library from PyTorch (ctypes), in PyTorch's own environment as a user runs it (the
 # library's cudarc then finds cuBLASLt through the copy PyTorch has loaded) ------------------------
-[ -f "$bin/libwegeft.so" ] && py_step torch_abi 60 "$here/python/test_wegeft_torch.py" \
+[ -f "$bin/libwegeft.so" ] && py_step torch_abi 90 "$here/python/test_wegeft_torch.py" \
   --lib "$bin/libwegeft.so" --device all --bench
 
 # --- the other benchmarks ----------------------------------------------------------------------
