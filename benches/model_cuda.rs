@@ -103,7 +103,7 @@ fn run(gpu: &Gpu) -> wegeft::Result<()> {
             gpu.set_path(path);
             let imp = if path == Path::Auto { "wegeft-cuda".to_string() } else { format!("wegeft-cuda ({path:?})") };
             // A failed configuration is printed and the others still run; the exit status says.
-            let (first, loss, step_s, peak) = match one_config(gpu, &model, &dims, &bt, &targets, steps) {
+            let (first, loss, step_s, peak, launches) = match one_config(gpu, &model, &dims, &bt, &targets, steps) {
                 Ok(r) => r,
                 Err(e) => {
                     failed = true;
@@ -114,7 +114,8 @@ fn run(gpu: &Gpu) -> wegeft::Result<()> {
             let line = serde_json::json!({
                 "bench": "model_step", "impl": imp, "device": name, "batch": batch, "seq": seq, "rank": 8,
                 "layers": dims.layers, "path": format!("{:?}", gpu.path()), "targets": names, "step_s": step_s, "tokens_per_s": (batch * seq) as f64 / step_s,
-                "peak_mem_bytes": peak, "loss": loss, "first_loss": first,
+                "peak_mem_bytes": peak, "loss": loss, "first_loss": first, "launches_per_step": launches,
+                "us_per_launch": step_s * 1e6 / launches.max(1) as f64,
             });
             println!("{line}");
             if let Some(f) = json.as_mut() {
@@ -131,8 +132,10 @@ fn run(gpu: &Gpu) -> wegeft::Result<()> {
 }
 
 /// One configuration on the current path: (first loss, last loss, median step seconds, peak
-/// device bytes).
-fn one_config(gpu: &Gpu, model: &Llama<Gpu>, dims: &Dims, bt: &Batch, targets: &[Module], steps: usize) -> wegeft::Result<(f32, f32, f64, u64)> {
+/// device bytes, kernel launches + cuBLASLt calls per timed step). The step time divided by the
+/// launches says whether launch overhead (a few microseconds of host time each) can matter:
+/// what capturing the step in a CUDA graph would save.
+fn one_config(gpu: &Gpu, model: &Llama<Gpu>, dims: &Dims, bt: &Batch, targets: &[Module], steps: usize) -> wegeft::Result<(f32, f32, f64, u64, u64)> {
     let config = AdapterConfig::new(8, targets.to_vec())?;
     let init = adapter::Adapter::for_benchmark(config, dims.adapter_dims()?)?;
     let host = HostAdapter::from_adapter(&init)?;
@@ -145,6 +148,7 @@ fn one_config(gpu: &Gpu, model: &Llama<Gpu>, dims: &Dims, bt: &Batch, targets: &
     let first = tr.step(bt)?;
     let mut times = Vec::with_capacity(steps);
     let mut loss = f32::NAN;
+    let launches0 = gpu.device().launch_count();
     for _ in 0..steps.max(1) {
         let t0 = Instant::now();
         loss = tr.step(bt)?;
@@ -153,8 +157,9 @@ fn one_config(gpu: &Gpu, model: &Llama<Gpu>, dims: &Dims, bt: &Batch, targets: &
     }
     times.sort_by(f64::total_cmp);
     let step_s = times[times.len() / 2];
+    let launches = (gpu.device().launch_count() - launches0) / steps.max(1) as u64;
     let peak = gpu.peak_memory()?;
-    Ok((first, loss, step_s, peak))
+    Ok((first, loss, step_s, peak, launches))
 }
 
 /// Prints one `loss check` line per targets (and one per problem); false if any loss is not

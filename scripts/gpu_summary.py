@@ -68,6 +68,15 @@ def fmt_ms(ms, r=None):
     return s
 
 
+def launch_cell(r):
+    """Kernel launches + cuBLASLt calls per step and the step time per launch (our rows only):
+    a few µs per launch would mean the host's launch overhead bounds the step (graphs pay)."""
+    n, us = num(r.get("launches_per_step")), num(r.get("us_per_launch"))
+    if n is None:
+        return "—"
+    return f"{n:.0f} ({fmt(us, '.1f')})"
+
+
 def test_counts(text):
     p = f = 0
     found = False
@@ -405,8 +414,8 @@ def main():
                  "first: the warm-up step's, before any update.")
         o.append("")
         o.append("| targets | impl | B x S | r | tokens/s | step ms | peak GiB | loss (first) | wegeft speed-up | "
-                 "wegeft peak / this |")
-        o.append("|---|---|---|---|---|---|---|---|---|---|")
+                 "wegeft peak / this | launches / step (step µs per launch) |")
+        o.append("|---|---|---|---|---|---|---|---|---|---|---|")
 
         def tkey(r):
             t = r.get("targets")
@@ -426,7 +435,8 @@ def main():
                 o.append(f"| {label} | {r.get('impl')} | {r.get('batch')} x {r.get('seq')} | {r.get('rank')} | "
                          f"{fmt(r.get('tokens_per_s'), '.0f')} | {fmt(None if step_ms is None else step_ms * 1e3, '.1f')} | "
                          f"{fmt(None if peak is None else peak / 2**30, '.2f')} | {loss} | "
-                         f"{'—' if sp is None else f'{sp:.2f}x'} | {'—' if mem is None else f'{mem:.2f}'} |")
+                         f"{'—' if sp is None else f'{sp:.2f}x'} | {'—' if mem is None else f'{mem:.2f}'} | "
+                         f"{launch_cell(r)} |")
     abi = [l for l in read(os.path.join(L, "torch_abi.log")).splitlines() if l.startswith("|")]
     if abi:
         o.append("")

@@ -256,6 +256,7 @@ impl CudaBackend {
         };
         let work = DeviceBuf::new(self, stream, WORKSPACE, op)?;
         let alpha = 1.0f32;
+        self.count_launch();
         lt::matmul(
             h.handle,
             desc.0,
