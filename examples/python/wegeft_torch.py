@@ -6,14 +6,15 @@
     ... train model as usual (CPU tensors: the CPU layer; CUDA tensors: the CUDA kernels) ...
     safetensors.torch.save_file(adapter.state_dict(), "adapter.safetensors")  # official keys
 
-`wegeft_linear(x, weight, bias, in_proj, out_proj, scale)` is the autograd function: with the
-official GIFT parameters `in_proj` (r x d_in, = phi^T) and `out_proj` (d_in x r, = psi^T),
+`wegeft_linear(x, weight, bias, in_proj, out_proj, scale)` is the layer: with the official
+GIFT parameters `in_proj` (r x d_in, = phi^T) and `out_proj` (d_in x r, = psi^T),
 
     y = x W^T + s (x out_proj) (W in_proj^T)^T (+ b)  =  F.linear(x, W + s (W in_proj^T) out_proj^T, b)
 
-computed as one K-extended product on the device (`W phi psi`, d_out x d_in, is never built);
-its backward returns dx, d in_proj and d out_proj (W and b are frozen: asking for their
-gradient is an error). `WegeftLinear` wraps an `nn.Linear`; `Adapter` holds one pair per
+computed as one K-extended product (`W phi psi`, d_out x d_in, is never built); its backward
+gives dx, d in_proj and d out_proj (W and b are frozen: asking for their gradient is an error).
+Both are PyTorch custom ops (`torch.ops.wegeft.forward` / `backward`, autograd registered,
+fake implementations for torch.compile). `WegeftLinear` wraps an `nn.Linear`; `Adapter` holds one pair per
 module type in `in_projections` / `out_projections` (the official code's names, so its
 `state_dict()` loads there and in `wegeft finetune --init-adapter`); `attach` puts them into a
 model. `multi_linear` serves many adapters in one batch (each token its own adapter, one frozen
@@ -266,6 +267,8 @@ def multi_linear(x, weight, bias, in_projs, out_projs, scales, adapter_of_token)
         raise ValueError(f"multi_linear: in_projs {tuple(in_projs.shape)} and out_projs {tuple(out_projs.shape)} "
                          "must be stacks (A, r, d_in) and (A, d_in, r)")
     n_ad, r, d_in = in_projs.shape
+    if n_ad == 0:
+        raise ValueError("multi_linear: no adapters in the stacks")
     if tuple(out_projs.shape) != (n_ad, d_in, r):
         raise ValueError(f"multi_linear: out_projs {tuple(out_projs.shape)}, want ({n_ad}, {d_in}, {r})")
     d_in, d_out, r = _check(x, weight, bias, in_projs[0], out_projs[0], 1.0)
