@@ -34,8 +34,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import wegeft  # noqa: E402
+try:
+    import wegeft
+except ImportError:  # run from the source folder without `pip install`
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import wegeft
 
 _DTYPES = {torch.float32: wegeft.F32, torch.bfloat16: wegeft.BF16, torch.float16: wegeft.F16}
 _state = {"lib": None, "handles": {}, "path": wegeft.PATH_AUTO}
