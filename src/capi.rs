@@ -708,7 +708,8 @@ unsafe fn cpu_multi_forward<T: Element>(
     regions.push(opt_vec_region::<T>("psi", psi, psi_len, pair, false)?.ok_or_else(|| null("psi"))?);
     regions.push(vec_region("scales", scales as *const c_void, scales_len, adapters, false)?);
     let idx = adapter_of_token as *const c_void;
-    regions.push(opt_vec_region::<i32>("adapter_of_token", idx, adapter_of_token_len, s.tokens, false)?.ok_or_else(|| null("adapter_of_token"))?);
+    let idx_region = opt_vec_region::<i32>("adapter_of_token", idx, adapter_of_token_len, s.tokens, false)?;
+    regions.push(idx_region.ok_or_else(|| null("adapter_of_token"))?);
     view_mut_region::<T>("y", y, s.y(), &mut regions)?;
     check_overlap(&regions)?;
     let b = (!bias.is_null()).then(|| std::slice::from_raw_parts(bias as *const T, bias_len));
