@@ -674,6 +674,28 @@ pub unsafe extern "C" fn wegeft_cpu_lora_backward(
     })
 }
 
+/// The host arrays of a many-adapter call (CPU and CUDA): `scales` (`adapters` f32) and
+/// `adapter_of_token` (`tokens` i32), checked (non-null, exact lengths, aligned) and their
+/// regions recorded for the overlap check; the values are checked by the layer.
+///
+/// # Safety
+/// Each pointer must address as many elements as its length says, unwritten during the call.
+unsafe fn multi_host_args<'a>(
+    adapters: usize,
+    tokens: usize,
+    scales: *const f32,
+    scales_len: usize,
+    adapter_of_token: *const i32,
+    adapter_of_token_len: usize,
+    regions: &mut Vec<Region>,
+) -> R<(&'a [f32], &'a [i32])> {
+    regions.push(vec_region("scales", scales as *const c_void, scales_len, adapters, false)?);
+    let idx = adapter_of_token as *const c_void;
+    let idx_region = opt_vec_region::<i32>("adapter_of_token", idx, adapter_of_token_len, tokens, false)?;
+    regions.push(idx_region.ok_or_else(|| null("adapter_of_token"))?);
+    Ok((std::slice::from_raw_parts(scales, scales_len), std::slice::from_raw_parts(adapter_of_token, adapter_of_token_len)))
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn cpu_multi_forward<T: Element>(
     sh: WegeftShape,
@@ -706,17 +728,13 @@ unsafe fn cpu_multi_forward<T: Element>(
     regions.extend(opt_vec_region::<T>("b", bias, bias_len, s.d_out, false)?);
     regions.push(opt_vec_region::<T>("phi", phi, phi_len, pair, false)?.ok_or_else(|| null("phi"))?);
     regions.push(opt_vec_region::<T>("psi", psi, psi_len, pair, false)?.ok_or_else(|| null("psi"))?);
-    regions.push(vec_region("scales", scales as *const c_void, scales_len, adapters, false)?);
-    let idx = adapter_of_token as *const c_void;
-    let idx_region = opt_vec_region::<i32>("adapter_of_token", idx, adapter_of_token_len, s.tokens, false)?;
-    regions.push(idx_region.ok_or_else(|| null("adapter_of_token"))?);
+    let (scs, idxs) =
+        multi_host_args(adapters, s.tokens, scales, scales_len, adapter_of_token, adapter_of_token_len, &mut regions)?;
     view_mut_region::<T>("y", y, s.y(), &mut regions)?;
     check_overlap(&regions)?;
     let b = (!bias.is_null()).then(|| std::slice::from_raw_parts(bias as *const T, bias_len));
     let phis = std::slice::from_raw_parts(phi as *const T, phi_len);
     let psis = std::slice::from_raw_parts(psi as *const T, psi_len);
-    let scs = std::slice::from_raw_parts(scales, scales_len);
-    let idxs = std::slice::from_raw_parts(adapter_of_token, adapter_of_token_len);
     let ym = make_mut::<T>("y", y, s.y())?;
     let path = cpu::multi::MultiPath::Auto;
     Ok(cpu::multi::wegeft_multi_forward_as(xm, wm, b, phis, psis, scs, s.rank, idxs, path, ym)?)
@@ -1047,16 +1065,15 @@ mod cuda_impl {
         let (d, _) = handle(h)?;
         let dt = dtype_of(dtype)?;
         let s = layer_shape(shape)?;
-        region::<f32>("scales", scales as *const c_void, scales_len, false)?;
-        region::<i32>("adapter_of_token", adapter_of_token as *const c_void, adapter_of_token_len, false)?;
-        if scales_len != adapters {
-            return Err(Error::Len { arg: "scales", expected: adapters, got: scales_len }.into());
-        }
-        if adapter_of_token_len != s.tokens {
-            return Err(Error::Len { arg: "adapter_of_token", expected: s.tokens, got: adapter_of_token_len }.into());
-        }
-        let scs = std::slice::from_raw_parts(scales, scales_len);
-        let idx = std::slice::from_raw_parts(adapter_of_token, adapter_of_token_len);
+        let (scs, idx) = multi_host_args(
+            adapters,
+            s.tokens,
+            scales,
+            scales_len,
+            adapter_of_token,
+            adapter_of_token_len,
+            &mut Vec::new(),
+        )?;
         Ok(d.wegeft_multi_forward_raw(dt, stream as CUstream, s.d_in, s.d_out, s.rank, x, w, opt(bias), phi, psi, scs, idx, y)?)
     }
 }

@@ -284,9 +284,8 @@ def multi_linear(x, weight, bias, in_projs, out_projs, scales, adapter_of_token)
     idx = torch.as_tensor(adapter_of_token, dtype=torch.int32, device="cpu").reshape(-1).contiguous()
     if idx.numel() != t:
         raise ValueError(f"multi_linear: {idx.numel()} adapter indices for {t} tokens")
-    y = torch.empty(t, d_out, dtype=x.dtype, device=x.device)
     if t == 0:
-        return y.reshape(*lead, d_out)
+        return torch.empty(*lead, d_out, dtype=x.dtype, device=x.device)
     y = _multi_op(x2, weight, bias, in_projs.transpose(1, 2), out_projs.transpose(1, 2), scales, idx)
     return y.reshape(*lead, d_out)
 
