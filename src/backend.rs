@@ -107,6 +107,16 @@ pub trait Backend {
     /// `y <- y + x` (same length).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
 
+    /// `buf`, an activation kept for the backward pass and never written again. The engine may
+    /// store it narrower: the CUDA engine with bf16 weights keeps it in bf16, half the bytes
+    /// (saved activations are most of a training step's memory). A stashed buffer is only
+    /// read, and only by the arguments documented to accept one: `q`, `k`, `v` and `out` of
+    /// [`Backend::attention_backward`], `x` of [`Backend::wegeft_backward`], `gate` and `up` of
+    /// [`Backend::swiglu_forward`] and [`Backend::swiglu_backward`]. The default keeps `buf`.
+    fn stash(&self, buf: Self::Buf) -> Result<Self::Buf> {
+        Ok(buf)
+    }
+
     /// `out[t] = table[ids[t]]`: `table` is `vocab x dim`, `out` is `ids.len() x dim`.
     fn embedding_forward(
         &self,
@@ -188,7 +198,7 @@ pub trait Backend {
     /// WeGeFT backward from `G = dL/dy`, with `u`, `C` saved by the forward: `v = G C`,
     /// `S = G^T u`; `dx (+)= G W + v psi` (when `dx` is given; `bool` = accumulate);
     /// `dphi += s W^T S` (the masked `W` with `dropout`, the same as the forward's);
-    /// `dpsi += v^T x`.
+    /// `dpsi += v^T x`. `x` may be [`Backend::stash`]ed.
     #[allow(clippy::too_many_arguments)]
     fn wegeft_backward(
         &self,
@@ -266,7 +276,7 @@ pub trait Backend {
     /// Attention backward: with `P = exp(q k^T / sqrt(hd) - lse)`, `dV = P^T dO`,
     /// `dP = dO V^T`, `dS = P (dP - rowsum(dO * O))`, `dq = dS k / sqrt(hd)`,
     /// `dk = dS^T q / sqrt(hd)` (summed over the query heads of a group). Overwrites
-    /// `dq`, `dk`, `dv`.
+    /// `dq`, `dk`, `dv`. `q`, `k`, `v` and `out` may be [`Backend::stash`]ed.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -301,6 +311,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// SwiGLU: `h = silu(gate) * up`, `silu(a) = a / (1 + e^-a)`; all of length `n`.
+    /// `gate` and `up` may be [`Backend::stash`]ed (here and in the backward).
     fn swiglu_forward(&self, gate: &Self::Buf, up: &Self::Buf, h: &mut Self::Buf) -> Result<()>;
 
     /// SwiGLU backward: `dgate = dh * up * sig(a) (1 + a (1 - sig(a)))`, `dup = dh * silu(a)`.

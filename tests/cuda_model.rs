@@ -169,6 +169,22 @@ fn elementwise_ops_match_cpu() {
     close("adamw m", &down(&g, &md), &m, 1e-6);
     close("adamw v", &down(&g, &vd), &v, 1e-6);
 
+    // SwiGLU on gate and up stashed in bf16 (bf16 weights): the CPU op on the rounded values.
+    let (gas, uds) = (gb.stash(up(&gb, &ga)).unwrap(), gb.stash(up(&gb, &u)).unwrap());
+    assert_eq!((gas.dtype(), uds.dtype()), (DType::BF16, DType::BF16), "stash rounds to bf16");
+    assert_eq!(gb.download(&gas).unwrap(), bf(&ga), "stash rounds to nearest even");
+    Cpu.swiglu_forward(&bf(&ga), &bf(&u), &mut h).unwrap();
+    let mut hs = gb.zeros(n).unwrap();
+    gb.swiglu_forward(&gas, &uds, &mut hs).unwrap();
+    close("swiglu h (stashed)", &gb.download(&hs).unwrap(), &h, 1e-6);
+    Cpu.swiglu_backward(&bf(&ga), &bf(&u), &dh, &mut dga, &mut du).unwrap();
+    let (mut dgs, mut dus) = (gb.zeros(n).unwrap(), gb.zeros(n).unwrap());
+    gb.swiglu_backward(&gas, &uds, &gb.upload(&dh).unwrap(), &mut dgs, &mut dus).unwrap();
+    close("swiglu dgate (stashed)", &gb.download(&dgs).unwrap(), &dga, 1e-6);
+    close("swiglu dup (stashed)", &gb.download(&dus).unwrap(), &du, 1e-6);
+    assert!(gb.swiglu_forward(&gas, &gb.upload(&u).unwrap(), &mut hs).is_err(), "gate and up of different dtypes");
+    assert!(g.stash(up(&g, &ga)).unwrap().dtype() == DType::F32, "f32 weights: the stash keeps f32");
+
     // Bad input is an error, not a panic.
     assert!(g.rmsnorm_forward(&xd, &wd, rows + 1, dim, 1e-5, &mut yd, &mut rd).is_err());
     assert!(g.swiglu_forward(&gad, &up(&g, &u[1..]), &mut hd_).is_err());
@@ -206,6 +222,19 @@ fn attention_cases(g: &Gpu, wdt: DType, tf: f64, tb: f64) {
         close(&format!("attention dq {tag}"), &down(g, &dqd), &dq, tb);
         close(&format!("attention dk {tag}"), &down(g, &dkd), &dk, tb);
         close(&format!("attention dv {tag}"), &down(g, &dvd), &dv, tb);
+        // Stashed q, k, v, out (bf16 with bf16 weights): the kernels read exactly what they
+        // rounded to themselves before, so the gradients are the same bits.
+        let st = |b: &wegeft::cuda::GpuBuf| g.stash(up(g, &down(g, b))).unwrap();
+        let (qs, ks, vs, os) = (st(&qd), st(&kd), st(&vd), st(&od));
+        assert_eq!(qs.dtype(), if wdt == DType::BF16 { DType::BF16 } else { DType::F32 }, "stash dtype {tag}");
+        let (mut dqs, mut dks, mut dvs) = (g.zeros(t * qw).unwrap(), g.zeros(t * kw).unwrap(), g.zeros(t * kw).unwrap());
+        g.attention_backward(shape, &qs, &ks, &vs, &os, &ld, &up(g, &dout), &mut dqs, &mut dks, &mut dvs).unwrap();
+        assert_eq!(down(g, &dqs), down(g, &dqd), "attention dq from stashed inputs {tag}");
+        assert_eq!(down(g, &dks), down(g, &dkd), "attention dk from stashed inputs {tag}");
+        assert_eq!(down(g, &dvs), down(g, &dvd), "attention dv from stashed inputs {tag}");
+        if wdt == DType::BF16 {
+            assert!(g.attention_forward(shape, &qs, &kd, &vd, &mut od, &mut ld).is_err(), "the forward takes no stashed input");
+        }
     }
 }
 
@@ -263,6 +292,14 @@ fn products_match_cpu() {
             close(&format!("wegeft dx {wdt:?} acc={acc}"), &down(&g, &dxd), &dx, tol);
             close(&format!("wegeft dphi {wdt:?} acc={acc}"), &down(&g, &dphid), &dphi, tol);
             close(&format!("wegeft dpsi {wdt:?} acc={acc}"), &down(&g, &dpsid), &dpsi, tol);
+            // A stashed x gives the same bits: the layer rounds x to the weights' dtype anyway.
+            let xs = g.stash(up(&g, &x)).unwrap();
+            let (mut dxs, mut dphis, mut dpsis) = (up(&g, &rv(46, t * din, 1.0)), up(&g, &rv(47, din * r, 0.1)), up(&g, &rv(48, r * din, 0.1)));
+            g.wegeft_backward(s, &xs, &wd, &phid, &psid, 0.5, None, &sd, &gd, Some((&mut dxs, acc)), &mut dphis, &mut dpsis)
+                .unwrap();
+            assert_eq!(down(&g, &dxs), down(&g, &dxd), "wegeft dx from a stashed x {wdt:?}");
+            assert_eq!(down(&g, &dphis), down(&g, &dphid), "wegeft dphi from a stashed x {wdt:?}");
+            assert_eq!(down(&g, &dpsis), down(&g, &dpsid), "wegeft dpsi from a stashed x {wdt:?}");
         }
         // Many adapters in one batch (the Gpu override: multi_edit_f32 + the frozen product).
         let na = 3usize;

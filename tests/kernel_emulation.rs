@@ -121,6 +121,13 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
     Cpu.swiglu_backward(&g, &u, &dh, &mut dg, &mut du).unwrap();
     close("swiglu dgate", &r("swi_dg"), &dg, 1e-6);
     close("swiglu dup", &r("swi_du"), &du, 1e-6);
+    // The bf16-input kernels (gate and up stashed in bf16) compute on the widened values.
+    let (gb, ub) = (bf(&g), bf(&u));
+    Cpu.swiglu_forward(&gb, &ub, &mut h).unwrap();
+    close("swiglu h (bf16 in)", &r("swi_h_bf16"), &h, 1e-6);
+    Cpu.swiglu_backward(&gb, &ub, &dh, &mut dg, &mut du).unwrap();
+    close("swiglu dgate (bf16 in)", &r("swi_dg_bf16"), &dg, 1e-6);
+    close("swiglu dup (bf16 in)", &r("swi_du_bf16"), &du, 1e-6);
 
     // AdamW: two steps; the same f32 operations in the same order as the CPU optimiser.
     let (mut p, mut m, mut v) = (r("adam_p0"), vec![0.0f32; 700], vec![0.0f32; 700]);

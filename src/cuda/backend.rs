@@ -1,9 +1,11 @@
 //! [`Gpu`]: the [`Backend`] of the Llama model on one CUDA device.
 //!
 //! Storage: frozen weight matrices (projections, embedding, LM head, given by
-//! [`Backend::upload_weight`]) are bf16 on the device (f32 with [`Gpu::new_f32`]); everything
-//! else — activations, the residual stream, norm weights, adapter master weights, gradients and
-//! AdamW moments — is f32. Every product runs with f32 accumulation:
+//! [`Backend::upload_weight`]) are bf16 on the device (f32 with [`Gpu::new_f32`]); so are the
+//! activations the model keeps for the backward ([`Backend::stash`]: q, k, v, the attention
+//! output, gate and up), which the kernels that read them take as they are. Everything else —
+//! activations in flight, the residual stream, norm weights, adapter master weights, gradients
+//! and AdamW moments — is f32. Every product runs with f32 accumulation:
 //!
 //! * frozen layers and the LM head: cuBLASLt, inputs in the weight's dtype (activations rounded
 //!   to bf16 on the way in), f32 output (`dx += G W` accumulates in f32 through `beta = 1`);
@@ -13,7 +15,10 @@
 //! * the LM head + cross-entropy: labelled rows only, in chunks of [`LM_CHUNK`] rows:
 //!   `z = h E^T` (f32), then `xent_rows_*` (loss per row, `zg = c (softmax(z) - onehot)`),
 //!   then `dh = zg E`; full-vocabulary probabilities exist for one chunk at a time;
-//! * RMSNorm, RoPE, SwiGLU, embedding, AdamW, attention: f32 kernels (`kernels/*.cu`).
+//! * attention: the tensor-core kernels in bf16 (inputs rounded from f32, or stashed bf16;
+//!   outputs and gradients widened back to f32), the plain f32 ones with `Gpu::new_f32`;
+//! * RMSNorm, RoPE, SwiGLU, embedding, AdamW: f32 compute (`kernels/*.cu`; SwiGLU also reads
+//!   stashed bf16 gate and up).
 //!
 //! Dropout uses the device mask of [`crate::cuda::dropout_keep`] (not the CPU's
 //! [`crate::backend::Dropout::uniform`]): same `p` and seed, a different (equally valid) mask.
@@ -133,6 +138,16 @@ fn need_f32(arg: &'static str, b: &GpuBuf, n: usize) -> Result<()> {
     need(arg, b, n)?;
     if b.dtype != DType::F32 {
         return Err(Error::invalid(arg, format!("must be an f32 buffer, got {}", b.dtype.name())));
+    }
+    Ok(())
+}
+
+/// `b` holds `n` elements of f32 or of `narrow`, the dtype [`Backend::stash`] keeps
+/// activations in (an argument that accepts a stashed buffer).
+fn need_act(arg: &'static str, b: &GpuBuf, n: usize, narrow: DType) -> Result<()> {
+    need(arg, b, n)?;
+    if b.dtype != DType::F32 && b.dtype != narrow {
+        return Err(Error::invalid(arg, format!("must be an f32 or {} buffer, got {}", narrow.name(), b.dtype.name())));
     }
     Ok(())
 }
@@ -330,6 +345,13 @@ impl Gpu {
         }
     }
 
+    /// The dtype [`Backend::stash`] keeps activations in: bf16 with bf16 weights (where every
+    /// reader of a stashed activation rounds it to bf16 anyway, except SwiGLU's backward), f32
+    /// (no change) with `Gpu::new_f32`. It is also [`Gpu::attention_dtype`].
+    fn stash_dtype(&self) -> DType {
+        self.attention_dtype()
+    }
+
     /// `y (+)= x` for an f32 `y` and an f32 or bf16 `x` of the same length.
     fn store_f32(&self, x: CUdeviceptr, x_dtype: DType, y: &GpuBuf, accumulate: bool) -> Result<()> {
         let n = y.len;
@@ -397,6 +419,18 @@ impl Gpu {
         Ok(r)
     }
 
+    /// SwiGLU's kernel for `gate` and `up`: both f32 (`f32`), or both stashed in bf16 (`bf16`).
+    fn swiglu_kernel(&self, gate: &GpuBuf, up: &GpuBuf, f32: &'static str, bf16: &'static str) -> Result<&'static str> {
+        let n = gate.len;
+        need_act("gate", gate, n, self.stash_dtype())?;
+        need_act("up", up, n, self.stash_dtype())?;
+        match (gate.dtype, up.dtype) {
+            (DType::F32, DType::F32) => Ok(f32),
+            (DType::BF16, DType::BF16) => Ok(bf16),
+            (g, u) => Err(Error::invalid("up", format!("gate is {} but up is {}", g.name(), u.name()))),
+        }
+    }
+
     fn layer_dropout(d: Option<Dropout>) -> Result<layer::Dropout> {
         match d {
             None => Ok(layer::Dropout::NONE),
@@ -407,9 +441,21 @@ impl Gpu {
         }
     }
 
-    fn check_wegeft(&self, s: &LayerShape, x: &GpuBuf, w: &GpuBuf, phi: &GpuBuf, psi: &GpuBuf) -> Result<LayerShape> {
+    /// The shapes of a WeGeFT call; `x` may be a stashed activation when `stashed_x`.
+    fn check_wegeft(
+        &self,
+        s: &LayerShape,
+        x: &GpuBuf,
+        stashed_x: bool,
+        w: &GpuBuf,
+        phi: &GpuBuf,
+        psi: &GpuBuf,
+    ) -> Result<LayerShape> {
         let s = LayerShape::new(s.tokens, s.d_in, s.d_out, s.rank)?;
-        need_f32("x", x, s.tokens * s.d_in)?;
+        match stashed_x {
+            true => need_act("x", x, s.tokens * s.d_in, self.stash_dtype())?,
+            false => need_f32("x", x, s.tokens * s.d_in)?,
+        }
         need("W", w, s.d_out * s.d_in)?;
         need_f32("phi", phi, s.d_in * s.rank)?;
         need_f32("psi", psi, s.rank * s.d_in)?;
@@ -514,6 +560,18 @@ impl Backend for Gpu {
         need_f32("y", y, y.len)?;
         need_f32("x", x, y.len)?;
         self.store_f32(x.ptr, DType::F32, y, true)
+    }
+
+    /// An f32 activation rounded to [`Gpu::stash_dtype`] (the f32 buffer goes back to the pool).
+    fn stash(&self, buf: GpuBuf) -> Result<GpuBuf> {
+        let dt = self.stash_dtype();
+        if buf.dtype == dt {
+            return Ok(buf);
+        }
+        match self.as_dtype(&buf, dt)? {
+            (_, Some(narrow)) => Ok(narrow),
+            (_, None) => Ok(buf),
+        }
     }
 
     fn embedding_forward(&self, table: &GpuBuf, vocab: usize, dim: usize, ids: &[u32], out: &mut GpuBuf) -> Result<()> {
@@ -685,7 +743,7 @@ impl Backend for Gpu {
         dropout: Option<Dropout>,
         y: &mut GpuBuf,
     ) -> Result<GpuSaved> {
-        let s = self.check_wegeft(&shape, x, w, phi, psi)?;
+        let s = self.check_wegeft(&shape, x, false, w, phi, psi)?;
         need_f32("y", y, s.tokens * s.d_out)?;
         let drop = Self::layer_dropout(dropout)?;
         let dt = w.dtype;
@@ -721,7 +779,7 @@ impl Backend for Gpu {
         dphi: &mut GpuBuf,
         dpsi: &mut GpuBuf,
     ) -> Result<()> {
-        let s = self.check_wegeft(&shape, x, w, phi, psi)?;
+        let s = self.check_wegeft(&shape, x, true, w, phi, psi)?;
         need_f32("G", g, s.tokens * s.d_out)?;
         need_f32("dphi", dphi, s.d_in * s.rank)?;
         need_f32("dpsi", dpsi, s.rank * s.d_in)?;
@@ -818,16 +876,16 @@ impl Backend for Gpu {
         let s = AttnShape::new(shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim)?;
         let t = s.batch * s.seq;
         let (qn, kn) = (t * s.heads * s.head_dim, t * s.kv_heads * s.head_dim);
-        need_f32("q", q, qn)?;
-        need_f32("k", k, kn)?;
-        need_f32("v", v, kn)?;
-        need_f32("out", out, qn)?;
+        let dt = self.attention_dtype();
+        need_act("q", q, qn, dt)?;
+        need_act("k", k, kn, dt)?;
+        need_act("v", v, kn, dt)?;
+        need_act("out", out, qn, dt)?;
         need_f32("lse", lse, t * s.heads)?;
         need_f32("dout", dout, qn)?;
         need_f32("dq", dq, qn)?;
         need_f32("dk", dk, kn)?;
         need_f32("dv", dv, kn)?;
-        let dt = self.attention_dtype();
         if dt == DType::F32 {
             // SAFETY: as in attention_forward.
             return unsafe {
@@ -885,22 +943,20 @@ impl Backend for Gpu {
 
     fn swiglu_forward(&self, gate: &GpuBuf, up: &GpuBuf, h: &mut GpuBuf) -> Result<()> {
         let n = gate.len;
-        need_f32("gate", gate, n)?;
-        need_f32("up", up, n)?;
+        let kernel = self.swiglu_kernel(gate, up, "swiglu_fwd_f32", "swiglu_fwd_bf16")?;
         need_f32("h", h, n)?;
         let (gp, upp, hp, nn) = (gate.ptr, up.ptr, h.ptr, n as i64);
-        self.run("swiglu_forward", "swiglu_fwd_f32", self.grid(n), THREADS, &kargs![gp, upp, hp, nn])
+        self.run("swiglu_forward", kernel, self.grid(n), THREADS, &kargs![gp, upp, hp, nn])
     }
 
     fn swiglu_backward(&self, gate: &GpuBuf, up: &GpuBuf, dh: &GpuBuf, dgate: &mut GpuBuf, dup: &mut GpuBuf) -> Result<()> {
         let n = gate.len;
-        need_f32("gate", gate, n)?;
-        need_f32("up", up, n)?;
+        let kernel = self.swiglu_kernel(gate, up, "swiglu_bwd_f32", "swiglu_bwd_bf16")?;
         need_f32("dh", dh, n)?;
         need_f32("dgate", dgate, n)?;
         need_f32("dup", dup, n)?;
         let (gp, upp, dhp, dgp, dup_, nn) = (gate.ptr, up.ptr, dh.ptr, dgate.ptr, dup.ptr, n as i64);
-        self.run("swiglu_backward", "swiglu_bwd_f32", self.grid(n), THREADS, &kargs![gp, upp, dhp, dgp, dup_, nn])
+        self.run("swiglu_backward", kernel, self.grid(n), THREADS, &kargs![gp, upp, dhp, dgp, dup_, nn])
     }
 
     fn logits(&self, h: &GpuBuf, head: &GpuBuf, rows: usize, dim: usize, vocab: usize, out: &mut GpuBuf) -> Result<()> {

@@ -142,6 +142,13 @@ int main(int argc, char** argv) {
         launch(2, 256, [&] { swiglu_fwd_f32(g.data(), u.data(), h.data(), n); });
         launch(2, 256, [&] { swiglu_bwd_f32(g.data(), u.data(), dh.data(), dg.data(), du.data(), n); });
         dump("swi_g", g); dump("swi_u", u); dump("swi_dh", dh); dump("swi_h", h); dump("swi_dg", dg); dump("swi_du", du);
+        // bf16 gate and up (stashed activations): the same inputs rounded to bf16.
+        std::vector<__nv_bfloat16> gb(n), ub(n);
+        for (long long i = 0; i < n; ++i) { gb[i] = __float2bfloat16_rn(g[i]); ub[i] = __float2bfloat16_rn(u[i]); }
+        std::vector<float> hb(n, NAN), dgb(n, NAN), dub(n, NAN);
+        launch(2, 256, [&] { swiglu_fwd_bf16(gb.data(), ub.data(), hb.data(), n); });
+        launch(2, 256, [&] { swiglu_bwd_bf16(gb.data(), ub.data(), dh.data(), dgb.data(), dub.data(), n); });
+        dump("swi_h_bf16", hb); dump("swi_dg_bf16", dgb); dump("swi_du_bf16", dub);
     }
     // ---- adamw: n 700, two steps, lr 1e-2, b1 0.9, b2 0.999, eps 1e-8, wd 0.01 (constants as backend.rs) ----
     {
