@@ -74,17 +74,24 @@
 //   K1, all K2 tiles, unaligned pairs) takes the general predicated loader.
 //   Block order: grouped rasterisation (8 block-rows per group) for L2 reuse.
 //   ptxas (CUDA 13.0): 126-128 registers, 0 spills, 0 stack, for sm_80 and sm_90a.
-//   Verified without a GPU by kernels/test/emulate_sm80.py: a literal Python translation of
-//   the index math run against the PTX semantics of cp.async zero-fill, ldmatrix(.trans) and
-//   the mma.m16n8k16 fragment layouts (exact on integer data, odd sizes, both load paths).
+//   Verified without a GPU by tests/emulation/gemm_on_host.cpp (run by `cargo test`): this
+//   source compiled on the host, every block run as 256 fibers, cp.async / ldmatrix /
+//   mma.m16n8k16 emulated with their PTX semantics, against a double-precision loop (odd
+//   sizes, both load paths, bias, beta, NaN padding); and earlier by kernels/test/emulate_sm80.py,
+//   a literal Python translation of the index math.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 // ------------------------------------------------------------------------------------------
-// PTX helpers
+// PTX helpers. tests/emulation/gemm_on_host.cpp compiles this file with a host C++ compiler
+// (WEGEFT_HOST_EMULATION) and supplies these with the instructions' PTX semantics instead.
 // ------------------------------------------------------------------------------------------
+#ifndef WEGEFT_HOST_EMULATION
+// The dynamic shared memory of a block.
+#define GK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+
 namespace gk {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -126,6 +133,33 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "r"(addr));
 }
 
+// d += a b: mma.sync m16n8k16, row-major A, column-major B, f32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                            const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                     const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+}  // namespace gk
+#endif  // WEGEFT_HOST_EMULATION
+
+namespace gk {
+
 // Storage-type traits: the mma instruction and f32 <-> storage conversions.
 template <typename T>
 struct Ty;
@@ -133,11 +167,7 @@ template <>
 struct Ty<__nv_bfloat16> {
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    mma_m16n8k16<__nv_bfloat16>(d, a, b);
   }
   __device__ __forceinline__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ __forceinline__ static __nv_bfloat16 from_f32(float v) {
@@ -153,11 +183,7 @@ template <>
 struct Ty<__half> {
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4],
                                              const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    mma_m16n8k16<__half>(d, a, b);
   }
   __device__ __forceinline__ static float to_f32(__half v) { return __half2float(v); }
   __device__ __forceinline__ static __half from_f32(float v) { return __float2half_rn(v); }
@@ -239,7 +265,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
                                                   const T* __restrict__ bias, float beta,
                                                   T* __restrict__ D, int ldd) {
   using namespace tc;
-  extern __shared__ __align__(128) unsigned char smem_tc[];
+  GK_DYNAMIC_SMEM(smem_tc);
   const uint32_t smem_base = gk::smem_u32(smem_tc);
 
   const int tid = threadIdx.x;

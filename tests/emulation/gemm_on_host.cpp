@@ -1,0 +1,335 @@
+// Host emulation of the K-extended GEMM core (kernels/gemm_kext.cu), for machines without a
+// GPU: the kernel source itself, compiled by a host C++ compiler, run with every block as 256
+// fibers (fiber_block.h) and the PTX helpers it uses supplied here with the instructions'
+// semantics:
+//   cp.async.cg 16 (src-size zero-fill; the destination reads as NaN until a wait_group that
+//     covers the copy; misaligned addresses abort; a block may not exit with copies in flight),
+//   st.shared.v4, ldmatrix .x4 / .x4.trans (the 32 lanes' row addresses gathered at a warp
+//     barrier; misaligned rows abort), mma.sync m16n8k16 bf16 / f16 (fragments gathered at a
+//     warp barrier, f32 accumulation).
+// So the sm_80 tensor-core kernel's real index math — swizzles, the hoisted fast loader and
+// the predicated one, ldmatrix lane addresses, fragment order, K extension, the 4-stage
+// pipeline and its barriers, the epilogue's bias / beta / paired stores — runs, and so does
+// the f32 FMA kernel. Every case compares against a double-precision loop over the inputs as
+// stored: odd M, N, K1, K2 (K1 or K2 zero), more k tiles than pipeline stages, NT and NN,
+// bf16 and f16, aligned (16-byte cp.async path), odd leading dimensions and misaligned bases
+// (scalar path), bias, beta = 0 (D starts as NaN, so it must not be read) and beta != 0. Each
+// matrix's row padding and the row after it hold NaN (a read past a tail shows in the result)
+// and D's padding must come back untouched. Not covered: the sm_90a wgmma kernel.
+// Built and run by tests/kernel_emulation.rs:
+//   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/gemm_on_host.cpp
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "fiber_block.h"
+
+using std::max;
+using std::min;
+#undef __shared__
+#define __shared__ static
+#undef __global__
+#define __global__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define WEGEFT_HOST_EMULATION 1
+inline void __syncthreads() { fb::sync_block(); }
+
+// ---- the PTX helpers of gemm_kext.cu, with PTX semantics -----------------------------------
+
+constexpr int SMEM = 65536;  // tc::SMEM_BYTES
+alignas(1024) unsigned char g_smem[SMEM];
+#define GK_DYNAMIC_SMEM(name) unsigned char* name = g_smem
+
+int g_failures = 0;
+[[noreturn]] void die(const char* what, uint32_t addr) {
+    std::printf("FATAL: %s (shared offset %u, thread %u, block %u)\n", what, addr, threadIdx.x, blockIdx.x);
+    std::exit(3);
+}
+
+struct PendCopy {
+    uint32_t dst;
+    unsigned char data[16];
+};
+struct Lane {
+    std::vector<std::vector<PendCopy>> groups;  // committed, oldest first
+    std::vector<PendCopy> open;                 // issued since the last commit
+};
+std::vector<Lane> g_lanes(256);
+int g_leftover = 0;
+
+// Per-warp exchange area for the collective instructions.
+struct WarpX {
+    uint32_t addr[32];
+    uint32_t a[32][4];
+    uint32_t b[32][2];
+};
+WarpX g_wx[8];
+
+namespace gk {
+
+inline uint32_t smem_u32(const void* p) {
+    const auto off = (const unsigned char*)p - g_smem;
+    if (off < 0 || off >= SMEM) die("smem_u32 of a pointer outside shared memory", 0);
+    return (uint32_t)off;
+}
+
+inline void land(const PendCopy& c) { std::memcpy(g_smem + c.dst, c.data, 16); }
+
+inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+    if (dst % 16 || dst + 16 > (uint32_t)SMEM) die("cp.async destination misaligned or outside shared memory", dst);
+    if (src_bytes < 0 || src_bytes > 16) die("cp.async src-size outside 0..16", dst);
+    if (src_bytes > 0 && ((uintptr_t)src % 16)) die("cp.async source not 16-byte aligned", dst);
+    PendCopy c;
+    c.dst = dst;
+    std::memset(c.data, 0, 16);
+    if (src_bytes > 0) std::memcpy(c.data, src, src_bytes);
+    std::memset(g_smem + dst, 0xFF, 16);  // in flight: reads as NaN until waited for
+    g_lanes[threadIdx.x].open.push_back(c);
+}
+inline void cp_async_commit() {
+    Lane& l = g_lanes[threadIdx.x];
+    l.groups.push_back(std::move(l.open));
+    l.open.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    Lane& l = g_lanes[threadIdx.x];
+    while ((int)l.groups.size() > N) {
+        for (const auto& c : l.groups.front()) land(c);
+        l.groups.erase(l.groups.begin());
+    }
+}
+inline void cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
+inline void st_shared_v4(uint32_t addr, uint4 v) {
+    if (addr % 16 || addr + 16 > (uint32_t)SMEM) die("st.shared.v4 misaligned or outside shared memory", addr);
+    std::memcpy(g_smem + addr, &v, 16);
+}
+
+// ldmatrix .x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; lane l receives, of
+// each matrix, row l/4, elements 2(l%4) and 2(l%4)+1 (.trans: column l/4, rows 2(l%4), 2(l%4)+1).
+inline void ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
+    const int lane = threadIdx.x % 32;
+    WarpX& x = g_wx[threadIdx.x / 32];
+    if (addr % 16 || addr + 16 > (uint32_t)SMEM) die("ldmatrix row address misaligned or outside shared memory", addr);
+    x.addr[lane] = addr;
+    fb::sync_warp();
+    for (int i = 0; i < 4; ++i) {
+        uint16_t lo, hi;
+        if (!trans) {
+            const uint16_t* row = (const uint16_t*)(g_smem + x.addr[8 * i + lane / 4]);
+            lo = row[2 * (lane % 4)];
+            hi = row[2 * (lane % 4) + 1];
+        } else {
+            lo = ((const uint16_t*)(g_smem + x.addr[8 * i + 2 * (lane % 4)]))[lane / 4];
+            hi = ((const uint16_t*)(g_smem + x.addr[8 * i + 2 * (lane % 4) + 1]))[lane / 4];
+        }
+        r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    fb::sync_warp();
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix(r, addr, true); }
+
+template <typename T>
+inline float half_of(uint32_t w, int hi) {
+    const uint16_t bits = (uint16_t)(hi ? w >> 16 : w & 0xffff);
+    T v;
+    std::memcpy(&v, &bits, 2);
+    if constexpr (std::is_same<T, __half>::value)
+        return __half2float(v);
+    else
+        return __bfloat162float(v);
+}
+
+// mma.m16n8k16.row.col: lane L (g = L/4, t = L%4) holds A[g][2t..2t+1] (a0), A[g+8][2t..] (a1),
+// A[g][2t+8..] (a2), A[g+8][2t+8..] (a3), B[2t..2t+1][g] (b0), B[2t+8..2t+9][g] (b1), and
+// D[g][2t..2t+1] (d0, d1), D[g+8][2t..2t+1] (d2, d3).
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    const int lane = threadIdx.x % 32;
+    WarpX& x = g_wx[threadIdx.x / 32];
+    for (int i = 0; i < 4; ++i) x.a[lane][i] = a[i];
+    x.b[lane][0] = b[0];
+    x.b[lane][1] = b[1];
+    fb::sync_warp();
+    float A[16][16], B[16][8];
+    for (int L = 0; L < 32; ++L) {
+        const int g = L / 4, t = L % 4;
+        for (int h = 0; h < 2; ++h) {
+            A[g][2 * t + h] = half_of<T>(x.a[L][0], h);
+            A[g + 8][2 * t + h] = half_of<T>(x.a[L][1], h);
+            A[g][2 * t + 8 + h] = half_of<T>(x.a[L][2], h);
+            A[g + 8][2 * t + 8 + h] = half_of<T>(x.a[L][3], h);
+            B[2 * t + h][g] = half_of<T>(x.b[L][0], h);
+            B[2 * t + 8 + h][g] = half_of<T>(x.b[L][1], h);
+        }
+    }
+    const int g = lane / 4, t = lane % 4;
+    for (int e = 0; e < 4; ++e) {
+        const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+        float acc = d[e];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        d[e] = acc;
+    }
+    fb::sync_warp();
+}
+
+}  // namespace gk
+
+#include "gemm_kext.cu"
+
+// ---- the cases -----------------------------------------------------------------------------
+
+uint64_t g_rs = 0x9E3779B97F4A7C15ull;
+float rnd() {
+    g_rs ^= g_rs << 13;
+    g_rs ^= g_rs >> 7;
+    g_rs ^= g_rs << 17;
+    return (float)((double)(g_rs >> 11) / (double)(1ull << 53) * 2.0 - 1.0);
+}
+
+template <typename T>
+T from_f(float v) {
+    if constexpr (std::is_same<T, float>::value)
+        return v;
+    else if constexpr (std::is_same<T, __half>::value)
+        return __float2half_rn(v);
+    else
+        return __float2bfloat16_rn(v);
+}
+template <typename T>
+double to_d(T v) {
+    if constexpr (std::is_same<T, float>::value)
+        return v;
+    else if constexpr (std::is_same<T, __half>::value)
+        return __half2float(v);
+    else
+        return __bfloat162float(v);
+}
+
+// A rows x cols matrix at leading dimension ld inside a buffer that starts `shift` elements
+// past a 16-byte boundary; the row padding and one row after the matrix are NaN.
+template <typename T>
+struct Mat {
+    std::vector<T> buf;
+    T* p = nullptr;
+    int rows = 0, cols = 0, ld = 0;
+    Mat(int r, int c, int ld_, int shift, bool nan_pad = true) : rows(r), cols(c), ld(ld_) {
+        buf.resize((size_t)(r + 1) * ld_ + shift + 16);
+        T* base = buf.data();
+        while ((uintptr_t)base % 16) ++base;
+        p = base + shift;
+        for (size_t i = 0; i < (size_t)(r + 1) * ld_; ++i) p[i] = from_f<T>(nan_pad ? NAN : 0.0f);
+        for (int i = 0; i < r; ++i)
+            for (int j = 0; j < c; ++j) p[(size_t)i * ld + j] = from_f<T>(rnd());
+    }
+    double at(int i, int j) const { return to_d(p[(size_t)i * ld + j]); }
+};
+
+struct Case {
+    int M, N, K1, K2;
+};
+int g_checks = 0;
+
+// layout 0: aligned, lds multiples of 8 (the 16-byte cp.async path); 1: odd lds; 2: bases one
+// element past 16-byte alignment (both scalar paths).
+template <typename T, bool NN>
+void check(const char* name, void (*kernel)(int, int, int, int, const T*, int, const T*, int, const T*, int, const T*, int,
+                                            const T*, float, T*, int),
+           int bm, int bn, Case c, int layout, bool bias, float beta, double tol) {
+    const int M = c.M, N = c.N, K1 = c.K1, K2 = c.K2;
+    // Odd leading dimensions are never multiples of 8.
+    auto ld_of = [&](int cols) { return layout == 1 ? cols + 1 + cols % 2 : (cols + 7) / 8 * 8 + 8; };
+    const int shift = layout == 2 ? 1 : 0;
+    Mat<T> A1(M, K1, ld_of(std::max(K1, 1)), shift), A2(M, K2, ld_of(std::max(K2, 1)), shift);
+    Mat<T> B1(NN ? K1 : N, NN ? N : K1, ld_of(NN ? N : std::max(K1, 1)), shift);
+    Mat<T> B2(NN ? K2 : N, NN ? N : K2, ld_of(NN ? N : std::max(K2, 1)), shift);
+    Mat<T> bv(1, N, N, 0);
+    const int ldd = layout == 0 ? N + 6 : N + 5;  // even (with an aligned D: paired stores) or odd
+    Mat<T> D(M, N, ldd, layout == 2 ? 1 : 0, false);
+    // D's padding and extra row hold a sentinel; with beta == 0 D itself starts as NaN.
+    const float sentinel = 7.0f;
+    for (int i = 0; i <= M; ++i)
+        for (int j = 0; j < ldd; ++j)
+            if (i == M || j >= N) D.p[(size_t)i * ldd + j] = from_f<T>(sentinel);
+            else if (beta == 0.0f) D.p[(size_t)i * ldd + j] = from_f<T>(NAN);
+    std::vector<double> want((size_t)M * N);
+    double scale = 0;
+    for (int i = 0; i < M; ++i)
+        for (int j = 0; j < N; ++j) {
+            double s = 0;
+            for (int k = 0; k < K1; ++k) s += A1.at(i, k) * (NN ? B1.at(k, j) : B1.at(j, k));
+            for (int k = 0; k < K2; ++k) s += A2.at(i, k) * (NN ? B2.at(k, j) : B2.at(j, k));
+            if (bias) s += bv.at(0, j);
+            if (beta != 0.0f) s += beta * D.at(i, j);
+            want[(size_t)i * N + j] = s;
+            scale = std::max(scale, std::fabs(s));
+        }
+    const int tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
+    const T* a2 = K2 ? A2.p : nullptr;
+    const T* b2 = K2 ? B2.p : nullptr;
+    fb::run_grid({(unsigned)tiles, 1, 1}, 256, [&] {
+        kernel(M, N, K1, K2, A1.p, A1.ld, B1.p, B1.ld, a2, A2.ld, b2, B2.ld, bias ? bv.p : nullptr, beta, D.p, ldd);
+        Lane& l = g_lanes[threadIdx.x];
+        if (!l.groups.empty() || !l.open.empty()) {
+            ++g_leftover;
+            l.groups.clear();
+            l.open.clear();
+        }
+    });
+    double worst = 0;
+    int at = 0;
+    bool pad_ok = true;
+    for (int i = 0; i <= M; ++i)
+        for (int j = 0; j < ldd; ++j) {
+            const double g = D.at(i, j);
+            if (i == M || j >= N) {
+                pad_ok &= g == sentinel;
+                continue;
+            }
+            const double e = std::fabs(g - want[(size_t)i * N + j]) / std::max(scale, 1e-30);
+            const double ee = std::isnan(e) ? INFINITY : e;
+            if (ee > worst) worst = ee, at = i * N + j;
+        }
+    const bool ok = worst <= tol && pad_ok;
+    ++g_checks;
+    if (!ok) ++g_failures;
+    std::printf("%s %-20s M%-4d N%-4d K1 %-4d K2 %-3d layout %d bias %d beta %.1f  err %.2e (tol %.0e)%s\n", ok ? "ok  " : "FAIL",
+                name, M, N, K1, K2, layout, bias, beta, worst, tol, pad_ok ? "" : "  PADDING WRITTEN");
+    if (worst > tol) std::printf("      worst at row %d col %d: want %g\n", at / N, at % N, want[at]);
+}
+
+int main() {
+    // More k tiles than the 4 pipeline stages (K1 160 + K2 64: 7), a K1 tail, K1 = 0, K2 = 0,
+    // tiles cut by M and N, one row, one column block of 8.
+    const Case cases[] = {{1, 8, 1, 0}, {37, 40, 33, 8}, {129, 136, 72, 40}, {37, 136, 160, 64}, {129, 8, 16, 1}, {70, 40, 0, 33}};
+    int layout = 0;
+    for (const Case& c : cases) {
+        for (int v = 0; v < 2; ++v) {
+            const bool bias = (layout + v) % 2 == 0;
+            const float beta = v == 0 ? 0.0f : 0.5f;
+            check<__nv_bfloat16, false>("gemm_kext_nt_bf16", gemm_kext_nt_bf16, 128, 128, c, layout, bias, beta, 1e-2);
+            check<__nv_bfloat16, true>("gemm_kext_nn_bf16", gemm_kext_nn_bf16, 128, 128, c, layout, bias, beta, 1e-2);
+            check<__half, false>("gemm_kext_nt_f16", gemm_kext_nt_f16, 128, 128, c, (layout + 1) % 3, bias, beta, 2e-3);
+            check<__half, true>("gemm_kext_nn_f16", gemm_kext_nn_f16, 128, 128, c, (layout + 1) % 3, bias, beta, 2e-3);
+            check<float, false>("gemm_kext_nt_f32", gemm_kext_nt_f32, 64, 64, c, layout == 0 ? 0 : 1, bias, beta, 1e-5);
+            check<float, true>("gemm_kext_nn_f32", gemm_kext_nn_f32, 64, 64, c, layout == 0 ? 0 : 1, bias, beta, 1e-5);
+            layout = (layout + 1) % 3;
+        }
+    }
+    std::printf("blocks that exited with cp.async in flight: %d\n", g_leftover);
+    if (g_leftover) ++g_failures;
+    std::printf("%d checks, %d failures\n", g_checks, g_failures);
+    return g_failures ? 1 : 0;
+}
