@@ -89,8 +89,8 @@
 // (WEGEFT_HOST_EMULATION) and supplies these with the instructions' PTX semantics instead.
 // ------------------------------------------------------------------------------------------
 #ifndef WEGEFT_HOST_EMULATION
-// The dynamic shared memory of a block.
-#define GK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+// The dynamic shared memory of a block, aligned to `align` bytes.
+#define GK_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
 
 namespace gk {
 
@@ -265,7 +265,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
                                                   const T* __restrict__ bias, float beta,
                                                   T* __restrict__ D, int ldd) {
   using namespace tc;
-  GK_DYNAMIC_SMEM(smem_tc);
+  GK_DYNAMIC_SMEM(smem_tc, 128);
   const uint32_t smem_base = gk::smem_u32(smem_tc);
 
   const int tid = threadIdx.x;
@@ -646,7 +646,8 @@ extern "C" __global__ void __launch_bounds__(fm::THREADS) gemm_kext_nn_f32(GEMM_
 //       (next 8 k-rows); k16 step = +2048 B.
 //   The layouts were checked against the canonical-layout definitions (PTX ISA "Shared Memory
 //   Matrix Layout"; cute make_gmma_desc: Swizzle<3,4,3> over ((8,m),(T,2k)) K-major and
-//   ((T,8,m),(8,k)) MN-major) by kernels/test/emulate_sm90.py.
+//   ((T,8,m),(8,k)) MN-major) by kernels/test/emulate_sm90.py; the whole kernel runs on the
+//   host, wgmma emulated from those definitions, in tests/emulation/gemm_on_host.cpp.
 //   ptxas (CUDA 13.0, sm_90a): 168-177 registers, 0 spills, 0 stack.
 //   Built for a target without sm_90a features, the same names run the sm_80 body on the
 //   two 128 x 128 halves of the block's tile (correct, same launch geometry).
@@ -666,7 +667,14 @@ static_assert(THREADS == tc::THREADS && BM == tc::BM && BN == 2 * tc::BN &&
               "the non-sm_90a fallback runs two sm_80 tiles in an _sm90 launch");
 }  // namespace h90
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The wgmma body is compiled for sm_90a, and on the host by tests/emulation/gemm_on_host.cpp
+// (WEGEFT_HOST_EMULATION), which supplies the asynchronous helpers below with their PTX
+// semantics.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(WEGEFT_HOST_EMULATION)
+#define GK_WGMMA_BODY 1
+#endif
+
+#if defined(GK_WGMMA_BODY)
 namespace h90 {
 // Shared-memory matrix descriptor, 128-byte swizzle; offsets in bytes (multiples of 16).
 __device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
@@ -677,6 +685,11 @@ __device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t s
   d |= (uint64_t)1 << 62;
   return d;
 }
+}  // namespace h90
+#endif
+
+#if defined(GK_WGMMA_BODY) && !defined(WEGEFT_HOST_EMULATION)
+namespace h90 {
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -730,9 +743,9 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
   gk::block_tile_coords((M + h90::BM - 1) / h90::BM, (N + h90::BN - 1) / h90::BN, tm, tn);
   const int m0 = tm * h90::BM;
   const int n0 = tn * h90::BN;
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(GK_WGMMA_BODY)
   using namespace h90;
-  extern __shared__ __align__(1024) unsigned char smem_h90[];
+  GK_DYNAMIC_SMEM(smem_h90, 1024);
   const uint32_t smem_base = (gk::smem_u32(smem_h90) + 1023u) & ~1023u;
 
   const int tid = threadIdx.x;

@@ -6,16 +6,21 @@
 //     covers the copy; misaligned addresses abort; a block may not exit with copies in flight),
 //   st.shared.v4, ldmatrix .x4 / .x4.trans (the 32 lanes' row addresses gathered at a warp
 //     barrier; misaligned rows abort), mma.sync m16n8k16 bf16 / f16 (fragments gathered at a
-//     warp barrier, f32 accumulation).
-// So the sm_80 tensor-core kernel's real index math — swizzles, the hoisted fast loader and
-// the predicated one, ldmatrix lane addresses, fragment order, K extension, the 4-stage
-// pipeline and its barriers, the epilogue's bias / beta / paired stores — runs, and so does
-// the f32 FMA kernel. Every case compares against a double-precision loop over the inputs as
+//     warp barrier, f32 accumulation), and for the sm_90a kernel wgmma.mma_async m64n256k16
+//     from shared-memory descriptors with the 128-byte swizzle, asynchronous up to
+//     wgmma.wait_group (a read of shared memory that changes while in flight is reported).
+// So the real index math of the sm_80 tensor-core kernel — swizzles, the hoisted fast loader
+// and the predicated one, ldmatrix lane addresses, fragment order, K extension, the 4-stage
+// pipeline and its barriers, the epilogue's bias / beta / paired stores — runs, and so do the
+// f32 FMA kernel and the sm_90a kernel (its loaders into the wgmma layouts, descriptors,
+// 2-deep refill distance, accumulator layout, epilogue). The wgmma emulation encodes the PTX
+// ISA's descriptor and canonical-layout definitions; that the hardware reads them so is shown
+// only on a GPU (tests/cuda_layer.rs). Every case compares against a double-precision loop over the inputs as
 // stored: odd M, N, K1, K2 (K1 or K2 zero), more k tiles than pipeline stages, NT and NN,
 // bf16 and f16, aligned (16-byte cp.async path), odd leading dimensions and misaligned bases
 // (scalar path), bias, beta = 0 (D starts as NaN, so it must not be read) and beta != 0. Each
 // matrix's row padding and the row after it hold NaN (a read past a tail shows in the result)
-// and D's padding must come back untouched. Not covered: the sm_90a wgmma kernel.
+// and D's padding must come back untouched.
 // Built and run by tests/kernel_emulation.rs:
 //   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/gemm_on_host.cpp
 #include <algorithm>
@@ -43,9 +48,9 @@ inline void __syncthreads() { fb::sync_block(); }
 
 // ---- the PTX helpers of gemm_kext.cu, with PTX semantics -----------------------------------
 
-constexpr int SMEM = 65536;  // tc::SMEM_BYTES
+constexpr int SMEM = 4 * 49152 + 1024;  // h90::SMEM_BYTES (tc::SMEM_BYTES is 65536)
 alignas(1024) unsigned char g_smem[SMEM];
-#define GK_DYNAMIC_SMEM(name) unsigned char* name = g_smem
+#define GK_DYNAMIC_SMEM(name, align) unsigned char* name = g_smem
 
 int g_failures = 0;
 [[noreturn]] void die(const char* what, uint32_t addr) {
@@ -187,6 +192,105 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
 
 }  // namespace gk
 
+// ---- the asynchronous warpgroup MMA of the sm_90a kernel -----------------------------------
+//
+// wgmma.mma_async m64n256k16 (f32 += bf16/f16 x bf16/f16), operands in shared memory named by
+// matrix descriptors: bits 0-13 start address >> 4, 16-29 leading byte offset >> 4, 32-45
+// stride byte offset >> 4, 62-63 swizzle mode (1: 128-byte). With the 128-byte swizzle the
+// 16-byte chunk bits [4:6] of every address are XORed with its bits [7:9]. Addresses, before
+// the swizzle (PTX ISA, "Matrix Descriptor" and the canonical layouts):
+//   K-major (A; B when not transposed): element (row, k) at start + (row / 8) SBO + (row % 8) 128 + 2 k;
+//   MN-major (B transposed: k-rows of contiguous n): (k, n) at
+//     start + (n / 64) LBO + (k / 8) SBO + (k % 8) 128 + 2 (n % 64).
+// Accumulator d[i] of thread t of the warpgroup holds row 16 (t / 32) + (t % 32) / 4 + 8 ((i >> 1) & 1),
+// column 8 (i >> 2) + 2 (t % 4) + (i & 1) of the 64 x 256 tile.
+// Asynchrony: an mma is computed when issued and again when a wgmma.wait_group retires it; the
+// two must agree (shared memory a wgmma reads may not change while it is in flight), and the
+// retiring result is added to the accumulators.
+namespace h90emu {
+struct Op {
+    uint64_t da, db;
+    int trans_b;
+    bool f16;
+    float* acc;
+    std::vector<float> issued;
+};
+struct Lane {
+    std::vector<std::vector<Op>> groups;
+    std::vector<Op> open;
+};
+std::vector<Lane> lanes(256);
+int races = 0;
+
+inline uint32_t swz(uint32_t a) { return a ^ (((a >> 7) & 7) << 4); }
+inline float elem(uint32_t addr, bool f16) {
+    if (addr + 2 > (uint32_t)SMEM) die("wgmma operand outside shared memory", addr);
+    uint16_t bits;
+    std::memcpy(&bits, g_smem + addr, 2);
+    return f16 ? gk::half_of<__half>(bits, 0) : gk::half_of<__nv_bfloat16>(bits, 0);
+}
+inline void compute(const Op& op, float* out) {
+    if ((op.da >> 62) != 1 || (op.db >> 62) != 1) die("wgmma descriptor without the 128-byte swizzle", 0);
+    const uint32_t sa = (uint32_t)(op.da & 0x3FFF) << 4, sba = (uint32_t)((op.da >> 32) & 0x3FFF) << 4;
+    const uint32_t sb = (uint32_t)(op.db & 0x3FFF) << 4, lbb = (uint32_t)((op.db >> 16) & 0x3FFF) << 4;
+    const uint32_t sbb = (uint32_t)((op.db >> 32) & 0x3FFF) << 4;
+    const int t = threadIdx.x % 128, w = t / 32, lane = t % 32;
+    float A[2][16];  // the two rows this thread's accumulators touch
+    for (int h = 0; h < 2; ++h) {
+        const int row = 16 * w + lane / 4 + 8 * h;
+        for (int k = 0; k < 16; ++k) A[h][k] = elem(swz(sa + (row / 8) * sba + (row % 8) * 128 + 2 * k), op.f16);
+    }
+    for (int i = 0; i < 128; ++i) {
+        const int h = (i >> 1) & 1, col = 8 * (i >> 2) + 2 * (lane % 4) + (i & 1);
+        float acc = 0.0f;
+        for (int k = 0; k < 16; ++k) {
+            const uint32_t b = op.trans_b ? sb + (col / 64) * lbb + (k / 8) * sbb + (k % 8) * 128 + 2 * (col % 64)
+                                          : sb + (col / 8) * sbb + (col % 8) * 128 + 2 * k;
+            acc += A[h][k] * elem(swz(b), op.f16);
+        }
+        out[i] = acc;
+    }
+}
+inline void retire(Op& op) {
+    std::vector<float> now(128);
+    compute(op, now.data());
+    if (std::memcmp(now.data(), op.issued.data(), 128 * sizeof(float)) != 0) {
+        if (races++ == 0) std::printf("RACE: shared memory read by a wgmma changed while it was in flight (thread %u, block %u)\n", threadIdx.x, blockIdx.x);
+    }
+    for (int i = 0; i < 128; ++i) op.acc[i] += now[i];
+}
+}  // namespace h90emu
+
+namespace h90 {
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+template <int N>
+inline void fence_regs(float (&)[N]) {}
+inline void wgmma_commit() {
+    auto& l = h90emu::lanes[threadIdx.x];
+    l.groups.push_back(std::move(l.open));
+    l.open.clear();
+}
+template <int N>
+inline void wgmma_wait() {
+    auto& l = h90emu::lanes[threadIdx.x];
+    while ((int)l.groups.size() > N) {
+        for (auto& op : l.groups.front()) h90emu::retire(op);
+        l.groups.erase(l.groups.begin());
+    }
+}
+template <typename T, int TRANS_B>
+struct Wgmma {
+    template <int N>
+    static void run(float (&d)[N], uint64_t da, uint64_t db) {
+        static_assert(N == 128, "m64n256k16: 128 accumulators per thread");
+        h90emu::Op op{da, db, TRANS_B, std::is_same<T, __half>::value, d, std::vector<float>(128)};
+        h90emu::compute(op, op.issued.data());
+        h90emu::lanes[threadIdx.x].open.push_back(std::move(op));
+    }
+};
+}  // namespace h90
+
 #include "gemm_kext.cu"
 
 // ---- the cases -----------------------------------------------------------------------------
@@ -282,10 +386,13 @@ void check(const char* name, void (*kernel)(int, int, int, int, const T*, int, c
     fb::run_grid({(unsigned)tiles, 1, 1}, 256, [&] {
         kernel(M, N, K1, K2, A1.p, A1.ld, B1.p, B1.ld, a2, A2.ld, b2, B2.ld, bias ? bv.p : nullptr, beta, D.p, ldd);
         Lane& l = g_lanes[threadIdx.x];
-        if (!l.groups.empty() || !l.open.empty()) {
+        auto& w = h90emu::lanes[threadIdx.x];
+        if (!l.groups.empty() || !l.open.empty() || !w.groups.empty() || !w.open.empty()) {
             ++g_leftover;
             l.groups.clear();
             l.open.clear();
+            w.groups.clear();
+            w.open.clear();
         }
     });
     double worst = 0;
@@ -305,7 +412,7 @@ void check(const char* name, void (*kernel)(int, int, int, int, const T*, int, c
     const bool ok = worst <= tol && pad_ok;
     ++g_checks;
     if (!ok) ++g_failures;
-    std::printf("%s %-20s M%-4d N%-4d K1 %-4d K2 %-3d layout %d bias %d beta %.1f  err %.2e (tol %.0e)%s\n", ok ? "ok  " : "FAIL",
+    std::printf("%s %-23s M%-4d N%-4d K1 %-4d K2 %-3d layout %d bias %d beta %.1f  err %.2e (tol %.0e)%s\n", ok ? "ok  " : "FAIL",
                 name, M, N, K1, K2, layout, bias, beta, worst, tol, pad_ok ? "" : "  PADDING WRITTEN");
     if (worst > tol) std::printf("      worst at row %d col %d: want %g\n", at / N, at % N, want[at]);
 }
@@ -328,6 +435,22 @@ int main() {
             layout = (layout + 1) % 3;
         }
     }
+    // The sm_90a kernel (128 x 256 x 64 tiles, wgmma): the cases above, and two column tiles
+    // with 6 k tiles through its 4 stages.
+    const Case wcases[] = {{1, 8, 1, 0}, {37, 40, 33, 8}, {129, 136, 72, 40}, {70, 40, 0, 33}, {130, 300, 320, 64}};
+    for (const Case& c : wcases) {
+        for (int v = 0; v < 2; ++v) {
+            const bool bias = (layout + v) % 2 == 0;
+            const float beta = v == 0 ? 0.0f : 0.5f;
+            check<__nv_bfloat16, false>("gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, 128, 256, c, layout, bias, beta, 1e-2);
+            check<__nv_bfloat16, true>("gemm_kext_nn_bf16_sm90", gemm_kext_nn_bf16_sm90, 128, 256, c, layout, bias, beta, 1e-2);
+            check<__half, false>("gemm_kext_nt_f16_sm90", gemm_kext_nt_f16_sm90, 128, 256, c, (layout + 1) % 3, bias, beta, 2e-3);
+            check<__half, true>("gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, 128, 256, c, (layout + 1) % 3, bias, beta, 2e-3);
+            layout = (layout + 1) % 3;
+        }
+    }
+    std::printf("wgmma reads of shared memory that changed in flight: %d\n", h90emu::races);
+    if (h90emu::races) ++g_failures;
     std::printf("blocks that exited with cp.async in flight: %d\n", g_leftover);
     if (g_leftover) ++g_failures;
     std::printf("%d checks, %d failures\n", g_checks, g_failures);
