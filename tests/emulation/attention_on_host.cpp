@@ -1,15 +1,14 @@
 // Host emulation of kernels/attention.cu, for machines without a GPU. Each block runs as 128
-// std::threads (blocks one after another, so `static` stands in for __shared__); the warp
-// primitives the kernels use (shfl_xor, ldmatrix .x4 / .x4.trans, mma.m16n8k16 bf16, cp.async)
-// are emulated with their PTX semantics through a per-warp exchange area and a 32-thread
-// barrier, so the tensor-core kernel's fragment index math (swizzle, ldmatrix lane addresses,
+// fibers (fiber_block.h; blocks one after another, so `static` stands in for __shared__); the
+// warp primitives the kernels use (shfl_xor, ldmatrix .x4 / .x4.trans, mma.m16n8k16 bf16,
+// cp.async) are emulated with their PTX semantics through a per-warp exchange area and a
+// 32-thread barrier, so the tensor-core kernel's fragment index math (swizzle, ldmatrix lane addresses,
 // accumulator -> A-fragment re-packing of P, quad reductions) really runs. Every kernel is
 // checked against a double-precision loop on small shapes: S not a multiple of any tile, S = 1,
 // GQA, several head dims; outputs start as NaN. Built and run by tests/kernel_emulation.rs:
 //   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/attention_on_host.cpp
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -17,13 +16,11 @@
 #include <cstring>
 #include <functional>
 #include <random>
-#include <thread>
 #include <vector>
 #include <cuda_bf16.h>
 
-struct dim3e { unsigned x, y, z; };
-thread_local dim3e threadIdx, blockIdx;
-dim3e gridDim{1, 1, 1};
+#include "fiber_block.h"
+
 using std::min;
 #undef __shared__
 #define __shared__ static
@@ -34,8 +31,6 @@ using std::min;
 #define WEGEFT_HOST_EMULATION 1
 
 constexpr int NT = 128;
-std::barrier<>* g_bar;
-std::barrier<>* g_wbar[NT / 32];
 struct WarpX {
     const void* ptr[32];
     uint32_t a[32][4];
@@ -47,8 +42,8 @@ WarpX g_x[NT / 32];
 namespace wegeft_attn {
 inline int lane_id() { return threadIdx.x % 32; }
 inline WarpX& wx() { return g_x[threadIdx.x / 32]; }
-inline void wsync() { g_wbar[threadIdx.x / 32]->arrive_and_wait(); }
-inline void block_sync() { g_bar->arrive_and_wait(); }
+inline void wsync() { fb::sync_warp(); }
+inline void block_sync() { fb::sync_block(); }
 inline float shfl_xor(float v, int m) {
     wx().f[lane_id()] = v;
     wsync();
@@ -57,8 +52,11 @@ inline float shfl_xor(float v, int m) {
     return r;
 }
 struct PendCopy { void* dst; unsigned char data[16]; int bytes; };
-thread_local std::vector<std::vector<PendCopy>> t_groups;
-thread_local std::vector<PendCopy> t_cur;
+// Each thread's committed cp.async groups (oldest first) and the copies issued since.
+std::vector<std::vector<std::vector<PendCopy>>> g_groups(NT);
+std::vector<std::vector<PendCopy>> g_cur(NT);
+#define t_groups g_groups[threadIdx.x]
+#define t_cur g_cur[threadIdx.x]
 inline void land(const PendCopy& c) { std::memset(c.dst, 0, 16); if (c.bytes > 0) std::memcpy(c.dst, c.data, c.bytes); }
 inline void cp_async_16(void* dst, const void* src, int bytes) {
     if (((uintptr_t)dst & 15) || (bytes > 0 && ((uintptr_t)src & 15))) { std::printf("MISALIGNED cp.async dst %p src %p\n", dst, src); std::abort(); }
@@ -136,27 +134,15 @@ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 // ---- launching ---------------------------------------------------------------------------
 
 void launch(dim3e grid, const std::function<void()>& kernel) {
-    gridDim = grid;
-    std::barrier<> bar(NT);
-    for (int w = 0; w < NT / 32; ++w) g_wbar[w] = new std::barrier<>(32);
-    g_bar = &bar;
-    // One thread per CUDA thread for the whole grid; blocks run one after another, the
-    // barrier after each keeps a block's shared memory (statics) from the next one's writes.
-    std::vector<std::thread> th;
-    for (int t = 0; t < NT; ++t)
-        th.emplace_back([&, t] {
-            threadIdx = {(unsigned)t, 0, 0};
-            for (unsigned z = 0; z < grid.z; ++z)
-                for (unsigned y = 0; y < grid.y; ++y)
-                    for (unsigned x = 0; x < grid.x; ++x) {
-                        blockIdx = {x, y, z};
-                        kernel();
-                        if (!wegeft_attn::t_groups.empty() || !wegeft_attn::t_cur.empty()) { std::printf("cp.async left in flight at block exit\n"); ++wegeft_attn::g_leftover; wegeft_attn::t_groups.clear(); wegeft_attn::t_cur.clear(); }
-                        bar.arrive_and_wait();
-                    }
-        });
-    for (auto& t : th) t.join();
-    for (int w = 0; w < NT / 32; ++w) delete g_wbar[w];
+    fb::run_grid(grid, NT, [&] {
+        kernel();
+        if (!wegeft_attn::t_groups.empty() || !wegeft_attn::t_cur.empty()) {
+            std::printf("cp.async left in flight at block exit\n");
+            ++wegeft_attn::g_leftover;
+            wegeft_attn::t_groups.clear();
+            wegeft_attn::t_cur.clear();
+        }
+    });
 }
 
 // ---- reference (double) ------------------------------------------------------------------

@@ -1,13 +1,11 @@
 // Host emulation of the wegeft kernels (kernels/lowrank.cu, kernels/merge.cu), for machines
-// without a GPU: each block runs as 256 std::threads meeting at a std::barrier for
+// without a GPU: each block runs as 256 fibers (fiber_block.h) meeting at a block barrier for
 // __syncthreads, blocks one after another (so `static` stands in for __shared__). Every
 // product kernel is checked, in the configurations the launchers use (src/cuda/layer.rs), with
 // odd sizes, split-K and its reduction, alpha/beta/bias and the dropout mask, against a
 // double-precision loop and a host mirror of the mask; outputs start as NaN and the padding
 // between rows must stay untouched. Built and run by tests/kernel_emulation.rs:
 //   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/kernels_on_host.cpp
-#include <barrier>
-#include <thread>
 #include <vector>
 #include <cstdio>
 #include <cmath>
@@ -16,11 +14,8 @@
 #include <algorithm>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-struct dim3e { unsigned x, y, z; };
-thread_local dim3e threadIdx, blockIdx;
-struct { unsigned x = 256, y = 1, z = 1; } blockDim;
-std::barrier<>* g_bar;
-inline void __syncthreads() { g_bar->arrive_and_wait(); }
+#include "fiber_block.h"
+inline void __syncthreads() { fb::sync_block(); }
 using std::min;
 #undef __shared__
 #define __shared__ static
@@ -35,16 +30,7 @@ using std::min;
 
 template <typename F>
 void launch(dim3e grid, F f) {
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                std::barrier<> bar(256);
-                g_bar = &bar;
-                std::vector<std::thread> ts;
-                for (unsigned t = 0; t < 256; ++t)
-                    ts.emplace_back([&, t] { threadIdx = {t, 0, 0}; blockIdx = {x, y, z}; f(); });
-                for (auto& t : ts) t.join();
-            }
+    fb::run_grid(grid, 256, f);
 }
 
 uint64_t rs = 12345;

@@ -1,15 +1,13 @@
 // Host emulation of the model kernels of the CUDA backend (src/cuda/backend.rs):
 // kernels/{elementwise,embedding,rmsnorm,rope,swiglu,adamw,xent}.cu compiled by g++ against a
 // small shim (attention has its own, tests/emulation/attention_on_host.cpp): each block runs as blockDim
-// std::threads meeting at a std::barrier for __syncthreads, warps of 32 at their own barrier
-// for __shfl_xor_sync, blocks one after another (so `static` stands in for __shared__).
+// fibers (fiber_block.h) meeting at a block barrier for __syncthreads, warps of 32 at their own
+// barrier for __shfl_xor_sync, blocks one after another (so `static` stands in for __shared__).
 // The program generates the inputs (a fixed xorshift stream), runs every kernel the way the
 // Rust launchers do (grid-stride kernels on a deliberately small grid, so the stride loops
 // run), and writes inputs and outputs as raw little-endian arrays into the directory argv[1];
 // tests/kernel_emulation.rs reads them and compares against the CPU backend's ops.
 //   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/model_kernels_on_host.cpp
-#include <barrier>
-#include <thread>
 #include <vector>
 #include <memory>
 #include <string>
@@ -21,19 +19,15 @@
 #include <algorithm>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-struct dim3e { unsigned x, y, z; };
-thread_local dim3e threadIdx, blockIdx;
-dim3e blockDim{256, 1, 1}, gridDim{1, 1, 1};
-std::barrier<>* g_bar;
-std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
+#include "fiber_block.h"
 float g_shfl[32][32];
-inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline void __syncthreads() { fb::sync_block(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
     g_shfl[w][lane] = v;
-    g_warp_bar[w]->arrive_and_wait();
+    fb::sync_warp();
     float r = g_shfl[w][lane ^ (unsigned)o];
-    g_warp_bar[w]->arrive_and_wait();
+    fb::sync_warp();
     return r;
 }
 #define __fmul_rn(a, b) ((float)(a) * (float)(b))
@@ -61,17 +55,7 @@ using std::min;
 
 template <typename F>
 void launch(unsigned grid, unsigned block, F f) {
-    gridDim = {grid, 1, 1};
-    blockDim = {block, 1, 1};
-    for (unsigned x = 0; x < grid; ++x) {
-        std::barrier<> bar(block);
-        g_bar = &bar;
-        g_warp_bar.clear();
-        for (unsigned w = 0; w < block / 32; ++w) g_warp_bar.emplace_back(new std::barrier<>(32));
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < block; ++t) ts.emplace_back([&, t] { threadIdx = {t, 0, 0}; blockIdx = {x, 0, 0}; f(); });
-        for (auto& t : ts) t.join();
-    }
+    fb::run_grid({grid, 1, 1}, (int)block, f);
 }
 
 uint64_t rs = 12345;
