@@ -12,13 +12,15 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "common/smollm2.rs"]
+mod smollm2;
+
+use smollm2::{adapter, batches, dims as smollm2, prompt, same_argmax, train_losses, update_cosines};
 
 use wegeft::backend::{AdamHyper, AttnShape, Backend};
 use wegeft::cpu::Cpu;
 use wegeft::cuda::Gpu;
-use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama};
-use wegeft::train::optim::AdamWConfig;
-use wegeft::train::trainer::Trainer;
+use wegeft::model::llama::{HostWeights, Llama};
 use wegeft::{DType, LayerShape};
 
 // ---- the one skip rule ---------------------------------------------------------------------
@@ -374,45 +376,6 @@ fn composed_path_matches_cpu() {
 
 // ---- the whole model -----------------------------------------------------------------------
 
-fn smollm2(layers: usize) -> Dims {
-    let mut d = Dims::smollm2_135m();
-    d.layers = layers;
-    d
-}
-
-/// Rank-8 shared pairs on all seven modules with nonzero phi and psi.
-fn adapter(d: &Dims, seed: u64) -> HostAdapter {
-    let r = 8;
-    let mut pairs = Vec::new();
-    let mut sites = vec![[None; 7]; d.layers];
-    for m in 0..7 {
-        let (din, _) = d.module_dims(m);
-        pairs.push((m, rv(seed + 2 * m as u64, din * r, 0.05), rv(seed + 2 * m as u64 + 1, r * din, 0.05)));
-        for row in sites.iter_mut() {
-            row[m] = Some(m);
-        }
-    }
-    HostAdapter { rank: r, scale: 1.0, pairs, sites, dropout: 0.0 }
-}
-
-fn prompt(d: &Dims, n: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|t| ((t * 104_729 + salt * 7919 + 17) % d.vocab) as u32).collect()
-}
-
-/// Rows where the device's argmax differs from the CPU's must be near ties on the CPU (the
-/// CPU logit at the device's argmax within `gap` of the CPU maximum).
-fn same_argmax(what: &str, got: &[f32], want: &[f32], vocab: usize, gap: f32) {
-    let mut differ = 0;
-    for (row, (gr, wr)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
-        let (a, b) = (argmax(gr), argmax(wr));
-        if a != b {
-            differ += 1;
-            assert!(wr[b] - wr[a] <= gap, "{what}: row {row} argmax {a} vs CPU {b}, CPU logits {} vs {}", wr[a], wr[b]);
-        }
-    }
-    println!("{what}: {differ} of {} rows with a different argmax (near ties)", want.len() / vocab);
-}
-
 #[test]
 fn smollm2_logits_match_cpu() {
     for wdt in [DType::F32, DType::BF16] {
@@ -452,24 +415,6 @@ fn greedy_decoding_matches_cpu() {
     assert_eq!(got, want, "greedy tokens, f32 weights");
 }
 
-fn train_losses<B: Backend>(be: &B, model: &Llama<B>, ad: &HostAdapter, batches: &[Batch]) -> (Vec<f32>, HostAdapter) {
-    let opt = AdamWConfig { lr: 2e-3, weight_decay: 0.01, ..AdamWConfig::default() };
-    let mut tr = Trainer::new(be, model, ad, opt).unwrap();
-    let losses = batches.iter().map(|b| tr.step(b).unwrap()).collect();
-    (losses, tr.host_adapter().unwrap())
-}
-
-fn batches(d: &Dims, n: usize, b: usize, s: usize) -> Vec<Batch> {
-    (0..n)
-        .map(|k| {
-            let seqs: Vec<Vec<u32>> = (0..b).map(|i| prompt(d, s, 10 * k + i)).collect();
-            let mut bt = Batch::causal(&seqs).unwrap();
-            bt.labels[..s / 2].iter_mut().for_each(|l| *l = -1); // a prompt without loss
-            bt
-        })
-        .collect()
-}
-
 #[test]
 fn smollm2_training_losses_match_cpu() {
     let g = gpu_or_skip!(DType::BF16);
@@ -488,16 +433,8 @@ fn smollm2_training_losses_match_cpu() {
         assert!(((a - b) / b).abs() < 2e-2, "step {k}: loss {a} vs CPU {b}");
     }
     // The adapters moved the same way (AdamW normalises the step, so compare the updates).
-    for (p, ((_, gphi, gpsi), (_, wphi, wpsi))) in got_ad.pairs.iter().zip(&want_ad.pairs).enumerate() {
-        let (_, phi0, psi0) = &ad.pairs[p];
-        let delta = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<f32>>();
-        for (what, got, want, init) in [("phi", gphi, wphi, phi0), ("psi", gpsi, wpsi, psi0)] {
-            let (dg, dw) = (delta(got, init), delta(want, init));
-            let dot: f64 = dg.iter().zip(&dw).map(|(a, b)| *a as f64 * *b as f64).sum();
-            let (ng, nw) = (dg.iter().map(|v| (*v as f64).powi(2)).sum::<f64>(), dw.iter().map(|v| (*v as f64).powi(2)).sum::<f64>());
-            let cos = dot / (ng.sqrt() * nw.sqrt()).max(1e-30);
-            assert!(cos > 0.8, "pair {p} {what}: cosine of the updates {cos}");
-        }
+    for (p, what, cos) in update_cosines(&ad, &got_ad, &want_ad) {
+        assert!(cos > 0.8, "pair {p} {what}: cosine of the updates {cos}");
     }
 }
 

@@ -1,0 +1,92 @@
+//! A SmolLM2-135M-shaped model with seeded random weights and the training setup of the GPU
+//! model tests (tests/cuda_model.rs), shared with the CPU test of the CUDA engine's precision
+//! model (tests/cuda_precision.rs), which checks the GPU tests' tolerances against it.
+//! Included with `#[path = "common/smollm2.rs"] mod smollm2;` next to `mod common;`.
+
+#![allow(dead_code)]
+
+use wegeft::backend::Backend;
+use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, Llama};
+use wegeft::train::optim::AdamWConfig;
+use wegeft::train::trainer::Trainer;
+
+use crate::common::rand_f32;
+
+/// SmolLM2-135M's dimensions with `layers` layers.
+pub fn dims(layers: usize) -> Dims {
+    let mut d = Dims::smollm2_135m();
+    d.layers = layers;
+    d
+}
+
+/// Rank-8 shared pairs on all seven modules with nonzero phi and psi.
+pub fn adapter(d: &Dims, seed: u64) -> HostAdapter {
+    let r = 8;
+    let mut pairs = Vec::new();
+    let mut sites = vec![[None; 7]; d.layers];
+    for m in 0..7 {
+        let (din, _) = d.module_dims(m);
+        pairs.push((m, rand_f32(seed + 2 * m as u64, din * r, 0.05), rand_f32(seed + 2 * m as u64 + 1, r * din, 0.05)));
+        for row in sites.iter_mut() {
+            row[m] = Some(m);
+        }
+    }
+    HostAdapter { rank: r, scale: 1.0, pairs, sites, dropout: 0.0 }
+}
+
+/// `n` token ids spread over the vocabulary.
+pub fn prompt(d: &Dims, n: usize, salt: usize) -> Vec<u32> {
+    (0..n).map(|t| ((t * 104_729 + salt * 7919 + 17) % d.vocab) as u32).collect()
+}
+
+/// Rows where `got`'s argmax differs from `want`'s must be near ties in `want` (its logit at
+/// `got`'s argmax within `gap` of its maximum). Returns how many rows differ.
+pub fn same_argmax(what: &str, got: &[f32], want: &[f32], vocab: usize, gap: f32) -> usize {
+    let mut differ = 0;
+    for (row, (gr, wr)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        let (a, b) = (argmax(gr), argmax(wr));
+        if a != b {
+            differ += 1;
+            assert!(wr[b] - wr[a] <= gap, "{what}: row {row} argmax {a} vs {b}, reference logits {} vs {}", wr[a], wr[b]);
+        }
+    }
+    println!("{what}: {differ} of {} rows with a different argmax (near ties)", want.len() / vocab);
+    differ
+}
+
+/// The losses of AdamW steps (lr 2e-3, weight decay 0.01) over `batches`, and the adapter after.
+pub fn train_losses<B: Backend>(be: &B, model: &Llama<B>, ad: &HostAdapter, batches: &[Batch]) -> (Vec<f32>, HostAdapter) {
+    let opt = AdamWConfig { lr: 2e-3, weight_decay: 0.01, ..AdamWConfig::default() };
+    let mut tr = Trainer::new(be, model, ad, opt).unwrap();
+    let losses = batches.iter().map(|b| tr.step(b).unwrap()).collect();
+    (losses, tr.host_adapter().unwrap())
+}
+
+/// `n` batches of `b` sequences of `s` tokens, the first half of each batch without loss.
+pub fn batches(d: &Dims, n: usize, b: usize, s: usize) -> Vec<Batch> {
+    (0..n)
+        .map(|k| {
+            let seqs: Vec<Vec<u32>> = (0..b).map(|i| prompt(d, s, 10 * k + i)).collect();
+            let mut bt = Batch::causal(&seqs).unwrap();
+            bt.labels[..s / 2].iter_mut().for_each(|l| *l = -1); // a prompt without loss
+            bt
+        })
+        .collect()
+}
+
+/// Per pair and matrix (`"phi"`, `"psi"`), the cosine between the updates `got - init` and
+/// `want - init` (AdamW normalises a step, so the directions are what two runs can share).
+pub fn update_cosines(init: &HostAdapter, got: &HostAdapter, want: &HostAdapter) -> Vec<(usize, &'static str, f64)> {
+    let mut out = Vec::new();
+    for (p, ((_, gphi, gpsi), (_, wphi, wpsi))) in got.pairs.iter().zip(&want.pairs).enumerate() {
+        let (_, phi0, psi0) = &init.pairs[p];
+        let delta = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y) as f64).collect::<Vec<f64>>();
+        for (what, g, w, i) in [("phi", gphi, wphi, phi0), ("psi", gpsi, wpsi, psi0)] {
+            let (dg, dw) = (delta(g, i), delta(w, i));
+            let dot: f64 = dg.iter().zip(&dw).map(|(a, b)| a * b).sum();
+            let (ng, nw) = (dg.iter().map(|v| v * v).sum::<f64>(), dw.iter().map(|v| v * v).sum::<f64>());
+            out.push((p, what, dot / (ng.sqrt() * nw.sqrt()).max(1e-30)));
+        }
+    }
+    out
+}
