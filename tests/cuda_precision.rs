@@ -95,6 +95,9 @@ impl Backend for CudaPrecision {
     fn zeros(&self, n: usize) -> Result<Buf> {
         Ok(buf(vec![0.0; n]))
     }
+    fn output(&self, n: usize) -> Result<Buf> {
+        Ok(buf(Cpu.output(n)?))
+    }
     fn upload(&self, data: &[f32]) -> Result<Buf> {
         Ok(buf(data.to_vec()))
     }

@@ -71,6 +71,10 @@ impl Backend for Cpu {
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
     }
+    /// NaN: a part of an output that an operation fails to write poisons what follows.
+    fn output(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![f32::NAN; n])
+    }
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         Ok(data.to_vec())
     }

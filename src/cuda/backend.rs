@@ -475,6 +475,11 @@ impl Backend for Gpu {
         self.zeros_of(DType::F32, n)
     }
 
+    /// Pool memory as it is: no memset (see [`Backend::output`]).
+    fn output(&self, n: usize) -> Result<GpuBuf> {
+        self.alloc(DType::F32, n)
+    }
+
     fn upload(&self, data: &[f32]) -> Result<GpuBuf> {
         self.upload_raw(DType::F32, data)
     }

@@ -590,15 +590,15 @@ impl<B: Backend> Llama<B> {
     /// Deterministic, so the backward recomputes it bit for bit instead of keeping it.
     fn norm(&self, be: &B, x: &B::Buf, w: &B::Buf, rows: usize) -> Result<(B::Buf, B::Buf)> {
         let d = &self.dims;
-        let mut xn = be.zeros(rows * d.hidden)?;
-        let mut rstd = be.zeros(rows)?;
+        let mut xn = be.output(rows * d.hidden)?;
+        let mut rstd = be.output(rows)?;
         be.rmsnorm_forward(x, w, rows, d.hidden, d.eps, &mut xn, &mut rstd)?;
         Ok((xn, rstd))
     }
 
     /// The SwiGLU of `rows x ffn` gate and up activations (recomputed by the backward too).
     fn swiglu(&self, be: &B, gate: &B::Buf, up: &B::Buf, rows: usize) -> Result<B::Buf> {
-        let mut h = be.zeros(rows * self.dims.ffn)?;
+        let mut h = be.output(rows * self.dims.ffn)?;
         be.swiglu_forward(gate, up, &mut h)?;
         Ok(h)
     }
@@ -617,7 +617,7 @@ impl<B: Backend> Llama<B> {
     ) -> Result<(B::Buf, Option<B::Saved>)> {
         let (d_in, d_out) = self.dims.module_dims(m);
         let w = &self.layers[l].proj[m];
-        let mut y = be.zeros(rows * d_out)?;
+        let mut y = be.output(rows * d_out)?;
         let adapter = match adapter {
             Adapt::One(a) => a,
             Adapt::Multi(ma, row_idx) => {
@@ -697,7 +697,7 @@ impl<B: Backend> Llama<B> {
         let d = &self.dims;
         let rows = ids.len();
         let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
-        let mut x = be.zeros(rows * d.hidden)?;
+        let mut x = be.output(rows * d.hidden)?;
         be.embedding_forward(&self.embed, d.vocab, d.hidden, ids, &mut x)?;
         let save = matches!(mode, Mode::Full { save: true });
         // Multi: per-sequence indices to per-row ones.
@@ -726,11 +726,11 @@ impl<B: Backend> Llama<B> {
             let (v, sv) = self.proj_forward(be, l, V, &xn1, rows, adapter, save)?;
             be.rope(&mut q, d.heads, d.head_dim, positions, d.rope_theta, false)?;
             be.rope(&mut k, d.kv_heads, d.head_dim, positions, d.rope_theta, false)?;
-            let mut att = be.zeros(rows * qw)?;
+            let mut att = be.output(rows * qw)?;
             let lse = match &mut mode {
                 Mode::Full { .. } => {
                     let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
-                    let mut lse = be.zeros(rows * d.heads)?;
+                    let mut lse = be.output(rows * d.heads)?;
                     be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
                     lse
                 }
@@ -753,7 +753,7 @@ impl<B: Backend> Llama<B> {
                     if cache.len == 0 {
                         // Prefill: plain causal attention over the new tokens.
                         let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
-                        let mut lse = be.zeros(rows * d.heads)?;
+                        let mut lse = be.output(rows * d.heads)?;
                         be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
                     } else if seq == 1 {
                         let (len, cap) = (cache.len + 1, cache.capacity);
@@ -777,7 +777,7 @@ impl<B: Backend> Llama<B> {
             };
             let (o, so) = self.proj_forward(be, l, O, &att, rows, adapter, save)?;
             // x2 = x + o (x itself is kept for the backward when saving).
-            let mut x2 = be.zeros(rows * d.hidden)?;
+            let mut x2 = be.output(rows * d.hidden)?;
             be.copy_into(&x, &mut x2, 0)?;
             be.add_assign(&mut x2, &o)?;
             drop(o);
@@ -786,7 +786,7 @@ impl<B: Backend> Llama<B> {
             let (up, su) = self.proj_forward(be, l, UP, &xn2, rows, adapter, save)?;
             let h = self.swiglu(be, &gate, &up, rows)?;
             let (down, sd) = self.proj_forward(be, l, DOWN, &h, rows, adapter, save)?;
-            let mut x3 = be.zeros(rows * d.hidden)?;
+            let mut x3 = be.output(rows * d.hidden)?;
             be.copy_into(&x2, &mut x3, 0)?;
             be.add_assign(&mut x3, &down)?;
             if save {
@@ -834,7 +834,7 @@ impl<B: Backend> Llama<B> {
         self.check_adapter(be, adapter)?;
         let (hn, _, _, _) =
             self.run(be, Adapt::One(adapter), &batch.ids, 1, ids.len(), &batch.positions(), Mode::Full { save: false })?;
-        let mut logits = be.zeros(ids.len() * self.dims.vocab)?;
+        let mut logits = be.output(ids.len() * self.dims.vocab)?;
         be.logits(&hn, self.head(), ids.len(), self.dims.hidden, self.dims.vocab, &mut logits)?;
         let loss = if ids.len() > 1 {
             Some(
@@ -878,7 +878,7 @@ impl<B: Backend> Llama<B> {
         let a = Some(adapter);
         let (hn, xf, rstdf, mut acts) =
             self.run(be, Adapt::One(a), &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
-        let mut dhn = be.zeros(rows * d.hidden)?;
+        let mut dhn = be.output(rows * d.hidden)?;
         let sum =
             be.lm_head_loss(&hn, self.head(), d.hidden, d.vocab, &batch.labels, Some((&mut dhn, 1.0 / n as f32)))?;
         drop(hn);
@@ -901,15 +901,15 @@ impl<B: Backend> Llama<B> {
             let layer = &self.layers[l];
             // MLP: recompute h = swiglu(gate, up) and xn2 = rmsnorm(x2) (see LayerActs).
             let h = self.swiglu(be, &act.gate, &act.up, rows)?;
-            let mut dh = be.zeros(rows * d.ffn)?;
+            let mut dh = be.output(rows * d.ffn)?;
             self.proj_backward(be, l, DOWN, &h, &dx, rows, a, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
-            let mut dgate = be.zeros(rows * d.ffn)?;
-            let mut dup = be.zeros(rows * d.ffn)?;
+            let mut dgate = be.output(rows * d.ffn)?;
+            let mut dup = be.output(rows * d.ffn)?;
             drop(h);
             be.swiglu_backward(&act.gate, &act.up, &dh, &mut dgate, &mut dup)?;
             drop(dh);
             let (xn2, rstd2) = self.norm(be, &act.x2, &layer.mlp_norm, rows)?;
-            let mut dxn2 = be.zeros(rows * d.hidden)?;
+            let mut dxn2 = be.output(rows * d.hidden)?;
             self.proj_backward(
                 be,
                 l,
@@ -925,11 +925,11 @@ impl<B: Backend> Llama<B> {
             self.proj_backward(be, l, UP, &xn2, &dup, rows, a, &act.saved[UP], Some((&mut dxn2, true)), grads)?;
             be.rmsnorm_backward(&act.x2, &layer.mlp_norm, &rstd2, &dxn2, rows, d.hidden, &mut dx)?;
             // Attention.
-            let mut datt = be.zeros(rows * qw)?;
+            let mut datt = be.output(rows * qw)?;
             self.proj_backward(be, l, O, &act.att, &dx, rows, a, &act.saved[O], Some((&mut datt, false)), grads)?;
-            let mut dq = be.zeros(rows * qw)?;
-            let mut dk = be.zeros(rows * kw)?;
-            let mut dv = be.zeros(rows * kw)?;
+            let mut dq = be.output(rows * qw)?;
+            let mut dk = be.output(rows * kw)?;
+            let mut dv = be.output(rows * kw)?;
             be.attention_backward(shape, &act.q, &act.k, &act.v, &act.att, &act.lse, &datt, &mut dq, &mut dk, &mut dv)?;
             drop(datt);
             be.rope(&mut dq, d.heads, d.head_dim, &positions, d.rope_theta, true)?;
@@ -941,7 +941,7 @@ impl<B: Backend> Llama<B> {
                 self.proj_backward(be, l, K, &xn1, &dk, rows, a, &act.saved[K], None, grads)?;
                 self.proj_backward(be, l, V, &xn1, &dv, rows, a, &act.saved[V], None, grads)?;
             } else {
-                let mut dxn1 = be.zeros(rows * d.hidden)?;
+                let mut dxn1 = be.output(rows * d.hidden)?;
                 self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &act.saved[Q], Some((&mut dxn1, false)), grads)?;
                 self.proj_backward(be, l, K, &xn1, &dk, rows, a, &act.saved[K], Some((&mut dxn1, true)), grads)?;
                 self.proj_backward(be, l, V, &xn1, &dv, rows, a, &act.saved[V], Some((&mut dxn1, true)), grads)?;
@@ -1061,11 +1061,11 @@ impl<B: Backend> Llama<B> {
             last = Some((h, seq));
         }
         let (hn, seq) = last.ok_or(Error::ZeroDim { what: "ids" })?;
-        let mut rows = be.zeros(batch * d.hidden)?;
+        let mut rows = be.output(batch * d.hidden)?;
         for b in 0..batch {
             be.copy_range(&hn, (b * seq + seq - 1) * d.hidden, d.hidden, &mut rows, b * d.hidden)?;
         }
-        let mut logits = be.zeros(batch * d.vocab)?;
+        let mut logits = be.output(batch * d.vocab)?;
         be.logits(&rows, self.head(), batch, d.hidden, d.vocab, &mut logits)?;
         be.download(&logits)
     }
