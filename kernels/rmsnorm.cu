@@ -2,6 +2,7 @@
 // (src/cpu/ops.rs), the row sums are accumulated in double:
 //
 //   rmsnorm_fwd_f32   rstd = 1 / sqrt(f32(sum_j x_j^2 / d) + eps),  y_j = w_j * (x_j * rstd)
+//   rmsnorm_fwd_f32_bf16   the same with y stored in bf16
 //   rmsnorm_bwd_f32   g_j = dy_j w_j,  c = f32(sum_j g_j x_j) rstd^3 / d,
 //                     dx_j += rstd g_j - c x_j          (accumulates into dx)
 #include "common.cuh"
@@ -21,8 +22,11 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
     return t;
 }
 
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd_f32(
-    const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, float* __restrict__ rstd, int dim, float eps) {
+// y stored as Y: f32, or bf16 (rounded once from the f32 value) when y is only read by products
+// in bf16 (Backend::operand).
+template <typename Y>
+__device__ __forceinline__ void rmsnorm_fwd(const float* __restrict__ x, const float* __restrict__ w, Y* __restrict__ y,
+                                            float* __restrict__ rstd, int dim, float eps) {
     __shared__ double sh[NORM_THREADS];
     const long long row = blockIdx.x;
     const float* xr = x + row * dim;
@@ -32,8 +36,19 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd_f32(
     float var = (float)(ss / (double)dim);
     float rs = 1.0f / sqrtf(var + eps);
     if (threadIdx.x == 0) rstd[row] = rs;
-    float* yr = y + row * dim;
-    for (int j = threadIdx.x; j < dim; j += NORM_THREADS) yr[j] = w[j] * (xr[j] * rs);
+    Y* yr = y + row * dim;
+    for (int j = threadIdx.x; j < dim; j += NORM_THREADS) yr[j] = wegeft::from_f32<Y>(w[j] * (xr[j] * rs));
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd_f32(
+    const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, float* __restrict__ rstd, int dim, float eps) {
+    rmsnorm_fwd(x, w, y, rstd, dim, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_fwd_f32_bf16(
+    const float* __restrict__ x, const float* __restrict__ w, __nv_bfloat16* __restrict__ y, float* __restrict__ rstd, int dim,
+    float eps) {
+    rmsnorm_fwd(x, w, y, rstd, dim, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_bwd_f32(

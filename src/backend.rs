@@ -83,6 +83,17 @@ pub trait Backend {
     fn output(&self, n: usize) -> Result<Self::Buf> {
         self.zeros(n)
     }
+    /// A buffer for an activation that is then read only as an input the products round to
+    /// their own type anyway: `x` of [`Backend::linear_forward`], [`Backend::wegeft_forward`]
+    /// and [`Backend::wegeft_backward`], and `out` of [`Backend::attention_backward`] once
+    /// stashed. It must be written in full first, as `y` of [`Backend::rmsnorm_forward`], `h`
+    /// of [`Backend::swiglu_forward`] or `out` of [`Backend::attention_forward`]. The engine
+    /// may keep it in the products' input type: the CUDA engine with bf16 weights keeps it in
+    /// bf16 (the same bits the products would round it to, without the conversions); the CPU
+    /// engine and the default give [`Backend::output`]. [`Backend::stash`] keeps it as it is.
+    fn operand(&self, n: usize) -> Result<Self::Buf> {
+        self.output(n)
+    }
     /// A buffer holding a copy of `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// A buffer holding `data`, taking it over where the engine can (the CPU keeps the `Vec`).
@@ -137,7 +148,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// RMSNorm of each row: `rstd = 1 / sqrt(mean(x^2) + eps)`, `y = x * rstd * weight`.
-    /// `x`, `y`: `rows x dim`; `rstd`: `rows`.
+    /// `x`, `y`: `rows x dim`; `rstd`: `rows`. `y` may be an [`Backend::operand`].
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_forward(
         &self,
@@ -164,7 +175,8 @@ pub trait Backend {
         dx: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// Frozen linear layer: `y = x W^T`, `x`: `rows x d_in`, `W`: `d_out x d_in`.
+    /// Frozen linear layer: `y = x W^T`, `x`: `rows x d_in`, `W`: `d_out x d_in`. `x` may be
+    /// an [`Backend::operand`].
     fn linear_forward(
         &self,
         x: &Self::Buf,
@@ -190,7 +202,7 @@ pub trait Backend {
 
     /// WeGeFT forward (`shape.tokens` rows): `C = s W phi`, `u = x psi^T`, `y = x W^T + u C^T`
     /// (overwrites `y`). Returns `u` and `C` for the backward. With `dropout`, `C` is made
-    /// from the masked `W` (see [`Dropout`]).
+    /// from the masked `W` (see [`Dropout`]). `x` may be an [`Backend::operand`].
     #[allow(clippy::too_many_arguments)]
     fn wegeft_forward(
         &self,
@@ -207,7 +219,7 @@ pub trait Backend {
     /// WeGeFT backward from `G = dL/dy`, with `u`, `C` saved by the forward: `v = G C`,
     /// `S = G^T u`; `dx (+)= G W + v psi` (when `dx` is given; `bool` = accumulate);
     /// `dphi += s W^T S` (the masked `W` with `dropout`, the same as the forward's);
-    /// `dpsi += v^T x`. `x` may be [`Backend::stash`]ed.
+    /// `dpsi += v^T x`. `x` may be [`Backend::stash`]ed or an [`Backend::operand`].
     #[allow(clippy::too_many_arguments)]
     fn wegeft_backward(
         &self,
@@ -271,7 +283,7 @@ pub trait Backend {
     /// Causal GQA attention over whole sequences (`q`: `B*S x H*hd`, `k`, `v`: `B*S x KVH*hd`):
     /// `out = softmax(q k^T / sqrt(hd) + causal mask) v` per head, query head `h` reading
     /// kv head `h / (H / KVH)`; `lse` (`B*S x H`) keeps each row's log-sum-exp of the scaled
-    /// scores for the backward.
+    /// scores for the backward. `out` may be an [`Backend::operand`].
     fn attention_forward(
         &self,
         shape: AttnShape,
@@ -285,7 +297,8 @@ pub trait Backend {
     /// Attention backward: with `P = exp(q k^T / sqrt(hd) - lse)`, `dV = P^T dO`,
     /// `dP = dO V^T`, `dS = P (dP - rowsum(dO * O))`, `dq = dS k / sqrt(hd)`,
     /// `dk = dS^T q / sqrt(hd)` (summed over the query heads of a group). Overwrites
-    /// `dq`, `dk`, `dv`. `q`, `k`, `v` and `out` may be [`Backend::stash`]ed.
+    /// `dq`, `dk`, `dv`. `q`, `k`, `v` and `out` may be [`Backend::stash`]ed (`out` also an
+    /// [`Backend::operand`]).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -320,7 +333,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// SwiGLU: `h = silu(gate) * up`, `silu(a) = a / (1 + e^-a)`; all of length `n`.
-    /// `gate` and `up` may be [`Backend::stash`]ed (here and in the backward).
+    /// `gate` and `up` may be [`Backend::stash`]ed (here and in the backward); `h` may be an
+    /// [`Backend::operand`].
     fn swiglu_forward(&self, gate: &Self::Buf, up: &Self::Buf, h: &mut Self::Buf) -> Result<()>;
 
     /// SwiGLU backward: `dgate = dh * up * sig(a) (1 + a (1 - sig(a)))`, `dup = dh * silu(a)`.

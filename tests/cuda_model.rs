@@ -114,6 +114,14 @@ fn elementwise_ops_match_cpu() {
     Cpu.rmsnorm_backward(&x, &w, &rstd, &dy, rows, dim, &mut dx).unwrap();
     g.rmsnorm_backward(&xd, &wd, &up(&g, &rstd), &up(&g, &dy), rows, dim, &mut dxd).unwrap();
     close("rmsnorm dx", &down(&g, &dxd), &dx, 1e-5);
+    // Into a product operand (bf16 with bf16 weights): the f32 result rounded once.
+    let (mut yo, mut ro) = (gb.operand(rows * dim).unwrap(), gb.output(rows).unwrap());
+    assert_eq!(yo.dtype(), DType::BF16, "operand dtype with bf16 weights");
+    gb.rmsnorm_forward(&up(&gb, &x), &up(&gb, &w), rows, dim, 1e-5, &mut yo, &mut ro).unwrap();
+    let mut yf = gb.output(rows * dim).unwrap();
+    gb.rmsnorm_forward(&up(&gb, &x), &up(&gb, &w), rows, dim, 1e-5, &mut yf, &mut ro).unwrap();
+    assert_eq!(gb.download(&yo).unwrap(), bf(&gb.download(&yf).unwrap()), "rmsnorm into an operand");
+    assert_eq!(g.operand(7).unwrap().dtype(), DType::F32, "f32 weights: operands are f32");
 
     // rope forward and inverse at scattered positions.
     let (heads, hd) = (3usize, 64usize);
@@ -185,6 +193,14 @@ fn elementwise_ops_match_cpu() {
     close("swiglu dgate (stashed)", &gb.download(&dgs).unwrap(), &dga, 1e-6);
     close("swiglu dup (stashed)", &gb.download(&dus).unwrap(), &du, 1e-6);
     assert!(gb.swiglu_forward(&gas, &gb.upload(&u).unwrap(), &mut hs).is_err(), "gate and up of different dtypes");
+    // Into an operand, from f32 and from stashed gate and up: the f32 h rounded once.
+    let mut ho = gb.operand(n).unwrap();
+    gb.swiglu_forward(&gas, &uds, &mut ho).unwrap();
+    assert_eq!(gb.download(&ho).unwrap(), bf(&gb.download(&hs).unwrap()), "swiglu stashed -> operand");
+    let mut hf = gb.output(n).unwrap();
+    gb.swiglu_forward(&gb.upload(&ga).unwrap(), &gb.upload(&u).unwrap(), &mut hf).unwrap();
+    gb.swiglu_forward(&gb.upload(&ga).unwrap(), &gb.upload(&u).unwrap(), &mut ho).unwrap();
+    assert_eq!(gb.download(&ho).unwrap(), bf(&gb.download(&hf).unwrap()), "swiglu f32 -> operand");
     assert!(g.stash(up(&g, &ga)).unwrap().dtype() == DType::F32, "f32 weights: the stash keeps f32");
 
     // Bad input is an error, not a panic.
@@ -237,6 +253,11 @@ fn attention_cases(g: &Gpu, wdt: DType, tf: f64, tb: f64) {
         if wdt == DType::BF16 {
             assert!(g.attention_forward(shape, &qs, &kd, &vd, &mut od, &mut ld).is_err(), "the forward takes no stashed input");
         }
+        // The output into a product operand: the kernels' own bf16 (f32 weights: f32) output.
+        let (mut oo, mut lo) = (g.operand(t * qw).unwrap(), g.output(t * h).unwrap());
+        g.attention_forward(shape, &qd, &kd, &vd, &mut oo, &mut lo).unwrap();
+        assert_eq!(down(g, &oo), down(g, &od), "attention out into an operand {tag}");
+        assert_eq!(down(g, &lo), down(g, &ld), "attention lse with an operand out {tag}");
     }
 }
 
@@ -283,6 +304,19 @@ fn products_match_cpu() {
         let saved = Cpu.wegeft_forward(s, &x, &w, &phi, &psi, 0.5, None, &mut y).unwrap();
         let sd = g.wegeft_forward(s, &xd, &wd, &phid, &psid, 0.5, None, &mut yd).unwrap();
         close(&format!("wegeft y {wdt:?}"), &down(&g, &yd), &y, tol);
+        // x as a product operand (rounded once, as the layers round it): the same bits.
+        let mut xo = g.operand(t * din).unwrap();
+        let mut ro = g.output(t).unwrap();
+        g.rmsnorm_forward(&xd, &up(&g, &vec![1.0; din]), t, din, 0.0, &mut xo, &mut ro).unwrap();
+        let mut xf = g.output(t * din).unwrap();
+        g.rmsnorm_forward(&xd, &up(&g, &vec![1.0; din]), t, din, 0.0, &mut xf, &mut ro).unwrap();
+        let (mut y1, mut y2) = (g.output(t * dout).unwrap(), g.output(t * dout).unwrap());
+        g.linear_forward(&xo, &wd, t, din, dout, &mut y1).unwrap();
+        g.linear_forward(&xf, &wd, t, din, dout, &mut y2).unwrap();
+        assert_eq!(down(&g, &y1), down(&g, &y2), "linear y from an operand {wdt:?}");
+        g.wegeft_forward(s, &xo, &wd, &phid, &psid, 0.5, None, &mut y1).unwrap();
+        g.wegeft_forward(s, &xf, &wd, &phid, &psid, 0.5, None, &mut y2).unwrap();
+        assert_eq!(down(&g, &y1), down(&g, &y2), "wegeft y from an operand {wdt:?}");
         for acc in [false, true] {
             let mut dx = rv(46, t * din, 1.0);
             let (mut dphi, mut dpsi) = (rv(47, din * r, 0.1), rv(48, r * din, 0.1));

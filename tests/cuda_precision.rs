@@ -1,15 +1,17 @@
 //! The CUDA engine's numerics ([`wegeft::cuda::Gpu`] with bf16 weights) modelled on the CPU,
 //! where a GPU run is rare. `CudaPrecision` is the CPU backend with
 //!
-//! * the CUDA engine's stash rule (`Backend::stash`): a stashed buffer is rounded to bf16 and
-//!   marked, and every argument the trait does not document as accepting a stashed buffer
-//!   refuses a marked one, as the engine's dtype checks do;
+//! * the CUDA engine's rule for narrow buffers (bf16 there): a stashed buffer
+//!   (`Backend::stash`) is rounded to bf16 and marked, so is a product operand
+//!   (`Backend::operand`, rounded when written in the full model), and every argument the
+//!   trait does not document as accepting one refuses a marked buffer, as the engine's dtype
+//!   checks do;
 //! * with `full`, also its roundings: bf16 inputs to every product (frozen layers, WeGeFT
 //!   layers with `phi`, `psi`, `u`, `C` and their outputs in bf16, the LM head), bf16 attention
 //!   (inputs, output and gradients), f32 elsewhere.
 //!
-//! The stash rule alone shows that the model hands stashed activations only to those arguments
-//! and what storing them in bf16 costs. The full model runs the GPU model tests' comparisons
+//! The rule alone shows that the model hands narrow buffers only to those arguments, and what
+//! stashing in bf16 costs. The full model runs the GPU model tests' comparisons
 //! (tests/cuda_model.rs, SmolLM2-shaped) against the plain CPU and shows that their tolerances
 //! hold for these roundings with a margin, so that a failure on the GPU points at a bug rather
 //! than at a tolerance. (Not modelled: accumulation order, `v = G C` kept in bf16 inside the
@@ -28,19 +30,20 @@ use wegeft::train::optim::AdamWConfig;
 use wegeft::train::trainer::Trainer;
 use wegeft::{Error, LayerShape, Result};
 
-/// A CPU buffer, marked when it came from [`Backend::stash`].
+/// A CPU buffer, marked `narrow` when it came from [`Backend::stash`] or [`Backend::operand`].
 #[derive(Clone, Debug)]
 struct Buf {
     v: Vec<f32>,
-    stashed: bool,
+    narrow: bool,
 }
 
 /// The CPU backend with the CUDA engine's stash rule and, with `full`, its roundings (see the
-/// module docs); counts the buffers stashed.
+/// module docs); counts the buffers stashed and the operands handed out.
 #[derive(Default)]
 struct CudaPrecision {
     full: bool,
     stashed: std::cell::Cell<usize>,
+    operands: std::cell::Cell<usize>,
 }
 
 fn bf(v: &[f32]) -> Vec<f32> {
@@ -65,24 +68,30 @@ impl CudaPrecision {
             v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
         }
     }
+    /// An output written into `b`: stored in bf16 when `b` is an operand, in the full model.
+    fn write_narrow(&self, b: &mut Buf) {
+        if b.narrow {
+            self.wr(&mut b.v);
+        }
+    }
 }
 
 fn plain<'a>(arg: &'static str, b: &'a Buf) -> Result<&'a Vec<f32>> {
-    if b.stashed {
-        return Err(Error::invalid(arg, "a stashed activation where the trait does not accept one"));
+    if b.narrow {
+        return Err(Error::invalid(arg, "a narrow (stashed or operand) buffer where the trait does not accept one"));
     }
     Ok(&b.v)
 }
 
 fn plain_mut<'a>(arg: &'static str, b: &'a mut Buf) -> Result<&'a mut Vec<f32>> {
-    if b.stashed {
-        return Err(Error::invalid(arg, "a stashed activation written to"));
+    if b.narrow {
+        return Err(Error::invalid(arg, "a narrow (stashed or operand) buffer written where the trait does not allow it"));
     }
     Ok(&mut b.v)
 }
 
 fn buf(v: Vec<f32>) -> Buf {
-    Buf { v, stashed: false }
+    Buf { v, narrow: false }
 }
 
 impl Backend for CudaPrecision {
@@ -97,6 +106,10 @@ impl Backend for CudaPrecision {
     }
     fn output(&self, n: usize) -> Result<Buf> {
         Ok(buf(Cpu.output(n)?))
+    }
+    fn operand(&self, n: usize) -> Result<Buf> {
+        self.operands.set(self.operands.get() + 1);
+        Ok(Buf { v: Cpu.output(n)?, narrow: true })
     }
     fn upload(&self, data: &[f32]) -> Result<Buf> {
         Ok(buf(data.to_vec()))
@@ -120,15 +133,19 @@ impl Backend for CudaPrecision {
         Cpu.add_assign(plain_mut("add_assign y", y)?, plain("add_assign x", x)?)
     }
     fn stash(&self, b: Buf) -> Result<Buf> {
-        let v = bf(plain("stash", &b)?);
+        // An operand may be stashed too (it is kept as it is: already bf16 on the engine).
+        let v = bf(&b.v);
         self.stashed.set(self.stashed.get() + 1);
-        Ok(Buf { v, stashed: true })
+        Ok(Buf { v, narrow: true })
     }
     fn embedding_forward(&self, table: &Buf, vocab: usize, dim: usize, ids: &[u32], out: &mut Buf) -> Result<()> {
         Cpu.embedding_forward(plain("table", table)?, vocab, dim, ids, plain_mut("out", out)?)
     }
     fn rmsnorm_forward(&self, x: &Buf, w: &Buf, rows: usize, dim: usize, eps: f32, y: &mut Buf, rstd: &mut Buf) -> Result<()> {
-        Cpu.rmsnorm_forward(plain("x", x)?, plain("weight", w)?, rows, dim, eps, plain_mut("y", y)?, plain_mut("rstd", rstd)?)
+        // y may be an operand.
+        Cpu.rmsnorm_forward(plain("x", x)?, plain("weight", w)?, rows, dim, eps, &mut y.v, plain_mut("rstd", rstd)?)?;
+        self.write_narrow(y);
+        Ok(())
     }
     fn rmsnorm_backward(&self, x: &Buf, w: &Buf, rstd: &Buf, dy: &Buf, rows: usize, dim: usize, dx: &mut Buf) -> Result<()> {
         let (x, w, rstd, dy) = (plain("x", x)?, plain("weight", w)?, plain("rstd", rstd)?, plain("dy", dy)?);
@@ -136,7 +153,8 @@ impl Backend for CudaPrecision {
     }
     // Frozen layers (cuBLASLt): bf16 inputs, f32 output.
     fn linear_forward(&self, x: &Buf, w: &Buf, rows: usize, d_in: usize, d_out: usize, y: &mut Buf) -> Result<()> {
-        Cpu.linear_forward(&self.rd(plain("x", x)?), plain("W", w)?, rows, d_in, d_out, plain_mut("y", y)?)
+        // x may be an operand.
+        Cpu.linear_forward(&self.rd(&x.v), plain("W", w)?, rows, d_in, d_out, plain_mut("y", y)?)
     }
     fn linear_backward(&self, g: &Buf, w: &Buf, rows: usize, d_in: usize, d_out: usize, dx: &mut Buf, acc: bool) -> Result<()> {
         Cpu.linear_backward(&self.rd(plain("G", g)?), plain("W", w)?, rows, d_in, d_out, plain_mut("dx", dx)?, acc)
@@ -153,7 +171,8 @@ impl Backend for CudaPrecision {
         y: &mut Buf,
     ) -> Result<Self::Saved> {
         // The fused layer in bf16: x, phi, psi rounded; u, C and y stored in bf16.
-        let (x, w, phi, psi) = (plain("x", x)?, plain("W", w)?, plain("phi", phi)?, plain("psi", psi)?);
+        // x may be an operand.
+        let (x, w, phi, psi) = (&x.v, plain("W", w)?, plain("phi", phi)?, plain("psi", psi)?);
         let y = plain_mut("y", y)?;
         let mut saved = Cpu.wegeft_forward(s, &self.rd(x), w, &self.rd(phi), &self.rd(psi), scale, drop, y)?;
         self.wr(y);
@@ -176,7 +195,7 @@ impl Backend for CudaPrecision {
         dphi: &mut Buf,
         dpsi: &mut Buf,
     ) -> Result<()> {
-        // x may be stashed.
+        // x may be stashed or an operand.
         // x, psi, G rounded; dx computed in bf16, then stored or added in f32.
         let (w, phi, psi, g) = (plain("W", w)?, plain("phi", phi)?, plain("psi", psi)?, plain("G", g)?);
         let (x, psi, g) = (self.rd(&x.v), self.rd(psi), self.rd(g));
@@ -201,9 +220,10 @@ impl Backend for CudaPrecision {
     }
     fn attention_forward(&self, s: AttnShape, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, lse: &mut Buf) -> Result<()> {
         let (q, k, v) = (self.rd(plain("q", q)?), self.rd(plain("k", k)?), self.rd(plain("v", v)?));
-        let out = plain_mut("out", out)?;
-        Cpu.attention_forward(s, &q, &k, &v, out, plain_mut("lse", lse)?)?;
-        self.wr(out);
+        // out may be an operand.
+        Cpu.attention_forward(s, &q, &k, &v, &mut out.v, plain_mut("lse", lse)?)?;
+        self.wr(&mut out.v);
+        self.write_narrow(out);
         Ok(())
     }
     fn attention_backward(
@@ -246,8 +266,10 @@ impl Backend for CudaPrecision {
         Cpu.attention_decode(q, kc, vc, batch, heads, kv_heads, hd, cap, len, plain_mut("out", out)?)
     }
     fn swiglu_forward(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
-        // gate, up may be stashed.
-        Cpu.swiglu_forward(&gate.v, &up.v, plain_mut("h", h)?)
+        // gate, up may be stashed; h may be an operand.
+        Cpu.swiglu_forward(&gate.v, &up.v, &mut h.v)?;
+        self.write_narrow(h);
+        Ok(())
     }
     fn swiglu_backward(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
         Cpu.swiglu_backward(&gate.v, &up.v, plain("dh", dh)?, plain_mut("dgate", dgate)?, plain_mut("dup", dup)?)
@@ -298,11 +320,12 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// The model stashes only where the trait allows it (every other argument refuses a stashed
-/// buffer), the loss is unchanged (the forward reads the activations before they are
-/// stashed), and the gradients move by about bf16's rounding.
+/// The model hands stashed buffers and product operands only to the arguments that accept them
+/// (every other argument refuses them), the loss is unchanged (the forward reads the
+/// activations before they are stashed; operands are not rounded in this mode), and the
+/// gradients move by about bf16's rounding.
 #[test]
-fn stashed_activations_reach_only_the_arguments_that_accept_them() {
+fn narrow_buffers_reach_only_the_arguments_that_accept_them() {
     let d = dims();
     let w = tiny_weights(&d, 5, false);
     let ad = adapter(&d);
@@ -319,6 +342,8 @@ fn stashed_activations_reach_only_the_arguments_that_accept_them() {
     let mut got = a.zero_grads(&be).unwrap();
     let loss = model.loss_and_grad(&be, &a, &bt, &mut got).unwrap();
     assert_eq!(be.stashed.get(), 6 * d.layers, "q, k, v, att, gate, up of every layer");
+    // Forward: xn1, att, xn2, h; backward (every layer is adapted): h, xn2, xn1 recomputed.
+    assert_eq!(be.operands.get(), 7 * d.layers, "product operands");
     assert_eq!(loss, want_loss, "the loss does not see the stash");
     for (p, ((gphi, gpsi), (wphi, wpsi))) in got.iter().zip(&want).enumerate() {
         for (what, g, w) in [("dphi", &gphi.v, wphi), ("dpsi", &gpsi.v, wpsi)] {
@@ -328,9 +353,10 @@ fn stashed_activations_reach_only_the_arguments_that_accept_them() {
         }
     }
     // Evaluation saves nothing and stashes nothing.
-    let before = be.stashed.get();
+    let (before, ops) = (be.stashed.get(), be.operands.get());
     assert_eq!(model.loss(&be, Some(&a), &bt).unwrap(), want_loss);
     assert_eq!(be.stashed.get(), before);
+    assert_eq!(be.operands.get(), ops + 4 * d.layers, "evaluation: the forward's operands");
 }
 
 /// A few AdamW steps with bf16 stashing stay within the CUDA test's bound of the f32 run

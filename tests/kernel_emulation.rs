@@ -103,6 +103,8 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
     let mut dx = r("rms_dx0");
     Cpu.rmsnorm_backward(&x, &w, &rstd, &dy, 5, 300, &mut dx).unwrap();
     close("rmsnorm dx (accumulated)", &r("rms_dx"), &dx, 1e-6);
+    assert_eq!(r("rms_y_bf16"), bf(&r("rms_y")), "rmsnorm_fwd_f32_bf16: the f32 kernel's y, rounded once");
+    assert_eq!(r("rms_rstd_bf16"), r("rms_rstd"), "rmsnorm_fwd_f32_bf16 rstd");
 
     // rope (rows 6, heads 3, hd 16, theta 10000)
     let pos = [0u32, 5, 3, 17, 2, 9];
@@ -128,6 +130,9 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
     Cpu.swiglu_backward(&gb, &ub, &dh, &mut dg, &mut du).unwrap();
     close("swiglu dgate (bf16 in)", &r("swi_dg_bf16"), &dg, 1e-6);
     close("swiglu dup (bf16 in)", &r("swi_du_bf16"), &du, 1e-6);
+    // bf16 h: the f32-output kernels' h, rounded once.
+    assert_eq!(r("swi_h_f32_bf16"), bf(&r("swi_h")), "swiglu_fwd_f32_bf16");
+    assert_eq!(r("swi_h_bf16_bf16"), bf(&r("swi_h_bf16")), "swiglu_fwd_bf16_bf16");
 
     // AdamW: two steps; the same f32 operations in the same order as the CPU optimiser.
     let (mut p, mut m, mut v) = (r("adam_p0"), vec![0.0f32; 700], vec![0.0f32; 700]);

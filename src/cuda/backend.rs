@@ -345,10 +345,11 @@ impl Gpu {
         }
     }
 
-    /// The dtype [`Backend::stash`] keeps activations in: bf16 with bf16 weights (where every
-    /// reader of a stashed activation rounds it to bf16 anyway, except SwiGLU's backward), f32
-    /// (no change) with `Gpu::new_f32`. It is also [`Gpu::attention_dtype`].
-    fn stash_dtype(&self) -> DType {
+    /// The dtype of stashed activations ([`Backend::stash`]) and of product operands
+    /// ([`Backend::operand`]): bf16 with bf16 weights (every reader of such a buffer rounds it
+    /// to bf16 anyway, except SwiGLU's backward), f32 (no change) with `Gpu::new_f32`. It is
+    /// also [`Gpu::attention_dtype`].
+    fn narrow_dtype(&self) -> DType {
         self.attention_dtype()
     }
 
@@ -422,8 +423,8 @@ impl Gpu {
     /// SwiGLU's kernel for `gate` and `up`: both f32 (`f32`), or both stashed in bf16 (`bf16`).
     fn swiglu_kernel(&self, gate: &GpuBuf, up: &GpuBuf, f32: &'static str, bf16: &'static str) -> Result<&'static str> {
         let n = gate.len;
-        need_act("gate", gate, n, self.stash_dtype())?;
-        need_act("up", up, n, self.stash_dtype())?;
+        need_act("gate", gate, n, self.narrow_dtype())?;
+        need_act("up", up, n, self.narrow_dtype())?;
         match (gate.dtype, up.dtype) {
             (DType::F32, DType::F32) => Ok(f32),
             (DType::BF16, DType::BF16) => Ok(bf16),
@@ -441,19 +442,19 @@ impl Gpu {
         }
     }
 
-    /// The shapes of a WeGeFT call; `x` may be a stashed activation when `stashed_x`.
+    /// The shapes of a WeGeFT call; `x` may be in [`Gpu::narrow_dtype`] when `narrow_x`.
     fn check_wegeft(
         &self,
         s: &LayerShape,
         x: &GpuBuf,
-        stashed_x: bool,
+        narrow_x: bool,
         w: &GpuBuf,
         phi: &GpuBuf,
         psi: &GpuBuf,
     ) -> Result<LayerShape> {
         let s = LayerShape::new(s.tokens, s.d_in, s.d_out, s.rank)?;
-        match stashed_x {
-            true => need_act("x", x, s.tokens * s.d_in, self.stash_dtype())?,
+        match narrow_x {
+            true => need_act("x", x, s.tokens * s.d_in, self.narrow_dtype())?,
             false => need_f32("x", x, s.tokens * s.d_in)?,
         }
         need("W", w, s.d_out * s.d_in)?;
@@ -478,6 +479,11 @@ impl Backend for Gpu {
     /// Pool memory as it is: no memset (see [`Backend::output`]).
     fn output(&self, n: usize) -> Result<GpuBuf> {
         self.alloc(DType::F32, n)
+    }
+
+    /// Pool memory of [`Gpu::narrow_dtype`] (see [`Backend::operand`]).
+    fn operand(&self, n: usize) -> Result<GpuBuf> {
+        self.alloc(self.narrow_dtype(), n)
     }
 
     fn upload(&self, data: &[f32]) -> Result<GpuBuf> {
@@ -567,9 +573,9 @@ impl Backend for Gpu {
         self.store_f32(x.ptr, DType::F32, y, true)
     }
 
-    /// An f32 activation rounded to [`Gpu::stash_dtype`] (the f32 buffer goes back to the pool).
+    /// An f32 activation rounded to [`Gpu::narrow_dtype`] (the f32 buffer goes back to the pool).
     fn stash(&self, buf: GpuBuf) -> Result<GpuBuf> {
-        let dt = self.stash_dtype();
+        let dt = self.narrow_dtype();
         if buf.dtype == dt {
             return Ok(buf);
         }
@@ -619,13 +625,14 @@ impl Backend for Gpu {
         }
         need_f32("x", x, rows * dim)?;
         need_f32("weight", weight, dim)?;
-        need_f32("y", y, rows * dim)?;
+        need_act("y", y, rows * dim, self.narrow_dtype())?;
         need_f32("rstd", rstd, rows)?;
         if rows == 0 {
             return Ok(());
         }
+        let kernel = if y.dtype == DType::F32 { "rmsnorm_fwd_f32" } else { "rmsnorm_fwd_f32_bf16" };
         let (xp, wp, yp, rp, d, e) = (x.ptr, weight.ptr, y.ptr, rstd.ptr, dim as i32, eps);
-        self.run("rmsnorm_forward", "rmsnorm_fwd_f32", (rows as u32, 1, 1), 256, &kargs![xp, wp, yp, rp, d, e])
+        self.run("rmsnorm_forward", kernel, (rows as u32, 1, 1), 256, &kargs![xp, wp, yp, rp, d, e])
     }
 
     fn rmsnorm_backward(
@@ -655,7 +662,7 @@ impl Backend for Gpu {
 
     fn linear_forward(&self, x: &GpuBuf, w: &GpuBuf, rows: usize, d_in: usize, d_out: usize, y: &mut GpuBuf) -> Result<()> {
         LayerShape::new(rows, d_in, d_out, 1)?;
-        need_f32("x", x, rows * d_in)?;
+        need_act("x", x, rows * d_in, self.narrow_dtype())?;
         need("W", w, d_out * d_in)?;
         need_f32("y", y, rows * d_out)?;
         let (xp, _keep) = self.as_dtype(x, w.dtype)?;
@@ -748,7 +755,7 @@ impl Backend for Gpu {
         dropout: Option<Dropout>,
         y: &mut GpuBuf,
     ) -> Result<GpuSaved> {
-        let s = self.check_wegeft(&shape, x, false, w, phi, psi)?;
+        let s = self.check_wegeft(&shape, x, true, w, phi, psi)?;
         need_f32("y", y, s.tokens * s.d_out)?;
         let drop = Self::layer_dropout(dropout)?;
         let dt = w.dtype;
@@ -849,13 +856,14 @@ impl Backend for Gpu {
         need_f32("q", q, t * s.heads * s.head_dim)?;
         need_f32("k", k, t * s.kv_heads * s.head_dim)?;
         need_f32("v", v, t * s.kv_heads * s.head_dim)?;
-        need_f32("out", out, t * s.heads * s.head_dim)?;
-        need_f32("lse", lse, t * s.heads)?;
         let dt = self.attention_dtype();
+        need_act("out", out, t * s.heads * s.head_dim, dt)?;
+        need_f32("lse", lse, t * s.heads)?;
         let (qp, _qk) = self.as_dtype(q, dt)?;
         let (kp, _kk) = self.as_dtype(k, dt)?;
         let (vp, _vk) = self.as_dtype(v, dt)?;
-        let ob = if dt == DType::F32 { None } else { Some(self.alloc(dt, out.len)?) };
+        // The kernels write `dt`: into `out` itself when it is an operand of that type.
+        let ob = if out.dtype == dt { None } else { Some(self.alloc(dt, out.len)?) };
         let op = ob.as_ref().map_or(out.ptr, |b| b.ptr);
         // SAFETY: the buffers hold the checked shapes in `dt`, on this stream.
         unsafe { attention::attention_forward_raw(&self.dev, self.stream(), dt, s, qp, kp, vp, op, lse.ptr)? };
@@ -948,8 +956,11 @@ impl Backend for Gpu {
 
     fn swiglu_forward(&self, gate: &GpuBuf, up: &GpuBuf, h: &mut GpuBuf) -> Result<()> {
         let n = gate.len;
-        let kernel = self.swiglu_kernel(gate, up, "swiglu_fwd_f32", "swiglu_fwd_bf16")?;
-        need_f32("h", h, n)?;
+        need_act("h", h, n, self.narrow_dtype())?;
+        let kernel = match h.dtype {
+            DType::F32 => self.swiglu_kernel(gate, up, "swiglu_fwd_f32", "swiglu_fwd_bf16")?,
+            _ => self.swiglu_kernel(gate, up, "swiglu_fwd_f32_bf16", "swiglu_fwd_bf16_bf16")?,
+        };
         let (gp, upp, hp, nn) = (gate.ptr, up.ptr, h.ptr, n as i64);
         self.run("swiglu_forward", kernel, self.grid(n), THREADS, &kargs![gp, upp, hp, nn])
     }

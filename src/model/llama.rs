@@ -586,19 +586,31 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
+    /// A buffer of `n` for an activation read only by products: an [`Backend::operand`] when
+    /// `narrow`, else an [`Backend::output`].
+    fn product_input(be: &B, n: usize, narrow: bool) -> Result<B::Buf> {
+        if narrow {
+            be.operand(n)
+        } else {
+            be.output(n)
+        }
+    }
+
     /// RMSNorm of the `rows x hidden` activations `x` with weight `w`: `(x_normed, rstd)`.
     /// Deterministic, so the backward recomputes it bit for bit instead of keeping it.
-    fn norm(&self, be: &B, x: &B::Buf, w: &B::Buf, rows: usize) -> Result<(B::Buf, B::Buf)> {
+    /// `narrow`: `x_normed` is read only by products (an [`Backend::operand`]).
+    fn norm(&self, be: &B, x: &B::Buf, w: &B::Buf, rows: usize, narrow: bool) -> Result<(B::Buf, B::Buf)> {
         let d = &self.dims;
-        let mut xn = be.output(rows * d.hidden)?;
+        let mut xn = Self::product_input(be, rows * d.hidden, narrow)?;
         let mut rstd = be.output(rows)?;
         be.rmsnorm_forward(x, w, rows, d.hidden, d.eps, &mut xn, &mut rstd)?;
         Ok((xn, rstd))
     }
 
-    /// The SwiGLU of `rows x ffn` gate and up activations (recomputed by the backward too).
-    fn swiglu(&self, be: &B, gate: &B::Buf, up: &B::Buf, rows: usize) -> Result<B::Buf> {
-        let mut h = be.output(rows * self.dims.ffn)?;
+    /// The SwiGLU of `rows x ffn` gate and up activations (recomputed by the backward too),
+    /// an [`Backend::operand`] when `narrow`.
+    fn swiglu(&self, be: &B, gate: &B::Buf, up: &B::Buf, rows: usize, narrow: bool) -> Result<B::Buf> {
+        let mut h = Self::product_input(be, rows * self.dims.ffn, narrow)?;
         be.swiglu_forward(gate, up, &mut h)?;
         Ok(h)
     }
@@ -700,6 +712,9 @@ impl<B: Backend> Llama<B> {
         let mut x = be.output(rows * d.hidden)?;
         be.embedding_forward(&self.embed, d.vocab, d.hidden, ids, &mut x)?;
         let save = matches!(mode, Mode::Full { save: true });
+        // Activations read only by products may be narrow (Backend::operand) on whole
+        // sequences with one adapter; decoding's attention and the many-adapter edit read f32.
+        let narrow = matches!(mode, Mode::Full { .. }) && matches!(adapter, Adapt::One(_));
         // Multi: per-sequence indices to per-row ones.
         let row_idx: Vec<i32> = match adapter {
             Adapt::Multi(_, seq_idx) => {
@@ -720,13 +735,13 @@ impl<B: Backend> Llama<B> {
         let mut acts = Vec::new();
         for l in 0..d.layers {
             let layer = &self.layers[l];
-            let (xn1, _) = self.norm(be, &x, &layer.attn_norm, rows)?;
+            let (xn1, _) = self.norm(be, &x, &layer.attn_norm, rows, narrow)?;
             let (mut q, sq) = self.proj_forward(be, l, Q, &xn1, rows, adapter, save)?;
             let (mut k, sk) = self.proj_forward(be, l, K, &xn1, rows, adapter, save)?;
             let (v, sv) = self.proj_forward(be, l, V, &xn1, rows, adapter, save)?;
             be.rope(&mut q, d.heads, d.head_dim, positions, d.rope_theta, false)?;
             be.rope(&mut k, d.kv_heads, d.head_dim, positions, d.rope_theta, false)?;
-            let mut att = be.output(rows * qw)?;
+            let mut att = Self::product_input(be, rows * qw, narrow)?;
             let lse = match &mut mode {
                 Mode::Full { .. } => {
                     let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
@@ -781,10 +796,10 @@ impl<B: Backend> Llama<B> {
             be.copy_into(&x, &mut x2, 0)?;
             be.add_assign(&mut x2, &o)?;
             drop(o);
-            let (xn2, _) = self.norm(be, &x2, &layer.mlp_norm, rows)?;
+            let (xn2, _) = self.norm(be, &x2, &layer.mlp_norm, rows, narrow)?;
             let (gate, sg) = self.proj_forward(be, l, GATE, &xn2, rows, adapter, save)?;
             let (up, su) = self.proj_forward(be, l, UP, &xn2, rows, adapter, save)?;
-            let h = self.swiglu(be, &gate, &up, rows)?;
+            let h = self.swiglu(be, &gate, &up, rows, narrow)?;
             let (down, sd) = self.proj_forward(be, l, DOWN, &h, rows, adapter, save)?;
             let mut x3 = be.output(rows * d.hidden)?;
             be.copy_into(&x2, &mut x3, 0)?;
@@ -808,7 +823,7 @@ impl<B: Backend> Llama<B> {
         if let Mode::Cached(cache) = &mut mode {
             cache.len += seq;
         }
-        let (hn, rstd) = self.norm(be, &x, &self.final_norm, rows)?;
+        let (hn, rstd) = self.norm(be, &x, &self.final_norm, rows, false)?;
         Ok((hn, x, rstd, acts))
     }
 
@@ -900,7 +915,7 @@ impl<B: Backend> Llama<B> {
             }
             let layer = &self.layers[l];
             // MLP: recompute h = swiglu(gate, up) and xn2 = rmsnorm(x2) (see LayerActs).
-            let h = self.swiglu(be, &act.gate, &act.up, rows)?;
+            let h = self.swiglu(be, &act.gate, &act.up, rows, true)?;
             let mut dh = be.output(rows * d.ffn)?;
             self.proj_backward(be, l, DOWN, &h, &dx, rows, a, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
             let mut dgate = be.output(rows * d.ffn)?;
@@ -908,7 +923,7 @@ impl<B: Backend> Llama<B> {
             drop(h);
             be.swiglu_backward(&act.gate, &act.up, &dh, &mut dgate, &mut dup)?;
             drop(dh);
-            let (xn2, rstd2) = self.norm(be, &act.x2, &layer.mlp_norm, rows)?;
+            let (xn2, rstd2) = self.norm(be, &act.x2, &layer.mlp_norm, rows, true)?;
             let mut dxn2 = be.output(rows * d.hidden)?;
             self.proj_backward(
                 be,
@@ -934,7 +949,7 @@ impl<B: Backend> Llama<B> {
             drop(datt);
             be.rope(&mut dq, d.heads, d.head_dim, &positions, d.rope_theta, true)?;
             be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, d.rope_theta, true)?;
-            let (xn1, rstd1) = self.norm(be, &act.x, &layer.attn_norm, rows)?;
+            let (xn1, rstd1) = self.norm(be, &act.x, &layer.attn_norm, rows, true)?;
             if l == lowest {
                 // Only the adapter gradients are needed here, not dx.
                 self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &act.saved[Q], None, grads)?;

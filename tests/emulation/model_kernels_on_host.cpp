@@ -85,6 +85,12 @@ void dump(const char* name, const std::vector<T>& v) {
     fclose(f);
 }
 
+std::vector<float> widen(const std::vector<__nv_bfloat16>& v) {
+    std::vector<float> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = __bfloat162float(v[i]);
+    return out;
+}
+
 int main(int argc, char** argv) {
     if (argc < 2) { fprintf(stderr, "usage: %s OUTDIR\n", argv[0]); return 2; }
     dir = argv[1];
@@ -97,6 +103,11 @@ int main(int argc, char** argv) {
         launch(rows, 256, [&] { rmsnorm_fwd_f32(x.data(), w.data(), y.data(), rstd.data(), dim, 1e-5f); });
         launch(rows, 256, [&] { rmsnorm_bwd_f32(x.data(), w.data(), rstd.data(), dy.data(), dx.data(), dim); });
         dump("rms_y", y); dump("rms_rstd", rstd); dump("rms_dx", dx);
+        // y stored in bf16 (an operand of bf16 products), widened for the comparison.
+        std::vector<__nv_bfloat16> yb(rows * dim, __float2bfloat16_rn(NAN));
+        std::vector<float> rstd2(rows, NAN);
+        launch(rows, 256, [&] { rmsnorm_fwd_f32_bf16(x.data(), w.data(), yb.data(), rstd2.data(), dim, 1e-5f); });
+        dump("rms_y_bf16", widen(yb)); dump("rms_rstd_bf16", rstd2);
     }
     // ---- rope: rows 6, heads 3, hd 16, theta 10000, positions below; tables as RopeCache ----
     {
@@ -133,6 +144,11 @@ int main(int argc, char** argv) {
         launch(2, 256, [&] { swiglu_fwd_bf16(gb.data(), ub.data(), hb.data(), n); });
         launch(2, 256, [&] { swiglu_bwd_bf16(gb.data(), ub.data(), dh.data(), dgb.data(), dub.data(), n); });
         dump("swi_h_bf16", hb); dump("swi_dg_bf16", dgb); dump("swi_du_bf16", dub);
+        // h stored in bf16, from f32 and from bf16 gate and up.
+        std::vector<__nv_bfloat16> h2(n, __float2bfloat16_rn(NAN)), h3(n, __float2bfloat16_rn(NAN));
+        launch(2, 256, [&] { swiglu_fwd_f32_bf16(g.data(), u.data(), h2.data(), n); });
+        launch(2, 256, [&] { swiglu_fwd_bf16_bf16(gb.data(), ub.data(), h3.data(), n); });
+        dump("swi_h_f32_bf16", widen(h2)); dump("swi_h_bf16_bf16", widen(h3));
     }
     // ---- adamw: n 700, two steps, lr 1e-2, b1 0.9, b2 0.999, eps 1e-8, wd 0.01 (constants as backend.rs) ----
     {
