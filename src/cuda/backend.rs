@@ -3,9 +3,12 @@
 //! Storage: frozen weight matrices (projections, embedding, LM head, given by
 //! [`Backend::upload_weight`]) are bf16 on the device (f32 with [`Gpu::new_f32`]); so are the
 //! activations the model keeps for the backward ([`Backend::stash`]: q, k, v, the attention
-//! output, gate and up), which the kernels that read them take as they are. Everything else —
-//! activations in flight, the residual stream, norm weights, adapter master weights, gradients
-//! and AdamW moments — is f32. Every product runs with f32 accumulation:
+//! output, gate and up) and those only products read ([`Backend::operand`]: the normed
+//! inputs, SwiGLU's output, the attention output), which the kernels that read them take as
+//! they are. Everything else — other activations in flight, the residual stream, norm weights,
+//! adapter master weights, gradients and AdamW moments — is f32. Buffers an operation
+//! overwrites are not cleared first ([`Backend::output`]). Every product runs with f32
+//! accumulation:
 //!
 //! * frozen layers and the LM head: cuBLASLt, inputs in the weight's dtype (activations rounded
 //!   to bf16 on the way in), f32 output (`dx += G W` accumulates in f32 through `beta = 1`);
@@ -17,8 +20,8 @@
 //!   then `dh = zg E`; full-vocabulary probabilities exist for one chunk at a time;
 //! * attention: the tensor-core kernels in bf16 (inputs rounded from f32, or stashed bf16;
 //!   outputs and gradients widened back to f32), the plain f32 ones with `Gpu::new_f32`;
-//! * RMSNorm, RoPE, SwiGLU, embedding, AdamW: f32 compute (`kernels/*.cu`; SwiGLU also reads
-//!   stashed bf16 gate and up).
+//! * RMSNorm, RoPE, SwiGLU, embedding, AdamW: f32 compute (`kernels/*.cu`; RMSNorm and SwiGLU
+//!   also write bf16 operands, SwiGLU reads stashed bf16 gate and up).
 //!
 //! Dropout uses the device mask of [`crate::cuda::dropout_keep`] (not the CPU's
 //! [`crate::backend::Dropout::uniform`]): same `p` and seed, a different (equally valid) mask.
@@ -481,7 +484,7 @@ impl Backend for Gpu {
         self.alloc(DType::F32, n)
     }
 
-    /// Pool memory of [`Gpu::narrow_dtype`] (see [`Backend::operand`]).
+    /// Pool memory of the narrow dtype (bf16 with bf16 weights) (see [`Backend::operand`]).
     fn operand(&self, n: usize) -> Result<GpuBuf> {
         self.alloc(self.narrow_dtype(), n)
     }
@@ -573,7 +576,7 @@ impl Backend for Gpu {
         self.store_f32(x.ptr, DType::F32, y, true)
     }
 
-    /// An f32 activation rounded to [`Gpu::narrow_dtype`] (the f32 buffer goes back to the pool).
+    /// An f32 activation rounded to the narrow dtype (bf16 with bf16 weights) (the f32 buffer goes back to the pool).
     fn stash(&self, buf: GpuBuf) -> Result<GpuBuf> {
         let dt = self.narrow_dtype();
         if buf.dtype == dt {

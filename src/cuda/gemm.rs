@@ -2,9 +2,9 @@
 //!
 //! Row-major everywhere; a leading dimension is the distance between two rows, in elements.
 //!
-//! * NT form ([`gemm_kext_nt`], the fused forward `y = [x|u] [W|C]^T + b`):
+//! * NT form (`gemm_kext_nt`, the fused forward `y = [x|u] [W|C]^T + b`):
 //!   `D[M x N] = A1[M x K1] B1[N x K1]^T + A2[M x K2] B2[N x K2]^T (+ bias[N]) (+ beta D)`.
-//! * NN form ([`gemm_kext_nn`], the input gradient `dx = [G|v] [W ; psi]`):
+//! * NN form (`gemm_kext_nn`, the input gradient `dx = [G|v] [W ; psi]`):
 //!   `D[M x N] = A1[M x K1] B1[K1 x N] + A2[M x K2] B2[K2 x N] (+ bias[N]) (+ beta D)`.
 //!
 //! One accumulator (f32) runs over the `K1` columns of the first pair and then the `K2`
@@ -20,10 +20,10 @@
 //! when both of its base pointers are 16-byte aligned and both leading dimensions are
 //! multiples of 8 elements; otherwise that pair is loaded with predicated scalar loads
 //! (correct, several times slower). The test is made by the kernel itself, per pair, so no
-//! layout is rejected; [`GemmKext::fast_path`] tells a caller which pairs are fast, and callers
+//! layout is rejected; `GemmKext::fast_path` tells a caller which pairs are fast, and callers
 //! that allocate their own buffers (`u`, `v`, `C`) should pad their rows to 8 elements.
 //!
-//! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with [`GemmOptions::use_sm90`] on a
+//! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with `GemmOptions::use_sm90` on a
 //! compute-capability 9.0 device the bf16/f16 forms use the `_sm90` (wgmma) kernels instead.
 //! Their wgmma body exists only in the sm_90a cubin; built for any other target (e.g. when a
 //! registry JIT-compiles the compute_80 PTX) an `_sm90` kernel runs the sm_80 body, which has

@@ -2,7 +2,7 @@
 //! whichever path was fastest for its shape, measured on the device the first time that shape
 //! is seen.
 //!
-//! The first call of a shape runs every candidate path ([`Exec::tune_candidates`]: composed,
+//! The first call of a shape runs every candidate path (`Exec::tune_candidates`: composed,
 //! and the fused GEMM's sm_80 and, on compute capability 9.0, sm_90a kernels where its vector
 //! loads apply) once to warm up and [`TUNE_REPS`] times between CUDA events on the caller's
 //! stream, waiting for each; the lowest median wins. The winner runs last, so the call's output
