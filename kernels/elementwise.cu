@@ -2,6 +2,7 @@
 // one thread per element in a grid-stride loop.
 //
 //   add_f32            y[i] += x[i]
+//   add_out_f32        out[i] = a[i] + b[i]
 //   cast_f32_bf16      y[i] = bf16(x[i])                 (round to nearest even)
 //   cast_bf16_f32      y[i] = x[i]  or  y[i] += x[i]     (accumulate != 0)
 //   gather_rows_T      dst[r, :] = T(src[idx[r], :])     (rows of width dim; T = f32, bf16)
@@ -14,6 +15,11 @@ using bf16 = __nv_bfloat16;
 
 extern "C" __global__ void add_f32(float* __restrict__ y, const float* __restrict__ x, long long n) {
     GRID_STRIDE(i, n) { y[i] += x[i]; }
+}
+
+extern "C" __global__ void add_out_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
+                                       long long n) {
+    GRID_STRIDE(i, n) { out[i] = a[i] + b[i]; }
 }
 
 extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y, long long n) {

@@ -126,6 +126,17 @@ pub trait Backend {
     ) -> Result<()>;
     /// `y <- y + x` (same length).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// `out <- a + b` (all of the same length; `out` is overwritten, so it may be an
+    /// [`Backend::output`]). The default copies `a` and adds `b`.
+    fn add(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf) -> Result<()> {
+        for (arg, got) in [("b", self.len(b)), ("out", self.len(out))] {
+            if got != self.len(a) {
+                return Err(crate::error::Error::Len { arg, expected: self.len(a), got });
+            }
+        }
+        self.copy_into(a, out, 0)?;
+        self.add_assign(out, b)
+    }
 
     /// `buf`, an activation kept for the backward pass and never written again. The engine may
     /// store it narrower: the CUDA engine with bf16 weights keeps it in bf16, half the bytes

@@ -156,6 +156,10 @@ fn elementwise_ops_match_cpu() {
     g.add_assign(&mut yd, &ud).unwrap();
     let sum: Vec<f32> = ga.iter().zip(&u).map(|(a, b)| a + b).collect();
     assert_eq!(down(&g, &yd), sum, "add_assign");
+    let mut so = g.output(n).unwrap();
+    g.add(&gad, &ud, &mut so).unwrap();
+    assert_eq!(down(&g, &so), sum, "add");
+    assert!(g.add(&gad, &up(&g, &u[1..]), &mut so).is_err(), "add: lengths");
     let mut dst = g.zeros(n).unwrap();
     g.copy_range(&ud, 10, 100, &mut dst, 500).unwrap();
     let got = down(&g, &dst);

@@ -129,6 +129,9 @@ impl Backend for CudaPrecision {
     fn copy_range(&self, src: &Buf, so: usize, len: usize, dst: &mut Buf, d_o: usize) -> Result<()> {
         Cpu.copy_range(plain("copy_range src", src)?, so, len, plain_mut("copy_range dst", dst)?, d_o)
     }
+    fn add(&self, a: &Buf, b: &Buf, out: &mut Buf) -> Result<()> {
+        Cpu.add(plain("a", a)?, plain("b", b)?, plain_mut("out", out)?)
+    }
     fn add_assign(&self, y: &mut Buf, x: &Buf) -> Result<()> {
         Cpu.add_assign(plain_mut("add_assign y", y)?, plain("add_assign x", x)?)
     }

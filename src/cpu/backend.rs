@@ -126,6 +126,9 @@ impl Backend for Cpu {
     fn add_assign(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
         ops::add_inplace(y, x)
     }
+    fn add(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        ops::add(a, b, out)
+    }
 
     fn embedding_forward(
         &self,

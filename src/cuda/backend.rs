@@ -576,6 +576,15 @@ impl Backend for Gpu {
         self.store_f32(x.ptr, DType::F32, y, true)
     }
 
+    fn add(&self, a: &GpuBuf, b: &GpuBuf, out: &mut GpuBuf) -> Result<()> {
+        let n = a.len;
+        need_f32("a", a, n)?;
+        need_f32("b", b, n)?;
+        need_f32("out", out, n)?;
+        let (ap, bp, op, nn) = (a.ptr, b.ptr, out.ptr, n as i64);
+        self.run("add", "add_out_f32", self.grid(n), THREADS, &kargs![ap, bp, op, nn])
+    }
+
     /// An f32 activation rounded to the narrow dtype (bf16 with bf16 weights) (the f32 buffer goes back to the pool).
     fn stash(&self, buf: GpuBuf) -> Result<GpuBuf> {
         let dt = self.narrow_dtype();

@@ -793,8 +793,7 @@ impl<B: Backend> Llama<B> {
             let (o, so) = self.proj_forward(be, l, O, &att, rows, adapter, save)?;
             // x2 = x + o (x itself is kept for the backward when saving).
             let mut x2 = be.output(rows * d.hidden)?;
-            be.copy_into(&x, &mut x2, 0)?;
-            be.add_assign(&mut x2, &o)?;
+            be.add(&x, &o, &mut x2)?;
             drop(o);
             let (xn2, _) = self.norm(be, &x2, &layer.mlp_norm, rows, narrow)?;
             let (gate, sg) = self.proj_forward(be, l, GATE, &xn2, rows, adapter, save)?;
@@ -802,8 +801,7 @@ impl<B: Backend> Llama<B> {
             let h = self.swiglu(be, &gate, &up, rows, narrow)?;
             let (down, sd) = self.proj_forward(be, l, DOWN, &h, rows, adapter, save)?;
             let mut x3 = be.output(rows * d.hidden)?;
-            be.copy_into(&x2, &mut x3, 0)?;
-            be.add_assign(&mut x3, &down)?;
+            be.add(&x2, &down, &mut x3)?;
             if save {
                 acts.push(LayerActs {
                     x,

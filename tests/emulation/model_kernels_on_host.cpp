@@ -199,6 +199,9 @@ int main(int argc, char** argv) {
         launch(2, 256, [&] { cast_bf16_f32(xb.data(), acc.data(), n, 1); });
         auto sum = y;
         launch(2, 256, [&] { add_f32(sum.data(), x.data(), n); });
+        std::vector<float> sum2(n, NAN);
+        launch(2, 256, [&] { add_out_f32(y.data(), x.data(), sum2.data(), n); });
+        dump("ew_sum2", sum2);
         std::vector<int> idx = {8, 0, 3, 5};
         std::vector<float> gath(idx.size() * dim, NAN), scat(n, 0.0f);
         std::vector<__nv_bfloat16> gathb(idx.size() * dim);
