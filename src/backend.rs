@@ -138,6 +138,17 @@ pub trait Backend {
         self.add_assign(out, b)
     }
 
+    /// A copy of the f32 buffer `buf` for products to read many times, in the type they round
+    /// it to: bf16 on the CUDA engine with bf16 weights (one conversion instead of one per
+    /// product), a plain copy on the CPU engine and by default. Accepted as `phi` and `psi` of
+    /// [`Backend::wegeft_forward`] and [`Backend::wegeft_backward`]; the model makes one per
+    /// adapter pair and pass, shared by every layer.
+    fn operand_copy(&self, buf: &Self::Buf) -> Result<Self::Buf> {
+        let mut c = self.output(self.len(buf))?;
+        self.copy_into(buf, &mut c, 0)?;
+        Ok(c)
+    }
+
     /// `buf`, an activation kept for the backward pass and never written again. The engine may
     /// store it narrower: the CUDA engine with bf16 weights keeps it in bf16, half the bytes
     /// (saved activations are most of a training step's memory). A stashed buffer is only
@@ -213,7 +224,8 @@ pub trait Backend {
 
     /// WeGeFT forward (`shape.tokens` rows): `C = s W phi`, `u = x psi^T`, `y = x W^T + u C^T`
     /// (overwrites `y`). Returns `u` and `C` for the backward. With `dropout`, `C` is made
-    /// from the masked `W` (see [`Dropout`]). `x` may be an [`Backend::operand`].
+    /// from the masked `W` (see [`Dropout`]). `x` may be an [`Backend::operand`]; `phi`, `psi`
+    /// may be [`Backend::operand_copy`]s (here and in the backward).
     #[allow(clippy::too_many_arguments)]
     fn wegeft_forward(
         &self,

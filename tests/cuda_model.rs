@@ -321,6 +321,17 @@ fn products_match_cpu() {
         g.wegeft_forward(s, &xo, &wd, &phid, &psid, 0.5, None, &mut y1).unwrap();
         g.wegeft_forward(s, &xf, &wd, &phid, &psid, 0.5, None, &mut y2).unwrap();
         assert_eq!(down(&g, &y1), down(&g, &y2), "wegeft y from an operand {wdt:?}");
+        // phi, psi as operand copies (rounded once, as every call rounds them): the same bits.
+        let (phic, psic) = (g.operand_copy(&phid).unwrap(), g.operand_copy(&psid).unwrap());
+        let sc = g.wegeft_forward(s, &xd, &wd, &phic, &psic, 0.5, None, &mut y1).unwrap();
+        let sf = g.wegeft_forward(s, &xd, &wd, &phid, &psid, 0.5, None, &mut y2).unwrap();
+        assert_eq!(down(&g, &y1), down(&g, &y2), "wegeft y from operand copies of phi, psi {wdt:?}");
+        let grads = |phi: &wegeft::cuda::GpuBuf, psi: &wegeft::cuda::GpuBuf, sv: &wegeft::cuda::GpuSaved| {
+            let (mut dx, mut dphi, mut dpsi) = (g.output(t * din).unwrap(), g.zeros(din * r).unwrap(), g.zeros(r * din).unwrap());
+            g.wegeft_backward(s, &xd, &wd, phi, psi, 0.5, None, sv, &gd, Some((&mut dx, false)), &mut dphi, &mut dpsi).unwrap();
+            (down(&g, &dx), down(&g, &dphi), down(&g, &dpsi))
+        };
+        assert_eq!(grads(&phic, &psic, &sc), grads(&phid, &psid, &sf), "wegeft gradients from operand copies {wdt:?}");
         for acc in [false, true] {
             let mut dx = rv(46, t * din, 1.0);
             let (mut dphi, mut dpsi) = (rv(47, din * r, 0.1), rv(48, r * din, 0.1));

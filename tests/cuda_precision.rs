@@ -3,7 +3,8 @@
 //!
 //! * the CUDA engine's rule for narrow buffers (bf16 there): a stashed buffer
 //!   (`Backend::stash`) is rounded to bf16 and marked, so is a product operand
-//!   (`Backend::operand`, rounded when written in the full model), and every argument the
+//!   (`Backend::operand`, rounded when written in the full model) and a parameter copy
+//!   (`Backend::operand_copy`, rounded in the full model), and every argument the
 //!   trait does not document as accepting one refuses a marked buffer, as the engine's dtype
 //!   checks do;
 //! * with `full`, also its roundings: bf16 inputs to every product (frozen layers, WeGeFT
@@ -38,12 +39,13 @@ struct Buf {
 }
 
 /// The CPU backend with the CUDA engine's stash rule and, with `full`, its roundings (see the
-/// module docs); counts the buffers stashed and the operands handed out.
+/// module docs); counts the buffers stashed, the operands and the operand copies handed out.
 #[derive(Default)]
 struct CudaPrecision {
     full: bool,
     stashed: std::cell::Cell<usize>,
     operands: std::cell::Cell<usize>,
+    copies: std::cell::Cell<usize>,
 }
 
 fn bf(v: &[f32]) -> Vec<f32> {
@@ -111,6 +113,10 @@ impl Backend for CudaPrecision {
         self.operands.set(self.operands.get() + 1);
         Ok(Buf { v: Cpu.output(n)?, narrow: true })
     }
+    fn operand_copy(&self, b: &Buf) -> Result<Buf> {
+        self.copies.set(self.copies.get() + 1);
+        Ok(Buf { v: self.rd(plain("operand_copy", b)?), narrow: true })
+    }
     fn upload(&self, data: &[f32]) -> Result<Buf> {
         Ok(buf(data.to_vec()))
     }
@@ -174,8 +180,8 @@ impl Backend for CudaPrecision {
         y: &mut Buf,
     ) -> Result<Self::Saved> {
         // The fused layer in bf16: x, phi, psi rounded; u, C and y stored in bf16.
-        // x may be an operand.
-        let (x, w, phi, psi) = (&x.v, plain("W", w)?, plain("phi", phi)?, plain("psi", psi)?);
+        // x may be an operand, phi and psi operand copies.
+        let (x, w, phi, psi) = (&x.v, plain("W", w)?, &phi.v, &psi.v);
         let y = plain_mut("y", y)?;
         let mut saved = Cpu.wegeft_forward(s, &self.rd(x), w, &self.rd(phi), &self.rd(psi), scale, drop, y)?;
         self.wr(y);
@@ -198,9 +204,9 @@ impl Backend for CudaPrecision {
         dphi: &mut Buf,
         dpsi: &mut Buf,
     ) -> Result<()> {
-        // x may be stashed or an operand.
+        // x may be stashed or an operand, phi and psi operand copies.
         // x, psi, G rounded; dx computed in bf16, then stored or added in f32.
-        let (w, phi, psi, g) = (plain("W", w)?, plain("phi", phi)?, plain("psi", psi)?, plain("G", g)?);
+        let (w, phi, psi, g) = (plain("W", w)?, &phi.v, &psi.v, plain("G", g)?);
         let (x, psi, g) = (self.rd(&x.v), self.rd(psi), self.rd(g));
         let (dphi, dpsi) = (plain_mut("dphi", dphi)?, plain_mut("dpsi", dpsi)?);
         match dx {
@@ -347,6 +353,7 @@ fn narrow_buffers_reach_only_the_arguments_that_accept_them() {
     assert_eq!(be.stashed.get(), 6 * d.layers, "q, k, v, att, gate, up of every layer");
     // Forward: xn1, att, xn2, h; backward (every layer is adapted): h, xn2, xn1 recomputed.
     assert_eq!(be.operands.get(), 7 * d.layers, "product operands");
+    assert_eq!(be.copies.get(), 2 * 7, "phi and psi of each of the 7 pairs, once per pass");
     assert_eq!(loss, want_loss, "the loss does not see the stash");
     for (p, ((gphi, gpsi), (wphi, wpsi))) in got.iter().zip(&want).enumerate() {
         for (what, g, w) in [("dphi", &gphi.v, wphi), ("dpsi", &gpsi.v, wpsi)] {

@@ -461,8 +461,8 @@ impl Gpu {
             false => need_f32("x", x, s.tokens * s.d_in)?,
         }
         need("W", w, s.d_out * s.d_in)?;
-        need_f32("phi", phi, s.d_in * s.rank)?;
-        need_f32("psi", psi, s.rank * s.d_in)?;
+        need_act("phi", phi, s.d_in * s.rank, self.narrow_dtype())?;
+        need_act("psi", psi, s.rank * s.d_in, self.narrow_dtype())?;
         Ok(s)
     }
 }
@@ -487,6 +487,20 @@ impl Backend for Gpu {
     /// Pool memory of the narrow dtype (bf16 with bf16 weights) (see [`Backend::operand`]).
     fn operand(&self, n: usize) -> Result<GpuBuf> {
         self.alloc(self.narrow_dtype(), n)
+    }
+
+    /// `buf` rounded to the narrow dtype (bf16 with bf16 weights), or copied (see
+    /// [`Backend::operand_copy`]).
+    fn operand_copy(&self, buf: &GpuBuf) -> Result<GpuBuf> {
+        need_f32("buf", buf, buf.len)?;
+        match self.as_dtype(buf, self.narrow_dtype())? {
+            (_, Some(narrow)) => Ok(narrow),
+            (_, None) => {
+                let mut c = self.output(buf.len)?;
+                self.copy_into(buf, &mut c, 0)?;
+                Ok(c)
+            }
+        }
     }
 
     fn upload(&self, data: &[f32]) -> Result<GpuBuf> {

@@ -615,6 +615,25 @@ impl<B: Backend> Llama<B> {
         Ok(h)
     }
 
+    /// The products' copies of every pair of `adapter` ([`Backend::operand_copy`]: bf16 on the
+    /// CUDA engine), made once per pass: every layer reads the same pair.
+    fn pair_operands(be: &B, adapter: &Adapt<'_, B>) -> Result<Vec<(B::Buf, B::Buf)>> {
+        match adapter {
+            Adapt::One(Some(a)) => {
+                a.pairs.iter().map(|p| Ok((be.operand_copy(&p.phi)?, be.operand_copy(&p.psi)?))).collect()
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Pair `p` of `a` as the products read it: its copy in `ops` when there is one.
+    fn pair_of<'b>(a: &'b Adapter<B>, ops: &'b [(B::Buf, B::Buf)], p: usize) -> (&'b B::Buf, &'b B::Buf) {
+        match ops.get(p) {
+            Some((phi, psi)) => (phi, psi),
+            None => (&a.pairs[p].phi, &a.pairs[p].psi),
+        }
+    }
+
     /// One projection's forward; returns `y` and, when `save` and adapted, `(u, C)`.
     #[allow(clippy::too_many_arguments)]
     fn proj_forward(
@@ -625,6 +644,7 @@ impl<B: Backend> Llama<B> {
         x: &B::Buf,
         rows: usize,
         adapter: Adapt<'_, B>,
+        ops: &[(B::Buf, B::Buf)],
         save: bool,
     ) -> Result<(B::Buf, Option<B::Saved>)> {
         let (d_in, d_out) = self.dims.module_dims(m);
@@ -648,11 +668,11 @@ impl<B: Backend> Llama<B> {
         };
         if let Some(a) = adapter {
             if let Some(p) = a.sites[l][m] {
-                let pair = &a.pairs[p];
+                let (phi, psi) = Self::pair_of(a, ops, p);
                 let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
                 // Dropout only in training (when the activations are saved for a backward).
                 let drop = if save { a.dropout_at(l, m) } else { None };
-                let saved = be.wegeft_forward(shape, x, w, &pair.phi, &pair.psi, a.scale, drop, &mut y)?;
+                let saved = be.wegeft_forward(shape, x, w, phi, psi, a.scale, drop, &mut y)?;
                 return Ok((y, if save { Some(saved) } else { None }));
             }
         }
@@ -671,6 +691,7 @@ impl<B: Backend> Llama<B> {
         g: &B::Buf,
         rows: usize,
         adapter: Option<&Adapter<B>>,
+        ops: &[(B::Buf, B::Buf)],
         saved: &Option<B::Saved>,
         dx: Option<(&mut B::Buf, bool)>,
         grads: &mut [(B::Buf, B::Buf)],
@@ -681,9 +702,9 @@ impl<B: Backend> Llama<B> {
             if let Some(p) = a.sites[l][m] {
                 let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
                 let (dphi, dpsi) = &mut grads[p];
-                let pair = &a.pairs[p];
+                let (phi, psi) = Self::pair_of(a, ops, p);
                 let drop = a.dropout_at(l, m);
-                return be.wegeft_backward(shape, x, w, &pair.phi, &pair.psi, a.scale, drop, saved, g, dx, dphi, dpsi);
+                return be.wegeft_backward(shape, x, w, phi, psi, a.scale, drop, saved, g, dx, dphi, dpsi);
             }
         }
         if let Some((dx, acc)) = dx {
@@ -693,8 +714,8 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Runs the layers on `ids` (`batch` sequences of `seq` tokens, or new tokens for a
-    /// cache) and returns the final normed hidden states, their input and rstd, and the
-    /// per-layer activations when asked.
+    /// cache) and returns the final normed hidden states, their input and rstd, the per-layer
+    /// activations when asked, and the pairs' product copies (for a backward).
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn run(
         &self,
@@ -705,7 +726,7 @@ impl<B: Backend> Llama<B> {
         seq: usize,
         positions: &[u32],
         mut mode: Mode<'_, B>,
-    ) -> Result<(B::Buf, B::Buf, B::Buf, Vec<LayerActs<B>>)> {
+    ) -> Result<(B::Buf, B::Buf, B::Buf, Vec<LayerActs<B>>, Vec<(B::Buf, B::Buf)>)> {
         let d = &self.dims;
         let rows = ids.len();
         let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
@@ -732,13 +753,14 @@ impl<B: Backend> Llama<B> {
             Adapt::Multi(ma, _) => Adapt::Multi(ma, &row_idx),
             one => one,
         };
+        let ops = Self::pair_operands(be, &adapter)?;
         let mut acts = Vec::new();
         for l in 0..d.layers {
             let layer = &self.layers[l];
             let (xn1, _) = self.norm(be, &x, &layer.attn_norm, rows, narrow)?;
-            let (mut q, sq) = self.proj_forward(be, l, Q, &xn1, rows, adapter, save)?;
-            let (mut k, sk) = self.proj_forward(be, l, K, &xn1, rows, adapter, save)?;
-            let (v, sv) = self.proj_forward(be, l, V, &xn1, rows, adapter, save)?;
+            let (mut q, sq) = self.proj_forward(be, l, Q, &xn1, rows, adapter, &ops, save)?;
+            let (mut k, sk) = self.proj_forward(be, l, K, &xn1, rows, adapter, &ops, save)?;
+            let (v, sv) = self.proj_forward(be, l, V, &xn1, rows, adapter, &ops, save)?;
             be.rope(&mut q, d.heads, d.head_dim, positions, d.rope_theta, false)?;
             be.rope(&mut k, d.kv_heads, d.head_dim, positions, d.rope_theta, false)?;
             let mut att = Self::product_input(be, rows * qw, narrow)?;
@@ -790,16 +812,16 @@ impl<B: Backend> Llama<B> {
                     be.zeros(0)?
                 }
             };
-            let (o, so) = self.proj_forward(be, l, O, &att, rows, adapter, save)?;
+            let (o, so) = self.proj_forward(be, l, O, &att, rows, adapter, &ops, save)?;
             // x2 = x + o (x itself is kept for the backward when saving).
             let mut x2 = be.output(rows * d.hidden)?;
             be.add(&x, &o, &mut x2)?;
             drop(o);
             let (xn2, _) = self.norm(be, &x2, &layer.mlp_norm, rows, narrow)?;
-            let (gate, sg) = self.proj_forward(be, l, GATE, &xn2, rows, adapter, save)?;
-            let (up, su) = self.proj_forward(be, l, UP, &xn2, rows, adapter, save)?;
+            let (gate, sg) = self.proj_forward(be, l, GATE, &xn2, rows, adapter, &ops, save)?;
+            let (up, su) = self.proj_forward(be, l, UP, &xn2, rows, adapter, &ops, save)?;
             let h = self.swiglu(be, &gate, &up, rows, narrow)?;
-            let (down, sd) = self.proj_forward(be, l, DOWN, &h, rows, adapter, save)?;
+            let (down, sd) = self.proj_forward(be, l, DOWN, &h, rows, adapter, &ops, save)?;
             let mut x3 = be.output(rows * d.hidden)?;
             be.add(&x2, &down, &mut x3)?;
             if save {
@@ -822,7 +844,7 @@ impl<B: Backend> Llama<B> {
             cache.len += seq;
         }
         let (hn, rstd) = self.norm(be, &x, &self.final_norm, rows, false)?;
-        Ok((hn, x, rstd, acts))
+        Ok((hn, x, rstd, acts, ops))
     }
 
     /// Mean cross-entropy over the labelled positions of `batch` (no gradients).
@@ -833,7 +855,7 @@ impl<B: Backend> Llama<B> {
         if n == 0 {
             return Err(Error::invalid("batch", "no labelled positions"));
         }
-        let (hn, _, _, _) =
+        let (hn, _, _, _, _) =
             self.run(be, Adapt::One(adapter), &batch.ids, batch.batch, batch.seq, &batch.positions(), Mode::Full { save: false })?;
         let sum = be.lm_head_loss(&hn, self.head(), self.dims.hidden, self.dims.vocab, &batch.labels, None)?;
         Ok(sum / n as f32)
@@ -845,7 +867,7 @@ impl<B: Backend> Llama<B> {
         let batch = Batch::causal(&[ids.to_vec()])?;
         batch.check(self.dims.vocab)?;
         self.check_adapter(be, adapter)?;
-        let (hn, _, _, _) =
+        let (hn, _, _, _, _) =
             self.run(be, Adapt::One(adapter), &batch.ids, 1, ids.len(), &batch.positions(), Mode::Full { save: false })?;
         let mut logits = be.output(ids.len() * self.dims.vocab)?;
         be.logits(&hn, self.head(), ids.len(), self.dims.hidden, self.dims.vocab, &mut logits)?;
@@ -889,7 +911,7 @@ impl<B: Backend> Llama<B> {
         let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
         let positions = batch.positions();
         let a = Some(adapter);
-        let (hn, xf, rstdf, mut acts) =
+        let (hn, xf, rstdf, mut acts, ops) =
             self.run(be, Adapt::One(a), &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
         let mut dhn = be.output(rows * d.hidden)?;
         let sum =
@@ -915,7 +937,7 @@ impl<B: Backend> Llama<B> {
             // MLP: recompute h = swiglu(gate, up) and xn2 = rmsnorm(x2) (see LayerActs).
             let h = self.swiglu(be, &act.gate, &act.up, rows, true)?;
             let mut dh = be.output(rows * d.ffn)?;
-            self.proj_backward(be, l, DOWN, &h, &dx, rows, a, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
+            self.proj_backward(be, l, DOWN, &h, &dx, rows, a, &ops, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
             let mut dgate = be.output(rows * d.ffn)?;
             let mut dup = be.output(rows * d.ffn)?;
             drop(h);
@@ -931,15 +953,16 @@ impl<B: Backend> Llama<B> {
                 &dgate,
                 rows,
                 a,
+                &ops,
                 &act.saved[GATE],
                 Some((&mut dxn2, false)),
                 grads,
             )?;
-            self.proj_backward(be, l, UP, &xn2, &dup, rows, a, &act.saved[UP], Some((&mut dxn2, true)), grads)?;
+            self.proj_backward(be, l, UP, &xn2, &dup, rows, a, &ops, &act.saved[UP], Some((&mut dxn2, true)), grads)?;
             be.rmsnorm_backward(&act.x2, &layer.mlp_norm, &rstd2, &dxn2, rows, d.hidden, &mut dx)?;
             // Attention.
             let mut datt = be.output(rows * qw)?;
-            self.proj_backward(be, l, O, &act.att, &dx, rows, a, &act.saved[O], Some((&mut datt, false)), grads)?;
+            self.proj_backward(be, l, O, &act.att, &dx, rows, a, &ops, &act.saved[O], Some((&mut datt, false)), grads)?;
             let mut dq = be.output(rows * qw)?;
             let mut dk = be.output(rows * kw)?;
             let mut dv = be.output(rows * kw)?;
@@ -950,14 +973,14 @@ impl<B: Backend> Llama<B> {
             let (xn1, rstd1) = self.norm(be, &act.x, &layer.attn_norm, rows, true)?;
             if l == lowest {
                 // Only the adapter gradients are needed here, not dx.
-                self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &act.saved[Q], None, grads)?;
-                self.proj_backward(be, l, K, &xn1, &dk, rows, a, &act.saved[K], None, grads)?;
-                self.proj_backward(be, l, V, &xn1, &dv, rows, a, &act.saved[V], None, grads)?;
+                self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &ops, &act.saved[Q], None, grads)?;
+                self.proj_backward(be, l, K, &xn1, &dk, rows, a, &ops, &act.saved[K], None, grads)?;
+                self.proj_backward(be, l, V, &xn1, &dv, rows, a, &ops, &act.saved[V], None, grads)?;
             } else {
                 let mut dxn1 = be.output(rows * d.hidden)?;
-                self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &act.saved[Q], Some((&mut dxn1, false)), grads)?;
-                self.proj_backward(be, l, K, &xn1, &dk, rows, a, &act.saved[K], Some((&mut dxn1, true)), grads)?;
-                self.proj_backward(be, l, V, &xn1, &dv, rows, a, &act.saved[V], Some((&mut dxn1, true)), grads)?;
+                self.proj_backward(be, l, Q, &xn1, &dq, rows, a, &ops, &act.saved[Q], Some((&mut dxn1, false)), grads)?;
+                self.proj_backward(be, l, K, &xn1, &dk, rows, a, &ops, &act.saved[K], Some((&mut dxn1, true)), grads)?;
+                self.proj_backward(be, l, V, &xn1, &dv, rows, a, &ops, &act.saved[V], Some((&mut dxn1, true)), grads)?;
                 be.rmsnorm_backward(&act.x, &layer.attn_norm, &rstd1, &dxn1, rows, d.hidden, &mut dx)?;
             }
         }
@@ -1070,7 +1093,7 @@ impl<B: Backend> Llama<B> {
             let seq = step.len() / batch;
             let start = cache.len as u32;
             let positions: Vec<u32> = (0..batch).flat_map(|_| (0..seq as u32).map(move |i| start + i)).collect();
-            let (h, _, _, _) = self.run(be, adapter, &step, batch, seq, &positions, Mode::Cached(cache))?;
+            let (h, _, _, _, _) = self.run(be, adapter, &step, batch, seq, &positions, Mode::Cached(cache))?;
             last = Some((h, seq));
         }
         let (hn, seq) = last.ok_or(Error::ZeroDim { what: "ids" })?;
