@@ -685,21 +685,62 @@ fn dequantize_float_types() {
     assert_eq!(want[5], -7.75);
 }
 
+/// Every supported quantized type against gguf-py (llama.cpp's Python package, an independent
+/// implementation): `tests/data/quants/NAME.bin` holds 4 random blocks (every bit of every
+/// field used), `NAME.f32` what gguf-py 0.19.0 dequantizes them to (`scripts/quant_vectors.py`).
+/// Equal to the bit: both compute the same f32 products in the same order.
+#[test]
+fn dequantize_matches_gguf_py() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/quants");
+    let types = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+    for ty in types {
+        let bytes = std::fs::read(dir.join(format!("{}.bin", ty.name()))).unwrap();
+        let want: Vec<f32> = std::fs::read(dir.join(format!("{}.f32", ty.name())))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let (block, size) = ty.block();
+        assert_eq!((bytes.len() / size, want.len() / block), (4, 4), "{}: fixture sizes", ty.name());
+        assert!(ty.is_supported(), "{}", ty.name());
+        let mut got = vec![f32::NAN; want.len()];
+        dequantize(ty, &bytes, &mut got).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{} value {i} (block {}, index {}): {g} vs gguf-py {w}", ty.name(), i / block, i % block);
+        }
+        // And through a GGUF file, as two rows of two blocks.
+        let v = roundtrip_tensor(ty, &[2 * block as u64, 2], bytes);
+        assert_eq!(v, want, "{} through a GGUF file", ty.name());
+    }
+}
+
 #[test]
 fn dequantize_rejects_unsupported_types_and_sizes() {
     let mut out = vec![0f32; 256];
-    let e = dequantize(GgmlType::Q6_K, &[0u8; 210], &mut out).unwrap_err();
-    assert!(matches!(&e, Error::Invalid { msg, .. } if msg.contains("Q6_K")), "{e}");
+    let e = dequantize(GgmlType::IQ2_XXS, &[0u8; 66], &mut out).unwrap_err();
+    assert!(matches!(&e, Error::Invalid { msg, .. } if msg.contains("IQ2_XXS")), "{e}");
     assert!(dequantize(GgmlType::Q4_1, &[0u8; 19], &mut out[..32]).is_err());
     assert!(dequantize(GgmlType::Q4_1, &[0u8; 20], &mut out[..31]).is_err());
+    assert!(dequantize(GgmlType::Q6_K, &[0u8; 210], &mut out[..255]).is_err(), "not a whole block");
     // An unsupported type in a file: the error names the file and the tensor.
     let mut w = GgufWriter::new();
-    w.tensor("blk.0.ffn_up.weight", &[256], GgmlType::Q6_K, vec![0u8; 210]).unwrap();
+    w.tensor("blk.0.ffn_up.weight", &[256], GgmlType::IQ2_XXS, vec![0u8; 66]).unwrap();
     let g = GgufFile::from_bytes("k.gguf", w.to_bytes().unwrap()).unwrap();
     match g.tensor_f32("blk.0.ffn_up.weight") {
         Err(Error::Format { path, msg }) => {
             assert_eq!(path, Path::new("k.gguf"));
-            assert!(msg.contains("blk.0.ffn_up.weight") && msg.contains("Q6_K"), "{msg}");
+            assert!(msg.contains("blk.0.ffn_up.weight") && msg.contains("IQ2_XXS"), "{msg}");
         }
         other => panic!("{other:?}"),
     }

@@ -26,8 +26,27 @@
 //! * `Q5_1` (24 bytes): `d, m, qh, qs[16]`; `x = d * q5 + m`.
 //! * `F32`, `F16`, `BF16`, `F64` are converted element by element.
 //!
-//! Other ggml types (the K-quants, IQ-quants, integer types) are recognised by name and
-//! rejected with [`Error::Format`] naming the tensor.
+//! K-quants (super-blocks of 256 values; the types of the common `Q4_K_M`, `Q5_K_M`, `Q6_K`,
+//! `Q3_K_*` and `Q2_K` files):
+//!
+//! * `Q2_K` (84 bytes): `scales[16], qs[64], d, dmin`; 16 groups of 16, group `g` with
+//!   `s = scales[g]`: `x = d (s & 15) q - dmin (s >> 4)`, `q` 2 bits: value `i` of half `h`
+//!   (128 each) and quarter `j` is bits `2j..2j+2` of `qs[32 h + i % 32]`.
+//! * `Q3_K` (110 bytes): `hmask[32], qs[64], scales[12], d`; as `Q2_K` for the low 2 bits, a
+//!   3rd bit from `hmask` (bit `4 h + j` of `hmask[i % 32]`; clear means `- 4`), 16 signed
+//!   6-bit scales (low nibbles in bytes 0..8, top 2 bits in bytes 8..12; minus 32): `x = d s q`.
+//! * `Q4_K` (144 bytes): `d, dmin, scales[12], qs[128]`; 8 groups of 32 with 6-bit scale `s`
+//!   and min `m` (`k4_scale_min`): `x = d s q - dmin m`, `q` the low nibbles of 32 bytes
+//!   for the even group, the high ones for the odd group.
+//! * `Q5_K` (176 bytes): `d, dmin, scales[12], qh[32], qs[128]`; as `Q4_K` with a 5th bit,
+//!   bit `g` of `qh[i % 32]` for group `g`.
+//! * `Q6_K` (210 bytes): `ql[128], qh[64], scales[16] (i8), d`; `x = d s (q - 32)` with
+//!   6-bit `q` from a nibble of `ql` and 2 bits of `qh`, 16 groups of 16.
+//!
+//! Each matches gguf-py (llama.cpp's Python package) to the bit on random blocks
+//! (`tests/data/quants`, `scripts/quant_vectors.py`). Other ggml types (IQ-quants, `Q8_K`,
+//! ternary and integer types) are recognised by name and rejected with [`Error::Format`]
+//! naming the tensor.
 //!
 //! # Why a reader of our own
 //!
@@ -226,7 +245,7 @@ impl GgmlType {
     /// Whether [`dequantize`] converts this type to f32.
     pub fn is_supported(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | F64 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+        matches!(self, F32 | F16 | BF16 | F64 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K)
     }
 
     /// The ggml name of the type (`"Q4_1"`).
@@ -970,6 +989,116 @@ fn deq_q8_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
+// ---- K-quants: super-blocks of 256 values in 16 or 8 sub-blocks (module docs) ----------------
+
+/// Scale and min of sub-block `j` (0..8) of a Q4_K / Q5_K block, 6 bits each, packed in 12
+/// bytes: `j < 4`: the low 6 bits of bytes `j` and `j + 4`; else the nibbles of byte `j + 4`
+/// with the top 2 bits of bytes `j - 4` and `j` above them.
+fn k4_scale_min(sc: &[u8], j: usize) -> (f32, f32) {
+    if j < 4 {
+        ((sc[j] & 63) as f32, (sc[j + 4] & 63) as f32)
+    } else {
+        let d = (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+        let m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+        (d as f32, m as f32)
+    }
+}
+
+fn deq_q2_k(b: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    for half in 0..2 {
+        let q = &qs[32 * half..32 * half + 32];
+        for j in 0..4 {
+            for k in 0..2 {
+                let sc = scales[8 * half + 2 * j + k];
+                let (dl, ml) = (d * (sc & 15) as f32, dmin * (sc >> 4) as f32);
+                let out = &mut y[128 * half + 32 * j + 16 * k..][..16];
+                for (l, o) in out.iter_mut().enumerate() {
+                    *o = dl * ((q[16 * k + l] >> (2 * j)) & 3) as f32 - ml;
+                }
+            }
+        }
+    }
+}
+
+fn deq_q3_k(b: &[u8], y: &mut [f32]) {
+    let (hmask, qs, sc) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d = f16_at(b, 108);
+    // 16 scales of 6 bits: the low nibble from bytes 0..8 (low then high nibbles), the top
+    // two bits from bytes 8..12 (2 bits per scale, in groups of four).
+    let scale = |i: usize| -> f32 {
+        let lo = (sc[i % 8] >> (4 * (i / 8))) & 15;
+        let hi = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+        ((lo | (hi << 4)) as i32 - 32) as f32
+    };
+    for half in 0..2 {
+        let q = &qs[32 * half..32 * half + 32];
+        for j in 0..4 {
+            let bit = 4 * half + j; // the hmask bit of this group of 32
+            for k in 0..2 {
+                let dl = d * scale(8 * half + 2 * j + k);
+                let out = &mut y[128 * half + 32 * j + 16 * k..][..16];
+                for (l, o) in out.iter_mut().enumerate() {
+                    let i = 16 * k + l;
+                    let low = ((q[i] >> (2 * j)) & 3) as i32;
+                    let high = if (hmask[i] >> bit) & 1 == 1 { 0 } else { 4 };
+                    *o = dl * (low - high) as f32;
+                }
+            }
+        }
+    }
+}
+
+fn deq_q4_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (sc, qs) = (&b[4..16], &b[16..144]);
+    for c in 0..4 {
+        let q = &qs[32 * c..32 * c + 32];
+        let (s1, m1) = k4_scale_min(sc, 2 * c);
+        let (s2, m2) = k4_scale_min(sc, 2 * c + 1);
+        let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+        for l in 0..32 {
+            y[64 * c + l] = d1 * (q[l] & 15) as f32 - m1;
+            y[64 * c + 32 + l] = d2 * (q[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+fn deq_q5_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (sc, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+    for c in 0..4 {
+        let q = &qs[32 * c..32 * c + 32];
+        let (s1, m1) = k4_scale_min(sc, 2 * c);
+        let (s2, m2) = k4_scale_min(sc, 2 * c + 1);
+        let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+        for l in 0..32 {
+            let h1 = ((qh[l] >> (2 * c)) & 1) << 4;
+            let h2 = ((qh[l] >> (2 * c + 1)) & 1) << 4;
+            y[64 * c + l] = d1 * ((q[l] & 15) | h1) as f32 - m1;
+            y[64 * c + 32 + l] = d2 * ((q[l] >> 4) | h2) as f32 - m2;
+        }
+    }
+}
+
+fn deq_q6_k(b: &[u8], y: &mut [f32]) {
+    let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = f16_at(b, 208);
+    for half in 0..2 {
+        let (ql, qh, sc) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..]);
+        let out = &mut y[128 * half..128 * half + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q = |lo: u8, shift: u32| ((lo | (((qh[l] >> shift) & 3) << 4)) as i32 - 32) as f32;
+            out[l] = d * (sc[is] as i8) as f32 * q(ql[l] & 15, 0);
+            out[l + 32] = d * (sc[is + 2] as i8) as f32 * q(ql[l + 32] & 15, 2);
+            out[l + 64] = d * (sc[is + 4] as i8) as f32 * q(ql[l] >> 4, 4);
+            out[l + 96] = d * (sc[is + 6] as i8) as f32 * q(ql[l + 32] >> 4, 6);
+        }
+    }
+}
+
 /// Converts `data` (stored as `ty`) to f32 into `out`, in parallel over blocks (formulas in the
 /// module docs). `out.len()` values are produced; `data` must hold exactly
 /// `ty.bytes_for(out.len())` bytes. An unsupported type or a size mismatch is an
@@ -1010,7 +1139,14 @@ fn dequantize_msg(ty: GgmlType, data: &[u8], out: &mut [f32]) -> std::result::Re
         GgmlType::Q5_0 => blocks!(deq_q5_0),
         GgmlType::Q5_1 => blocks!(deq_q5_1),
         GgmlType::Q8_0 => blocks!(deq_q8_0),
-        other => return Err(format!("ggml type {other} is not supported (supported: F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)")),
+        GgmlType::Q2_K => blocks!(deq_q2_k),
+        GgmlType::Q3_K => blocks!(deq_q3_k),
+        GgmlType::Q4_K => blocks!(deq_q4_k),
+        GgmlType::Q5_K => blocks!(deq_q5_k),
+        GgmlType::Q6_K => blocks!(deq_q6_k),
+        other => return Err(format!(
+            "ggml type {other} is not supported (supported: F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
+        )),
     }
     Ok(())
 }
