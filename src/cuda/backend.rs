@@ -145,8 +145,8 @@ fn need_f32(arg: &'static str, b: &GpuBuf, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// `b` holds `n` elements of f32 or of `narrow`, the dtype [`Backend::stash`] keeps
-/// activations in (an argument that accepts a stashed buffer).
+/// `b` holds `n` elements of f32 or of `narrow`, the dtype of stashed activations, operands
+/// and operand copies (an argument that accepts those; see [`Gpu::narrow_dtype`]).
 fn need_act(arg: &'static str, b: &GpuBuf, n: usize, narrow: DType) -> Result<()> {
     need(arg, b, n)?;
     if b.dtype != DType::F32 && b.dtype != narrow {
@@ -445,21 +445,11 @@ impl Gpu {
         }
     }
 
-    /// The shapes of a WeGeFT call; `x` may be in [`Gpu::narrow_dtype`] when `narrow_x`.
-    fn check_wegeft(
-        &self,
-        s: &LayerShape,
-        x: &GpuBuf,
-        narrow_x: bool,
-        w: &GpuBuf,
-        phi: &GpuBuf,
-        psi: &GpuBuf,
-    ) -> Result<LayerShape> {
+    /// The shapes of a WeGeFT call; `x`, `phi`, `psi` may be in [`Gpu::narrow_dtype`]
+    /// (operands, stashed activations, operand copies).
+    fn check_wegeft(&self, s: &LayerShape, x: &GpuBuf, w: &GpuBuf, phi: &GpuBuf, psi: &GpuBuf) -> Result<LayerShape> {
         let s = LayerShape::new(s.tokens, s.d_in, s.d_out, s.rank)?;
-        match narrow_x {
-            true => need_act("x", x, s.tokens * s.d_in, self.narrow_dtype())?,
-            false => need_f32("x", x, s.tokens * s.d_in)?,
-        }
+        need_act("x", x, s.tokens * s.d_in, self.narrow_dtype())?;
         need("W", w, s.d_out * s.d_in)?;
         need_act("phi", phi, s.d_in * s.rank, self.narrow_dtype())?;
         need_act("psi", psi, s.rank * s.d_in, self.narrow_dtype())?;
@@ -781,7 +771,7 @@ impl Backend for Gpu {
         dropout: Option<Dropout>,
         y: &mut GpuBuf,
     ) -> Result<GpuSaved> {
-        let s = self.check_wegeft(&shape, x, true, w, phi, psi)?;
+        let s = self.check_wegeft(&shape, x, w, phi, psi)?;
         need_f32("y", y, s.tokens * s.d_out)?;
         let drop = Self::layer_dropout(dropout)?;
         let dt = w.dtype;
@@ -817,7 +807,7 @@ impl Backend for Gpu {
         dphi: &mut GpuBuf,
         dpsi: &mut GpuBuf,
     ) -> Result<()> {
-        let s = self.check_wegeft(&shape, x, true, w, phi, psi)?;
+        let s = self.check_wegeft(&shape, x, w, phi, psi)?;
         need_f32("G", g, s.tokens * s.d_out)?;
         need_f32("dphi", dphi, s.d_in * s.rank)?;
         need_f32("dpsi", dpsi, s.rank * s.d_in)?;
