@@ -8,7 +8,10 @@ of a realistic size; every other byte is random, so every bit of every quant fie
     python -m venv /tmp/gg && /tmp/gg/bin/pip install gguf==0.19.0 numpy
     /tmp/gg/bin/python scripts/quant_vectors.py
 
-tests/model_loading.rs `dequantize_matches_gguf_py` compares against these files.
+tests/model_loading.rs `dequantize_matches_gguf_py` compares against these files. The script
+also writes tests/data/quants/gguf_py_kquants.gguf with gguf-py's own GGUFWriter (one row of
+two blocks of each K-quant; `reads_k_quants_written_by_gguf_py`), which is also a fuzz seed
+(fuzz/seeds/gguf/kquants.gguf).
 """
 import os
 import sys
@@ -53,6 +56,22 @@ def main() -> int:
         with open(os.path.join(OUT, f"{qtype.name}.f32"), "wb") as f:
             f.write(values.tobytes())
         print(f"{qtype.name}: {BLOCKS} blocks of {block} values ({size} bytes each)")
+    import gguf
+    import shutil
+
+    path = os.path.join(OUT, "gguf_py_kquants.gguf")
+    w = gguf.GGUFWriter(path, arch="llama")
+    for qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
+        size = GGML_QUANT_SIZES[qtype][1]
+        raw = np.fromfile(os.path.join(OUT, f"{qtype.name}.bin"), dtype=np.uint8)
+        w.add_tensor(f"t.{qtype.name}", raw[: 2 * size].reshape(1, 2 * size), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    seeds = os.path.join(OUT, "..", "..", "..", "fuzz", "seeds", "gguf")
+    shutil.copy(path, os.path.join(seeds, "kquants.gguf"))
+    print(f"{path} (and the fuzz seed)")
     return 0
 
 

@@ -725,6 +725,25 @@ fn dequantize_matches_gguf_py() {
     }
 }
 
+/// A file written by gguf-py's own `GGUFWriter` (`tests/data/quants/gguf_py_kquants.gguf`, also a
+/// fuzz seed): one 512-value row of each K-quant, the first two blocks of the vectors above.
+#[test]
+fn reads_k_quants_written_by_gguf_py() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/quants");
+    let g = GgufFile::open(dir.join("gguf_py_kquants.gguf")).unwrap();
+    for ty in [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+        let want: Vec<f32> = std::fs::read(dir.join(format!("{}.f32", ty.name())))
+            .unwrap()
+            .chunks_exact(4)
+            .take(512)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let (shape, v) = g.tensor_f32(&format!("t.{}", ty.name())).unwrap();
+        assert_eq!(shape, vec![1, 512], "{}", ty.name());
+        assert_eq!(v, want, "{}", ty.name());
+    }
+}
+
 #[test]
 fn dequantize_rejects_unsupported_types_and_sizes() {
     let mut out = vec![0f32; 256];
