@@ -83,14 +83,19 @@ pub trait Backend {
     fn output(&self, n: usize) -> Result<Self::Buf> {
         self.zeros(n)
     }
-    /// A buffer for an activation that is then read only as an input the products round to
-    /// their own type anyway: `x` of [`Backend::linear_forward`], [`Backend::wegeft_forward`]
-    /// and [`Backend::wegeft_backward`], and `out` of [`Backend::attention_backward`] once
-    /// stashed. It must be written in full first, as `y` of [`Backend::rmsnorm_forward`], `h`
-    /// of [`Backend::swiglu_forward`] or `out` of [`Backend::attention_forward`]. The engine
-    /// may keep it in the products' input type: the CUDA engine with bf16 weights keeps it in
-    /// bf16 (the same bits the products would round it to, without the conversions); the CPU
-    /// engine and the default give [`Backend::output`]. [`Backend::stash`] keeps it as it is.
+    /// A buffer for an activation or a gradient that is then read only as an input the
+    /// products round to their own type anyway: `x` of [`Backend::linear_forward`],
+    /// [`Backend::wegeft_forward`] and [`Backend::wegeft_backward`], `G` of
+    /// [`Backend::linear_backward`] and [`Backend::wegeft_backward`], `dout` of
+    /// [`Backend::attention_backward`], and its `out` once stashed. It must be written in full
+    /// first, by `y` of [`Backend::rmsnorm_forward`], `h` of [`Backend::swiglu_forward`], `out`
+    /// of [`Backend::attention_forward`], `dq`, `dk`, `dv` of [`Backend::attention_backward`],
+    /// `dgate`, `dup` of [`Backend::swiglu_backward`] (from stashed gate and up) or an
+    /// overwritten (not accumulated) `dx` of [`Backend::linear_backward`] or
+    /// [`Backend::wegeft_backward`]; [`Backend::rope`] turns one in place. The engine may keep
+    /// it in the products' input type: the CUDA engine with bf16 weights keeps it in bf16 (the
+    /// values the products would round it to, without the conversions); the CPU engine and
+    /// the default give [`Backend::output`]. [`Backend::stash`] keeps it as it is.
     fn operand(&self, n: usize) -> Result<Self::Buf> {
         self.output(n)
     }

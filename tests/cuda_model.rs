@@ -206,6 +206,13 @@ fn elementwise_ops_match_cpu() {
     gb.swiglu_forward(&gb.upload(&ga).unwrap(), &gb.upload(&u).unwrap(), &mut ho).unwrap();
     assert_eq!(gb.download(&ho).unwrap(), bf(&gb.download(&hf).unwrap()), "swiglu f32 -> operand");
     assert!(g.stash(up(&g, &ga)).unwrap().dtype() == DType::F32, "f32 weights: the stash keeps f32");
+    // Gradients into operands from stashed gate and up: the f32 gradients rounded once.
+    let (mut dgo, mut duo) = (gb.operand(n).unwrap(), gb.operand(n).unwrap());
+    gb.swiglu_backward(&gas, &uds, &gb.upload(&dh).unwrap(), &mut dgo, &mut duo).unwrap();
+    assert_eq!(gb.download(&dgo).unwrap(), bf(&gb.download(&dgs).unwrap()), "swiglu dgate into an operand");
+    assert_eq!(gb.download(&duo).unwrap(), bf(&gb.download(&dus).unwrap()), "swiglu dup into an operand");
+    let gaf = gb.upload(&ga).unwrap();
+    assert!(gb.swiglu_backward(&gaf, &gb.upload(&u).unwrap(), &gb.upload(&dh).unwrap(), &mut dgo, &mut duo).is_err(), "bf16 gradients need stashed gate and up");
 
     // Bad input is an error, not a panic.
     assert!(g.rmsnorm_forward(&xd, &wd, rows + 1, dim, 1e-5, &mut yd, &mut rd).is_err());
@@ -262,6 +269,19 @@ fn attention_cases(g: &Gpu, wdt: DType, tf: f64, tb: f64) {
         g.attention_forward(shape, &qd, &kd, &vd, &mut oo, &mut lo).unwrap();
         assert_eq!(down(g, &oo), down(g, &od), "attention out into an operand {tag}");
         assert_eq!(down(g, &lo), down(g, &ld), "attention lse with an operand out {tag}");
+        // Gradients into operands, from an operand dout, then rope on an operand: the f32
+        // path's values rounded once (f32 weights: the same f32 values).
+        let r1 = |v: Vec<f32>| if wdt == DType::BF16 { bf(&v) } else { v };
+        let dout_o = g.operand_copy(&up(g, &dout)).unwrap();
+        let (mut dqo, mut dko, mut dvo) = (g.operand(t * qw).unwrap(), g.operand(t * kw).unwrap(), g.operand(t * kw).unwrap());
+        g.attention_backward(shape, &qd, &kd, &vd, &od, &ld, &dout_o, &mut dqo, &mut dko, &mut dvo).unwrap();
+        assert_eq!(down(g, &dqo), r1(down(g, &dqd)), "attention dq into an operand {tag}");
+        assert_eq!(down(g, &dko), r1(down(g, &dkd)), "attention dk into an operand {tag}");
+        assert_eq!(down(g, &dvo), r1(down(g, &dvd)), "attention dv into an operand {tag}");
+        let pos: Vec<u32> = (0..t as u32).map(|i| i % s as u32).collect();
+        g.rope(&mut dqo, h, hd, &pos, 10000.0, true).unwrap();
+        g.rope(&mut dqd, h, hd, &pos, 10000.0, true).unwrap();
+        assert_eq!(down(g, &dqo), r1(down(g, &dqd)), "rope on an operand {tag}");
     }
 }
 
@@ -332,6 +352,24 @@ fn products_match_cpu() {
             (down(&g, &dx), down(&g, &dphi), down(&g, &dpsi))
         };
         assert_eq!(grads(&phic, &psic, &sc), grads(&phid, &psid, &sf), "wegeft gradients from operand copies {wdt:?}");
+        // G as an operand and dx into an operand (overwritten): the f32 path's values.
+        let r1 = |v: Vec<f32>| if wdt == DType::BF16 { bf(&v) } else { v };
+        let go = g.operand_copy(&gd).unwrap();
+        let (mut dxo, mut dphio, mut dpsio) = (g.operand(t * din).unwrap(), g.zeros(din * r).unwrap(), g.zeros(r * din).unwrap());
+        g.wegeft_backward(s, &xd, &wd, &phid, &psid, 0.5, None, &sf, &go, Some((&mut dxo, false)), &mut dphio, &mut dpsio).unwrap();
+        let (dxf, dphif, dpsif) = grads(&phid, &psid, &sf);
+        assert_eq!(down(&g, &dxo), r1(dxf), "wegeft dx into an operand {wdt:?}");
+        assert_eq!((down(&g, &dphio), down(&g, &dpsio)), (dphif, dpsif), "wegeft dphi, dpsi from an operand G {wdt:?}");
+        assert!(
+            g.wegeft_backward(s, &xd, &wd, &phid, &psid, 0.5, None, &sf, &go, Some((&mut dxo, true)), &mut dphio, &mut dpsio).is_err()
+                || wdt == DType::F32,
+            "an operand dx is not accumulated into"
+        );
+        let mut dlo = g.operand(t * din).unwrap();
+        g.linear_backward(&go, &wd, t, din, dout, &mut dlo, false).unwrap();
+        let mut dl = vec![0.0f32; t * din];
+        Cpu.linear_backward(&gr, &w, t, din, dout, &mut dl, false).unwrap();
+        close(&format!("linear dx into an operand from an operand G {wdt:?}"), &down(&g, &dlo), &dl, tol);
         for acc in [false, true] {
             let mut dx = rv(46, t * din, 1.0);
             let (mut dphi, mut dpsi) = (rv(47, din * r, 0.1), rv(48, r * din, 0.1));

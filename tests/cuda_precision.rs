@@ -166,7 +166,11 @@ impl Backend for CudaPrecision {
         Cpu.linear_forward(&self.rd(&x.v), plain("W", w)?, rows, d_in, d_out, plain_mut("y", y)?)
     }
     fn linear_backward(&self, g: &Buf, w: &Buf, rows: usize, d_in: usize, d_out: usize, dx: &mut Buf, acc: bool) -> Result<()> {
-        Cpu.linear_backward(&self.rd(plain("G", g)?), plain("W", w)?, rows, d_in, d_out, plain_mut("dx", dx)?, acc)
+        // G may be an operand; so may dx when it is overwritten.
+        let dxv = if acc { plain_mut("dx", dx)? } else { &mut dx.v };
+        Cpu.linear_backward(&self.rd(&g.v), plain("W", w)?, rows, d_in, d_out, dxv, acc)?;
+        self.write_narrow(dx);
+        Ok(())
     }
     fn wegeft_forward(
         &self,
@@ -206,26 +210,30 @@ impl Backend for CudaPrecision {
     ) -> Result<()> {
         // x may be stashed or an operand, phi and psi operand copies.
         // x, psi, G rounded; dx computed in bf16, then stored or added in f32.
-        let (w, phi, psi, g) = (plain("W", w)?, &phi.v, &psi.v, plain("G", g)?);
+        // G may be an operand; so may dx when it is overwritten.
+        let (w, phi, psi, g) = (plain("W", w)?, &phi.v, &psi.v, &g.v);
         let (x, psi, g) = (self.rd(&x.v), self.rd(psi), self.rd(g));
         let (dphi, dpsi) = (plain_mut("dphi", dphi)?, plain_mut("dpsi", dpsi)?);
         match dx {
             None => Cpu.wegeft_backward(s, &x, w, phi, &psi, scale, drop, saved, &g, None, dphi, dpsi),
             Some((d, acc)) => {
-                let d = plain_mut("dx", d)?;
-                let mut t = vec![0.0; d.len()];
+                let dv = if acc { plain_mut("dx", d)? } else { &mut d.v };
+                let mut t = vec![0.0; dv.len()];
                 Cpu.wegeft_backward(s, &x, w, phi, &psi, scale, drop, saved, &g, Some((&mut t, false)), dphi, dpsi)?;
                 self.wr(&mut t);
                 match acc {
-                    true => d.iter_mut().zip(&t).for_each(|(a, b)| *a += b),
-                    false => d.copy_from_slice(&t),
+                    true => dv.iter_mut().zip(&t).for_each(|(a, b)| *a += b),
+                    false => dv.copy_from_slice(&t),
                 }
                 Ok(())
             }
         }
     }
     fn rope(&self, x: &mut Buf, heads: usize, hd: usize, pos: &[u32], theta: f32, inverse: bool) -> Result<()> {
-        Cpu.rope(plain_mut("x", x)?, heads, hd, pos, theta, inverse)
+        // x may be an operand (turned in place, rounded again).
+        Cpu.rope(&mut x.v, heads, hd, pos, theta, inverse)?;
+        self.write_narrow(x);
+        Ok(())
     }
     fn attention_forward(&self, s: AttnShape, q: &Buf, k: &Buf, v: &Buf, out: &mut Buf, lse: &mut Buf) -> Result<()> {
         let (q, k, v) = (self.rd(plain("q", q)?), self.rd(plain("k", k)?), self.rd(plain("v", v)?));
@@ -248,13 +256,12 @@ impl Backend for CudaPrecision {
         dk: &mut Buf,
         dv: &mut Buf,
     ) -> Result<()> {
-        // q, k, v, out may be stashed.
-        let (lse, dout) = (plain("lse", lse)?, self.rd(plain("dout", dout)?));
+        // q, k, v, out may be stashed; dout, dq, dk, dv operands.
+        let (lse, dout) = (plain("lse", lse)?, self.rd(&dout.v));
         let (q, k, v, out) = (self.rd(&q.v), self.rd(&k.v), self.rd(&v.v), self.rd(&out.v));
-        let (dq, dk, dv) = (plain_mut("dq", dq)?, plain_mut("dk", dk)?, plain_mut("dv", dv)?);
-        Cpu.attention_backward(s, &q, &k, &v, &out, lse, &dout, dq, dk, dv)?;
+        Cpu.attention_backward(s, &q, &k, &v, &out, lse, &dout, &mut dq.v, &mut dk.v, &mut dv.v)?;
         for d in [dq, dk, dv] {
-            self.wr(d);
+            self.wr(&mut d.v);
         }
         Ok(())
     }
@@ -281,7 +288,14 @@ impl Backend for CudaPrecision {
         Ok(())
     }
     fn swiglu_backward(&self, gate: &Buf, up: &Buf, dh: &Buf, dgate: &mut Buf, dup: &mut Buf) -> Result<()> {
-        Cpu.swiglu_backward(&gate.v, &up.v, plain("dh", dh)?, plain_mut("dgate", dgate)?, plain_mut("dup", dup)?)
+        // gate, up may be stashed; dgate, dup operands (from stashed gate and up only, as on CUDA).
+        if (dgate.narrow || dup.narrow) && !(gate.narrow && up.narrow) {
+            return Err(Error::invalid("dgate", "narrow gradients come from stashed gate and up"));
+        }
+        Cpu.swiglu_backward(&gate.v, &up.v, plain("dh", dh)?, &mut dgate.v, &mut dup.v)?;
+        self.write_narrow(dgate);
+        self.write_narrow(dup);
+        Ok(())
     }
     fn logits(&self, h: &Buf, head: &Buf, rows: usize, dim: usize, vocab: usize, out: &mut Buf) -> Result<()> {
         Cpu.logits(&self.rd(plain("h", h)?), plain("head", head)?, rows, dim, vocab, plain_mut("logits", out)?)
@@ -351,8 +365,9 @@ fn narrow_buffers_reach_only_the_arguments_that_accept_them() {
     let mut got = a.zero_grads(&be).unwrap();
     let loss = model.loss_and_grad(&be, &a, &bt, &mut got).unwrap();
     assert_eq!(be.stashed.get(), 6 * d.layers, "q, k, v, att, gate, up of every layer");
-    // Forward: xn1, att, xn2, h; backward (every layer is adapted): h, xn2, xn1 recomputed.
-    assert_eq!(be.operands.get(), 7 * d.layers, "product operands");
+    // Forward: xn1, att, xn2, h; backward (every layer is adapted): h, xn2, xn1 recomputed,
+    // and the gradients dgate, dup, datt, dq, dk, dv.
+    assert_eq!(be.operands.get(), 13 * d.layers, "product operands");
     assert_eq!(be.copies.get(), 2 * 7, "phi and psi of each of the 7 pairs, once per pass");
     assert_eq!(loss, want_loss, "the loss does not see the stash");
     for (p, ((gphi, gpsi), (wphi, wpsi))) in got.iter().zip(&want).enumerate() {

@@ -112,6 +112,10 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
         let mut q = r("rope_x");
         Cpu.rope(&mut q, 3, 16, &pos, 10000.0, inverse).unwrap();
         close(name, &r(name), &q, 1e-6);
+        // rope_bf16: the CPU op on the rounded rows, rounded once.
+        let mut qb = bf(&r("rope_x"));
+        Cpu.rope(&mut qb, 3, 16, &pos, 10000.0, inverse).unwrap();
+        assert_eq!(r(&format!("{name}_bf16")), bf(&qb), "{name} on bf16 rows");
     }
 
     // swiglu (n 1000)
@@ -133,6 +137,8 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
     // bf16 h: the f32-output kernels' h, rounded once.
     assert_eq!(r("swi_h_f32_bf16"), bf(&r("swi_h")), "swiglu_fwd_f32_bf16");
     assert_eq!(r("swi_h_bf16_bf16"), bf(&r("swi_h_bf16")), "swiglu_fwd_bf16_bf16");
+    assert_eq!(r("swi_dg_bf16_bf16"), bf(&r("swi_dg_bf16")), "swiglu_bwd_bf16_bf16 dgate");
+    assert_eq!(r("swi_du_bf16_bf16"), bf(&r("swi_du_bf16")), "swiglu_bwd_bf16_bf16 dup");
 
     // AdamW: two steps; the same f32 operations in the same order as the CPU optimiser.
     let (mut p, mut m, mut v) = (r("adam_p0"), vec![0.0f32; 700], vec![0.0f32; 700]);

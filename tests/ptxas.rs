@@ -117,7 +117,7 @@ fn every_module_has_all_images() {
 }
 
 /// Every kernel the model's backend (`src/cuda/backend.rs`, `src/cuda/attention.rs`) launches.
-const MODEL_KERNELS: [&str; 22] = [
+const MODEL_KERNELS: [&str; 24] = [
     "add_f32",
     "add_out_f32",
     "cast_f32_bf16",
@@ -131,12 +131,14 @@ const MODEL_KERNELS: [&str; 22] = [
     "rmsnorm_fwd_f32_bf16",
     "rmsnorm_bwd_f32",
     "rope_f32",
+    "rope_bf16",
     "swiglu_fwd_f32",
     "swiglu_bwd_f32",
     "swiglu_fwd_bf16",
     "swiglu_bwd_bf16",
     "swiglu_fwd_f32_bf16",
     "swiglu_fwd_bf16_bf16",
+    "swiglu_bwd_bf16_bf16",
     "xent_rows_f32",
     "xent_rows_bf16",
     "adamw_f32",

@@ -746,15 +746,18 @@ impl Backend for Gpu {
         accumulate: bool,
     ) -> Result<()> {
         LayerShape::new(rows, d_in, d_out, 1)?;
-        need_f32("G", g, rows * d_out)?;
+        need_act("G", g, rows * d_out, self.narrow_dtype())?;
         need("W", w, d_out * d_in)?;
-        need_f32("dx", dx, rows * d_in)?;
+        need_act("dx", dx, rows * d_in, self.narrow_dtype())?;
+        if dx.dtype != DType::F32 && accumulate {
+            return Err(Error::invalid("dx", "an operand is overwritten, not accumulated into"));
+        }
         let (gp, _keep) = self.as_dtype(g, w.dtype)?;
         let beta = if accumulate { 1.0 } else { 0.0 };
         // SAFETY: as in linear_forward.
         unsafe {
             self.dev.lt_gemm_ex(
-                "linear_backward", w.dtype, DType::F32, self.stream(), false, false, rows, d_in, d_out, gp, d_out, w.ptr, d_in,
+                "linear_backward", w.dtype, dx.dtype, self.stream(), false, false, rows, d_in, d_out, gp, d_out, w.ptr, d_in,
                 None, beta, dx.ptr, d_in,
             )
         }
@@ -808,7 +811,7 @@ impl Backend for Gpu {
         dpsi: &mut GpuBuf,
     ) -> Result<()> {
         let s = self.check_wegeft(&shape, x, w, phi, psi)?;
-        need_f32("G", g, s.tokens * s.d_out)?;
+        need_act("G", g, s.tokens * s.d_out, self.narrow_dtype())?;
         need_f32("dphi", dphi, s.d_in * s.rank)?;
         need_f32("dpsi", dpsi, s.rank * s.d_in)?;
         let dt = w.dtype;
@@ -821,8 +824,12 @@ impl Backend for Gpu {
         let (gp, _k3) = self.as_dtype(g, dt)?;
         let mut target: Option<(&GpuBuf, bool, Option<GpuBuf>)> = None;
         if let Some((d, acc)) = dx {
-            need_f32("dx", d, s.tokens * s.d_in)?;
-            let tmp = if dt == DType::F32 && !acc { None } else { Some(self.alloc(dt, s.tokens * s.d_in)?) };
+            need_act("dx", d, s.tokens * s.d_in, self.narrow_dtype())?;
+            if d.dtype != DType::F32 && acc {
+                return Err(Error::invalid("dx", "an operand is overwritten, not accumulated into"));
+            }
+            // The layer writes `dt`: straight into `dx` when it has that type and is overwritten.
+            let tmp = if d.dtype == dt && !acc { None } else { Some(self.alloc(dt, s.tokens * s.d_in)?) };
             target = Some((d, acc, tmp));
         }
         let dxp = target.as_ref().map(|(d, _, t)| t.as_ref().map_or(d.ptr, |t| t.ptr));
@@ -845,17 +852,18 @@ impl Backend for Gpu {
         if !(theta.is_finite() && theta > 0.0) {
             return Err(Error::invalid("theta", format!("must be a positive finite number, got {theta}")));
         }
-        need_f32("x", x, positions.len() * heads * head_dim)?;
+        need_act("x", x, positions.len() * heads * head_dim, self.narrow_dtype())?;
         if positions.is_empty() {
             return Ok(());
         }
+        let kernel = if x.dtype == DType::F32 { "rope_f32" } else { "rope_bf16" };
         let max_pos = positions.iter().map(|&p| p as usize).max().unwrap_or(0) + 1;
         let (cp, sp) = self.rope_table(head_dim, theta, max_pos)?;
         let pp = self.positions(positions)?;
         let n = positions.len() * heads * head_dim / 2;
         let xp = x.ptr;
         let (rows, h, hd, inv) = (positions.len() as i64, heads as i32, head_dim as i32, inverse as i32);
-        self.run("rope", "rope_f32", self.grid(n), THREADS, &kargs![xp, pp, cp, sp, rows, h, hd, inv])
+        self.run("rope", kernel, self.grid(n), THREADS, &kargs![xp, pp, cp, sp, rows, h, hd, inv])
     }
 
     fn attention_forward(
@@ -911,10 +919,10 @@ impl Backend for Gpu {
         need_act("v", v, kn, dt)?;
         need_act("out", out, qn, dt)?;
         need_f32("lse", lse, t * s.heads)?;
-        need_f32("dout", dout, qn)?;
-        need_f32("dq", dq, qn)?;
-        need_f32("dk", dk, kn)?;
-        need_f32("dv", dv, kn)?;
+        need_act("dout", dout, qn, dt)?;
+        need_act("dq", dq, qn, dt)?;
+        need_act("dk", dk, kn, dt)?;
+        need_act("dv", dv, kn, dt)?;
         if dt == DType::F32 {
             // SAFETY: as in attention_forward.
             return unsafe {
@@ -928,16 +936,24 @@ impl Backend for Gpu {
         let (vp, _vk) = self.as_dtype(v, dt)?;
         let (op, _ok) = self.as_dtype(out, dt)?;
         let (gp, _gk) = self.as_dtype(dout, dt)?;
-        let (dqb, dkb, dvb) = (self.alloc(dt, qn)?, self.alloc(dt, kn)?, self.alloc(dt, kn)?);
-        // SAFETY: as in attention_forward; the gradients go to fresh `dt` buffers.
-        unsafe {
-            attention::attention_backward_raw(
-                &self.dev, self.stream(), dt, s, qp, kp, vp, op, lse.ptr, gp, dqb.ptr, dkb.ptr, dvb.ptr,
-            )?
+        // The kernels write `dt`: straight into a gradient of that type (an operand), else
+        // into a fresh buffer widened afterwards.
+        let direct = |b: &GpuBuf| -> Result<(CUdeviceptr, Option<GpuBuf>)> {
+            if b.dtype == dt {
+                return Ok((b.ptr, None));
+            }
+            let tmp = self.alloc(dt, b.len)?;
+            Ok((tmp.ptr, Some(tmp)))
         };
-        self.store_f32(dqb.ptr, dt, dq, false)?;
-        self.store_f32(dkb.ptr, dt, dk, false)?;
-        self.store_f32(dvb.ptr, dt, dv, false)
+        let ((dqp, dqt), (dkp, dkt), (dvp, dvt)) = (direct(dq)?, direct(dk)?, direct(dv)?);
+        // SAFETY: as in attention_forward; the gradients go to `dt` buffers of their sizes.
+        unsafe { attention::attention_backward_raw(&self.dev, self.stream(), dt, s, qp, kp, vp, op, lse.ptr, gp, dqp, dkp, dvp)? };
+        for (t, d) in [(dqt, &*dq), (dkt, &*dk), (dvt, &*dv)] {
+            if let Some(t) = t {
+                self.store_f32(t.ptr, dt, d, false)?;
+            }
+        }
+        Ok(())
     }
 
     fn attention_decode(
@@ -983,10 +999,21 @@ impl Backend for Gpu {
 
     fn swiglu_backward(&self, gate: &GpuBuf, up: &GpuBuf, dh: &GpuBuf, dgate: &mut GpuBuf, dup: &mut GpuBuf) -> Result<()> {
         let n = gate.len;
-        let kernel = self.swiglu_kernel(gate, up, "swiglu_bwd_f32", "swiglu_bwd_bf16")?;
         need_f32("dh", dh, n)?;
-        need_f32("dgate", dgate, n)?;
-        need_f32("dup", dup, n)?;
+        need_act("dgate", dgate, n, self.narrow_dtype())?;
+        need_act("dup", dup, n, self.narrow_dtype())?;
+        let kernel = match (dgate.dtype, dup.dtype) {
+            (DType::F32, DType::F32) => self.swiglu_kernel(gate, up, "swiglu_bwd_f32", "swiglu_bwd_bf16")?,
+            (DType::BF16, DType::BF16) if gate.dtype == DType::BF16 => {
+                self.swiglu_kernel(gate, up, "swiglu_bwd_bf16_bf16", "swiglu_bwd_bf16_bf16")?
+            }
+            (g, u) => {
+                return Err(Error::invalid(
+                    "dgate",
+                    format!("dgate {}, dup {} from gate {}: bf16 gradients come from stashed gate and up", g.name(), u.name(), gate.dtype.name()),
+                ))
+            }
+        };
         let (gp, upp, dhp, dgp, dup_, nn) = (gate.ptr, up.ptr, dh.ptr, dgate.ptr, dup.ptr, n as i64);
         self.run("swiglu_backward", kernel, self.grid(n), THREADS, &kargs![gp, upp, dhp, dgp, dup_, nn])
     }

@@ -938,8 +938,9 @@ impl<B: Backend> Llama<B> {
             let h = self.swiglu(be, &act.gate, &act.up, rows, true)?;
             let mut dh = be.output(rows * d.ffn)?;
             self.proj_backward(be, l, DOWN, &h, &dx, rows, a, &ops, &act.saved[DOWN], Some((&mut dh, false)), grads)?;
-            let mut dgate = be.output(rows * d.ffn)?;
-            let mut dup = be.output(rows * d.ffn)?;
+            // Gradients that only products read (as G) are operands, like the activations.
+            let mut dgate = Self::product_input(be, rows * d.ffn, true)?;
+            let mut dup = Self::product_input(be, rows * d.ffn, true)?;
             drop(h);
             be.swiglu_backward(&act.gate, &act.up, &dh, &mut dgate, &mut dup)?;
             drop(dh);
@@ -961,11 +962,11 @@ impl<B: Backend> Llama<B> {
             self.proj_backward(be, l, UP, &xn2, &dup, rows, a, &ops, &act.saved[UP], Some((&mut dxn2, true)), grads)?;
             be.rmsnorm_backward(&act.x2, &layer.mlp_norm, &rstd2, &dxn2, rows, d.hidden, &mut dx)?;
             // Attention.
-            let mut datt = be.output(rows * qw)?;
+            let mut datt = Self::product_input(be, rows * qw, true)?;
             self.proj_backward(be, l, O, &act.att, &dx, rows, a, &ops, &act.saved[O], Some((&mut datt, false)), grads)?;
-            let mut dq = be.output(rows * qw)?;
-            let mut dk = be.output(rows * kw)?;
-            let mut dv = be.output(rows * kw)?;
+            let mut dq = Self::product_input(be, rows * qw, true)?;
+            let mut dk = Self::product_input(be, rows * kw, true)?;
+            let mut dv = Self::product_input(be, rows * kw, true)?;
             be.attention_backward(shape, &act.q, &act.k, &act.v, &act.att, &act.lse, &datt, &mut dq, &mut dk, &mut dv)?;
             drop(datt);
             be.rope(&mut dq, d.heads, d.head_dim, &positions, d.rope_theta, true)?;

@@ -127,6 +127,11 @@ int main(int argc, char** argv) {
             auto y = x;
             launch(2, 256, [&] { rope_f32(y.data(), pos.data(), cs.data(), sn.data(), rows, heads, hd, inv); });
             dump(inv ? "rope_inv" : "rope_fwd", y);
+            // bf16 rows in place: the rounded inputs, each result rounded once.
+            std::vector<__nv_bfloat16> yb(x.size());
+            for (size_t i = 0; i < x.size(); ++i) yb[i] = __float2bfloat16_rn(x[i]);
+            launch(2, 256, [&] { rope_bf16(yb.data(), pos.data(), cs.data(), sn.data(), rows, heads, hd, inv); });
+            dump(inv ? "rope_inv_bf16" : "rope_fwd_bf16", widen(yb));
         }
     }
     // ---- swiglu: n 1000 ----
@@ -149,6 +154,10 @@ int main(int argc, char** argv) {
         launch(2, 256, [&] { swiglu_fwd_f32_bf16(g.data(), u.data(), h2.data(), n); });
         launch(2, 256, [&] { swiglu_fwd_bf16_bf16(gb.data(), ub.data(), h3.data(), n); });
         dump("swi_h_f32_bf16", widen(h2)); dump("swi_h_bf16_bf16", widen(h3));
+        // bf16 gradients from bf16 gate and up.
+        std::vector<__nv_bfloat16> dg2(n, __float2bfloat16_rn(NAN)), du2(n, __float2bfloat16_rn(NAN));
+        launch(2, 256, [&] { swiglu_bwd_bf16_bf16(gb.data(), ub.data(), dh.data(), dg2.data(), du2.data(), n); });
+        dump("swi_dg_bf16_bf16", widen(dg2)); dump("swi_du_bf16_bf16", widen(du2));
     }
     // ---- adamw: n 700, two steps, lr 1e-2, b1 0.9, b2 0.999, eps 1e-8, wd 0.01 (constants as backend.rs) ----
     {
