@@ -4,9 +4,10 @@
 //! [`Backend::upload_weight`]) are bf16 on the device (f32 with [`Gpu::new_f32`]); so are the
 //! activations the model keeps for the backward ([`Backend::stash`]: q, k, v, the attention
 //! output, gate and up) and those only products read ([`Backend::operand`]: the normed
-//! inputs, SwiGLU's output, the attention output), which the kernels that read them take as
-//! they are. Everything else — other activations in flight, the residual stream, norm weights,
-//! adapter master weights, gradients and AdamW moments — is f32. Buffers an operation
+//! inputs, SwiGLU's output, the attention output, and the gradients dq, dk, dv, datt, dgate,
+//! dup), which the kernels that read them take as they are. Everything else — other
+//! activations and gradients in flight, the residual stream, norm weights, adapter master
+//! weights and their gradients, AdamW moments — is f32. Buffers an operation
 //! overwrites are not cleared first ([`Backend::output`]). Every product runs with f32
 //! accumulation:
 //!
@@ -19,9 +20,10 @@
 //!   `z = h E^T` (f32), then `xent_rows_*` (loss per row, `zg = c (softmax(z) - onehot)`),
 //!   then `dh = zg E`; full-vocabulary probabilities exist for one chunk at a time;
 //! * attention: the tensor-core kernels in bf16 (inputs rounded from f32, or stashed bf16;
-//!   outputs and gradients widened back to f32), the plain f32 ones with `Gpu::new_f32`;
-//! * RMSNorm, RoPE, SwiGLU, embedding, AdamW: f32 compute (`kernels/*.cu`; RMSNorm and SwiGLU
-//!   also write bf16 operands, SwiGLU reads stashed bf16 gate and up).
+//!   output and gradients written to bf16 operands, or widened to f32 buffers), the plain f32
+//!   ones with `Gpu::new_f32`;
+//! * RMSNorm, RoPE, SwiGLU, embedding, AdamW: f32 compute (`kernels/*.cu`; RMSNorm, RoPE and
+//!   SwiGLU also write bf16 operands, SwiGLU reads stashed bf16 gate and up).
 //!
 //! Dropout uses the device mask of [`crate::cuda::dropout_keep`] (not the CPU's
 //! [`crate::backend::Dropout::uniform`]): same `p` and seed, a different (equally valid) mask.
