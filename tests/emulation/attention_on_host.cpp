@@ -19,16 +19,7 @@
 #include <vector>
 #include <cuda_bf16.h>
 
-#include "fiber_block.h"
-
-using std::min;
-#undef __shared__
-#define __shared__ static
-#undef __global__
-#define __global__
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#define WEGEFT_HOST_EMULATION 1
+#include "host_shim.h"
 
 constexpr int NT = 128;
 struct WarpX {

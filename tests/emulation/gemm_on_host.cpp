@@ -33,18 +33,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "fiber_block.h"
-
-using std::max;
-using std::min;
-#undef __shared__
-#define __shared__ static
-#undef __global__
-#define __global__
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#define WEGEFT_HOST_EMULATION 1
-inline void __syncthreads() { fb::sync_block(); }
+#include "host_shim.h"
 
 // ---- the PTX helpers of gemm_kext.cu, with PTX semantics -----------------------------------
 

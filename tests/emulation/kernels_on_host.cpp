@@ -14,16 +14,8 @@
 #include <algorithm>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include "fiber_block.h"
-inline void __syncthreads() { fb::sync_block(); }
-using std::min;
-#undef __shared__
-#define __shared__ static
+#include "host_shim.h"
 #include "wmma_host.h"
-#undef __global__
-#define __global__
-#undef __launch_bounds__
-#define __launch_bounds__(x)
 #include "lowrank.cu"
 #include "merge.cu"
 #include "multi.cu"

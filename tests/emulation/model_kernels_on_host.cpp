@@ -19,9 +19,8 @@
 #include <algorithm>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include "fiber_block.h"
+#include "host_shim.h"
 float g_shfl[32][32];
-inline void __syncthreads() { fb::sync_block(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
     g_shfl[w][lane] = v;
@@ -35,16 +34,8 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
 #define __fsub_rn(a, b) ((float)(a) - (float)(b))
 #define __fdiv_rn(a, b) ((float)(a) / (float)(b))
 #define __fsqrt_rn(a) sqrtf(a)
-using std::min;
 // common.cuh's tiled product (not used here) names nvcuda::wmma.
 #include "wmma_host.h"
-#define WEGEFT_HOST_EMULATION 1
-#undef __shared__
-#define __shared__ static
-#undef __global__
-#define __global__
-#undef __launch_bounds__
-#define __launch_bounds__(x)
 #include "elementwise.cu"
 #include "embedding.cu"
 #include "rmsnorm.cu"
