@@ -1050,36 +1050,31 @@ fn deq_q3_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn deq_q4_k(b: &[u8], y: &mut [f32]) {
-    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (sc, qs) = (&b[4..16], &b[16..144]);
+/// Q4_K and Q5_K: 8 groups of 32, `x = d s q - dmin m` with the 6-bit scale and min of the
+/// group; `q` is a nibble of `qs` and, for Q5_K (`qh` given), bit `g` of `qh[l]` above it.
+fn deq_k4_k5(d: f32, dmin: f32, sc: &[u8], qs: &[u8], qh: Option<&[u8]>, y: &mut [f32]) {
     for c in 0..4 {
         let q = &qs[32 * c..32 * c + 32];
         let (s1, m1) = k4_scale_min(sc, 2 * c);
         let (s2, m2) = k4_scale_min(sc, 2 * c + 1);
         let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
         for l in 0..32 {
-            y[64 * c + l] = d1 * (q[l] & 15) as f32 - m1;
-            y[64 * c + 32 + l] = d2 * (q[l] >> 4) as f32 - m2;
-        }
-    }
-}
-
-fn deq_q5_k(b: &[u8], y: &mut [f32]) {
-    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (sc, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-    for c in 0..4 {
-        let q = &qs[32 * c..32 * c + 32];
-        let (s1, m1) = k4_scale_min(sc, 2 * c);
-        let (s2, m2) = k4_scale_min(sc, 2 * c + 1);
-        let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
-        for l in 0..32 {
-            let h1 = ((qh[l] >> (2 * c)) & 1) << 4;
-            let h2 = ((qh[l] >> (2 * c + 1)) & 1) << 4;
+            let (h1, h2) = match qh {
+                Some(qh) => (((qh[l] >> (2 * c)) & 1) << 4, ((qh[l] >> (2 * c + 1)) & 1) << 4),
+                None => (0, 0),
+            };
             y[64 * c + l] = d1 * ((q[l] & 15) | h1) as f32 - m1;
             y[64 * c + 32 + l] = d2 * ((q[l] >> 4) | h2) as f32 - m2;
         }
     }
+}
+
+fn deq_q4_k(b: &[u8], y: &mut [f32]) {
+    deq_k4_k5(f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..144], None, y);
+}
+
+fn deq_q5_k(b: &[u8], y: &mut [f32]) {
+    deq_k4_k5(f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[48..176], Some(&b[16..48]), y);
 }
 
 fn deq_q6_k(b: &[u8], y: &mut [f32]) {
