@@ -425,16 +425,15 @@ impl Gpu {
         Ok(r)
     }
 
-    /// SwiGLU's kernel for `gate` and `up`: both f32 (`f32`), or both stashed in bf16 (`bf16`).
-    fn swiglu_kernel(&self, gate: &GpuBuf, up: &GpuBuf, f32: &'static str, bf16: &'static str) -> Result<&'static str> {
+    /// The dtype of SwiGLU's `gate` and `up`: both f32, or both stashed in bf16.
+    fn swiglu_input(&self, gate: &GpuBuf, up: &GpuBuf) -> Result<DType> {
         let n = gate.len;
         need_act("gate", gate, n, self.narrow_dtype())?;
         need_act("up", up, n, self.narrow_dtype())?;
-        match (gate.dtype, up.dtype) {
-            (DType::F32, DType::F32) => Ok(f32),
-            (DType::BF16, DType::BF16) => Ok(bf16),
-            (g, u) => Err(Error::invalid("up", format!("gate is {} but up is {}", g.name(), u.name()))),
+        if gate.dtype != up.dtype {
+            return Err(Error::invalid("up", format!("gate is {} but up is {}", gate.dtype.name(), up.dtype.name())));
         }
+        Ok(gate.dtype)
     }
 
     fn layer_dropout(d: Option<Dropout>) -> Result<layer::Dropout> {
@@ -991,9 +990,11 @@ impl Backend for Gpu {
     fn swiglu_forward(&self, gate: &GpuBuf, up: &GpuBuf, h: &mut GpuBuf) -> Result<()> {
         let n = gate.len;
         need_act("h", h, n, self.narrow_dtype())?;
-        let kernel = match h.dtype {
-            DType::F32 => self.swiglu_kernel(gate, up, "swiglu_fwd_f32", "swiglu_fwd_bf16")?,
-            _ => self.swiglu_kernel(gate, up, "swiglu_fwd_f32_bf16", "swiglu_fwd_bf16_bf16")?,
+        let kernel = match (self.swiglu_input(gate, up)?, h.dtype) {
+            (DType::F32, DType::F32) => "swiglu_fwd_f32",
+            (_, DType::F32) => "swiglu_fwd_bf16",
+            (DType::F32, _) => "swiglu_fwd_f32_bf16",
+            _ => "swiglu_fwd_bf16_bf16",
         };
         let (gp, upp, hp, nn) = (gate.ptr, up.ptr, h.ptr, n as i64);
         self.run("swiglu_forward", kernel, self.grid(n), THREADS, &kargs![gp, upp, hp, nn])
@@ -1004,15 +1005,15 @@ impl Backend for Gpu {
         need_f32("dh", dh, n)?;
         need_act("dgate", dgate, n, self.narrow_dtype())?;
         need_act("dup", dup, n, self.narrow_dtype())?;
-        let kernel = match (dgate.dtype, dup.dtype) {
-            (DType::F32, DType::F32) => self.swiglu_kernel(gate, up, "swiglu_bwd_f32", "swiglu_bwd_bf16")?,
-            (DType::BF16, DType::BF16) if gate.dtype == DType::BF16 => {
-                self.swiglu_kernel(gate, up, "swiglu_bwd_bf16_bf16", "swiglu_bwd_bf16_bf16")?
-            }
-            (g, u) => {
+        let input = self.swiglu_input(gate, up)?;
+        let kernel = match (input, dgate.dtype, dup.dtype) {
+            (DType::F32, DType::F32, DType::F32) => "swiglu_bwd_f32",
+            (_, DType::F32, DType::F32) => "swiglu_bwd_bf16",
+            (DType::BF16, DType::BF16, DType::BF16) => "swiglu_bwd_bf16_bf16",
+            (i, g, u) => {
                 return Err(Error::invalid(
                     "dgate",
-                    format!("dgate {}, dup {} from gate {}: bf16 gradients come from stashed gate and up", g.name(), u.name(), gate.dtype.name()),
+                    format!("dgate {}, dup {} from gate {}: bf16 gradients come from stashed gate and up", g.name(), u.name(), i.name()),
                 ))
             }
         };
