@@ -75,6 +75,10 @@ impl Backend for Cpu {
     fn output(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![f32::NAN; n])
     }
+    /// A plain copy (the CPU products read f32).
+    fn operand_copy(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         Ok(data.to_vec())
     }
