@@ -295,7 +295,8 @@ pub trait Backend {
 
     /// Rotary position embedding, HF "rotate half" convention, in place on `x`
     /// (`positions.len()` rows of `heads * head_dim`): for `i < head_dim/2`, with
-    /// `f = pos * theta^(-2i/head_dim)`:
+    /// `f = pos * inv_freq[i]` (`rope`'s frequencies, [`crate::rope::Rope::inv_freq`]:
+    /// `theta^(-2i/head_dim)` unless scaled):
     /// `(x_i, x_{i+h/2}) <- (x_i cos f - x_{i+h/2} sin f, x_{i+h/2} cos f + x_i sin f)`.
     /// `inverse` applies the transpose rotation (angle `-f`), which is the backward.
     fn rope(
@@ -304,7 +305,7 @@ pub trait Backend {
         heads: usize,
         head_dim: usize,
         positions: &[u32],
-        theta: f32,
+        rope: &crate::rope::Rope,
         inverse: bool,
     ) -> Result<()>;
 

@@ -29,7 +29,8 @@
 //! Modules: [`reference`](mod@reference) (float64 oracle), [`cpu`] (fast CPU backend), `cuda` (feature
 //! `cuda`), [`backend`] (the trait the model runs on), [`model`] (the Llama model
 //! [`model::llama`], its config, weights, tokenizer), [`adapter`] (config, init, files),
-//! [`train`] (AdamW, data, the arithmetic task, the trainer), [`shape`] (shapes and matrix
+//! [`train`] (AdamW, data, the arithmetic task, the trainer), [`rope`] (RoPE's frequencies and
+//! scalings), [`shape`] (shapes and matrix
 //! views), [`error`].
 //!
 //! Fine-tuning from Rust, on the CPU:
@@ -68,6 +69,7 @@ pub mod error;
 pub mod model;
 pub mod reference;
 pub mod rng;
+pub mod rope;
 pub mod shape;
 pub mod train;
 

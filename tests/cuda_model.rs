@@ -21,6 +21,7 @@ use wegeft::backend::{AdamHyper, AttnShape, Backend};
 use wegeft::cpu::Cpu;
 use wegeft::cuda::Gpu;
 use wegeft::model::llama::{HostWeights, Llama};
+use wegeft::rope::Rope;
 use wegeft::{DType, LayerShape};
 
 // ---- the one skip rule ---------------------------------------------------------------------
@@ -129,9 +130,9 @@ fn elementwise_ops_match_cpu() {
     let q = rv(6, rows * heads * hd, 1.0);
     for inverse in [false, true] {
         let mut want = q.clone();
-        Cpu.rope(&mut want, heads, hd, &pos, 100000.0, inverse).unwrap();
+        Cpu.rope(&mut want, heads, hd, &pos, &Rope::new(100000.0), inverse).unwrap();
         let mut qd = up(&g, &q);
-        g.rope(&mut qd, heads, hd, &pos, 100000.0, inverse).unwrap();
+        g.rope(&mut qd, heads, hd, &pos, &Rope::new(100000.0), inverse).unwrap();
         close(if inverse { "rope inverse" } else { "rope" }, &down(&g, &qd), &want, 1e-6);
     }
 
@@ -279,8 +280,8 @@ fn attention_cases(g: &Gpu, wdt: DType, tf: f64, tb: f64) {
         assert_eq!(down(g, &dko), r1(down(g, &dkd)), "attention dk into an operand {tag}");
         assert_eq!(down(g, &dvo), r1(down(g, &dvd)), "attention dv into an operand {tag}");
         let pos: Vec<u32> = (0..t as u32).map(|i| i % s as u32).collect();
-        g.rope(&mut dqo, h, hd, &pos, 10000.0, true).unwrap();
-        g.rope(&mut dqd, h, hd, &pos, 10000.0, true).unwrap();
+        g.rope(&mut dqo, h, hd, &pos, &Rope::new(10000.0), true).unwrap();
+        g.rope(&mut dqd, h, hd, &pos, &Rope::new(10000.0), true).unwrap();
         assert_eq!(down(g, &dqo), r1(down(g, &dqd)), "rope on an operand {tag}");
     }
 }

@@ -27,6 +27,7 @@ use common::{rand_f32, tiny_weights};
 use wegeft::backend::{AdamHyper, AttnShape, Backend, Dropout};
 use wegeft::cpu::Cpu;
 use wegeft::model::llama::{Batch, Dims, HostAdapter, HostWeights, Llama};
+use wegeft::rope::Rope;
 use wegeft::train::optim::AdamWConfig;
 use wegeft::train::trainer::Trainer;
 use wegeft::{Error, LayerShape, Result};
@@ -229,9 +230,9 @@ impl Backend for CudaPrecision {
             }
         }
     }
-    fn rope(&self, x: &mut Buf, heads: usize, hd: usize, pos: &[u32], theta: f32, inverse: bool) -> Result<()> {
+    fn rope(&self, x: &mut Buf, heads: usize, hd: usize, pos: &[u32], rope: &Rope, inverse: bool) -> Result<()> {
         // x may be an operand (turned in place, rounded again).
-        Cpu.rope(&mut x.v, heads, hd, pos, theta, inverse)?;
+        Cpu.rope(&mut x.v, heads, hd, pos, rope, inverse)?;
         self.write_narrow(x);
         Ok(())
     }
@@ -313,7 +314,7 @@ impl Backend for CudaPrecision {
 }
 
 fn dims() -> Dims {
-    Dims { hidden: 64, layers: 3, heads: 4, kv_heads: 2, head_dim: 16, ffn: 96, vocab: 97, rope_theta: 10000.0, eps: 1e-5 }
+    Dims { hidden: 64, layers: 3, heads: 4, kv_heads: 2, head_dim: 16, ffn: 96, vocab: 97, rope: Rope::new(10000.0), eps: 1e-5 }
 }
 
 /// Rank-4 pairs shared across layers on every module, with nonzero phi and psi.

@@ -110,11 +110,11 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
     let pos = [0u32, 5, 3, 17, 2, 9];
     for (name, inverse) in [("rope_fwd", false), ("rope_inv", true)] {
         let mut q = r("rope_x");
-        Cpu.rope(&mut q, 3, 16, &pos, 10000.0, inverse).unwrap();
+        Cpu.rope(&mut q, 3, 16, &pos, &wegeft::rope::Rope::new(10000.0), inverse).unwrap();
         close(name, &r(name), &q, 1e-6);
         // rope_bf16: the CPU op on the rounded rows, rounded once.
         let mut qb = bf(&r("rope_x"));
-        Cpu.rope(&mut qb, 3, 16, &pos, 10000.0, inverse).unwrap();
+        Cpu.rope(&mut qb, 3, 16, &pos, &wegeft::rope::Rope::new(10000.0), inverse).unwrap();
         assert_eq!(r(&format!("{name}_bf16")), bf(&qb), "{name} on bf16 rows");
     }
 

@@ -18,7 +18,7 @@ fn tiny_dims() -> Dims {
         head_dim: 8,
         ffn: 48,
         vocab: 61,
-        rope_theta: 10000.0,
+        rope: wegeft::rope::Rope::new(10000.0),
         eps: 1e-5,
     }
 }
@@ -64,8 +64,28 @@ fn loss_at(model: &Llama<Cpu>, ad: &HostAdapter, batch: &Batch) -> f64 {
     model.loss(&Cpu, Some(&a), batch).unwrap() as f64
 }
 
+/// [`tiny_dims`] with Llama 3.1's RoPE scaling, its bands placed so that the 4 frequencies of
+/// the 8-wide heads fall in all three (kept, interpolated, divided).
+fn tiny_dims_llama3() -> Dims {
+    use wegeft::rope::{Rope, RopeScaling};
+    let scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 128.0,
+        original_max_position_embeddings: 2048,
+    };
+    let d = Dims { rope: Rope::new(10000.0).with_scaling(scaling), ..tiny_dims() };
+    let (plain, scaled) = (Rope::new(10000.0).inv_freq(8).unwrap(), d.rope.inv_freq(8).unwrap());
+    let ratios: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| s / p).collect();
+    assert!(ratios[0] == 1.0 && ratios[3] == 0.125 && ratios[1..3].iter().all(|r| *r < 1.0 && *r > 0.125), "{ratios:?}");
+    d
+}
+
 fn check_grads(tied: bool, shared: bool, targets: &[usize], scale: f32) {
-    let d = tiny_dims();
+    check_grads_with(tiny_dims(), tied, shared, targets, scale)
+}
+
+fn check_grads_with(d: Dims, tied: bool, shared: bool, targets: &[usize], scale: f32) {
     let model = Llama::new(&Cpu, &tiny_weights(&d, 100, tied)).unwrap();
     let ad = tiny_adapter(&d, targets, shared, scale, 7);
     let batch = tiny_batch(&d);
@@ -128,6 +148,11 @@ fn check_grads(tied: bool, shared: bool, targets: &[usize], scale: f32) {
         worst <= 2e-3 * scale_max.max(1.0),
         "finite differences disagree (fd, analytic): {rows:?}; worst {worst:e}"
     );
+}
+
+#[test]
+fn grad_with_llama3_rope_scaling() {
+    check_grads_with(tiny_dims_llama3(), true, true, &[0, 1, 2, 3, 4, 5, 6], 1.0);
 }
 
 #[test]
@@ -232,7 +257,15 @@ fn grad_with_weight_dropout() {
 
 #[test]
 fn kv_cache_decode_matches_full_forward() {
-    let d = tiny_dims();
+    kv_cache_decode_matches_full_forward_with(tiny_dims());
+}
+
+#[test]
+fn kv_cache_decode_with_llama3_rope_scaling() {
+    kv_cache_decode_matches_full_forward_with(tiny_dims_llama3());
+}
+
+fn kv_cache_decode_matches_full_forward_with(d: Dims) {
     let model = Llama::new(&Cpu, &tiny_weights(&d, 5, true)).unwrap();
     let ad = tiny_adapter(&d, &[0, 1, 2, 3, 4, 5, 6], true, 1.0, 3).upload(&Cpu, &d).unwrap();
     let ids: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9];

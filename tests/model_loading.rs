@@ -782,6 +782,7 @@ fn tiny_config() -> LlamaConfig {
         num_key_value_heads: nkv,
         head_dim: hd,
         rope_theta: 10000.0,
+        rope_scaling: Default::default(),
         rms_norm_eps: 1e-6,
         max_position_embeddings: 32,
         tie_word_embeddings: true,
@@ -935,7 +936,7 @@ fn sharded_bf16_f16_safetensors_load() {
         serde_json::to_string(&{
             let mut c = tiny_config();
             c.tie_word_embeddings = false;
-            c.to_hf_json()
+            c.to_hf_json().unwrap()
         })
         .unwrap(),
     )

@@ -323,12 +323,12 @@ impl Backend for Cpu {
         heads: usize,
         head_dim: usize,
         positions: &[u32],
-        theta: f32,
+        rope: &crate::rope::Rope,
         inverse: bool,
     ) -> Result<()> {
         let pos: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
         let max_pos = pos.iter().max().map_or(1, |p| p + 1);
-        let cache = ops::RopeCache::new(head_dim, theta, max_pos)?;
+        let cache = ops::RopeCache::for_rope(head_dim, rope, max_pos)?;
         if inverse {
             ops::rope_backward(x, &pos, heads, &cache)
         } else {

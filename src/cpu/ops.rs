@@ -204,20 +204,21 @@ pub struct RopeCache {
 }
 
 impl RopeCache {
-    /// Tables for positions `0..max_pos`. `head_dim` must be even and positive, `theta > 0`.
+    /// Tables for positions `0..max_pos` of plain RoPE with base `theta`. `head_dim` must be
+    /// even and positive, `theta > 0`.
     pub fn new(head_dim: usize, theta: f32, max_pos: usize) -> Result<Self> {
+        Self::for_rope(head_dim, &crate::rope::Rope::new(theta), max_pos)
+    }
+
+    /// Tables for positions `0..max_pos` of `rope` (its base and scaling,
+    /// [`crate::rope::Rope::inv_freq`]): `a = f32(pos) inv_freq_i`, `(cos a, sin a)` in f32, as
+    /// transformers computes them.
+    pub fn for_rope(head_dim: usize, rope: &crate::rope::Rope, max_pos: usize) -> Result<Self> {
         nonzero("head_dim", head_dim)?;
         nonzero("max_pos", max_pos)?;
-        if head_dim % 2 != 0 {
-            return Err(Error::invalid("head_dim", format!("must be even, got {head_dim}")));
-        }
-        if !(theta > 0.0) || !theta.is_finite() {
-            return Err(Error::invalid("theta", format!("must be a positive finite number, got {theta}")));
-        }
+        let inv_freq = rope.inv_freq(head_dim)?;
         let half = head_dim / 2;
         let len = mul("rope table", max_pos, half)?;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
         let mut cos = vec![0.0f32; len];
         let mut sin = vec![0.0f32; len];
         cos.par_chunks_mut(half).zip(sin.par_chunks_mut(half)).enumerate().for_each(|(p, (c, s))| {

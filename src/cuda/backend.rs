@@ -101,8 +101,8 @@ pub struct GpuSaved {
 }
 
 struct RopeTable {
-    head_dim: usize,
-    theta: f32,
+    /// The frequencies the table was made from (they decide it, with `max_pos`).
+    inv_freq: Vec<f32>,
     max_pos: usize,
     cos: GpuBuf,
     sin: GpuBuf,
@@ -400,15 +400,16 @@ impl Gpu {
     }
 
     /// The rope tables (the CPU's, uploaded) covering `max_pos`.
-    fn rope_table(&self, head_dim: usize, theta: f32, max_pos: usize) -> Result<(CUdeviceptr, CUdeviceptr)> {
+    fn rope_table(&self, head_dim: usize, rope: &crate::rope::Rope, max_pos: usize) -> Result<(CUdeviceptr, CUdeviceptr)> {
+        let inv_freq = rope.inv_freq(head_dim)?;
         let mut t = self.rope.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = t.as_ref() {
-            if c.head_dim == head_dim && c.theta == theta && c.max_pos >= max_pos {
+            if c.inv_freq == inv_freq && c.max_pos >= max_pos {
                 return Ok((c.cos.ptr, c.sin.ptr));
             }
         }
         let max_pos = max_pos.max(1).next_power_of_two().max(2048);
-        let cache = RopeCache::new(head_dim, theta, max_pos)?;
+        let cache = RopeCache::for_rope(head_dim, rope, max_pos)?;
         let half = head_dim / 2;
         let mut cos = vec![0.0f32; max_pos * half];
         let mut sin = vec![0.0f32; max_pos * half];
@@ -421,7 +422,7 @@ impl Gpu {
         }
         let (cos, sin) = (self.upload_raw(DType::F32, &cos)?, self.upload_raw(DType::F32, &sin)?);
         let r = (cos.ptr, sin.ptr);
-        *t = Some(RopeTable { head_dim, theta, max_pos, cos, sin });
+        *t = Some(RopeTable { inv_freq, max_pos, cos, sin });
         Ok(r)
     }
 
@@ -846,20 +847,18 @@ impl Backend for Gpu {
         Ok(())
     }
 
-    fn rope(&self, x: &mut GpuBuf, heads: usize, head_dim: usize, positions: &[u32], theta: f32, inverse: bool) -> Result<()> {
+    fn rope(&self, x: &mut GpuBuf, heads: usize, head_dim: usize, positions: &[u32], rope: &crate::rope::Rope, inverse: bool) -> Result<()> {
         if heads == 0 || head_dim == 0 || head_dim % 2 != 0 {
             return Err(Error::invalid("rope", format!("heads {heads} > 0 and an even head_dim {head_dim} > 0 needed")));
         }
-        if !(theta.is_finite() && theta > 0.0) {
-            return Err(Error::invalid("theta", format!("must be a positive finite number, got {theta}")));
-        }
+        rope.check(head_dim).map_err(|m| Error::invalid("rope", m))?;
         need_act("x", x, positions.len() * heads * head_dim, self.narrow_dtype())?;
         if positions.is_empty() {
             return Ok(());
         }
         let kernel = if x.dtype == DType::F32 { "rope_f32" } else { "rope_bf16" };
         let max_pos = positions.iter().map(|&p| p as usize).max().unwrap_or(0) + 1;
-        let (cp, sp) = self.rope_table(head_dim, theta, max_pos)?;
+        let (cp, sp) = self.rope_table(head_dim, rope, max_pos)?;
         let pp = self.positions(positions)?;
         let n = positions.len() * heads * head_dim / 2;
         let xp = x.ptr;

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::weights::gguf::GgufFile;
 use crate::error::{Error, Result};
+use crate::rope::{Rope, RopeScaling};
 
 /// Llama hyper-parameters, with Hugging Face `config.json` field names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,6 +37,9 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     /// RoPE base `theta`.
     pub rope_theta: f32,
+    /// RoPE's frequency scaling (HF `rope_scaling`; GGUF `rope.scaling.*` or `rope_freqs.weight`).
+    #[serde(default)]
+    pub rope_scaling: RopeScaling,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f32,
     /// Longest context the model was trained for.
@@ -123,13 +127,31 @@ impl LlamaConfig {
                 )));
             }
         }
-        if let Some(v) = g.get(&k("rope.scaling.type")) {
-            if v.as_str() != Some("none") {
-                return Err(g.error(format!("llama.rope.scaling.type {v:?} is not supported")));
-            }
-        }
+        let mut rope_scaling = match g.get(&k("rope.scaling.type")) {
+            None => RopeScaling::None,
+            Some(_) => match g.get_str(&k("rope.scaling.type"))? {
+                "none" => RopeScaling::None,
+                "linear" => RopeScaling::Linear { factor: g.get_f64(&k("rope.scaling.factor"))? as f32 },
+                other => {
+                    return Err(g.error(format!(
+                        "llama.rope.scaling.type {other:?} is not supported (supported: none, linear, and Llama 3's rope_freqs)"
+                    )))
+                }
+            },
+        };
         if g.has_tensor("rope_freqs.weight") {
-            return Err(g.error("tensor \"rope_freqs.weight\" (Llama 3 RoPE scaling) is not supported"));
+            if rope_scaling != RopeScaling::None {
+                return Err(g.error("both llama.rope.scaling.type and a rope_freqs.weight tensor: which applies is ambiguous"));
+            }
+            let (_, factors) = g.tensor_f32("rope_freqs.weight")?;
+            if factors.len() != head_dim / 2 {
+                return Err(g.error(format!(
+                    "tensor \"rope_freqs.weight\" has {} elements; heads of width {head_dim} need {}",
+                    factors.len(),
+                    head_dim / 2
+                )));
+            }
+            rope_scaling = RopeScaling::FreqFactors(factors);
         }
         let vocab_size = match g.get(&k("vocab_size")) {
             Some(_) => g.get_usize(&k("vocab_size"))?,
@@ -155,6 +177,7 @@ impl LlamaConfig {
                 Some(_) => g.get_f64(&k("rope.freq_base"))? as f32,
                 None => 10000.0,
             },
+            rope_scaling,
             rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
             max_position_embeddings: g.get_usize(&k("context_length"))?,
             tie_word_embeddings: !g.has_tensor("output.weight"),
@@ -184,22 +207,20 @@ impl LlamaConfig {
                 return Err(format!("model_type {mt:?}; only \"llama\" is supported"));
             }
         }
-        let default_rope = |v: &serde_json::Value| {
-            v.is_null()
-                || v.get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .map_or(true, |t| t.as_str() == Some("default"))
-        };
-        if let Some(rs) = &h.rope_scaling {
-            if !default_rope(rs) {
-                return Err(format!("rope_scaling {rs} is not supported"));
-            }
-        }
+        // transformers < 5: `rope_theta` + `rope_scaling`; transformers 5: `rope_parameters`
+        // holding both. A file may carry either or both, as long as they agree.
         let mut rope_theta = h.rope_theta;
+        let mut rope_scaling = match &h.rope_scaling {
+            Some(rs) => Some(Rope::scaling_from_hf(rs, h.max_position_embeddings).map_err(|m| format!("rope_scaling: {m}"))?),
+            None => None,
+        };
         if let Some(rp) = h.rope_parameters.as_ref().filter(|v| !v.is_null()) {
-            if !default_rope(rp) {
-                return Err(format!("rope_parameters {rp} are not supported (only rope_type \"default\")"));
+            let from_params =
+                Rope::scaling_from_hf(rp, h.max_position_embeddings).map_err(|m| format!("rope_parameters: {m}"))?;
+            if rope_scaling.as_ref().is_some_and(|r| *r != from_params) {
+                return Err(format!("rope_scaling and rope_parameters {rp} differ"));
             }
+            rope_scaling = Some(from_params);
             if let Some(t) = rp.get("rope_theta") {
                 let t =
                     t.as_f64().ok_or_else(|| format!("rope_parameters.rope_theta {t} is not a number"))?;
@@ -233,6 +254,7 @@ impl LlamaConfig {
             num_key_value_heads: h.num_key_value_heads.unwrap_or(h.num_attention_heads),
             head_dim,
             rope_theta: rope_theta.unwrap_or(10000.0) as f32,
+            rope_scaling: rope_scaling.unwrap_or_default(),
             rms_norm_eps: h.rms_norm_eps.unwrap_or(1e-6) as f32,
             max_position_embeddings: h.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: h.tie_word_embeddings.unwrap_or(false),
@@ -284,13 +306,16 @@ impl LlamaConfig {
         if prods.iter().any(|p| p.map_or(true, |p| p > isize::MAX as usize / 4)) {
             return Err("matrix sizes overflow".into());
         }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(format!("rope_theta {} must be finite and positive", self.rope_theta));
-        }
+        self.rope().check(self.head_dim)?;
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps {} must be finite and positive", self.rms_norm_eps));
         }
         Ok(())
+    }
+
+    /// RoPE's base and scaling.
+    pub fn rope(&self) -> Rope {
+        Rope { theta: self.rope_theta, scaling: self.rope_scaling.clone() }
     }
 
     /// Width of all query heads together: `num_attention_heads * head_dim`.
@@ -322,9 +347,14 @@ impl LlamaConfig {
         })
     }
 
-    /// The HF `config.json` for this model (`LlamaForCausalLM`, float32).
-    pub fn to_hf_json(&self) -> serde_json::Value {
-        serde_json::json!({
+    /// The HF `config.json` for this model (`LlamaForCausalLM`, float32). A GGUF's RoPE
+    /// frequency factors are written as the Llama 3 `rope_scaling` they were made from
+    /// ([`Rope::hf_scaling`]); factors that follow no such rule are an [`Error::Invalid`] on
+    /// `rope_scaling`, since `config.json` cannot say them.
+    pub fn to_hf_json(&self) -> Result<serde_json::Value> {
+        let rope_scaling =
+            self.rope().hf_scaling(self.head_dim).map_err(|m| Error::invalid("rope_scaling", m))?;
+        Ok(serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "vocab_size": self.vocab_size,
@@ -336,7 +366,7 @@ impl LlamaConfig {
             "head_dim": self.head_dim,
             "hidden_act": "silu",
             "rope_theta": self.rope_theta as f64,
-            "rope_scaling": null,
+            "rope_scaling": rope_scaling,
             "rms_norm_eps": self.rms_norm_eps as f64,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -345,7 +375,7 @@ impl LlamaConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
-        })
+        }))
     }
 }
 
@@ -364,13 +394,19 @@ mod tests {
             num_key_value_heads: 1,
             head_dim: 4,
             rope_theta: 100000.0,
+            rope_scaling: RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 16,
+            },
             rms_norm_eps: 1e-5,
             max_position_embeddings: 64,
             tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_id: Some(2),
         };
-        let text = cfg.to_hf_json().to_string();
+        let text = cfg.to_hf_json().unwrap().to_string();
         assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), cfg);
     }
 
@@ -380,9 +416,14 @@ mod tests {
         assert!(LlamaConfig::from_hf_str(&format!("{base}}}")).is_ok());
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"num_key_value_heads\":3}}")).is_err());
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"gpt2\"}}")).is_err());
+        // linear needs its factor; YaRN is not supported.
         assert!(
             LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\"}}}}")).is_err()
         );
+        let lin = LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\",\"factor\":2}}}}"));
+        assert_eq!(lin.unwrap().rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let yarn = LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"rope_type\":\"yarn\",\"factor\":2}}}}"));
+        assert!(yarn.unwrap_err().contains("yarn"));
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"rms_norm_eps\":-1}}")).is_err());
         assert!(LlamaConfig::from_hf_str("{}").is_err());
         let v5 = LlamaConfig::from_hf_str(&format!(
@@ -391,8 +432,28 @@ mod tests {
         .unwrap();
         assert_eq!(v5.rope_theta, 100000.0);
         assert!(!v5.tie_word_embeddings);
+        // transformers 5 puts Llama 3's scaling into rope_parameters, next to the base.
         assert!(LlamaConfig::from_hf_str(&format!(
             "{base},\"rope_parameters\":{{\"rope_theta\":1.0,\"rope_type\":\"llama3\"}}}}"
+        ))
+        .is_err());
+        let l3 = LlamaConfig::from_hf_str(&format!(
+            "{base},\"max_position_embeddings\":4096,\"rope_parameters\":{{\"rope_theta\":500000.0,\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0}}}}"
+        ))
+        .unwrap();
+        assert_eq!(l3.rope_theta, 500000.0);
+        assert_eq!(
+            l3.rope_scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 4096
+            }
+        );
+        // Both spellings, disagreeing.
+        assert!(LlamaConfig::from_hf_str(&format!(
+            "{base},\"rope_scaling\":{{\"rope_type\":\"linear\",\"factor\":2}},\"rope_parameters\":{{\"rope_type\":\"linear\",\"factor\":3}}}}"
         ))
         .is_err());
         assert!(LlamaConfig::from_hf_str(&format!(

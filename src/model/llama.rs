@@ -47,7 +47,8 @@ pub struct Dims {
     pub head_dim: usize,
     pub ffn: usize,
     pub vocab: usize,
-    pub rope_theta: f32,
+    /// RoPE's base and scaling.
+    pub rope: crate::rope::Rope,
     pub eps: f32,
 }
 
@@ -63,7 +64,8 @@ impl Dims {
             _ => (f, d),
         }
     }
-    /// Checks that every dimension is positive and that the heads divide evenly.
+    /// Checks that every dimension is positive, that the heads divide evenly, and RoPE's
+    /// parameters ([`crate::rope::Rope::check`]).
     pub fn check(&self) -> Result<()> {
         for (what, v) in [
             ("hidden", self.hidden),
@@ -87,7 +89,7 @@ impl Dims {
                 ),
             ));
         }
-        Ok(())
+        self.rope.check(self.head_dim).map_err(|m| Error::invalid("rope", m))
     }
 }
 
@@ -761,8 +763,8 @@ impl<B: Backend> Llama<B> {
             let (mut q, sq) = self.proj_forward(be, l, Q, &xn1, rows, adapter, &ops, save)?;
             let (mut k, sk) = self.proj_forward(be, l, K, &xn1, rows, adapter, &ops, save)?;
             let (v, sv) = self.proj_forward(be, l, V, &xn1, rows, adapter, &ops, save)?;
-            be.rope(&mut q, d.heads, d.head_dim, positions, d.rope_theta, false)?;
-            be.rope(&mut k, d.kv_heads, d.head_dim, positions, d.rope_theta, false)?;
+            be.rope(&mut q, d.heads, d.head_dim, positions, &d.rope, false)?;
+            be.rope(&mut k, d.kv_heads, d.head_dim, positions, &d.rope, false)?;
             let mut att = Self::product_input(be, rows * qw, narrow)?;
             let lse = match &mut mode {
                 Mode::Full { .. } => {
@@ -969,8 +971,8 @@ impl<B: Backend> Llama<B> {
             let mut dv = Self::product_input(be, rows * kw, true)?;
             be.attention_backward(shape, &act.q, &act.k, &act.v, &act.att, &act.lse, &datt, &mut dq, &mut dk, &mut dv)?;
             drop(datt);
-            be.rope(&mut dq, d.heads, d.head_dim, &positions, d.rope_theta, true)?;
-            be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, d.rope_theta, true)?;
+            be.rope(&mut dq, d.heads, d.head_dim, &positions, &d.rope, true)?;
+            be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, &d.rope, true)?;
             let (xn1, rstd1) = self.norm(be, &act.x, &layer.attn_norm, rows, true)?;
             if l == lowest {
                 // Only the adapter gradients are needed here, not dx.
@@ -1234,7 +1236,7 @@ impl Dims {
             head_dim: c.head_dim,
             ffn: c.intermediate_size,
             vocab: c.vocab_size,
-            rope_theta: c.rope_theta,
+            rope: c.rope(),
             eps: c.rms_norm_eps,
         }
     }
@@ -1249,7 +1251,7 @@ impl Dims {
             head_dim: 64,
             ffn: 1536,
             vocab: 49152,
-            rope_theta: 100000.0,
+            rope: crate::rope::Rope::new(100000.0),
             eps: 1e-5,
         }
     }

@@ -316,6 +316,9 @@ impl LlamaWeights {
         let norm = load("output_norm.weight".into(), &[h])?;
         let lm_head =
             if config.tie_word_embeddings { None } else { Some(load("output.weight".into(), &[v, h])?) };
+        if matches!(config.rope_scaling, crate::rope::RopeScaling::FreqFactors(_)) {
+            used.insert("rope_freqs.weight".to_string()); // read by LlamaConfig::from_gguf
+        }
         let extra: Vec<&str> =
             g.tensors().iter().map(|t| t.name.as_str()).filter(|n| !used.contains(*n)).take(10).collect();
         if !extra.is_empty() {

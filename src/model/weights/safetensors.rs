@@ -174,6 +174,9 @@ impl LlamaWeights {
     pub fn save_safetensors_hf(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         self.validate()?;
+        // Before anything is written: a config that config.json cannot hold is refused here.
+        let cfg = serde_json::to_string_pretty(&self.config.to_hf_json()?)
+            .map_err(|e| Error::invalid("config", e.to_string()))?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         if dir.join(INDEX_FILE).exists() {
             return Err(Error::invalid(
@@ -226,8 +229,6 @@ impl LlamaWeights {
             }
             w.flush()
         })?;
-        let cfg = serde_json::to_string_pretty(&self.config.to_hf_json())
-            .map_err(|e| Error::invalid("config", e.to_string()))?;
         write_atomic(&dir.join("config.json"), |f| f.write_all(cfg.as_bytes()))
     }
 }
