@@ -324,16 +324,12 @@ fn host_adapter(path: Option<&Path>, dims: &Dims) -> Result<Option<HostAdapter>>
     path.map(|p| HostAdapter::from_adapter(&read_adapter(p, dims)?)).transpose()
 }
 
-fn end_of_turn(tok: &Tokenizer) -> u32 {
-    tok.token_to_id("<|im_end|>").unwrap_or_else(|| tok.eos_id())
-}
-
 /// A chat-format arithmetic example: the prompt, then the answer and the end-of-turn token
 /// (the loss on those only).
 fn arithmetic_example(tok: &Tokenizer, p: &Problem) -> Result<Example> {
     let prompt = tok.chat_prompt(&p.question())?;
     let mut completion = tok.encode(&p.answer(), false)?;
-    completion.push(end_of_turn(tok));
+    completion.push(tok.end_of_turn_id());
     Ok(Example::completion(prompt, completion))
 }
 
@@ -346,7 +342,7 @@ fn exact_match<B: Backend>(
     max_new: usize,
     label: &str,
 ) -> Result<f64> {
-    let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
+    let stop = [l.tok.end_of_turn_id(), l.tok.eos_id()];
     let pb = bar(cases.len() as u64, label);
     let mut correct = 0usize;
     // Batches of 32 prompts through one KV cache (prompts of equal length decode together).
@@ -432,7 +428,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             let ad =
                 host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(be, &l.model.dims)).transpose()?;
             let ids = if raw { l.tok.encode(&prompt, false)? } else { l.tok.chat_prompt(&prompt)? };
-            let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
+            let stop = [l.tok.end_of_turn_id(), l.tok.eos_id()];
             let out = l.model.generate(be, ad.as_ref(), &ids, max_new, &stop)?;
             println!("{}", l.tok.decode(&out, true)?);
             Ok(())
@@ -747,7 +743,7 @@ fn generate_multi<B: Backend>(be: &B, m: &ModelArgs, paths: &[PathBuf], file: &P
         return Err(Error::format(file, format!("line {line}: the prompt has no tokens")));
     }
     let which: Vec<i32> = recs.iter().map(|r| r.1).collect();
-    let stop = [end_of_turn(&l.tok), l.tok.eos_id()];
+    let stop = [l.tok.end_of_turn_id(), l.tok.eos_id()];
     let outs = if hosts.is_empty() {
         l.model.generate_batch(be, None, &ids, max_new, &stop)?
     } else {

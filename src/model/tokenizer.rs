@@ -10,7 +10,12 @@
 //!   `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+` splits the
 //!   rest and bytes are mapped to GPT-2's byte alphabet (`ByteLevel`, no prefix space) — the
 //!   `Digits(individual_digits) + ByteLevel` pair of SmolLM2's own `tokenizer.json` and
-//!   llama.cpp's `smollm` pre-tokenizer. `gpt2`/`gpt-2` use the GPT-2 regex alone;
+//!   llama.cpp's `smollm` pre-tokenizer. `gpt2`/`gpt-2` use the GPT-2 regex alone.
+//!   `llama-bpe` (also `llama3`, `llama-v3`: Meta Llama 3 and later) splits with Llama 3's
+//!   regex [`LLAMA3_REGEX`] (case-insensitive contractions, letters with one leading
+//!   non-letter, digits in groups of up to three, punctuation runs with their newlines) and
+//!   merges with `ignore_merges` (a piece that is a whole vocabulary entry is taken as it is),
+//!   as Llama 3's `tokenizer.json` and llama.cpp do;
 //! * `token_type == 3` (control) tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, ...)
 //!   are special added tokens: matched whole in the input before BPE, skipped by
 //!   `decode(.., skip_special = true)`; `token_type == 4` (user-defined) are non-special added
@@ -29,7 +34,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use super::chat::{ChatMessage, ChatTemplate};
 use super::weights::gguf::GgufFile;
@@ -38,6 +44,24 @@ use crate::error::{Error, Result};
 /// llama.cpp pre-tokenizer types that split every digit off before the GPT-2 regex.
 const DIGIT_SPLIT_PRE: [&str; 7] =
     ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"];
+
+/// llama.cpp pre-tokenizer types of Meta Llama 3's tokenizer.
+const LLAMA3_PRE: [&str; 3] = ["llama-bpe", "llama3", "llama-v3"];
+
+/// The pre-tokenizer regex of Meta Llama 3's `tokenizer.json` (llama.cpp's `LLAMA3` type).
+pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// End-of-turn and end-of-text tokens taken as EOS, in this order, when a `tokenizer.json`
+/// comes without a `tokenizer_config.json` naming its `eos_token`: ChatML's, Llama 3's, GPT-2's.
+pub const EOS_FALLBACKS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"];
+
+/// How a GGUF's `tokenizer.ggml.pre` splits text before BPE.
+#[derive(Clone, Copy, PartialEq)]
+enum Pre {
+    Gpt2,
+    DigitsThenGpt2,
+    Llama3,
+}
 
 /// A text tokenizer with the model's special ids and chat template.
 #[derive(Clone)]
@@ -48,6 +72,9 @@ pub struct Tokenizer {
     eos_id: u32,
     pad_id: Option<u32>,
     add_bos: bool,
+    /// `encode(.., add_special = true)` starts with BOS (by `add_bos`, or by a
+    /// `tokenizer.json`'s post-processor).
+    bos_first: bool,
     vocab_size: usize,
     chat_template: Option<ChatTemplate>,
 }
@@ -81,13 +108,15 @@ impl Tokenizer {
             Some(_) => g.get_str("tokenizer.ggml.pre")?,
             None => "gpt2",
         };
-        let split_digits = if DIGIT_SPLIT_PRE.contains(&pre) {
-            true
+        let pre = if DIGIT_SPLIT_PRE.contains(&pre) {
+            Pre::DigitsThenGpt2
+        } else if LLAMA3_PRE.contains(&pre) {
+            Pre::Llama3
         } else if pre == "gpt2" || pre == "gpt-2" {
-            false
+            Pre::Gpt2
         } else {
             return Err(g.error(format!(
-                "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, gpt2)"
+                "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, gpt2)"
             )));
         };
         let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
@@ -124,14 +153,20 @@ impl Tokenizer {
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .byte_fallback(false)
+            .ignore_merges(pre == Pre::Llama3)
             .build()
             .map_err(|e| g.error(format!("building the BPE model: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let byte_level = ByteLevel::new(false, true, true);
-        let pre_tok: PreTokenizerWrapper = if split_digits {
-            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-        } else {
-            byte_level.into()
+        let pre_tok: PreTokenizerWrapper = match pre {
+            Pre::Gpt2 => ByteLevel::new(false, true, true).into(),
+            Pre::DigitsThenGpt2 => {
+                Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
+            }
+            Pre::Llama3 => {
+                let split = Split::new(SplitPattern::Regex(LLAMA3_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| g.error(format!("the Llama 3 pre-tokenizer regex: {e}")))?;
+                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+            }
         };
         inner.with_pre_tokenizer(Some(pre_tok));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
@@ -177,7 +212,12 @@ impl Tokenizer {
             None => None,
             Some(_) => Some(
                 ChatTemplate::parse(g.get_str("tokenizer.chat_template")?)
-                    .map_err(|m| g.error(format!("tokenizer.chat_template: {m}")))?,
+                    .map_err(|m| g.error(format!("tokenizer.chat_template: {m}")))?
+                    .with_special_tokens(
+                        bos_id.map(|i| tokens[i as usize].to_string()),
+                        Some(tokens[eos_id as usize].to_string()),
+                        pad_id.map(|i| tokens[i as usize].to_string()),
+                    ),
             ),
         };
         Ok(Tokenizer {
@@ -187,6 +227,7 @@ impl Tokenizer {
             eos_id,
             pad_id,
             add_bos,
+            bos_first: add_bos,
             vocab_size: n,
             chat_template,
         })
@@ -194,7 +235,7 @@ impl Tokenizer {
 
     /// Reads a Hugging Face `tokenizer.json`. The EOS token, BOS token and chat template come
     /// from `tokenizer_config.json` beside it (`eos_token`, `bos_token`, `chat_template`);
-    /// without it, EOS is `<|im_end|>` or `<|endoftext|>`, whichever the vocabulary has.
+    /// without it, EOS is the first of [`EOS_FALLBACKS`] the vocabulary has.
     /// BOS/EOS insertion is left to the file's own post-processor.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -222,15 +263,9 @@ impl Tokenizer {
         };
         let eos_id = match token_of("eos_token") {
             Some(t) => lookup(&t, "eos_token")?,
-            None => inner
-                .token_to_id("<|im_end|>")
-                .or_else(|| inner.token_to_id("<|endoftext|>"))
-                .ok_or_else(|| {
-                    Error::format(
-                        path,
-                        "no tokenizer_config.json eos_token and no <|im_end|> or <|endoftext|> token",
-                    )
-                })?,
+            None => EOS_FALLBACKS.iter().find_map(|t| inner.token_to_id(t)).ok_or_else(|| {
+                Error::format(path, format!("no tokenizer_config.json eos_token and none of {EOS_FALLBACKS:?}"))
+            })?,
         };
         let bos_id = match token_of("bos_token") {
             Some(t) => Some(lookup(&t, "bos_token")?),
@@ -243,11 +278,20 @@ impl Tokenizer {
         let chat_template = match cfg.as_ref().and_then(|c| c.get("chat_template")).and_then(|v| v.as_str()) {
             Some(src) => Some(
                 ChatTemplate::parse(src)
-                    .map_err(|m| Error::format(&cfg_path, format!("chat_template: {m}")))?,
+                    .map_err(|m| Error::format(&cfg_path, format!("chat_template: {m}")))?
+                    .with_special_tokens(
+                        bos_id.and_then(|i| inner.id_to_token(i)),
+                        inner.id_to_token(eos_id),
+                        pad_id.and_then(|i| inner.id_to_token(i)),
+                    ),
             ),
             None => None,
         };
         let vocab_size = inner.get_vocab_size(true);
+        let bos_first = bos_id.is_some_and(|b| {
+            inner.encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b))
+                && inner.encode("a", false).is_ok_and(|e| e.get_ids().first() != Some(&b))
+        });
         Ok(Tokenizer {
             inner,
             source: path.to_path_buf(),
@@ -255,6 +299,7 @@ impl Tokenizer {
             eos_id,
             pad_id,
             add_bos: false,
+            bos_first,
             vocab_size,
             chat_template,
         })
@@ -296,9 +341,28 @@ impl Tokenizer {
         self.eos_id
     }
 
+    /// The token that ends an assistant turn in the chat format: ChatML's `<|im_end|>`,
+    /// Llama 3's `<|eot_id|>`, or Phi's `<|end|>` when the vocabulary has one as a special
+    /// token, else [`Tokenizer::eos_id`]. Answers trained in the chat format end with it, and
+    /// generation stops at it.
+    pub fn end_of_turn_id(&self) -> u32 {
+        ["<|im_end|>", "<|eot_id|>", "<|end|>"]
+            .iter()
+            .filter_map(|t| self.inner.token_to_id(t))
+            .find(|&id| self.inner.get_added_vocabulary().is_special_token(&self.inner.id_to_token(id).unwrap_or_default()))
+            .unwrap_or(self.eos_id)
+    }
+
     /// The beginning-of-sequence id, if the model has one.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_id
+    }
+
+    /// Whether [`Tokenizer::encode`] with `add_special` puts BOS first (GGUF
+    /// `tokenizer.ggml.add_bos_token`, or a `tokenizer.json`'s post-processor: true for
+    /// Llama 3, false for SmolLM2).
+    pub fn adds_bos(&self) -> bool {
+        self.bos_first
     }
 
     /// The padding id, if the model names one.
@@ -337,7 +401,7 @@ impl Tokenizer {
             .chat_template
             .as_ref()
             .ok_or_else(|| Error::format(&self.source, "the tokenizer has no chat template"))?;
-        Ok(t.render(messages, add_generation_prompt))
+        t.render(messages, add_generation_prompt)
     }
 
     /// Ids of `messages` rendered with the chat template, tokenized as one text without BOS

@@ -2,9 +2,12 @@
 //!
 //! One JSON object per line, one of:
 //! - `{"tokens": [ids...]}`: the loss is on every next token;
-//! - `{"text": "..."}`: tokenized (no special tokens added), loss on every next token;
+//! - `{"text": "..."}`: tokenized, loss on every next token;
 //! - `{"prompt": "...", "completion": "..."}`: `prompt` and `completion` tokenized separately
 //!   and concatenated; the loss is on the completion's tokens only.
+//!
+//! Text gets no special tokens but one: BOS first, where the model's tokenizer adds it
+//! ([`Encode::bos`]: Llama 3's does, SmolLM2's does not), as `tokenizer(text)` would.
 //!
 //! Sequences longer than `seq` are cut to their first `seq` tokens. A batch takes `B`
 //! consecutive examples (file order, wrapping around at the end; or a seeded shuffle of
@@ -20,6 +23,11 @@ use crate::model::llama::Batch;
 pub trait Encode {
     /// Token ids of `text`, without special tokens added around it.
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// The token a record's text starts with (BOS, where the tokenizer adds one); none by
+    /// default.
+    fn bos(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl Encode for crate::model::Tokenizer {
@@ -27,6 +35,17 @@ impl Encode for crate::model::Tokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
         crate::model::Tokenizer::encode(self, text, false)
     }
+    /// BOS when the tokenizer adds it ([`crate::model::Tokenizer::adds_bos`]).
+    fn bos(&self) -> Option<u32> {
+        self.bos_id().filter(|_| self.adds_bos())
+    }
+}
+
+/// `bos` (if any), then the ids of `text`.
+fn encode_first(enc: &dyn Encode, text: &str) -> Result<Vec<u32>> {
+    let mut ids: Vec<u32> = enc.bos().into_iter().collect();
+    ids.extend(enc.encode(text)?);
+    Ok(ids)
 }
 
 /// One training example: `ids`, and for each position whether *that token* is a target
@@ -108,10 +127,10 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8], enc: Option<&dyn Encode>, seq: usi
         let need_enc = || enc.ok_or_else(|| bad("a text record needs a tokenizer".into()));
         let mut ex = match (rec.tokens, rec.text, rec.prompt, rec.completion) {
             (Some(t), None, None, None) => Example::all(t),
-            (None, Some(s), None, None) => Example::all(need_enc()?.encode(&s)?),
+            (None, Some(s), None, None) => Example::all(encode_first(need_enc()?, &s)?),
             (None, None, Some(p), Some(c)) => {
                 let e = need_enc()?;
-                Example::completion(e.encode(&p)?, e.encode(&c)?)
+                Example::completion(encode_first(e, &p)?, e.encode(&c)?)
             }
             _ => {
                 return Err(bad(
