@@ -177,6 +177,15 @@ fn meta_tokenizer_json() -> PathBuf {
 /// type 1 (normal) or 3 (control, the added special tokens), the merges, pre-tokenizer
 /// `llama-bpe`, BOS `<|begin_of_text|>` added, EOS `<|eot_id|>`, and the chat template.
 fn llama3_gguf_tokenizer(tokenizer_json: &Path, template: &str) -> Tokenizer {
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", GgufValue::String("llama".into()));
+    llama3_tokenizer_metadata(&mut w, tokenizer_json, template);
+    let g = GgufFile::from_bytes("llama3-tokenizer.gguf", w.to_bytes().unwrap()).unwrap();
+    Tokenizer::from_gguf_file(&g).unwrap()
+}
+
+/// Adds the tokenizer keys of [`llama3_gguf_tokenizer`] to `w`; returns the vocabulary size.
+fn llama3_tokenizer_metadata(w: &mut GgufWriter, tokenizer_json: &Path, template: &str) -> usize {
     let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tokenizer_json).unwrap()).unwrap();
     let mut by_id: Vec<(u64, String, i32)> = t["model"]["vocab"]
         .as_object()
@@ -194,8 +203,6 @@ fn llama3_gguf_tokenizer(tokenizer_json: &Path, template: &str) -> Tokenizer {
     let merges: Vec<String> =
         t["model"]["merges"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
     let id_of = |s: &str| by_id.iter().find(|(_, t, _)| t == s).unwrap().0 as u32;
-    let mut w = GgufWriter::new();
-    w.kv("general.architecture", GgufValue::String("llama".into()));
     w.kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()));
     w.kv("tokenizer.ggml.pre", GgufValue::String("llama-bpe".into()));
     w.kv("tokenizer.ggml.tokens", strings(by_id.iter().map(|(_, t, _)| t.clone()).collect()));
@@ -208,8 +215,7 @@ fn llama3_gguf_tokenizer(tokenizer_json: &Path, template: &str) -> Tokenizer {
     w.kv("tokenizer.ggml.eos_token_id", GgufValue::U32(id_of("<|eot_id|>")));
     w.kv("tokenizer.ggml.add_bos_token", GgufValue::Bool(true));
     w.kv("tokenizer.chat_template", GgufValue::String(template.into()));
-    let g = GgufFile::from_bytes("llama3-tokenizer.gguf", w.to_bytes().unwrap()).unwrap();
-    Tokenizer::from_gguf_file(&g).unwrap()
+    by_id.len()
 }
 
 #[test]
@@ -249,4 +255,82 @@ fn llama3_tokenizer_from_gguf_metadata_matches_tokenizers_and_apply_chat_templat
         assert_eq!(gguf.chat_ids(&msgs, gen).unwrap(), ids(&c["ids"]));
     }
     assert_eq!(gguf.chat_prompt("What is 345 + 678?").unwrap(), ids(&r["chats"][0]["ids"]));
+}
+
+/// The tiny reference model with Meta Llama 3's whole tokenizer in its metadata and an
+/// embedding of that vocabulary's size (seeded, f16): a Llama 3 Instruct GGUF in every respect
+/// but size.
+fn tiny_llama3_instruct_gguf(path: &Path) {
+    let g = GgufFile::open(data("tiny.gguf")).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in g.metadata() {
+        if k != "llama.vocab_size" && !k.starts_with("tokenizer.") {
+            w.kv(k.clone(), v.clone());
+        }
+    }
+    let vocab = llama3_tokenizer_metadata(&mut w, &meta_tokenizer_json(), wegeft::model::chat::LLAMA3_CHAT_TEMPLATE);
+    w.kv("llama.vocab_size", GgufValue::U32(vocab as u32));
+    for t in g.tensors() {
+        if t.name == "token_embd.weight" {
+            let h = t.ne[0] as usize;
+            let mut rng = wegeft::rng::Rng::new(11);
+            let e: Vec<u8> =
+                (0..vocab * h).flat_map(|_| half::f16::from_f32(rng.uniform_f32(-0.05, 0.05)).to_le_bytes()).collect();
+            w.tensor(&t.name, &[h as u64, vocab as u64], t.ty, e).unwrap();
+        } else {
+            w.tensor(&t.name, &t.ne, t.ty, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+        }
+    }
+    w.write(path).unwrap();
+}
+
+fn wegeft(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "wegeft {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn cli_finetunes_scores_and_generates_with_a_llama3_gguf() {
+    let dir = std::env::temp_dir().join(format!("wegeft-llama3-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = dir.join("tiny-llama3-instruct.gguf");
+    tiny_llama3_instruct_gguf(&m);
+    let (ms, out, log) = (m.to_str().unwrap(), dir.join("adapter"), dir.join("log.jsonl"));
+    let stdout = wegeft(&[
+        "finetune", "--model", ms, "--task", "arithmetic", "--targets", "q_proj,v_proj,down_proj", "--rank", "4",
+        "--steps", "3", "--batch", "2", "--eval-n", "1", "--out", out.to_str().unwrap(), "--log-json",
+        log.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("held-out exact match before") && stdout.contains("after"), "{stdout}");
+    let losses: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 3);
+    // A random model over 128256 tokens starts near ln(128256) = 11.76.
+    assert!(losses.iter().all(|l| l.is_finite() && (8.0..16.0).contains(l)), "{losses:?}");
+    // score: the chat prompt's tokens are Llama 3's (BOS, headers), the adapter loads.
+    let adapter = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .expect("an adapter file");
+    let sc: serde_json::Value = serde_json::from_str(&wegeft(&[
+        "score", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--text", "What is 345 + 678?",
+    ]))
+    .unwrap();
+    let ids: Vec<u64> = sc["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert_eq!(ids, [128000, 3923, 374, 220, 12901, 489, 220, 17458, 30]);
+    assert!(sc["loss"].as_f64().unwrap().is_finite());
+    let g = wegeft(&["generate", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--prompt", "Hi", "--max-new", "4"]);
+    assert!(!g.trim().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -153,6 +153,8 @@ enum Cmd {
         m: ModelArgs,
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Text, tokenized as `tokenizer(text)` does: BOS first where the model adds one
+        /// (Llama 3; not SmolLM2).
         #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
         text: Option<String>,
         /// Comma-separated token ids.
@@ -169,7 +171,8 @@ enum Cmd {
         prompt: Option<String>,
         #[arg(long, default_value_t = 64)]
         max_new: usize,
-        /// Use the prompt as raw text, without the chat template.
+        /// Use the prompt as raw text, without the chat template (BOS first where the model
+        /// adds one).
         #[arg(long)]
         raw: bool,
         /// Several adapters on one base model (comma-separated files or PEFT directories),
@@ -397,7 +400,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
         Cmd::Score { m, adapter, text, tokens } => {
             let l = load(be, &m)?;
             let ids = match (text, tokens) {
-                (Some(t), _) => l.tok.encode(&t, false)?,
+                (Some(t), _) => l.tok.encode(&t, true)?,
                 (None, Some(t)) => t,
                 (None, None) => return Err(Error::invalid("score", "give --text or --tokens")),
             };
@@ -427,7 +430,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             let l = load(be, &m)?;
             let ad =
                 host_adapter(adapter.as_deref(), &l.model.dims)?.map(|a| a.upload(be, &l.model.dims)).transpose()?;
-            let ids = if raw { l.tok.encode(&prompt, false)? } else { l.tok.chat_prompt(&prompt)? };
+            let ids = if raw { l.tok.encode(&prompt, true)? } else { l.tok.chat_prompt(&prompt)? };
             let stop = [l.tok.end_of_turn_id(), l.tok.eos_id()];
             let out = l.model.generate(be, ad.as_ref(), &ids, max_new, &stop)?;
             println!("{}", l.tok.decode(&out, true)?);
@@ -735,7 +738,7 @@ fn generate_multi<B: Backend>(be: &B, m: &ModelArgs, paths: &[PathBuf], file: &P
     let ids = recs
         .iter()
         .map(|(line, _, p)| {
-            if raw { l.tok.encode(p, false) } else { l.tok.chat_prompt(p) }
+            if raw { l.tok.encode(p, true) } else { l.tok.chat_prompt(p) }
                 .map_err(|e| Error::format(file, format!("line {line}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
