@@ -128,12 +128,21 @@ fn elementwise_ops_match_cpu() {
     let (heads, hd) = (3usize, 64usize);
     let pos: Vec<u32> = (0..rows as u32).map(|t| (t * 37 + 5) % 900).collect();
     let q = rv(6, rows * heads * hd, 1.0);
-    for inverse in [false, true] {
-        let mut want = q.clone();
-        Cpu.rope(&mut want, heads, hd, &pos, &Rope::new(100000.0), inverse).unwrap();
-        let mut qd = up(&g, &q);
-        g.rope(&mut qd, heads, hd, &pos, &Rope::new(100000.0), inverse).unwrap();
-        close(if inverse { "rope inverse" } else { "rope" }, &down(&g, &qd), &want, 1e-6);
+    // Plain, then Llama 3.1's scaling, then plain again: the device's cached table follows.
+    let llama3 = Rope::new(500000.0).with_scaling(wegeft::rope::RopeScaling::Llama3 {
+        factor: 32.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    });
+    for rope in [Rope::new(100000.0), llama3, Rope::new(100000.0)] {
+        for inverse in [false, true] {
+            let mut want = q.clone();
+            Cpu.rope(&mut want, heads, hd, &pos, &rope, inverse).unwrap();
+            let mut qd = up(&g, &q);
+            g.rope(&mut qd, heads, hd, &pos, &rope, inverse).unwrap();
+            close(&format!("rope {rope:?} inverse {inverse}"), &down(&g, &qd), &want, 1e-6);
+        }
     }
 
     // swiglu forward / backward.

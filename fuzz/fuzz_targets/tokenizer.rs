@@ -1,7 +1,7 @@
 //! Tokenizer construction from GGUF metadata, structure-aware: the `tokenizer.ggml.*` keys
 //! are generated (vocabulary, merges, token types, special ids, pre-tokenizer, chat
 //! template), written with `GgufWriter`, read back, and the tokenizer is built and run on a
-//! generated text. Must return `Err`, never panic.
+//! generated text, and the chat template rendered. Must return `Err`, never panic.
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -37,13 +37,16 @@ fuzz_target!(|inp: Input| {
     let mut w = GgufWriter::new();
     let model = ["gpt2", "llama", ""][inp.model as usize % 3];
     w.kv("tokenizer.ggml.model", GgufValue::String(model.into()));
-    match inp.pre % 4 {
+    match inp.pre % 5 {
         0 => {}
         1 => {
             w.kv("tokenizer.ggml.pre", GgufValue::String("smollm".into()));
         }
         2 => {
             w.kv("tokenizer.ggml.pre", GgufValue::String("gpt2".into()));
+        }
+        3 => {
+            w.kv("tokenizer.ggml.pre", GgufValue::String("llama-bpe".into()));
         }
         _ => {
             w.kv("tokenizer.ggml.pre", GgufValue::U32(7));
@@ -85,8 +88,15 @@ fuzz_target!(|inp: Input| {
     if let Some(b) = inp.add_bos {
         w.kv("tokenizer.ggml.add_bos_token", GgufValue::Bool(b));
     }
+    // The template is a Jinja program now run by minijinja: a generated one, or a real one
+    // (then rendered with the generated text).
     if let Some(t) = &inp.template {
-        w.kv("tokenizer.chat_template", GgufValue::String(t.clone()));
+        let t = match t.len() {
+            1 => wegeft::model::chat::LLAMA3_CHAT_TEMPLATE.to_string(),
+            2 => wegeft::model::chat::SMOLLM2_CHAT_TEMPLATE.to_string(),
+            _ => t.clone(),
+        };
+        w.kv("tokenizer.chat_template", GgufValue::String(t));
     }
     let Ok(bytes) = w.to_bytes() else { return };
     let g = GgufFile::from_bytes("fuzz.gguf", bytes).expect("a file written by GgufWriter must parse");

@@ -79,6 +79,9 @@ impl PartialEq for ChatTemplate {
 
 const NAME: &str = "chat_template";
 
+/// The most work (minijinja's fuel: about one unit per instruction) one rendering may take.
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     /// SmolLM2-Instruct's template.
     pub fn smollm2() -> Self {
@@ -111,6 +114,10 @@ impl ChatTemplate {
                 .map_err(|e| e.to_string())?,
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template comes from a model file: bound its work, so that a hostile one fails
+        // instead of running for ever (a 1000-message chat with Llama 3.1's template uses
+        // about a hundred thousand units).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", |msg: String| -> std::result::Result<(), minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
@@ -289,6 +296,25 @@ mod tests {
         // strftime_now gives today's date.
         let t = ChatTemplate::from_jinja("{{ strftime_now('%Y') }}").unwrap();
         assert_eq!(t.render(&[], false).unwrap(), chrono::Utc::now().format("%Y").to_string());
+    }
+
+    #[test]
+    fn endless_templates_fail_instead_of_hanging() {
+        let t = ChatTemplate::from_jinja(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let e = t.render(&[], false).unwrap_err().to_string();
+        assert!(e.contains("fuel"), "{e}");
+        // A long chat with a real template is well within the bound.
+        let t = ChatTemplate::from_jinja(LLAMA3_CHAT_TEMPLATE).unwrap().with_special_tokens(
+            Some("<|begin_of_text|>".into()),
+            None,
+            None,
+        );
+        let chat: Vec<ChatMessage> =
+            (0..2000).map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "some words here")).collect();
+        t.render(&chat, true).unwrap();
     }
 
     #[test]

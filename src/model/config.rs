@@ -8,7 +8,8 @@
 //! (`rms(x) = x / sqrt(mean(x^2) + rms_norm_eps) * w`) and `lm_head` (= `embed_tokens` when
 //! `tie_word_embeddings`). Attention has `num_attention_heads` query heads and
 //! `num_key_value_heads` key/value heads (GQA) of `head_dim`; RoPE rotates `(x[i], x[i+head_dim/2])`
-//! by the angle `pos * rope_theta^(-2i/head_dim)`.
+//! by the angle `pos * rope_theta^(-2i/head_dim)`, with the frequencies scaled as `rope_scaling`
+//! says ([`crate::rope`]: linear, Llama 3.1's `llama3`, or a GGUF's `rope_freqs` factors).
 
 use std::path::Path;
 
