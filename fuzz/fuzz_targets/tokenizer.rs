@@ -17,6 +17,9 @@ struct Input {
     merges: Vec<(u8, u8)>,
     raw_merges: Vec<String>,
     types: Option<Vec<i8>>,
+    /// SentencePiece scores (`tokenizer.ggml.model = "llama"`).
+    scores: Option<Vec<f32>>,
+    add_space_prefix: Option<bool>,
     eos: Option<u32>,
     bos: Option<u32>,
     pad: Option<u32>,
@@ -84,6 +87,15 @@ fuzz_target!(|inp: Input| {
         if let Some(v) = v {
             w.kv(k, GgufValue::U32(v % (n as u32 + 2)));
         }
+    }
+    if let Some(sc) = &inp.scores {
+        w.kv(
+            "tokenizer.ggml.scores",
+            GgufValue::Array(GgufValueType::F32, sc.iter().map(|&x| GgufValue::F32(x)).collect()),
+        );
+    }
+    if let Some(b) = inp.add_space_prefix {
+        w.kv("tokenizer.ggml.add_space_prefix", GgufValue::Bool(b));
     }
     if let Some(b) = inp.add_bos {
         w.kv("tokenizer.ggml.add_bos_token", GgufValue::Bool(b));

@@ -16,6 +16,13 @@
 //!   non-letter, digits in groups of up to three, punctuation runs with their newlines) and
 //!   merges with `ignore_merges` (a piece that is a whole vocabulary entry is taken as it is),
 //!   as Llama 3's `tokenizer.json` and llama.cpp do;
+//!
+//! From GGUF with `tokenizer.ggml.model = "llama"` (SentencePiece BPE: Llama 1/2, TinyLlama,
+//! Mistral 7B v0.1, CodeLlama): pieces, `tokenizer.ggml.scores` and types become a BPE with
+//! byte fallback, as transformers' `LlamaConverter` builds it (see `sentencepiece_bpe`); it
+//! encodes as the `sentencepiece` library does (tests/spm_tokenizer.rs).
+//!
+//! For both:
 //! * `token_type == 3` (control) tokens (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, ...)
 //!   are special added tokens: matched whole in the input before BPE, skipped by
 //!   `decode(.., skip_special = true)`; `token_type == 4` (user-defined) are non-special added
@@ -99,26 +106,6 @@ impl Tokenizer {
     /// Builds the tokenizer from an opened GGUF file (see the module docs).
     pub fn from_gguf_file(g: &GgufFile) -> Result<Self> {
         let model = g.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(g.error(format!(
-                "tokenizer.ggml.model {model:?}: only byte-level BPE (\"gpt2\") is supported"
-            )));
-        }
-        let pre = match g.get("tokenizer.ggml.pre") {
-            Some(_) => g.get_str("tokenizer.ggml.pre")?,
-            None => "gpt2",
-        };
-        let pre = if DIGIT_SPLIT_PRE.contains(&pre) {
-            Pre::DigitsThenGpt2
-        } else if LLAMA3_PRE.contains(&pre) {
-            Pre::Llama3
-        } else if pre == "gpt2" || pre == "gpt-2" {
-            Pre::Gpt2
-        } else {
-            return Err(g.error(format!(
-                "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, gpt2)"
-            )));
-        };
         let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
         let types = match g.get("tokenizer.ggml.token_type") {
             Some(_) => g.get_i64_array("tokenizer.ggml.token_type")?,
@@ -131,7 +118,6 @@ impl Tokenizer {
                 tokens.len()
             )));
         }
-        let merges_raw = g.get_str_array("tokenizer.ggml.merges")?;
         let n = tokens.len();
         let mut vocab = tokenizers::models::bpe::Vocab::default();
         vocab.reserve(n);
@@ -140,36 +126,15 @@ impl Tokenizer {
                 return Err(g.error(format!("tokenizer.ggml.tokens: token {t:?} appears twice")));
             }
         }
-        let mut merges = Vec::with_capacity(merges_raw.len());
-        for (i, m) in merges_raw.iter().enumerate() {
-            let (a, b) = m
-                .split_once(' ')
-                .filter(|(a, b)| vocab.contains_key(*a) && vocab.contains_key(*b) && !b.contains(' '))
-                .ok_or_else(|| {
-                    g.error(format!("tokenizer.ggml.merges[{i}] = {m:?} is not two vocabulary tokens"))
-                })?;
-            merges.push((a.to_string(), b.to_string()));
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .byte_fallback(false)
-            .ignore_merges(pre == Pre::Llama3)
-            .build()
-            .map_err(|e| g.error(format!("building the BPE model: {e}")))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre_tok: PreTokenizerWrapper = match pre {
-            Pre::Gpt2 => ByteLevel::new(false, true, true).into(),
-            Pre::DigitsThenGpt2 => {
-                Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
-            }
-            Pre::Llama3 => {
-                let split = Split::new(SplitPattern::Regex(LLAMA3_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
-                    .map_err(|e| g.error(format!("the Llama 3 pre-tokenizer regex: {e}")))?;
-                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+        let mut inner = match model {
+            "gpt2" => byte_level_bpe(g, vocab)?,
+            "llama" => sentencepiece_bpe(g, vocab, &tokens, &types)?,
+            other => {
+                return Err(g.error(format!(
+                    "tokenizer.ggml.model {other:?} is not supported (supported: \"gpt2\", byte-level BPE; \"llama\", SentencePiece BPE)"
+                )))
             }
         };
-        inner.with_pre_tokenizer(Some(pre_tok));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
         let special: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
@@ -443,4 +408,126 @@ impl Tokenizer {
             serde_json::to_string_pretty(&cfg).map_err(|e| Error::invalid("tokenizer", e.to_string()))?;
         super::weights::write_atomic(&dir.join("tokenizer_config.json"), |f| f.write_all(text.as_bytes()))
     }
+}
+
+/// A byte-level BPE (`tokenizer.ggml.model = "gpt2"`) with the pre-tokenizer
+/// `tokenizer.ggml.pre` names and the merges `tokenizer.ggml.merges` lists.
+fn byte_level_bpe(g: &GgufFile, vocab: tokenizers::models::bpe::Vocab) -> Result<tokenizers::Tokenizer> {
+    let pre = match g.get("tokenizer.ggml.pre") {
+        Some(_) => g.get_str("tokenizer.ggml.pre")?,
+        None => "gpt2",
+    };
+    let pre = if DIGIT_SPLIT_PRE.contains(&pre) {
+        Pre::DigitsThenGpt2
+    } else if LLAMA3_PRE.contains(&pre) {
+        Pre::Llama3
+    } else if pre == "gpt2" || pre == "gpt-2" {
+        Pre::Gpt2
+    } else {
+        return Err(g.error(format!(
+            "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, gpt2)"
+        )));
+    };
+    let merges_raw = g.get_str_array("tokenizer.ggml.merges")?;
+    let mut merges = Vec::with_capacity(merges_raw.len());
+    for (i, m) in merges_raw.iter().enumerate() {
+        let (a, b) = m
+            .split_once(' ')
+            .filter(|(a, b)| vocab.contains_key(*a) && vocab.contains_key(*b) && !b.contains(' '))
+            .ok_or_else(|| g.error(format!("tokenizer.ggml.merges[{i}] = {m:?} is not two vocabulary tokens")))?;
+        merges.push((a.to_string(), b.to_string()));
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(false)
+        .ignore_merges(pre == Pre::Llama3)
+        .build()
+        .map_err(|e| g.error(format!("building the BPE model: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre_tok: PreTokenizerWrapper = match pre {
+        Pre::Gpt2 => ByteLevel::new(false, true, true).into(),
+        Pre::DigitsThenGpt2 => {
+            Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
+        }
+        Pre::Llama3 => {
+            let split = Split::new(SplitPattern::Regex(LLAMA3_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| g.error(format!("the Llama 3 pre-tokenizer regex: {e}")))?;
+            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+        }
+    };
+    inner.with_pre_tokenizer(Some(pre_tok));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
+}
+
+/// A SentencePiece BPE (`tokenizer.ggml.model = "llama"`: Llama 1/2, TinyLlama, Mistral 7B
+/// v0.1, CodeLlama), as transformers' `LlamaConverter` turns `tokenizer.model` into a
+/// `tokenizers` BPE: merges made from the vocabulary (every split of a normal piece into two
+/// pieces, the piece's `tokenizer.ggml.scores` deciding the order, highest first; ties by piece
+/// id, then by the pair's ids), byte fallback to the `<0xXX>` pieces, unknown pieces fused
+/// into one `<unk>`; spaces become `▁` and, with `tokenizer.ggml.add_space_prefix` (default
+/// true), one `▁` goes first; decoding reverses both. That is SentencePiece's own BPE
+/// encoding: repeatedly join the adjacent pair whose join is the highest-scoring piece.
+fn sentencepiece_bpe(
+    g: &GgufFile,
+    vocab: tokenizers::models::bpe::Vocab,
+    tokens: &[&str],
+    types: &[i64],
+) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as Decoders, strip::Strip};
+    use tokenizers::normalizers::{prepend::Prepend, replace::Replace, NormalizerWrapper, Sequence as Normalizers};
+    let scores = g.get_f64_array("tokenizer.ggml.scores")?;
+    if scores.len() != tokens.len() {
+        return Err(g.error(format!(
+            "tokenizer.ggml.scores has {} entries, tokenizer.ggml.tokens {}",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    if let Some(i) = scores.iter().position(|s| s.is_nan()) {
+        return Err(g.error(format!("tokenizer.ggml.scores[{i}] is NaN")));
+    }
+    let add_space_prefix = match g.get("tokenizer.ggml.add_space_prefix") {
+        Some(_) => g.get_bool("tokenizer.ggml.add_space_prefix")?,
+        None => true,
+    };
+    // (score, piece id, left id, right id) of every split of a normal piece into two pieces.
+    let mut merges: Vec<(f64, u32, u32, u32)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if types[id] != 1 {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (vocab.get(&piece[..at]), vocab.get(&piece[at..])) {
+                merges.push((scores[id], id as u32, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
+    let merges: Vec<(String, String)> =
+        merges.iter().map(|&(_, _, l, r)| (tokens[l as usize].to_string(), tokens[r as usize].to_string())).collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = types.iter().position(|&t| t == 2) {
+        builder = builder.unk_token(tokens[unk].to_string());
+    }
+    let bpe = builder.build().map_err(|e| g.error(format!("building the SentencePiece BPE model: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let bad = |e: tokenizers::Error| g.error(format!("building the SentencePiece normalizer: {e}"));
+    let replace: NormalizerWrapper = Replace::new(" ", "\u{2581}").map_err(bad)?.into();
+    let normalizer: NormalizerWrapper = if add_space_prefix {
+        Normalizers::new(vec![Prepend::new("\u{2581}".into()).into(), replace]).into()
+    } else {
+        replace
+    };
+    inner.with_normalizer(Some(normalizer));
+    let mut decoders = vec![
+        Replace::new("\u{2581}", " ").map_err(bad)?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(Decoders::new(decoders)));
+    Ok(inner)
 }

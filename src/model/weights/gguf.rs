@@ -892,6 +892,16 @@ impl GgufFile {
             .collect()
     }
 
+    /// Metadata `key` as an array of numbers (floats or integers).
+    pub fn get_f64_array(&self, key: &str) -> Result<Vec<f64>> {
+        let v = self.require(key)?;
+        let a = v.as_array().ok_or_else(|| self.wrong_type(key, "an array of numbers", v))?;
+        a.iter()
+            .enumerate()
+            .map(|(i, e)| e.as_f64().ok_or_else(|| self.error(format!("metadata {key:?}[{i}]: expected a number"))))
+            .collect()
+    }
+
     /// The info of tensor `name`, or an error naming the file and the tensor.
     pub fn tensor_info(&self, name: &str) -> Result<&TensorInfo> {
         self.tensor_index
