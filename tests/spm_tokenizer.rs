@@ -63,3 +63,86 @@ fn sentencepiece_metadata_errors_name_the_key() {
     let e = rebuilt("tokenizer.ggml.model", Some(("tokenizer.ggml.model", GgufValue::String("bert".into()))));
     assert!(e.contains("\"bert\" is not supported"), "{e}");
 }
+
+/// A Llama 2 chat-style template (system block, roles checked, `.strip()`), as
+/// tests/data/chat/cases.json checks it against transformers.
+fn llama2_style_template() -> String {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat/cases.json");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    r["templates"]["llama2_style"].as_str().unwrap().to_string()
+}
+
+/// A Llama 2-shaped GGUF: the tiny reference model of tests/data/llama3/ with plain RoPE (no
+/// `rope_freqs`), the SentencePiece vocabulary above and an embedding of its size.
+fn tiny_llama2_gguf(path: &std::path::Path) {
+    let model = GgufFile::open(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/llama3/tiny.gguf")).unwrap();
+    let tok = GgufFile::open(data("tokenizer.gguf")).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in model.metadata() {
+        if k != "llama.vocab_size" && !k.starts_with("tokenizer.") {
+            w.kv(k.clone(), v.clone());
+        }
+    }
+    let vocab = tok.get_str_array("tokenizer.ggml.tokens").unwrap().len();
+    for (k, v) in tok.metadata() {
+        if k.starts_with("tokenizer.") {
+            w.kv(k.clone(), v.clone());
+        }
+    }
+    w.kv("tokenizer.chat_template", GgufValue::String(llama2_style_template()));
+    w.kv("llama.vocab_size", GgufValue::U32(vocab as u32));
+    for t in model.tensors() {
+        match t.name.as_str() {
+            "rope_freqs.weight" => {}
+            "token_embd.weight" => {
+                let h = t.ne[0] as usize;
+                let mut rng = wegeft::rng::Rng::new(5);
+                let e: Vec<f32> = (0..vocab * h).map(|_| rng.uniform_f32(-0.05, 0.05)).collect();
+                w.tensor_f32(&t.name, &[vocab, h], &e).unwrap();
+            }
+            _ => {
+                w.tensor(&t.name, &t.ne, t.ty, model.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+            }
+        }
+    }
+    w.write(path).unwrap();
+}
+
+#[test]
+fn cli_finetunes_and_scores_a_sentencepiece_llama() {
+    let dir = std::env::temp_dir().join(format!("wegeft-spm-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = dir.join("tiny-llama2.gguf");
+    tiny_llama2_gguf(&m);
+    let tok = Tokenizer::from_gguf(&m).unwrap();
+    // The chat prompt: BOS, then "[INST] ... [/INST]" tokenized as SentencePiece does.
+    let prompt = tok.chat_prompt("What is 345 + 678?").unwrap();
+    assert_eq!(prompt[0], 1);
+    assert_eq!(&prompt[1..], &tok.encode("[INST] What is 345 + 678? [/INST]", false).unwrap()[..]);
+    assert_eq!(tok.end_of_turn_id(), 2, "no end-of-turn token: answers end with </s>");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().unwrap();
+        assert!(out.status.success(), "wegeft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (ms, out, log) = (m.to_str().unwrap(), dir.join("adapter"), dir.join("log.jsonl"));
+    run(&[
+        "finetune", "--model", ms, "--task", "arithmetic", "--rank", "4", "--steps", "2", "--batch", "2", "--eval-n", "1",
+        "--out", out.to_str().unwrap(), "--log-json", log.to_str().unwrap(),
+    ]);
+    let losses: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    // Near ln(vocab) for a random model.
+    let ln_v = (tok.vocab_size() as f64).ln();
+    assert!(losses.len() == 2 && losses.iter().all(|l| (l - ln_v).abs() < 2.0), "{losses:?} vs ln V = {ln_v}");
+    let sc: serde_json::Value = serde_json::from_str(&run(&["score", "--model", ms, "--text", "Hello world"])).unwrap();
+    let ids: Vec<u64> = sc["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let want: Vec<u64> =
+        std::iter::once(1).chain(tok.encode("Hello world", false).unwrap().into_iter().map(u64::from)).collect();
+    assert_eq!(ids, want);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
