@@ -4,8 +4,9 @@
 
 mod common;
 
+use common::{run_wegeft, wegeft_ok as ok};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
@@ -18,23 +19,8 @@ fn model_path() -> PathBuf {
     p
 }
 
-fn wegeft(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().expect("run wegeft")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = wegeft(args);
-    assert!(
-        out.status.success(),
-        "wegeft {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn fails(args: &[&str]) -> String {
-    let out = wegeft(args);
+    let out = run_wegeft(args);
     assert!(!out.status.success(), "wegeft {args:?} should fail, printed {}", String::from_utf8_lossy(&out.stdout));
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

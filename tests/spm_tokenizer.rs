@@ -4,6 +4,8 @@
 //! Llama 2's configuration, written to GGUF by gguf-py's `SentencePieceVocab` (as llama.cpp's
 //! converter does), and `sentencepiece`'s ids for a set of texts.
 
+mod common;
+
 use std::path::PathBuf;
 
 use wegeft::model::weights::gguf::{GgufFile, GgufValue, GgufWriter};
@@ -121,11 +123,7 @@ fn cli_finetunes_and_scores_a_sentencepiece_llama() {
     assert_eq!(prompt[0], 1);
     assert_eq!(&prompt[1..], &tok.encode("[INST] What is 345 + 678? [/INST]", false).unwrap()[..]);
     assert_eq!(tok.end_of_turn_id(), 2, "no end-of-turn token: answers end with </s>");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().unwrap();
-        assert!(out.status.success(), "wegeft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = common::wegeft_ok;
     let (ms, out, log) = (m.to_str().unwrap(), dir.join("adapter"), dir.join("log.jsonl"));
     run(&[
         "finetune", "--model", ms, "--task", "arithmetic", "--rank", "4", "--steps", "2", "--batch", "2", "--eval-n", "1",

@@ -17,6 +17,23 @@ pub fn fixtures_dir() -> PathBuf {
     dir
 }
 
+/// Runs the `wegeft` binary with `args`.
+pub fn run_wegeft(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().expect("run wegeft")
+}
+
+/// Runs the `wegeft` binary with `args` and returns its stdout; a failure shows both outputs.
+pub fn wegeft_ok(args: &[&str]) -> String {
+    let out = run_wegeft(args);
+    assert!(
+        out.status.success(),
+        "wegeft {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
 /// One layer fixture case from `layer/index.json`.
 #[derive(Debug, serde::Deserialize)]
 pub struct LayerCase {
