@@ -259,6 +259,20 @@ fn llama3_tokenizer_from_gguf_metadata_matches_tokenizers_and_apply_chat_templat
         assert_eq!(gguf.chat_ids(&msgs, gen).unwrap(), ids(&c["ids"]));
     }
     assert_eq!(gguf.chat_prompt("What is 345 + 678?").unwrap(), ids(&r["chats"][0]["ids"]));
+    // Written as an HF tokenizer (what `wegeft merge` writes) and read back: the same ids, BOS
+    // from the written post-processor, the chat template kept.
+    let dir = std::env::temp_dir().join(format!("wegeft-llama3-tok-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    gguf.save_hf(&dir).unwrap();
+    let back = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    assert!(back.adds_bos());
+    for c in r["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(back.encode(text, true).unwrap(), gguf.encode(text, true).unwrap(), "{text:?} after save_hf");
+    }
+    assert_eq!(back.chat_prompt("What is 345 + 678?").unwrap(), ids(&r["chats"][0]["ids"]));
+    assert_eq!(back.end_of_turn_id(), 128009);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The tiny reference model with Meta Llama 3's whole tokenizer in its metadata and an

@@ -201,7 +201,8 @@ impl Tokenizer {
     /// Reads a Hugging Face `tokenizer.json`. The EOS token, BOS token and chat template come
     /// from `tokenizer_config.json` beside it (`eos_token`, `bos_token`, `chat_template`);
     /// without it, EOS is the first of [`EOS_FALLBACKS`] the vocabulary has.
-    /// BOS/EOS insertion is left to the file's own post-processor.
+    /// BOS/EOS insertion is left to the file's own post-processor; where that adds no BOS and
+    /// `add_bos_token` is true, [`Tokenizer::encode`] puts BOS first itself.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -253,17 +254,23 @@ impl Tokenizer {
             None => None,
         };
         let vocab_size = inner.get_vocab_size(true);
-        let bos_first = bos_id.is_some_and(|b| {
+        // BOS comes from the file's post-processor (Llama 3's tokenizer.json) or, where that
+        // adds none, from tokenizer_config.json's add_bos_token.
+        let by_post = bos_id.is_some_and(|b| {
             inner.encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b))
                 && inner.encode("a", false).is_ok_and(|e| e.get_ids().first() != Some(&b))
         });
+        let add_bos = !by_post
+            && bos_id.is_some()
+            && cfg.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()) == Some(true);
+        let bos_first = by_post || add_bos;
         Ok(Tokenizer {
             inner,
             source: path.to_path_buf(),
             bos_id,
             eos_id,
             pad_id,
-            add_bos: false,
+            add_bos,
             bos_first,
             vocab_size,
             chat_template,
@@ -390,10 +397,21 @@ impl Tokenizer {
         use std::io::Write;
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let json = self
-            .inner
-            .to_string(false)
-            .map_err(|e| Error::invalid("tokenizer", format!("serializing: {e}")))?;
+        // A BOS the model adds is written as the file's post-processor (as Llama 3's own
+        // tokenizer.json has it), so that transformers and `from_file` add it too.
+        let mut inner = self.inner.clone();
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
+            let name = self.inner.id_to_token(bos).unwrap_or_default();
+            let template = tokenizers::processors::template::TemplateProcessing::builder()
+                .try_single(format!("{name}:0 $A:0"))
+                .and_then(|b| b.try_pair(format!("{name}:0 $A:0 {name}:1 $B:1")))
+                .map_err(|e| Error::invalid("tokenizer", format!("BOS template: {e}")))?
+                .special_tokens(vec![(name, bos)])
+                .build()
+                .map_err(|e| Error::invalid("tokenizer", format!("BOS template: {e}")))?;
+            inner.with_post_processor(Some(template));
+        }
+        let json = inner.to_string(false).map_err(|e| Error::invalid("tokenizer", format!("serializing: {e}")))?;
         super::weights::write_atomic(&dir.join("tokenizer.json"), |f| f.write_all(json.as_bytes()))?;
         let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
         let cfg = serde_json::json!({
