@@ -6,7 +6,8 @@
 //! environment: `trim_blocks` and `lstrip_blocks` on, the loop controls (`break`, `continue`),
 //! Python's string, list and dict methods (`.strip()`, `.split()`, `.items()`, ... through
 //! `minijinja_contrib::pycompat`), `raise_exception(msg)`, `strftime_now(format)` (the current
-//! date, UTC, as Llama 3.2's template uses it), and a `tojson` filter that writes what Python's
+//! date, UTC, as Llama 3.2's template uses it: as with transformers, such a template's prompts
+//! change with the day), and a `tojson` filter that writes what Python's
 //! `json.dumps(..., ensure_ascii=False)` writes. The context holds `messages` (`role`, `content`),
 //! `add_generation_prompt`, `tools` and `documents` (none), and the special tokens `bos_token`,
 //! `eos_token` (and `pad_token`) as strings.
