@@ -339,5 +339,17 @@ fn cli_finetunes_scores_and_generates_with_a_llama3_gguf() {
     assert!(sc["loss"].as_f64().unwrap().is_finite());
     let g = wegeft(&["generate", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--prompt", "Hi", "--max-new", "4"]);
     assert!(!g.trim().is_empty());
+    // merge: an HF directory whose config.json carries the llama3 scaling behind rope_freqs and
+    // whose tokenizer adds BOS; it scores as the GGUF with the adapter.
+    let merged = dir.join("merged");
+    wegeft(&["merge", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!(Rope::scaling_from_hf(&cfg["rope_scaling"], None).unwrap(), tiny_rope());
+    let via: serde_json::Value =
+        serde_json::from_str(&wegeft(&["score", "--model", merged.to_str().unwrap(), "--text", "What is 345 + 678?"]))
+            .unwrap();
+    assert_eq!(via["ids"], sc["ids"]);
+    assert_eq!(via["argmax"], sc["argmax"]);
+    assert!((via["loss"].as_f64().unwrap() - sc["loss"].as_f64().unwrap()).abs() <= 1e-4, "{} vs {}", via["loss"], sc["loss"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
