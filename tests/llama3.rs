@@ -353,3 +353,30 @@ fn cli_finetunes_scores_and_generates_with_a_llama3_gguf() {
     assert!((via["loss"].as_f64().unwrap() - sc["loss"].as_f64().unwrap()).abs() <= 1e-4, "{} vs {}", via["loss"], sc["loss"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn chat_records_train_on_the_assistant_turns_only() {
+    let tok = llama3_gguf_tokenizer(&meta_tokenizer_json(), wegeft::model::chat::LLAMA3_CHAT_TEMPLATE);
+    let msgs = vec![
+        ChatMessage::new("system", "You are terse."),
+        ChatMessage::new("user", "What is 2 + 2?"),
+        ChatMessage::new("assistant", "4"),
+        ChatMessage::new("user", "And 3 + 3?"),
+        ChatMessage::new("assistant", "It is 6."),
+    ];
+    let (ids, target) = tok.chat_targets(&msgs).unwrap();
+    assert_eq!(ids, tok.chat_ids(&msgs, false).unwrap());
+    assert_eq!(common::target_runs(&tok, &ids, &target), ["4<|eot_id|>", "It is 6.<|eot_id|>"]);
+    // Through a JSONL file: the same example.
+    let f = std::env::temp_dir().join(format!("wegeft-llama3-chat-{}.jsonl", std::process::id()));
+    std::fs::write(&f, format!("{}\n", serde_json::json!({ "messages": msgs }))).unwrap();
+    let ex = wegeft::train::data::read_jsonl(&f, Some(&tok), 4096).unwrap();
+    assert_eq!((&ex[0].ids, &ex[0].target), (&ids, &target));
+    // Without an assistant turn, or without a tokenizer: an error naming the line.
+    std::fs::write(&f, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    let e = wegeft::train::data::read_jsonl(&f, Some(&tok), 4096).unwrap_err().to_string();
+    assert!(e.contains("line 1") && e.contains("no assistant message"), "{e}");
+    std::fs::write(&f, format!("{}\n", serde_json::json!({ "messages": msgs }))).unwrap();
+    assert!(wegeft::train::data::read_jsonl(&f, None, 4096).unwrap_err().to_string().contains("tokenizer"));
+    std::fs::remove_file(&f).unwrap();
+}

@@ -65,7 +65,8 @@ enum Cmd {
     Finetune {
         #[command(flatten)]
         m: ModelArgs,
-        /// JSONL records: {"tokens":[..]}, {"text":..} or {"prompt":..,"completion":..}.
+        /// JSONL records: {"tokens":[..]}, {"text":..}, {"prompt":..,"completion":..} or
+        /// {"messages":[{"role":..,"content":..},..]} (loss on the assistant turns).
         #[arg(long, conflicts_with = "task", required_unless_present = "task")]
         data: Option<PathBuf>,
         /// A built-in task instead of --data.
@@ -681,7 +682,8 @@ fn read_eval_cases(path: &Path, tok: &Tokenizer, n: usize) -> Result<Vec<(Vec<u3
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).take(n) {
         let r: Rec = serde_json::from_str(line).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
-        out.push((tok.encode(&r.prompt, false)?, r.completion));
+        // BOS first where the model adds one, as training encodes a prompt.
+        out.push((tok.encode(&r.prompt, true)?, r.completion));
     }
     if out.is_empty() {
         return Err(Error::format(path, "no records"));

@@ -382,6 +382,51 @@ impl Tokenizer {
         self.encode(&self.chat_text(messages, add_generation_prompt)?, false)
     }
 
+    /// A whole conversation for training: the ids of `messages` rendered with the chat
+    /// template (as [`Tokenizer::chat_ids`] without a generation prompt), and for each id
+    /// whether it is part of an assistant turn, the turn's end-of-turn token included (what
+    /// follows that token, a newline say, is not). An assistant turn is the text the template
+    /// adds between the conversation up to it with the generation prompt and the conversation
+    /// through it; a template whose renderings do not extend one another that way is an error
+    /// naming the message. At least one message must be the assistant's.
+    pub fn chat_targets(&self, messages: &[ChatMessage]) -> Result<(Vec<u32>, Vec<bool>)> {
+        let full = self.chat_text(messages, false)?;
+        let mut spans = Vec::new();
+        for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+            let before = self.chat_text(&messages[..i], true)?;
+            let through = self.chat_text(&messages[..=i], false)?;
+            if !(through.starts_with(&before) && full.starts_with(&through)) {
+                return Err(Error::invalid(
+                    "messages",
+                    format!("the chat template does not render the conversation up to message {i} as a prefix of the whole, so its assistant turn cannot be found"),
+                ));
+            }
+            spans.push(before.len()..through.len());
+        }
+        if spans.is_empty() {
+            return Err(Error::invalid("messages", "no assistant message: nothing to train on"));
+        }
+        let enc = self
+            .inner
+            .encode(full.as_str(), false)
+            .map_err(|e| Error::invalid("messages", format!("tokenizing failed: {e}")))?;
+        let ids = enc.get_ids().to_vec();
+        let mut target = vec![false; ids.len()];
+        let eot = self.end_of_turn_id();
+        for span in &spans {
+            let inside: Vec<usize> =
+                (0..ids.len()).filter(|&t| span.contains(&enc.get_offsets()[t].0)).collect();
+            let last = inside.iter().rev().find(|&&t| ids[t] == eot).copied().or(inside.last().copied());
+            for &t in inside.iter().filter(|&&t| Some(t) <= last) {
+                target[t] = true;
+            }
+        }
+        if let Some(t) = target.first_mut() {
+            *t = false;
+        }
+        Ok((ids, target))
+    }
+
     /// Ids of a one-turn instruct prompt: the default system message, `user`, and the
     /// assistant generation prompt. For SmolLM2:
     /// `<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging

@@ -4,7 +4,10 @@
 //! - `{"tokens": [ids...]}`: the loss is on every next token;
 //! - `{"text": "..."}`: tokenized, loss on every next token;
 //! - `{"prompt": "...", "completion": "..."}`: `prompt` and `completion` tokenized separately
-//!   and concatenated; the loss is on the completion's tokens only.
+//!   and concatenated; the loss is on the completion's tokens only;
+//! - `{"messages": [{"role": "...", "content": "..."}, ...]}`: a conversation, rendered with the
+//!   model's chat template; the loss is on the assistant turns (each with its end-of-turn token)
+//!   only ([`Encode::chat`]).
 //!
 //! Text gets no special tokens but one: BOS first, where the model's tokenizer adds it
 //! ([`Encode::bos`]: Llama 3's does, SmolLM2's does not), as `tokenizer(text)` would.
@@ -28,6 +31,11 @@ pub trait Encode {
     fn bos(&self) -> Option<u32> {
         None
     }
+    /// A conversation as ids and per-id targets (the assistant turns); by default an error:
+    /// only a tokenizer with a chat template can do it.
+    fn chat(&self, _messages: &[crate::model::ChatMessage]) -> Result<(Vec<u32>, Vec<bool>)> {
+        Err(Error::invalid("messages", "this encoder has no chat template"))
+    }
 }
 
 impl Encode for crate::model::Tokenizer {
@@ -38,6 +46,10 @@ impl Encode for crate::model::Tokenizer {
     /// BOS when the tokenizer adds it ([`crate::model::Tokenizer::adds_bos`]).
     fn bos(&self) -> Option<u32> {
         self.bos_id().filter(|_| self.adds_bos())
+    }
+    /// [`crate::model::Tokenizer::chat_targets`].
+    fn chat(&self, messages: &[crate::model::ChatMessage]) -> Result<(Vec<u32>, Vec<bool>)> {
+        self.chat_targets(messages)
     }
 }
 
@@ -92,6 +104,7 @@ struct Record {
     text: Option<String>,
     prompt: Option<String>,
     completion: Option<String>,
+    messages: Option<Vec<crate::model::ChatMessage>>,
 }
 
 /// Reads a JSONL file of records (see the module docs); `enc` is needed for text records.
@@ -125,16 +138,21 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8], enc: Option<&dyn Encode>, seq: usi
         let bad = |msg: String| Error::format(path, format!("line {line_no}: {msg}"));
         let rec: Record = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
         let need_enc = || enc.ok_or_else(|| bad("a text record needs a tokenizer".into()));
-        let mut ex = match (rec.tokens, rec.text, rec.prompt, rec.completion) {
-            (Some(t), None, None, None) => Example::all(t),
-            (None, Some(s), None, None) => Example::all(encode_first(need_enc()?, &s)?),
-            (None, None, Some(p), Some(c)) => {
+        let mut ex = match (rec.tokens, rec.text, rec.prompt, rec.completion, rec.messages) {
+            (Some(t), None, None, None, None) => Example::all(t),
+            (None, Some(s), None, None, None) => Example::all(encode_first(need_enc()?, &s)?),
+            (None, None, Some(p), Some(c), None) => {
                 let e = need_enc()?;
                 Example::completion(encode_first(e, &p)?, e.encode(&c)?)
             }
+            (None, None, None, None, Some(m)) => {
+                let (ids, target) = need_enc()?.chat(&m).map_err(|e| bad(e.to_string()))?;
+                Example { ids, target }
+            }
             _ => {
                 return Err(bad(
-                    "expected exactly one of {\"tokens\"}, {\"text\"} or {\"prompt\", \"completion\"}".into()
+                    "expected exactly one of {\"tokens\"}, {\"text\"}, {\"prompt\", \"completion\"} or {\"messages\"}"
+                        .into(),
                 ))
             }
         };

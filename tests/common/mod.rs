@@ -34,6 +34,20 @@ pub fn wegeft_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
+/// The runs of consecutive `target` ids, each decoded (special tokens kept).
+pub fn target_runs(tok: &wegeft::model::Tokenizer, ids: &[u32], target: &[bool]) -> Vec<String> {
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    for (t, (&id, &on)) in ids.iter().zip(target).enumerate() {
+        if on {
+            if t == 0 || !target[t - 1] {
+                runs.push(Vec::new());
+            }
+            runs.last_mut().expect("a run was started").push(id);
+        }
+    }
+    runs.iter().map(|r| tok.decode(r, false).expect("decodes")).collect()
+}
+
 /// One layer fixture case from `layer/index.json`.
 #[derive(Debug, serde::Deserialize)]
 pub struct LayerCase {
