@@ -35,6 +35,8 @@ F16_FIELDS = {
     T.Q4_K: [0, 2],  # d, dmin, scales[12], qs[128]
     T.Q5_K: [0, 2],  # d, dmin, scales[12], qh[32], qs[128]
     T.Q6_K: [208],  # ql[128], qh[64], scales[16] (i8), d
+    T.IQ4_NL: [0],  # d, qs[16]
+    T.IQ4_XS: [0],  # d, scales_h, scales_l[4], qs[128]
 }
 
 

@@ -719,6 +719,8 @@ fn dequantize_matches_gguf_py() {
         GgmlType::Q4_K,
         GgmlType::Q5_K,
         GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
     ];
     for ty in types {
         let bytes = std::fs::read(dir.join(format!("{}.bin", ty.name()))).unwrap();

@@ -43,10 +43,18 @@
 //! * `Q6_K` (210 bytes): `ql[128], qh[64], scales[16] (i8), d`; `x = d s (q - 32)` with
 //!   6-bit `q` from a nibble of `ql` and 2 bits of `qh`, 16 groups of 16.
 //!
+//! Non-linear 4-bit (the types of `IQ4_NL` and `IQ4_XS` files), on ggml's 16 levels
+//! `L = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]`:
+//!
+//! * `IQ4_NL` (18 bytes): `d, qs[16]`; `x[j] = d L[qs[j] & 15]`, `x[j+16] = d L[qs[j] >> 4]`.
+//! * `IQ4_XS` (136 bytes): `d, scales_h (u16), scales_l[4], qs[128]`; 8 groups of 32 as
+//!   `IQ4_NL`, group `g` with scale `d (s - 32)`, `s` 6 bits: the nibble `g % 2` of
+//!   `scales_l[g / 2]` and bits `2g..2g+2` of `scales_h` above it.
+//!
 //! Each matches gguf-py (llama.cpp's Python package) to the bit on random blocks
-//! (`tests/data/quants`, `scripts/quant_vectors.py`). Other ggml types (IQ-quants, `Q8_K`,
-//! ternary and integer types) are recognised by name and rejected with [`Error::Format`]
-//! naming the tensor.
+//! (`tests/data/quants`, `scripts/quant_vectors.py`). Other ggml types (the other IQ-quants,
+//! `Q8_K`, ternary and integer types) are recognised by name and rejected with
+//! [`Error::Format`] naming the tensor.
 //!
 //! # Why a reader of our own
 //!
@@ -245,7 +253,10 @@ impl GgmlType {
     /// Whether [`dequantize`] converts this type to f32.
     pub fn is_supported(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | F64 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K)
+        matches!(
+            self,
+            F32 | F16 | BF16 | F64 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_NL | IQ4_XS
+        )
     }
 
     /// The ggml name of the type (`"Q4_1"`).
@@ -1104,6 +1115,35 @@ fn deq_q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+// ---- IQ4: a non-linear 4-bit codebook (module docs) ---------------------------------------
+
+/// The 16 levels of `IQ4_NL` and `IQ4_XS` (ggml's `kvalues_iq4nl`).
+const IQ4_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// 32 values from the 16 bytes `qs` with scale `d`: the low nibbles first, then the high ones.
+fn iq4_32(d: f32, qs: &[u8], y: &mut [f32]) {
+    for j in 0..16 {
+        y[j] = d * IQ4_LEVELS[(qs[j] & 15) as usize] as f32;
+        y[j + 16] = d * IQ4_LEVELS[(qs[j] >> 4) as usize] as f32;
+    }
+}
+
+fn deq_iq4_nl(b: &[u8], y: &mut [f32]) {
+    iq4_32(f16_at(b, 0), &b[2..18], y);
+}
+
+fn deq_iq4_xs(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let (scales_l, qs) = (&b[4..8], &b[8..136]);
+    for ib in 0..8 {
+        let lo = (scales_l[ib / 2] >> (4 * (ib % 2))) & 15;
+        let hi = ((scales_h >> (2 * ib)) & 3) as u8;
+        let dl = d * ((lo | (hi << 4)) as i32 - 32) as f32;
+        iq4_32(dl, &qs[16 * ib..16 * ib + 16], &mut y[32 * ib..32 * ib + 32]);
+    }
+}
+
 /// Converts `data` (stored as `ty`) to f32 into `out`, in parallel over blocks (formulas in the
 /// module docs). `out.len()` values are produced; `data` must hold exactly
 /// `ty.bytes_for(out.len())` bytes. An unsupported type or a size mismatch is an
@@ -1149,8 +1189,10 @@ fn dequantize_msg(ty: GgmlType, data: &[u8], out: &mut [f32]) -> std::result::Re
         GgmlType::Q4_K => blocks!(deq_q4_k),
         GgmlType::Q5_K => blocks!(deq_q5_k),
         GgmlType::Q6_K => blocks!(deq_q6_k),
+        GgmlType::IQ4_NL => blocks!(deq_iq4_nl),
+        GgmlType::IQ4_XS => blocks!(deq_iq4_xs),
         other => return Err(format!(
-            "ggml type {other} is not supported (supported: F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
+            "ggml type {other} is not supported (supported: F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)"
         )),
     }
     Ok(())
