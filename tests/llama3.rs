@@ -339,6 +339,20 @@ fn cli_finetunes_scores_and_generates_with_a_llama3_gguf() {
     assert!(sc["loss"].as_f64().unwrap().is_finite());
     let g = wegeft(&["generate", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--prompt", "Hi", "--max-new", "4"]);
     assert!(!g.trim().is_empty());
+    // eval --data: a chat record (the expected answer last) and a plain prompt record.
+    let cases = dir.join("eval.jsonl");
+    let chat = serde_json::json!({"messages": [
+        {"role": "user", "content": "What is 345 + 678?"}, {"role": "assistant", "content": "1023"}]});
+    std::fs::write(&cases, format!("{chat}\n{{\"prompt\": \"2 + 2 =\", \"completion\": \"4\"}}\n")).unwrap();
+    let e: serde_json::Value = serde_json::from_str(&wegeft(&[
+        "eval", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--data", cases.to_str().unwrap(), "--max-new", "3",
+    ]))
+    .unwrap();
+    assert_eq!(e["n"].as_u64(), Some(2));
+    std::fs::write(&cases, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    let out = common::run_wegeft(&["eval", "--model", ms, "--data", cases.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("line 1") && err.contains("assistant"), "{err}");
     // merge: an HF directory whose config.json carries the llama3 scaling behind rope_freqs and
     // whose tokenizer adds BOS; it scores as the GGUF with the adapter.
     let merged = dir.join("merged");

@@ -137,7 +137,9 @@ enum Cmd {
         adapter: Option<PathBuf>,
         #[arg(long, value_enum, conflicts_with = "data", required_unless_present = "data")]
         task: Option<Task>,
-        /// JSONL of {"prompt":..,"completion":..}: the completion is the expected output.
+        /// JSONL of {"prompt":..,"completion":..} (the completion is the expected output) or
+        /// {"messages":[..]} ending with an assistant message (its content is the expected
+        /// output of the conversation before it, in the chat format).
         #[arg(long)]
         data: Option<PathBuf>,
         /// Problems (task) or records (data) to evaluate.
@@ -671,19 +673,32 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
     }
 }
 
-/// `{"prompt":..,"completion":..}` records: the chat-free prompt ids and the expected text.
+/// Evaluation records: `{"prompt":..,"completion":..}` (the chat-free prompt ids and the
+/// expected text) or `{"messages":[..]}` ending with an assistant message (the chat prompt of
+/// the messages before it, and that message's content).
 fn read_eval_cases(path: &Path, tok: &Tokenizer, n: usize) -> Result<Vec<(Vec<u32>, String)>> {
     #[derive(serde::Deserialize)]
     struct Rec {
-        prompt: String,
-        completion: String,
+        prompt: Option<String>,
+        completion: Option<String>,
+        messages: Option<Vec<wegeft::model::ChatMessage>>,
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).take(n) {
-        let r: Rec = serde_json::from_str(line).map_err(|e| Error::format(path, format!("line {}: {e}", i + 1)))?;
-        // BOS first where the model adds one, as training encodes a prompt.
-        out.push((tok.encode(&r.prompt, true)?, r.completion));
+        let bad = |m: String| Error::format(path, format!("line {}: {m}", i + 1));
+        let r: Rec = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        out.push(match (r.prompt, r.completion, r.messages) {
+            // BOS first where the model adds one, as training encodes a prompt.
+            (Some(p), Some(c), None) => (tok.encode(&p, true)?, c),
+            (None, None, Some(m)) => match m.split_last() {
+                Some((last, before)) if last.role == "assistant" => {
+                    (tok.chat_ids(before, true).map_err(|e| bad(e.to_string()))?, last.content.clone())
+                }
+                _ => return Err(bad("the messages must end with an assistant message (the expected answer)".into())),
+            },
+            _ => return Err(bad("expected {\"prompt\", \"completion\"} or {\"messages\"}".into())),
+        });
     }
     if out.is_empty() {
         return Err(Error::format(path, "no records"));
