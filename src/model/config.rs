@@ -57,6 +57,8 @@ pub struct LlamaConfig {
 #[derive(Deserialize)]
 struct HfConfig {
     model_type: Option<String>,
+    /// Mistral's sliding attention window (`null`: full causal attention, as Llama).
+    sliding_window: Option<serde_json::Value>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -189,7 +191,8 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// Reads an HF `config.json` (`model_type` `llama` or absent; default RoPE only, no biases,
+    /// Reads an HF `config.json` (`model_type` `llama`, absent, or `mistral` without a sliding
+    /// window shorter than the context; RoPE as [`Rope::scaling_from_hf`] reads it, no biases,
     /// `hidden_act` `silu`). Missing fields take transformers' `LlamaConfig` defaults
     /// (`rope_theta` 10000, `rms_norm_eps` 1e-6, `max_position_embeddings` 2048,
     /// `tie_word_embeddings` false); `rope_theta` may also come from transformers 5's
@@ -203,10 +206,22 @@ impl LlamaConfig {
     /// Parses the text of an HF `config.json`; the error is a message without the path.
     fn from_hf_str(text: &str) -> std::result::Result<Self, String> {
         let h: HfConfig = serde_json::from_str(text).map_err(|e| format!("config.json: {e}"))?;
-        if let Some(mt) = &h.model_type {
-            if mt != "llama" {
-                return Err(format!("model_type {mt:?}; only \"llama\" is supported"));
+        match h.model_type.as_deref() {
+            None | Some("llama") => {}
+            // Mistral is Llama's architecture plus an optional sliding window; without one
+            // (Mistral 7B v0.2 and later), or with one no shorter than the context, the same model.
+            Some("mistral") => {
+                let window = h.sliding_window.as_ref().filter(|w| !w.is_null());
+                if let Some(w) = window {
+                    let ctx = h.max_position_embeddings.unwrap_or(2048) as u64;
+                    if w.as_u64().map_or(true, |w| w < ctx) {
+                        return Err(format!(
+                            "model_type \"mistral\" with sliding_window {w} (shorter than the {ctx}-token context) is not supported"
+                        ));
+                    }
+                }
             }
+            Some(mt) => return Err(format!("model_type {mt:?}; only \"llama\" (and \"mistral\" without a sliding window) is supported")),
         }
         // transformers < 5: `rope_theta` + `rope_scaling`; transformers 5: `rope_parameters`
         // holding both. A file may carry either or both, as long as they agree.
@@ -417,6 +432,14 @@ mod tests {
         assert!(LlamaConfig::from_hf_str(&format!("{base}}}")).is_ok());
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"num_key_value_heads\":3}}")).is_err());
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"gpt2\"}}")).is_err());
+        // Mistral: the Llama architecture when no window cuts attention short.
+        let llama = LlamaConfig::from_hf_str(&format!("{base}}}")).unwrap();
+        for ok in ["null", "2048", "4096"] {
+            let m = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":{ok}}}"));
+            assert_eq!(m.unwrap(), llama, "sliding_window {ok}");
+        }
+        let e = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":1024}}"));
+        assert!(e.unwrap_err().contains("sliding_window 1024"));
         // linear needs its factor; YaRN is not supported.
         assert!(
             LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\"}}}}")).is_err()
