@@ -13,6 +13,11 @@ by implementations independent of this crate:
 * logits.json — transformers' `LlamaForCausalLM` (f32, eager attention) on the weights above:
   for each id sequence, the mean next-token loss, the argmax per position and the full logits at
   a few positions.
+* train_init.safetensors, train_final.safetensors, train.json — a WeGeFT fine-tune of that
+  model in the official formulation (one in_proj/out_proj pair per module type shared by all
+  layers, `dW = (W in_proj^T) out_proj^T`, all seven projections, rank 4), run in float64 by
+  PyTorch autograd and `torch.optim.AdamW`: the initial adapter (f32 values), the losses before
+  each of 4 updates, and the final adapter (f64).
 * mistral/config.json, mistral_logits.json — the same weights as transformers'
   `MistralForCausalLM` (Mistral 7B v0.2+'s configuration: no sliding window, plain RoPE with
   theta 1e6), its config and its logits (tests/llama3.rs loads hf/'s weights with this config).
@@ -226,6 +231,60 @@ CHATS = [
 ]
 
 
+TRAIN = dict(rank=4, lr=5e-3, steps=4, batch=2, seq=24,
+             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def train_reference(model):
+    """The official GIFT wrapper's math in float64: every targeted nn.Linear computes
+    F.linear(x, W + (W in_proj^T) out_proj^T) with the pair of its module type."""
+    import copy
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    m = copy.deepcopy(model).double()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(99)
+    r = TRAIN["rank"]
+    ip, op = {}, {}
+    for name in TRAIN["targets"]:
+        lin = next(mod for n, mod in m.named_modules() if n.endswith(name))
+        d_in = lin.in_features
+        # Both nonzero (the official out_proj starts at zero) so that both get a gradient at once.
+        ip[name] = (torch.randn(r, d_in, generator=g) / math.sqrt(d_in)).float().double().requires_grad_(True)
+        op[name] = (0.1 * torch.randn(d_in, r, generator=g)).float().double().requires_grad_(True)
+    for n, mod in m.named_modules():
+        for name in TRAIN["targets"]:
+            if n.endswith("." + name):
+                def fwd(x, mod=mod, name=name):
+                    w = mod.weight
+                    return F.linear(x, w + (w @ ip[name].T) @ op[name].T)
+                mod.forward = fwd
+    init = {}
+    for name in TRAIN["targets"]:
+        init[f"in_projections.{name}.weight"] = ip[name].detach().float().contiguous()
+        init[f"out_projections.{name}.weight"] = op[name].detach().float().contiguous()
+    save_file(init, os.path.join(OUT, "train_init.safetensors"))
+    params = [t for name in TRAIN["targets"] for t in (ip[name], op[name])]
+    opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    gb = torch.Generator().manual_seed(5)
+    batches, losses = [], []
+    for _ in range(TRAIN["steps"]):
+        ids = torch.randint(0, TINY["vocab_size"], (TRAIN["batch"], TRAIN["seq"]), generator=gb)
+        batches.append(ids.tolist())
+        opt.zero_grad()
+        loss = m(ids, labels=ids).loss  # the mean over every predicted token of the batch
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    final = {}
+    for name in TRAIN["targets"]:
+        final[f"in_projections.{name}.weight"] = ip[name].detach().contiguous()
+        final[f"out_projections.{name}.weight"] = op[name].detach().contiguous()
+    save_file(final, os.path.join(OUT, "train_final.safetensors"))
+    return dict(TRAIN, batches=batches, losses=losses)
+
+
 def mistral_reference(model):
     from transformers import MistralConfig, MistralForCausalLM
     keep = {k: v for k, v in TINY.items()}
@@ -273,6 +332,7 @@ def main():
                versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__))
     json.dump(ref, open(os.path.join(OUT, "logits.json"), "w"))
     json.dump(mistral_reference(model), open(os.path.join(OUT, "mistral_logits.json"), "w"))
+    json.dump(train_reference(model), open(os.path.join(OUT, "train.json"), "w"))
     json.dump(tokenizer_reference(a.tokenizer), open(os.path.join(OUT, "tokenizer_cases.json"), "w"),
               ensure_ascii=False, indent=0)
     for f in sorted(os.listdir(OUT)):

@@ -144,6 +144,42 @@ fn gguf_with_rope_freqs_matches_transformers_and_writes_a_llama3_config() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A WeGeFT fine-tune of the Llama 3-shaped model (all seven projections, one pair per module
+/// type, the official formulation) against PyTorch autograd + `torch.optim.AdamW` in float64:
+/// the losses before each update and the final adapter.
+#[test]
+fn finetune_of_the_llama3_model_matches_pytorch_in_float64() {
+    use wegeft::adapter::io::load_gift;
+    use wegeft::model::llama::{Batch, HostAdapter};
+    use wegeft::train::{optim::AdamWConfig, trainer::Trainer};
+    let t = json("train.json");
+    let model = cpu_model(LlamaWeights::load(data("hf")).unwrap());
+    let dims = model.dims.adapter_dims().unwrap();
+    let init = HostAdapter::from_adapter(&load_gift(&data("train_init.safetensors"), &dims).unwrap()).unwrap();
+    assert_eq!(init.pairs.len(), 7);
+    let opt = AdamWConfig { lr: t["lr"].as_f64().unwrap(), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut tr = Trainer::new(&Cpu, &model, &init, opt).unwrap();
+    for (k, (b, want)) in t["batches"].as_array().unwrap().iter().zip(t["losses"].as_array().unwrap()).enumerate() {
+        let seqs: Vec<Vec<u32>> = serde_json::from_value(b.clone()).unwrap();
+        let loss = tr.step(&Batch::causal(&seqs).unwrap()).unwrap() as f64;
+        let want = want.as_f64().unwrap();
+        assert!(((loss - want) / want).abs() <= 1e-5, "step {k}: loss {loss} vs PyTorch {want}");
+    }
+    let fin = tr.host_adapter().unwrap();
+    let want = HostAdapter::from_adapter(&load_gift(&data("train_final.safetensors"), &dims).unwrap()).unwrap();
+    for (((m, phi, psi), (wm, wphi, wpsi)), (_, iphi, ipsi)) in fin.pairs.iter().zip(&want.pairs).zip(&init.pairs) {
+        assert_eq!(m, wm);
+        // Our update against PyTorch's, relative to its size.
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for ((g, w), i) in phi.iter().chain(psi).zip(wphi.iter().chain(wpsi)).zip(iphi.iter().chain(ipsi)) {
+            num += (*g as f64 - *w as f64).powi(2);
+            den += (*w as f64 - *i as f64).powi(2);
+        }
+        let dist = (num / den).sqrt();
+        assert!(den > 0.0 && dist <= 2e-4, "{}: our update is {dist:e} (relative) from PyTorch's", wegeft::model::llama::MODULES[*m]);
+    }
+}
+
 #[test]
 fn mistral_checkpoint_without_a_sliding_window_matches_transformers() {
     // The reference weights under MistralForCausalLM's config (plain RoPE, theta 1e6).
