@@ -1,7 +1,8 @@
 //! Tokenizer construction from GGUF metadata, structure-aware: the `tokenizer.ggml.*` keys
 //! are generated (vocabulary, merges, token types, special ids, pre-tokenizer, chat
 //! template), written with `GgufWriter`, read back, and the tokenizer is built and run on a
-//! generated text, and the chat template rendered. Must return `Err`, never panic.
+//! generated text, and the chat template rendered (a prompt, and a training conversation with
+//! its assistant turn found). Must return `Err`, never panic.
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -118,4 +119,12 @@ fuzz_target!(|inp: Input| {
     }
     let _ = tok.decode(&inp.decode, true);
     let _ = tok.chat_prompt(&inp.text);
+    // A training conversation: several renderings compared as prefixes, offsets mapped to turns.
+    let turns = [
+        wegeft::model::ChatMessage::new("user", inp.text.clone()),
+        wegeft::model::ChatMessage::new("assistant", inp.text.chars().rev().collect::<String>()),
+    ];
+    if let Ok((ids, target)) = tok.chat_targets(&turns) {
+        assert_eq!(ids.len(), target.len());
+    }
 });
