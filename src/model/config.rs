@@ -146,15 +146,8 @@ impl LlamaConfig {
             if rope_scaling != RopeScaling::None {
                 return Err(g.error("both llama.rope.scaling.type and a rope_freqs.weight tensor: which applies is ambiguous"));
             }
-            let (_, factors) = g.tensor_f32("rope_freqs.weight")?;
-            if factors.len() != head_dim / 2 {
-                return Err(g.error(format!(
-                    "tensor \"rope_freqs.weight\" has {} elements; heads of width {head_dim} need {}",
-                    factors.len(),
-                    head_dim / 2
-                )));
-            }
-            rope_scaling = RopeScaling::FreqFactors(factors);
+            // Its length and values are checked with the rest (`check`, `Rope::check`).
+            rope_scaling = RopeScaling::FreqFactors(g.tensor_f32("rope_freqs.weight")?.1);
         }
         let vocab_size = match g.get(&k("vocab_size")) {
             Some(_) => g.get_usize(&k("vocab_size"))?,
