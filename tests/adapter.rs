@@ -14,13 +14,6 @@ fn smol() -> ModelDims {
     ModelDims::new(30, 576, 1536).unwrap()
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wegeft-adapter-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn fixture(name: &str) -> PathBuf {
     common::fixtures_dir().join("smollm2").join(name)
 }
@@ -188,7 +181,7 @@ fn official_fixtures_load_with_expected_shapes() {
 
 #[test]
 fn gift_round_trip_is_bitwise() {
-    let dir = tmpdir("gift");
+    let dir = common::fresh_dir("adapter-gift");
     let a = load_gift(&fixture("final_adapter.safetensors"), &smol()).unwrap();
     let out = dir.join("adapter.safetensors");
     save_gift(&a, &out).unwrap();
@@ -237,7 +230,7 @@ fn gift_round_trip_is_bitwise() {
 
 #[test]
 fn gift_bad_files() {
-    let dir = tmpdir("giftbad");
+    let dir = common::fresh_dir("adapter-giftbad");
     let good = raw(&fixture("final_adapter.safetensors"));
     let p = dir.join("a.safetensors");
     let dims = smol();
@@ -368,7 +361,7 @@ fn peft_round_trips() {
     c.seed = 9;
     configs.push(c.clone());
     for (i, c) in configs.into_iter().enumerate() {
-        let dir = tmpdir(&format!("peft{i}"));
+        let dir = common::fresh_dir(&format!("adapter-peft{i}"));
         let a = random_values(&c, &dims, 1000 * i as u64);
         save_peft(&a, &dir).unwrap();
         let b = load_peft(&dir, &dims).unwrap();
@@ -400,7 +393,7 @@ fn peft_round_trips() {
 #[test]
 fn peft_config_semantics_of_the_fork() {
     let dims = ModelDims::new(3, 8, 12).unwrap();
-    let dir = tmpdir("peftsem");
+    let dir = common::fresh_dir("adapter-peftsem");
     // a config as the fork writes it by default: tied_modules null -> [[m] for m in targets],
     // which re.match never finds in "model.layers.L.self_attn.q_proj": every layer owns a pair
     let mut t = HashMap::new();
@@ -468,7 +461,7 @@ fn peft_config_semantics_of_the_fork() {
 fn gift_fixture_to_peft_and_back() {
     let dims = smol();
     let a = load_gift(&fixture("init_adapter.safetensors"), &dims).unwrap();
-    let dir = tmpdir("g2p");
+    let dir = common::fresh_dir("adapter-g2p");
     save_peft(&a, &dir).unwrap();
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(PEFT_CONFIG_FILE)).unwrap()).unwrap();
     assert_eq!(cfg["r"], 4);
@@ -481,7 +474,7 @@ fn gift_fixture_to_peft_and_back() {
 
 #[test]
 fn atomic_write_replaces_whole_file() {
-    let dir = tmpdir("atomic");
+    let dir = common::fresh_dir("adapter-atomic");
     let p = dir.join("f.bin");
     write_atomic(&p, b"first version").unwrap();
     write_atomic(&p, b"2").unwrap();

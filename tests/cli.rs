@@ -25,13 +25,6 @@ fn fails(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wegeft-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn fixture(name: &str) -> PathBuf {
     common::fixtures_dir().join("smollm2").join(name)
 }
@@ -66,7 +59,7 @@ fn score_prints_the_reference_numbers() {
 #[test]
 fn finetune_eval_merge_generate() {
     let m = model_path();
-    let dir = tmpdir("ft");
+    let dir = common::fresh_dir("cli-ft");
     let log = dir.join("log.jsonl");
     let out = dir.join("adapter");
     // The official run's setup (train.json): rank 4, all targets, lr 5e-3, batch 2, seq 24.
@@ -139,7 +132,7 @@ fn finetune_eval_merge_generate() {
 #[test]
 fn finetune_arithmetic_smoke_and_bench() {
     let m = model_path();
-    let dir = tmpdir("arith");
+    let dir = common::fresh_dir("cli-arith");
     let stdout = ok(&[
         "finetune",
         "--model",
@@ -181,7 +174,7 @@ fn bad_input_is_a_clear_error() {
     assert!(e.contains("CUDA"), "{e}");
     let e = fails(&["score", "--model", s(&m), "--tokens", "49152"]);
     assert!(e.contains("49152"), "{e}");
-    let dir = tmpdir("bad");
+    let dir = common::fresh_dir("cli-bad");
     let data = dir.join("bad.jsonl");
     std::fs::write(&data, "{\"tokens\": [1, 2, 3]}\n{\"txt\": \"oops\"}\n").unwrap();
     let e = fails(&["finetune", "--model", s(&m), "--data", s(&data), "--steps", "1", "--out", s(&dir)]);

@@ -3,6 +3,8 @@
 //! sequence longer than the context, `--steps 0`, an `--out` that cannot be written. Each is
 //! one line on stderr naming the file or the argument, a non-zero exit, and no output left.
 
+mod common;
+
 #[path = "common/tiny.rs"]
 mod tiny;
 
@@ -54,13 +56,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wegeft-clierr-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 struct T {
     dir: PathBuf,
     model: PathBuf,
@@ -68,7 +63,7 @@ struct T {
 }
 
 fn setup(name: &str) -> T {
-    let dir = tmpdir(name);
+    let dir = common::fresh_dir(&format!("clierr-{name}"));
     let model = dir.join("tiny.gguf");
     tiny::write_gguf(&model);
     let data = dir.join("train.jsonl");

@@ -133,8 +133,7 @@ fn gguf_with_rope_freqs_matches_transformers_and_writes_a_llama3_config() {
     let back = Rope::scaling_from_hf(&cfg["rope_scaling"], None).unwrap();
     assert_eq!(back, tiny_rope());
     // The HF checkpoint from this GGUF computes what the GGUF does.
-    let dir = std::env::temp_dir().join(format!("wegeft-llama3-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::fresh_dir("llama3");
     w.save_safetensors_hf(&dir).unwrap();
     let model = cpu_model(w);
     compare_with_transformers(&model, true);
@@ -180,14 +179,18 @@ fn finetune_of_the_llama3_model_matches_pytorch_in_float64() {
     }
 }
 
+/// A scratch HF checkpoint: the reference weights (`hf/model.safetensors`) under `config`.
+fn hf_weights_with(tag: &str, config: &serde_json::Value) -> PathBuf {
+    let dir = common::fresh_dir(tag);
+    std::fs::copy(data("hf/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
 #[test]
 fn mistral_checkpoint_without_a_sliding_window_matches_transformers() {
     // The reference weights under MistralForCausalLM's config (plain RoPE, theta 1e6).
-    let dir = std::env::temp_dir().join(format!("wegeft-mistral-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(data("hf/model.safetensors"), dir.join("model.safetensors")).unwrap();
-    std::fs::copy(data("mistral/config.json"), dir.join("config.json")).unwrap();
+    let dir = hf_weights_with("mistral", &json("mistral/config.json"));
     let w = LlamaWeights::load(&dir).unwrap();
     assert_eq!((w.config.rope_theta, &w.config.rope_scaling), (1e6, &RopeScaling::None));
     compare_with(&cpu_model(w), "mistral_logits.json", true);
@@ -202,13 +205,9 @@ fn mistral_checkpoint_without_a_sliding_window_matches_transformers() {
 
 #[test]
 fn unsupported_rope_scalings_are_refused_with_the_file_named() {
-    let dir = std::env::temp_dir().join(format!("wegeft-yarn-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(data("hf/model.safetensors"), dir.join("model.safetensors")).unwrap();
     let mut cfg = json("hf/config.json");
     cfg["rope_parameters"]["rope_type"] = "yarn".into();
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let dir = hf_weights_with("yarn", &cfg);
     let e = LlamaWeights::load(&dir).unwrap_err().to_string();
     assert!(e.contains("yarn") && e.contains("config.json"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -305,10 +304,11 @@ fn llama3_tokenizer_from_gguf_metadata_matches_tokenizers_and_apply_chat_templat
     assert_eq!(gguf.end_of_turn_id(), 128009);
     assert!(gguf.adds_bos());
     // Training text starts with BOS, as `tokenizer(text)` gives it for Llama 3.
-    let f = std::env::temp_dir().join(format!("wegeft-llama3-data-{}.jsonl", std::process::id()));
+    let scratch = common::fresh_dir("llama3-data");
+    let f = scratch.join("data.jsonl");
     std::fs::write(&f, "{\"text\": \"Hello world\"}\n{\"prompt\": \"Q\", \"completion\": \" A\"}\n").unwrap();
     let ex = wegeft::train::data::read_jsonl(&f, Some(&gguf), 64).unwrap();
-    std::fs::remove_file(&f).unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
     assert_eq!(ex[0].ids[0], 128000);
     assert_eq!(&ex[0].ids[1..], &gguf.encode("Hello world", false).unwrap()[..]);
     assert_eq!(ex[1].ids[0], 128000);
@@ -322,8 +322,7 @@ fn llama3_tokenizer_from_gguf_metadata_matches_tokenizers_and_apply_chat_templat
     assert_eq!(gguf.chat_prompt("What is 345 + 678?").unwrap(), ids(&r["chats"][0]["ids"]));
     // Written as an HF tokenizer (what `wegeft merge` writes) and read back: the same ids, BOS
     // from the written post-processor, the chat template kept.
-    let dir = std::env::temp_dir().join(format!("wegeft-llama3-tok-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::fresh_dir("llama3-tok");
     gguf.save_hf(&dir).unwrap();
     let back = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     assert!(back.adds_bos());
@@ -365,9 +364,7 @@ fn tiny_llama3_instruct_gguf(path: &Path) {
 
 #[test]
 fn cli_finetunes_scores_and_generates_with_a_llama3_gguf() {
-    let dir = std::env::temp_dir().join(format!("wegeft-llama3-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("llama3-cli");
     let m = dir.join("tiny-llama3-instruct.gguf");
     tiny_llama3_instruct_gguf(&m);
     let (ms, out, log) = (m.to_str().unwrap(), dir.join("adapter"), dir.join("log.jsonl"));
@@ -443,7 +440,8 @@ fn chat_records_train_on_the_assistant_turns_only() {
     assert_eq!(ids, tok.chat_ids(&msgs, false).unwrap());
     assert_eq!(common::target_runs(&tok, &ids, &target), ["4<|eot_id|>", "It is 6.<|eot_id|>"]);
     // Through a JSONL file: the same example.
-    let f = std::env::temp_dir().join(format!("wegeft-llama3-chat-{}.jsonl", std::process::id()));
+    let scratch = common::fresh_dir("llama3-chat");
+    let f = scratch.join("chat.jsonl");
     std::fs::write(&f, format!("{}\n", serde_json::json!({ "messages": msgs }))).unwrap();
     let ex = wegeft::train::data::read_jsonl(&f, Some(&tok), 4096).unwrap();
     assert_eq!((&ex[0].ids, &ex[0].target), (&ids, &target));
@@ -453,5 +451,5 @@ fn chat_records_train_on_the_assistant_turns_only() {
     assert!(e.contains("line 1") && e.contains("no assistant message"), "{e}");
     std::fs::write(&f, format!("{}\n", serde_json::json!({ "messages": msgs }))).unwrap();
     assert!(wegeft::train::data::read_jsonl(&f, None, 4096).unwrap_err().to_string().contains("tokenizer"));
-    std::fs::remove_file(&f).unwrap();
+    std::fs::remove_dir_all(&scratch).unwrap();
 }

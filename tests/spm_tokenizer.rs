@@ -112,9 +112,7 @@ fn tiny_llama2_gguf(path: &std::path::Path) {
 
 #[test]
 fn cli_finetunes_and_scores_a_sentencepiece_llama() {
-    let dir = std::env::temp_dir().join(format!("wegeft-spm-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir("spm-cli");
     let m = dir.join("tiny-llama2.gguf");
     tiny_llama2_gguf(&m);
     let tok = Tokenizer::from_gguf(&m).unwrap();

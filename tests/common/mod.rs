@@ -17,6 +17,15 @@ pub fn fixtures_dir() -> PathBuf {
     dir
 }
 
+/// An empty scratch directory `wegeft-<tag>-<pid>` in the system's temp dir (what an earlier
+/// run left there is removed first).
+pub fn fresh_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wegeft-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create a scratch directory");
+    d
+}
+
 /// Runs the `wegeft` binary with `args`.
 pub fn run_wegeft(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_wegeft")).args(args).output().expect("run wegeft")
