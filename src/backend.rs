@@ -131,6 +131,10 @@ pub trait Backend {
     ) -> Result<()>;
     /// `y <- y + x` (same length).
     fn add_assign(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// `y[r, :] += bias` for each of the `rows` rows of `y` (`rows x dim`, f32); `bias` has
+    /// `dim` elements (a frozen layer's bias).
+    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, rows: usize, dim: usize) -> Result<()>;
+
     /// `out <- a + b` (all of the same length; `out` is overwritten, so it may be an
     /// [`Backend::output`]). The default copies `a` and adds `b`.
     fn add(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf) -> Result<()> {

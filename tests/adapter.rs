@@ -113,6 +113,24 @@ fn layouts_and_pair_map() {
 }
 
 #[test]
+fn wide_attention_gives_o_proj_its_own_input_width() {
+    // Qwen3-0.6B: hidden 1024, 16 heads of 128: o_proj reads 2048 features.
+    let dims = ModelDims::new(2, 1024, 3072).unwrap().with_attn_width(2048).unwrap();
+    assert_eq!((dims.d_in(Module::QProj), dims.d_in(Module::OProj), dims.d_in(Module::DownProj)), (1024, 2048, 3072));
+    assert_eq!(ModelDims::new(2, 8, 12).unwrap().with_attn_width(8).unwrap(), ModelDims::new(2, 8, 12).unwrap());
+    assert!(ModelDims::new(2, 8, 12).unwrap().with_attn_width(0).is_err());
+    let a = Adapter::new(AdapterConfig::new(4, Module::ALL.to_vec()).unwrap(), dims).unwrap();
+    let o = a.pairs().iter().find(|p| p.name == "o_proj").unwrap();
+    assert_eq!((o.d_in, o.phi.len()), (2048, 2048 * 4));
+    // q_proj and o_proj no longer share an input space.
+    let mut c = AdapterConfig::new(4, vec![Module::QProj, Module::OProj]).unwrap();
+    c.sharing = Sharing::Groups(vec![ShareGroup { modules: vec![Module::QProj, Module::OProj], layers: None }]);
+    let e = Adapter::new(c.clone(), dims).unwrap_err().to_string();
+    assert!(e.contains("q_proj") && e.contains("o_proj") && e.contains("2048"), "{e}");
+    assert!(Adapter::new(c, ModelDims::new(2, 1024, 3072).unwrap()).is_ok());
+}
+
+#[test]
 fn initialisation() {
     let dims = ModelDims::new(2, 64, 256).unwrap();
     let mut c = AdapterConfig::new(8, Module::ALL.to_vec()).unwrap();

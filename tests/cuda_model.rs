@@ -124,6 +124,15 @@ fn elementwise_ops_match_cpu() {
     assert_eq!(gb.download(&yo).unwrap(), bf(&gb.download(&yf).unwrap()), "rmsnorm into an operand");
     assert_eq!(g.operand(7).unwrap().dtype(), DType::F32, "f32 weights: operands are f32");
 
+    // bias added to every row (exact: one f32 add per element).
+    let bias = rv(30, dim, 1.0);
+    let mut yb = rv(31, rows * dim, 1.0);
+    let mut ybd = up(&g, &yb);
+    Cpu.add_bias(&mut yb, &bias, rows, dim).unwrap();
+    g.add_bias(&mut ybd, &up(&g, &bias), rows, dim).unwrap();
+    assert_eq!(down(&g, &ybd), yb, "add_bias");
+    assert!(g.add_bias(&mut ybd, &up(&g, &bias[1..]), rows, dim).is_err(), "short bias");
+
     // rope forward and inverse at scattered positions.
     let (heads, hd) = (3usize, 64usize);
     let pos: Vec<u32> = (0..rows as u32).map(|t| (t * 37 + 5) % 900).collect();
@@ -532,6 +541,37 @@ fn smollm2_training_losses_match_cpu() {
     // The adapters moved the same way (AdamW normalises the step, so compare the updates).
     for (p, what, cos) in update_cosines(&ad, &got_ad, &want_ad) {
         assert!(cos > 0.8, "pair {p} {what}: cosine of the updates {cos}");
+    }
+}
+
+#[test]
+fn qwen_extras_match_cpu() {
+    for wdt in [DType::F32, DType::BF16] {
+        let g = gpu_or_skip!(wdt);
+        let mut w = smollm2::qwen_shaped(21);
+        if wdt == DType::BF16 {
+            w.round_to_bf16();
+        }
+        let d = w.dims.clone();
+        let ad = adapter(&d, 500);
+        let ids = prompt(&d, 24, 4);
+        let cpu = Llama::new(&Cpu, &w).unwrap();
+        let (want, _) = cpu.score(&Cpu, Some(&ad.upload(&Cpu, &d).unwrap()), &ids).unwrap();
+        let bts = batches(&d, 3, 2, 40);
+        let (want_l, want_ad) = train_losses(&Cpu, &cpu, &ad, &bts);
+        drop(cpu);
+        let dev = Llama::from_host(&g, w).unwrap();
+        let (got, _) = dev.score(&g, Some(&ad.upload(&g, &d).unwrap()), &ids).unwrap();
+        let tol = if wdt == DType::F32 { 1e-3 } else { 3e-2 };
+        close(&format!("Qwen-shaped logits {wdt:?}"), &got, &want, tol);
+        let (got_l, got_ad) = train_losses(&g, &dev, &ad, &bts);
+        println!("Qwen-shaped losses {wdt:?}: cuda {got_l:?}, cpu {want_l:?}");
+        for (k, (a, b)) in got_l.iter().zip(&want_l).enumerate() {
+            assert!(((a - b) / b).abs() < 2e-2, "{wdt:?} step {k}: loss {a} vs CPU {b}");
+        }
+        for (p, what, cos) in update_cosines(&ad, &got_ad, &want_ad) {
+            assert!(cos > 0.8, "{wdt:?} pair {p} {what}: cosine of the updates {cos}");
+        }
     }
 }
 

@@ -185,6 +185,9 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
     let sum: Vec<f32> = y.iter().zip(&x).map(|(a, b)| a + b).collect();
     assert_eq!(r("ew_sum"), sum, "add_f32");
     assert_eq!(r("ew_sum2"), sum, "add_out_f32");
+    let mut biased = y.clone();
+    Cpu.add_bias(&mut biased, &r("ew_bias"), 9, 70).unwrap();
+    assert_eq!(r("ew_biased"), biased, "add_bias_f32");
     let idx = [8usize, 0, 3, 5];
     let gath: Vec<f32> = idx.iter().flat_map(|&i| x[i * 70..(i + 1) * 70].to_vec()).collect();
     assert_eq!(r("ew_gather"), gath, "gather_rows_f32");

@@ -17,7 +17,7 @@ use common::wegeft_ok as wegeft;
 
 use wegeft::cpu::Cpu;
 use wegeft::model::llama::{argmax, HostWeights, Llama};
-use wegeft::model::weights::gguf::{GgufFile, GgufValue, GgufValueType, GgufWriter};
+use wegeft::model::weights::gguf::{GgufFile, GgufValue, GgufWriter};
 use wegeft::model::{ChatMessage, LlamaWeights, Tokenizer};
 use wegeft::rope::{Rope, RopeScaling};
 
@@ -250,36 +250,8 @@ fn llama3_gguf_tokenizer(tokenizer_json: &Path, template: &str) -> Tokenizer {
 
 /// Adds the tokenizer keys of [`llama3_gguf_tokenizer`] to `w`; returns the vocabulary size.
 fn llama3_tokenizer_metadata(w: &mut GgufWriter, tokenizer_json: &Path, template: &str) -> usize {
-    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tokenizer_json).unwrap()).unwrap();
-    let mut by_id: Vec<(u64, String, i32)> = t["model"]["vocab"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(tok, id)| (id.as_u64().unwrap(), tok.clone(), 1))
-        .collect();
-    for a in t["added_tokens"].as_array().unwrap() {
-        let ty = if a["special"].as_bool().unwrap() { 3 } else { 4 };
-        by_id.push((a["id"].as_u64().unwrap(), a["content"].as_str().unwrap().to_string(), ty));
-    }
-    by_id.sort();
-    assert!(by_id.iter().enumerate().all(|(i, (id, _, _))| *id == i as u64), "ids are not dense");
-    let strings = |v: Vec<String>| GgufValue::Array(GgufValueType::String, v.into_iter().map(GgufValue::String).collect());
-    let merges: Vec<String> =
-        t["model"]["merges"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect();
-    let id_of = |s: &str| by_id.iter().find(|(_, t, _)| t == s).unwrap().0 as u32;
-    w.kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()));
-    w.kv("tokenizer.ggml.pre", GgufValue::String("llama-bpe".into()));
-    w.kv("tokenizer.ggml.tokens", strings(by_id.iter().map(|(_, t, _)| t.clone()).collect()));
-    w.kv(
-        "tokenizer.ggml.token_type",
-        GgufValue::Array(GgufValueType::I32, by_id.iter().map(|(_, _, ty)| GgufValue::I32(*ty)).collect()),
-    );
-    w.kv("tokenizer.ggml.merges", strings(merges));
-    w.kv("tokenizer.ggml.bos_token_id", GgufValue::U32(id_of("<|begin_of_text|>")));
-    w.kv("tokenizer.ggml.eos_token_id", GgufValue::U32(id_of("<|eot_id|>")));
-    w.kv("tokenizer.ggml.add_bos_token", GgufValue::Bool(true));
-    w.kv("tokenizer.chat_template", GgufValue::String(template.into()));
-    by_id.len()
+    let v = common::GgufVocab { pre: "llama-bpe", bos: "<|begin_of_text|>", add_bos: true, eos: "<|eot_id|>", template };
+    common::gguf_tokenizer_metadata(w, tokenizer_json, &v)
 }
 
 #[test]

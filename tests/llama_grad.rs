@@ -86,7 +86,64 @@ fn check_grads(tied: bool, shared: bool, targets: &[usize], scale: f32) {
 }
 
 fn check_grads_with(d: Dims, tied: bool, shared: bool, targets: &[usize], scale: f32) {
-    let model = Llama::new(&Cpu, &tiny_weights(&d, 100, tied)).unwrap();
+    check_grads_on(tiny_weights(&d, 100, tied), shared, targets, scale)
+}
+
+/// Qwen2's extras: biases on q, k, v.
+const QWEN2_BIAS: [bool; 7] = [true, true, true, false, false, false, false];
+
+/// [`tiny_dims`] with heads wider than `hidden / heads` (q is 32 -> 48), as Qwen3's are.
+fn tiny_dims_wide_heads() -> Dims {
+    Dims { head_dim: 12, ..tiny_dims() }
+}
+
+/// Random weights with biases on `bias` and, with `qk_norm`, Qwen3's head norms.
+fn weights_with_extras(d: &Dims, tied: bool, bias: [bool; 7], qk_norm: bool) -> HostWeights {
+    let mut w = tiny_weights(d, 100, tied);
+    w.add_random_extras(9, bias, qk_norm);
+    w
+}
+
+#[test]
+fn grad_with_qwen2_biases() {
+    check_grads_on(weights_with_extras(&tiny_dims(), true, QWEN2_BIAS, false), true, &[0, 1, 2, 3, 4, 5, 6], 1.0);
+}
+
+#[test]
+fn grad_with_qwen3_head_norms_and_every_bias() {
+    let w = weights_with_extras(&tiny_dims_wide_heads(), false, [true; 7], true);
+    check_grads_on(w, true, &[0, 1, 2, 3, 4, 5, 6], 1.0);
+    // The lowest adapted layer is 1 here: its head norms' backward must still feed q and k.
+    let w = weights_with_extras(&tiny_dims_wide_heads(), false, [false; 7], true);
+    check_grads_on(w, false, &[0, 1], 0.5);
+}
+
+#[test]
+fn extras_change_the_model() {
+    // Biases and head norms are used (a test that ignored them would pass the gradient checks).
+    let d = tiny_dims_wide_heads();
+    let ids: Vec<u32> = vec![3, 14, 15, 9, 26];
+    let plain = Llama::new(&Cpu, &tiny_weights(&d, 100, true)).unwrap().score(&Cpu, None, &ids).unwrap().0;
+    for (bias, qk) in [(QWEN2_BIAS, false), ([false, false, false, true, false, false, false], false), ([false; 7], true)] {
+        let m = Llama::new(&Cpu, &weights_with_extras(&d, true, bias, qk)).unwrap();
+        let got = m.score(&Cpu, None, &ids).unwrap().0;
+        let diff = got.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff > 1e-2, "bias {bias:?} qk_norm {qk}: logits moved only {diff}");
+    }
+    // Mis-sized extras are refused, naming the tensor.
+    let mut w = weights_with_extras(&d, true, QWEN2_BIAS, true);
+    w.layers[1].bias[2].as_mut().unwrap().pop();
+    let e = Llama::new(&Cpu, &w).err().unwrap().to_string();
+    assert!(e.contains("layers.1.v_proj.bias"), "{e}");
+    let mut w = weights_with_extras(&d, true, QWEN2_BIAS, true);
+    w.layers[0].qk_norm.as_mut().unwrap().1.push(1.0);
+    let e = Llama::new(&Cpu, &w).err().unwrap().to_string();
+    assert!(e.contains("layers.0.k_norm"), "{e}");
+}
+
+fn check_grads_on(w: HostWeights, shared: bool, targets: &[usize], scale: f32) {
+    let d = w.dims.clone();
+    let model = Llama::new(&Cpu, &w).unwrap();
     let ad = tiny_adapter(&d, targets, shared, scale, 7);
     let batch = tiny_batch(&d);
     let a = ad.upload(&Cpu, &d).unwrap();
@@ -265,8 +322,21 @@ fn kv_cache_decode_with_llama3_rope_scaling() {
     kv_cache_decode_matches_full_forward_with(tiny_dims_llama3());
 }
 
+#[test]
+fn kv_cache_decode_with_qwen_extras() {
+    let d = tiny_dims_wide_heads();
+    let mut w = tiny_weights(&d, 5, true);
+    w.add_random_extras(4, QWEN2_BIAS, true);
+    kv_cache_decode_matches_full_forward_on(w);
+}
+
 fn kv_cache_decode_matches_full_forward_with(d: Dims) {
-    let model = Llama::new(&Cpu, &tiny_weights(&d, 5, true)).unwrap();
+    kv_cache_decode_matches_full_forward_on(tiny_weights(&d, 5, true))
+}
+
+fn kv_cache_decode_matches_full_forward_on(w: HostWeights) {
+    let d = w.dims.clone();
+    let model = Llama::new(&Cpu, &w).unwrap();
     let ad = tiny_adapter(&d, &[0, 1, 2, 3, 4, 5, 6], true, 1.0, 3).upload(&Cpu, &d).unwrap();
     let ids: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8, 9];
     let (logits, _) = model.score(&Cpu, Some(&ad), &ids).unwrap();

@@ -806,6 +806,9 @@ fn tiny_config() -> LlamaConfig {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_id: None,
+        arch: Default::default(),
+        attention_bias: false,
+        mlp_bias: false,
     }
 }
 
@@ -837,6 +840,12 @@ type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
 
 /// The HF tensors of the tiny model (name, shape, values) and its GGUF file.
 fn tiny_model(tied: bool) -> (Named, GgufWriter) {
+    tiny_model_with(tied, false)
+}
+
+/// [`tiny_model`], with `bias`: a bias on every projection (Llama's `attention_bias` and
+/// `mlp_bias`), q's and k's permuted in the GGUF as their rows are.
+fn tiny_model_with(tied: bool, bias: bool) -> (Named, GgufWriter) {
     let (v, h, i, l, nh, nkv, hd) = TINY;
     let mut hf = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
     for layer in 0..l {
@@ -852,6 +861,19 @@ fn tiny_model(tied: bool) -> (Named, GgufWriter) {
             ("post_attention_layernorm", vec![h]),
         ] {
             hf.push((format!("model.layers.{layer}.{f}.weight"), s));
+        }
+        if bias {
+            for (f, n) in [
+                ("self_attn.q_proj", nh * hd),
+                ("self_attn.k_proj", nkv * hd),
+                ("self_attn.v_proj", nkv * hd),
+                ("self_attn.o_proj", h),
+                ("mlp.gate_proj", i),
+                ("mlp.up_proj", i),
+                ("mlp.down_proj", h),
+            ] {
+                hf.push((format!("model.layers.{layer}.{f}.bias"), vec![n]));
+            }
         }
     }
     hf.push(("model.norm.weight".to_string(), vec![h]));
@@ -893,10 +915,11 @@ fn tiny_model(tied: bool) -> (Named, GgufWriter) {
             .replace("input_layernorm", "attn_norm")
             .replace("model.norm", "output_norm")
             .replace("lm_head", "output");
+        let cols = shape.get(1).copied().unwrap_or(1);
         let data = if g.contains("attn_q") {
-            llama_cpp_permute(data, nh, shape[0], shape[1])
+            llama_cpp_permute(data, nh, shape[0], cols)
         } else if g.contains("attn_k") {
-            llama_cpp_permute(data, nkv, shape[0], shape[1])
+            llama_cpp_permute(data, nkv, shape[0], cols)
         } else {
             data.clone()
         };
@@ -942,6 +965,31 @@ fn tiny_gguf_loads_with_hf_names_and_unpermuted_rows() {
         assert_eq!(LlamaWeights::from_safetensors_dir(&out).unwrap(), w);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+#[test]
+fn llama_gguf_with_biases_loads_them_unpermuted_and_round_trips() {
+    let (hf, writer) = tiny_model_with(false, true);
+    let g = GgufFile::from_bytes("biased.gguf", writer.to_bytes().unwrap()).unwrap();
+    let w = LlamaWeights::from_gguf_file(&g).unwrap();
+    assert!(w.config.attention_bias && w.config.mlp_bias);
+    assert_weights_equal_hf(&w, &hf);
+    // config.json says so, and the HF checkpoint reads back the same.
+    let dir = temp_dir("biased");
+    w.save_safetensors_hf(&dir).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["attention_bias"].as_bool(), cfg["mlp_bias"].as_bool()), (Some(true), Some(true)));
+    assert_eq!(LlamaWeights::load(&dir).unwrap(), w);
+    std::fs::remove_dir_all(&dir).unwrap();
+    // A bias the config does not have, or one it has missing, is refused by name.
+    let mut bad = w.clone();
+    bad.layers[1].biases[5] = None;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("layer 1") && e.contains("up_proj"), "{e}");
+    let mut bad = w;
+    bad.config.mlp_bias = false;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("gate_proj") && e.contains("none"), "{e}");
 }
 
 #[test]
@@ -1045,7 +1093,7 @@ fn gguf_weights_with_wrong_shapes_or_missing_tensors_are_errors() {
             }
         }
         if extra {
-            w.tensor_f32("blk.0.attn_q.bias", &[nh * hd], &vec![0.0; nh * hd]).unwrap();
+            w.tensor_f32("blk.0.attn_sinks.weight", &[nh], &vec![0.0; nh]).unwrap();
         }
         w.to_bytes().unwrap()
     };
@@ -1066,7 +1114,7 @@ fn gguf_weights_with_wrong_shapes_or_missing_tensors_are_errors() {
     check(rebuild("blk.1.ffn_up.weight", None, false), "blk.1.ffn_up.weight");
     check(rebuild("", Some(("blk.0.attn_k.weight", vec![2 * hd, h])), false), "blk.0.attn_k.weight");
     check(rebuild("", Some(("output_norm.weight", vec![h + 1])), false), "output_norm.weight");
-    check(rebuild("", None, true), "blk.0.attn_q.bias");
+    check(rebuild("", None, true), "blk.0.attn_sinks.weight");
 }
 
 #[test]

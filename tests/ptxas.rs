@@ -117,9 +117,10 @@ fn every_module_has_all_images() {
 }
 
 /// Every kernel the model's backend (`src/cuda/backend.rs`, `src/cuda/attention.rs`) launches.
-const MODEL_KERNELS: [&str; 24] = [
+const MODEL_KERNELS: [&str; 25] = [
     "add_f32",
     "add_out_f32",
+    "add_bias_f32",
     "cast_f32_bf16",
     "cast_bf16_f32",
     "gather_rows_f32",

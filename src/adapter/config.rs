@@ -67,30 +67,43 @@ impl std::fmt::Display for Module {
 }
 
 /// The dimensions of the model an adapter is built for. WeGeFT's `phi`/`psi` live in the
-/// *input* space of each layer: `d_in` is `hidden` for every module but `down_proj`, whose
-/// `d_in` is `intermediate`.
+/// *input* space of each layer: `d_in` is `hidden` for q, k, v, gate and up, `intermediate` for
+/// `down_proj`, and the attention's width (`heads * head_dim`, which is `hidden` except in
+/// models such as Qwen3 whose heads are wider) for `o_proj`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelDims {
     pub n_layers: usize,
     pub hidden: usize,
     pub intermediate: usize,
+    /// `o_proj`'s input width, `heads * head_dim` (`hidden` when absent from a file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_width: Option<usize>,
 }
 
 impl ModelDims {
+    /// Dimensions of a model whose attention is `hidden` wide (see [`ModelDims::with_attn_width`]).
     pub fn new(n_layers: usize, hidden: usize, intermediate: usize) -> Result<Self> {
         for (what, v) in [("n_layers", n_layers), ("hidden", hidden), ("intermediate", intermediate)] {
             if v == 0 {
                 return Err(Error::ZeroDim { what });
             }
         }
-        Ok(ModelDims { n_layers, hidden, intermediate })
+        Ok(ModelDims { n_layers, hidden, intermediate, attn_width: None })
+    }
+    /// The same dimensions with an attention of `width = heads * head_dim` (`o_proj`'s input).
+    pub fn with_attn_width(mut self, width: usize) -> Result<Self> {
+        if width == 0 {
+            return Err(Error::ZeroDim { what: "attn_width" });
+        }
+        self.attn_width = (width != self.hidden).then_some(width);
+        Ok(self)
     }
     /// The input width of `module`.
     pub fn d_in(&self, module: Module) -> usize {
-        if module == Module::DownProj {
-            self.intermediate
-        } else {
-            self.hidden
+        match module {
+            Module::DownProj => self.intermediate,
+            Module::OProj => self.attn_width.unwrap_or(self.hidden),
+            _ => self.hidden,
         }
     }
 }

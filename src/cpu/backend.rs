@@ -133,6 +133,10 @@ impl Backend for Cpu {
     fn add(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         ops::add(a, b, out)
     }
+    fn add_bias(&self, y: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, dim: usize) -> Result<()> {
+        need("bias", bias, dim)?;
+        ops::add_bias(y, bias, rows)
+    }
 
     fn embedding_forward(
         &self,

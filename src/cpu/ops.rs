@@ -77,6 +77,21 @@ pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// `y[r, :] += bias` for every row `r` of `y` (`rows x bias.len()`).
+pub fn add_bias(y: &mut [f32], bias: &[f32], rows: usize) -> Result<()> {
+    let dim = bias.len();
+    if dim == 0 {
+        return Err(Error::ZeroDim { what: "bias" });
+    }
+    check_len("y", y.len(), rows.checked_mul(dim).ok_or(Error::Overflow { what: "y", rows, cols: dim })?)?;
+    y.par_chunks_mut(dim).for_each(|row| {
+        for (a, b) in row.iter_mut().zip(bias) {
+            *a += *b;
+        }
+    });
+    Ok(())
+}
+
 /// `x[i] *= alpha`.
 pub fn scale_inplace(x: &mut [f32], alpha: f32) -> Result<()> {
     x.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|v| *v *= alpha));

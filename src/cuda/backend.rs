@@ -582,6 +582,20 @@ impl Backend for Gpu {
         self.store_f32(x.ptr, DType::F32, y, true)
     }
 
+    fn add_bias(&self, y: &mut GpuBuf, bias: &GpuBuf, rows: usize, dim: usize) -> Result<()> {
+        if dim == 0 || dim > i32::MAX as usize {
+            return Err(Error::invalid("dim", format!("{dim} must be in 1..=i32::MAX")));
+        }
+        let n = rows.checked_mul(dim).ok_or(Error::Overflow { what: "y", rows, cols: dim })?;
+        need_f32("y", y, n)?;
+        need_f32("bias", bias, dim)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (yp, bp, r, d) = (y.ptr, bias.ptr, rows as i64, dim as i32);
+        self.run("add_bias", "add_bias_f32", self.grid(n), THREADS, &kargs![yp, bp, r, d])
+    }
+
     fn add(&self, a: &GpuBuf, b: &GpuBuf, out: &mut GpuBuf) -> Result<()> {
         let n = a.len;
         need_f32("a", a, n)?;

@@ -1,5 +1,5 @@
-//! The Llama hyper-parameters, read from GGUF metadata (`llama.*` keys) or from a Hugging Face
-//! `config.json`, and written back as a `config.json`.
+//! The Llama hyper-parameters, read from GGUF metadata (`llama.*`, `qwen2.*` or `qwen3.*` keys)
+//! or from a Hugging Face `config.json`, and written back as a `config.json`.
 //!
 //! The model these describe (HF `LlamaForCausalLM`): `embed_tokens` (vocab x hidden), then
 //! `num_hidden_layers` blocks of
@@ -10,6 +10,12 @@
 //! `num_key_value_heads` key/value heads (GQA) of `head_dim`; RoPE rotates `(x[i], x[i+head_dim/2])`
 //! by the angle `pos * rope_theta^(-2i/head_dim)`, with the frequencies scaled as `rope_scaling`
 //! says ([`crate::rope`]: linear, Llama 3.1's `llama3`, or a GGUF's `rope_freqs` factors).
+//!
+//! Two families built on the same block are read too ([`Arch`]): Qwen2 (Qwen2.5), whose q, k
+//! and v projections have biases, and Qwen3, which applies an RMSNorm of `head_dim` to every
+//! query and key head before RoPE (`q_norm`, `k_norm`). Llama's own `attention_bias` (q, k, v,
+//! o) and `mlp_bias` (gate, up, down) are supported as well. Biases and norms are frozen: the
+//! adapter edits `W` only, `y = x (W + s W phi psi)^T + b`.
 
 use std::path::Path;
 
@@ -19,9 +25,39 @@ use super::weights::gguf::GgufFile;
 use crate::error::{Error, Result};
 use crate::rope::{Rope, RopeScaling};
 
+/// The model family: Llama's block, and what Qwen2 and Qwen3 add to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Llama (also Mistral without a sliding window): biases only where `attention_bias` /
+    /// `mlp_bias` say.
+    #[default]
+    Llama,
+    /// Qwen2 and Qwen2.5: biases on q, k and v, none elsewhere.
+    Qwen2,
+    /// Qwen3: RMSNorm over each query and key head (`q_norm`, `k_norm`) before RoPE; biases on
+    /// q, k, v and o only with `attention_bias`.
+    Qwen3,
+}
+
+impl Arch {
+    /// The name of the architecture in GGUF metadata (`general.architecture`) and the prefix of
+    /// its keys.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+}
+
 /// Llama hyper-parameters, with Hugging Face `config.json` field names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// The model family (Llama unless said).
+    #[serde(default)]
+    pub arch: Arch,
     /// Number of tokens in the vocabulary (rows of `embed_tokens`).
     pub vocab_size: usize,
     /// Model width `d`.
@@ -51,6 +87,12 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token id, if the model has one.
     pub eos_token_id: Option<u32>,
+    /// Biases on q, k, v and o (Llama, Qwen3; Qwen2 has them on q, k, v regardless).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on gate, up and down (Llama).
+    #[serde(default)]
+    pub mlp_bias: bool,
 }
 
 /// The subset of an HF `config.json` this crate reads.
@@ -59,6 +101,10 @@ struct HfConfig {
     model_type: Option<String>,
     /// Mistral's sliding attention window (`null`: full causal attention, as Llama).
     sliding_window: Option<serde_json::Value>,
+    /// Qwen2/Qwen3: whether `sliding_window` applies at all.
+    use_sliding_window: Option<bool>,
+    /// transformers 5: each layer's attention kind (`full_attention`, `sliding_attention`).
+    layer_types: Option<Vec<String>>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -91,18 +137,26 @@ fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
 }
 
 impl LlamaConfig {
-    /// Reads the config from GGUF metadata: `general.architecture` must be `llama`; keys
-    /// `llama.{block_count, embedding_length, feed_forward_length, attention.head_count,
-    /// attention.head_count_kv, rope.freq_base, attention.layer_norm_rms_epsilon,
-    /// context_length, vocab_size, attention.key_length, rope.dimension_count}`. The vocabulary
-    /// falls back to the length of `tokenizer.ggml.tokens`; the embeddings are tied when the
-    /// file has no `output.weight`.
+    /// Reads the config from GGUF metadata: `general.architecture` is `llama`, `qwen2` or
+    /// `qwen3` ([`Arch`]), and its keys `<arch>.{block_count, embedding_length,
+    /// feed_forward_length, attention.head_count, attention.head_count_kv, rope.freq_base,
+    /// attention.layer_norm_rms_epsilon, context_length, vocab_size, attention.key_length,
+    /// rope.dimension_count}`. The vocabulary falls back to the length of
+    /// `tokenizer.ggml.tokens`, then to the rows of `token_embd.weight`; the embeddings are tied when the file has no `output.weight`;
+    /// Llama's and Qwen3's `attention_bias` / `mlp_bias` are read off the first layer's tensors
+    /// (`blk.0.attn_q.bias`, `blk.0.ffn_up.bias`).
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g.get_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(g.error(format!("general.architecture is {arch:?}; only \"llama\" is supported")));
-        }
-        let k = |s: &str| format!("llama.{s}");
+        let arch = match g.get_str("general.architecture")? {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            other => {
+                return Err(g.error(format!(
+                    "general.architecture is {other:?}; supported: \"llama\", \"qwen2\", \"qwen3\""
+                )))
+            }
+        };
+        let k = |s: &str| format!("{}.{s}", arch.gguf_name());
         let hidden_size = g.get_usize(&k("embedding_length"))?;
         let num_attention_heads = g.get_usize(&k("attention.head_count"))?;
         let num_key_value_heads = match g.get(&k("attention.head_count_kv")) {
@@ -117,16 +171,18 @@ impl LlamaConfig {
         if g.get(&k("attention.value_length")).is_some() {
             let vl = g.get_usize(&k("attention.value_length"))?;
             if vl != head_dim {
-                return Err(
-                    g.error(format!("llama.attention.value_length {vl} differs from key_length {head_dim}"))
-                );
+                return Err(g.error(format!(
+                    "{} {vl} differs from key_length {head_dim}",
+                    k("attention.value_length")
+                )));
             }
         }
         if g.get(&k("rope.dimension_count")).is_some() {
             let rd = g.get_usize(&k("rope.dimension_count"))?;
             if rd != head_dim {
                 return Err(g.error(format!(
-                    "llama.rope.dimension_count {rd} differs from head_dim {head_dim}: partial RoPE is not supported"
+                    "{} {rd} differs from head_dim {head_dim}: partial RoPE is not supported",
+                    k("rope.dimension_count")
                 )));
             }
         }
@@ -137,21 +193,28 @@ impl LlamaConfig {
                 "linear" => RopeScaling::Linear { factor: g.get_f64(&k("rope.scaling.factor"))? as f32 },
                 other => {
                     return Err(g.error(format!(
-                        "llama.rope.scaling.type {other:?} is not supported (supported: none, linear, and Llama 3's rope_freqs)"
+                        "{} {other:?} is not supported (supported: none, linear, and Llama 3's rope_freqs)",
+                        k("rope.scaling.type")
                     )))
                 }
             },
         };
         if g.has_tensor("rope_freqs.weight") {
             if rope_scaling != RopeScaling::None {
-                return Err(g.error("both llama.rope.scaling.type and a rope_freqs.weight tensor: which applies is ambiguous"));
+                return Err(g.error(format!(
+                    "both {} and a rope_freqs.weight tensor: which applies is ambiguous",
+                    k("rope.scaling.type")
+                )));
             }
             // Its length and values are checked with the rest (`check`, `Rope::check`).
             rope_scaling = RopeScaling::FreqFactors(g.tensor_f32("rope_freqs.weight")?.1);
         }
+        // llama.cpp's Qwen converters write no `vocab_size`: the tokenizer's length, or else
+        // the embedding's rows, say it.
         let vocab_size = match g.get(&k("vocab_size")) {
             Some(_) => g.get_usize(&k("vocab_size"))?,
-            None => g.get_str_array("tokenizer.ggml.tokens")?.len(),
+            None if g.get("tokenizer.ggml.tokens").is_some() => g.get_str_array("tokenizer.ggml.tokens")?.len(),
+            None => g.tensor_info("token_embd.weight")?.shape().first().copied().unwrap_or(0),
         };
         let id = |key: &str| -> Result<Option<u32>> {
             match g.get(key) {
@@ -161,7 +224,13 @@ impl LlamaConfig {
                     .map_err(|_| g.error(format!("metadata {key:?} does not fit u32"))),
             }
         };
+        // Qwen2's q/k/v biases come with the architecture; Llama's and Qwen3's optional ones
+        // are all there or all absent (checked when the weights load).
+        let attention_bias = arch != Arch::Qwen2
+            && (g.has_tensor("blk.0.attn_q.bias") || g.has_tensor("blk.0.attn_output.bias"));
+        let mlp_bias = g.has_tensor("blk.0.ffn_up.bias") || g.has_tensor("blk.0.ffn_down.bias");
         let cfg = LlamaConfig {
+            arch,
             vocab_size,
             hidden_size,
             intermediate_size: g.get_usize(&k("feed_forward_length"))?,
@@ -179,14 +248,16 @@ impl LlamaConfig {
             tie_word_embeddings: !g.has_tensor("output.weight"),
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
             eos_token_id: id("tokenizer.ggml.eos_token_id")?,
+            attention_bias,
+            mlp_bias,
         };
         cfg.check().map_err(|m| g.error(m))?;
         Ok(cfg)
     }
 
-    /// Reads an HF `config.json` (`model_type` `llama`, absent, or `mistral` without a sliding
-    /// window shorter than the context; RoPE as [`Rope::scaling_from_hf`] reads it, no biases,
-    /// `hidden_act` `silu`). Missing fields take transformers' `LlamaConfig` defaults
+    /// Reads an HF `config.json` (`model_type` `llama` or absent, `mistral` without a sliding
+    /// window shorter than the context, `qwen2` or `qwen3` without `use_sliding_window`; RoPE as
+    /// [`Rope::scaling_from_hf`] reads it; `attention_bias`, `mlp_bias`; `hidden_act` `silu`). Missing fields take transformers' `LlamaConfig` defaults
     /// (`rope_theta` 10000, `rms_norm_eps` 1e-6, `max_position_embeddings` 2048,
     /// `tie_word_embeddings` false); `rope_theta` may also come from transformers 5's
     /// `rope_parameters`.
@@ -199,22 +270,52 @@ impl LlamaConfig {
     /// Parses the text of an HF `config.json`; the error is a message without the path.
     fn from_hf_str(text: &str) -> std::result::Result<Self, String> {
         let h: HfConfig = serde_json::from_str(text).map_err(|e| format!("config.json: {e}"))?;
-        match h.model_type.as_deref() {
-            None | Some("llama") => {}
+        let ctx = h.max_position_embeddings.unwrap_or(2048) as u64;
+        // A window no shorter than the context cuts nothing: the model is then plain causal.
+        let window_cuts = |w: Option<&serde_json::Value>| -> Option<String> {
+            let w = w.filter(|w| !w.is_null())?;
+            w.as_u64().map_or(true, |w| w < ctx).then(|| w.to_string())
+        };
+        let arch = match h.model_type.as_deref() {
+            None | Some("llama") => Arch::Llama,
             // Mistral is Llama's architecture plus an optional sliding window; without one
             // (Mistral 7B v0.2 and later), or with one no shorter than the context, the same model.
             Some("mistral") => {
-                let window = h.sliding_window.as_ref().filter(|w| !w.is_null());
-                if let Some(w) = window {
-                    let ctx = h.max_position_embeddings.unwrap_or(2048) as u64;
-                    if w.as_u64().map_or(true, |w| w < ctx) {
+                if let Some(w) = window_cuts(h.sliding_window.as_ref()) {
+                    return Err(format!(
+                        "model_type \"mistral\" with sliding_window {w} (shorter than the {ctx}-token context) is not supported"
+                    ));
+                }
+                Arch::Llama
+            }
+            // Qwen2/Qwen3 carry a `sliding_window` that applies only with `use_sliding_window`.
+            Some(mt @ ("qwen2" | "qwen3")) => {
+                if h.use_sliding_window == Some(true) {
+                    if let Some(w) = window_cuts(h.sliding_window.as_ref()) {
                         return Err(format!(
-                            "model_type \"mistral\" with sliding_window {w} (shorter than the {ctx}-token context) is not supported"
+                            "model_type {mt:?} with use_sliding_window and sliding_window {w} (shorter than the {ctx}-token context) is not supported"
                         ));
                     }
                 }
+                if h.mlp_bias == Some(true) {
+                    return Err(format!("model_type {mt:?} with mlp_bias is not supported"));
+                }
+                if mt == "qwen2" {
+                    Arch::Qwen2
+                } else {
+                    Arch::Qwen3
+                }
             }
-            Some(mt) => return Err(format!("model_type {mt:?}; only \"llama\" (and \"mistral\" without a sliding window) is supported")),
+            Some(mt) => {
+                return Err(format!(
+                    "model_type {mt:?}; supported: \"llama\", \"mistral\" (without a sliding window), \"qwen2\", \"qwen3\""
+                ))
+            }
+        };
+        if let Some(kinds) = &h.layer_types {
+            if let Some(other) = kinds.iter().find(|t| t.as_str() != "full_attention") {
+                return Err(format!("layer_types holds {other:?}; only full_attention layers are supported"));
+            }
         }
         // transformers < 5: `rope_theta` + `rope_scaling`; transformers 5: `rope_parameters`
         // holding both. A file may carry either or both, as long as they agree.
@@ -241,9 +342,6 @@ impl LlamaConfig {
                 rope_theta = Some(t);
             }
         }
-        if h.attention_bias == Some(true) || h.mlp_bias == Some(true) {
-            return Err("attention_bias / mlp_bias are not supported".into());
-        }
         if let Some(act) = &h.hidden_act {
             if act != "silu" {
                 return Err(format!("hidden_act {act:?}; only \"silu\" is supported"));
@@ -255,6 +353,7 @@ impl LlamaConfig {
             None => 0,
         };
         let cfg = LlamaConfig {
+            arch,
             vocab_size: h.vocab_size,
             hidden_size: h.hidden_size,
             intermediate_size: h.intermediate_size,
@@ -269,6 +368,9 @@ impl LlamaConfig {
             tie_word_embeddings: h.tie_word_embeddings.unwrap_or(false),
             bos_token_id: first_id(&h.bos_token_id),
             eos_token_id: first_id(&h.eos_token_id),
+            // Qwen2's q/k/v biases come with the architecture ([`LlamaConfig::has_bias`]).
+            attention_bias: arch != Arch::Qwen2 && h.attention_bias == Some(true),
+            mlp_bias: h.mlp_bias == Some(true),
         };
         cfg.check()?;
         Ok(cfg)
@@ -356,16 +458,30 @@ impl LlamaConfig {
         })
     }
 
-    /// The HF `config.json` for this model (`LlamaForCausalLM`, float32). A GGUF's RoPE
-    /// frequency factors are written as the Llama 3 `rope_scaling` they were made from
-    /// ([`Rope::hf_scaling`]); factors that follow no such rule are an [`Error::Invalid`] on
-    /// `rope_scaling`, since `config.json` cannot say them.
+    /// Whether linear module `m` (index into [`super::llama::MODULES`]: q, k, v, o, gate, up,
+    /// down) has a bias.
+    pub fn has_bias(&self, m: usize) -> bool {
+        match (self.arch, m) {
+            (Arch::Qwen2, 0..=2) => true,
+            (Arch::Qwen2, _) => false,
+            (_, 0..=3) => self.attention_bias,
+            _ => self.mlp_bias,
+        }
+    }
+
+    /// Whether every query and key head is RMS-normed before RoPE (Qwen3's `q_norm`, `k_norm`).
+    pub fn qk_norm(&self) -> bool {
+        self.arch == Arch::Qwen3
+    }
+
+    /// The HF `config.json` for this model (`LlamaForCausalLM`, `Qwen2ForCausalLM` or
+    /// `Qwen3ForCausalLM`, float32). A GGUF's RoPE frequency factors are written as the Llama 3
+    /// `rope_scaling` they were made from ([`Rope::hf_scaling`]); factors that follow no such
+    /// rule are an [`Error::Invalid`] on `rope_scaling`, since `config.json` cannot say them.
     pub fn to_hf_json(&self) -> Result<serde_json::Value> {
         let rope_scaling =
             self.rope().hf_scaling(self.head_dim).map_err(|m| Error::invalid("rope_scaling", m))?;
-        Ok(serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        let mut v = serde_json::json!({
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -379,12 +495,34 @@ impl LlamaConfig {
             "rms_norm_eps": self.rms_norm_eps as f64,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": false,
-            "mlp_bias": false,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
-        }))
+        });
+        let extra = match self.arch {
+            Arch::Llama => serde_json::json!({
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "attention_bias": self.attention_bias,
+                "mlp_bias": self.mlp_bias,
+            }),
+            Arch::Qwen2 => serde_json::json!({
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "use_sliding_window": false,
+            }),
+            Arch::Qwen3 => serde_json::json!({
+                "architectures": ["Qwen3ForCausalLM"],
+                "model_type": "qwen3",
+                "use_sliding_window": false,
+                "attention_bias": self.attention_bias,
+            }),
+        };
+        let map = v.as_object_mut().expect("an object");
+        for (key, val) in extra.as_object().expect("an object") {
+            map.insert(key.clone(), val.clone());
+        }
+        Ok(v)
     }
 }
 
@@ -414,9 +552,54 @@ mod tests {
             tie_word_embeddings: true,
             bos_token_id: Some(1),
             eos_token_id: Some(2),
+            arch: Arch::Llama,
+            attention_bias: false,
+            mlp_bias: false,
         };
         let text = cfg.to_hf_json().unwrap().to_string();
         assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), cfg);
+        // Every family and bias setting survives the round trip.
+        for (arch, attention_bias, mlp_bias) in [
+            (Arch::Llama, true, true),
+            (Arch::Llama, false, true),
+            (Arch::Qwen2, false, false),
+            (Arch::Qwen3, true, false),
+            (Arch::Qwen3, false, false),
+        ] {
+            let c = LlamaConfig { arch, attention_bias, mlp_bias, ..cfg.clone() };
+            let text = c.to_hf_json().unwrap().to_string();
+            assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), c, "{text}");
+        }
+    }
+
+    #[test]
+    fn qwen_configs_read_their_family() {
+        let base = r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":2,"num_attention_heads":2,"max_position_embeddings":4096"#;
+        let q2 = LlamaConfig::from_hf_str(&format!(
+            "{base},\"model_type\":\"qwen2\",\"sliding_window\":1024,\"use_sliding_window\":false}}"
+        ))
+        .unwrap();
+        assert_eq!(q2.arch, Arch::Qwen2);
+        assert_eq!((0..7).map(|m| q2.has_bias(m)).collect::<Vec<_>>(), [true, true, true, false, false, false, false]);
+        assert!(!q2.qk_norm());
+        let e = LlamaConfig::from_hf_str(&format!(
+            "{base},\"model_type\":\"qwen2\",\"sliding_window\":1024,\"use_sliding_window\":true}}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("use_sliding_window") && e.contains("1024"), "{e}");
+        let e = LlamaConfig::from_hf_str(&format!(
+            "{base},\"model_type\":\"qwen3\",\"layer_types\":[\"full_attention\",\"sliding_attention\"]}}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("sliding_attention"), "{e}");
+        let q3 = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"qwen3\",\"head_dim\":6}}")).unwrap();
+        assert!(q3.qk_norm() && (0..7).all(|m| !q3.has_bias(m)));
+        assert_eq!(q3.head_dim, 6);
+        let q3b = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"qwen3\",\"attention_bias\":true}}")).unwrap();
+        assert_eq!((0..7).map(|m| q3b.has_bias(m)).collect::<Vec<_>>(), [true, true, true, true, false, false, false]);
+        let l = LlamaConfig::from_hf_str(&format!("{base},\"mlp_bias\":true}}")).unwrap();
+        assert_eq!((0..7).map(|m| l.has_bias(m)).collect::<Vec<_>>(), [false, false, false, false, true, true, true]);
+        assert!(LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"qwen3\",\"mlp_bias\":true}}")).is_err());
     }
 
     #[test]

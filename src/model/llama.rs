@@ -12,7 +12,9 @@
 //!
 //! then `logits = (rmsnorm(x) * w_final) E^T` (tied or untied head) and the mean
 //! cross-entropy over the labelled positions. Each `proj_*` is a frozen linear layer or,
-//! where the adapter has a pair for that site, a WeGeFT layer `y = x W^T + (x psi^T)(s W phi)^T`.
+//! where the adapter has a pair for that site, a WeGeFT layer `y = x W^T + (x psi^T)(s W phi)^T`,
+//! plus a frozen bias where the model has one (Qwen2's q, k, v). Qwen3 RMS-norms every query
+//! and key head (weights `q_norm`, `k_norm` of `head_dim`) between the projection and RoPE.
 
 use crate::backend::{AttnShape, Backend, Dropout};
 use crate::error::{Error, Result};
@@ -101,6 +103,10 @@ pub struct HostLayer {
     pub mlp_norm: Vec<f32>,
     /// In [`MODULES`] order.
     pub proj: [Vec<f32>; 7],
+    /// The projections' biases (`d_out`), where they have one, in [`MODULES`] order.
+    pub bias: [Option<Vec<f32>>; 7],
+    /// Qwen3's RMSNorm weights (`head_dim` each) of every query head and every key head.
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// Host-side weights of a whole model.
@@ -119,6 +125,8 @@ struct Layer<B: Backend> {
     attn_norm: B::Buf,
     mlp_norm: B::Buf,
     proj: [B::Buf; 7],
+    bias: [Option<B::Buf>; 7],
+    qk_norm: Option<(B::Buf, B::Buf)>,
 }
 
 /// A Llama model whose weights live on backend `B`.
@@ -448,6 +456,8 @@ struct LayerActs<B: Backend> {
     x2: B::Buf,
     gate: B::Buf,
     up: B::Buf,
+    /// Qwen3: q and k as projected, before the head norm (f32).
+    qk_pre: Option<(B::Buf, B::Buf)>,
     /// What each adapted projection's forward saved (`u`, `C`).
     saved: [Option<B::Saved>; 7],
 }
@@ -517,12 +527,29 @@ impl<B: Backend> Llama<B> {
             for (m, name) in MODULES.iter().enumerate() {
                 let (i, o) = d.module_dims(m);
                 chk(format!("layers.{l}.{name}"), &hl.proj[m], i * o)?;
+                if let Some(b) = &hl.bias[m] {
+                    chk(format!("layers.{l}.{name}.bias"), b, o)?;
+                }
+            }
+            if let Some((qn, kn)) = &hl.qk_norm {
+                chk(format!("layers.{l}.q_norm"), qn, d.head_dim)?;
+                chk(format!("layers.{l}.k_norm"), kn, d.head_dim)?;
             }
         }
         let mut layers = Vec::with_capacity(d.layers);
         for hl in w.layers {
             let [q, k, v, o, g, u, dn] = hl.proj;
+            let mut bias: [Option<B::Buf>; 7] = Default::default();
+            for (b, h) in bias.iter_mut().zip(hl.bias) {
+                *b = h.map(|h| be.upload_vec(h)).transpose()?;
+            }
+            let qk_norm = match hl.qk_norm {
+                Some((qn, kn)) => Some((be.upload_vec(qn)?, be.upload_vec(kn)?)),
+                None => None,
+            };
             layers.push(Layer {
+                bias,
+                qk_norm,
                 attn_norm: be.upload_vec(hl.attn_norm)?,
                 mlp_norm: be.upload_vec(hl.mlp_norm)?,
                 proj: [
@@ -598,6 +625,29 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// Qwen3's RMSNorm of every head of `x` (`rows` rows of `heads` heads of `head_dim`) with
+    /// weight `w` (`head_dim`), into a new f32 buffer (RoPE rotates it next). The backward
+    /// recomputes its `rstd` ([`Llama::head_norm_backward`]).
+    fn head_norm(&self, be: &B, x: &B::Buf, w: &B::Buf, rows: usize, heads: usize) -> Result<B::Buf> {
+        let (n, hd) = (rows * heads, self.dims.head_dim);
+        let mut y = be.output(n * hd)?;
+        let mut rstd = be.output(n)?;
+        be.rmsnorm_forward(x, w, n, hd, self.dims.eps, &mut y, &mut rstd)?;
+        Ok(y)
+    }
+
+    /// The gradient with respect to the input `x` of [`Llama::head_norm`], from `dy`.
+    fn head_norm_backward(&self, be: &B, x: &B::Buf, w: &B::Buf, dy: &B::Buf, rows: usize, heads: usize) -> Result<B::Buf> {
+        let (n, hd) = (rows * heads, self.dims.head_dim);
+        let mut y = be.output(n * hd)?;
+        let mut rstd = be.output(n)?;
+        be.rmsnorm_forward(x, w, n, hd, self.dims.eps, &mut y, &mut rstd)?;
+        drop(y);
+        let mut dx = be.zeros(n * hd)?;
+        be.rmsnorm_backward(x, w, &rstd, dy, n, hd, &mut dx)?;
+        Ok(dx)
+    }
+
     /// RMSNorm of the `rows x hidden` activations `x` with weight `w`: `(x_normed, rstd)`.
     /// Deterministic, so the backward recomputes it bit for bit instead of keeping it.
     /// `narrow`: `x_normed` is read only by products (an [`Backend::operand`]).
@@ -636,9 +686,30 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// One projection's forward; returns `y` and, when `save` and adapted, `(u, C)`.
+    /// One projection's forward, plus its frozen bias if it has one; returns `y` and, when
+    /// `save` and adapted, `(u, C)`.
     #[allow(clippy::too_many_arguments)]
     fn proj_forward(
+        &self,
+        be: &B,
+        l: usize,
+        m: usize,
+        x: &B::Buf,
+        rows: usize,
+        adapter: Adapt<'_, B>,
+        ops: &[(B::Buf, B::Buf)],
+        save: bool,
+    ) -> Result<(B::Buf, Option<B::Saved>)> {
+        let (mut y, saved) = self.proj_product(be, l, m, x, rows, adapter, ops, save)?;
+        if let Some(b) = &self.layers[l].bias[m] {
+            be.add_bias(&mut y, b, rows, self.dims.module_dims(m).1)?;
+        }
+        Ok((y, saved))
+    }
+
+    /// [`Llama::proj_forward`] without the bias.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_product(
         &self,
         be: &B,
         l: usize,
@@ -763,6 +834,15 @@ impl<B: Backend> Llama<B> {
             let (mut q, sq) = self.proj_forward(be, l, Q, &xn1, rows, adapter, &ops, save)?;
             let (mut k, sk) = self.proj_forward(be, l, K, &xn1, rows, adapter, &ops, save)?;
             let (v, sv) = self.proj_forward(be, l, V, &xn1, rows, adapter, &ops, save)?;
+            // Qwen3: q and k are normed per head; the backward needs them as projected.
+            let mut qk_pre = None;
+            if let Some((qn, kn)) = &layer.qk_norm {
+                let (qh, kh) = (self.head_norm(be, &q, qn, rows, d.heads)?, self.head_norm(be, &k, kn, rows, d.kv_heads)?);
+                let (qp, kp) = (std::mem::replace(&mut q, qh), std::mem::replace(&mut k, kh));
+                if save {
+                    qk_pre = Some((qp, kp));
+                }
+            }
             be.rope(&mut q, d.heads, d.head_dim, positions, &d.rope, false)?;
             be.rope(&mut k, d.kv_heads, d.head_dim, positions, &d.rope, false)?;
             let mut att = Self::product_input(be, rows * qw, narrow)?;
@@ -837,6 +917,7 @@ impl<B: Backend> Llama<B> {
                     x2,
                     gate: be.stash(gate)?,
                     up: be.stash(up)?,
+                    qk_pre,
                     saved: [sq, sk, sv, so, sg, su, sd],
                 });
             }
@@ -966,13 +1047,19 @@ impl<B: Backend> Llama<B> {
             // Attention.
             let mut datt = Self::product_input(be, rows * qw, true)?;
             self.proj_backward(be, l, O, &act.att, &dx, rows, a, &ops, &act.saved[O], Some((&mut datt, false)), grads)?;
-            let mut dq = Self::product_input(be, rows * qw, true)?;
-            let mut dk = Self::product_input(be, rows * kw, true)?;
+            // With Qwen3's head norms, dq and dk go through the norms' backward (f32) next.
+            let narrow_qk = layer.qk_norm.is_none();
+            let mut dq = Self::product_input(be, rows * qw, narrow_qk)?;
+            let mut dk = Self::product_input(be, rows * kw, narrow_qk)?;
             let mut dv = Self::product_input(be, rows * kw, true)?;
             be.attention_backward(shape, &act.q, &act.k, &act.v, &act.att, &act.lse, &datt, &mut dq, &mut dk, &mut dv)?;
             drop(datt);
             be.rope(&mut dq, d.heads, d.head_dim, &positions, &d.rope, true)?;
             be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, &d.rope, true)?;
+            if let (Some((qn, kn)), Some((qp, kp))) = (&layer.qk_norm, &act.qk_pre) {
+                dq = self.head_norm_backward(be, qp, qn, &dq, rows, d.heads)?;
+                dk = self.head_norm_backward(be, kp, kn, &dk, rows, d.kv_heads)?;
+            }
             let (xn1, rstd1) = self.norm(be, &act.x, &layer.attn_norm, rows, true)?;
             if l == lowest {
                 // Only the adapter gradients are needed here, not dx.
@@ -1255,9 +1342,9 @@ impl Dims {
             eps: 1e-5,
         }
     }
-    /// The adapter-side dimensions (layers, hidden, intermediate).
+    /// The adapter-side dimensions (layers, hidden, intermediate, the attention's width).
     pub fn adapter_dims(&self) -> Result<crate::adapter::ModelDims> {
-        crate::adapter::ModelDims::new(self.layers, self.hidden, self.ffn)
+        crate::adapter::ModelDims::new(self.layers, self.hidden, self.ffn)?.with_attn_width(self.heads * self.head_dim)
     }
 }
 
@@ -1284,6 +1371,8 @@ impl HostWeights {
                     let (i, o) = dims.module_dims(m);
                     tensor(i * o, 0.0, 1.0 / (i as f32).sqrt())
                 }),
+                bias: Default::default(),
+                qk_norm: None,
             })
             .collect();
         Ok(HostWeights {
@@ -1293,6 +1382,24 @@ impl HostWeights {
             lm_head: if untied { Some(tensor(dims.vocab * dims.hidden, 0.0, 0.1)) } else { None },
             layers,
         })
+    }
+
+    /// Gives every layer seeded random biases (uniform, standard deviation `0.5`) on the modules
+    /// marked in `bias`, and, with `qk_norm`, Qwen3's head norms (mean 1, standard deviation
+    /// 0.3): the extras of Qwen2- and Qwen3-shaped test models.
+    pub fn add_random_extras(&mut self, seed: u64, bias: [bool; 7], qk_norm: bool) {
+        let mut r = crate::rng::Rng::new(seed ^ 0x5EED_B1A5);
+        let a = 3f32.sqrt();
+        let mut tensor = |n: usize, mu: f32, sigma: f32| -> Vec<f32> {
+            (0..n).map(|_| mu + sigma * r.uniform_f32(-a, a)).collect()
+        };
+        let hd = self.dims.head_dim;
+        for l in self.layers.iter_mut() {
+            for (m, on) in bias.iter().enumerate() {
+                l.bias[m] = on.then(|| tensor(self.dims.module_dims(m).1, 0.0, 0.5));
+            }
+            l.qk_norm = qk_norm.then(|| (tensor(hd, 1.0, 0.3), tensor(hd, 1.0, 0.3)));
+        }
     }
 
     /// The weight matrices (projections, embedding, head: what [`Backend::upload_weight`] takes)
@@ -1311,6 +1418,9 @@ impl HostWeights {
     /// Takes the tensors of loaded weights (HF layout, q/k already un-permuted), without copying.
     pub fn from_llama(w: crate::model::LlamaWeights) -> Result<HostWeights> {
         let dims = Dims::from_config(&w.config);
+        if let Some(l) = w.layers.iter().position(|l| l.q_norm.is_some() != l.k_norm.is_some()) {
+            return Err(Error::invalid("weights", format!("layer {l} has one of q_norm and k_norm without the other")));
+        }
         let layers = w
             .layers
             .into_iter()
@@ -1326,6 +1436,8 @@ impl HostWeights {
                     l.up_proj.data,
                     l.down_proj.data,
                 ],
+                bias: l.biases.map(|b| b.map(|t| t.data)),
+                qk_norm: l.q_norm.zip(l.k_norm).map(|(q, k)| (q.data, k.data)),
             })
             .collect();
         Ok(HostWeights {

@@ -15,7 +15,10 @@
 //!   regex [`LLAMA3_REGEX`] (case-insensitive contractions, letters with one leading
 //!   non-letter, digits in groups of up to three, punctuation runs with their newlines) and
 //!   merges with `ignore_merges` (a piece that is a whole vocabulary entry is taken as it is),
-//!   as Llama 3's `tokenizer.json` and llama.cpp do;
+//!   as Llama 3's `tokenizer.json` and llama.cpp do; `qwen2` (Qwen2, Qwen2.5, Qwen3) composes
+//!   the text to Unicode NFC first, as their `tokenizer.json` does, then splits with
+//!   [`QWEN2_REGEX`] (Llama 3's, but every digit its own piece) and merges without
+//!   `ignore_merges`;
 //!
 //! From GGUF with `tokenizer.ggml.model = "llama"` (SentencePiece BPE: Llama 1/2, TinyLlama,
 //! Mistral 7B v0.1, CodeLlama): pieces, `tokenizer.ggml.scores` and types become a BPE with
@@ -58,6 +61,10 @@ const LLAMA3_PRE: [&str; 3] = ["llama-bpe", "llama3", "llama-v3"];
 /// The pre-tokenizer regex of Meta Llama 3's `tokenizer.json` (llama.cpp's `LLAMA3` type).
 pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The pre-tokenizer regex of Qwen2's `tokenizer.json` (llama.cpp's `QWEN2` type): Llama 3's
+/// with single digits.
+pub const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// End-of-turn and end-of-text tokens taken as EOS, in this order, when a `tokenizer.json`
 /// comes without a `tokenizer_config.json` naming its `eos_token`: ChatML's, Llama 3's, GPT-2's.
 pub const EOS_FALLBACKS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"];
@@ -68,6 +75,7 @@ enum Pre {
     Gpt2,
     DigitsThenGpt2,
     Llama3,
+    Qwen2,
 }
 
 /// A text tokenizer with the model's special ids and chat template.
@@ -484,11 +492,13 @@ fn byte_level_bpe(g: &GgufFile, vocab: tokenizers::models::bpe::Vocab) -> Result
         Pre::DigitsThenGpt2
     } else if LLAMA3_PRE.contains(&pre) {
         Pre::Llama3
+    } else if pre == "qwen2" {
+        Pre::Qwen2
     } else if pre == "gpt2" || pre == "gpt-2" {
         Pre::Gpt2
     } else {
         return Err(g.error(format!(
-            "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, gpt2)"
+            "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, qwen2, gpt2)"
         )));
     };
     let merges_raw = g.get_str_array("tokenizer.ggml.merges")?;
@@ -512,12 +522,16 @@ fn byte_level_bpe(g: &GgufFile, vocab: tokenizers::models::bpe::Vocab) -> Result
         Pre::DigitsThenGpt2 => {
             Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
         }
-        Pre::Llama3 => {
-            let split = Split::new(SplitPattern::Regex(LLAMA3_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| g.error(format!("the Llama 3 pre-tokenizer regex: {e}")))?;
+        Pre::Llama3 | Pre::Qwen2 => {
+            let regex = if pre == Pre::Llama3 { LLAMA3_REGEX } else { QWEN2_REGEX };
+            let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| g.error(format!("the pre-tokenizer regex: {e}")))?;
             Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
         }
     };
+    if pre == Pre::Qwen2 {
+        inner.with_normalizer(Some(tokenizers::normalizers::unicode::NFC));
+    }
     inner.with_pre_tokenizer(Some(pre_tok));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
     Ok(inner)

@@ -179,6 +179,8 @@ pub fn tiny_weights(d: &wegeft::model::llama::Dims, seed: u64, tied: bool) -> we
                     let (i, o) = d.module_dims(m);
                     next(i * o, 1.0 / (i as f32).sqrt() * 1.7)
                 }),
+                bias: Default::default(),
+                qk_norm: None,
             }
         })
         .collect();
@@ -189,4 +191,61 @@ pub fn tiny_weights(d: &wegeft::model::llama::Dims, seed: u64, tied: bool) -> we
         lm_head: if tied { None } else { Some(next(d.vocab * d.hidden, 0.5)) },
         layers,
     }
+}
+
+/// The special tokens of [`gguf_tokenizer_metadata`]: BOS (and whether it is added), EOS, the
+/// pre-tokenizer name and the chat template.
+pub struct GgufVocab<'a> {
+    pub pre: &'a str,
+    pub bos: &'a str,
+    pub add_bos: bool,
+    pub eos: &'a str,
+    pub template: &'a str,
+}
+
+/// Adds to `w` the tokenizer metadata llama.cpp's converter writes for a byte-level BPE
+/// `tokenizer.json` (`_set_vocab_gpt2`): every id's token in order (the BPE vocabulary, then the
+/// added tokens), type 1 (normal), 3 (control: the added special tokens) or 4 (user-defined:
+/// the other added tokens), the merges, and `v`'s pre-tokenizer, BOS, EOS and chat template.
+/// Returns the vocabulary size.
+pub fn gguf_tokenizer_metadata(w: &mut wegeft::model::weights::gguf::GgufWriter, tokenizer_json: &std::path::Path, v: &GgufVocab) -> usize {
+    use wegeft::model::weights::gguf::{GgufValue, GgufValueType};
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tokenizer_json).unwrap()).unwrap();
+    let mut by_id: Vec<(u64, String, i32)> = t["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(tok, id)| (id.as_u64().unwrap(), tok.clone(), 1))
+        .collect();
+    for a in t["added_tokens"].as_array().unwrap() {
+        let ty = if a["special"].as_bool().unwrap() { 3 } else { 4 };
+        by_id.push((a["id"].as_u64().unwrap(), a["content"].as_str().unwrap().to_string(), ty));
+    }
+    by_id.sort();
+    assert!(by_id.iter().enumerate().all(|(i, (id, _, _))| *id == i as u64), "ids are not dense");
+    let strings = |v: Vec<String>| GgufValue::Array(GgufValueType::String, v.into_iter().map(GgufValue::String).collect());
+    // Merges are "a b" strings in older tokenizer.json files, ["a", "b"] pairs in newer ones.
+    let merges: Vec<String> = t["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m.as_str() {
+            Some(s) => s.to_string(),
+            None => format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()),
+        })
+        .collect();
+    let id_of = |s: &str| by_id.iter().find(|(_, t, _)| t == s).unwrap_or_else(|| panic!("no token {s:?}")).0 as u32;
+    w.kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()));
+    w.kv("tokenizer.ggml.pre", GgufValue::String(v.pre.into()));
+    w.kv("tokenizer.ggml.tokens", strings(by_id.iter().map(|(_, t, _)| t.clone()).collect()));
+    w.kv(
+        "tokenizer.ggml.token_type",
+        GgufValue::Array(GgufValueType::I32, by_id.iter().map(|(_, _, ty)| GgufValue::I32(*ty)).collect()),
+    );
+    w.kv("tokenizer.ggml.merges", strings(merges));
+    w.kv("tokenizer.ggml.bos_token_id", GgufValue::U32(id_of(v.bos)));
+    w.kv("tokenizer.ggml.eos_token_id", GgufValue::U32(id_of(v.eos)));
+    w.kv("tokenizer.ggml.add_bos_token", GgufValue::Bool(v.add_bos));
+    w.kv("tokenizer.chat_template", GgufValue::String(v.template.into()));
+    by_id.len()
 }

@@ -19,6 +19,15 @@ pub fn dims(layers: usize) -> Dims {
     d
 }
 
+/// A Qwen3-shaped variant of the 4-layer model: heads of 128 (q is 576 -> 1152), biases on
+/// q, k, v (Qwen2's) and o, and Qwen3's head norms; seeded random weights, untied head.
+pub fn qwen_shaped(seed: u64) -> wegeft::model::llama::HostWeights {
+    let d = Dims { head_dim: 128, ..dims(4) };
+    let mut w = wegeft::model::llama::HostWeights::random(&d, seed, false).unwrap();
+    w.add_random_extras(seed, [true, true, true, true, false, false, false], true);
+    w
+}
+
 /// Rank-8 shared pairs on all seven modules with nonzero phi and psi.
 pub fn adapter(d: &Dims, seed: u64) -> HostAdapter {
     let r = 8;

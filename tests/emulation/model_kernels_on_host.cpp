@@ -202,6 +202,9 @@ int main(int argc, char** argv) {
         std::vector<float> sum2(n, NAN);
         launch(2, 256, [&] { add_out_f32(y.data(), x.data(), sum2.data(), n); });
         dump("ew_sum2", sum2);
+        auto bias = rv(dim), biased = y;
+        launch(2, 256, [&] { add_bias_f32(biased.data(), bias.data(), rows, dim); });
+        dump("ew_bias", bias); dump("ew_biased", biased);
         std::vector<int> idx = {8, 0, 3, 5};
         std::vector<float> gath(idx.size() * dim, NAN), scat(n, 0.0f);
         std::vector<__nv_bfloat16> gathb(idx.size() * dim);

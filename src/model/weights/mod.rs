@@ -18,11 +18,15 @@
 //! | `post_attention_layernorm.weight` | `ffn_norm.weight` | hidden |
 //! | `model.norm.weight` | `output_norm.weight` | hidden |
 //! | `lm_head.weight` (absent when tied) | `output.weight` (absent when tied) | vocab x hidden |
+//! | `self_attn.q_proj.bias`, ... (where the config has biases) | `attn_q.bias`, ... | d_out |
+//! | `self_attn.q_norm.weight`, `k_norm` (Qwen3) | `attn_q_norm.weight`, `attn_k_norm` | head_dim |
 //!
-//! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` so that RoPE rotates
-//! adjacent pairs `(x[2i], x[2i+1])`. The loader undoes it ([`unpermute_qk_rows`]) so the
-//! model uses HF's rotate-half RoPE on `(x[i], x[i + head_dim/2])`: within head `h`,
-//! HF row `h*head_dim + half*head_dim/2 + j` = GGUF row `h*head_dim + 2j + half`.
+//! For the `llama` architecture, llama.cpp's converter permutes the rows of `q_proj`/`k_proj`
+//! (and their biases) so that RoPE rotates adjacent pairs `(x[2i], x[2i+1])`. The loader undoes
+//! it ([`unpermute_qk_rows`]) so the model uses HF's rotate-half RoPE on
+//! `(x[i], x[i + head_dim/2])`: within head `h`, HF row `h*head_dim + half*head_dim/2 + j` =
+//! GGUF row `h*head_dim + 2j + half`. Qwen2 and Qwen3 GGUFs keep HF's order (llama.cpp runs
+//! them with rotate-half RoPE).
 
 pub mod gguf;
 pub mod safetensors;
@@ -33,7 +37,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::shape::Mat;
 
-use super::config::LlamaConfig;
+use super::config::{Arch, LlamaConfig};
 use gguf::GgufFile;
 
 /// A dense f32 tensor, row-major.
@@ -92,6 +96,12 @@ pub struct LayerWeights {
     pub input_layernorm: Tensor,
     /// RMSNorm weight before the MLP (`hidden`).
     pub post_attention_layernorm: Tensor,
+    /// The biases (`d_out`) of the linear modules that have one ([`LlamaConfig::has_bias`]),
+    /// in [`LINEAR_MODULES`] order.
+    pub biases: [Option<Tensor>; 7],
+    /// Qwen3's RMSNorm weights (`head_dim`) of every query head and every key head.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 impl LayerWeights {
@@ -126,6 +136,21 @@ impl LayerWeights {
             }
         })
     }
+
+    /// The tensor of a [`layer_fields`] name (`q_proj`, `q_proj.bias`, `q_norm`, ...), if the
+    /// layer has it.
+    pub fn field(&self, field: &str) -> Option<&Tensor> {
+        match field {
+            "input_layernorm" => Some(&self.input_layernorm),
+            "post_attention_layernorm" => Some(&self.post_attention_layernorm),
+            "q_norm" => self.q_norm.as_ref(),
+            "k_norm" => self.k_norm.as_ref(),
+            f => match f.strip_suffix(".bias") {
+                Some(m) => LINEAR_MODULES.iter().position(|x| *x == m).and_then(|i| self.biases[i].as_ref()),
+                None => self.linear(f).ok(),
+            },
+        }
+    }
 }
 
 /// All weights of a Llama model in f32, HF names and layout.
@@ -141,19 +166,22 @@ pub struct LlamaWeights {
     pub lm_head: Option<Tensor>,
 }
 
-/// The HF safetensors name of a per-layer tensor (`model.layers.3.self_attn.q_proj.weight`).
+/// The HF safetensors name of a per-layer tensor (`model.layers.3.self_attn.q_proj.weight`)
+/// from its [`layer_fields`] name (`q_proj`, `q_proj.bias`, `q_norm`, `input_layernorm`).
 pub fn hf_layer_name(layer: usize, field: &str) -> String {
-    let group = match field {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn.",
+    let (base, kind) = field.split_once('.').unwrap_or((field, "weight"));
+    let group = match base {
+        "q_proj" | "k_proj" | "v_proj" | "o_proj" | "q_norm" | "k_norm" => "self_attn.",
         "gate_proj" | "up_proj" | "down_proj" => "mlp.",
         _ => "",
     };
-    format!("model.layers.{layer}.{group}{field}.weight")
+    format!("model.layers.{layer}.{group}{base}.{kind}")
 }
 
-/// The GGUF name of the per-layer tensor with HF field name `field`.
+/// The GGUF name of the per-layer tensor with [`layer_fields`] name `field`.
 fn gguf_layer_name(layer: usize, field: &str) -> String {
-    let g = match field {
+    let (base, kind) = field.split_once('.').unwrap_or((field, "weight"));
+    let g = match base {
         "q_proj" => "attn_q",
         "k_proj" => "attn_k",
         "v_proj" => "attn_v",
@@ -163,15 +191,19 @@ fn gguf_layer_name(layer: usize, field: &str) -> String {
         "down_proj" => "ffn_down",
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "q_norm" => "attn_q_norm",
+        "k_norm" => "attn_k_norm",
         other => other,
     };
-    format!("blk.{layer}.{g}.weight")
+    format!("blk.{layer}.{g}.{kind}")
 }
 
-/// The nine per-layer tensors, HF field names, with their expected shapes.
-pub(crate) fn layer_fields(c: &LlamaConfig) -> [(&'static str, Vec<usize>); 9] {
+/// The per-layer tensors of a model with config `c`, with their expected shapes: the seven
+/// projections (HF field names), the two norms, then the biases the config has
+/// (`q_proj.bias`, ...) and Qwen3's `q_norm`, `k_norm`.
+pub(crate) fn layer_fields(c: &LlamaConfig) -> Vec<(&'static str, Vec<usize>)> {
     let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-    [
+    let mut v = vec![
         ("q_proj", vec![q, h]),
         ("k_proj", vec![kv, h]),
         ("v_proj", vec![kv, h]),
@@ -181,15 +213,40 @@ pub(crate) fn layer_fields(c: &LlamaConfig) -> [(&'static str, Vec<usize>); 9] {
         ("down_proj", vec![h, i]),
         ("input_layernorm", vec![h]),
         ("post_attention_layernorm", vec![h]),
-    ]
+    ];
+    const BIASES: [&str; 7] = [
+        "q_proj.bias",
+        "k_proj.bias",
+        "v_proj.bias",
+        "o_proj.bias",
+        "gate_proj.bias",
+        "up_proj.bias",
+        "down_proj.bias",
+    ];
+    for m in 0..7 {
+        if c.has_bias(m) {
+            let d_out = v[m].1[0];
+            v.push((BIASES[m], vec![d_out]));
+        }
+    }
+    if c.qk_norm() {
+        v.push(("q_norm", vec![c.head_dim]));
+        v.push(("k_norm", vec![c.head_dim]));
+    }
+    v
 }
 
-/// Builds a [`LayerWeights`] from its nine tensors in [`layer_fields`] order.
-pub(crate) fn layer_from_vec(v: Vec<Tensor>) -> Result<LayerWeights> {
+/// Builds a [`LayerWeights`] from its tensors, named and ordered as [`layer_fields`] gives them.
+pub(crate) fn layer_from_vec(v: Vec<(&'static str, Tensor)>) -> Result<LayerWeights> {
     let n = v.len();
+    let mut it = v.into_iter();
+    let mut base = Vec::with_capacity(9);
+    for _ in 0..9 {
+        base.push(it.next().ok_or_else(|| Error::invalid("layer", format!("expected at least 9 tensors, got {n}")))?.1);
+    }
     let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm]: [Tensor; 9] =
-        v.try_into().map_err(|_| Error::invalid("layer", format!("expected 9 tensors, got {n}")))?;
-    Ok(LayerWeights {
+        base.try_into().map_err(|_| Error::invalid("layer", "expected 9 tensors"))?;
+    let mut lw = LayerWeights {
         q_proj,
         k_proj,
         v_proj,
@@ -199,7 +256,24 @@ pub(crate) fn layer_from_vec(v: Vec<Tensor>) -> Result<LayerWeights> {
         down_proj,
         input_layernorm,
         post_attention_layernorm,
-    })
+        biases: Default::default(),
+        q_norm: None,
+        k_norm: None,
+    };
+    for (field, t) in it {
+        match field {
+            "q_norm" => lw.q_norm = Some(t),
+            "k_norm" => lw.k_norm = Some(t),
+            f => {
+                let m = f
+                    .strip_suffix(".bias")
+                    .and_then(|m| LINEAR_MODULES.iter().position(|x| *x == m))
+                    .ok_or_else(|| Error::invalid("layer", format!("unknown layer tensor {f:?}")))?;
+                lw.biases[m] = Some(t);
+            }
+        }
+    }
+    Ok(lw)
 }
 
 /// Reorders the rows of a GGUF `attn_q`/`attn_k` matrix (`n_heads * head_dim` rows of `cols`)
@@ -300,16 +374,18 @@ impl LlamaWeights {
             for (field, shape) in layer_fields(&config) {
                 let name = gguf_layer_name(l, field);
                 let mut t = load(name.clone(), &shape)?;
-                let heads = match field {
-                    "q_proj" => Some(config.num_attention_heads),
-                    "k_proj" => Some(config.num_key_value_heads),
+                // Only the llama architecture's q/k rows (weights and biases) are permuted.
+                let heads = match (config.arch, field) {
+                    (Arch::Llama, "q_proj" | "q_proj.bias") => Some(config.num_attention_heads),
+                    (Arch::Llama, "k_proj" | "k_proj.bias") => Some(config.num_key_value_heads),
                     _ => None,
                 };
                 if let Some(nh) = heads {
-                    t.data = unpermute_qk_rows(&t.data, nh, config.head_dim, h)
+                    let cols = if field.ends_with(".bias") { 1 } else { h };
+                    t.data = unpermute_qk_rows(&t.data, nh, config.head_dim, cols)
                         .map_err(|e| g.error(format!("tensor {name:?}: {e}")))?;
                 }
-                ts.push(t);
+                ts.push((field, t));
             }
             layers.push(layer_from_vec(ts)?);
         }
@@ -336,20 +412,12 @@ impl LlamaWeights {
     /// order, final norm, `lm_head` when untied).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        let fields = layer_fields(&self.config);
         for (l, lw) in self.layers.iter().enumerate() {
-            let ts = [
-                &lw.q_proj,
-                &lw.k_proj,
-                &lw.v_proj,
-                &lw.o_proj,
-                &lw.gate_proj,
-                &lw.up_proj,
-                &lw.down_proj,
-                &lw.input_layernorm,
-                &lw.post_attention_layernorm,
-            ];
-            for ((field, _), t) in layer_fields(&self.config).iter().zip(ts) {
-                v.push((hf_layer_name(l, field), t));
+            for (field, _) in &fields {
+                if let Some(t) = lw.field(field) {
+                    v.push((hf_layer_name(l, field), t));
+                }
             }
         }
         v.push(("model.norm.weight".to_string(), &self.norm));
@@ -373,9 +441,34 @@ impl LlamaWeights {
         if self.lm_head.is_some() == c.tie_word_embeddings {
             return Err(Error::invalid("lm_head", "present exactly when tie_word_embeddings is false"));
         }
+        let fields = layer_fields(c);
+        for (l, lw) in self.layers.iter().enumerate() {
+            // Exactly the config's biases and norms: a missing one or one too many.
+            let has = |f: &str| fields.iter().any(|(x, _)| *x == f);
+            let extra = lw.biases.iter().enumerate().find(|(m, b)| b.is_some() != c.has_bias(*m));
+            if let Some((m, b)) = extra {
+                return Err(Error::invalid(
+                    "weights",
+                    format!(
+                        "layer {l}: {} has {} bias, the config says {}",
+                        LINEAR_MODULES[m],
+                        if b.is_some() { "a" } else { "no" },
+                        if c.has_bias(m) { "it has one" } else { "none" }
+                    ),
+                ));
+            }
+            for (f, t) in [("q_norm", &lw.q_norm), ("k_norm", &lw.k_norm)] {
+                if t.is_some() != has(f) {
+                    return Err(Error::invalid(
+                        "weights",
+                        format!("layer {l}: {f} is {} but the config's arch is {:?}", if t.is_some() { "present" } else { "absent" }, c.arch),
+                    ));
+                }
+            }
+        }
         let mut expected = vec![vec![c.vocab_size, c.hidden_size]];
         for _ in 0..c.num_hidden_layers {
-            expected.extend(layer_fields(c).into_iter().map(|(_, s)| s));
+            expected.extend(fields.iter().map(|(_, s)| s.clone()));
         }
         expected.push(vec![c.hidden_size]);
         if self.lm_head.is_some() {

@@ -143,7 +143,7 @@ impl LlamaWeights {
         for l in 0..config.num_hidden_layers {
             let mut ts = Vec::with_capacity(9);
             for (field, shape) in layer_fields(&config) {
-                ts.push(load(hf_layer_name(l, field), &shape)?);
+                ts.push((field, load(hf_layer_name(l, field), &shape)?));
             }
             layers.push(layer_from_vec(ts)?);
         }

