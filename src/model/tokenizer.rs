@@ -395,21 +395,38 @@ impl Tokenizer {
     /// whether it is part of an assistant turn, the turn's end-of-turn token included (what
     /// follows that token, a newline say, is not). An assistant turn is the text the template
     /// adds between the conversation up to it with the generation prompt and the conversation
-    /// through it; a template whose renderings do not extend one another that way is an error
-    /// naming the message. At least one message must be the assistant's.
+    /// through it. A template may render a turn differently once the conversation goes on
+    /// (Qwen3's drops the thinking of the turns before the last user message): the turn is then
+    /// taken as it stands in the whole conversation, from the end of the generation prompt
+    /// through its first end-of-turn token. A template whose conversation up to a turn, with
+    /// the generation prompt, is not a prefix of the whole is an error naming the message. At
+    /// least one message must be the assistant's.
     pub fn chat_targets(&self, messages: &[ChatMessage]) -> Result<(Vec<u32>, Vec<bool>)> {
         let full = self.chat_text(messages, false)?;
+        let eot = self.id_to_token(self.end_of_turn_id()).unwrap_or_default();
         let mut spans = Vec::new();
         for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+            let unfound = |why: &str| {
+                Error::invalid("messages", format!("the assistant turn of message {i} cannot be found: {why}"))
+            };
             let before = self.chat_text(&messages[..i], true)?;
-            let through = self.chat_text(&messages[..=i], false)?;
-            if !(through.starts_with(&before) && full.starts_with(&through)) {
-                return Err(Error::invalid(
-                    "messages",
-                    format!("the chat template does not render the conversation up to message {i} as a prefix of the whole, so its assistant turn cannot be found"),
+            if !full.starts_with(&before) {
+                return Err(unfound(
+                    "the chat template does not render the conversation before it, with the generation prompt, as a prefix of the whole",
                 ));
             }
-            spans.push(before.len()..through.len());
+            let through = self.chat_text(&messages[..=i], false)?;
+            let end = if through.starts_with(&before) && full.starts_with(&through) {
+                through.len()
+            } else {
+                // Rendered otherwise inside the longer conversation: the turn as it stands there.
+                let rest = &full[before.len()..];
+                match rest.find(eot.as_str()).filter(|_| !eot.is_empty()) {
+                    Some(p) => before.len() + p + eot.len(),
+                    None => return Err(unfound(&format!("it is rendered differently inside the whole conversation, and no {eot:?} ends it there"))),
+                }
+            };
+            spans.push(before.len()..end);
         }
         if spans.is_empty() {
             return Err(Error::invalid("messages", "no assistant message: nothing to train on"));
