@@ -290,21 +290,28 @@ fn qwen_chat_templates_render_as_apply_chat_template() {
     let chats = r["chats"].as_array().unwrap();
     let mut checked = 0;
     for c in r["cases"].as_array().unwrap() {
-        // Template variables beyond the conversation (Qwen3's enable_thinking) are not passed.
-        if c["kwargs"].as_object().is_some_and(|k| !k.is_empty()) {
-            continue;
-        }
+        // Template variables beyond the conversation: Qwen3's enable_thinking.
+        let kwargs = c["kwargs"].as_object().unwrap().clone();
         let name = c["template"].as_str().unwrap();
         let src = template(name);
         let msgs: Vec<ChatMessage> = serde_json::from_value(chats[c["chat"].as_u64().unwrap() as usize].clone()).unwrap();
         let gen = c["add_generation_prompt"].as_bool().unwrap();
-        let text = ChatTemplate::from_jinja(&src).unwrap().render(&msgs, gen).unwrap();
-        assert_eq!(text, c["text"].as_str().unwrap(), "{name}, chat {}, generation prompt {gen}", c["chat"]);
-        let tok = gguf_tokenizer(&small, &src);
+        let text = ChatTemplate::from_jinja(&src).unwrap().with_kwargs(kwargs.clone()).unwrap().render(&msgs, gen).unwrap();
+        assert_eq!(text, c["text"].as_str().unwrap(), "{name}, chat {}, generation prompt {gen}, {kwargs:?}", c["chat"]);
+        let tok = gguf_tokenizer(&small, &src).with_chat_template_kwargs(kwargs).unwrap();
         assert_eq!(tok.chat_ids(&msgs, gen).unwrap(), ids_of(&c["ids"]), "{name} ids");
         checked += 1;
     }
-    assert_eq!(checked, 16);
+    assert_eq!(checked, 20);
+    // enable_thinking = false closes an empty thinking block in the generation prompt.
+    let no_think: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"enable_thinking": false}"#).unwrap();
+    let t = ChatTemplate::from_jinja(&template("qwen3")).unwrap();
+    let hi = [ChatMessage::new("user", "hi")];
+    assert!(!t.render(&hi, true).unwrap().ends_with("</think>\n\n"));
+    assert!(t.clone().with_kwargs(no_think).unwrap().render(&hi, true).unwrap().ends_with("<think>\n\n</think>\n\n"));
+    let reserved: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"messages": []}"#).unwrap();
+    let e = t.with_kwargs(reserved).unwrap_err().to_string();
+    assert!(e.contains("chat_template_kwargs") && e.contains("messages"), "{e}");
     // Training on a Qwen2.5 conversation: the assistant turns with their <|im_end|>.
     let tok = gguf_tokenizer(&small, &template("qwen2.5-instruct"));
     let msgs = vec![
@@ -404,6 +411,15 @@ fn cli_finetunes_scores_generates_and_merges_a_qwen2_gguf() {
     assert!(sc["loss"].as_f64().unwrap().is_finite());
     let g = wegeft(&["generate", "--model", ms, "--adapter", ad, "--prompt", "Hi", "--max-new", "4"]);
     assert!(!g.trim().is_empty());
+    // Template variables from the command line; a value that is not a JSON object is refused.
+    let kw = r#"{"enable_thinking": false}"#;
+    wegeft(&["generate", "--model", ms, "--prompt", "Hi", "--max-new", "2", "--chat-template-kwargs", kw]);
+    for (bad, says) in [("[1]", "not a JSON object"), ("{nope", "not JSON"), (r#"{"messages": 1}"#, "reserved")] {
+        let out = common::run_wegeft(&["generate", "--model", ms, "--prompt", "Hi", "--chat-template-kwargs", bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && (err.contains("chat-template-kwargs") || err.contains("chat_template_kwargs")), "{bad}: {err}");
+        assert!(err.contains(says), "{bad}: {err}");
+    }
     // merge: an HF Qwen2 checkpoint (q/k/v biases kept) that scores as the GGUF with the adapter.
     let merged = dir.join("merged");
     wegeft(&["merge", "--model", ms, "--adapter", ad, "--out", merged.to_str().unwrap()]);

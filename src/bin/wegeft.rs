@@ -57,6 +57,11 @@ struct ModelArgs {
     /// `cuda` feature is built in), else the CPU.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// Extra variables for the model's chat template, a JSON object, as
+    /// `apply_chat_template(**kwargs)` takes them: `{"enable_thinking": false}` makes Qwen3's
+    /// prompts ask for answers without thinking.
+    #[arg(long, value_name = "JSON")]
+    chat_template_kwargs: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -312,7 +317,15 @@ fn load<B: Backend>(be: &B, m: &ModelArgs) -> Result<Loaded<B>> {
     let w = LlamaWeights::load(&m.model)?;
     let weights_config = w.config.clone();
     let model = Llama::from_host(be, HostWeights::from_llama(w)?)?;
-    let tok = load_tokenizer(&m.model)?;
+    let mut tok = load_tokenizer(&m.model)?;
+    if let Some(text) = &m.chat_template_kwargs {
+        let kwargs = match serde_json::from_str(text) {
+            Ok(serde_json::Value::Object(map)) => map,
+            Ok(other) => return Err(Error::invalid("--chat-template-kwargs", format!("{other} is not a JSON object"))),
+            Err(e) => return Err(Error::invalid("--chat-template-kwargs", format!("not JSON: {e}"))),
+        };
+        tok = tok.with_chat_template_kwargs(kwargs)?;
+    }
     Ok(Loaded { model, tok, weights_config })
 }
 

@@ -9,8 +9,10 @@
 //! date, UTC, as Llama 3.2's template uses it: as with transformers, such a template's prompts
 //! change with the day), and a `tojson` filter that writes what Python's
 //! `json.dumps(..., ensure_ascii=False)` writes. The context holds `messages` (`role`, `content`),
-//! `add_generation_prompt`, `tools` and `documents` (none), and the special tokens `bos_token`,
-//! `eos_token` (and `pad_token`) as strings.
+//! `add_generation_prompt`, `tools` and `documents` (none), the special tokens `bos_token`,
+//! `eos_token` (and `pad_token`) as strings, and the caller's extra variables
+//! ([`ChatTemplate::with_kwargs`]: `apply_chat_template`'s `**kwargs`, such as Qwen3's
+//! `enable_thinking`).
 //!
 //! The rendered text is tokenized as a whole, special tokens parsed and no BOS added: what
 //! `apply_chat_template(..., tokenize=True)` does (templates that want BOS, like Llama 3's,
@@ -58,6 +60,8 @@ pub struct ChatTemplate {
     bos_token: Option<String>,
     eos_token: Option<String>,
     pad_token: Option<String>,
+    /// Extra template variables ([`ChatTemplate::with_kwargs`]).
+    kwargs: serde_json::Map<String, serde_json::Value>,
     env: minijinja::Environment<'static>,
 }
 
@@ -67,14 +71,15 @@ impl std::fmt::Debug for ChatTemplate {
             .field("source", &self.source)
             .field("bos_token", &self.bos_token)
             .field("eos_token", &self.eos_token)
+            .field("kwargs", &self.kwargs)
             .finish()
     }
 }
 
 impl PartialEq for ChatTemplate {
     fn eq(&self, o: &Self) -> bool {
-        (&self.source, &self.bos_token, &self.eos_token, &self.pad_token)
-            == (&o.source, &o.bos_token, &o.eos_token, &o.pad_token)
+        (&self.source, &self.bos_token, &self.eos_token, &self.pad_token, &self.kwargs)
+            == (&o.source, &o.bos_token, &o.eos_token, &o.pad_token, &o.kwargs)
     }
 }
 
@@ -102,6 +107,25 @@ impl ChatTemplate {
         self.eos_token = eos;
         self.pad_token = pad;
         self
+    }
+
+    /// The variables a template sees besides the caller's [`ChatTemplate::with_kwargs`].
+    pub const CONTEXT: [&'static str; 7] =
+        ["messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token", "pad_token"];
+
+    /// The same template with extra variables in its context, as `apply_chat_template(...,
+    /// **kwargs)` passes them (Qwen3's `{"enable_thinking": false}` asks for answers without
+    /// a thinking block). A name the context already holds ([`ChatTemplate::CONTEXT`]) is an
+    /// [`Error::Invalid`] on `chat_template_kwargs`.
+    pub fn with_kwargs(mut self, kwargs: serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        if let Some(k) = kwargs.keys().find(|k| Self::CONTEXT.contains(&k.as_str())) {
+            return Err(Error::invalid(
+                "chat_template_kwargs",
+                format!("{k:?} is set by the chat itself (reserved: {:?})", Self::CONTEXT),
+            ));
+        }
+        self.kwargs = kwargs;
+        Ok(self)
     }
 
     /// [`ChatTemplate::from_jinja`] with the error as a bare message.
@@ -132,7 +156,14 @@ impl ChatTemplate {
         });
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, src.to_string()).map_err(|e| describe(&e))?;
-        Ok(ChatTemplate { source: src.to_string(), bos_token: None, eos_token: None, pad_token: None, env })
+        Ok(ChatTemplate {
+            source: src.to_string(),
+            bos_token: None,
+            eos_token: None,
+            pad_token: None,
+            kwargs: Default::default(),
+            env,
+        })
     }
 
     /// The prompt text for `messages`, with the assistant's generation prompt when
@@ -151,8 +182,26 @@ impl ChatTemplate {
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
             pad_token => self.pad_token.clone(),
+            ..json_value(&serde_json::Value::Object(self.kwargs.clone()))
         };
         t.render(ctx).map_err(|e| Error::invalid("chat_template", describe(&e)))
+    }
+}
+
+/// A JSON value as the template's value (objects keep their key order).
+fn json_value(v: &serde_json::Value) -> minijinja::Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => minijinja::Value::from(()),
+        J::Bool(b) => minijinja::Value::from(*b),
+        J::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => minijinja::Value::from(i),
+            (_, Some(u), _) => minijinja::Value::from(u),
+            (_, _, f) => minijinja::Value::from(f.unwrap_or(f64::NAN)),
+        },
+        J::String(s) => minijinja::Value::from(s.as_str()),
+        J::Array(a) => a.iter().map(json_value).collect(),
+        J::Object(o) => minijinja::Value::from_pairs(o.iter().map(|(k, v)| (k.as_str(), json_value(v)))),
     }
 }
 

@@ -370,6 +370,18 @@ impl Tokenizer {
         self.chat_template.as_ref()
     }
 
+    /// The tokenizer with extra variables for its chat template ([`ChatTemplate::with_kwargs`],
+    /// e.g. Qwen3's `{"enable_thinking": false}`). A tokenizer without a chat template is an
+    /// error naming its file.
+    pub fn with_chat_template_kwargs(mut self, kwargs: serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        let t = self
+            .chat_template
+            .take()
+            .ok_or_else(|| Error::format(&self.source, "the tokenizer has no chat template to pass chat_template_kwargs to"))?;
+        self.chat_template = Some(t.with_kwargs(kwargs)?);
+        Ok(self)
+    }
+
     /// The underlying `tokenizers::Tokenizer`.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
