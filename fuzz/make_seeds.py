@@ -85,6 +85,31 @@ llama_kvs = [
     ("llama.vocab_size", T_U32, V),
 ]
 out("gguf", "tiny_llama.gguf", gguf(llama_kvs + tok_kvs(), llama_tensors()))
+
+# Qwen2 (q/k/v biases) and Qwen3 (q/k head norms, heads of 6: q is 8 -> 12), with the qwen2
+# pre-tokenizer.
+def qwen_seed(arch, hd):
+    kvs = [(k.replace("llama", arch, 1), t, v) for k, t, v in llama_kvs if k != "llama.vocab_size"]
+    kvs = [(k, t, arch if k == "general.architecture" else v) for k, t, v in kvs]
+    if arch == "qwen3":
+        kvs += [("qwen3.attention.key_length", T_U32, hd), ("qwen3.attention.value_length", T_U32, hd)]
+    toks = [(k, t, "qwen2" if k == "tokenizer.ggml.pre" else v) for k, t, v in tok_kvs()]
+    t = [("token_embd.weight", [H, V])]
+    for l in range(L):
+        for n, ne in [("attn_q", [H, NH * hd]), ("attn_k", [H, NKV * hd]), ("attn_v", [H, NKV * hd]),
+                      ("attn_output", [NH * hd, H]), ("ffn_gate", [H, I]), ("ffn_up", [H, I]),
+                      ("ffn_down", [I, H]), ("attn_norm", [H]), ("ffn_norm", [H])]:
+            t.append((f"blk.{l}.{n}.weight", ne))
+        if arch == "qwen2":
+            t += [(f"blk.{l}.attn_q.bias", [NH * hd]), (f"blk.{l}.attn_k.bias", [NKV * hd]), (f"blk.{l}.attn_v.bias", [NKV * hd])]
+        else:
+            t += [(f"blk.{l}.attn_q_norm.weight", [hd]), (f"blk.{l}.attn_k_norm.weight", [hd])]
+    t.append(("output_norm.weight", [H]))
+    ts = [(n, ne, f32s(ne[0] * (ne[1] if len(ne) > 1 else 1), k)) for k, (n, ne) in enumerate(t)]
+    return gguf(kvs + toks, ts)
+
+out("gguf", "tiny_qwen2.gguf", qwen_seed("qwen2", HD))
+out("gguf", "tiny_qwen3.gguf", qwen_seed("qwen3", 6))
 out("gguf", "tokenizer_only.gguf", gguf(tok_kvs(), []))
 out("gguf", "one_tensor.gguf", gguf([("general.alignment", T_U32, 64)], [("x", [4, 2], f32s(8, 1))], 64))
 out("gguf", "header_only.gguf", gguf([], []))
