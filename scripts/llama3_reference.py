@@ -17,7 +17,10 @@ by implementations independent of this crate:
   model in the official formulation (one in_proj/out_proj pair per module type shared by all
   layers, `dW = (W in_proj^T) out_proj^T`, all seven projections, rank 4), run in float64 by
   PyTorch autograd and `torch.optim.AdamW`: the initial adapter (f32 values), the losses before
-  each of 4 updates, and the final adapter (f64).
+  each of 4 updates, and the final adapter (f64). The loss is computed here in float64
+  (transformers' own casts the logits to f32); transformers' model code still runs three steps
+  in f32 inside the float64 model (RMSNorm's variance, the eager softmax, RoPE's cos/sin), which
+  moves the losses by about 2e-8 and the updates by about 1e-6 (relative) from an all-float64 run.
 * mistral/config.json, mistral_logits.json — the same weights as transformers'
   `MistralForCausalLM` (Mistral 7B v0.2+'s configuration: no sliding window, plain RoPE with
   theta 1e6), its config and its logits (tests/llama3.rs loads hf/'s weights with this config).
@@ -29,6 +32,7 @@ by implementations independent of this crate:
     /tmp/pt/bin/python scripts/llama3_reference.py --tokenizer .cache/llama3/tokenizer.json
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -149,17 +153,32 @@ def tiny_model():
                 p.copy_(0.5 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
-            # What the files hold (f16 matrices), so that every implementation sees the same.
-            if p.dim() == 2:
-                p.copy_(p.half().float())
+            # What the files hold: every value is an f16 value (hf/ stores all of them as f16, the
+            # GGUF stores the norms as f32), so that every implementation sees the same.
+            p.copy_(p.half().float())
     return cfg, model
 
 
 def write_hf(model):
     d = os.path.join(OUT, "hf")
     os.makedirs(d, exist_ok=True)
-    model.half().save_pretrained(d, safe_serialization=True)
-    model.float()
+    # A copy: model.half() would also round the RoPE inv_freq buffers of `model` to f16 (and
+    # model.float() would not restore them), so every reference computed after this (logits,
+    # fine-tune) would use f16-rounded frequencies instead of transformers' exact f32 ones.
+    copy.deepcopy(model).half().save_pretrained(d, safe_serialization=True)
+
+
+def check_reference_model(cfg, model):
+    """The model every reference is computed with: hf/'s weights exactly, transformers' exact f32
+    RoPE frequencies (as a freshly constructed model has them)."""
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(OUT, "hf", "model.safetensors"))
+    for name, p in model.named_parameters():
+        assert torch.equal(saved[name].float(), p.detach()), name
+    exact = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0]
+    for name, b in model.named_buffers():
+        if name.endswith("inv_freq"):
+            assert b.dtype == torch.float32 and torch.equal(b, exact), name
 
 
 def write_gguf(cfg, model):
@@ -235,6 +254,25 @@ TRAIN = dict(rank=4, lr=5e-3, steps=4, batch=2, seq=24,
              targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+def causal_lm_loss(m, ids, check=False):
+    """The fine-tune's loss, in float64: the mean next-token cross-entropy over every predicted
+    token of the batch (position t predicts ids[:, t + 1], the last position predicts nothing) --
+    the loss transformers computes for labels=ids. Not transformers' own: its ForCausalLMLoss
+    starts with `logits.float()`, which turns our float64 logits into float32, so its
+    cross-entropy and the backward pass through it would run in float32. With check, asserts that
+    this is the same loss as transformers' (to float32's precision) on the same logits."""
+    logits = m(ids).logits
+    assert logits.dtype == torch.float64, logits.dtype
+    v = logits.shape[-1]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
+    if check:
+        with torch.no_grad():
+            hf = m.loss_function(logits=logits.detach(), labels=ids, vocab_size=m.config.vocab_size)
+        print(f"loss: ours (float64) {loss.item()!r}, transformers' ({hf.dtype}) {hf.item()!r}")
+        assert abs(hf.item() - loss.item()) <= 1e-6 * loss.item(), (hf.item(), loss.item())
+    return loss
+
+
 def train_reference(model):
     """The official GIFT wrapper's math in float64: every targeted nn.Linear computes
     F.linear(x, W + (W in_proj^T) out_proj^T) with the pair of its module type."""
@@ -269,14 +307,14 @@ def train_reference(model):
     opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     gb = torch.Generator().manual_seed(5)
     batches, losses = [], []
-    for _ in range(TRAIN["steps"]):
+    for k in range(TRAIN["steps"]):
         ids = torch.randint(0, TINY["vocab_size"], (TRAIN["batch"], TRAIN["seq"]), generator=gb)
         batches.append(ids.tolist())
         opt.zero_grad()
-        loss = m(ids, labels=ids).loss  # the mean over every predicted token of the batch
+        loss = causal_lm_loss(m, ids, check=k == 0)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     final = {}
     for name in TRAIN["targets"]:
         final[f"in_projections.{name}.weight"] = ip[name].detach().contiguous()
@@ -324,6 +362,7 @@ def main():
     json.dump(rope_reference(), open(os.path.join(OUT, "rope.json"), "w"), indent=1)
     cfg, model = tiny_model()
     write_hf(model)
+    check_reference_model(cfg, model)
     ff = write_gguf(cfg, model)
     ours = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0]
     plain = 1.0 / (TINY_ROPE["rope_theta"] ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))

@@ -25,7 +25,8 @@ Jinja2):
   module type shared by all layers, `dW = (W in_proj^T) out_proj^T`, all seven projections,
   rank 4; float64 PyTorch autograd and `torch.optim.AdamW`, 4 steps, same seeds and data
   construction). The adapter changes W only: every targeted Linear computes
-  `x (W + dW)^T + b` with its frozen bias b.
+  `x (W + dW)^T + b` with its frozen bias b. (Float64 but for the three f32 steps inside
+  transformers' model code that scripts/llama3_reference.py's docstring names.)
 * qwen3/hf/, qwen3/tiny.gguf, qwen3/logits.json, qwen3/train_*.safetensors, qwen3/train.json — the
   same for a tiny `Qwen3ForCausalLM`: no attention biases, per-head RMSNorm q_norm/k_norm (random
   weights, clearly away from 1) over head_dim, head_dim 32 != hidden/heads (q_proj 64 -> 128,
@@ -227,6 +228,25 @@ TRAIN = dict(rank=4, lr=5e-3, steps=4, batch=2, seq=24,
              targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+def causal_lm_loss(m, ids, check=False):
+    """The fine-tune's loss, in float64: the mean next-token cross-entropy over every predicted
+    token of the batch (position t predicts ids[:, t + 1], the last position predicts nothing) --
+    the loss transformers computes for labels=ids. Not transformers' own: its ForCausalLMLoss
+    starts with `logits.float()`, which turns our float64 logits into float32, so its
+    cross-entropy and the backward pass through it would run in float32. With check, asserts that
+    this is the same loss as transformers' (to float32's precision) on the same logits."""
+    logits = m(ids).logits
+    assert logits.dtype == torch.float64, logits.dtype
+    v = logits.shape[-1]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
+    if check:
+        with torch.no_grad():
+            hf = m.loss_function(logits=logits.detach(), labels=ids, vocab_size=m.config.vocab_size)
+        print(f"loss: ours (float64) {loss.item()!r}, transformers' ({hf.dtype}) {hf.item()!r}")
+        assert abs(hf.item() - loss.item()) <= 1e-6 * loss.item(), (hf.item(), loss.item())
+    return loss
+
+
 def train_reference(name, model, vocab):
     """scripts/llama3_reference.py's train_reference: the official GIFT wrapper's math in float64,
     every targeted nn.Linear computing F.linear(x, W + (W in_proj^T) out_proj^T, b) with the pair of
@@ -277,14 +297,14 @@ def train_reference(name, model, vocab):
     opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     gb = torch.Generator().manual_seed(5)
     batches, losses = [], []
-    for _ in range(TRAIN["steps"]):
+    for k in range(TRAIN["steps"]):
         ids = torch.randint(0, vocab, (TRAIN["batch"], TRAIN["seq"]), generator=gb)
         batches.append(ids.tolist())
         opt.zero_grad()
-        loss = m(ids, labels=ids).loss  # the mean over every predicted token of the batch
+        loss = causal_lm_loss(m, ids, check=k == 0)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     final = {}
     for t in TRAIN["targets"]:
         final[f"in_projections.{t}.weight"] = ip[t].detach().contiguous()
