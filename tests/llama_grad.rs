@@ -20,6 +20,7 @@ fn tiny_dims() -> Dims {
         vocab: 61,
         rope: wegeft::rope::Rope::new(10000.0),
         eps: 1e-5,
+        window: None,
     }
 }
 
@@ -462,4 +463,24 @@ fn random_smollm2_weights_are_seeded_and_sane() {
     let loss = model.loss(&Cpu, None, &Batch::causal(&[ids]).unwrap()).unwrap();
     let lnv = (d.vocab as f32).ln();
     assert!(loss.is_finite() && loss > 0.5 * lnv && loss < 3.0 * lnv, "loss {loss} vs ln(vocab) {lnv}");
+}
+
+#[test]
+fn a_sliding_window_bounds_sequences_and_the_cache() {
+    let d = Dims { window: Some(6), ..tiny_dims() };
+    let w = tiny_weights(&d, 5, true);
+    let model = Llama::new(&Cpu, &w).unwrap();
+    let full = Llama::new(&Cpu, &HostWeights { dims: tiny_dims(), ..w }).unwrap();
+    let ids: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35];
+    // Within the window: causal attention, the same logits as without one.
+    assert_eq!(model.score(&Cpu, None, &ids[..6]).unwrap().0, full.score(&Cpu, None, &ids[..6]).unwrap().0);
+    let e = model.score(&Cpu, None, &ids).unwrap_err().to_string();
+    assert!(e.contains("7 tokens") && e.contains("window of 6"), "{e}");
+    let mut cache = model.new_cache(&Cpu, 1, 16).unwrap();
+    model.forward_cached(&Cpu, None, &ids[..4], &mut cache).unwrap();
+    model.forward_cached(&Cpu, None, &ids[4..5], &mut cache).unwrap();
+    model.forward_cached(&Cpu, None, &ids[5..6], &mut cache).unwrap();
+    let e = model.forward_cached(&Cpu, None, &ids[6..7], &mut cache).unwrap_err().to_string();
+    assert!(e.contains("window of 6"), "{e}");
+    assert!(Llama::new(&Cpu, &tiny_weights(&Dims { window: Some(0), ..tiny_dims() }, 5, true)).is_err());
 }

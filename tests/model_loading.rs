@@ -809,6 +809,7 @@ fn tiny_config() -> LlamaConfig {
         arch: Default::default(),
         attention_bias: false,
         mlp_bias: false,
+        sliding_window: None,
     }
 }
 

@@ -93,6 +93,11 @@ pub struct LlamaConfig {
     /// Biases on gate, up and down (Llama).
     #[serde(default)]
     pub mlp_bias: bool,
+    /// Mistral 7B v0.1's sliding attention window, when it is shorter than the context: within
+    /// it attention is plain causal attention, so sequences (and generations) of up to this
+    /// many tokens run; longer ones are an error.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 /// The subset of an HF `config.json` this crate reads.
@@ -250,6 +255,9 @@ impl LlamaConfig {
             eos_token_id: id("tokenizer.ggml.eos_token_id")?,
             attention_bias,
             mlp_bias,
+            // llama.cpp's converter keeps no window for the llama architecture (it runs Mistral
+            // 7B v0.1 with full attention).
+            sliding_window: None,
         };
         cfg.check().map_err(|m| g.error(m))?;
         Ok(cfg)
@@ -276,15 +284,15 @@ impl LlamaConfig {
             let w = w.filter(|w| !w.is_null())?;
             w.as_u64().map_or(true, |w| w < ctx).then(|| w.to_string())
         };
+        let mut sliding_window = None;
         let arch = match h.model_type.as_deref() {
             None | Some("llama") => Arch::Llama,
-            // Mistral is Llama's architecture plus an optional sliding window; without one
-            // (Mistral 7B v0.2 and later), or with one no shorter than the context, the same model.
+            // Mistral is Llama's architecture plus an optional sliding window (Mistral 7B v0.1;
+            // none from v0.2 on). Sequences no longer than the window see plain causal attention.
             Some("mistral") => {
                 if let Some(w) = window_cuts(h.sliding_window.as_ref()) {
-                    return Err(format!(
-                        "model_type \"mistral\" with sliding_window {w} (shorter than the {ctx}-token context) is not supported"
-                    ));
+                    let w = w.parse::<usize>().ok().filter(|&w| w > 0).ok_or_else(|| format!("sliding_window {w} is not a positive integer"))?;
+                    sliding_window = Some(w);
                 }
                 Arch::Llama
             }
@@ -371,6 +379,7 @@ impl LlamaConfig {
             // Qwen2's q/k/v biases come with the architecture ([`LlamaConfig::has_bias`]).
             attention_bias: arch != Arch::Qwen2 && h.attention_bias == Some(true),
             mlp_bias: h.mlp_bias == Some(true),
+            sliding_window,
         };
         cfg.check()?;
         Ok(cfg)
@@ -422,6 +431,11 @@ impl LlamaConfig {
             return Err(format!("rms_norm_eps {} must be finite and positive", self.rms_norm_eps));
         }
         Ok(())
+    }
+
+    /// The longest sequence the model runs: its context, or its sliding window if shorter.
+    pub fn max_tokens(&self) -> usize {
+        self.sliding_window.map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
     }
 
     /// RoPE's base and scaling.
@@ -499,19 +513,28 @@ impl LlamaConfig {
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
         });
-        let extra = match self.arch {
-            Arch::Llama => serde_json::json!({
+        let extra = match (self.arch, self.sliding_window) {
+            (Arch::Llama, Some(w)) if !self.attention_bias && !self.mlp_bias => serde_json::json!({
+                "architectures": ["MistralForCausalLM"],
+                "model_type": "mistral",
+                "sliding_window": w,
+            }),
+            (Arch::Llama, Some(_)) => {
+                return Err(Error::invalid("config", "a sliding window with biases: no HF architecture has both"))
+            }
+            (_, Some(_)) => return Err(Error::invalid("config", "a sliding window is only read for Mistral")),
+            (Arch::Llama, None) => serde_json::json!({
                 "architectures": ["LlamaForCausalLM"],
                 "model_type": "llama",
                 "attention_bias": self.attention_bias,
                 "mlp_bias": self.mlp_bias,
             }),
-            Arch::Qwen2 => serde_json::json!({
+            (Arch::Qwen2, None) => serde_json::json!({
                 "architectures": ["Qwen2ForCausalLM"],
                 "model_type": "qwen2",
                 "use_sliding_window": false,
             }),
-            Arch::Qwen3 => serde_json::json!({
+            (Arch::Qwen3, None) => serde_json::json!({
                 "architectures": ["Qwen3ForCausalLM"],
                 "model_type": "qwen3",
                 "use_sliding_window": false,
@@ -555,6 +578,7 @@ mod tests {
             arch: Arch::Llama,
             attention_bias: false,
             mlp_bias: false,
+            sliding_window: None,
         };
         let text = cfg.to_hf_json().unwrap().to_string();
         assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), cfg);
@@ -614,8 +638,12 @@ mod tests {
             let m = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":{ok}}}"));
             assert_eq!(m.unwrap(), llama, "sliding_window {ok}");
         }
-        let e = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":1024}}"));
-        assert!(e.unwrap_err().contains("sliding_window 1024"));
+        // Mistral 7B v0.1: a window shorter than the context bounds the sequences.
+        let m = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":1024}}")).unwrap();
+        assert_eq!((m.sliding_window, m.max_tokens()), (Some(1024), 1024));
+        assert_eq!(LlamaConfig::from_hf_str(&m.to_hf_json().unwrap().to_string()).unwrap(), m);
+        assert_eq!(llama.max_tokens(), 2048);
+        assert!(LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":0}}")).is_err());
         // linear needs its factor; YaRN is not supported.
         assert!(
             LlamaConfig::from_hf_str(&format!("{base},\"rope_scaling\":{{\"type\":\"linear\"}}}}")).is_err()

@@ -52,6 +52,9 @@ pub struct Dims {
     /// RoPE's base and scaling.
     pub rope: crate::rope::Rope,
     pub eps: f32,
+    /// A sliding attention window (Mistral 7B v0.1's): sequences, and a cache's tokens, may not
+    /// be longer (within it, attention is plain causal attention).
+    pub window: Option<usize>,
 }
 
 impl Dims {
@@ -81,6 +84,9 @@ impl Dims {
             if v == 0 {
                 return Err(Error::ZeroDim { what });
             }
+        }
+        if self.window == Some(0) {
+            return Err(Error::ZeroDim { what: "window" });
         }
         if self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
             return Err(Error::invalid(
@@ -802,6 +808,19 @@ impl<B: Backend> Llama<B> {
     ) -> Result<(B::Buf, B::Buf, B::Buf, Vec<LayerActs<B>>, Vec<(B::Buf, B::Buf)>)> {
         let d = &self.dims;
         let rows = ids.len();
+        if let Some(w) = d.window {
+            // Within the window, sliding-window attention is causal attention; past it, not.
+            let span = match &mode {
+                Mode::Cached(c) => c.len + seq,
+                Mode::Full { .. } => seq,
+            };
+            if span > w {
+                return Err(Error::invalid(
+                    "sequence",
+                    format!("{span} tokens are longer than the model's sliding attention window of {w} (attention past the window is not implemented)"),
+                ));
+            }
+        }
         let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
         let mut x = be.output(rows * d.hidden)?;
         be.embedding_forward(&self.embed, d.vocab, d.hidden, ids, &mut x)?;
@@ -1325,6 +1344,7 @@ impl Dims {
             vocab: c.vocab_size,
             rope: c.rope(),
             eps: c.rms_norm_eps,
+            window: c.sliding_window,
         }
     }
     /// SmolLM2-135M's dimensions: hidden 576, 30 layers, 9 query / 3 key-value heads of 64,
@@ -1340,6 +1360,7 @@ impl Dims {
             vocab: 49152,
             rope: crate::rope::Rope::new(100000.0),
             eps: 1e-5,
+            window: None,
         }
     }
     /// The adapter-side dimensions (layers, hidden, intermediate, the attention's width).
