@@ -94,13 +94,15 @@ fn compare_with(model: &Llama<Cpu>, name: &str, check: bool) -> f64 {
         }
     }
     if check {
+        println!("{name}: logits within {worst:.2e} of the largest (tolerance {LOGIT_TOL:e})");
         assert!(worst <= LOGIT_TOL, "logits differ from transformers by {worst:e} of the largest");
     }
     worst
 }
 
-/// f32 against f32 in another order of summation, over 300 positions of a random model.
-const LOGIT_TOL: f64 = 2e-4;
+/// f32 against f32 in another order of summation, over 300 positions of a random model (the
+/// worst seen is about 1e-6 of the largest logit).
+const LOGIT_TOL: f64 = 1e-5;
 
 fn cpu_model(w: LlamaWeights) -> Llama<Cpu> {
     Llama::from_host(&Cpu, HostWeights::from_llama(w).unwrap()).unwrap()
@@ -162,7 +164,7 @@ fn finetune_of_the_llama3_model_matches_pytorch_in_float64() {
         let seqs: Vec<Vec<u32>> = serde_json::from_value(b.clone()).unwrap();
         let loss = tr.step(&Batch::causal(&seqs).unwrap()).unwrap() as f64;
         let want = want.as_f64().unwrap();
-        assert!(((loss - want) / want).abs() <= 1e-5, "step {k}: loss {loss} vs PyTorch {want}");
+        assert!(((loss - want) / want).abs() <= 1e-6, "step {k}: loss {loss} vs PyTorch {want}");
     }
     let fin = tr.host_adapter().unwrap();
     let want = HostAdapter::from_adapter(&load_gift(&data("train_final.safetensors"), &dims).unwrap()).unwrap();
@@ -175,7 +177,7 @@ fn finetune_of_the_llama3_model_matches_pytorch_in_float64() {
             den += (*w as f64 - *i as f64).powi(2);
         }
         let dist = (num / den).sqrt();
-        assert!(den > 0.0 && dist <= 2e-4, "{}: our update is {dist:e} (relative) from PyTorch's", wegeft::model::llama::MODULES[*m]);
+        assert!(den > 0.0 && dist <= 2e-5, "{}: our update is {dist:e} (relative) from PyTorch's", wegeft::model::llama::MODULES[*m]);
     }
 }
 

@@ -37,8 +37,9 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-/// f32 against f32 in another order of summation, over 300 positions of a random model.
-const LOGIT_TOL: f64 = 2e-4;
+/// f32 against f32 in another order of summation, over 300 positions of a random model (the
+/// worst seen is about 1e-6 of the largest logit).
+const LOGIT_TOL: f64 = 1e-5;
 
 /// Compares the model's logits and loss on every sequence of the reference file `name` with
 /// transformers'. Returns the largest logit difference relative to the largest logit.
@@ -69,6 +70,7 @@ fn compare_with(model: &Llama<Cpu>, name: &str, check: bool) -> f64 {
         }
     }
     if check {
+        println!("{name}: logits within {worst:.2e} of the largest (tolerance {LOGIT_TOL:e})");
         assert!(worst <= LOGIT_TOL, "{name}: logits differ from transformers by {worst:e} of the largest");
     }
     worst
@@ -178,7 +180,7 @@ fn finetune_matches_pytorch(family: &str) {
         let seqs: Vec<Vec<u32>> = serde_json::from_value(b.clone()).unwrap();
         let loss = tr.step(&Batch::causal(&seqs).unwrap()).unwrap() as f64;
         let want = want.as_f64().unwrap();
-        assert!(((loss - want) / want).abs() <= 1e-5, "{family} step {k}: loss {loss} vs PyTorch {want}");
+        assert!(((loss - want) / want).abs() <= 1e-6, "{family} step {k}: loss {loss} vs PyTorch {want}");
     }
     let fin = tr.host_adapter().unwrap();
     let want = load("train_final.safetensors");
@@ -191,7 +193,7 @@ fn finetune_matches_pytorch(family: &str) {
         }
         let dist = (num / den).sqrt();
         let name = wegeft::model::llama::MODULES[*m];
-        assert!(den > 0.0 && dist <= 2e-4, "{family} {name}: our update is {dist:e} (relative) from PyTorch's");
+        assert!(den > 0.0 && dist <= 2e-5, "{family} {name}: our update is {dist:e} (relative) from PyTorch's");
     }
 }
 
