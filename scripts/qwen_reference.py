@@ -21,10 +21,10 @@ Jinja2):
   for each id sequence, the mean next-token loss, the argmax per position and the full logits at a
   few positions (the layout of tests/data/llama3/logits.json).
 * qwen2/train_init.safetensors, train_final.safetensors, train.json — the WeGeFT fine-tune of
-  scripts/llama3_reference.py on that model (official formulation: one in_proj/out_proj pair per
-  module type shared by all layers, `dW = (W in_proj^T) out_proj^T`, all seven projections,
-  rank 4; float64 PyTorch autograd and `torch.optim.AdamW`, 4 steps, same seeds and data
-  construction). The adapter changes W only: every targeted Linear computes
+  scripts/llama3_reference.py (scripts/reference_common.py's train_reference, which both scripts
+  run) on that model (official formulation: one in_proj/out_proj pair per module type shared by
+  all layers, `dW = (W in_proj^T) out_proj^T`, all seven projections, rank 4; float64 PyTorch
+  autograd and `torch.optim.AdamW`, 4 steps, same seeds and data construction). The adapter changes W only: every targeted Linear computes
   `x (W + dW)^T + b` with its frozen bias b. (Float64 but for the three f32 steps inside
   transformers' model code that scripts/llama3_reference.py's docstring names.)
 * qwen3/hf/, qwen3/tiny.gguf, qwen3/logits.json, qwen3/train_*.safetensors, qwen3/train.json — the
@@ -51,6 +51,9 @@ Jinja2):
   from) and their renderings by transformers' `apply_chat_template(..., tokenize=False)` for a few
   conversations, with the small tokenizer's ids of each rendering.
 
+The tiny models' weights, the hf/ saves, the logits, the fine-tunes and the GGUF keys common to
+llama.cpp's converters come from scripts/reference_common.py, shared with scripts/llama3_reference.py.
+
     python -m venv /tmp/pt && /tmp/pt/bin/pip install torch transformers tokenizers gguf jinja2
     /tmp/pt/bin/python scripts/qwen_reference.py [--genuine-tokenizer PATH/tokenizer.json]
 """
@@ -58,16 +61,16 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import unicodedata
 
 import numpy as np
 import torch
 import gguf
-from gguf import GGUFWriter
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import reference_common as common
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "tests", "data", "qwen")
@@ -101,33 +104,12 @@ QWEN2_SLIDING_WINDOW = 32768
 
 def tiny_model(name):
     spec = MODELS[name]
-    torch.manual_seed(1234)
-    cfg = spec["config_cls"](**spec["config"], rope_parameters=dict(ROPE), attn_implementation="eager")
-    model = spec["model_cls"](cfg).float().eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith(".bias"):
-                p.copy_(0.5 * torch.randn_like(p))
-            elif "q_norm" in pname or "k_norm" in pname:
-                p.copy_(1.0 + 0.5 * torch.randn_like(p))
-            elif "norm" in pname:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif "embed" in pname:
-                p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
-            # What the files hold: every value is an f16 value (hf/ stores all of them as f16, the
-            # GGUF stores norms and biases as f32), so that every implementation sees the same.
-            p.copy_(p.half().float())
-    return cfg, model
+    return common.tiny_model(spec["config_cls"], spec["model_cls"], spec["config"], ROPE)
 
 
 def write_hf(name, model):
     d = os.path.join(OUT, name, "hf")
-    os.makedirs(d, exist_ok=True)
-    # A copy: model.half() would also round the RoPE inv_freq buffers of `model` to f16 (and
-    # model.float() would not restore them), changing the reference logits by ~1e-3.
-    copy.deepcopy(model).half().save_pretrained(d, safe_serialization=True)
+    common.write_hf(model, d)
     if name == "qwen2":
         p = os.path.join(d, "config.json")
         c = json.load(open(p))
@@ -142,25 +124,10 @@ def write_gguf(name, cfg, model):
     spec = MODELS[name]
     arch = spec["arch"]
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w = GGUFWriter(os.path.join(OUT, name, "tiny.gguf"), gguf.MODEL_ARCH_NAMES[arch])
-    # TextModel.set_gguf_parameters
-    w.add_name(f"tiny-{name}-reference")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(ROPE["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if "head_dim" in spec["config"]:  # `if (head_dim := self.hparams.get("head_dim")) is not None`
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    # As tests/data/llama3/tiny.gguf: no vocabulary, only the special ids the converter takes from
-    # config.json.
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
+    # TextModel.set_gguf_parameters: `if (head_dim := self.hparams.get("head_dim")) is not None`.
+    head_dim = cfg.head_dim if "head_dim" in spec["config"] else None
+    w = common.gguf_writer(os.path.join(OUT, name, "tiny.gguf"), gguf.MODEL_ARCH_NAMES[arch],
+                           f"tiny-{name}-reference", cfg, ROPE["rope_theta"], head_dim=head_dim)
     tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     names = []
     for hf_name, t in sd.items():
@@ -175,25 +142,10 @@ def write_gguf(name, cfg, model):
             t = t.astype(np.float16)
         w.add_tensor(new, t)
         names.append(new)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    # As tests/data/llama3/tiny.gguf: no vocabulary, only the special ids the converter takes from
+    # config.json.
+    common.gguf_finish(w, cfg)
     return names
-
-
-def logits_reference(model, vocab):
-    g = torch.Generator().manual_seed(7)
-    seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 48, 300)]
-    cases = []
-    for ids in seqs:
-        with torch.no_grad():
-            out = model(torch.tensor([ids]), labels=torch.tensor([ids]))
-        lg = out.logits[0].float()
-        pos = sorted({0, len(ids) // 2, len(ids) - 1})
-        cases.append(dict(ids=ids, loss=float(out.loss), argmax=lg.argmax(-1).tolist(),
-                          positions=pos, logits=[lg[p].tolist() for p in pos]))
-    return cases
 
 
 def logits_of(model, ids):
@@ -222,95 +174,6 @@ def ablation_checks(name, model, ids):
     print(f"{name}: max |logit difference| of hf/ reloaded by transformers: {d}")
     assert d == 0.0, d
     assert all(t == "full_attention" for t in back.config.layer_types), back.config.layer_types
-
-
-TRAIN = dict(rank=4, lr=5e-3, steps=4, batch=2, seq=24,
-             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-
-
-def causal_lm_loss(m, ids, check=False):
-    """The fine-tune's loss, in float64: the mean next-token cross-entropy over every predicted
-    token of the batch (position t predicts ids[:, t + 1], the last position predicts nothing) --
-    the loss transformers computes for labels=ids. Not transformers' own: its ForCausalLMLoss
-    starts with `logits.float()`, which turns our float64 logits into float32, so its
-    cross-entropy and the backward pass through it would run in float32. With check, asserts that
-    this is the same loss as transformers' (to float32's precision) on the same logits."""
-    logits = m(ids).logits
-    assert logits.dtype == torch.float64, logits.dtype
-    v = logits.shape[-1]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
-    if check:
-        with torch.no_grad():
-            hf = m.loss_function(logits=logits.detach(), labels=ids, vocab_size=m.config.vocab_size)
-        print(f"loss: ours (float64) {loss.item()!r}, transformers' ({hf.dtype}) {hf.item()!r}")
-        assert abs(hf.item() - loss.item()) <= 1e-6 * loss.item(), (hf.item(), loss.item())
-    return loss
-
-
-def train_reference(name, model, vocab):
-    """scripts/llama3_reference.py's train_reference: the official GIFT wrapper's math in float64,
-    every targeted nn.Linear computing F.linear(x, W + (W in_proj^T) out_proj^T, b) with the pair of
-    its module type; b is the Linear's own (frozen) bias, None where it has none."""
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-    out = os.path.join(OUT, name)
-    m = copy.deepcopy(model).double()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    g = torch.Generator().manual_seed(99)
-    r = TRAIN["rank"]
-    ip, op = {}, {}
-    for t in TRAIN["targets"]:
-        lin = next(mod for n, mod in m.named_modules() if n.endswith(t))
-        d_in = lin.in_features
-        # Both nonzero (the official out_proj starts at zero) so that both get a gradient at once.
-        ip[t] = (torch.randn(r, d_in, generator=g) / math.sqrt(d_in)).float().double().requires_grad_(True)
-        op[t] = (0.1 * torch.randn(d_in, r, generator=g)).float().double().requires_grad_(True)
-    probe = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        base = m(probe).logits
-    wrapped = []
-    for n, mod in m.named_modules():
-        for t in TRAIN["targets"]:
-            if n.endswith("." + t):
-                def fwd(x, mod=mod, t=t):
-                    w = mod.weight
-                    return F.linear(x, w + (w @ ip[t].T) @ op[t].T, mod.bias)
-                mod.forward = fwd
-                wrapped.append((n, mod.bias is not None))
-    assert len(wrapped) == 7 * model.config.num_hidden_layers, wrapped
-    print(f"{name}: wrapped {len(wrapped)} Linears, with bias:", [n for n, b in wrapped if b])
-    # With out_proj = 0 the wrapped model is the base model (its biases included).
-    saved = {t: op[t].detach().clone() for t in TRAIN["targets"]}
-    with torch.no_grad():
-        for t in TRAIN["targets"]:
-            op[t].zero_()
-        assert torch.equal(m(probe).logits, base)
-        for t in TRAIN["targets"]:
-            op[t].copy_(saved[t])
-    init = {}
-    for t in TRAIN["targets"]:
-        init[f"in_projections.{t}.weight"] = ip[t].detach().float().contiguous()
-        init[f"out_projections.{t}.weight"] = op[t].detach().float().contiguous()
-    save_file(init, os.path.join(out, "train_init.safetensors"))
-    params = [x for t in TRAIN["targets"] for x in (ip[t], op[t])]
-    opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    gb = torch.Generator().manual_seed(5)
-    batches, losses = [], []
-    for k in range(TRAIN["steps"]):
-        ids = torch.randint(0, vocab, (TRAIN["batch"], TRAIN["seq"]), generator=gb)
-        batches.append(ids.tolist())
-        opt.zero_grad()
-        loss = causal_lm_loss(m, ids, check=k == 0)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    final = {}
-    for t in TRAIN["targets"]:
-        final[f"in_projections.{t}.weight"] = ip[t].detach().contiguous()
-        final[f"out_projections.{t}.weight"] = op[t].detach().contiguous()
-    save_file(final, os.path.join(out, "train_final.safetensors"))
-    return dict(TRAIN, batches=batches, losses=losses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,11 +557,11 @@ def main():
         cfg, model = tiny_model(name)
         write_hf(name, model)
         print(name, "gguf tensors:", write_gguf(name, cfg, model))
-        cases = logits_reference(model, cfg.vocab_size)
+        cases = common.logits_reference(model)
         ablation_checks(name, model, cases[1]["ids"])
         ref = dict(rope=ROPE, cases=cases, versions=versions)
         json.dump(ref, open(os.path.join(OUT, name, "logits.json"), "w"))
-        tr = train_reference(name, model, cfg.vocab_size)
+        tr = common.train_reference(name, model, os.path.join(OUT, name))
         print(name, "losses:", tr["losses"])
         json.dump(tr, open(os.path.join(OUT, name, "train.json"), "w"))
     td = os.path.join(OUT, "tokenizer")

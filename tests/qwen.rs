@@ -14,14 +14,17 @@
 //!   score, generate, merge to an HF checkpoint that transformers would read as Qwen2.
 
 mod common;
+#[path = "common/reference.rs"]
+mod reference;
 
 use std::path::{Path, PathBuf};
 
 use common::wegeft_ok as wegeft;
+use reference::{ids_of, LOGIT_TOL};
 
 use wegeft::cpu::Cpu;
 use wegeft::model::config::Arch;
-use wegeft::model::llama::{argmax, HostWeights, Llama};
+use wegeft::model::llama::{HostWeights, Llama};
 use wegeft::model::weights::gguf::{GgufFile, GgufValue, GgufWriter};
 use wegeft::model::{ChatMessage, ChatTemplate, LlamaWeights, Tokenizer};
 
@@ -30,50 +33,12 @@ fn data(name: &str) -> PathBuf {
 }
 
 fn json(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(data(name)).unwrap()).unwrap()
+    reference::read_json(&data(name))
 }
 
-fn ids_of(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-/// f32 against f32 in another order of summation, over 300 positions of a random model (the
-/// worst seen is about 1e-6 of the largest logit).
-const LOGIT_TOL: f64 = 1e-5;
-
-/// Compares the model's logits and loss on every sequence of the reference file `name` with
-/// transformers'. Returns the largest logit difference relative to the largest logit.
+/// [`reference::compare_with`] against the reference file `name` under tests/data/qwen/.
 fn compare_with(model: &Llama<Cpu>, name: &str, check: bool) -> f64 {
-    let r = json(name);
-    let mut worst = 0.0f64;
-    for c in r["cases"].as_array().unwrap() {
-        let ids = ids_of(&c["ids"]);
-        let (logits, loss) = model.score(&Cpu, None, &ids).unwrap();
-        let v = model.dims.vocab;
-        for (k, p) in c["positions"].as_array().unwrap().iter().enumerate() {
-            let p = p.as_u64().unwrap() as usize;
-            let want: Vec<f64> = c["logits"][k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-            let got = &logits[p * v..(p + 1) * v];
-            let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-            let diff = got.iter().zip(&want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
-            worst = worst.max(diff / scale);
-        }
-        if check {
-            let want_loss = c["loss"].as_f64().unwrap();
-            let loss = loss.unwrap() as f64;
-            assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "{name}: loss {loss} vs {want_loss} ({} ids)", ids.len());
-            for (t, w) in ids_of(&c["argmax"]).into_iter().enumerate() {
-                let row = &logits[t * v..(t + 1) * v];
-                let g = argmax(row);
-                assert!(g == w as usize || (row[g] - row[w as usize]).abs() < 1e-4, "{name}: argmax at {t}: {g} vs {w}");
-            }
-        }
-    }
-    if check {
-        println!("{name}: logits within {worst:.2e} of the largest (tolerance {LOGIT_TOL:e})");
-        assert!(worst <= LOGIT_TOL, "{name}: logits differ from transformers by {worst:e} of the largest");
-    }
-    worst
+    reference::compare_with(model, &data(name), check)
 }
 
 fn cpu_model(w: LlamaWeights) -> Llama<Cpu> {
@@ -159,42 +124,11 @@ fn qwen_ggufs_with_missing_or_stray_tensors_are_refused_by_name() {
 }
 
 /// A WeGeFT fine-tune (all seven projections, one pair per module type, the official
-/// formulation) against PyTorch autograd + `torch.optim.AdamW` in float64: the losses before
-/// each update and the final adapter. The biases and head norms are frozen.
+/// formulation) against PyTorch autograd + `torch.optim.AdamW` in float64. The biases and
+/// head norms are frozen.
 fn finetune_matches_pytorch(family: &str) {
-    use wegeft::adapter::io::load_gift;
-    use wegeft::model::llama::{Batch, HostAdapter};
-    use wegeft::train::{optim::AdamWConfig, trainer::Trainer};
-    let t = json(&format!("{family}/train.json"));
     let model = cpu_model(LlamaWeights::load(data(&format!("{family}/hf"))).unwrap());
-    let dims = model.dims.adapter_dims().unwrap();
-    let load = |f: &str| {
-        let a = load_gift(&data(&format!("{family}/{f}")), &dims).unwrap_or_else(|e| panic!("{family}/{f}: {e}"));
-        HostAdapter::from_adapter(&a).unwrap()
-    };
-    let init = load("train_init.safetensors");
-    assert_eq!(init.pairs.len(), 7);
-    let opt = AdamWConfig { lr: t["lr"].as_f64().unwrap(), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
-    let mut tr = Trainer::new(&Cpu, &model, &init, opt).unwrap();
-    for (k, (b, want)) in t["batches"].as_array().unwrap().iter().zip(t["losses"].as_array().unwrap()).enumerate() {
-        let seqs: Vec<Vec<u32>> = serde_json::from_value(b.clone()).unwrap();
-        let loss = tr.step(&Batch::causal(&seqs).unwrap()).unwrap() as f64;
-        let want = want.as_f64().unwrap();
-        assert!(((loss - want) / want).abs() <= 1e-6, "{family} step {k}: loss {loss} vs PyTorch {want}");
-    }
-    let fin = tr.host_adapter().unwrap();
-    let want = load("train_final.safetensors");
-    for (((m, phi, psi), (wm, wphi, wpsi)), (_, iphi, ipsi)) in fin.pairs.iter().zip(&want.pairs).zip(&init.pairs) {
-        assert_eq!(m, wm);
-        let (mut num, mut den) = (0.0f64, 0.0f64);
-        for ((g, w), i) in phi.iter().chain(psi).zip(wphi.iter().chain(wpsi)).zip(iphi.iter().chain(ipsi)) {
-            num += (*g as f64 - *w as f64).powi(2);
-            den += (*w as f64 - *i as f64).powi(2);
-        }
-        let dist = (num / den).sqrt();
-        let name = wegeft::model::llama::MODULES[*m];
-        assert!(den > 0.0 && dist <= 2e-5, "{family} {name}: our update is {dist:e} (relative) from PyTorch's");
-    }
+    reference::finetune_matches_pytorch(&model, &data(family));
 }
 
 #[test]
@@ -349,71 +283,25 @@ fn qwen_chat_templates_render_as_apply_chat_template() {
 
 // ---- the CLI on a Qwen2.5-Instruct-shaped GGUF -----------------------------------------------
 
-/// The tiny Qwen2 model with Qwen's whole tokenizer and Qwen2.5-Instruct's chat template in its
-/// metadata and an embedding of that vocabulary's size (seeded, f16).
-fn tiny_qwen_instruct_gguf(path: &Path) {
-    let g = GgufFile::open(data("qwen2/tiny.gguf")).unwrap();
-    let mut w = GgufWriter::new();
-    for (k, v) in g.metadata() {
-        if !k.starts_with("tokenizer.") {
-            w.kv(k.clone(), v.clone());
-        }
-    }
-    let tpl = template("qwen2.5-instruct");
-    let vocab = common::gguf_tokenizer_metadata(&mut w, &qwen_tokenizer_json(), &qwen_vocab(&tpl));
-    for t in g.tensors() {
-        if t.name == "token_embd.weight" {
-            let h = t.ne[0] as usize;
-            let mut rng = wegeft::rng::Rng::new(11);
-            let e: Vec<u8> =
-                (0..vocab * h).flat_map(|_| half::f16::from_f32(rng.uniform_f32(-0.05, 0.05)).to_le_bytes()).collect();
-            w.tensor(&t.name, &[h as u64, vocab as u64], t.ty, e).unwrap();
-        } else {
-            w.tensor(&t.name, &t.ne, t.ty, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
-        }
-    }
-    w.write(path).unwrap();
-}
-
 #[test]
 fn cli_finetunes_scores_generates_and_merges_a_qwen2_gguf() {
     let dir = common::fresh_dir("qwen-cli");
     let m = dir.join("tiny-qwen2.5-instruct.gguf");
-    tiny_qwen_instruct_gguf(&m);
-    let (ms, out, log) = (m.to_str().unwrap(), dir.join("adapter"), dir.join("log.jsonl"));
-    let stdout = wegeft(&[
-        "finetune", "--model", ms, "--task", "arithmetic", "--targets", "q_proj,v_proj,down_proj", "--rank", "4",
-        "--steps", "3", "--batch", "2", "--eval-n", "1", "--out", out.to_str().unwrap(), "--log-json",
-        log.to_str().unwrap(),
-    ]);
-    assert!(stdout.contains("held-out exact match before") && stdout.contains("after"), "{stdout}");
-    let losses: Vec<f64> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
-        .collect();
-    assert_eq!(losses.len(), 3);
-    assert!(losses.iter().all(|l| l.is_finite() && *l > 1.0), "{losses:?}");
-    let adapter = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .expect("an adapter file");
-    let ad = adapter.to_str().unwrap();
-    // score: Qwen's ids (no BOS), the adapter loads.
-    let sc: serde_json::Value =
-        serde_json::from_str(&wegeft(&["score", "--model", ms, "--adapter", ad, "--text", "What is 345 + 678?"])).unwrap();
-    let want = ids_of(&json("tokenizer/genuine_cases.json")["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["text"] == "What is 345 + 678?")
-        .expect("the case")["ids"]);
-    assert_eq!(ids_of(&sc["ids"]), want);
-    assert!(sc["loss"].as_f64().unwrap().is_finite());
-    let g = wegeft(&["generate", "--model", ms, "--adapter", ad, "--prompt", "Hi", "--max-new", "4"]);
-    assert!(!g.trim().is_empty());
+    // The tiny Qwen2 model with Qwen's whole tokenizer and Qwen2.5-Instruct's chat template.
+    let tpl = template("qwen2.5-instruct");
+    reference::instruct_gguf(&data("qwen2/tiny.gguf"), &qwen_tokenizer_json(), &qwen_vocab(&tpl), &m);
+    let text = "What is 345 + 678?";
+    let run = reference::cli_round_trip(&m, &dir, text, 1.0..100.0);
+    // score: Qwen's ids (no BOS).
+    let cases = json("tokenizer/genuine_cases.json");
+    let want = cases["cases"].as_array().unwrap().iter().find(|c| c["text"] == text).expect("the case");
+    assert_eq!(ids_of(&run.score["ids"]), ids_of(&want["ids"]));
+    // The merged checkpoint is an HF Qwen2 one, q/k/v biases kept.
+    let cfg = reference::read_json(&run.merged.join("config.json"));
+    assert_eq!((cfg["model_type"].as_str(), cfg["architectures"][0].as_str()), (Some("qwen2"), Some("Qwen2ForCausalLM")));
+    assert!(LlamaWeights::load(&run.merged).unwrap().layers[1].biases[2].is_some());
     // Template variables from the command line; a value that is not a JSON object is refused.
+    let ms = m.to_str().unwrap();
     let kw = r#"{"enable_thinking": false}"#;
     wegeft(&["generate", "--model", ms, "--prompt", "Hi", "--max-new", "2", "--chat-template-kwargs", kw]);
     for (bad, says) in [("[1]", "not a JSON object"), ("{nope", "not JSON"), (r#"{"messages": 1}"#, "reserved")] {
@@ -422,18 +310,5 @@ fn cli_finetunes_scores_generates_and_merges_a_qwen2_gguf() {
         assert!(!out.status.success() && (err.contains("chat-template-kwargs") || err.contains("chat_template_kwargs")), "{bad}: {err}");
         assert!(err.contains(says), "{bad}: {err}");
     }
-    // merge: an HF Qwen2 checkpoint (q/k/v biases kept) that scores as the GGUF with the adapter.
-    let merged = dir.join("merged");
-    wegeft(&["merge", "--model", ms, "--adapter", ad, "--out", merged.to_str().unwrap()]);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["model_type"].as_str(), cfg["architectures"][0].as_str()), (Some("qwen2"), Some("Qwen2ForCausalLM")));
-    let back = LlamaWeights::load(&merged).unwrap();
-    assert!(back.layers[1].biases[2].is_some());
-    let via: serde_json::Value =
-        serde_json::from_str(&wegeft(&["score", "--model", merged.to_str().unwrap(), "--text", "What is 345 + 678?"]))
-            .unwrap();
-    assert_eq!(via["ids"], sc["ids"]);
-    assert_eq!(via["argmax"], sc["argmax"]);
-    assert!((via["loss"].as_f64().unwrap() - sc["loss"].as_f64().unwrap()).abs() <= 1e-4, "{} vs {}", via["loss"], sc["loss"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

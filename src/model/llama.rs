@@ -632,23 +632,20 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Qwen3's RMSNorm of every head of `x` (`rows` rows of `heads` heads of `head_dim`) with
-    /// weight `w` (`head_dim`), into a new f32 buffer (RoPE rotates it next). The backward
-    /// recomputes its `rstd` ([`Llama::head_norm_backward`]).
-    fn head_norm(&self, be: &B, x: &B::Buf, w: &B::Buf, rows: usize, heads: usize) -> Result<B::Buf> {
+    /// weight `w` (`head_dim`): `(x_normed, rstd)`, new f32 buffers (RoPE rotates the first
+    /// next). Deterministic, so the backward recomputes `rstd` ([`Llama::head_norm_backward`]).
+    fn head_norm(&self, be: &B, x: &B::Buf, w: &B::Buf, rows: usize, heads: usize) -> Result<(B::Buf, B::Buf)> {
         let (n, hd) = (rows * heads, self.dims.head_dim);
         let mut y = be.output(n * hd)?;
         let mut rstd = be.output(n)?;
         be.rmsnorm_forward(x, w, n, hd, self.dims.eps, &mut y, &mut rstd)?;
-        Ok(y)
+        Ok((y, rstd))
     }
 
     /// The gradient with respect to the input `x` of [`Llama::head_norm`], from `dy`.
     fn head_norm_backward(&self, be: &B, x: &B::Buf, w: &B::Buf, dy: &B::Buf, rows: usize, heads: usize) -> Result<B::Buf> {
         let (n, hd) = (rows * heads, self.dims.head_dim);
-        let mut y = be.output(n * hd)?;
-        let mut rstd = be.output(n)?;
-        be.rmsnorm_forward(x, w, n, hd, self.dims.eps, &mut y, &mut rstd)?;
-        drop(y);
+        let (_, rstd) = self.head_norm(be, x, w, rows, heads)?;
         let mut dx = be.zeros(n * hd)?;
         be.rmsnorm_backward(x, w, &rstd, dy, n, hd, &mut dx)?;
         Ok(dx)
@@ -706,57 +703,42 @@ impl<B: Backend> Llama<B> {
         ops: &[(B::Buf, B::Buf)],
         save: bool,
     ) -> Result<(B::Buf, Option<B::Saved>)> {
-        let (mut y, saved) = self.proj_product(be, l, m, x, rows, adapter, ops, save)?;
-        if let Some(b) = &self.layers[l].bias[m] {
-            be.add_bias(&mut y, b, rows, self.dims.module_dims(m).1)?;
-        }
-        Ok((y, saved))
-    }
-
-    /// [`Llama::proj_forward`] without the bias.
-    #[allow(clippy::too_many_arguments)]
-    fn proj_product(
-        &self,
-        be: &B,
-        l: usize,
-        m: usize,
-        x: &B::Buf,
-        rows: usize,
-        adapter: Adapt<'_, B>,
-        ops: &[(B::Buf, B::Buf)],
-        save: bool,
-    ) -> Result<(B::Buf, Option<B::Saved>)> {
         let (d_in, d_out) = self.dims.module_dims(m);
         let w = &self.layers[l].proj[m];
         let mut y = be.output(rows * d_out)?;
-        let adapter = match adapter {
-            Adapt::One(a) => a,
-            Adapt::Multi(ma, row_idx) => {
-                if let Some(si) = ma.sites[l][m] {
-                    let st = &ma.stacks[si];
-                    let idx: Vec<i32> = row_idx.iter().map(|&a| if a < 0 { -1 } else { st.slot[a as usize] }).collect();
-                    if idx.iter().any(|&a| a >= 0) {
-                        be.wegeft_multi_forward(
-                            rows, d_in, d_out, st.rank, x, w, &st.phi, &st.psi, &st.scales, &idx, &mut y,
-                        )?;
-                        return Ok((y, None));
+        let saved = 'product: {
+            let adapter = match adapter {
+                Adapt::One(a) => a,
+                Adapt::Multi(ma, row_idx) => {
+                    if let Some(si) = ma.sites[l][m] {
+                        let st = &ma.stacks[si];
+                        let idx: Vec<i32> =
+                            row_idx.iter().map(|&a| if a < 0 { -1 } else { st.slot[a as usize] }).collect();
+                        if idx.iter().any(|&a| a >= 0) {
+                            be.wegeft_multi_forward(
+                                rows, d_in, d_out, st.rank, x, w, &st.phi, &st.psi, &st.scales, &idx, &mut y,
+                            )?;
+                            break 'product None;
+                        }
                     }
+                    None
                 }
-                None
-            }
-        };
-        if let Some(a) = adapter {
-            if let Some(p) = a.sites[l][m] {
+            };
+            if let Some((a, p)) = adapter.and_then(|a| a.sites[l][m].map(|p| (a, p))) {
                 let (phi, psi) = Self::pair_of(a, ops, p);
                 let shape = LayerShape::new(rows, d_in, d_out, a.rank)?;
                 // Dropout only in training (when the activations are saved for a backward).
                 let drop = if save { a.dropout_at(l, m) } else { None };
                 let saved = be.wegeft_forward(shape, x, w, phi, psi, a.scale, drop, &mut y)?;
-                return Ok((y, if save { Some(saved) } else { None }));
+                break 'product save.then_some(saved);
             }
+            be.linear_forward(x, w, rows, d_in, d_out, &mut y)?;
+            None
+        };
+        if let Some(b) = &self.layers[l].bias[m] {
+            be.add_bias(&mut y, b, rows, d_out)?;
         }
-        be.linear_forward(x, w, rows, d_in, d_out, &mut y)?;
-        Ok((y, None))
+        Ok((y, saved))
     }
 
     /// One projection's backward: input gradient into `dx` (if given) and adapter gradients.
@@ -856,7 +838,7 @@ impl<B: Backend> Llama<B> {
             // Qwen3: q and k are normed per head; the backward needs them as projected.
             let mut qk_pre = None;
             if let Some((qn, kn)) = &layer.qk_norm {
-                let (qh, kh) = (self.head_norm(be, &q, qn, rows, d.heads)?, self.head_norm(be, &k, kn, rows, d.kv_heads)?);
+                let (qh, kh) = (self.head_norm(be, &q, qn, rows, d.heads)?.0, self.head_norm(be, &k, kn, rows, d.kv_heads)?.0);
                 let (qp, kp) = (std::mem::replace(&mut q, qh), std::mem::replace(&mut k, kh));
                 if save {
                     qk_pre = Some((qp, kp));

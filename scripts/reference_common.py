@@ -1,0 +1,186 @@
+"""What scripts/llama3_reference.py and scripts/qwen_reference.py share: the tiny models' random
+f16-valued weights and their hf/ save, the logits reference, the float64 WeGeFT fine-tune, and the
+GGUF keys that llama.cpp's converter writes for all of these models. Importing it writes nothing;
+each script's docstring says what it writes and how to run it."""
+import copy
+import math
+import os
+
+import torch
+from gguf import GGUFWriter, LlamaFileType
+
+
+def tiny_model(config_cls, model_cls, config, rope):
+    """A tiny `model_cls(config_cls(**config))` (f32, eager attention, the given rope parameters)
+    with random weights from seed 1234: norms 1 + 0.1 N(0, 1), Qwen3's per-head q/k norms
+    1 + 0.5 N(0, 1) (clearly away from 1), biases 0.5 N(0, 1) (large enough to matter), embeddings
+    0.5 N(0, 1), matrices N(0, 1 / d_in)."""
+    torch.manual_seed(1234)
+    cfg = config_cls(**config, rope_parameters=dict(rope), attn_implementation="eager")
+    model = model_cls(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif "q_norm" in name or "k_norm" in name:
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "embed" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
+            # What the files hold: every value is an f16 value (hf/ stores all of them as f16, the
+            # GGUF stores norms and biases as f32), so that every implementation sees the same.
+            p.copy_(p.half().float())
+    return cfg, model
+
+
+def write_hf(model, d):
+    """The model's weights as f16, saved by transformers (`save_pretrained`, safetensors) into d."""
+    os.makedirs(d, exist_ok=True)
+    # A copy: model.half() would also round the RoPE inv_freq buffers of `model` to f16 (and
+    # model.float() would not restore them), so every reference computed after this (logits,
+    # fine-tune) would use f16-rounded frequencies instead of transformers' exact f32 ones.
+    copy.deepcopy(model).half().save_pretrained(d, safe_serialization=True)
+
+
+def gguf_writer(path, arch, name, cfg, rope_theta, head_dim=None):
+    """A GGUFWriter for `path` holding the keys of llama.cpp's TextModel.set_gguf_parameters that
+    every model here has, and attention.key_length / value_length where a head_dim is given (the
+    converter writes them when the config has one). Finish it with gguf_finish."""
+    w = GGUFWriter(path, arch)
+    w.add_name(name)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    return w
+
+
+def gguf_finish(w, cfg):
+    """The last keys, after whatever gguf_writer's caller added (the writer keeps the keys in the
+    order they are added, tensors apart): file type mostly f16 and, as the only tokenizer keys (no
+    vocabulary), the special ids the converter takes from config.json. Then writes the file."""
+    w.add_file_type(LlamaFileType.MOSTLY_F16)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def logits_reference(model):
+    """For 3 random id sequences (5, 48 and 300 ids): the mean next-token loss, the argmax per
+    position and the full logits at the first, middle and last positions."""
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 48, 300)]
+    cases = []
+    for ids in seqs:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), labels=torch.tensor([ids]))
+        lg = out.logits[0].float()
+        pos = sorted({0, len(ids) // 2, len(ids) - 1})
+        cases.append(dict(ids=ids, loss=float(out.loss), argmax=lg.argmax(-1).tolist(),
+                          positions=pos, logits=[lg[p].tolist() for p in pos]))
+    return cases
+
+
+TRAIN = dict(rank=4, lr=5e-3, steps=4, batch=2, seq=24,
+             targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def causal_lm_loss(m, ids, check=False):
+    """The fine-tune's loss, in float64: the mean next-token cross-entropy over every predicted
+    token of the batch (position t predicts ids[:, t + 1], the last position predicts nothing) --
+    the loss transformers computes for labels=ids. Not transformers' own: its ForCausalLMLoss
+    starts with `logits.float()`, which turns our float64 logits into float32, so its
+    cross-entropy and the backward pass through it would run in float32. With check, asserts that
+    this is the same loss as transformers' (to float32's precision) on the same logits."""
+    logits = m(ids).logits
+    assert logits.dtype == torch.float64, logits.dtype
+    v = logits.shape[-1]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
+    if check:
+        with torch.no_grad():
+            hf = m.loss_function(logits=logits.detach(), labels=ids, vocab_size=m.config.vocab_size)
+        print(f"loss: ours (float64) {loss.item()!r}, transformers' ({hf.dtype}) {hf.item()!r}")
+        assert abs(hf.item() - loss.item()) <= 1e-6 * loss.item(), (hf.item(), loss.item())
+    return loss
+
+
+def train_reference(label, model, out):
+    """The WeGeFT fine-tune (TRAIN) with the official GIFT wrapper's math in float64: every
+    targeted nn.Linear computes F.linear(x, W + (W in_proj^T) out_proj^T, b) with the pair of its
+    module type, b the Linear's own (frozen) bias, None where it has none (all of Llama's).
+    Writes train_init.safetensors (the initial adapter, f32 values) and train_final.safetensors
+    (the final adapter, f64) into `out`; returns train.json's content (TRAIN, the batches, the
+    loss before each update)."""
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    vocab = model.config.vocab_size
+    m = copy.deepcopy(model).double()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(99)
+    r = TRAIN["rank"]
+    ip, op = {}, {}
+    for t in TRAIN["targets"]:
+        lin = next(mod for n, mod in m.named_modules() if n.endswith(t))
+        d_in = lin.in_features
+        # Both nonzero (the official out_proj starts at zero) so that both get a gradient at once.
+        ip[t] = (torch.randn(r, d_in, generator=g) / math.sqrt(d_in)).float().double().requires_grad_(True)
+        op[t] = (0.1 * torch.randn(d_in, r, generator=g)).float().double().requires_grad_(True)
+    probe = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = m(probe).logits
+    wrapped = []
+    for n, mod in m.named_modules():
+        for t in TRAIN["targets"]:
+            if n.endswith("." + t):
+                def fwd(x, mod=mod, t=t):
+                    w = mod.weight
+                    return F.linear(x, w + (w @ ip[t].T) @ op[t].T, mod.bias)
+                mod.forward = fwd
+                wrapped.append((n, mod.bias is not None))
+    assert len(wrapped) == len(TRAIN["targets"]) * model.config.num_hidden_layers, wrapped
+    print(f"{label}: wrapped {len(wrapped)} Linears, with bias:", [n for n, b in wrapped if b])
+    # With out_proj = 0 the wrapped model is the base model (its biases included).
+    saved = {t: op[t].detach().clone() for t in TRAIN["targets"]}
+    with torch.no_grad():
+        for t in TRAIN["targets"]:
+            op[t].zero_()
+        assert torch.equal(m(probe).logits, base)
+        for t in TRAIN["targets"]:
+            op[t].copy_(saved[t])
+    init = {}
+    for t in TRAIN["targets"]:
+        init[f"in_projections.{t}.weight"] = ip[t].detach().float().contiguous()
+        init[f"out_projections.{t}.weight"] = op[t].detach().float().contiguous()
+    save_file(init, os.path.join(out, "train_init.safetensors"))
+    params = [x for t in TRAIN["targets"] for x in (ip[t], op[t])]
+    opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    gb = torch.Generator().manual_seed(5)
+    batches, losses = [], []
+    for k in range(TRAIN["steps"]):
+        ids = torch.randint(0, vocab, (TRAIN["batch"], TRAIN["seq"]), generator=gb)
+        batches.append(ids.tolist())
+        opt.zero_grad()
+        loss = causal_lm_loss(m, ids, check=k == 0)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    final = {}
+    for t in TRAIN["targets"]:
+        final[f"in_projections.{t}.weight"] = ip[t].detach().contiguous()
+        final[f"out_projections.{t}.weight"] = op[t].detach().contiguous()
+    save_file(final, os.path.join(out, "train_final.safetensors"))
+    return dict(TRAIN, batches=batches, losses=losses)
