@@ -201,7 +201,7 @@ fn gguf_layer_name(layer: usize, field: &str) -> String {
 /// The per-layer tensors of a model with config `c`, with their expected shapes: the seven
 /// projections (HF field names), the two norms, then the biases the config has
 /// (`q_proj.bias`, ...) and Qwen3's `q_norm`, `k_norm`.
-pub(crate) fn layer_fields(c: &LlamaConfig) -> Vec<(&'static str, Vec<usize>)> {
+pub fn layer_fields(c: &LlamaConfig) -> Vec<(&'static str, Vec<usize>)> {
     let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
     let mut v = vec![
         ("q_proj", vec![q, h]),
