@@ -41,7 +41,7 @@ fuzz_target!(|inp: Input| {
     let mut w = GgufWriter::new();
     let model = ["gpt2", "llama", ""][inp.model as usize % 3];
     w.kv("tokenizer.ggml.model", GgufValue::String(model.into()));
-    match inp.pre % 5 {
+    match inp.pre % 6 {
         0 => {}
         1 => {
             w.kv("tokenizer.ggml.pre", GgufValue::String("smollm".into()));
@@ -51,6 +51,9 @@ fuzz_target!(|inp: Input| {
         }
         3 => {
             w.kv("tokenizer.ggml.pre", GgufValue::String("llama-bpe".into()));
+        }
+        4 => {
+            w.kv("tokenizer.ggml.pre", GgufValue::String("qwen2".into()));
         }
         _ => {
             w.kv("tokenizer.ggml.pre", GgufValue::U32(7));
@@ -107,6 +110,7 @@ fuzz_target!(|inp: Input| {
         let t = match t.len() {
             1 => wegeft::model::chat::LLAMA3_CHAT_TEMPLATE.to_string(),
             2 => wegeft::model::chat::SMOLLM2_CHAT_TEMPLATE.to_string(),
+            3 => include_str!("../../tests/data/qwen/chat/qwen3.jinja").to_string(),
             _ => t.clone(),
         };
         w.kv("tokenizer.chat_template", GgufValue::String(t));
@@ -119,12 +123,18 @@ fuzz_target!(|inp: Input| {
     }
     let _ = tok.decode(&inp.decode, true);
     let _ = tok.chat_prompt(&inp.text);
-    // A training conversation: several renderings compared as prefixes, offsets mapped to turns.
+    // A training conversation: several renderings compared as prefixes, offsets mapped to turns
+    // (two exchanges, so that a turn rendered otherwise later is looked up in the whole).
+    let reply = inp.text.chars().rev().collect::<String>();
     let turns = [
         wegeft::model::ChatMessage::new("user", inp.text.clone()),
-        wegeft::model::ChatMessage::new("assistant", inp.text.chars().rev().collect::<String>()),
+        wegeft::model::ChatMessage::new("assistant", reply.clone()),
+        wegeft::model::ChatMessage::new("user", reply),
+        wegeft::model::ChatMessage::new("assistant", inp.text.clone()),
     ];
-    if let Ok((ids, target)) = tok.chat_targets(&turns) {
-        assert_eq!(ids.len(), target.len());
+    for n in [2, 4] {
+        if let Ok((ids, target)) = tok.chat_targets(&turns[..n]) {
+            assert_eq!(ids.len(), target.len());
+        }
     }
 });
