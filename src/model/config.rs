@@ -29,8 +29,8 @@ use crate::rope::{Rope, RopeScaling};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
-    /// Llama (also Mistral without a sliding window): biases only where `attention_bias` /
-    /// `mlp_bias` say.
+    /// Llama (also Mistral, whose sliding window is [`LlamaConfig::sliding_window`]): biases
+    /// only where `attention_bias` / `mlp_bias` say.
     #[default]
     Llama,
     /// Qwen2 and Qwen2.5: biases on q, k and v, none elsewhere.
@@ -147,8 +147,8 @@ impl LlamaConfig {
     /// feed_forward_length, attention.head_count, attention.head_count_kv, rope.freq_base,
     /// attention.layer_norm_rms_epsilon, context_length, vocab_size, attention.key_length,
     /// rope.dimension_count}`. The vocabulary falls back to the length of
-    /// `tokenizer.ggml.tokens`, then to the rows of `token_embd.weight`; the embeddings are tied when the file has no `output.weight`;
-    /// Llama's and Qwen3's `attention_bias` / `mlp_bias` are read off the first layer's tensors
+    /// `tokenizer.ggml.tokens`, then to the rows of `token_embd.weight`; the embeddings are
+    /// tied when the file has no `output.weight`; Llama's and Qwen3's `attention_bias` / `mlp_bias` are read off the first layer's tensors
     /// (`blk.0.attn_q.bias`, `blk.0.ffn_up.bias`).
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = match g.get_str("general.architecture")? {
