@@ -185,6 +185,14 @@ fn qwen2_pre_tokenizer_from_gguf_metadata_matches_tokenizers() {
         }
     }
     assert!(nfc_mattered >= 1, "no case tells whether NFC is applied");
+    // DeepSeek-R1's Qwen distills name the same rules `deepseek-r1-qwen`, as llama.cpp reads them.
+    let tpl = template("qwen2.5-instruct");
+    let mut w = GgufWriter::new();
+    common::gguf_tokenizer_metadata(&mut w, &small, &common::GgufVocab { pre: "deepseek-r1-qwen", ..qwen_vocab(&tpl) });
+    let r1 = Tokenizer::from_gguf_file(&GgufFile::from_bytes("r1.gguf", w.to_bytes().unwrap()).unwrap()).unwrap();
+    for c in json("tokenizer/cases.json").as_array().unwrap() {
+        assert_eq!(r1.encode(c["text"].as_str().unwrap(), false).unwrap(), ids_of(&c["ids"]));
+    }
     assert_eq!(gguf.encode("12345", false).unwrap().len(), 5, "digits are split one by one");
     assert_eq!(gguf.end_of_turn_id(), gguf.token_to_id("<|im_end|>").unwrap());
     assert!(!gguf.adds_bos());

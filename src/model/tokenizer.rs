@@ -15,7 +15,8 @@
 //!   regex [`LLAMA3_REGEX`] (case-insensitive contractions, letters with one leading
 //!   non-letter, digits in groups of up to three, punctuation runs with their newlines) and
 //!   merges with `ignore_merges` (a piece that is a whole vocabulary entry is taken as it is),
-//!   as Llama 3's `tokenizer.json` and llama.cpp do; `qwen2` (Qwen2, Qwen2.5, Qwen3) composes
+//!   as Llama 3's `tokenizer.json` and llama.cpp do; `qwen2` (Qwen2, Qwen2.5, Qwen3; also
+//!   `deepseek-r1-qwen`, which llama.cpp treats the same) composes
 //!   the text to Unicode NFC first, as their `tokenizer.json` does, then splits with
 //!   [`QWEN2_REGEX`] (Llama 3's, but every digit its own piece) and merges without
 //!   `ignore_merges`;
@@ -60,6 +61,10 @@ const LLAMA3_PRE: [&str; 3] = ["llama-bpe", "llama3", "llama-v3"];
 
 /// The pre-tokenizer regex of Meta Llama 3's `tokenizer.json` (llama.cpp's `LLAMA3` type).
 pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// llama.cpp pre-tokenizer types of Qwen2's tokenizer (DeepSeek-R1's Qwen distills keep Qwen's
+/// vocabulary and rules).
+const QWEN2_PRE: [&str; 2] = ["qwen2", "deepseek-r1-qwen"];
 
 /// The pre-tokenizer regex of Qwen2's `tokenizer.json` (llama.cpp's `QWEN2` type): Llama 3's
 /// with single digits.
@@ -521,13 +526,13 @@ fn byte_level_bpe(g: &GgufFile, vocab: tokenizers::models::bpe::Vocab) -> Result
         Pre::DigitsThenGpt2
     } else if LLAMA3_PRE.contains(&pre) {
         Pre::Llama3
-    } else if pre == "qwen2" {
+    } else if QWEN2_PRE.contains(&pre) {
         Pre::Qwen2
     } else if pre == "gpt2" || pre == "gpt-2" {
         Pre::Gpt2
     } else {
         return Err(g.error(format!(
-            "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, qwen2, gpt2)"
+            "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, {QWEN2_PRE:?}, gpt2)"
         )));
     };
     let merges_raw = g.get_str_array("tokenizer.ggml.merges")?;
