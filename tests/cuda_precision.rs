@@ -317,7 +317,7 @@ impl Backend for CudaPrecision {
 }
 
 fn dims() -> Dims {
-    Dims { hidden: 64, layers: 3, heads: 4, kv_heads: 2, head_dim: 16, ffn: 96, vocab: 97, rope: Rope::new(10000.0), eps: 1e-5, window: None }
+    Dims { hidden: 64, layers: 3, heads: 4, kv_heads: 2, head_dim: 16, ffn: 96, vocab: 97, rope: Rope::new(10000.0), eps: 1e-5, window: None, nope_layers: vec![] }
 }
 
 /// Rank-4 pairs shared across layers on every module, with nonzero phi and psi.

@@ -278,7 +278,7 @@ fn cli_finetunes_scores_and_generates_with_a_llama3_gguf() {
     let template = wegeft::model::chat::LLAMA3_CHAT_TEMPLATE;
     reference::instruct_gguf(&data("tiny.gguf"), &meta_tokenizer_json(), &llama3_vocab(template), &m);
     // A random model over 128256 tokens starts near ln(128256) = 11.76.
-    let run = reference::cli_round_trip(&m, &dir, "What is 345 + 678?", 8.0..16.0);
+    let run = reference::cli_round_trip(&m, &dir, "What is 345 + 678?", 8.0..16.0, &[]);
     // score: the chat prompt's tokens are Llama 3's (BOS, headers).
     assert_eq!(reference::ids_of(&run.score["ids"]), [128000, 3923, 374, 220, 12901, 489, 220, 17458, 30]);
     // eval --data: a chat record (the expected answer last) and a plain prompt record.

@@ -21,6 +21,7 @@ fn tiny_dims() -> Dims {
         rope: wegeft::rope::Rope::new(10000.0),
         eps: 1e-5,
         window: None,
+        nope_layers: vec![],
     }
 }
 
@@ -483,4 +484,27 @@ fn a_sliding_window_bounds_sequences_and_the_cache() {
     let e = model.forward_cached(&Cpu, None, &ids[6..7], &mut cache).unwrap_err().to_string();
     assert!(e.contains("window of 6"), "{e}");
     assert!(Llama::new(&Cpu, &tiny_weights(&Dims { window: Some(0), ..tiny_dims() }, 5, true)).is_err());
+}
+
+/// SmolLM3's NoPE layers: [`tiny_dims`] with no RoPE in layer 1.
+fn tiny_dims_nope() -> Dims {
+    Dims { nope_layers: vec![1], ..tiny_dims() }
+}
+
+#[test]
+fn grad_with_a_nope_layer() {
+    check_grads_with(tiny_dims_nope(), true, true, &[0, 1, 2, 3, 4, 5, 6], 1.0);
+}
+
+#[test]
+fn kv_cache_decode_with_a_nope_layer() {
+    kv_cache_decode_matches_full_forward_with(tiny_dims_nope());
+    // The layer without RoPE is used: the logits move.
+    let ids: Vec<u32> = vec![3, 14, 15, 9, 26];
+    let w = tiny_weights(&tiny_dims(), 5, true);
+    let with = Llama::new(&Cpu, &w).unwrap().score(&Cpu, None, &ids).unwrap().0;
+    let without = Llama::new(&Cpu, &HostWeights { dims: tiny_dims_nope(), ..w }).unwrap().score(&Cpu, None, &ids).unwrap().0;
+    let diff = with.iter().zip(&without).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff > 1e-2, "a NoPE layer changed the logits by {diff} only");
+    assert!(Llama::new(&Cpu, &tiny_weights(&Dims { nope_layers: vec![2], ..tiny_dims() }, 5, true)).is_err());
 }

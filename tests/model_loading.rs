@@ -810,6 +810,7 @@ fn tiny_config() -> LlamaConfig {
         attention_bias: false,
         mlp_bias: false,
         sliding_window: None,
+        nope_layers: vec![],
     }
 }
 

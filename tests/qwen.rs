@@ -299,7 +299,7 @@ fn cli_finetunes_scores_generates_and_merges_a_qwen2_gguf() {
     let tpl = template("qwen2.5-instruct");
     reference::instruct_gguf(&data("qwen2/tiny.gguf"), &qwen_tokenizer_json(), &qwen_vocab(&tpl), &m);
     let text = "What is 345 + 678?";
-    let run = reference::cli_round_trip(&m, &dir, text, 1.0..100.0);
+    let run = reference::cli_round_trip(&m, &dir, text, 1.0..100.0, &[]);
     // score: Qwen's ids (no BOS).
     let cases = json("tokenizer/genuine_cases.json");
     let want = cases["cases"].as_array().unwrap().iter().find(|c| c["text"] == text).expect("the case");

@@ -589,7 +589,15 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                     .iter()
                     .map(|p| {
                         let mut e = arithmetic_example(&l.tok, p)?;
+                        let full = e.ids.len();
                         e.truncate(seq);
+                        // The answer is last: a long chat template can push all of it past --seq.
+                        if !e.target.iter().skip(1).any(|&t| t) {
+                            return Err(Error::invalid(
+                                "--seq",
+                                format!("{seq} tokens cut off the answer of an arithmetic problem: with this model's chat template it takes {full} tokens; give --seq {full} or more"),
+                            ));
+                        }
                         Ok(e)
                     })
                     .collect::<Result<_>>()?,

@@ -38,6 +38,10 @@ pub enum Arch {
     /// Qwen3: RMSNorm over each query and key head (`q_norm`, `k_norm`) before RoPE; biases on
     /// q, k, v and o only with `attention_bias`.
     Qwen3,
+    /// SmolLM3: Llama's block, with no RoPE in some layers ([`LlamaConfig::nope_layers`]: every
+    /// 4th).
+    #[serde(rename = "smollm3")]
+    SmolLM3,
 }
 
 impl Arch {
@@ -48,6 +52,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::SmolLM3 => "smollm3",
         }
     }
 }
@@ -98,6 +103,10 @@ pub struct LlamaConfig {
     /// many tokens run; longer ones are an error.
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// The layers (0-based, ascending) that apply no RoPE to q and k (SmolLM3's "NoPE" layers:
+    /// every 4th); empty for every other family.
+    #[serde(default)]
+    pub nope_layers: Vec<usize>,
 }
 
 /// The subset of an HF `config.json` this crate reads.
@@ -110,6 +119,10 @@ struct HfConfig {
     use_sliding_window: Option<bool>,
     /// transformers 5: each layer's attention kind (`full_attention`, `sliding_attention`).
     layer_types: Option<Vec<String>>,
+    /// SmolLM3: per layer, 1 if it applies RoPE, 0 if not.
+    no_rope_layers: Option<Vec<u8>>,
+    /// SmolLM3: every this many layers, one without RoPE (the default of `no_rope_layers`).
+    no_rope_layer_interval: Option<usize>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -141,6 +154,12 @@ fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
     }
 }
 
+/// Layers `n-1, 2n-1, ...` below `layers`: SmolLM3's NoPE layers for interval `n`
+/// (transformers: layer `l` applies RoPE iff `(l + 1) % n != 0`).
+fn every_nth_layer(layers: usize, n: usize) -> Vec<usize> {
+    (0..layers).filter(|l| (l + 1) % n == 0).collect()
+}
+
 impl LlamaConfig {
     /// Reads the config from GGUF metadata: `general.architecture` is `llama`, `qwen2` or
     /// `qwen3` ([`Arch`]), and its keys `<arch>.{block_count, embedding_length,
@@ -155,9 +174,10 @@ impl LlamaConfig {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "smollm3" => Arch::SmolLM3,
             other => {
                 return Err(g.error(format!(
-                    "general.architecture is {other:?}; supported: \"llama\", \"qwen2\", \"qwen3\""
+                    "general.architecture is {other:?}; supported: \"llama\", \"qwen2\", \"qwen3\", \"smollm3\""
                 )))
             }
         };
@@ -258,6 +278,8 @@ impl LlamaConfig {
             // llama.cpp's converter keeps no window for the llama architecture (it runs Mistral
             // 7B v0.1 with full attention).
             sliding_window: None,
+            // llama.cpp writes no key for SmolLM3's NoPE layers: it skips RoPE in every 4th.
+            nope_layers: if arch == Arch::SmolLM3 { every_nth_layer(g.get_usize(&k("block_count"))?, 4) } else { vec![] },
         };
         cfg.check().map_err(|m| g.error(m))?;
         Ok(cfg)
@@ -314,11 +336,34 @@ impl LlamaConfig {
                     Arch::Qwen3
                 }
             }
+            Some("smollm3") => {
+                if let Some(w) = h.use_sliding_window.filter(|&u| u).and_then(|_| window_cuts(h.sliding_window.as_ref())) {
+                    return Err(format!("model_type \"smollm3\" with use_sliding_window and sliding_window {w} is not supported"));
+                }
+                Arch::SmolLM3
+            }
             Some(mt) => {
                 return Err(format!(
-                    "model_type {mt:?}; supported: \"llama\", \"mistral\" (without a sliding window), \"qwen2\", \"qwen3\""
+                    "model_type {mt:?}; supported: \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"smollm3\""
                 ))
             }
+        };
+        // SmolLM3's NoPE layers: the list, else every `no_rope_layer_interval`-th (default 4).
+        let nope_layers = match (arch, &h.no_rope_layers) {
+            (Arch::SmolLM3, Some(flags)) => {
+                if flags.len() != h.num_hidden_layers || flags.iter().any(|&f| f > 1) {
+                    return Err(format!(
+                        "no_rope_layers must hold one 0 or 1 per layer ({} layers), got {flags:?}",
+                        h.num_hidden_layers
+                    ));
+                }
+                flags.iter().enumerate().filter(|(_, &f)| f == 0).map(|(l, _)| l).collect()
+            }
+            (Arch::SmolLM3, None) => match h.no_rope_layer_interval.unwrap_or(4) {
+                0 => return Err("no_rope_layer_interval must be positive".into()),
+                n => every_nth_layer(h.num_hidden_layers, n),
+            },
+            _ => vec![],
         };
         if let Some(kinds) = &h.layer_types {
             if let Some(other) = kinds.iter().find(|t| t.as_str() != "full_attention") {
@@ -380,6 +425,7 @@ impl LlamaConfig {
             attention_bias: arch != Arch::Qwen2 && h.attention_bias == Some(true),
             mlp_bias: h.mlp_bias == Some(true),
             sliding_window,
+            nope_layers,
         };
         cfg.check()?;
         Ok(cfg)
@@ -427,6 +473,12 @@ impl LlamaConfig {
             return Err("matrix sizes overflow".into());
         }
         self.rope().check(self.head_dim)?;
+        if self.nope_layers.windows(2).any(|w| w[0] >= w[1]) || self.nope_layers.last().is_some_and(|&l| l >= self.num_hidden_layers) {
+            return Err(format!(
+                "nope_layers {:?} must be ascending layer indices below {}",
+                self.nope_layers, self.num_hidden_layers
+            ));
+        }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps {} must be finite and positive", self.rms_norm_eps));
         }
@@ -540,6 +592,14 @@ impl LlamaConfig {
                 "use_sliding_window": false,
                 "attention_bias": self.attention_bias,
             }),
+            (Arch::SmolLM3, None) => serde_json::json!({
+                "architectures": ["SmolLM3ForCausalLM"],
+                "model_type": "smollm3",
+                "use_sliding_window": false,
+                "attention_bias": self.attention_bias,
+                "mlp_bias": self.mlp_bias,
+                "no_rope_layers": (0..self.num_hidden_layers).map(|l| u8::from(!self.nope_layers.contains(&l))).collect::<Vec<_>>(),
+            }),
         };
         let map = v.as_object_mut().expect("an object");
         for (key, val) in extra.as_object().expect("an object") {
@@ -579,6 +639,7 @@ mod tests {
             attention_bias: false,
             mlp_bias: false,
             sliding_window: None,
+            nope_layers: vec![],
         };
         let text = cfg.to_hf_json().unwrap().to_string();
         assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), cfg);
@@ -589,11 +650,29 @@ mod tests {
             (Arch::Qwen2, false, false),
             (Arch::Qwen3, true, false),
             (Arch::Qwen3, false, false),
+            (Arch::SmolLM3, false, false),
         ] {
-            let c = LlamaConfig { arch, attention_bias, mlp_bias, ..cfg.clone() };
+            let nope_layers = if arch == Arch::SmolLM3 { vec![1] } else { vec![] };
+            let c = LlamaConfig { arch, attention_bias, mlp_bias, nope_layers, ..cfg.clone() };
             let text = c.to_hf_json().unwrap().to_string();
             assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), c, "{text}");
         }
+    }
+
+    #[test]
+    fn smollm3_configs_name_their_nope_layers() {
+        let base = r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":12,"num_hidden_layers":8,"num_attention_heads":2,"model_type":"smollm3""#;
+        let c = LlamaConfig::from_hf_str(&format!("{base}}}")).unwrap();
+        assert_eq!((c.arch, &c.nope_layers[..]), (Arch::SmolLM3, &[3, 7][..]));
+        let c = LlamaConfig::from_hf_str(&format!("{base},\"no_rope_layer_interval\":3}}")).unwrap();
+        assert_eq!(c.nope_layers, [2, 5]);
+        let c = LlamaConfig::from_hf_str(&format!("{base},\"no_rope_layers\":[1,0,1,1,1,1,1,0]}}")).unwrap();
+        assert_eq!(c.nope_layers, [1, 7]);
+        for bad in ["[1,0]", "[1,1,1,1,1,1,1,2]"] {
+            let e = LlamaConfig::from_hf_str(&format!("{base},\"no_rope_layers\":{bad}}}")).unwrap_err();
+            assert!(e.contains("no_rope_layers"), "{e}");
+        }
+        assert!(LlamaConfig::from_hf_str(&format!("{base},\"no_rope_layer_interval\":0}}")).is_err());
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Dims {
     /// A sliding attention window (Mistral 7B v0.1's): sequences, and a cache's tokens, may not
     /// be longer (within it, attention is plain causal attention).
     pub window: Option<usize>,
+    /// Layers (ascending) whose q and k get no RoPE (SmolLM3's every 4th); empty for the rest.
+    pub nope_layers: Vec<usize>,
 }
 
 impl Dims {
@@ -68,6 +70,10 @@ impl Dims {
             GATE | UP => (d, f),
             _ => (f, d),
         }
+    }
+    /// Whether layer `l` applies RoPE to q and k (all but [`Dims::nope_layers`]).
+    pub fn rope_at(&self, l: usize) -> bool {
+        self.nope_layers.binary_search(&l).is_err()
     }
     /// Checks that every dimension is positive, that the heads divide evenly, and RoPE's
     /// parameters ([`crate::rope::Rope::check`]).
@@ -87,6 +93,12 @@ impl Dims {
         }
         if self.window == Some(0) {
             return Err(Error::ZeroDim { what: "window" });
+        }
+        if self.nope_layers.windows(2).any(|w| w[0] >= w[1]) || self.nope_layers.last().is_some_and(|&l| l >= self.layers) {
+            return Err(Error::invalid(
+                "nope_layers",
+                format!("{:?} must be ascending layer indices below {}", self.nope_layers, self.layers),
+            ));
         }
         if self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
             return Err(Error::invalid(
@@ -844,8 +856,10 @@ impl<B: Backend> Llama<B> {
                     qk_pre = Some((qp, kp));
                 }
             }
-            be.rope(&mut q, d.heads, d.head_dim, positions, &d.rope, false)?;
-            be.rope(&mut k, d.kv_heads, d.head_dim, positions, &d.rope, false)?;
+            if d.rope_at(l) {
+                be.rope(&mut q, d.heads, d.head_dim, positions, &d.rope, false)?;
+                be.rope(&mut k, d.kv_heads, d.head_dim, positions, &d.rope, false)?;
+            }
             let mut att = Self::product_input(be, rows * qw, narrow)?;
             let lse = match &mut mode {
                 Mode::Full { .. } => {
@@ -1055,8 +1069,10 @@ impl<B: Backend> Llama<B> {
             let mut dv = Self::product_input(be, rows * kw, true)?;
             be.attention_backward(shape, &act.q, &act.k, &act.v, &act.att, &act.lse, &datt, &mut dq, &mut dk, &mut dv)?;
             drop(datt);
-            be.rope(&mut dq, d.heads, d.head_dim, &positions, &d.rope, true)?;
-            be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, &d.rope, true)?;
+            if d.rope_at(l) {
+                be.rope(&mut dq, d.heads, d.head_dim, &positions, &d.rope, true)?;
+                be.rope(&mut dk, d.kv_heads, d.head_dim, &positions, &d.rope, true)?;
+            }
             if let (Some((qn, kn)), Some((qp, kp))) = (&layer.qk_norm, &act.qk_pre) {
                 dq = self.head_norm_backward(be, qp, qn, &dq, rows, d.heads)?;
                 dk = self.head_norm_backward(be, kp, kn, &dk, rows, d.kv_heads)?;
@@ -1327,6 +1343,7 @@ impl Dims {
             rope: c.rope(),
             eps: c.rms_norm_eps,
             window: c.sliding_window,
+            nope_layers: c.nope_layers.clone(),
         }
     }
     /// SmolLM2-135M's dimensions: hidden 576, 30 layers, 9 query / 3 key-value heads of 64,
@@ -1343,6 +1360,7 @@ impl Dims {
             rope: crate::rope::Rope::new(100000.0),
             eps: 1e-5,
             window: None,
+            nope_layers: vec![],
         }
     }
     /// The adapter-side dimensions (layers, hidden, intermediate, the attention's width).

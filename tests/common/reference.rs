@@ -148,17 +148,20 @@ pub struct CliRun {
 }
 
 /// The CLI end to end on the GGUF `model`, in `dir`: three steps of `finetune --task
-/// arithmetic` (logged losses in `losses`), `score` of `text` with the adapter,
+/// arithmetic` with `finetune_args` added (logged losses in `losses`), `score` of `text` with
+/// the adapter,
 /// `generate`, and `merge` into an HF checkpoint that scores `text` as the GGUF with the
 /// adapter does (same ids and argmax, loss within 1e-4).
-pub fn cli_round_trip(model: &Path, dir: &Path, text: &str, losses: std::ops::Range<f64>) -> CliRun {
+pub fn cli_round_trip(model: &Path, dir: &Path, text: &str, losses: std::ops::Range<f64>, finetune_args: &[&str]) -> CliRun {
     let range = losses;
     let (ms, out, log) = (model.to_str().unwrap(), dir.join("adapter"), dir.join("log.jsonl"));
-    let stdout = wegeft(&[
+    let mut args = vec![
         "finetune", "--model", ms, "--task", "arithmetic", "--targets", "q_proj,v_proj,down_proj", "--rank", "4",
         "--steps", "3", "--batch", "2", "--eval-n", "1", "--out", out.to_str().unwrap(), "--log-json",
         log.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(finetune_args);
+    let stdout = wegeft(&args);
     assert!(stdout.contains("held-out exact match before") && stdout.contains("after"), "{stdout}");
     let losses: Vec<f64> = std::fs::read_to_string(&log)
         .unwrap()

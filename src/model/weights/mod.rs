@@ -25,8 +25,8 @@
 //! (and their biases) so that RoPE rotates adjacent pairs `(x[2i], x[2i+1])`. The loader undoes
 //! it ([`unpermute_qk_rows`]) so the model uses HF's rotate-half RoPE on
 //! `(x[i], x[i + head_dim/2])`: within head `h`, HF row `h*head_dim + half*head_dim/2 + j` =
-//! GGUF row `h*head_dim + 2j + half`. Qwen2 and Qwen3 GGUFs keep HF's order (llama.cpp runs
-//! them with rotate-half RoPE).
+//! GGUF row `h*head_dim + 2j + half`. So does `smollm3` (converted as a Llama). Qwen2 and
+//! Qwen3 GGUFs keep HF's order (llama.cpp runs them with rotate-half RoPE).
 
 pub mod gguf;
 pub mod safetensors;
@@ -374,10 +374,12 @@ impl LlamaWeights {
             for (field, shape) in layer_fields(&config) {
                 let name = gguf_layer_name(l, field);
                 let mut t = load(name.clone(), &shape)?;
-                // Only the llama architecture's q/k rows (weights and biases) are permuted.
-                let heads = match (config.arch, field) {
-                    (Arch::Llama, "q_proj" | "q_proj.bias") => Some(config.num_attention_heads),
-                    (Arch::Llama, "k_proj" | "k_proj.bias") => Some(config.num_key_value_heads),
+                // Only the llama architecture's q/k rows (weights and biases) are permuted (and
+                // SmolLM3's, which llama.cpp converts as a Llama).
+                let permuted = matches!(config.arch, Arch::Llama | Arch::SmolLM3);
+                let heads = match field {
+                    "q_proj" | "q_proj.bias" if permuted => Some(config.num_attention_heads),
+                    "k_proj" | "k_proj.bias" if permuted => Some(config.num_key_value_heads),
                     _ => None,
                 };
                 if let Some(nh) = heads {
