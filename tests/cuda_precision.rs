@@ -468,7 +468,7 @@ fn gpu_training_tolerances_hold_for_the_cuda_precision_model() {
     }
 }
 
-/// tests/cuda_model.rs `qwen_extras_match_cpu` (bf16 weights) on the precision model: logits
+/// tests/cuda_model.rs `qwen_extras_match_cpu` (bf16 weights; biases, head norms, a NoPE layer) on the precision model: logits
 /// within half its 3e-2, losses within half its 2e-2, update cosines above 0.9 (it asks 0.8).
 #[test]
 fn gpu_qwen_tolerances_hold_for_the_cuda_precision_model() {

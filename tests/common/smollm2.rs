@@ -20,9 +20,10 @@ pub fn dims(layers: usize) -> Dims {
 }
 
 /// A Qwen3-shaped variant of the 4-layer model: heads of 128 (q is 576 -> 1152), biases on
-/// q, k, v (Qwen2's) and o, and Qwen3's head norms; seeded random weights, untied head.
+/// q, k, v (Qwen2's) and o, Qwen3's head norms, and no RoPE in the last layer (SmolLM3's NoPE);
+/// seeded random weights, untied head.
 pub fn qwen_shaped(seed: u64) -> wegeft::model::llama::HostWeights {
-    let d = Dims { head_dim: 128, ..dims(4) };
+    let d = Dims { head_dim: 128, nope_layers: vec![3], ..dims(4) };
     let mut w = wegeft::model::llama::HostWeights::random(&d, seed, false).unwrap();
     w.add_random_extras(seed, [true, true, true, true, false, false, false], true);
     w
