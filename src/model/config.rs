@@ -285,9 +285,10 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// Reads an HF `config.json` (`model_type` `llama` or absent, `mistral` without a sliding
-    /// window shorter than the context, `qwen2` or `qwen3` without `use_sliding_window`; RoPE as
-    /// [`Rope::scaling_from_hf`] reads it; `attention_bias`, `mlp_bias`; `hidden_act` `silu`). Missing fields take transformers' `LlamaConfig` defaults
+    /// Reads an HF `config.json` (`model_type` `llama` or absent, `mistral` (its sliding window
+    /// kept in [`LlamaConfig::sliding_window`]), `qwen2`, `qwen3` or `smollm3` without
+    /// `use_sliding_window`; RoPE as [`Rope::scaling_from_hf`] reads it; `attention_bias`,
+    /// `mlp_bias`; `hidden_act` `silu`). Missing fields take transformers' `LlamaConfig` defaults
     /// (`rope_theta` 10000, `rms_norm_eps` 1e-6, `max_position_embeddings` 2048,
     /// `tie_word_embeddings` false); `rope_theta` may also come from transformers 5's
     /// `rope_parameters`.
@@ -318,29 +319,23 @@ impl LlamaConfig {
                 }
                 Arch::Llama
             }
-            // Qwen2/Qwen3 carry a `sliding_window` that applies only with `use_sliding_window`.
-            Some(mt @ ("qwen2" | "qwen3")) => {
-                if h.use_sliding_window == Some(true) {
-                    if let Some(w) = window_cuts(h.sliding_window.as_ref()) {
-                        return Err(format!(
-                            "model_type {mt:?} with use_sliding_window and sliding_window {w} (shorter than the {ctx}-token context) is not supported"
-                        ));
+            // Qwen2, Qwen3 and SmolLM3 carry a `sliding_window` that applies only with
+            // `use_sliding_window`.
+            Some(mt @ ("qwen2" | "qwen3" | "smollm3")) => {
+                let applies = h.use_sliding_window == Some(true);
+                if let Some(w) = window_cuts(h.sliding_window.as_ref()).filter(|_| applies) {
+                    return Err(format!(
+                        "model_type {mt:?} with use_sliding_window and sliding_window {w} (shorter than the {ctx}-token context) is not supported"
+                    ));
+                }
+                match mt {
+                    "qwen2" | "qwen3" if h.mlp_bias == Some(true) => {
+                        return Err(format!("model_type {mt:?} with mlp_bias is not supported"))
                     }
+                    "qwen2" => Arch::Qwen2,
+                    "qwen3" => Arch::Qwen3,
+                    _ => Arch::SmolLM3,
                 }
-                if h.mlp_bias == Some(true) {
-                    return Err(format!("model_type {mt:?} with mlp_bias is not supported"));
-                }
-                if mt == "qwen2" {
-                    Arch::Qwen2
-                } else {
-                    Arch::Qwen3
-                }
-            }
-            Some("smollm3") => {
-                if let Some(w) = h.use_sliding_window.filter(|&u| u).and_then(|_| window_cuts(h.sliding_window.as_ref())) {
-                    return Err(format!("model_type \"smollm3\" with use_sliding_window and sliding_window {w} is not supported"));
-                }
-                Arch::SmolLM3
             }
             Some(mt) => {
                 return Err(format!(
