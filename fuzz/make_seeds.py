@@ -108,6 +108,9 @@ def qwen_seed(arch, hd):
     ts = [(n, ne, f32s(ne[0] * (ne[1] if len(ne) > 1 else 1), k)) for k, (n, ne) in enumerate(t)]
     return gguf(kvs + toks, ts)
 
+# SmolLM3: a Llama under another name (q/k permuted; every 4th layer without RoPE).
+out("gguf", "tiny_smollm3.gguf", gguf([(k.replace("llama", "smollm3", 1), t, "smollm3" if k == "general.architecture" else v)
+                                       for k, t, v in llama_kvs] + tok_kvs(), llama_tensors()))
 out("gguf", "tiny_qwen2.gguf", qwen_seed("qwen2", HD))
 out("gguf", "tiny_qwen3.gguf", qwen_seed("qwen3", 6))
 out("gguf", "tokenizer_only.gguf", gguf(tok_kvs(), []))

@@ -154,10 +154,15 @@ fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
     }
 }
 
+/// The most layers a config may declare: far above any real model's (a few hundred), and a
+/// bound on what a hostile file can make the loader list before its tensors are read.
+pub const MAX_LAYERS: usize = 1 << 16;
+
 /// Layers `n-1, 2n-1, ...` below `layers`: SmolLM3's NoPE layers for interval `n`
-/// (transformers: layer `l` applies RoPE iff `(l + 1) % n != 0`).
+/// (transformers: layer `l` applies RoPE iff `(l + 1) % n != 0`). `layers` must already be
+/// checked against [`MAX_LAYERS`].
 fn every_nth_layer(layers: usize, n: usize) -> Vec<usize> {
-    (0..layers).filter(|l| (l + 1) % n == 0).collect()
+    (0..layers.min(MAX_LAYERS)).filter(|l| (l + 1) % n == 0).collect()
 }
 
 impl LlamaConfig {
@@ -182,6 +187,10 @@ impl LlamaConfig {
             }
         };
         let k = |s: &str| format!("{}.{s}", arch.gguf_name());
+        let block_count = g.get_usize(&k("block_count"))?;
+        if block_count > MAX_LAYERS {
+            return Err(g.error(format!("{} {block_count} is more than {MAX_LAYERS} layers", k("block_count"))));
+        }
         let hidden_size = g.get_usize(&k("embedding_length"))?;
         let num_attention_heads = g.get_usize(&k("attention.head_count"))?;
         let num_key_value_heads = match g.get(&k("attention.head_count_kv")) {
@@ -259,7 +268,7 @@ impl LlamaConfig {
             vocab_size,
             hidden_size,
             intermediate_size: g.get_usize(&k("feed_forward_length"))?,
-            num_hidden_layers: g.get_usize(&k("block_count"))?,
+            num_hidden_layers: block_count,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -279,7 +288,7 @@ impl LlamaConfig {
             // 7B v0.1 with full attention).
             sliding_window: None,
             // llama.cpp writes no key for SmolLM3's NoPE layers: it skips RoPE in every 4th.
-            nope_layers: if arch == Arch::SmolLM3 { every_nth_layer(g.get_usize(&k("block_count"))?, 4) } else { vec![] },
+            nope_layers: if arch == Arch::SmolLM3 { every_nth_layer(block_count, 4) } else { vec![] },
         };
         cfg.check().map_err(|m| g.error(m))?;
         Ok(cfg)
@@ -301,6 +310,9 @@ impl LlamaConfig {
     /// Parses the text of an HF `config.json`; the error is a message without the path.
     fn from_hf_str(text: &str) -> std::result::Result<Self, String> {
         let h: HfConfig = serde_json::from_str(text).map_err(|e| format!("config.json: {e}"))?;
+        if h.num_hidden_layers > MAX_LAYERS {
+            return Err(format!("num_hidden_layers {} is more than {MAX_LAYERS}", h.num_hidden_layers));
+        }
         let ctx = h.max_position_embeddings.unwrap_or(2048) as u64;
         // A window no shorter than the context cuts nothing: the model is then plain causal.
         let window_cuts = |w: Option<&serde_json::Value>| -> Option<String> {
@@ -448,6 +460,9 @@ impl LlamaConfig {
             if v == 0 {
                 return Err(format!("{name} must be positive, got 0"));
             }
+        }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(format!("num_hidden_layers {} is more than {MAX_LAYERS}", self.num_hidden_layers));
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(format!(
@@ -668,6 +683,9 @@ mod tests {
             assert!(e.contains("no_rope_layers"), "{e}");
         }
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"no_rope_layer_interval\":0}}")).is_err());
+        // A hostile layer count is refused before any per-layer list is made.
+        let huge = base.replace("\"num_hidden_layers\":8", "\"num_hidden_layers\":1000000000000000000");
+        assert!(LlamaConfig::from_hf_str(&format!("{huge}}}")).unwrap_err().contains("num_hidden_layers"));
     }
 
     #[test]
