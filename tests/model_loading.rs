@@ -1459,7 +1459,8 @@ fn random_corruption_of_model_metadata_never_panics() {
 fn absurd_llama_metadata_is_an_error() {
     let orig = GgufFile::from_bytes("ok.gguf", tiny_model(true).1.to_bytes().unwrap()).unwrap();
     for (key, value, needle) in [
-        ("llama.block_count", GgufValue::U32(u32::MAX), "blk.2.attn_q.weight"),
+        ("llama.block_count", GgufValue::U32(u32::MAX), "llama.block_count 4294967295 is more than 65536"),
+        ("llama.block_count", GgufValue::U32(3), "blk.2.attn_q.weight"),
         ("llama.attention.head_count", GgufValue::U32(0), "num_attention_heads"),
         ("llama.attention.head_count_kv", GgufValue::U32(3), "num_key_value_heads"),
         ("llama.embedding_length", GgufValue::U64(1 << 62), "overflow"),
