@@ -138,12 +138,6 @@ def converter_rope_factors(hd, theta, factor, lo, hi, orig):
     return np.array(rope_factors, dtype=np.float32)
 
 
-def permute(w, n_head):
-    """llama.cpp's converter: rows reordered for interleaved RoPE."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def check_reference_model(cfg, model):
     """The model every reference is computed with: hf/'s weights exactly, transformers' exact f32
     RoPE frequencies (as a freshly constructed model has them)."""
@@ -171,8 +165,8 @@ def write_gguf(cfg, model):
     w.add_tensor("token_embd.weight", f16(sd["model.embed_tokens.weight"]))
     for l in range(cfg.num_hidden_layers):
         p = f"model.layers.{l}."
-        q = permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)
-        k = permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)
+        q = common.permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)
+        k = common.permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)
         for name, t in [("attn_q", q), ("attn_k", k), ("attn_v", sd[p + "self_attn.v_proj.weight"]),
                         ("attn_output", sd[p + "self_attn.o_proj.weight"]),
                         ("ffn_gate", sd[p + "mlp.gate_proj.weight"]), ("ffn_up", sd[p + "mlp.up_proj.weight"]),

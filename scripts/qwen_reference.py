@@ -64,7 +64,6 @@ import json
 import os
 import unicodedata
 
-import numpy as np
 import torch
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -123,40 +122,22 @@ def write_gguf(name, cfg, model):
     """convert_hf_to_gguf.py's Qwen2Model / Qwen3Model (a TextModel) with --outtype f16."""
     spec = MODELS[name]
     arch = spec["arch"]
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     # TextModel.set_gguf_parameters: `if (head_dim := self.hparams.get("head_dim")) is not None`.
     head_dim = cfg.head_dim if "head_dim" in spec["config"] else None
     w = common.gguf_writer(os.path.join(OUT, name, "tiny.gguf"), gguf.MODEL_ARCH_NAMES[arch],
                            f"tiny-{name}-reference", cfg, ROPE["rope_theta"], head_dim=head_dim)
-    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    names = []
-    for hf_name, t in sd.items():
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # not in the safetensors the converter reads
-        new = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        assert new is not None, hf_name
-        # ModelBase.prepare_tensors for LlamaFileType.MOSTLY_F16: 1-d tensors and *_norm.weight f32.
-        if t.ndim <= 1 or new.endswith("_norm.weight"):
-            t = t.astype(np.float32)
-        else:
-            t = t.astype(np.float16)
-        w.add_tensor(new, t)
-        names.append(new)
+    # No q/k permutation: the converter permutes for the llama architecture only.
+    names = common.gguf_add_tensors(w, model, arch, cfg, permute_qk=False)
     # As tests/data/llama3/tiny.gguf: no vocabulary, only the special ids the converter takes from
     # config.json.
     common.gguf_finish(w, cfg)
     return names
 
 
-def logits_of(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
-
-
 def ablation_checks(name, model, ids):
     """The biases (qwen2) and the q/k norms (qwen3) must matter: the same model without them gives
     clearly different logits. Also the reloaded hf/ gives the reference logits exactly."""
-    ref = logits_of(model, ids)
+    ref = common.logits_of(model, ids)
     m = copy.deepcopy(model)
     with torch.no_grad():
         for pname, p in m.named_parameters():
@@ -164,13 +145,13 @@ def ablation_checks(name, model, ids):
                 p.zero_()
             if name == "qwen3" and ("q_norm" in pname or "k_norm" in pname):
                 p.fill_(1.0)
-    d = (logits_of(m, ids) - ref).abs().max().item()
+    d = (common.logits_of(m, ids) - ref).abs().max().item()
     what = "q/k/v biases zeroed" if name == "qwen2" else "q/k norms set to 1"
     print(f"{name}: max |logit change| with {what}: {d:.3f} (logits max |.| {ref.abs().max().item():.3f})")
     assert d > 0.5, d
     cls = MODELS[name]["model_cls"]
     back = cls.from_pretrained(os.path.join(OUT, name, "hf"), dtype=torch.float32, attn_implementation="eager").eval()
-    d = (logits_of(back, ids) - ref).abs().max().item()
+    d = (common.logits_of(back, ids) - ref).abs().max().item()
     print(f"{name}: max |logit difference| of hf/ reloaded by transformers: {d}")
     assert d == 0.0, d
     assert all(t == "full_attention" for t in back.config.layer_types), back.config.layer_types

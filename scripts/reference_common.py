@@ -1,13 +1,15 @@
-"""What scripts/llama3_reference.py and scripts/qwen_reference.py share: the tiny models' random
-f16-valued weights and their hf/ save, the logits reference, the float64 WeGeFT fine-tune, and the
-GGUF keys that llama.cpp's converter writes for all of these models. Importing it writes nothing;
+"""What scripts/llama3_reference.py, scripts/qwen_reference.py and scripts/smollm3_reference.py
+share: the tiny models' random f16-valued weights and their hf/ save, the logits reference, the
+float64 WeGeFT fine-tune, and the GGUF keys and tensors that llama.cpp's converter writes for all
+of these models. Importing it writes nothing;
 each script's docstring says what it writes and how to run it."""
 import copy
 import math
 import os
 
+import numpy as np
 import torch
-from gguf import GGUFWriter, LlamaFileType
+from gguf import GGUFWriter, LlamaFileType, get_tensor_name_map
 
 
 def tiny_model(config_cls, model_cls, config, rope):
@@ -63,6 +65,44 @@ def gguf_writer(path, arch, name, cfg, rope_theta, head_dim=None):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     return w
+
+
+def permute(w, n_head):
+    """llama.cpp's converter (LlamaModel.permute): rows reordered for interleaved RoPE."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_add_tensors(w, model, arch, cfg, permute_qk):
+    """Adds every tensor of `model` to `w` as convert_hf_to_gguf.py with --outtype f16 names and
+    stores them (the tied lm_head left out): q/k rows permuted when `permute_qk` (LlamaModel's
+    modify_tensors, undo_permute), 1-d tensors and *_norm.weight in f32, the rest in f16.
+    Returns the GGUF names in order."""
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tmap = get_tensor_name_map(arch, cfg.num_hidden_layers)
+    names = []
+    for hf_name, t in sd.items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # not in the safetensors the converter reads
+        if permute_qk and hf_name.endswith("q_proj.weight"):
+            t = permute(t, cfg.num_attention_heads)
+        elif permute_qk and hf_name.endswith("k_proj.weight"):
+            t = permute(t, cfg.num_key_value_heads)
+        new = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert new is not None, hf_name
+        # ModelBase.prepare_tensors for LlamaFileType.MOSTLY_F16: 1-d tensors and *_norm.weight f32.
+        if t.ndim <= 1 or new.endswith("_norm.weight"):
+            t = t.astype(np.float32)
+        else:
+            t = t.astype(np.float16)
+        w.add_tensor(new, t)
+        names.append(new)
+    return names
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
 
 
 def gguf_finish(w, cfg):

@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import torch
 import gguf
 from transformers import SmolLM3Config, SmolLM3ForCausalLM
@@ -93,17 +92,10 @@ def tiny_model():
     return cfg, model
 
 
-def permute(w, n_head):
-    """llama.cpp's converter (LlamaModel.permute): rows reordered for interleaved RoPE."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def write_gguf(cfg, model):
     """conversion/llama.py's SmolLM3Model (a LlamaModel) with --outtype f16."""
     arch = gguf.MODEL_ARCH.SMOLLM3
     assert gguf.MODEL_ARCH_NAMES[arch] == "smollm3"
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     # The saved config.json has no head_dim, so TextModel.set_gguf_parameters writes no
     # key_length / value_length.
     assert "head_dim" not in json.load(open(os.path.join(OUT, "hf", "config.json")))
@@ -112,50 +104,28 @@ def write_gguf(cfg, model):
     # LlamaModel.set_gguf_parameters, after TextModel's.
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    names = []
-    for hf_name, t in sd.items():
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # not in the safetensors the converter reads
-        # LlamaModel.modify_tensors (undo_permute = True).
-        if hf_name.endswith("q_proj.weight"):
-            t = permute(t, cfg.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            t = permute(t, cfg.num_key_value_heads)
-        new = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        assert new is not None, hf_name
-        # ModelBase.prepare_tensors for LlamaFileType.MOSTLY_F16: 1-d tensors and *_norm.weight f32.
-        if t.ndim <= 1 or new.endswith("_norm.weight"):
-            t = t.astype(np.float32)
-        else:
-            t = t.astype(np.float16)
-        w.add_tensor(new, t)
-        names.append(new)
+    # LlamaModel.modify_tensors (undo_permute = True).
+    names = common.gguf_add_tensors(w, model, arch, cfg, permute_qk=True)
     common.gguf_finish(w, cfg)
     return names
-
-
-def logits_of(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
 
 
 def ablation_checks(cfg, model, ids):
     """The NoPE layers must matter: the same weights with RoPE in every layer give clearly
     different logits. Also the reloaded hf/ gives the reference logits exactly."""
-    ref = logits_of(model, ids)
+    ref = common.logits_of(model, ids)
     c = copy.deepcopy(cfg)
     c.no_rope_layers = [1] * cfg.num_hidden_layers
     m = SmolLM3ForCausalLM(c).float().eval()
     m.load_state_dict(model.state_dict())
     assert all(layer.self_attn.use_rope for layer in m.model.layers)
-    d = (logits_of(m, ids) - ref).abs().max().item()
+    d = (common.logits_of(m, ids) - ref).abs().max().item()
     print(f"max |logit change| with RoPE in every layer: {d:.3f} (logits max |.| {ref.abs().max().item():.3f})")
     assert d > 0.5, d
     back = SmolLM3ForCausalLM.from_pretrained(os.path.join(OUT, "hf"), dtype=torch.float32,
                                               attn_implementation="eager").eval()
     assert back.config.no_rope_layers == cfg.no_rope_layers, back.config.no_rope_layers
-    d2 = (logits_of(back, ids) - ref).abs().max().item()
+    d2 = (common.logits_of(back, ids) - ref).abs().max().item()
     print(f"max |logit difference| of hf/ reloaded by transformers: {d2}")
     assert d2 == 0.0, d2
     return d
