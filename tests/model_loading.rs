@@ -457,18 +457,9 @@ fn chat_prompt_matches_transformers_apply_chat_template() {
 
 #[test]
 fn chat_records_train_on_the_assistant_turns_with_smollm2s_template() {
-    let tok = tokenizer();
-    let msgs = [
-        ChatMessage::new("user", "What is 2 + 2?"),
-        ChatMessage::new("assistant", "4"),
-        ChatMessage::new("user", "And 3 + 3?"),
-        ChatMessage::new("assistant", "It is 6."),
-    ];
-    let (ids, target) = tok.chat_targets(&msgs).unwrap();
-    assert_eq!(ids, tok.chat_ids(&msgs, false).unwrap());
     // The default system prompt and the user turns are context; the newline after each
     // <|im_end|> is not trained on.
-    assert_eq!(common::target_runs(tok, &ids, &target), ["4<|im_end|>", "It is 6.<|im_end|>"]);
+    assert_eq!(common::trained_turns(tokenizer(), &common::two_exchanges()), ["4<|im_end|>", "It is 6.<|im_end|>"]);
 }
 
 #[test]

@@ -258,28 +258,18 @@ fn qwen_chat_templates_render_as_apply_chat_template() {
     assert!(e.contains("chat_template_kwargs") && e.contains("messages"), "{e}");
     // Training on a Qwen2.5 conversation: the assistant turns with their <|im_end|>.
     let tok = gguf_tokenizer(&small, &template("qwen2.5-instruct"));
-    let msgs = vec![
-        ChatMessage::new("user", "What is 2 + 2?"),
-        ChatMessage::new("assistant", "4"),
-        ChatMessage::new("user", "And 3 + 3?"),
-        ChatMessage::new("assistant", "It is 6."),
-    ];
-    let (ids, target) = tok.chat_targets(&msgs).unwrap();
-    assert_eq!(common::target_runs(&tok, &ids, &target), ["4<|im_end|>", "It is 6.<|im_end|>"]);
+    let msgs = common::two_exchanges();
+    assert_eq!(common::trained_turns(&tok, &msgs), ["4<|im_end|>", "It is 6.<|im_end|>"]);
     // Qwen3 keeps an assistant turn's thinking (an empty block when there is none) only after
     // the last user message, so a turn renders differently once the conversation goes on: each
     // turn is trained as it stands in the whole conversation, which is what the ids hold.
     let tok = gguf_tokenizer(&small, &template("qwen3"));
-    let (ids, target) = tok.chat_targets(&msgs[..2]).unwrap();
-    assert_eq!(common::target_runs(&tok, &ids, &target), ["<think>\n\n</think>\n\n4<|im_end|>"]);
-    let (ids, target) = tok.chat_targets(&msgs).unwrap();
-    assert_eq!(ids, tok.chat_ids(&msgs, false).unwrap());
-    assert_eq!(common::target_runs(&tok, &ids, &target), ["4<|im_end|>", "<think>\n\n</think>\n\nIt is 6.<|im_end|>"]);
+    assert_eq!(common::trained_turns(&tok, &msgs[..2]), ["<think>\n\n</think>\n\n4<|im_end|>"]);
+    assert_eq!(common::trained_turns(&tok, &msgs), ["4<|im_end|>", "<think>\n\n</think>\n\nIt is 6.<|im_end|>"]);
     // With thinking in the first answer: dropped from it in the whole conversation, not trained.
     let mut thinking = msgs.clone();
     thinking[1] = ChatMessage::new("assistant", "<think>\nAdd them.\n</think>\n\n4");
-    let (ids, target) = tok.chat_targets(&thinking).unwrap();
-    assert_eq!(common::target_runs(&tok, &ids, &target), ["4<|im_end|>", "<think>\n\n</think>\n\nIt is 6.<|im_end|>"]);
+    assert_eq!(common::trained_turns(&tok, &thinking), ["4<|im_end|>", "<think>\n\n</think>\n\nIt is 6.<|im_end|>"]);
     // Templates whose turns cannot be found: an error naming the message and why.
     let counted = "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
     let e = gguf_tokenizer(&small, counted).chat_targets(&msgs).unwrap_err().to_string();

@@ -57,6 +57,25 @@ pub fn target_runs(tok: &wegeft::model::Tokenizer, ids: &[u32], target: &[bool])
     runs.iter().map(|r| tok.decode(r, false).expect("decodes")).collect()
 }
 
+/// The chat tests' conversation: two exchanges, user then assistant.
+pub fn two_exchanges() -> Vec<wegeft::model::ChatMessage> {
+    use wegeft::model::ChatMessage;
+    vec![
+        ChatMessage::new("user", "What is 2 + 2?"),
+        ChatMessage::new("assistant", "4"),
+        ChatMessage::new("user", "And 3 + 3?"),
+        ChatMessage::new("assistant", "It is 6."),
+    ]
+}
+
+/// The text of the trained runs of `msgs` as a training record ([`target_runs`] of
+/// `chat_targets`), after checking that its ids are the conversation's `chat_ids`.
+pub fn trained_turns(tok: &wegeft::model::Tokenizer, msgs: &[wegeft::model::ChatMessage]) -> Vec<String> {
+    let (ids, target) = tok.chat_targets(msgs).unwrap();
+    assert_eq!(ids, tok.chat_ids(msgs, false).unwrap());
+    target_runs(tok, &ids, &target)
+}
+
 /// One layer fixture case from `layer/index.json`.
 #[derive(Debug, serde::Deserialize)]
 pub struct LayerCase {
