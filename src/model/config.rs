@@ -165,6 +165,15 @@ fn every_nth_layer(layers: usize, n: usize) -> Vec<usize> {
     (0..layers.min(MAX_LAYERS)).filter(|l| (l + 1) % n == 0).collect()
 }
 
+/// Checks a list of NoPE layers: ascending layer indices below `layers`; the error is a bare
+/// message (the list and the bound).
+pub(crate) fn check_nope_layers(nope: &[usize], layers: usize) -> std::result::Result<(), String> {
+    if nope.windows(2).any(|w| w[0] >= w[1]) || nope.last().is_some_and(|&l| l >= layers) {
+        return Err(format!("{nope:?} must be ascending layer indices below {layers}"));
+    }
+    Ok(())
+}
+
 impl LlamaConfig {
     /// Reads the config from GGUF metadata: `general.architecture` is `llama`, `qwen2` or
     /// `qwen3` ([`Arch`]), and its keys `<arch>.{block_count, embedding_length,
@@ -483,12 +492,7 @@ impl LlamaConfig {
             return Err("matrix sizes overflow".into());
         }
         self.rope().check(self.head_dim)?;
-        if self.nope_layers.windows(2).any(|w| w[0] >= w[1]) || self.nope_layers.last().is_some_and(|&l| l >= self.num_hidden_layers) {
-            return Err(format!(
-                "nope_layers {:?} must be ascending layer indices below {}",
-                self.nope_layers, self.num_hidden_layers
-            ));
-        }
+        check_nope_layers(&self.nope_layers, self.num_hidden_layers).map_err(|m| format!("nope_layers {m}"))?;
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps {} must be finite and positive", self.rms_norm_eps));
         }

@@ -94,12 +94,8 @@ impl Dims {
         if self.window == Some(0) {
             return Err(Error::ZeroDim { what: "window" });
         }
-        if self.nope_layers.windows(2).any(|w| w[0] >= w[1]) || self.nope_layers.last().is_some_and(|&l| l >= self.layers) {
-            return Err(Error::invalid(
-                "nope_layers",
-                format!("{:?} must be ascending layer indices below {}", self.nope_layers, self.layers),
-            ));
-        }
+        crate::model::config::check_nope_layers(&self.nope_layers, self.layers)
+            .map_err(|m| Error::invalid("nope_layers", m))?;
         if self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
             return Err(Error::invalid(
                 "dims",

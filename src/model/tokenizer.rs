@@ -420,7 +420,7 @@ impl Tokenizer {
     /// least one message must be the assistant's.
     pub fn chat_targets(&self, messages: &[ChatMessage]) -> Result<(Vec<u32>, Vec<bool>)> {
         let full = self.chat_text(messages, false)?;
-        let eot = self.id_to_token(self.end_of_turn_id()).unwrap_or_default();
+        let eot_text = self.id_to_token(self.end_of_turn_id()).unwrap_or_default();
         let mut spans = Vec::new();
         for (i, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
             let unfound = |why: &str| {
@@ -438,9 +438,9 @@ impl Tokenizer {
             } else {
                 // Rendered otherwise inside the longer conversation: the turn as it stands there.
                 let rest = &full[before.len()..];
-                match rest.find(eot.as_str()).filter(|_| !eot.is_empty()) {
-                    Some(p) => before.len() + p + eot.len(),
-                    None => return Err(unfound(&format!("it is rendered differently inside the whole conversation, and no {eot:?} ends it there"))),
+                match rest.find(eot_text.as_str()).filter(|_| !eot_text.is_empty()) {
+                    Some(p) => before.len() + p + eot_text.len(),
+                    None => return Err(unfound(&format!("it is rendered differently inside the whole conversation, and no {eot_text:?} ends it there"))),
                 }
             };
             spans.push(before.len()..end);
