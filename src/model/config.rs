@@ -323,10 +323,14 @@ impl LlamaConfig {
             return Err(format!("num_hidden_layers {} is more than {MAX_LAYERS}", h.num_hidden_layers));
         }
         let ctx = h.max_position_embeddings.unwrap_or(2048) as u64;
-        // A window no shorter than the context cuts nothing: the model is then plain causal.
-        let window_cuts = |w: Option<&serde_json::Value>| -> Option<String> {
-            let w = w.filter(|w| !w.is_null())?;
-            w.as_u64().map_or(true, |w| w < ctx).then(|| w.to_string())
+        // The sliding window, if it cuts attention short: none when null or no shorter than the
+        // context (the model is then plain causal); anything but a positive integer is an error.
+        let window_cuts = || -> std::result::Result<Option<usize>, String> {
+            let Some(w) = h.sliding_window.as_ref().filter(|w| !w.is_null()) else { return Ok(None) };
+            match w.as_u64().filter(|&w| w > 0).and_then(|w| usize::try_from(w).ok()) {
+                Some(w) => Ok(((w as u64) < ctx).then_some(w)),
+                None => Err(format!("sliding_window {w} is not a positive integer")),
+            }
         };
         let mut sliding_window = None;
         let arch = match h.model_type.as_deref() {
@@ -334,17 +338,14 @@ impl LlamaConfig {
             // Mistral is Llama's architecture plus an optional sliding window (Mistral 7B v0.1;
             // none from v0.2 on). Sequences no longer than the window see plain causal attention.
             Some("mistral") => {
-                if let Some(w) = window_cuts(h.sliding_window.as_ref()) {
-                    let w = w.parse::<usize>().ok().filter(|&w| w > 0).ok_or_else(|| format!("sliding_window {w} is not a positive integer"))?;
-                    sliding_window = Some(w);
-                }
+                sliding_window = window_cuts()?;
                 Arch::Llama
             }
             // Qwen2, Qwen3 and SmolLM3 carry a `sliding_window` that applies only with
             // `use_sliding_window`.
             Some(mt @ ("qwen2" | "qwen3" | "smollm3")) => {
                 let applies = h.use_sliding_window == Some(true);
-                if let Some(w) = window_cuts(h.sliding_window.as_ref()).filter(|_| applies) {
+                if let Some(w) = if applies { window_cuts()? } else { None } {
                     return Err(format!(
                         "model_type {mt:?} with use_sliding_window and sliding_window {w} (shorter than the {ctx}-token context) is not supported"
                     ));
