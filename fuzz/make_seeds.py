@@ -62,13 +62,16 @@ def tok_kvs():
         ("tokenizer.ggml.add_bos_token", T_BOOL, 0),
     ]
 
-def llama_tensors():
+def llama_tensors(hd=HD, extra=lambda l: []):
+    """The tiny Llama's tensors with heads of `hd`; `extra(l)` adds (name, shape) pairs after
+    layer l's nine."""
     t = [("token_embd.weight", [H, V])]
     for l in range(L):
-        for n, ne in [("attn_q", [H, NH * HD]), ("attn_k", [H, NKV * HD]), ("attn_v", [H, NKV * HD]),
-                      ("attn_output", [NH * HD, H]), ("ffn_gate", [H, I]), ("ffn_up", [H, I]),
+        for n, ne in [("attn_q", [H, NH * hd]), ("attn_k", [H, NKV * hd]), ("attn_v", [H, NKV * hd]),
+                      ("attn_output", [NH * hd, H]), ("ffn_gate", [H, I]), ("ffn_up", [H, I]),
                       ("ffn_down", [I, H]), ("attn_norm", [H]), ("ffn_norm", [H])]:
             t.append((f"blk.{l}.{n}.weight", ne))
+        t += extra(l)
     t.append(("output_norm.weight", [H]))
     return [(n, ne, f32s(ne[0] * (ne[1] if len(ne) > 1 else 1), k)) for k, (n, ne) in enumerate(t)]
 
@@ -94,19 +97,12 @@ def qwen_seed(arch, hd):
     if arch == "qwen3":
         kvs += [("qwen3.attention.key_length", T_U32, hd), ("qwen3.attention.value_length", T_U32, hd)]
     toks = [(k, t, "qwen2" if k == "tokenizer.ggml.pre" else v) for k, t, v in tok_kvs()]
-    t = [("token_embd.weight", [H, V])]
-    for l in range(L):
-        for n, ne in [("attn_q", [H, NH * hd]), ("attn_k", [H, NKV * hd]), ("attn_v", [H, NKV * hd]),
-                      ("attn_output", [NH * hd, H]), ("ffn_gate", [H, I]), ("ffn_up", [H, I]),
-                      ("ffn_down", [I, H]), ("attn_norm", [H]), ("ffn_norm", [H])]:
-            t.append((f"blk.{l}.{n}.weight", ne))
-        if arch == "qwen2":
-            t += [(f"blk.{l}.attn_q.bias", [NH * hd]), (f"blk.{l}.attn_k.bias", [NKV * hd]), (f"blk.{l}.attn_v.bias", [NKV * hd])]
-        else:
-            t += [(f"blk.{l}.attn_q_norm.weight", [hd]), (f"blk.{l}.attn_k_norm.weight", [hd])]
-    t.append(("output_norm.weight", [H]))
-    ts = [(n, ne, f32s(ne[0] * (ne[1] if len(ne) > 1 else 1), k)) for k, (n, ne) in enumerate(t)]
-    return gguf(kvs + toks, ts)
+    if arch == "qwen2":
+        extra = lambda l: [(f"blk.{l}.attn_q.bias", [NH * hd]), (f"blk.{l}.attn_k.bias", [NKV * hd]),
+                           (f"blk.{l}.attn_v.bias", [NKV * hd])]
+    else:
+        extra = lambda l: [(f"blk.{l}.attn_q_norm.weight", [hd]), (f"blk.{l}.attn_k_norm.weight", [hd])]
+    return gguf(kvs + toks, llama_tensors(hd, extra))
 
 # SmolLM3: a Llama under another name (q/k permuted; every 4th layer without RoPE).
 out("gguf", "tiny_smollm3.gguf", gguf([(k.replace("llama", "smollm3", 1), t, "smollm3" if k == "general.architecture" else v)
