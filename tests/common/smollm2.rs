@@ -84,6 +84,29 @@ pub fn batches(d: &Dims, n: usize, b: usize, s: usize) -> Vec<Batch> {
         .collect()
 }
 
+/// Asserts that a training run `got` (losses, final adapter) follows the reference run `want`
+/// from the same `init`: every loss within `loss_tol` relative, every pair's update with a cosine
+/// above `min_cos` ([`update_cosines`]); `what` names the run in a failure. Returns the worst
+/// cosine.
+pub fn assert_run_follows(
+    what: &str,
+    init: &HostAdapter,
+    got: (&[f32], &HostAdapter),
+    want: (&[f32], &HostAdapter),
+    loss_tol: f32,
+    min_cos: f64,
+) -> f64 {
+    for (k, (a, b)) in got.0.iter().zip(want.0).enumerate() {
+        assert!(((a - b) / b).abs() < loss_tol, "{what}: step {k}: loss {a} vs the reference {b} (tolerance {loss_tol})");
+    }
+    let mut worst = 1.0f64;
+    for (p, m, cos) in update_cosines(init, got.1, want.1) {
+        assert!(cos > min_cos, "{what}: pair {p} {m}: cosine of the updates {cos} (at least {min_cos})");
+        worst = worst.min(cos);
+    }
+    worst
+}
+
 /// Per pair and matrix (`"phi"`, `"psi"`), the cosine between the updates `got - init` and
 /// `want - init` (AdamW normalises a step, so the directions are what two runs can share).
 pub fn update_cosines(init: &HostAdapter, got: &HostAdapter, want: &HostAdapter) -> Vec<(usize, &'static str, f64)> {
