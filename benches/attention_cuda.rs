@@ -182,17 +182,17 @@ fn run(dev: &CudaBackend, iters: usize) -> wegeft::Result<()> {
     let kc = rand(&st, b * cap * kvh * hd, 6);
     let vc = rand(&st, b * cap * kvh * hd, 7);
     let mut out = st.alloc_zeros::<bf16>(b * h * hd).map_err(cuda_err)?;
-    let dec = time(dev, &mut flush, iters, || attention_decode(dev, &st, &q, &kc, &vc, b, h, kvh, hd, cap, len, &mut out))?;
+    let dec = time(dev, &mut flush, iters, || attention_decode(dev, &st, &q, &kc, &vc, b, h, kvh, hd, cap, len, None, &mut out))?;
     let bytes = 2.0 * (b * len * kvh * hd * 2) as f64;
     println!("attention decode B={b} len={len}: {dec:.4} ms ({:.0} GB/s of K/V)", bytes / dec / 1e6);
     println!("{{\"op\":\"decode\",\"len\":{len},\"ms\":{dec:.4}}}");
     // The bf16 decode against the f32 one on the same values.
     let check_decode = || -> wegeft::Result<bool> {
         let mut o16 = poisoned::<bf16>(&st, b * h * hd)?;
-        attention_decode(dev, &st, &q, &kc, &vc, b, h, kvh, hd, cap, len, &mut o16)?;
+        attention_decode(dev, &st, &q, &kc, &vc, b, h, kvh, hd, cap, len, None, &mut o16)?;
         let (q32, k32, v32) = (widen(&st, &q)?, widen(&st, &kc)?, widen(&st, &vc)?);
         let mut o32 = poisoned::<f32>(&st, b * h * hd)?;
-        attention_decode(dev, &st, &q32, &k32, &v32, b, h, kvh, hd, cap, len, &mut o32)?;
+        attention_decode(dev, &st, &q32, &k32, &v32, b, h, kvh, hd, cap, len, None, &mut o32)?;
         let (ok, e) = compare("decode", "out", &down_bf16(&st, &o16)?, &st.clone_dtoh(&o32).map_err(cuda_err)?, TOL_BF16);
         println!("check decode bf16 vs f32 kernels: error out {e:.2e} (tol {TOL_BF16:e}): {}", if ok { "ok" } else { "OUT OF TOLERANCE" });
         Ok(ok)

@@ -2,9 +2,12 @@
 //
 // Layout (the CPU backend's, src/cpu/ops.rs): rows t = b * S + i; q, out, dout, dq are
 // `B*S x H*hd`, k, v, dk, dv are `B*S x KVH*hd`, lse and D are `B*S x H` (f32). Query head h
-// reads kv head h / (H / KVH). scale = 1 / sqrt(hd).
+// reads kv head h / (H / KVH). scale = 1 / sqrt(hd). `win` (1 <= win <= S; S: plain causal) is
+// a sliding window: query i sees keys i - win < j <= i. Key tiles wholly outside every row's
+// window are skipped (before the first row's window, after the diagonal); the others are masked
+// element-wise.
 //
-//   s_ij = scale q_i . k_j (j <= i)    lse_i = log sum_j exp(s_ij)    p_ij = exp(s_ij - lse_i)
+//   s_ij = scale q_i . k_j (i - win < j <= i)    lse_i = log sum_j exp(s_ij)    p_ij = exp(s_ij - lse_i)
 //   out_i = sum_j p_ij v_j
 //   D_i = dout_i . out_i     dp_ij = dout_i . v_j     ds_ij = p_ij (dp_ij - D_i)
 //   dq_i = scale sum_j ds_ij k_j     dk_j = scale sum_{i, h in group} ds_ij q_i
@@ -34,7 +37,8 @@
 //       bf16 when the tensor-core kernel does not apply). 128 threads; each query row is owned
 //       by hd_max / 16 consecutive lanes holding 16 dims each; key tiles of 32 in shared memory.
 //   attn_bwd_pre_T: D = rowsum(dout * out), one warp per (row, head).
-//   attn_bwd_dq64_T, attn_bwd_dq128_T: dq over query-row tiles, looping over key tiles <= diag.
+//   attn_bwd_dq64_T, attn_bwd_dq128_T: dq over query-row tiles, looping over key tiles <= diag;
+//       attn_bwd_dq_sw64_T, attn_bwd_dq_sw128_T the same with a sliding window shorter than S.
 //   attn_bwd_dkdv64_T, attn_bwd_dkdv128_T: dk, dv over key-row tiles of one kv head, looping
 //       over the query heads of its group and the query tiles >= diag, all in one block (the
 //       group sum is a plain ordered loop, no atomics).
@@ -117,7 +121,7 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* tile, const __nv_bfloat
 template <int HD>
 __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                                              const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out,
-                                             float* __restrict__ lse, int S, int H, int KVH, float scale_log2) {
+                                             float* __restrict__ lse, int S, int H, int KVH, int win, float scale_log2) {
     __shared__ __align__(128) __nv_bfloat16 Qs[MMA_BM * HD];
     __shared__ __align__(128) __nv_bfloat16 Ks[MMA_BN * HD];
     __shared__ __align__(128) __nv_bfloat16 Vs[MMA_BN * HD];
@@ -135,12 +139,14 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
     const __nv_bfloat16* kg = k + (long long)b * S * kld + (long long)kvh * HD;
     const __nv_bfloat16* vg = v + (long long)b * S * kld + (long long)kvh * HD;
 
+    // Key tiles from the one holding the first row's first key (i - win + 1) to the diagonal.
+    const int kt0 = max(0, q0 - win + 1) / MMA_BN;
     // Two cp.async groups per key tile, K (with Q for the first) then V, so that each load
     // overlaps compute: K(t+1) streams in during softmax and P V(t), V(t+1) during Q K(t+1)^T.
     load_tile<HD, MMA_BM>(Qs, qg, qld, q0, S, tid);
-    load_tile<HD, MMA_BN>(Ks, kg, kld, 0, S, tid);
+    load_tile<HD, MMA_BN>(Ks, kg, kld, kt0 * MMA_BN, S, tid);
     cp_async_commit();
-    load_tile<HD, MMA_BN>(Vs, vg, kld, 0, S, tid);
+    load_tile<HD, MMA_BN>(Vs, vg, kld, kt0 * MMA_BN, S, tid);
     cp_async_commit();
     cp_async_wait<1>();  // Q and K(0)
     block_sync();
@@ -159,9 +165,9 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
     const int kend = min(S, q0 + MMA_BM);  // causal: keys < kend
     const int ntiles = (kend + MMA_BN - 1) / MMA_BN;
 
-    for (int kt = 0; kt < ntiles; ++kt) {
+    for (int kt = kt0; kt < ntiles; ++kt) {
         const int k0 = kt * MMA_BN;
-        if (kt > 0) {
+        if (kt > kt0) {
             cp_async_wait<1>();  // K(kt) landed (V(kt) may still be in flight)
             block_sync();
         }
@@ -178,7 +184,7 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
                 mma_bf16(s[nt + 1], qf[ks], bf[2], bf[3]);
             }
         }
-        // Scale into the log2 domain and mask (causal and past the end).
+        // Scale into the log2 domain and mask (causal, window and past the end).
         float mx0 = m0, mx1 = m1;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -187,7 +193,7 @@ __device__ __forceinline__ void attn_fwd_mma(const __nv_bfloat16* __restrict__ q
                 const int key = k0 + nt * 8 + 2 * tig + (e & 1);
                 const int row = e < 2 ? row0 : row1;
                 float x = s[nt][e] * scale_log2;
-                if (key > row || key >= S) x = -INFINITY;
+                if (key > row || key >= S || key <= row - win) x = -INFINITY;
                 s[nt][e] = x;
             }
             mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
@@ -350,7 +356,7 @@ template <int HD>
 __device__ __forceinline__ void attn_bwd_dq_mma(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                                                 const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse,
                                                 const float* __restrict__ D, const __nv_bfloat16* __restrict__ dout,
-                                                __nv_bfloat16* __restrict__ dq, int S, int H, int KVH, float scale) {
+                                                __nv_bfloat16* __restrict__ dq, int S, int H, int KVH, int win, float scale) {
     __shared__ __align__(128) __nv_bfloat16 Qs[MMA_BM * HD];
     __shared__ __align__(128) __nv_bfloat16 Gs[MMA_BM * HD];  // dout
     __shared__ __align__(128) __nv_bfloat16 Ks[MMA_BN * HD];
@@ -365,13 +371,15 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const __nv_bfloat16* __restrict_
     const __nv_bfloat16* gg = dout + (long long)b * S * qld + (long long)h * HD;
     const __nv_bfloat16* kg = k + (long long)b * S * kld + (long long)kvh * HD;
     const __nv_bfloat16* vg = v + (long long)b * S * kld + (long long)kvh * HD;
-    // cp.async groups: (Q, dO, V(0)), K(0); then per key tile V(t+1) streams in during
+    // Key tiles from the one holding the first row's first key to the diagonal.
+    const int kbeg = max(0, q0 - win + 1) / MMA_BN * MMA_BN;
+    // cp.async groups: (Q, dO, V(first)), K(first); then per key tile V(t+1) streams in during
     // S / dS / dq += dS K(t), and K(t+1) during dO V(t+1)^T.
     load_tile<HD, MMA_BM>(Qs, qg, qld, q0, S, tid);
     load_tile<HD, MMA_BM>(Gs, gg, qld, q0, S, tid);
-    load_tile<HD, MMA_BN>(Vs, vg, kld, 0, S, tid);
+    load_tile<HD, MMA_BN>(Vs, vg, kld, kbeg, S, tid);
     cp_async_commit();
-    load_tile<HD, MMA_BN>(Ks, kg, kld, 0, S, tid);
+    load_tile<HD, MMA_BN>(Ks, kg, kld, kbeg, S, tid);
     cp_async_commit();
     const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
     const float sl2 = scale * LOG2E;
@@ -381,7 +389,7 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const __nv_bfloat16* __restrict_
     float acc[ND][4];
     zero(acc);
     const int kend = min(S, q0 + MMA_BM);
-    for (int k0 = 0; k0 < kend; k0 += MMA_BN) {
+    for (int k0 = kbeg; k0 < kend; k0 += MMA_BN) {
         const bool more = k0 + MMA_BN < kend;
         cp_async_wait<1>();  // V(t) (and Q, dO) landed
         block_sync();
@@ -402,7 +410,8 @@ __device__ __forceinline__ void attn_bwd_dq_mma(const __nv_bfloat16* __restrict_
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + nt * 8 + 2 * tig + (e & 1);
                 const int row = e < 2 ? row0 : row1;
-                const float p = (key > row || key >= S) ? 0.0f : exp2f(sc[nt][e] * sl2 - (e < 2 ? lse0 : lse1));
+                const float p = (key > row || key >= S || key <= row - win) ? 0.0f
+                                                                           : exp2f(sc[nt][e] * sl2 - (e < 2 ? lse0 : lse1));
                 sc[nt][e] = p * (dp[nt][e] - (e < 2 ? d0 : d1));  // dS
             }
         }
@@ -424,7 +433,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_mma(const __nv_bfloat16* __restric
                                                   const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse,
                                                   const float* __restrict__ D, const __nv_bfloat16* __restrict__ dout,
                                                   __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv, int S,
-                                                  int H, int KVH, float scale) {
+                                                  int H, int KVH, int win, float scale) {
     __shared__ __align__(128) __nv_bfloat16 Ks[MMA_BN * HD];
     __shared__ __align__(128) __nv_bfloat16 Vs[MMA_BN * HD];
     __shared__ __align__(128) __nv_bfloat16 Qs[MMA_BM * HD];
@@ -463,11 +472,13 @@ __device__ __forceinline__ void attn_bwd_dkdv_mma(const __nv_bfloat16* __restric
     float dka[ND][4], dva[ND][4];
     zero(dka);
     zero(dva);
-    // Query tiles in order: every head of the group, each from the diagonal tile to the end.
+    // Query tiles in order: every head of the group, each from the diagonal tile to the one
+    // holding the last key's last query (key + win - 1).
+    const int qend = min(S, k0 + MMA_BN - 1 + win);
     int hh = 0, q0 = k0;
     while (true) {
         int nh = hh, nq = q0 + MMA_BM;
-        if (nq >= S) {
+        if (nq >= qend) {
             ++nh;
             nq = k0;
         }
@@ -488,7 +499,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_mma(const __nv_bfloat16* __restric
                 const int qi = nt * 8 + 2 * tig + (e & 1);
                 const int query = q0 + qi;
                 const int key = e < 2 ? key0 : key1;
-                const float p = (query < key || query >= S) ? 0.0f : exp2f(st[nt][e] * sl2 - Ls[qi]);
+                const float p = (query < key || query >= S || query >= key + win) ? 0.0f : exp2f(st[nt][e] * sl2 - Ls[qi]);
                 st[nt][e] = p;
                 dpt[nt][e] = p * (dpt[nt][e] - Ds[qi]);  // dS^T
             }
@@ -537,7 +548,7 @@ __device__ __forceinline__ void load_rows_f32(float* tile, const T* __restrict__
 template <typename T, int HDMAX>
 __device__ __forceinline__ void attn_fwd_plain(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                                T* __restrict__ out, float* __restrict__ lse, int S, int H, int KVH,
-                                               int hd, float scale) {
+                                               int hd, int win, float scale) {
     constexpr int TPR = HDMAX / DPT, ROWS = THREADS / TPR, KT = 32;
     __shared__ float Ks[KT * HDMAX];
     __shared__ float Vs[KT * HDMAX];
@@ -557,7 +568,7 @@ __device__ __forceinline__ void attn_fwd_plain(const T* __restrict__ q, const T*
     }
     float m = -INFINITY, l = 0.0f;
     const int kend = min(S, qtile * ROWS + ROWS);
-    for (int k0 = 0; k0 < kend; k0 += KT) {
+    for (int k0 = max(0, qtile * ROWS - win + 1) / KT * KT; k0 < kend; k0 += KT) {
         block_sync();
         load_rows_f32<T, HDMAX, KT>(Ks, k + (long long)b * S * kld + (long long)kvh * hd, kld, k0, S, hd, tid);
         load_rows_f32<T, HDMAX, KT>(Vs, v + (long long)b * S * kld + (long long)kvh * hd, kld, k0, S, hd, tid);
@@ -570,17 +581,20 @@ __device__ __forceinline__ void attn_fwd_plain(const T* __restrict__ q, const T*
 #pragma unroll
             for (int d = 0; d < DPT; ++d) x = fmaf(qr[d], Ks[j * HDMAX + part * DPT + d], x);
             x = row_sum<TPR>(x);
-            s[j] = k0 + j <= ic ? x : -INFINITY;
+            s[j] = (k0 + j <= ic && k0 + j > ic - win) ? x : -INFINITY;
             mx = fmaxf(mx, s[j]);
         }
-        const float c = expf(m - mx);  // m = -inf only before the first tile, where acc = l = 0
+        // m = -inf until the row's first key (acc = l = 0 until then); a row with no key yet
+        // keeps base 0, so that no -inf - -inf is taken.
+        const float base = mx == -INFINITY ? 0.0f : mx;
+        const float c = expf(m - base);
         m = mx;
         l *= c;
 #pragma unroll
         for (int d = 0; d < DPT; ++d) acc[d] *= c;
 #pragma unroll
         for (int j = 0; j < KT; ++j) {
-            const float p = expf(s[j] - mx);
+            const float p = expf(s[j] - base);
             l += p;
 #pragma unroll
             for (int d = 0; d < DPT; ++d) acc[d] = fmaf(p, Vs[j * HDMAX + part * DPT + d], acc[d]);
@@ -612,11 +626,14 @@ __device__ __forceinline__ void attn_bwd_pre(const T* __restrict__ out, const T*
     if (ok && lane == 0) D[w] = x;
 }
 
-template <typename T, int HDMAX>
+// WIN: whether `win` can cut keys off (a sliding window shorter than S). Without one, the mask
+// is the causal bound alone: the second bound's compare costs this kernel ~20 registers (from
+// 108 to more than ptxas's 128 with spills), so the causal kernel keeps the cheaper loop.
+template <typename T, int HDMAX, bool WIN>
 __device__ __forceinline__ void attn_bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                             const float* __restrict__ lse, const float* __restrict__ D,
                                             const T* __restrict__ dout, T* __restrict__ dq, int S, int H, int KVH,
-                                            int hd, float scale) {
+                                            int hd, int win, float scale) {
     constexpr int TPR = HDMAX / DPT, ROWS = THREADS / TPR, KT = 32;
     __shared__ float Ks[KT * HDMAX];
     __shared__ float Vs[KT * HDMAX];
@@ -637,7 +654,7 @@ __device__ __forceinline__ void attn_bwd_dq(const T* __restrict__ q, const T* __
     }
     const float li = lse[trow * H + h], di = D[trow * H + h];
     const int kend = min(S, qtile * ROWS + ROWS);
-    for (int k0 = 0; k0 < kend; k0 += KT) {
+    for (int k0 = WIN ? max(0, qtile * ROWS - win + 1) / KT * KT : 0; k0 < kend; k0 += KT) {
         block_sync();
         load_rows_f32<T, HDMAX, KT>(Ks, k + (long long)b * S * kld + (long long)kvh * hd, kld, k0, S, hd, tid);
         load_rows_f32<T, HDMAX, KT>(Vs, v + (long long)b * S * kld + (long long)kvh * hd, kld, k0, S, hd, tid);
@@ -652,7 +669,7 @@ __device__ __forceinline__ void attn_bwd_dq(const T* __restrict__ q, const T* __
             }
             x = row_sum<TPR>(x);
             y = row_sum<TPR>(y);
-            const float p = k0 + j <= ic ? expf(x - li) : 0.0f;
+            const float p = (k0 + j <= ic && (!WIN || k0 + j > ic - win)) ? expf(x - li) : 0.0f;
             const float ds = p * (y - di);
 #pragma unroll
             for (int d = 0; d < DPT; ++d) acc[d] = fmaf(ds, Ks[j * HDMAX + part * DPT + d], acc[d]);
@@ -671,7 +688,7 @@ template <typename T, int HDMAX>
 __device__ __forceinline__ void attn_bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                               const float* __restrict__ lse, const float* __restrict__ D,
                                               const T* __restrict__ dout, T* __restrict__ dk, T* __restrict__ dv, int S,
-                                              int H, int KVH, int hd, float scale) {
+                                              int H, int KVH, int hd, int win, float scale) {
     constexpr int TPR = HDMAX / DPT, ROWS = THREADS / TPR, QT = 32;
     __shared__ float Qs[QT * HDMAX];
     __shared__ float Os[QT * HDMAX];  // dout rows
@@ -692,9 +709,10 @@ __device__ __forceinline__ void attn_bwd_dkdv(const T* __restrict__ q, const T* 
         dkacc[x] = dvacc[x] = 0.0f;
     }
     const int qbeg = (ktile * ROWS) / QT * QT;  // first query tile with a row >= this block's keys
+    const int qend = min(S, ktile * ROWS + ROWS - 1 + win);  // past the last key's last query
     for (int hh = 0; hh < group; ++hh) {
         const int h = kvh * group + hh;
-        for (int q0 = qbeg; q0 < S; q0 += QT) {
+        for (int q0 = qbeg; q0 < qend; q0 += QT) {
             block_sync();
             load_rows_f32<T, HDMAX, QT>(Qs, q + (long long)b * S * qld + (long long)h * hd, qld, q0, S, hd, tid);
             load_rows_f32<T, HDMAX, QT>(Os, dout + (long long)b * S * qld + (long long)h * hd, qld, q0, S, hd, tid);
@@ -716,7 +734,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(const T* __restrict__ q, const T* 
                 x = row_sum<TPR>(x);
                 y = row_sum<TPR>(y);
                 const int i = q0 + ii;
-                const float p = (i >= jc && i < S) ? expf(x - Ls[ii]) : 0.0f;
+                const float p = (i >= jc && i < S && i < jc + win) ? expf(x - Ls[ii]) : 0.0f;
                 const float ds = p * (y - Ds[ii]);
 #pragma unroll
                 for (int d = 0; d < DPT; ++d) {
@@ -742,7 +760,8 @@ __device__ __forceinline__ void attn_bwd_dkdv(const T* __restrict__ q, const T* 
 
 constexpr int DEC_CHUNK = 256;
 
-// Block (chunk c, sequence*head bh): scores of cache positions [c*256, min(len, c*256+256)),
+// Block (chunk c, sequence*head bh): scores of cache positions [j0, min(len, j0 + 256)),
+// j0 = start + c*256 (start = len - window, or 0),
 // then work[(bh * nchunks + c) * (hd + 2) + ...] = (max, sum of exp(s - max), sum exp(s - max) v).
 // Reads are coalesced: a warp reads one cache row per score (lanes over d, then a fixed-order
 // shuffle reduction), and for the weighted sum of V the threads run over d with G = THREADS / hd
@@ -750,7 +769,7 @@ constexpr int DEC_CHUNK = 256;
 template <typename T>
 __device__ __forceinline__ void attn_decode_split(const T* __restrict__ q, const T* __restrict__ kc,
                                                   const T* __restrict__ vc, float* __restrict__ work, int H, int KVH,
-                                                  int hd, int capacity, int len, float scale) {
+                                                  int hd, int capacity, int start, int len, float scale) {
     __shared__ float qs[128];
     __shared__ float ps[DEC_CHUNK];
     __shared__ float red[THREADS / 32];
@@ -762,7 +781,7 @@ __device__ __forceinline__ void attn_decode_split(const T* __restrict__ q, const
     const T* vb = vc + (long long)b * capacity * kld + (long long)kvh * hd;
     if (tid < hd) qs[tid] = to_f(q[((long long)b * H + h) * hd + tid]) * scale;
     block_sync();
-    const int j0 = c * DEC_CHUNK, j1 = min(len, j0 + DEC_CHUNK);
+    const int j0 = start + c * DEC_CHUNK, j1 = min(len, j0 + DEC_CHUNK);
     for (int jj = warp; jj < DEC_CHUNK; jj += THREADS / 32) {
         const int jpos = j0 + jj;
         float s = -INFINITY;
@@ -844,8 +863,8 @@ __device__ __forceinline__ void attn_decode_combine(const float* __restrict__ wo
     extern "C" __global__ void __launch_bounds__(wegeft_attn::MMA_THREADS) attn_fwd_mma##HD##_bf16(                 \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                                    \
         const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out, float* __restrict__ lse, int S, int H, \
-        int KVH, float scale_log2) {                                                                                 \
-        wegeft_attn::attn_fwd_mma<HD>(q, k, v, out, lse, S, H, KVH, scale_log2);                                     \
+        int KVH, int win, float scale_log2) {                                                                        \
+        wegeft_attn::attn_fwd_mma<HD>(q, k, v, out, lse, S, H, KVH, win, scale_log2);                                \
     }
 ATTN_FWD_MMA(64)
 ATTN_FWD_MMA(128)
@@ -854,35 +873,42 @@ ATTN_FWD_MMA(128)
     extern "C" __global__ void __launch_bounds__(wegeft_attn::MMA_THREADS, 2) attn_bwd_dq_mma##HD##_bf16(              \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                                    \
         const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ D,             \
-        const __nv_bfloat16* __restrict__ dout, __nv_bfloat16* __restrict__ dq, int S, int H, int KVH, float scale) { \
-        wegeft_attn::attn_bwd_dq_mma<HD>(q, k, v, lse, D, dout, dq, S, H, KVH, scale);                              \
+        const __nv_bfloat16* __restrict__ dout, __nv_bfloat16* __restrict__ dq, int S, int H, int KVH, int win,       \
+        float scale) {                                                                                               \
+        wegeft_attn::attn_bwd_dq_mma<HD>(q, k, v, lse, D, dout, dq, S, H, KVH, win, scale);                         \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(wegeft_attn::MMA_THREADS) attn_bwd_dkdv_mma##HD##_bf16(            \
         const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,                                    \
         const __nv_bfloat16* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ D,             \
         const __nv_bfloat16* __restrict__ dout, __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv,      \
-        int S, int H, int KVH, float scale) {                                                                        \
-        wegeft_attn::attn_bwd_dkdv_mma<HD>(q, k, v, lse, D, dout, dk, dv, S, H, KVH, scale);                        \
+        int S, int H, int KVH, int win, float scale) {                                                               \
+        wegeft_attn::attn_bwd_dkdv_mma<HD>(q, k, v, lse, D, dout, dk, dv, S, H, KVH, win, scale);                   \
     }
 ATTN_BWD_MMA(64)
 
 #define ATTN_PLAIN(T, SUF, HDMAX)                                                                                     \
     extern "C" __global__ void __launch_bounds__(wegeft_attn::THREADS) attn_fwd##HDMAX##_##SUF(                       \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,               \
-        float* __restrict__ lse, int S, int H, int KVH, int hd, float scale) {                                        \
-        wegeft_attn::attn_fwd_plain<T, HDMAX>(q, k, v, out, lse, S, H, KVH, hd, scale);                               \
+        float* __restrict__ lse, int S, int H, int KVH, int hd, int win, float scale) {                               \
+        wegeft_attn::attn_fwd_plain<T, HDMAX>(q, k, v, out, lse, S, H, KVH, hd, win, scale);                          \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(wegeft_attn::THREADS) attn_bwd_dq##HDMAX##_##SUF(                    \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ lse,     \
         const float* __restrict__ D, const T* __restrict__ dout, T* __restrict__ dq, int S, int H, int KVH, int hd,   \
-        float scale) {                                                                                                \
-        wegeft_attn::attn_bwd_dq<T, HDMAX>(q, k, v, lse, D, dout, dq, S, H, KVH, hd, scale);                          \
+        int win, float scale) {                                                                                       \
+        wegeft_attn::attn_bwd_dq<T, HDMAX, false>(q, k, v, lse, D, dout, dq, S, H, KVH, hd, win, scale);              \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(wegeft_attn::THREADS, 1) attn_bwd_dq_sw##HDMAX##_##SUF(              \
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ lse,     \
+        const float* __restrict__ D, const T* __restrict__ dout, T* __restrict__ dq, int S, int H, int KVH, int hd,   \
+        int win, float scale) {                                                                                       \
+        wegeft_attn::attn_bwd_dq<T, HDMAX, true>(q, k, v, lse, D, dout, dq, S, H, KVH, hd, win, scale);               \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(wegeft_attn::THREADS, 1) attn_bwd_dkdv##HDMAX##_##SUF(                  \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ lse,     \
         const float* __restrict__ D, const T* __restrict__ dout, T* __restrict__ dk, T* __restrict__ dv, int S,       \
-        int H, int KVH, int hd, float scale) {                                                                        \
-        wegeft_attn::attn_bwd_dkdv<T, HDMAX>(q, k, v, lse, D, dout, dk, dv, S, H, KVH, hd, scale);                    \
+        int H, int KVH, int hd, int win, float scale) {                                                               \
+        wegeft_attn::attn_bwd_dkdv<T, HDMAX>(q, k, v, lse, D, dout, dk, dv, S, H, KVH, hd, win, scale);               \
     }
 
 #define ATTN_TYPED(T, SUF)                                                                                            \
@@ -894,8 +920,8 @@ ATTN_BWD_MMA(64)
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(wegeft_attn::THREADS) attn_decode_split_##SUF(                       \
         const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc, float* __restrict__ work, int H, \
-        int KVH, int hd, int capacity, int len, float scale) {                                                        \
-        wegeft_attn::attn_decode_split<T>(q, kc, vc, work, H, KVH, hd, capacity, len, scale);                         \
+        int KVH, int hd, int capacity, int start, int len, float scale) {                                             \
+        wegeft_attn::attn_decode_split<T>(q, kc, vc, work, H, KVH, hd, capacity, start, len, scale);                  \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(wegeft_attn::THREADS) attn_decode_combine_##SUF(                     \
         const float* __restrict__ work, T* __restrict__ out, int hd, int nchunks) {                                   \

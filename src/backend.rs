@@ -314,7 +314,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Causal GQA attention over whole sequences (`q`: `B*S x H*hd`, `k`, `v`: `B*S x KVH*hd`):
-    /// `out = softmax(q k^T / sqrt(hd) + causal mask) v` per head, query head `h` reading
+    /// `out = softmax(q k^T / sqrt(hd) + causal mask) v` per head (the mask also hides keys
+    /// outside [`AttnShape::window`] when it is set), query head `h` reading
     /// kv head `h / (H / KVH)`; `lse` (`B*S x H`) keeps each row's log-sum-exp of the scaled
     /// scores for the backward. `out` may be an [`Backend::operand`].
     fn attention_forward(
@@ -349,7 +350,8 @@ pub trait Backend {
 
     /// One decoding step: `q` holds one new token per sequence (`batch x H*hd`); the caches
     /// are `batch x capacity x KVH*hd` and already hold the new token's key and value at
-    /// position `len - 1`. Attention over positions `0..len`; writes `out` (`batch x H*hd`).
+    /// position `len - 1`. Attention over positions `0..len`, or the last `window` of them;
+    /// writes `out` (`batch x H*hd`).
     #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &self,
@@ -362,6 +364,7 @@ pub trait Backend {
         head_dim: usize,
         capacity: usize,
         len: usize,
+        window: Option<usize>,
         out: &mut Self::Buf,
     ) -> Result<()>;
 

@@ -153,8 +153,10 @@ fn check_backward<T: El>(dev: &CudaBackend, s: AttnShape, seed: u64) {
 }
 
 /// Shapes: tails of every tile size (64 / 32 / 16 rows), S = 1, GQA groups 1 / 2 / 3 / 4, both
-/// kernel widths and the tensor-core head dims.
+/// kernel widths and the tensor-core head dims; sliding windows of one key, shorter than a
+/// tile and across tiles.
 fn shapes() -> Vec<AttnShape> {
+    let win = |s: AttnShape, w: usize| s.with_window(Some(w)).unwrap();
     vec![
         shape(2, 77, 4, 2, 64),
         shape(1, 1, 3, 1, 64),
@@ -162,6 +164,10 @@ fn shapes() -> Vec<AttnShape> {
         shape(2, 33, 4, 4, 16),
         shape(1, 50, 3, 1, 80),
         shape(1, 300, 9, 3, 64),
+        win(shape(2, 77, 4, 2, 64), 9),
+        win(shape(1, 130, 2, 1, 128), 64),
+        win(shape(2, 33, 4, 4, 16), 1),
+        win(shape(1, 300, 9, 3, 64), 100),
     ]
 }
 
@@ -200,11 +206,22 @@ fn backward_bf16_matches_cpu() {
 }
 
 /// Decoding the last token of a sequence from a cache equals the forward's last row (and the
-/// CPU decode); the cache is longer than `len` and holds garbage past it.
+/// CPU decode), with the same sliding window; the cache is longer than `len` and holds garbage
+/// past it.
 #[allow(clippy::too_many_arguments)]
-fn check_decode<T: El>(dev: &CudaBackend, b: usize, h: usize, kvh: usize, hd: usize, len: usize, cap: usize, seed: u64) {
+fn check_decode<T: El>(
+    dev: &CudaBackend,
+    b: usize,
+    h: usize,
+    kvh: usize,
+    hd: usize,
+    len: usize,
+    cap: usize,
+    window: Option<usize>,
+    seed: u64,
+) {
     let st = dev.stream().clone();
-    let s = shape(b, len, h, kvh, hd);
+    let s = shape(b, len, h, kvh, hd).with_window(window).unwrap();
     let x = inputs::<T>(s, seed);
     let (fwd, _) = gpu_forward::<T>(dev, s, &x);
     let fwd = down(&st, &fwd);
@@ -225,12 +242,12 @@ fn check_decode<T: El>(dev: &CudaBackend, b: usize, h: usize, kvh: usize, hd: us
         want[bi * qw..(bi + 1) * qw].copy_from_slice(&fwd[last..last + qw]);
     }
     let mut cpu = vec![0.0f32; b * qw];
-    ops::attention_decode(&q, &kc, &vc, b, h, kvh, hd, cap, len, &mut cpu).unwrap();
+    ops::attention_decode(&q, &kc, &vc, b, h, kvh, hd, cap, len, window, &mut cpu).unwrap();
     let (gq, gk, gv) = (up::<T>(&st, &q), up::<T>(&st, &kc), up::<T>(&st, &vc));
     let mut out = poisoned::<T>(&st, b * qw);
-    attention_decode(dev, &st, &gq, &gk, &gv, b, h, kvh, hd, cap, len, &mut out).unwrap();
+    attention_decode(dev, &st, &gq, &gk, &gv, b, h, kvh, hd, cap, len, window, &mut out).unwrap();
     let got = down(&st, &out);
-    let what = format!("decode {} b{b} h{h} kvh{kvh} hd{hd} len{len} cap{cap}", T::DTYPE.name());
+    let what = format!("decode {} b{b} h{h} kvh{kvh} hd{hd} len{len} cap{cap} window {window:?}", T::DTYPE.name());
     assert_close(&format!("{what} vs CPU decode"), &got, &f64s(&cpu), tol::<T>());
     assert_close(&format!("{what} vs forward's last row"), &got, &want, tol::<T>());
 }
@@ -238,11 +255,15 @@ fn check_decode<T: El>(dev: &CudaBackend, b: usize, h: usize, kvh: usize, hd: us
 #[test]
 fn decode_matches_the_forwards_last_row() {
     let dev = gpu_or_skip!();
-    check_decode::<f32>(&dev, 2, 4, 2, 64, 1, 8, 50);
-    check_decode::<f32>(&dev, 2, 9, 3, 64, 300, 310, 51);
-    check_decode::<f32>(&dev, 1, 2, 1, 80, 513, 600, 52);
-    check_decode::<bf16>(&dev, 2, 9, 3, 64, 257, 400, 53);
-    check_decode::<bf16>(&dev, 1, 4, 2, 128, 70, 70, 54);
+    check_decode::<f32>(&dev, 2, 4, 2, 64, 1, 8, None, 50);
+    check_decode::<f32>(&dev, 2, 9, 3, 64, 300, 310, None, 51);
+    check_decode::<f32>(&dev, 1, 2, 1, 80, 513, 600, None, 52);
+    check_decode::<bf16>(&dev, 2, 9, 3, 64, 257, 400, None, 53);
+    check_decode::<bf16>(&dev, 1, 4, 2, 128, 70, 70, None, 54);
+    // Sliding windows: within one chunk, across a chunk boundary, of one key.
+    check_decode::<f32>(&dev, 2, 9, 3, 64, 300, 310, Some(40), 55);
+    check_decode::<bf16>(&dev, 1, 2, 1, 80, 600, 600, Some(300), 56);
+    check_decode::<f32>(&dev, 1, 4, 2, 128, 70, 80, Some(1), 57);
 }
 
 /// Forward, backward and decode twice on the same inputs: the same bits.
@@ -258,7 +279,8 @@ fn check_deterministic<T: El>(dev: &CudaBackend, s: AttnShape) {
         attention_backward(dev, &st, s, &q, &k, &v, &out, &lse, &g, &mut dq, &mut dk, &mut dv).unwrap();
         let mut dec = poisoned::<T>(&st, s.batch * s.q_width());
         let qd = up::<T>(&st, &x.q[..s.batch * s.q_width()]);
-        attention_decode(dev, &st, &qd, &k, &v, s.batch, s.heads, s.kv_heads, s.head_dim, s.seq, s.seq, &mut dec).unwrap();
+        attention_decode(dev, &st, &qd, &k, &v, s.batch, s.heads, s.kv_heads, s.head_dim, s.seq, s.seq, s.window, &mut dec)
+            .unwrap();
         [bits(&st, &out), bits(&st, &lse), bits(&st, &dq), bits(&st, &dk), bits(&st, &dv), bits(&st, &dec)]
     };
     let (a, b) = (run(), run());
@@ -272,6 +294,7 @@ fn two_runs_are_bitwise_equal() {
     let dev = gpu_or_skip!();
     check_deterministic::<bf16>(&dev, shape(2, 300, 9, 3, 64));
     check_deterministic::<f32>(&dev, shape(1, 100, 4, 2, 64));
+    check_deterministic::<bf16>(&dev, shape(1, 300, 9, 3, 64).with_window(Some(70)).unwrap());
 }
 
 #[test]
@@ -301,8 +324,12 @@ fn bad_arguments_are_refused_before_launch() {
     assert!(attention_forward(&dev, &st, s, &qh, &kh, &kh, &mut oh, &mut lse).is_err());
     let mut dec = poisoned::<f32>(&st, 128);
     let q1 = poisoned::<f32>(&st, 128);
-    let e = attention_decode(&dev, &st, &q1, &k, &k, 1, 2, 1, 64, 4, 5, &mut dec).unwrap_err();
+    let e = attention_decode(&dev, &st, &q1, &k, &k, 1, 2, 1, 64, 4, 5, None, &mut dec).unwrap_err();
     assert!(e.to_string().contains("len"), "{e}");
+    let e = attention_decode(&dev, &st, &q1, &k, &k, 1, 2, 1, 64, 4, 4, Some(0), &mut dec).unwrap_err();
+    assert!(e.to_string().contains("window"), "{e}");
+    let e = attention_forward(&dev, &st, AttnShape { window: Some(0), ..s }, &q, &k, &k, &mut out, &mut lse).unwrap_err();
+    assert!(e.to_string().contains("window"), "{e}");
 }
 
 /// The small case compute-sanitizer runs (memcheck, racecheck): every kernel once, tails in
@@ -315,6 +342,11 @@ fn sanitize_attention() {
     check_forward::<f32>(&dev, shape(1, 37, 2, 1, 80), 72);
     check_backward::<bf16>(&dev, shape(1, 37, 2, 1, 64), 73);
     check_backward::<f32>(&dev, shape(1, 21, 2, 2, 128), 74);
-    check_decode::<bf16>(&dev, 1, 2, 1, 64, 260, 270, 75);
-    check_decode::<f32>(&dev, 1, 2, 2, 16, 3, 5, 76);
+    check_decode::<bf16>(&dev, 1, 2, 1, 64, 260, 270, None, 75);
+    check_decode::<f32>(&dev, 1, 2, 2, 16, 3, 5, None, 76);
+    // Sliding windows: tiles skipped before the window, masked within it.
+    check_forward::<bf16>(&dev, shape(1, 140, 2, 1, 64).with_window(Some(20)).unwrap(), 77);
+    check_backward::<bf16>(&dev, shape(1, 140, 2, 1, 64).with_window(Some(20)).unwrap(), 78);
+    check_backward::<f32>(&dev, shape(1, 45, 2, 2, 128).with_window(Some(5)).unwrap(), 79);
+    check_decode::<f32>(&dev, 1, 2, 1, 64, 300, 300, Some(30), 80);
 }

@@ -251,8 +251,17 @@ fn attention_matches_cpu() {
 }
 
 fn attention_cases(g: &Gpu, wdt: DType, tf: f64, tb: f64) {
-    for (b, s, h, kvh, hd) in [(2usize, 37usize, 6usize, 2usize, 64usize), (1, 130, 4, 4, 40), (3, 1, 9, 3, 64), (2, 200, 9, 3, 64)] {
-        let shape = AttnShape::new(b, s, h, kvh, hd).unwrap();
+    for (b, s, h, kvh, hd, w) in [
+        (2usize, 37usize, 6usize, 2usize, 64usize, None),
+        (1, 130, 4, 4, 40, None),
+        (3, 1, 9, 3, 64, None),
+        (2, 200, 9, 3, 64, None),
+        // Sliding windows: shorter than a key tile, across tiles, on the plain kernels.
+        (2, 200, 9, 3, 64, Some(5)),
+        (1, 190, 4, 2, 64, Some(70)),
+        (1, 130, 4, 4, 40, Some(33)),
+    ] {
+        let shape = AttnShape::new(b, s, h, kvh, hd).unwrap().with_window(w).unwrap();
         let (t, qw, kw) = (b * s, h * hd, kvh * hd);
         let (q, k, v, dout) = (rv(20, t * qw, 1.5), rv(21, t * kw, 1.5), rv(22, t * kw, 1.0), rv(23, t * qw, 1.0));
         let (mut out, mut lse) = (vec![0.0f32; t * qw], vec![0.0f32; t * h]);
@@ -260,7 +269,7 @@ fn attention_cases(g: &Gpu, wdt: DType, tf: f64, tb: f64) {
         let (qd, kd, vd) = (up(g, &q), up(g, &k), up(g, &v));
         let (mut od, mut ld) = (g.zeros(t * qw).unwrap(), g.zeros(t * h).unwrap());
         g.attention_forward(shape, &qd, &kd, &vd, &mut od, &mut ld).unwrap();
-        let tag = format!("{wdt:?} B{b} S{s} H{h}/{kvh} hd{hd}");
+        let tag = format!("{wdt:?} B{b} S{s} H{h}/{kvh} hd{hd} window {w:?}");
         close(&format!("attention out {tag}"), &down(g, &od), &out, tf);
         close(&format!("attention lse {tag}"), &down(g, &ld), &lse, tf);
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; t * qw], vec![0.0f32; t * kw], vec![0.0f32; t * kw]);
@@ -305,15 +314,19 @@ fn attention_cases(g: &Gpu, wdt: DType, tf: f64, tb: f64) {
 }
 
 fn attention_decode_case(g: &Gpu) {
-    // decode: one query per sequence against caches of capacity 50, 23 positions filled.
+    // decode: one query per sequence against caches of capacity 50, 23 positions filled; all
+    // of them, or the last 7 (a sliding window).
     let (b, h, kvh, hd, cap, len) = (3usize, 6usize, 2usize, 64usize, 50usize, 23usize);
     let (q, kc, vc) = (rv(30, b * h * hd, 1.5), rv(31, b * cap * kvh * hd, 1.5), rv(32, b * cap * kvh * hd, 1.0));
-    let mut out = vec![0.0f32; b * h * hd];
-    Cpu.attention_decode(&q, &kc, &vc, b, h, kvh, hd, cap, len, &mut out).unwrap();
+    for window in [None, Some(7)] {
+        let mut out = vec![0.0f32; b * h * hd];
+        Cpu.attention_decode(&q, &kc, &vc, b, h, kvh, hd, cap, len, window, &mut out).unwrap();
+        let mut od = g.zeros(b * h * hd).unwrap();
+        g.attention_decode(&up(g, &q), &up(g, &kc), &up(g, &vc), b, h, kvh, hd, cap, len, window, &mut od).unwrap();
+        close(&format!("attention decode, window {window:?}"), &down(g, &od), &out, 2e-6);
+    }
     let mut od = g.zeros(b * h * hd).unwrap();
-    g.attention_decode(&up(g, &q), &up(g, &kc), &up(g, &vc), b, h, kvh, hd, cap, len, &mut od).unwrap();
-    close("attention decode", &down(g, &od), &out, 2e-6);
-    assert!(g.attention_decode(&up(g, &q), &up(g, &kc), &up(g, &vc), b, h, kvh, hd, cap, cap + 1, &mut od).is_err());
+    assert!(g.attention_decode(&up(g, &q), &up(g, &kc), &up(g, &vc), b, h, kvh, hd, cap, cap + 1, None, &mut od).is_err());
 }
 
 /// Frozen and WeGeFT layers, the logits and the chunked LM head loss, on f32 and bf16 weights.

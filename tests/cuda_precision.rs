@@ -280,10 +280,11 @@ impl Backend for CudaPrecision {
         hd: usize,
         cap: usize,
         len: usize,
+        window: Option<usize>,
         out: &mut Buf,
     ) -> Result<()> {
         let (q, kc, vc) = (plain("q", q)?, plain("k_cache", kc)?, plain("v_cache", vc)?);
-        Cpu.attention_decode(q, kc, vc, batch, heads, kv_heads, hd, cap, len, plain_mut("out", out)?)
+        Cpu.attention_decode(q, kc, vc, batch, heads, kv_heads, hd, cap, len, window, plain_mut("out", out)?)
     }
     fn swiglu_forward(&self, gate: &Buf, up: &Buf, h: &mut Buf) -> Result<()> {
         // gate, up may be stashed; h may be an operand.
@@ -317,7 +318,7 @@ impl Backend for CudaPrecision {
 }
 
 fn dims() -> Dims {
-    Dims { hidden: 64, layers: 3, heads: 4, kv_heads: 2, head_dim: 16, ffn: 96, vocab: 97, rope: Rope::new(10000.0), eps: 1e-5, window: None, nope_layers: vec![] }
+    Dims { hidden: 64, layers: 3, heads: 4, kv_heads: 2, head_dim: 16, ffn: 96, vocab: 97, rope: Rope::new(10000.0), eps: 1e-5, window: None, full_layers: vec![], nope_layers: vec![] }
 }
 
 /// Rank-4 pairs shared across layers on every module, with nonzero phi and psi.
@@ -462,7 +463,7 @@ fn gpu_training_tolerances_hold_for_the_cuda_precision_model() {
     println!("update cosines: worst {worst:.4} (GPU test: > 0.8)");
 }
 
-/// tests/cuda_model.rs `qwen_extras_match_cpu` (bf16 weights; biases, head norms, a NoPE layer) on the precision model: logits
+/// tests/cuda_model.rs `qwen_extras_match_cpu` (bf16 weights; biases, head norms, a NoPE layer, sliding windows) on the precision model: logits
 /// within half its 3e-2, losses within half its 2e-2, update cosines above 0.9 (it asks 0.8).
 #[test]
 fn gpu_qwen_tolerances_hold_for_the_cuda_precision_model() {

@@ -21,6 +21,7 @@ fn tiny_dims() -> Dims {
         rope: wegeft::rope::Rope::new(10000.0),
         eps: 1e-5,
         window: None,
+        full_layers: vec![],
         nope_layers: vec![],
     }
 }
@@ -466,24 +467,43 @@ fn random_smollm2_weights_are_seeded_and_sane() {
     assert!(loss.is_finite() && loss > 0.5 * lnv && loss < 3.0 * lnv, "loss {loss} vs ln(vocab) {lnv}");
 }
 
+/// A sliding window of 3 keys in layer 1 only (layer 0 keeps full attention), as Qwen's
+/// `max_window_layers` makes it; the tiny batch's sequences are 7 tokens long.
+fn tiny_dims_window() -> Dims {
+    Dims { window: Some(3), full_layers: vec![0], ..tiny_dims() }
+}
+
 #[test]
-fn a_sliding_window_bounds_sequences_and_the_cache() {
-    let d = Dims { window: Some(6), ..tiny_dims() };
+fn a_sliding_window_masks_keys_past_it() {
+    let d = tiny_dims_window();
     let w = tiny_weights(&d, 5, true);
     let model = Llama::new(&Cpu, &w).unwrap();
-    let full = Llama::new(&Cpu, &HostWeights { dims: tiny_dims(), ..w }).unwrap();
+    let full = Llama::new(&Cpu, &HostWeights { dims: tiny_dims(), ..w.clone() }).unwrap();
     let ids: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35];
-    // Within the window: causal attention, the same logits as without one.
-    assert_eq!(model.score(&Cpu, None, &ids[..6]).unwrap().0, full.score(&Cpu, None, &ids[..6]).unwrap().0);
-    let e = model.score(&Cpu, None, &ids).unwrap_err().to_string();
-    assert!(e.contains("7 tokens") && e.contains("window of 6"), "{e}");
-    let mut cache = model.new_cache(&Cpu, 1, 16).unwrap();
-    model.forward_cached(&Cpu, None, &ids[..4], &mut cache).unwrap();
-    model.forward_cached(&Cpu, None, &ids[4..5], &mut cache).unwrap();
-    model.forward_cached(&Cpu, None, &ids[5..6], &mut cache).unwrap();
-    let e = model.forward_cached(&Cpu, None, &ids[6..7], &mut cache).unwrap_err().to_string();
-    assert!(e.contains("window of 6"), "{e}");
-    assert!(Llama::new(&Cpu, &tiny_weights(&Dims { window: Some(0), ..tiny_dims() }, 5, true)).is_err());
+    // Up to the window's length, causal attention; past it, other logits.
+    let (a, _) = model.score(&Cpu, None, &ids).unwrap();
+    let (b, _) = full.score(&Cpu, None, &ids).unwrap();
+    let v = d.vocab;
+    assert_eq!(a[..3 * v], b[..3 * v]);
+    assert!(a[3 * v..4 * v].iter().zip(&b[3 * v..4 * v]).any(|(x, y)| (x - y).abs() > 1e-3));
+    // The window in layer 0 instead: different again.
+    let other = Llama::new(&Cpu, &HostWeights { dims: Dims { full_layers: vec![1], ..d.clone() }, ..w.clone() }).unwrap();
+    assert_ne!(other.score(&Cpu, None, &ids).unwrap().0, a);
+    for bad in [Dims { window: Some(0), ..tiny_dims() }, Dims { full_layers: vec![2], ..tiny_dims_window() }] {
+        assert!(Llama::new(&Cpu, &tiny_weights(&bad, 5, true)).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn grad_with_a_sliding_window() {
+    check_grads_with(tiny_dims_window(), true, true, &[0, 1, 2, 3, 4, 5, 6], 1.0);
+    check_grads_with(Dims { window: Some(1), full_layers: vec![], ..tiny_dims() }, false, false, &[0, 2, 6], 0.5);
+}
+
+#[test]
+fn kv_cache_decode_with_a_sliding_window() {
+    // Decoding past the window: each step attends to the last 3 cached tokens in layer 1.
+    kv_cache_decode_matches_full_forward_with(tiny_dims_window());
 }
 
 /// SmolLM3's NoPE layers: [`tiny_dims`] with no RoPE in layer 1.

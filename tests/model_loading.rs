@@ -801,6 +801,7 @@ fn tiny_config() -> LlamaConfig {
         attention_bias: false,
         mlp_bias: false,
         sliding_window: None,
+        full_attention_layers: vec![],
         nope_layers: vec![],
     }
 }

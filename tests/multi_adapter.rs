@@ -23,7 +23,7 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 // ---- tiny model ----------------------------------------------------------------------------
 
 fn tiny_dims() -> Dims {
-    Dims { hidden: 32, layers: 2, heads: 4, kv_heads: 2, head_dim: 8, ffn: 48, vocab: 61, rope: wegeft::rope::Rope::new(10000.0), eps: 1e-5, window: None, nope_layers: vec![] }
+    Dims { hidden: 32, layers: 2, heads: 4, kv_heads: 2, head_dim: 8, ffn: 48, vocab: 61, rope: wegeft::rope::Rope::new(10000.0), eps: 1e-5, window: None, full_layers: vec![], nope_layers: vec![] }
 }
 
 

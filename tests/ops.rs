@@ -176,9 +176,10 @@ fn rope_bad_input() {
 
 // ----------------------------------------------------------------------------- attention
 
-/// Naive causal GQA attention in f64 with explicit S x S scores. Returns (out, lse).
+/// Naive causal GQA attention in f64 with explicit S x S scores (a key `w` or more positions
+/// back masked like a future one when the shape has a window `w`). Returns (out, lse).
 fn attn_ref(q: &[f64], k: &[f64], v: &[f64], s: AttnShape) -> (Vec<f64>, Vec<f64>) {
-    let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = s;
+    let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = s;
     let (qw, kw, grp) = (heads * hd, kv_heads * hd, heads / kv_heads);
     let mut out = vec![0.0; batch * seq * qw];
     let mut lse = vec![0.0; batch * seq * heads];
@@ -189,6 +190,9 @@ fn attn_ref(q: &[f64], k: &[f64], v: &[f64], s: AttnShape) -> (Vec<f64>, Vec<f64
             let mut sc = vec![vec![f64::NEG_INFINITY; seq]; seq];
             for i in 0..seq {
                 for j in 0..=i {
+                    if s.window.is_some_and(|w| i - j >= w) {
+                        continue;
+                    }
                     let qi = &q[(b * seq + i) * qw + h * hd..][..hd];
                     let kj = &k[(b * seq + j) * kw + g * hd..][..hd];
                     sc[i][j] = dotf(qi, kj) * scale;
@@ -209,7 +213,11 @@ fn attn_ref(q: &[f64], k: &[f64], v: &[f64], s: AttnShape) -> (Vec<f64>, Vec<f64
 }
 
 fn attn_case(batch: usize, seq: usize, heads: usize, kv_heads: usize, hd: usize, seed: u64) {
-    let s = AttnShape::new(batch, seq, heads, kv_heads, hd).unwrap();
+    attn_case_windowed(batch, seq, heads, kv_heads, hd, None, seed)
+}
+
+fn attn_case_windowed(batch: usize, seq: usize, heads: usize, kv_heads: usize, hd: usize, window: Option<usize>, seed: u64) {
+    let s = AttnShape::new(batch, seq, heads, kv_heads, hd).unwrap().with_window(window).unwrap();
     let n = batch * seq;
     let q = f32v(seed, n * heads * hd, 1.5);
     let k = f32v(seed + 1, n * kv_heads * hd, 1.5);
@@ -252,9 +260,36 @@ fn attention_mha_and_mqa() {
 }
 
 #[test]
+fn attention_with_sliding_windows() {
+    attn_case_windowed(2, 7, 6, 2, 4, Some(3), 600);
+    attn_case_windowed(1, 5, 2, 1, 4, Some(1), 700);
+    attn_case_windowed(1, 4, 2, 2, 4, Some(9), 800);
+    // The window masks: a window of 2 differs from none past position 1.
+    let s = AttnShape::new(1, 4, 2, 1, 4).unwrap();
+    let q = f32v(1, 4 * 8, 1.5);
+    let k = f32v(2, 4 * 4, 1.5);
+    let v = f32v(3, 4 * 4, 1.0);
+    let run = |s: AttnShape| {
+        let (mut out, mut lse) = (vec![0.0; 4 * 8], vec![0.0; 4 * 2]);
+        attention_forward(&q, &k, &v, s, &mut out, &mut lse).unwrap();
+        out
+    };
+    let (a, b) = (run(s), run(s.with_window(Some(2)).unwrap()));
+    assert_eq!(a[..16], b[..16]);
+    assert_ne!(a[16..], b[16..]);
+    assert!(s.with_window(Some(0)).is_err());
+}
+
+#[test]
 fn attention_decode_matches_last_row() {
+    decode_matches_last_row(None);
+    decode_matches_last_row(Some(4));
+    decode_matches_last_row(Some(1));
+}
+
+fn decode_matches_last_row(window: Option<usize>) {
     let (batch, seq, heads, kvh, hd) = (2usize, 6usize, 6usize, 2usize, 8usize);
-    let s = AttnShape::new(batch, seq, heads, kvh, hd).unwrap();
+    let s = AttnShape::new(batch, seq, heads, kvh, hd).unwrap().with_window(window).unwrap();
     let n = batch * seq;
     let q = f32v(7, n * heads * hd, 1.0);
     let k = f32v(8, n * kvh * hd, 1.0);
@@ -277,14 +312,23 @@ fn attention_decode_matches_last_row() {
     for len in 1..=seq {
         let ql: Vec<f32> = (0..batch).flat_map(|b| q[(b * seq + len - 1) * qw..][..qw].to_vec()).collect();
         let mut o = vec![0.0; batch * qw];
-        attention_decode(&ql, &kc, &vc, batch, heads, kvh, hd, cap, len, &mut o).unwrap();
+        // With a window, positions before it hold NaN: they must not be read.
+        let (mut kc, mut vc) = (kc.clone(), vc.clone());
+        for b in 0..batch {
+            for j in 0..s.first_key(len - 1) {
+                kc[(b * cap + j) * kw..][..kw].fill(f32::NAN);
+                vc[(b * cap + j) * kw..][..kw].fill(f32::NAN);
+            }
+        }
+        attention_decode(&ql, &kc, &vc, batch, heads, kvh, hd, cap, len, window, &mut o).unwrap();
         // positions >= len hold NaN: they must not be read
         let want: Vec<f64> = (0..batch).flat_map(|b| to64(&out[(b * seq + len - 1) * qw..][..qw])).collect();
         assert_close("decode", &to64(&o), &want, 1e-6);
     }
     let mut o = vec![0.0; batch * qw];
-    assert!(attention_decode(&q[..batch * qw], &kc, &vc, batch, heads, kvh, hd, cap, cap + 1, &mut o).is_err());
-    assert!(attention_decode(&q[..batch * qw], &kc[1..], &vc, batch, heads, kvh, hd, cap, 3, &mut o).is_err());
+    assert!(attention_decode(&q[..batch * qw], &kc, &vc, batch, heads, kvh, hd, cap, cap + 1, window, &mut o).is_err());
+    assert!(attention_decode(&q[..batch * qw], &kc[1..], &vc, batch, heads, kvh, hd, cap, 3, window, &mut o).is_err());
+    assert!(attention_decode(&q[..batch * qw], &kc, &vc, batch, heads, kvh, hd, cap, 3, Some(0), &mut o).is_err());
 }
 
 #[test]
@@ -446,7 +490,7 @@ fn lm_head_forward_matches_dot_products() {
 
 /// Analytic attention backward in f64 with explicit S x S probabilities (the textbook formula).
 fn attn_ref_backward(g: &[f64], q: &[f64], k: &[f64], v: &[f64], s: AttnShape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let AttnShape { batch, seq, heads, kv_heads, head_dim: hd } = s;
+    let AttnShape { batch, seq, heads, kv_heads, head_dim: hd, .. } = s;
     let (qw, kw, grp) = (heads * hd, kv_heads * hd, heads / kv_heads);
     let scale = 1.0 / (hd as f64).sqrt();
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);

@@ -46,12 +46,14 @@ fn every_expected_kernel_is_compiled_for_every_target() {
 
 /// The attention kernels (`kernels/attention.cu`): f32 and bf16 only, plus the bf16
 /// tensor-core forwards.
-const ATTN_OPS: [&str; 9] = [
+const ATTN_OPS: [&str; 11] = [
     "attn_fwd64",
     "attn_fwd128",
     "attn_bwd_pre",
     "attn_bwd_dq64",
     "attn_bwd_dq128",
+    "attn_bwd_dq_sw64",
+    "attn_bwd_dq_sw128",
     "attn_bwd_dkdv64",
     "attn_bwd_dkdv128",
     "attn_decode_split",

@@ -420,7 +420,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 (None, Some(t)) => t,
                 (None, None) => return Err(Error::invalid("score", "give --text or --tokens")),
             };
-            let ctx = l.weights_config.max_tokens();
+            let ctx = l.weights_config.max_position_embeddings;
             if ids.len() > ctx {
                 let msg = format!("{} tokens are longer than the model's context of {ctx}", ids.len());
                 return Err(Error::invalid("--text/--tokens", msg));
@@ -547,7 +547,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 return Err(Error::invalid("--steps", "must be at least 1, got 0"));
             }
             let l = load(be, &m)?;
-            let ctx = l.weights_config.max_tokens();
+            let ctx = l.weights_config.max_position_embeddings;
             if seq > ctx {
                 return Err(Error::invalid("--seq", format!("{seq} is longer than the model's context of {ctx} tokens")));
             }

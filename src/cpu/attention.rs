@@ -10,13 +10,14 @@
 //!
 //! ```text
 //! forward:  Z = c Q_h K_g^T;  P = softmax(Z + causal mask) (row-wise);  O_h = P V_g;
-//!           lse_i = log sum_{j<=i} exp(Z_ij)
+//!           lse_i = log sum_{j0(i)<=j<=i} exp(Z_ij)   (j0(i) = 0, or i + 1 - window)
 //! backward: P recomputed from Z and lse;  dV_g += P^T dO_h;  dP = dO_h V_g^T;
 //!           dZ = P * (dP - rowsum(dO_h * O_h));  dQ_h = c dZ K_g;  dK_g += c dZ^T Q_h
 //! ```
 //!
 //! Masked entries are computed and then zeroed: the full `S x S` products cost twice the
-//! causal FLOPs but run as dense GEMMs, far faster than row-by-row dot products.
+//! causal FLOPs but run as dense GEMMs, far faster than row-by-row dot products (with a
+//! sliding window much shorter than the sequence, more than twice: still dense GEMMs).
 
 use rayon::prelude::*;
 
@@ -115,29 +116,34 @@ fn block<'a>(
     Mat::strided(name, &x[at..], s.seq, s.head_dim, width)
 }
 
-/// Scores `Z = c Q_h K_g^T` into `z` (`S x S`), then the causal softmax in place; returns
-/// nothing but fills `lse_col[i]` when given, else uses it to recompute `P`.
-fn probs(z: &mut [f32], seq: usize, lse: &mut [f32], recompute: bool) {
+/// The causal (and windowed, [`AttnShape::first_key`]) softmax of the scores `z` (`S x S`) in
+/// place, masked entries zeroed: with `recompute`, `P = exp(Z - lse)` from the given `lse`;
+/// otherwise the row-wise softmax, filling `lse`.
+fn probs(z: &mut [f32], s: &AttnShape, lse: &mut [f32], recompute: bool) {
+    let seq = s.seq;
     for i in 0..seq {
         let row = &mut z[i * seq..(i + 1) * seq];
+        let j0 = s.first_key(i);
+        let live = &mut row[j0..=i];
         if recompute {
             let l = lse[i];
-            for x in row[..=i].iter_mut() {
+            for x in live.iter_mut() {
                 *x = exp_neg(*x - l);
             }
         } else {
-            let m = row[..=i].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let m = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let mut sum = 0.0f32;
-            for x in row[..=i].iter_mut() {
+            for x in live.iter_mut() {
                 *x = exp_neg(*x - m);
                 sum += *x;
             }
             let inv = 1.0 / sum;
-            for x in row[..=i].iter_mut() {
+            for x in live.iter_mut() {
                 *x *= inv;
             }
             lse[i] = m + sum.ln();
         }
+        row[..j0].fill(0.0);
         row[i + 1..].fill(0.0);
     }
 }
@@ -167,7 +173,7 @@ pub fn attention_forward(
             let mut z = vec![0.0f32; seq * seq];
             matmul_serial(&mut MatMut::new("Z", &mut z, seq, seq)?, 0.0, c, qh, Op::N, kg, Op::T)?;
             let mut l = vec![0.0f32; seq];
-            probs(&mut z, seq, &mut l, false);
+            probs(&mut z, &s, &mut l, false);
             let mut o = vec![0.0f32; seq * hd];
             matmul_serial(
                 &mut MatMut::new("O", &mut o, seq, hd)?,
@@ -239,7 +245,7 @@ pub fn attention_backward(
                 for (i, li) in l.iter_mut().enumerate() {
                     *li = lse[(b * seq + i) * s.heads + h];
                 }
-                probs(&mut p, seq, &mut l, true);
+                probs(&mut p, &s, &mut l, true);
                 let pm = Mat::new("P", &p, seq, seq)?;
                 matmul_serial(&mut MatMut::new("dV", &mut ldv, seq, hd)?, 1.0, 1.0, pm, Op::T, doh, Op::N)?;
                 matmul_serial(&mut MatMut::new("dP", &mut dp, seq, seq)?, 0.0, 1.0, doh, Op::N, vg, Op::T)?;
@@ -296,13 +302,24 @@ mod tests {
         assert!(worst <= tol, "{what}: worst relative error {worst:e}");
     }
 
-    /// Against the row-by-row reference ops, at several shapes (GQA, odd lengths).
+    /// Against the row-by-row reference ops, at several shapes (GQA, odd lengths, sliding
+    /// windows of one key, shorter and longer than the sequence).
     #[test]
     fn attention_matches_the_reference_ops() {
-        for (i, &(b, seq, h, kvh, hd)) in
-            [(2, 7, 4, 2, 8), (1, 1, 3, 3, 4), (3, 33, 9, 3, 16), (4, 64, 9, 3, 64)].iter().enumerate()
+        for (i, &(b, seq, h, kvh, hd, w)) in [
+            (2, 7, 4, 2, 8, None),
+            (1, 1, 3, 3, 4, None),
+            (3, 33, 9, 3, 16, None),
+            (4, 64, 9, 3, 64, None),
+            (2, 33, 4, 2, 16, Some(5)),
+            (1, 9, 2, 1, 8, Some(1)),
+            (2, 7, 4, 2, 8, Some(7)),
+            (1, 20, 6, 3, 32, Some(64)),
+        ]
+        .iter()
+        .enumerate()
         {
-            let s = AttnShape::new(b, seq, h, kvh, hd).unwrap();
+            let s = AttnShape::new(b, seq, h, kvh, hd).unwrap().with_window(w).unwrap();
             let n = i as u64 * 10;
             let q = rnd(n + 1, s.tokens() * s.q_width()).iter().map(|x| x * 3.0).collect::<Vec<_>>();
             let k = rnd(n + 2, s.tokens() * s.kv_width());

@@ -379,9 +379,10 @@ impl Backend for Cpu {
         head_dim: usize,
         capacity: usize,
         len: usize,
+        window: Option<usize>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        ops::attention_decode(q, k_cache, v_cache, batch, heads, kv_heads, head_dim, capacity, len, out)
+        ops::attention_decode(q, k_cache, v_cache, batch, heads, kv_heads, head_dim, capacity, len, window, out)
     }
 
     fn swiglu_forward(&self, gate: &Vec<f32>, up: &Vec<f32>, h: &mut Vec<f32>) -> Result<()> {

@@ -324,14 +324,38 @@ pub struct AttnShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// A sliding window (Mistral 7B v0.1's, Qwen's `use_sliding_window`): query `i` attends
+    /// to keys `j` with `i - window < j <= i` only, as transformers masks it. `None`: plain
+    /// causal attention.
+    pub window: Option<usize>,
 }
 
 impl AttnShape {
-    /// A checked shape: all positive, `heads` a multiple of `kv_heads`, sizes representable.
+    /// A checked shape: all positive, `heads` a multiple of `kv_heads`, sizes representable;
+    /// no window.
     pub fn new(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
-        let s = AttnShape { batch, seq, heads, kv_heads, head_dim };
+        let s = AttnShape { batch, seq, heads, kv_heads, head_dim, window: None };
         s.validate()?;
         Ok(s)
+    }
+    /// The same shape with a sliding window of `window` keys (`None`: none); a window of 0 is
+    /// an error.
+    pub fn with_window(self, window: Option<usize>) -> Result<Self> {
+        AttnShape { window, ..self }.checked()
+    }
+    /// The shape itself, checked as [`AttnShape::new`] and [`AttnShape::with_window`] check it
+    /// (for a shape built as a struct literal).
+    pub fn checked(self) -> Result<Self> {
+        self.validate()?;
+        Ok(self)
+    }
+    /// The first key query `i` attends to (`i + 1 - window`, or 0).
+    pub fn first_key(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    }
+    /// One past the last query that attends to key `j` (`j + window`, at most `seq`).
+    pub fn query_end(&self, j: usize) -> usize {
+        self.window.map_or(self.seq, |w| j.saturating_add(w).min(self.seq))
     }
     fn validate(&self) -> Result<()> {
         for (what, v) in [
@@ -342,6 +366,9 @@ impl AttnShape {
             ("head_dim", self.head_dim),
         ] {
             nonzero(what, v)?;
+        }
+        if self.window == Some(0) {
+            return Err(Error::ZeroDim { what: "window" });
         }
         if self.heads % self.kv_heads != 0 {
             return Err(Error::invalid(
@@ -406,10 +433,10 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 }
 
 /// Causal grouped-query attention forward. For batch `b`, query head `h` (kv head
-/// `g = h / (H/KVH)`), query position `i`:
+/// `g = h / (H/KVH)`), query position `i`, keys `j` from [`AttnShape::first_key`]`(i)` to `i`:
 ///
 /// ```text
-/// s_ij = (q_i . k_j) / sqrt(hd)   (j <= i)      lse_i = log sum_j exp(s_ij)
+/// s_ij = (q_i . k_j) / sqrt(hd)   (j0 <= j <= i)      lse_i = log sum_j exp(s_ij)
 /// out_i = sum_j exp(s_ij - lse_i) v_j
 /// ```
 ///
@@ -437,25 +464,26 @@ pub fn attention_forward(
         |scores, (t, (orow, lrow))| {
             let (b, i) = (t / seq, t % seq);
             let base = b * seq;
+            let j0 = shape.first_key(i);
             for h in 0..heads {
                 let g = h / group;
                 let qh = &q[t * qw + h * hd..t * qw + (h + 1) * hd];
                 let mut m = f32::NEG_INFINITY;
-                for j in 0..=i {
+                for j in j0..=i {
                     let kj = &k[(base + j) * kw + g * hd..(base + j) * kw + (g + 1) * hd];
                     let s = dot(qh, kj) * scale;
                     scores[j] = s;
                     m = m.max(s);
                 }
                 let mut l = 0.0f32;
-                for s in scores[..=i].iter_mut() {
+                for s in scores[j0..=i].iter_mut() {
                     *s = (*s - m).exp();
                     l += *s;
                 }
                 let oh = &mut orow[h * hd..(h + 1) * hd];
                 oh.fill(0.0);
                 let inv = 1.0 / l;
-                for j in 0..=i {
+                for j in j0..=i {
                     let vj = &v[(base + j) * kw + g * hd..(base + j) * kw + (g + 1) * hd];
                     axpy(oh, scores[j] * inv, vj);
                 }
@@ -474,6 +502,9 @@ pub fn attention_forward(
 /// dq_i = scale sum_j ds_ij k_j     dk_j = scale sum_{i>=j, h in group} ds_ij q_i
 /// dv_j = sum_{i>=j, h in group} p_ij dout_i
 /// ```
+///
+/// (with a window, `j` runs from [`AttnShape::first_key`]`(i)` and `i` up to
+/// [`AttnShape::query_end`]`(j)`).
 ///
 /// Overwrites `dq` (`(B,S,H,hd)`), `dk` and `dv` (`(B,S,KVH,hd)`). Runs in two parallel passes:
 /// one over query rows (`dq`), one over key rows (`dk`, `dv`), each deterministic.
@@ -522,7 +553,7 @@ pub fn attention_backward(
             let doh = &dout[t * qw + h * hd..t * qw + (h + 1) * hd];
             let (l, di) = (lse[t * heads + h], dd[t * heads + h]);
             let dqh = &mut dqrow[h * hd..(h + 1) * hd];
-            for j in 0..=i {
+            for j in shape.first_key(i)..=i {
                 let kr = (base + j) * kw + g * hd..(base + j) * kw + (g + 1) * hd;
                 let p = (dot(qh, &k[kr.clone()]) * scale - l).exp();
                 let dp = dot(doh, &v[kr.clone()]);
@@ -543,7 +574,7 @@ pub fn attention_backward(
             let dkg = &mut dkrow[g * hd..(g + 1) * hd];
             let dvg = &mut dvrow[g * hd..(g + 1) * hd];
             for h in g * group..(g + 1) * group {
-                for i in j..seq {
+                for i in j..shape.query_end(j) {
                     let ti = base + i;
                     let qr = ti * qw + h * hd..ti * qw + (h + 1) * hd;
                     let p = (dot(&q[qr.clone()], kj) * scale - lse[ti * heads + h]).exp();
@@ -577,8 +608,8 @@ pub fn kv_cache_store(new: &[f32], cache: &mut [f32], batch: usize, capacity: us
 /// One greedy-decoding attention step against a KV cache. `q` is `batch x (H * hd)` (the new
 /// token of each sequence); `k_cache`, `v_cache` are `(batch, capacity, KVH, hd)` and already
 /// hold the new token's key and value at position `len - 1`; attention runs over positions
-/// `0..len` (causality is implied: the new token is the last one). Writes `out`
-/// (`batch x (H * hd)`), same formula as [`attention_forward`].
+/// `0..len` (causality is implied: the new token is the last one), or the last `window` of
+/// them. Writes `out` (`batch x (H * hd)`), same formula as [`attention_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     q: &[f32],
@@ -590,9 +621,10 @@ pub fn attention_decode(
     head_dim: usize,
     capacity: usize,
     len: usize,
+    window: Option<usize>,
     out: &mut [f32],
 ) -> Result<()> {
-    let shape = AttnShape::new(batch, capacity.max(1), heads, kv_heads, head_dim)?;
+    let shape = AttnShape::new(batch, capacity.max(1), heads, kv_heads, head_dim)?.with_window(window)?;
     nonzero("capacity", capacity)?;
     nonzero("len", len)?;
     if len > capacity {
@@ -605,6 +637,7 @@ pub fn attention_decode(
     check_mat("k_cache", k_cache.len(), cache_rows, kw)?;
     check_mat("v_cache", v_cache.len(), cache_rows, kw)?;
     let scale = 1.0 / (hd as f32).sqrt();
+    let j0 = shape.first_key(len - 1);
     out.par_chunks_mut(qw).enumerate().for_each_init(
         || vec![0.0f32; len],
         |scores, (b, orow)| {
@@ -613,19 +646,19 @@ pub fn attention_decode(
                 let g = h / group;
                 let qh = &q[b * qw + h * hd..b * qw + (h + 1) * hd];
                 let mut m = f32::NEG_INFINITY;
-                for j in 0..len {
+                for j in j0..len {
                     let r = (base + j) * kw + g * hd..(base + j) * kw + (g + 1) * hd;
                     scores[j] = dot(qh, &k_cache[r]) * scale;
                     m = m.max(scores[j]);
                 }
                 let mut l = 0.0f32;
-                for s in scores.iter_mut() {
+                for s in scores[j0..].iter_mut() {
                     *s = (*s - m).exp();
                     l += *s;
                 }
                 let oh = &mut orow[h * hd..(h + 1) * hd];
                 oh.fill(0.0);
-                for j in 0..len {
+                for j in j0..len {
                     let r = (base + j) * kw + g * hd..(base + j) * kw + (g + 1) * hd;
                     axpy(oh, scores[j] / l, &v_cache[r]);
                 }

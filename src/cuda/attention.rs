@@ -8,12 +8,15 @@
 //! `h / (H / KVH)`, `scale = 1 / sqrt(hd)`:
 //!
 //! ```text
-//! s_ij = scale q_i . k_j  (j <= i)    lse_i = log sum_j exp(s_ij)    p_ij = exp(s_ij - lse_i)
+//! s_ij = scale q_i . k_j  (j0(i) <= j <= i)    lse_i = log sum_j exp(s_ij)    p_ij = exp(s_ij - lse_i)
 //! out_i = sum_j p_ij v_j
 //! D_i = dout_i . out_i    dp_ij = dout_i . v_j    ds_ij = p_ij (dp_ij - D_i)
 //! dq_i = scale sum_j ds_ij k_j    dk_j = scale sum_{i >= j, h in group} ds_ij q_i
 //! dv_j = sum_{i >= j, h in group} p_ij dout_i
 //! ```
+//!
+//! `j0(i) = 0`, or with a sliding window ([`AttnShape::window`]) `i + 1 - window`: key tiles
+//! wholly outside the window are skipped like those past the diagonal.
 //!
 //! * Forward: FlashAttention-2 style, the `S x S` scores never reach global memory. bf16 with
 //!   `hd` in {64, 128} and 16-byte aligned buffers runs the tensor-core kernel (mma.m16n8k16,
@@ -76,7 +79,7 @@ fn grid_y(arg: &'static str, v: usize) -> Result<u32> {
 /// Re-validates `shape` (all positive, `heads % kv_heads == 0`, sizes representable) and the
 /// kernels' limits.
 fn check_shape(shape: AttnShape) -> Result<AttnShape> {
-    let s = AttnShape::new(shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim)?;
+    let s = shape.checked()?;
     check_head_dim(s.head_dim)?;
     to_i32("batch * seq", s.tokens())?;
     to_i32("heads * head_dim", s.q_width())?;
@@ -93,6 +96,11 @@ fn check_ptr(arg: &'static str, p: CUdeviceptr, align: usize) -> Result<()> {
         return Err(Error::Align { arg, addr: p as usize, align });
     }
     Ok(())
+}
+
+/// The kernels' `win`: the sliding window clipped to the sequence (`seq`: plain causal).
+fn kernel_window(s: &AttnShape) -> i32 {
+    s.window.map_or(s.seq, |w| w.min(s.seq)) as i32
 }
 
 fn kname(op: &str, dtype: DType) -> String {
@@ -143,12 +151,13 @@ pub(crate) unsafe fn attention_forward_raw(
     }
     check_ptr("lse", lse, 4)?;
     let (seq, heads, kvh, hd) = (s.seq as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+    let win = kernel_window(&s);
     let by = grid_y("batch * heads", s.batch * s.heads)?;
     if uses_mma(dtype, s.head_dim, &[q, k, v, out]) {
         let f = dev.function(&format!("attn_fwd_mma{}_bf16", s.head_dim))?;
         let scale_log2 = std::f32::consts::LOG2_E / (s.head_dim as f32).sqrt();
         let gx = s.seq.div_ceil(64) as u32;
-        let params = kargs![q, k, v, out, lse, seq, heads, kvh, scale_log2];
+        let params = kargs![q, k, v, out, lse, seq, heads, kvh, win, scale_log2];
         return dev.launch("attention forward", &f, (gx, by, 1), (THREADS, 1, 1), 0, stream, &params);
     }
     let w = plain_width(s.head_dim);
@@ -156,7 +165,7 @@ pub(crate) unsafe fn attention_forward_raw(
     let rows = (THREADS as usize) / (w / 16);
     let gx = s.seq.div_ceil(rows) as u32;
     let scale = 1.0f32 / (s.head_dim as f32).sqrt();
-    let params = kargs![q, k, v, out, lse, seq, heads, kvh, hd, scale];
+    let params = kargs![q, k, v, out, lse, seq, heads, kvh, hd, win, scale];
     dev.launch("attention forward", &f, (gx, by, 1), (THREADS, 1, 1), 0, stream, &params)
 }
 
@@ -196,6 +205,7 @@ pub(crate) unsafe fn attention_backward_raw(
     let d = DeviceBuf::new(dev, stream, rows_heads * 4, "attention backward scratch")?;
     let dp = d.ptr();
     let (seq, heads, kvh, hd) = (s.seq as i32, s.heads as i32, s.kv_heads as i32, s.head_dim as i32);
+    let win = kernel_window(&s);
     let scale = 1.0f32 / (s.head_dim as f32).sqrt();
 
     // D = rowsum(dout * out): one warp per (row, head).
@@ -210,22 +220,24 @@ pub(crate) unsafe fn attention_backward_raw(
     if uses_mma(dtype, s.head_dim, &[q, k, v, dout, dq, dk, dv]) && s.head_dim == 64 {
         let gx = s.seq.div_ceil(64) as u32;
         let f = dev.function("attn_bwd_dq_mma64_bf16")?;
-        let params = kargs![q, k, v, lse, dp, dout, dq, seq, heads, kvh, scale];
+        let params = kargs![q, k, v, lse, dp, dout, dq, seq, heads, kvh, win, scale];
         dev.launch("attention backward (dq)", &f, (gx, (s.batch * s.heads) as u32, 1), (THREADS, 1, 1), 0, stream, &params)?;
         let f = dev.function("attn_bwd_dkdv_mma64_bf16")?;
-        let params = kargs![q, k, v, lse, dp, dout, dk, dv, seq, heads, kvh, scale];
+        let params = kargs![q, k, v, lse, dp, dout, dk, dv, seq, heads, kvh, win, scale];
         let grid = (gx, (s.batch * s.kv_heads) as u32, 1);
         return dev.launch("attention backward (dk, dv)", &f, grid, (THREADS, 1, 1), 0, stream, &params);
     }
     let w = plain_width(s.head_dim);
     let rows = (THREADS as usize) / (w / 16);
-    let f = dev.function(&kname(&format!("attn_bwd_dq{w}"), dtype))?;
-    let params = kargs![q, k, v, lse, dp, dout, dq, seq, heads, kvh, hd, scale];
+    // A window shorter than the sequence has its own dq kernel (the causal one stays lean).
+    let dq_kernel = if (win as usize) < s.seq { "attn_bwd_dq_sw" } else { "attn_bwd_dq" };
+    let f = dev.function(&kname(&format!("{dq_kernel}{w}"), dtype))?;
+    let params = kargs![q, k, v, lse, dp, dout, dq, seq, heads, kvh, hd, win, scale];
     let grid = (s.seq.div_ceil(rows) as u32, (s.batch * s.heads) as u32, 1);
     dev.launch("attention backward (dq)", &f, grid, (THREADS, 1, 1), 0, stream, &params)?;
 
     let f = dev.function(&kname(&format!("attn_bwd_dkdv{w}"), dtype))?;
-    let params = kargs![q, k, v, lse, dp, dout, dk, dv, seq, heads, kvh, hd, scale];
+    let params = kargs![q, k, v, lse, dp, dout, dk, dv, seq, heads, kvh, hd, win, scale];
     let grid = (s.seq.div_ceil(rows) as u32, (s.batch * s.kv_heads) as u32, 1);
     dev.launch("attention backward (dk, dv)", &f, grid, (THREADS, 1, 1), 0, stream, &params)
 }
@@ -238,8 +250,9 @@ fn check_decode(
     head_dim: usize,
     capacity: usize,
     len: usize,
+    window: Option<usize>,
 ) -> Result<AttnShape> {
-    let s = AttnShape::new(batch, capacity.max(1), heads, kv_heads, head_dim)?;
+    let s = AttnShape::new(batch, capacity.max(1), heads, kv_heads, head_dim)?.with_window(window)?;
     check_head_dim(head_dim)?;
     if capacity == 0 {
         return Err(Error::ZeroDim { what: "capacity" });
@@ -258,10 +271,10 @@ fn check_decode(
 
 /// One decoding step on raw device pointers: `q` (`batch x H*hd`) holds one new token per
 /// sequence; `k_cache`, `v_cache` are `batch x capacity x KVH*hd` and already hold the new
-/// token's key and value at position `len - 1`. Attention over positions `0..len`
-/// (`out_b = sum_j softmax_j(q_b . k_bj / sqrt(hd)) v_bj` per head); writes `out`
-/// (`batch x H*hd`). Chunks of 256 positions merged in order (deterministic); uses
-/// `batch*H*ceil(len/256)*(hd+2)` floats of stream-ordered scratch.
+/// token's key and value at position `len - 1`. Attention over positions `0..len`, or the
+/// last `window` of them (`out_b = sum_j softmax_j(q_b . k_bj / sqrt(hd)) v_bj` per head);
+/// writes `out` (`batch x H*hd`). Chunks of 256 positions merged in order (deterministic);
+/// uses `batch*H*ceil(positions/256)*(hd+2)` floats of stream-ordered scratch.
 ///
 /// # Safety
 /// As for [`attention_forward_raw`].
@@ -279,23 +292,25 @@ pub(crate) unsafe fn attention_decode_raw(
     head_dim: usize,
     capacity: usize,
     len: usize,
+    window: Option<usize>,
     out: CUdeviceptr,
 ) -> Result<()> {
     check_dtype(dtype)?;
-    check_decode(batch, heads, kv_heads, head_dim, capacity, len)?;
+    let s = check_decode(batch, heads, kv_heads, head_dim, capacity, len, window)?;
     let es = dtype.size();
     for (arg, p) in [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)] {
         check_ptr(arg, p, es)?;
     }
-    let nchunks = len.div_ceil(DEC_CHUNK);
+    let start = s.first_key(len - 1);
+    let nchunks = (len - start).div_ceil(DEC_CHUNK);
     let work = DeviceBuf::new(dev, stream, batch * heads * nchunks * (head_dim + 2) * 4, "attention decode scratch")?;
     let wp = work.ptr();
-    let (h, kvh, hd, cap, l, nc) =
-        (heads as i32, kv_heads as i32, head_dim as i32, capacity as i32, len as i32, nchunks as i32);
+    let (h, kvh, hd, cap, j0, l, nc) =
+        (heads as i32, kv_heads as i32, head_dim as i32, capacity as i32, start as i32, len as i32, nchunks as i32);
     let scale = 1.0f32 / (head_dim as f32).sqrt();
     let by = (batch * heads) as u32;
     let f = dev.function(&kname("attn_decode_split", dtype))?;
-    let params = kargs![q, k_cache, v_cache, wp, h, kvh, hd, cap, l, scale];
+    let params = kargs![q, k_cache, v_cache, wp, h, kvh, hd, cap, j0, l, scale];
     dev.launch("attention decode", &f, (nchunks as u32, by, 1), (THREADS, 1, 1), 0, stream, &params)?;
     let f = dev.function(&kname("attn_decode_combine", dtype))?;
     let params = kargs![wp, out, hd, nc];
@@ -417,10 +432,11 @@ pub fn attention_decode<T: Element>(
     head_dim: usize,
     capacity: usize,
     len: usize,
+    window: Option<usize>,
     out: &mut CudaSlice<T>,
 ) -> Result<()> {
     check_dtype(T::DTYPE)?;
-    let s = check_decode(batch, heads, kv_heads, head_dim, capacity, len)?;
+    let s = check_decode(batch, heads, kv_heads, head_dim, capacity, len, window)?;
     check_stream(dev, stream)?;
     check_buf(dev, "q", q, batch, s.q_width())?;
     check_buf(dev, "k_cache", k_cache, batch * capacity, s.kv_width())?;
@@ -432,7 +448,22 @@ pub fn attention_decode<T: Element>(
     let (op, _g4) = out.device_ptr_mut(stream);
     // SAFETY: as in `attention_forward`.
     unsafe {
-        attention_decode_raw(dev, stream.cu_stream(), T::DTYPE, qp, kp, vp, batch, heads, kv_heads, head_dim, capacity, len, op)
+        attention_decode_raw(
+            dev,
+            stream.cu_stream(),
+            T::DTYPE,
+            qp,
+            kp,
+            vp,
+            batch,
+            heads,
+            kv_heads,
+            head_dim,
+            capacity,
+            len,
+            window,
+            op,
+        )
     }
 }
 
@@ -451,15 +482,19 @@ mod tests {
 
     #[test]
     fn shapes_are_checked() {
-        let ok = AttnShape { batch: 2, seq: 5, heads: 4, kv_heads: 2, head_dim: 64 };
+        let ok = AttnShape { batch: 2, seq: 5, heads: 4, kv_heads: 2, head_dim: 64, window: None };
         assert!(check_shape(ok).is_ok());
         assert!(check_shape(AttnShape { head_dim: 129, ..ok }).is_err());
         assert!(check_shape(AttnShape { kv_heads: 3, ..ok }).is_err());
         assert!(check_shape(AttnShape { seq: 0, ..ok }).is_err());
         assert!(check_shape(AttnShape { batch: 70000, heads: 1, kv_heads: 1, ..ok }).is_err());
-        assert!(check_decode(1, 4, 2, 64, 8, 9).is_err());
-        assert!(check_decode(1, 4, 2, 64, 8, 0).is_err());
-        assert!(check_decode(1, 4, 2, 64, 8, 8).is_ok());
+        assert!(check_shape(AttnShape { window: Some(0), ..ok }).is_err());
+        assert!(check_shape(AttnShape { window: Some(3), ..ok }).is_ok());
+        assert!(check_decode(1, 4, 2, 64, 8, 9, None).is_err());
+        assert!(check_decode(1, 4, 2, 64, 8, 0, None).is_err());
+        assert!(check_decode(1, 4, 2, 64, 8, 8, None).is_ok());
+        assert!(check_decode(1, 4, 2, 64, 8, 8, Some(0)).is_err());
+        assert!(check_decode(1, 4, 2, 64, 8, 8, Some(3)).is_ok());
         assert!(check_dtype(DType::F16).is_err());
         assert!(check_ptr("q", 0, 2).is_err());
         assert!(check_ptr("q", 3, 2).is_err());

@@ -889,7 +889,7 @@ impl Backend for Gpu {
         out: &mut GpuBuf,
         lse: &mut GpuBuf,
     ) -> Result<()> {
-        let s = AttnShape::new(shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim)?;
+        let s = shape.checked()?;
         let t = s.batch * s.seq;
         need_f32("q", q, t * s.heads * s.head_dim)?;
         need_f32("k", k, t * s.kv_heads * s.head_dim)?;
@@ -924,7 +924,7 @@ impl Backend for Gpu {
         dk: &mut GpuBuf,
         dv: &mut GpuBuf,
     ) -> Result<()> {
-        let s = AttnShape::new(shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim)?;
+        let s = shape.checked()?;
         let t = s.batch * s.seq;
         let (qn, kn) = (t * s.heads * s.head_dim, t * s.kv_heads * s.head_dim);
         let dt = self.attention_dtype();
@@ -981,9 +981,10 @@ impl Backend for Gpu {
         head_dim: usize,
         capacity: usize,
         len: usize,
+        window: Option<usize>,
         out: &mut GpuBuf,
     ) -> Result<()> {
-        AttnShape::new(batch, capacity.max(1), heads, kv_heads, head_dim)?;
+        AttnShape::new(batch, capacity.max(1), heads, kv_heads, head_dim)?.with_window(window)?;
         if len == 0 || len > capacity {
             return Err(Error::invalid("len", format!("must be in 1..={capacity}, got {len}")));
         }
@@ -995,7 +996,7 @@ impl Backend for Gpu {
         unsafe {
             attention::attention_decode_raw(
                 &self.dev, self.stream(), DType::F32, q.ptr, k_cache.ptr, v_cache.ptr, batch, heads, kv_heads, head_dim, capacity,
-                len, out.ptr,
+                len, window, out.ptr,
             )
         }
     }

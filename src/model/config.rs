@@ -98,11 +98,16 @@ pub struct LlamaConfig {
     /// Biases on gate, up and down (Llama).
     #[serde(default)]
     pub mlp_bias: bool,
-    /// Mistral 7B v0.1's sliding attention window, when it is shorter than the context: within
-    /// it attention is plain causal attention, so sequences (and generations) of up to this
-    /// many tokens run; longer ones are an error.
+    /// A sliding attention window shorter than the context (Mistral 7B v0.1's 4096; Qwen2,
+    /// Qwen3 and SmolLM3 with `use_sliding_window`): query `i` attends to keys `j` with
+    /// `i - window < j <= i` only, in every layer but [`LlamaConfig::full_attention_layers`].
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// The layers (0-based, ascending) that keep full causal attention despite
+    /// `sliding_window` (Qwen's below `max_window_layers`, HF `layer_types`' `full_attention`
+    /// ones); empty when the window applies in every layer, as in Mistral.
+    #[serde(default)]
+    pub full_attention_layers: Vec<usize>,
     /// The layers (0-based, ascending) that apply no RoPE to q and k (SmolLM3's "NoPE" layers:
     /// every 4th); empty for every other family.
     #[serde(default)]
@@ -115,8 +120,10 @@ struct HfConfig {
     model_type: Option<String>,
     /// Mistral's sliding attention window (`null`: full causal attention, as Llama).
     sliding_window: Option<serde_json::Value>,
-    /// Qwen2/Qwen3: whether `sliding_window` applies at all.
+    /// Qwen2/Qwen3/SmolLM3: whether `sliding_window` applies at all.
     use_sliding_window: Option<bool>,
+    /// Qwen2/Qwen3 without `layer_types`: layers from this one on use the sliding window.
+    max_window_layers: Option<usize>,
     /// transformers 5: each layer's attention kind (`full_attention`, `sliding_attention`).
     layer_types: Option<Vec<String>>,
     /// SmolLM3: per layer, 1 if it applies RoPE, 0 if not.
@@ -165,11 +172,11 @@ fn every_nth_layer(layers: usize, n: usize) -> Vec<usize> {
     (0..layers.min(MAX_LAYERS)).filter(|l| (l + 1) % n == 0).collect()
 }
 
-/// Checks a list of NoPE layers: ascending layer indices below `layers`; the error is a bare
-/// message (the list and the bound).
-pub(crate) fn check_nope_layers(nope: &[usize], layers: usize) -> std::result::Result<(), String> {
-    if nope.windows(2).any(|w| w[0] >= w[1]) || nope.last().is_some_and(|&l| l >= layers) {
-        return Err(format!("{nope:?} must be ascending layer indices below {layers}"));
+/// Checks a list of layers (NoPE layers, full-attention layers): ascending layer indices below
+/// `layers`; the error is a bare message (the list and the bound).
+pub(crate) fn check_layer_list(list: &[usize], layers: usize) -> std::result::Result<(), String> {
+    if list.windows(2).any(|w| w[0] >= w[1]) || list.last().is_some_and(|&l| l >= layers) {
+        return Err(format!("{list:?} must be ascending layer indices below {layers}"));
     }
     Ok(())
 }
@@ -293,9 +300,10 @@ impl LlamaConfig {
             eos_token_id: id("tokenizer.ggml.eos_token_id")?,
             attention_bias,
             mlp_bias,
-            // llama.cpp's converter keeps no window for the llama architecture (it runs Mistral
-            // 7B v0.1 with full attention).
+            // llama.cpp's converters keep no sliding window for these architectures (it runs
+            // Mistral 7B v0.1 with full attention).
             sliding_window: None,
+            full_attention_layers: vec![],
             // llama.cpp writes no key for SmolLM3's NoPE layers: it skips RoPE in every 4th.
             nope_layers: if arch == Arch::SmolLM3 { every_nth_layer(block_count, 4) } else { vec![] },
         };
@@ -303,9 +311,9 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// Reads an HF `config.json` (`model_type` `llama` or absent, `mistral` (its sliding window
-    /// kept in [`LlamaConfig::sliding_window`]), `qwen2`, `qwen3` or `smollm3` without
-    /// `use_sliding_window`; RoPE as [`Rope::scaling_from_hf`] reads it; `attention_bias`,
+    /// Reads an HF `config.json` (`model_type` `llama` or absent, `mistral`, `qwen2`, `qwen3` or
+    /// `smollm3`; their sliding windows as transformers applies them, see
+    /// [`LlamaConfig::sliding_window`]; RoPE as [`Rope::scaling_from_hf`] reads it; `attention_bias`,
     /// `mlp_bias`; `hidden_act` `silu`). Missing fields take transformers' `LlamaConfig` defaults
     /// (`rope_theta` 10000, `rms_norm_eps` 1e-6, `max_position_embeddings` 2048,
     /// `tie_word_embeddings` false); `rope_theta` may also come from transformers 5's
@@ -335,20 +343,17 @@ impl LlamaConfig {
         let mut sliding_window = None;
         let arch = match h.model_type.as_deref() {
             None | Some("llama") => Arch::Llama,
-            // Mistral is Llama's architecture plus an optional sliding window (Mistral 7B v0.1;
-            // none from v0.2 on). Sequences no longer than the window see plain causal attention.
+            // Mistral is Llama's architecture plus an optional sliding window in every layer
+            // (Mistral 7B v0.1; none from v0.2 on). transformers' Mistral ignores `layer_types`.
             Some("mistral") => {
                 sliding_window = window_cuts()?;
                 Arch::Llama
             }
             // Qwen2, Qwen3 and SmolLM3 carry a `sliding_window` that applies only with
-            // `use_sliding_window`.
+            // `use_sliding_window`, in the layers `layer_types` (or its default) says.
             Some(mt @ ("qwen2" | "qwen3" | "smollm3")) => {
-                let applies = h.use_sliding_window == Some(true);
-                if let Some(w) = if applies { window_cuts()? } else { None } {
-                    return Err(format!(
-                        "model_type {mt:?} with use_sliding_window and sliding_window {w} (shorter than the {ctx}-token context) is not supported"
-                    ));
+                if h.use_sliding_window == Some(true) {
+                    sliding_window = window_cuts()?;
                 }
                 match mt {
                     "qwen2" | "qwen3" if h.mlp_bias == Some(true) => {
@@ -382,11 +387,49 @@ impl LlamaConfig {
             },
             _ => vec![],
         };
-        if let Some(kinds) = &h.layer_types {
-            if let Some(other) = kinds.iter().find(|t| t.as_str() != "full_attention") {
-                return Err(format!("layer_types holds {other:?}; only full_attention layers are supported"));
+        // Which layers the window spares: `layer_types`' `full_attention` ones, else Qwen's
+        // below `max_window_layers` (transformers' default 28) and SmolLM3's RoPE layers.
+        let may_slide = !matches!(h.model_type.as_deref(), None | Some("llama"));
+        let sliding: Vec<bool> = match &h.layer_types {
+            Some(kinds) => {
+                if kinds.len() != h.num_hidden_layers {
+                    return Err(format!(
+                        "layer_types has {} entries for {} layers",
+                        kinds.len(),
+                        h.num_hidden_layers
+                    ));
+                }
+                let mut flags = Vec::with_capacity(kinds.len());
+                for kind in kinds {
+                    flags.push(match kind.as_str() {
+                        "full_attention" => false,
+                        "sliding_attention" if may_slide => true,
+                        other => {
+                            return Err(format!(
+                                "layer_types holds {other:?}; supported: \"full_attention\", and \"sliding_attention\" for Mistral, Qwen2, Qwen3 and SmolLM3"
+                            ))
+                        }
+                    });
+                }
+                flags
             }
-        }
+            None => match arch {
+                Arch::Qwen2 | Arch::Qwen3 => {
+                    let from = h.max_window_layers.unwrap_or(28);
+                    (0..h.num_hidden_layers).map(|l| l >= from).collect()
+                }
+                Arch::SmolLM3 => (0..h.num_hidden_layers).map(|l| nope_layers.binary_search(&l).is_ok()).collect(),
+                Arch::Llama => vec![true; h.num_hidden_layers],
+            },
+        };
+        let (sliding_window, full_attention_layers) = match sliding_window {
+            // transformers' Mistral windows every layer whatever `layer_types` says.
+            Some(w) if h.model_type.as_deref() == Some("mistral") => (Some(w), vec![]),
+            Some(w) if sliding.iter().any(|&s| s) => {
+                (Some(w), sliding.iter().enumerate().filter(|(_, &s)| !s).map(|(l, _)| l).collect())
+            }
+            _ => (None, vec![]),
+        };
         // transformers < 5: `rope_theta` + `rope_scaling`; transformers 5: `rope_parameters`
         // holding both. A file may carry either or both, as long as they agree.
         let mut rope_theta = h.rope_theta;
@@ -442,6 +485,7 @@ impl LlamaConfig {
             attention_bias: arch != Arch::Qwen2 && h.attention_bias == Some(true),
             mlp_bias: h.mlp_bias == Some(true),
             sliding_window,
+            full_attention_layers,
             nope_layers,
         };
         cfg.check()?;
@@ -493,16 +537,21 @@ impl LlamaConfig {
             return Err("matrix sizes overflow".into());
         }
         self.rope().check(self.head_dim)?;
-        check_nope_layers(&self.nope_layers, self.num_hidden_layers).map_err(|m| format!("nope_layers {m}"))?;
+        check_layer_list(&self.nope_layers, self.num_hidden_layers).map_err(|m| format!("nope_layers {m}"))?;
+        check_layer_list(&self.full_attention_layers, self.num_hidden_layers)
+            .map_err(|m| format!("full_attention_layers {m}"))?;
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window must be positive, got 0".into());
+        }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps {} must be finite and positive", self.rms_norm_eps));
         }
         Ok(())
     }
 
-    /// The longest sequence the model runs: its context, or its sliding window if shorter.
-    pub fn max_tokens(&self) -> usize {
-        self.sliding_window.map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
+    /// The sliding window of layer `l`, if it has one ([`LlamaConfig::sliding_window`]).
+    pub fn window_at(&self, l: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.full_attention_layers.binary_search(&l).is_err())
     }
 
     /// RoPE's base and scaling.
@@ -580,41 +629,59 @@ impl LlamaConfig {
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
         });
-        let extra = match (self.arch, self.sliding_window) {
-            (Arch::Llama, Some(w)) if !self.attention_bias && !self.mlp_bias => serde_json::json!({
-                "architectures": ["MistralForCausalLM"],
-                "model_type": "mistral",
-                "sliding_window": w,
-            }),
-            (Arch::Llama, Some(_)) => {
-                return Err(Error::invalid("config", "a sliding window with biases: no HF architecture has both"))
+        // Layer kinds, for the families whose sliding window is per layer.
+        let layer_types: Vec<&str> = (0..self.num_hidden_layers)
+            .map(|l| if self.window_at(l).is_some() { "sliding_attention" } else { "full_attention" })
+            .collect();
+        let window = |extra: serde_json::Value| -> serde_json::Value {
+            let mut extra = extra;
+            let m = extra.as_object_mut().expect("an object");
+            match self.sliding_window {
+                Some(w) => {
+                    m.insert("use_sliding_window".into(), true.into());
+                    m.insert("sliding_window".into(), w.into());
+                    m.insert("layer_types".into(), serde_json::json!(layer_types));
+                }
+                None => {
+                    m.insert("use_sliding_window".into(), false.into());
+                }
             }
-            (_, Some(_)) => return Err(Error::invalid("config", "a sliding window is only read for Mistral")),
-            (Arch::Llama, None) => serde_json::json!({
+            extra
+        };
+        let extra = match self.arch {
+            Arch::Llama if self.sliding_window.is_none() => serde_json::json!({
                 "architectures": ["LlamaForCausalLM"],
                 "model_type": "llama",
                 "attention_bias": self.attention_bias,
                 "mlp_bias": self.mlp_bias,
             }),
-            (Arch::Qwen2, None) => serde_json::json!({
+            Arch::Llama if self.attention_bias || self.mlp_bias || !self.full_attention_layers.is_empty() => {
+                return Err(Error::invalid(
+                    "config",
+                    "a Llama with a sliding window and biases or full-attention layers: no HF architecture has both",
+                ))
+            }
+            Arch::Llama => serde_json::json!({
+                "architectures": ["MistralForCausalLM"],
+                "model_type": "mistral",
+                "sliding_window": self.sliding_window,
+            }),
+            Arch::Qwen2 => window(serde_json::json!({
                 "architectures": ["Qwen2ForCausalLM"],
                 "model_type": "qwen2",
-                "use_sliding_window": false,
-            }),
-            (Arch::Qwen3, None) => serde_json::json!({
+            })),
+            Arch::Qwen3 => window(serde_json::json!({
                 "architectures": ["Qwen3ForCausalLM"],
                 "model_type": "qwen3",
-                "use_sliding_window": false,
                 "attention_bias": self.attention_bias,
-            }),
-            (Arch::SmolLM3, None) => serde_json::json!({
+            })),
+            Arch::SmolLM3 => window(serde_json::json!({
                 "architectures": ["SmolLM3ForCausalLM"],
                 "model_type": "smollm3",
-                "use_sliding_window": false,
                 "attention_bias": self.attention_bias,
                 "mlp_bias": self.mlp_bias,
                 "no_rope_layers": (0..self.num_hidden_layers).map(|l| u8::from(!self.nope_layers.contains(&l))).collect::<Vec<_>>(),
-            }),
+            })),
         };
         let map = v.as_object_mut().expect("an object");
         for (key, val) in extra.as_object().expect("an object") {
@@ -654,6 +721,7 @@ mod tests {
             attention_bias: false,
             mlp_bias: false,
             sliding_window: None,
+            full_attention_layers: vec![],
             nope_layers: vec![],
         };
         let text = cfg.to_hf_json().unwrap().to_string();
@@ -671,7 +739,20 @@ mod tests {
             let c = LlamaConfig { arch, attention_bias, mlp_bias, nope_layers, ..cfg.clone() };
             let text = c.to_hf_json().unwrap().to_string();
             assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), c, "{text}");
+            // With a sliding window: in every layer (Mistral's only form), in some layers.
+            let full: &[Vec<usize>] = if arch == Arch::Llama { &[] } else { &[vec![], vec![0]] };
+            for full_attention_layers in full.iter().cloned() {
+                let c = LlamaConfig { sliding_window: Some(5), full_attention_layers, ..c.clone() };
+                let text = c.to_hf_json().unwrap().to_string();
+                assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), c, "{text}");
+            }
         }
+        let mistral = LlamaConfig { sliding_window: Some(5), ..cfg.clone() };
+        let text = mistral.to_hf_json().unwrap().to_string();
+        assert!(text.contains("MistralForCausalLM"), "{text}");
+        assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), mistral);
+        // A Llama windowed in some layers only is no HF architecture.
+        assert!(LlamaConfig { full_attention_layers: vec![1], ..mistral }.to_hf_json().is_err());
     }
 
     #[test]
@@ -703,16 +784,41 @@ mod tests {
         assert_eq!(q2.arch, Arch::Qwen2);
         assert_eq!((0..7).map(|m| q2.has_bias(m)).collect::<Vec<_>>(), [true, true, true, false, false, false, false]);
         assert!(!q2.qk_norm());
-        let e = LlamaConfig::from_hf_str(&format!(
-            "{base},\"model_type\":\"qwen2\",\"sliding_window\":1024,\"use_sliding_window\":true}}"
+        assert_eq!(q2.sliding_window, None);
+        // use_sliding_window: the window from layer max_window_layers on (default 28: none of
+        // these two), or where layer_types says.
+        let q = |extra: &str| LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"qwen2\",\"sliding_window\":1024{extra}}}"));
+        let on = q(",\"use_sliding_window\":true").unwrap();
+        assert_eq!(on.sliding_window, None);
+        let on = q(",\"use_sliding_window\":true,\"max_window_layers\":1").unwrap();
+        assert_eq!((on.sliding_window, &on.full_attention_layers[..]), (Some(1024), &[0][..]));
+        assert_eq!((on.window_at(0), on.window_at(1)), (None, Some(1024)));
+        let on = q(",\"use_sliding_window\":true,\"max_window_layers\":1,\"layer_types\":[\"sliding_attention\",\"full_attention\"]").unwrap();
+        assert_eq!((on.window_at(0), on.window_at(1)), (Some(1024), None));
+        // Without use_sliding_window, layer_types' sliding layers attend to everything.
+        let off = q(",\"layer_types\":[\"sliding_attention\",\"sliding_attention\"]").unwrap();
+        assert_eq!(off.sliding_window, None);
+        // A window no shorter than the context cuts nothing.
+        let long = LlamaConfig::from_hf_str(&format!(
+            "{base},\"model_type\":\"qwen2\",\"sliding_window\":4096,\"use_sliding_window\":true,\"max_window_layers\":0}}"
         ))
-        .unwrap_err();
-        assert!(e.contains("use_sliding_window") && e.contains("1024"), "{e}");
-        let e = LlamaConfig::from_hf_str(&format!(
-            "{base},\"model_type\":\"qwen3\",\"layer_types\":[\"full_attention\",\"sliding_attention\"]}}"
-        ))
-        .unwrap_err();
+        .unwrap();
+        assert_eq!(long.sliding_window, None);
+        for bad in [",\"layer_types\":[\"full_attention\"]", ",\"layer_types\":[\"full_attention\",\"chunked_attention\"]"] {
+            let e = q(bad).unwrap_err();
+            assert!(e.contains("layer_types"), "{e}");
+        }
+        // Llama has no sliding layers.
+        let e = LlamaConfig::from_hf_str(&format!("{base},\"layer_types\":[\"full_attention\",\"sliding_attention\"]}}"))
+            .unwrap_err();
         assert!(e.contains("sliding_attention"), "{e}");
+        // SmolLM3: by default the window is on its NoPE layers.
+        let sm = LlamaConfig::from_hf_str(&format!(
+            "{},\"model_type\":\"smollm3\",\"sliding_window\":64,\"use_sliding_window\":true}}",
+            base.replace("\"num_hidden_layers\":2", "\"num_hidden_layers\":8")
+        ))
+        .unwrap();
+        assert_eq!((0..8).map(|l| sm.window_at(l).is_some()).collect::<Vec<_>>(), [false, false, false, true, false, false, false, true]);
         let q3 = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"qwen3\",\"head_dim\":6}}")).unwrap();
         assert!(q3.qk_norm() && (0..7).all(|m| !q3.has_bias(m)));
         assert_eq!(q3.head_dim, 6);
@@ -735,11 +841,16 @@ mod tests {
             let m = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":{ok}}}"));
             assert_eq!(m.unwrap(), llama, "sliding_window {ok}");
         }
-        // Mistral 7B v0.1: a window shorter than the context bounds the sequences.
+        // Mistral 7B v0.1: a window shorter than the context, in every layer (whatever
+        // layer_types says, as transformers' Mistral).
         let m = LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":1024}}")).unwrap();
-        assert_eq!((m.sliding_window, m.max_tokens()), (Some(1024), 1024));
+        assert_eq!((m.sliding_window, m.window_at(0), m.window_at(1)), (Some(1024), Some(1024), Some(1024)));
         assert_eq!(LlamaConfig::from_hf_str(&m.to_hf_json().unwrap().to_string()).unwrap(), m);
-        assert_eq!(llama.max_tokens(), 2048);
+        let typed = LlamaConfig::from_hf_str(&format!(
+            "{base},\"model_type\":\"mistral\",\"sliding_window\":1024,\"layer_types\":[\"full_attention\",\"sliding_attention\"]}}"
+        ))
+        .unwrap();
+        assert_eq!(typed, m);
         assert!(LlamaConfig::from_hf_str(&format!("{base},\"model_type\":\"mistral\",\"sliding_window\":0}}")).is_err());
         // linear needs its factor; YaRN is not supported.
         assert!(

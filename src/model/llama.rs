@@ -52,9 +52,11 @@ pub struct Dims {
     /// RoPE's base and scaling.
     pub rope: crate::rope::Rope,
     pub eps: f32,
-    /// A sliding attention window (Mistral 7B v0.1's): sequences, and a cache's tokens, may not
-    /// be longer (within it, attention is plain causal attention).
+    /// A sliding attention window ([`crate::model::LlamaConfig::sliding_window`]): query `i`
+    /// attends to keys `i - window < j <= i`, in every layer but `full_layers`.
     pub window: Option<usize>,
+    /// Layers (ascending) that keep full causal attention despite `window`.
+    pub full_layers: Vec<usize>,
     /// Layers (ascending) whose q and k get no RoPE (SmolLM3's every 4th); empty for the rest.
     pub nope_layers: Vec<usize>,
 }
@@ -75,6 +77,10 @@ impl Dims {
     pub fn rope_at(&self, l: usize) -> bool {
         self.nope_layers.binary_search(&l).is_err()
     }
+    /// The sliding window of layer `l`, if it has one.
+    pub fn window_at(&self, l: usize) -> Option<usize> {
+        self.window.filter(|_| self.full_layers.binary_search(&l).is_err())
+    }
     /// Checks that every dimension is positive, that the heads divide evenly, and RoPE's
     /// parameters ([`crate::rope::Rope::check`]).
     pub fn check(&self) -> Result<()> {
@@ -94,8 +100,10 @@ impl Dims {
         if self.window == Some(0) {
             return Err(Error::ZeroDim { what: "window" });
         }
-        crate::model::config::check_nope_layers(&self.nope_layers, self.layers)
+        crate::model::config::check_layer_list(&self.nope_layers, self.layers)
             .map_err(|m| Error::invalid("nope_layers", m))?;
+        crate::model::config::check_layer_list(&self.full_layers, self.layers)
+            .map_err(|m| Error::invalid("full_layers", m))?;
         if self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
             return Err(Error::invalid(
                 "dims",
@@ -798,19 +806,6 @@ impl<B: Backend> Llama<B> {
     ) -> Result<(B::Buf, B::Buf, B::Buf, Vec<LayerActs<B>>, Vec<(B::Buf, B::Buf)>)> {
         let d = &self.dims;
         let rows = ids.len();
-        if let Some(w) = d.window {
-            // Within the window, sliding-window attention is causal attention; past it, not.
-            let span = match &mode {
-                Mode::Cached(c) => c.len + seq,
-                Mode::Full { .. } => seq,
-            };
-            if span > w {
-                return Err(Error::invalid(
-                    "sequence",
-                    format!("{span} tokens are longer than the model's sliding attention window of {w} (attention past the window is not implemented)"),
-                ));
-            }
-        }
         let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
         let mut x = be.output(rows * d.hidden)?;
         be.embedding_forward(&self.embed, d.vocab, d.hidden, ids, &mut x)?;
@@ -857,9 +852,10 @@ impl<B: Backend> Llama<B> {
                 be.rope(&mut k, d.kv_heads, d.head_dim, positions, &d.rope, false)?;
             }
             let mut att = Self::product_input(be, rows * qw, narrow)?;
+            let window = d.window_at(l);
             let lse = match &mut mode {
                 Mode::Full { .. } => {
-                    let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
+                    let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?.with_window(window)?;
                     let mut lse = be.output(rows * d.heads)?;
                     be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
                     lse
@@ -881,8 +877,8 @@ impl<B: Backend> Llama<B> {
                         be.copy_range(&v, b * seq * kw, seq * kw, &mut cache.v[l], at)?;
                     }
                     if cache.len == 0 {
-                        // Prefill: plain causal attention over the new tokens.
-                        let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?;
+                        // Prefill: causal attention over the new tokens.
+                        let shape = AttnShape::new(batch, seq, d.heads, d.kv_heads, d.head_dim)?.with_window(window)?;
                         let mut lse = be.output(rows * d.heads)?;
                         be.attention_forward(shape, &q, &k, &v, &mut att, &mut lse)?;
                     } else if seq == 1 {
@@ -897,6 +893,7 @@ impl<B: Backend> Llama<B> {
                             d.head_dim,
                             cap,
                             len,
+                            window,
                             &mut att,
                         )?;
                     } else {
@@ -1063,6 +1060,7 @@ impl<B: Backend> Llama<B> {
             let mut dq = Self::product_input(be, rows * qw, narrow_qk)?;
             let mut dk = Self::product_input(be, rows * kw, narrow_qk)?;
             let mut dv = Self::product_input(be, rows * kw, true)?;
+            let shape = shape.with_window(d.window_at(l))?;
             be.attention_backward(shape, &act.q, &act.k, &act.v, &act.att, &act.lse, &datt, &mut dq, &mut dk, &mut dv)?;
             drop(datt);
             if d.rope_at(l) {
@@ -1339,6 +1337,7 @@ impl Dims {
             rope: c.rope(),
             eps: c.rms_norm_eps,
             window: c.sliding_window,
+            full_layers: c.full_attention_layers.clone(),
             nope_layers: c.nope_layers.clone(),
         }
     }
@@ -1356,6 +1355,7 @@ impl Dims {
             rope: crate::rope::Rope::new(100000.0),
             eps: 1e-5,
             window: None,
+            full_layers: vec![],
             nope_layers: vec![],
         }
     }

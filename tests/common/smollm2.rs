@@ -20,10 +20,11 @@ pub fn dims(layers: usize) -> Dims {
 }
 
 /// A Qwen3-shaped variant of the 4-layer model: heads of 128 (q is 576 -> 1152), biases on
-/// q, k, v (Qwen2's) and o, Qwen3's head norms, and no RoPE in the last layer (SmolLM3's NoPE);
-/// seeded random weights, untied head.
+/// q, k, v (Qwen2's) and o, Qwen3's head norms, no RoPE in the last layer (SmolLM3's NoPE), and
+/// a sliding window of 9 keys in layers 1 and 3 (Qwen's `use_sliding_window`); seeded random
+/// weights, untied head.
 pub fn qwen_shaped(seed: u64) -> wegeft::model::llama::HostWeights {
-    let d = Dims { head_dim: 128, nope_layers: vec![3], ..dims(4) };
+    let d = Dims { head_dim: 128, nope_layers: vec![3], window: Some(9), full_layers: vec![0, 2], ..dims(4) };
     let mut w = wegeft::model::llama::HostWeights::random(&d, seed, false).unwrap();
     w.add_random_extras(seed, [true, true, true, true, false, false, false], true);
     w

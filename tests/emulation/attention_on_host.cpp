@@ -138,7 +138,8 @@ void launch(dim3e grid, const std::function<void()>& kernel) {
 
 // ---- reference (double) ------------------------------------------------------------------
 
-struct Shape { int B, S, H, KVH, hd; };
+// win: a sliding window (query i sees keys i - win < j <= i); 0 for none.
+struct Shape { int B, S, H, KVH, hd, win = 0; };
 
 struct Ref {
     std::vector<double> out, lse, dq, dk, dv;
@@ -162,8 +163,9 @@ Ref reference(const Shape& s, const std::vector<float>& q, const std::vector<flo
             const int g = h / grp;
             for (int i = 0; i < s.S; ++i) {
                 const size_t ti = (size_t)b * s.S + i;
+                const int j0 = s.win > 0 ? std::max(0, i - s.win + 1) : 0;
                 double m = -INFINITY;
-                for (int j = 0; j <= i; ++j) {
+                for (int j = j0; j <= i; ++j) {
                     const size_t tj = (size_t)b * s.S + j;
                     double x = 0;
                     for (int d = 0; d < s.hd; ++d) x += (double)q[ti * qw + h * s.hd + d] * k[tj * kw + g * s.hd + d];
@@ -171,18 +173,18 @@ Ref reference(const Shape& s, const std::vector<float>& q, const std::vector<flo
                     m = std::max(m, p[j]);
                 }
                 double l = 0;
-                for (int j = 0; j <= i; ++j) l += std::exp(p[j] - m);
+                for (int j = j0; j <= i; ++j) l += std::exp(p[j] - m);
                 const double lse = m + std::log(l);
                 r.lse[ti * s.H + h] = lse;
-                for (int j = 0; j <= i; ++j) p[j] = std::exp(p[j] - lse);
+                for (int j = j0; j <= i; ++j) p[j] = std::exp(p[j] - lse);
                 double D = 0;
                 for (int d = 0; d < s.hd; ++d) {
                     double o = 0;
-                    for (int j = 0; j <= i; ++j) o += p[j] * v[((size_t)b * s.S + j) * kw + g * s.hd + d];
+                    for (int j = j0; j <= i; ++j) o += p[j] * v[((size_t)b * s.S + j) * kw + g * s.hd + d];
                     r.out[ti * qw + h * s.hd + d] = o;
                     D += o * dout[ti * qw + h * s.hd + d];
                 }
-                for (int j = 0; j <= i; ++j) {
+                for (int j = j0; j <= i; ++j) {
                     const size_t tj = (size_t)b * s.S + j;
                     double x = 0;
                     for (int d = 0; d < s.hd; ++d) x += (double)dout[ti * qw + h * s.hd + d] * v[tj * kw + g * s.hd + d];
@@ -250,12 +252,13 @@ void run_case(const Shape& s, bool mma, double tol, std::mt19937& rng) {
     auto dout = rnd<T>(rng, qn, 1.0f, gf);
     Ref ref = reference(s, qf, kf, vf, gf);
     char what[160];
-    std::snprintf(what, sizeof what, "%s B%d S%d H%d KVH%d hd%d %s", sizeof(T) == 4 ? "f32" : "bf16", s.B, s.S, s.H, s.KVH,
-                  s.hd, mma ? "mma" : "plain");
+    std::snprintf(what, sizeof what, "%s B%d S%d H%d KVH%d hd%d win%d %s", sizeof(T) == 4 ? "f32" : "bf16", s.B, s.S, s.H,
+                  s.KVH, s.hd, s.win, mma ? "mma" : "plain");
     auto out = nans<T>(qn);
     std::vector<float> lse(n * s.H, NAN);
     const float scale = 1.0f / std::sqrt((float)s.hd);
     const int W = s.hd <= 64 ? 64 : 128, rows = NT / (W / 16);
+    const int win = s.win > 0 ? std::min(s.win, s.S) : s.S;  // the kernels' argument
     if (mma) {
         const float sl2 = 1.4426950408889634f * scale;
         dim3e grid{(unsigned)((s.S + 63) / 64), (unsigned)(s.B * s.H), 1};
@@ -263,17 +266,17 @@ void run_case(const Shape& s, bool mma, double tol, std::mt19937& rng) {
         auto* kb = (const __nv_bfloat16*)k.data();
         auto* vb = (const __nv_bfloat16*)v.data();
         auto* ob = (__nv_bfloat16*)out.data();
-        if (s.hd == 64) launch(grid, [&] { attn_fwd_mma64_bf16(qb, kb, vb, ob, lse.data(), s.S, s.H, s.KVH, sl2); });
-        else launch(grid, [&] { attn_fwd_mma128_bf16(qb, kb, vb, ob, lse.data(), s.S, s.H, s.KVH, sl2); });
+        if (s.hd == 64) launch(grid, [&] { attn_fwd_mma64_bf16(qb, kb, vb, ob, lse.data(), s.S, s.H, s.KVH, win, sl2); });
+        else launch(grid, [&] { attn_fwd_mma128_bf16(qb, kb, vb, ob, lse.data(), s.S, s.H, s.KVH, win, sl2); });
     } else {
         dim3e grid{(unsigned)((s.S + rows - 1) / rows), (unsigned)(s.B * s.H), 1};
         launch(grid, [&] {
             if constexpr (sizeof(T) == 4) {
-                if (W == 64) attn_fwd64_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), s.S, s.H, s.KVH, s.hd, scale);
-                else attn_fwd128_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), s.S, s.H, s.KVH, s.hd, scale);
+                if (W == 64) attn_fwd64_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), s.S, s.H, s.KVH, s.hd, win, scale);
+                else attn_fwd128_f32(q.data(), k.data(), v.data(), out.data(), lse.data(), s.S, s.H, s.KVH, s.hd, win, scale);
             } else {
-                if (W == 64) attn_fwd64_bf16(q.data(), k.data(), v.data(), out.data(), lse.data(), s.S, s.H, s.KVH, s.hd, scale);
-                else attn_fwd128_bf16(q.data(), k.data(), v.data(), out.data(), lse.data(), s.S, s.H, s.KVH, s.hd, scale);
+                if (W == 64) attn_fwd64_bf16(q.data(), k.data(), v.data(), out.data(), lse.data(), s.S, s.H, s.KVH, s.hd, win, scale);
+                else attn_fwd128_bf16(q.data(), k.data(), v.data(), out.data(), lse.data(), s.S, s.H, s.KVH, s.hd, win, scale);
             }
         });
     }
@@ -293,8 +296,8 @@ void run_case(const Shape& s, bool mma, double tol, std::mt19937& rng) {
     });
     dim3e gq{(unsigned)((s.S + rows - 1) / rows), (unsigned)(s.B * s.H), 1};
     dim3e gk{(unsigned)((s.S + rows - 1) / rows), (unsigned)(s.B * s.KVH), 1};
-#define ARGS_DQ q.data(), k.data(), v.data(), lse.data(), D.data(), dout.data(), dq.data(), s.S, s.H, s.KVH, s.hd, scale
-#define ARGS_DKDV q.data(), k.data(), v.data(), lse.data(), D.data(), dout.data(), dk.data(), dv.data(), s.S, s.H, s.KVH, s.hd, scale
+#define ARGS_DQ q.data(), k.data(), v.data(), lse.data(), D.data(), dout.data(), dq.data(), s.S, s.H, s.KVH, s.hd, win, scale
+#define ARGS_DKDV q.data(), k.data(), v.data(), lse.data(), D.data(), dout.data(), dk.data(), dv.data(), s.S, s.H, s.KVH, s.hd, win, scale
     if (mma) {
         // The tensor-core backward: 64-row tiles, grid (ceil(S / 64), B * H) and (.., B * KVH).
         auto* qb = (const __nv_bfloat16*)q.data();
@@ -303,16 +306,22 @@ void run_case(const Shape& s, bool mma, double tol, std::mt19937& rng) {
         auto* gb = (const __nv_bfloat16*)dout.data();
         const unsigned nt = (unsigned)((s.S + 63) / 64);
         launch({nt, (unsigned)(s.B * s.H), 1}, [&] {
-            attn_bwd_dq_mma64_bf16(qb, kb, vb, lse.data(), D.data(), gb, (__nv_bfloat16*)dq.data(), s.S, s.H, s.KVH, scale);
+            attn_bwd_dq_mma64_bf16(qb, kb, vb, lse.data(), D.data(), gb, (__nv_bfloat16*)dq.data(), s.S, s.H, s.KVH, win, scale);
         });
         launch({nt, (unsigned)(s.B * s.KVH), 1}, [&] {
             attn_bwd_dkdv_mma64_bf16(qb, kb, vb, lse.data(), D.data(), gb, (__nv_bfloat16*)dk.data(), (__nv_bfloat16*)dv.data(),
-                                     s.S, s.H, s.KVH, scale);
+                                     s.S, s.H, s.KVH, win, scale);
         });
     } else {
         launch(gq, [&] {
-            if constexpr (sizeof(T) == 4) { if (W == 64) attn_bwd_dq64_f32(ARGS_DQ); else attn_bwd_dq128_f32(ARGS_DQ); }
-            else { if (W == 64) attn_bwd_dq64_bf16(ARGS_DQ); else attn_bwd_dq128_bf16(ARGS_DQ); }
+            // A window shorter than S: the sliding-window dq kernel, as src/cuda/attention.rs picks it.
+            if (win < s.S) {
+                if constexpr (sizeof(T) == 4) { if (W == 64) attn_bwd_dq_sw64_f32(ARGS_DQ); else attn_bwd_dq_sw128_f32(ARGS_DQ); }
+                else { if (W == 64) attn_bwd_dq_sw64_bf16(ARGS_DQ); else attn_bwd_dq_sw128_bf16(ARGS_DQ); }
+            } else {
+                if constexpr (sizeof(T) == 4) { if (W == 64) attn_bwd_dq64_f32(ARGS_DQ); else attn_bwd_dq128_f32(ARGS_DQ); }
+                else { if (W == 64) attn_bwd_dq64_bf16(ARGS_DQ); else attn_bwd_dq128_bf16(ARGS_DQ); }
+            }
         });
         launch(gk, [&] {
             if constexpr (sizeof(T) == 4) { if (W == 64) attn_bwd_dkdv64_f32(ARGS_DKDV); else attn_bwd_dkdv128_f32(ARGS_DKDV); }
@@ -325,15 +334,18 @@ void run_case(const Shape& s, bool mma, double tol, std::mt19937& rng) {
 }
 
 template <typename T>
-void run_decode(int B, int H, int KVH, int hd, int cap, int len, double tol, std::mt19937& rng) {
+void run_decode(int B, int H, int KVH, int hd, int cap, int len, double tol, std::mt19937& rng, int win = 0) {
     // The cache as a B x cap sequence; the decode's answer is the forward's row len-1 of the
-    // first len positions, with q in place of that row's query.
+    // first len positions (the last `win` of them, with a window), with q in place of that
+    // row's query. Positions outside that range are poisoned with NaN.
+    const int start = win > 0 ? std::max(0, len - win) : 0;
     const int qw = H * hd, kw = KVH * hd;
     std::vector<float> qf, kf, vf;
     auto q = rnd<T>(rng, (size_t)B * qw, 1.5f, qf);
     auto kc = rnd<T>(rng, (size_t)B * cap * kw, 1.5f, kf);
     auto vc = rnd<T>(rng, (size_t)B * cap * kw, 1.0f, vf);
-    for (int b = 0; b < B; ++b) for (int j = len; j < cap; ++j) for (int e = 0; e < kw; ++e) {
+    for (int b = 0; b < B; ++b) for (int j = 0; j < cap; ++j) for (int e = 0; e < kw; ++e) {
+        if (j >= start && j < len) continue;
         kc[((size_t)b * cap + j) * kw + e] = fromf<T>(NAN); vc[((size_t)b * cap + j) * kw + e] = fromf<T>(NAN); }
     std::vector<double> want((size_t)B * qw);
     const double scale = 1.0 / std::sqrt((double)hd);
@@ -342,34 +354,34 @@ void run_decode(int B, int H, int KVH, int hd, int cap, int len, double tol, std
             const int g = h / (H / KVH);
             std::vector<double> p(len);
             double m = -INFINITY, l = 0;
-            for (int j = 0; j < len; ++j) {
+            for (int j = start; j < len; ++j) {
                 double x = 0;
                 for (int d = 0; d < hd; ++d) x += (double)qf[b * qw + h * hd + d] * kf[((size_t)b * cap + j) * kw + g * hd + d];
                 p[j] = x * scale;
                 m = std::max(m, p[j]);
             }
-            for (int j = 0; j < len; ++j) l += (p[j] = std::exp(p[j] - m));
+            for (int j = start; j < len; ++j) l += (p[j] = std::exp(p[j] - m));
             for (int d = 0; d < hd; ++d) {
                 double o = 0;
-                for (int j = 0; j < len; ++j) o += p[j] / l * vf[((size_t)b * cap + j) * kw + g * hd + d];
+                for (int j = start; j < len; ++j) o += p[j] / l * vf[((size_t)b * cap + j) * kw + g * hd + d];
                 want[b * qw + h * hd + d] = o;
             }
         }
-    const int nch = (len + 255) / 256;
+    const int nch = (len - start + 255) / 256;
     std::vector<float> work((size_t)B * H * nch * (hd + 2), NAN);
     auto out = nans<T>((size_t)B * qw);
     const float sc = 1.0f / std::sqrt((float)hd);
     launch({(unsigned)nch, (unsigned)(B * H), 1}, [&] {
-        if constexpr (sizeof(T) == 4) attn_decode_split_f32(q.data(), kc.data(), vc.data(), work.data(), H, KVH, hd, cap, len, sc);
-        else attn_decode_split_bf16(q.data(), kc.data(), vc.data(), work.data(), H, KVH, hd, cap, len, sc);
+        if constexpr (sizeof(T) == 4) attn_decode_split_f32(q.data(), kc.data(), vc.data(), work.data(), H, KVH, hd, cap, start, len, sc);
+        else attn_decode_split_bf16(q.data(), kc.data(), vc.data(), work.data(), H, KVH, hd, cap, start, len, sc);
     });
     launch({(unsigned)(B * H), 1, 1}, [&] {
         if constexpr (sizeof(T) == 4) attn_decode_combine_f32(work.data(), out.data(), hd, nch);
         else attn_decode_combine_bf16(work.data(), out.data(), hd, nch);
     });
     char what[160];
-    std::snprintf(what, sizeof what, "decode %s B%d H%d KVH%d hd%d cap%d len%d", sizeof(T) == 4 ? "f32" : "bf16", B, H, KVH, hd,
-                  cap, len);
+    std::snprintf(what, sizeof what, "decode %s B%d H%d KVH%d hd%d cap%d len%d win%d", sizeof(T) == 4 ? "f32" : "bf16", B, H,
+                  KVH, hd, cap, len, win);
     check(what, "out", out, want, tol);
 }
 
@@ -407,6 +419,22 @@ int main() {
     run_decode<float>(2, 9, 3, 64, 700, 512, 2e-5, rng);
     run_decode<float>(1, 2, 1, 128, 256, 256, 2e-5, rng);
     run_decode<__nv_bfloat16>(1, 2, 2, 64, 1000, 769, 2e-2, rng);
+    // Sliding windows: shorter than a tile (rows whose first key tiles are all masked), one
+    // key, across tile boundaries, longer than the sequence; the plain kernels with windows
+    // shorter than a row block and a key tile; decode over the last `win` positions only
+    // (the rest of the cache poisoned), across a chunk boundary.
+    run_case<__nv_bfloat16>({1, 150, 3, 1, 64, 5}, true, 2e-2, rng);
+    run_case<__nv_bfloat16>({2, 65, 9, 3, 64, 1}, true, 2e-2, rng);
+    run_case<__nv_bfloat16>({1, 200, 2, 1, 64, 70}, true, 2e-2, rng);
+    run_case<__nv_bfloat16>({1, 191, 4, 2, 128, 64}, true, 2e-2, rng);
+    run_case<__nv_bfloat16>({1, 50, 2, 1, 64, 400}, true, 2e-2, rng);
+    run_case<float>({2, 70, 4, 2, 64, 3}, false, 2e-5, rng);
+    run_case<float>({1, 97, 2, 1, 100, 40}, false, 2e-5, rng);
+    run_case<float>({1, 45, 3, 1, 16, 1}, false, 2e-5, rng);
+    run_case<__nv_bfloat16>({1, 129, 4, 2, 128, 33}, false, 2e-2, rng);
+    run_decode<float>(2, 4, 2, 64, 700, 600, 2e-5, rng, 300);
+    run_decode<float>(1, 3, 1, 80, 64, 20, 2e-5, rng, 1);
+    run_decode<__nv_bfloat16>(1, 2, 2, 64, 100, 50, 2e-2, rng, 64);
     std::printf("blocks that exited with cp.async in flight: %d\n", wegeft_attn::g_leftover.load());
     std::printf("%d checks, %d failures\n", g_checks, g_failures);
     return g_failures == 0 && wegeft_attn::g_leftover == 0 ? 0 : 1;
