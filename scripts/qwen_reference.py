@@ -557,13 +557,7 @@ def main():
         json.dump(genuine_reference(a.genuine_tokenizer), open(os.path.join(td, "genuine_cases.json"), "w"),
                   ensure_ascii=False, indent=0)
     chat_reference(tok_path)
-    total = 0
-    for dirpath, _, files in sorted(os.walk(OUT)):
-        for f in sorted(files):
-            p = os.path.join(dirpath, f)
-            total += os.path.getsize(p)
-            print(os.path.relpath(p, OUT), os.path.getsize(p))
-    print("total", total)
+    common.print_sizes(OUT)
 
 
 if __name__ == "__main__":

@@ -224,3 +224,14 @@ def train_reference(label, model, out):
         final[f"out_projections.{t}.weight"] = op[t].detach().contiguous()
     save_file(final, os.path.join(out, "train_final.safetensors"))
     return dict(TRAIN, batches=batches, losses=losses)
+
+
+def print_sizes(out):
+    """Prints every file under `out` with its size, then the total."""
+    total = 0
+    for dirpath, _, files in sorted(os.walk(out)):
+        for f in sorted(files):
+            p = os.path.join(dirpath, f)
+            total += os.path.getsize(p)
+            print(os.path.relpath(p, out), os.path.getsize(p))
+    print("total", total)

@@ -187,13 +187,7 @@ def main():
     print("losses:", tr["losses"])
     json.dump(tr, open(os.path.join(OUT, "train.json"), "w"))
     chat_reference(a.chat_template)
-    total = 0
-    for dirpath, _, files in sorted(os.walk(OUT)):
-        for f in sorted(files):
-            p = os.path.join(dirpath, f)
-            total += os.path.getsize(p)
-            print(os.path.relpath(p, OUT), os.path.getsize(p))
-    print("total", total)
+    common.print_sizes(OUT)
 
 
 if __name__ == "__main__":

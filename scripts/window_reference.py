@@ -215,13 +215,7 @@ def main():
             committed = json.load(open(os.path.join(os.path.dirname(spec["full_logits"]), "train.json")))["losses"]
             assert full_losses == committed, (full_losses, committed)
         json.dump(tr, open(os.path.join(d, "train.json"), "w"))
-    total = 0
-    for dirpath, _, files in sorted(os.walk(OUT)):
-        for f in sorted(files):
-            p = os.path.join(dirpath, f)
-            total += os.path.getsize(p)
-            print(os.path.relpath(p, OUT), os.path.getsize(p))
-    print("total", total)
+    common.print_sizes(OUT)
 
 
 if __name__ == "__main__":
