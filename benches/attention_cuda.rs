@@ -1,9 +1,11 @@
 //! GPU benchmark of the attention kernels (`wegeft::cuda::attention`, bf16, SmolLM2's heads:
-//! H=9, KVH=3, hd=64, B=16, S=512 and 2048): forward (tensor-core kernel), backward (D,
-//! tensor-core dq and dk/dv passes), and one decode step over a 2048-position cache. Timed with
+//! H=9, KVH=3, hd=64, B=16, S=512 and 2048, and S=2048 with a sliding window of 512): forward
+//! (tensor-core kernel), backward (D, tensor-core dq and dk/dv passes), and one decode step over
+//! a 2048-position cache. Timed with
 //! CUDA events: 3 warm-up runs, then the median of `WEGEFT_BENCH_ITERS` (default 30) runs, each
 //! after a 256 MiB memset that evicts the L2. Prints milliseconds and TFLOP/s counted as
-//! FlashAttention does for causal attention (forward `2 B H S^2 hd`, backward 2.5x that).
+//! FlashAttention does for causal attention (forward `2 B H S^2 hd`, backward 2.5x that; with a
+//! window `w`, `4 B H hd (S w - w^2 / 2)`, the scores a query keeps, times two).
 //! `scripts/torch_sdpa.py` times PyTorch's `scaled_dot_product_attention` on the same shapes.
 //!
 //! After the timings, the bf16 kernels' results (forward `out`, `lse`; backward `dq`, `dk`,
@@ -115,7 +117,10 @@ fn check_fwd_bwd(
     let mut dk32 = poisoned::<f32>(st, n * kw)?;
     let mut dv32 = poisoned::<f32>(st, n * kw)?;
     attention_backward(dev, st, s, &q32, &k32, &v32, &outw, &lse, &g32, &mut dq32, &mut dk32, &mut dv32)?;
-    let what = format!("S={}", s.seq);
+    let what = match s.window {
+        None => format!("S={}", s.seq),
+        Some(w) => format!("S={} window {w}", s.seq),
+    };
     let d32 = |b: &CudaSlice<f32>| st.clone_dtoh(b).map_err(cuda_err);
     let results = [
         compare(&what, "forward out", &down_bf16(st, &out)?, &d32(&out32)?, TOL_BF16),
@@ -144,8 +149,9 @@ fn run(dev: &CudaBackend, iters: usize) -> wegeft::Result<()> {
     let mut flush = st.alloc_zeros::<u8>(256 << 20).map_err(cuda_err)?;
     let (b, h, kvh, hd) = (16usize, 9usize, 3usize, 64usize);
     let mut all_ok = true;
-    for seq in [512usize, 2048] {
-        let s = AttnShape::new(b, seq, h, kvh, hd)?;
+    let mut causal_ms = (0.0, 0.0);
+    for (seq, window) in [(512usize, None), (2048, None), (2048, Some(512usize))] {
+        let s = AttnShape::new(b, seq, h, kvh, hd)?.with_window(window)?;
         let (n, qw, kw) = (s.tokens(), s.q_width(), s.kv_width());
         let q = rand(&st, n * qw, 1);
         let k = rand(&st, n * kw, 2);
@@ -156,17 +162,36 @@ fn run(dev: &CudaBackend, iters: usize) -> wegeft::Result<()> {
         let mut dq = st.alloc_zeros::<bf16>(n * qw).map_err(cuda_err)?;
         let mut dk = st.alloc_zeros::<bf16>(n * kw).map_err(cuda_err)?;
         let mut dv = st.alloc_zeros::<bf16>(n * kw).map_err(cuda_err)?;
-        let flops = 2.0 * (b * h) as f64 * (seq * seq) as f64 * hd as f64;
+        // Scores kept, times 2 (multiply-add), times 2 (Q K^T and P V).
+        let kept = match window {
+            None => (seq * seq) as f64 / 2.0,
+            Some(w) => (seq * w) as f64 - (w * w) as f64 / 2.0,
+        };
+        let flops = 4.0 * (b * h) as f64 * kept * hd as f64;
         let fwd = time(dev, &mut flush, iters, || attention_forward(dev, &st, s, &q, &k, &v, &mut out, &mut lse))?;
         let bwd = time(dev, &mut flush, iters, || {
             attention_backward(dev, &st, s, &q, &k, &v, &out, &lse, &g, &mut dq, &mut dk, &mut dv)
         })?;
         println!(
-            "attention B={b} S={seq} H={h} KVH={kvh} hd={hd}: forward {fwd:.3} ms ({:.1} TFLOP/s), backward {bwd:.3} ms ({:.1} TFLOP/s)",
+            "attention B={b} S={seq} H={h} KVH={kvh} hd={hd} window {window:?}: forward {fwd:.3} ms ({:.1} TFLOP/s), backward {bwd:.3} ms ({:.1} TFLOP/s)",
             flops / fwd / 1e9,
             2.5 * flops / bwd / 1e9
         );
-        println!("{{\"op\":\"attention\",\"seq\":{seq},\"fwd_ms\":{fwd:.4},\"bwd_ms\":{bwd:.4}}}");
+        match window {
+            None => {
+                causal_ms = (fwd, bwd);
+                println!("{{\"op\":\"attention\",\"seq\":{seq},\"fwd_ms\":{fwd:.4},\"bwd_ms\":{bwd:.4}}}");
+            }
+            Some(w) => {
+                // Against causal attention over the same length (the loop's previous shape).
+                println!(
+                    "sliding window {w} of {seq}: forward {:.2}x, backward {:.2}x causal attention's time",
+                    fwd / causal_ms.0,
+                    bwd / causal_ms.1
+                );
+                println!("{{\"op\":\"attention\",\"seq\":{seq},\"window\":{w},\"fwd_ms\":{fwd:.4},\"bwd_ms\":{bwd:.4}}}");
+            }
+        }
         // Checked after the timings (printed above, whatever the check says).
         match check_fwd_bwd(dev, &st, s, &q, &k, &v, &g) {
             Ok(ok) => all_ok &= ok,

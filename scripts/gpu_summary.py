@@ -248,6 +248,14 @@ def main():
                           f"bwd {fmt(div(ours[sq][1], b), '.2f')}x)")
                 parts.append(p)
             if name == "attn_bench":
+                wpat = r'"seq":(\d+),"window":(\d+),"fwd_ms":([\d.]+),"bwd_ms":([\d.]+)'
+                for sq, w, f, b in re.findall(wpat, text):
+                    sq, f, b = int(sq), float(f), float(b)
+                    p = f"S={sq} window {w}: fwd {f:.3f} ms, bwd {b:.3f} ms"
+                    if sq in ours:
+                        p += (f" ({fmt(div(f, ours[sq][0]), '.2f')}x, {fmt(div(b, ours[sq][1]), '.2f')}x "
+                              f"causal's time)")
+                    parts.append(p)
                 bad = [l.strip() for l in text.splitlines() if "MISMATCH" in l]
                 if bad:
                     parts.append(f"{len(bad)} MISMATCH vs the plain kernels: {bad[0]}")
