@@ -146,7 +146,7 @@ def causal_lm_loss(m, ids, check=False):
     cross-entropy and the backward pass through it would run in float32. With check, asserts that
     this is the same loss as transformers' (to float32's precision) on the same logits."""
     logits = m(ids).logits
-    assert logits.dtype == torch.float64, logits.dtype
+    assert logits.dtype in (torch.float64, torch.float32), logits.dtype
     v = logits.shape[-1]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
     if check:
@@ -157,17 +157,18 @@ def causal_lm_loss(m, ids, check=False):
     return loss
 
 
-def train_reference(label, model, out):
+def train_reference(label, model, out, dtype=torch.float64):
     """The WeGeFT fine-tune (TRAIN) with the official GIFT wrapper's math in float64: every
     targeted nn.Linear computes F.linear(x, W + (W in_proj^T) out_proj^T, b) with the pair of its
     module type, b the Linear's own (frozen) bias, None where it has none (all of Llama's).
     Writes train_init.safetensors (the initial adapter, f32 values) and train_final.safetensors
     (the final adapter, f64) into `out`; returns train.json's content (TRAIN, the batches, the
-    loss before each update)."""
+    loss before each update). With `dtype` float32 and `out` None: the same run in float32,
+    nothing written, the final adapter returned under "final" (see f32_update_distances)."""
     import torch.nn.functional as F
     from safetensors.torch import save_file
     vocab = model.config.vocab_size
-    m = copy.deepcopy(model).double()
+    m = copy.deepcopy(model).to(dtype)
     for p in m.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(99)
@@ -177,8 +178,8 @@ def train_reference(label, model, out):
         lin = next(mod for n, mod in m.named_modules() if n.endswith(t))
         d_in = lin.in_features
         # Both nonzero (the official out_proj starts at zero) so that both get a gradient at once.
-        ip[t] = (torch.randn(r, d_in, generator=g) / math.sqrt(d_in)).float().double().requires_grad_(True)
-        op[t] = (0.1 * torch.randn(d_in, r, generator=g)).float().double().requires_grad_(True)
+        ip[t] = (torch.randn(r, d_in, generator=g) / math.sqrt(d_in)).float().to(dtype).requires_grad_(True)
+        op[t] = (0.1 * torch.randn(d_in, r, generator=g)).float().to(dtype).requires_grad_(True)
     probe = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         base = m(probe).logits
@@ -205,7 +206,8 @@ def train_reference(label, model, out):
     for t in TRAIN["targets"]:
         init[f"in_projections.{t}.weight"] = ip[t].detach().float().contiguous()
         init[f"out_projections.{t}.weight"] = op[t].detach().float().contiguous()
-    save_file(init, os.path.join(out, "train_init.safetensors"))
+    if out is not None:
+        save_file(init, os.path.join(out, "train_init.safetensors"))
     params = [x for t in TRAIN["targets"] for x in (ip[t], op[t])]
     opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     gb = torch.Generator().manual_seed(5)
@@ -214,7 +216,7 @@ def train_reference(label, model, out):
         ids = torch.randint(0, vocab, (TRAIN["batch"], TRAIN["seq"]), generator=gb)
         batches.append(ids.tolist())
         opt.zero_grad()
-        loss = causal_lm_loss(m, ids, check=k == 0)
+        loss = causal_lm_loss(m, ids, check=k == 0 and dtype == torch.float64)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -222,8 +224,33 @@ def train_reference(label, model, out):
     for t in TRAIN["targets"]:
         final[f"in_projections.{t}.weight"] = ip[t].detach().contiguous()
         final[f"out_projections.{t}.weight"] = op[t].detach().contiguous()
+    if out is None:
+        return dict(TRAIN, batches=batches, losses=losses, final=final)
     save_file(final, os.path.join(out, "train_final.safetensors"))
     return dict(TRAIN, batches=batches, losses=losses)
+
+
+def f32_update_distances(label, model, out):
+    """How far PyTorch's own float32 run of train_reference lands from the float64 one written
+    in `out`: per target, |update_f32 - update_f64| / |update_f64| over both matrices (the
+    measure tests/common/reference.rs uses). Where the fine-tune is ill-conditioned (a flat
+    attention, say) float32 itself misses by more than usual; the tests scale their tolerance
+    by this."""
+    from safetensors.torch import load_file
+    final32 = train_reference(f"{label}-f32", model, None, dtype=torch.float32)["final"]
+    final = load_file(os.path.join(out, "train_final.safetensors"))
+    init = load_file(os.path.join(out, "train_init.safetensors"))
+    dist = {}
+    for t in TRAIN["targets"]:
+        num = den = 0.0
+        for kind in ("in_projections", "out_projections"):
+            k = f"{kind}.{t}.weight"
+            g, w, i = final32[k].double(), final[k].double(), init[k].double()
+            num += ((g - w) ** 2).sum().item()
+            den += ((w - i) ** 2).sum().item()
+        dist[t] = math.sqrt(num / den)
+    print(f"{label}: PyTorch float32 vs float64 updates:", {t: f"{d:.1e}" for t, d in dist.items()})
+    return dist
 
 
 def print_sizes(out):

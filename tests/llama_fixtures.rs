@@ -12,7 +12,6 @@ use wegeft::adapter;
 use wegeft::cpu::Cpu;
 use wegeft::model::llama::{argmax, Dims, HostAdapter, HostWeights, Llama, MODULES};
 use wegeft::model::{LlamaWeights, Tokenizer};
-use wegeft::shape::{LayerShape, Mat, MatMut};
 use wegeft::train::data::{self, Batcher, Example};
 use wegeft::train::optim::AdamWConfig;
 use wegeft::train::trainer::Trainer;
@@ -225,22 +224,7 @@ fn merged_weights_equal_the_adapter_model() {
     let ad = adapter::io::load_gift(&dir.join("final_adapter.safetensors"), &dims.adapter_dims().unwrap()).unwrap();
     let host = HostAdapter::from_adapter(&ad).unwrap();
     let mut w = f.weights.clone();
-    for (l, row) in host.sites.iter().enumerate() {
-        for (m, p) in row.iter().enumerate() {
-            let Some(p) = p else { continue };
-            let (_, phi, psi) = &host.pairs[*p];
-            let (d_in, d_out) = dims.module_dims(m);
-            let t = w.layers[l].linear_mut(MODULES[m]).unwrap();
-            wegeft::cpu::wegeft_merge(
-                &LayerShape::new(1, d_in, d_out, host.rank).unwrap(),
-                MatMut::new("W", &mut t.data, d_out, d_in).unwrap(),
-                Mat::new("phi", phi, d_in, host.rank).unwrap(),
-                Mat::new("psi", psi, host.rank, d_in).unwrap(),
-                host.scale,
-            )
-            .unwrap();
-        }
-    }
+    host.merge_into(&mut w).unwrap();
     let merged = Llama::new(&Cpu, &HostWeights::from_llama(w).unwrap()).unwrap();
     let ids: Vec<u32> = vec![504, 3575, 282, 4649, 314, 7042, 30];
     let a = host.upload(&Cpu, &dims).unwrap();

@@ -803,6 +803,7 @@ fn tiny_config() -> LlamaConfig {
         sliding_window: None,
         full_attention_layers: vec![],
         nope_layers: vec![],
+        multipliers: None,
     }
 }
 

@@ -11,9 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use wegeft::adapter::{self, AdapterConfig, Init, Module, Sharing};
 use wegeft::backend::Backend;
 use wegeft::cpu::Cpu;
-use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama, MODULES};
+use wegeft::model::llama::{argmax, Batch, Dims, HostAdapter, HostWeights, Llama};
 use wegeft::model::{LlamaWeights, Tokenizer};
-use wegeft::shape::{LayerShape, Mat, MatMut};
 use wegeft::train::arithmetic::{self, Problem, Split};
 use wegeft::train::checkpoint;
 use wegeft::train::data::{self, Batcher, Example};
@@ -468,24 +467,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
         Cmd::Merge { m, adapter, out } => {
             let mut w = LlamaWeights::load(&m.model)?;
             let dims = Dims::from_config(&w.config);
-            let ad = HostAdapter::from_adapter(&read_adapter(&adapter, &dims)?)?;
-            ad.check(&dims)?;
-            for (l, row) in ad.sites.iter().enumerate() {
-                for (mi, p) in row.iter().enumerate() {
-                    let Some(p) = p else { continue };
-                    let (_, phi, psi) = &ad.pairs[*p];
-                    let (d_in, d_out) = dims.module_dims(mi);
-                    let shape = LayerShape::new(1, d_in, d_out, ad.rank)?;
-                    let t = w.layers[l].linear_mut(MODULES[mi])?;
-                    wegeft::cpu::wegeft_merge(
-                        &shape,
-                        MatMut::new("W", &mut t.data, d_out, d_in)?,
-                        Mat::new("phi", phi, d_in, ad.rank)?,
-                        Mat::new("psi", psi, ad.rank, d_in)?,
-                        ad.scale,
-                    )?;
-                }
-            }
+            HostAdapter::from_adapter(&read_adapter(&adapter, &dims)?)?.merge_into(&mut w)?;
             w.save_safetensors_hf(&out)?;
             load_tokenizer(&m.model)?.save_hf(&out)?;
             eprintln!("merged model written to {}", out.display());

@@ -42,6 +42,22 @@ pub enum Arch {
     /// 4th).
     #[serde(rename = "smollm3")]
     SmolLM3,
+    /// IBM Granite (3.x): Llama's block with four scalars ([`LlamaConfig::multipliers`]).
+    Granite,
+}
+
+/// Granite's scalars (transformers' `GraniteConfig`; GGUF `granite.embedding_scale`,
+/// `granite.residual_scale`, `granite.attention.scale`, `granite.logit_scale`): the input
+/// embeddings are multiplied by `embedding`, each attention and MLP output by `residual` before
+/// its residual add, the attention scores by `attention` (instead of `1 / sqrt(head_dim)`), and
+/// the logits divided by `logits_scaling`. The model folds them into its frozen weights
+/// ([`crate::model::llama::HostWeights::from_llama`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Multipliers {
+    pub embedding: f32,
+    pub residual: f32,
+    pub attention: f32,
+    pub logits_scaling: f32,
 }
 
 impl Arch {
@@ -53,6 +69,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::SmolLM3 => "smollm3",
+            Arch::Granite => "granite",
         }
     }
 }
@@ -112,6 +129,9 @@ pub struct LlamaConfig {
     /// every 4th); empty for every other family.
     #[serde(default)]
     pub nope_layers: Vec<usize>,
+    /// Granite's scalars; `None` for every other family.
+    #[serde(default)]
+    pub multipliers: Option<Multipliers>,
 }
 
 /// The subset of an HF `config.json` this crate reads.
@@ -147,6 +167,11 @@ struct HfConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    /// Granite's scalars (transformers' defaults: 1).
+    embedding_multiplier: Option<f64>,
+    residual_multiplier: Option<f64>,
+    attention_multiplier: Option<f64>,
+    logits_scaling: Option<f64>,
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
 }
@@ -196,9 +221,10 @@ impl LlamaConfig {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "smollm3" => Arch::SmolLM3,
+            "granite" => Arch::Granite,
             other => {
                 return Err(g.error(format!(
-                    "general.architecture is {other:?}; supported: \"llama\", \"qwen2\", \"qwen3\", \"smollm3\""
+                    "general.architecture is {other:?}; supported: \"llama\", \"qwen2\", \"qwen3\", \"smollm3\", \"granite\""
                 )))
             }
         };
@@ -306,6 +332,25 @@ impl LlamaConfig {
             full_attention_layers: vec![],
             // llama.cpp writes no key for SmolLM3's NoPE layers: it skips RoPE in every 4th.
             nope_layers: if arch == Arch::SmolLM3 { every_nth_layer(block_count, 4) } else { vec![] },
+            multipliers: match arch {
+                // llama.cpp's Granite converter writes each scalar the config has; llama.cpp
+                // reads a missing one as no scaling (the attention's: 1 / sqrt(head_dim)).
+                Arch::Granite => {
+                    let scale = |key: &str, absent: f32| -> Result<f32> {
+                        match g.get(&k(key)) {
+                            Some(_) => Ok(g.get_f64(&k(key))? as f32),
+                            None => Ok(absent),
+                        }
+                    };
+                    Some(Multipliers {
+                        embedding: scale("embedding_scale", 1.0)?,
+                        residual: scale("residual_scale", 1.0)?,
+                        attention: scale("attention.scale", 1.0 / (head_dim.max(1) as f32).sqrt())?,
+                        logits_scaling: scale("logit_scale", 1.0)?,
+                    })
+                }
+                _ => None,
+            },
         };
         cfg.check().map_err(|m| g.error(m))?;
         Ok(cfg)
@@ -364,9 +409,10 @@ impl LlamaConfig {
                     _ => Arch::SmolLM3,
                 }
             }
+            Some("granite") => Arch::Granite,
             Some(mt) => {
                 return Err(format!(
-                    "model_type {mt:?}; supported: \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"smollm3\""
+                    "model_type {mt:?}; supported: \"llama\", \"mistral\", \"qwen2\", \"qwen3\", \"smollm3\", \"granite\""
                 ))
             }
         };
@@ -419,7 +465,7 @@ impl LlamaConfig {
                     (0..h.num_hidden_layers).map(|l| l >= from).collect()
                 }
                 Arch::SmolLM3 => (0..h.num_hidden_layers).map(|l| nope_layers.binary_search(&l).is_ok()).collect(),
-                Arch::Llama => vec![true; h.num_hidden_layers],
+                Arch::Llama | Arch::Granite => vec![true; h.num_hidden_layers],
             },
         };
         let (sliding_window, full_attention_layers) = match sliding_window {
@@ -487,6 +533,12 @@ impl LlamaConfig {
             sliding_window,
             full_attention_layers,
             nope_layers,
+            multipliers: (arch == Arch::Granite).then(|| Multipliers {
+                embedding: h.embedding_multiplier.unwrap_or(1.0) as f32,
+                residual: h.residual_multiplier.unwrap_or(1.0) as f32,
+                attention: h.attention_multiplier.unwrap_or(1.0) as f32,
+                logits_scaling: h.logits_scaling.unwrap_or(1.0) as f32,
+            }),
         };
         cfg.check()?;
         Ok(cfg)
@@ -542,6 +594,23 @@ impl LlamaConfig {
             .map_err(|m| format!("full_attention_layers {m}"))?;
         if self.sliding_window == Some(0) {
             return Err("sliding_window must be positive, got 0".into());
+        }
+        match (self.arch, &self.multipliers) {
+            (Arch::Granite, Some(m)) => {
+                for (name, v) in [
+                    ("embedding_multiplier", m.embedding),
+                    ("residual_multiplier", m.residual),
+                    ("attention_multiplier", m.attention),
+                    ("logits_scaling", m.logits_scaling),
+                ] {
+                    if !(v.is_finite() && v > 0.0) {
+                        return Err(format!("{name} {v} must be finite and positive"));
+                    }
+                }
+            }
+            (Arch::Granite, None) => return Err("a Granite config without its multipliers".into()),
+            (_, Some(_)) => return Err("multipliers are Granite's only".into()),
+            (_, None) => {}
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return Err(format!("rms_norm_eps {} must be finite and positive", self.rms_norm_eps));
@@ -675,6 +744,22 @@ impl LlamaConfig {
                 "model_type": "qwen3",
                 "attention_bias": self.attention_bias,
             })),
+            Arch::Granite => {
+                let m = self.multipliers.ok_or_else(|| Error::invalid("config", "a Granite config without its multipliers"))?;
+                if self.sliding_window.is_some() {
+                    return Err(Error::invalid("config", "a Granite with a sliding window: transformers' Granite has none"));
+                }
+                serde_json::json!({
+                    "architectures": ["GraniteForCausalLM"],
+                    "model_type": "granite",
+                    "attention_bias": self.attention_bias,
+                    "mlp_bias": self.mlp_bias,
+                    "embedding_multiplier": m.embedding as f64,
+                    "residual_multiplier": m.residual as f64,
+                    "attention_multiplier": m.attention as f64,
+                    "logits_scaling": m.logits_scaling as f64,
+                })
+            }
             Arch::SmolLM3 => window(serde_json::json!({
                 "architectures": ["SmolLM3ForCausalLM"],
                 "model_type": "smollm3",
@@ -723,6 +808,7 @@ mod tests {
             sliding_window: None,
             full_attention_layers: vec![],
             nope_layers: vec![],
+            multipliers: None,
         };
         let text = cfg.to_hf_json().unwrap().to_string();
         assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), cfg);
@@ -734,11 +820,24 @@ mod tests {
             (Arch::Qwen3, true, false),
             (Arch::Qwen3, false, false),
             (Arch::SmolLM3, false, false),
+            (Arch::Granite, false, false),
+            (Arch::Granite, true, true),
         ] {
             let nope_layers = if arch == Arch::SmolLM3 { vec![1] } else { vec![] };
-            let c = LlamaConfig { arch, attention_bias, mlp_bias, nope_layers, ..cfg.clone() };
+            let multipliers = (arch == Arch::Granite)
+                .then_some(Multipliers { embedding: 12.0, residual: 0.22, attention: 0.0078125, logits_scaling: 8.0 });
+            let c = LlamaConfig { arch, attention_bias, mlp_bias, nope_layers, multipliers, ..cfg.clone() };
             let text = c.to_hf_json().unwrap().to_string();
             assert_eq!(LlamaConfig::from_hf_str(&text).unwrap(), c, "{text}");
+            if arch == Arch::Granite {
+                // Granite has no sliding window, and its scalars must be positive.
+                assert!(LlamaConfig { sliding_window: Some(5), ..c.clone() }.to_hf_json().is_err());
+                let bad = Multipliers { residual: 0.0, ..multipliers.unwrap() };
+                assert!(LlamaConfig { multipliers: Some(bad), ..c.clone() }.validate().is_err());
+                assert!(LlamaConfig { multipliers: None, ..c.clone() }.validate().is_err());
+                assert!(LlamaConfig { arch: Arch::Llama, ..c.clone() }.validate().is_err());
+                continue;
+            }
             // With a sliding window: in every layer (Mistral's only form), in some layers.
             let full: &[Vec<usize>] = if arch == Arch::Llama { &[] } else { &[vec![], vec![0]] };
             for full_attention_layers in full.iter().cloned() {

@@ -225,6 +225,30 @@ impl HostAdapter {
         Ok(HostAdapter { rank, scale, pairs, sites: vec![site; layers], dropout: 0.0 })
     }
 
+    /// Merges the adapter into the frozen weights as the file holds them
+    /// (`W <- W + s W phi psi` at every adapted site, [`crate::cpu::wegeft_merge`]), so that
+    /// `w` alone gives the adapter model's outputs: what `wegeft merge` writes.
+    pub fn merge_into(&self, w: &mut crate::model::LlamaWeights) -> Result<()> {
+        let dims = Dims::from_config(&w.config);
+        self.check(&dims)?;
+        for (l, row) in self.sites.iter().enumerate() {
+            for (m, p) in row.iter().enumerate() {
+                let Some(p) = p else { continue };
+                let (_, phi, psi) = &self.pairs[*p];
+                let (d_in, d_out) = dims.module_dims(m);
+                let t = w.layers[l].linear_mut(MODULES[m])?;
+                crate::cpu::wegeft_merge(
+                    &LayerShape::new(1, d_in, d_out, self.rank)?,
+                    crate::shape::MatMut::new("W", &mut t.data, d_out, d_in)?,
+                    crate::shape::Mat::new("phi", phi, d_in, self.rank)?,
+                    crate::shape::Mat::new("psi", psi, self.rank, d_in)?,
+                    self.scale,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the pair shapes against `dims` and that every site points at a pair of its
     /// own module type.
     pub fn check(&self, dims: &Dims) -> Result<()> {
@@ -1433,11 +1457,49 @@ impl HostWeights {
     }
 
     /// Takes the tensors of loaded weights (HF layout, q/k already un-permuted), without copying.
+    ///
+    /// Granite's scalars ([`crate::model::config::Multipliers`]) are folded into the frozen
+    /// weights, which leaves Llama's block: the attention scale `a` into `q_proj` (rows and bias
+    /// times `a sqrt(head_dim)`, since the kernels scale scores by `1 / sqrt(head_dim)`), the
+    /// residual multiplier into `o_proj` and `down_proj` (and their biases), the embedding
+    /// multiplier into `embed`, and `1 / logits_scaling` into the final norm (with a tied head
+    /// also `1 / embedding`, undoing the embedding's factor in the head). Every one is exact for
+    /// the adapter too: WeGeFT's update `W phi psi` scales with `W`, so `c (W + W phi psi)` is
+    /// the folded weight's own adapted form (a Granite adapter trained here is the one
+    /// transformers' Granite and the official code apply). `LlamaWeights` keep the file's
+    /// values: a merge or an HF save of them is unfolded.
     pub fn from_llama(w: crate::model::LlamaWeights) -> Result<HostWeights> {
         let dims = Dims::from_config(&w.config);
         if let Some(l) = w.layers.iter().position(|l| l.q_norm.is_some() != l.k_norm.is_some()) {
             return Err(Error::invalid("weights", format!("layer {l} has one of q_norm and k_norm without the other")));
         }
+        let multipliers = w.config.multipliers;
+        let mut host = Self::unfolded(w, dims)?;
+        if let Some(m) = multipliers {
+            host.fold(&m);
+        }
+        Ok(host)
+    }
+
+    /// Multiplies the frozen weights by Granite's scalars (see [`HostWeights::from_llama`]).
+    fn fold(&mut self, m: &crate::model::config::Multipliers) {
+        let scale = |v: &mut [f32], c: f32| v.iter_mut().for_each(|x| *x *= c);
+        let q_factor = m.attention * (self.dims.head_dim as f32).sqrt();
+        for layer in &mut self.layers {
+            for (i, c) in [(Q, q_factor), (O, m.residual), (DOWN, m.residual)] {
+                scale(&mut layer.proj[i], c);
+                if let Some(b) = &mut layer.bias[i] {
+                    scale(b, c);
+                }
+            }
+        }
+        scale(&mut self.embed, m.embedding);
+        let head = if self.lm_head.is_none() { m.embedding * m.logits_scaling } else { m.logits_scaling };
+        scale(&mut self.final_norm, 1.0 / head);
+    }
+
+    /// The weights as the file holds them.
+    fn unfolded(w: crate::model::LlamaWeights, dims: Dims) -> Result<HostWeights> {
         let layers = w
             .layers
             .into_iter()

@@ -19,7 +19,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, Multipliers};
 pub use tokenizer::Tokenizer;
 pub use weights::gguf::GgufFile;
 pub use weights::{LayerWeights, LlamaWeights, Tensor, LINEAR_MODULES};

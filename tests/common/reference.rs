@@ -68,7 +68,9 @@ pub fn compare_with(model: &Llama<Cpu>, reference: &Path, check: bool) -> f64 {
 /// A WeGeFT fine-tune of `model` (all seven projections, one pair per module type, the official
 /// formulation) against PyTorch autograd + `torch.optim.AdamW` in float64, from `dir`'s
 /// `train.json`, `train_init.safetensors` and `train_final.safetensors`: the losses before each
-/// update within 1e-6, each pair's update within 2e-5 of PyTorch's, relative to its size.
+/// update within 1e-6, each pair's update within 2e-5 of PyTorch's, relative to its size — or,
+/// where `train.json` records how far PyTorch's own float32 run lands (`f32_update_dist`, for an
+/// ill-conditioned fine-tune), within 10 times that if it is more.
 pub fn finetune_matches_pytorch(model: &Llama<Cpu>, dir: &Path) {
     use wegeft::adapter::io::load_gift;
     use wegeft::model::llama::{Batch, HostAdapter};
@@ -102,7 +104,9 @@ pub fn finetune_matches_pytorch(model: &Llama<Cpu>, dir: &Path) {
         }
         let dist = (num / den).sqrt();
         let module = wegeft::model::llama::MODULES[*m];
-        assert!(den > 0.0 && dist <= 2e-5, "{name} {module}: our update is {dist:e} (relative) from PyTorch's");
+        let tol = t["f32_update_dist"][module].as_f64().map_or(2e-5, |f32_dist| (10.0 * f32_dist).max(2e-5));
+        println!("{name} {module}: update {dist:.2e} (relative) from PyTorch's float64 (tolerance {tol:.1e})");
+        assert!(den > 0.0 && dist <= tol, "{name} {module}: our update is {dist:e} (relative) from PyTorch's (tolerance {tol:e})");
     }
 }
 

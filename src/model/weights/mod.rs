@@ -375,8 +375,8 @@ impl LlamaWeights {
                 let name = gguf_layer_name(l, field);
                 let mut t = load(name.clone(), &shape)?;
                 // Only the llama architecture's q/k rows (weights and biases) are permuted (and
-                // SmolLM3's, which llama.cpp converts as a Llama).
-                let permuted = matches!(config.arch, Arch::Llama | Arch::SmolLM3);
+                // SmolLM3's and Granite's, which llama.cpp converts as a Llama).
+                let permuted = matches!(config.arch, Arch::Llama | Arch::SmolLM3 | Arch::Granite);
                 let heads = match field {
                     "q_proj" | "q_proj.bias" if permuted => Some(config.num_attention_heads),
                     "k_proj" | "k_proj.bias" if permuted => Some(config.num_key_value_heads),
