@@ -107,6 +107,11 @@ def qwen_seed(arch, hd):
 # SmolLM3: a Llama under another name (q/k permuted; every 4th layer without RoPE).
 out("gguf", "tiny_smollm3.gguf", gguf([(k.replace("llama", "smollm3", 1), t, "smollm3" if k == "general.architecture" else v)
                                        for k, t, v in llama_kvs] + tok_kvs(), llama_tensors()))
+# Granite: a Llama under another name with its four scalars.
+granite_kvs = [(k.replace("llama", "granite", 1), t, "granite" if k == "general.architecture" else v) for k, t, v in llama_kvs]
+granite_kvs += [("granite.attention.scale", T_F32, 0.09), ("granite.embedding_scale", T_F32, 12.0),
+                ("granite.residual_scale", T_F32, 0.22), ("granite.logit_scale", T_F32, 6.0)]
+out("gguf", "tiny_granite.gguf", gguf(granite_kvs + tok_kvs(), llama_tensors()))
 out("gguf", "tiny_qwen2.gguf", qwen_seed("qwen2", HD))
 out("gguf", "tiny_qwen3.gguf", qwen_seed("qwen3", 6))
 out("gguf", "tokenizer_only.gguf", gguf(tok_kvs(), []))
