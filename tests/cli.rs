@@ -9,6 +9,8 @@ use common::{run_wegeft, wegeft_ok as ok};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use wegeft::model::weights::gguf::{GgmlType, GgufFile};
+use wegeft::model::{LlamaWeights, LINEAR_MODULES};
 
 fn model_path() -> PathBuf {
     let p = match std::env::var_os("WEGEFT_MODEL") {
@@ -116,6 +118,51 @@ fn finetune_eval_merge_generate() {
         serde_json::from_str(&ok(&["score", "--model", s(&merged), "--text", "What is 345 + 678?"])).unwrap();
     let t2: Value = serde_json::from_str(&ok(&["score", "--model", s(&m), "--text", "What is 345 + 678?"])).unwrap();
     assert_eq!(t1["ids"], t2["ids"]);
+    // The same merge written as a GGUF: the model's own file with the seven adapted weights of
+    // every layer re-written as F16 (the source's are Q4_1), every other tensor and key as it
+    // was; it scores as the adapter model (within F16's rounding of the merged weights) and
+    // carries the tokenizer.
+    let merged_gguf = dir.join("merged.gguf");
+    ok(&["merge", "--model", s(&m), "--adapter", s(&adapter), "--out", s(&merged_gguf)]);
+    let via: Value = serde_json::from_str(&ok(&["score", "--model", s(&merged_gguf), "--tokens", ids])).unwrap();
+    assert_eq!(via["argmax"], with["argmax"]);
+    for (a, b) in via["top5_last"].as_array().unwrap().iter().zip(with["top5_last"].as_array().unwrap()) {
+        assert_eq!(a[0], b[0]);
+        assert!((a[1].as_f64().unwrap() - b[1].as_f64().unwrap()).abs() <= 2e-2, "merged GGUF {a} vs adapter {b}");
+    }
+    let (lv, lw) = (via["loss"].as_f64().unwrap(), with["loss"].as_f64().unwrap());
+    assert!((lv - lw).abs() <= 1e-3 * lw, "merged GGUF loss {lv} vs adapter {lw}");
+    // Exactly: its weights are the merged HF checkpoint's, rounded to F16 (q/k rows permuted
+    // for the file and back on loading).
+    let (hf, gg) = (LlamaWeights::load(&merged).unwrap(), LlamaWeights::load(&merged_gguf).unwrap());
+    for (l, (a, b)) in hf.layers.iter().zip(&gg.layers).enumerate() {
+        for module in LINEAR_MODULES {
+            let want: Vec<f32> = a.linear(module).unwrap().data.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+            assert!(b.linear(module).unwrap().data == want, "layer {l} {module}: not the merged weight rounded to F16");
+        }
+    }
+    let t3: Value =
+        serde_json::from_str(&ok(&["score", "--model", s(&merged_gguf), "--text", "What is 345 + 678?"])).unwrap();
+    assert_eq!(t3["ids"], t2["ids"]);
+    let (src, got) = (GgufFile::open(&m).unwrap(), GgufFile::open(&merged_gguf).unwrap());
+    assert_eq!(src.metadata(), got.metadata());
+    assert_eq!(src.tensors().len(), got.tensors().len());
+    let mut rewritten = 0;
+    for (a, b) in src.tensors().iter().zip(got.tensors()) {
+        assert_eq!((&a.name, &a.ne), (&b.name, &b.ne));
+        let adapted = a.name.starts_with("blk.") && !a.name.contains("norm");
+        if adapted {
+            assert_eq!(b.ty, GgmlType::F16, "{}", a.name);
+            rewritten += 1;
+        } else {
+            assert_eq!(a.ty, b.ty, "{}", a.name);
+            assert!(src.tensor_bytes(&a.name).unwrap() == got.tensor_bytes(&b.name).unwrap(), "{} changed", a.name);
+        }
+    }
+    assert_eq!(rewritten, 7 * 30);
+    // A .gguf output needs a GGUF model.
+    let e = run_wegeft(&["merge", "--model", s(&merged), "--adapter", s(&adapter), "--out", s(&dir.join("x.gguf"))]);
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("GGUF --model"));
 
     // Eval and generate run and report.
     let e: Value =

@@ -310,3 +310,56 @@ fn cli_finetunes_scores_generates_and_merges_a_qwen2_gguf() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A merge written as GGUF (`wegeft merge --out *.gguf`) for the architectures whose q/k rows
+/// stay in HF order (Qwen) and those llama.cpp permutes (Llama): every weight of every layer
+/// merged, the file read back holds the merged weights rounded to F16 (the sources are F16),
+/// biases, norms and metadata untouched.
+#[test]
+fn merges_written_as_gguf_read_back_as_the_merged_weights() {
+    use wegeft::model::llama::{Dims, HostAdapter};
+    use wegeft::model::weights::gguf::GgmlType;
+    use wegeft::model::LINEAR_MODULES;
+    let llama3 = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/llama3/tiny.gguf");
+    for path in [data("qwen2/tiny.gguf"), data("qwen3/tiny.gguf"), llama3] {
+        let src = GgufFile::open(&path).unwrap();
+        let w = LlamaWeights::from_gguf_file(&src).unwrap();
+        let dims = Dims::from_config(&w.config);
+        let rank = 3;
+        let pairs = (0..7)
+            .map(|m| {
+                let (d_in, _) = dims.module_dims(m);
+                let v = |seed: usize| (0..d_in * rank).map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.3).collect();
+                (m, v(2 * m), v(2 * m + 1))
+            })
+            .collect();
+        let ad = HostAdapter::shared(rank, 1.0, dims.layers, pairs).unwrap();
+        let mut merged = w.clone();
+        ad.merge_into(&mut merged).unwrap();
+        let out = wegeft::model::weights::gguf_with_linears(&src, &merged, |_, _| true).unwrap();
+        let back = GgufFile::from_bytes("merged.gguf", out.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.metadata(), src.metadata());
+        let got = LlamaWeights::from_gguf_file(&back).unwrap();
+        let name = path.display();
+        for (l, (a, b)) in merged.layers.iter().zip(&got.layers).enumerate() {
+            for module in LINEAR_MODULES {
+                let want: Vec<f32> = a.linear(module).unwrap().data.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+                assert!(b.linear(module).unwrap().data == want, "{name} layer {l} {module}");
+                let base = &w.layers[l].linear(module).unwrap().data;
+                assert!(base.iter().zip(&want).any(|(x, y)| (x - y).abs() > 1e-3), "{name} layer {l} {module}: nothing merged");
+            }
+            assert_eq!(a.biases, b.biases, "{name} layer {l}: biases");
+            assert_eq!((&a.input_layernorm, &a.q_norm), (&b.input_layernorm, &b.q_norm), "{name} layer {l}: norms");
+        }
+        for (a, b) in src.tensors().iter().zip(back.tensors()) {
+            const GGUF_LINEARS: [&str; 7] =
+                [".attn_q.weight", ".attn_k.weight", ".attn_v.weight", ".attn_output.weight", ".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight"];
+            let linear = GGUF_LINEARS.iter().any(|suffix| a.name.ends_with(suffix));
+            if !linear {
+                assert!(src.tensor_bytes(&a.name).unwrap() == back.tensor_bytes(&b.name).unwrap(), "{name}: {} changed", a.name);
+            } else {
+                assert_eq!(b.ty, GgmlType::F16, "{name}: {}", a.name);
+            }
+        }
+    }
+}

@@ -191,7 +191,9 @@ enum Cmd {
         #[arg(long)]
         prompts: Option<PathBuf>,
     },
-    /// Merge an adapter into the weights and write an HF safetensors directory.
+    /// Merge an adapter into the weights and write an HF safetensors directory, or, with
+    /// `--out NAME.gguf` and a GGUF model, a GGUF: the model's file with the merged weights in
+    /// place (F16 where the source was quantized; every other tensor and key as it was).
     Merge {
         #[command(flatten)]
         m: ModelArgs,
@@ -465,11 +467,33 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Merge { m, adapter, out } => {
-            let mut w = LlamaWeights::load(&m.model)?;
+            let to_gguf = out.extension().is_some_and(|x| x == "gguf");
+            let src = match to_gguf {
+                true if m.model.is_dir() => {
+                    return Err(Error::invalid("--out", "a .gguf output needs a GGUF --model (this one is an HF directory)"))
+                }
+                true => Some(wegeft::model::GgufFile::open(&m.model)?),
+                false => None,
+            };
+            let mut w = match &src {
+                Some(g) => LlamaWeights::from_gguf_file(g)?,
+                None => LlamaWeights::load(&m.model)?,
+            };
             let dims = Dims::from_config(&w.config);
-            HostAdapter::from_adapter(&read_adapter(&adapter, &dims)?)?.merge_into(&mut w)?;
-            w.save_safetensors_hf(&out)?;
-            load_tokenizer(&m.model)?.save_hf(&out)?;
+            let ad = HostAdapter::from_adapter(&read_adapter(&adapter, &dims)?)?;
+            ad.merge_into(&mut w)?;
+            match &src {
+                Some(g) => {
+                    let adapted = |l: usize, module: &str| {
+                        wegeft::model::llama::module_index(module).is_ok_and(|mi| ad.sites[l][mi].is_some())
+                    };
+                    wegeft::model::weights::gguf_with_linears(g, &w, adapted)?.write(&out)?;
+                }
+                None => {
+                    w.save_safetensors_hf(&out)?;
+                    load_tokenizer(&m.model)?.save_hf(&out)?;
+                }
+            }
             eprintln!("merged model written to {}", out.display());
             Ok(())
         }

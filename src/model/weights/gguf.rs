@@ -1257,13 +1257,37 @@ impl GgufWriter {
 
     /// The encoded file.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let alignment = self
-            .metadata
+        let mut out = Vec::new();
+        self.write_to(&mut out).map_err(|e| Error::invalid("gguf", e.to_string()))?;
+        Ok(out)
+    }
+
+    /// Writes the file atomically: a temporary file beside `path`, fsync, rename. The tensor
+    /// data streams from this writer's buffers (no second copy of the file in memory).
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        // Encoding errors (a bad alignment or array) before the file is created.
+        self.header()?;
+        super::write_atomic(path.as_ref(), |f| {
+            let mut w = std::io::BufWriter::new(f);
+            self.write_to(&mut w)?;
+            w.flush()
+        })
+    }
+
+    /// The data alignment (`general.alignment`, else 32).
+    fn alignment(&self) -> Result<u64> {
+        self.metadata
             .iter()
             .find(|(k, _)| k == "general.alignment")
             .map(|(_, v)| v.as_u64().filter(|a| *a > 0 && a.is_power_of_two()))
             .unwrap_or(Some(DEFAULT_ALIGNMENT))
-            .ok_or_else(|| Error::invalid("general.alignment", "must be a power of two"))?;
+            .ok_or_else(|| Error::invalid("general.alignment", "must be a power of two"))
+    }
+
+    /// Everything before the tensor data (padded to the alignment), and each tensor's offset
+    /// in the data section.
+    fn header(&self) -> Result<(Vec<u8>, Vec<u64>)> {
+        let alignment = self.alignment()?;
         let mut out = Vec::new();
         out.extend_from_slice(&GGUF_MAGIC);
         out.extend_from_slice(&3u32.to_le_bytes());
@@ -1287,24 +1311,24 @@ impl GgufWriter {
             offsets.push(offset);
             offset = (offset + data.len() as u64).div_ceil(alignment) * alignment;
         }
-        let pad = |out: &mut Vec<u8>| {
-            let n = (out.len() as u64).div_ceil(alignment) * alignment;
-            out.resize(n as usize, 0);
-        };
-        pad(&mut out);
-        let data_start = out.len() as u64;
-        for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
-            out.resize((data_start + off) as usize, 0);
-            out.extend_from_slice(data);
-        }
-        pad(&mut out);
-        Ok(out)
+        let n = (out.len() as u64).div_ceil(alignment) * alignment;
+        out.resize(n as usize, 0);
+        Ok((out, offsets))
     }
 
-    /// Writes the file atomically: a temporary file beside `path`, fsync, rename.
-    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
-        let bytes = self.to_bytes()?;
-        super::write_atomic(path.as_ref(), |f| f.write_all(&bytes))
+    /// The header, then each tensor's data at its offset, zero-padded to the alignment.
+    fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        let invalid = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string());
+        let alignment = self.alignment().map_err(invalid)?;
+        let (header, _) = self.header().map_err(invalid)?;
+        w.write_all(&header)?;
+        let zeros = vec![0u8; alignment as usize];
+        for (_, _, _, data) in &self.tensors {
+            w.write_all(data)?;
+            let pad = (data.len() as u64).div_ceil(alignment) * alignment - data.len() as u64;
+            w.write_all(&zeros[..pad as usize])?;
+        }
+        Ok(())
     }
 }
 

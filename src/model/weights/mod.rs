@@ -179,6 +179,77 @@ pub fn hf_layer_name(layer: usize, field: &str) -> String {
 }
 
 /// The GGUF name of the per-layer tensor with [`layer_fields`] name `field`.
+/// Whether a GGUF of `arch` stores q/k rows (weights and biases) in llama.cpp's interleaved
+/// order: the llama architecture's, and SmolLM3's and Granite's, which llama.cpp converts as a
+/// Llama; Qwen's keep HF order.
+fn qk_rows_permuted(arch: Arch) -> bool {
+    matches!(arch, Arch::Llama | Arch::SmolLM3 | Arch::Granite)
+}
+
+/// A copy of the GGUF `src` in which the linear weights that `replace(layer, module)` names
+/// (`module` an HF name, `q_proj` ... `down_proj`) hold `w`'s values instead: `w` in HF layout,
+/// as [`LlamaWeights::from_gguf_file`] read it from `src` (q/k rows are permuted back where the
+/// architecture stores them permuted). Everything else — metadata, the other tensors and their
+/// quantization, their order — is copied byte for byte. A replaced weight keeps its type when
+/// it is F32, F16 or BF16 and becomes F16 otherwise (re-quantizing is left to llama.cpp's
+/// `llama-quantize`). This is `wegeft merge`'s GGUF output.
+pub fn gguf_with_linears(
+    src: &gguf::GgufFile,
+    w: &LlamaWeights,
+    replace: impl Fn(usize, &str) -> bool,
+) -> Result<gguf::GgufWriter> {
+    use gguf::{GgmlType, GgufWriter};
+    let mut out = GgufWriter::new();
+    for (k, v) in src.metadata() {
+        out.kv(k.clone(), v.clone());
+    }
+    let c = &w.config;
+    for info in src.tensors() {
+        let target = info.name.strip_prefix("blk.").and_then(|rest| {
+            let (l, _) = rest.split_once('.')?;
+            let l: usize = l.parse().ok()?;
+            let module = LINEAR_MODULES.iter().find(|m| gguf_layer_name(l, m) == info.name)?;
+            Some((l, *module))
+        });
+        let Some((l, module)) = target.filter(|(l, m)| *l < w.layers.len() && replace(*l, m)) else {
+            out.tensor(info.name.clone(), &info.ne, info.ty, src.tensor_bytes(&info.name)?.to_vec())?;
+            continue;
+        };
+        let t = w.layers[l].linear(module)?;
+        let heads = match module {
+            "q_proj" if qk_rows_permuted(c.arch) => Some(c.num_attention_heads),
+            "k_proj" if qk_rows_permuted(c.arch) => Some(c.num_key_value_heads),
+            _ => None,
+        };
+        let cols = t.shape.last().copied().unwrap_or(0);
+        let values = match heads {
+            Some(nh) => permute_qk_rows(&t.data, nh, c.head_dim, cols)?,
+            None => t.data.clone(),
+        };
+        if info.n_elements() != values.len() {
+            return Err(src.error(format!(
+                "tensor {:?} has {} elements, the merged {module} of layer {l} {}",
+                info.name,
+                info.n_elements(),
+                values.len()
+            )));
+        }
+        let (ty, bytes): (GgmlType, Vec<u8>) = match info.ty {
+            GgmlType::F32 => (GgmlType::F32, bytemuck::cast_slice(&values).to_vec()),
+            GgmlType::BF16 => {
+                let v: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                (GgmlType::BF16, bytemuck::cast_slice(&v).to_vec())
+            }
+            _ => {
+                let v: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();
+                (GgmlType::F16, bytemuck::cast_slice(&v).to_vec())
+            }
+        };
+        out.tensor(info.name.clone(), &info.ne, ty, bytes)?;
+    }
+    Ok(out)
+}
+
 fn gguf_layer_name(layer: usize, field: &str) -> String {
     let (base, kind) = field.split_once('.').unwrap_or((field, "weight"));
     let g = match base {
@@ -374,9 +445,7 @@ impl LlamaWeights {
             for (field, shape) in layer_fields(&config) {
                 let name = gguf_layer_name(l, field);
                 let mut t = load(name.clone(), &shape)?;
-                // Only the llama architecture's q/k rows (weights and biases) are permuted (and
-                // SmolLM3's and Granite's, which llama.cpp converts as a Llama).
-                let permuted = matches!(config.arch, Arch::Llama | Arch::SmolLM3 | Arch::Granite);
+                let permuted = qk_rows_permuted(config.arch);
                 let heads = match field {
                     "q_proj" | "q_proj.bias" if permuted => Some(config.num_attention_heads),
                     "k_proj" | "k_proj.bias" if permuted => Some(config.num_key_value_heads),
