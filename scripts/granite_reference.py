@@ -121,19 +121,17 @@ def write_gguf(cfg, model):
     # GraniteModel.set_gguf_parameters pops head_dim before TextModel's, which so writes no
     # key_length / value_length; the saved config.json has none anyway.
     assert "head_dim" not in json.load(open(os.path.join(OUT, "hf", "config.json")))
-    w = common.gguf_writer(os.path.join(OUT, "tiny.gguf"), gguf.MODEL_ARCH_NAMES[arch],
-                           "tiny-granite-reference", cfg, ROPE["rope_theta"])
-    # LlamaModel.set_gguf_parameters, after TextModel's.
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(HEAD_DIM)
-    # GraniteModel.set_gguf_parameters, after LlamaModel's (each only when non-zero).
-    for hf_key, (method, key) in GGUF_KEYS.items():
-        getattr(w, method)(getattr(cfg, hf_key))
-        assert key in w.kv_data[0], (method, key, list(w.kv_data[0]))
+    assert cfg.hidden_size // cfg.num_attention_heads == HEAD_DIM
+
+    def scalars(w):
+        # GraniteModel.set_gguf_parameters, after LlamaModel's (each only when non-zero).
+        for hf_key, (method, key) in GGUF_KEYS.items():
+            getattr(w, method)(getattr(cfg, hf_key))
+            assert key in w.kv_data[0], (method, key, list(w.kv_data[0]))
+
     # LlamaModel.modify_tensors (undo_permute = True; GraniteModel does not override it).
-    names = common.gguf_add_tensors(w, model, arch, cfg, permute_qk=True)
-    common.gguf_finish(w, cfg)
-    return names
+    return common.llama_model_gguf(os.path.join(OUT, "tiny.gguf"), arch, "tiny-granite-reference", cfg,
+                                   ROPE["rope_theta"], model, scalars)
 
 
 def check_gguf(model):

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import torch
+import gguf
 from gguf import GGUFWriter, LlamaFileType, get_tensor_name_map
 
 
@@ -103,6 +104,22 @@ def gguf_add_tensors(w, model, arch, cfg, permute_qk):
 def logits_of(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def llama_model_gguf(path, arch, name, cfg, rope_theta, model, extra_keys=lambda w: None):
+    """The GGUF llama.cpp's converter writes for a model it converts as a LlamaModel (SmolLM3,
+    Granite: q/k rows permuted, `undo_permute = True`), --outtype f16, when config.json has no
+    head_dim (so TextModel.set_gguf_parameters writes no key_length / value_length): gguf_writer's
+    keys, then LlamaModel.set_gguf_parameters' vocab_size and rope.dimension_count, then
+    whatever `extra_keys(w)` adds (the subclass's own set_gguf_parameters), the tensors and
+    gguf_finish's keys. Returns the GGUF tensor names in order."""
+    w = gguf_writer(path, gguf.MODEL_ARCH_NAMES[arch], name, cfg, rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    extra_keys(w)
+    names = gguf_add_tensors(w, model, arch, cfg, permute_qk=True)
+    gguf_finish(w, cfg)
+    return names
 
 
 def gguf_finish(w, cfg):

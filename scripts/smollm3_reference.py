@@ -99,15 +99,9 @@ def write_gguf(cfg, model):
     # The saved config.json has no head_dim, so TextModel.set_gguf_parameters writes no
     # key_length / value_length.
     assert "head_dim" not in json.load(open(os.path.join(OUT, "hf", "config.json")))
-    w = common.gguf_writer(os.path.join(OUT, "tiny.gguf"), gguf.MODEL_ARCH_NAMES[arch],
-                           "tiny-smollm3-reference", cfg, ROPE["rope_theta"])
-    # LlamaModel.set_gguf_parameters, after TextModel's.
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     # LlamaModel.modify_tensors (undo_permute = True).
-    names = common.gguf_add_tensors(w, model, arch, cfg, permute_qk=True)
-    common.gguf_finish(w, cfg)
-    return names
+    return common.llama_model_gguf(os.path.join(OUT, "tiny.gguf"), arch, "tiny-smollm3-reference", cfg,
+                                   ROPE["rope_theta"], model)
 
 
 def ablation_checks(cfg, model, ids):
