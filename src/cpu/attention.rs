@@ -35,8 +35,9 @@ fn need(arg: &'static str, got: usize, n: usize) -> Result<()> {
 }
 
 fn check(s: &AttnShape, q: usize, k: usize, v: usize) -> Result<()> {
-    // Re-validates the public fields (they may have been set without AttnShape::new).
-    AttnShape::new(s.batch, s.seq, s.heads, s.kv_heads, s.head_dim)?;
+    // Re-validates the public fields, the window included (they may have been set without
+    // AttnShape::new).
+    s.checked()?;
     need("q", q, s.tokens() * s.q_width())?;
     need("k", k, s.tokens() * s.kv_width())?;
     need("v", v, s.tokens() * s.kv_width())
@@ -367,6 +368,12 @@ mod tests {
         }
         let s = AttnShape::new(1, 4, 2, 1, 4).unwrap();
         assert!(attention_forward(&[0.0; 31], &[0.0; 16], &[0.0; 16], s, &mut [0.0; 32], &mut [0.0; 8]).is_err());
+        // A window of 0 set directly on the public field is an error, not a panic.
+        let w0 = AttnShape { window: Some(0), ..s };
+        assert!(attention_forward(&[0.0; 32], &[0.0; 16], &[0.0; 16], w0, &mut [0.0; 32], &mut [0.0; 8]).is_err());
+        let (mut d1, mut d2, mut d3) = ([0.0; 32], [0.0; 16], [0.0; 16]);
+        assert!(attention_backward(&[0.0; 32], &[0.0; 32], &[0.0; 16], &[0.0; 16], &[0.0; 32], &[0.0; 8], w0, &mut d1, &mut d2, &mut d3)
+            .is_err());
     }
 
     #[test]

@@ -179,11 +179,25 @@ pub fn hf_layer_name(layer: usize, field: &str) -> String {
 }
 
 /// The GGUF name of the per-layer tensor with [`layer_fields`] name `field`.
-/// Whether a GGUF of `arch` stores q/k rows (weights and biases) in llama.cpp's interleaved
-/// order: the llama architecture's, and SmolLM3's and Granite's, which llama.cpp converts as a
-/// Llama; Qwen's keep HF order.
-fn qk_rows_permuted(arch: Arch) -> bool {
-    matches!(arch, Arch::Llama | Arch::SmolLM3 | Arch::Granite)
+/// The number of heads whose rows a GGUF of `c` stores in llama.cpp's interleaved order for
+/// the layer tensor `field` (`q_proj`, `k_proj` and their `.bias`), or `None` where the rows
+/// are in HF order: only the llama architecture's q/k are permuted, and SmolLM3's and
+/// Granite's, which llama.cpp converts as a Llama; Qwen's keep HF order.
+fn permuted_heads(c: &LlamaConfig, field: &str) -> Option<usize> {
+    if !matches!(c.arch, Arch::Llama | Arch::SmolLM3 | Arch::Granite) {
+        return None;
+    }
+    match field {
+        "q_proj" | "q_proj.bias" => Some(c.num_attention_heads),
+        "k_proj" | "k_proj.bias" => Some(c.num_key_value_heads),
+        _ => None,
+    }
+}
+
+/// `values` as the bytes of a tensor of element type `T`.
+fn encoded<T: crate::dtype::Element>(values: &[f32]) -> Vec<u8> {
+    let v: Vec<T> = values.iter().map(|&x| T::from_f32(x)).collect();
+    bytemuck::cast_slice(&v).to_vec()
 }
 
 /// A copy of the GGUF `src` in which the linear weights that `replace(layer, module)` names
@@ -204,27 +218,26 @@ pub fn gguf_with_linears(
         out.kv(k.clone(), v.clone());
     }
     let c = &w.config;
+    // The GGUF name of every replaced weight, with its layer and module.
+    let targets: std::collections::HashMap<String, (usize, &str)> = (0..w.layers.len())
+        .flat_map(|l| LINEAR_MODULES.iter().map(move |&m| (l, m)))
+        .filter(|&(l, m)| replace(l, m))
+        .map(|(l, m)| (gguf_layer_name(l, m), (l, m)))
+        .collect();
     for info in src.tensors() {
-        let target = info.name.strip_prefix("blk.").and_then(|rest| {
-            let (l, _) = rest.split_once('.')?;
-            let l: usize = l.parse().ok()?;
-            let module = LINEAR_MODULES.iter().find(|m| gguf_layer_name(l, m) == info.name)?;
-            Some((l, *module))
-        });
-        let Some((l, module)) = target.filter(|(l, m)| *l < w.layers.len() && replace(*l, m)) else {
+        let Some(&(l, module)) = targets.get(&info.name) else {
             out.tensor(info.name.clone(), &info.ne, info.ty, src.tensor_bytes(&info.name)?.to_vec())?;
             continue;
         };
         let t = w.layers[l].linear(module)?;
-        let heads = match module {
-            "q_proj" if qk_rows_permuted(c.arch) => Some(c.num_attention_heads),
-            "k_proj" if qk_rows_permuted(c.arch) => Some(c.num_key_value_heads),
-            _ => None,
-        };
         let cols = t.shape.last().copied().unwrap_or(0);
-        let values = match heads {
-            Some(nh) => permute_qk_rows(&t.data, nh, c.head_dim, cols)?,
-            None => t.data.clone(),
+        let permuted;
+        let values: &[f32] = match permuted_heads(c, module) {
+            Some(nh) => {
+                permuted = permute_qk_rows(&t.data, nh, c.head_dim, cols)?;
+                &permuted
+            }
+            None => &t.data,
         };
         if info.n_elements() != values.len() {
             return Err(src.error(format!(
@@ -234,16 +247,10 @@ pub fn gguf_with_linears(
                 values.len()
             )));
         }
-        let (ty, bytes): (GgmlType, Vec<u8>) = match info.ty {
-            GgmlType::F32 => (GgmlType::F32, bytemuck::cast_slice(&values).to_vec()),
-            GgmlType::BF16 => {
-                let v: Vec<half::bf16> = values.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                (GgmlType::BF16, bytemuck::cast_slice(&v).to_vec())
-            }
-            _ => {
-                let v: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();
-                (GgmlType::F16, bytemuck::cast_slice(&v).to_vec())
-            }
+        let (ty, bytes) = match info.ty {
+            GgmlType::F32 => (GgmlType::F32, encoded::<f32>(values)),
+            GgmlType::BF16 => (GgmlType::BF16, encoded::<half::bf16>(values)),
+            _ => (GgmlType::F16, encoded::<half::f16>(values)),
         };
         out.tensor(info.name.clone(), &info.ne, ty, bytes)?;
     }
@@ -445,13 +452,7 @@ impl LlamaWeights {
             for (field, shape) in layer_fields(&config) {
                 let name = gguf_layer_name(l, field);
                 let mut t = load(name.clone(), &shape)?;
-                let permuted = qk_rows_permuted(config.arch);
-                let heads = match field {
-                    "q_proj" | "q_proj.bias" if permuted => Some(config.num_attention_heads),
-                    "k_proj" | "k_proj.bias" if permuted => Some(config.num_key_value_heads),
-                    _ => None,
-                };
-                if let Some(nh) = heads {
+                if let Some(nh) = permuted_heads(&config, field) {
                     let cols = if field.ends_with(".bias") { 1 } else { h };
                     t.data = unpermute_qk_rows(&t.data, nh, config.head_dim, cols)
                         .map_err(|e| g.error(format!("tensor {name:?}: {e}")))?;
