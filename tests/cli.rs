@@ -159,6 +159,66 @@ fn finetune_eval_merge_generate() {
         }
     }
     assert_eq!(rewritten, 7 * 30);
+
+    // The adapter as a standard LoRA. PEFT's layout: at every one of the 210 sites, the base
+    // weight plus `B A` is the merged checkpoint's weight.
+    let lora_dir = dir.join("lora");
+    ok(&["export-lora", "--model", s(&m), "--adapter", s(&adapter), "--out", s(&lora_dir)]);
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(lora_dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["peft_type"].as_str(), cfg["lora_alpha"].as_u64()), (Some("LORA"), cfg["r"].as_u64()));
+    let bytes = std::fs::read(lora_dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.len(), 2 * 7 * 30);
+    let f32s = |key: &str| -> (Vec<usize>, Vec<f32>) {
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("{key} missing"));
+        (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    };
+    // `W + B A` for `W` (`d_out x d_in`), `b` (`d_out x r`), `a` (`r x d_in`).
+    let plus_ba = |w: &[f32], b: &[f32], a: &[f32], r: usize| -> Vec<f32> {
+        let d_in = a.len() / r;
+        let mut out = w.to_vec();
+        for (i, row) in out.chunks_exact_mut(d_in).enumerate() {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x += (0..r).map(|k| b[i * r + k] * a[k * d_in + j]).sum::<f32>();
+            }
+        }
+        out
+    };
+    let max_err = |got: &[f32], want: &[f32]| got.iter().zip(want).fold(0.0f32, |e, (g, w)| e.max((g - w).abs()));
+    let base = LlamaWeights::load(&m).unwrap();
+    let r = cfg["r"].as_u64().unwrap() as usize;
+    for (l, (b, h)) in base.layers.iter().zip(&hf.layers).enumerate() {
+        for module in LINEAR_MODULES {
+            let site = wegeft::adapter::Module::parse(module).unwrap().key(l);
+            let key = |f: &str| format!("base_model.model.{site}.lora_{f}.weight");
+            let ((sa, a), (sb, bb)) = (f32s(&key("A")), f32s(&key("B")));
+            let (wb, wh) = (&b.linear(module).unwrap().data, &h.linear(module).unwrap().data);
+            assert_eq!((sa[0], sb[1], sa[1] * sb[0]), (r, r, wb.len()), "layer {l} {module}: shapes {sa:?} {sb:?}");
+            let scale = wh.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+            let err = max_err(&plus_ba(wb, &bb, &a, r), wh);
+            assert!(err <= 1e-6 * scale, "layer {l} {module}: |W + BA - merged| = {err} (|W| up to {scale})");
+        }
+    }
+    // llama.cpp's layout: the GGUF's own (Q4_1) weight, dequantized, plus `lora_b lora_a` is
+    // the merged GGUF's weight up to its F16 rounding, in the file's row order (q/k permuted).
+    let lora_gguf = dir.join("lora.gguf");
+    ok(&["export-lora", "--model", s(&m), "--adapter", s(&adapter), "--out", s(&lora_gguf)]);
+    let lg = GgufFile::open(&lora_gguf).unwrap();
+    assert_eq!((lg.get_str("general.type").unwrap(), lg.get_str("adapter.type").unwrap()), ("adapter", "lora"));
+    assert_eq!(lg.get_str("general.architecture").unwrap(), src.get_str("general.architecture").unwrap());
+    assert_eq!(lg.tensors().len(), 2 * 7 * 30);
+    for info in got.tensors().iter().filter(|t| t.name.starts_with("blk.") && !t.name.contains("norm")) {
+        let (_, a) = lg.tensor_f32(&format!("{}.lora_a", info.name)).unwrap();
+        let (_, b) = lg.tensor_f32(&format!("{}.lora_b", info.name)).unwrap();
+        let (_, w) = src.tensor_f32(&info.name).unwrap();
+        let (_, want) = got.tensor_f32(&info.name).unwrap();
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let err = max_err(&plus_ba(&w, &b, &a, r), &want);
+        assert!(err <= scale / 1024.0, "{}: |W + BA - merged| = {err} (|W| up to {scale})", info.name);
+    }
+    // A .gguf LoRA needs a GGUF model too.
+    let e = run_wegeft(&["export-lora", "--model", s(&merged), "--adapter", s(&adapter), "--out", s(&dir.join("y.gguf"))]);
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("GGUF --model"));
     // A .gguf output needs a GGUF model.
     let e = run_wegeft(&["merge", "--model", s(&merged), "--adapter", s(&adapter), "--out", s(&dir.join("x.gguf"))]);
     assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("GGUF --model"));

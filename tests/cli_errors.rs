@@ -355,3 +355,40 @@ fn bad_arguments() {
     ]);
     let _ = std::fs::remove_dir_all(&t.dir);
 }
+
+/// `merge` and `export-lora` with a bad adapter or an `--out` that cannot be written: one line
+/// naming the file, nothing left behind; the same commands work with good arguments.
+#[test]
+fn merge_and_export_lora_refuse_bad_adapters_and_outputs() {
+    let t = setup("export");
+    let good = t.dir.join("good");
+    ok(&[
+        "finetune", "--model", s(&t.model), "--data", s(&t.data), "--rank", "2", "--targets", "q_proj,v_proj",
+        "--steps", "1", "--batch", "2", "--seq", "16", "--out", s(&good),
+    ]);
+    let ad = good.join("adapter.safetensors");
+    let bad = t.dir.join("shape.safetensors");
+    write_st(&bad, &[("in_projections.q_proj.weight", vec![2, 12]), ("out_projections.q_proj.weight", vec![12, 2])]);
+    let file = t.dir.join("file.txt");
+    std::fs::write(&file, "x").unwrap();
+    for cmd in ["merge", "export-lora"] {
+        for out in [t.dir.join(format!("{cmd}-dir")), t.dir.join(format!("{cmd}.gguf"))] {
+            // A wrong adapter: nothing written.
+            fails(&[cmd, "--model", s(&t.model), "--adapter", s(&bad), "--out", s(&out)], &["shape.safetensors", "[2, 12]"]);
+            assert!(!out.exists(), "{cmd}: left {}", out.display());
+            // A good one.
+            ok(&[cmd, "--model", s(&t.model), "--adapter", s(&ad), "--out", s(&out)]);
+            assert!(out.exists(), "{cmd}: wrote nothing at {}", out.display());
+        }
+        // --out under a regular file.
+        let under = file.join(format!("{cmd}-out"));
+        fails(&[cmd, "--model", s(&t.model), "--adapter", s(&ad), "--out", s(&under)], &["file.txt"]);
+        let under = file.join(format!("{cmd}.gguf"));
+        fails(&[cmd, "--model", s(&t.model), "--adapter", s(&ad), "--out", s(&under)], &["file.txt"]);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+        // A missing adapter file.
+        fails(&[cmd, "--model", s(&t.model), "--adapter", s(&t.dir.join("none.safetensors")), "--out", s(&t.dir.join("x"))], &["none.safetensors"]);
+        assert!(!t.dir.join("x").exists());
+    }
+    let _ = std::fs::remove_dir_all(&t.dir);
+}

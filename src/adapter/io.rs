@@ -84,7 +84,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // tensors in and out
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
+pub(super) fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
@@ -99,9 +99,9 @@ fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-struct Owned {
-    shape: Vec<usize>,
-    data: Vec<u8>,
+pub(super) struct Owned {
+    pub(super) shape: Vec<usize>,
+    pub(super) data: Vec<u8>,
 }
 
 impl safetensors::View for &Owned {
@@ -119,7 +119,7 @@ impl safetensors::View for &Owned {
     }
 }
 
-fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Owned>, meta: HashMap<String, String>) -> Result<()> {
+pub(super) fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Owned>, meta: HashMap<String, String>) -> Result<()> {
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
         .map_err(|e| Error::format(path, format!("serialising: {e}")))?;
     write_atomic(path, &bytes)
@@ -462,7 +462,7 @@ mod pattern {
 }
 
 /// `re.escape` of a literal for the patterns we write.
-fn re_escape(s: &str) -> String {
+pub(super) fn re_escape(s: &str) -> String {
     s.chars().map(|c| if c.is_alphanumeric() || c == '_' { c.to_string() } else { format!("\\{c}") }).collect()
 }
 

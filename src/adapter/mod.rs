@@ -1,6 +1,7 @@
 //! The WeGeFT adapter of a model: its configuration ([`config`]), its parameters (this module:
 //! [`Adapter`], [`Pair`]), their initialisation ([`init`]) and files ([`io`]: the official GIFT
-//! layout and the PEFT fork's layout).
+//! layout and the PEFT fork's layout; [`lora`]: the same update as a standard LoRA adapter, for
+//! LoRA runtimes).
 //!
 //! Each [`Pair`] holds `phi` (`d_in x r`) and `psi` (`r x d_in`) in f32, row-major, and the list
 //! of `(layer, module)` sites that use it; the adapter maps every site to its pair, so a layer
@@ -9,6 +10,7 @@
 pub mod config;
 pub mod init;
 pub mod io;
+pub mod lora;
 
 pub use config::{AdapterConfig, Init, ModelDims, Module, ShareGroup, Sharing};
 

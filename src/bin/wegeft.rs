@@ -202,6 +202,19 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write an adapter as a standard LoRA adapter (`A = psi`, `B = s W phi` at every adapted
+    /// site: the same model, exactly) for LoRA runtimes: a PEFT LoRA directory, or, with
+    /// `--out NAME.gguf` and a GGUF model, a llama.cpp LoRA (`llama-cli --lora NAME.gguf`).
+    ExportLora {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// The WeGeFT adapter: an official-layout `.safetensors` or a PEFT-fork directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// A directory (PEFT's LoRA layout) or `NAME.gguf` (llama.cpp's; needs a GGUF --model).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time training steps (forward + backward + AdamW) in tokens per second.
     BenchStep {
         #[command(flatten)]
@@ -281,6 +294,7 @@ impl Cmd {
             | Cmd::Generate { m, .. }
             | Cmd::Eval { m, .. }
             | Cmd::Merge { m, .. }
+            | Cmd::ExportLora { m, .. }
             | Cmd::BenchStep { m, .. }
             | Cmd::Finetune { m, .. } => m.device,
         }
@@ -289,8 +303,8 @@ impl Cmd {
 
 /// Runs `cmd` on the engine its `--device` picks.
 fn run(cmd: Cmd) -> Result<()> {
-    if matches!(cmd, Cmd::Merge { .. }) {
-        // The merge is host arithmetic on the weights.
+    if matches!(cmd, Cmd::Merge { .. } | Cmd::ExportLora { .. }) {
+        // Merging and exporting are host arithmetic on the weights.
         return run_on(&Cpu, cmd);
     }
     match check_device(cmd.device())? {
@@ -337,6 +351,18 @@ fn read_adapter(path: &Path, dims: &Dims) -> Result<adapter::Adapter> {
         adapter::io::load_peft(path, &ad)
     } else {
         adapter::io::load_gift(path, &ad)
+    }
+}
+
+/// The GGUF model a `.gguf` `--out` is derived from (`None` for any other output); an HF
+/// `--model` with a `.gguf` output is an error.
+fn gguf_source(model: &Path, out: &Path) -> Result<Option<wegeft::model::GgufFile>> {
+    match out.extension().is_some_and(|x| x == "gguf") {
+        true if model.is_dir() => {
+            Err(Error::invalid("--out", "a .gguf output needs a GGUF --model (this one is an HF directory)"))
+        }
+        true => Ok(Some(wegeft::model::GgufFile::open(model)?)),
+        false => Ok(None),
     }
 }
 
@@ -467,14 +493,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Merge { m, adapter, out } => {
-            let to_gguf = out.extension().is_some_and(|x| x == "gguf");
-            let src = match to_gguf {
-                true if m.model.is_dir() => {
-                    return Err(Error::invalid("--out", "a .gguf output needs a GGUF --model (this one is an HF directory)"))
-                }
-                true => Some(wegeft::model::GgufFile::open(&m.model)?),
-                false => None,
-            };
+            let src = gguf_source(&m.model, &out)?;
             let mut w = match &src {
                 Some(g) => LlamaWeights::from_gguf_file(g)?,
                 None => LlamaWeights::load(&m.model)?,
@@ -495,6 +514,26 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 }
             }
             eprintln!("merged model written to {}", out.display());
+            Ok(())
+        }
+        Cmd::ExportLora { m, adapter, out } => {
+            let src = gguf_source(&m.model, &out)?;
+            let w = match &src {
+                Some(g) => LlamaWeights::from_gguf_file(g)?,
+                None => LlamaWeights::load(&m.model)?,
+            };
+            let dims = Dims::from_config(&w.config);
+            let lora = HostAdapter::from_adapter(&read_adapter(&adapter, &dims)?)?.to_lora(&w)?;
+            match &src {
+                Some(g) => wegeft::model::weights::gguf_lora(g, &w.config, &lora)?.write(&out)?,
+                None => adapter::lora::save_peft_lora(&lora, &out)?,
+            }
+            eprintln!(
+                "LoRA adapter (rank {}, {} sites, scale 1) written to {}",
+                lora.rank,
+                lora.sites.len(),
+                out.display()
+            );
             Ok(())
         }
         Cmd::BenchStep { m, batch, seq, rank, targets, steps } => {

@@ -249,6 +249,43 @@ impl HostAdapter {
         Ok(())
     }
 
+    /// The same update as a standard LoRA adapter on the frozen weights as the file holds
+    /// them: at every adapted site `A = psi` and `B = s W phi` (see [`crate::adapter::lora`]),
+    /// so that `W + B A` is what [`HostAdapter::merge_into`] makes of `W`. Dropout on `W` is a
+    /// training-time regulariser and takes no part.
+    pub fn to_lora(&self, w: &crate::model::LlamaWeights) -> Result<crate::adapter::lora::Lora> {
+        use crate::adapter::lora::{Lora, LoraSite};
+        use crate::cpu::gemm::{matmul, Op};
+        use crate::shape::{Mat, MatMut};
+        let dims = Dims::from_config(&w.config);
+        self.check(&dims)?;
+        let r = self.rank;
+        let mut sites = Vec::new();
+        for (l, row) in self.sites.iter().enumerate() {
+            for (m, p) in row.iter().enumerate() {
+                let Some(p) = p else { continue };
+                let (_, phi, psi) = &self.pairs[*p];
+                let (d_in, d_out) = dims.module_dims(m);
+                let t = w.layers[l].linear(MODULES[m])?;
+                let mut b = vec![0.0f32; d_out * r];
+                matmul(
+                    &mut MatMut::new("B", &mut b, d_out, r)?,
+                    0.0,
+                    self.scale,
+                    Mat::new("W", &t.data, d_out, d_in)?,
+                    Op::N,
+                    Mat::new("phi", phi, d_in, r)?,
+                    Op::N,
+                )?;
+                let module = crate::adapter::Module::ALL[m];
+                sites.push(LoraSite { layer: l, module, d_in, d_out, a: psi.clone(), b });
+            }
+        }
+        let lora = Lora { rank: r, n_layers: dims.layers, sites };
+        lora.check()?;
+        Ok(lora)
+    }
+
     /// Checks the pair shapes against `dims` and that every site points at a pair of its
     /// own module type.
     pub fn check(&self, dims: &Dims) -> Result<()> {

@@ -257,6 +257,52 @@ pub fn gguf_with_linears(
     Ok(out)
 }
 
+/// `lora` as a llama.cpp LoRA adapter for the GGUF model `src` (`llama-cli --lora FILE`,
+/// `llama_adapter_lora_init`): `general.type = "adapter"`, `adapter.type = "lora"`, the
+/// source's `general.architecture` (llama.cpp refuses an adapter of another architecture),
+/// `adapter.lora.alpha = r` (llama.cpp scales by `alpha / r`: 1 here, as `B` holds WeGeFT's
+/// scale), and for each site the f32 tensors `<weight>.lora_a` (ggml `ne = [d_in, r]`) and
+/// `<weight>.lora_b` (`ne = [r, d_out]`), named after the source's weight (`blk.L.attn_q.weight`).
+/// `B`'s rows are permuted as the source's q/k weights are. Each site's weight must be in
+/// `src` with the site's shape: an adapter for another model is an error here, not in
+/// llama.cpp.
+pub fn gguf_lora(src: &gguf::GgufFile, c: &LlamaConfig, lora: &crate::adapter::lora::Lora) -> Result<gguf::GgufWriter> {
+    use gguf::{GgmlType, GgufValue, GgufWriter};
+    lora.check()?;
+    let arch = src.get_str("general.architecture")?;
+    let r = lora.rank;
+    let mut out = GgufWriter::new();
+    out.kv("general.architecture", GgufValue::String(arch.to_string()));
+    out.kv("general.type", GgufValue::String("adapter".into()));
+    out.kv("adapter.type", GgufValue::String("lora".into()));
+    out.kv("adapter.lora.alpha", GgufValue::F32(r as f32));
+    for s in &lora.sites {
+        let module = s.module.name();
+        let name = gguf_layer_name(s.layer, module);
+        let info = src.tensor_info(&name)?;
+        if info.ne.len() != 2 || info.ne[0] != s.d_in as u64 || info.ne[1] != s.d_out as u64 {
+            return Err(src.error(format!(
+                "tensor {name:?} has ne {:?}, the LoRA site {} is {} x {} (d_out x d_in)",
+                info.ne,
+                s.module.key(s.layer),
+                s.d_out,
+                s.d_in
+            )));
+        }
+        let permuted;
+        let b: &[f32] = match permuted_heads(c, module) {
+            Some(nh) => {
+                permuted = permute_qk_rows(&s.b, nh, c.head_dim, r)?;
+                &permuted
+            }
+            None => &s.b,
+        };
+        out.tensor(format!("{name}.lora_a"), &[s.d_in as u64, r as u64], GgmlType::F32, encoded::<f32>(&s.a))?;
+        out.tensor(format!("{name}.lora_b"), &[r as u64, s.d_out as u64], GgmlType::F32, encoded::<f32>(b))?;
+    }
+    Ok(out)
+}
+
 fn gguf_layer_name(layer: usize, field: &str) -> String {
     let (base, kind) = field.split_once('.').unwrap_or((field, "weight"));
     let g = match base {
