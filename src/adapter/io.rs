@@ -119,7 +119,7 @@ impl safetensors::View for &Owned {
     }
 }
 
-pub(super) fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Owned>, meta: HashMap<String, String>) -> Result<()> {
+fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Owned>, meta: HashMap<String, String>) -> Result<()> {
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
         .map_err(|e| Error::format(path, format!("serialising: {e}")))?;
     write_atomic(path, &bytes)
@@ -499,7 +499,6 @@ fn peft_key(layer: usize, m: Module, which: &str) -> String {
 /// `adapter_config.json` and `adapter_model.safetensors`, each atomically. The scale maps to
 /// `wegeft_alpha = alpha` (or `r` for scale 1). Dropout and init are recorded in the config.
 pub fn save_peft(adapter: &Adapter, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let c = &adapter.config;
     let r = c.rank;
     let mut t = BTreeMap::new();
@@ -508,33 +507,55 @@ pub fn save_peft(adapter: &Adapter, dir: &Path) -> Result<()> {
         t.insert(peft_key(l, m, "phi"), Owned { shape: vec![r, p.d_in], data: f32_bytes(&transpose(&p.phi, p.d_in, r)) });
         t.insert(peft_key(l, m, "psi"), Owned { shape: vec![r, p.d_in], data: f32_bytes(&p.psi) });
     }
-    let wpath = dir.join(PEFT_WEIGHTS_FILE);
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert(META_CONFIG.to_string(), serde_json::to_string(c).map_err(|e| Error::format(&wpath, e.to_string()))?);
-    write_safetensors(&wpath, &t, meta)?;
+    let config = serde_json::to_string(c).map_err(|e| Error::invalid("adapter config", e.to_string()))?;
     let targets: Vec<&str> = Module::ALL.into_iter().filter(|m| c.targets.contains(m)).map(|m| m.name()).collect();
     let cfg = serde_json::json!({
         "peft_type": "WEGEFT",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": null,
-        "revision": null,
-        "inference_mode": true,
         "r": r,
         "wegeft_alpha": c.alpha.unwrap_or(r as f32),
         "transform_dim": "input",
         "target_modules": targets,
         "tied_modules": tied_modules(c, &adapter.dims),
         "wegeft_dropout": if c.dropout > 0.0 { serde_json::json!(c.dropout) } else { serde_json::Value::Null },
+        "init_wegeft_weights": true,
+    });
+    write_peft_dir(dir, &t, Some(config), cfg)
+}
+
+/// Writes a PEFT adapter directory `dir` (created if needed): `adapter_model.safetensors`
+/// (`tensors`, f32, with this crate's [`AdapterConfig`] JSON under [`META_CONFIG`] where given)
+/// and `adapter_config.json` (`config`'s keys plus the ones every config written here shares:
+/// a causal LM, no base model path, inference mode, no bias, no layer or rank patterns), each
+/// atomically.
+pub(super) fn write_peft_dir(
+    dir: &Path,
+    tensors: &BTreeMap<String, Owned>,
+    adapter_config: Option<String>,
+    config: serde_json::Value,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    if let Some(c) = adapter_config {
+        meta.insert(META_CONFIG.to_string(), c);
+    }
+    write_safetensors(&dir.join(PEFT_WEIGHTS_FILE), tensors, meta)?;
+    let mut cfg = serde_json::json!({
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": null,
+        "revision": null,
+        "inference_mode": true,
         "fan_in_fan_out": false,
         "bias": "none",
         "modules_to_save": null,
-        "init_wegeft_weights": true,
         "layers_to_transform": null,
         "layers_pattern": null,
         "rank_pattern": {},
         "alpha_pattern": {},
     });
+    if let (Some(all), serde_json::Value::Object(own)) = (cfg.as_object_mut(), config) {
+        all.extend(own);
+    }
     let cpath = dir.join(PEFT_CONFIG_FILE);
     let bytes = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::format(&cpath, e.to_string()))?;
     write_atomic(&cpath, &bytes)

@@ -24,11 +24,11 @@
 //! [`crate::model::llama::HostAdapter::to_lora`] makes a [`Lora`] from an adapter and the
 //! model's weights.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::config::Module;
-use super::io::{f32_bytes, re_escape, write_atomic, write_safetensors, Owned, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE};
+use super::io::{f32_bytes, re_escape, write_peft_dir, Owned};
 use crate::error::{Error, Result};
 
 /// The LoRA factors of one adapted site: `W' = W + B A`.
@@ -108,38 +108,21 @@ pub fn peft_lora_key(layer: usize, m: Module, factor: &str) -> String {
 /// equals `r`: PEFT's scale `lora_alpha / r` is 1, as `B` already holds WeGeFT's scale.
 pub fn save_peft_lora(lora: &Lora, dir: &Path) -> Result<()> {
     lora.check()?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let r = lora.rank;
     let mut t = BTreeMap::new();
     for s in &lora.sites {
         t.insert(peft_lora_key(s.layer, s.module, "A"), Owned { shape: vec![r, s.d_in], data: f32_bytes(&s.a) });
         t.insert(peft_lora_key(s.layer, s.module, "B"), Owned { shape: vec![s.d_out, r], data: f32_bytes(&s.b) });
     }
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    write_safetensors(&dir.join(PEFT_WEIGHTS_FILE), &t, meta)?;
     let cfg = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": null,
-        "revision": null,
-        "inference_mode": true,
         "r": r,
         "lora_alpha": r,
         "lora_dropout": 0.0,
         "target_modules": lora.target_modules(),
-        "bias": "none",
-        "fan_in_fan_out": false,
         "use_rslora": false,
         "use_dora": false,
         "init_lora_weights": true,
-        "modules_to_save": null,
-        "layers_to_transform": null,
-        "layers_pattern": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
     });
-    let cpath = dir.join(PEFT_CONFIG_FILE);
-    let bytes = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::format(&cpath, e.to_string()))?;
-    write_atomic(&cpath, &bytes)
+    write_peft_dir(dir, &t, None, cfg)
 }

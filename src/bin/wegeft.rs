@@ -63,6 +63,19 @@ struct ModelArgs {
     chat_template_kwargs: Option<String>,
 }
 
+/// What `merge` and `export-lora` read and write.
+#[derive(clap::Args)]
+struct AdapterOut {
+    /// The WeGeFT adapter: an official-layout `.safetensors` or a PEFT-fork directory.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// A directory (`merge`: an HF checkpoint; `export-lora`: PEFT's LoRA layout), or
+    /// `NAME.gguf` with a GGUF `--model` (`merge`: the model's file with the merged weights;
+    /// `export-lora`: a llama.cpp LoRA).
+    #[arg(long)]
+    out: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Fine-tune a WeGeFT adapter and save it.
@@ -197,10 +210,8 @@ enum Cmd {
     Merge {
         #[command(flatten)]
         m: ModelArgs,
-        #[arg(long)]
-        adapter: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        io: AdapterOut,
     },
     /// Write an adapter as a standard LoRA adapter (`A = psi`, `B = s W phi` at every adapted
     /// site: the same model, exactly) for LoRA runtimes: a PEFT LoRA directory, or, with
@@ -208,12 +219,8 @@ enum Cmd {
     ExportLora {
         #[command(flatten)]
         m: ModelArgs,
-        /// The WeGeFT adapter: an official-layout `.safetensors` or a PEFT-fork directory.
-        #[arg(long)]
-        adapter: PathBuf,
-        /// A directory (PEFT's LoRA layout) or `NAME.gguf` (llama.cpp's; needs a GGUF --model).
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        io: AdapterOut,
     },
     /// Time training steps (forward + backward + AdamW) in tokens per second.
     BenchStep {
@@ -492,7 +499,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             println!("{}", serde_json::json!({"n": cases.len(), "exact_match": acc}));
             Ok(())
         }
-        Cmd::Merge { m, adapter, out } => {
+        Cmd::Merge { m, io: AdapterOut { adapter, out } } => {
             let src = gguf_source(&m.model, &out)?;
             let mut w = match &src {
                 Some(g) => LlamaWeights::from_gguf_file(g)?,
@@ -516,7 +523,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             eprintln!("merged model written to {}", out.display());
             Ok(())
         }
-        Cmd::ExportLora { m, adapter, out } => {
+        Cmd::ExportLora { m, io: AdapterOut { adapter, out } } => {
             let src = gguf_source(&m.model, &out)?;
             let w = match &src {
                 Some(g) => LlamaWeights::from_gguf_file(g)?,
