@@ -174,14 +174,24 @@ def causal_lm_loss(m, ids, check=False):
     return loss
 
 
-def train_reference(label, model, out, dtype=torch.float64):
+def train_reference(label, model, out, dtype=torch.float64, recipe=None):
     """The WeGeFT fine-tune (TRAIN) with the official GIFT wrapper's math in float64: every
     targeted nn.Linear computes F.linear(x, W + (W in_proj^T) out_proj^T, b) with the pair of its
     module type, b the Linear's own (frozen) bias, None where it has none (all of Llama's).
     Writes train_init.safetensors (the initial adapter, f32 values) and train_final.safetensors
     (the final adapter, f64) into `out`; returns train.json's content (TRAIN, the batches, the
     loss before each update). With `dtype` float32 and `out` None: the same run in float32,
-    nothing written, the final adapter returned under "final" (see f32_update_distances)."""
+    nothing written, the final adapter returned under "final" (see f32_update_distances).
+
+    With a `recipe` (a dict: steps, lr, schedule, warmup_steps, max_grad_norm or None,
+    grad_accum), the training setup of transformers' Trainer instead: `grad_accum` batches per
+    update, each batch's mean loss divided by grad_accum before its backward (the batches are
+    the same size, so the gradient is that of the mean over all their tokens); then
+    `torch.nn.utils.clip_grad_norm_` (with max_grad_norm; its returned norm is recorded either
+    way); then AdamW; then the scheduler `transformers.get_scheduler(schedule, ...)` steps.
+    `batches` then lists every batch in order (grad_accum per update), `losses` the mean loss of
+    each update's batches, and train.json also holds the recipe, `lrs` (the learning rate of
+    each update) and `grad_norms` (before clipping)."""
     import torch.nn.functional as F
     from safetensors.torch import save_file
     vocab = model.config.vocab_size
@@ -226,17 +236,38 @@ def train_reference(label, model, out, dtype=torch.float64):
     if out is not None:
         save_file(init, os.path.join(out, "train_init.safetensors"))
     params = [x for t in TRAIN["targets"] for x in (ip[t], op[t])]
-    opt = torch.optim.AdamW(params, lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    lr = TRAIN["lr"] if recipe is None else recipe["lr"]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = None
+    if recipe is not None:
+        from transformers import get_scheduler
+        sched = get_scheduler(recipe["schedule"], opt, num_warmup_steps=recipe["warmup_steps"],
+                              num_training_steps=recipe["steps"])
     gb = torch.Generator().manual_seed(5)
-    batches, losses = [], []
-    for k in range(TRAIN["steps"]):
-        ids = torch.randint(0, vocab, (TRAIN["batch"], TRAIN["seq"]), generator=gb)
-        batches.append(ids.tolist())
+    batches, losses, lrs, norms = [], [], [], []
+    for k in range(TRAIN["steps"] if recipe is None else recipe["steps"]):
         opt.zero_grad()
-        loss = causal_lm_loss(m, ids, check=k == 0 and dtype == torch.float64)
-        loss.backward()
+        if recipe is None:
+            ids = torch.randint(0, vocab, (TRAIN["batch"], TRAIN["seq"]), generator=gb)
+            batches.append(ids.tolist())
+            loss = causal_lm_loss(m, ids, check=k == 0 and dtype == torch.float64)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            continue
+        total = 0.0
+        for _ in range(recipe["grad_accum"]):
+            ids = torch.randint(0, vocab, (TRAIN["batch"], TRAIN["seq"]), generator=gb)
+            batches.append(ids.tolist())
+            loss = causal_lm_loss(m, ids)
+            (loss / recipe["grad_accum"]).backward()
+            total += loss.item()
+        losses.append(total / recipe["grad_accum"])
+        max_norm = recipe["max_grad_norm"] if recipe["max_grad_norm"] is not None else math.inf
+        norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm).item())
+        lrs.append(opt.param_groups[0]["lr"])
         opt.step()
-        losses.append(loss.item())
+        sched.step()
     final = {}
     for t in TRAIN["targets"]:
         final[f"in_projections.{t}.weight"] = ip[t].detach().contiguous()
@@ -244,6 +275,8 @@ def train_reference(label, model, out, dtype=torch.float64):
     if out is None:
         return dict(TRAIN, batches=batches, losses=losses, final=final)
     save_file(final, os.path.join(out, "train_final.safetensors"))
+    if recipe is not None:
+        return dict(TRAIN, **recipe, recipe=recipe, batches=batches, losses=losses, lrs=lrs, grad_norms=norms)
     return dict(TRAIN, batches=batches, losses=losses)
 
 

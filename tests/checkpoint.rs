@@ -117,6 +117,9 @@ fn two_plus_two_steps_equal_four_bitwise() {
     for (tag, extra) in [
         ("plain", vec![]),
         ("shuffle", vec!["--shuffle", "--seed", "5", "--dropout", "0.2"]),
+        // A warm-up longer than the first leg, clipping, two batches per update (a constant
+        // schedule: its length is not part of it, so a 2-step run can continue to 4).
+        ("recipe", vec!["--warmup-steps", "3", "--max-grad-norm", "0.05", "--grad-accum", "2"]),
     ] {
         let (a, b, c) = (
             st.dir.join(format!("a-{tag}")),
@@ -188,6 +191,19 @@ fn resume_refuses_a_different_run() {
     assert!(e.contains("batch was 3, now 2"), "{e}");
     let e = fails(&args(&st, &c, "4", &["--resume", s(&ck), "--shuffle"]));
     assert!(e.contains("shuffle"), "{e}");
+    let e = fails(&args(&st, &c, "4", &["--resume", s(&ck), "--grad-accum", "2"]));
+    assert!(e.contains("grad_accum was 1, now 2"), "{e}");
+    let e = fails(&args(&st, &c, "4", &["--resume", s(&ck), "--max-grad-norm", "1"]));
+    assert!(e.contains("max_grad_norm was null, now 1"), "{e}");
+    let e = fails(&args(&st, &c, "4", &["--resume", s(&ck), "--warmup-steps", "2"]));
+    assert!(e.contains("schedule.warmup_steps was 0, now 2"), "{e}");
+    let e = fails(&args(&st, &c, "4", &["--resume", s(&ck), "--lr-schedule", "cosine"]));
+    assert!(e.contains("schedule.kind was \"constant\", now \"cosine\""), "{e}");
+    // A decaying schedule decays over its run's total: another total is another schedule.
+    let d = st.dir.join("d");
+    ok(&args(&st, &d, "3", &["--save-every", "1", "--lr-schedule", "linear"]));
+    let e = fails(&args(&st, &c, "5", &["--resume", s(&d.join("checkpoint")), "--lr-schedule", "linear"]));
+    assert!(e.contains("schedule.total_steps was 3, now 5"), "{e}");
     let other = st.dir.join("other.jsonl");
     tiny::write_data(&other, 8);
     let mut a = args(&st, &c, "4", &["--resume", s(&ck)]);
@@ -226,6 +242,15 @@ fn sigkill_during_saves_leaves_a_checkpoint_that_resumes() {
     let st = setup("kill");
     let steps = "400";
     let full = st.dir.join("full");
+    // With a decaying schedule, clipping and two batches per update: resuming must take up
+    // the schedule where it was.
+    let recipe = ["--lr-schedule", "cosine", "--warmup-steps", "40", "--max-grad-norm", "0.05", "--grad-accum", "2"];
+    let args = |st: &'_ Setup, out: &Path, steps: &str, extra: &[&str]| -> Vec<String> {
+        let mut e: Vec<&str> = recipe.to_vec();
+        e.extend_from_slice(extra);
+        args(st, out, steps, &e).into_iter().map(String::from).collect()
+    };
+    let ok = |a: &[String]| ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     ok(&args(&st, &full, steps, &["--shuffle", "--save-every", "1000"]));
     let out = st.dir.join("killed");
     let ck = out.join("checkpoint");
@@ -234,7 +259,7 @@ fn sigkill_during_saves_leaves_a_checkpoint_that_resumes() {
     for round in 0..6 {
         let mut a = args(&st, &out, steps, &["--shuffle", "--save-every", "1"]);
         if ck.join("checkpoint.safetensors").exists() {
-            a.extend(["--resume", s(&ck)]);
+            a.extend(["--resume".to_string(), s(&ck).to_string()]);
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_wegeft"))
             .args(&a)
@@ -279,7 +304,7 @@ fn sigkill_during_saves_leaves_a_checkpoint_that_resumes() {
     if Checkpoint::load(&ck).map_or(true, |c| c.step < 400) {
         ok(&{
             let mut a = args(&st, &out, steps, &["--shuffle", "--save-every", "1"]);
-            a.extend(["--resume", s(&ck)]);
+            a.extend(["--resume".to_string(), s(&ck).to_string()]);
             a
         });
     }

@@ -1,7 +1,9 @@
 //! Bad input through the `wegeft` binary, on a tiny GGUF model: a truncated or corrupt model,
 //! adapters of the wrong rank, modules or shapes, data that is not UTF-8, not JSON or empty, a
-//! sequence longer than the context, `--steps 0`, an `--out` that cannot be written. Each is
-//! one line on stderr naming the file or the argument, a non-zero exit, and no output left.
+//! sequence longer than the context, `--steps 0`, a bad training recipe (`--grad-accum 0`, an
+//! unknown `--lr-schedule`, a `--max-grad-norm` that is not a positive number), an `--out` that
+//! cannot be written. Each is one line on stderr naming the file or the argument, a non-zero
+//! exit, and no output left.
 
 mod common;
 
@@ -316,6 +318,10 @@ fn bad_arguments() {
     finetune_fails(&t, &[("--rank", "0")], &["rank"]);
     finetune_fails(&t, &[("--lr", "NaN")], &["lr"]);
     finetune_fails(&t, &[("--dropout", "1.5")], &["dropout"]);
+    finetune_fails(&t, &[("--grad-accum", "0")], &["--grad-accum"]);
+    finetune_fails(&t, &[("--lr-schedule", "step")], &["--lr-schedule", "step"]);
+    finetune_fails(&t, &[("--max-grad-norm", "0")], &["--max-grad-norm"]);
+    finetune_fails(&t, &[("--max-grad-norm", "NaN")], &["--max-grad-norm"]);
     let long: Vec<String> = (0..40).map(|i| (i % 90 + 1).to_string()).collect();
     fails(
         &["score", "--model", s(&t.model), "--tokens", &long.join(",")],

@@ -17,7 +17,8 @@ use wegeft::train::arithmetic::{self, Problem, Split};
 use wegeft::train::checkpoint;
 use wegeft::train::data::{self, Batcher, Example};
 use wegeft::train::optim::AdamWConfig;
-use wegeft::train::trainer::Trainer;
+use wegeft::train::schedule::{LrSchedule, ScheduleKind};
+use wegeft::train::trainer::{check_max_grad_norm, Trainer};
 use wegeft::{Error, Result};
 
 #[derive(Parser)]
@@ -113,8 +114,21 @@ enum Cmd {
         weight_decay: f64,
         #[arg(long, default_value_t = 150)]
         steps: usize,
+        /// Learning-rate schedule after the warm-up, over --steps (transformers' `get_scheduler`).
+        #[arg(long, value_name = "constant|linear|cosine", default_value = "constant")]
+        lr_schedule: String,
+        /// Steps of linear warm-up from 0 (the first update has learning rate 0, as in transformers).
+        #[arg(long, default_value_t = 0)]
+        warmup_steps: usize,
+        /// Clip the gradient to this global 2-norm before each update (torch's `clip_grad_norm_`).
+        #[arg(long)]
+        max_grad_norm: Option<f64>,
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Batches per update, their gradients summed as one batch's (the loss is the mean over
+        /// all their labelled tokens): an update sees batch x grad-accum examples.
+        #[arg(long, default_value_t = 1)]
+        grad_accum: usize,
         /// Examples are cut to this many tokens.
         #[arg(long, default_value_t = 64)]
         seq: usize,
@@ -126,7 +140,8 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, value_enum, default_value = "gift")]
         format: Format,
-        /// One JSON line per step: {"step": i, "loss": loss before that step's update}.
+        /// One JSON line per step: {"step": i, "loss": loss before that step's update, "lr": its
+        /// learning rate, "grad_norm": the gradient's norm before clipping}.
         #[arg(long)]
         log_json: Option<PathBuf>,
         /// Shuffle the data (seeded) instead of file order.
@@ -583,7 +598,11 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             lr,
             weight_decay,
             steps,
+            lr_schedule,
+            warmup_steps,
+            max_grad_norm,
             batch,
+            grad_accum,
             seq,
             init_adapter,
             out,
@@ -598,6 +617,15 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             if steps == 0 {
                 return Err(Error::invalid("--steps", "must be at least 1, got 0"));
             }
+            if grad_accum == 0 {
+                return Err(Error::invalid("--grad-accum", "must be at least 1, got 0"));
+            }
+            if let Some(max) = max_grad_norm {
+                check_max_grad_norm("--max-grad-norm", max)?;
+            }
+            let kind = ScheduleKind::parse(&lr_schedule)
+                .map_err(|_| Error::invalid("--lr-schedule", format!("{lr_schedule:?}: expected constant, linear or cosine")))?;
+            let schedule = LrSchedule::new(kind, warmup_steps as u64, steps as u64);
             let l = load(be, &m)?;
             let ctx = l.weights_config.max_position_embeddings;
             if seq > ctx {
@@ -637,7 +665,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                     data::check_ids(path, &ex, dims.vocab)?;
                     ex
                 }
-                (None, Some(Task::Arithmetic)) => arithmetic::problems(Split::Train, seed, steps * batch)?
+                (None, Some(Task::Arithmetic)) => arithmetic::problems(Split::Train, seed, steps * batch * grad_accum)?
                     .iter()
                     .map(|p| {
                         let mut e = arithmetic_example(&l.tok, p)?;
@@ -657,17 +685,22 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             };
             let opt = AdamWConfig { lr, weight_decay, ..AdamWConfig::default() };
             let mut batcher = Batcher::new(examples.len(), batch, shuffle.then_some(seed))?;
-            let run_config = checkpoint::RunConfig::new(
-                &m.model,
-                &l.weights_config,
-                &adapter.config,
-                opt,
-                (batch, seq),
-                data.as_deref(),
-                "arithmetic",
-                examples.len(),
-                shuffle.then_some(seed),
-            )?;
+            let run_config = checkpoint::RunConfig {
+                schedule,
+                max_grad_norm,
+                grad_accum,
+                ..checkpoint::RunConfig::new(
+                    &m.model,
+                    &l.weights_config,
+                    &adapter.config,
+                    opt,
+                    (batch, seq),
+                    data.as_deref(),
+                    "arithmetic",
+                    examples.len(),
+                    shuffle.then_some(seed),
+                )?
+            };
             let mut host = HostAdapter::from_adapter(&adapter)?;
             let resumed = match &resume {
                 Some(dir) => Some(checkpoint::Checkpoint::load_for(dir, &run_config, &mut host, steps)?),
@@ -693,7 +726,11 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 }
                 None => Trainer::new(be, &l.model, &host, opt)?,
             }
-            .with_seed(adapter.config.seed);
+            .with_seed(adapter.config.seed)
+            .with_schedule(schedule);
+            if let Some(max) = max_grad_norm {
+                tr = tr.with_max_grad_norm(max)?;
+            }
             let first = tr.steps() as usize;
             let mut log = match &log_json {
                 Some(p) => Some(std::io::BufWriter::new(checkpoint::open_log(p, resumed.is_some())?)),
@@ -704,13 +741,18 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             let t0 = Instant::now();
             let mut tokens = 0usize;
             for step in first..steps {
-                let idx = batcher.next_indices();
-                let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
-                let b = data::make_batch(&refs, pad)?;
-                tokens += b.ids.len();
-                let loss = tr.step(&b).map_err(|e| checkpoint::stopped(e, &ckpt_dir, saved))?;
+                let batches = (0..grad_accum)
+                    .map(|_| {
+                        let refs: Vec<&Example> = batcher.next_indices().iter().map(|&i| &examples[i]).collect();
+                        data::make_batch(&refs, pad)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                tokens += batches.iter().map(|b| b.ids.len()).sum::<usize>();
+                let st = tr.step_many(&batches).map_err(|e| checkpoint::stopped(e, &ckpt_dir, saved))?;
+                let loss = st.loss;
                 if let (Some(w), Some(p)) = (log.as_mut(), &log_json) {
-                    writeln!(w, "{}", serde_json::json!({"step": step, "loss": loss})).map_err(|e| Error::io(p, e))?;
+                    let line = serde_json::json!({"step": step, "loss": loss, "lr": st.lr, "grad_norm": st.grad_norm});
+                    writeln!(w, "{line}").map_err(|e| Error::io(p, e))?;
                     w.flush().map_err(|e| Error::io(p, e))?;
                 }
                 if save_every > 0 && ((step + 1) % save_every == 0 || step + 1 == steps) {

@@ -1046,6 +1046,21 @@ impl<B: Backend> Llama<B> {
         batch: &Batch,
         grads: &mut [(B::Buf, B::Buf)],
     ) -> Result<f32> {
+        self.loss_and_grad_over(be, adapter, batch, grads, batch.count())
+    }
+
+    /// [`Llama::loss_and_grad`] for one part of a larger batch of `total` labelled positions
+    /// (gradient accumulation): the gradient *added* to `grads` is that of this batch's summed
+    /// loss divided by `total`, so the parts of a batch add up to the gradient of its mean loss.
+    /// Returns this batch's own mean loss. `total` must be at least this batch's count.
+    pub fn loss_and_grad_over(
+        &self,
+        be: &B,
+        adapter: &Adapter<B>,
+        batch: &Batch,
+        grads: &mut [(B::Buf, B::Buf)],
+        total: usize,
+    ) -> Result<f32> {
         batch.check(self.dims.vocab)?;
         self.check_adapter(be, Some(adapter))?;
         if grads.len() != adapter.pairs.len() {
@@ -1058,6 +1073,9 @@ impl<B: Backend> Llama<B> {
         if n == 0 {
             return Err(Error::invalid("batch", "no labelled positions"));
         }
+        if total < n {
+            return Err(Error::invalid("total", format!("{total} labelled positions in all, fewer than this batch's {n}")));
+        }
         let d = &self.dims;
         let rows = batch.ids.len();
         let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
@@ -1067,7 +1085,7 @@ impl<B: Backend> Llama<B> {
             self.run(be, Adapt::One(a), &batch.ids, batch.batch, batch.seq, &positions, Mode::Full { save: true })?;
         let mut dhn = be.output(rows * d.hidden)?;
         let sum =
-            be.lm_head_loss(&hn, self.head(), d.hidden, d.vocab, &batch.labels, Some((&mut dhn, 1.0 / n as f32)))?;
+            be.lm_head_loss(&hn, self.head(), d.hidden, d.vocab, &batch.labels, Some((&mut dhn, 1.0 / total as f32)))?;
         drop(hn);
         // dx: gradient with respect to the residual stream, walking down the layers.
         let mut dx = be.zeros(rows * d.hidden)?;

@@ -20,8 +20,9 @@
 //!
 //! Resuming checks the saved [`RunConfig`] against the new run's, field by field: a different
 //! model, data, adapter configuration (rank, targets, sharing, alpha, dropout, seed), optimiser
-//! hyper-parameters, batch, sequence length or shuffle is an error naming the field and both
-//! values. Only the number of steps may change.
+//! hyper-parameters, learning-rate schedule, gradient clipping, batch, batches per update,
+//! sequence length or shuffle is an error naming the field and both values. Only the number of
+//! steps may change (not for a decaying schedule, whose total is part of it).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -34,6 +35,7 @@ use crate::adapter::AdapterConfig;
 use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
 use crate::train::optim::AdamWConfig;
+use crate::train::schedule::LrSchedule;
 
 /// The file inside a checkpoint directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -63,6 +65,20 @@ pub struct RunConfig {
     pub examples: usize,
     /// The shuffle seed, or `None` for file order.
     pub shuffle: Option<u64>,
+    /// The learning-rate schedule (constant in checkpoints from before it existed). A decaying
+    /// one keeps its total steps: a resumed run must decay over the same total.
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    /// Gradient clipping's global norm, if any.
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    /// Batches per update.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// FNV-1a (64-bit) of `bytes`: `h = 0xcbf29ce484222325; h = (h ^ b) * 0x100000001b3` per byte.
@@ -366,6 +382,9 @@ impl RunConfig {
             data_hash,
             examples,
             shuffle,
+            schedule: LrSchedule::default(),
+            max_grad_norm: None,
+            grad_accum: 1,
         })
     }
 }

@@ -1,11 +1,34 @@
-//! The training loop's core: one step = forward + backward over a batch, then AdamW on every
-//! adapter pair. Deterministic: the same model, adapter and batches give bitwise the same
-//! losses and parameters.
+//! The training loop's core: one step = forward + backward over a batch (or over several,
+//! their gradients accumulated as one batch's), the gradient optionally clipped to a global
+//! norm, then AdamW on every adapter pair at the learning rate of the schedule. Deterministic:
+//! the same model, adapter and batches give bitwise the same losses and parameters.
 
 use crate::backend::{AdamHyper, Backend};
 use crate::error::{Error, Result};
 use crate::model::llama::{Adapter, Batch, HostAdapter, Llama};
 use crate::train::optim::AdamWConfig;
+use crate::train::schedule::LrSchedule;
+
+/// What one update did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The mean loss over the labelled positions of all the step's batches, before the update.
+    pub loss: f32,
+    /// The global 2-norm of the gradient over every pair, before clipping (as transformers'
+    /// Trainer logs `grad_norm`).
+    pub grad_norm: f64,
+    /// The learning rate of the update.
+    pub lr: f64,
+}
+
+/// `Ok` for a clipping bound [`Trainer::with_max_grad_norm`] takes (finite and above 0), else
+/// an error naming it `arg`.
+pub fn check_max_grad_norm(arg: &'static str, max_norm: f64) -> Result<()> {
+    if !(max_norm > 0.0 && max_norm.is_finite()) {
+        return Err(Error::invalid(arg, format!("must be a finite number above 0, got {max_norm}")));
+    }
+    Ok(())
+}
 
 /// Trains an adapter on a frozen model.
 pub struct Trainer<'m, B: Backend> {
@@ -17,6 +40,8 @@ pub struct Trainer<'m, B: Backend> {
     v: Vec<(B::Buf, B::Buf)>,
     step: u64,
     optim: AdamWConfig,
+    schedule: LrSchedule,
+    max_grad_norm: Option<f64>,
     seed: u64,
 }
 
@@ -28,7 +53,22 @@ impl<'m, B: Backend> Trainer<'m, B> {
         let grads = adapter.zero_grads(be)?;
         let m = adapter.zero_grads(be)?;
         let v = adapter.zero_grads(be)?;
-        Ok(Trainer { be, model, adapter, grads, m, v, step: 0, optim, seed: 0 })
+        Ok(Trainer { be, model, adapter, grads, m, v, step: 0, optim, schedule: LrSchedule::default(), max_grad_norm: None, seed: 0 })
+    }
+
+    /// The learning-rate schedule (default: constant, no warm-up).
+    pub fn with_schedule(mut self, schedule: LrSchedule) -> Self {
+        self.schedule = schedule;
+        self
+    }
+
+    /// Clips the gradient to a global 2-norm of `max_norm` before each update, as
+    /// `torch.nn.utils.clip_grad_norm_` does: every gradient times
+    /// `min(1, max_norm / (norm + 1e-6))`. `max_norm` must be finite and above 0.
+    pub fn with_max_grad_norm(mut self, max_norm: f64) -> Result<Self> {
+        check_max_grad_norm("max_grad_norm", max_norm)?;
+        self.max_grad_norm = Some(max_norm);
+        Ok(self)
     }
 
     /// The seed of the weight-dropout masks (step `t` uses masks from a mix of `seed` and `t`;
@@ -45,6 +85,17 @@ impl<'m, B: Backend> Trainer<'m, B> {
     /// makes a parameter non-finite is the same error, but the trainer is then spent: continue
     /// from the last checkpoint.
     pub fn step(&mut self, batch: &Batch) -> Result<f32> {
+        Ok(self.step_many(std::slice::from_ref(batch))?.loss)
+    }
+
+    /// One update from several batches (gradient accumulation): the gradient is that of the
+    /// mean loss over all their labelled positions, as if they were one batch, with one weight
+    /// dropout mask for all of them. Then clipping (if set), then AdamW at the schedule's
+    /// learning rate. Errors as [`Trainer::step`].
+    pub fn step_many(&mut self, batches: &[Batch]) -> Result<StepStats> {
+        if batches.is_empty() {
+            return Err(Error::invalid("batches", "a step needs at least one batch"));
+        }
         self.adapter.dropout_seed =
             crate::train::arithmetic::SplitMix::new(self.seed ^ (self.step + 1).wrapping_mul(0xA076_1D64_78BD_642F))
                 .next_u64();
@@ -52,29 +103,50 @@ impl<'m, B: Backend> Trainer<'m, B> {
             self.be.fill_zero(dphi)?;
             self.be.fill_zero(dpsi)?;
         }
-        let loss = self.model.loss_and_grad(self.be, &self.adapter, batch, &mut self.grads)?;
+        let total: usize = batches.iter().map(Batch::count).sum();
+        let mut sum = 0.0f64;
+        for b in batches {
+            let loss = self.model.loss_and_grad_over(self.be, &self.adapter, b, &mut self.grads, total)?;
+            sum += loss as f64 * b.count() as f64;
+        }
+        // One batch: its own mean (the f64 round trip is exact).
+        let loss = (sum / total.max(1) as f64) as f32;
         if !loss.is_finite() {
             return Err(Error::Numerical(format!("loss is {loss} at step {}", self.step + 1)));
         }
         // A non-finite gradient would poison the moments and then every parameter: stop
         // before the update, with the adapter and the optimiser state of the last good step.
+        let mut host = Vec::with_capacity(self.grads.len());
         for (k, (dphi, dpsi)) in self.grads.iter().enumerate() {
-            for (what, g) in [("dphi", dphi), ("dpsi", dpsi)] {
-                let host = self.be.download(g)?;
-                if let Some(i) = host.iter().position(|x| !x.is_finite()) {
+            let pair = (self.be.download(dphi)?, self.be.download(dpsi)?);
+            for (what, g) in [("dphi", &pair.0), ("dpsi", &pair.1)] {
+                if let Some(i) = g.iter().position(|x| !x.is_finite()) {
                     return Err(Error::Numerical(format!(
                         "{what} of pair {k} ({}) has the non-finite element {} at index {i} at step {}",
                         crate::model::llama::MODULES[self.adapter.pairs[k].module],
-                        host[i],
+                        g[i],
                         self.step + 1
                     )));
+                }
+            }
+            host.push(pair);
+        }
+        let grad_norm = host.iter().flat_map(|(a, b)| a.iter().chain(b)).map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        if let Some(max) = self.max_grad_norm {
+            let coef = max / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                let c = coef as f32;
+                for ((dphi, dpsi), (a, b)) in self.grads.iter_mut().zip(host) {
+                    *dphi = self.be.upload_vec(a.into_iter().map(|x| x * c).collect())?;
+                    *dpsi = self.be.upload_vec(b.into_iter().map(|x| x * c).collect())?;
                 }
             }
         }
         self.step += 1;
         let o = self.optim;
+        let lr = self.schedule.lr(o.lr, self.step);
         let hyper = AdamHyper {
-            lr: o.lr,
+            lr,
             beta1: o.beta1,
             beta2: o.beta2,
             eps: o.eps,
@@ -100,7 +172,7 @@ impl<'m, B: Backend> Trainer<'m, B> {
                 }
             }
         }
-        Ok(loss)
+        Ok(StepStats { loss, grad_norm, lr })
     }
 
     /// A trainer that continues a run: the adapter `params` (as uploaded by [`Trainer::new`]

@@ -70,7 +70,10 @@ pub fn compare_with(model: &Llama<Cpu>, reference: &Path, check: bool) -> f64 {
 /// `train.json`, `train_init.safetensors` and `train_final.safetensors`: the losses before each
 /// update within 1e-6, each pair's update within 2e-5 of PyTorch's, relative to its size — or,
 /// where `train.json` records how far PyTorch's own float32 run lands (`f32_update_dist`, for an
-/// ill-conditioned fine-tune), within 10 times that if it is more.
+/// ill-conditioned fine-tune), within 10 times that if it is more. Where `train.json` holds a
+/// `recipe` (transformers' Trainer setup): its schedule, gradient clipping and batches per
+/// update, with each update's learning rate within 1e-15 of transformers' and its gradient norm
+/// within 1e-5 of torch's.
 pub fn finetune_matches_pytorch(model: &Llama<Cpu>, dir: &Path) {
     use wegeft::adapter::io::load_gift;
     use wegeft::model::llama::{Batch, HostAdapter};
@@ -85,12 +88,35 @@ pub fn finetune_matches_pytorch(model: &Llama<Cpu>, dir: &Path) {
     assert_eq!(init.pairs.len(), 7);
     let opt = AdamWConfig { lr: t["lr"].as_f64().unwrap(), beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
     let mut tr = Trainer::new(&Cpu, model, &init, opt).unwrap();
+    // A recipe (transformers' Trainer setup): schedule, clipping, batches per update.
+    let recipe = &t["recipe"];
+    let accum = recipe["grad_accum"].as_u64().unwrap_or(1) as usize;
+    if recipe.is_object() {
+        use wegeft::train::schedule::{LrSchedule, ScheduleKind};
+        let kind = ScheduleKind::parse(recipe["schedule"].as_str().unwrap()).unwrap();
+        let steps = recipe["steps"].as_u64().unwrap();
+        tr = tr.with_schedule(LrSchedule::new(kind, recipe["warmup_steps"].as_u64().unwrap(), steps));
+        if let Some(max) = recipe["max_grad_norm"].as_f64() {
+            tr = tr.with_max_grad_norm(max).unwrap();
+        }
+    }
     let name = dir.display();
-    for (k, (b, want)) in t["batches"].as_array().unwrap().iter().zip(t["losses"].as_array().unwrap()).enumerate() {
-        let seqs: Vec<Vec<u32>> = serde_json::from_value(b.clone()).unwrap();
-        let loss = tr.step(&Batch::causal(&seqs).unwrap()).unwrap() as f64;
-        let want = want.as_f64().unwrap();
+    let batches: Vec<Batch> = t["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| Batch::causal(&serde_json::from_value::<Vec<Vec<u32>>>(b.clone()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(batches.len(), accum * t["losses"].as_array().unwrap().len(), "{name}: batches");
+    for (k, (group, want)) in batches.chunks(accum).zip(t["losses"].as_array().unwrap()).enumerate() {
+        let st = tr.step_many(group).unwrap();
+        let (loss, want) = (st.loss as f64, want.as_f64().unwrap());
         assert!(((loss - want) / want).abs() <= 1e-6, "{name} step {k}: loss {loss} vs PyTorch {want}");
+        if recipe.is_object() {
+            let (lr, norm) = (t["lrs"][k].as_f64().unwrap(), t["grad_norms"][k].as_f64().unwrap());
+            assert!((st.lr - lr).abs() <= 1e-15 * lr, "{name} step {k}: lr {} vs transformers' {lr}", st.lr);
+            assert!((st.grad_norm - norm).abs() <= 1e-5 * norm, "{name} step {k}: gradient norm {} vs torch's {norm}", st.grad_norm);
+        }
     }
     let fin = tr.host_adapter().unwrap();
     let want = load("train_final.safetensors");
