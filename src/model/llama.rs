@@ -231,22 +231,28 @@ impl HostAdapter {
     pub fn merge_into(&self, w: &mut crate::model::LlamaWeights) -> Result<()> {
         let dims = Dims::from_config(&w.config);
         self.check(&dims)?;
-        for (l, row) in self.sites.iter().enumerate() {
-            for (m, p) in row.iter().enumerate() {
-                let Some(p) = p else { continue };
-                let (_, phi, psi) = &self.pairs[*p];
-                let (d_in, d_out) = dims.module_dims(m);
-                let t = w.layers[l].linear_mut(MODULES[m])?;
-                crate::cpu::wegeft_merge(
-                    &LayerShape::new(1, d_in, d_out, self.rank)?,
-                    crate::shape::MatMut::new("W", &mut t.data, d_out, d_in)?,
-                    crate::shape::Mat::new("phi", phi, d_in, self.rank)?,
-                    crate::shape::Mat::new("psi", psi, self.rank, d_in)?,
-                    self.scale,
-                )?;
-            }
+        for (l, m, phi, psi) in self.adapted_sites() {
+            let (d_in, d_out) = dims.module_dims(m);
+            let t = w.layers[l].linear_mut(MODULES[m])?;
+            crate::cpu::wegeft_merge(
+                &LayerShape::new(1, d_in, d_out, self.rank)?,
+                crate::shape::MatMut::new("W", &mut t.data, d_out, d_in)?,
+                crate::shape::Mat::new("phi", phi, d_in, self.rank)?,
+                crate::shape::Mat::new("psi", psi, self.rank, d_in)?,
+                self.scale,
+            )?;
         }
         Ok(())
+    }
+
+    /// Every adapted site, in model order: `(layer, module index, phi, psi)`.
+    fn adapted_sites(&self) -> impl Iterator<Item = (usize, usize, &[f32], &[f32])> + '_ {
+        self.sites.iter().enumerate().flat_map(move |(l, row)| {
+            row.iter().enumerate().filter_map(move |(m, p)| {
+                let (_, phi, psi) = &self.pairs[(*p)?];
+                Some((l, m, phi.as_slice(), psi.as_slice()))
+            })
+        })
     }
 
     /// The same update as a standard LoRA adapter on the frozen weights as the file holds
@@ -261,25 +267,21 @@ impl HostAdapter {
         self.check(&dims)?;
         let r = self.rank;
         let mut sites = Vec::new();
-        for (l, row) in self.sites.iter().enumerate() {
-            for (m, p) in row.iter().enumerate() {
-                let Some(p) = p else { continue };
-                let (_, phi, psi) = &self.pairs[*p];
-                let (d_in, d_out) = dims.module_dims(m);
-                let t = w.layers[l].linear(MODULES[m])?;
-                let mut b = vec![0.0f32; d_out * r];
-                matmul(
-                    &mut MatMut::new("B", &mut b, d_out, r)?,
-                    0.0,
-                    self.scale,
-                    Mat::new("W", &t.data, d_out, d_in)?,
-                    Op::N,
-                    Mat::new("phi", phi, d_in, r)?,
-                    Op::N,
-                )?;
-                let module = crate::adapter::Module::ALL[m];
-                sites.push(LoraSite { layer: l, module, d_in, d_out, a: psi.clone(), b });
-            }
+        for (l, m, phi, psi) in self.adapted_sites() {
+            let (d_in, d_out) = dims.module_dims(m);
+            let t = w.layers[l].linear(MODULES[m])?;
+            let mut b = vec![0.0f32; d_out * r];
+            matmul(
+                &mut MatMut::new("B", &mut b, d_out, r)?,
+                0.0,
+                self.scale,
+                Mat::new("W", &t.data, d_out, d_in)?,
+                Op::N,
+                Mat::new("phi", phi, d_in, r)?,
+                Op::N,
+            )?;
+            let module = crate::adapter::Module::ALL[m];
+            sites.push(LoraSite { layer: l, module, d_in, d_out, a: psi.to_vec(), b });
         }
         let lora = Lora { rank: r, n_layers: dims.layers, sites };
         lora.check()?;

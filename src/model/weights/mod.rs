@@ -194,6 +194,15 @@ fn permuted_heads(c: &LlamaConfig, field: &str) -> Option<usize> {
     }
 }
 
+/// A matrix of `module`'s output rows (`values`, `cols` wide, HF order) in the row order a
+/// GGUF of `c`'s architecture stores: q/k rows permuted where llama.cpp permutes them.
+fn file_rows<'a>(c: &LlamaConfig, module: &str, values: &'a [f32], cols: usize) -> Result<std::borrow::Cow<'a, [f32]>> {
+    Ok(match permuted_heads(c, module) {
+        Some(nh) => std::borrow::Cow::Owned(permute_qk_rows(values, nh, c.head_dim, cols)?),
+        None => std::borrow::Cow::Borrowed(values),
+    })
+}
+
 /// `values` as the bytes of a tensor of element type `T`.
 fn encoded<T: crate::dtype::Element>(values: &[f32]) -> Vec<u8> {
     let v: Vec<T> = values.iter().map(|&x| T::from_f32(x)).collect();
@@ -230,15 +239,7 @@ pub fn gguf_with_linears(
             continue;
         };
         let t = w.layers[l].linear(module)?;
-        let cols = t.shape.last().copied().unwrap_or(0);
-        let permuted;
-        let values: &[f32] = match permuted_heads(c, module) {
-            Some(nh) => {
-                permuted = permute_qk_rows(&t.data, nh, c.head_dim, cols)?;
-                &permuted
-            }
-            None => &t.data,
-        };
+        let values = &*file_rows(c, module, &t.data, t.shape.last().copied().unwrap_or(0))?;
         if info.n_elements() != values.len() {
             return Err(src.error(format!(
                 "tensor {:?} has {} elements, the merged {module} of layer {l} {}",
@@ -289,16 +290,9 @@ pub fn gguf_lora(src: &gguf::GgufFile, c: &LlamaConfig, lora: &crate::adapter::l
                 s.d_in
             )));
         }
-        let permuted;
-        let b: &[f32] = match permuted_heads(c, module) {
-            Some(nh) => {
-                permuted = permute_qk_rows(&s.b, nh, c.head_dim, r)?;
-                &permuted
-            }
-            None => &s.b,
-        };
+        let b = file_rows(c, module, &s.b, r)?;
         out.tensor(format!("{name}.lora_a"), &[s.d_in as u64, r as u64], GgmlType::F32, encoded::<f32>(&s.a))?;
-        out.tensor(format!("{name}.lora_b"), &[r as u64, s.d_out as u64], GgmlType::F32, encoded::<f32>(b))?;
+        out.tensor(format!("{name}.lora_b"), &[r as u64, s.d_out as u64], GgmlType::F32, encoded::<f32>(&b))?;
     }
     Ok(out)
 }
