@@ -1,6 +1,6 @@
 //! The training recipe beyond plain AdamW, as transformers' Trainer runs it: learning-rate
-//! schedules (`get_scheduler`), gradient clipping (`clip_grad_norm_`) and gradient
-//! accumulation. Reference data from scripts/recipe_reference.py (transformers 5.24, PyTorch
+//! schedules (`get_scheduler`), gradient clipping (`clip_grad_norm_`), gradient accumulation
+//! and an evaluation loss during training. Reference data from scripts/recipe_reference.py (transformers 5.24, PyTorch
 //! float64).
 
 mod common;
@@ -8,6 +8,8 @@ mod common;
 mod reference;
 #[path = "common/smollm2.rs"]
 mod smollm2;
+#[path = "common/tiny.rs"]
+mod tiny;
 
 use std::path::PathBuf;
 
@@ -131,4 +133,54 @@ fn clipping_scales_the_gradient_to_the_bound() {
     for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
         assert!(Trainer::new(&Cpu, &model, &ad, opt).unwrap().with_max_grad_norm(bad).is_err(), "{bad}");
     }
+}
+
+/// `finetune --eval-data`: the evaluation loss before training, every `--eval-every` steps and
+/// after the last, logged as `{"step": k, "eval_loss": ...}`; before training (a fresh adapter,
+/// whose `psi` is zero) it is the base model's mean loss over the file; training on that same
+/// data lowers it. Evaluation data without a token to predict is refused.
+#[test]
+fn finetune_reports_the_evaluation_loss() {
+    use wegeft::train::{data, trainer::eval_loss};
+    let dir = common::fresh_dir("evaldata");
+    let (model_path, train) = (dir.join("tiny.gguf"), dir.join("train.jsonl"));
+    tiny::write_gguf(&model_path);
+    tiny::write_data(&train, 6);
+    let (out, log) = (dir.join("out"), dir.join("log.jsonl"));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["finetune", "--model", &s(&model_path), "--data", &s(&train), "--rank", "2", "--targets", "q_proj,v_proj,down_proj", "--lr", "2e-2", "--batch", "3", "--seq", "16", "--steps", "5", "--out", &s(&out)]
+            .iter()
+            .map(|x| x.to_string())
+            .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let a = args(&["--eval-data", &s(&train), "--eval-every", "2", "--log-json", &s(&log)]);
+    common::wegeft_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let evals: Vec<(u64, f64)> =
+        lines.iter().filter(|l| l.get("eval_loss").is_some()).map(|l| (l["step"].as_u64().unwrap(), l["eval_loss"].as_f64().unwrap())).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 2, 4, 5], "{evals:?}");
+    assert_eq!(lines.iter().filter(|l| l.get("loss").is_some()).count(), 5);
+    // Before training: the base model's loss over the file.
+    let w = LlamaWeights::load(&model_path).unwrap();
+    let tok = wegeft::model::Tokenizer::from_gguf(&model_path).unwrap();
+    let model = Llama::from_host(&Cpu, HostWeights::from_llama(w).unwrap()).unwrap();
+    let examples = data::read_jsonl(&train, Some(&tok), 16).unwrap();
+    let base = eval_loss(&Cpu, &model, None, &examples, 3, tok.pad_id().unwrap_or(0)).unwrap();
+    assert!((evals[0].1 - base).abs() <= 1e-6 * base, "{} vs the base model's {base}", evals[0].1);
+    assert!(evals[3].1 < evals[0].1 - 1e-3, "training on the data did not lower its loss: {evals:?}");
+    // Refused: a missing file, and a file of prompts with empty completions.
+    let _ = std::fs::remove_dir_all(&out);
+    let e = common::run_wegeft(&args(&["--eval-data", &s(&dir.join("none.jsonl"))]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("none.jsonl"));
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "{\"prompt\": \"abc\", \"completion\": \"\"}\n").unwrap();
+    let e = common::run_wegeft(&args(&["--eval-data", &s(&empty)]).iter().map(String::as_str).collect::<Vec<_>>());
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && msg.contains("empty.jsonl"), "{msg}");
+    assert!(!out.exists(), "a refused run left {}", out.display());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,7 +18,7 @@ use wegeft::train::checkpoint;
 use wegeft::train::data::{self, Batcher, Example};
 use wegeft::train::optim::AdamWConfig;
 use wegeft::train::schedule::{LrSchedule, ScheduleKind};
-use wegeft::train::trainer::{check_max_grad_norm, Trainer};
+use wegeft::train::trainer::{self, check_max_grad_norm, Trainer};
 use wegeft::{Error, Result};
 
 #[derive(Parser)]
@@ -149,6 +149,14 @@ enum Cmd {
         shuffle: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Evaluation data (same record formats as --data): its mean loss over every labelled
+        /// token is printed and logged ({"step": k, "eval_loss": loss after k updates}) before
+        /// training, every --eval-every steps and after the last.
+        #[arg(long)]
+        eval_data: Option<PathBuf>,
+        /// With --eval-data: evaluate every N steps as well (0 = before and after only).
+        #[arg(long, default_value_t = 0)]
+        eval_every: usize,
         /// Held-out problems evaluated before and after training (--task only; 0 = none).
         #[arg(long, default_value_t = 100)]
         eval_n: usize,
@@ -611,6 +619,8 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             shuffle,
             seed,
             eval_n,
+            eval_data,
+            eval_every,
             save_every,
             resume,
         } => {
@@ -683,6 +693,17 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                     .collect::<Result<_>>()?,
                 (None, None) => return Err(Error::invalid("finetune", "give --data or --task")),
             };
+            let eval_set = match &eval_data {
+                Some(path) => {
+                    let ex = data::read_jsonl(path, Some(&l.tok), seq)?;
+                    data::check_ids(path, &ex, dims.vocab)?;
+                    if !ex.iter().any(|e| e.target.iter().skip(1).any(|&t| t)) {
+                        return Err(Error::format(path, "no example has a token to predict"));
+                    }
+                    Some(ex)
+                }
+                None => None,
+            };
             let opt = AdamWConfig { lr, weight_decay, ..AdamWConfig::default() };
             let mut batcher = Batcher::new(examples.len(), batch, shuffle.then_some(seed))?;
             let run_config = checkpoint::RunConfig {
@@ -737,6 +758,18 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 None => None,
             };
             let pad = l.tok.pad_id().unwrap_or(0);
+            // The evaluation loss after `k` updates: printed, and logged.
+            let evaluate = |tr: &Trainer<B>, k: usize, log: &mut Option<std::io::BufWriter<std::fs::File>>| -> Result<()> {
+                let Some(set) = &eval_set else { return Ok(()) };
+                let loss = trainer::eval_loss(be, &l.model, Some(tr.adapter()), set, batch, pad)?;
+                eprintln!("eval loss after {k} steps: {loss:.6}");
+                if let (Some(w), Some(p)) = (log.as_mut(), &log_json) {
+                    writeln!(w, "{}", serde_json::json!({"step": k, "eval_loss": loss})).map_err(|e| Error::io(p, e))?;
+                    w.flush().map_err(|e| Error::io(p, e))?;
+                }
+                Ok(())
+            };
+            evaluate(&tr, first, &mut log)?;
             let pb = bar((steps - first) as u64, "finetune");
             let t0 = Instant::now();
             let mut tokens = 0usize;
@@ -761,6 +794,9 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 }
                 pb.inc(1);
                 pb.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens as f64 / t0.elapsed().as_secs_f64()));
+                if (eval_every > 0 && (step + 1) % eval_every == 0) || step + 1 == steps {
+                    pb.suspend(|| evaluate(&tr, step + 1, &mut log))?;
+                }
             }
             pb.finish_and_clear();
             let secs = t0.elapsed().as_secs_f64();

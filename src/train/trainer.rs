@@ -30,6 +30,37 @@ pub fn check_max_grad_norm(arg: &'static str, max_norm: f64) -> Result<()> {
     Ok(())
 }
 
+/// The mean next-token loss over every labelled position of `examples` (an evaluation set),
+/// taken `batch` examples at a time in order, padded with `pad`, without weight dropout: the
+/// loss of the whole set as one batch, up to the order of summation. Examples without a
+/// labelled position count for nothing; a set with none at all is an error.
+pub fn eval_loss<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: Option<&Adapter<B>>,
+    examples: &[crate::train::data::Example],
+    batch: usize,
+    pad: u32,
+) -> Result<f64> {
+    if batch == 0 {
+        return Err(Error::ZeroDim { what: "batch" });
+    }
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for chunk in examples.chunks(batch) {
+        let refs: Vec<&crate::train::data::Example> = chunk.iter().collect();
+        let b = crate::train::data::make_batch(&refs, pad)?;
+        let n = b.count();
+        if n > 0 {
+            sum += model.loss(be, adapter, &b)? as f64 * n as f64;
+            count += n;
+        }
+    }
+    if count == 0 {
+        return Err(Error::invalid("evaluation data", "no labelled positions"));
+    }
+    Ok(sum / count as f64)
+}
+
 /// Trains an adapter on a frozen model.
 pub struct Trainer<'m, B: Backend> {
     be: &'m B,
