@@ -73,6 +73,28 @@ pub fn train_losses<B: Backend>(be: &B, model: &Llama<B>, ad: &HostAdapter, batc
     (losses, tr.host_adapter().unwrap())
 }
 
+/// [`train_losses`] with the recipe of transformers' Trainer: a cosine schedule with one warm-up
+/// step over the run, the gradient clipped to `max_norm`, two batches per update. Returns each
+/// update's loss and gradient norm (before clipping), and the adapter after.
+pub fn recipe_run<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    ad: &HostAdapter,
+    batches: &[Batch],
+    max_norm: f64,
+) -> (Vec<f32>, Vec<f64>, HostAdapter) {
+    use wegeft::train::schedule::{LrSchedule, ScheduleKind};
+    let opt = AdamWConfig { lr: 4e-3, weight_decay: 0.01, ..AdamWConfig::default() };
+    let updates = batches.len() as u64 / 2;
+    let mut tr = Trainer::new(be, model, ad, opt)
+        .unwrap()
+        .with_schedule(LrSchedule::new(ScheduleKind::Cosine, 1, updates))
+        .with_max_grad_norm(max_norm)
+        .unwrap();
+    let (losses, norms) = batches.chunks(2).map(|c| tr.step_many(c).unwrap()).map(|s| (s.loss, s.grad_norm)).unzip();
+    (losses, norms, tr.host_adapter().unwrap())
+}
+
 /// `n` batches of `b` sequences of `s` tokens, the first half of each batch without loss.
 pub fn batches(d: &Dims, n: usize, b: usize, s: usize) -> Vec<Batch> {
     (0..n)
