@@ -270,7 +270,8 @@ impl<'m, B: Backend> Trainer<'m, B> {
     pub fn host_adapter(&self) -> Result<HostAdapter> {
         self.adapter.download(self.be)
     }
-    /// The gradients of the last step (`(dphi, dpsi)` per pair), on the host.
+    /// The gradients of the last step (`(dphi, dpsi)` per pair; clipped, where clipping is on
+    /// and the norm was above the bound), on the host.
     pub fn last_grads(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
         self.grads.iter().map(|(a, b)| Ok((self.be.download(a)?, self.be.download(b)?))).collect()
     }
