@@ -91,6 +91,14 @@ fn accumulated_batches_are_one_batch() {
     let b = four.step_many(&[Batch::causal(&seqs[..1]).unwrap(), Batch::causal(&seqs[1..]).unwrap()]).unwrap();
     assert!((a.loss - b.loss).abs() <= 1e-6 * a.loss.abs() && (a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm, "{a:?} vs {b:?}");
     assert!(Trainer::new(&Cpu, &model, &ad, opt).unwrap().step_many(&[]).is_err());
+    // A batch without a labelled position adds nothing; only such batches are an error.
+    let mut none = Batch::causal(&seqs[..2]).unwrap();
+    none.labels.iter_mut().for_each(|l| *l = -1);
+    let mut five = Trainer::new(&Cpu, &model, &ad, opt).unwrap();
+    let c = five.step_many(&[Batch::causal(&seqs).unwrap(), none.clone()]).unwrap();
+    assert_eq!((c.loss, c.grad_norm), (a.loss, a.grad_norm), "an empty batch changed the step");
+    assert_eq!(five.host_adapter().unwrap(), three.host_adapter().unwrap());
+    assert!(Trainer::new(&Cpu, &model, &ad, opt).unwrap().step_many(&[none]).is_err());
 }
 
 /// Clipping: a bound above the gradient's norm changes nothing, bitwise; a bound below it

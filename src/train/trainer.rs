@@ -121,7 +121,8 @@ impl<'m, B: Backend> Trainer<'m, B> {
 
     /// One update from several batches (gradient accumulation): the gradient is that of the
     /// mean loss over all their labelled positions, as if they were one batch, with one weight
-    /// dropout mask for all of them. Then clipping (if set), then AdamW at the schedule's
+    /// dropout mask for all of them. A batch without a labelled position adds nothing; batches
+    /// without any at all are an error. Then clipping (if set), then AdamW at the schedule's
     /// learning rate. Errors as [`Trainer::step`].
     pub fn step_many(&mut self, batches: &[Batch]) -> Result<StepStats> {
         if batches.is_empty() {
@@ -135,13 +136,17 @@ impl<'m, B: Backend> Trainer<'m, B> {
             self.be.fill_zero(dpsi)?;
         }
         let total: usize = batches.iter().map(Batch::count).sum();
+        if total == 0 {
+            return Err(Error::invalid("batches", "no labelled positions"));
+        }
         let mut sum = 0.0f64;
-        for b in batches {
+        // A batch without a labelled position adds nothing (its examples' answers were cut off).
+        for b in batches.iter().filter(|b| b.count() > 0) {
             let loss = self.model.loss_and_grad_over(self.be, &self.adapter, b, &mut self.grads, total)?;
             sum += loss as f64 * b.count() as f64;
         }
         // One batch: its own mean (the f64 round trip is exact).
-        let loss = (sum / total.max(1) as f64) as f32;
+        let loss = (sum / total as f64) as f32;
         if !loss.is_finite() {
             return Err(Error::Numerical(format!("loss is {loss} at step {}", self.step + 1)));
         }
