@@ -559,23 +559,10 @@ fn smollm2_training_losses_match_cpu() {
 #[test]
 fn recipe_training_matches_cpu() {
     let g = gpu_or_skip!(DType::BF16);
-    let d = smollm2(6);
-    let bts = batches(&d, 6, 2, 40);
-    let ad = adapter(&d, 600);
-    let mut w = HostWeights::random(&d, 17, false).unwrap();
-    w.round_to_bf16();
-    let cpu = Llama::new(&Cpu, &w).unwrap();
-    let (_, free, _) = smollm2::recipe_run(&Cpu, &cpu, &ad, &bts, 1e30);
-    let bound = 0.5 * free.iter().cloned().fold(f64::INFINITY, f64::min);
-    let (want, want_n, want_ad) = smollm2::recipe_run(&Cpu, &cpu, &ad, &bts, bound);
-    drop(cpu);
-    let dev = Llama::from_host(&g, w).unwrap();
-    let (got, got_n, got_ad) = smollm2::recipe_run(&g, &dev, &ad, &bts, bound);
-    println!("recipe: cuda losses {got:?} vs cpu {want:?}, gradient norms {got_n:?} vs {want_n:?}");
-    for (a, b) in got_n.iter().zip(&want_n) {
-        assert!(((a - b) / b).abs() < 2e-2, "gradient norm {a} vs {b}");
-    }
-    assert_run_follows("cuda bf16 vs cpu, recipe", &ad, (&got, &got_ad), (&want, &want_ad), 2e-2, 0.8);
+    let case = smollm2::recipe_case();
+    let dev = Llama::from_host(&g, case.weights.clone()).unwrap();
+    let got = smollm2::recipe_run(&g, &dev, &case.adapter, &case.batches, case.bound);
+    case.assert_follows("cuda bf16 vs cpu, recipe", &got, 2e-2, 2e-2, 0.8);
 }
 
 #[test]

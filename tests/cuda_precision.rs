@@ -469,24 +469,12 @@ fn gpu_training_tolerances_hold_for_the_cuda_precision_model() {
 /// cosines above 0.9 (it asks 0.8).
 #[test]
 fn gpu_recipe_tolerances_hold_for_the_cuda_precision_model() {
-    let d = smollm2::dims(6);
-    let bts = smollm2::batches(&d, 6, 2, 40);
-    let ad = smollm2::adapter(&d, 600);
-    let mut w = HostWeights::random(&d, 17, false).unwrap();
-    w.round_to_bf16();
-    let cpu = Llama::new(&Cpu, &w).unwrap();
-    let (_, free, _) = smollm2::recipe_run(&Cpu, &cpu, &ad, &bts, 1e30);
-    let bound = 0.5 * free.iter().cloned().fold(f64::INFINITY, f64::min);
-    let (want, want_n, want_ad) = smollm2::recipe_run(&Cpu, &cpu, &ad, &bts, bound);
-    drop(cpu);
+    let case = smollm2::recipe_case();
     let be = CudaPrecision::full();
-    let model = Llama::new(&be, &w).unwrap();
-    let (got, got_n, got_ad) = smollm2::recipe_run(&be, &model, &ad, &bts, bound);
-    println!("recipe: losses {got:?} vs {want:?}, gradient norms {got_n:?} vs {want_n:?} (clipped to {bound})");
-    for (a, b) in got_n.iter().zip(&want_n) {
-        assert!(((a - b) / b).abs() < 1e-2, "gradient norm {a} vs {b}");
-    }
-    let worst = smollm2::assert_run_follows("precision model, recipe", &ad, (&got, &got_ad), (&want, &want_ad), 1e-2, 0.9);
+    let model = Llama::new(&be, &case.weights).unwrap();
+    let got = smollm2::recipe_run(&be, &model, &case.adapter, &case.batches, case.bound);
+    // Half the GPU test's bounds on norms and losses, a cosine above 0.9 where it asks 0.8.
+    let worst = case.assert_follows("precision model, recipe", &got, 1e-2, 1e-2, 0.9);
     println!("update cosines: worst {worst:.4} (GPU test: > 0.8)");
 }
 

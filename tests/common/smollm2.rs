@@ -95,6 +95,46 @@ pub fn recipe_run<B: Backend>(
     (losses, norms, tr.host_adapter().unwrap())
 }
 
+/// The recipe case of tests/cuda_model.rs `recipe_training_matches_cpu` and its precision-model
+/// twin: a 6-layer SmolLM2-shaped model (bf16-rounded weights), 6 batches (3 updates of 2), an
+/// adapter, a clipping bound of half the smallest unclipped gradient norm (so every update is
+/// clipped), and the CPU run at that bound (losses, gradient norms, adapter after).
+pub struct RecipeCase {
+    pub weights: wegeft::model::llama::HostWeights,
+    pub batches: Vec<Batch>,
+    pub adapter: HostAdapter,
+    pub bound: f64,
+    pub want: (Vec<f32>, Vec<f64>, HostAdapter),
+}
+
+pub fn recipe_case() -> RecipeCase {
+    use wegeft::cpu::Cpu;
+    let d = dims(6);
+    let batches = batches(&d, 6, 2, 40);
+    let adapter = adapter(&d, 600);
+    let mut weights = wegeft::model::llama::HostWeights::random(&d, 17, false).unwrap();
+    weights.round_to_bf16();
+    let cpu = Llama::new(&Cpu, &weights).unwrap();
+    let (_, free, _) = recipe_run(&Cpu, &cpu, &adapter, &batches, 1e30);
+    let bound = 0.5 * free.iter().cloned().fold(f64::INFINITY, f64::min);
+    let want = recipe_run(&Cpu, &cpu, &adapter, &batches, bound);
+    RecipeCase { weights, batches, adapter, bound, want }
+}
+
+impl RecipeCase {
+    /// Asserts that `got` (a [`recipe_run`] of this case) follows the CPU run: gradient norms
+    /// within `norm_tol` relative, then [`assert_run_follows`] with `loss_tol` and `min_cos`.
+    /// Returns the worst update cosine.
+    pub fn assert_follows(&self, what: &str, got: &(Vec<f32>, Vec<f64>, HostAdapter), norm_tol: f64, loss_tol: f32, min_cos: f64) -> f64 {
+        let (want, want_n, want_ad) = &self.want;
+        println!("{what}: losses {:?} vs {want:?}, gradient norms {:?} vs {want_n:?} (clipped to {})", got.0, got.1, self.bound);
+        for (a, b) in got.1.iter().zip(want_n) {
+            assert!(((a - b) / b).abs() < norm_tol, "{what}: gradient norm {a} vs {b}");
+        }
+        assert_run_follows(what, &self.adapter, (&got.0, &got.2), (want, want_ad), loss_tol, min_cos)
+    }
+}
+
 /// `n` batches of `b` sequences of `s` tokens, the first half of each batch without loss.
 pub fn batches(d: &Dims, n: usize, b: usize, s: usize) -> Vec<Batch> {
     (0..n)
