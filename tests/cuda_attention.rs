@@ -13,7 +13,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_close, rand_vec};
+use common::{assert_close, assert_close_floor, attention_grad_floors, rand_vec};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use half::{bf16, f16};
 use wegeft::backend::AttnShape;
@@ -147,8 +147,10 @@ fn check_backward<T: El>(dev: &CudaBackend, s: AttnShape, seed: u64) {
     let mut gdv = poisoned::<T>(&st, n * kw);
     attention_backward(dev, &st, s, &q, &k, &v, &o, &l, &g, &mut gdq, &mut gdk, &mut gdv).unwrap();
     let what = format!("{} {s:?}", T::DTYPE.name());
-    assert_close(&format!("dq {what}"), &down(&st, &gdq), &f64s(&dq), tol::<T>());
-    assert_close(&format!("dk {what}"), &down(&st, &gdk), &f64s(&dk), tol::<T>());
+    // A window of one key or S = 1: dq and dk are exactly zero, the checks are against noise.
+    let (fq, fk) = attention_grad_floors(s.head_dim, &x.q, &x.k, &x.v, &x.dout);
+    assert_close_floor(&format!("dq {what}"), &down(&st, &gdq), &f64s(&dq), tol::<T>(), fq);
+    assert_close_floor(&format!("dk {what}"), &down(&st, &gdk), &f64s(&dk), tol::<T>(), fk);
     assert_close(&format!("dv {what}"), &down(&st, &gdv), &f64s(&dv), tol::<T>());
 }
 

@@ -122,8 +122,15 @@ pub fn t(a: &[f64], m: usize, n: usize) -> Vec<f64> {
 /// Asserts `got` matches `want` to relative tolerance `tol`, measured against the largest
 /// magnitude in `want` (so elements near zero do not dominate). Prints the worst element.
 pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_close_floor(what, got, want, tol, 1e-30);
+}
+
+/// `assert_close` with the error measured against `max(max |want|, floor)`: for an output
+/// that cancels to (nearly) zero, `floor` is a fraction of the size of the terms that cancel,
+/// the size both sides' rounding noise scales with.
+pub fn assert_close_floor(what: &str, got: &[f64], want: &[f64], tol: f64, floor: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(floor);
     let (mut worst, mut at) = (0.0f64, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         // NaN (an unwritten, poisoned output) counts as an infinite error.
@@ -140,6 +147,19 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
         got[at],
         want[at]
     );
+}
+
+/// The floors of attention's dq and dk for `assert_close_floor`: 1% of the size of the terms
+/// `scale ds_ij k_j` and `scale ds_ij q_i` before they cancel, with `ds_ij = p_ij (dp_ij - D_i)`
+/// and `|dp_ij|, |D_i| <= max |dout_i| max |v_j|` (per head, Euclidean norms). Where every
+/// query sees one key (S = 1, a window of 1) `p_ij = 1`, `dp_ij = D_i` and dq, dk are exactly
+/// zero: both sides give only rounding noise, which a check against `max |want|` (itself
+/// noise, or 0) cannot tell from an error. Elsewhere `max |want|` is far above the floor.
+pub fn attention_grad_floors(head_dim: usize, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> (f64, f64) {
+    let norm = |x: &[f32]| x.chunks_exact(head_dim).fold(0.0f64, |m, h| m.max(h.iter().map(|&e| e as f64 * e as f64).sum::<f64>().sqrt()));
+    let amax = |x: &[f32]| x.iter().fold(0.0f64, |m, &e| m.max((e as f64).abs()));
+    let terms = norm(dout) * norm(v) / (head_dim as f64).sqrt();
+    (0.01 * terms * amax(k), 0.01 * terms * amax(q))
 }
 
 /// A deterministic pseudo-random vector in [-1, 1) (splitmix64), for tests that need data
