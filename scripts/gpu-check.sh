@@ -4,9 +4,10 @@
 # standalone fused-GEMM check kernels/test/gemm_kext_check.cu (nvcc: sm_80 + sm_90a cubins and
 # compute_80 PTX, cudart static, cuBLAS dlopen'ed there), the layer fixtures, the runner
 # (gpu-pack/run.sh), its summary maker (summary.py) and the PyTorch side-by-side script.
-# Also compute-sanitizer (the PyPI wheel nvidia-cuda-sanitizer-api 13.0, cached in the target
-# folder): the GPU machine has the driver, PyTorch and peft, but no Rust and no network, and
-# maybe no sanitizer. The pack records the commit it was built from (COMMIT); a commit made
+# The GPU machine has the driver, compute-sanitizer, PyTorch and peft, but no Rust and no
+# network. (The PyPI wheel nvidia-cuda-sanitizer-api 13.0.85, once packed too, ran there but
+# failed on every program with "couldn't find exit code"; the machine's own 2025.3.1 works.)
+# The pack records the commit it was built from (COMMIT); a commit made
 # while it builds is an error.
 #
 #   bash scripts/gpu-check.sh          # here
@@ -107,17 +108,6 @@ cp scripts/torch_sdpa.py "$pack/torch_sdpa.py"
 cp scripts/gpu_summary.py "$pack/summary.py"
 mkdir -p "$pack/python"
 cp examples/python/wegeft.py examples/python/wegeft_torch.py examples/python/test_wegeft_torch.py "$pack/python/"
-# compute-sanitizer 13.0 (14 MB), downloaded once into the cache.
-find_san() { find "$gk_cache" -maxdepth 1 -name 'nvidia_cuda_sanitizer_api-13.0.*.whl' | head -1; }
-san_whl="$(find_san)"
-if [ -z "$san_whl" ]; then
-  echo "gpu-check.sh: downloading compute-sanitizer (nvidia-cuda-sanitizer-api==13.0.85)..." >&2
-  python3 -m pip download -q --no-deps --only-binary :all: -d "$gk_cache" nvidia-cuda-sanitizer-api==13.0.85 >&2 ||
-    echo "gpu-check.sh: WARNING: no compute-sanitizer packed (download failed); the runner will look on the GPU machine" >&2
-  san_whl="$(find_san)"
-fi
-[ -n "$san_whl" ] && cp "$san_whl" "$pack/"
-
 head1="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 if [ "$head1" != "$head0" ] || [ "$(git status --porcelain 2>/dev/null)" != "$dirty0" ]; then
   echo "gpu-check.sh: the tree changed while the pack was built ($head0 -> $head1); run it again" >&2

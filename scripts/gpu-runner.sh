@@ -140,24 +140,12 @@ fi
 # original: a toolkit folder ahead of its own wheels could give it a cuBLAS it was not built for.
 orig_ldp="${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-# compute-sanitizer: the packed one first (the wheel nvidia-cuda-sanitizer-api 13.0, the
-# version of the driver's CUDA, whose options this script uses), else the machine's.
+# compute-sanitizer: the machine's (the toolkit's, version 2025.3.1 with driver 580 there).
 sanitizer=""
-san_whl="$(ls "$here"/nvidia_cuda_sanitizer_api-*.whl 2>/dev/null | head -1)"
-if [ -n "$san_whl" ]; then
-  mkdir -p "$work/sanitizer"
-  if (cd "$work/sanitizer" && { unzip -q "$san_whl" 2>/dev/null || python3 -m zipfile -e "$san_whl" . 2>/dev/null; }); then
-    c="$work/sanitizer/nvidia/cu13/bin/compute-sanitizer"
-    chmod +x "$c" 2>/dev/null
-    timeout 20 "$c" --version >/dev/null 2>&1 && sanitizer="$c"
-  fi
-fi
-if [ -z "$sanitizer" ]; then
-  for c in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
-           /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer/compute-sanitizer; do
-    [ -n "$c" ] && [ -x "$c" ] && { sanitizer="$c"; break; }
-  done
-fi
+for c in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer \
+         /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer/compute-sanitizer; do
+  [ -n "$c" ] && [ -x "$c" ] && { sanitizer="$c"; break; }
+done
 gpu="$(timeout 20 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
 [ -n "$gpu" ] || gpu="(nvidia-smi printed nothing)"
 {
