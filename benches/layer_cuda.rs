@@ -1,6 +1,8 @@
 //! GPU benchmark of one layer, timed with CUDA events (bf16 storage): WeGeFT forward and
-//! backward on each available path (composed: cuBLASLt + rank-r kernels; fused: the
-//! K-extended GEMM when built in, `Fused` and `FusedSm90`), LoRA forward/backward, and the
+//! backward on each available path (composed: cuBLASLt + rank-r products; fused: the
+//! K-extended GEMM when built in, `Fused` and `FusedSm90`; the rank-r products through
+//! cuBLASLt, the default `ProductEngine`, and for `ComposedTiles` through the tile kernels
+//! of `kernels/lowrank.cu`), LoRA forward/backward, and the
 //! frozen layer alone through cuBLASLt (forward `y = x W^T`, backward `dx = G W`: the floor
 //! every adapter is measured against). Each result is also printed as a ratio to that floor.
 //!
@@ -12,8 +14,8 @@
 //!
 //! After the timings of a shape, every path's results are checked against the `Composed`
 //! path's (cuBLASLt + the rank-r kernels) on the same inputs, each call run once more from
-//! outputs poisoned with NaN and zeroed gradient accumulators: `Auto`, and `Fused`,
-//! `FusedSm90` when built in; WeGeFT `y`, `u`, `C`, `dx`, `dphi`, `dpsi` and LoRA `y`, `xa`,
+//! outputs poisoned with NaN and zeroed gradient accumulators: `Auto`, `ComposedTiles`, and
+//! `Fused`, `FusedSm90` when built in; WeGeFT `y`, `u`, `C`, `dx`, `dphi`, `dpsi` and LoRA `y`, `xa`,
 //! `dx`, `dA`, `dB` (every backward reads the reference forward's saved `u`, `C`, `xa`). Errors
 //! are relative to the largest reference element; tolerances: see [`TOL_BF16`], [`TOL_F32`].
 //! A NaN anywhere (in the reference too) fails. A mismatch prints the path, the quantity and
@@ -32,7 +34,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
-use wegeft::cuda::{CudaBackend, Dropout, Launch, Path, FUSED_GEMM_BUILT};
+use wegeft::cuda::{CudaBackend, Dropout, Launch, Path, ProductEngine, FUSED_GEMM_BUILT};
 use wegeft::{Error, LayerShape};
 
 type T = bf16;
@@ -171,6 +173,14 @@ fn run_once(dev: &CudaBackend, s: &LayerShape, b: &mut Bufs, saved: &mut Saved, 
 
 /// Checks every path against `Composed` on `b`'s inputs (see the module docs). Returns the
 /// lines to print and whether anything failed.
+/// A path's name in the table: `Composed` on the tile kernels is `ComposedTiles`.
+fn label_of(p: Path, engine: ProductEngine) -> String {
+    match engine {
+        ProductEngine::CublasLt => format!("{p:?}"),
+        ProductEngine::Tiles => format!("{p:?}Tiles"),
+    }
+}
+
 fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc: f32) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut failed = false;
@@ -196,17 +206,22 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
             lines.push(format!("{label:<28} check Composed (reference): MISMATCH {q}: non-finite {} at element {i}", v[i]));
         }
     }
-    let mut paths = vec![Path::Auto];
+    // Composed on the tile kernels for the rank-r products (`ProductEngine::Tiles`) too.
+    let mut paths = vec![(Path::Auto, ProductEngine::CublasLt), (Path::Composed, ProductEngine::Tiles)];
     if FUSED_GEMM_BUILT {
-        paths.push(Path::Fused);
-        paths.push(Path::FusedSm90);
+        paths.push((Path::Fused, ProductEngine::CublasLt));
+        paths.push((Path::FusedSm90, ProductEngine::CublasLt));
     }
-    paths.push(Path::Tuned);
-    for p in paths {
-        match run_once(dev, s, b, &mut saved, p, sc, false) {
+    paths.push((Path::Tuned, ProductEngine::CublasLt));
+    for (p, engine) in paths {
+        dev.set_product_engine(engine);
+        let outs = run_once(dev, s, b, &mut saved, p, sc, false);
+        dev.set_product_engine(ProductEngine::CublasLt);
+        let p = label_of(p, engine);
+        match outs {
             Err(e) => {
                 failed = true;
-                lines.push(format!("{label:<28} check {p:?}: FAILED: {e}"));
+                lines.push(format!("{label:<28} check {p}: FAILED: {e}"));
             }
             Ok(outs) => {
                 let (mut worst_h, mut worst_f, mut bad) = (0f64, 0f64, false);
@@ -221,7 +236,7 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
                         // (`rel_err` never returns NaN: non-finite values are infinite errors.)
                         bad = true;
                         lines.push(format!(
-                            "{label:<28} check {p:?}: MISMATCH {q}: error {e:.3e} at element {at} (got {}, Composed {}), tolerance {tol:e}",
+                            "{label:<28} check {p}: MISMATCH {q}: error {e:.3e} at element {at} (got {}, Composed {}), tolerance {tol:e}",
                             got.get(at).copied().unwrap_or(f32::NAN),
                             want.get(at).copied().unwrap_or(f32::NAN)
                         ));
@@ -229,7 +244,7 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
                 }
                 failed |= bad;
                 lines.push(format!(
-                    "{label:<28} check {p:?} vs Composed: worst error {worst_h:.2e} (bf16 y u C dx xa, tol {TOL_BF16:e}), {worst_f:.2e} (f32 dphi dpsi dA dB, tol {TOL_F32:e}): {}",
+                    "{label:<28} check {p} vs Composed: worst error {worst_h:.2e} (bf16 y u C dx xa, tol {TOL_BF16:e}), {worst_f:.2e} (f32 dphi dpsi dA dB, tol {TOL_F32:e}): {}",
                     if bad { "OUT OF TOLERANCE" } else { "ok" }
                 ));
             }
@@ -288,42 +303,45 @@ fn main() {
         let mut b = bufs(&st, &s);
         let sc = 2.0f32;
         // Tuned last: its warm-up runs time the others once per product, then it runs the winner.
-        let mut paths = vec![Path::Composed];
+        let mut paths = vec![(Path::Composed, ProductEngine::CublasLt), (Path::Composed, ProductEngine::Tiles)];
         if FUSED_GEMM_BUILT {
-            paths.push(Path::Fused);
-            paths.push(Path::FusedSm90);
+            paths.push((Path::Fused, ProductEngine::CublasLt));
+            paths.push((Path::FusedSm90, ProductEngine::CublasLt));
         }
-        paths.push(Path::Tuned);
+        paths.push((Path::Tuned, ProductEngine::CublasLt));
         let frozen_flops = 2.0 * s.tokens as f64 * s.d_in as f64 * s.d_out as f64;
         let mut rows: Vec<(String, wegeft::Result<f64>, f64)> = Vec::new();
         rows.push((FROZEN_FWD.into(), time(&dev, &mut flush, iters, || dev.frozen_forward(&s, &b.x, &b.w, None, &mut b.y, None)), frozen_flops));
         rows.push((FROZEN_BWD.into(), time(&dev, &mut flush, iters, || dev.frozen_backward(&s, &b.w, &b.g, &mut b.dx, None)), frozen_flops));
-        for p in paths {
+        for (p, engine) in paths {
+            dev.set_product_engine(engine);
             let l = Launch::new().path(p);
+            let p = label_of(p, engine);
             rows.push((
-                format!("wegeft fwd {p:?}"),
+                format!("wegeft fwd {p}"),
                 time(&dev, &mut flush, iters, || dev.wegeft_forward(&s, &b.x, &b.w, None, &b.phi, &b.psi, sc, Dropout::NONE, &mut b.u, &mut b.c, &mut b.y, l)),
                 frozen_flops,
             ));
             rows.push((
-                format!("wegeft bwd {p:?}"),
+                format!("wegeft bwd {p}"),
                 time(&dev, &mut flush, iters, || {
                     dev.wegeft_backward(&s, &b.x, &b.w, &b.psi, sc, Dropout::NONE, &b.u, &b.c, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)
                 }),
                 frozen_flops,
             ));
             rows.push((
-                format!("lora fwd {p:?}"),
+                format!("lora fwd {p}"),
                 time(&dev, &mut flush, iters, || dev.lora_forward(&s, &b.x, &b.w, None, &b.psi, &b.bm, sc, &mut b.u, &mut b.y, l)),
                 frozen_flops,
             ));
             rows.push((
-                format!("lora bwd {p:?}"),
+                format!("lora bwd {p}"),
                 time(&dev, &mut flush, iters, || {
                     dev.lora_backward(&s, &b.x, &b.w, &b.psi, &b.bm, sc, &b.u, &b.g, Some(&mut b.dx), &mut b.da, &mut b.db, l)
                 }),
                 frozen_flops,
             ));
+            dev.set_product_engine(ProductEngine::CublasLt);
         }
         // Every path's results against Composed's, before the merge below changes W.
         let (check_lines, check_failed) = check_paths(&dev, label, &s, &mut b, sc);

@@ -8,6 +8,7 @@
 //   cast_bf16_f32      y[i] = x[i]  or  y[i] += x[i]     (accumulate != 0)
 //   gather_rows_T      dst[r, :] = T(src[idx[r], :])     (rows of width dim; T = f32, bf16)
 //   scatter_rows_f32   dst[idx[r], :] = src[r, :]
+//   split_f32_bf16x2   hi[i] = bf16(x[i]), lo[i] = bf16(x[i] - hi[i])   (src/cuda/product.rs)
 #include "common.cuh"
 
 using bf16 = __nv_bfloat16;
@@ -62,5 +63,16 @@ extern "C" __global__ void scatter_rows_f32(const float* __restrict__ src, const
         long long r = i / dim;
         int c = (int)(i - r * dim);
         dst[(long long)idx[r] * dim + c] = src[i];
+    }
+}
+
+// x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): an f32 operand as two bf16 ones, for a
+// bf16 product that carries x to about 2^-17 of its size (the rank-r dphi through cuBLASLt).
+extern "C" __global__ void split_f32_bf16x2(const float* __restrict__ x, bf16* __restrict__ hi, bf16* __restrict__ lo,
+                                            long long n) {
+    GRID_STRIDE(i, n) {
+        const bf16 h = wegeft::from_f32<bf16>(x[i]);
+        hi[i] = h;
+        lo[i] = wegeft::from_f32<bf16>(x[i] - wegeft::to_f32(h));
     }
 }

@@ -209,8 +209,10 @@ def main():
             shapes.append(r.get("shape"))
     # Tuned (timed once per shape, then the winner) is a column of its own; "best" looks only at
     # the concrete paths.
-    paths = ["Composed", "Fused", "FusedSm90", "Tuned"]
-    concrete = paths[:3]
+    # ComposedTiles: Composed with the rank-r products on the tile kernels instead of cuBLASLt
+    # (ProductEngine::Tiles), a column for comparison, not a choice of "best".
+    paths = ["Composed", "ComposedTiles", "Fused", "FusedSm90", "Tuned"]
+    concrete = ["Composed", "Fused", "FusedSm90"]
 
     def best(shape, method, kind):
         """The fastest path of `method` ('wegeft' / 'lora') for `kind`: (path, ms, ratio)."""

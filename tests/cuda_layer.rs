@@ -1,6 +1,7 @@
 //! The CUDA backend against the float64 reference (`wegeft::reference`): every kernel on fresh
 //! random inputs, outputs poisoned with NaN before each run, sizes that are multiples of no
-//! tile, ranks 1, 8, 64 and 256, a single token; the PyTorch fixtures; determinism.
+//! tile, ranks 1, 8, 64 and 256, a single token; the PyTorch fixtures; determinism. Each on
+//! both engines of the rank-r products (cuBLASLt, the tile kernels).
 //!
 //! Without a CUDA device each GPU test prints `skipped: no CUDA device` and passes; with
 //! `WEGEFT_REQUIRE_GPU=1` it fails instead (the GPU check runs them so).
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use common::{assert_close, rand_vec, t};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use half::{bf16, f16};
-use wegeft::cuda::{dropout_keep, CudaBackend, Dropout, Launch, Path};
+use wegeft::cuda::{dropout_keep, CudaBackend, Dropout, Launch, Path, ProductEngine};
 use wegeft::reference as rf;
 use wegeft::{DType, Element, Error, LayerShape};
 
@@ -120,6 +121,9 @@ fn concrete_paths() -> Vec<Path> {
 
 /// The concrete paths and `Tuned` (whose first call of a shape runs each of them, the winner
 /// last: its results must be as right as theirs).
+/// The engines of the rank-r products: every check runs on both.
+const ENGINES: [ProductEngine; 2] = [ProductEngine::CublasLt, ProductEngine::Tiles];
+
 fn paths() -> Vec<Path> {
     let mut p = concrete_paths();
     p.push(Path::Tuned);
@@ -176,8 +180,11 @@ fn forward_all<T: El>() {
     for (i, &(tk, din, dout)) in SHAPES.iter().enumerate() {
         for &r in RANKS {
             let c = case::<T>(i as u64 * 10 + r as u64, tk, din, dout, r);
-            for p in paths() {
-                check_forward::<T>(&dev, &c, p, &format!("{} T={tk} d_in={din} d_out={dout} r={r} {p:?}", T::DTYPE));
+            for e in ENGINES {
+                dev.set_product_engine(e);
+                for p in paths() {
+                    check_forward::<T>(&dev, &c, p, &format!("{} T={tk} d_in={din} d_out={dout} r={r} {p:?} {e:?}", T::DTYPE));
+                }
             }
         }
     }
@@ -188,8 +195,11 @@ fn backward_all<T: El>() {
     for (i, &(tk, din, dout)) in SHAPES.iter().enumerate() {
         for &r in RANKS {
             let c = case::<T>(i as u64 * 10 + r as u64 + 1000, tk, din, dout, r);
-            for p in paths() {
-                check_backward::<T>(&dev, &c, p, &format!("{} T={tk} d_in={din} d_out={dout} r={r} {p:?}", T::DTYPE));
+            for e in ENGINES {
+                dev.set_product_engine(e);
+                for p in paths() {
+                    check_backward::<T>(&dev, &c, p, &format!("{} T={tk} d_in={din} d_out={dout} r={r} {p:?} {e:?}", T::DTYPE));
+                }
             }
         }
     }
@@ -225,7 +235,15 @@ fn backward_f16() {
 fn backward_long_reduction_f32() {
     let dev = gpu_or_skip!();
     let c = case::<f32>(77, 3001, 96, 40, 8);
-    check_backward::<f32>(&dev, &c, Path::Composed, "f32 T=3001 split-K");
+    for e in ENGINES {
+        dev.set_product_engine(e);
+        check_backward::<f32>(&dev, &c, Path::Composed, &format!("f32 T=3001 split-K {e:?}"));
+    }
+    let c = case::<bf16>(78, 3001, 96, 40, 8);
+    for e in ENGINES {
+        dev.set_product_engine(e);
+        check_backward::<bf16>(&dev, &c, Path::Composed, &format!("bf16 T=3001 {e:?}"));
+    }
 }
 
 // ---- dropout ----------------------------------------------------------------------------------
@@ -318,7 +336,10 @@ fn merge_all<T: El>() {
     for (i, &(_, din, dout)) in SHAPES.iter().enumerate() {
         for &r in RANKS {
             let c = case::<T>(i as u64 * 10 + r as u64 + 2000, 1, din, dout, r);
-            check_merge::<T>(&dev, &c, &format!("{} d_in={din} d_out={dout} r={r}", T::DTYPE));
+            for e in ENGINES {
+                dev.set_product_engine(e);
+                check_merge::<T>(&dev, &c, &format!("{} d_in={din} d_out={dout} r={r} {e:?}", T::DTYPE));
+            }
         }
     }
 }
@@ -399,8 +420,11 @@ fn lora_frozen_all<T: El>() {
         for &r in &[1usize, 8, 64] {
             let c = case::<T>(i as u64 * 10 + r as u64 + 3000, tk, din, dout, r);
             let what = format!("{} T={tk} d_in={din} d_out={dout} r={r}", T::DTYPE);
-            for p in paths() {
-                check_lora::<T>(&dev, &c, p, &format!("{what} {p:?}"));
+            for e in ENGINES {
+                dev.set_product_engine(e);
+                for p in paths() {
+                    check_lora::<T>(&dev, &c, p, &format!("{what} {p:?} {e:?}"));
+                }
             }
             check_frozen::<T>(&dev, &c, &what);
         }
@@ -432,8 +456,9 @@ fn fixtures_f32() {
         let psi = t(&get("layer.out_proj"), s.d_in, s.rank);
         let (xd, wd, bd, gd) = (up::<f32>(&st, &x), up::<f32>(&st, &w), up::<f32>(&st, &b), up::<f32>(&st, &g));
         let (phid, psid) = (up::<f32>(&st, &phi), up::<f32>(&st, &psi));
-        for p in paths() {
-            let what = format!("{} {p:?}", case.file);
+        for (e, p) in ENGINES.into_iter().flat_map(|e| paths().into_iter().map(move |p| (e, p))) {
+            dev.set_product_engine(e);
+            let what = format!("{} {p:?} {e:?}", case.file);
             let mut u = poisoned::<f32>(&st, s.tokens * s.rank);
             let mut c = poisoned::<f32>(&st, s.d_out * s.rank);
             let mut y = poisoned::<f32>(&st, s.tokens * s.d_out);
@@ -451,15 +476,18 @@ fn fixtures_f32() {
             assert_close(&format!("{what} d_in_proj"), &d_in_proj, &get("layer.d_in_proj"), 1e-5);
             assert_close(&format!("{what} d_out_proj"), &d_out_proj, &get("layer.d_out_proj"), 1e-5);
         }
-        let mut wm = up::<f32>(&st, &w);
-        dev.wegeft_merge(&s, &mut wm, &phid, &psid, 1.0, None).unwrap();
-        assert_close(&format!("{} W_merged", case.file), &down(&st, &wm), &get("layer.W_merged"), 1e-5);
+        for e in ENGINES {
+            dev.set_product_engine(e);
+            let mut wm = up::<f32>(&st, &w);
+            dev.wegeft_merge(&s, &mut wm, &phid, &psid, 1.0, None).unwrap();
+            assert_close(&format!("{} W_merged {e:?}", case.file), &down(&st, &wm), &get("layer.W_merged"), 1e-5);
+        }
     }
 }
 
 // ---- determinism ------------------------------------------------------------------------------
 
-fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case, path: Path) -> Vec<Vec<u8>> {
+fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case, path: Path, drop: Dropout) -> Vec<Vec<u8>> {
     let st = dev.stream().clone();
     let s = &c.s;
     let (x, w, g) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.g));
@@ -467,12 +495,12 @@ fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case, path: Path) -> Vec<Vec<
     let mut u = poisoned::<T>(&st, s.tokens * s.rank);
     let mut cc = poisoned::<T>(&st, s.d_out * s.rank);
     let mut y = poisoned::<T>(&st, s.tokens * s.d_out);
-    dev.wegeft_forward(s, &x, &w, None, &phi, &psi, c.scale as f32, Dropout { p: 0.1, seed: 3 }, &mut u, &mut cc, &mut y, Launch::new().path(path))
+    dev.wegeft_forward(s, &x, &w, None, &phi, &psi, c.scale as f32, drop, &mut u, &mut cc, &mut y, Launch::new().path(path))
         .unwrap();
     let mut dx = poisoned::<T>(&st, s.tokens * s.d_in);
     let mut dphi = st.alloc_zeros::<f32>(s.d_in * s.rank).unwrap();
     let mut dpsi = st.alloc_zeros::<f32>(s.rank * s.d_in).unwrap();
-    dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, Dropout { p: 0.1, seed: 3 }, &u, &cc, &g, Some(&mut dx), &mut dphi, &mut dpsi, Launch::new().path(path))
+    dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, drop, &u, &cc, &g, Some(&mut dx), &mut dphi, &mut dpsi, Launch::new().path(path))
         .unwrap();
     vec![bits(&st, &y), bits(&st, &dx), bits(&st, &dphi), bits(&st, &dpsi)]
 }
@@ -482,11 +510,18 @@ fn deterministic_bitwise() {
     let dev = gpu_or_skip!();
     let c = case::<bf16>(11, 2049, 300, 200, 64);
     // Under Tuned the first run times the paths (the winner last), the second takes the winner.
-    for path in [Path::Auto, Path::Tuned] {
-        let a = run_backward_bits::<bf16>(&dev, &c, path);
-        let b = run_backward_bits::<bf16>(&dev, &c, path);
-        for (i, name) in ["y", "dx", "dphi", "dpsi"].iter().enumerate() {
-            assert!(a[i] == b[i], "{name} differs between two identical runs on {path:?}");
+    // Without dropout every rank-r product of the cuBLASLt engine runs in cuBLASLt; with it
+    // the masked ones run on the tile kernels.
+    for e in ENGINES {
+        dev.set_product_engine(e);
+        for drop in [Dropout::NONE, Dropout { p: 0.1, seed: 3 }] {
+            for path in [Path::Auto, Path::Tuned] {
+                let a = run_backward_bits::<bf16>(&dev, &c, path, drop);
+                let b = run_backward_bits::<bf16>(&dev, &c, path, drop);
+                for (i, name) in ["y", "dx", "dphi", "dpsi"].iter().enumerate() {
+                    assert!(a[i] == b[i], "{name} differs between two identical runs on {path:?} {e:?} dropout {}", drop.p);
+                }
+            }
         }
     }
 }
@@ -538,16 +573,19 @@ fn bad_input_is_an_error_before_any_launch() {
 /// initcheck.
 fn sanitize_case<T: El>(dev: &CudaBackend) {
     let c = case::<T>(21, 600, 520, 70, 5);
+    let m = case::<T>(22, 1, 520, 70, 5);
     // (Tuned runs these same kernels, only more often.)
-    for p in concrete_paths() {
-        check_forward::<T>(dev, &c, p, "sanitize");
-        check_backward::<T>(dev, &c, p, "sanitize");
-        check_lora::<T>(dev, &c, p, "sanitize");
+    for e in ENGINES {
+        dev.set_product_engine(e);
+        for p in concrete_paths() {
+            check_forward::<T>(dev, &c, p, &format!("sanitize {e:?}"));
+            check_backward::<T>(dev, &c, p, &format!("sanitize {e:?}"));
+            check_lora::<T>(dev, &c, p, &format!("sanitize {e:?}"));
+        }
+        check_merge::<T>(dev, &m, &format!("sanitize {e:?}"));
     }
     check_frozen::<T>(dev, &c, "sanitize");
     check_dropout::<T>(dev);
-    let m = case::<T>(22, 1, 520, 70, 5);
-    check_merge::<T>(dev, &m, "sanitize");
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The frozen GEMMs through cuBLASLt on raw device pointers: `y = x W^T (+ b)` and `dx = G W`.
+//! cuBLASLt on raw device pointers: the frozen GEMMs `y = x W^T (+ b)` and `dx = G W`, and
+//! the rank-r products of [`super::ProductEngine::CublasLt`] (`src/cuda/product.rs`).
 //! Row-major in, row-major out (cuBLASLt is column-major: a row-major `D = A B` is run as the
 //! column-major `D^T = B^T A^T`). Compute in f32 (`CUBLAS_COMPUTE_32F`, no TF32 for f32
 //! storage), so results agree with the reference to the storage type's precision.
@@ -21,7 +22,8 @@ const WORKSPACE: usize = 32 << 20;
 /// The cuBLASLt handle and a cache of the algorithm chosen for each problem.
 pub(crate) struct Lt {
     handle: sys::cublasLtHandle_t,
-    algos: Mutex<HashMap<Key, sys::cublasLtMatmulAlgo_t>>,
+    /// `None`: cuBLASLt has no algorithm for the problem (on its operands' alignment).
+    algos: Mutex<HashMap<Key, Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
 // SAFETY: a cuBLASLt handle may be used from any thread (calls are serialised per stream by
@@ -164,6 +166,36 @@ impl CudaBackend {
         self.lt_gemm_ex(op, dtype, dtype, stream, transa, transb, m, n, k, a, lda, b, ldb, bias, beta, d, ldd)
     }
 
+    /// [`CudaBackend::lt_gemm_ex`] with `alpha` (`D = alpha op(A) op(B) (+ bias) + beta D`),
+    /// and `Ok(false)` instead of an error when cuBLASLt has no algorithm for the problem
+    /// (then nothing was enqueued).
+    ///
+    /// # Safety
+    /// As for [`CudaBackend::lt_gemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn lt_gemm_try(
+        &self,
+        op: &'static str,
+        dtype: DType,
+        out: DType,
+        stream: CUstream,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: CUdeviceptr,
+        lda: usize,
+        b: CUdeviceptr,
+        ldb: usize,
+        alpha: f32,
+        beta: f32,
+        d: CUdeviceptr,
+        ldd: usize,
+    ) -> Result<bool> {
+        self.lt_matmul(op, dtype, out, stream, transa, transb, m, n, k, a, lda, b, ldb, None, alpha, beta, d, ldd)
+    }
+
     /// [`CudaBackend::lt_gemm`] with `A`, `B` of `dtype` and `D` of `out` (e.g. bf16 inputs
     /// with an f32 result, which `beta` then accumulates into in f32). `bias` is of `out`.
     ///
@@ -190,6 +222,37 @@ impl CudaBackend {
         d: CUdeviceptr,
         ldd: usize,
     ) -> Result<()> {
+        if self.lt_matmul(op, dtype, out, stream, transa, transb, m, n, k, a, lda, b, ldb, bias, 1.0, beta, d, ldd)? {
+            Ok(())
+        } else {
+            Err(Error::Cuda { op, msg: format!("cuBLASLt has no algorithm for {m}x{n}x{k} ({} -> {})", dtype.name(), out.name()) })
+        }
+    }
+
+    /// The cuBLASLt call behind [`CudaBackend::lt_gemm_ex`] and [`CudaBackend::lt_gemm_try`]:
+    /// `Ok(false)` when the heuristic offers no algorithm.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn lt_matmul(
+        &self,
+        op: &'static str,
+        dtype: DType,
+        out: DType,
+        stream: CUstream,
+        transa: bool,
+        transb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: CUdeviceptr,
+        lda: usize,
+        b: CUdeviceptr,
+        ldb: usize,
+        bias: Option<CUdeviceptr>,
+        alpha: f32,
+        beta: f32,
+        d: CUdeviceptr,
+        ldd: usize,
+    ) -> Result<bool> {
         let h = self.lt()?;
         self.context().bind_to_thread().map_err(super::context::cuda_err(op))?;
         let dt = data_type(dtype);
@@ -248,14 +311,17 @@ impl CudaBackend {
                 ] {
                     lt::set_matmul_pref_attribute(pref.0, attr, &v as *const u32 as _, 4).map_err(blas_err(op))?;
                 }
-                let heur = lt::get_matmul_algo_heuristic(h.handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0)
-                    .map_err(blas_err(op))?;
-                h.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, heur.algo);
-                heur.algo
+                let algo = match lt::get_matmul_algo_heuristic(h.handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0) {
+                    Ok(heur) => Some(heur.algo),
+                    Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => None,
+                    Err(e) => return Err(blas_err(op)(e)),
+                };
+                h.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, algo);
+                algo
             }
         };
+        let Some(algo) = algo else { return Ok(false) };
         let work = DeviceBuf::new(self, stream, WORKSPACE, op)?;
-        let alpha = 1.0f32;
         self.count_launch();
         lt::matmul(
             h.handle,
@@ -275,7 +341,8 @@ impl CudaBackend {
             WORKSPACE,
             stream as _,
         )
-        .map_err(blas_err(op))
+        .map_err(blas_err(op))?;
+        Ok(true)
     }
 }
 

@@ -28,6 +28,21 @@ pub enum Image {
 ///
 /// Every launcher of the crate takes a `&CudaBackend`. Work goes on the stream a call is given
 /// or, without one, on [`CudaBackend::stream`].
+/// What runs the rank-r products of the layers (`u = x psi^T`, `C = s W phi`, `v = G C`,
+/// `S = G^T u`, `dphi`, `dpsi`, the rank-r halves of the composed forward and `dx`, merge and
+/// unmerge): skinny GEMMs that are memory-bound on a large layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProductEngine {
+    /// cuBLASLt wherever it takes the operands: every product but a masked one (dropout on
+    /// W) and one with an f32 operand beside 16-bit ones (f16 `dphi`, whose `S` is f32; the
+    /// bf16 `dphi` runs as two bf16 products, `S` split into a high and a low bf16 part;
+    /// unmerge's `P Z`); the tile kernels for those.
+    #[default]
+    CublasLt = 0,
+    /// The tile kernels of `kernels/lowrank.cu` and `merge.cu` for every product.
+    Tiles = 1,
+}
+
 pub struct CudaBackend {
     // Dropped first, while the context is still alive.
     pub(crate) blas: OnceLock<std::result::Result<super::blas::Lt, String>>,
@@ -41,6 +56,8 @@ pub struct CudaBackend {
     pub(crate) tuned: super::tune::TuneTable,
     /// Kernel launches and cuBLASLt matmuls enqueued so far ([`CudaBackend::launch_count`]).
     launches: std::sync::atomic::AtomicU64,
+    /// [`ProductEngine`] as its index (0: cuBLASLt, 1: tiles).
+    engine: std::sync::atomic::AtomicU8,
 }
 
 /// A loaded kernel with its name and parameter types (see [`super::arg`]).
@@ -138,7 +155,21 @@ impl CudaBackend {
             functions: Mutex::new(HashMap::new()),
             tuned: Default::default(),
             launches: Default::default(),
+            engine: Default::default(),
         })
+    }
+
+    /// Runs the rank-r products of later calls on `engine` (default [`ProductEngine::CublasLt`]).
+    pub fn set_product_engine(&self, engine: ProductEngine) {
+        self.engine.store(engine as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The engine of the rank-r products.
+    pub fn product_engine(&self) -> ProductEngine {
+        match self.engine.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => ProductEngine::CublasLt,
+            _ => ProductEngine::Tiles,
+        }
     }
 
     /// How many kernel launches and cuBLASLt matmuls this backend has enqueued since it was

@@ -12,27 +12,11 @@ use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use super::exec::{Exec, KextArgs, Scratch};
 use super::tune::{TuneTable, TUNE_REPS};
 use super::layer::{dropout_keep, Dropout, Layer, Path};
-use super::product::Product;
+use super::product::{Product, KERNELS};
 use crate::dtype::{DType, Element};
 use crate::error::Result;
 use crate::reference as rf;
 use crate::shape::LayerShape;
-
-/// `(kernel op, TRANS_A, TRANS_B, MASK_A)`, as declared in kernels/lowrank.cu and merge.cu.
-const KERNELS: &[(&str, bool, bool, bool)] = &[
-    ("lowrank_u", false, true, false),
-    ("wegeft_c", false, false, true),
-    ("lowrank_v", false, false, false),
-    ("lowrank_s", true, false, false),
-    ("lowrank_dpsi", true, false, false),
-    ("lowrank_dphi", true, false, true),
-    ("lowrank_addmm_nt", false, true, false),
-    ("lowrank_addmm_nn", false, false, false),
-    ("merge", false, false, false),
-    ("unmerge_wphi", false, false, false),
-    ("unmerge_psiphi", false, false, false),
-    ("unmerge", false, false, false),
-];
 
 /// Device memory as host `f64` buffers keyed by fake, 256-byte aligned addresses.
 #[derive(Default)]

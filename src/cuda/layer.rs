@@ -49,7 +49,8 @@ pub enum Path {
     /// As `Fused`, with the sm_90a wgmma kernels for bf16/f16 on a compute capability 9.0
     /// device (the sm_80 kernels elsewhere and for f32).
     FusedSm90,
-    /// cuBLASLt for the frozen product, then the `lowrank_addmm_*` kernel for the rank-r part.
+    /// cuBLASLt for the frozen product, then the rank-r part accumulated into it
+    /// (`lowrank_addmm_*`: on the [`super::ProductEngine`], cuBLASLt by default).
     Composed,
     /// Per shape, the fastest of the above as measured on this device at the shape's first
     /// call ([`crate::cuda::tune`]); bitwise reproducible within a process, not across them.

@@ -3,7 +3,8 @@
 //! builds and its CPU tests run without CUDA).
 //!
 //! * [`context`]: [`CudaBackend`], one device: driver check ([`Error::NoCuda`](crate::Error)
-//!   without a driver or device), context, default stream, kernel modules.
+//!   without a driver or device), context, default stream, kernel modules, the
+//!   [`ProductEngine`] of the rank-r products.
 //! * [`kernels`]: the embedded PTX/cubins and the `ptxas -v` report ([`kernels::PTXAS_REPORT`]).
 //! * [`attention`]: causal GQA attention forward, backward and decode (`kernels/attention.cu`):
 //!   safe `attention_*` on `CudaSlice`s and `attention_*_raw` on `CUdeviceptr` + `CUstream`.
@@ -42,11 +43,20 @@
 //!
 //! # Precision
 //!
-//! Rank-r products accumulate in f32. With f32 storage they run as an FMA loop; with bf16 /
-//! f16 storage on the tensor cores as TF32 WMMA, exact for 16-bit inputs (an f32 `S` in `dphi`
-//! is split in two TF32 terms). The frozen GEMMs run in cuBLASLt with `CUBLAS_COMPUTE_32F`
-//! (no TF32 for f32 storage). Reductions over tokens are split-K with a fixed-order sum, so
-//! every result is bitwise reproducible on a given device.
+//! Rank-r products accumulate in f32. By default ([`ProductEngine::CublasLt`]) they run in
+//! cuBLASLt like the frozen GEMMs, with `CUBLAS_COMPUTE_32F` (no TF32 for f32 storage); the
+//! bf16 `dphi`, whose `S` is f32, runs as two bf16 products of `S`'s high and low bf16 parts.
+//! The masked products (dropout on W), the f16 `dphi` and the 16-bit unmerge run on the tile
+//! kernels of `kernels/lowrank.cu` and `merge.cu` (all of them with [`ProductEngine::Tiles`]):
+//! with f32 storage an FMA loop; with bf16 / f16 storage TF32 WMMA, exact for 16-bit inputs
+//! (an f32 `S` in `dphi` is split in two TF32 terms); reductions over tokens split-K with a
+//! fixed-order sum. Every result is bitwise reproducible on a given device (cuBLASLt's
+//! algorithms are deterministic for a given problem and device; `tests/cuda_layer.rs` checks
+//! both engines).
+//!
+//! The rank-r products are skinny (`r` columns) and memory-bound on a large layer; the tile
+//! kernels reach a few tens of TFLOP/s there, cuBLASLt several times that (BENCHMARKS.md,
+//! `Composed` against `ComposedTiles`).
 
 mod arg;
 pub mod attention;
@@ -66,6 +76,6 @@ mod product;
 pub mod tune;
 
 pub use backend::{Gpu, GpuBuf, GpuSaved};
-pub use context::{driver_present, CudaBackend, Image};
+pub use context::{driver_present, CudaBackend, Image, ProductEngine};
 pub use layer::{dropout_hash, dropout_keep, Dropout, Launch, Path, FUSED_GEMM_BUILT};
 pub use tune::{TuneKey, Tuned};

@@ -14,10 +14,26 @@ use super::arg::kargs;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
-use super::context::CudaBackend;
+use super::context::{CudaBackend, ProductEngine};
 use super::mem::DeviceBuf;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+
+/// `(kernel op, TRANS_A, TRANS_B, MASK_A)`, as declared in kernels/lowrank.cu and merge.cu.
+pub(crate) const KERNELS: &[(&str, bool, bool, bool)] = &[
+    ("lowrank_u", false, true, false),
+    ("wegeft_c", false, false, true),
+    ("lowrank_v", false, false, false),
+    ("lowrank_s", true, false, false),
+    ("lowrank_dpsi", true, false, false),
+    ("lowrank_dphi", true, false, true),
+    ("lowrank_addmm_nt", false, true, false),
+    ("lowrank_addmm_nn", false, false, false),
+    ("merge", false, false, false),
+    ("unmerge_wphi", false, false, false),
+    ("unmerge_psiphi", false, false, false),
+    ("unmerge", false, false, false),
+];
 
 const TILE: usize = 64;
 const THREADS: u32 = 256;
@@ -85,6 +101,9 @@ impl CudaBackend {
         if p.m == 0 || p.n == 0 {
             return Ok(());
         }
+        if self.product_engine() == ProductEngine::CublasLt && self.product_by_blas(name, out, stream, &p)? {
+            return Ok(());
+        }
         let (m, n, k) = (to_i32("M", p.m)?, to_i32("N", p.n)?, to_i32("K", p.k)?);
         let grid_y = p.n.div_ceil(TILE);
         if grid_y > 65535 {
@@ -118,5 +137,130 @@ impl CudaBackend {
         }
         drop(work);
         Ok(())
+    }
+
+    /// Runs product `name` through cuBLASLt when [`blas_form`] takes it; `Ok(false)`: nothing
+    /// was enqueued, the tile kernel must run it (also when cuBLASLt has no algorithm).
+    ///
+    /// # Safety
+    /// As for [`CudaBackend::launch_product`].
+    unsafe fn product_by_blas(&self, name: &str, out: DType, stream: CUstream, p: &Product) -> Result<bool> {
+        const OP: &str = "rank-r product (cuBLASLt)";
+        let Some(form) = blas_form(name, p) else { return Ok(false) };
+        let (dtype, ta, tb) = match form {
+            BlasForm::Direct { dtype, transa, transb } | BlasForm::SplitB { dtype, transa, transb } => (dtype, transa, transb),
+        };
+        let gemm = |b: CUdeviceptr, beta: f32| unsafe {
+            self.lt_gemm_try(OP, dtype, out, stream, ta, tb, p.m, p.n, p.k, p.a, p.lda, b, p.ldb, p.alpha, beta, p.d, p.ldd)
+        };
+        if let BlasForm::Direct { .. } = form {
+            return gemm(p.b, p.beta);
+        }
+        // dphi = alpha W^T S + beta dphi with S (d_out x r) f32: S = S_hi + S_lo, both bf16
+        // (S_lo = bf16(S - S_hi)), two bf16 products with f32 accumulation.
+        let len = p.k.checked_mul(p.n).ok_or(Error::Overflow { what: "S", rows: p.k, cols: p.n })?;
+        let hi = DeviceBuf::new(self, stream, len * 2, OP)?;
+        let lo = DeviceBuf::new(self, stream, len * 2, OP)?;
+        let f = self.function("split_f32_bf16x2")?;
+        let (sp, hp, lp, n) = (p.b, hi.ptr(), lo.ptr(), len as i64);
+        let blocks = len.div_ceil(THREADS as usize).clamp(1, self.sm_count() as usize * 16) as u32;
+        self.launch(OP, &f, (blocks, 1, 1), (THREADS, 1, 1), 0, stream, &kargs![sp, hp, lp, n])?;
+        if !gemm(hi.ptr(), p.beta)? {
+            return Ok(false);
+        }
+        if !gemm(lo.ptr(), 1.0)? {
+            // The same problem as the first on equally aligned operands: cuBLASLt offered an
+            // algorithm for it a moment ago.
+            return Err(Error::Cuda { op: OP, msg: format!("{name}: no cuBLASLt algorithm for the low half of S") });
+        }
+        Ok(true)
+    }
+}
+
+/// How cuBLASLt runs a rank-r product (see [`blas_form`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlasForm {
+    /// One cuBLASLt matmul, A and B of `dtype`, with the kernel's layout.
+    Direct { dtype: DType, transa: bool, transb: bool },
+    /// B is f32 beside a bf16 A (`lowrank_dphi_bf16`'s `S`): split into a high and a low bf16
+    /// part (`split_f32_bf16x2`), two matmuls, the second accumulating into the first's D.
+    /// Carries B to about 2^-17 of its size.
+    SplitB { dtype: DType, transa: bool, transb: bool },
+}
+
+/// Whether product kernel `name` (`OP_DTYPE`, `OP` one of [`KERNELS`]) runs through cuBLASLt
+/// on [`ProductEngine::CublasLt`], and how. Not taken: a dropout mask on A, an empty K, a
+/// bias, an f32 operand beside f16 ones (`lowrank_dphi_f16`'s `S`, whose split could leave
+/// f16's range) or beside a 16-bit output (`unmerge_bf16`, `unmerge_f16`: `P Z` is f32).
+pub(crate) fn blas_form(name: &str, p: &Product) -> Option<BlasForm> {
+    let (op, suffix) = name.rsplit_once('_')?;
+    let &(_, transa, transb, masked) = KERNELS.iter().find(|k| k.0 == op)?;
+    let dtype = match suffix {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => return None,
+    };
+    if (masked && p.p > 0.0) || p.k == 0 || p.bias != 0 {
+        return None;
+    }
+    match (op, dtype) {
+        (_, DType::F32) => Some(BlasForm::Direct { dtype, transa, transb }),
+        ("unmerge", _) | ("lowrank_dphi", DType::F16) => None,
+        ("lowrank_dphi", _) if p.ldb == p.n => Some(BlasForm::SplitB { dtype, transa, transb }),
+        ("lowrank_dphi", _) => None,
+        _ => Some(BlasForm::Direct { dtype, transa, transb }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prod(k: usize) -> Product {
+        Product::new(0x1000, 8, 0x2000, 8, 0x3000, 8, 8, 8, k)
+    }
+
+    #[test]
+    fn blas_form_takes_the_unmasked_products_of_one_dtype() {
+        use BlasForm::*;
+        let bf = DType::BF16;
+        assert_eq!(blas_form("lowrank_u_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: true }));
+        assert_eq!(blas_form("lowrank_s_f16", &prod(8)), Some(Direct { dtype: DType::F16, transa: true, transb: false }));
+        assert_eq!(blas_form("lowrank_addmm_nt_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: true }));
+        assert_eq!(blas_form("lowrank_addmm_nn_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: false }));
+        assert_eq!(blas_form("merge_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: false }));
+        // The mask: only without dropout.
+        assert_eq!(blas_form("wegeft_c_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: false }));
+        assert_eq!(blas_form("wegeft_c_bf16", &prod(8).dropout(0.1, 7)), None);
+        assert_eq!(blas_form("lowrank_dphi_bf16", &prod(8).dropout(0.1, 7)), None);
+        // dphi's f32 S: split for bf16, direct for f32, the tiles for f16 (and a strided S).
+        assert_eq!(blas_form("lowrank_dphi_bf16", &prod(8)), Some(SplitB { dtype: bf, transa: true, transb: false }));
+        assert_eq!(blas_form("lowrank_dphi_f32", &prod(8)), Some(Direct { dtype: DType::F32, transa: true, transb: false }));
+        assert_eq!(blas_form("lowrank_dphi_f16", &prod(8)), None);
+        let mut strided = prod(8);
+        strided.ldb = 9;
+        assert_eq!(blas_form("lowrank_dphi_bf16", &strided), None);
+        // unmerge's f32 P Z into a 16-bit W: tiles; all-f32: cuBLASLt.
+        assert_eq!(blas_form("unmerge_bf16", &prod(8)), None);
+        assert_eq!(blas_form("unmerge_f32", &prod(8)), Some(Direct { dtype: DType::F32, transa: false, transb: false }));
+        assert_eq!(blas_form("unmerge_wphi_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: false }));
+        // Empty K, a bias, unknown names and dtypes.
+        assert_eq!(blas_form("lowrank_u_bf16", &prod(0)), None);
+        let mut biased = prod(8);
+        biased.bias = 0x4000;
+        assert_eq!(blas_form("lowrank_u_bf16", &biased), None);
+        assert_eq!(blas_form("lowrank_w_bf16", &prod(8)), None);
+        assert_eq!(blas_form("lowrank_u_f64", &prod(8)), None);
+        assert_eq!(blas_form("splitk_reduce_bf16", &prod(8)), None);
+    }
+
+    #[test]
+    fn every_product_kernel_has_a_form_or_a_reason() {
+        // Each op of KERNELS, unmasked, in bf16: all but unmerge go to cuBLASLt.
+        for (op, ..) in KERNELS {
+            let form = blas_form(&format!("{op}_bf16"), &prod(8));
+            assert_eq!(form.is_none(), *op == "unmerge", "{op}: {form:?}");
+        }
     }
 }
