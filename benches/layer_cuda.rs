@@ -107,6 +107,13 @@ const TOL_BF16: f64 = 2e-2;
 /// the same inputs whatever the path, so they agree to f32 rounding (tests/cuda_layer.rs: f32
 /// 1e-5 against float64; 1e-4 leaves room for a split-K order). More means a path disturbed them.
 const TOL_F32: f64 = 1e-4;
+/// The f32 gradients of `ComposedTiles` (the rank-r products on the tile kernels) against
+/// Composed's (cuBLASLt): the two engines sum in another order, so the bf16 intermediates they
+/// round (`v = G C`, `gb = s G B`, `u`, `C`) differ by an ulp here and there (2^-8 relative),
+/// and the gradients made from them by up to that much. The first GPU run gave 1.5e-4 at
+/// T = 8192; 4e-3 still fails a wrong or lost tile. (Both engines are checked against float64
+/// in tests/cuda_layer.rs.)
+const TOL_F32_ENGINES: f64 = 4e-3;
 
 
 
@@ -226,8 +233,10 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
             Ok(outs) => {
                 let (mut worst_h, mut worst_f, mut bad) = (0f64, 0f64, false);
                 for ((q, got, tol), (_, want, _)) in outs.iter().zip(&refs) {
+                    let f32_grad = *tol == TOL_F32;
+                    let tol = &if f32_grad && engine == ProductEngine::Tiles { TOL_F32_ENGINES } else { *tol };
                     let (e, at) = rel_err(got, want);
-                    if *tol == TOL_F32 {
+                    if f32_grad {
                         worst_f = worst_f.max(e);
                     } else {
                         worst_h = worst_h.max(e);
@@ -244,7 +253,8 @@ fn check_paths(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc:
                 }
                 failed |= bad;
                 lines.push(format!(
-                    "{label:<28} check {p} vs Composed: worst error {worst_h:.2e} (bf16 y u C dx xa, tol {TOL_BF16:e}), {worst_f:.2e} (f32 dphi dpsi dA dB, tol {TOL_F32:e}): {}",
+                    "{label:<28} check {p} vs Composed: worst error {worst_h:.2e} (bf16 y u C dx xa, tol {TOL_BF16:e}), {worst_f:.2e} (f32 dphi dpsi dA dB, tol {:e}): {}",
+                    if engine == ProductEngine::Tiles { TOL_F32_ENGINES } else { TOL_F32 },
                     if bad { "OUT OF TOLERANCE" } else { "ok" }
                 ));
             }

@@ -171,10 +171,8 @@ impl Exec for CudaBackend {
     unsafe fn kext_fused<T: Element>(&self, nt: bool, stream: CUstream, path: Path, args: KextArgs) -> Result<bool> {
         let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)) = args;
         let g = super::gemm::GemmKext { m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta: 0.0, d, ldd };
-        // Auto takes the fused GEMM only where both operand pairs get its vectorised
-        // tensor-core loads (16-bit storage, 16-byte aligned, lds multiples of 8); f32 and odd
-        // layouts go to cuBLASLt + the rank-r kernel.
-        if path == Path::Composed || (path == Path::Auto && g.fast_path(T::DTYPE) != (true, true)) {
+        // Auto is Composed (see Path::Auto).
+        if matches!(path, Path::Composed | Path::Auto) {
             return Ok(false);
         }
         let opts = super::gemm::GemmOptions { use_sm90: path == Path::FusedSm90 };

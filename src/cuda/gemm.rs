@@ -20,7 +20,7 @@
 //! when both of its base pointers are 16-byte aligned and both leading dimensions are
 //! multiples of 8 elements; otherwise that pair is loaded with predicated scalar loads
 //! (correct, several times slower). The test is made by the kernel itself, per pair, so no
-//! layout is rejected; `GemmKext::fast_path` tells a caller which pairs are fast, and callers
+//! layout is rejected; `tune::vector_loads` tells a caller whether a pair is fast, and callers
 //! that allocate their own buffers (`u`, `v`, `C`) should pad their rows to 8 elements.
 //!
 //! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with `GemmOptions::use_sm90` on a
@@ -140,17 +140,6 @@ pub(crate) struct Plan {
 }
 
 impl GemmKext {
-    /// `(first pair fast, second pair fast)`: whether each operand pair meets the 16-byte
-    /// `cp.async` condition (both pointers 16-byte aligned, both lds multiples of 8 elements)
-    /// for a 2-byte dtype. Always `(false, false)` for f32, which has no vector path.
-    pub(crate) fn fast_path(&self, dtype: DType) -> (bool, bool) {
-        use super::tune::vector_loads;
-        (
-            vector_loads(dtype, (self.a1, self.lda1, self.b1, self.ldb1)),
-            dtype != DType::F32 && (self.k2 == 0 || vector_loads(dtype, (self.a2, self.lda2, self.b2, self.ldb2))),
-        )
-    }
-
     /// Every check the kernel relies on, then the kernel name and geometry.
     /// `sm90` says whether the `_sm90` kernels may be used (device 9.0 and asked for).
     pub(crate) fn plan(&self, form: Form, dtype: DType, sm90: bool) -> Result<Plan> {
@@ -405,15 +394,19 @@ mod tests {
     }
 
     #[test]
-    fn fast_path_test_matches_the_kernel_condition() {
+    fn vector_loads_test_matches_the_kernel_condition() {
+        use super::super::tune::vector_loads;
         let mut g = nt(64, 64, 64, 4);
         g.lda2 = 8;
         g.ldb2 = 8;
-        assert_eq!(g.fast_path(DType::BF16), (true, true));
+        let pairs = |g: &GemmKext| ((g.a1, g.lda1, g.b1, g.ldb1), (g.a2, g.lda2, g.b2, g.ldb2));
+        let fast = |g: &GemmKext, d: DType| (vector_loads(d, pairs(g).0), vector_loads(d, pairs(g).1));
+        assert_eq!(fast(&g, DType::BF16), (true, true));
         g.ldb2 = 4;
-        assert_eq!(g.fast_path(DType::BF16), (true, false));
+        assert_eq!(fast(&g, DType::BF16), (true, false));
         g.a1 += 8;
-        assert_eq!(g.fast_path(DType::BF16), (false, false));
-        assert_eq!(g.fast_path(DType::F32), (false, false));
+        assert_eq!(fast(&g, DType::BF16), (false, false));
+        g.a1 -= 8;
+        assert_eq!(fast(&g, DType::F32), (false, false));
     }
 }

@@ -15,9 +15,9 @@
 //!
 //! The two K-extended products (`y` and `dx`) run either as one fused GEMM
 //! (`crate::cuda::gemm`, when built in) or composed: a cuBLASLt GEMM for the frozen part, then
-//! the rank-r accumulate kernel `lowrank_addmm_*`. [`Path`] picks; `Auto` takes the fused GEMM
-//! when it is built in and every leading dimension is a multiple of 16 bytes; `Tuned` measures
-//! the candidates once per shape and keeps the fastest.
+//! the rank-r accumulate product `lowrank_addmm_*` (on the [`super::ProductEngine`]). [`Path`]
+//! picks; `Auto` is the composed path (faster on an H200 at every measured shape); `Tuned`
+//! measures the candidates once per shape and keeps the fastest.
 //!
 //! Every entry point checks shapes (the buffers must hold exactly the contiguous row-major
 //! matrices of [`LayerShape`]), dtype and 16-byte alignment before the first launch, and
@@ -41,7 +41,10 @@ use crate::shape::{checked_len, LayerShape};
 /// How the two K-extended GEMMs (`y = [x|u][W|C]^T`, `dx = [G|v][W;psi]`) are run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Path {
-    /// The fused GEMM when it is built in and the operands suit it, else `Composed`.
+    /// `Composed`: measured on an H200 (BENCHMARKS.md, "GPU check"), cuBLASLt for the frozen
+    /// product plus the rank-r products in cuBLASLt beat the fused GEMM at every shape of the
+    /// layer benchmark and in the training step (the fused GEMM's core runs at 0.63x
+    /// cuBLAS's speed there). `Fused`, `FusedSm90` and `Tuned` stay available.
     #[default]
     Auto,
     /// The fused K-extended GEMM (`crate::cuda::gemm`); an error when it is not built in.
