@@ -453,7 +453,9 @@ def main():
         o.append("### The PyTorch layer over the C ABI (`examples/python/wegeft_torch.py`), bf16 forward + backward")
         o.append("")
         o.extend(abi)
-    multi = [l for l in read(os.path.join(L, "multi_bench.log")).splitlines() if l.startswith("|")]
+    # The table's header shares its line with libtest's "test bench_multi ... " (--nocapture).
+    multi = [l[l.index("|"):] for l in read(os.path.join(L, "multi_bench.log")).splitlines()
+             if l.startswith("|") or "| shape" in l]
     if multi:
         o.append("")
         o.append("### Many adapters in one batch (`cuda_multi bench_multi`, bf16, rank 16): ms")

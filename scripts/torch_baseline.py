@@ -54,6 +54,25 @@ def timed(fn, iters):
     return ms[len(ms) // 2]
 
 
+def peft_lora_layer(peft, W, r):
+    """peft's LoRA around a bias-free nn.Linear holding W (alpha = 2r: scale 2), built through
+    get_peft_model, which every peft version takes (the LoraLayer constructors' arguments
+    changed: peft on the GPU machine wants a `config` that 0.21 did not)."""
+    dout, din = W.shape
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(din, dout, bias=False, device=W.device, dtype=W.dtype)
+
+    m = One()
+    with torch.no_grad():
+        m.proj.weight.copy_(W)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=0.0)
+    pm = peft.get_peft_model(m, cfg)
+    return pm.base_model.model.proj
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=50)
@@ -72,10 +91,9 @@ def main():
     print(f"{'shape':<28} {'op':<24} {'ms':>10} {'x linear':>9}")
     failed = False
     try:
-        import peft  # noqa: F401
-        from peft.tuners.lora import Linear as PeftLoraLinear
+        import peft
     except Exception as e:  # peft is optional
-        PeftLoraLinear = None
+        peft = None
         print(f"(peft not importable: {e})")
     shapes = SHAPES[1:2] if args.quick else SHAPES
     for label, T, din, dout, r in shapes:
@@ -125,11 +143,9 @@ def main():
             ("lora_peft fwd", lora_fwd),
             ("lora_peft fwd+bwd", lora_fb),
         ]
-        if PeftLoraLinear is not None:
+        if peft is not None:
             try:
-                base = torch.nn.Linear(din, dout, bias=False, device=dev, dtype=dt)
-                base.weight.requires_grad_(False)
-                layer = PeftLoraLinear(base, "default", r=r, lora_alpha=2 * r, lora_dropout=0.0).to(dev, dt)
+                layer = peft_lora_layer(peft, W, r)
                 # peft starts B at zero; time it on random values like everything else.
                 with torch.no_grad():
                     layer.lora_B["default"].weight.copy_(B)
