@@ -166,36 +166,6 @@ impl CudaBackend {
         self.lt_gemm_ex(op, dtype, dtype, stream, transa, transb, m, n, k, a, lda, b, ldb, bias, beta, d, ldd)
     }
 
-    /// [`CudaBackend::lt_gemm_ex`] with `alpha` (`D = alpha op(A) op(B) (+ bias) + beta D`),
-    /// and `Ok(false)` instead of an error when cuBLASLt has no algorithm for the problem
-    /// (then nothing was enqueued).
-    ///
-    /// # Safety
-    /// As for [`CudaBackend::lt_gemm`].
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn lt_gemm_try(
-        &self,
-        op: &'static str,
-        dtype: DType,
-        out: DType,
-        stream: CUstream,
-        transa: bool,
-        transb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: CUdeviceptr,
-        lda: usize,
-        b: CUdeviceptr,
-        ldb: usize,
-        alpha: f32,
-        beta: f32,
-        d: CUdeviceptr,
-        ldd: usize,
-    ) -> Result<bool> {
-        self.lt_matmul(op, dtype, out, stream, transa, transb, m, n, k, a, lda, b, ldb, None, alpha, beta, d, ldd)
-    }
-
     /// [`CudaBackend::lt_gemm`] with `A`, `B` of `dtype` and `D` of `out` (e.g. bf16 inputs
     /// with an f32 result, which `beta` then accumulates into in f32). `bias` is of `out`.
     ///
@@ -229,10 +199,14 @@ impl CudaBackend {
         }
     }
 
-    /// The cuBLASLt call behind [`CudaBackend::lt_gemm_ex`] and [`CudaBackend::lt_gemm_try`]:
-    /// `Ok(false)` when the heuristic offers no algorithm.
+    /// [`CudaBackend::lt_gemm_ex`] with `alpha` (`D = alpha op(A) op(B) (+ bias) + beta D`),
+    /// and `Ok(false)` instead of an error when cuBLASLt has no algorithm for the problem
+    /// (then nothing was enqueued).
+    ///
+    /// # Safety
+    /// As for [`CudaBackend::lt_gemm`].
     #[allow(clippy::too_many_arguments)]
-    unsafe fn lt_matmul(
+    pub(crate) unsafe fn lt_matmul(
         &self,
         op: &'static str,
         dtype: DType,

@@ -151,7 +151,7 @@ impl CudaBackend {
             BlasForm::Direct { dtype, transa, transb } | BlasForm::SplitB { dtype, transa, transb } => (dtype, transa, transb),
         };
         let gemm = |b: CUdeviceptr, beta: f32| unsafe {
-            self.lt_gemm_try(OP, dtype, out, stream, ta, tb, p.m, p.n, p.k, p.a, p.lda, b, p.ldb, p.alpha, beta, p.d, p.ldd)
+            self.lt_matmul(OP, dtype, out, stream, ta, tb, p.m, p.n, p.k, p.a, p.lda, b, p.ldb, None, p.alpha, beta, p.d, p.ldd)
         };
         if let BlasForm::Direct { .. } = form {
             return gemm(p.b, p.beta);
