@@ -197,6 +197,16 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
         scat[i * 70..(i + 1) * 70].copy_from_slice(&gath[k * 70..(k + 1) * 70]);
     }
     assert_eq!(r("ew_scatter"), scat, "scatter_rows_f32");
+
+    // split_f32_bf16x2: hi = bf16(x), lo = bf16(x - hi), and hi + lo is x to 2^-16 of |x|.
+    let sx = r("split_x");
+    let (hi, lo) = (r("split_hi"), r("split_lo"));
+    assert_eq!(hi, bf(&sx), "split_f32_bf16x2 hi");
+    let want_lo: Vec<f32> = sx.iter().zip(&hi).map(|(x, h)| x - h).collect();
+    assert_eq!(lo, bf(&want_lo), "split_f32_bf16x2 lo");
+    for ((x, h), l) in sx.iter().zip(&hi).zip(&lo) {
+        assert!(((h + l) as f64 - *x as f64).abs() <= x.abs() as f64 * 2f64.powi(-16), "split of {x}: {h} + {l}");
+    }
 }
 
 /// `tests/emulation/gemm_on_host.cpp` compiles the fused K-extended GEMM (`kernels/gemm_kext.cu`)

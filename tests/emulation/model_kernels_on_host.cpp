@@ -211,6 +211,12 @@ int main(int argc, char** argv) {
         launch(2, 256, [&] { gather_rows_f32(x.data(), idx.data(), gath.data(), (long long)idx.size(), dim); });
         launch(2, 256, [&] { gather_rows_bf16(x.data(), idx.data(), gathb.data(), (long long)idx.size(), dim); });
         launch(2, 256, [&] { scatter_rows_f32(gath.data(), idx.data(), scat.data(), (long long)idx.size(), dim); });
+        // split_f32_bf16x2 on values over many binades (the f32 S of the bf16 dphi).
+        std::vector<float> s(n);
+        for (long long i = 0; i < n; ++i) s[i] = x[i] * std::ldexp(1.0f, (int)(i % 61) - 30);
+        std::vector<__nv_bfloat16> hi(n, __float2bfloat16_rn(NAN)), lo(n, __float2bfloat16_rn(NAN));
+        launch(2, 256, [&] { split_f32_bf16x2(s.data(), hi.data(), lo.data(), n); });
+        dump("split_x", s); dump("split_hi", from_bf(hi)); dump("split_lo", from_bf(lo));
         dump("ew_x", x); dump("ew_y", y); dump("ew_xb", from_bf(xb)); dump("ew_acc", acc); dump("ew_sum", sum);
         dump("ew_gather", gath); dump("ew_gather_bf16", from_bf(gathb)); dump("ew_scatter", scat);
     }
