@@ -21,6 +21,12 @@
 //! A NaN anywhere (in the reference too) fails. A mismatch prints the path, the quantity and
 //! the error, and the bench exits 1 after printing everything.
 //!
+//! Two measurements for what comes next, per shape: `kext fwd|bwd cuBLASLt (padded)`, the
+//! K-extended products as single cuBLASLt GEMMs on operands stored padded (`[x|u]`, `[W|C]`,
+//! `[G|v]`, `[W;psi]`; random data, unchecked): the floor of a fused GEMM as fast as cuBLAS;
+//! and a `host:` line, the host's time to enqueue a WeGeFT forward + backward against the
+//! device's (whether a CUDA graph would pay at that shape).
+//!
 //! `cargo bench --features cuda --bench layer_cuda`. Without a device it prints
 //! `skipped: no CUDA device` and exits 0 (with `WEGEFT_REQUIRE_GPU=1` it exits 1).
 //! Environment: `WEGEFT_BENCH_ITERS` (timed reps, default 50), `WEGEFT_BENCH_JSON`
@@ -180,6 +186,83 @@ fn run_once(dev: &CudaBackend, s: &LayerShape, b: &mut Bufs, saved: &mut Saved, 
 
 /// Checks every path against `Composed` on `b`'s inputs (see the module docs). Returns the
 /// lines to print and whether anything failed.
+/// `kext fwd cuBLASLt (padded)`: `y = [x|u][W|C]^T` as one cuBLASLt GEMM with K = d_in + r,
+/// `[x|u]` (T x (d_in + r)) and `[W|C]` (d_out x (d_in + r)) stored padded; `kext bwd ...`:
+/// `dx = [G|v][W;psi]` with K = d_out + r, `[W;psi]` stored as (d_out + r) x d_in. The floor a
+/// fused K-extended GEMM as fast as cuBLAS would reach (before `u`, `C`, `v`).
+fn ceiling_rows(dev: &CudaBackend, flush: &mut CudaSlice<u8>, iters: usize, s: &LayerShape, flops: f64) -> Vec<(String, wegeft::Result<f64>, f64)> {
+    use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+    let st = dev.stream().clone();
+    let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
+    let blas = match CudaBlasLT::new(st.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            let e = || Err(Error::Cuda { op: "cuBLASLt", msg: format!("{e:?}") });
+            return vec![("kext fwd cuBLASLt (padded)".into(), e(), flops), ("kext bwd cuBLASLt (padded)".into(), e(), flops)];
+        }
+    };
+    let cfg = |transa: bool, m: usize, n: usize, k: usize, lda: usize, ldb: usize, ldc: usize| MatmulConfig {
+        transa,
+        transb: false,
+        transc: false,
+        m: m as u64,
+        n: n as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: lda as i64,
+        ldb: ldb as i64,
+        beta: 0.0,
+        ldc: ldc as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    let blas_err = |e: cudarc::cublaslt::result::CublasError| Error::Cuda { op: "cuBLASLt", msg: format!("{e:?}") };
+    // Column-major: y^T (d_out x T) = [W|C] (op: transposed) [x|u]^T.
+    let (k1, xu, wc) = (din + r, rand(&st, t * (din + r), 11, 1.0), rand(&st, dout * (din + r), 12, 0.02));
+    let mut y: CudaSlice<T> = st.alloc_zeros(t * dout).unwrap();
+    let fwd = time(dev, flush, iters, || {
+        // SAFETY: xu, wc and y hold exactly the padded matrices described by the config.
+        unsafe { blas.matmul(cfg(true, dout, t, k1, k1, k1, dout), &wc, &xu, &mut y, None, None) }.map_err(blas_err)
+    });
+    // dx^T (d_in x T) = [W;psi]^T (as stored) [G|v]^T.
+    let (k2, gv, wp) = (dout + r, rand(&st, t * (dout + r), 13, 1.0), rand(&st, (dout + r) * din, 14, 0.02));
+    let mut dx: CudaSlice<T> = st.alloc_zeros(t * din).unwrap();
+    let bwd = time(dev, flush, iters, || {
+        // SAFETY: as above.
+        unsafe { blas.matmul(cfg(false, din, t, k2, din, k2, din), &wp, &gv, &mut dx, None, None) }.map_err(blas_err)
+    });
+    vec![("kext fwd cuBLASLt (padded)".into(), fwd, flops), ("kext bwd cuBLASLt (padded)".into(), bwd, flops)]
+}
+
+/// Enqueues 20 WeGeFT forward + backward pairs (Auto) without waiting, then waits: the host's
+/// milliseconds per pair against the device's (the whole wait included).
+fn host_enqueue_line(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc: f32) -> String {
+    const N: usize = 20;
+    let l = Launch::new();
+    let mut run = || -> wegeft::Result<(f64, f64)> {
+        dev.stream().synchronize().map_err(cuda_err)?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..N {
+            dev.wegeft_forward(s, &b.x, &b.w, None, &b.phi, &b.psi, sc, Dropout::NONE, &mut b.u, &mut b.c, &mut b.y, l)?;
+            dev.wegeft_backward(s, &b.x, &b.w, &b.psi, sc, Dropout::NONE, &b.u, &b.c, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)?;
+        }
+        let host = t0.elapsed().as_secs_f64() * 1e3 / N as f64;
+        dev.stream().synchronize().map_err(cuda_err)?;
+        Ok((host, t0.elapsed().as_secs_f64() * 1e3 / N as f64))
+    };
+    let _ = run(); // warm: algorithm choices, pool growth
+    match run() {
+        Ok((host, total)) => format!(
+            "{label:<28} host: enqueueing wegeft fwd + bwd (Auto) takes {host:.4} ms per pair on the host; {total:.4} ms per pair until the device is done ({})",
+            if host > 0.8 * total { "host-bound" } else { "device-bound" }
+        ),
+        Err(e) => format!("{label:<28} host: enqueue timing FAILED: {e}"),
+    }
+}
+
 /// A path's name in the table: `Composed` on the tile kernels is `ComposedTiles`.
 fn label_of(p: Path, engine: ProductEngine) -> String {
     match engine {
@@ -353,9 +436,15 @@ fn main() {
             ));
             dev.set_product_engine(ProductEngine::CublasLt);
         }
+        // The K-extended products as single cuBLASLt GEMMs on padded operands: what the fused
+        // form would cost at cuBLAS's speed (not a path of the crate; random data, unchecked).
+        rows.extend(ceiling_rows(&dev, &mut flush, iters, &s, frozen_flops));
         // Every path's results against Composed's, before the merge below changes W.
         let (check_lines, check_failed) = check_paths(&dev, label, &s, &mut b, sc);
         failed |= check_failed;
+        // The host's side: how long enqueueing a forward + backward takes against how long the
+        // device runs it (host-bound where the first is the larger).
+        let host_line = host_enqueue_line(&dev, label, &s, &mut b, sc);
         rows.push((
             "wegeft merge".into(),
             time(&dev, &mut flush, iters, || dev.wegeft_merge(&s, &mut b.w, &b.phi, &b.psi, 1e-3, None)),
@@ -413,6 +502,7 @@ fn main() {
         for l in check_lines {
             println!("{l}");
         }
+        println!("{host_line}");
     }
     // What Path::Tuned chose for every product it met (the check's shapes included).
     for (k, t) in dev.tuned_paths() {

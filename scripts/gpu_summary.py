@@ -361,6 +361,27 @@ def main():
             if mg is not None:
                 o.append(f"| {sh} | WeGeFT merge | | {fmt_ms(mg)} |" + " |" * (len(paths) - 1))
 
+    ceil = [sh for sh in shapes if bms(sh, "kext fwd cuBLASLt (padded)")[0] is not None]
+    if ceil:
+        o.append("")
+        o.append("### The K-extended products as one cuBLASLt GEMM on padded operands: ms (time x frozen)")
+        o.append("")
+        o.append("`y = [x|u][W|C]^T` (K = d_in + r) and `dx = [G|v][W;psi]` (K = d_out + r), the operands "
+                 "stored padded: the floor of a fused GEMM as fast as cuBLAS, before `u`, `C`, `v` "
+                 "(not a path of the crate).")
+        o.append("")
+        o.append("| shape | fwd | bwd | fwd+bwd | WeGeFT Composed fwd+bwd |")
+        o.append("|---|---|---|---|---|")
+        for sh in ceil:
+            cells = [fmt_ms(*bms(sh, f"kext {k} cuBLASLt (padded)")) for k in ("fwd", "bwd", "fwd+bwd")]
+            o.append(f"| {sh} | " + " | ".join(cells) + f" | {fmt_ms(*bms(sh, 'wegeft fwd+bwd Composed'))} |")
+    host = [l.strip() for l in read(os.path.join(L, "bench.log")).splitlines() if " host: " in l]
+    if host:
+        o.append("")
+        o.append("Host against device, one layer (`layer_cuda`, 20 forward + backward pairs enqueued, then a wait):")
+        o.append("")
+        o.extend(f"* {l}" for l in host)
+
     if gemm_rows or cublas:
         o.append("")
         o.append("### GEMM core (`kernels/gemm_kext.cu`) at M=N=K1=4096: ms, TFLOP/s "
