@@ -24,10 +24,6 @@ pub enum Image {
     Ptx,
 }
 
-/// One CUDA device with its context, a default stream and the loaded `wegeft` kernels.
-///
-/// Every launcher of the crate takes a `&CudaBackend`. Work goes on the stream a call is given
-/// or, without one, on [`CudaBackend::stream`].
 /// What runs the rank-r products of the layers (`u = x psi^T`, `C = s W phi`, `v = G C`,
 /// `S = G^T u`, `dphi`, `dpsi`, the rank-r halves of the composed forward and `dx`, merge and
 /// unmerge): skinny GEMMs that are memory-bound on a large layer.
@@ -43,6 +39,10 @@ pub enum ProductEngine {
     Tiles = 1,
 }
 
+/// One CUDA device with its context, a default stream and the loaded `wegeft` kernels.
+///
+/// Every launcher of the crate takes a `&CudaBackend`. Work goes on the stream a call is given
+/// or, without one, on [`CudaBackend::stream`].
 pub struct CudaBackend {
     // Dropped first, while the context is still alive.
     pub(crate) blas: OnceLock<std::result::Result<super::blas::Lt, String>>,
