@@ -669,12 +669,13 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
                 adapter.config.validate()?;
             }
             // The examples.
+            let read = |path: &PathBuf| -> Result<Vec<Example>> {
+                let ex = data::read_jsonl(path, Some(&l.tok), seq)?;
+                data::check_ids(path, &ex, dims.vocab)?;
+                Ok(ex)
+            };
             let examples: Vec<Example> = match (&data, task) {
-                (Some(path), _) => {
-                    let ex = data::read_jsonl(path, Some(&l.tok), seq)?;
-                    data::check_ids(path, &ex, dims.vocab)?;
-                    ex
-                }
+                (Some(path), _) => read(path)?,
                 (None, Some(Task::Arithmetic)) => arithmetic::problems(Split::Train, seed, steps * batch * grad_accum)?
                     .iter()
                     .map(|p| {
@@ -695,8 +696,7 @@ fn run_on<B: Backend>(be: &B, cmd: Cmd) -> Result<()> {
             };
             let eval_set = match &eval_data {
                 Some(path) => {
-                    let ex = data::read_jsonl(path, Some(&l.tok), seq)?;
-                    data::check_ids(path, &ex, dims.vocab)?;
+                    let ex = read(path)?;
                     if !ex.iter().any(|e| e.target.iter().skip(1).any(|&t| t)) {
                         return Err(Error::format(path, "no example has a token to predict"));
                     }

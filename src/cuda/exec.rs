@@ -169,12 +169,12 @@ impl Exec for CudaBackend {
 
     #[cfg(wegeft_gemm)]
     unsafe fn kext_fused<T: Element>(&self, nt: bool, stream: CUstream, path: Path, args: KextArgs) -> Result<bool> {
-        let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)) = args;
-        let g = super::gemm::GemmKext { m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta: 0.0, d, ldd };
         // Auto is Composed (see Path::Auto).
         if matches!(path, Path::Composed | Path::Auto) {
             return Ok(false);
         }
+        let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)) = args;
+        let g = super::gemm::GemmKext { m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta: 0.0, d, ldd };
         let opts = super::gemm::GemmOptions { use_sm90: path == Path::FusedSm90 };
         unsafe {
             if nt {

@@ -151,14 +151,11 @@ impl CudaBackend {
     /// As for [`CudaBackend::launch_product`].
     unsafe fn product_by_blas(&self, name: &str, out: DType, stream: CUstream, p: &Product) -> Result<bool> {
         const OP: &str = "rank-r product (cuBLASLt)";
-        let Some(form) = blas_form(name, p) else { return Ok(false) };
-        let (dtype, ta, tb) = match form {
-            BlasForm::Direct { dtype, transa, transb } | BlasForm::SplitB { dtype, transa, transb } => (dtype, transa, transb),
-        };
+        let Some(BlasForm { dtype, transa, transb, split_b }) = blas_form(name, p) else { return Ok(false) };
         let gemm = |b: CUdeviceptr, beta: f32| unsafe {
-            self.lt_matmul(OP, dtype, out, stream, ta, tb, p.m, p.n, p.k, p.a, p.lda, b, p.ldb, None, p.alpha, beta, p.d, p.ldd)
+            self.lt_matmul(OP, dtype, out, stream, transa, transb, p.m, p.n, p.k, p.a, p.lda, b, p.ldb, None, p.alpha, beta, p.d, p.ldd)
         };
-        if let BlasForm::Direct { .. } = form {
+        if !split_b {
             return gemm(p.b, p.beta);
         }
         // dphi = alpha W^T S + beta dphi with S (d_out x r) f32: S = S_hi + S_lo, both bf16
@@ -182,15 +179,17 @@ impl CudaBackend {
     }
 }
 
-/// How cuBLASLt runs a rank-r product (see [`blas_form`]).
+/// How cuBLASLt runs a rank-r product (see [`blas_form`]): A and B of `dtype`, with the
+/// kernel's layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum BlasForm {
-    /// One cuBLASLt matmul, A and B of `dtype`, with the kernel's layout.
-    Direct { dtype: DType, transa: bool, transb: bool },
+pub(crate) struct BlasForm {
+    pub dtype: DType,
+    pub transa: bool,
+    pub transb: bool,
     /// B is f32 beside a bf16 A (`lowrank_dphi_bf16`'s `S`): split into a high and a low bf16
     /// part (`split_f32_bf16x2`), two matmuls, the second accumulating into the first's D.
-    /// Carries B to about 2^-17 of its size.
-    SplitB { dtype: DType, transa: bool, transb: bool },
+    /// Carries B to about 2^-17 of its size. Otherwise one matmul.
+    pub split_b: bool,
 }
 
 /// Whether product kernel `name` (`OP_DTYPE`, `OP` one of [`KERNELS`]) runs through cuBLASLt
@@ -200,21 +199,17 @@ pub(crate) enum BlasForm {
 pub(crate) fn blas_form(name: &str, p: &Product) -> Option<BlasForm> {
     let (op, suffix) = name.rsplit_once('_')?;
     let &(_, transa, transb, masked) = KERNELS.iter().find(|k| k.0 == op)?;
-    let dtype = match suffix {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => return None,
-    };
+    let dtype = [DType::F32, DType::BF16, DType::F16].into_iter().find(|d| d.name() == suffix)?;
     if (masked && p.p > 0.0) || p.k == 0 || p.bias != 0 {
         return None;
     }
+    let form = |split_b| Some(BlasForm { dtype, transa, transb, split_b });
     match (op, dtype) {
-        (_, DType::F32) => Some(BlasForm::Direct { dtype, transa, transb }),
+        (_, DType::F32) => form(false),
         ("unmerge", _) | ("lowrank_dphi", DType::F16) => None,
-        ("lowrank_dphi", _) if p.ldb == p.n => Some(BlasForm::SplitB { dtype, transa, transb }),
+        ("lowrank_dphi", _) if p.ldb == p.n => form(true),
         ("lowrank_dphi", _) => None,
-        _ => Some(BlasForm::Direct { dtype, transa, transb }),
+        _ => form(false),
     }
 }
 
@@ -228,28 +223,28 @@ mod tests {
 
     #[test]
     fn blas_form_takes_the_unmasked_products_of_one_dtype() {
-        use BlasForm::*;
+        let direct = |dtype, transa, transb| Some(BlasForm { dtype, transa, transb, split_b: false });
         let bf = DType::BF16;
-        assert_eq!(blas_form("lowrank_u_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: true }));
-        assert_eq!(blas_form("lowrank_s_f16", &prod(8)), Some(Direct { dtype: DType::F16, transa: true, transb: false }));
-        assert_eq!(blas_form("lowrank_addmm_nt_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: true }));
-        assert_eq!(blas_form("lowrank_addmm_nn_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: false }));
-        assert_eq!(blas_form("merge_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: false }));
+        assert_eq!(blas_form("lowrank_u_bf16", &prod(8)), direct(bf, false, true));
+        assert_eq!(blas_form("lowrank_s_f16", &prod(8)), direct(DType::F16, true, false));
+        assert_eq!(blas_form("lowrank_addmm_nt_bf16", &prod(8)), direct(bf, false, true));
+        assert_eq!(blas_form("lowrank_addmm_nn_bf16", &prod(8)), direct(bf, false, false));
+        assert_eq!(blas_form("merge_bf16", &prod(8)), direct(bf, false, false));
         // The mask: only without dropout.
-        assert_eq!(blas_form("wegeft_c_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: false }));
+        assert_eq!(blas_form("wegeft_c_bf16", &prod(8)), direct(bf, false, false));
         assert_eq!(blas_form("wegeft_c_bf16", &prod(8).dropout(0.1, 7)), None);
         assert_eq!(blas_form("lowrank_dphi_bf16", &prod(8).dropout(0.1, 7)), None);
         // dphi's f32 S: split for bf16, direct for f32, the tiles for f16 (and a strided S).
-        assert_eq!(blas_form("lowrank_dphi_bf16", &prod(8)), Some(SplitB { dtype: bf, transa: true, transb: false }));
-        assert_eq!(blas_form("lowrank_dphi_f32", &prod(8)), Some(Direct { dtype: DType::F32, transa: true, transb: false }));
+        assert_eq!(blas_form("lowrank_dphi_bf16", &prod(8)), Some(BlasForm { dtype: bf, transa: true, transb: false, split_b: true }));
+        assert_eq!(blas_form("lowrank_dphi_f32", &prod(8)), direct(DType::F32, true, false));
         assert_eq!(blas_form("lowrank_dphi_f16", &prod(8)), None);
         let mut strided = prod(8);
         strided.ldb = 9;
         assert_eq!(blas_form("lowrank_dphi_bf16", &strided), None);
         // unmerge's f32 P Z into a 16-bit W: tiles; all-f32: cuBLASLt.
         assert_eq!(blas_form("unmerge_bf16", &prod(8)), None);
-        assert_eq!(blas_form("unmerge_f32", &prod(8)), Some(Direct { dtype: DType::F32, transa: false, transb: false }));
-        assert_eq!(blas_form("unmerge_wphi_bf16", &prod(8)), Some(Direct { dtype: bf, transa: false, transb: false }));
+        assert_eq!(blas_form("unmerge_f32", &prod(8)), direct(DType::F32, false, false));
+        assert_eq!(blas_form("unmerge_wphi_bf16", &prod(8)), direct(bf, false, false));
         // Empty K, a bias, unknown names and dtypes.
         assert_eq!(blas_form("lowrank_u_bf16", &prod(0)), None);
         let mut biased = prod(8);
