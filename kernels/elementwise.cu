@@ -8,7 +8,8 @@
 //   cast_bf16_f32      y[i] = x[i]  or  y[i] += x[i]     (accumulate != 0)
 //   gather_rows_T      dst[r, :] = T(src[idx[r], :])     (rows of width dim; T = f32, bf16)
 //   scatter_rows_f32   dst[idx[r], :] = src[r, :]
-//   split_f32_bf16x2   hi[i] = bf16(x[i]), lo[i] = bf16(x[i] - hi[i])   (src/cuda/product.rs)
+//   split_f32_bf16x2   y[r, :] = [bf16(x[r, :]) | bf16(x[r, :] - bf16(x[r, :]))]  (src/cuda/product.rs)
+//   add_halves_f32     y[r, c] = d[r, c] + d[r, cols + c] (+ beta y[r, c])      (src/cuda/product.rs)
 #include "common.cuh"
 
 using bf16 = __nv_bfloat16;
@@ -68,11 +69,25 @@ extern "C" __global__ void scatter_rows_f32(const float* __restrict__ src, const
 
 // x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): an f32 operand as two bf16 ones, for a
 // bf16 product that carries x to about 2^-17 of its size (the rank-r dphi through cuBLASLt).
-extern "C" __global__ void split_f32_bf16x2(const float* __restrict__ x, bf16* __restrict__ hi, bf16* __restrict__ lo,
-                                            long long n) {
-    GRID_STRIDE(i, n) {
+// x is rows x cols; row r of y (rows x 2 cols) is [hi(x[r, :]) | lo(x[r, :])], so that one
+// product W^T y reads W once and gives W^T hi beside W^T lo (added by add_halves_f32).
+extern "C" __global__ void split_f32_bf16x2(const float* __restrict__ x, bf16* __restrict__ y, long long rows, int cols) {
+    GRID_STRIDE(i, rows * cols) {
+        const long long r = i / cols, c = i - r * cols;
         const bf16 h = wegeft::from_f32<bf16>(x[i]);
-        hi[i] = h;
-        lo[i] = wegeft::from_f32<bf16>(x[i] - wegeft::to_f32(h));
+        y[r * 2 * cols + c] = h;
+        y[r * 2 * cols + cols + c] = wegeft::from_f32<bf16>(x[i] - wegeft::to_f32(h));
+    }
+}
+
+// y[r, c] = d[r, c] + d[r, cols + c] (+ beta y[r, c] when beta != 0; y is not read otherwise):
+// the two halves of split_f32_bf16x2's product, into y (row stride ldy).
+extern "C" __global__ void add_halves_f32(const float* __restrict__ d, float* __restrict__ y, long long rows, int cols,
+                                          long long ldy, float beta) {
+    GRID_STRIDE(i, rows * cols) {
+        const long long r = i / cols, c = i - r * cols;
+        float v = d[r * 2 * cols + c] + d[r * 2 * cols + cols + c];
+        if (beta != 0.0f) v += beta * y[r * ldy + c];
+        y[r * ldy + c] = v;
     }
 }

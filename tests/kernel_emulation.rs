@@ -198,14 +198,37 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
     }
     assert_eq!(r("ew_scatter"), scat, "scatter_rows_f32");
 
-    // split_f32_bf16x2: hi = bf16(x), lo = bf16(x - hi), and hi + lo is x to 2^-16 of |x|.
+    // split_f32_bf16x2 (9 x 70 into 9 x 140): each row [hi | lo], hi = bf16(x), lo = bf16(x - hi),
+    // and hi + lo is x to 2^-16 of |x|.
+    let (rows, dim) = (9usize, 70usize);
     let sx = r("split_x");
-    let (hi, lo) = (r("split_hi"), r("split_lo"));
+    let hilo = r("split_hilo");
+    let hi: Vec<f32> = (0..rows).flat_map(|i| hilo[i * 2 * dim..i * 2 * dim + dim].to_vec()).collect();
+    let lo: Vec<f32> = (0..rows).flat_map(|i| hilo[i * 2 * dim + dim..(i + 1) * 2 * dim].to_vec()).collect();
     assert_eq!(hi, bf(&sx), "split_f32_bf16x2 hi");
     let want_lo: Vec<f32> = sx.iter().zip(&hi).map(|(x, h)| x - h).collect();
     assert_eq!(lo, bf(&want_lo), "split_f32_bf16x2 lo");
     for ((x, h), l) in sx.iter().zip(&hi).zip(&lo) {
         assert!(((h + l) as f64 - *x as f64).abs() <= x.abs() as f64 * 2f64.powi(-16), "split of {x}: {h} + {l}");
+    }
+    // add_halves_f32 into a row stride of dim + 3: beta 0 writes only the first dim columns of
+    // each row (the NaN padding stays), beta 0.5 adds half the old value.
+    let (d2, before) = (r("halves_d"), r("halves_y1_before"));
+    let (y0, y1) = (r("halves_y0"), r("halves_y1"));
+    for i in 0..rows {
+        for c in 0..dim + 3 {
+            let at = i * (dim + 3) + c;
+            if c < dim {
+                let sum = d2[i * 2 * dim + c] + d2[i * 2 * dim + dim + c];
+                assert_eq!(y0[at], sum, "add_halves_f32 beta 0 [{i}, {c}]");
+                // (a compiler may fuse the multiply-add: one rounding fewer)
+                let want = sum as f64 + 0.5 * before[at] as f64;
+                assert!((y1[at] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "add_halves_f32 beta 0.5 [{i}, {c}]: {} vs {want}", y1[at]);
+            } else {
+                assert!(y0[at].is_nan(), "add_halves_f32 wrote the padding [{i}, {c}]");
+                assert_eq!(y1[at], before[at], "add_halves_f32 wrote the padding [{i}, {c}]");
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
@@ -16,20 +16,41 @@ use super::mem::DeviceBuf;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
-/// Workspace handed to cuBLASLt for each call (stream-ordered allocation from the pool).
+/// The most workspace cuBLASLt may ask for (split-K partial sums). A call gets exactly what
+/// its algorithm asks for (stream-ordered, from the pool), and none when that is zero: the
+/// frozen GEMMs and most rank-r products need none, and an allocation in the stream between
+/// two kernels is not free.
 const WORKSPACE: usize = 32 << 20;
 
-/// The cuBLASLt handle and a cache of the algorithm chosen for each problem.
+/// The cuBLASLt handle and a cache of the plan made for each problem.
 pub(crate) struct Lt {
     handle: sys::cublasLtHandle_t,
     /// `None`: cuBLASLt has no algorithm for the problem (on its operands' alignment).
-    algos: Mutex<HashMap<Key, Option<sys::cublasLtMatmulAlgo_t>>>,
+    plans: Mutex<HashMap<Key, Option<Arc<Plan>>>>,
+}
+
+/// What a call of one problem needs besides its pointers, made once: the layouts, the
+/// descriptor, the algorithm and its workspace size. Building these per call took a good part
+/// of the host's time per product, and at small shapes the host's time is the layer's (the
+/// layer bench's `host:` line).
+struct Plan {
+    layouts: [Layout; 3],
+    /// `None` for a problem with a bias: its descriptor carries the bias pointer, so each call
+    /// makes its own (the same attributes; the cached algorithm fits it).
+    desc: Option<Desc>,
+    algo: sys::cublasLtMatmulAlgo_t,
+    /// Bytes of workspace the algorithm asks for (split-K partial sums); none is allocated
+    /// for 0.
+    ws: usize,
 }
 
 // SAFETY: a cuBLASLt handle may be used from any thread (calls are serialised per stream by
-// the caller); the algorithm cache is behind a Mutex.
+// the caller); the plan cache is behind a Mutex. A plan's layouts and descriptor are only read
+// after they are made (cublasLtMatmul reads them; nothing sets an attribute on a cached one).
 unsafe impl Send for Lt {}
 unsafe impl Sync for Lt {}
+unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
 
 impl Drop for Lt {
     fn drop(&mut self) {
@@ -131,7 +152,7 @@ impl CudaBackend {
             }
             self.context().bind_to_thread().map_err(|e| e.to_string())?;
             let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
-            Ok(Lt { handle, algos: Mutex::new(HashMap::new()) })
+            Ok(Lt { handle, plans: Mutex::new(HashMap::new()) })
         });
         r.as_ref().map_err(|msg| Error::Cuda { op: "cuBLASLt", msg: msg.clone() })
     }
@@ -229,77 +250,32 @@ impl CudaBackend {
     ) -> Result<bool> {
         let h = self.lt()?;
         self.context().bind_to_thread().map_err(super::context::cuda_err(op))?;
-        let dt = data_type(dtype);
-        let plan = ColMajor::plan(transa, transb, m, n, k, lda, ldb, ldd);
-        let [(r0, c0, l0), (r1, c1, l1), (r2, c2, l2)] = plan.layouts;
-        let la = Layout(lt::create_matrix_layout(dt, r0 as u64, c0 as u64, l0 as i64).map_err(blas_err(op))?);
-        let lb = Layout(lt::create_matrix_layout(dt, r1 as u64, c1 as u64, l1 as i64).map_err(blas_err(op))?);
-        let ld = Layout(lt::create_matrix_layout(data_type(out), r2 as u64, c2 as u64, l2 as i64).map_err(blas_err(op))?);
-        let desc = Desc(
-            lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
-                .map_err(blas_err(op))?,
-        );
-        let set = |attr: sys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| {
-            lt::set_matmul_desc_attribute(desc.0, attr, ptr, size).map_err(blas_err(op))
-        };
-        let ta: i32 = plan.trans[0] as i32;
-        let tb: i32 = plan.trans[1] as i32;
-        set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as _, 4)?;
-        set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as _, 4)?;
-        if let Some(bp) = bias.as_ref() {
-            let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
-            set(
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &epi as *const _ as _,
-                std::mem::size_of::<sys::cublasLtEpilogue_t>(),
-            )?;
-            set(
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                bp as *const CUdeviceptr as _,
-                std::mem::size_of::<CUdeviceptr>(),
-            )?;
-        }
         let align = (alignment(b), alignment(a), alignment(d));
         let key = Key { dtype, out, transa, transb, m, n, k, lda, ldb, ldd, bias: bias.is_some(), beta: beta != 0.0, align };
-        let cached = h.algos.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
-        let algo = match cached {
-            Some(a) => a,
+        let cached = h.plans.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let plan = match cached {
+            Some(p) => p,
             None => {
-                let pref = Pref(lt::create_matmul_pref().map_err(blas_err(op))?);
-                let ws = WORKSPACE;
-                lt::set_matmul_pref_attribute(
-                    pref.0,
-                    sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    &ws as *const usize as _,
-                    std::mem::size_of::<usize>(),
-                )
-                .map_err(blas_err(op))?;
-                // The operands' true alignment, so that the heuristic only offers algorithms
-                // that can run on them (cuBLASLt assumes 256 bytes otherwise).
-                use sys::cublasLtMatmulPreferenceAttributes_t as P;
-                for (attr, v) in [
-                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align.0),
-                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align.1),
-                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align.2),
-                    (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align.2),
-                ] {
-                    lt::set_matmul_pref_attribute(pref.0, attr, &v as *const u32 as _, 4).map_err(blas_err(op))?;
-                }
-                let algo = match lt::get_matmul_algo_heuristic(h.handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0) {
-                    Ok(heur) => Some(heur.algo),
-                    Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => None,
-                    Err(e) => return Err(blas_err(op)(e)),
-                };
-                h.algos.lock().unwrap_or_else(|e| e.into_inner()).insert(key, algo);
-                algo
+                let p = make_plan(h, op, &key)?.map(Arc::new);
+                h.plans.lock().unwrap_or_else(|e| e.into_inner()).insert(key, p.clone());
+                p
             }
         };
-        let Some(algo) = algo else { return Ok(false) };
-        let work = DeviceBuf::new(self, stream, WORKSPACE, op)?;
+        let Some(plan) = plan else { return Ok(false) };
+        let biased = match bias {
+            Some(bp) => Some(make_desc(op, &key, Some(bp))?),
+            None => None,
+        };
+        let desc = match (&biased, &plan.desc) {
+            (Some(d), _) | (None, Some(d)) => d.0,
+            (None, None) => return Err(Error::Cuda { op, msg: "cuBLASLt plan without a descriptor".into() }),
+        };
+        let work = if plan.ws > 0 { Some(DeviceBuf::new(self, stream, plan.ws, op)?) } else { None };
+        let [la, lb, ld] = &plan.layouts;
         self.count_launch();
         lt::matmul(
             h.handle,
-            desc.0,
+            desc,
             &alpha as *const f32 as _,
             &beta as *const f32 as _,
             b as *const c_void,
@@ -310,14 +286,90 @@ impl CudaBackend {
             ld.0,
             d as *mut c_void,
             ld.0,
-            &algo,
-            work.ptr() as *mut c_void,
-            WORKSPACE,
+            &plan.algo,
+            work.as_ref().map_or(std::ptr::null_mut(), |w| w.ptr() as *mut c_void),
+            plan.ws,
             stream as _,
         )
         .map_err(blas_err(op))?;
         Ok(true)
     }
+}
+
+/// The matmul descriptor of a problem: f32 compute, its transposes, and with `bias` the bias
+/// epilogue on that pointer.
+fn make_desc(op: &'static str, key: &Key, bias: Option<CUdeviceptr>) -> Result<Desc> {
+    let desc = Desc(
+        lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F).map_err(blas_err(op))?,
+    );
+    let set = |attr: sys::cublasLtMatmulDescAttributes_t, ptr: *const c_void, size: usize| {
+        // SAFETY: `ptr` points at `size` bytes of the attribute's type.
+        unsafe { lt::set_matmul_desc_attribute(desc.0, attr, ptr, size) }.map_err(blas_err(op))
+    };
+    let plan = ColMajor::plan(key.transa, key.transb, key.m, key.n, key.k, key.lda, key.ldb, key.ldd);
+    let ta: i32 = plan.trans[0] as i32;
+    let tb: i32 = plan.trans[1] as i32;
+    set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as _, 4)?;
+    set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as _, 4)?;
+    if let Some(bp) = bias.as_ref() {
+        let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi as *const _ as _, std::mem::size_of::<sys::cublasLtEpilogue_t>())?;
+        set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+            bp as *const CUdeviceptr as _,
+            std::mem::size_of::<CUdeviceptr>(),
+        )?;
+    }
+    Ok(desc)
+}
+
+/// The plan of a problem: its layouts and descriptor, and the algorithm cuBLASLt's heuristic
+/// offers for operands of the key's alignment (`None`: it offers none).
+fn make_plan(h: &Lt, op: &'static str, key: &Key) -> Result<Option<Plan>> {
+    let dt = data_type(key.dtype);
+    let cm = ColMajor::plan(key.transa, key.transb, key.m, key.n, key.k, key.lda, key.ldb, key.ldd);
+    let [(r0, c0, l0), (r1, c1, l1), (r2, c2, l2)] = cm.layouts;
+    // Each is destroyed by its wrapper's Drop.
+    let layouts = [
+        Layout(lt::create_matrix_layout(dt, r0 as u64, c0 as u64, l0 as i64).map_err(blas_err(op))?),
+        Layout(lt::create_matrix_layout(dt, r1 as u64, c1 as u64, l1 as i64).map_err(blas_err(op))?),
+        Layout(lt::create_matrix_layout(data_type(key.out), r2 as u64, c2 as u64, l2 as i64).map_err(blas_err(op))?),
+    ];
+    // The heuristic sees a descriptor with the bias epilogue when the problem has a bias
+    // (any non-null pointer will do for choosing).
+    let desc = make_desc(op, key, key.bias.then_some(256))?;
+    let pref = Pref(lt::create_matmul_pref().map_err(blas_err(op))?);
+    let ws = WORKSPACE;
+    // SAFETY: each attribute gets a pointer to a value of its type.
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref.0,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &ws as *const usize as _,
+            std::mem::size_of::<usize>(),
+        )
+        .map_err(blas_err(op))?;
+        // The operands' true alignment, so that the heuristic only offers algorithms
+        // that can run on them (cuBLASLt assumes 256 bytes otherwise).
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let align = key.align;
+        for (attr, v) in [
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align.0),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align.1),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align.2),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align.2),
+        ] {
+            lt::set_matmul_pref_attribute(pref.0, attr, &v as *const u32 as _, 4).map_err(blas_err(op))?;
+        }
+    }
+    let [la, lb, ld] = &layouts;
+    // SAFETY: the handle, descriptor, layouts and preference are live.
+    let heur = match unsafe { lt::get_matmul_algo_heuristic(h.handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0) } {
+        Ok(heur) => heur,
+        Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => return Ok(None),
+        Err(e) => return Err(blas_err(op)(e)),
+    };
+    Ok(Some(Plan { layouts, desc: (!key.bias).then_some(desc), algo: heur.algo, ws: heur.workspaceSize }))
 }
 
 #[cfg(test)]

@@ -14,8 +14,9 @@
 //! `M` is the optional dropout mask on W ([`Dropout`]); `p = 0` means no mask.
 //!
 //! The two K-extended products (`y` and `dx`) run either as one fused GEMM
-//! (`crate::cuda::gemm`, when built in) or composed: a cuBLASLt GEMM for the frozen part, then
-//! the rank-r accumulate product `lowrank_addmm_*` (on the [`super::ProductEngine`]). [`Path`]
+//! (`crate::cuda::gemm`, when built in) or composed: the rank-r product `lowrank_addmm_*` (on
+//! the [`super::ProductEngine`]) writes the output, then a cuBLASLt GEMM adds the frozen part
+//! to it (beta = 1). [`Path`]
 //! picks; `Auto` is the composed path (faster on an H200 at every measured shape); `Tuned`
 //! measures the candidates once per shape and keeps the fastest.
 //!
@@ -52,8 +53,9 @@ pub enum Path {
     /// As `Fused`, with the sm_90a wgmma kernels for bf16/f16 on a compute capability 9.0
     /// device (the sm_80 kernels elsewhere and for f32).
     FusedSm90,
-    /// cuBLASLt for the frozen product, then the rank-r part accumulated into it
-    /// (`lowrank_addmm_*`: on the [`super::ProductEngine`], cuBLASLt by default).
+    /// The rank-r part written to the output first (`lowrank_addmm_*`, on the
+    /// [`super::ProductEngine`]: cuBLASLt by default), then the frozen product in cuBLASLt
+    /// added to it in the GEMM's epilogue (beta = 1).
     Composed,
     /// Per shape, the fastest of the above as measured on this device at the shape's first
     /// call ([`crate::cuda::tune`]); bitwise reproducible within a process, not across them.
@@ -222,7 +224,8 @@ pub(crate) trait Layer: Exec {
     }
 
     /// [`Layer::kext_nt`] (`nt`) or [`Layer::kext_nn`] on `path` (not `Tuned`): the fused GEMM
-    /// when `path` takes it, else cuBLASLt for the first pair and `lowrank_addmm_*` for the second.
+    /// when `path` takes it, else `lowrank_addmm_*` for the second pair, then cuBLASLt adding the
+    /// first pair's product to it.
     #[allow(clippy::too_many_arguments)]
     unsafe fn kext_on<T: Element>(
         &self,
@@ -239,8 +242,12 @@ pub(crate) trait Layer: Exec {
             return Ok(());
         }
         let (what, addmm) = if nt { ("frozen GEMM x W^T", "lowrank_addmm_nt") } else { ("frozen GEMM G W", "lowrank_addmm_nn") };
-        self.gemm(what, dt, stream, false, nt, m, n, k1, a1, lda1, b1, ldb1, bias, 0.0, d, ldd)?;
-        self.product(&kname(addmm, dt), dt, stream, Product::new(a2, lda2, b2, ldb2, d, ldd, m, n, k2).beta(1.0))
+        // The rank-r term first, written to D; then the frozen GEMM adds itself to it (beta 1,
+        // the bias in its epilogue). D is written, read once by the GEMM's epilogue and written
+        // again; the other order (GEMM, then `D += A2 B2`) reads and writes D after the GEMM, a
+        // pass of its own over T x d_out (45 us at T = 8192, d = 4096 on an H200).
+        self.product(&kname(addmm, dt), dt, stream, Product::new(a2, lda2, b2, ldb2, d, ldd, m, n, k2))?;
+        self.gemm(what, dt, stream, false, nt, m, n, k1, a1, lda1, b1, ldb1, bias, 1.0, d, ldd)
     }
 
     #[allow(clippy::too_many_arguments)]

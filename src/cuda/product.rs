@@ -145,36 +145,43 @@ impl CudaBackend {
     }
 
     /// Runs product `name` through cuBLASLt when [`blas_form`] takes it; `Ok(false)`: nothing
-    /// was enqueued, the tile kernel must run it (also when cuBLASLt has no algorithm).
+    /// that writes the caller's buffers was enqueued, the tile kernel must run it (also when
+    /// cuBLASLt has no algorithm).
     ///
     /// # Safety
     /// As for [`CudaBackend::launch_product`].
     unsafe fn product_by_blas(&self, name: &str, out: DType, stream: CUstream, p: &Product) -> Result<bool> {
         const OP: &str = "rank-r product (cuBLASLt)";
         let Some(BlasForm { dtype, transa, transb, split_b }) = blas_form(name, p) else { return Ok(false) };
-        let gemm = |b: CUdeviceptr, beta: f32| unsafe {
-            self.lt_matmul(OP, dtype, out, stream, transa, transb, p.m, p.n, p.k, p.a, p.lda, b, p.ldb, None, p.alpha, beta, p.d, p.ldd)
-        };
         if !split_b {
-            return gemm(p.b, p.beta);
+            return unsafe {
+                self.lt_matmul(OP, dtype, out, stream, transa, transb, p.m, p.n, p.k, p.a, p.lda, p.b, p.ldb, None, p.alpha, p.beta, p.d, p.ldd)
+            };
         }
         // dphi = alpha W^T S + beta dphi with S (d_out x r) f32: S = S_hi + S_lo, both bf16
-        // (S_lo = bf16(S - S_hi)), two bf16 products with f32 accumulation.
-        let len = p.k.checked_mul(p.n).ok_or(Error::Overflow { what: "S", rows: p.k, cols: p.n })?;
-        let hi = DeviceBuf::new(self, stream, len * 2, OP)?;
-        let lo = DeviceBuf::new(self, stream, len * 2, OP)?;
-        let f = self.function("split_f32_bf16x2")?;
-        let (sp, hp, lp, n) = (p.b, hi.ptr(), lo.ptr(), len as i64);
-        let blocks = len.div_ceil(THREADS as usize).clamp(1, self.sm_count() as usize * 16) as u32;
-        self.launch(OP, &f, (blocks, 1, 1), (THREADS, 1, 1), 0, stream, &kargs![sp, hp, lp, n])?;
-        if !gemm(hi.ptr(), p.beta)? {
+        // (S_lo = bf16(S - S_hi)), stored side by side as [S_hi | S_lo] (d_out x 2r), so that
+        // one bf16 product reads W once: P = alpha W^T [S_hi | S_lo] (d_in x 2r, f32), then
+        // dphi = P[:, :r] + P[:, r:] + beta dphi (add_halves_f32).
+        let (rows, cols) = (p.k, p.n);
+        let len = rows.checked_mul(2 * cols).ok_or(Error::Overflow { what: "S", rows, cols: 2 * cols })?;
+        let hilo = DeviceBuf::new(self, stream, len * 2, OP)?;
+        let plen = p.m.checked_mul(2 * cols).ok_or(Error::Overflow { what: "W^T S", rows: p.m, cols: 2 * cols })?;
+        let prod = DeviceBuf::new(self, stream, plen * 4, OP)?;
+        let (sp, hp, r64, c32) = (p.b, hilo.ptr(), rows as i64, to_i32("r", cols)?);
+        let blocks = |n: usize| n.div_ceil(THREADS as usize).clamp(1, self.sm_count() as usize * 16) as u32;
+        let split = self.function("split_f32_bf16x2")?;
+        self.launch(OP, &split, (blocks(rows * cols), 1, 1), (THREADS, 1, 1), 0, stream, &kargs![sp, hp, r64, c32])?;
+        let (pp, ldp) = (prod.ptr(), 2 * cols);
+        // SAFETY: hilo holds d_out x 2r bf16, prod d_in x 2r f32; A is the caller's W.
+        let done = unsafe {
+            self.lt_matmul(OP, dtype, out, stream, transa, transb, p.m, ldp, p.k, p.a, p.lda, hp, ldp, None, p.alpha, 0.0, pp, ldp)
+        }?;
+        if !done {
             return Ok(false);
         }
-        if !gemm(lo.ptr(), 1.0)? {
-            // The same problem as the first on equally aligned operands: cuBLASLt offered an
-            // algorithm for it a moment ago.
-            return Err(Error::Cuda { op: OP, msg: format!("{name}: no cuBLASLt algorithm for the low half of S") });
-        }
+        let halves = self.function("add_halves_f32")?;
+        let (dp, m64, ldd, beta) = (p.d, p.m as i64, p.ldd as i64, p.beta);
+        self.launch(OP, &halves, (blocks(p.m * cols), 1, 1), (THREADS, 1, 1), 0, stream, &kargs![pp, dp, m64, c32, ldd, beta])?;
         Ok(true)
     }
 }
@@ -187,8 +194,8 @@ pub(crate) struct BlasForm {
     pub transa: bool,
     pub transb: bool,
     /// B is f32 beside a bf16 A (`lowrank_dphi_bf16`'s `S`): split into a high and a low bf16
-    /// part (`split_f32_bf16x2`), two matmuls, the second accumulating into the first's D.
-    /// Carries B to about 2^-17 of its size. Otherwise one matmul.
+    /// part side by side (`split_f32_bf16x2`), one matmul over both, its two halves added
+    /// (`add_halves_f32`). Carries B to about 2^-17 of its size. Otherwise one matmul.
     pub split_b: bool,
 }
 

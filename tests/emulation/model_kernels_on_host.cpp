@@ -214,9 +214,17 @@ int main(int argc, char** argv) {
         // split_f32_bf16x2 on values over many binades (the f32 S of the bf16 dphi).
         std::vector<float> s(n);
         for (long long i = 0; i < n; ++i) s[i] = x[i] * std::ldexp(1.0f, (int)(i % 61) - 30);
-        std::vector<__nv_bfloat16> hi(n, __float2bfloat16_rn(NAN)), lo(n, __float2bfloat16_rn(NAN));
-        launch(2, 256, [&] { split_f32_bf16x2(s.data(), hi.data(), lo.data(), n); });
-        dump("split_x", s); dump("split_hi", from_bf(hi)); dump("split_lo", from_bf(lo));
+        std::vector<__nv_bfloat16> hilo(2 * n, __float2bfloat16_rn(NAN));
+        launch(2, 256, [&] { split_f32_bf16x2(s.data(), hilo.data(), rows, dim); });
+        dump("split_x", s); dump("split_hilo", from_bf(hilo));
+        // add_halves_f32: d (rows x 2 dim) into y (row stride dim + 3), once with beta 0 (y
+        // not read: NaN there stays out), once with beta 0.5.
+        auto d2 = rv(2 * n);
+        std::vector<float> h0((long long)rows * (dim + 3), NAN), h1 = rv((long long)rows * (dim + 3));
+        dump("halves_y1_before", h1);
+        launch(2, 256, [&] { add_halves_f32(d2.data(), h0.data(), rows, dim, dim + 3, 0.0f); });
+        launch(2, 256, [&] { add_halves_f32(d2.data(), h1.data(), rows, dim, dim + 3, 0.5f); });
+        dump("halves_d", d2); dump("halves_y0", h0); dump("halves_y1", h1);
         dump("ew_x", x); dump("ew_y", y); dump("ew_xb", from_bf(xb)); dump("ew_acc", acc); dump("ew_sum", sum);
         dump("ew_gather", gath); dump("ew_gather_bf16", from_bf(gathb)); dump("ew_scatter", scat);
     }
