@@ -34,6 +34,8 @@
 //   gemm_kext_nt_f32   gemm_kext_nn_f32                                           (any, FMA)
 //   gemm_kext_nt_bf16_sm90  gemm_kext_nn_bf16_sm90  gemm_kext_nt_f16_sm90  gemm_kext_nn_f16_sm90
 //       (wgmma in the sm_90a cubin; built for any other target they run the sm_80 body)
+//   gemm_kext_nt_bf16_tma   gemm_kext_nn_bf16_tma   gemm_kext_nt_f16_tma   gemm_kext_nn_f16_tma
+//       (TMA + wgmma, warp-specialised; sm_90a only; four CUtensorMap parameters first)
 //
 //   (int M, int N, int K1, int K2,
 //    const T* A1, int lda1, const T* B1, int ldb1,
@@ -46,6 +48,7 @@
 //   f32 FMA:           block 256 threads, grid.x = ceil(M/64) * ceil(N/64), no dynamic smem.
 //   sm_90a:            block 256 threads, grid.x = ceil(M/128) * ceil(N/256),
 //                      dynamic smem = h90::SMEM_BYTES = 4 * 48 KiB + 1 KiB = 197632 B.
+//   sm_90a TMA:        block 288 threads, the same grid and dynamic smem (t90::SMEM_BYTES).
 // ===========================================================================================
 //
 // Design of the sm_80 tensor-core kernel
@@ -954,3 +957,202 @@ GEMM_KEXT_H90(gemm_kext_nt_bf16_sm90, __nv_bfloat16, false)
 GEMM_KEXT_H90(gemm_kext_nn_bf16_sm90, __nv_bfloat16, true)
 GEMM_KEXT_H90(gemm_kext_nt_f16_sm90, __half, false)
 GEMM_KEXT_H90(gemm_kext_nn_f16_sm90, __half, true)
+
+// ------------------------------------------------------------------------------------------
+// sm_90a kernel with the tensor memory accelerator: gemm_kext_{nt,nn}_{bf16,f16}_tma.
+//
+// The same block tile, shared layouts, wgmma descriptors and epilogue as the _sm90 kernel
+// above, but the tiles arrive by TMA (cp.async.bulk.tensor) and the block is warp-specialised:
+//   warps 0-7 (two warpgroups) only multiply: warpgroup g owns rows 64g..64g+63 x 256;
+//   warp 8 is the producer: one lane issues a stage's copies (A: one 64 x 128 box; B of NT:
+//   one 64 x 256 box; B of NN: four 64 x 64 boxes, one per 64-column quarter) and posts the
+//   byte count on the stage's `full` mbarrier; the consumers wait on it, run the stage's 4
+//   wgmma k16 steps, and once wgmma.wait_group 1 says that the previous stage's wgmmas are done,
+//   one thread per warpgroup arrives on that stage's `empty` mbarrier (2 arrivals free it).
+//   No __syncthreads in the K loop, no load instructions in the multiplying warps.
+// TMA's 128-byte swizzle (box rows of 64 elements = 128 B, destinations 1024-aligned) writes
+// exactly the layouts the _sm90 kernel builds with cp.async (row r, chunk c at
+// r*128 + ((c ^ (r & 7)) * 16)), so the descriptors are the same. Tails: the box parts outside
+// the tensor (rows past M or N, columns past K1 or K2) arrive as zeros; the epilogue stores
+// only inside D.
+// Parameters: the four tensor maps (A1, B1, A2, B2; built by the launcher over the same
+// matrices as the pointers; for K2 = 0 any valid map, it is not read), then the common list.
+// The launcher uses these kernels only when every map can be made (16-byte aligned bases, lds
+// multiples of 8 elements, K1 > 0) and on a device of compute capability 9.0, whose module
+// image is the sm_90a cubin; in any other image the body traps.
+// Geometry: 288 threads, grid.x = ceil(M/128) * ceil(N/256), dynamic smem t90::SMEM_BYTES.
+// ------------------------------------------------------------------------------------------
+#ifndef WEGEFT_HOST_EMULATION
+#include <cuda.h>
+
+namespace t90 {
+constexpr int STAGES = 4;  // the block tile and the stage layout are h90's
+constexpr int CONSUMERS = 256, THREADS = CONSUMERS + 32;
+constexpr int A_BYTES = h90::A_BYTES, STAGE_BYTES = h90::STAGE_BYTES;
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+static_assert(SMEM_BYTES == 4 * 49152 + 1024, "mirrored as geom::T_SMEM in src/cuda/gemm.rs");
+}  // namespace t90
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+namespace t90 {
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// One box of a 2-d tensor map at element coordinates (c0 innermost, c1 rows) into shared
+// memory at dst; completion counted in bytes on the mbarrier.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+}  // namespace t90
+#endif
+
+template <typename T, bool NN>
+__device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUtensorMap* mb1, const CUtensorMap* ma2,
+                                              const CUtensorMap* mb2, GEMM_KEXT_PARAMS(T)) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace h90;
+  using t90::STAGES;
+  int tm, tn;
+  gk::block_tile_coords((M + BM - 1) / BM, (N + BN - 1) / BN, tm, tn);
+  const int m0 = tm * BM;
+  const int n0 = tn * BN;
+  GK_DYNAMIC_SMEM(smem_t90, 1024);
+  const uint32_t smem_base = (gk::smem_u32(smem_t90) + 1023u) & ~1023u;
+  __shared__ __align__(8) uint64_t bars[2 * STAGES];
+  const uint32_t full0 = gk::smem_u32(&bars[0]);
+  const uint32_t empty0 = gk::smem_u32(&bars[STAGES]);
+  const int tid = threadIdx.x;
+  const int KT1 = (K1 + BK - 1) / BK;
+  const int KT = KT1 + (K2 + BK - 1) / BK;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      t90::mbar_init(full0 + 8 * s, 1);   // the producer's expect_tx arrival (+ the bytes)
+      t90::mbar_init(empty0 + 8 * s, 2);  // one arrival per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (tid >= t90::CONSUMERS) {
+    // Producer warp: lane 0 issues every copy; stage s = t % STAGES is refilled once both
+    // warpgroups have freed it (its previous use, tile t - STAGES).
+    if (tid == t90::CONSUMERS) {
+      for (int t = 0; t < KT; ++t) {
+        const int s = t % STAGES;
+        if (t >= STAGES) t90::mbar_wait(empty0 + 8 * s, ((t / STAGES) - 1) & 1);
+        const uint32_t full = full0 + 8 * s;
+        t90::mbar_expect_tx(full, t90::STAGE_BYTES);
+        const bool second = t >= KT1;
+        const int kb = (second ? t - KT1 : t) * BK;
+        const uint32_t sa = smem_base + s * t90::STAGE_BYTES;
+        const uint32_t sb = sa + t90::A_BYTES;
+        t90::tma_load_2d(sa, second ? ma2 : ma1, full, kb, m0);
+        if (!NN) {
+          t90::tma_load_2d(sb, second ? mb2 : mb1, full, kb, n0);
+        } else {
+#pragma unroll
+          for (int h = 0; h < 4; ++h) t90::tma_load_2d(sb + h * 8192, second ? mb2 : mb1, full, n0 + 64 * h, kb);
+        }
+      }
+    }
+    return;
+  }
+
+  const int wg = tid >> 7;
+  const int wrow = (tid & 127) >> 5;
+  const int lane = tid & 31;
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+  fence_regs(acc);
+  for (int t = 0; t < KT; ++t) {
+    const int s = t % STAGES;
+    t90::mbar_wait(full0 + 8 * s, (t / STAGES) & 1);
+    const uint32_t sa = smem_base + s * t90::STAGE_BYTES;
+    const uint32_t sb = sa + t90::A_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      const uint64_t da = desc(sa + wg * (64 * 128) + ks * 32, 16, 1024);
+      const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
+      Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // the wgmmas of tile t-1 are done: its stage may be refilled
+    fence_regs(acc);
+    if (t > 0 && (tid & 127) == 0) t90::mbar_arrive(empty0 + 8 * ((t - 1) % STAGES));
+  }
+  wgmma_wait<0>();
+  fence_regs(acc);
+
+  // Epilogue, as in gemm_kext_h90.
+  const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
+  const bool read_d = beta != 0.f;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = n0 + j * 8 + (lane & 3) * 2;
+    if (col >= N) continue;
+    const bool has1 = col + 1 < N;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      b0 = gk::Ty<T>::to_f32(bias[col]);
+      if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + wg * 64 + wrow * 16 + (lane >> 2) + h * 8;
+      if (row >= M) continue;
+      T* dp = D + (size_t)row * ldd + col;
+      float v0 = acc[4 * j + 2 * h] + b0;
+      float v1 = acc[4 * j + 2 * h + 1] + b1;
+      if (read_d) {
+        v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
+        if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
+      }
+      if (has1 && pair_store) {
+        *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
+      } else {
+        dp[0] = gk::Ty<T>::from_f32(v0);
+        if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
+      }
+    }
+  }
+#else
+  __trap();  // never launched outside an sm_90a image (see above)
+#endif
+}
+
+#define GEMM_KEXT_T90(NAME, T, NN)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(t90::THREADS, 1)                                                    \
+      NAME(const __grid_constant__ CUtensorMap ma1, const __grid_constant__ CUtensorMap mb1,                       \
+           const __grid_constant__ CUtensorMap ma2, const __grid_constant__ CUtensorMap mb2, GEMM_KEXT_PARAMS(T)) { \
+    gemm_kext_t90<T, NN>(&ma1, &mb1, &ma2, &mb2, GEMM_KEXT_ARGS);                                                   \
+  }
+
+GEMM_KEXT_T90(gemm_kext_nt_bf16_tma, __nv_bfloat16, false)
+GEMM_KEXT_T90(gemm_kext_nn_bf16_tma, __nv_bfloat16, true)
+GEMM_KEXT_T90(gemm_kext_nt_f16_tma, __half, false)
+GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
+#endif  // WEGEFT_HOST_EMULATION

@@ -22,6 +22,7 @@
 
 #include "../gemm_kext.cu"
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <glob.h>
@@ -48,12 +49,85 @@ using KernelFn = void (*)(int, int, int, int, const T*, int, const T*, int, cons
                           const T*, int, const T*, float, T*, int);
 
 template <typename T>
+using TmaKernelFn = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, int, int,
+                             int, int, const T*, int, const T*, int, const T*, int, const T*, int, const T*, float,
+                             T*, int);
+
+template <typename T>
 struct Variant {
   const char* name;
   KernelFn<T> fn;
   bool nn;
   int tile_m, tile_n, threads, smem;
+  // The _tma kernels: fn is then the _sm90 kernel the launcher falls back to when a map
+  // cannot be made (an unaligned base, an ld not a multiple of 8, K1 = 0).
+  TmaKernelFn<T> tma = nullptr;
 };
+
+// ---- tensor maps (what src/cuda/gemm.rs does for the _tma kernels) ----
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+static EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = nullptr;
+  if (!fn) {
+    cudaDriverEntryPointQueryResult q;
+    void* p = nullptr;
+    CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+    if (q != cudaDriverEntryPointSuccess || !p) {
+      fprintf(stderr, "cuTensorMapEncodeTiled not found\n");
+      exit(2);
+    }
+    fn = (EncodeTiledFn)p;
+  }
+  return fn;
+}
+template <typename T>
+static CUtensorMapDataType tmap_type();
+template <>
+CUtensorMapDataType tmap_type<__nv_bfloat16>() { return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16; }
+template <>
+CUtensorMapDataType tmap_type<__half>() { return CU_TENSOR_MAP_DATA_TYPE_FLOAT16; }
+template <>
+CUtensorMapDataType tmap_type<float>() { return CU_TENSOR_MAP_DATA_TYPE_FLOAT32; }  // (no f32 _tma kernel)
+// A rows x cols row-major matrix (ld elements) as a 2-d map with box_cols x box_rows boxes,
+// 128-byte swizzle, zeros outside. False when TMA cannot address it.
+template <typename T>
+static bool make_map(CUtensorMap* m, const T* ptr, int rows, int cols, int ld, int box_cols, int box_rows) {
+  if (ptr == nullptr || ((uintptr_t)ptr & 15) || (ld & 7) || rows < 1 || cols < 1) return false;
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)ld * sizeof(T)};
+  const cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows};
+  const cuuint32_t estr[2] = {1, 1};
+  return encode_tiled()(m, tmap_type<T>(), 2, (void*)ptr, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+static long g_tma_runs = 0, g_tma_fallbacks = 0;
+// Launches a variant: the plain kernel, or for a _tma variant its maps and kernel (or, when a
+// map cannot be made, the fallback kernel).
+template <typename T>
+static void launch(const Variant<T>& v, int grid, int M, int N, int K1, int K2, const T* A1, int lda1, const T* B1,
+                   int ldb1, const T* A2, int lda2, const T* B2, int ldb2, const T* bias, float beta, T* D, int ldd) {
+  if (v.tma) {
+    CUtensorMap m[4];
+    bool ok = K1 > 0 && make_map(&m[0], A1, M, K1, lda1, 64, 128) &&
+              (v.nn ? make_map(&m[1], B1, K1, N, ldb1, 64, 64) : make_map(&m[1], B1, N, K1, ldb1, 64, 256));
+    if (ok && K2 > 0)
+      ok = make_map(&m[2], A2, M, K2, lda2, 64, 128) &&
+           (v.nn ? make_map(&m[3], B2, K2, N, ldb2, 64, 64) : make_map(&m[3], B2, N, K2, ldb2, 64, 256));
+    else if (ok)
+      m[2] = m[0], m[3] = m[1];
+    if (ok) {
+      ++g_tma_runs;
+      v.tma<<<grid, 288, v.smem>>>(m[0], m[1], m[2], m[3], M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2, bias,
+                                   beta, D, ldd);
+      return;
+    }
+    ++g_tma_fallbacks;
+  }
+  v.fn<<<grid, v.threads, v.smem>>>(M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2, bias, beta, D, ldd);
+}
 
 static inline float to_f(float v) { return v; }
 static inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -168,10 +242,9 @@ static double run_case(const Variant<T>& var, const Problem& p, double rel_tol) 
     for (auto& x : d0) x = NAN;
   T* dD = upload<T>(d0, p.off);
   const int tiles = ((c.M + var.tile_m - 1) / var.tile_m) * ((c.N + var.tile_n - 1) / var.tile_n);
-  var.fn<<<tiles, var.threads, var.smem>>>(
-      c.M, c.N, c.K1, c.K2, dA1 + p.off, p.A1.ld, dB1 + p.off, p.B1.ld,
-      dA2 ? dA2 + p.off : nullptr, p.A2.ld, dB2 ? dB2 + p.off : nullptr, p.B2.ld,
-      dbias ? dbias + p.off : nullptr, c.beta, dD + p.off, p.ldd);
+  launch(var, tiles, c.M, c.N, c.K1, c.K2, dA1 + p.off, p.A1.ld, dB1 + p.off, p.B1.ld,
+         dA2 ? dA2 + p.off : nullptr, p.A2.ld, dB2 ? dB2 + p.off : nullptr, p.B2.ld,
+         dbias ? dbias + p.off : nullptr, c.beta, dD + p.off, p.ldd);
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
   std::vector<T> out(d0.size() + p.off);
@@ -214,13 +287,15 @@ static double run_case(const Variant<T>& var, const Problem& p, double rel_tol) 
 
 template <typename T>
 static void set_smem(const Variant<T>& v) {
-  if (v.smem > 48 * 1024)
+  if (v.smem > 48 * 1024) {
     CK(cudaFuncSetAttribute(v.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, v.smem));
+    if (v.tma) CK(cudaFuncSetAttribute(v.tma, cudaFuncAttributeMaxDynamicSharedMemorySize, t90::SMEM_BYTES));
+  }
 }
 
 static const int H_SMEM = h90::SMEM_BYTES;
 
-static std::vector<Variant<__nv_bfloat16>> bf16_variants(bool sm90) {
+static std::vector<Variant<__nv_bfloat16>> bf16_variants(bool sm90, bool tma) {
   std::vector<Variant<__nv_bfloat16>> v = {
       {"gemm_kext_nt_bf16", gemm_kext_nt_bf16, false, 128, 128, 256, tc::SMEM_BYTES},
       {"gemm_kext_nn_bf16", gemm_kext_nn_bf16, true, 128, 128, 256, tc::SMEM_BYTES}};
@@ -228,15 +303,23 @@ static std::vector<Variant<__nv_bfloat16>> bf16_variants(bool sm90) {
     v.push_back({"gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, false, 128, 256, 256, H_SMEM});
     v.push_back({"gemm_kext_nn_bf16_sm90", gemm_kext_nn_bf16_sm90, true, 128, 256, 256, H_SMEM});
   }
+  if (tma) {
+    v.push_back({"gemm_kext_nt_bf16_tma", gemm_kext_nt_bf16_sm90, false, 128, 256, 256, H_SMEM, gemm_kext_nt_bf16_tma});
+    v.push_back({"gemm_kext_nn_bf16_tma", gemm_kext_nn_bf16_sm90, true, 128, 256, 256, H_SMEM, gemm_kext_nn_bf16_tma});
+  }
   return v;
 }
-static std::vector<Variant<__half>> f16_variants(bool sm90) {
+static std::vector<Variant<__half>> f16_variants(bool sm90, bool tma) {
   std::vector<Variant<__half>> v = {
       {"gemm_kext_nt_f16", gemm_kext_nt_f16, false, 128, 128, 256, tc::SMEM_BYTES},
       {"gemm_kext_nn_f16", gemm_kext_nn_f16, true, 128, 128, 256, tc::SMEM_BYTES}};
   if (sm90) {
     v.push_back({"gemm_kext_nt_f16_sm90", gemm_kext_nt_f16_sm90, false, 128, 256, 256, H_SMEM});
     v.push_back({"gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, true, 128, 256, 256, H_SMEM});
+  }
+  if (tma) {
+    v.push_back({"gemm_kext_nt_f16_tma", gemm_kext_nt_f16_sm90, false, 128, 256, 256, H_SMEM, gemm_kext_nt_f16_tma});
+    v.push_back({"gemm_kext_nn_f16_tma", gemm_kext_nn_f16_sm90, true, 128, 256, 256, H_SMEM, gemm_kext_nn_f16_tma});
   }
   return v;
 }
@@ -253,13 +336,16 @@ static bool check_all(const std::vector<Variant<T>>& vars, const std::vector<Pro
     set_smem(v);
     double worst = 0;
     int n = 0;
+    const long tma0 = g_tma_runs, fb0 = g_tma_fallbacks;
     for (const auto& p : probs) {
       if (p.c.nn != v.nn) continue;
       worst = std::fmax(worst, run_case(v, p, tol));
       ++n;
     }
-    printf("%-24s %4d cases  worst error %.3g x tol (tol %.3g relative)  %s\n", v.name, n,
+    printf("%-24s %4d cases  worst error %.3g x tol (tol %.3g relative)  %s", v.name, n,
            worst, tol, worst <= 1.0 ? "ok" : "FAIL");
+    if (v.tma) printf("  (%ld on TMA, %ld on the fallback)", g_tma_runs - tma0, g_tma_fallbacks - fb0);
+    printf("\n");
     ok = ok && worst <= 1.0;
   }
   return ok;
@@ -440,8 +526,7 @@ static void bench_variants(const std::vector<Variant<T>>& vars, const Cublas* cb
       const int ldb2 = v.nn ? S : R;
       double ms = time_ms(
           [&] {
-            v.fn<<<tiles, v.threads, v.smem>>>(S, S, S, k2, A, S, B, S, A2, R, B2, ldb2, nullptr,
-                                               0.f, D, S);
+            launch(v, tiles, S, S, S, k2, A, S, B, S, A2, R, B2, ldb2, (const T*)nullptr, 0.f, D, S);
           },
           ITERS);
       const double flops = 2.0 * S * S * (double)(S + k2);
@@ -467,6 +552,8 @@ int main(int argc, char** argv) {
   // The _sm90 kernels run wgmma on sm_90 and the sm_80 body elsewhere (test both when the
   // device can give them their shared memory).
   const bool sm90 = (prop.major == 9 && prop.minor == 0) || prop.sharedMemPerBlockOptin >= (size_t)H_SMEM;
+  // The _tma kernels exist only in the sm_90a image.
+  const bool tma = prop.major == 9 && prop.minor == 0;
   printf("device: %s (sm_%d%d)%s\n", prop.name, prop.major, prop.minor,
          sm90 ? (prop.major == 9 ? ", testing the sm_90a wgmma kernels too"
                                  : ", testing the _sm90 names (sm_80 body) too")
@@ -480,8 +567,8 @@ int main(int argc, char** argv) {
       printf("cuBLAS: %s (version %d)\n", cb.path.c_str(), cb.version);
     else
       printf("cuBLAS not available: no comparison. Tried:%s\n", why.empty() ? " nothing found" : why.c_str());
-    bench_variants(bf16_variants(sm90), have ? &cb : nullptr, (int)CUDA_R_16BF, "bf16");
-    bench_variants(f16_variants(sm90), have ? &cb : nullptr, (int)CUDA_R_16F, "f16");
+    bench_variants(bf16_variants(sm90, tma), have ? &cb : nullptr, (int)CUDA_R_16BF, "bf16");
+    bench_variants(f16_variants(sm90, tma), have ? &cb : nullptr, (int)CUDA_R_16F, "f16");
     CK(cudaDeviceSynchronize());
     return have ? 0 : 3;
   }
@@ -512,8 +599,8 @@ int main(int argc, char** argv) {
           }
   bool ok = true;
   ok &= check_all(f32_variants(), probs, 1e-6);
-  ok &= check_all(bf16_variants(sm90), probs, 1.0 / 256);   // bf16: 8 significant bits
-  ok &= check_all(f16_variants(sm90), probs, 1.0 / 2048);   // f16: 11 significant bits
+  ok &= check_all(bf16_variants(sm90, tma), probs, 1.0 / 256);   // bf16: 8 significant bits
+  ok &= check_all(f16_variants(sm90, tma), probs, 1.0 / 2048);   // f16: 11 significant bits
   printf("%s\n", ok ? "ALL OK" : "SOME FAILED");
   return ok ? 0 : 1;
 }

@@ -33,6 +33,11 @@ impl KernelArg for u64 {
 impl KernelArg for f32 {
     const PTX: &'static str = "f32";
 }
+/// A TMA tensor map passed by value (`const __grid_constant__ CUtensorMap`: 128 bytes,
+/// 128-byte aligned, `.param .align 128 .b8 name[128]` in the PTX).
+impl KernelArg for cudarc::driver::sys::CUtensorMap {
+    const PTX: &'static str = "align 128 b8";
+}
 
 /// One kernel argument: a pointer to the value (which must outlive the launch call) and its
 /// PTX type.
@@ -99,7 +104,7 @@ mod tests {
             for (k, sig) in m.kernels.iter().zip(m.signatures) {
                 assert!(!sig.is_empty(), "{k} has no parameters recorded");
                 for t in sig.split(',') {
-                    assert!(matches!(t, "u32" | "u64" | "f32"), "{k}: parameter type {t:?} has no KernelArg");
+                    assert!(matches!(t, "u32" | "u64" | "f32" | "align 128 b8"), "{k}: parameter type {t:?} has no KernelArg");
                 }
                 n += 1;
             }
@@ -109,5 +114,10 @@ mod tests {
         // B1, ldb1, A2, lda2, B2, ldb2, bias, beta, D, ldd).
         let sig = crate::cuda::kernels::signature_of("gemm_kext_nt_f32").unwrap();
         assert_eq!(sig, "u32,u32,u32,u32,u64,u32,u64,u32,u64,u32,u64,u32,u64,f32,u64,u32");
+        // The TMA kernels: the four tensor maps (CUtensorMap by value), then the same 16.
+        let sig = crate::cuda::kernels::signature_of("gemm_kext_nn_bf16_tma").unwrap();
+        assert_eq!(sig, format!("{},u32,u32,u32,u32,u64,u32,u64,u32,u64,u32,u64,u32,u64,f32,u64,u32", ["align 128 b8"; 4].join(",")));
+        assert_eq!(std::mem::size_of::<cudarc::driver::sys::CUtensorMap>(), 128);
+        assert_eq!(std::mem::align_of::<cudarc::driver::sys::CUtensorMap>(), 128);
     }
 }

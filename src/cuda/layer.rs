@@ -51,7 +51,8 @@ pub enum Path {
     /// The fused K-extended GEMM (`crate::cuda::gemm`); an error when it is not built in.
     Fused,
     /// As `Fused`, with the sm_90a wgmma kernels for bf16/f16 on a compute capability 9.0
-    /// device (the sm_80 kernels elsewhere and for f32).
+    /// device (TMA-fed where every operand allows a tensor map, cp.async-fed otherwise; the
+    /// sm_80 kernels elsewhere and for f32).
     FusedSm90,
     /// The rank-r part written to the output first (`lowrank_addmm_*`, on the
     /// [`super::ProductEngine`]: cuBLASLt by default), then the frozen product in cuBLASLt
