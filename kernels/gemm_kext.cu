@@ -198,9 +198,8 @@ struct Ty<__half> {
 
 // Grouped rasterisation: consecutive block ids walk down GROUP_M block-rows before moving to
 // the next block-column, so that the B tiles of a column stay in L2 while A is streamed.
-__device__ __forceinline__ void block_tile_coords(int tiles_m, int tiles_n, int& tm, int& tn) {
+__device__ __forceinline__ void tile_coords(int pid, int tiles_m, int tiles_n, int& tm, int& tn) {
   constexpr int GROUP_M = 8;
-  const int pid = blockIdx.x;
   const int in_group = GROUP_M * tiles_n;
   const int group = pid / in_group;
   const int first_m = group * GROUP_M;
@@ -208,6 +207,9 @@ __device__ __forceinline__ void block_tile_coords(int tiles_m, int tiles_n, int&
   const int r = pid - group * in_group;
   tm = first_m + r % gsize;
   tn = r / gsize;
+}
+__device__ __forceinline__ void block_tile_coords(int tiles_m, int tiles_n, int& tm, int& tn) {
+  tile_coords(blockIdx.x, tiles_m, tiles_n, tm, tn);
 }
 
 // Load up to 8 consecutive 16-bit elements (n_valid of them, 0..8) with scalar loads and
@@ -980,7 +982,8 @@ GEMM_KEXT_H90(gemm_kext_nn_f16_sm90, __half, true)
 // The launcher uses these kernels only when every map can be made (16-byte aligned bases, lds
 // multiples of 8 elements, K1 > 0) and on a device of compute capability 9.0, whose module
 // image is the sm_90a cubin; in any other image the body traps.
-// Geometry: 288 threads, grid.x = ceil(M/128) * ceil(N/256), dynamic smem t90::SMEM_BYTES.
+// Geometry: 288 threads, dynamic smem t90::SMEM_BYTES; grid.x = ceil(M/128) * ceil(N/256)
+// (a block per tile) or fewer: the blocks then loop over the tiles (persistent).
 // ------------------------------------------------------------------------------------------
 #ifndef WEGEFT_HOST_EMULATION
 #include <cuda.h>
@@ -1032,10 +1035,9 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace h90;
   using t90::STAGES;
-  int tm, tn;
-  gk::block_tile_coords((M + BM - 1) / BM, (N + BN - 1) / BN, tm, tn);
-  const int m0 = tm * BM;
-  const int n0 = tn * BN;
+  const int tiles_m = (M + BM - 1) / BM;
+  const int tiles_n = (N + BN - 1) / BN;
+  const int tiles = tiles_m * tiles_n;
   GK_DYNAMIC_SMEM(smem_t90, 1024);
   const uint32_t smem_base = (gk::smem_u32(smem_t90) + 1023u) & ~1023u;
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
@@ -1055,25 +1057,36 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
   }
   __syncthreads();
 
+  // Tiles blockIdx.x, blockIdx.x + gridDim.x, ... (grid = tiles: one each; a smaller grid
+  // makes the block persistent, and the producer then fetches the next tile's first stages
+  // while the consumers store the last one). `it` counts k tiles over all of the block's
+  // tiles: stage it % STAGES, its (it / STAGES)-th use.
   if (tid >= t90::CONSUMERS) {
-    // Producer warp: lane 0 issues every copy; stage s = t % STAGES is refilled once both
-    // warpgroups have freed it (its previous use, tile t - STAGES).
+    // Producer warp: lane 0 issues every copy; a stage is refilled once both warpgroups
+    // have freed its previous use.
     if (tid == t90::CONSUMERS) {
-      for (int t = 0; t < KT; ++t) {
-        const int s = t % STAGES;
-        if (t >= STAGES) t90::mbar_wait(empty0 + 8 * s, ((t / STAGES) - 1) & 1);
-        const uint32_t full = full0 + 8 * s;
-        t90::mbar_expect_tx(full, t90::STAGE_BYTES);
-        const bool second = t >= KT1;
-        const int kb = (second ? t - KT1 : t) * BK;
-        const uint32_t sa = smem_base + s * t90::STAGE_BYTES;
-        const uint32_t sb = sa + t90::A_BYTES;
-        t90::tma_load_2d(sa, second ? ma2 : ma1, full, kb, m0);
-        if (!NN) {
-          t90::tma_load_2d(sb, second ? mb2 : mb1, full, kb, n0);
-        } else {
+      int it = 0;
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int tm, tn;
+        gk::tile_coords(tile, tiles_m, tiles_n, tm, tn);
+        const int m0 = tm * BM;
+        const int n0 = tn * BN;
+        for (int t = 0; t < KT; ++t, ++it) {
+          const int s = it % STAGES;
+          if (it >= STAGES) t90::mbar_wait(empty0 + 8 * s, ((it / STAGES) - 1) & 1);
+          const uint32_t full = full0 + 8 * s;
+          t90::mbar_expect_tx(full, t90::STAGE_BYTES);
+          const bool second = t >= KT1;
+          const int kb = (second ? t - KT1 : t) * BK;
+          const uint32_t sa = smem_base + s * t90::STAGE_BYTES;
+          const uint32_t sb = sa + t90::A_BYTES;
+          t90::tma_load_2d(sa, second ? ma2 : ma1, full, kb, m0);
+          if (!NN) {
+            t90::tma_load_2d(sb, second ? mb2 : mb1, full, kb, n0);
+          } else {
 #pragma unroll
-          for (int h = 0; h < 4; ++h) t90::tma_load_2d(sb + h * 8192, second ? mb2 : mb1, full, n0 + 64 * h, kb);
+            for (int h = 0; h < 4; ++h) t90::tma_load_2d(sb + h * 8192, second ? mb2 : mb1, full, n0 + 64 * h, kb);
+          }
         }
       }
     }
@@ -1083,59 +1096,68 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
   const int wg = tid >> 7;
   const int wrow = (tid & 127) >> 5;
   const int lane = tid & 31;
-  float acc[NACC];
-#pragma unroll
-  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
-  fence_regs(acc);
-  for (int t = 0; t < KT; ++t) {
-    const int s = t % STAGES;
-    t90::mbar_wait(full0 + 8 * s, (t / STAGES) & 1);
-    const uint32_t sa = smem_base + s * t90::STAGE_BYTES;
-    const uint32_t sb = sa + t90::A_BYTES;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      const uint64_t da = desc(sa + wg * (64 * 128) + ks * 32, 16, 1024);
-      const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
-      Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
-    }
-    wgmma_commit();
-    wgmma_wait<1>();  // the wgmmas of tile t-1 are done: its stage may be refilled
-    fence_regs(acc);
-    if (t > 0 && (tid & 127) == 0) t90::mbar_arrive(empty0 + 8 * ((t - 1) % STAGES));
-  }
-  wgmma_wait<0>();
-  fence_regs(acc);
-
-  // Epilogue, as in gemm_kext_h90.
+  const bool releaser = (tid & 127) == 0;  // one arrival per warpgroup
   const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
   const bool read_d = beta != 0.f;
+  float acc[NACC];
+  int it = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int tm, tn;
+    gk::tile_coords(tile, tiles_m, tiles_n, tm, tn);
+    const int m0 = tm * BM;
+    const int n0 = tn * BN;
 #pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    const int col = n0 + j * 8 + (lane & 3) * 2;
-    if (col >= N) continue;
-    const bool has1 = col + 1 < N;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias != nullptr) {
-      b0 = gk::Ty<T>::to_f32(bias[col]);
-      if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
-    }
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+    fence_regs(acc);
+    for (int t = 0; t < KT; ++t, ++it) {
+      const int s = it % STAGES;
+      t90::mbar_wait(full0 + 8 * s, (it / STAGES) & 1);
+      const uint32_t sa = smem_base + s * t90::STAGE_BYTES;
+      const uint32_t sb = sa + t90::A_BYTES;
+      wgmma_fence();
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m0 + wg * 64 + wrow * 16 + (lane >> 2) + h * 8;
-      if (row >= M) continue;
-      T* dp = D + (size_t)row * ldd + col;
-      float v0 = acc[4 * j + 2 * h] + b0;
-      float v1 = acc[4 * j + 2 * h + 1] + b1;
-      if (read_d) {
-        v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
-        if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
+      for (int ks = 0; ks < BK / 16; ++ks) {
+        const uint64_t da = desc(sa + wg * (64 * 128) + ks * 32, 16, 1024);
+        const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
+        Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
       }
-      if (has1 && pair_store) {
-        *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
-      } else {
-        dp[0] = gk::Ty<T>::from_f32(v0);
-        if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
+      wgmma_commit();
+      wgmma_wait<1>();  // the wgmmas of the previous k tile are done: its stage may be refilled
+      fence_regs(acc);
+      if (t > 0 && releaser) t90::mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));
+    }
+    wgmma_wait<0>();
+    fence_regs(acc);
+    if (releaser) t90::mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));  // the tile's last stage
+
+    // Epilogue, as in gemm_kext_h90.
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + j * 8 + (lane & 3) * 2;
+      if (col >= N) continue;
+      const bool has1 = col + 1 < N;
+      float b0 = 0.f, b1 = 0.f;
+      if (bias != nullptr) {
+        b0 = gk::Ty<T>::to_f32(bias[col]);
+        if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wg * 64 + wrow * 16 + (lane >> 2) + h * 8;
+        if (row >= M) continue;
+        T* dp = D + (size_t)row * ldd + col;
+        float v0 = acc[4 * j + 2 * h] + b0;
+        float v1 = acc[4 * j + 2 * h + 1] + b1;
+        if (read_d) {
+          v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
+          if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
+        }
+        if (has1 && pair_store) {
+          *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
+        } else {
+          dp[0] = gk::Ty<T>::from_f32(v0);
+          if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
+        }
       }
     }
   }

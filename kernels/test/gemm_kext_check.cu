@@ -62,7 +62,12 @@ struct Variant {
   // The _tma kernels: fn is then the _sm90 kernel the launcher falls back to when a map
   // cannot be made (an unaligned base, an ld not a multiple of 8, K1 = 0).
   TmaKernelFn<T> tma = nullptr;
+  // A _tma variant launched persistent: grid = min(tiles, g_blocks), each block loops over
+  // tiles (g_blocks: the SM count for --bench; 2 for the checks, so that small problems too
+  // run several tiles per block).
+  bool persist = false;
 };
+static int g_blocks = 2;
 
 // ---- tensor maps (what src/cuda/gemm.rs does for the _tma kernels) ----
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -120,6 +125,7 @@ static void launch(const Variant<T>& v, int grid, int M, int N, int K1, int K2, 
       m[2] = m[0], m[3] = m[1];
     if (ok) {
       ++g_tma_runs;
+      if (v.persist && grid > g_blocks) grid = g_blocks;
       v.tma<<<grid, 288, v.smem>>>(m[0], m[1], m[2], m[3], M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2, bias,
                                    beta, D, ldd);
       return;
@@ -305,7 +311,9 @@ static std::vector<Variant<__nv_bfloat16>> bf16_variants(bool sm90, bool tma) {
   }
   if (tma) {
     v.push_back({"gemm_kext_nt_bf16_tma", gemm_kext_nt_bf16_sm90, false, 128, 256, 256, H_SMEM, gemm_kext_nt_bf16_tma});
+    v.push_back({"gemm_kext_nt_bf16_tma_p", gemm_kext_nt_bf16_sm90, false, 128, 256, 256, H_SMEM, gemm_kext_nt_bf16_tma, true});
     v.push_back({"gemm_kext_nn_bf16_tma", gemm_kext_nn_bf16_sm90, true, 128, 256, 256, H_SMEM, gemm_kext_nn_bf16_tma});
+    v.push_back({"gemm_kext_nn_bf16_tma_p", gemm_kext_nn_bf16_sm90, true, 128, 256, 256, H_SMEM, gemm_kext_nn_bf16_tma, true});
   }
   return v;
 }
@@ -319,7 +327,9 @@ static std::vector<Variant<__half>> f16_variants(bool sm90, bool tma) {
   }
   if (tma) {
     v.push_back({"gemm_kext_nt_f16_tma", gemm_kext_nt_f16_sm90, false, 128, 256, 256, H_SMEM, gemm_kext_nt_f16_tma});
+    v.push_back({"gemm_kext_nt_f16_tma_p", gemm_kext_nt_f16_sm90, false, 128, 256, 256, H_SMEM, gemm_kext_nt_f16_tma, true});
     v.push_back({"gemm_kext_nn_f16_tma", gemm_kext_nn_f16_sm90, true, 128, 256, 256, H_SMEM, gemm_kext_nn_f16_tma});
+    v.push_back({"gemm_kext_nn_f16_tma_p", gemm_kext_nn_f16_sm90, true, 128, 256, 256, H_SMEM, gemm_kext_nn_f16_tma, true});
   }
   return v;
 }
@@ -554,6 +564,7 @@ int main(int argc, char** argv) {
   const bool sm90 = (prop.major == 9 && prop.minor == 0) || prop.sharedMemPerBlockOptin >= (size_t)H_SMEM;
   // The _tma kernels exist only in the sm_90a image.
   const bool tma = prop.major == 9 && prop.minor == 0;
+  if (bench) g_blocks = prop.multiProcessorCount;
   printf("device: %s (sm_%d%d)%s\n", prop.name, prop.major, prop.minor,
          sm90 ? (prop.major == 9 ? ", testing the sm_90a wgmma kernels too"
                                  : ", testing the _sm90 names (sm_80 body) too")
