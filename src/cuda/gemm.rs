@@ -25,7 +25,7 @@
 //!
 //! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with `GemmOptions::use_sm90` on a
 //! compute-capability 9.0 device the bf16/f16 forms use the wgmma kernels instead: the
-//! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.86x
+//! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.88x
 //! cuBLAS at 4096^3 on an H200 against 0.60x for `_sm90`) when the device runs the sm_90a
 //! image and every operand can be described by a tensor map ([`GemmKext::tma_ready`]: bases
 //! 16-byte aligned, lds multiples of 8 elements, K1 > 0), else the `_sm90` ones (cp.async).
@@ -342,12 +342,24 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     // bias, beta, D, ldd).
     let (grid, block) = ((plan.grid, 1, 1), (plan.block, 1, 1));
     if plan.tma {
+        let grid = (tma_grid(form, plan.grid, dev.sm_count()), 1, 1);
         let [ma1, mb1, ma2, mb2] = tensor_maps(form, dtype, g)?;
         let params = kargs![ma1, mb1, ma2, mb2, m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
         return unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) };
     }
     let params = kargs![m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
     unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) }
+}
+
+/// The grid of a `_tma` launch over `tiles` block tiles: the NT kernel runs persistent (one
+/// block per SM, each looping over tiles, the next tile's first stages fetched while the last
+/// one is stored): 767 against 750 TFLOP/s at 4096^3 on an H200; the NN kernel was slower so
+/// (722 against 752; both side by side in one run, BENCHMARKS.md), so it gets a block per tile.
+fn tma_grid(form: Form, tiles: u32, sms: u32) -> u32 {
+    match form {
+        Form::Nt => tiles.min(sms.max(1)),
+        Form::Nn => tiles,
+    }
 }
 
 /// The tensor maps of a `_tma` launch: A1, B1, A2, B2 as 2-d maps (128-byte swizzle, zeros
@@ -454,6 +466,14 @@ mod tests {
         assert_eq!(p.grid, 3 * 3);
         assert_eq!(p.smem, 4 * 49152 + 1024);
         assert!(!p.tma);
+    }
+
+    #[test]
+    fn tma_grid_is_persistent_for_nt_only() {
+        assert_eq!(tma_grid(Form::Nt, 512, 132), 132);
+        assert_eq!(tma_grid(Form::Nt, 9, 132), 9);
+        assert_eq!(tma_grid(Form::Nt, 9, 0), 1);
+        assert_eq!(tma_grid(Form::Nn, 512, 132), 512);
     }
 
     #[test]
