@@ -25,7 +25,7 @@
 //!
 //! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with `GemmOptions::use_sm90` on a
 //! compute-capability 9.0 device the bf16/f16 forms use the wgmma kernels instead: the
-//! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.88x
+//! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.84-0.88x
 //! cuBLAS at 4096^3 on an H200 against 0.60x for `_sm90`) when the device runs the sm_90a
 //! image and every operand can be described by a tensor map ([`GemmKext::tma_ready`]: bases
 //! 16-byte aligned, lds multiples of 8 elements, K1 > 0), else the `_sm90` ones (cp.async).
@@ -353,8 +353,9 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
 
 /// The grid of a `_tma` launch over `tiles` block tiles: the NT kernel runs persistent (one
 /// block per SM, each looping over tiles, the next tile's first stages fetched while the last
-/// one is stored): 767 against 750 TFLOP/s at 4096^3 on an H200; the NN kernel was slower so
-/// (722 against 752; both side by side in one run, BENCHMARKS.md), so it gets a block per tile.
+/// one is stored), the NN kernel a block per tile. At 4096^3 on an H200 (BENCHMARKS.md, two
+/// runs) persistent NT was 2% and 0% faster, persistent NN 4% slower and 1% faster: within the
+/// spread between runs; NT persistent never lost.
 fn tma_grid(form: Form, tiles: u32, sms: u32) -> u32 {
     match form {
         Form::Nt => tiles.min(sms.max(1)),
