@@ -981,11 +981,11 @@ GEMM_KEXT_H90(gemm_kext_nn_f16_sm90, __half, true)
 // matrices as the pointers; for K2 = 0 any valid map, it is not read), then the common list.
 // The launcher uses these kernels only when every map can be made (16-byte aligned bases, lds
 // multiples of 8 elements, K1 > 0) and on a device of compute capability 9.0, whose module
-// image is the sm_90a cubin; in any other image the body traps.
+// image is the sm_90a cubin; in any other image the body traps. On the host, the whole kernel
+// runs in tests/emulation/gemm_on_host.cpp (288 fibers a block; TMA and mbarriers emulated).
 // Geometry: 288 threads, dynamic smem t90::SMEM_BYTES; grid.x = ceil(M/128) * ceil(N/256)
 // (a block per tile) or fewer: the blocks then loop over the tiles (persistent).
 // ------------------------------------------------------------------------------------------
-#ifndef WEGEFT_HOST_EMULATION
 #include <cuda.h>
 
 namespace t90 {
@@ -996,10 +996,17 @@ constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
 static_assert(SMEM_BYTES == 4 * 49152 + 1024, "mirrored as geom::T_SMEM in src/cuda/gemm.rs");
 }  // namespace t90
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The PTX of the helpers below; tests/emulation/gemm_on_host.cpp supplies them with the
+// instructions' semantics (mbarrier phases and transaction counts, the TMA box with its
+// swizzle and zero fill) and runs this kernel on the host.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(WEGEFT_HOST_EMULATION)
 namespace t90 {
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the initialised barriers visible to the async proxy (TMA) and the other threads.
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
@@ -1032,7 +1039,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 template <typename T, bool NN>
 __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUtensorMap* mb1, const CUtensorMap* ma2,
                                               const CUtensorMap* mb2, GEMM_KEXT_PARAMS(T)) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(GK_WGMMA_BODY)
   using namespace h90;
   using t90::STAGES;
   const int tiles_m = (M + BM - 1) / BM;
@@ -1053,7 +1060,7 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
       t90::mbar_init(full0 + 8 * s, 1);   // the producer's expect_tx arrival (+ the bytes)
       t90::mbar_init(empty0 + 8 * s, 2);  // one arrival per consumer warpgroup
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    t90::mbar_fence_init();
   }
   __syncthreads();
 
@@ -1177,4 +1184,3 @@ GEMM_KEXT_T90(gemm_kext_nt_bf16_tma, __nv_bfloat16, false)
 GEMM_KEXT_T90(gemm_kext_nn_bf16_tma, __nv_bfloat16, true)
 GEMM_KEXT_T90(gemm_kext_nt_f16_tma, __half, false)
 GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
-#endif  // WEGEFT_HOST_EMULATION

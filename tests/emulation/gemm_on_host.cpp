@@ -13,7 +13,9 @@
 // and the predicated one, ldmatrix lane addresses, fragment order, K extension, the 4-stage
 // pipeline and its barriers, the epilogue's bias / beta / paired stores — runs, and so do the
 // f32 FMA kernel and the sm_90a kernel (its loaders into the wgmma layouts, descriptors,
-// 2-deep refill distance, accumulator layout, epilogue). The wgmma emulation encodes the PTX
+// 2-deep refill distance, accumulator layout, epilogue), and the sm_90a TMA kernel (288 fibers:
+// its producer warp, the full/empty mbarrier ring with phases across the tiles of a persistent
+// block, the TMA boxes with their swizzle and zero fill, emulated below). The wgmma emulation encodes the PTX
 // ISA's descriptor and canonical-layout definitions; that the hardware reads them so is shown
 // only on a GPU (tests/cuda_layer.rs). Every case compares against a double-precision loop over the inputs as
 // stored: odd M, N, K1, K2 (K1 or K2 zero), more k tiles than pipeline stages, NT and NN,
@@ -30,10 +32,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+
 #include "host_shim.h"
+#define __grid_constant__
 
 // ---- the PTX helpers of gemm_kext.cu, with PTX semantics -----------------------------------
 
@@ -55,7 +61,7 @@ struct Lane {
     std::vector<std::vector<PendCopy>> groups;  // committed, oldest first
     std::vector<PendCopy> open;                 // issued since the last commit
 };
-std::vector<Lane> g_lanes(256);
+std::vector<Lane> g_lanes(288);
 int g_leftover = 0;
 
 // Per-warp exchange area for the collective instructions.
@@ -68,10 +74,21 @@ WarpX g_wx[8];
 
 namespace gk {
 
+// Shared objects outside the dynamic buffer (the TMA kernel's static mbarrier array) get
+// addresses past it: each 64 KiB window of host memory that holds one is given its own 64 KiB
+// of addresses, in the order first seen, so that address arithmetic within an array (full0 +
+// 8 s) stays right. Only the mbarrier helpers take those addresses (every other shared access
+// checks its address against the buffer, and an mbarrier address that was never initialised
+// aborts).
+inline std::vector<uintptr_t> g_static_windows;
 inline uint32_t smem_u32(const void* p) {
     const auto off = (const unsigned char*)p - g_smem;
-    if (off < 0 || off >= SMEM) die("smem_u32 of a pointer outside shared memory", 0);
-    return (uint32_t)off;
+    if (off >= 0 && off < SMEM) return (uint32_t)off;
+    const uintptr_t w = (uintptr_t)p >> 16;
+    size_t i = 0;
+    while (i < g_static_windows.size() && g_static_windows[i] != w) ++i;
+    if (i == g_static_windows.size()) g_static_windows.push_back(w);
+    return (uint32_t)(SMEM + (i << 16) + ((uintptr_t)p & 0xFFFF));
 }
 
 inline void land(const PendCopy& c) { std::memcpy(g_smem + c.dst, c.data, 16); }
@@ -208,7 +225,7 @@ struct Lane {
     std::vector<std::vector<Op>> groups;
     std::vector<Op> open;
 };
-std::vector<Lane> lanes(256);
+std::vector<Lane> lanes(288);
 int races = 0;
 
 inline uint32_t swz(uint32_t a) { return a ^ (((a >> 7) & 7) << 4); }
@@ -280,6 +297,101 @@ struct Wgmma {
 };
 }  // namespace h90
 
+// ---- mbarriers and TMA of the sm_90a TMA kernel -------------------------------------------
+//
+// mbarrier (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier"): a
+// phase completes when its pending arrival count reaches zero and its transaction count is
+// zero; then the next phase starts with the initial count. try_wait.parity P is true once the
+// phase of parity P has completed, i.e. when the current phase's parity differs from P.
+// arrive.expect_tx adds the bytes to the transaction count, then arrives; a TMA copy subtracts
+// its bytes when it lands (here at issue: the data is in shared memory before the barrier can
+// complete, as on the device). A negative transaction count, or a wait no other thread can end
+// (the fiber scheduler's deadlock check), aborts.
+// cp.async.bulk.tensor.2d with a 128-byte swizzle: box element (r, c) of the map's box comes
+// from global (c1 + r, c0 + c), zero outside the tensor; row r of the box is 128 bytes at
+// dst + 128 r, its 16-byte chunk j at chunk j ^ ((address >> 7) & 7). The destination must be
+// 1024-byte aligned (the swizzle atom). The emulation's tensor map (made by `tma_map` below;
+// the launcher's are cuTensorMapEncodeTiled's) holds base, element size, columns, rows, row
+// stride in bytes, and the box's columns and rows.
+namespace t90emu {
+struct Bar {
+    int count = 0, pending = 0;
+    long tx = 0;
+    unsigned phase = 0;  // completed phases
+    bool live = false;
+};
+inline std::map<uint32_t, Bar> bars;
+inline Bar& bar(uint32_t a) {
+    auto it = bars.find(a);
+    if (it == bars.end() || !it->second.live) die("mbarrier used before mbarrier.init", a);
+    return it->second;
+}
+inline void settle(Bar& b) {
+    if (b.tx < 0) die("mbarrier transaction count below zero", 0);
+    if (b.pending == 0 && b.tx == 0) {
+        ++b.phase;
+        b.pending = b.count;
+    }
+    ++fb::g_block.progress;
+}
+inline int copies = 0;
+}  // namespace t90emu
+
+template <typename T>
+CUtensorMap tma_map(const T* ptr, int rows, int cols, int ld, int box_cols, int box_rows) {
+    CUtensorMap m;
+    std::memset(&m, 0, sizeof m);
+    const uint64_t v[7] = {(uint64_t)(uintptr_t)ptr, sizeof(T), (uint64_t)cols, (uint64_t)rows, (uint64_t)ld * sizeof(T),
+                           (uint64_t)box_cols, (uint64_t)box_rows};
+    std::memcpy(m.opaque, v, sizeof v);
+    return m;
+}
+
+namespace t90 {
+inline void mbar_init(uint32_t a, uint32_t count) {
+    t90emu::Bar& b = t90emu::bars[a];
+    b = t90emu::Bar{(int)count, (int)count, 0, 0, true};
+}
+inline void mbar_fence_init() {}
+inline void mbar_arrive(uint32_t a) {
+    t90emu::Bar& b = t90emu::bar(a);
+    if (b.pending <= 0) die("mbarrier arrival beyond the expected count", a);
+    --b.pending;
+    t90emu::settle(b);
+}
+inline void mbar_expect_tx(uint32_t a, uint32_t bytes) {
+    t90emu::bar(a).tx += bytes;
+    mbar_arrive(a);
+}
+inline void mbar_wait(uint32_t a, uint32_t parity) {
+    while ((t90emu::bar(a).phase & 1) == (parity & 1)) fb::yield_to_scheduler();
+}
+inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t a, int c0, int c1) {
+    uint64_t v[7];
+    std::memcpy(v, map->opaque, sizeof v);
+    const auto* base = (const unsigned char*)(uintptr_t)v[0];
+    const int es = (int)v[1], cols = (int)v[2], rows = (int)v[3], bc = (int)v[5], br = (int)v[6];
+    const uint64_t ld = v[4];
+    if (dst % 1024) die("TMA destination not 1024-byte aligned (the 128-byte swizzle atom)", dst);
+    if (bc * es != 128) die("TMA box rows must be 128 bytes for the 128-byte swizzle", dst);
+    if (dst + (uint32_t)(br * 128) > (uint32_t)SMEM) die("TMA box outside shared memory", dst);
+    for (int r = 0; r < br; ++r)
+        for (int c = 0; c < bc; ++c) {
+            const uint32_t lin = dst + r * 128 + c * es;
+            const uint32_t at = lin ^ (((lin >> 7) & 7) << 4);
+            const int gr = c1 + r, gc = c0 + c;
+            if (gr >= 0 && gr < rows && gc >= 0 && gc < cols)
+                std::memcpy(g_smem + at, base + gr * ld + (uint64_t)gc * es, es);
+            else
+                std::memset(g_smem + at, 0, es);
+        }
+    ++t90emu::copies;
+    t90emu::Bar& b = t90emu::bar(a);
+    b.tx -= (long)br * 128;
+    t90emu::settle(b);
+}
+}  // namespace t90
+
 #include "gemm_kext.cu"
 
 // ---- the cases -----------------------------------------------------------------------------
@@ -337,10 +449,17 @@ int g_checks = 0;
 
 // layout 0: aligned, lds multiples of 8 (the 16-byte cp.async path); 1: odd lds; 2: bases one
 // element past 16-byte alignment (both scalar paths).
+template <typename T>
+using TmaKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, int, int, int, int,
+                           const T*, int, const T*, int, const T*, int, const T*, int, const T*, float, T*, int);
+
+// `tma`: run that kernel (288 threads, the maps made here as the launcher makes them; layout 0
+// only) on min(tiles, grid_cap) blocks (grid_cap 0: a block per tile) instead of `kernel`.
 template <typename T, bool NN>
 void check(const char* name, void (*kernel)(int, int, int, int, const T*, int, const T*, int, const T*, int, const T*, int,
                                             const T*, float, T*, int),
-           int bm, int bn, Case c, int layout, bool bias, float beta, double tol) {
+           int bm, int bn, Case c, int layout, bool bias, float beta, double tol, TmaKernel<T> tma = nullptr,
+           int grid_cap = 0) {
     const int M = c.M, N = c.N, K1 = c.K1, K2 = c.K2;
     // Odd leading dimensions are never multiples of 8.
     auto ld_of = [&](int cols) { return layout == 1 ? cols + 1 + cols % 2 : (cols + 7) / 8 * 8 + 8; };
@@ -372,8 +491,21 @@ void check(const char* name, void (*kernel)(int, int, int, int, const T*, int, c
     const int tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
     const T* a2 = K2 ? A2.p : nullptr;
     const T* b2 = K2 ? B2.p : nullptr;
-    fb::run_grid({(unsigned)tiles, 1, 1}, 256, [&] {
-        kernel(M, N, K1, K2, A1.p, A1.ld, B1.p, B1.ld, a2, A2.ld, b2, B2.ld, bias ? bv.p : nullptr, beta, D.p, ldd);
+    CUtensorMap maps[4];
+    if (tma) {
+        if (layout != 0 || K1 == 0) die("the TMA kernel takes aligned operands with K1 > 0 only (the launcher's rule)", 0);
+        maps[0] = tma_map(A1.p, M, K1, A1.ld, 64, 128);
+        maps[1] = NN ? tma_map(B1.p, K1, N, B1.ld, 64, 64) : tma_map(B1.p, N, K1, B1.ld, 64, 256);
+        maps[2] = K2 ? tma_map(A2.p, M, K2, A2.ld, 64, 128) : maps[0];
+        maps[3] = K2 ? (NN ? tma_map(B2.p, K2, N, B2.ld, 64, 64) : tma_map(B2.p, N, K2, B2.ld, 64, 256)) : maps[1];
+    }
+    const int grid = tma && grid_cap > 0 ? std::min(tiles, grid_cap) : tiles;
+    fb::run_grid({(unsigned)grid, 1, 1}, tma ? 288 : 256, [&] {
+        if (tma)
+            tma(maps[0], maps[1], maps[2], maps[3], M, N, K1, K2, A1.p, A1.ld, B1.p, B1.ld, a2, A2.ld, b2, B2.ld,
+                bias ? bv.p : nullptr, beta, D.p, ldd);
+        else
+            kernel(M, N, K1, K2, A1.p, A1.ld, B1.p, B1.ld, a2, A2.ld, b2, B2.ld, bias ? bv.p : nullptr, beta, D.p, ldd);
         Lane& l = g_lanes[threadIdx.x];
         auto& w = h90emu::lanes[threadIdx.x];
         if (!l.groups.empty() || !l.open.empty() || !w.groups.empty() || !w.open.empty()) {
@@ -438,6 +570,23 @@ int main() {
             layout = (layout + 1) % 3;
         }
     }
+    // The TMA kernel (same tile; 288 threads: two consumer warpgroups and a producer warp):
+    // the aligned layout only (the launcher takes it for nothing else), K1 > 0; a block per tile,
+    // and 2 blocks looping over all tiles (the persistent launch), which runs the stage ring
+    // through many phases across tiles. Case 5: 9 tiles of 5 k tiles each on 2 blocks.
+    const Case tcases[] = {{1, 8, 1, 0}, {37, 40, 33, 8}, {129, 136, 72, 40}, {130, 300, 320, 64}, {300, 520, 200, 16}};
+    for (const Case& c : tcases) {
+        for (int v = 0; v < 2; ++v) {
+            const bool bias = v == 0;
+            const float beta = v == 0 ? 0.0f : 0.5f;
+            const int cap = v == 0 ? 0 : 2;
+            check<__nv_bfloat16, false>("gemm_kext_nt_bf16_tma", nullptr, 128, 256, c, 0, bias, beta, 1e-2, gemm_kext_nt_bf16_tma, cap);
+            check<__nv_bfloat16, true>("gemm_kext_nn_bf16_tma", nullptr, 128, 256, c, 0, bias, beta, 1e-2, gemm_kext_nn_bf16_tma, cap);
+            check<__half, false>("gemm_kext_nt_f16_tma", nullptr, 128, 256, c, 0, !bias, beta, 2e-3, gemm_kext_nt_f16_tma, cap);
+            check<__half, true>("gemm_kext_nn_f16_tma", nullptr, 128, 256, c, 0, !bias, beta, 2e-3, gemm_kext_nn_f16_tma, cap);
+        }
+    }
+    std::printf("TMA boxes copied: %d\n", t90emu::copies);
     std::printf("wgmma reads of shared memory that changed in flight: %d\n", h90emu::races);
     if (h90emu::races) ++g_failures;
     std::printf("blocks that exited with cp.async in flight: %d\n", g_leftover);
