@@ -196,6 +196,34 @@ struct Ty<__half> {
   }
 };
 
+// The epilogues' bias for outputs col and col + 1 (0 without a bias; b1 only when has1).
+template <typename T>
+__device__ __forceinline__ void bias_pair(const T* bias, int col, bool has1, float& b0, float& b1) {
+  b0 = 0.f;
+  b1 = 0.f;
+  if (bias != nullptr) {
+    b0 = Ty<T>::to_f32(bias[col]);
+    if (has1) b1 = Ty<T>::to_f32(bias[col + 1]);
+  }
+}
+
+// The epilogues' store of one or two adjacent outputs of D (dp[0], and dp[1] when has1):
+// + beta * D when read_d (beta != 0; D is not read otherwise), rounded once; one 32-bit store
+// when pair_store (D 4-byte aligned, ldd even).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dp, float v0, float v1, bool has1, float beta, bool read_d, bool pair_store) {
+  if (read_d) {
+    v0 = fmaf(beta, Ty<T>::to_f32(dp[0]), v0);
+    if (has1) v1 = fmaf(beta, Ty<T>::to_f32(dp[1]), v1);
+  }
+  if (has1 && pair_store) {
+    *reinterpret_cast<uint32_t*>(dp) = Ty<T>::pack2(v0, v1);
+  } else {
+    dp[0] = Ty<T>::from_f32(v0);
+    if (has1) dp[1] = Ty<T>::from_f32(v1);
+  }
+}
+
 // Grouped rasterisation: consecutive block ids walk down GROUP_M block-rows before moving to
 // the next block-column, so that the B tiles of a column stay in L2 while A is streamed.
 __device__ __forceinline__ void tile_coords(int pid, int tiles_m, int tiles_n, int& tm, int& tn) {
@@ -480,11 +508,8 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
     const int col = n0 + wn * WN + j * 8 + (lane & 3) * 2;
     if (col >= N) continue;
     const bool has1 = col + 1 < N;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias != nullptr) {
-      b0 = gk::Ty<T>::to_f32(bias[col]);
-      if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
-    }
+    float b0, b1;
+    gk::bias_pair<T>(bias, col, has1, b0, b1);
 #pragma unroll
     for (int i = 0; i < MI; ++i) {
 #pragma unroll
@@ -494,16 +519,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
         T* dp = D + (size_t)row * ldd + col;
         float v0 = acc[i][j][2 * h] + b0;
         float v1 = acc[i][j][2 * h + 1] + b1;
-        if (read_d) {
-          v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
-          if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
-        }
-        if (has1 && pair_store) {
-          *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
-        } else {
-          dp[0] = gk::Ty<T>::from_f32(v0);
-          if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
-        }
+        gk::store_pair<T>(dp, v0, v1, has1, beta, read_d, pair_store);
       }
     }
   }
@@ -690,6 +706,34 @@ __device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t s
   d |= (uint64_t)1 << 62;
   return d;
 }
+
+// The epilogue of both wgmma kernels: one warpgroup's 64 x 256 accumulators (+ bias, + beta
+// D) to D, inside M x N only. Accumulator layout of m64nNk16: acc[4j + 2h + e] is row
+// 16*wrow + lane/4 + 8h, column 8j + 2*(lane%4) + e of the warpgroup's tile, whose first row is
+// m0 + 64 wg. Two adjacent outputs go as one 32-bit store when `pair_store` (D 4-byte aligned,
+// ldd even); D is read only when `read_d` (beta != 0). Both are the kernel's, computed once.
+template <typename T>
+__device__ __forceinline__ void store_tile(const float (&acc)[NACC], int m0, int n0, int wg, int wrow, int lane, int M,
+                                           int N, const T* __restrict__ bias, float beta, T* __restrict__ D, int ldd,
+                                           bool pair_store, bool read_d) {
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = n0 + j * 8 + (lane & 3) * 2;
+    if (col >= N) continue;
+    const bool has1 = col + 1 < N;
+    float b0, b1;
+    gk::bias_pair<T>(bias, col, has1, b0, b1);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = m0 + wg * 64 + wrow * 16 + (lane >> 2) + h * 8;
+      if (row >= M) continue;
+      T* dp = D + (size_t)row * ldd + col;
+      float v0 = acc[4 * j + 2 * h] + b0;
+      float v1 = acc[4 * j + 2 * h + 1] + b1;
+      gk::store_pair<T>(dp, v0, v1, has1, beta, read_d, pair_store);
+    }
+  }
+}
 }  // namespace h90
 #endif
 
@@ -739,6 +783,28 @@ struct Wgmma<__half, TRANS_B> {
         : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
   }
 };
+}  // namespace h90
+#endif
+
+#if defined(GK_WGMMA_BODY)
+namespace h90 {
+// One stage of a wgmma kernel (A then B at `stage`, the layouts above): warpgroup wg's 4
+// m64n256k16 steps issued as one group, then a wait until at most this group is in flight
+// (the previous stage's wgmmas are done).
+template <typename T, bool NN>
+__device__ __forceinline__ void mma_stage(float (&acc)[NACC], uint32_t stage, int wg) {
+  const uint32_t sb = stage + A_BYTES;
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    const uint64_t da = desc(stage + wg * (64 * 128) + ks * 32, 16, 1024);
+    const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
+    Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
+  }
+  wgmma_commit();
+  wgmma_wait<1>();
+  fence_regs(acc);
+}
 }  // namespace h90
 #endif
 
@@ -887,56 +953,15 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
       load(tl, tl % STAGES);
       gk::cp_async_commit();
     }
-    const uint32_t sa = smem_base + (t % STAGES) * STAGE_BYTES;
-    const uint32_t sb = sa + A_BYTES;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      const uint64_t da = desc(sa + wg * (64 * 128) + ks * 32, 16, 1024);
-      const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
-      Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
-    }
-    wgmma_commit();
-    wgmma_wait<1>();
-    fence_regs(acc);
+    mma_stage<T, NN>(acc, smem_base + (t % STAGES) * STAGE_BYTES, wg);
   }
   wgmma_wait<0>();
   fence_regs(acc);
   gk::cp_async_wait_all();
 
-  // Epilogue. Accumulator layout of m64nNk16: acc[4j + 2h + e] is row 16*wrow + lane/4 + 8h,
-  // column 8j + 2*(lane%4) + e of the warpgroup's 64 x 256 tile.
   const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
   const bool read_d = beta != 0.f;
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    const int col = n0 + j * 8 + (lane & 3) * 2;
-    if (col >= N) continue;
-    const bool has1 = col + 1 < N;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias != nullptr) {
-      b0 = gk::Ty<T>::to_f32(bias[col]);
-      if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m0 + wg * 64 + wrow * 16 + (lane >> 2) + h * 8;
-      if (row >= M) continue;
-      T* dp = D + (size_t)row * ldd + col;
-      float v0 = acc[4 * j + 2 * h] + b0;
-      float v1 = acc[4 * j + 2 * h + 1] + b1;
-      if (read_d) {
-        v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
-        if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
-      }
-      if (has1 && pair_store) {
-        *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
-      } else {
-        dp[0] = gk::Ty<T>::from_f32(v0);
-        if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
-      }
-    }
-  }
+  store_tile<T>(acc, m0, n0, wg, wrow, lane, M, N, bias, beta, D, ldd, pair_store, read_d);
 #else
   // Built for a target without sm_90a features (the compute_80 PTX, sm_80, or plain sm_90):
   // compute the block's 128 x 256 tile as two 128 x 128 tiles with the sm_80 body. Same
@@ -1119,54 +1144,15 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
     for (int t = 0; t < KT; ++t, ++it) {
       const int s = it % STAGES;
       t90::mbar_wait(full0 + 8 * s, (it / STAGES) & 1);
-      const uint32_t sa = smem_base + s * t90::STAGE_BYTES;
-      const uint32_t sb = sa + t90::A_BYTES;
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < BK / 16; ++ks) {
-        const uint64_t da = desc(sa + wg * (64 * 128) + ks * 32, 16, 1024);
-        const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
-        Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // the wgmmas of the previous k tile are done: its stage may be refilled
-      fence_regs(acc);
+      // After it, the wgmmas of the previous k tile are done: that stage may be refilled.
+      mma_stage<T, NN>(acc, smem_base + s * t90::STAGE_BYTES, wg);
       if (t > 0 && releaser) t90::mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));
     }
     wgmma_wait<0>();
     fence_regs(acc);
     if (releaser) t90::mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));  // the tile's last stage
 
-    // Epilogue, as in gemm_kext_h90.
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = n0 + j * 8 + (lane & 3) * 2;
-      if (col >= N) continue;
-      const bool has1 = col + 1 < N;
-      float b0 = 0.f, b1 = 0.f;
-      if (bias != nullptr) {
-        b0 = gk::Ty<T>::to_f32(bias[col]);
-        if (has1) b1 = gk::Ty<T>::to_f32(bias[col + 1]);
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = m0 + wg * 64 + wrow * 16 + (lane >> 2) + h * 8;
-        if (row >= M) continue;
-        T* dp = D + (size_t)row * ldd + col;
-        float v0 = acc[4 * j + 2 * h] + b0;
-        float v1 = acc[4 * j + 2 * h + 1] + b1;
-        if (read_d) {
-          v0 = fmaf(beta, gk::Ty<T>::to_f32(dp[0]), v0);
-          if (has1) v1 = fmaf(beta, gk::Ty<T>::to_f32(dp[1]), v1);
-        }
-        if (has1 && pair_store) {
-          *reinterpret_cast<uint32_t*>(dp) = gk::Ty<T>::pack2(v0, v1);
-        } else {
-          dp[0] = gk::Ty<T>::from_f32(v0);
-          if (has1) dp[1] = gk::Ty<T>::from_f32(v1);
-        }
-      }
-    }
+    store_tile<T>(acc, m0, n0, wg, wrow, lane, M, N, bias, beta, D, ldd, pair_store, read_d);
   }
 #else
   __trap();  // never launched outside an sm_90a image (see above)
