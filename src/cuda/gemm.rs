@@ -322,7 +322,13 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     let cuda = |e: cudarc::driver::DriverError| Error::Cuda { op, msg: e.to_string() };
     let dtype = T::DTYPE;
     let sm90 = opts.use_sm90 && dtype != DType::F32 && dev.compute_capability() == (9, 0);
-    let plan = g.plan(form, dtype, sm90, dev.image() == super::context::Image::Sm90a)?;
+    let mut plan = g.plan(form, dtype, sm90, dev.image() == super::context::Image::Sm90a)?;
+    // The tensor maps first: should the driver refuse one (tma_ready mirrors its documented
+    // rules), the cp.async kernel runs instead.
+    let maps = if plan.tma { tensor_maps(form, dtype, g).ok() } else { None };
+    if plan.tma && maps.is_none() {
+        plan = g.plan(form, dtype, sm90, false)?;
+    }
     let func = dev.function(&plan.kernel)?;
     if plan.smem > 48 * 1024 {
         // cuFuncSetAttribute acts on the current context.
@@ -341,9 +347,8 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     // The kernel's parameter order: (M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2,
     // bias, beta, D, ldd).
     let (grid, block) = ((plan.grid, 1, 1), (plan.block, 1, 1));
-    if plan.tma {
+    if let Some([ma1, mb1, ma2, mb2]) = maps {
         let grid = (tma_grid(form, plan.grid, dev.sm_count()), 1, 1);
-        let [ma1, mb1, ma2, mb2] = tensor_maps(form, dtype, g)?;
         let params = kargs![ma1, mb1, ma2, mb2, m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
         return unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) };
     }
