@@ -788,6 +788,14 @@ struct Wgmma<__half, TRANS_B> {
 
 #if defined(GK_WGMMA_BODY)
 namespace h90 {
+// The first row and column of block tile number `tile` (grouped order, gk::tile_coords).
+__device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, int& m0, int& n0) {
+  int tm, tn;
+  gk::tile_coords(tile, tiles_m, tiles_n, tm, tn);
+  m0 = tm * BM;
+  n0 = tn * BN;
+}
+
 // One stage of a wgmma kernel (A then B at `stage`, the layouts above): warpgroup wg's 4
 // m64n256k16 steps issued as one group, then a wait until at most this group is in flight
 // (the previous stage's wgmmas are done).
@@ -1099,10 +1107,8 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
     if (tid == t90::CONSUMERS) {
       int it = 0;
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int tm, tn;
-        gk::tile_coords(tile, tiles_m, tiles_n, tm, tn);
-        const int m0 = tm * BM;
-        const int n0 = tn * BN;
+        int m0, n0;
+        tile_origin(tile, tiles_m, tiles_n, m0, n0);
         for (int t = 0; t < KT; ++t, ++it) {
           const int s = it % STAGES;
           if (it >= STAGES) t90::mbar_wait(empty0 + 8 * s, ((it / STAGES) - 1) & 1);
@@ -1134,10 +1140,8 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
   float acc[NACC];
   int it = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    int tm, tn;
-    gk::tile_coords(tile, tiles_m, tiles_n, tm, tn);
-    const int m0 = tm * BM;
-    const int n0 = tn * BN;
+    int m0, n0;
+    tile_origin(tile, tiles_m, tiles_n, m0, n0);
 #pragma unroll
     for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
     fence_regs(acc);

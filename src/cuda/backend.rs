@@ -309,8 +309,7 @@ impl Gpu {
     }
 
     fn grid(&self, n: usize) -> (u32, u32, u32) {
-        let blocks = n.div_ceil(THREADS as usize).clamp(1, self.dev.sm_count() as usize * 16);
-        (blocks as u32, 1, 1)
+        (self.dev.grid_stride_blocks(n, THREADS), 1, 1)
     }
 
     fn run(&self, op: &'static str, kernel: &str, grid: (u32, u32, u32), block: u32, args: &[KArg]) -> Result<()> {

@@ -35,9 +35,10 @@ pub(crate) struct Lt {
 /// layer bench's `host:` line).
 struct Plan {
     layouts: [Layout; 3],
-    /// `None` for a problem with a bias: its descriptor carries the bias pointer, so each call
-    /// makes its own (the same attributes; the cached algorithm fits it).
-    desc: Option<Desc>,
+    /// The descriptor the heuristic saw. A problem with a bias carries the bias pointer in its
+    /// descriptor, so each such call makes its own (the same attributes; the cached algorithm
+    /// fits it) and this one only served the choice.
+    desc: Desc,
     algo: sys::cublasLtMatmulAlgo_t,
     /// Bytes of workspace the algorithm asks for (split-K partial sums); none is allocated
     /// for 0.
@@ -262,14 +263,8 @@ impl CudaBackend {
             }
         };
         let Some(plan) = plan else { return Ok(false) };
-        let biased = match bias {
-            Some(bp) => Some(make_desc(op, &key, Some(bp))?),
-            None => None,
-        };
-        let desc = match (&biased, &plan.desc) {
-            (Some(d), _) | (None, Some(d)) => d.0,
-            (None, None) => return Err(Error::Cuda { op, msg: "cuBLASLt plan without a descriptor".into() }),
-        };
+        let biased = bias.map(|bp| make_desc(op, &key, Some(bp))).transpose()?;
+        let desc = biased.as_ref().unwrap_or(&plan.desc).0;
         let work = if plan.ws > 0 { Some(DeviceBuf::new(self, stream, plan.ws, op)?) } else { None };
         let [la, lb, ld] = &plan.layouts;
         self.count_launch();
@@ -369,7 +364,7 @@ fn make_plan(h: &Lt, op: &'static str, key: &Key) -> Result<Option<Plan>> {
         Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => return Ok(None),
         Err(e) => return Err(blas_err(op)(e)),
     };
-    Ok(Some(Plan { layouts, desc: (!key.bias).then_some(desc), algo: heur.algo, ws: heur.workspaceSize }))
+    Ok(Some(Plan { layouts, desc, algo: heur.algo, ws: heur.workspaceSize }))
 }
 
 #[cfg(test)]

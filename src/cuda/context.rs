@@ -201,6 +201,11 @@ impl CudaBackend {
     pub fn sm_count(&self) -> u32 {
         self.sm_count
     }
+    /// Blocks of `threads` for a grid-stride kernel over `n` elements: one element per thread,
+    /// at least 1 block and at most 16 per SM.
+    pub(crate) fn grid_stride_blocks(&self, n: usize, threads: u32) -> u32 {
+        n.div_ceil(threads as usize).clamp(1, self.sm_count as usize * 16) as u32
+    }
     /// Which compiled image the kernels are loaded from.
     pub fn image(&self) -> Image {
         self.image

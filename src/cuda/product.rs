@@ -168,7 +168,7 @@ impl CudaBackend {
         let plen = p.m.checked_mul(2 * cols).ok_or(Error::Overflow { what: "W^T S", rows: p.m, cols: 2 * cols })?;
         let prod = DeviceBuf::new(self, stream, plen * 4, OP)?;
         let (sp, hp, r64, c32) = (p.b, hilo.ptr(), rows as i64, to_i32("r", cols)?);
-        let blocks = |n: usize| n.div_ceil(THREADS as usize).clamp(1, self.sm_count() as usize * 16) as u32;
+        let blocks = |n: usize| self.grid_stride_blocks(n, THREADS);
         let split = self.function("split_f32_bf16x2")?;
         self.launch(OP, &split, (blocks(rows * cols), 1, 1), (THREADS, 1, 1), 0, stream, &kargs![sp, hp, r64, c32])?;
         let (pp, ldp) = (prod.ptr(), 2 * cols);
