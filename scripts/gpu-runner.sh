@@ -18,6 +18,8 @@
 #                     and our kernels inside transformers through examples/python/wegeft_torch.py)
 #   torch_baseline (90)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
+#   gemm_kscan (30)   bf16 NT at K = 1024 / 2048 / 4096, cuBLAS and the TMA kernel: fixed cost
+#                     per launch (epilogue, pipeline fill) and cost per 1024 of K
 #   sanitizers (150, all side by side): compute-sanitizer memcheck (also tracking the
 #                  stream-ordered pool), racecheck, initcheck, synccheck on cuda_layer sanitize_*
 #                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge,
@@ -193,6 +195,7 @@ have model_cuda && WEGEFT_BENCH_JSON="$logs/model.jsonl" step model_bench 90 "$b
 py_step torch_model 90 "$here/torch_model.py" --json "$logs/torch_model.jsonl" --wegeft-lib "$bin/libwegeft.so"
 py_step torch_baseline 90 "$here/torch_baseline.py" --iters 30 --json "$logs/torch.jsonl"
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
+[ -x "$bin/gemm_kext_check" ] && step gemm_kscan 30 "$bin/gemm_kext_check" --kscan
 
 # --- compute-sanitizer on the small cases, side by side (each tool instruments on the CPU) --------
 san_steps="gemm_memcheck memcheck racecheck initcheck synccheck model_memcheck multi_memcheck attn_memcheck attn_racecheck attn_synccheck"

@@ -273,6 +273,10 @@ def main():
             if not parts and "cuBLAS not available" in text:
                 parts.append("cuBLAS not loaded")
             keys[name] = "; ".join(parts)
+        elif name == "gemm_kscan":
+            # KSCAN lines: fixed cost and cost per 1024 of K, cuBLAS and the TMA kernel.
+            pat = r"KSCAN (\S+)\s.*fixed ([\d.]+) us\s+per 1024 of K ([\d.]+) us"
+            keys[name] = "; ".join(f"{n}: fixed {a} us, {b} us per 1024 of K" for n, a, b in re.findall(pat, text))
         elif name == "bench":
             parts = []
             if shapes:

@@ -12,6 +12,8 @@
 //       ./gemm_kext_check --small    a subset of that grid (for compute-sanitizer)
 //       ./gemm_kext_check --bench    4096^3 timings (K2 = 0 and 64) and cuBLAS if available;
 //                                    exit 3 when cuBLAS could not be loaded
+//       ./gemm_kext_check --kscan    bf16 NT at M = N = 4096, K = 1024 / 2048 / 4096: cuBLAS and
+//                                    the persistent TMA kernel, each fitted as fixed + per-k cost
 //
 // Inputs are multiples of 1/8 in [-1/2, 1/2] (and bias, old D likewise; beta = 1/2), so every
 // product and partial sum is exact in f32 for these sizes: the f32 kernels must match the
@@ -554,6 +556,68 @@ static void bench_variants(const std::vector<Variant<T>>& vars, const Cublas* cb
   cudaFree(D);
 }
 
+// --kscan: the bf16 NT product at M = N = 4096 for K = 1024, 2048 and 4096, cuBLAS and the
+// persistent TMA kernel. Time = fixed + K x per-k cost: the fit separates what a tile costs
+// outside its K loop (epilogue, pipeline fill) from the K loop's speed.
+static void kscan(const Cublas* cb) {
+  using T = __nv_bfloat16;
+  const int S = 4096, ITERS = 50;
+  const int Ks[3] = {1024, 2048, 4096};
+  T *A, *B, *D;
+  CK(cudaMalloc(&A, (size_t)S * S * sizeof(T)));
+  CK(cudaMalloc(&B, (size_t)S * S * sizeof(T)));
+  CK(cudaMalloc(&D, (size_t)S * S * sizeof(T)));
+  {
+    std::vector<T> h((size_t)S * S);
+    for (auto& x : h) x = from_f<T>(rnd8());
+    CK(cudaMemcpy(A, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(B, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  Variant<T> tma;
+  bool found = false;
+  for (const auto& v : bf16_variants(true, true))
+    if (v.tma && v.persist && !v.nn) tma = v, found = true;
+  if (!found) {
+    fprintf(stderr, "kscan: no persistent NT TMA variant\n");
+    exit(2);
+  }
+  set_smem(tma);
+  auto fit = [&](const char* name, const double (&ms)[3]) {
+    // least squares over the three points: ms = a + b K
+    double mk = 0, mt = 0, skk = 0, skt = 0;
+    for (int i = 0; i < 3; ++i) mk += Ks[i] / 3.0, mt += ms[i] / 3.0;
+    for (int i = 0; i < 3; ++i) skk += (Ks[i] - mk) * (Ks[i] - mk), skt += (Ks[i] - mk) * (ms[i] - mt);
+    const double b = skt / skk, a = mt - b * mk;
+    printf("KSCAN %-24s K=1024 %.4f  K=2048 %.4f  K=4096 %.4f ms  fixed %.1f us  per 1024 of K %.1f us\n", name, ms[0],
+           ms[1], ms[2], a * 1e3, b * 1024 * 1e3);
+  };
+  double ms_cb[3], ms_t[3];
+  for (int i = 0; i < 3; ++i) {
+    const int K = Ks[i];
+    if (cb) {
+      const float one = 1.f, zero = 0.f;
+      ms_cb[i] = time_ms(
+          [&] {
+            cb->gemm(cb->h, kCublasOpT, kCublasOpN, S, S, K, &one, B, (cudaDataType)CUDA_R_16BF, S, A,
+                     (cudaDataType)CUDA_R_16BF, S, &zero, D, (cudaDataType)CUDA_R_16BF, S, kCublasCompute32F,
+                     kCublasGemmDefault);
+          },
+          ITERS);
+    }
+    ms_t[i] = time_ms(
+        [&] {
+          launch(tma, (S / tma.tile_m) * (S / tma.tile_n), S, S, K, 0, A, S, B, S, (const T*)nullptr, 8, (const T*)nullptr,
+                 8, (const T*)nullptr, 0.f, D, S);
+        },
+        ITERS);
+  }
+  if (cb) fit("cuBLAS", ms_cb);
+  fit(tma.name, ms_t);
+  cudaFree(A);
+  cudaFree(B);
+  cudaFree(D);
+}
+
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // line by line into a log, even if killed by a timeout
   const bool bench = argc > 1 && std::string(argv[1]) == "--bench";
@@ -570,6 +634,19 @@ int main(int argc, char** argv) {
                                  : ", testing the _sm90 names (sm_80 body) too")
               : "");
 
+  if (argc > 1 && std::string(argv[1]) == "--kscan") {
+    if (!tma) {
+      printf("kscan: needs the sm_90a TMA kernels (compute capability 9.0)\n");
+      return 3;
+    }
+    g_blocks = prop.multiProcessorCount;
+    Cublas cb;
+    std::string why;
+    const bool have = find_cublas(cb, why);
+    kscan(have ? &cb : nullptr);
+    CK(cudaDeviceSynchronize());
+    return have ? 0 : 3;
+  }
   if (bench) {
     Cublas cb;
     std::string why;
@@ -585,7 +662,7 @@ int main(int argc, char** argv) {
   }
   const bool small = argc > 1 && std::string(argv[1]) == "--small";
   if (argc > 1 && !small) {
-    fprintf(stderr, "usage: %s [--small | --bench]\n", argv[0]);
+    fprintf(stderr, "usage: %s [--small | --bench | --kscan]\n", argv[0]);
     return 2;
   }
 

@@ -392,6 +392,19 @@ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t a, int c0
 }
 }  // namespace t90
 
+// __shfl_xor_sync over the calling warp (the epilogue's quad transpose): every lane posts its
+// value at a warp barrier and takes lane ^ k's.
+inline uint32_t __shfl_xor_sync(unsigned mask, uint32_t v, int k) {
+    if (mask != 0xffffffffu) die("__shfl_xor_sync with a partial mask", 0);
+    static uint32_t posted[9][32];  // 288 threads: 9 warps
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    posted[w][lane] = v;
+    fb::sync_warp();
+    const uint32_t r = posted[w][lane ^ k];
+    fb::sync_warp();
+    return r;
+}
+
 #include "gemm_kext.cu"
 
 // ---- the cases -----------------------------------------------------------------------------
@@ -468,7 +481,9 @@ void check(const char* name, void (*kernel)(int, int, int, int, const T*, int, c
     Mat<T> B1(NN ? K1 : N, NN ? N : K1, ld_of(NN ? N : std::max(K1, 1)), shift);
     Mat<T> B2(NN ? K2 : N, NN ? N : K2, ld_of(NN ? N : std::max(K2, 1)), shift);
     Mat<T> bv(1, N, N, 0);
-    const int ldd = layout == 0 ? N + 6 : N + 5;  // even (with an aligned D: paired stores) or odd
+    // layout 0: a multiple of 8 (with the aligned D: the wgmma kernels' 16-byte stores of whole
+    // tiles, paired stores elsewhere); otherwise odd (scalar stores).
+    const int ldd = layout == 0 ? (N + 7) / 8 * 8 + 8 : N + 5;
     Mat<T> D(M, N, ldd, layout == 2 ? 1 : 0, false);
     // D's padding and extra row hold a sentinel; with beta == 0 D itself starts as NaN.
     const float sentinel = 7.0f;
@@ -584,6 +599,17 @@ int main() {
             check<__nv_bfloat16, true>("gemm_kext_nn_bf16_tma", nullptr, 128, 256, c, 0, bias, beta, 1e-2, gemm_kext_nn_bf16_tma, cap);
             check<__half, false>("gemm_kext_nt_f16_tma", nullptr, 128, 256, c, 0, !bias, beta, 2e-3, gemm_kext_nt_f16_tma, cap);
             check<__half, true>("gemm_kext_nn_f16_tma", nullptr, 128, 256, c, 0, !bias, beta, 2e-3, gemm_kext_nn_f16_tma, cap);
+        }
+    }
+    // Whole tiles (the wgmma kernels' 16-byte epilogue with its quad transpose: aligned D, ldd a
+    // multiple of 8, beta 0), with and without a bias; and a tile cut by M and N next to them.
+    const Case fcases[] = {{256, 512, 72, 8}, {200, 300, 64, 0}};
+    for (const Case& c : fcases) {
+        for (int b = 0; b < 2; ++b) {
+            check<__nv_bfloat16, false>("gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, 128, 256, c, 0, b, 0.0f, 1e-2);
+            check<__half, true>("gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, 128, 256, c, 0, b, 0.0f, 2e-3);
+            check<__nv_bfloat16, false>("gemm_kext_nt_bf16_tma", nullptr, 128, 256, c, 0, b, 0.0f, 1e-2, gemm_kext_nt_bf16_tma, 2);
+            check<__half, true>("gemm_kext_nn_f16_tma", nullptr, 128, 256, c, 0, !b, 0.0f, 2e-3, gemm_kext_nn_f16_tma);
         }
     }
     std::printf("TMA boxes copied: %d\n", t90emu::copies);
