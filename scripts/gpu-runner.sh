@@ -18,7 +18,7 @@
 #                     and our kernels inside transformers through examples/python/wegeft_torch.py)
 #   torch_baseline (90)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
-#   gemm_kscan (30)   bf16 NT at K = 1024 / 2048 / 4096, cuBLAS and the TMA kernel: fixed cost
+#   gemm_kscan (30)   bf16 NT and NN at K = 1024 / 2048 / 4096, cuBLAS and the TMA kernels: fixed cost
 #                     per launch (epilogue, pipeline fill) and cost per 1024 of K
 #   sanitizers (150, all side by side): compute-sanitizer memcheck (also tracking the
 #                  stream-ordered pool), racecheck, initcheck, synccheck on cuda_layer sanitize_*

@@ -12,8 +12,8 @@
 //       ./gemm_kext_check --small    a subset of that grid (for compute-sanitizer)
 //       ./gemm_kext_check --bench    4096^3 timings (K2 = 0 and 64) and cuBLAS if available;
 //                                    exit 3 when cuBLAS could not be loaded
-//       ./gemm_kext_check --kscan    bf16 NT at M = N = 4096, K = 1024 / 2048 / 4096: cuBLAS and
-//                                    the persistent TMA kernel, each fitted as fixed + per-k cost
+//       ./gemm_kext_check --kscan    bf16 at M = N = 4096, K = 1024 / 2048 / 4096, NT and NN:
+//                                    cuBLAS and the TMA kernels, each fitted as fixed + per-k cost
 //
 // Inputs are multiples of 1/8 in [-1/2, 1/2] (and bias, old D likewise; beta = 1/2), so every
 // product and partial sum is exact in f32 for these sizes: the f32 kernels must match the
@@ -556,9 +556,10 @@ static void bench_variants(const std::vector<Variant<T>>& vars, const Cublas* cb
   cudaFree(D);
 }
 
-// --kscan: the bf16 NT product at M = N = 4096 for K = 1024, 2048 and 4096, cuBLAS and the
-// persistent TMA kernel. Time = fixed + K x per-k cost: the fit separates what a tile costs
-// outside its K loop (epilogue, pipeline fill) from the K loop's speed.
+// --kscan: bf16 at M = N = 4096 for K = 1024, 2048 and 4096, NT and NN, cuBLAS and the TMA
+// kernels (NT persistent, as the launcher runs it; NN a block per tile). Time = fixed + K x
+// per-k cost: the fit separates what a launch costs outside its K loops (epilogues, pipeline
+// fill, the last wave) from the K loop's speed.
 static void kscan(const Cublas* cb) {
   using T = __nv_bfloat16;
   const int S = 4096, ITERS = 50;
@@ -573,15 +574,6 @@ static void kscan(const Cublas* cb) {
     CK(cudaMemcpy(A, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
     CK(cudaMemcpy(B, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
-  Variant<T> tma;
-  bool found = false;
-  for (const auto& v : bf16_variants(true, true))
-    if (v.tma && v.persist && !v.nn) tma = v, found = true;
-  if (!found) {
-    fprintf(stderr, "kscan: no persistent NT TMA variant\n");
-    exit(2);
-  }
-  set_smem(tma);
   auto fit = [&](const char* name, const double (&ms)[3]) {
     // least squares over the three points: ms = a + b K
     double mk = 0, mt = 0, skk = 0, skt = 0;
@@ -591,28 +583,40 @@ static void kscan(const Cublas* cb) {
     printf("KSCAN %-24s K=1024 %.4f  K=2048 %.4f  K=4096 %.4f ms  fixed %.1f us  per 1024 of K %.1f us\n", name, ms[0],
            ms[1], ms[2], a * 1e3, b * 1024 * 1e3);
   };
-  double ms_cb[3], ms_t[3];
-  for (int i = 0; i < 3; ++i) {
-    const int K = Ks[i];
-    if (cb) {
-      const float one = 1.f, zero = 0.f;
-      ms_cb[i] = time_ms(
+  for (int nn = 0; nn < 2; ++nn) {
+    Variant<T> tma;
+    bool found = false;
+    for (const auto& v : bf16_variants(true, true))
+      if (v.tma && v.nn == (nn == 1) && v.persist == (nn == 0)) tma = v, found = true;
+    if (!found) {
+      fprintf(stderr, "kscan: no TMA variant for %s\n", nn ? "NN" : "NT");
+      exit(2);
+    }
+    set_smem(tma);
+    double ms_cb[3], ms_t[3];
+    for (int i = 0; i < 3; ++i) {
+      const int K = Ks[i];
+      if (cb) {
+        const float one = 1.f, zero = 0.f;
+        // Row-major D = A B^T (NT; B is N x K) or A B (NN; B is K x N), as in bench_variants.
+        ms_cb[i] = time_ms(
+            [&] {
+              cb->gemm(cb->h, nn ? kCublasOpN : kCublasOpT, kCublasOpN, S, S, K, &one, B, (cudaDataType)CUDA_R_16BF, S, A,
+                       (cudaDataType)CUDA_R_16BF, S, &zero, D, (cudaDataType)CUDA_R_16BF, S, kCublasCompute32F,
+                       kCublasGemmDefault);
+            },
+            ITERS);
+      }
+      ms_t[i] = time_ms(
           [&] {
-            cb->gemm(cb->h, kCublasOpT, kCublasOpN, S, S, K, &one, B, (cudaDataType)CUDA_R_16BF, S, A,
-                     (cudaDataType)CUDA_R_16BF, S, &zero, D, (cudaDataType)CUDA_R_16BF, S, kCublasCompute32F,
-                     kCublasGemmDefault);
+            launch(tma, (S / tma.tile_m) * (S / tma.tile_n), S, S, K, 0, A, S, B, S, (const T*)nullptr, 8,
+                   (const T*)nullptr, 8, (const T*)nullptr, 0.f, D, S);
           },
           ITERS);
     }
-    ms_t[i] = time_ms(
-        [&] {
-          launch(tma, (S / tma.tile_m) * (S / tma.tile_n), S, S, K, 0, A, S, B, S, (const T*)nullptr, 8, (const T*)nullptr,
-                 8, (const T*)nullptr, 0.f, D, S);
-        },
-        ITERS);
+    if (cb) fit(nn ? "cuBLAS_NN" : "cuBLAS_NT", ms_cb);
+    fit(tma.name, ms_t);
   }
-  if (cb) fit("cuBLAS", ms_cb);
-  fit(tma.name, ms_t);
   cudaFree(A);
   cudaFree(B);
   cudaFree(D);
