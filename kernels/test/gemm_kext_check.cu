@@ -557,7 +557,7 @@ static void bench_variants(const std::vector<Variant<T>>& vars, const Cublas* cb
 }
 
 // --kscan: bf16 at M = N = 4096 for K = 1024, 2048 and 4096, NT and NN, cuBLAS and the TMA
-// kernels (NT persistent, as the launcher runs it; NN a block per tile). Time = fixed + K x
+// kernels as the launcher runs them (NT a block per tile, NN persistent). Time = fixed + K x
 // per-k cost: the fit separates what a launch costs outside its K loops (epilogues, pipeline
 // fill, the last wave) from the K loop's speed.
 static void kscan(const Cublas* cb) {
@@ -587,7 +587,7 @@ static void kscan(const Cublas* cb) {
     Variant<T> tma;
     bool found = false;
     for (const auto& v : bf16_variants(true, true))
-      if (v.tma && v.nn == (nn == 1) && v.persist == (nn == 0)) tma = v, found = true;
+      if (v.tma && v.nn == (nn == 1) && v.persist == (nn == 1)) tma = v, found = true;
     if (!found) {
       fprintf(stderr, "kscan: no TMA variant for %s\n", nn ? "NN" : "NT");
       exit(2);

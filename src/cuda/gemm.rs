@@ -25,8 +25,8 @@
 //!
 //! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with `GemmOptions::use_sm90` on a
 //! compute-capability 9.0 device the bf16/f16 forms use the wgmma kernels instead: the
-//! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.84-0.88x
-//! cuBLAS at 4096^3 on an H200 against 0.60x for `_sm90`) when the device runs the sm_90a
+//! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.95x (NT)
+//! and 0.86-0.88x (NN) cuBLAS's speed at 4096^3 on an H200, against 0.60x for `_sm90`) when the device runs the sm_90a
 //! image and every operand can be described by a tensor map ([`GemmKext::tma_ready`]: bases
 //! 16-byte aligned, lds multiples of 8 elements, K1 > 0), else the `_sm90` ones (cp.async).
 //! Their wgmma body exists only in the sm_90a cubin; built for any other target (e.g. when a
@@ -356,15 +356,16 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) }
 }
 
-/// The grid of a `_tma` launch over `tiles` block tiles: the NT kernel runs persistent (one
-/// block per SM, each looping over tiles, the next tile's first stages fetched while the last
-/// one is stored), the NN kernel a block per tile. At 4096^3 on an H200 (BENCHMARKS.md, two
-/// runs) persistent NT was 2% and 0% faster, persistent NN 4% slower and 1% faster: within the
-/// spread between runs; NT persistent never lost.
+/// The grid of a `_tma` launch over `tiles` block tiles: the NT kernel a block per tile, the
+/// NN kernel persistent (one block per SM, each looping over tiles, the next tile's first
+/// stages fetched while the last one is stored). Measured at 4096^3 on an H200 with the
+/// 16-byte epilogue (BENCHMARKS.md, session 9, four runs of bf16 and f16): with K2 = 64, as in
+/// the layer, a block per tile took 0.168 ms for NT in all four against 0.173-0.183 ms
+/// persistent; for NN persistent was 1-3% faster in seven of eight.
 fn tma_grid(form: Form, tiles: u32, sms: u32) -> u32 {
     match form {
-        Form::Nt => tiles.min(sms.max(1)),
-        Form::Nn => tiles,
+        Form::Nt => tiles,
+        Form::Nn => tiles.min(sms.max(1)),
     }
 }
 
@@ -475,11 +476,11 @@ mod tests {
     }
 
     #[test]
-    fn tma_grid_is_persistent_for_nt_only() {
-        assert_eq!(tma_grid(Form::Nt, 512, 132), 132);
-        assert_eq!(tma_grid(Form::Nt, 9, 132), 9);
-        assert_eq!(tma_grid(Form::Nt, 9, 0), 1);
-        assert_eq!(tma_grid(Form::Nn, 512, 132), 512);
+    fn tma_grid_is_persistent_for_nn_only() {
+        assert_eq!(tma_grid(Form::Nn, 512, 132), 132);
+        assert_eq!(tma_grid(Form::Nn, 9, 132), 9);
+        assert_eq!(tma_grid(Form::Nn, 9, 0), 1);
+        assert_eq!(tma_grid(Form::Nt, 512, 132), 512);
     }
 
     #[test]
