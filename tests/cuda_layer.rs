@@ -106,7 +106,11 @@ fn case<T: Element>(seed: u64, tokens: usize, d_in: usize, d_out: usize, rank: u
     }
 }
 
-const SHAPES: &[(usize, usize, usize)] = &[(37, 83, 71), (1, 129, 65), (130, 67, 259)];
+/// (T, d_in, d_out): odd sizes (every kernel's tails, the fused GEMM's scalar loads), and one
+/// with every leading dimension a multiple of 8, where FusedSm90 takes the TMA kernels and, for
+/// ranks 8 and 64, computes u and C in one launch (`wegeft_uc_*`) with the forward GEMM
+/// launched as its programmatic dependent.
+const SHAPES: &[(usize, usize, usize)] = &[(37, 83, 71), (1, 129, 65), (130, 67, 259), (200, 136, 264)];
 const RANKS: &[usize] = &[1, 8, 64, 256];
 
 /// Every concrete path this build has.

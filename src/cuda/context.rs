@@ -301,6 +301,56 @@ impl CudaBackend {
         unsafe { cudarc::driver::result::launch_kernel(k.func.cu_function(), grid, block, smem, stream, &mut params) }
             .map_err(|e| Error::Cuda { op, msg: format!("{} with grid {grid:?} block {block:?}: {e}", k.name) })
     }
+
+    /// As [`CudaBackend::launch`], as a programmatic dependent of the kernel launched before it
+    /// on `stream` (launch attribute `PROGRAMMATIC_STREAM_SERIALIZATION`): its blocks may start
+    /// once that kernel's blocks have all run `griddepcontrol.launch_dependents`, so the
+    /// kernel must run `griddepcontrol.wait` before it reads anything the earlier one writes
+    /// (only the `_tma` GEMM kernels do, before their second operand pair).
+    ///
+    /// # Safety
+    /// As for [`CudaBackend::launch`], and `k` must wait as said above.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch_dependent(
+        &self,
+        op: &'static str,
+        k: &Kernel,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        stream: CUstream,
+        args: &[KArg],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let mut params = arg::check(k.name, k.signature, args)?;
+        self.ctx.bind_to_thread().map_err(cuda_err(op))?;
+        self.count_launch();
+        let mut value = sys::CUlaunchAttributeValue { pad: [0; 64] };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: smem,
+            hStream: stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as in `launch` (arguments checked against the signature); `config` and the
+        // attribute it points to outlive the call.
+        unsafe {
+            sys::cuLaunchKernelEx(&config, k.func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+        }
+        .map_err(|e| Error::Cuda { op, msg: format!("{} (dependent launch) with grid {grid:?} block {block:?}: {e}", k.name) })
+    }
 }
 
 #[cfg(test)]

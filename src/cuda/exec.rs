@@ -14,6 +14,7 @@ use super::product::Product;
 use super::tune::TuneTable;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+use crate::shape::LayerShape;
 
 /// Scratch memory that lives until dropped.
 pub(crate) trait Scratch {
@@ -71,11 +72,35 @@ pub(crate) trait Exec {
     /// Runs the fused K-extended GEMM (`nt`: `D = A1 B1^T + A2 B2^T (+ bias)`, else
     /// `D = A1 B1 + A2 B2`) when `path` asks for it and it is available; `Ok(false)` means
     /// the caller runs the composed path. Without a fused GEMM, `Path::Fused` is an error.
-    unsafe fn kext_fused<T: Element>(&self, _nt: bool, _stream: CUstream, path: Path, _args: KextArgs) -> Result<bool> {
+    /// `dependent`: the previous kernel on `stream` is [`Exec::fused_uc`]'s, writing the second
+    /// pair (see `gemm::GemmOptions::dependent`).
+    unsafe fn kext_fused<T: Element>(&self, _nt: bool, _stream: CUstream, path: Path, _args: KextArgs, _dependent: bool) -> Result<bool> {
         match path {
             Path::Fused | Path::FusedSm90 => Err(Error::invalid("path", "a fused path asked for, but the fused K-extended GEMM is not built in")),
             _ => Ok(false),
         }
+    }
+
+    /// The fused forward's second operand pair in one launch (`wegeft_uc_*`): `u = x psi^T`
+    /// and `C = scale W phi` (no dropout; packed: x and W with ld `d_in`, psi `r x d_in`, phi,
+    /// u and C with ld `r`), when `path` is [`Path::FusedSm90`] and the kernel applies here;
+    /// then the forward's K-extended GEMM should follow at once with `dependent` set.
+    /// `Ok(false)`: nothing launched, the caller computes u and C itself.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fused_uc<T: Element>(
+        &self,
+        _stream: CUstream,
+        _path: Path,
+        _s: &LayerShape,
+        _x: CUdeviceptr,
+        _w: CUdeviceptr,
+        _psi: CUdeviceptr,
+        _phi: CUdeviceptr,
+        _scale: f32,
+        _u: CUdeviceptr,
+        _c: CUdeviceptr,
+    ) -> Result<bool> {
+        Ok(false)
     }
 
     /// [`Path::Tuned`]'s choices on this device.
@@ -168,14 +193,14 @@ impl Exec for CudaBackend {
     }
 
     #[cfg(wegeft_gemm)]
-    unsafe fn kext_fused<T: Element>(&self, nt: bool, stream: CUstream, path: Path, args: KextArgs) -> Result<bool> {
+    unsafe fn kext_fused<T: Element>(&self, nt: bool, stream: CUstream, path: Path, args: KextArgs, dependent: bool) -> Result<bool> {
         // Auto is Composed (see Path::Auto).
         if matches!(path, Path::Composed | Path::Auto) {
             return Ok(false);
         }
         let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)) = args;
         let g = super::gemm::GemmKext { m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta: 0.0, d, ldd };
-        let opts = super::gemm::GemmOptions { use_sm90: path == Path::FusedSm90 };
+        let opts = super::gemm::GemmOptions { use_sm90: path == Path::FusedSm90, dependent };
         unsafe {
             if nt {
                 super::gemm::gemm_kext_nt::<T>(self, stream, &g, opts)?;
@@ -183,6 +208,33 @@ impl Exec for CudaBackend {
                 super::gemm::gemm_kext_nn::<T>(self, stream, &g, opts)?;
             }
         }
+        Ok(true)
+    }
+
+    #[cfg(wegeft_gemm)]
+    unsafe fn fused_uc<T: Element>(
+        &self,
+        stream: CUstream,
+        path: Path,
+        s: &LayerShape,
+        x: CUdeviceptr,
+        w: CUdeviceptr,
+        psi: CUdeviceptr,
+        phi: CUdeviceptr,
+        scale: f32,
+        u: CUdeviceptr,
+        c: CUdeviceptr,
+    ) -> Result<bool> {
+        // Only where the GEMM that follows is the TMA kernel, which overlaps with it.
+        if path != Path::FusedSm90 || self.compute_capability() != (9, 0) || self.image() != super::context::Image::Sm90a {
+            return Ok(false);
+        }
+        let uc = super::gemm::WegeftUc { tokens: s.tokens, d_in: s.d_in, d_out: s.d_out, rank: s.rank, x, w, psi, phi, u, c, scale };
+        if !uc.applies::<T>() {
+            return Ok(false);
+        }
+        // SAFETY: the caller's buffers, of the packed shapes of `s`.
+        unsafe { super::gemm::wegeft_uc::<T>(self, stream, &uc)? };
         Ok(true)
     }
 }

@@ -85,6 +85,10 @@ mod geom {
     pub const T_BOX_A: (u32, u32) = (64, 128);
     pub const T_BOX_B_NT: (u32, u32) = (64, 256);
     pub const T_BOX_B_NN: (u32, u32) = (64, 64);
+    /// `wegeft_uc_*`: 64 rows of u or C a block, 128 threads, 3 stages x 8 KiB (dynamic).
+    pub const UC_ROWS: usize = 64;
+    pub const UC_THREADS: u32 = 128;
+    pub const UC_SMEM: u32 = 3 * (64 * 32 * 2 + 64 * 32 * 2);
 }
 
 /// Which product: `B` stored `N x K` (NT, forward) or `K x N` (NN, input gradient).
@@ -143,6 +147,12 @@ pub(crate) struct GemmOptions {
     /// described by a tensor map ([`GemmKext::tma_ready`]) and the device runs the sm_90a
     /// image, else the cp.async ones (`_sm90`).
     pub use_sm90: bool,
+    /// The kernel launched just before on the stream is `wegeft_uc_*` writing this product's
+    /// second operand pair: a `_tma` kernel is then launched as its programmatic dependent
+    /// ([`CudaBackend::launch_dependent`]), multiplying the first pair while it runs and waiting
+    /// for it before the second (`griddepcontrol.wait`); any other kernel is launched as usual
+    /// (after it, in stream order).
+    pub dependent: bool,
 }
 
 /// What the launcher decided: kernel name and launch geometry.
@@ -350,10 +360,85 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     if let Some([ma1, mb1, ma2, mb2]) = maps {
         let grid = (tma_grid(form, plan.grid, dev.sm_count()), 1, 1);
         let params = kargs![ma1, mb1, ma2, mb2, m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
+        if opts.dependent {
+            // SAFETY: the `_tma` kernels wait (griddepcontrol.wait) before their second pair.
+            return unsafe { dev.launch_dependent(op, &func, grid, block, plan.smem, stream, &params) };
+        }
         return unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) };
     }
     let params = kargs![m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
     unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) }
+}
+
+/// The fused forward's second operand pair, `u = x psi^T` (T x r) and `C = scale W phi`
+/// (d_out x r), in one launch of `wegeft_uc_{bf16,f16}` (`kernels/gemm_kext.cu`), all
+/// operands packed: x `T x d_in`, W `d_out x d_in`, psi `r x d_in`, phi `d_in x r`, u and C
+/// with ld `r`. On compute capability 9.0 the kernel lets its dependent launch at once (see
+/// [`GemmOptions::dependent`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WegeftUc {
+    pub tokens: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub rank: usize,
+    pub x: CUdeviceptr,
+    pub w: CUdeviceptr,
+    pub psi: CUdeviceptr,
+    pub phi: CUdeviceptr,
+    pub u: CUdeviceptr,
+    pub c: CUdeviceptr,
+    pub scale: f32,
+}
+
+impl WegeftUc {
+    /// Whether the kernel takes it: bf16 or f16; rank a multiple of 8 up to 64 (a block's 64
+    /// columns, whole 16-byte chunks); d_in a multiple of 8 and every base 16-byte aligned (its
+    /// cp.async loads); sizes within `i32`.
+    pub(crate) fn applies<T: Element>(&self) -> bool {
+        let aligned = [self.x, self.w, self.psi, self.phi, self.u, self.c].iter().all(|p| p % 16 == 0);
+        matches!(T::DTYPE, DType::BF16 | DType::F16)
+            && self.rank >= 8
+            && self.rank <= 64
+            && self.rank % 8 == 0
+            && self.d_in % 8 == 0
+            && self.tokens >= 1
+            && self.d_out >= 1
+            && aligned
+            && [self.tokens, self.d_in, self.d_out].iter().all(|&v| v <= i32::MAX as usize / 2)
+    }
+
+    fn grid(&self) -> usize {
+        self.tokens.div_ceil(geom::UC_ROWS) + self.d_out.div_ceil(geom::UC_ROWS)
+    }
+}
+
+/// Launches `wegeft_uc_*` for `uc` on `stream`; an error when [`WegeftUc::applies`] does not
+/// hold.
+///
+/// # Safety
+/// The pointers must be valid device memory of the packed shapes above, on this context.
+pub(crate) unsafe fn wegeft_uc<T: Element>(dev: &CudaBackend, stream: CUstream, uc: &WegeftUc) -> Result<()> {
+    const OP: &str = "wegeft_uc";
+    if !uc.applies::<T>() {
+        return Err(Error::invalid(
+            "wegeft_uc",
+            format!(
+                "needs bf16/f16, rank a multiple of 8 up to 64, d_in a multiple of 8 and 16-byte aligned operands (got {:?}, T {}, d_in {}, d_out {}, r {})",
+                T::DTYPE,
+                uc.tokens,
+                uc.d_in,
+                uc.d_out,
+                uc.rank
+            ),
+        ));
+    }
+    let name = if T::DTYPE == DType::BF16 { "wegeft_uc_bf16" } else { "wegeft_uc_f16" };
+    let func = dev.function(name)?;
+    let grid = u32::try_from(uc.grid()).map_err(|_| Error::invalid("wegeft_uc", "grid too large"))?;
+    // Checked by `applies`: every size fits i32.
+    let (t, din, dout, r) = (uc.tokens as i32, uc.d_in as i32, uc.d_out as i32, uc.rank as i32);
+    let params = kargs![t, din, dout, r, uc.x, din, uc.psi, uc.u, uc.w, din, uc.phi, uc.c, uc.scale];
+    unsafe { dev.launch(OP, &func, (grid, 1, 1), (geom::UC_THREADS, 1, 1), geom::UC_SMEM, stream, &params) }
 }
 
 /// The grid of a `_tma` launch over `tiles` block tiles: the NT kernel a block per tile, the

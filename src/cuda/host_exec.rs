@@ -163,7 +163,45 @@ impl Exec for HostExec {
         Ok(())
     }
 
-    unsafe fn kext_fused<T: Element>(&self, nt: bool, _stream: CUstream, path: Path, args: KextArgs) -> Result<bool> {
+    unsafe fn fused_uc<T: Element>(
+        &self,
+        _stream: CUstream,
+        path: Path,
+        s: &LayerShape,
+        x: CUdeviceptr,
+        w: CUdeviceptr,
+        psi: CUdeviceptr,
+        phi: CUdeviceptr,
+        scale: f32,
+        u: CUdeviceptr,
+        c: CUdeviceptr,
+    ) -> Result<bool> {
+        // As the device's wegeft_uc kernel computes them (packed operands), for FusedSm90 with a
+        // "fused GEMM"; the K-extended GEMM after it then runs composed here.
+        if self.fused.is_none() || path != Path::FusedSm90 {
+            return Ok(false);
+        }
+        self.log.borrow_mut().push("wegeft_uc".into());
+        let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
+        let (xv, wv, psv, phv) = (self.get(x), self.get(w), self.get(psi), self.get(phi));
+        let (mut uv, mut cv) = (self.get(u), self.get(c));
+        for i in 0..t {
+            for j in 0..r {
+                uv[i * r + j] = (0..din).map(|k| Self::at(&xv, i * din + k, "uc x") * Self::at(&psv, j * din + k, "uc psi")).sum();
+            }
+        }
+        for i in 0..dout {
+            for j in 0..r {
+                let acc: f64 = (0..din).map(|k| Self::at(&wv, i * din + k, "uc W") * Self::at(&phv, k * r + j, "uc phi")).sum();
+                cv[i * r + j] = scale as f64 * acc;
+            }
+        }
+        self.mem.borrow_mut().insert(u, uv);
+        self.mem.borrow_mut().insert(c, cv);
+        Ok(true)
+    }
+
+    unsafe fn kext_fused<T: Element>(&self, nt: bool, _stream: CUstream, path: Path, args: KextArgs, _dependent: bool) -> Result<bool> {
         if self.fused.is_none() {
             return match path {
                 Path::Fused | Path::FusedSm90 => Err(crate::Error::invalid("path", "no fused GEMM")),
@@ -287,6 +325,27 @@ fn wegeft_forward_backward_wiring() {
         let dpsi: Vec<f64> = h.get(dpsp).iter().zip(&dpsi0).map(|(a, b)| a - b).collect();
         close("dphi (accumulated)", &dphi, &gr.dphi, 1e-12);
         close("dpsi (accumulated)", &dpsi, &gr.dpsi, 1e-12);
+    }
+}
+
+#[test]
+fn fused_forward_takes_u_and_c_from_one_launch_without_dropout_only() {
+    let s = LayerShape::new(6, 16, 9, 8).unwrap();
+    let [x, w, b, phi, psi, _] = case(&s, 41);
+    let (t, dout, r) = (s.tokens, s.d_out, s.rank);
+    for drop in [Dropout::NONE, Dropout { p: 0.25, seed: 3 }] {
+        let h = HostExec { fused: Some((1.0, 2.0)), ..Default::default() };
+        let (xp, wp, bp, php, psp) = (h.alloc(x.clone()), h.alloc(w.clone()), h.alloc(b.clone()), h.alloc(phi.clone()), h.alloc(psi.clone()));
+        let (up, cp, yp) = (h.alloc(vec![f64::NAN; t * r]), h.alloc(vec![f64::NAN; dout * r]), h.alloc(vec![f64::NAN; t * dout]));
+        unsafe { h.forward_impl::<f32>(&s, NULL, Path::FusedSm90, xp, wp, Some(bp), php, psp, 0.5, drop, up, cp, yp) }.unwrap();
+        let one_launch = h.log.borrow().iter().any(|n| n == "wegeft_uc");
+        assert_eq!(one_launch, drop.p == 0.0, "{drop:?}: {:?}", h.log.borrow());
+        if drop.p == 0.0 {
+            close("y", &h.get(yp), &rf::wegeft_forward(&s, &x, &w, Some(&b), &phi, &psi, 0.5).unwrap(), 1e-12);
+            close("C", &h.get(cp), &rf::generate_c(&s, &w, &phi, 0.5), 1e-12);
+            let u: Vec<f64> = (0..t * r).map(|i| (0..s.d_in).map(|k| x[(i / r) * s.d_in + k] * psi[(i % r) * s.d_in + k]).sum()).collect();
+            close("u", &h.get(up), &u, 1e-12);
+        }
     }
 }
 

@@ -239,7 +239,7 @@ pub(crate) trait Layer: Exec {
         (d, ldd, m, n): Out,
     ) -> Result<()> {
         let dt = T::DTYPE;
-        if self.kext_fused::<T>(nt, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)))? {
+        if self.kext_fused::<T>(nt, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, (d, ldd, m, n)), false)? {
             return Ok(());
         }
         let (what, addmm) = if nt { ("frozen GEMM x W^T", "lowrank_addmm_nt") } else { ("frozen GEMM G W", "lowrank_addmm_nn") };
@@ -270,6 +270,16 @@ pub(crate) trait Layer: Exec {
     ) -> Result<()> {
         let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
         let dt = T::DTYPE;
+        let (p1, p2, out) = ((x, din, w, din, din), (u, r, c, r, r), (y, dout, t, dout));
+        // FusedSm90 without dropout: u and C in one launch, and the GEMM as its programmatic
+        // dependent, multiplying x and W while u and C are computed.
+        if drop.p == 0.0 && self.fused_uc::<T>(stream, path, s, x, w, psi, phi, scale, u, c)? {
+            let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2)) = (p1, p2);
+            if self.kext_fused::<T>(true, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, out), true)? {
+                return Ok(());
+            }
+            return self.kext_nt::<T>(stream, path, p1, p2, bias, out);
+        }
         self.product(&kname("lowrank_u", dt), dt, stream, Product::new(x, din, psi, din, u, r, t, r, din))?;
         self.product(
             &kname("wegeft_c", dt),
@@ -277,7 +287,7 @@ pub(crate) trait Layer: Exec {
             stream,
             Product::new(w, din, phi, r, c, r, dout, r, din).alpha(scale).dropout(drop.p, drop.seed),
         )?;
-        self.kext_nt::<T>(stream, path, (x, din, w, din, din), (u, r, c, r, r), bias, (y, dout, t, dout))
+        self.kext_nt::<T>(stream, path, p1, p2, bias, out)
     }
 
     #[allow(clippy::too_many_arguments)]

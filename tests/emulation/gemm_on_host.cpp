@@ -366,6 +366,7 @@ inline void mbar_expect_tx(uint32_t a, uint32_t bytes) {
 inline void mbar_wait(uint32_t a, uint32_t parity) {
     while ((t90emu::bar(a).phase & 1) == (parity & 1)) fb::yield_to_scheduler();
 }
+inline void grid_dependency_wait() {}  // one grid at a time here: its prerequisites are done
 inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t a, int c0, int c1) {
     uint64_t v[7];
     std::memcpy(v, map->opaque, sizeof v);
@@ -553,7 +554,58 @@ void check(const char* name, void (*kernel)(int, int, int, int, const T*, int, c
     if (worst > tol) std::printf("      worst at row %d col %d: want %g\n", at / N, at % N, want[at]);
 }
 
+// wegeft_uc (u = x psi^T and C = alpha W phi in one grid, 128 threads a block) against double
+// loops; u and C are followed by a sentinel row that must stay untouched.
+template <typename T>
+void check_uc(const char* name, void (*kernel)(int, int, int, int, const T*, int, const T*, T*, const T*, int, const T*, T*, float),
+              int Tn, int din, int dout, int r, double tol) {
+    const int ldx = din + 8, ldw = din + 16;
+    Mat<T> x(Tn, din, ldx, 0), psi(r, din, din, 0), w(dout, din, ldw, 0), phi(din, r, r, 0);
+    Mat<T> u(Tn, r, r, 0, false), c(dout, r, r, 0, false);
+    const float sentinel = 7.0f, alpha = 0.75f;
+    for (int j = 0; j < r; ++j) u.p[(size_t)Tn * r + j] = from_f<T>(sentinel), c.p[(size_t)dout * r + j] = from_f<T>(sentinel);
+    for (int i = 0; i < Tn * r; ++i) u.p[i] = from_f<T>(NAN);
+    for (int i = 0; i < dout * r; ++i) c.p[i] = from_f<T>(NAN);
+    const int grid = (Tn + 63) / 64 + (dout + 63) / 64;
+    fb::run_grid({(unsigned)grid, 1, 1}, 128, [&] {
+        kernel(Tn, din, dout, r, x.p, ldx, psi.p, u.p, w.p, ldw, phi.p, c.p, alpha);
+        Lane& l = g_lanes[threadIdx.x];
+        if (!l.groups.empty() || !l.open.empty()) {
+            ++g_leftover;
+            l.groups.clear();
+            l.open.clear();
+        }
+    });
+    double worst = 0, scale = 0;
+    bool pad_ok = true;
+    for (int pass = 0; pass < 2; ++pass)
+        for (int i = 0; i < (pass ? dout : Tn); ++i)
+            for (int j = 0; j < r; ++j) {
+                double want = 0;
+                for (int k = 0; k < din; ++k) want += pass ? w.at(i, k) * phi.at(k, j) : x.at(i, k) * psi.at(j, k);
+                if (pass) want *= alpha;
+                const double got = pass ? c.at(i, j) : u.at(i, j);
+                scale = std::max(scale, std::fabs(want));
+                const double e = std::fabs(got - want);
+                worst = std::max(worst, std::isnan(e) ? INFINITY : e);
+            }
+    for (int j = 0; j < r; ++j) pad_ok &= u.at(Tn, j) == sentinel && c.at(dout, j) == sentinel;
+    const double rel = worst / std::max(scale, 1e-30);
+    const bool ok = rel <= tol && pad_ok;
+    ++g_checks;
+    if (!ok) ++g_failures;
+    std::printf("%s %-23s T%-4d d_in %-4d d_out %-4d r %-3d  err %.2e (tol %.0e)%s\n", ok ? "ok  " : "FAIL", name, Tn, din, dout, r,
+                rel, tol, pad_ok ? "" : "  PADDING WRITTEN");
+}
+
 int main() {
+    // The fused forward's u and C: tails in T, d_out and d_in (not a multiple of the 32-deep k
+    // tile), r from 8 to 64, more k tiles than the 3 stages.
+    const int uc_cases[][4] = {{1, 8, 1, 8}, {70, 40, 130, 8}, {128, 96, 64, 64}, {65, 200, 7, 24}, {130, 256, 129, 56}};
+    for (const auto& uc : uc_cases) {
+        check_uc<__nv_bfloat16>("wegeft_uc_bf16", wegeft_uc_bf16, uc[0], uc[1], uc[2], uc[3], 1e-2);
+        check_uc<__half>("wegeft_uc_f16", wegeft_uc_f16, uc[0], uc[1], uc[2], uc[3], 2e-3);
+    }
     // More k tiles than the 4 pipeline stages (K1 160 + K2 64: 7), a K1 tail, K1 = 0, K2 = 0,
     // tiles cut by M and N, one row, one column block of 8.
     const Case cases[] = {{1, 8, 1, 0}, {37, 40, 33, 8}, {129, 136, 72, 40}, {37, 136, 160, 64}, {129, 8, 16, 1}, {70, 40, 0, 33}};
