@@ -48,7 +48,13 @@
 //   f32 FMA:           block 256 threads, grid.x = ceil(M/64) * ceil(N/64), no dynamic smem.
 //   sm_90a:            block 256 threads, grid.x = ceil(M/128) * ceil(N/256),
 //                      dynamic smem = h90::SMEM_BYTES = 4 * 48 KiB + 1 KiB = 197632 B.
-//   sm_90a TMA:        block 288 threads, the same grid and dynamic smem (t90::SMEM_BYTES).
+//   sm_90a TMA:        block 288 threads, the same grid and dynamic smem (t90::SMEM_BYTES),
+//                      or fewer blocks (persistent); waits (griddepcontrol.wait) before the
+//                      second pair, so it may be launched as a programmatic dependent of the
+//                      kernel that writes that pair.
+//
+// Also here, for the fused forward: wegeft_uc_bf16 / wegeft_uc_f16 compute its second pair,
+// u = x psi^T and C = alpha W phi, in one launch (section "The second operand pair" below).
 // ===========================================================================================
 //
 // Design of the sm_80 tensor-core kernel
@@ -563,8 +569,9 @@ GEMM_KEXT_TC(gemm_kext_nn_f16, __half, true)
 // 32 through a 3-stage cp.async pipeline, 24 KiB of dynamic shared memory: with the TMA
 // GEMM's 200 KiB (and its 168 registers a thread) a block of each fits on an SM.
 // Launch: grid ceil(T / 64) + ceil(d_out / 64), block 128, dynamic smem uc::SMEM_BYTES.
-// The A tile (x or W rows) and psi use the sm_80 kernel's K-major swizzle (4 chunks a row); phi tiles are 32 k-rows x 64 columns, 8 chunks a
-// row, chunk c of row k at k*128 + ((c ^ (k & 7)) * 16), read with ldmatrix.trans.
+// The A tile (x or W rows) and psi use the sm_80 kernel's K-major swizzle (4 chunks a row);
+// phi tiles are 32 k-rows x 64 columns, 8 chunks a row, chunk c of row k at
+// k*128 + ((c ^ (k & 7)) * 16), read with ldmatrix.trans.
 // On sm_90 the kernel first allows its dependent grid to launch (griddepcontrol
 // .launch_dependents): the fused forward's GEMM, launched as a programmatic dependent, then
 // multiplies x and W while this grid runs and waits for it only before its u / C k tiles.
