@@ -230,7 +230,7 @@ impl Exec for CudaBackend {
             return Ok(false);
         }
         let uc = super::gemm::WegeftUc { tokens: s.tokens, d_in: s.d_in, d_out: s.d_out, rank: s.rank, x, w, psi, phi, u, c, scale };
-        if !uc.applies::<T>() {
+        if !uc.applies::<T>() || !uc.worth_it() {
             return Ok(false);
         }
         // SAFETY: the caller's buffers, of the packed shapes of `s`.

@@ -410,7 +410,22 @@ impl WegeftUc {
     fn grid(&self) -> usize {
         self.tokens.div_ceil(geom::UC_ROWS) + self.d_out.div_ceil(geom::UC_ROWS)
     }
+
+    /// Whether the layer should take it (a measured policy, not the kernel's contract): only
+    /// while x and W together are at most [`UC_MAX_BYTES`]. On an H200 (BENCHMARKS.md, session
+    /// 9) the one launch made the FusedSm90 forward faster at the SmolLM2 shapes 576->576 and
+    /// 576->1536 (T = 4096: 5.4 and 6.5 MB; 0.029 -> 0.023 and 0.035 -> 0.032 ms), slower at
+    /// 1536->576 (14.4 MB; 0.041 -> 0.044 ms) and at T = 8192, 4096->4096 (100 MB; 0.406 ->
+    /// 0.457 ms): with 16 KiB in flight a block, the kernel reads far slower than cuBLASLt's
+    /// two products, and the GEMM waits for it before its second pair.
+    pub(crate) fn worth_it(&self) -> bool {
+        (self.tokens + self.d_out).saturating_mul(self.d_in).saturating_mul(2) <= UC_MAX_BYTES
+    }
 }
+
+/// The most bytes of x and W for which the layer computes u and C in one launch
+/// ([`WegeftUc::worth_it`]).
+pub(crate) const UC_MAX_BYTES: usize = 8 << 20;
 
 /// Launches `wegeft_uc_*` for `uc` on `stream`; an error when [`WegeftUc::applies`] does not
 /// hold.
@@ -513,6 +528,35 @@ fn tensor_map(dtype: DType, ptr: CUdeviceptr, rows: usize, cols: usize, ld: usiz
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn wegeft_uc_applies_to_its_contract_and_is_taken_for_small_layers_only() {
+        let uc = |tokens, d_in, d_out, rank, x| super::WegeftUc {
+            tokens,
+            d_in,
+            d_out,
+            rank,
+            x,
+            w: 256,
+            psi: 512,
+            phi: 768,
+            u: 1024,
+            c: 1280,
+            scale: 1.0,
+        };
+        use half::{bf16, f16};
+        assert!(uc(4096, 576, 576, 8, 0).applies::<bf16>() && uc(4096, 576, 576, 8, 0).applies::<f16>());
+        assert!(!uc(4096, 576, 576, 8, 0).applies::<f32>());
+        assert!(!uc(4096, 576, 576, 8, 8).applies::<bf16>(), "x not 16-byte aligned");
+        for (r, ok) in [(1, false), (8, true), (12, false), (64, true), (72, false)] {
+            assert_eq!(uc(64, 64, 64, r, 0).applies::<bf16>(), ok, "rank {r}");
+        }
+        assert!(!uc(64, 60, 64, 8, 0).applies::<bf16>(), "d_in not a multiple of 8");
+        // The measured policy: the SmolLM2 576 -> 576 and 576 -> 1536 layers at T = 4096, not
+        // 1536 -> 576 nor T = 8192 4096 -> 4096.
+        assert!(uc(4096, 576, 576, 8, 0).worth_it() && uc(4096, 576, 1536, 8, 0).worth_it());
+        assert!(!uc(4096, 1536, 576, 8, 0).worth_it() && !uc(8192, 4096, 4096, 64, 0).worth_it());
+    }
+
     use super::*;
 
     fn nt(m: usize, n: usize, k1: usize, k2: usize) -> GemmKext {
