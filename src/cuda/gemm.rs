@@ -25,10 +25,11 @@
 //!
 //! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with `GemmOptions::use_sm90` on a
 //! compute-capability 9.0 device the bf16/f16 forms use the wgmma kernels instead: the
-//! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.95x (NT)
-//! and 0.86-0.88x (NN) cuBLAS's speed at 4096^3 on an H200, against 0.60x for `_sm90`) when the device runs the sm_90a
-//! image and every operand can be described by a tensor map ([`GemmKext::tma_ready`]: bases
-//! 16-byte aligned, lds multiples of 8 elements, K1 > 0), else the `_sm90` ones (cp.async).
+//! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.95-0.97x
+//! (NT) and 0.86-0.95x (NN) cuBLAS's speed at 4096^3 on an H200, against 0.60x for `_sm90`)
+//! when the device runs the sm_90a image and every operand can be described by a tensor map
+//! ([`GemmKext::tma_ready`]: bases 16-byte aligned, lds multiples of 8 elements, K1 > 0),
+//! else the `_sm90` ones (cp.async).
 //! Their wgmma body exists only in the sm_90a cubin; built for any other target (e.g. when a
 //! registry JIT-compiles the compute_80 PTX) an `_sm90` kernel runs the sm_80 body, which has
 //! the same launch geometry, so that choice is always safe; a `_tma` kernel traps there and

@@ -42,10 +42,12 @@ use crate::shape::{checked_len, LayerShape};
 /// How the two K-extended GEMMs (`y = [x|u][W|C]^T`, `dx = [G|v][W;psi]`) are run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Path {
-    /// `Composed`: measured on an H200 (BENCHMARKS.md, "GPU check"), cuBLASLt for the frozen
-    /// product plus the rank-r products in cuBLASLt beat the fused GEMM at every shape of the
-    /// layer benchmark and in the training step (the fused GEMM's core runs at 0.63x
-    /// cuBLAS's speed there). `Fused`, `FusedSm90` and `Tuned` stay available.
+    /// `Composed`: measured on an H200 (BENCHMARKS.md), cuBLASLt for the frozen product plus
+    /// the rank-r products in cuBLASLt was as fast as or faster than `FusedSm90` in the
+    /// training step and at every backward of the layer benchmark (the fused GEMM's core runs
+    /// at 0.95-0.97x cuBLAS's speed in NT form, 0.86-0.95x in NN, at 4096^3 since session 9;
+    /// the forward at T=8192, d=4096 ties, 1.20x the frozen GEMM). `Fused`, `FusedSm90` and
+    /// `Tuned` stay available.
     #[default]
     Auto,
     /// The fused K-extended GEMM (`crate::cuda::gemm`); an error when it is not built in.

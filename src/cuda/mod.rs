@@ -31,7 +31,8 @@
 //! `Error::Cuda`. [`Path::Fused`] and [`Path::FusedSm90`] (wgmma kernels on compute capability
 //! 9.0) use it; [`Path::Tuned`] times the candidates on the first call of each shape and keeps
 //! the fastest ([`tune`]); [`Path::Auto`], the default, is [`Path::Composed`] (cuBLASLt plus
-//! the rank-r products), which was faster on an H200 at every measured shape.
+//! the rank-r products), which was as fast as or faster than the fused paths on an H200 in the
+//! training step and every layer backward measured (BENCHMARKS.md).
 //!
 //! Every `kernels/*.cu` is compiled three times: PTX for `compute_80`, cubins for `sm_80` and
 //! `sm_90a`; the device loads the `sm_90a` cubin on compute capability 9.0, the `sm_80` one
