@@ -293,13 +293,7 @@ impl CudaBackend {
         stream: CUstream,
         args: &[KArg],
     ) -> Result<()> {
-        let mut params = arg::check(k.name, k.signature, args)?;
-        self.ctx.bind_to_thread().map_err(cuda_err(op))?;
-        self.count_launch();
-        // SAFETY: the arguments match the kernel's parameters in number and type (checked
-        // above); the caller vouches for the pointers and the stream.
-        unsafe { cudarc::driver::result::launch_kernel(k.func.cu_function(), grid, block, smem, stream, &mut params) }
-            .map_err(|e| Error::Cuda { op, msg: format!("{} with grid {grid:?} block {block:?}: {e}", k.name) })
+        unsafe { self.launch_as(op, k, (grid, block, smem), stream, args, false) }
     }
 
     /// As [`CudaBackend::launch`], as a programmatic dependent of the kernel launched before it
@@ -321,10 +315,32 @@ impl CudaBackend {
         stream: CUstream,
         args: &[KArg],
     ) -> Result<()> {
+        unsafe { self.launch_as(op, k, (grid, block, smem), stream, args, true) }
+    }
+
+    /// [`CudaBackend::launch`] (`dependent` false: `cuLaunchKernel`) and
+    /// [`CudaBackend::launch_dependent`] (`cuLaunchKernelEx` with the attribute).
+    unsafe fn launch_as(
+        &self,
+        op: &'static str,
+        k: &Kernel,
+        (grid, block, smem): ((u32, u32, u32), (u32, u32, u32), u32),
+        stream: CUstream,
+        args: &[KArg],
+        dependent: bool,
+    ) -> Result<()> {
         use cudarc::driver::sys;
         let mut params = arg::check(k.name, k.signature, args)?;
         self.ctx.bind_to_thread().map_err(cuda_err(op))?;
         self.count_launch();
+        let how = if dependent { " (dependent launch)" } else { "" };
+        let failed = |e: cudarc::driver::DriverError| Error::Cuda { op, msg: format!("{}{how} with grid {grid:?} block {block:?}: {e}", k.name) };
+        if !dependent {
+            // SAFETY: the arguments match the kernel's parameters in number and type (checked
+            // above); the caller vouches for the pointers and the stream.
+            return unsafe { cudarc::driver::result::launch_kernel(k.func.cu_function(), grid, block, smem, stream, &mut params) }
+                .map_err(failed);
+        }
         let mut value = sys::CUlaunchAttributeValue { pad: [0; 64] };
         value.programmaticStreamSerializationAllowed = 1;
         let mut attr = sys::CUlaunchAttribute {
@@ -344,12 +360,8 @@ impl CudaBackend {
             attrs: &mut attr,
             numAttrs: 1,
         };
-        // SAFETY: as in `launch` (arguments checked against the signature); `config` and the
-        // attribute it points to outlive the call.
-        unsafe {
-            sys::cuLaunchKernelEx(&config, k.func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
-        }
-        .map_err(|e| Error::Cuda { op, msg: format!("{} (dependent launch) with grid {grid:?} block {block:?}: {e}", k.name) })
+        // SAFETY: as above; `config` and the attribute it points to outlive the call.
+        unsafe { sys::cuLaunchKernelEx(&config, k.func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result() }.map_err(failed)
     }
 }
 
