@@ -296,31 +296,16 @@ impl CudaBackend {
         unsafe { self.launch_as(op, k, (grid, block, smem), stream, args, false) }
     }
 
-    /// As [`CudaBackend::launch`], as a programmatic dependent of the kernel launched before it
-    /// on `stream` (launch attribute `PROGRAMMATIC_STREAM_SERIALIZATION`): its blocks may start
-    /// once that kernel's blocks have all run `griddepcontrol.launch_dependents`, so the
-    /// kernel must run `griddepcontrol.wait` before it reads anything the earlier one writes
-    /// (only the `_tma` GEMM kernels do, before their second operand pair).
+    /// [`CudaBackend::launch`], or with `dependent` as a programmatic dependent of the kernel
+    /// launched before it on `stream` (`cuLaunchKernelEx` with the launch attribute
+    /// `PROGRAMMATIC_STREAM_SERIALIZATION`): its blocks may then start once that kernel's
+    /// blocks have all run `griddepcontrol.launch_dependents`, so the kernel must run
+    /// `griddepcontrol.wait` before it reads anything the earlier one writes (the `_tma` GEMM
+    /// kernels do, before their second operand pair).
     ///
     /// # Safety
-    /// As for [`CudaBackend::launch`], and `k` must wait as said above.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn launch_dependent(
-        &self,
-        op: &'static str,
-        k: &Kernel,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        smem: u32,
-        stream: CUstream,
-        args: &[KArg],
-    ) -> Result<()> {
-        unsafe { self.launch_as(op, k, (grid, block, smem), stream, args, true) }
-    }
-
-    /// [`CudaBackend::launch`] (`dependent` false: `cuLaunchKernel`) and
-    /// [`CudaBackend::launch_dependent`] (`cuLaunchKernelEx` with the attribute).
-    unsafe fn launch_as(
+    /// As for [`CudaBackend::launch`]; with `dependent`, `k` must wait as said above.
+    pub(crate) unsafe fn launch_as(
         &self,
         op: &'static str,
         k: &Kernel,

@@ -150,7 +150,7 @@ pub(crate) struct GemmOptions {
     pub use_sm90: bool,
     /// The kernel launched just before on the stream is `wegeft_uc_*` writing this product's
     /// second operand pair: a `_tma` kernel is then launched as its programmatic dependent
-    /// ([`CudaBackend::launch_dependent`]), multiplying the first pair while it runs and waiting
+    /// ([`CudaBackend::launch_as`]), multiplying the first pair while it runs and waiting
     /// for it before the second (`griddepcontrol.wait`); any other kernel is launched as usual
     /// (after it, in stream order).
     pub dependent: bool,
@@ -361,11 +361,9 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     if let Some([ma1, mb1, ma2, mb2]) = maps {
         let grid = (tma_grid(form, plan.grid, dev.sm_count()), 1, 1);
         let params = kargs![ma1, mb1, ma2, mb2, m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
-        if opts.dependent {
-            // SAFETY: the `_tma` kernels wait (griddepcontrol.wait) before their second pair.
-            return unsafe { dev.launch_dependent(op, &func, grid, block, plan.smem, stream, &params) };
-        }
-        return unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) };
+        // SAFETY: as below; the `_tma` kernels wait (griddepcontrol.wait) before their second
+        // pair, so they may be launched as a dependent.
+        return unsafe { dev.launch_as(op, &func, (grid, block, plan.smem), stream, &params, opts.dependent) };
     }
     let params = kargs![m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
     unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) }
