@@ -361,8 +361,8 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     if let Some([ma1, mb1, ma2, mb2]) = maps {
         let grid = (tma_grid(form, plan.grid, dev.sm_count()), 1, 1);
         let params = kargs![ma1, mb1, ma2, mb2, m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
-        // SAFETY: as below; the `_tma` kernels wait (griddepcontrol.wait) before their second
-        // pair, so they may be launched as a dependent.
+        // SAFETY: the operands are the caller's (see `gemm_kext_nt`); the `_tma` kernels wait
+        // (griddepcontrol.wait) before their second pair, so they may be launched as a dependent.
         return unsafe { dev.launch_as(op, &func, (grid, block, plan.smem), stream, &params, opts.dependent) };
     }
     let params = kargs![m, n, k1, k2, a1, lda1, b1, ldb1, a2, lda2, b2, ldb2, bias, beta, d, ldd];
