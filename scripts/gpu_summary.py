@@ -273,6 +273,10 @@ def main():
             if not parts and "cuBLAS not available" in text:
                 parts.append("cuBLAS not loaded")
             keys[name] = "; ".join(parts)
+        elif name == "gemm_uc":
+            # UC lines: each arrangement's time (and x frozen), and the bitwise check.
+            parts = [l[3:].strip() for l in text.splitlines() if l.startswith("UC ")]
+            keys[name] = "; ".join(" ".join(p.split()) for p in parts)
         elif name == "gemm_kscan":
             # KSCAN lines: fixed cost and cost per 1024 of K, cuBLAS and the TMA kernel.
             pat = r"KSCAN (\S+)\s.*fixed ([\d.]+) us\s+per 1024 of K ([\d.]+) us"

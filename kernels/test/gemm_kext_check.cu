@@ -14,6 +14,8 @@
 //                                    exit 3 when cuBLAS could not be loaded
 //       ./gemm_kext_check --kscan    bf16 at M = N = 4096, K = 1024 / 2048 / 4096, NT and NN:
 //                                    cuBLAS and the TMA kernels, each fitted as fixed + per-k cost
+//       ./gemm_kext_check --uc       the fused forward's wegeft_uc and the GEMM as its programmatic
+//                                    dependent, T = 8192, d = 4096, r = 64 (exit 1: y differs)
 //
 // Inputs are multiples of 1/8 in [-1/2, 1/2] (and bias, old D likewise; beta = 1/2), so every
 // product and partial sum is exact in f32 for these sizes: the f32 kernels must match the
@@ -111,6 +113,8 @@ static bool make_map(CUtensorMap* m, const T* ptr, int rows, int cols, int ld, i
                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 static long g_tma_runs = 0, g_tma_fallbacks = 0;
+// --uc: launch the _tma kernel as a programmatic dependent of the kernel before it.
+static bool g_dependent = false;
 // Launches a variant: the plain kernel, or for a _tma variant its maps and kernel (or, when a
 // map cannot be made, the fallback kernel).
 template <typename T>
@@ -128,6 +132,20 @@ static void launch(const Variant<T>& v, int grid, int M, int N, int K1, int K2, 
     if (ok) {
       ++g_tma_runs;
       if (v.persist && grid > g_blocks) grid = g_blocks;
+      if (g_dependent) {
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(grid);
+        cfg.blockDim = dim3(288);
+        cfg.dynamicSmemBytes = v.smem;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        CK(cudaLaunchKernelEx(&cfg, v.tma, m[0], m[1], m[2], m[3], M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2,
+                              bias, beta, D, ldd));
+        return;
+      }
       v.tma<<<grid, 288, v.smem>>>(m[0], m[1], m[2], m[3], M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2, bias,
                                    beta, D, ldd);
       return;
@@ -622,6 +640,76 @@ static void kscan(const Cublas* cb) {
   cudaFree(D);
 }
 
+// --uc: the fused forward at T = 8192, d_in = d_out = 4096, r = 64 (bf16): wegeft_uc alone, the
+// NT TMA GEMM (K2 = 64, a block per tile) alone, the two one after the other, and the GEMM
+// launched as a programmatic dependent of wegeft_uc (as the crate does for small layers);
+// cuBLAS's frozen x W^T for the ratio. The dependent launch must give the same y, bit for bit.
+static int uc_bench(const Cublas* cb) {
+  using T = __nv_bfloat16;
+  const int TT = 8192, DI = 4096, DO = 4096, R = 64, ITERS = 30;
+  T *x, *w, *psi, *phi, *u, *c, *y, *y2;
+  CK(cudaMalloc(&x, (size_t)TT * DI * sizeof(T)));
+  CK(cudaMalloc(&w, (size_t)DO * DI * sizeof(T)));
+  CK(cudaMalloc(&psi, (size_t)R * DI * sizeof(T)));
+  CK(cudaMalloc(&phi, (size_t)DI * R * sizeof(T)));
+  CK(cudaMalloc(&u, (size_t)TT * R * sizeof(T)));
+  CK(cudaMalloc(&c, (size_t)DO * R * sizeof(T)));
+  CK(cudaMalloc(&y, (size_t)TT * DO * sizeof(T)));
+  CK(cudaMalloc(&y2, (size_t)TT * DO * sizeof(T)));
+  {
+    std::vector<T> h((size_t)TT * DI);
+    for (auto& v : h) v = from_f<T>(rnd8());
+    CK(cudaMemcpy(x, h.data(), (size_t)TT * DI * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(w, h.data(), (size_t)DO * DI * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(psi, h.data() + 7, (size_t)R * DI * sizeof(T), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(phi, h.data() + 11, (size_t)DI * R * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  Variant<T> v;
+  bool found = false;
+  for (const auto& c2 : bf16_variants(true, true))
+    if (c2.tma && !c2.nn && !c2.persist) v = c2, found = true;
+  if (!found) return 2;
+  set_smem(v);
+  const int tiles = ((TT + 127) / 128) * ((DO + 255) / 256);
+  auto uc_launch = [&] {
+    wegeft_uc_bf16<<<(TT + 63) / 64 + (DO + 63) / 64, uc::THREADS, uc::SMEM_BYTES>>>(TT, DI, DO, R, x, DI, psi, u, w, DI, phi, c,
+                                                                                      0.75f);
+  };
+  auto gemm = [&](T* out, bool dep) {
+    g_dependent = dep;
+    launch(v, tiles, TT, DO, DI, R, x, DI, w, DI, u, R, c, R, (const T*)nullptr, 0.f, out, DO);
+    g_dependent = false;
+  };
+  double frozen = 0;
+  if (cb) {
+    const float one = 1.f, zero = 0.f;
+    frozen = time_ms(
+        [&] {
+          cb->gemm(cb->h, kCublasOpT, kCublasOpN, DO, TT, DI, &one, w, (cudaDataType)CUDA_R_16BF, DI, x, (cudaDataType)CUDA_R_16BF,
+                   DI, &zero, y, (cudaDataType)CUDA_R_16BF, DO, kCublasCompute32F, kCublasGemmDefault);
+        },
+        ITERS);
+    printf("UC cuBLAS x W^T (frozen)            %8.4f ms\n", frozen);
+  }
+  auto row = [&](const char* what, double ms) {
+    printf("UC %-32s %8.4f ms", what, ms);
+    if (frozen > 0) printf("  (%.3fx frozen)", ms / frozen);
+    printf("\n");
+  };
+  row("wegeft_uc alone", time_ms(uc_launch, ITERS));
+  row("TMA GEMM K2=64 alone", time_ms([&] { gemm(y, false); }, ITERS));
+  row("wegeft_uc, then the GEMM", time_ms([&] { uc_launch(); gemm(y, false); }, ITERS));
+  row("wegeft_uc, GEMM as its dependent", time_ms([&] { uc_launch(); gemm(y2, true); }, ITERS));
+  CK(cudaDeviceSynchronize());
+  std::vector<T> a((size_t)TT * DO), b((size_t)TT * DO);
+  CK(cudaMemcpy(a.data(), y, a.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(b.data(), y2, b.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  const bool same = std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+  printf("UC dependent launch gives the same y: %s\n", same ? "yes" : "NO (MISMATCH)");
+  for (T* p : {x, w, psi, phi, u, c, y, y2}) cudaFree(p);
+  return same ? 0 : 1;
+}
+
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // line by line into a log, even if killed by a timeout
   const bool bench = argc > 1 && std::string(argv[1]) == "--bench";
@@ -638,6 +726,16 @@ int main(int argc, char** argv) {
                                  : ", testing the _sm90 names (sm_80 body) too")
               : "");
 
+  if (argc > 1 && std::string(argv[1]) == "--uc") {
+    if (!tma) {
+      printf("uc: needs the sm_90a TMA kernels (compute capability 9.0)\n");
+      return 3;
+    }
+    Cublas cb;
+    std::string why;
+    const bool have = find_cublas(cb, why);
+    return uc_bench(have ? &cb : nullptr);
+  }
   if (argc > 1 && std::string(argv[1]) == "--kscan") {
     if (!tma) {
       printf("kscan: needs the sm_90a TMA kernels (compute capability 9.0)\n");
@@ -666,7 +764,7 @@ int main(int argc, char** argv) {
   }
   const bool small = argc > 1 && std::string(argv[1]) == "--small";
   if (argc > 1 && !small) {
-    fprintf(stderr, "usage: %s [--small | --bench | --kscan]\n", argv[0]);
+    fprintf(stderr, "usage: %s [--small | --bench | --kscan | --uc]\n", argv[0]);
     return 2;
   }
 
