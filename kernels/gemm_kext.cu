@@ -230,6 +230,44 @@ __device__ __forceinline__ void store_pair(T* dp, float v0, float v1, bool has1,
   }
 }
 
+// The tensor-core epilogues' fast store. A quad of lanes (q = lane % 4) holds one row of 4
+// column blocks of 8, lane q the pair of columns 2q, 2q + 1 of each, packed in p[0..3]; a 4 x 4
+// transpose within the quad (round k: lane q sends its pair of block q ^ k and receives lane
+// (q ^ k)'s pair of block q, word q ^ k of it) leaves lane q with block q, stored as 16
+// contiguous bytes at row + 8 q (which must be 16-byte aligned). Full 32-byte sectors, a
+// quarter of the store instructions of pair stores.
+template <typename T>
+__device__ __forceinline__ void quad_store16(T* row, const uint32_t (&p)[4], int q) {
+  uint32_t o[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int src = q ^ k;
+    const uint32_t send = src == 0 ? p[0] : src == 1 ? p[1] : src == 2 ? p[2] : p[3];
+    const uint32_t got = k == 0 ? send : __shfl_xor_sync(0xffffffffu, send, k);
+    if (src == 0) o[0] = got;
+    if (src == 1) o[1] = got;
+    if (src == 2) o[2] = got;
+    if (src == 3) o[3] = got;
+  }
+  *reinterpret_cast<uint4*>(row + 8 * q) = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// Whether an epilogue may take quad_store16 for a whole tile: no old D to read, D 16-byte
+// aligned with ldd a multiple of 8 (every row start 16-byte aligned), a 4-byte aligned bias (or
+// none, read as 32-bit pairs).
+template <typename T>
+__device__ __forceinline__ bool quad_store_ok(const T* D, int ldd, const T* bias, bool read_d) {
+  return !read_d && (((uintptr_t)D) & 15) == 0 && (ldd & 7) == 0 && ((uintptr_t)bias & 3) == 0;
+}
+
+// The bias of columns col and col + 1 as one 32-bit load (4-byte aligned, see quad_store_ok).
+template <typename T>
+__device__ __forceinline__ void bias_word(const T* bias, int col, float& b0, float& b1) {
+  const uint32_t w = *reinterpret_cast<const uint32_t*>(bias + col);
+  b0 = Ty<T>::to_f32(*reinterpret_cast<const T*>(&w));
+  b1 = Ty<T>::to_f32(*(reinterpret_cast<const T*>(&w) + 1));
+}
+
 // Grouped rasterisation: consecutive block ids walk down GROUP_M block-rows before moving to
 // the next block-column, so that the B tiles of a column stay in L2 while A is streamed.
 __device__ __forceinline__ void tile_coords(int pid, int tiles_m, int tiles_n, int& tm, int& tn) {
@@ -284,6 +322,7 @@ namespace tc {
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, THREADS = 256;
 constexpr int WM = 64, WN = 32;                     // warp tile
 constexpr int MI = WM / 16, NJ = WN / 8;            // 4 x 4 mma tiles per warp
+static_assert(NJ == 4, "the epilogue's quad_store16 takes a warp row's 4 column blocks");
 constexpr int A_BYTES = BM * BK * 2;                // 8 KiB
 constexpr int B_BYTES = BN * BK * 2;                // 8 KiB
 constexpr int STAGE_BYTES = A_BYTES + B_BYTES;      // 16 KiB
@@ -509,6 +548,32 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
   // ---- epilogue: D = acc (+ bias) (+ beta * D) ----
   const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
   const bool read_d = beta != 0.f;
+  // A whole tile inside D: each warp row's 4 column blocks leave through gk::quad_store16.
+  if (m0 + BM <= M && n0 + BN <= N && gk::quad_store_ok(D, ldd, bias, read_d)) {
+    const int q = lane & 3;
+    const int c0 = n0 + wn * WN;  // the warp's 32 columns: blocks j = 0..3
+    float b[NJ][2];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      b[j][0] = b[j][1] = 0.f;
+      if (bias != nullptr) gk::bias_word(bias, c0 + j * 8 + 2 * q, b[j][0], b[j][1]);
+    }
+#pragma unroll
+    for (int i = 0; i < MI; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wm * WM + i * 16 + (lane >> 2) + h * 8;
+        uint32_t p[NJ];
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          const float* a = &acc[i][j][2 * h];
+          p[j] = gk::Ty<T>::pack2(bias ? a[0] + b[j][0] : a[0], bias ? a[1] + b[j][1] : a[1]);
+        }
+        gk::quad_store16(D + (size_t)row * ldd + c0, p, q);
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < NJ; ++j) {
     const int col = n0 + wn * WN + j * 8 + (lane & 3) * 2;
@@ -864,33 +929,24 @@ template <typename T>
 __device__ __forceinline__ void store_tile(const float (&acc)[NACC], int m0, int n0, int wg, int wrow, int lane, int M,
                                            int N, const T* __restrict__ bias, float beta, T* __restrict__ D, int ldd,
                                            bool pair_store, bool read_d) {
-  // The common case in few instructions and full 32-byte sectors: the whole tile inside D, no
-  // old D to read, D 16-byte aligned with ldd a multiple of 8, a 4-byte aligned bias (or none).
-  // Each quad of lanes holds two rows of 4 column blocks of 8 (lane q: columns 2q, 2q + 1 of
-  // each); a transpose within the quad (3 shuffles) gives lane q the 8 columns of block q, one
-  // 16-byte store per row. The general loop below (bounds, beta, scalar or 4-byte stores) is
-  // the rest. On an H200 this halved what a tile costs outside its K loop (at 4096^3: 0.183 ->
-  // 0.162 ms for the persistent TMA kernel), most of it from the stores' sector efficiency.
-  if (!read_d && m0 + BM <= M && n0 + BN <= N && ((uintptr_t)bias & 3) == 0 && (((uintptr_t)D) & 15) == 0 &&
-      (ldd & 7) == 0) {
+  // A whole tile inside D: quad_store16 (the general loop below, with bounds, beta and scalar
+  // or 4-byte stores, unrolls to thousands of instructions; on an H200 the 4-byte stores'
+  // half-used sectors and that code's instruction fetch were a fifth of the TMA kernel's time:
+  // 0.183 -> 0.162 ms at 4096^3).
+  if (m0 + BM <= M && n0 + BN <= N && gk::quad_store_ok(D, ldd, bias, read_d)) {
     const int q = lane & 3;
     T* d0 = D + (size_t)(m0 + wg * 64 + wrow * 16 + (lane >> 2)) * ldd + n0;
     T* d1 = d0 + (size_t)8 * ldd;
     // Column pair 8 j + 2q of row h of the lane: accumulators 4 j + 2 h and + 1. The bias
     // pairs of 8 column blocks are loaded before their stores (a load after a store waits for
     // it: the compiler cannot tell that D and bias do not overlap).
-    const uint32_t* bw = bias ? reinterpret_cast<const uint32_t*>(bias + n0 + 2 * q) : nullptr;
 #pragma unroll
     for (int g = 0; g < BN / 64; ++g) {
       float b[8][2];
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {
         b[jj][0] = b[jj][1] = 0.f;
-        if (bias != nullptr) {
-          const uint32_t w = bw[(8 * g + jj) * 4];
-          b[jj][0] = gk::Ty<T>::to_f32(*reinterpret_cast<const T*>(&w));
-          b[jj][1] = gk::Ty<T>::to_f32(*(reinterpret_cast<const T*>(&w) + 1));
-        }
+        if (bias != nullptr) gk::bias_word(bias, n0 + (8 * g + jj) * 8 + 2 * q, b[jj][0], b[jj][1]);
       }
 #pragma unroll
       for (int g4 = 0; g4 < 2; ++g4) {
@@ -904,20 +960,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[NACC], int m0, int
             const float* bj = b[4 * g4 + jj];
             p[jj] = gk::Ty<T>::pack2(bias ? a[0] + bj[0] : a[0], bias ? a[1] + bj[1] : a[1]);
           }
-          // Round k: lane q sends its pair of block q ^ k and receives lane (q ^ k)'s pair of
-          // block q, word q ^ k of block q's 16 bytes.
-          uint32_t o[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int src = q ^ k;
-            const uint32_t send = src == 0 ? p[0] : src == 1 ? p[1] : src == 2 ? p[2] : p[3];
-            const uint32_t got = k == 0 ? send : __shfl_xor_sync(0xffffffffu, send, k);
-            if (src == 0) o[0] = got;
-            if (src == 1) o[1] = got;
-            if (src == 2) o[2] = got;
-            if (src == 3) o[3] = got;
-          }
-          *reinterpret_cast<uint4*>((h ? d1 : d0) + (j0 + q) * 8) = make_uint4(o[0], o[1], o[2], o[3]);
+          gk::quad_store16((h ? d1 : d0) + j0 * 8, p, q);
         }
       }
     }

@@ -653,11 +653,13 @@ int main() {
             check<__half, true>("gemm_kext_nn_f16_tma", nullptr, 128, 256, c, 0, !bias, beta, 2e-3, gemm_kext_nn_f16_tma, cap);
         }
     }
-    // Whole tiles (the wgmma kernels' 16-byte epilogue with its quad transpose: aligned D, ldd a
-    // multiple of 8, beta 0), with and without a bias; and a tile cut by M and N next to them.
+    // Whole tiles (the tensor-core kernels' 16-byte epilogue with its quad transpose: aligned D,
+    // ldd a multiple of 8, beta 0), with and without a bias; and tiles cut by M and N next to them.
     const Case fcases[] = {{256, 512, 72, 8}, {200, 300, 64, 0}};
     for (const Case& c : fcases) {
         for (int b = 0; b < 2; ++b) {
+            check<__nv_bfloat16, false>("gemm_kext_nt_bf16", gemm_kext_nt_bf16, 128, 128, c, 0, b, 0.0f, 1e-2);
+            check<__half, true>("gemm_kext_nn_f16", gemm_kext_nn_f16, 128, 128, c, 0, !b, 0.0f, 2e-3);
             check<__nv_bfloat16, false>("gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, 128, 256, c, 0, b, 0.0f, 1e-2);
             check<__half, true>("gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, 128, 256, c, 0, b, 0.0f, 2e-3);
             check<__nv_bfloat16, false>("gemm_kext_nt_bf16_tma", nullptr, 128, 256, c, 0, b, 0.0f, 1e-2, gemm_kext_nt_bf16_tma, 2);
