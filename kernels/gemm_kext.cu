@@ -1268,6 +1268,13 @@ GEMM_KEXT_H90(gemm_kext_nn_f16_sm90, __half, true)
 // runs in tests/emulation/gemm_on_host.cpp (288 fibers a block; TMA and mbarriers emulated).
 // Geometry: 288 threads, dynamic smem t90::SMEM_BYTES; grid.x = ceil(M/128) * ceil(N/256)
 // (a block per tile) or fewer: the blocks then loop over the tiles (persistent).
+// Measured on an H200 (BENCHMARKS.md, session 9): the K loop runs at cuBLAS's speed (37.0-37.4
+// us per 1024 of K at 4096 x 4096 against cuBLAS's 36.4-37.0); what is left is per launch
+// (15-20 us against cuBLAS's 12-13: pipeline fill, the last tile's epilogue, the last wave).
+// Tried and dropped: 2-CTA clusters sharing the B tile by TMA multicast (each CTA fetching
+// half of it into both; the stage freed by the four consumer warpgroups of the cluster): no
+// faster (0.186 against 0.181 ms), since the loop is not bound by L2 bandwidth; and with a
+// `.release.cluster` remote arrival, which compiles to a MEMBAR, twice as slow.
 // ------------------------------------------------------------------------------------------
 #include <cuda.h>
 
