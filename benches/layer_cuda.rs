@@ -24,8 +24,11 @@
 //! Two measurements for what comes next, per shape: `kext fwd|bwd cuBLASLt (padded)`, the
 //! K-extended products as single cuBLASLt GEMMs on operands stored padded (`[x|u]`, `[W|C]`,
 //! `[G|v]`, `[W;psi]`; random data, unchecked): the floor of a fused GEMM as fast as cuBLAS;
-//! and a `host:` line, the host's time to enqueue a WeGeFT forward + backward against the
-//! device's (whether a CUDA graph would pay at that shape).
+//! a `host:` line, the host's time to enqueue a WeGeFT forward + backward against the
+//! device's (whether a CUDA graph would pay at that shape); and a `graph:` line, that pair
+//! captured into a CUDA graph and replayed (its time, and whether the replay writes the same
+//! y, u, C and dx as a direct call: a MISMATCH fails the bench; a pair that cannot be captured
+//! is reported, not failed, since the crate captures nothing itself).
 //!
 //! `cargo bench --features cuda --bench layer_cuda`. Without a device it prints
 //! `skipped: no CUDA device` and exits 0 (with `WEGEFT_REQUIRE_GPU=1` it exits 1).
@@ -237,6 +240,56 @@ fn ceiling_rows(dev: &CudaBackend, flush: &mut CudaSlice<u8>, iters: usize, s: &
     vec![("kext fwd cuBLASLt (padded)".into(), fwd, flops), ("kext bwd cuBLASLt (padded)".into(), bwd, flops)]
 }
 
+/// One WeGeFT forward + backward pair (Auto) captured into a CUDA graph and replayed 20 times:
+/// milliseconds per replayed pair, and whether a replay writes the same y, u, C and dx as a
+/// direct call (bitwise). What capturing the training step would give where the layer is
+/// host-bound; the crate does not capture anything itself.
+/// The bool: the replay wrote something else (a failure of the bench).
+fn graph_line(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc: f32) -> (String, bool) {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    const N: usize = 20;
+    let l = Launch::new();
+    let st = dev.stream().clone();
+    let mut run = || -> wegeft::Result<(String, bool)> {
+        let pair = |b: &mut Bufs| -> wegeft::Result<()> {
+            dev.wegeft_forward(s, &b.x, &b.w, None, &b.phi, &b.psi, sc, Dropout::NONE, &mut b.u, &mut b.c, &mut b.y, l)?;
+            dev.wegeft_backward(s, &b.x, &b.w, &b.psi, sc, Dropout::NONE, &b.u, &b.c, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)
+        };
+        pair(b)?; // warm: algorithm choices, pool growth
+        let direct = [down_t(dev, &b.y)?, down_t(dev, &b.u)?, down_t(dev, &b.c)?, down_t(dev, &b.dx)?];
+        st.synchronize().map_err(cuda_err)?;
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda_err)?;
+        let captured = pair(b);
+        let graph = st.end_capture(CUgraphInstantiate_flags(0)).map_err(cuda_err);
+        captured?;
+        let graph = graph?.ok_or_else(|| Error::invalid("graph", "the capture made no graph"))?;
+        for p in [&mut b.y, &mut b.u, &mut b.c, &mut b.dx] {
+            poison(&st, p)?;
+        }
+        graph.launch().map_err(cuda_err)?;
+        let replayed = [down_t(dev, &b.y)?, down_t(dev, &b.u)?, down_t(dev, &b.c)?, down_t(dev, &b.dx)?];
+        let same = direct.iter().zip(&replayed).all(|(a, r)| a.iter().zip(r).all(|(x, y)| x.to_bits() == y.to_bits()));
+        st.synchronize().map_err(cuda_err)?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..N {
+            graph.launch().map_err(cuda_err)?;
+        }
+        let host = t0.elapsed().as_secs_f64() * 1e3 / N as f64;
+        st.synchronize().map_err(cuda_err)?;
+        let total = t0.elapsed().as_secs_f64() * 1e3 / N as f64;
+        let line = format!(
+            "{label:<28} graph: one fwd + bwd pair (Auto) replayed from a CUDA graph takes {total:.4} ms per pair ({host:.4} ms on the host); replay {}",
+            if same { "writes the same y, u, C, dx" } else { "MISMATCH: y, u, C or dx differ from a direct call" }
+        );
+        Ok((line, !same))
+    };
+    match run() {
+        Ok(r) => r,
+        // Not capturable is a finding, not a failure: the crate does not capture.
+        Err(e) => (format!("{label:<28} graph: capturing a fwd + bwd pair did not work: {e}"), false),
+    }
+}
+
 /// Enqueues 20 WeGeFT forward + backward pairs (Auto) without waiting, then waits: the host's
 /// milliseconds per pair against the device's (the whole wait included).
 fn host_enqueue_line(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc: f32) -> String {
@@ -445,6 +498,8 @@ fn main() {
         // The host's side: how long enqueueing a forward + backward takes against how long the
         // device runs it (host-bound where the first is the larger).
         let host_line = host_enqueue_line(&dev, label, &s, &mut b, sc);
+        let (graph_line, graph_failed) = graph_line(&dev, label, &s, &mut b, sc);
+        failed |= graph_failed;
         rows.push((
             "wegeft merge".into(),
             time(&dev, &mut flush, iters, || dev.wegeft_merge(&s, &mut b.w, &b.phi, &b.psi, 1e-3, None)),
@@ -503,6 +558,7 @@ fn main() {
             println!("{l}");
         }
         println!("{host_line}");
+        println!("{graph_line}");
     }
     // What Path::Tuned chose for every product it met (the check's shapes included).
     for (k, t) in dev.tuned_paths() {

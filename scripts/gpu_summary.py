@@ -383,10 +383,11 @@ def main():
         for sh in ceil:
             cells = [fmt_ms(*bms(sh, f"kext {k} cuBLASLt (padded)")) for k in ("fwd", "bwd", "fwd+bwd")]
             o.append(f"| {sh} | " + " | ".join(cells) + f" | {fmt_ms(*bms(sh, 'wegeft fwd+bwd Composed'))} |")
-    host = [l.strip() for l in read(os.path.join(L, "bench.log")).splitlines() if " host: " in l]
+    host = [l.strip() for l in read(os.path.join(L, "bench.log")).splitlines() if " host: " in l or " graph: " in l]
     if host:
         o.append("")
-        o.append("Host against device, one layer (`layer_cuda`, 20 forward + backward pairs enqueued, then a wait):")
+        o.append("Host against device, one layer (`layer_cuda`: 20 forward + backward pairs enqueued, then a wait; "
+                 "and one pair captured in a CUDA graph, replayed 20 times):")
         o.append("")
         o.extend(f"* {l}" for l in host)
 
