@@ -276,8 +276,7 @@ pub(crate) trait Layer: Exec {
         // FusedSm90 without dropout: u and C in one launch, and the GEMM as its programmatic
         // dependent, multiplying x and W while u and C are computed.
         if drop.p == 0.0 && self.fused_uc::<T>(stream, path, s, x, w, psi, phi, scale, u, c)? {
-            let ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2)) = (p1, p2);
-            if self.kext_fused::<T>(true, stream, path, ((a1, lda1, b1, ldb1, k1), (a2, lda2, b2, ldb2, k2), bias, out), true)? {
+            if self.kext_fused::<T>(true, stream, path, (p1, p2, bias, out), true)? {
                 return Ok(());
             }
             return self.kext_nt::<T>(stream, path, p1, p2, bias, out);
