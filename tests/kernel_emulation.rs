@@ -241,9 +241,11 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
 /// persistent blocks over 9 tiles; against a double-precision loop: odd sizes, K1 or K2 zero,
 /// more k tiles than pipeline stages, aligned / odd-ld / misaligned layouts, bias, beta, NaN row
 /// padding that must not be read, D padding that must not be written, no shared memory changed
-/// under an in-flight wgmma, no barrier wait that cannot end. (Releasing a stage before its
-/// wgmmas are done, waiting on the wrong phase, or not releasing a tile's last stage each
-/// fail it: checked by hand on 2026-11-29.)
+/// under an in-flight wgmma, no barrier wait that cannot end; whole tiles through the epilogues'
+/// 16-byte quad-transpose stores (shuffles emulated); and the fused forward's `wegeft_uc`
+/// (u and C in one grid). (Releasing a stage before its wgmmas are done, waiting on the wrong
+/// phase, or not releasing a tile's last stage each fail it: checked by hand on 2026-11-29; a
+/// wrong transpose or phi swizzle fails it: 2026-11-30.)
 #[test]
 fn gemm_core_matches_the_reference_when_emulated_on_the_host() {
     let exe = build_emulation("gemm_on_host.cpp", "wegeft_gemm_on_host");

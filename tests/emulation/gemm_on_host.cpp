@@ -22,7 +22,10 @@
 // bf16 and f16, aligned (16-byte cp.async path), odd leading dimensions and misaligned bases
 // (scalar path), bias, beta = 0 (D starts as NaN, so it must not be read) and beta != 0. Each
 // matrix's row padding and the row after it hold NaN (a read past a tail shows in the result)
-// and D's padding must come back untouched.
+// and D's padding must come back untouched. Whole tiles with an aligned D take the epilogues'
+// 16-byte stores after a quad transpose (__shfl_xor_sync emulated at a warp barrier). Also the
+// fused forward's wegeft_uc kernel (u = x psi^T and C = alpha W phi in one grid, 128 fibers a
+// block), against double loops, with a sentinel row after u and C.
 // Built and run by tests/kernel_emulation.rs:
 //   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/gemm_on_host.cpp
 #include <algorithm>
