@@ -268,6 +268,15 @@ __device__ __forceinline__ void bias_word(const T* bias, int col, float& b0, flo
   b1 = Ty<T>::to_f32(*(reinterpret_cast<const T*>(&w) + 1));
 }
 
+// Byte offsets of 16-byte chunk c of row r in the kernels' XOR-swizzled shared tiles:
+//   swz_k32: a K-major tile of 32 k (64-byte rows, 4 chunks; rows r and r ^ 1 share a 128-byte
+//            line, so the chunk is XORed with (r >> 1) & 3), the sm_80-style kernels' A tiles
+//            and NT B tiles;
+//   swz8:    rows of `row_bytes` (8 or more chunks), the chunk XORed with r & 7 (the 128-byte
+//            swizzle of the wgmma layouts, and the sm_80-style NN B tiles).
+__device__ __forceinline__ int swz_k32(int r, int c) { return r * 64 + ((c ^ ((r >> 1) & 3)) << 4); }
+__device__ __forceinline__ int swz8(int r, int c, int row_bytes) { return r * row_bytes + ((c ^ (r & 7)) << 4); }
+
 // Grouped rasterisation: consecutive block ids walk down GROUP_M block-rows before moving to
 // the next block-column, so that the B tiles of a column stay in L2 while A is streamed.
 __device__ __forceinline__ void tile_coords(int pid, int tiles_m, int tiles_n, int& tm, int& tn) {
@@ -380,7 +389,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
       const int gm = m0 + r, kk = kb + c * 8;
       const int nv = (gm < M) ? K - kk : 0;
       const T* src = A + ((size_t)(gm < M ? gm : 0) * lda + (kk < K ? kk : 0));
-      gk::load_chunk<T>(sa + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, nv, vec, A);
+      gk::load_chunk<T>(sa + gk::swz_k32(r, c), src, nv, vec, A);
     }
     if (!NN) {
       // B (N x K, k contiguous): same K-major tile as A.
@@ -391,7 +400,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
         const int gn = n0 + r, kk = kb + c * 8;
         const int nv = (gn < N) ? K - kk : 0;
         const T* src = B + ((size_t)(gn < N ? gn : 0) * ldb + (kk < K ? kk : 0));
-        gk::load_chunk<T>(sb + r * 64 + ((c ^ ((r >> 1) & 3)) << 4), src, nv, vec, B);
+        gk::load_chunk<T>(sb + gk::swz_k32(r, c), src, nv, vec, B);
       }
     } else {
       // B (K x N, n contiguous): N-major tile, 32 k-rows x 16 chunks, 2 per thread.
@@ -402,7 +411,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
         const int kk = kb + r, gn = n0 + c * 8;
         const int nv = (kk < K) ? N - gn : 0;
         const T* src = B + ((size_t)(kk < K ? kk : 0) * ldb + (gn < N ? gn : 0));
-        gk::load_chunk<T>(sb + r * 256 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
+        gk::load_chunk<T>(sb + gk::swz8(r, c, 256), src, nv, vec, B);
       }
     }
   };
@@ -419,7 +428,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
   uint32_t fa_dst, fb_dst;
   {
     const int r = tid >> 2, c = tid & 3;
-    fa_dst = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+    fa_dst = gk::swz_k32(r, c);
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const int gm = m0 + r + p * 64;
@@ -436,7 +445,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
       }
     } else {
       const int kr = tid >> 4, cn = tid & 15;
-      fb_dst = kr * 256 + ((cn ^ (kr & 7)) << 4);
+      fb_dst = gk::swz8(kr, cn, 256);
       const int gn = n0 + cn * 8;
       const int nb = max(0, min(8, N - gn)) * 2;
 #pragma unroll
@@ -472,7 +481,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
       const int c = ks * 2 + (lane >> 4);
-      a_off[ks] = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+      a_off[ks] = gk::swz_k32(r, c);
     }
   }
   uint32_t b_off[2];  // NT: indexed by ks; NN: indexed by the n16 pair jp (add ks*16 rows)
@@ -481,14 +490,14 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
       const int c = ks * 2 + ((lane >> 3) & 1);
-      b_off[ks] = r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+      b_off[ks] = gk::swz_k32(r, c);
     }
   } else {
     const int kr = (lane & 7) + (((lane >> 3) & 1) << 3);
 #pragma unroll
     for (int jp = 0; jp < 2; ++jp) {
       const int c = wn * (WN / 8) + jp * 2 + (lane >> 4);
-      b_off[jp] = kr * 256 + ((c ^ (kr & 7)) << 4);
+      b_off[jp] = gk::swz8(kr, c, 256);
     }
   }
 
@@ -646,7 +655,8 @@ constexpr int BM = 64, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
 constexpr int A_BYTES = BM * BK * 2;              // 4 KiB
 constexpr int B_BYTES = BN * BK * 2;              // 4 KiB
 constexpr int STAGE_BYTES = A_BYTES + B_BYTES;    // 8 KiB
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;  // 24 KiB, dynamic (mirrored in src/cuda/gemm.rs)
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;  // 24 KiB, dynamic
+static_assert(SMEM_BYTES == 24576 && THREADS == 128 && BM == 64, "mirrored as geom::UC_* in src/cuda/gemm.rs");
 }  // namespace uc
 
 template <typename T>
@@ -680,16 +690,16 @@ __device__ __forceinline__ void wegeft_uc(int T_, int d_in, int d_out, int r, co
       const int rr = idx >> 2, ch = idx & 3;
       const int gm = m0 + rr, kk = kb + ch * 8;
       const bool ok = gm < rows && kk < d_in;
-      gk::cp_async_16(sa + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4), ok ? (const void*)(A + (size_t)gm * lda + kk) : (const void*)A,
+      gk::cp_async_16(sa + gk::swz_k32(rr, ch), ok ? (const void*)(A + (size_t)gm * lda + kk) : (const void*)A,
                       ok ? 16 : 0);
       if (!is_c) {
         const bool okb = rr < r && kk < d_in;
-        gk::cp_async_16(sb + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4),
+        gk::cp_async_16(sb + gk::swz_k32(rr, ch),
                         okb ? (const void*)(psi + (size_t)rr * d_in + kk) : (const void*)psi, okb ? 16 : 0);
       } else {
         const int kr = idx >> 3, cn = idx & 7;
         const bool okb = kb + kr < d_in && cn * 8 < r;
-        gk::cp_async_16(sb + kr * 128 + ((cn ^ (kr & 7)) << 4),
+        gk::cp_async_16(sb + gk::swz8(kr, cn, 128),
                         okb ? (const void*)(phi + (size_t)(kb + kr) * r + cn * 8) : (const void*)phi, okb ? 16 : 0);
       }
     }
@@ -717,17 +727,17 @@ __device__ __forceinline__ void wegeft_uc(int T_, int d_in, int d_out, int r, co
       uint32_t af[4];
       {
         const int rr = warp * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
-        gk::ldmatrix_x4(af, sa + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4));
+        gk::ldmatrix_x4(af, sa + gk::swz_k32(rr, ch));
       }
 #pragma unroll
       for (int jp = 0; jp < 4; ++jp) {
         uint32_t bq[4];
         if (!is_c) {
           const int rr = jp * 16 + (lane & 7) + ((lane >> 4) << 3), ch = ks * 2 + ((lane >> 3) & 1);
-          gk::ldmatrix_x4(bq, sb + rr * 64 + ((ch ^ ((rr >> 1) & 3)) << 4));
+          gk::ldmatrix_x4(bq, sb + gk::swz_k32(rr, ch));
         } else {
           const int kr = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), cn = jp * 2 + (lane >> 4);
-          gk::ldmatrix_x4_trans(bq, sb + kr * 128 + ((cn ^ (kr & 7)) << 4));
+          gk::ldmatrix_x4_trans(bq, sb + gk::swz8(kr, cn, 128));
         }
         const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
         gk::Ty<T>::mma(acc[2 * jp], af, b0);
@@ -1108,7 +1118,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
       const int gm = m0 + r, kk = kb + c * 8;
       const int nv = (gm < M) ? K - kk : 0;
       const T* src = A + ((size_t)(gm < M ? gm : 0) * lda + (kk < K ? kk : 0));
-      gk::load_chunk<T>(sa + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, A);
+      gk::load_chunk<T>(sa + gk::swz8(r, c, 128), src, nv, vec, A);
     }
     if (!NN) {
       // B: 256 rows x 8 chunks = 2048 chunks, 8 per thread.
@@ -1119,7 +1129,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
         const int gn = n0 + r, kk = kb + c * 8;
         const int nv = (gn < N) ? K - kk : 0;
         const T* src = B + ((size_t)(gn < N ? gn : 0) * ldb + (kk < K ? kk : 0));
-        gk::load_chunk<T>(sb + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
+        gk::load_chunk<T>(sb + gk::swz8(r, c, 128), src, nv, vec, B);
       }
     } else {
       // B: 64 k-rows x 32 chunks = 2048 chunks, 8 per thread; chunk cn lies in quarter cn >> 3.
@@ -1131,7 +1141,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
         const int kk = kb + r, gn = n0 + cn * 8;
         const int nv = (kk < K) ? N - gn : 0;
         const T* src = B + ((size_t)(kk < K ? kk : 0) * ldb + (gn < N ? gn : 0));
-        gk::load_chunk<T>(sb + h * 8192 + r * 128 + ((c ^ (r & 7)) << 4), src, nv, vec, B);
+        gk::load_chunk<T>(sb + h * 8192 + gk::swz8(r, c, 128), src, nv, vec, B);
       }
     }
   };
@@ -1146,7 +1156,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
   uint32_t fa_dst, fb_dst;
   {
     const int r = tid >> 3, c = tid & 7;
-    fa_dst = r * 128 + ((c ^ (r & 7)) << 4);
+    fa_dst = gk::swz8(r, c, 128);
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
       const int gm = m0 + r + p * 32;
@@ -1163,7 +1173,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
       }
     } else {
       const int kr = tid >> 5, cn = tid & 31;
-      fb_dst = (cn >> 3) * 8192 + kr * 128 + (((cn & 7) ^ (kr & 7)) << 4);
+      fb_dst = (cn >> 3) * 8192 + gk::swz8(kr, cn & 7, 128);
       const int gn = n0 + cn * 8;
       const int nb = max(0, min(8, N - gn)) * 2;
 #pragma unroll
