@@ -488,6 +488,21 @@ static bool find_cublas(Cublas& cb, std::string& why) {
   return false;
 }
 
+// Row-major D[M x N] = A[M x K] B^T (NT; B is N x K) or A B (NN; B is K x N), f32 accumulation,
+// through cuBLAS's column-major GemmEx as D^T = op(B) A^T. Exits on a cuBLAS error (a timing of
+// a failed call would be meaningless).
+static void cublas_rowmajor(const Cublas* cb, bool nn, int M, int N, int K, const void* A, int lda, const void* B, int ldb,
+                            void* D, int ldd, int cuda_type) {
+  const float one = 1.f, zero = 0.f;
+  const cudaDataType t = (cudaDataType)cuda_type;
+  const int st = cb->gemm(cb->h, nn ? kCublasOpN : kCublasOpT, kCublasOpN, N, M, K, &one, B, t, ldb, A, t, lda, &zero, D,
+                          t, ldd, kCublasCompute32F, kCublasGemmDefault);
+  if (st != 0) {
+    fprintf(stderr, "cublasGemmEx failed: %d\n", st);
+    exit(2);
+  }
+}
+
 template <typename F>
 static double time_ms(F&& f, int iters) {
   // Back-to-back launches between two events (mean): at 4096^3 each product reads 64 MB of
@@ -529,20 +544,8 @@ static void bench_variants(const std::vector<Variant<T>>& vars, const Cublas* cb
   // cuBLAS first, so that every kernel line can give its ratio to it.
   double cublas_ms[2] = {0, 0};
   if (cb) {
-    const float one = 1.f, zero = 0.f;
     for (int nn = 0; nn < 2; ++nn) {
-      // Row-major D = A B^T (NT) or A B (NN), as column-major D^T = B^T-ish A^T.
-      double ms = time_ms(
-          [&] {
-            int st = cb->gemm(cb->h, nn ? kCublasOpN : kCublasOpT, kCublasOpN, S, S, S, &one, B,
-                              (cudaDataType)cuda_type, S, A, (cudaDataType)cuda_type, S, &zero, D,
-                              (cudaDataType)cuda_type, S, kCublasCompute32F, kCublasGemmDefault);
-            if (st != 0) {
-              fprintf(stderr, "cublasGemmEx failed: %d\n", st);
-              exit(2);
-            }
-          },
-          ITERS);
+      double ms = time_ms([&] { cublas_rowmajor(cb, nn, S, S, S, A, S, B, S, D, S, cuda_type); }, ITERS);
       cublas_ms[nn] = ms;
       printf("cuBLAS %-4s %-12s M=N=K1=%d K2=0   %8.3f ms  %7.1f TFLOP/s\n", dtype, nn ? "NN" : "NT",
              S, ms, 2.0 * S * S * (double)S / ms / 1e9);
@@ -614,17 +617,7 @@ static void kscan(const Cublas* cb) {
     double ms_cb[3], ms_t[3];
     for (int i = 0; i < 3; ++i) {
       const int K = Ks[i];
-      if (cb) {
-        const float one = 1.f, zero = 0.f;
-        // Row-major D = A B^T (NT; B is N x K) or A B (NN; B is K x N), as in bench_variants.
-        ms_cb[i] = time_ms(
-            [&] {
-              cb->gemm(cb->h, nn ? kCublasOpN : kCublasOpT, kCublasOpN, S, S, K, &one, B, (cudaDataType)CUDA_R_16BF, S, A,
-                       (cudaDataType)CUDA_R_16BF, S, &zero, D, (cudaDataType)CUDA_R_16BF, S, kCublasCompute32F,
-                       kCublasGemmDefault);
-            },
-            ITERS);
-      }
+      if (cb) ms_cb[i] = time_ms([&] { cublas_rowmajor(cb, nn, S, S, K, A, S, B, S, D, S, (int)CUDA_R_16BF); }, ITERS);
       ms_t[i] = time_ms(
           [&] {
             launch(tma, (S / tma.tile_m) * (S / tma.tile_n), S, S, K, 0, A, S, B, S, (const T*)nullptr, 8,
@@ -682,13 +675,7 @@ static int uc_bench(const Cublas* cb) {
   };
   double frozen = 0;
   if (cb) {
-    const float one = 1.f, zero = 0.f;
-    frozen = time_ms(
-        [&] {
-          cb->gemm(cb->h, kCublasOpT, kCublasOpN, DO, TT, DI, &one, w, (cudaDataType)CUDA_R_16BF, DI, x, (cudaDataType)CUDA_R_16BF,
-                   DI, &zero, y, (cudaDataType)CUDA_R_16BF, DO, kCublasCompute32F, kCublasGemmDefault);
-        },
-        ITERS);
+    frozen = time_ms([&] { cublas_rowmajor(cb, false, TT, DO, DI, x, DI, w, DI, y, DO, (int)CUDA_R_16BF); }, ITERS);
     printf("UC cuBLAS x W^T (frozen)            %8.4f ms\n", frozen);
   }
   auto row = [&](const char* what, double ms) {

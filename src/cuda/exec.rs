@@ -14,7 +14,6 @@ use super::product::Product;
 use super::tune::TuneTable;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::shape::LayerShape;
 
 /// Scratch memory that lives until dropped.
 pub(crate) trait Scratch {
@@ -35,6 +34,25 @@ pub(crate) type KextArgs = (
     Option<CUdeviceptr>,
     (CUdeviceptr, usize, usize, usize),
 );
+
+/// The fused forward's second operand pair, `u = x psi^T` (T x r) and `C = scale W phi`
+/// (d_out x r), for one launch of `wegeft_uc_{bf16,f16}` (`kernels/gemm_kext.cu`); all operands
+/// packed: x `T x d_in`, W `d_out x d_in`, psi `r x d_in`, phi `d_in x r`, u and C with ld `r`.
+/// Whether the kernel takes it and whether the layer should: `gemm.rs` (`applies`, `worth_it`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WegeftUc {
+    pub tokens: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub rank: usize,
+    pub x: CUdeviceptr,
+    pub w: CUdeviceptr,
+    pub psi: CUdeviceptr,
+    pub phi: CUdeviceptr,
+    pub u: CUdeviceptr,
+    pub c: CUdeviceptr,
+    pub scale: f32,
+}
 
 pub(crate) trait Exec {
     type Buf: Scratch;
@@ -81,25 +99,11 @@ pub(crate) trait Exec {
         }
     }
 
-    /// The fused forward's second operand pair in one launch (`wegeft_uc_*`): `u = x psi^T`
-    /// and `C = scale W phi` (no dropout; packed: x and W with ld `d_in`, psi `r x d_in`, phi,
-    /// u and C with ld `r`), when `path` is [`Path::FusedSm90`] and the kernel applies here;
-    /// then the forward's K-extended GEMM should follow at once with `dependent` set.
-    /// `Ok(false)`: nothing launched, the caller computes u and C itself.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn fused_uc<T: Element>(
-        &self,
-        _stream: CUstream,
-        _path: Path,
-        _s: &LayerShape,
-        _x: CUdeviceptr,
-        _w: CUdeviceptr,
-        _psi: CUdeviceptr,
-        _phi: CUdeviceptr,
-        _scale: f32,
-        _u: CUdeviceptr,
-        _c: CUdeviceptr,
-    ) -> Result<bool> {
+    /// The fused forward's second operand pair in one launch (`wegeft_uc_*`, see [`WegeftUc`];
+    /// no dropout), when `path` is [`Path::FusedSm90`] and the kernel applies here; then the
+    /// forward's K-extended GEMM should follow at once with `dependent` set. `Ok(false)`:
+    /// nothing launched, the caller computes u and C itself.
+    unsafe fn fused_uc<T: Element>(&self, _stream: CUstream, _path: Path, _uc: &WegeftUc) -> Result<bool> {
         Ok(false)
     }
 
@@ -212,29 +216,16 @@ impl Exec for CudaBackend {
     }
 
     #[cfg(wegeft_gemm)]
-    unsafe fn fused_uc<T: Element>(
-        &self,
-        stream: CUstream,
-        path: Path,
-        s: &LayerShape,
-        x: CUdeviceptr,
-        w: CUdeviceptr,
-        psi: CUdeviceptr,
-        phi: CUdeviceptr,
-        scale: f32,
-        u: CUdeviceptr,
-        c: CUdeviceptr,
-    ) -> Result<bool> {
+    unsafe fn fused_uc<T: Element>(&self, stream: CUstream, path: Path, uc: &WegeftUc) -> Result<bool> {
         // Only where the GEMM that follows is the TMA kernel, which overlaps with it.
         if path != Path::FusedSm90 || self.compute_capability() != (9, 0) || self.image() != super::context::Image::Sm90a {
             return Ok(false);
         }
-        let uc = super::gemm::WegeftUc { tokens: s.tokens, d_in: s.d_in, d_out: s.d_out, rank: s.rank, x, w, psi, phi, u, c, scale };
         if !uc.applies::<T>() || !uc.worth_it() {
             return Ok(false);
         }
-        // SAFETY: the caller's buffers, of the packed shapes of `s`.
-        unsafe { super::gemm::wegeft_uc::<T>(self, stream, &uc)? };
+        // SAFETY: the caller's buffers, of the packed shapes of `uc`.
+        unsafe { super::gemm::wegeft_uc::<T>(self, stream, uc)? };
         Ok(true)
     }
 }

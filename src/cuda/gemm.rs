@@ -369,25 +369,7 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     unsafe { dev.launch(op, &func, grid, block, plan.smem, stream, &params) }
 }
 
-/// The fused forward's second operand pair, `u = x psi^T` (T x r) and `C = scale W phi`
-/// (d_out x r), in one launch of `wegeft_uc_{bf16,f16}` (`kernels/gemm_kext.cu`), all
-/// operands packed: x `T x d_in`, W `d_out x d_in`, psi `r x d_in`, phi `d_in x r`, u and C
-/// with ld `r`. On compute capability 9.0 the kernel lets its dependent launch at once (see
-/// [`GemmOptions::dependent`]).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct WegeftUc {
-    pub tokens: usize,
-    pub d_in: usize,
-    pub d_out: usize,
-    pub rank: usize,
-    pub x: CUdeviceptr,
-    pub w: CUdeviceptr,
-    pub psi: CUdeviceptr,
-    pub phi: CUdeviceptr,
-    pub u: CUdeviceptr,
-    pub c: CUdeviceptr,
-    pub scale: f32,
-}
+pub(crate) use super::exec::WegeftUc;
 
 impl WegeftUc {
     /// Whether the kernel takes it: bf16 or f16; rank a multiple of 8 up to 64 (a block's 64

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
-use super::exec::{Exec, KextArgs, Scratch};
+use super::exec::{Exec, KextArgs, Scratch, WegeftUc};
 use super::tune::{TuneTable, TUNE_REPS};
 use super::layer::{dropout_keep, Dropout, Layer, Path};
 use super::product::{Product, KERNELS};
@@ -163,41 +163,19 @@ impl Exec for HostExec {
         Ok(())
     }
 
-    unsafe fn fused_uc<T: Element>(
-        &self,
-        _stream: CUstream,
-        path: Path,
-        s: &LayerShape,
-        x: CUdeviceptr,
-        w: CUdeviceptr,
-        psi: CUdeviceptr,
-        phi: CUdeviceptr,
-        scale: f32,
-        u: CUdeviceptr,
-        c: CUdeviceptr,
-    ) -> Result<bool> {
-        // As the device's wegeft_uc kernel computes them (packed operands), for FusedSm90 with a
+    unsafe fn fused_uc<T: Element>(&self, _stream: CUstream, path: Path, uc: &WegeftUc) -> Result<bool> {
+        // What the device's wegeft_uc kernel computes (packed operands), for FusedSm90 with a
         // "fused GEMM"; the K-extended GEMM after it then runs composed here.
         if self.fused.is_none() || path != Path::FusedSm90 {
             return Ok(false);
         }
         self.log.borrow_mut().push("wegeft_uc".into());
-        let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
-        let (xv, wv, psv, phv) = (self.get(x), self.get(w), self.get(psi), self.get(phi));
-        let (mut uv, mut cv) = (self.get(u), self.get(c));
-        for i in 0..t {
-            for j in 0..r {
-                uv[i * r + j] = (0..din).map(|k| Self::at(&xv, i * din + k, "uc x") * Self::at(&psv, j * din + k, "uc psi")).sum();
-            }
-        }
-        for i in 0..dout {
-            for j in 0..r {
-                let acc: f64 = (0..din).map(|k| Self::at(&wv, i * din + k, "uc W") * Self::at(&phv, k * r + j, "uc phi")).sum();
-                cv[i * r + j] = scale as f64 * acc;
-            }
-        }
-        self.mem.borrow_mut().insert(u, uv);
-        self.mem.borrow_mut().insert(c, cv);
+        let s = LayerShape::new(uc.tokens, uc.d_in, uc.d_out, uc.rank)?;
+        let psi_t = rf::transpose(&self.get(uc.psi), uc.rank, uc.d_in);
+        let u = rf::matmul(&self.get(uc.x), &psi_t, uc.tokens, uc.d_in, uc.rank);
+        let c = rf::generate_c(&s, &self.get(uc.w), &self.get(uc.phi), uc.scale as f64);
+        self.mem.borrow_mut().insert(uc.u, u);
+        self.mem.borrow_mut().insert(uc.c, c);
         Ok(true)
     }
 
@@ -343,8 +321,7 @@ fn fused_forward_takes_u_and_c_from_one_launch_without_dropout_only() {
         if drop.p == 0.0 {
             close("y", &h.get(yp), &rf::wegeft_forward(&s, &x, &w, Some(&b), &phi, &psi, 0.5).unwrap(), 1e-12);
             close("C", &h.get(cp), &rf::generate_c(&s, &w, &phi, 0.5), 1e-12);
-            let u: Vec<f64> = (0..t * r).map(|i| (0..s.d_in).map(|k| x[(i / r) * s.d_in + k] * psi[(i % r) * s.d_in + k]).sum()).collect();
-            close("u", &h.get(up), &u, 1e-12);
+            close("u", &h.get(up), &rf::matmul(&x, &rf::transpose(&psi, r, s.d_in), t, s.d_in, r), 1e-12);
         }
     }
 }
