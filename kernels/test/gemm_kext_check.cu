@@ -488,6 +488,23 @@ static bool find_cublas(Cublas& cb, std::string& why) {
   return false;
 }
 
+// Device buffers for the timings: `n` elements, uninitialised (device_alloc) or random multiples
+// of 1/8 (device_random: timings are never taken on zeros).
+template <typename T>
+static T* device_alloc(size_t n) {
+  T* p = nullptr;
+  CK(cudaMalloc(&p, n * sizeof(T)));
+  return p;
+}
+template <typename T>
+static T* device_random(size_t n) {
+  T* p = device_alloc<T>(n);
+  std::vector<T> h(n);
+  for (auto& x : h) x = from_f<T>(rnd8());
+  CK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
 // Row-major D[M x N] = A[M x K] B^T (NT; B is N x K) or A B (NN; B is K x N), f32 accumulation,
 // through cuBLAS's column-major GemmEx as D^T = op(B) A^T. Exits on a cuBLAS error (a timing of
 // a failed call would be meaningless).
@@ -527,20 +544,11 @@ template <typename T>
 static void bench_variants(const std::vector<Variant<T>>& vars, const Cublas* cb, int cuda_type,
                            const char* dtype) {
   const int S = 4096, R = 64, ITERS = 50;
-  T *A, *B, *A2, *B2, *D;
-  CK(cudaMalloc(&A, (size_t)S * S * sizeof(T)));
-  CK(cudaMalloc(&B, (size_t)S * S * sizeof(T)));
-  CK(cudaMalloc(&A2, (size_t)S * R * sizeof(T)));
-  CK(cudaMalloc(&B2, (size_t)S * R * sizeof(T)));
-  CK(cudaMalloc(&D, (size_t)S * S * sizeof(T)));
-  {
-    std::vector<T> h((size_t)S * S);
-    for (auto& x : h) x = from_f<T>(rnd8());
-    CK(cudaMemcpy(A, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(B, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(A2, h.data(), (size_t)S * R * sizeof(T), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(B2, h.data(), (size_t)S * R * sizeof(T), cudaMemcpyHostToDevice));
-  }
+  T* A = device_random<T>((size_t)S * S);
+  T* B = device_random<T>((size_t)S * S);
+  T* A2 = device_random<T>((size_t)S * R);
+  T* B2 = device_random<T>((size_t)S * R);
+  T* D = device_alloc<T>((size_t)S * S);
   // cuBLAS first, so that every kernel line can give its ratio to it.
   double cublas_ms[2] = {0, 0};
   if (cb) {
@@ -585,16 +593,9 @@ static void kscan(const Cublas* cb) {
   using T = __nv_bfloat16;
   const int S = 4096, ITERS = 50;
   const int Ks[3] = {1024, 2048, 4096};
-  T *A, *B, *D;
-  CK(cudaMalloc(&A, (size_t)S * S * sizeof(T)));
-  CK(cudaMalloc(&B, (size_t)S * S * sizeof(T)));
-  CK(cudaMalloc(&D, (size_t)S * S * sizeof(T)));
-  {
-    std::vector<T> h((size_t)S * S);
-    for (auto& x : h) x = from_f<T>(rnd8());
-    CK(cudaMemcpy(A, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(B, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
+  T* A = device_random<T>((size_t)S * S);
+  T* B = device_random<T>((size_t)S * S);
+  T* D = device_alloc<T>((size_t)S * S);
   auto fit = [&](const char* name, const double (&ms)[3]) {
     // least squares over the three points: ms = a + b K
     double mk = 0, mt = 0, skk = 0, skt = 0;
@@ -640,23 +641,14 @@ static void kscan(const Cublas* cb) {
 static int uc_bench(const Cublas* cb) {
   using T = __nv_bfloat16;
   const int TT = 8192, DI = 4096, DO = 4096, R = 64, ITERS = 30;
-  T *x, *w, *psi, *phi, *u, *c, *y, *y2;
-  CK(cudaMalloc(&x, (size_t)TT * DI * sizeof(T)));
-  CK(cudaMalloc(&w, (size_t)DO * DI * sizeof(T)));
-  CK(cudaMalloc(&psi, (size_t)R * DI * sizeof(T)));
-  CK(cudaMalloc(&phi, (size_t)DI * R * sizeof(T)));
-  CK(cudaMalloc(&u, (size_t)TT * R * sizeof(T)));
-  CK(cudaMalloc(&c, (size_t)DO * R * sizeof(T)));
-  CK(cudaMalloc(&y, (size_t)TT * DO * sizeof(T)));
-  CK(cudaMalloc(&y2, (size_t)TT * DO * sizeof(T)));
-  {
-    std::vector<T> h((size_t)TT * DI);
-    for (auto& v : h) v = from_f<T>(rnd8());
-    CK(cudaMemcpy(x, h.data(), (size_t)TT * DI * sizeof(T), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(w, h.data(), (size_t)DO * DI * sizeof(T), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(psi, h.data() + 7, (size_t)R * DI * sizeof(T), cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(phi, h.data() + 11, (size_t)DI * R * sizeof(T), cudaMemcpyHostToDevice));
-  }
+  T* x = device_random<T>((size_t)TT * DI);
+  T* w = device_random<T>((size_t)DO * DI);
+  T* psi = device_random<T>((size_t)R * DI);
+  T* phi = device_random<T>((size_t)DI * R);
+  T* u = device_alloc<T>((size_t)TT * R);
+  T* c = device_alloc<T>((size_t)DO * R);
+  T* y = device_alloc<T>((size_t)TT * DO);
+  T* y2 = device_alloc<T>((size_t)TT * DO);
   Variant<T> v;
   bool found = false;
   for (const auto& c2 : bf16_variants(true, true))
