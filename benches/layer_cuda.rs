@@ -240,6 +240,12 @@ fn ceiling_rows(dev: &CudaBackend, flush: &mut CudaSlice<u8>, iters: usize, s: &
     vec![("kext fwd cuBLASLt (padded)".into(), fwd, flops), ("kext bwd cuBLASLt (padded)".into(), bwd, flops)]
 }
 
+/// One WeGeFT forward + backward pair on `b` (no bias, no dropout), as a training step runs it.
+fn fwd_bwd_pair(dev: &CudaBackend, s: &LayerShape, b: &mut Bufs, sc: f32, l: Launch) -> wegeft::Result<()> {
+    dev.wegeft_forward(s, &b.x, &b.w, None, &b.phi, &b.psi, sc, Dropout::NONE, &mut b.u, &mut b.c, &mut b.y, l)?;
+    dev.wegeft_backward(s, &b.x, &b.w, &b.psi, sc, Dropout::NONE, &b.u, &b.c, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)
+}
+
 /// One WeGeFT forward + backward pair (Auto) captured into a CUDA graph and replayed 20 times:
 /// milliseconds per replayed pair, and whether a replay writes the same y, u, C and dx as a
 /// direct call (bitwise). What capturing the training step would give where the layer is
@@ -251,10 +257,7 @@ fn graph_line(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Bufs, sc: 
     let l = Launch::new();
     let st = dev.stream().clone();
     let mut run = || -> wegeft::Result<(String, bool)> {
-        let pair = |b: &mut Bufs| -> wegeft::Result<()> {
-            dev.wegeft_forward(s, &b.x, &b.w, None, &b.phi, &b.psi, sc, Dropout::NONE, &mut b.u, &mut b.c, &mut b.y, l)?;
-            dev.wegeft_backward(s, &b.x, &b.w, &b.psi, sc, Dropout::NONE, &b.u, &b.c, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)
-        };
+        let pair = |b: &mut Bufs| fwd_bwd_pair(dev, s, b, sc, l);
         pair(b)?; // warm: algorithm choices, pool growth
         let direct = [down_t(dev, &b.y)?, down_t(dev, &b.u)?, down_t(dev, &b.c)?, down_t(dev, &b.dx)?];
         st.synchronize().map_err(cuda_err)?;
@@ -299,8 +302,7 @@ fn host_enqueue_line(dev: &CudaBackend, label: &str, s: &LayerShape, b: &mut Buf
         dev.stream().synchronize().map_err(cuda_err)?;
         let t0 = std::time::Instant::now();
         for _ in 0..N {
-            dev.wegeft_forward(s, &b.x, &b.w, None, &b.phi, &b.psi, sc, Dropout::NONE, &mut b.u, &mut b.c, &mut b.y, l)?;
-            dev.wegeft_backward(s, &b.x, &b.w, &b.psi, sc, Dropout::NONE, &b.u, &b.c, &b.g, Some(&mut b.dx), &mut b.dphi, &mut b.dpsi, l)?;
+            fwd_bwd_pair(dev, s, b, sc, l)?;
         }
         let host = t0.elapsed().as_secs_f64() * 1e3 / N as f64;
         dev.stream().synchronize().map_err(cuda_err)?;
