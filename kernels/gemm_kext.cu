@@ -1013,9 +1013,10 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Keeps the compiler from touching accumulator registers across async wgmma boundaries.
-__device__ __forceinline__ void fence_regs(float (&d)[NACC]) {
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < NACC; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 template <typename T, int TRANS_B>
 struct Wgmma;
@@ -1043,6 +1044,33 @@ struct Wgmma<__half, TRANS_B> {
         : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
   }
 };
+// m64n64k16 (32 accumulators a thread), for the rank tiles of wegeft_fwd_*_tma.
+template <typename T, int TRANS_B>
+struct Wgmma64;
+template <int TRANS_B>
+struct Wgmma64<__nv_bfloat16, TRANS_B> {
+  __device__ __forceinline__ static void run(float (&d)[32], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, %35;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+  }
+};
+template <int TRANS_B>
+struct Wgmma64<__half, TRANS_B> {
+  __device__ __forceinline__ static void run(float (&d)[32], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, %35;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+  }
+};
 }  // namespace h90
 #endif
 
@@ -1058,16 +1086,22 @@ __device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, 
 
 // One stage of a wgmma kernel (A then B at `stage`, the layouts above): warpgroup wg's 4
 // m64n256k16 steps issued as one group, then a wait until at most this group is in flight
-// (the previous stage's wgmmas are done).
-template <typename T, bool NN>
-__device__ __forceinline__ void mma_stage(float (&acc)[NACC], uint32_t stage, int wg) {
+// (the previous stage's wgmmas are done). With NA = 32 accumulators the steps are m64n64k16
+// (wegeft_fwd's rank tiles): B is the first 64 rows (NT) or the first 64-column quarter (NN)
+// of the same layout, so the descriptors are the same.
+template <typename T, bool NN, int NA>
+__device__ __forceinline__ void mma_stage(float (&acc)[NA], uint32_t stage, int wg) {
+  static_assert(NA == NACC || NA == 32, "m64n256k16 or m64n64k16");
   const uint32_t sb = stage + A_BYTES;
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < BK / 16; ++ks) {
     const uint64_t da = desc(stage + wg * (64 * 128) + ks * 32, 16, 1024);
     const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
-    Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
+    if constexpr (NA == NACC)
+      Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
+    else
+      Wgmma64<T, NN ? 1 : 0>::run(acc, da, db);
   }
   wgmma_commit();
   wgmma_wait<1>();
@@ -1337,6 +1371,85 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
       : "memory");
 }
+// wegeft_fwd's schedule (below). The next tile index from the grid's counter.
+__device__ __forceinline__ int take_tile(unsigned* counter) { return (int)atomicAdd(counter, 1u); }
+// Waits until *flag >= want (acquire, gpu scope: the stores released before the flag's
+// increments are visible to this thread), then orders this thread's later TMA copies (async
+// proxy) after that (generic proxy).
+__device__ __forceinline__ void flag_wait(const unsigned* flag, unsigned want) {
+  for (;;) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(flag) : "memory");
+    if (v >= want) break;
+    __nanosleep(32);
+  }
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+// *flag += 1 (release, gpu scope).
+__device__ __forceinline__ void flag_post(unsigned* flag) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(flag) : "memory");
+}
+// After a thread's global stores that other blocks read by TMA: ordered before the async proxy's
+// accesses and made visible at gpu scope (before the barrier that precedes flag_post).
+__device__ __forceinline__ void publish_fence() {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  __threadfence();
+}
+// A barrier of the two consumer warpgroups only (named barrier 1; the producer warp is not in it).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+}  // namespace t90
+#endif
+
+// The stage ring of both TMA kernels.
+#if defined(GK_WGMMA_BODY)
+namespace t90 {
+// Thread 0 initialises the barriers: full[s] expects the producer's arrival (with the stage's
+// bytes), empty[s] one arrival per consumer warpgroup. The caller then syncs the block.
+__device__ __forceinline__ void ring_init(uint32_t full0, uint32_t empty0) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, 2);
+    }
+    mbar_fence_init();
+  }
+}
+
+// Producer: the stage of k tile number `it` (counted over all of the block's tiles: stage
+// it % STAGES, its (it / STAGES)-th use), once both warpgroups have freed its previous use; its
+// full barrier then expects `bytes` (and the producer's arrival is made). Returns the stage.
+// With `stage_tile` (wegeft_fwd), `tile` is written to its entry for the stage first: the
+// consumers read it after their wait on the stage, which acquires the arrival.
+__device__ __forceinline__ int ring_acquire(int it, uint32_t full0, uint32_t empty0, uint32_t bytes,
+                                            int* stage_tile = nullptr, int tile = 0) {
+  const int s = it % STAGES;
+  if (it >= STAGES) mbar_wait(empty0 + 8 * s, ((it / STAGES) - 1) & 1);
+  if (stage_tile != nullptr) stage_tile[s] = tile;
+  mbar_expect_tx(full0 + 8 * s, bytes);
+  return s;
+}
+
+// Consumers: one tile's KT k tiles from the ring (k tile numbers it .. it + KT - 1; `it` is
+// advanced) into acc, zeroed first; each stage is freed once the next one's wgmmas are issued
+// and wgmma.wait_group 1 says its own are done, the last one after wait_group 0.
+template <typename T, bool NN, int NA>
+__device__ __forceinline__ void consume_tile(float (&acc)[NA], int& it, int KT, uint32_t smem_base, uint32_t full0,
+                                             uint32_t empty0, int wg, bool releaser) {
+  using namespace h90;
+#pragma unroll
+  for (int i = 0; i < NA; ++i) acc[i] = 0.f;
+  fence_regs(acc);
+  for (int t = 0; t < KT; ++t, ++it) {
+    const int s = it % STAGES;
+    mbar_wait(full0 + 8 * s, (it / STAGES) & 1);
+    mma_stage<T, NN>(acc, smem_base + s * STAGE_BYTES, wg);
+    if (t > 0 && releaser) mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));
+  }
+  wgmma_wait<0>();
+  fence_regs(acc);
+  if (releaser) mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));  // the tile's last stage
+}
 }  // namespace t90
 #endif
 
@@ -1358,14 +1471,7 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
   const int KT1 = (K1 + BK - 1) / BK;
   const int KT = KT1 + (K2 + BK - 1) / BK;
 
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
-      t90::mbar_init(full0 + 8 * s, 1);   // the producer's expect_tx arrival (+ the bytes)
-      t90::mbar_init(empty0 + 8 * s, 2);  // one arrival per consumer warpgroup
-    }
-    t90::mbar_fence_init();
-  }
+  t90::ring_init(full0, empty0);
   __syncthreads();
 
   // Tiles blockIdx.x, blockIdx.x + gridDim.x, ... (grid = tiles: one each; a smaller grid
@@ -1382,10 +1488,8 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
         int m0, n0;
         tile_origin(tile, tiles_m, tiles_n, m0, n0);
         for (int t = 0; t < KT; ++t, ++it) {
-          const int s = it % STAGES;
-          if (it >= STAGES) t90::mbar_wait(empty0 + 8 * s, ((it / STAGES) - 1) & 1);
+          const int s = t90::ring_acquire(it, full0, empty0, t90::STAGE_BYTES);
           const uint32_t full = full0 + 8 * s;
-          t90::mbar_expect_tx(full, t90::STAGE_BYTES);
           const bool second = t >= KT1;
           // The second pair (u and C in the fused forward) may be written by the grid this one
           // was launched as a programmatic dependent of (wegeft_uc_*): the first pair's k tiles
@@ -1421,20 +1525,7 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     int m0, n0;
     tile_origin(tile, tiles_m, tiles_n, m0, n0);
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
-    fence_regs(acc);
-    for (int t = 0; t < KT; ++t, ++it) {
-      const int s = it % STAGES;
-      t90::mbar_wait(full0 + 8 * s, (it / STAGES) & 1);
-      // After it, the wgmmas of the previous k tile are done: that stage may be refilled.
-      mma_stage<T, NN>(acc, smem_base + s * t90::STAGE_BYTES, wg);
-      if (t > 0 && releaser) t90::mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));
-    }
-    wgmma_wait<0>();
-    fence_regs(acc);
-    if (releaser) t90::mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));  // the tile's last stage
-
+    t90::consume_tile<T, NN>(acc, it, KT, smem_base, full0, empty0, wg, releaser);
     store_tile<T>(acc, m0, n0, wg, wrow, lane, M, N, bias, beta, D, ldd, pair_store, read_d);
   }
 #else
@@ -1453,3 +1544,205 @@ GEMM_KEXT_T90(gemm_kext_nt_bf16_tma, __nv_bfloat16, false)
 GEMM_KEXT_T90(gemm_kext_nn_bf16_tma, __nv_bfloat16, true)
 GEMM_KEXT_T90(gemm_kext_nt_f16_tma, __half, false)
 GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
+
+// ------------------------------------------------------------------------------------------
+// The fused forward in one launch: wegeft_fwd_{bf16,f16}_tma.
+//
+//   u = x psi^T (T x r),  C = scale W phi (d_out x r),  y = [x | u] [W | C]^T (+ bias)
+//
+// The NT TMA kernel above, persistent, with the rank-r products as tiles of the same grid
+// ("rank tiles"), taken before the block tiles of y: u and C are read at the TMA pipeline's
+// bandwidth, without launches of their own, while the other blocks already multiply x and W.
+// (wegeft_uc overlapped with the GEMM as a second grid beside it, but its blocks, with 16 KiB in
+// flight each, read far slower than the SMs can: BENCHMARKS.md, session 9.)
+// A rank tile is 128 rows x 64 columns of C or u, K = d_in; per k tile one 64 x 128 box of A
+// (16 KiB: W rows for C, x rows for u) and one 64 x 64 box of B (8 KiB: phi, N-major, like a
+// 64-column quarter of an NN B tile; psi, K-major, like 64 rows of an NT B tile); each
+// warpgroup runs m64n64k16 (32 accumulators) on its 64 rows. Its epilogue stores the rows and
+// columns inside C / u (C times scale), rounded once, exactly as the y tiles then read them.
+// Tile index i, handed out by a counter in global memory (atomicAdd by the producer lane, which
+// writes i beside the stage's barrier for the consumers; -1 ends the block):
+//   [0, CB RC)             C tiles: 128-row block i / RC of C, 64-column chunk i % RC;
+//   [CB RC, (CB + TM) RC)  u tiles: the same over the 128-row blocks of u;
+//   then the block tiles of y (128 x 256, gk::tile_coords order), i - (CB + TM) RC;
+// RC = ceil(r / 64), CB = ceil(d_out / 128), TM = ceil(T / 128). A rank tile, once every
+// consumer thread's stores are fenced (t90::publish_fence) and the two warpgroups have met,
+// adds 1 to its block's flag (release, gpu scope). The producer of a tile of y, before its
+// first u / C k tile, waits (acquire) until the flags of its 128 rows of u and of its 256 rows
+// of C (two C blocks) reach RC, then fences the async proxy: its TMA reads see those stores.
+// Deadlock-free whatever the residency: a rank tile waits for nothing, every rank tile is
+// taken (by a running block) before any tile of y, and a block runs its tiles in order.
+// Workspace `work` (u32, 1 + TM + CB): [0] the counter, [1, 1 + TM) the u flags, then the C
+// flags; zero at launch (the launcher clears it before each launch, in stream order).
+// Requires (the launcher checks): r, d_in multiples of 8; 16-byte aligned bases (every operand
+// a tensor map; u and C packed with ld r); ldy >= d_out.
+// Parameters: the maps of x (box 64 x 128), W (64 x 256), u (64 x 128), C (64 x 256) — those of
+// gemm_kext_nt_*_tma for y — then of W as A (64 x 128), psi (64 x 64), phi (64 x 64); then
+// (T, d_in, d_out, r, u, C, scale, bias, y, ldy, work).
+// Geometry: 288 threads, dynamic smem t90::SMEM_BYTES, any grid (the launcher: min(tiles, SMs)).
+// Host-emulated (tests/emulation/gemm_on_host.cpp), with the flags and the counter; not yet run
+// on a GPU.
+// ------------------------------------------------------------------------------------------
+namespace wf {
+constexpr int RANK_N = 64;                                    // columns of u / C a rank tile
+constexpr int RANK_B_BYTES = RANK_N * h90::BK * 2;            // 8 KiB: its B box
+constexpr int RANK_STAGE_BYTES = h90::A_BYTES + RANK_B_BYTES;  // 24 KiB a k tile
+constexpr int C_ROWS = h90::BM;                               // rows of C a C tile (A box rows)
+static_assert(h90::BN == 2 * C_ROWS, "a y tile reads two C blocks");
+}  // namespace wf
+
+#if defined(GK_WGMMA_BODY)
+namespace wf {
+// A rank tile's 64 x 64 per warpgroup (m64n64k16 layout: acc[4j + 2h + e] is row
+// 16 wrow + lane / 4 + 8 h, column 8 j + 2 (lane % 4) + e) into out (rows x r, ld r), times
+// scale, inside rows x r only (r is a multiple of 8: a pair is either in or out).
+template <typename T>
+__device__ __forceinline__ void store_rank_tile(const float (&acc)[32], int row0, int col0, int wg, int wrow, int lane,
+                                                int rows, int r, float scale, T* __restrict__ out) {
+#pragma unroll
+  for (int j = 0; j < RANK_N / 8; ++j) {
+    const int col = col0 + 8 * j + 2 * (lane & 3);
+    if (col >= r) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + wg * 64 + wrow * 16 + (lane >> 2) + 8 * h;
+      if (row >= rows) continue;
+      *reinterpret_cast<uint32_t*>(out + (size_t)row * r + col) =
+          gk::Ty<T>::pack2(scale * acc[4 * j + 2 * h], scale * acc[4 * j + 2 * h + 1]);
+    }
+  }
+}
+}  // namespace wf
+#endif
+
+template <typename T>
+__device__ __forceinline__ void wegeft_fwd_t90(const CUtensorMap* mx, const CUtensorMap* mw, const CUtensorMap* mu,
+                                               const CUtensorMap* mc, const CUtensorMap* mwa, const CUtensorMap* mpsi,
+                                               const CUtensorMap* mphi, int T_, int d_in, int d_out, int r,
+                                               T* __restrict__ u, T* __restrict__ c, float scale,
+                                               const T* __restrict__ bias, T* __restrict__ y, int ldy,
+                                               unsigned* __restrict__ work) {
+#if defined(GK_WGMMA_BODY)
+  using namespace h90;
+  using t90::STAGES;
+  const int RC = (r + wf::RANK_N - 1) / wf::RANK_N;
+  const int CB = (d_out + wf::C_ROWS - 1) / wf::C_ROWS;
+  const int TM = (T_ + BM - 1) / BM, TN = (d_out + BN - 1) / BN;
+  const int c_tiles = CB * RC, rank_tiles = (CB + TM) * RC;
+  const int tiles = rank_tiles + TM * TN;
+  const int KT1 = (d_in + BK - 1) / BK, KT2 = (r + BK - 1) / BK;
+  unsigned* const uflag = work + 1;
+  unsigned* const cflag = work + 1 + TM;
+  GK_DYNAMIC_SMEM(smem_wf, 1024);
+  const uint32_t smem_base = (gk::smem_u32(smem_wf) + 1023u) & ~1023u;
+  __shared__ __align__(8) uint64_t bars[2 * STAGES];
+  __shared__ int stage_tile[STAGES];  // the tile of the k tile in each stage (-1: no more)
+  const uint32_t full0 = gk::smem_u32(&bars[0]);
+  const uint32_t empty0 = gk::smem_u32(&bars[STAGES]);
+  const int tid = threadIdx.x;
+  t90::ring_init(full0, empty0);
+  __syncthreads();
+
+  if (tid >= t90::CONSUMERS) {
+    if (tid == t90::CONSUMERS) {
+      // Producer lane: takes tiles until none is left, posting each k tile's tile index in
+      // stage_tile before the arrival that the consumers' wait on the stage acquires.
+      int it = 0;
+      for (;;) {
+        const int tile = t90::take_tile(work);
+        if (tile >= tiles) {
+          t90::ring_acquire(it, full0, empty0, 0, stage_tile, -1);  // no bytes: the arrival ends it
+          break;
+        }
+        if (tile < rank_tiles) {
+          const bool is_c = tile < c_tiles;
+          const int j = is_c ? tile : tile - c_tiles;
+          const int row0 = (j / RC) * BM, col0 = (j % RC) * wf::RANK_N;
+          for (int t = 0; t < KT1; ++t, ++it) {
+            const int s = t90::ring_acquire(it, full0, empty0, wf::RANK_STAGE_BYTES, stage_tile, tile);
+            const uint32_t full = full0 + 8 * s;
+            const uint32_t sa = smem_base + s * t90::STAGE_BYTES, sb = sa + t90::A_BYTES;
+            const int kb = t * BK;
+            t90::tma_load_2d(sa, is_c ? mwa : mx, full, kb, row0);
+            if (is_c)
+              t90::tma_load_2d(sb, mphi, full, col0, kb);
+            else
+              t90::tma_load_2d(sb, mpsi, full, kb, col0);
+          }
+        } else {
+          int m0, n0;
+          tile_origin(tile - rank_tiles, TM, TN, m0, n0);
+          for (int t = 0; t < KT1 + KT2; ++t, ++it) {
+            const bool second = t >= KT1;
+            if (t == KT1) {
+              // u of rows m0.., C of rows n0.. (two C blocks), from rank tiles of any block.
+              const int cb = n0 / wf::C_ROWS;
+              t90::flag_wait(uflag + m0 / BM, RC);
+              t90::flag_wait(cflag + cb, RC);
+              if (cb + 1 < CB) t90::flag_wait(cflag + cb + 1, RC);
+            }
+            const int s = t90::ring_acquire(it, full0, empty0, t90::STAGE_BYTES, stage_tile, tile);
+            const uint32_t full = full0 + 8 * s;
+            const uint32_t sa = smem_base + s * t90::STAGE_BYTES, sb = sa + t90::A_BYTES;
+            const int kb = (second ? t - KT1 : t) * BK;
+            t90::tma_load_2d(sa, second ? mu : mx, full, kb, m0);
+            t90::tma_load_2d(sb, second ? mc : mw, full, kb, n0);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  const int wg = tid >> 7;
+  const int wrow = (tid & 127) >> 5;
+  const int lane = tid & 31;
+  const bool releaser = (tid & 127) == 0;
+  const bool pair_store = ((((uintptr_t)y) & 3) == 0) && ((ldy & 1) == 0);
+  int it = 0;
+  for (;;) {
+    // The next tile: the one whose first k tile is in the next stage (waiting on it is the
+    // first wait of consume_tile too, which then returns at once).
+    const int s0 = it % STAGES;
+    t90::mbar_wait(full0 + 8 * s0, (it / STAGES) & 1);
+    const int tile = stage_tile[s0];
+    if (tile < 0) break;
+    if (tile < rank_tiles) {
+      const bool is_c = tile < c_tiles;
+      const int j = is_c ? tile : tile - c_tiles;
+      const int row0 = (j / RC) * BM, col0 = (j % RC) * wf::RANK_N;
+      float racc[32];
+      if (is_c)
+        t90::consume_tile<T, true>(racc, it, KT1, smem_base, full0, empty0, wg, releaser);
+      else
+        t90::consume_tile<T, false>(racc, it, KT1, smem_base, full0, empty0, wg, releaser);
+      wf::store_rank_tile<T>(racc, row0, col0, wg, wrow, lane, is_c ? d_out : T_, r, is_c ? scale : 1.f, is_c ? c : u);
+      t90::publish_fence();
+      t90::consumers_sync();
+      if (tid == 0) t90::flag_post((is_c ? cflag : uflag) + j / RC);
+    } else {
+      int m0, n0;
+      tile_origin(tile - rank_tiles, TM, TN, m0, n0);
+      float acc[NACC];
+      t90::consume_tile<T, false>(acc, it, KT1 + KT2, smem_base, full0, empty0, wg, releaser);
+      store_tile<T>(acc, m0, n0, wg, wrow, lane, T_, d_out, bias, 0.f, y, ldy, pair_store, false);
+    }
+  }
+#else
+  __trap();  // never launched outside an sm_90a image
+#endif
+}
+
+#define WEGEFT_FWD_T90(NAME, T)                                                                                          \
+  extern "C" __global__ void __launch_bounds__(t90::THREADS, 1)                                                        \
+      NAME(const __grid_constant__ CUtensorMap mx, const __grid_constant__ CUtensorMap mw,                               \
+           const __grid_constant__ CUtensorMap mu, const __grid_constant__ CUtensorMap mc,                               \
+           const __grid_constant__ CUtensorMap mwa, const __grid_constant__ CUtensorMap mpsi,                            \
+           const __grid_constant__ CUtensorMap mphi, int T_, int d_in, int d_out, int r, T* __restrict__ u,             \
+           T* __restrict__ c, float scale, const T* __restrict__ bias, T* __restrict__ y, int ldy,                       \
+           unsigned* __restrict__ work) {                                                                                \
+    wegeft_fwd_t90<T>(&mx, &mw, &mu, &mc, &mwa, &mpsi, &mphi, T_, d_in, d_out, r, u, c, scale, bias, y, ldy, work); \
+  }
+
+WEGEFT_FWD_T90(wegeft_fwd_bf16_tma, __nv_bfloat16)
+WEGEFT_FWD_T90(wegeft_fwd_f16_tma, __half)

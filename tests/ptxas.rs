@@ -189,9 +189,11 @@ fn fused_gemm_is_built_with_all_its_kernels() {
             names.push(format!("gemm_kext_{form}_{dt}_tma"));
         }
     }
-    // The fused forward's u and C in one launch (FusedSm90, before the TMA kernel).
+    // The fused forward's u and C in one launch (FusedSm90, before the TMA kernel), and the
+    // whole forward in one launch (FusedSm90, sm_90a; traps elsewhere like the _tma kernels).
     for dt in ["bf16", "f16"] {
         names.push(format!("wegeft_uc_{dt}"));
+        names.push(format!("wegeft_fwd_{dt}_tma"));
     }
     let mut missing = Vec::new();
     for name in &names {

@@ -14,8 +14,10 @@
 //                                    exit 3 when cuBLAS could not be loaded
 //       ./gemm_kext_check --kscan    bf16 at M = N = 4096, K = 1024 / 2048 / 4096, NT and NN:
 //                                    cuBLAS and the TMA kernels, each fitted as fixed + per-k cost
-//       ./gemm_kext_check --uc       the fused forward's wegeft_uc and the GEMM as its programmatic
-//                                    dependent, T = 8192, d = 4096, r = 64 (exit 1: y differs)
+//       ./gemm_kext_check --uc       the fused forward's routes (cuBLAS u, C + GEMM; wegeft_uc + the
+//                                    GEMM as its programmatic dependent; wegeft_fwd in one launch)
+//                                    at T = 8192, d = 4096, r = 64 and SmolLM2's layers
+//                                    (exit 1: u, C or y differ between them)
 //
 // Inputs are multiples of 1/8 in [-1/2, 1/2] (and bias, old D likewise; beta = 1/2), so every
 // product and partial sum is exact in f32 for these sizes: the f32 kernels must match the
@@ -634,36 +636,66 @@ static void kscan(const Cublas* cb) {
   cudaFree(D);
 }
 
-// --uc: the fused forward at T = 8192, d_in = d_out = 4096, r = 64 (bf16): wegeft_uc alone, the
-// NT TMA GEMM (K2 = 64, a block per tile) alone, the two one after the other, and the GEMM
-// launched as a programmatic dependent of wegeft_uc (as the crate does for small layers);
-// cuBLAS's frozen x W^T for the ratio. The dependent launch must give the same y, bit for bit.
-static int uc_bench(const Cublas* cb) {
+// --uc: the fused forward (bf16) at T = 8192, d_in = d_out = 4096, r = 64 and at SmolLM2's
+// layers (T = 4096; 576 -> 576, 576 -> 1536, 1536 -> 576; r = 8), each route the crate has or
+// had, side by side: cuBLAS's frozen x W^T (the ratio's base); wegeft_uc alone; the NT TMA
+// GEMM (K2 = r, a block per tile) alone; cuBLAS u and C, then the GEMM (FusedSm90's route for
+// large layers until session 10); wegeft_uc, then the GEMM; the GEMM as wegeft_uc's
+// programmatic dependent (FusedSm90's route for small layers); and wegeft_fwd, the whole
+// forward in one launch (FusedSm90's route for large layers since session 10), workspace
+// clear included. Inputs are multiples of 1/8, so u and C are exact sums in f32 in every
+// kernel: the routes must give the same u, C and y, bit for bit (exit 1 otherwise).
+static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   using T = __nv_bfloat16;
-  const int TT = 8192, DI = 4096, DO = 4096, R = 64, ITERS = 30;
+  const int ITERS = 30;
+  const float scale = 0.75f;
+  printf("UC T=%d d_in=%d d_out=%d r=%d\n", TT, DI, DO, R);
   T* x = device_random<T>((size_t)TT * DI);
   T* w = device_random<T>((size_t)DO * DI);
   T* psi = device_random<T>((size_t)R * DI);
   T* phi = device_random<T>((size_t)DI * R);
   T* u = device_alloc<T>((size_t)TT * R);
   T* c = device_alloc<T>((size_t)DO * R);
+  T* u2 = device_alloc<T>((size_t)TT * R);
+  T* c2 = device_alloc<T>((size_t)DO * R);
   T* y = device_alloc<T>((size_t)TT * DO);
   T* y2 = device_alloc<T>((size_t)TT * DO);
+  T* y3 = device_alloc<T>((size_t)TT * DO);
   Variant<T> v;
   bool found = false;
-  for (const auto& c2 : bf16_variants(true, true))
-    if (c2.tma && !c2.nn && !c2.persist) v = c2, found = true;
+  for (const auto& c3 : bf16_variants(true, true))
+    if (c3.tma && !c3.nn && !c3.persist) v = c3, found = true;
   if (!found) return 2;
   set_smem(v);
   const int tiles = ((TT + 127) / 128) * ((DO + 255) / 256);
   auto uc_launch = [&] {
     wegeft_uc_bf16<<<(TT + 63) / 64 + (DO + 63) / 64, uc::THREADS, uc::SMEM_BYTES>>>(TT, DI, DO, R, x, DI, psi, u, w, DI, phi, c,
-                                                                                      0.75f);
+                                                                                      scale);
   };
   auto gemm = [&](T* out, bool dep) {
     g_dependent = dep;
     launch(v, tiles, TT, DO, DI, R, x, DI, w, DI, u, R, c, R, (const T*)nullptr, 0.f, out, DO);
     g_dependent = false;
+  };
+  // wegeft_fwd: its seven maps (as src/cuda/gemm.rs makes them), workspace, grid.
+  CUtensorMap fm[7];
+  const bool maps = make_map(&fm[0], x, TT, DI, DI, 64, 128) && make_map(&fm[1], w, DO, DI, DI, 64, 256) &&
+                    make_map(&fm[2], u2, TT, R, R, 64, 128) && make_map(&fm[3], c2, DO, R, R, 64, 256) &&
+                    make_map(&fm[4], w, DO, DI, DI, 64, 128) && make_map(&fm[5], psi, R, DI, DI, 64, 64) &&
+                    make_map(&fm[6], phi, DI, R, R, 64, 64);
+  if (!maps) {
+    printf("UC wegeft_fwd: a tensor map could not be made\n");
+    return 1;
+  }
+  const int RC = (R + 63) / 64, TM = (TT + 127) / 128, CB = (DO + 127) / 128;
+  const int fwd_tiles = (CB + TM) * RC + tiles;
+  const size_t words = 1 + TM + CB;
+  unsigned* work = device_alloc<unsigned>(words);
+  CK(cudaFuncSetAttribute(wegeft_fwd_bf16_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, t90::SMEM_BYTES));
+  auto fwd_launch = [&] {
+    CK(cudaMemsetAsync(work, 0, words * sizeof(unsigned)));
+    wegeft_fwd_bf16_tma<<<std::min(fwd_tiles, sms), t90::THREADS, t90::SMEM_BYTES>>>(
+        fm[0], fm[1], fm[2], fm[3], fm[4], fm[5], fm[6], TT, DI, DO, R, u2, c2, scale, (const T*)nullptr, y3, DO, work);
   };
   double frozen = 0;
   if (cb) {
@@ -676,17 +708,44 @@ static int uc_bench(const Cublas* cb) {
     printf("\n");
   };
   row("wegeft_uc alone", time_ms(uc_launch, ITERS));
-  row("TMA GEMM K2=64 alone", time_ms([&] { gemm(y, false); }, ITERS));
+  row("TMA GEMM K2=r alone", time_ms([&] { gemm(y, false); }, ITERS));
+  if (cb)
+    row("cuBLAS u and C, then the GEMM", time_ms([&] {
+          cublas_rowmajor(cb, false, TT, R, DI, x, DI, psi, DI, u, R, (int)CUDA_R_16BF);
+          cublas_rowmajor(cb, true, DO, R, DI, w, DI, phi, R, c, R, (int)CUDA_R_16BF);
+          gemm(y, false);
+        }, ITERS));
   row("wegeft_uc, then the GEMM", time_ms([&] { uc_launch(); gemm(y, false); }, ITERS));
   row("wegeft_uc, GEMM as its dependent", time_ms([&] { uc_launch(); gemm(y2, true); }, ITERS));
+  row("wegeft_fwd (one launch)", time_ms(fwd_launch, ITERS));
   CK(cudaDeviceSynchronize());
-  std::vector<T> a((size_t)TT * DO), b((size_t)TT * DO);
-  CK(cudaMemcpy(a.data(), y, a.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  CK(cudaMemcpy(b.data(), y2, b.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  const bool same = std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-  printf("UC dependent launch gives the same y: %s\n", same ? "yes" : "NO (MISMATCH)");
-  for (T* p : {x, w, psi, phi, u, c, y, y2}) cudaFree(p);
-  return same ? 0 : 1;
+  auto same = [&](const T* p, const T* q, size_t n) {
+    std::vector<T> a(n), b(n);
+    CK(cudaMemcpy(a.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(b.data(), q, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return std::memcmp(a.data(), b.data(), n * sizeof(T)) == 0;
+  };
+  // The last runs: y from wegeft_uc + the GEMM, y2 from the dependent launch, y3, u2, c2 from
+  // wegeft_fwd.
+  uc_launch();
+  gemm(y, false);
+  CK(cudaDeviceSynchronize());
+  const bool dep_ok = same(y, y2, (size_t)TT * DO);
+  const bool fwd_ok = same(u, u2, (size_t)TT * R) && same(c, c2, (size_t)DO * R) && same(y, y3, (size_t)TT * DO);
+  printf("UC dependent launch gives the same y: %s\n", dep_ok ? "yes" : "NO (MISMATCH)");
+  printf("UC wegeft_fwd gives the same u, C and y: %s\n", fwd_ok ? "yes" : "NO (MISMATCH)");
+  for (T* p : {x, w, psi, phi, u, c, u2, c2, y, y2, y3}) cudaFree(p);
+  cudaFree(work);
+  return dep_ok && fwd_ok ? 0 : 1;
+}
+
+static int uc_bench(const Cublas* cb) {
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  int rc = 0;
+  const int shapes[][4] = {{8192, 4096, 4096, 64}, {4096, 576, 576, 8}, {4096, 576, 1536, 8}, {4096, 1536, 576, 8}};
+  for (const auto& s : shapes) rc = std::max(rc, uc_case(cb, s[0], s[1], s[2], s[3], sms));
+  return rc;
 }
 
 int main(int argc, char** argv) {

@@ -107,6 +107,13 @@ pub(crate) trait Exec {
         Ok(false)
     }
 
+    /// The whole fused forward in one launch (`wegeft_fwd_*_tma`: u, C and
+    /// `y = [x|u][W|C]^T (+ bias)`, y `tokens x d_out` packed; no dropout), when `path` is
+    /// [`Path::FusedSm90`] and the layer should take it here. `Ok(false)`: nothing launched.
+    unsafe fn fused_forward<T: Element>(&self, _stream: CUstream, _path: Path, _uc: &WegeftUc, _bias: Option<CUdeviceptr>, _y: CUdeviceptr) -> Result<bool> {
+        Ok(false)
+    }
+
     /// [`Path::Tuned`]'s choices on this device.
     fn tune_table(&self) -> &TuneTable;
 
@@ -213,6 +220,18 @@ impl Exec for CudaBackend {
             }
         }
         Ok(true)
+    }
+
+    #[cfg(wegeft_gemm)]
+    unsafe fn fused_forward<T: Element>(&self, stream: CUstream, path: Path, uc: &WegeftUc, bias: Option<CUdeviceptr>, y: CUdeviceptr) -> Result<bool> {
+        if path != Path::FusedSm90 || self.compute_capability() != (9, 0) || self.image() != super::context::Image::Sm90a {
+            return Ok(false);
+        }
+        if !uc.one_launch_applies::<T>() || !uc.one_launch_worth_it() {
+            return Ok(false);
+        }
+        // SAFETY: the caller's buffers, of the packed shapes of `uc`; y `tokens x d_out`.
+        unsafe { super::gemm::wegeft_fwd::<T>(self, stream, uc, bias, y) }
     }
 
     #[cfg(wegeft_gemm)]

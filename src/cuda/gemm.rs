@@ -86,6 +86,10 @@ mod geom {
     pub const T_BOX_A: (u32, u32) = (64, 128);
     pub const T_BOX_B_NT: (u32, u32) = (64, 256);
     pub const T_BOX_B_NN: (u32, u32) = (64, 64);
+    /// `wegeft_fwd_*_tma`'s rank tiles: B boxes of 64 x 64 (psi K-major, phi N-major), and
+    /// 128-row blocks of y, u and C for its flags.
+    pub const WF_BOX_RANK: (u32, u32) = (64, 64);
+    pub const WF_BLOCK_ROWS: usize = 128;
     /// `wegeft_uc_*`: 64 rows of u or C a block, 128 threads, 3 stages x 8 KiB (dynamic).
     pub const UC_ROWS: usize = 64;
     pub const UC_THREADS: u32 = 128;
@@ -408,6 +412,120 @@ impl WegeftUc {
 /// ([`WegeftUc::worth_it`]).
 pub(crate) const UC_MAX_BYTES: usize = 8 << 20;
 
+impl WegeftUc {
+    /// Whether `wegeft_fwd_*_tma` takes it (the whole forward in one launch): bf16 or f16;
+    /// rank a multiple of 8 (u and C are then tensor maps with rows of whole 16-byte chunks);
+    /// d_in a multiple of 8; every base 16-byte aligned; sizes within `i32`.
+    pub(crate) fn one_launch_applies<T: Element>(&self) -> bool {
+        let aligned = [self.x, self.w, self.psi, self.phi, self.u, self.c].iter().all(|p| *p != 0 && p % 16 == 0);
+        matches!(T::DTYPE, DType::BF16 | DType::F16)
+            && self.rank >= 8
+            && self.rank % 8 == 0
+            && self.d_in % 8 == 0
+            && self.tokens >= 1
+            && self.d_out >= 1
+            && aligned
+            && [self.tokens, self.d_in, self.d_out, self.rank].iter().all(|&v| v <= i32::MAX as usize / 2)
+    }
+
+    /// Whether the layer should take `wegeft_fwd` (a policy, not the kernel's contract): for
+    /// the layers above [`UC_MAX_BYTES`], where `wegeft_uc` beside the GEMM was measured slower
+    /// than the separate cuBLASLt products (BENCHMARKS.md, session 9); below it `wegeft_uc` and
+    /// the dependent GEMM stay, measured faster there. `wegeft_fwd` itself has not yet run on a
+    /// GPU (host-emulated only): the next GPU check measures it against both.
+    pub(crate) fn one_launch_worth_it(&self) -> bool {
+        !self.worth_it()
+    }
+
+    /// `wegeft_fwd`'s tiles: the rank tiles (128 rows x 64 columns of C, then of u) and the
+    /// 128 x 256 tiles of y.
+    fn one_launch_tiles(&self) -> usize {
+        let rows = geom::WF_BLOCK_ROWS;
+        let chunks = self.rank.div_ceil(geom::WF_BOX_RANK.0 as usize);
+        (self.d_out.div_ceil(rows) + self.tokens.div_ceil(rows)) * chunks
+            + self.tokens.div_ceil(geom::H_TILE.0) * self.d_out.div_ceil(geom::H_TILE.1)
+    }
+
+    /// `wegeft_fwd`'s workspace in u32 words: the tile counter, a flag per 128-row block of u,
+    /// then of C.
+    fn one_launch_words(&self) -> usize {
+        1 + self.tokens.div_ceil(geom::WF_BLOCK_ROWS) + self.d_out.div_ceil(geom::WF_BLOCK_ROWS)
+    }
+}
+
+/// The whole fused forward in one launch, `wegeft_fwd_{bf16,f16}_tma` (`kernels/gemm_kext.cu`):
+/// `u = x psi^T`, `C = scale W phi` and `y = [x|u] [W|C]^T (+ bias)` (y `tokens x d_out`,
+/// packed) by one persistent grid, the rank-r products as tiles taken before those of y. Its
+/// workspace (a tile counter and a flag per 128 rows of u and of C) is allocated and cleared
+/// on `stream` before the launch and freed after it, in stream order. `Ok(false)`: nothing was
+/// launched because the driver refused a tensor map (the caller computes the forward otherwise);
+/// an error when [`WegeftUc::one_launch_applies`] does not hold or the device is not running
+/// the sm_90a image (where the kernel traps).
+///
+/// # Safety
+/// The pointers must be valid device memory of the packed shapes of `uc`, `bias` `d_out`
+/// elements and `y` `tokens x d_out`, on this context; y must not overlap the inputs.
+pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream, uc: &WegeftUc, bias: Option<CUdeviceptr>, y: CUdeviceptr) -> Result<bool> {
+    const OP: &str = "wegeft_fwd";
+    let cuda = |e: cudarc::driver::DriverError| Error::Cuda { op: OP, msg: e.to_string() };
+    if !uc.one_launch_applies::<T>() {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "needs bf16/f16, rank a multiple of 8, d_in a multiple of 8 and 16-byte aligned operands (got {:?}, T {}, d_in {}, d_out {}, r {})",
+                T::DTYPE,
+                uc.tokens,
+                uc.d_in,
+                uc.d_out,
+                uc.rank
+            ),
+        ));
+    }
+    if dev.compute_capability() != (9, 0) || dev.image() != super::context::Image::Sm90a {
+        return Err(Error::invalid(OP, "needs a compute capability 9.0 device running the sm_90a image"));
+    }
+    let esize = T::DTYPE.size() as u64;
+    for (arg, p) in [("y", Some(y)), ("bias", bias)] {
+        match p {
+            Some(0) => return Err(Error::invalid(arg, "null device pointer")),
+            Some(p) if p % esize != 0 => return Err(Error::Align { arg, addr: p as usize, align: esize as usize }),
+            _ => {}
+        }
+    }
+    let dt = T::DTYPE;
+    let (t, din, dout, r) = (uc.tokens, uc.d_in, uc.d_out, uc.rank);
+    let maps = (|| -> Result<[CUtensorMap; 7]> {
+        Ok([
+            tensor_map(dt, uc.x, t, din, din, geom::T_BOX_A)?,
+            tensor_map(dt, uc.w, dout, din, din, geom::T_BOX_B_NT)?,
+            tensor_map(dt, uc.u, t, r, r, geom::T_BOX_A)?,
+            tensor_map(dt, uc.c, dout, r, r, geom::T_BOX_B_NT)?,
+            tensor_map(dt, uc.w, dout, din, din, geom::T_BOX_A)?,
+            tensor_map(dt, uc.psi, r, din, din, geom::WF_BOX_RANK)?,
+            tensor_map(dt, uc.phi, din, r, r, geom::WF_BOX_RANK)?,
+        ])
+    })();
+    let Ok([mx, mw, mu, mc, mwa, mpsi, mphi]) = maps else { return Ok(false) };
+    let tiles = u32::try_from(uc.one_launch_tiles()).map_err(|_| Error::invalid(OP, "grid too large"))?;
+    let grid = tiles.min(dev.sm_count().max(1));
+    let bytes = uc.one_launch_words() * 4;
+    let work = super::mem::DeviceBuf::new(dev, stream, bytes, OP)?;
+    // SAFETY: `work` was just allocated on this stream with `bytes` (or more) bytes.
+    unsafe { cudarc::driver::result::memset_d8_async(work.ptr(), 0, bytes, stream) }.map_err(cuda)?;
+    let name = if dt == DType::BF16 { "wegeft_fwd_bf16_tma" } else { "wegeft_fwd_f16_tma" };
+    let func = dev.function(name)?;
+    dev.context().bind_to_thread().map_err(cuda)?;
+    func.func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geom::T_SMEM as i32).map_err(cuda)?;
+    // Checked by `one_launch_applies`: every size fits i32.
+    let (ti, dini, douti, ri) = (t as i32, din as i32, dout as i32, r as i32);
+    let params =
+        kargs![mx, mw, mu, mc, mwa, mpsi, mphi, ti, dini, douti, ri, uc.u, uc.c, uc.scale, bias.unwrap_or(0), y, douti, work.ptr()];
+    // SAFETY: the operands are the caller's (above); `work` is freed after the kernel, in
+    // stream order, when dropped at the end of this function.
+    unsafe { dev.launch(OP, &func, (grid, 1, 1), (geom::T_THREADS, 1, 1), geom::T_SMEM, stream, &params)? };
+    Ok(true)
+}
+
 /// Launches `wegeft_uc_*` for `uc` on `stream`; an error when [`WegeftUc::applies`] does not
 /// hold.
 ///
@@ -536,6 +654,31 @@ mod tests {
         // 1536 -> 576 nor T = 8192 4096 -> 4096.
         assert!(uc(4096, 576, 576, 8, 0).worth_it() && uc(4096, 576, 1536, 8, 0).worth_it());
         assert!(!uc(4096, 1536, 576, 8, 0).worth_it() && !uc(8192, 4096, 4096, 64, 0).worth_it());
+    }
+
+    #[test]
+    fn wegeft_fwd_applies_to_its_contract_and_sizes_its_grid_and_workspace() {
+        let uc = |tokens, d_in, d_out, rank, x| super::WegeftUc { tokens, d_in, d_out, rank, x, w: 256, psi: 512, phi: 768, u: 1024, c: 1280, scale: 1.0 };
+        use half::{bf16, f16};
+        let big = uc(8192, 4096, 4096, 64, 16);
+        assert!(big.one_launch_applies::<bf16>() && big.one_launch_applies::<f16>() && !big.one_launch_applies::<f32>());
+        // Any rank that is a multiple of 8 (several 64-column rank tiles per block beyond 64).
+        for (r, ok) in [(1, false), (8, true), (12, false), (64, true), (72, true), (256, true)] {
+            assert_eq!(uc(64, 64, 64, r, 16).one_launch_applies::<bf16>(), ok, "rank {r}");
+        }
+        assert!(!uc(64, 60, 64, 8, 16).one_launch_applies::<bf16>(), "d_in not a multiple of 8");
+        assert!(!uc(64, 64, 64, 8, 8).one_launch_applies::<bf16>(), "x not 16-byte aligned");
+        assert!(!uc(64, 64, 64, 8, 0).one_launch_applies::<bf16>(), "x null");
+        // The policy: wegeft_uc where it was measured faster, the one launch above that.
+        assert!(big.one_launch_worth_it() && !uc(4096, 576, 576, 8, 16).one_launch_worth_it());
+        // T = 8192, d = 4096, r = 64: 32 C tiles and 64 u tiles, then 64 x 16 tiles of y; a
+        // counter and 64 + 32 flags.
+        assert_eq!(big.one_launch_tiles(), 32 + 64 + 64 * 16);
+        assert_eq!(big.one_launch_words(), 1 + 64 + 32);
+        // Tails, and r = 72: two 64-column chunks per 128-row block.
+        let odd = uc(200, 136, 300, 72, 16);
+        assert_eq!(odd.one_launch_tiles(), (3 + 2) * 2 + 2 * 2);
+        assert_eq!(odd.one_launch_words(), 1 + 2 + 3);
     }
 
     use super::*;

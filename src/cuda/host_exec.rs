@@ -47,6 +47,16 @@ impl HostExec {
     fn get(&self, p: CUdeviceptr) -> Vec<f64> {
         self.mem.borrow().get(&p).unwrap_or_else(|| panic!("no buffer at {p:#x}")).clone()
     }
+    /// u = x psi^T and C = scale W phi of `uc` (packed) into its u and C buffers; returned too.
+    fn host_uc(&self, uc: &WegeftUc) -> Result<(Vec<f64>, Vec<f64>)> {
+        let s = LayerShape::new(uc.tokens, uc.d_in, uc.d_out, uc.rank)?;
+        let psi_t = rf::transpose(&self.get(uc.psi), uc.rank, uc.d_in);
+        let u = rf::matmul(&self.get(uc.x), &psi_t, uc.tokens, uc.d_in, uc.rank);
+        let c = rf::generate_c(&s, &self.get(uc.w), &self.get(uc.phi), uc.scale as f64);
+        self.mem.borrow_mut().insert(uc.u, u.clone());
+        self.mem.borrow_mut().insert(uc.c, c.clone());
+        Ok((u, c))
+    }
     /// Element `i` of the buffer at `p`, panicking on an out-of-bounds index (a wiring bug).
     fn at(buf: &[f64], i: usize, what: &str) -> f64 {
         *buf.get(i).unwrap_or_else(|| panic!("{what}: index {i} out of bounds ({})", buf.len()))
@@ -170,12 +180,24 @@ impl Exec for HostExec {
             return Ok(false);
         }
         self.log.borrow_mut().push("wegeft_uc".into());
-        let s = LayerShape::new(uc.tokens, uc.d_in, uc.d_out, uc.rank)?;
-        let psi_t = rf::transpose(&self.get(uc.psi), uc.rank, uc.d_in);
-        let u = rf::matmul(&self.get(uc.x), &psi_t, uc.tokens, uc.d_in, uc.rank);
-        let c = rf::generate_c(&s, &self.get(uc.w), &self.get(uc.phi), uc.scale as f64);
-        self.mem.borrow_mut().insert(uc.u, u);
-        self.mem.borrow_mut().insert(uc.c, c);
+        self.host_uc(uc)?;
+        Ok(true)
+    }
+
+    unsafe fn fused_forward<T: Element>(&self, _stream: CUstream, path: Path, uc: &WegeftUc, bias: Option<CUdeviceptr>, y: CUdeviceptr) -> Result<bool> {
+        // What wegeft_fwd computes (u, C, then y = x W^T + u C^T + bias from them, y packed),
+        // where the device's policy takes it.
+        if self.fused.is_none() || path != Path::FusedSm90 || !uc.one_launch_worth_it() {
+            return Ok(false);
+        }
+        self.log.borrow_mut().push("wegeft_fwd".into());
+        let (u, c) = self.host_uc(uc)?;
+        let (t, din, dout, r) = (uc.tokens, uc.d_in, uc.d_out, uc.rank);
+        let xw = rf::matmul(&self.get(uc.x), &rf::transpose(&self.get(uc.w), dout, din), t, din, dout);
+        let uct = rf::matmul(&u, &rf::transpose(&c, dout, r), t, r, dout);
+        let b = bias.map(|p| self.get(p));
+        let yv: Vec<f64> = (0..t * dout).map(|i| xw[i] + uct[i] + b.as_ref().map_or(0.0, |b| Self::at(b, i % dout, "bias"))).collect();
+        self.mem.borrow_mut().insert(y, yv);
         Ok(true)
     }
 
@@ -308,7 +330,15 @@ fn wegeft_forward_backward_wiring() {
 
 #[test]
 fn fused_forward_takes_u_and_c_from_one_launch_without_dropout_only() {
-    let s = LayerShape::new(6, 16, 9, 8).unwrap();
+    // A small layer (x and W within UC_MAX_BYTES): wegeft_uc, then the GEMM; a large one: the
+    // whole forward in one launch (wegeft_fwd). With dropout neither.
+    for (s, want) in [(LayerShape::new(6, 16, 9, 8).unwrap(), "wegeft_uc"), (LayerShape::new(2, 4096, 1100, 8).unwrap(), "wegeft_fwd")] {
+        fused_forward_case(&s, want);
+    }
+}
+
+fn fused_forward_case(s: &LayerShape, want: &str) {
+    let s = *s;
     let [x, w, b, phi, psi, _] = case(&s, 41);
     let (t, dout, r) = (s.tokens, s.d_out, s.rank);
     for drop in [Dropout::NONE, Dropout { p: 0.25, seed: 3 }] {
@@ -316,8 +346,16 @@ fn fused_forward_takes_u_and_c_from_one_launch_without_dropout_only() {
         let (xp, wp, bp, php, psp) = (h.alloc(x.clone()), h.alloc(w.clone()), h.alloc(b.clone()), h.alloc(phi.clone()), h.alloc(psi.clone()));
         let (up, cp, yp) = (h.alloc(vec![f64::NAN; t * r]), h.alloc(vec![f64::NAN; dout * r]), h.alloc(vec![f64::NAN; t * dout]));
         unsafe { h.forward_impl::<f32>(&s, NULL, Path::FusedSm90, xp, wp, Some(bp), php, psp, 0.5, drop, up, cp, yp) }.unwrap();
-        let one_launch = h.log.borrow().iter().any(|n| n == "wegeft_uc");
-        assert_eq!(one_launch, drop.p == 0.0, "{drop:?}: {:?}", h.log.borrow());
+        let log = h.log.borrow();
+        let taken: Vec<&String> = log.iter().filter(|n| *n == "wegeft_uc" || *n == "wegeft_fwd").collect();
+        if drop.p == 0.0 {
+            assert_eq!(taken, [want], "{s:?}: {log:?}");
+        } else {
+            assert!(taken.is_empty(), "{drop:?}: {log:?}");
+        }
+        if want == "wegeft_fwd" && drop.p == 0.0 {
+            assert_eq!(log.len(), 1, "one launch, nothing else: {log:?}");
+        }
         if drop.p == 0.0 {
             close("y", &h.get(yp), &rf::wegeft_forward(&s, &x, &w, Some(&b), &phi, &psi, 0.5).unwrap(), 1e-12);
             close("C", &h.get(cp), &rf::generate_c(&s, &w, &phi, 0.5), 1e-12);

@@ -273,9 +273,13 @@ pub(crate) trait Layer: Exec {
         let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
         let dt = T::DTYPE;
         let (p1, p2, out) = ((x, din, w, din, din), (u, r, c, r, r), (y, dout, t, dout));
-        // FusedSm90 without dropout: u and C in one launch, and the GEMM as its programmatic
-        // dependent, multiplying x and W while u and C are computed.
+        // FusedSm90 without dropout: the whole forward in one launch (large layers), or u and
+        // C in one launch with the GEMM as its programmatic dependent, multiplying x and W
+        // while u and C are computed (small ones).
         let uc = super::exec::WegeftUc { tokens: t, d_in: din, d_out: dout, rank: r, x, w, psi, phi, u, c, scale };
+        if drop.p == 0.0 && self.fused_forward::<T>(stream, path, &uc, bias, y)? {
+            return Ok(());
+        }
         if drop.p == 0.0 && self.fused_uc::<T>(stream, path, &uc)? {
             if self.kext_fused::<T>(true, stream, path, (p1, p2, bias, out), true)? {
                 return Ok(());

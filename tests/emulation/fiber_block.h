@@ -8,7 +8,8 @@
 //                                        blockDim / gridDim set for the running thread;
 //   fb::sync_block()                     __syncthreads;
 //   fb::sync_warp()                      a barrier of the 32 threads of the caller's warp (for
-//                                        emulating warp-collective instructions).
+//                                        emulating warp-collective instructions);
+//   fb::sync_named(id, count)            bar.sync id, count (a named barrier of count threads).
 //
 // A barrier that can never complete (threads of a block or warp waiting at different
 // barriers, or some of them finished) is reported and aborts the run.
@@ -45,6 +46,7 @@ struct Block {
     long progress = 0;  // arrivals, releases and exits: a scheduler pass without any is a deadlock
     Barrier block_bar;
     std::vector<Barrier> warp_bars;
+    Barrier named_bars[16];  // bar.sync id, count (id 0 is __syncthreads')
     const std::function<void()>* body = nullptr;
 };
 inline Block g_block;
@@ -65,6 +67,8 @@ inline void wait_at(Barrier& b, int count) {
 
 inline void sync_block() { wait_at(g_block.block_bar, g_block.threads); }
 inline void sync_warp() { wait_at(g_block.warp_bars[g_block.current / 32], 32); }
+// bar.sync id, count: the first `count` threads to arrive at barrier `id` (1..15) are released.
+inline void sync_named(int id, int count) { wait_at(g_block.named_bars[id], count); }
 
 inline void fiber_entry() {
     (*g_block.body)();
@@ -86,6 +90,7 @@ inline void run_block(int threads, const std::function<void()>& kernel) {
     b.finished.assign(threads, 0);
     b.warp_bars.assign((threads + 31) / 32, Barrier{});
     b.block_bar = Barrier{};
+    for (Barrier& nb : b.named_bars) nb = Barrier{};
     b.body = &kernel;
     b.live = threads;
     for (int t = 0; t < threads; ++t) {

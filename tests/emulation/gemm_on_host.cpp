@@ -25,7 +25,9 @@
 // and D's padding must come back untouched. Whole tiles with an aligned D take the epilogues'
 // 16-byte stores after a quad transpose (__shfl_xor_sync emulated at a warp barrier). Also the
 // fused forward's wegeft_uc kernel (u = x psi^T and C = alpha W phi in one grid, 128 fibers a
-// block), against double loops, with a sentinel row after u and C.
+// block), against double loops, with a sentinel row after u and C; and wegeft_fwd_*_tma (u, C
+// and y in one persistent grid: the tile counter, the flags and the consumers' named barrier
+// emulated; a TMA read of u or C without a wait on its rows' flags fails).
 // Built and run by tests/kernel_emulation.rs:
 //   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/gemm_on_host.cpp
 #include <algorithm>
@@ -221,6 +223,7 @@ struct Op {
     uint64_t da, db;
     int trans_b;
     bool f16;
+    int n;  // accumulators a thread: 128 (m64n256k16) or 32 (m64n64k16)
     float* acc;
     std::vector<float> issued;
 };
@@ -249,7 +252,7 @@ inline void compute(const Op& op, float* out) {
         const int row = 16 * w + lane / 4 + 8 * h;
         for (int k = 0; k < 16; ++k) A[h][k] = elem(swz(sa + (row / 8) * sba + (row % 8) * 128 + 2 * k), op.f16);
     }
-    for (int i = 0; i < 128; ++i) {
+    for (int i = 0; i < op.n; ++i) {
         const int h = (i >> 1) & 1, col = 8 * (i >> 2) + 2 * (lane % 4) + (i & 1);
         float acc = 0.0f;
         for (int k = 0; k < 16; ++k) {
@@ -261,12 +264,12 @@ inline void compute(const Op& op, float* out) {
     }
 }
 inline void retire(Op& op) {
-    std::vector<float> now(128);
+    std::vector<float> now(op.n);
     compute(op, now.data());
-    if (std::memcmp(now.data(), op.issued.data(), 128 * sizeof(float)) != 0) {
+    if (std::memcmp(now.data(), op.issued.data(), op.n * sizeof(float)) != 0) {
         if (races++ == 0) std::printf("RACE: shared memory read by a wgmma changed while it was in flight (thread %u, block %u)\n", threadIdx.x, blockIdx.x);
     }
-    for (int i = 0; i < 128; ++i) op.acc[i] += now[i];
+    for (int i = 0; i < op.n; ++i) op.acc[i] += now[i];
 }
 }  // namespace h90emu
 
@@ -293,10 +296,18 @@ struct Wgmma {
     template <int N>
     static void run(float (&d)[N], uint64_t da, uint64_t db) {
         static_assert(N == 128, "m64n256k16: 128 accumulators per thread");
-        h90emu::Op op{da, db, TRANS_B, std::is_same<T, __half>::value, d, std::vector<float>(128)};
+        issue(d, N, da, db);
+    }
+    static void issue(float* d, int n, uint64_t da, uint64_t db) {
+        h90emu::Op op{da, db, TRANS_B, std::is_same<T, __half>::value, n, d, std::vector<float>(n)};
         h90emu::compute(op, op.issued.data());
         h90emu::lanes[threadIdx.x].open.push_back(std::move(op));
     }
+};
+// m64n64k16: the first 64 columns of the same operand layouts.
+template <typename T, int TRANS_B>
+struct Wgmma64 {
+    static void run(float (&d)[32], uint64_t da, uint64_t db) { Wgmma<T, TRANS_B>::issue(d, 32, da, db); }
 };
 }  // namespace h90
 
@@ -370,6 +381,55 @@ inline void mbar_wait(uint32_t a, uint32_t parity) {
     while ((t90emu::bar(a).phase & 1) == (parity & 1)) fb::yield_to_scheduler();
 }
 inline void grid_dependency_wait() {}  // one grid at a time here: its prerequisites are done
+// wegeft_fwd's schedule. Blocks run one after another here, so the first block takes every
+// tile and a y tile's flags are posted by its own consumers (a flag wait yields to them; one
+// that no fiber can end is the scheduler's deadlock). Counted: tiles taken, flag waits that
+// had to wait.
+// With take_cap > 0 a block takes at most that many tiles (then it is told that none are left,
+// as if other blocks had taken them), so that the blocks after it take the rest: y tiles then
+// read rank tiles of earlier blocks through the flags.
+// The producer's TMA reads of u and C are checked against the flags it waited for since it
+// took its tile (`waited`): every 128-row block of u or C a box touches must have had its flag
+// waited for (check_fwd registers u, C and their flags in `guard`).
+inline int tiles_taken = 0, flag_stalls = 0, take_cap = 0, taken_here = 0;
+inline unsigned taken_block = ~0u;
+inline std::vector<const unsigned*> waited;
+struct Guard {
+    const void* base = nullptr;  // u or C
+    int rows = 0;
+    const unsigned* flags = nullptr;
+};
+inline Guard guard[2];
+inline int unguarded_reads = 0;
+inline int take_tile(unsigned* counter) {
+    if (taken_block != blockIdx.x) taken_block = blockIdx.x, taken_here = 0;
+    if (take_cap > 0 && taken_here == take_cap) return 1 << 30;
+    ++taken_here;
+    ++tiles_taken;
+    waited.clear();
+    return (int)(*counter)++;
+}
+inline void flag_wait(const unsigned* flag, unsigned want) {
+    if (*flag < want) ++flag_stalls;
+    while (*flag < want) fb::yield_to_scheduler();
+    waited.push_back(flag);
+}
+inline void check_guarded_read(const void* base, int c1, int box_rows) {
+    for (const Guard& g : guard) {
+        if (g.base == nullptr || g.base != base) continue;
+        for (int row = std::max(c1, 0); row < std::min(c1 + box_rows, g.rows); row += 128)
+            if (std::find(waited.begin(), waited.end(), g.flags + row / 128) == waited.end()) ++unguarded_reads;
+    }
+}
+inline void flag_post(unsigned* flag) {
+    ++*flag;
+    ++fb::g_block.progress;
+}
+inline void publish_fence() {}
+inline void consumers_sync() {
+    if (threadIdx.x >= 256) die("consumers_sync outside the consumer warpgroups", 0);
+    fb::sync_named(1, 256);
+}
 inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t a, int c0, int c1) {
     uint64_t v[7];
     std::memcpy(v, map->opaque, sizeof v);
@@ -390,6 +450,7 @@ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t a, int c0
                 std::memset(g_smem + at, 0, es);
         }
     ++t90emu::copies;
+    check_guarded_read(base, c1, br);
     t90emu::Bar& b = t90emu::bar(a);
     b.tx -= (long)br * 128;
     t90emu::settle(b);
@@ -601,6 +662,91 @@ void check_uc(const char* name, void (*kernel)(int, int, int, int, const T*, int
                 rel, tol, pad_ok ? "" : "  PADDING WRITTEN");
 }
 
+// wegeft_fwd (u, C and y in one grid: rank tiles first, then the y tiles, through the counter
+// and the flags) against double loops: u and C against x psi^T and scale W phi, y against
+// x W^T + u C^T + bias over the u and C it stored. u, C and y are NaN before the run and have a
+// sentinel row after them; y's row padding must stay untouched. `cap`: tiles a block takes
+// (0: the first block takes all); the grid then has enough blocks, plus one that takes none.
+template <typename T>
+using FwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
+                           const CUtensorMap, const CUtensorMap, int, int, int, int, T*, T*, float, const T*, T*, int,
+                           unsigned*);
+template <typename T>
+void check_fwd(const char* name, FwdKernel<T> kernel, int Tn, int din, int dout, int r, bool bias, int cap, double tol) {
+    Mat<T> x(Tn, din, din, 0), w(dout, din, din, 0), psi(r, din, din, 0), phi(din, r, r, 0), bv(1, dout, dout, 0);
+    const int ldy = dout % 8 == 0 ? dout : dout + 3;
+    Mat<T> u(Tn, r, r, 0, false), c(dout, r, r, 0, false), y(Tn, dout, ldy, 0, false);
+    const float sentinel = 7.0f, scale = 0.75f;
+    for (int i = 0; i <= Tn; ++i)
+        for (int j = 0; j < ldy; ++j) y.p[(size_t)i * ldy + j] = from_f<T>(i == Tn || j >= dout ? sentinel : NAN);
+    for (int j = 0; j < r; ++j) u.p[(size_t)Tn * r + j] = from_f<T>(sentinel), c.p[(size_t)dout * r + j] = from_f<T>(sentinel);
+    for (int i = 0; i < Tn * r; ++i) u.p[i] = from_f<T>(NAN);
+    for (int i = 0; i < dout * r; ++i) c.p[i] = from_f<T>(NAN);
+    const int RC = (r + 63) / 64, CB = (dout + 127) / 128, TM = (Tn + 127) / 128, TN = (dout + 255) / 256;
+    const int tiles = (CB + TM) * RC + TM * TN;
+    std::vector<unsigned> work(1 + TM + CB, 0u);
+    const CUtensorMap mx = tma_map(x.p, Tn, din, din, 64, 128), mw = tma_map(w.p, dout, din, din, 64, 256);
+    const CUtensorMap mu = tma_map(u.p, Tn, r, r, 64, 128), mc = tma_map(c.p, dout, r, r, 64, 256);
+    const CUtensorMap mwa = tma_map(w.p, dout, din, din, 64, 128), mpsi = tma_map(psi.p, r, din, din, 64, 64);
+    const CUtensorMap mphi = tma_map(phi.p, din, r, r, 64, 64);
+    const int grid = cap > 0 ? (tiles + cap - 1) / cap + 1 : 2;
+    t90::take_cap = cap;
+    t90::taken_block = ~0u;
+    t90::guard[0] = {u.p, Tn, work.data() + 1};
+    t90::guard[1] = {c.p, dout, work.data() + 1 + TM};
+    const int taken_before = t90::tiles_taken, unguarded_before = t90::unguarded_reads;
+    fb::run_grid({(unsigned)grid, 1, 1}, 288, [&] {
+        kernel(mx, mw, mu, mc, mwa, mpsi, mphi, Tn, din, dout, r, u.p, c.p, scale, bias ? bv.p : nullptr, y.p, ldy,
+               work.data());
+        auto& wl = h90emu::lanes[threadIdx.x];
+        if (!wl.groups.empty() || !wl.open.empty()) {
+            ++g_leftover;
+            wl.groups.clear();
+            wl.open.clear();
+        }
+    });
+    t90::take_cap = 0;
+    t90::guard[0] = t90::guard[1] = {};
+    const int unguarded = t90::unguarded_reads - unguarded_before;
+    // u and C against double loops over the inputs; y against the u and C as stored.
+    double worst_uc = 0, scale_uc = 0, worst_y = 0, scale_y = 0;
+    for (int pass = 0; pass < 2; ++pass)
+        for (int i = 0; i < (pass ? dout : Tn); ++i)
+            for (int j = 0; j < r; ++j) {
+                double want = 0;
+                for (int k = 0; k < din; ++k) want += pass ? w.at(i, k) * phi.at(k, j) : x.at(i, k) * psi.at(j, k);
+                if (pass) want *= scale;
+                const double e = std::fabs((pass ? c.at(i, j) : u.at(i, j)) - want);
+                scale_uc = std::max(scale_uc, std::fabs(want));
+                worst_uc = std::max(worst_uc, std::isnan(e) ? INFINITY : e);
+            }
+    for (int i = 0; i < Tn; ++i)
+        for (int j = 0; j < dout; ++j) {
+            double want = bias ? bv.at(0, j) : 0.0;
+            for (int k = 0; k < din; ++k) want += x.at(i, k) * w.at(j, k);
+            for (int k = 0; k < r; ++k) want += u.at(i, k) * c.at(j, k);
+            const double e = std::fabs(y.at(i, j) - want);
+            scale_y = std::max(scale_y, std::fabs(want));
+            worst_y = std::max(worst_y, std::isnan(e) ? INFINITY : e);
+        }
+    bool pad_ok = true;
+    for (int i = 0; i <= Tn; ++i)
+        for (int j = 0; j < ldy; ++j)
+            if (i == Tn || j >= dout) pad_ok &= y.at(i, j) == sentinel;
+    for (int j = 0; j < r; ++j) pad_ok &= u.at(Tn, j) == sentinel && c.at(dout, j) == sentinel;
+    // Every tile handed out (the counter went past the last one; each y element checked above
+    // says its tile ran once), every rank tile's flag posted.
+    bool work_ok = (int)work[0] >= tiles && t90::tiles_taken - taken_before >= tiles;
+    for (int i = 0; i < TM + CB; ++i) work_ok &= work[1 + i] == (unsigned)RC;
+    const double e_uc = worst_uc / std::max(scale_uc, 1e-30), e_y = worst_y / std::max(scale_y, 1e-30);
+    const bool ok = e_uc <= tol && e_y <= tol && pad_ok && work_ok && unguarded == 0;
+    ++g_checks;
+    if (!ok) ++g_failures;
+    std::printf("%s %-23s T%-4d d_in %-4d d_out %-4d r %-3d bias %d cap %d  err u,C %.2e y %.2e (tol %.0e)%s%s%s\n",
+                ok ? "ok  " : "FAIL", name, Tn, din, dout, r, bias, cap, e_uc, e_y, tol, pad_ok ? "" : "  PADDING WRITTEN",
+                work_ok ? "" : "  COUNTER/FLAGS WRONG", unguarded ? "  u/C READ WITHOUT WAITING FOR ITS FLAG" : "");
+}
+
 int main() {
     // The fused forward's u and C: tails in T, d_out and d_in (not a multiple of the 32-deep k
     // tile), r from 8 to 64, more k tiles than the 3 stages.
@@ -669,6 +815,19 @@ int main() {
             check<__half, true>("gemm_kext_nn_f16_tma", nullptr, 128, 256, c, 0, !b, 0.0f, 2e-3, gemm_kext_nn_f16_tma);
         }
     }
+    // The fused forward in one grid: a single tile of each kind; tails in T, d_in (not a
+    // multiple of 64) and d_out (a y tile reading one C block, an odd ldy); two rank chunks
+    // (r 72: a partial one, and two K2 k tiles); more k tiles than stages; on one block
+    // (flags posted by its own consumers) and on many (cap 3: y tiles after the rank tiles of
+    // earlier blocks).
+    const int fwd_cases[][4] = {{1, 8, 8, 8}, {130, 72, 300, 8}, {200, 136, 136, 72}, {257, 320, 520, 64}};
+    for (const auto& f : fwd_cases) {
+        for (int cap : {0, 3}) {
+            check_fwd<__nv_bfloat16>("wegeft_fwd_bf16_tma", wegeft_fwd_bf16_tma, f[0], f[1], f[2], f[3], cap == 0, cap, 1e-2);
+            check_fwd<__half>("wegeft_fwd_f16_tma", wegeft_fwd_f16_tma, f[0], f[1], f[2], f[3], cap != 0, cap, 2e-3);
+        }
+    }
+    std::printf("wegeft_fwd: %d tiles taken, %d flag waits that waited\n", t90::tiles_taken, t90::flag_stalls);
     std::printf("TMA boxes copied: %d\n", t90emu::copies);
     std::printf("wgmma reads of shared memory that changed in flight: %d\n", h90emu::races);
     if (h90emu::races) ++g_failures;
