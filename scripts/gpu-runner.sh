@@ -20,8 +20,9 @@
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   gemm_kscan (30)   bf16 NT and NN at K = 1024 / 2048 / 4096, cuBLAS and the TMA kernels: fixed cost
 #                     per launch (epilogue, pipeline fill) and cost per 1024 of K
-#   gemm_uc (30)      the fused forward at T=8192 d=4096 r=64: wegeft_uc, the TMA GEMM, and the
-#                     GEMM launched as wegeft_uc's programmatic dependent (same y required)
+#   gemm_uc (30)      the fused forward's routes at T=8192 d=4096 r=64 and SmolLM2's layers:
+#                     cuBLAS u, C + the TMA GEMM; wegeft_uc + the GEMM as its programmatic
+#                     dependent; wegeft_fwd in one launch (the same u, C and y required)
 #   sanitizers (150, all side by side): compute-sanitizer memcheck (also tracking the
 #                  stream-ordered pool), racecheck, initcheck, synccheck on cuda_layer sanitize_*
 #                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge,

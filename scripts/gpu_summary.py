@@ -171,6 +171,27 @@ def gemm_bench_rows(text):
     return rows, cublas
 
 
+def uc_cases(text):
+    """gemm_kext_check --uc: per shape, its routes [(name, ms, x frozen or None)] and its checks."""
+    cases = []
+    for line in text.splitlines():
+        if not line.startswith("UC "):
+            continue
+        body = line[3:].strip()
+        m = re.match(r"T=(\d+) d_in=(\d+) d_out=(\d+) r=(\d+)$", body)
+        if m:
+            cases.append({"shape": f"T{m[1]} {m[2]}->{m[3]} r{m[4]}", "rows": [], "checks": []})
+            continue
+        if not cases:
+            cases.append({"shape": "?", "rows": [], "checks": []})
+        m = re.match(r"(.+?)\s+([\d.]+) ms(?:\s+\(([\d.]+)x frozen\))?$", body)
+        if m:
+            cases[-1]["rows"].append((m[1].strip(), float(m[2]), float(m[3]) if m[3] else None))
+        else:
+            cases[-1]["checks"].append(body)
+    return cases
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--logs", required=True)
@@ -274,9 +295,20 @@ def main():
                 parts.append("cuBLAS not loaded")
             keys[name] = "; ".join(parts)
         elif name == "gemm_uc":
-            # UC lines: each arrangement's time (and x frozen), and the bitwise check.
-            parts = [l[3:].strip() for l in text.splitlines() if l.startswith("UC ")]
-            keys[name] = "; ".join(" ".join(p.split()) for p in parts)
+            # Per shape: the one-launch forward against the fastest other route, and whether the
+            # routes agreed bit for bit (the whole table is below the summary).
+            parts = []
+            for c in uc_cases(text):
+                rows = {r[0]: r for r in c["rows"]}
+                one = rows.get("wegeft_fwd (one launch)")
+                others = [r for r in c["rows"] if r[0] != "wegeft_fwd (one launch)" and "alone" not in r[0]
+                          and "frozen" not in r[0]]
+                best_other = min(others, key=lambda r: r[1]) if others else None
+                bits = "same bits" if c["checks"] and all(ch.endswith("yes") for ch in c["checks"]) else "MISMATCH or missing"
+                cell_one = f"{one[1]:.3f} ms ({one[2]:.2f}x)" if one and one[2] else (f"{one[1]:.3f} ms" if one else "—")
+                cell_other = f"{best_other[1]:.3f} ms ({best_other[0]})" if best_other else "—"
+                parts.append(f"{c['shape']}: one launch {cell_one}, best other {cell_other}, {bits}")
+            keys[name] = "; ".join(parts)
         elif name == "gemm_kscan":
             # KSCAN lines: fixed cost and cost per 1024 of K, cuBLAS and the TMA kernel.
             pat = r"KSCAN (\S+)\s.*fixed ([\d.]+) us\s+per 1024 of K ([\d.]+) us"
@@ -390,6 +422,23 @@ def main():
                  "and one pair captured in a CUDA graph, replayed 20 times):")
         o.append("")
         o.extend(f"* {l}" for l in host)
+
+    ucs = uc_cases(read(os.path.join(L, "gemm_uc.log")))
+    if ucs:
+        routes = []
+        for c in ucs:
+            for r in c["rows"]:
+                if r[0] not in routes:
+                    routes.append(r[0])
+        o.append("")
+        o.append("### The fused forward's routes (`gemm_kext_check --uc`, bf16): ms (time x cuBLAS's frozen x W^T)")
+        o.append("")
+        o.append("| shape | " + " | ".join(routes) + " | checks |")
+        o.append("|---|" + "---|" * (len(routes) + 1))
+        for c in ucs:
+            rows = {r[0]: r for r in c["rows"]}
+            cells = [fmt_ms(rows[k][1], rows[k][2]) if k in rows else "—" for k in routes]
+            o.append(f"| {c['shape']} | " + " | ".join(cells) + " | " + cell("; ".join(c["checks"])) + " |")
 
     if gemm_rows or cublas:
         o.append("")

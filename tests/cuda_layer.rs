@@ -109,7 +109,8 @@ fn case<T: Element>(seed: u64, tokens: usize, d_in: usize, d_out: usize, rank: u
 /// (T, d_in, d_out): odd sizes (every kernel's tails, the fused GEMM's scalar loads), and one
 /// with every leading dimension a multiple of 8, where FusedSm90 takes the TMA kernels and, for
 /// ranks 8 and 64, computes u and C in one launch (`wegeft_uc_*`) with the forward GEMM
-/// launched as its programmatic dependent.
+/// launched as its programmatic dependent (for the whole forward in one launch, above 8 MiB
+/// of x and W: `ONE_LAUNCH` below).
 const SHAPES: &[(usize, usize, usize)] = &[(37, 83, 71), (1, 129, 65), (130, 67, 259), (200, 136, 264)];
 const RANKS: &[usize] = &[1, 8, 64, 256];
 
@@ -489,6 +490,61 @@ fn fixtures_f32() {
     }
 }
 
+// ---- the whole forward in one launch (FusedSm90, large layers) -----------------------------
+
+/// Layers whose x and W exceed 8 MiB (`UC_MAX_BYTES`), every leading dimension a multiple of
+/// 8: on an H100 / H200 (the sm_90a image) FusedSm90 runs the forward as one launch,
+/// `wegeft_fwd_*_tma` (u and C as rank tiles of the GEMM's grid). A tall, thin one (64 row
+/// blocks of u, one C block); tails in T and d_out with two 64-column rank chunks (r = 72) and
+/// two tiles of y across; r = 256 (four chunks, four u / C k tiles).
+const ONE_LAUNCH: &[(usize, usize, usize, usize)] = &[(8200, 512, 8, 8), (300, 8000, 264, 72), (520, 4096, 600, 256)];
+
+fn check_one_launch<T: El>(dev: &CudaBackend, i: usize, (tk, din, dout, r): (usize, usize, usize, usize)) {
+    assert!((tk + dout) * din * 2 > 8 << 20, "not above UC_MAX_BYTES");
+    let c = case::<T>(300 + i as u64, tk, din, dout, r);
+    let what = format!("{} one launch T={tk} d_in={din} d_out={dout} r={r}", T::DTYPE);
+    let st = dev.stream().clone();
+    let s = &c.s;
+    let (x, w, b) = (up::<T>(&st, &c.x), up::<T>(&st, &c.w), up::<T>(&st, &c.b));
+    let (phi, psi) = (up::<T>(&st, &c.phi), up::<T>(&st, &c.psi));
+    let run = |u: &mut CudaSlice<T>, cc: &mut CudaSlice<T>, y: &mut CudaSlice<T>| {
+        let before = dev.launch_count();
+        dev.wegeft_forward(s, &x, &w, Some(&b), &phi, &psi, c.scale as f32, Dropout::NONE, u, cc, y, Launch::new().path(Path::FusedSm90))
+            .unwrap();
+        dev.launch_count() - before
+    };
+    let (mut u, mut cc, mut y) = (poisoned::<T>(&st, tk * r), poisoned::<T>(&st, dout * r), poisoned::<T>(&st, tk * dout));
+    let launches = run(&mut u, &mut cc, &mut y);
+    let hopper = dev.compute_capability() == (9, 0) && dev.image() == wegeft::cuda::Image::Sm90a;
+    assert_eq!(launches == 1, hopper, "{what}: {launches} launches (one launch expected exactly on an sm_90a device)");
+    let want_y = rf::wegeft_forward(s, &c.x, &c.w, Some(&c.b), &c.phi, &c.psi, c.scale).unwrap();
+    let want_u = rf::matmul(&c.x, &t(&c.psi, r, din), tk, din, r);
+    let want_c = rf::generate_c(s, &c.w, &c.phi, c.scale);
+    assert_close(&format!("{what} u"), &down(&st, &u), &want_u, tol::<T>());
+    assert_close(&format!("{what} C"), &down(&st, &cc), &want_c, tol::<T>());
+    assert_close(&format!("{what} y"), &down(&st, &y), &want_y, tol::<T>());
+    // Deterministic: the same bits again (tiles go to whichever block takes them first).
+    let (mut u2, mut c2, mut y2) = (poisoned::<T>(&st, tk * r), poisoned::<T>(&st, dout * r), poisoned::<T>(&st, tk * dout));
+    run(&mut u2, &mut c2, &mut y2);
+    assert!(bits(&st, &u) == bits(&st, &u2) && bits(&st, &cc) == bits(&st, &c2) && bits(&st, &y) == bits(&st, &y2), "{what}: two runs differ");
+}
+
+#[test]
+fn forward_in_one_launch_bf16() {
+    let dev = gpu_or_skip!();
+    for (i, &sh) in ONE_LAUNCH.iter().enumerate() {
+        check_one_launch::<bf16>(&dev, i, sh);
+    }
+}
+
+#[test]
+fn forward_in_one_launch_f16() {
+    let dev = gpu_or_skip!();
+    for (i, &sh) in ONE_LAUNCH.iter().enumerate() {
+        check_one_launch::<f16>(&dev, i, sh);
+    }
+}
+
 // ---- determinism ------------------------------------------------------------------------------
 
 fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case, path: Path, drop: Dropout) -> Vec<Vec<u8>> {
@@ -587,6 +643,11 @@ fn sanitize_case<T: El>(dev: &CudaBackend) {
             check_lora::<T>(dev, &c, p, &format!("sanitize {e:?}"));
         }
         check_merge::<T>(dev, &m, &format!("sanitize {e:?}"));
+    }
+    // The one-launch forward (bf16 / f16 on an sm_90a device; elsewhere another route): the
+    // smallest of its cases (64 + 1 rank tiles, 65 tiles of y of 8 k tiles each).
+    if T::DTYPE != DType::F32 {
+        check_one_launch::<T>(dev, 0, ONE_LAUNCH[0]);
     }
     check_frozen::<T>(dev, &c, "sanitize");
     check_dropout::<T>(dev);

@@ -117,6 +117,9 @@ mod tests {
         // The TMA kernels: the four tensor maps (CUtensorMap by value), then the same 16.
         let sig = crate::cuda::kernels::signature_of("gemm_kext_nn_bf16_tma").unwrap();
         assert_eq!(sig, format!("{},u32,u32,u32,u32,u64,u32,u64,u32,u64,u32,u64,u32,u64,f32,u64,u32", ["align 128 b8"; 4].join(",")));
+        // wegeft_fwd: seven maps, then (T, d_in, d_out, r, u, C, scale, bias, y, ldy, work).
+        let sig = crate::cuda::kernels::signature_of("wegeft_fwd_bf16_tma").unwrap();
+        assert_eq!(sig, format!("{},u32,u32,u32,u32,u64,u64,f32,u64,u64,u32,u64", ["align 128 b8"; 7].join(",")));
         assert_eq!(std::mem::size_of::<cudarc::driver::sys::CUtensorMap>(), 128);
         assert_eq!(std::mem::align_of::<cudarc::driver::sys::CUtensorMap>(), 128);
     }
