@@ -1546,49 +1546,56 @@ GEMM_KEXT_T90(gemm_kext_nt_f16_tma, __half, false)
 GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
 
 // ------------------------------------------------------------------------------------------
-// The fused forward in one launch: wegeft_fwd_{bf16,f16}_tma.
+// The fused forward and input gradient in one launch each:
+//   wegeft_fwd_{bf16,f16}_tma  u = x psi^T (T x r), C = scale W phi (d_out x r),
+//                              y = [x | u] [W | C]^T (+ bias)             (the NT TMA GEMM)
+//   wegeft_dx_{bf16,f16}_tma   v = G C (T x r), dx = [G | v] [W ; psi]     (the NN TMA GEMM)
 //
-//   u = x psi^T (T x r),  C = scale W phi (d_out x r),  y = [x | u] [W | C]^T (+ bias)
-//
-// The NT TMA kernel above, persistent, with the rank-r products as tiles of the same grid
-// ("rank tiles"), taken before the block tiles of y: u and C are read at the TMA pipeline's
-// bandwidth, without launches of their own, while the other blocks already multiply x and W.
-// (wegeft_uc overlapped with the GEMM as a second grid beside it, but its blocks, with 16 KiB in
-// flight each, read far slower than the SMs can: BENCHMARKS.md, session 9.)
-// A rank tile is 128 rows x 64 columns of C or u, K = d_in; per k tile one 64 x 128 box of A
-// (16 KiB: W rows for C, x rows for u) and one 64 x 64 box of B (8 KiB: phi, N-major, like a
-// 64-column quarter of an NN B tile; psi, K-major, like 64 rows of an NT B tile); each
-// warpgroup runs m64n64k16 (32 accumulators) on its 64 rows. Its epilogue stores the rows and
-// columns inside C / u (C times scale), rounded once, exactly as the y tiles then read them.
+// The TMA kernel above, persistent, with the rank-r products that its second pair needs as
+// tiles of the same grid ("rank tiles"), taken before the block tiles of D: they are read at
+// the TMA pipeline's bandwidth, without launches of their own, while the other blocks already
+// run the first pair. (wegeft_uc overlapped with the GEMM as a second grid beside it, but its
+// blocks, with 16 KiB in flight each, read far slower than the SMs can: BENCHMARKS.md, session
+// 9.)
+// A rank tile is 128 rows x 64 columns of its output, K = K1 (d_in forward, d_out backward);
+// per k tile one 64 x 128 box of A (16 KiB) and one 64 x 64 box of B (8 KiB: K-major like 64
+// rows of an NT B tile, or N-major like a 64-column quarter of an NN B tile); each warpgroup
+// runs m64n64k16 (32 accumulators) on its 64 rows. Its epilogue stores the rows and columns
+// inside the output (times its scale), rounded once, exactly as the D tiles then read them.
+// Two kinds:
+//   kind 0 writes A2, rows M:   forward u (A = x, B = psi K-major), backward v (A = G, B = C
+//                               N-major); A is the first pair's A1, read through its map;
+//   kind 1 writes B2, rows N:   forward C (A = W by a 64 x 128 map, B = phi N-major, scale);
+//                               none in the backward (B2 = psi is an input).
 // Tile index i, handed out by a counter in global memory (atomicAdd by the producer lane, which
 // writes i beside the stage's barrier for the consumers; -1 ends the block):
-//   [0, CB RC)             C tiles: 128-row block i / RC of C, 64-column chunk i % RC;
-//   [CB RC, (CB + TM) RC)  u tiles: the same over the 128-row blocks of u;
-//   then the block tiles of y (128 x 256, gk::tile_coords order), i - (CB + TM) RC;
-// RC = ceil(r / 64), CB = ceil(d_out / 128), TM = ceil(T / 128). A rank tile, once every
-// consumer thread's stores are fenced (t90::publish_fence) and the two warpgroups have met,
-// adds 1 to its block's flag (release, gpu scope). The producer of a tile of y, before its
-// first u / C k tile, waits (acquire) until the flags of its 128 rows of u and of its 256 rows
-// of C (two C blocks) reach RC, then fences the async proxy: its TMA reads see those stores.
-// Deadlock-free whatever the residency: a rank tile waits for nothing, every rank tile is
-// taken (by a running block) before any tile of y, and a block runs its tiles in order.
-// Workspace `work` (u32, 1 + TM + CB): [0] the counter, [1, 1 + TM) the u flags, then the C
-// flags; zero at launch (the launcher clears it before each launch, in stream order).
-// Requires (the launcher checks): r, d_in multiples of 8; 16-byte aligned bases (every operand
-// a tensor map; u and C packed with ld r); ldy >= d_out.
-// Parameters: the maps of x (box 64 x 128), W (64 x 256), u (64 x 128), C (64 x 256) — those of
-// gemm_kext_nt_*_tma for y — then of W as A (64 x 128), psi (64 x 64), phi (64 x 64); then
-// (T, d_in, d_out, r, u, C, scale, bias, y, ldy, work).
+//   [0, R1 RC)             kind 1: 128-row block i / RC, 64-column chunk i % RC (forward only);
+//   [R1 RC, (R1 + TM) RC)  kind 0, the same over the 128-row blocks of A2;
+//   then the block tiles of D (128 x 256, gk::tile_coords order);
+// RC = ceil(r / 64), TM = ceil(M / 128), R1 = ceil(N / 128) (0 backward). A rank tile, once
+// every consumer thread's stores are fenced (t90::publish_fence) and the two warpgroups have
+// met, adds 1 to its block's flag (release, gpu scope). The producer of a tile of D, before its
+// first second-pair k tile, waits (acquire) until the flags of its 128 rows of A2 and (forward)
+// of its 256 rows of B2 (two blocks) reach RC, then fences the async proxy: its TMA reads see
+// those stores. Deadlock-free whatever the residency: a rank tile waits for nothing, every rank
+// tile is taken (by a running block) before any tile of D, and a block runs its tiles in order.
+// Workspace `work` (u32, 1 + TM + R1): [0] the counter, [1, 1 + TM) the kind-0 flags, then the
+// kind-1 flags; zero at launch (the launcher clears it before each launch, in stream order).
+// Requires (the launcher checks): r and every ld a multiple of 8, 16-byte aligned bases (every
+// operand a tensor map; the rank outputs packed with ld r); ldd >= N.
+// Parameters: the maps of A1, B1, A2, B2 (those of gemm_kext_{nt,nn}_*_tma), of kind 0's B
+// (64 x 64), of kind 1's A (64 x 128) and B (64 x 64) (backward: any valid map, not read);
+// then (M, N, K1, r, out0, scale0, out1, scale1, bias, D, ldd, work).
 // Geometry: 288 threads, dynamic smem t90::SMEM_BYTES, any grid (the launcher: min(tiles, SMs)).
 // Host-emulated (tests/emulation/gemm_on_host.cpp), with the flags and the counter; not yet run
 // on a GPU.
 // ------------------------------------------------------------------------------------------
 namespace wf {
-constexpr int RANK_N = 64;                                    // columns of u / C a rank tile
+constexpr int RANK_N = 64;                                    // columns of a rank tile
 constexpr int RANK_B_BYTES = RANK_N * h90::BK * 2;            // 8 KiB: its B box
 constexpr int RANK_STAGE_BYTES = h90::A_BYTES + RANK_B_BYTES;  // 24 KiB a k tile
-constexpr int C_ROWS = h90::BM;                               // rows of C a C tile (A box rows)
-static_assert(h90::BN == 2 * C_ROWS, "a y tile reads two C blocks");
+constexpr int ROWS = h90::BM;                                 // rows a rank tile (A box rows)
+static_assert(h90::BN == 2 * ROWS, "a D tile reads two kind-1 blocks");
 }  // namespace wf
 
 #if defined(GK_WGMMA_BODY)
@@ -1615,24 +1622,27 @@ __device__ __forceinline__ void store_rank_tile(const float (&acc)[32], int row0
 }  // namespace wf
 #endif
 
-template <typename T>
-__device__ __forceinline__ void wegeft_fwd_t90(const CUtensorMap* mx, const CUtensorMap* mw, const CUtensorMap* mu,
-                                               const CUtensorMap* mc, const CUtensorMap* mwa, const CUtensorMap* mpsi,
-                                               const CUtensorMap* mphi, int T_, int d_in, int d_out, int r,
-                                               T* __restrict__ u, T* __restrict__ c, float scale,
-                                               const T* __restrict__ bias, T* __restrict__ y, int ldy,
-                                               unsigned* __restrict__ work) {
+// NN = false: wegeft_fwd (kind 0's B K-major, kind 1 present); NN = true: wegeft_dx (kind 0's B
+// N-major, no kind 1).
+template <typename T, bool NN>
+__device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CUtensorMap* mb1, const CUtensorMap* ma2,
+                                                const CUtensorMap* mb2, const CUtensorMap* mr0b, const CUtensorMap* mr1a,
+                                                const CUtensorMap* mr1b, int M, int N, int K1, int r,
+                                                T* __restrict__ out0, float scale0, T* __restrict__ out1, float scale1,
+                                                const T* __restrict__ bias, T* __restrict__ D, int ldd,
+                                                unsigned* __restrict__ work) {
 #if defined(GK_WGMMA_BODY)
   using namespace h90;
   using t90::STAGES;
+  constexpr bool KIND1 = !NN;
   const int RC = (r + wf::RANK_N - 1) / wf::RANK_N;
-  const int CB = (d_out + wf::C_ROWS - 1) / wf::C_ROWS;
-  const int TM = (T_ + BM - 1) / BM, TN = (d_out + BN - 1) / BN;
-  const int c_tiles = CB * RC, rank_tiles = (CB + TM) * RC;
+  const int TM = (M + BM - 1) / BM, TN = (N + BN - 1) / BN;
+  const int R1 = KIND1 ? (N + wf::ROWS - 1) / wf::ROWS : 0;
+  const int kind1_tiles = R1 * RC, rank_tiles = (R1 + TM) * RC;
   const int tiles = rank_tiles + TM * TN;
-  const int KT1 = (d_in + BK - 1) / BK, KT2 = (r + BK - 1) / BK;
-  unsigned* const uflag = work + 1;
-  unsigned* const cflag = work + 1 + TM;
+  const int KT1 = (K1 + BK - 1) / BK, KT2 = (r + BK - 1) / BK;
+  unsigned* const flag0 = work + 1;
+  unsigned* const flag1 = work + 1 + TM;
   GK_DYNAMIC_SMEM(smem_wf, 1024);
   const uint32_t smem_base = (gk::smem_u32(smem_wf) + 1023u) & ~1023u;
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
@@ -1655,19 +1665,19 @@ __device__ __forceinline__ void wegeft_fwd_t90(const CUtensorMap* mx, const CUte
           break;
         }
         if (tile < rank_tiles) {
-          const bool is_c = tile < c_tiles;
-          const int j = is_c ? tile : tile - c_tiles;
+          const bool k1 = tile < kind1_tiles;
+          const int j = k1 ? tile : tile - kind1_tiles;
           const int row0 = (j / RC) * BM, col0 = (j % RC) * wf::RANK_N;
           for (int t = 0; t < KT1; ++t, ++it) {
             const int s = t90::ring_acquire(it, full0, empty0, wf::RANK_STAGE_BYTES, stage_tile, tile);
             const uint32_t full = full0 + 8 * s;
             const uint32_t sa = smem_base + s * t90::STAGE_BYTES, sb = sa + t90::A_BYTES;
             const int kb = t * BK;
-            t90::tma_load_2d(sa, is_c ? mwa : mx, full, kb, row0);
-            if (is_c)
-              t90::tma_load_2d(sb, mphi, full, col0, kb);
+            t90::tma_load_2d(sa, k1 ? mr1a : ma1, full, kb, row0);
+            if (k1 || NN)
+              t90::tma_load_2d(sb, k1 ? mr1b : mr0b, full, col0, kb);  // N-major: (columns, k rows)
             else
-              t90::tma_load_2d(sb, mpsi, full, kb, col0);
+              t90::tma_load_2d(sb, mr0b, full, kb, col0);  // K-major: (k, rows)
           }
         } else {
           int m0, n0;
@@ -1675,18 +1685,25 @@ __device__ __forceinline__ void wegeft_fwd_t90(const CUtensorMap* mx, const CUte
           for (int t = 0; t < KT1 + KT2; ++t, ++it) {
             const bool second = t >= KT1;
             if (t == KT1) {
-              // u of rows m0.., C of rows n0.. (two C blocks), from rank tiles of any block.
-              const int cb = n0 / wf::C_ROWS;
-              t90::flag_wait(uflag + m0 / BM, RC);
-              t90::flag_wait(cflag + cb, RC);
-              if (cb + 1 < CB) t90::flag_wait(cflag + cb + 1, RC);
+              // The rows of A2 (and of B2) that this tile reads, from rank tiles of any block.
+              t90::flag_wait(flag0 + m0 / BM, RC);
+              if (KIND1) {
+                const int b = n0 / wf::ROWS;
+                t90::flag_wait(flag1 + b, RC);
+                if (b + 1 < R1) t90::flag_wait(flag1 + b + 1, RC);
+              }
             }
             const int s = t90::ring_acquire(it, full0, empty0, t90::STAGE_BYTES, stage_tile, tile);
             const uint32_t full = full0 + 8 * s;
             const uint32_t sa = smem_base + s * t90::STAGE_BYTES, sb = sa + t90::A_BYTES;
             const int kb = (second ? t - KT1 : t) * BK;
-            t90::tma_load_2d(sa, second ? mu : mx, full, kb, m0);
-            t90::tma_load_2d(sb, second ? mc : mw, full, kb, n0);
+            t90::tma_load_2d(sa, second ? ma2 : ma1, full, kb, m0);
+            if (!NN) {
+              t90::tma_load_2d(sb, second ? mb2 : mb1, full, kb, n0);
+            } else {
+#pragma unroll
+              for (int h = 0; h < 4; ++h) t90::tma_load_2d(sb + h * 8192, second ? mb2 : mb1, full, n0 + 64 * h, kb);
+            }
           }
         }
       }
@@ -1698,7 +1715,7 @@ __device__ __forceinline__ void wegeft_fwd_t90(const CUtensorMap* mx, const CUte
   const int wrow = (tid & 127) >> 5;
   const int lane = tid & 31;
   const bool releaser = (tid & 127) == 0;
-  const bool pair_store = ((((uintptr_t)y) & 3) == 0) && ((ldy & 1) == 0);
+  const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
   int it = 0;
   for (;;) {
     // The next tile: the one whose first k tile is in the next stage (waiting on it is the
@@ -1708,24 +1725,24 @@ __device__ __forceinline__ void wegeft_fwd_t90(const CUtensorMap* mx, const CUte
     const int tile = stage_tile[s0];
     if (tile < 0) break;
     if (tile < rank_tiles) {
-      const bool is_c = tile < c_tiles;
-      const int j = is_c ? tile : tile - c_tiles;
+      const bool k1 = tile < kind1_tiles;
+      const int j = k1 ? tile : tile - kind1_tiles;
       const int row0 = (j / RC) * BM, col0 = (j % RC) * wf::RANK_N;
       float racc[32];
-      if (is_c)
+      if (k1 || NN)
         t90::consume_tile<T, true>(racc, it, KT1, smem_base, full0, empty0, wg, releaser);
       else
         t90::consume_tile<T, false>(racc, it, KT1, smem_base, full0, empty0, wg, releaser);
-      wf::store_rank_tile<T>(racc, row0, col0, wg, wrow, lane, is_c ? d_out : T_, r, is_c ? scale : 1.f, is_c ? c : u);
+      wf::store_rank_tile<T>(racc, row0, col0, wg, wrow, lane, k1 ? N : M, r, k1 ? scale1 : scale0, k1 ? out1 : out0);
       t90::publish_fence();
       t90::consumers_sync();
-      if (tid == 0) t90::flag_post((is_c ? cflag : uflag) + j / RC);
+      if (tid == 0) t90::flag_post((k1 ? flag1 : flag0) + j / RC);
     } else {
       int m0, n0;
       tile_origin(tile - rank_tiles, TM, TN, m0, n0);
       float acc[NACC];
-      t90::consume_tile<T, false>(acc, it, KT1 + KT2, smem_base, full0, empty0, wg, releaser);
-      store_tile<T>(acc, m0, n0, wg, wrow, lane, T_, d_out, bias, 0.f, y, ldy, pair_store, false);
+      t90::consume_tile<T, NN>(acc, it, KT1 + KT2, smem_base, full0, empty0, wg, releaser);
+      store_tile<T>(acc, m0, n0, wg, wrow, lane, M, N, bias, 0.f, D, ldd, pair_store, false);
     }
   }
 #else
@@ -1733,16 +1750,19 @@ __device__ __forceinline__ void wegeft_fwd_t90(const CUtensorMap* mx, const CUte
 #endif
 }
 
-#define WEGEFT_FWD_T90(NAME, T)                                                                                          \
+#define WEGEFT_RANK_T90(NAME, T, NN)                                                                                     \
   extern "C" __global__ void __launch_bounds__(t90::THREADS, 1)                                                        \
-      NAME(const __grid_constant__ CUtensorMap mx, const __grid_constant__ CUtensorMap mw,                               \
-           const __grid_constant__ CUtensorMap mu, const __grid_constant__ CUtensorMap mc,                               \
-           const __grid_constant__ CUtensorMap mwa, const __grid_constant__ CUtensorMap mpsi,                            \
-           const __grid_constant__ CUtensorMap mphi, int T_, int d_in, int d_out, int r, T* __restrict__ u,             \
-           T* __restrict__ c, float scale, const T* __restrict__ bias, T* __restrict__ y, int ldy,                       \
+      NAME(const __grid_constant__ CUtensorMap ma1, const __grid_constant__ CUtensorMap mb1,                             \
+           const __grid_constant__ CUtensorMap ma2, const __grid_constant__ CUtensorMap mb2,                             \
+           const __grid_constant__ CUtensorMap mr0b, const __grid_constant__ CUtensorMap mr1a,                           \
+           const __grid_constant__ CUtensorMap mr1b, int M, int N, int K1, int r, T* __restrict__ out0, float scale0,   \
+           T* __restrict__ out1, float scale1, const T* __restrict__ bias, T* __restrict__ D, int ldd,                  \
            unsigned* __restrict__ work) {                                                                                \
-    wegeft_fwd_t90<T>(&mx, &mw, &mu, &mc, &mwa, &mpsi, &mphi, T_, d_in, d_out, r, u, c, scale, bias, y, ldy, work); \
+    wegeft_rank_t90<T, NN>(&ma1, &mb1, &ma2, &mb2, &mr0b, &mr1a, &mr1b, M, N, K1, r, out0, scale0, out1, scale1, bias, D, \
+                           ldd, work);                                                                                   \
   }
 
-WEGEFT_FWD_T90(wegeft_fwd_bf16_tma, __nv_bfloat16)
-WEGEFT_FWD_T90(wegeft_fwd_f16_tma, __half)
+WEGEFT_RANK_T90(wegeft_fwd_bf16_tma, __nv_bfloat16, false)
+WEGEFT_RANK_T90(wegeft_fwd_f16_tma, __half, false)
+WEGEFT_RANK_T90(wegeft_dx_bf16_tma, __nv_bfloat16, true)
+WEGEFT_RANK_T90(wegeft_dx_f16_tma, __half, true)

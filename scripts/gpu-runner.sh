@@ -20,9 +20,10 @@
 #   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
 #   gemm_kscan (30)   bf16 NT and NN at K = 1024 / 2048 / 4096, cuBLAS and the TMA kernels: fixed cost
 #                     per launch (epilogue, pipeline fill) and cost per 1024 of K
-#   gemm_uc (30)      the fused forward's routes at T=8192 d=4096 r=64 and SmolLM2's layers:
+#   gemm_uc (45)      the fused forward's routes at T=8192 d=4096 r=64 and SmolLM2's layers:
 #                     cuBLAS u, C + the TMA GEMM; wegeft_uc + the GEMM as its programmatic
-#                     dependent; wegeft_fwd in one launch (the same u, C and y required)
+#                     dependent; wegeft_fwd in one launch (the same u, C and y required); and the
+#                     input gradient's: cuBLAS v + the NN TMA GEMM; wegeft_dx (same v and dx)
 #   sanitizers (150, all side by side): compute-sanitizer memcheck (also tracking the
 #                  stream-ordered pool), racecheck, initcheck, synccheck on cuda_layer sanitize_*
 #                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge,
@@ -199,7 +200,7 @@ py_step torch_model 90 "$here/torch_model.py" --json "$logs/torch_model.jsonl" -
 py_step torch_baseline 90 "$here/torch_baseline.py" --iters 30 --json "$logs/torch.jsonl"
 [ -x "$bin/gemm_kext_check" ] && step gemm_bench 60 "$bin/gemm_kext_check" --bench
 [ -x "$bin/gemm_kext_check" ] && step gemm_kscan 30 "$bin/gemm_kext_check" --kscan
-[ -x "$bin/gemm_kext_check" ] && step gemm_uc 30 "$bin/gemm_kext_check" --uc
+[ -x "$bin/gemm_kext_check" ] && step gemm_uc 45 "$bin/gemm_kext_check" --uc
 
 # --- compute-sanitizer on the small cases, side by side (each tool instruments on the CPU) --------
 san_steps="gemm_memcheck memcheck racecheck initcheck synccheck model_memcheck multi_memcheck attn_memcheck attn_racecheck attn_synccheck"

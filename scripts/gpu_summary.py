@@ -295,19 +295,23 @@ def main():
                 parts.append("cuBLAS not loaded")
             keys[name] = "; ".join(parts)
         elif name == "gemm_uc":
-            # Per shape: the one-launch forward against the fastest other route, and whether the
-            # routes agreed bit for bit (the whole table is below the summary).
+            # Per shape: each one-launch kernel against the fastest other route of its pass, and
+            # whether the routes agreed bit for bit (the whole table is below the summary).
             parts = []
             for c in uc_cases(text):
-                rows = {r[0]: r for r in c["rows"]}
-                one = rows.get("wegeft_fwd (one launch)")
-                others = [r for r in c["rows"] if r[0] != "wegeft_fwd (one launch)" and "alone" not in r[0]
-                          and "frozen" not in r[0]]
-                best_other = min(others, key=lambda r: r[1]) if others else None
                 bits = "same bits" if c["checks"] and all(ch.endswith("yes") for ch in c["checks"]) else "MISMATCH or missing"
-                cell_one = f"{one[1]:.3f} ms ({one[2]:.2f}x)" if one and one[2] else (f"{one[1]:.3f} ms" if one else "—")
-                cell_other = f"{best_other[1]:.3f} ms ({best_other[0]})" if best_other else "—"
-                parts.append(f"{c['shape']}: one launch {cell_one}, best other {cell_other}, {bits}")
+                cells = []
+                for dx in (False, True):
+                    rows = [r for r in c["rows"] if r[0].startswith("dx:") == dx]
+                    one = [r for r in rows if "one launch" in r[0]]
+                    others = [r for r in rows if "one launch" not in r[0] and "alone" not in r[0] and "frozen" not in r[0]]
+                    best_other = min(others, key=lambda r: r[1]) if others else None
+                    if one:
+                        o1 = one[0]
+                        cell_one = f"{o1[1]:.3f} ms" + (f" ({o1[2]:.2f}x)" if o1[2] else "")
+                        cell_other = f", best other {best_other[1]:.3f} ms" if best_other else ""
+                        cells.append(f"{'dx' if dx else 'fwd'} one launch {cell_one}{cell_other}")
+                parts.append(f"{c['shape']}: " + ", ".join(cells) + f", {bits}")
             keys[name] = "; ".join(parts)
         elif name == "gemm_kscan":
             # KSCAN lines: fixed cost and cost per 1024 of K, cuBLAS and the TMA kernel.
@@ -425,20 +429,17 @@ def main():
 
     ucs = uc_cases(read(os.path.join(L, "gemm_uc.log")))
     if ucs:
-        routes = []
+        o.append("")
+        o.append("### The fused forward's and input gradient's routes (`gemm_kext_check --uc`, bf16): ms "
+                 "(time x cuBLAS's frozen x W^T, or G W for the dx rows)")
+        o.append("")
+        o.append("| shape | route | ms |")
+        o.append("|---|---|---|")
         for c in ucs:
             for r in c["rows"]:
-                if r[0] not in routes:
-                    routes.append(r[0])
-        o.append("")
-        o.append("### The fused forward's routes (`gemm_kext_check --uc`, bf16): ms (time x cuBLAS's frozen x W^T)")
-        o.append("")
-        o.append("| shape | " + " | ".join(routes) + " | checks |")
-        o.append("|---|" + "---|" * (len(routes) + 1))
-        for c in ucs:
-            rows = {r[0]: r for r in c["rows"]}
-            cells = [fmt_ms(rows[k][1], rows[k][2]) if k in rows else "—" for k in routes]
-            o.append(f"| {c['shape']} | " + " | ".join(cells) + " | " + cell("; ".join(c["checks"])) + " |")
+                o.append(f"| {c['shape']} | {cell(r[0])} | {fmt_ms(r[1], r[2])} |")
+            if c["checks"]:
+                o.append(f"| {c['shape']} | checks | {cell('; '.join(c['checks']))} |")
 
     if gemm_rows or cublas:
         o.append("")

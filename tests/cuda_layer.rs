@@ -490,11 +490,12 @@ fn fixtures_f32() {
     }
 }
 
-// ---- the whole forward in one launch (FusedSm90, large layers) -----------------------------
+// ---- the forward, and v with dx, in one launch each (FusedSm90, large layers) ---------------
 
 /// Layers whose x and W exceed 8 MiB (`UC_MAX_BYTES`), every leading dimension a multiple of
 /// 8: on an H100 / H200 (the sm_90a image) FusedSm90 runs the forward as one launch,
-/// `wegeft_fwd_*_tma` (u and C as rank tiles of the GEMM's grid). A tall, thin one (64 row
+/// `wegeft_fwd_*_tma` (u and C as rank tiles of the GEMM's grid), and the backward's v and dx
+/// as another, `wegeft_dx_*_tma`. A tall, thin one (64 row
 /// blocks of u, one C block); tails in T and d_out with two 64-column rank chunks (r = 72) and
 /// two tiles of y across; r = 256 (four chunks, four u / C k tiles).
 const ONE_LAUNCH: &[(usize, usize, usize, usize)] = &[(8200, 512, 8, 8), (300, 8000, 264, 72), (520, 4096, 600, 256)];
@@ -527,6 +528,32 @@ fn check_one_launch<T: El>(dev: &CudaBackend, i: usize, (tk, din, dout, r): (usi
     let (mut u2, mut c2, mut y2) = (poisoned::<T>(&st, tk * r), poisoned::<T>(&st, dout * r), poisoned::<T>(&st, tk * dout));
     run(&mut u2, &mut c2, &mut y2);
     assert!(bits(&st, &u) == bits(&st, &u2) && bits(&st, &cc) == bits(&st, &c2) && bits(&st, &y) == bits(&st, &y2), "{what}: two runs differ");
+
+    // The backward: v and dx in one launch (wegeft_dx_*_tma), so that it takes as many launches
+    // as a backward without dx (v's product replaced by that launch) exactly on an sm_90a
+    // device; dx, dphi, dpsi against the reference, and the same bits twice.
+    let g = up::<T>(&st, &c.g);
+    let back = |dx: Option<&mut CudaSlice<T>>| {
+        let mut dphi = up_f32(&st, &c.dphi0);
+        let mut dpsi = up_f32(&st, &c.dpsi0);
+        let before = dev.launch_count();
+        dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, Dropout::NONE, &u, &cc, &g, dx, &mut dphi, &mut dpsi, Launch::new().path(Path::FusedSm90))
+            .unwrap();
+        (dev.launch_count() - before, dphi, dpsi)
+    };
+    let (without_dx, _, _) = back(None);
+    let mut dx = poisoned::<T>(&st, tk * din);
+    let (with_dx, dphi, dpsi) = back(Some(&mut dx));
+    assert_eq!(with_dx == without_dx, hopper, "{what}: backward {with_dx} launches with dx, {without_dx} without");
+    let gr = rf::wegeft_backward(s, &c.x, &c.w, &c.phi, &c.psi, c.scale, &c.g).unwrap();
+    assert_close(&format!("{what} dx"), &down(&st, &dx), &gr.dx, tol::<T>());
+    let got_dphi: Vec<f64> = down(&st, &dphi).iter().zip(&c.dphi0).map(|(a, b)| a - b).collect();
+    let got_dpsi: Vec<f64> = down(&st, &dpsi).iter().zip(&c.dpsi0).map(|(a, b)| a - b).collect();
+    assert_close(&format!("{what} dphi"), &got_dphi, &gr.dphi, tol::<T>().max(1e-5) * 2.0);
+    assert_close(&format!("{what} dpsi"), &got_dpsi, &gr.dpsi, tol::<T>().max(1e-5) * 2.0);
+    let mut dx2 = poisoned::<T>(&st, tk * din);
+    let (_, dphi2, dpsi2) = back(Some(&mut dx2));
+    assert!(bits(&st, &dx) == bits(&st, &dx2) && bits(&st, &dphi) == bits(&st, &dphi2) && bits(&st, &dpsi) == bits(&st, &dpsi2), "{what}: two backward runs differ");
 }
 
 #[test]

@@ -243,9 +243,10 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
 /// padding that must not be read, D padding that must not be written, no shared memory changed
 /// under an in-flight wgmma, no barrier wait that cannot end; whole tiles through the epilogues'
 /// 16-byte quad-transpose stores (shuffles emulated); the fused forward's `wegeft_uc`
-/// (u and C in one grid); and `wegeft_fwd_*_tma` (u, C and y in one grid: rank tiles through
-/// the tile counter, flags and named barrier, on one block and on many; every TMA read of u or
-/// C must come after a wait on the flags of its rows). (Releasing a stage before its wgmmas are
+/// (u and C in one grid); and `wegeft_fwd_*_tma` / `wegeft_dx_*_tma` (u, C and y, or v and
+/// dx, in one grid: rank tiles through the tile counter, flags and named barrier, on one block
+/// and on many; every TMA read of a rank tile's output must come after a wait on the flags of
+/// its rows). (Releasing a stage before its wgmmas are
 /// done, waiting on the wrong phase, or not releasing a tile's last stage each fail it: checked
 /// by hand on 2026-11-29; a wrong transpose or phi swizzle fails it: 2026-11-30; in
 /// `wegeft_fwd`, waiting on a wrong u or C flag, or on one C block of two, fails it, and posting
@@ -257,7 +258,7 @@ fn gemm_core_matches_the_reference_when_emulated_on_the_host() {
     let text = String::from_utf8_lossy(&run.stdout);
     println!("{text}");
     assert!(run.status.success() && text.contains(" 0 failures"), "emulated GEMM kernels disagree with the reference:\n{text}");
-    assert!(text.contains("202 checks"), "expected 202 checks:\n{text}");
+    assert!(text.contains("218 checks"), "expected 218 checks:\n{text}");
 }
 
 /// `tests/emulation/attention_on_host.cpp` includes `kernels/attention.cu` with host versions

@@ -16,8 +16,9 @@
 //                                    cuBLAS and the TMA kernels, each fitted as fixed + per-k cost
 //       ./gemm_kext_check --uc       the fused forward's routes (cuBLAS u, C + GEMM; wegeft_uc + the
 //                                    GEMM as its programmatic dependent; wegeft_fwd in one launch)
-//                                    at T = 8192, d = 4096, r = 64 and SmolLM2's layers
-//                                    (exit 1: u, C or y differ between them)
+//                                    and the input gradient's (cuBLAS v + NN GEMM; wegeft_dx) at
+//                                    T = 8192, d = 4096, r = 64 and SmolLM2's layers
+//                                    (exit 1: u, C, y, v or dx differ between them)
 //
 // Inputs are multiples of 1/8 in [-1/2, 1/2] (and bias, old D likewise; beta = 1/2), so every
 // product and partial sum is exact in f32 for these sizes: the f32 kernels must match the
@@ -644,7 +645,9 @@ static void kscan(const Cublas* cb) {
 // programmatic dependent (FusedSm90's route for small layers); and wegeft_fwd, the whole
 // forward in one launch (FusedSm90's route for large layers since session 10), workspace
 // clear included. Inputs are multiples of 1/8, so u and C are exact sums in f32 in every
-// kernel: the routes must give the same u, C and y, bit for bit (exit 1 otherwise).
+// kernel: the routes must give the same u, C and y, bit for bit (exit 1 otherwise). Then the
+// input gradient's routes: cuBLAS v = G C and the NN TMA GEMM, against wegeft_dx (v and dx in
+// one launch), the same v and dx required.
 static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   using T = __nv_bfloat16;
   const int ITERS = 30;
@@ -689,13 +692,13 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   }
   const int RC = (R + 63) / 64, TM = (TT + 127) / 128, CB = (DO + 127) / 128;
   const int fwd_tiles = (CB + TM) * RC + tiles;
-  const size_t words = 1 + TM + CB;
+  const size_t words = 1 + TM + CB;  // (wegeft_dx below needs 1 + TM)
   unsigned* work = device_alloc<unsigned>(words);
   CK(cudaFuncSetAttribute(wegeft_fwd_bf16_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, t90::SMEM_BYTES));
   auto fwd_launch = [&] {
     CK(cudaMemsetAsync(work, 0, words * sizeof(unsigned)));
     wegeft_fwd_bf16_tma<<<std::min(fwd_tiles, sms), t90::THREADS, t90::SMEM_BYTES>>>(
-        fm[0], fm[1], fm[2], fm[3], fm[4], fm[5], fm[6], TT, DI, DO, R, u2, c2, scale, (const T*)nullptr, y3, DO, work);
+        fm[0], fm[1], fm[2], fm[3], fm[5], fm[4], fm[6], TT, DO, DI, R, u2, 1.f, c2, scale, (const T*)nullptr, y3, DO, work);
   };
   double frozen = 0;
   if (cb) {
@@ -734,9 +737,65 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   const bool fwd_ok = same(u, u2, (size_t)TT * R) && same(c, c2, (size_t)DO * R) && same(y, y3, (size_t)TT * DO);
   printf("UC dependent launch gives the same y: %s\n", dep_ok ? "yes" : "NO (MISMATCH)");
   printf("UC wegeft_fwd gives the same u, C and y: %s\n", fwd_ok ? "yes" : "NO (MISMATCH)");
-  for (T* p : {x, w, psi, phi, u, c, u2, c2, y, y2, y3}) cudaFree(p);
+
+  // The input gradient: cuBLAS v = G C, then the NN TMA GEMM dx = [G|v][W;psi] (persistent, as
+  // the crate launches it), against wegeft_dx (v and dx in one launch). C here is random
+  // multiples of 1/8 too (v exact in f32), so v and dx must agree bit for bit.
+  T* g = device_random<T>((size_t)TT * DO);
+  T* cin = device_random<T>((size_t)DO * R);
+  T* vb = device_alloc<T>((size_t)TT * R);
+  T* vb2 = device_alloc<T>((size_t)TT * R);
+  T* dx = device_alloc<T>((size_t)TT * DI);
+  T* dx2 = device_alloc<T>((size_t)TT * DI);
+  Variant<T> vn;
+  found = false;
+  for (const auto& c3 : bf16_variants(true, true))
+    if (c3.tma && c3.nn && c3.persist) vn = c3, found = true;
+  if (!found) return 2;
+  set_smem(vn);
+  const int dx_tiles = ((TT + 127) / 128) * ((DI + 255) / 256);
+  CUtensorMap dm[7];
+  const bool dmaps = make_map(&dm[0], g, TT, DO, DO, 64, 128) && make_map(&dm[1], w, DO, DI, DI, 64, 64) &&
+                     make_map(&dm[2], vb2, TT, R, R, 64, 128) && make_map(&dm[3], psi, R, DI, DI, 64, 64) &&
+                     make_map(&dm[4], cin, DO, R, R, 64, 64);
+  if (!dmaps) {
+    printf("UC wegeft_dx: a tensor map could not be made\n");
+    return 1;
+  }
+  dm[5] = dm[6] = dm[0];
+  const int dx_all = TM * RC + dx_tiles;
+  const size_t dwords = 1 + TM;
+  CK(cudaFuncSetAttribute(wegeft_dx_bf16_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, t90::SMEM_BYTES));
+  auto dx_launch = [&] {
+    CK(cudaMemsetAsync(work, 0, dwords * sizeof(unsigned)));
+    wegeft_dx_bf16_tma<<<std::min(dx_all, sms), t90::THREADS, t90::SMEM_BYTES>>>(
+        dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], TT, DI, DO, R, vb2, 1.f, (T*)nullptr, 1.f, (const T*)nullptr, dx2, DI,
+        work);
+  };
+  auto nn_gemm = [&] { launch(vn, dx_tiles, TT, DI, DO, R, g, DO, w, DI, vb, R, psi, DI, (const T*)nullptr, 0.f, dx, DI); };
+  if (cb) {
+    const double fz = time_ms([&] { cublas_rowmajor(cb, true, TT, DI, DO, g, DO, w, DI, dx, DI, (int)CUDA_R_16BF); }, ITERS);
+    printf("UC dx: cuBLAS G W (frozen)          %8.4f ms\n", fz);
+    frozen = fz;
+    row("dx: NN TMA GEMM K2=r alone", time_ms(nn_gemm, ITERS));
+    row("dx: cuBLAS v, then the GEMM", time_ms([&] {
+          cublas_rowmajor(cb, true, TT, R, DO, g, DO, cin, R, vb, R, (int)CUDA_R_16BF);
+          nn_gemm();
+        }, ITERS));
+  }
+  row("dx: wegeft_dx (one launch)", time_ms(dx_launch, ITERS));
+  // The last runs, compared: v and dx from cuBLAS + the GEMM (or, without cuBLAS, skipped).
+  bool dx_ok = true;
+  if (cb) {
+    cublas_rowmajor(cb, true, TT, R, DO, g, DO, cin, R, vb, R, (int)CUDA_R_16BF);
+    nn_gemm();
+    CK(cudaDeviceSynchronize());
+    dx_ok = same(vb, vb2, (size_t)TT * R) && same(dx, dx2, (size_t)TT * DI);
+    printf("UC wegeft_dx gives the same v and dx: %s\n", dx_ok ? "yes" : "NO (MISMATCH)");
+  }
+  for (T* p : {x, w, psi, phi, u, c, u2, c2, y, y2, y3, g, cin, vb, vb2, dx, dx2}) cudaFree(p);
   cudaFree(work);
-  return dep_ok && fwd_ok ? 0 : 1;
+  return dep_ok && fwd_ok && dx_ok ? 0 : 1;
 }
 
 static int uc_bench(const Cublas* cb) {
@@ -769,6 +828,7 @@ int main(int argc, char** argv) {
       printf("uc: needs the sm_90a TMA kernels (compute capability 9.0)\n");
       return 3;
     }
+    g_blocks = prop.multiProcessorCount;  // the persistent NN GEMM as the crate launches it
     Cublas cb;
     std::string why;
     const bool have = find_cublas(cb, why);

@@ -54,6 +54,24 @@ pub(crate) struct WegeftUc {
     pub scale: f32,
 }
 
+/// The input gradient's `v = G C` (T x r) and `dx = G W + v psi` (T x d_in) for one launch of
+/// `wegeft_dx_{bf16,f16}_tma` (`kernels/gemm_kext.cu`); all packed: G `T x d_out`, W
+/// `d_out x d_in`, C `d_out x r`, psi `r x d_in`, v with ld `r`, dx with ld `d_in`. Whether the
+/// kernel takes it and whether the layer should: `gemm.rs`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WegeftDx {
+    pub tokens: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub rank: usize,
+    pub g: CUdeviceptr,
+    pub w: CUdeviceptr,
+    pub c: CUdeviceptr,
+    pub psi: CUdeviceptr,
+    pub v: CUdeviceptr,
+    pub dx: CUdeviceptr,
+}
+
 pub(crate) trait Exec {
     type Buf: Scratch;
 
@@ -111,6 +129,13 @@ pub(crate) trait Exec {
     /// `y = [x|u][W|C]^T (+ bias)`, y `tokens x d_out` packed; no dropout), when `path` is
     /// [`Path::FusedSm90`] and the layer should take it here. `Ok(false)`: nothing launched.
     unsafe fn fused_forward<T: Element>(&self, _stream: CUstream, _path: Path, _uc: &WegeftUc, _bias: Option<CUdeviceptr>, _y: CUdeviceptr) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// The input gradient's v and dx in one launch (`wegeft_dx_*_tma`, see [`WegeftDx`]), when
+    /// `path` is [`Path::FusedSm90`] and the layer should take it here. `Ok(false)`: nothing
+    /// launched.
+    unsafe fn fused_dx<T: Element>(&self, _stream: CUstream, _path: Path, _dx: &WegeftDx) -> Result<bool> {
         Ok(false)
     }
 
@@ -232,6 +257,18 @@ impl Exec for CudaBackend {
         }
         // SAFETY: the caller's buffers, of the packed shapes of `uc`; y `tokens x d_out`.
         unsafe { super::gemm::wegeft_fwd::<T>(self, stream, uc, bias, y) }
+    }
+
+    #[cfg(wegeft_gemm)]
+    unsafe fn fused_dx<T: Element>(&self, stream: CUstream, path: Path, dx: &WegeftDx) -> Result<bool> {
+        if path != Path::FusedSm90 || self.compute_capability() != (9, 0) || self.image() != super::context::Image::Sm90a {
+            return Ok(false);
+        }
+        if !dx.applies::<T>() || !dx.worth_it() {
+            return Ok(false);
+        }
+        // SAFETY: the caller's buffers, of the packed shapes of `dx`.
+        unsafe { super::gemm::wegeft_dx::<T>(self, stream, dx) }
     }
 
     #[cfg(wegeft_gemm)]

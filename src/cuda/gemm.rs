@@ -412,20 +412,40 @@ impl WegeftUc {
 /// ([`WegeftUc::worth_it`]).
 pub(crate) const UC_MAX_BYTES: usize = 8 << 20;
 
+/// Whether a layer counts as large for the one-launch kernels' policy ([`WegeftUc::one_launch_worth_it`],
+/// [`WegeftDx::worth_it`]): x and W together above [`UC_MAX_BYTES`] (bf16 / f16).
+fn large_layer(tokens: usize, d_in: usize, d_out: usize) -> bool {
+    tokens.saturating_add(d_out).saturating_mul(d_in).saturating_mul(2) > UC_MAX_BYTES
+}
+
+/// What `wegeft_{fwd,dx}_*_tma` share: bf16 or f16; rank a multiple of 8 (the rank outputs are
+/// then tensor maps with rows of whole 16-byte chunks); the leading dimensions of the operands
+/// read by TMA (`lds`) multiples of 8; every base non-null and 16-byte aligned; sizes within
+/// `i32`.
+fn rank_kernel_applies<T: Element>(s: (usize, usize, usize, usize), lds: &[usize], ptrs: &[CUdeviceptr]) -> bool {
+    let (tokens, d_in, d_out, rank) = s;
+    matches!(T::DTYPE, DType::BF16 | DType::F16)
+        && rank >= 8
+        && rank % 8 == 0
+        && lds.iter().all(|ld| ld % 8 == 0)
+        && tokens >= 1
+        && d_out >= 1
+        && ptrs.iter().all(|p| *p != 0 && p % 16 == 0)
+        && [tokens, d_in, d_out, rank].iter().all(|&v| v <= i32::MAX as usize / 2)
+}
+
+/// The grid's tiles: the rank tiles (`rank_blocks` blocks of 128 rows, each `ceil(rank / 64)`
+/// tiles of 64 columns) and the 128 x 256 tiles of a `rows x cols` D.
+fn rank_kernel_tiles(rank_blocks: usize, rank: usize, rows: usize, cols: usize) -> usize {
+    rank_blocks * rank.div_ceil(geom::WF_BOX_RANK.0 as usize) + rows.div_ceil(geom::H_TILE.0) * cols.div_ceil(geom::H_TILE.1)
+}
+
 impl WegeftUc {
-    /// Whether `wegeft_fwd_*_tma` takes it (the whole forward in one launch): bf16 or f16;
-    /// rank a multiple of 8 (u and C are then tensor maps with rows of whole 16-byte chunks);
-    /// d_in a multiple of 8; every base 16-byte aligned; sizes within `i32`.
+    /// Whether `wegeft_fwd_*_tma` takes it (the whole forward in one launch), see
+    /// `rank_kernel_applies`.
     pub(crate) fn one_launch_applies<T: Element>(&self) -> bool {
-        let aligned = [self.x, self.w, self.psi, self.phi, self.u, self.c].iter().all(|p| *p != 0 && p % 16 == 0);
-        matches!(T::DTYPE, DType::BF16 | DType::F16)
-            && self.rank >= 8
-            && self.rank % 8 == 0
-            && self.d_in % 8 == 0
-            && self.tokens >= 1
-            && self.d_out >= 1
-            && aligned
-            && [self.tokens, self.d_in, self.d_out, self.rank].iter().all(|&v| v <= i32::MAX as usize / 2)
+        // x, W and psi (ld d_in), u, C and phi (ld r) are tensor maps; y is not.
+        rank_kernel_applies::<T>((self.tokens, self.d_in, self.d_out, self.rank), &[self.d_in], &[self.x, self.w, self.psi, self.phi, self.u, self.c])
     }
 
     /// Whether the layer should take `wegeft_fwd` (a policy, not the kernel's contract): for
@@ -434,16 +454,13 @@ impl WegeftUc {
     /// the dependent GEMM stay, measured faster there. `wegeft_fwd` itself has not yet run on a
     /// GPU (host-emulated only): the next GPU check measures it against both.
     pub(crate) fn one_launch_worth_it(&self) -> bool {
-        !self.worth_it()
+        large_layer(self.tokens, self.d_in, self.d_out)
     }
 
-    /// `wegeft_fwd`'s tiles: the rank tiles (128 rows x 64 columns of C, then of u) and the
-    /// 128 x 256 tiles of y.
+    /// `wegeft_fwd`'s tiles: the rank tiles (of C, then of u) and the tiles of y.
     fn one_launch_tiles(&self) -> usize {
-        let rows = geom::WF_BLOCK_ROWS;
-        let chunks = self.rank.div_ceil(geom::WF_BOX_RANK.0 as usize);
-        (self.d_out.div_ceil(rows) + self.tokens.div_ceil(rows)) * chunks
-            + self.tokens.div_ceil(geom::H_TILE.0) * self.d_out.div_ceil(geom::H_TILE.1)
+        let blocks = self.d_out.div_ceil(geom::WF_BLOCK_ROWS) + self.tokens.div_ceil(geom::WF_BLOCK_ROWS);
+        rank_kernel_tiles(blocks, self.rank, self.tokens, self.d_out)
     }
 
     /// `wegeft_fwd`'s workspace in u32 words: the tile counter, a flag per 128-row block of u,
@@ -453,26 +470,111 @@ impl WegeftUc {
     }
 }
 
+pub(crate) use super::exec::WegeftDx;
+
+impl WegeftDx {
+    /// Whether `wegeft_dx_*_tma` takes it, see `rank_kernel_applies`.
+    pub(crate) fn applies<T: Element>(&self) -> bool {
+        // G (ld d_out), W and psi (ld d_in), v and C (ld r) are tensor maps; dx is not.
+        rank_kernel_applies::<T>((self.tokens, self.d_in, self.d_out, self.rank), &[self.d_in, self.d_out], &[self.g, self.w, self.c, self.psi, self.v, self.dx])
+    }
+
+    /// Whether the layer should take it: the layers where the forward takes `wegeft_fwd` (a
+    /// policy; not yet run on a GPU, host-emulated only).
+    pub(crate) fn worth_it(&self) -> bool {
+        large_layer(self.tokens, self.d_in, self.d_out)
+    }
+
+    /// `wegeft_dx`'s tiles: the rank tiles of v and the tiles of dx.
+    fn tiles(&self) -> usize {
+        rank_kernel_tiles(self.tokens.div_ceil(geom::WF_BLOCK_ROWS), self.rank, self.tokens, self.d_in)
+    }
+
+    /// `wegeft_dx`'s workspace in u32 words: the tile counter and a flag per 128-row block of v.
+    fn words(&self) -> usize {
+        1 + self.tokens.div_ceil(geom::WF_BLOCK_ROWS)
+    }
+}
+
+/// One launch of `wegeft_{fwd,dx}_*_tma` (`kernels/gemm_kext.cu`): the kernel, its seven maps
+/// (A1, B1, A2, B2, kind 0's B, kind 1's A and B), sizes, outputs, the grid's tiles and the
+/// workspace's words.
+struct RankLaunch {
+    op: &'static str,
+    kernel: &'static str,
+    maps: [CUtensorMap; 7],
+    m: usize,
+    n: usize,
+    k1: usize,
+    rank: usize,
+    out0: (CUdeviceptr, f32),
+    out1: (CUdeviceptr, f32),
+    bias: Option<CUdeviceptr>,
+    d: CUdeviceptr,
+    ldd: usize,
+    tiles: usize,
+    words: usize,
+}
+
+/// Enqueues `l`: its workspace allocated and cleared on `stream`, the kernel on min(tiles, SMs)
+/// blocks, the workspace freed after it (stream order). The caller has checked the operands
+/// (`rank_kernel_applies`: every size fits i32).
+unsafe fn rank_launch(dev: &CudaBackend, stream: CUstream, l: &RankLaunch) -> Result<()> {
+    let op = l.op;
+    let cuda = |e: cudarc::driver::DriverError| Error::Cuda { op, msg: e.to_string() };
+    if dev.compute_capability() != (9, 0) || dev.image() != super::context::Image::Sm90a {
+        return Err(Error::invalid(op, "needs a compute capability 9.0 device running the sm_90a image"));
+    }
+    let tiles = u32::try_from(l.tiles).map_err(|_| Error::invalid(op, "grid too large"))?;
+    let grid = tiles.min(dev.sm_count().max(1));
+    let bytes = l.words * 4;
+    let work = super::mem::DeviceBuf::new(dev, stream, bytes, op)?;
+    // SAFETY: `work` was just allocated on this stream with `bytes` (or more) bytes.
+    unsafe { cudarc::driver::result::memset_d8_async(work.ptr(), 0, bytes, stream) }.map_err(cuda)?;
+    let func = dev.function(l.kernel)?;
+    dev.context().bind_to_thread().map_err(cuda)?;
+    func.func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geom::T_SMEM as i32).map_err(cuda)?;
+    let [ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b] = l.maps;
+    let (m, n, k1, r, ldd) = (l.m as i32, l.n as i32, l.k1 as i32, l.rank as i32, l.ldd as i32);
+    let ((o0, s0), (o1, s1)) = (l.out0, l.out1);
+    let params = kargs![ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b, m, n, k1, r, o0, s0, o1, s1, l.bias.unwrap_or(0), l.d, ldd, work.ptr()];
+    // SAFETY: the operands are the caller's; `work` is freed after the kernel, in stream order,
+    // when dropped at the end of this function.
+    unsafe { dev.launch(op, &func, (grid, 1, 1), (geom::T_THREADS, 1, 1), geom::T_SMEM, stream, &params) }
+}
+
+/// Checks a one-launch kernel's extra pointers (`y` / `dx`, the bias): non-null, element-aligned.
+fn check_out_ptrs<T: Element>(ptrs: &[(&'static str, Option<CUdeviceptr>)]) -> Result<()> {
+    let esize = T::DTYPE.size() as u64;
+    for &(arg, p) in ptrs {
+        match p {
+            Some(0) => return Err(Error::invalid(arg, "null device pointer")),
+            Some(p) if p % esize != 0 => return Err(Error::Align { arg, addr: p as usize, align: esize as usize }),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The whole fused forward in one launch, `wegeft_fwd_{bf16,f16}_tma` (`kernels/gemm_kext.cu`):
 /// `u = x psi^T`, `C = scale W phi` and `y = [x|u] [W|C]^T (+ bias)` (y `tokens x d_out`,
-/// packed) by one persistent grid, the rank-r products as tiles taken before those of y. Its
-/// workspace (a tile counter and a flag per 128 rows of u and of C) is allocated and cleared
-/// on `stream` before the launch and freed after it, in stream order. `Ok(false)`: nothing was
-/// launched because the driver refused a tensor map (the caller computes the forward otherwise);
-/// an error when [`WegeftUc::one_launch_applies`] does not hold or the device is not running
-/// the sm_90a image (where the kernel traps).
+/// packed) by one persistent grid, u and C as tiles taken before those of y. Its workspace (a
+/// tile counter and a flag per 128 rows of u and of C) is allocated and cleared on `stream`
+/// before the launch and freed after it, in stream order. `Ok(false)`: nothing was launched
+/// because the driver refused a tensor map (the caller computes the forward otherwise); an
+/// error when [`WegeftUc::one_launch_applies`] does not hold or the device is not running the
+/// sm_90a image (where the kernel traps).
 ///
 /// # Safety
 /// The pointers must be valid device memory of the packed shapes of `uc`, `bias` `d_out`
 /// elements and `y` `tokens x d_out`, on this context; y must not overlap the inputs.
 pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream, uc: &WegeftUc, bias: Option<CUdeviceptr>, y: CUdeviceptr) -> Result<bool> {
     const OP: &str = "wegeft_fwd";
-    let cuda = |e: cudarc::driver::DriverError| Error::Cuda { op: OP, msg: e.to_string() };
     if !uc.one_launch_applies::<T>() {
         return Err(Error::invalid(
             OP,
             format!(
-                "needs bf16/f16, rank a multiple of 8, d_in a multiple of 8 and 16-byte aligned operands (got {:?}, T {}, d_in {}, d_out {}, r {})",
+                "needs bf16/f16, rank and d_in multiples of 8 and 16-byte aligned operands (got {:?}, T {}, d_in {}, d_out {}, r {})",
                 T::DTYPE,
                 uc.tokens,
                 uc.d_in,
@@ -481,17 +583,7 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
             ),
         ));
     }
-    if dev.compute_capability() != (9, 0) || dev.image() != super::context::Image::Sm90a {
-        return Err(Error::invalid(OP, "needs a compute capability 9.0 device running the sm_90a image"));
-    }
-    let esize = T::DTYPE.size() as u64;
-    for (arg, p) in [("y", Some(y)), ("bias", bias)] {
-        match p {
-            Some(0) => return Err(Error::invalid(arg, "null device pointer")),
-            Some(p) if p % esize != 0 => return Err(Error::Align { arg, addr: p as usize, align: esize as usize }),
-            _ => {}
-        }
-    }
+    check_out_ptrs::<T>(&[("y", Some(y)), ("bias", bias)])?;
     let dt = T::DTYPE;
     let (t, din, dout, r) = (uc.tokens, uc.d_in, uc.d_out, uc.rank);
     let maps = (|| -> Result<[CUtensorMap; 7]> {
@@ -500,29 +592,90 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
             tensor_map(dt, uc.w, dout, din, din, geom::T_BOX_B_NT)?,
             tensor_map(dt, uc.u, t, r, r, geom::T_BOX_A)?,
             tensor_map(dt, uc.c, dout, r, r, geom::T_BOX_B_NT)?,
-            tensor_map(dt, uc.w, dout, din, din, geom::T_BOX_A)?,
             tensor_map(dt, uc.psi, r, din, din, geom::WF_BOX_RANK)?,
+            tensor_map(dt, uc.w, dout, din, din, geom::T_BOX_A)?,
             tensor_map(dt, uc.phi, din, r, r, geom::WF_BOX_RANK)?,
         ])
     })();
-    let Ok([mx, mw, mu, mc, mwa, mpsi, mphi]) = maps else { return Ok(false) };
-    let tiles = u32::try_from(uc.one_launch_tiles()).map_err(|_| Error::invalid(OP, "grid too large"))?;
-    let grid = tiles.min(dev.sm_count().max(1));
-    let bytes = uc.one_launch_words() * 4;
-    let work = super::mem::DeviceBuf::new(dev, stream, bytes, OP)?;
-    // SAFETY: `work` was just allocated on this stream with `bytes` (or more) bytes.
-    unsafe { cudarc::driver::result::memset_d8_async(work.ptr(), 0, bytes, stream) }.map_err(cuda)?;
-    let name = if dt == DType::BF16 { "wegeft_fwd_bf16_tma" } else { "wegeft_fwd_f16_tma" };
-    let func = dev.function(name)?;
-    dev.context().bind_to_thread().map_err(cuda)?;
-    func.func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geom::T_SMEM as i32).map_err(cuda)?;
-    // Checked by `one_launch_applies`: every size fits i32.
-    let (ti, dini, douti, ri) = (t as i32, din as i32, dout as i32, r as i32);
-    let params =
-        kargs![mx, mw, mu, mc, mwa, mpsi, mphi, ti, dini, douti, ri, uc.u, uc.c, uc.scale, bias.unwrap_or(0), y, douti, work.ptr()];
-    // SAFETY: the operands are the caller's (above); `work` is freed after the kernel, in
-    // stream order, when dropped at the end of this function.
-    unsafe { dev.launch(OP, &func, (grid, 1, 1), (geom::T_THREADS, 1, 1), geom::T_SMEM, stream, &params)? };
+    let Ok(maps) = maps else { return Ok(false) };
+    let kernel = if dt == DType::BF16 { "wegeft_fwd_bf16_tma" } else { "wegeft_fwd_f16_tma" };
+    let l = RankLaunch {
+        op: OP,
+        kernel,
+        maps,
+        m: t,
+        n: dout,
+        k1: din,
+        rank: r,
+        out0: (uc.u, 1.0),
+        out1: (uc.c, uc.scale),
+        bias,
+        d: y,
+        ldd: dout,
+        tiles: uc.one_launch_tiles(),
+        words: uc.one_launch_words(),
+    };
+    // SAFETY: the caller's operands (above).
+    unsafe { rank_launch(dev, stream, &l)? };
+    Ok(true)
+}
+
+/// The input gradient's `v = G C` and `dx = [G|v] [W;psi]` (dx `tokens x d_in`, packed,
+/// overwritten) in one launch, `wegeft_dx_{bf16,f16}_tma`: v as tiles taken before those of dx.
+/// Workspace, `Ok(false)` and errors as for [`wegeft_fwd`].
+///
+/// # Safety
+/// The pointers must be valid device memory of the packed shapes of `bw`, on this context; dx
+/// and v must not overlap the inputs or each other.
+pub(crate) unsafe fn wegeft_dx<T: Element>(dev: &CudaBackend, stream: CUstream, bw: &WegeftDx) -> Result<bool> {
+    const OP: &str = "wegeft_dx";
+    if !bw.applies::<T>() {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "needs bf16/f16, rank, d_in and d_out multiples of 8 and 16-byte aligned operands (got {:?}, T {}, d_in {}, d_out {}, r {})",
+                T::DTYPE,
+                bw.tokens,
+                bw.d_in,
+                bw.d_out,
+                bw.rank
+            ),
+        ));
+    }
+    let dt = T::DTYPE;
+    let (t, din, dout, r) = (bw.tokens, bw.d_in, bw.d_out, bw.rank);
+    let maps = (|| -> Result<[CUtensorMap; 7]> {
+        let g = tensor_map(dt, bw.g, t, dout, dout, geom::T_BOX_A)?;
+        Ok([
+            g,
+            tensor_map(dt, bw.w, dout, din, din, geom::T_BOX_B_NN)?,
+            tensor_map(dt, bw.v, t, r, r, geom::T_BOX_A)?,
+            tensor_map(dt, bw.psi, r, din, din, geom::T_BOX_B_NN)?,
+            tensor_map(dt, bw.c, dout, r, r, geom::WF_BOX_RANK)?,
+            g, // no kind-1 tiles: never read
+            g,
+        ])
+    })();
+    let Ok(maps) = maps else { return Ok(false) };
+    let kernel = if dt == DType::BF16 { "wegeft_dx_bf16_tma" } else { "wegeft_dx_f16_tma" };
+    let l = RankLaunch {
+        op: OP,
+        kernel,
+        maps,
+        m: t,
+        n: din,
+        k1: dout,
+        rank: r,
+        out0: (bw.v, 1.0),
+        out1: (0, 1.0),
+        bias: None,
+        d: bw.dx,
+        ldd: din,
+        tiles: bw.tiles(),
+        words: bw.words(),
+    };
+    // SAFETY: the caller's operands (above).
+    unsafe { rank_launch(dev, stream, &l)? };
     Ok(true)
 }
 
@@ -667,6 +820,7 @@ mod tests {
             assert_eq!(uc(64, 64, 64, r, 16).one_launch_applies::<bf16>(), ok, "rank {r}");
         }
         assert!(!uc(64, 60, 64, 8, 16).one_launch_applies::<bf16>(), "d_in not a multiple of 8");
+        assert!(uc(64, 64, 60, 8, 16).one_launch_applies::<bf16>(), "any d_out (y is not a tensor map)");
         assert!(!uc(64, 64, 64, 8, 8).one_launch_applies::<bf16>(), "x not 16-byte aligned");
         assert!(!uc(64, 64, 64, 8, 0).one_launch_applies::<bf16>(), "x null");
         // The policy: wegeft_uc where it was measured faster, the one launch above that.
@@ -679,6 +833,15 @@ mod tests {
         let odd = uc(200, 136, 300, 72, 16);
         assert_eq!(odd.one_launch_tiles(), (3 + 2) * 2 + 2 * 2);
         assert_eq!(odd.one_launch_words(), 1 + 2 + 3);
+        // The input gradient: v's rank tiles (no C), the tiles of dx (T x d_in).
+        let dx = |tokens, d_in, d_out, rank| super::WegeftDx { tokens, d_in, d_out, rank, g: 16, w: 256, c: 512, psi: 768, v: 1024, dx: 1280 };
+        let b = dx(8192, 4096, 4096, 64);
+        assert!(b.applies::<bf16>() && b.worth_it() && !b.applies::<f32>());
+        assert_eq!((b.tiles(), b.words()), (64 + 64 * 16, 1 + 64));
+        assert_eq!((dx(200, 136, 304, 72).tiles(), dx(200, 136, 304, 72).words()), (2 * 2 + 2 * 1, 1 + 2));
+        assert!(!dx(4096, 576, 576, 8).worth_it(), "the forward's policy: SmolLM2 at T = 4096 stays as it was");
+        assert!(!dx(64, 64, 64, 12).applies::<bf16>() && !super::WegeftDx { g: 8, ..dx(64, 64, 64, 8) }.applies::<bf16>());
+        assert!(!dx(64, 64, 60, 8).applies::<bf16>(), "d_out is G's ld");
     }
 
     use super::*;

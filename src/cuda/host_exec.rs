@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
-use super::exec::{Exec, KextArgs, Scratch, WegeftUc};
+use super::exec::{Exec, KextArgs, Scratch, WegeftDx, WegeftUc};
 use super::tune::{TuneTable, TUNE_REPS};
 use super::layer::{dropout_keep, Dropout, Layer, Path};
 use super::product::{Product, KERNELS};
@@ -201,6 +201,23 @@ impl Exec for HostExec {
         Ok(true)
     }
 
+    unsafe fn fused_dx<T: Element>(&self, _stream: CUstream, path: Path, bw: &WegeftDx) -> Result<bool> {
+        // What wegeft_dx computes (v = G C, then dx = G W + v psi from it; packed), where the
+        // device's policy takes it.
+        if self.fused.is_none() || path != Path::FusedSm90 || !bw.worth_it() {
+            return Ok(false);
+        }
+        self.log.borrow_mut().push("wegeft_dx".into());
+        let (t, din, dout, r) = (bw.tokens, bw.d_in, bw.d_out, bw.rank);
+        let g = self.get(bw.g);
+        let v = rf::matmul(&g, &self.get(bw.c), t, dout, r);
+        let gw = rf::matmul(&g, &self.get(bw.w), t, dout, din);
+        let vpsi = rf::matmul(&v, &self.get(bw.psi), t, r, din);
+        self.mem.borrow_mut().insert(bw.v, v);
+        self.mem.borrow_mut().insert(bw.dx, gw.iter().zip(&vpsi).map(|(a, b)| a + b).collect());
+        Ok(true)
+    }
+
     unsafe fn kext_fused<T: Element>(&self, nt: bool, _stream: CUstream, path: Path, args: KextArgs, _dependent: bool) -> Result<bool> {
         if self.fused.is_none() {
             return match path {
@@ -360,6 +377,48 @@ fn fused_forward_case(s: &LayerShape, want: &str) {
             close("y", &h.get(yp), &rf::wegeft_forward(&s, &x, &w, Some(&b), &phi, &psi, 0.5).unwrap(), 1e-12);
             close("C", &h.get(cp), &rf::generate_c(&s, &w, &phi, 0.5), 1e-12);
             close("u", &h.get(up), &rf::matmul(&x, &rf::transpose(&psi, r, s.d_in), t, s.d_in, r), 1e-12);
+        }
+    }
+}
+
+#[test]
+fn fused_backward_takes_v_and_dx_from_one_launch_for_large_layers_only() {
+    // A large layer (x and W above UC_MAX_BYTES) with dx: wegeft_dx, and no v product and no dx
+    // GEMM; with dropout too (v = G C has no mask); without dx, or a small layer: as before.
+    for (s, want_one) in [(LayerShape::new(2, 4096, 1100, 8).unwrap(), true), (LayerShape::new(6, 16, 9, 8).unwrap(), false)] {
+        let [x, w, _, phi, psi, g] = case(&s, 51);
+        let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
+        for drop in [Dropout::NONE, Dropout { p: 0.25, seed: 3 }] {
+            for with_dx in [true, false] {
+                let h = HostExec { fused: Some((1.0, 2.0)), ..Default::default() };
+                let (xp, wp, php, psp, gp) = (h.alloc(x.clone()), h.alloc(w.clone()), h.alloc(phi.clone()), h.alloc(psi.clone()), h.alloc(g.clone()));
+                let (up, cp, yp) = (h.alloc(vec![f64::NAN; t * r]), h.alloc(vec![f64::NAN; dout * r]), h.alloc(vec![f64::NAN; t * dout]));
+                unsafe { h.forward_impl::<f32>(&s, NULL, Path::FusedSm90, xp, wp, None, php, psp, 0.5, drop, up, cp, yp) }.unwrap();
+                h.log.borrow_mut().clear();
+                let dphi0 = data(77, din * r);
+                let dpsi0 = data(78, r * din);
+                let (dxp, dphp, dpsp) = (h.alloc(vec![f64::NAN; t * din]), h.alloc(dphi0.clone()), h.alloc(dpsi0.clone()));
+                let dx = with_dx.then_some(dxp);
+                unsafe { h.backward_impl::<f32>(&s, NULL, Path::FusedSm90, xp, wp, psp, 0.5, drop, up, cp, gp, dx, dphp, dpsp) }.unwrap();
+                let log = h.log.borrow().clone();
+                let one = log.iter().any(|n| n == "wegeft_dx");
+                assert_eq!(one, want_one && with_dx, "{s:?} dx {with_dx} {drop:?}: {log:?}");
+                assert_eq!(log.iter().any(|n| n.starts_with("lowrank_v")), !one, "{log:?}");
+                // Against the reference with the same C (the forward's, masked with dropout).
+                let c = h.get(cp);
+                let v = rf::matmul(&g, &c, t, dout, r);
+                if with_dx {
+                    let want = rf::matmul(&g, &w, t, dout, din).iter().zip(rf::matmul(&v, &psi, t, r, din)).map(|(a, b)| a + b).collect::<Vec<_>>();
+                    close("dx", &h.get(dxp), &want, 1e-12);
+                }
+                let dpsi: Vec<f64> = h.get(dpsp).iter().zip(&dpsi0).map(|(a, b)| a - b).collect();
+                close("dpsi (accumulated, from v)", &dpsi, &rf::matmul(&rf::transpose(&v, t, r), &x, r, t, din), 1e-12);
+                if drop.p == 0.0 {
+                    let gr = rf::wegeft_backward(&s, &x, &w, &phi, &psi, 0.5, &g).unwrap();
+                    let dphi: Vec<f64> = h.get(dphp).iter().zip(&dphi0).map(|(a, b)| a - b).collect();
+                    close("dphi (accumulated)", &dphi, &gr.dphi, 1e-12);
+                }
+            }
         }
     }
 }

@@ -25,9 +25,10 @@
 // and D's padding must come back untouched. Whole tiles with an aligned D take the epilogues'
 // 16-byte stores after a quad transpose (__shfl_xor_sync emulated at a warp barrier). Also the
 // fused forward's wegeft_uc kernel (u = x psi^T and C = alpha W phi in one grid, 128 fibers a
-// block), against double loops, with a sentinel row after u and C; and wegeft_fwd_*_tma (u, C
-// and y in one persistent grid: the tile counter, the flags and the consumers' named barrier
-// emulated; a TMA read of u or C without a wait on its rows' flags fails).
+// block), against double loops, with a sentinel row after u and C; and wegeft_fwd_*_tma /
+// wegeft_dx_*_tma (u, C and y, or v and dx, in one persistent grid: the tile counter, the flags
+// and the consumers' named barrier emulated; a TMA read of a rank tile's output without a wait
+// on its rows' flags fails).
 // Built and run by tests/kernel_emulation.rs:
 //   g++ -std=c++20 -O1 -I .cuda/home/include -I kernels tests/emulation/gemm_on_host.cpp
 #include <algorithm>
@@ -662,42 +663,60 @@ void check_uc(const char* name, void (*kernel)(int, int, int, int, const T*, int
                 rel, tol, pad_ok ? "" : "  PADDING WRITTEN");
 }
 
-// wegeft_fwd (u, C and y in one grid: rank tiles first, then the y tiles, through the counter
-// and the flags) against double loops: u and C against x psi^T and scale W phi, y against
-// x W^T + u C^T + bias over the u and C it stored. u, C and y are NaN before the run and have a
-// sentinel row after them; y's row padding must stay untouched. `cap`: tiles a block takes
-// (0: the first block takes all); the grid then has enough blocks, plus one that takes none.
+// wegeft_fwd / wegeft_dx (the rank-r products and the K-extended GEMM in one grid: rank tiles
+// first, then the tiles of D, through the counter and the flags) against double loops:
+//   fwd: u = x psi^T, C = scale W phi, y = x W^T + u C^T + bias over the u and C it stored;
+//   dx:  v = G C, dx = G W + v psi over the v it stored.
+// The rank outputs and D are NaN before the run and have a sentinel row after them; D's row
+// padding must stay untouched. `cap`: tiles a block takes (0: the first block takes all); the
+// grid then has enough blocks, plus one that takes none.
 template <typename T>
-using FwdKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
-                           const CUtensorMap, const CUtensorMap, int, int, int, int, T*, T*, float, const T*, T*, int,
-                           unsigned*);
+using RankKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
+                            const CUtensorMap, const CUtensorMap, int, int, int, int, T*, float, T*, float, const T*, T*, int,
+                            unsigned*);
 template <typename T>
-void check_fwd(const char* name, FwdKernel<T> kernel, int Tn, int din, int dout, int r, bool bias, int cap, double tol) {
-    Mat<T> x(Tn, din, din, 0), w(dout, din, din, 0), psi(r, din, din, 0), phi(din, r, r, 0), bv(1, dout, dout, 0);
-    const int ldy = dout % 8 == 0 ? dout : dout + 3;
-    Mat<T> u(Tn, r, r, 0, false), c(dout, r, r, 0, false), y(Tn, dout, ldy, 0, false);
+void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din, int dout, int r, bool bias, int cap,
+                double tol) {
+    // Forward: A1 = x (T x d_in), B1 = W (d_out x d_in), kind 0 = u (B psi), kind 1 = C (A W, B phi).
+    // Backward: A1 = G (T x d_out), B1 = W (d_out x d_in, NN), kind 0 = v (B C), B2 = psi (NN).
+    const int M = Tn, N = dx ? din : dout, K1 = dx ? dout : din;
+    Mat<T> a1(M, K1, K1, 0), w(dout, din, din, 0), psi(r, din, din, 0), phi(din, r, r, 0), cin(dout, r, r, 0), bv(1, N, N, 0);
+    const int ldd = N % 8 == 0 ? N : N + 3;
+    Mat<T> o0(M, r, r, 0, false), o1(dout, r, r, 0, false), d(M, N, ldd, 0, false);
     const float sentinel = 7.0f, scale = 0.75f;
-    for (int i = 0; i <= Tn; ++i)
-        for (int j = 0; j < ldy; ++j) y.p[(size_t)i * ldy + j] = from_f<T>(i == Tn || j >= dout ? sentinel : NAN);
-    for (int j = 0; j < r; ++j) u.p[(size_t)Tn * r + j] = from_f<T>(sentinel), c.p[(size_t)dout * r + j] = from_f<T>(sentinel);
-    for (int i = 0; i < Tn * r; ++i) u.p[i] = from_f<T>(NAN);
-    for (int i = 0; i < dout * r; ++i) c.p[i] = from_f<T>(NAN);
-    const int RC = (r + 63) / 64, CB = (dout + 127) / 128, TM = (Tn + 127) / 128, TN = (dout + 255) / 256;
-    const int tiles = (CB + TM) * RC + TM * TN;
-    std::vector<unsigned> work(1 + TM + CB, 0u);
-    const CUtensorMap mx = tma_map(x.p, Tn, din, din, 64, 128), mw = tma_map(w.p, dout, din, din, 64, 256);
-    const CUtensorMap mu = tma_map(u.p, Tn, r, r, 64, 128), mc = tma_map(c.p, dout, r, r, 64, 256);
-    const CUtensorMap mwa = tma_map(w.p, dout, din, din, 64, 128), mpsi = tma_map(psi.p, r, din, din, 64, 64);
-    const CUtensorMap mphi = tma_map(phi.p, din, r, r, 64, 64);
+    for (int i = 0; i <= M; ++i)
+        for (int j = 0; j < ldd; ++j) d.p[(size_t)i * ldd + j] = from_f<T>(i == M || j >= N ? sentinel : NAN);
+    for (int j = 0; j < r; ++j) o0.p[(size_t)M * r + j] = from_f<T>(sentinel), o1.p[(size_t)dout * r + j] = from_f<T>(sentinel);
+    for (int i = 0; i < M * r; ++i) o0.p[i] = from_f<T>(NAN);
+    for (int i = 0; i < dout * r; ++i) o1.p[i] = from_f<T>(NAN);
+    const int RC = (r + 63) / 64, TM = (M + 127) / 128, R1 = dx ? 0 : (N + 127) / 128, TN = (N + 255) / 256;
+    const int tiles = (R1 + TM) * RC + TM * TN;
+    std::vector<unsigned> work(1 + TM + R1, 0u);
+    CUtensorMap m[7];
+    m[0] = tma_map(a1.p, M, K1, K1, 64, 128);
+    if (!dx) {
+        m[1] = tma_map(w.p, dout, din, din, 64, 256);
+        m[2] = tma_map(o0.p, M, r, r, 64, 128);
+        m[3] = tma_map(o1.p, dout, r, r, 64, 256);
+        m[4] = tma_map(psi.p, r, din, din, 64, 64);
+        m[5] = tma_map(w.p, dout, din, din, 64, 128);
+        m[6] = tma_map(phi.p, din, r, r, 64, 64);
+    } else {
+        m[1] = tma_map(w.p, dout, din, din, 64, 64);
+        m[2] = tma_map(o0.p, M, r, r, 64, 128);
+        m[3] = tma_map(psi.p, r, din, din, 64, 64);
+        m[4] = tma_map(cin.p, dout, r, r, 64, 64);
+        m[5] = m[6] = m[0];
+    }
     const int grid = cap > 0 ? (tiles + cap - 1) / cap + 1 : 2;
     t90::take_cap = cap;
     t90::taken_block = ~0u;
-    t90::guard[0] = {u.p, Tn, work.data() + 1};
-    t90::guard[1] = {c.p, dout, work.data() + 1 + TM};
+    t90::guard[0] = {o0.p, M, work.data() + 1};
+    t90::guard[1] = dx ? t90::Guard{} : t90::Guard{o1.p, dout, work.data() + 1 + TM};
     const int taken_before = t90::tiles_taken, unguarded_before = t90::unguarded_reads;
     fb::run_grid({(unsigned)grid, 1, 1}, 288, [&] {
-        kernel(mx, mw, mu, mc, mwa, mpsi, mphi, Tn, din, dout, r, u.p, c.p, scale, bias ? bv.p : nullptr, y.p, ldy,
-               work.data());
+        kernel(m[0], m[1], m[2], m[3], m[4], m[5], m[6], M, N, K1, r, o0.p, dx ? 1.0f : 1.0f, dx ? nullptr : o1.p, scale,
+               bias ? bv.p : nullptr, d.p, ldd, work.data());
         auto& wl = h90emu::lanes[threadIdx.x];
         if (!wl.groups.empty() || !wl.open.empty()) {
             ++g_leftover;
@@ -708,43 +727,45 @@ void check_fwd(const char* name, FwdKernel<T> kernel, int Tn, int din, int dout,
     t90::take_cap = 0;
     t90::guard[0] = t90::guard[1] = {};
     const int unguarded = t90::unguarded_reads - unguarded_before;
-    // u and C against double loops over the inputs; y against the u and C as stored.
-    double worst_uc = 0, scale_uc = 0, worst_y = 0, scale_y = 0;
-    for (int pass = 0; pass < 2; ++pass)
-        for (int i = 0; i < (pass ? dout : Tn); ++i)
+    // The rank outputs against double loops over the inputs; D against them as stored.
+    double worst_r = 0, scale_r = 0, worst_d = 0, scale_d = 0;
+    for (int pass = 0; pass < (dx ? 1 : 2); ++pass)
+        for (int i = 0; i < (pass ? dout : M); ++i)
             for (int j = 0; j < r; ++j) {
                 double want = 0;
-                for (int k = 0; k < din; ++k) want += pass ? w.at(i, k) * phi.at(k, j) : x.at(i, k) * psi.at(j, k);
+                for (int k = 0; k < K1; ++k)
+                    want += pass ? w.at(i, k) * phi.at(k, j) : dx ? a1.at(i, k) * cin.at(k, j) : a1.at(i, k) * psi.at(j, k);
                 if (pass) want *= scale;
-                const double e = std::fabs((pass ? c.at(i, j) : u.at(i, j)) - want);
-                scale_uc = std::max(scale_uc, std::fabs(want));
-                worst_uc = std::max(worst_uc, std::isnan(e) ? INFINITY : e);
+                const double e = std::fabs((pass ? o1.at(i, j) : o0.at(i, j)) - want);
+                scale_r = std::max(scale_r, std::fabs(want));
+                worst_r = std::max(worst_r, std::isnan(e) ? INFINITY : e);
             }
-    for (int i = 0; i < Tn; ++i)
-        for (int j = 0; j < dout; ++j) {
+    for (int i = 0; i < M; ++i)
+        for (int j = 0; j < N; ++j) {
             double want = bias ? bv.at(0, j) : 0.0;
-            for (int k = 0; k < din; ++k) want += x.at(i, k) * w.at(j, k);
-            for (int k = 0; k < r; ++k) want += u.at(i, k) * c.at(j, k);
-            const double e = std::fabs(y.at(i, j) - want);
-            scale_y = std::max(scale_y, std::fabs(want));
-            worst_y = std::max(worst_y, std::isnan(e) ? INFINITY : e);
+            for (int k = 0; k < K1; ++k) want += a1.at(i, k) * (dx ? w.at(k, j) : w.at(j, k));
+            for (int k = 0; k < r; ++k) want += o0.at(i, k) * (dx ? psi.at(k, j) : o1.at(j, k));
+            const double e = std::fabs(d.at(i, j) - want);
+            scale_d = std::max(scale_d, std::fabs(want));
+            worst_d = std::max(worst_d, std::isnan(e) ? INFINITY : e);
         }
     bool pad_ok = true;
-    for (int i = 0; i <= Tn; ++i)
-        for (int j = 0; j < ldy; ++j)
-            if (i == Tn || j >= dout) pad_ok &= y.at(i, j) == sentinel;
-    for (int j = 0; j < r; ++j) pad_ok &= u.at(Tn, j) == sentinel && c.at(dout, j) == sentinel;
-    // Every tile handed out (the counter went past the last one; each y element checked above
+    for (int i = 0; i <= M; ++i)
+        for (int j = 0; j < ldd; ++j)
+            if (i == M || j >= N) pad_ok &= d.at(i, j) == sentinel;
+    for (int j = 0; j < r; ++j) pad_ok &= o0.at(M, j) == sentinel && (dx || o1.at(dout, j) == sentinel);
+    // Every tile handed out (the counter went past the last one; each D element checked above
     // says its tile ran once), every rank tile's flag posted.
     bool work_ok = (int)work[0] >= tiles && t90::tiles_taken - taken_before >= tiles;
-    for (int i = 0; i < TM + CB; ++i) work_ok &= work[1 + i] == (unsigned)RC;
-    const double e_uc = worst_uc / std::max(scale_uc, 1e-30), e_y = worst_y / std::max(scale_y, 1e-30);
-    const bool ok = e_uc <= tol && e_y <= tol && pad_ok && work_ok && unguarded == 0;
+    for (int i = 0; i < TM + R1; ++i) work_ok &= work[1 + i] == (unsigned)RC;
+    const double e_r = worst_r / std::max(scale_r, 1e-30), e_d = worst_d / std::max(scale_d, 1e-30);
+    const bool ok = e_r <= tol && e_d <= tol && pad_ok && work_ok && unguarded == 0;
     ++g_checks;
     if (!ok) ++g_failures;
-    std::printf("%s %-23s T%-4d d_in %-4d d_out %-4d r %-3d bias %d cap %d  err u,C %.2e y %.2e (tol %.0e)%s%s%s\n",
-                ok ? "ok  " : "FAIL", name, Tn, din, dout, r, bias, cap, e_uc, e_y, tol, pad_ok ? "" : "  PADDING WRITTEN",
-                work_ok ? "" : "  COUNTER/FLAGS WRONG", unguarded ? "  u/C READ WITHOUT WAITING FOR ITS FLAG" : "");
+    std::printf("%s %-23s T%-4d d_in %-4d d_out %-4d r %-3d bias %d cap %d  err %s %.2e %s %.2e (tol %.0e)%s%s%s\n",
+                ok ? "ok  " : "FAIL", name, Tn, din, dout, r, bias, cap, dx ? "v" : "u,C", e_r, dx ? "dx" : "y", e_d, tol,
+                pad_ok ? "" : "  PADDING WRITTEN", work_ok ? "" : "  COUNTER/FLAGS WRONG",
+                unguarded ? "  RANK OUTPUT READ WITHOUT WAITING FOR ITS FLAG" : "");
 }
 
 int main() {
@@ -815,19 +836,21 @@ int main() {
             check<__half, true>("gemm_kext_nn_f16_tma", nullptr, 128, 256, c, 0, !b, 0.0f, 2e-3, gemm_kext_nn_f16_tma);
         }
     }
-    // The fused forward in one grid: a single tile of each kind; tails in T, d_in (not a
-    // multiple of 64) and d_out (a y tile reading one C block, an odd ldy); two rank chunks
-    // (r 72: a partial one, and two K2 k tiles); more k tiles than stages; on one block
-    // (flags posted by its own consumers) and on many (cap 3: y tiles after the rank tiles of
-    // earlier blocks).
-    const int fwd_cases[][4] = {{1, 8, 8, 8}, {130, 72, 300, 8}, {200, 136, 136, 72}, {257, 320, 520, 64}};
-    for (const auto& f : fwd_cases) {
+    // The fused forward and input gradient in one grid: a single tile of each kind; tails in T,
+    // d_in (not a multiple of 64) and d_out (a D tile reading one kind-1 block, an odd ldd); two
+    // rank chunks (r 72: a partial one, and two second-pair k tiles); more k tiles than stages;
+    // on one block (flags posted by its own consumers) and on many (cap 3: D tiles after the
+    // rank tiles of earlier blocks).
+    const int rank_cases[][4] = {{1, 8, 8, 8}, {130, 72, 300, 8}, {200, 136, 136, 72}, {257, 320, 520, 64}};
+    for (const auto& f : rank_cases) {
         for (int cap : {0, 3}) {
-            check_fwd<__nv_bfloat16>("wegeft_fwd_bf16_tma", wegeft_fwd_bf16_tma, f[0], f[1], f[2], f[3], cap == 0, cap, 1e-2);
-            check_fwd<__half>("wegeft_fwd_f16_tma", wegeft_fwd_f16_tma, f[0], f[1], f[2], f[3], cap != 0, cap, 2e-3);
+            check_rank<__nv_bfloat16>("wegeft_fwd_bf16_tma", wegeft_fwd_bf16_tma, false, f[0], f[1], f[2], f[3], cap == 0, cap, 1e-2);
+            check_rank<__half>("wegeft_fwd_f16_tma", wegeft_fwd_f16_tma, false, f[0], f[1], f[2], f[3], cap != 0, cap, 2e-3);
+            check_rank<__nv_bfloat16>("wegeft_dx_bf16_tma", wegeft_dx_bf16_tma, true, f[0], f[1], f[2], f[3], false, cap, 1e-2);
+            check_rank<__half>("wegeft_dx_f16_tma", wegeft_dx_f16_tma, true, f[0], f[1], f[2], f[3], false, cap, 2e-3);
         }
     }
-    std::printf("wegeft_fwd: %d tiles taken, %d flag waits that waited\n", t90::tiles_taken, t90::flag_stalls);
+    std::printf("wegeft_fwd / wegeft_dx: %d tiles taken, %d flag waits that waited\n", t90::tiles_taken, t90::flag_stalls);
     std::printf("TMA boxes copied: %d\n", t90emu::copies);
     std::printf("wgmma reads of shared memory that changed in flight: %d\n", h90emu::races);
     if (h90emu::races) ++g_failures;
