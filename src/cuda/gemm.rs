@@ -838,7 +838,9 @@ mod tests {
         let b = dx(8192, 4096, 4096, 64);
         assert!(b.applies::<bf16>() && b.worth_it() && !b.applies::<f32>());
         assert_eq!((b.tiles(), b.words()), (64 + 64 * 16, 1 + 64));
-        assert_eq!((dx(200, 136, 304, 72).tiles(), dx(200, 136, 304, 72).words()), (2 * 2 + 2 * 1, 1 + 2));
+        // v: 2 row blocks x 2 chunks; dx: 2 x 1 tiles (d_in 136 < 256).
+        let odd = dx(200, 136, 304, 72);
+        assert_eq!((odd.tiles(), odd.words()), (2 * 2 + 2, 1 + 2));
         assert!(!dx(4096, 576, 576, 8).worth_it(), "the forward's policy: SmolLM2 at T = 4096 stays as it was");
         assert!(!dx(64, 64, 64, 12).applies::<bf16>() && !super::WegeftDx { g: 8, ..dx(64, 64, 64, 8) }.applies::<bf16>());
         assert!(!dx(64, 64, 60, 8).applies::<bf16>(), "d_out is G's ld");
