@@ -1044,31 +1044,32 @@ struct Wgmma<__half, TRANS_B> {
         : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
   }
 };
-// m64n64k16 (32 accumulators a thread), for the rank tiles of wegeft_fwd_*_tma.
-template <typename T, int TRANS_B>
+// m64n64k16 (32 accumulators a thread), for the rank tiles of wegeft_{fwd,bwd}_*_tma; TRANS_A:
+// A MN-major (the backward's reduction tiles, whose A is G^T or x^T).
+template <typename T, int TRANS_B, int TRANS_A = 0>
 struct Wgmma64;
-template <int TRANS_B>
-struct Wgmma64<__nv_bfloat16, TRANS_B> {
+template <int TRANS_B, int TRANS_A>
+struct Wgmma64<__nv_bfloat16, TRANS_B, TRANS_A> {
   __device__ __forceinline__ static void run(float (&d)[32], uint64_t da, uint64_t db) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, %35;\n}\n"
+        "%32, %33, p, 1, 1, %36, %35;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B), "n"(TRANS_A));
   }
 };
-template <int TRANS_B>
-struct Wgmma64<__half, TRANS_B> {
+template <int TRANS_B, int TRANS_A>
+struct Wgmma64<__half, TRANS_B, TRANS_A> {
   __device__ __forceinline__ static void run(float (&d)[32], uint64_t da, uint64_t db) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, %35;\n}\n"
+        "%32, %33, p, 1, 1, %36, %35;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B));
+        : "l"(da), "l"(db), "r"(1), "n"(TRANS_B), "n"(TRANS_A));
   }
 };
 }  // namespace h90
@@ -1089,19 +1090,22 @@ __device__ __forceinline__ void tile_origin(int tile, int tiles_m, int tiles_n, 
 // (the previous stage's wgmmas are done). With NA = 32 accumulators the steps are m64n64k16
 // (wegeft_fwd's rank tiles): B is the first 64 rows (NT) or the first 64-column quarter (NN)
 // of the same layout, so the descriptors are the same.
-template <typename T, bool NN, int NA>
+// TA (with NA = 32 and NN): A is MN-major too, stored like an NN B tile's quarters (the
+// warpgroup's 64 rows are quarter wg: 64 k-rows x 128 B, 8 KiB apart), descriptors alike.
+template <typename T, bool NN, int NA, bool TA = false>
 __device__ __forceinline__ void mma_stage(float (&acc)[NA], uint32_t stage, int wg) {
   static_assert(NA == NACC || NA == 32, "m64n256k16 or m64n64k16");
+  static_assert(!TA || (NN && NA == 32), "an MN-major A only in the m64n64k16 reduction tiles (B MN-major too)");
   const uint32_t sb = stage + A_BYTES;
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < BK / 16; ++ks) {
-    const uint64_t da = desc(stage + wg * (64 * 128) + ks * 32, 16, 1024);
+    const uint64_t da = TA ? desc(stage + wg * 8192 + ks * 2048, 8192, 1024) : desc(stage + wg * (64 * 128) + ks * 32, 16, 1024);
     const uint64_t db = NN ? desc(sb + ks * 2048, 8192, 1024) : desc(sb + ks * 32, 16, 1024);
     if constexpr (NA == NACC)
       Wgmma<T, NN ? 1 : 0>::run(acc, da, db);
     else
-      Wgmma64<T, NN ? 1 : 0>::run(acc, da, db);
+      Wgmma64<T, NN ? 1 : 0, TA ? 1 : 0>::run(acc, da, db);
   }
   wgmma_commit();
   wgmma_wait<1>();
@@ -1433,7 +1437,7 @@ __device__ __forceinline__ int ring_acquire(int it, uint32_t full0, uint32_t emp
 // Consumers: one tile's KT k tiles from the ring (k tile numbers it .. it + KT - 1; `it` is
 // advanced) into acc, zeroed first; each stage is freed once the next one's wgmmas are issued
 // and wgmma.wait_group 1 says its own are done, the last one after wait_group 0.
-template <typename T, bool NN, int NA>
+template <typename T, bool NN, int NA, bool TA = false>
 __device__ __forceinline__ void consume_tile(float (&acc)[NA], int& it, int KT, uint32_t smem_base, uint32_t full0,
                                              uint32_t empty0, int wg, bool releaser) {
   using namespace h90;
@@ -1443,7 +1447,7 @@ __device__ __forceinline__ void consume_tile(float (&acc)[NA], int& it, int KT, 
   for (int t = 0; t < KT; ++t, ++it) {
     const int s = it % STAGES;
     mbar_wait(full0 + 8 * s, (it / STAGES) & 1);
-    mma_stage<T, NN>(acc, smem_base + s * STAGE_BYTES, wg);
+    mma_stage<T, NN, NA, TA>(acc, smem_base + s * STAGE_BYTES, wg);
     if (t > 0 && releaser) mbar_arrive(empty0 + 8 * ((it - 1) % STAGES));
   }
   wgmma_wait<0>();
@@ -1546,46 +1550,53 @@ GEMM_KEXT_T90(gemm_kext_nt_f16_tma, __half, false)
 GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
 
 // ------------------------------------------------------------------------------------------
-// The fused forward and input gradient in one launch each:
+// The fused forward and backward in one launch each:
 //   wegeft_fwd_{bf16,f16}_tma  u = x psi^T (T x r), C = scale W phi (d_out x r),
-//                              y = [x | u] [W | C]^T (+ bias)             (the NT TMA GEMM)
-//   wegeft_dx_{bf16,f16}_tma   v = G C (T x r), dx = [G | v] [W ; psi]     (the NN TMA GEMM)
+//                              y = [x | u] [W | C]^T (+ bias)                 (the NT TMA GEMM)
+//   wegeft_bwd_{bf16,f16}_tma  v = G C (T x r), S = G^T u (d_out x r, f32), dpsi += v^T x
+//                              (r x d_in, f32), dx = [G | v] [W ; psi]         (the NN TMA GEMM)
+//                              (dphi = scale W^T S is left to the caller: it needs all of S)
 //
-// The TMA kernel above, persistent, with the rank-r products that its second pair needs as
-// tiles of the same grid ("rank tiles"), taken before the block tiles of D: they are read at
-// the TMA pipeline's bandwidth, without launches of their own, while the other blocks already
-// run the first pair. (wegeft_uc overlapped with the GEMM as a second grid beside it, but its
-// blocks, with 16 KiB in flight each, read far slower than the SMs can: BENCHMARKS.md, session
-// 9.)
-// A rank tile is 128 rows x 64 columns of its output, K = K1 (d_in forward, d_out backward);
-// per k tile one 64 x 128 box of A (16 KiB) and one 64 x 64 box of B (8 KiB: K-major like 64
+// The TMA kernel above, persistent, with the rank-r products as tiles of the same grid, taken
+// before the block tiles of D: they are read at the TMA pipeline's bandwidth, without launches
+// of their own, while other blocks already run the GEMM. (wegeft_uc overlapped with the GEMM
+// as a second grid beside it, but its blocks, with 16 KiB in flight each, read far slower than
+// the SMs can: BENCHMARKS.md, session 9.) Each such tile is 128 rows x 64 columns of its
+// output; per k tile a 64 x 128 A tile (16 KiB) and a 64 x 64 B box (8 KiB: K-major like 64
 // rows of an NT B tile, or N-major like a 64-column quarter of an NN B tile); each warpgroup
-// runs m64n64k16 (32 accumulators) on its 64 rows. Its epilogue stores the rows and columns
-// inside the output (times its scale), rounded once, exactly as the D tiles then read them.
-// Two kinds:
-//   kind 0 writes A2, rows M:   forward u (A = x, B = psi K-major), backward v (A = G, B = C
-//                               N-major); A is the first pair's A1, read through its map;
-//   kind 1 writes B2, rows N:   forward C (A = W by a 64 x 128 map, B = phi N-major, scale);
-//                               none in the backward (B2 = psi is an input).
+// runs m64n64k16 (32 accumulators) on its 64 rows.
+//   kind 0, "rank tile", writes A2 (rows M, K = K1): forward u (A = x through A1's map, B =
+//           psi K-major), backward v (A = G through A1's map, B = C N-major); bf16 / f16 out;
+//   kind 1, rank tile, writes B2 (rows N, K = K1; forward only): C (A = W by a 64 x 128 map,
+//           B = phi N-major, times scale);
+//   kind 2, "reduction tile" (backward only; rows d_out = K1, K = T = M): S = G^T u, A = G^T
+//           MN-major (two 64 x 64 boxes of G a k tile), B = u N-major; f32 stores;
+//   kind 3, reduction tile (backward only; rows d_in = N, K = T): dpsi^T = x^T v, A = x^T
+//           MN-major, B = v N-major; added to dpsi (f32, r x d_in); its producer waits for the
+//           flag of the v rows of each k tile.
+// A rank tile's epilogue stores the rows and columns inside its output (times its scale),
+// rounded once, exactly as the D tiles then read them.
 // Tile index i, handed out by a counter in global memory (atomicAdd by the producer lane, which
-// writes i beside the stage's barrier for the consumers; -1 ends the block):
-//   [0, R1 RC)             kind 1: 128-row block i / RC, 64-column chunk i % RC (forward only);
-//   [R1 RC, (R1 + TM) RC)  kind 0, the same over the 128-row blocks of A2;
-//   then the block tiles of D (128 x 256, gk::tile_coords order);
-// RC = ceil(r / 64), TM = ceil(M / 128), R1 = ceil(N / 128) (0 backward). A rank tile, once
-// every consumer thread's stores are fenced (t90::publish_fence) and the two warpgroups have
-// met, adds 1 to its block's flag (release, gpu scope). The producer of a tile of D, before its
-// first second-pair k tile, waits (acquire) until the flags of its 128 rows of A2 and (forward)
-// of its 256 rows of B2 (two blocks) reach RC, then fences the async proxy: its TMA reads see
-// those stores. Deadlock-free whatever the residency: a rank tile waits for nothing, every rank
-// tile is taken (by a running block) before any tile of D, and a block runs its tiles in order.
+// writes i beside the stage's barrier for the consumers; -1 ends the block), in this order:
+// kind 1 (forward), kind 0, kinds 2 and 3 (backward), each over its 128-row blocks (and RC =
+// ceil(r / 64) column chunks a block); then the block tiles of D (128 x 256, gk::tile_coords).
+// A rank tile, once every consumer thread's stores are fenced (t90::publish_fence) and the two
+// warpgroups have met, adds 1 to its block's flag (release, gpu scope). The producer of a tile
+// of D, before its first second-pair k tile, waits (acquire) until the flags of its 128 rows
+// of A2 and (forward) of its 256 rows of B2 (two blocks) reach RC, then fences the async proxy:
+// its TMA reads see those stores; a kind-3 tile's producer does the same before each k tile.
+// Deadlock-free whatever the residency: a rank tile waits for nothing, every tile that a wait
+// depends on is taken (by a running block) before the waiting one, and a block runs its tiles
+// in order.
 // Workspace `work` (u32, 1 + TM + R1): [0] the counter, [1, 1 + TM) the kind-0 flags, then the
-// kind-1 flags; zero at launch (the launcher clears it before each launch, in stream order).
-// Requires (the launcher checks): r and every ld a multiple of 8, 16-byte aligned bases (every
-// operand a tensor map; the rank outputs packed with ld r); ldd >= N.
-// Parameters: the maps of A1, B1, A2, B2 (those of gemm_kext_{nt,nn}_*_tma), of kind 0's B
-// (64 x 64), of kind 1's A (64 x 128) and B (64 x 64) (backward: any valid map, not read);
-// then (M, N, K1, r, out0, scale0, out1, scale1, bias, D, ldd, work).
+// kind-1 flags (R1 = ceil(N / 128) forward, 0 backward); zero at launch (the launcher clears it
+// before each launch, in stream order).
+// Requires (the launcher checks): r and every ld of a mapped operand a multiple of 8, 16-byte
+// aligned bases; the rank outputs, S and dpsi packed (ld r, r, d_in); ldd >= N.
+// Parameters: the maps of A1, B1, A2, B2 (those of gemm_kext_{nt,nn}_*_tma), kind 0's B
+// (64 x 64), kind 1's A (64 x 128) and B (64 x 64), kind 2's A and B, kind 3's A and B (64 x 64
+// each; a map a kernel does not read may be any valid one); then (M, N, K1, r, out0, scale0,
+// out1, scale1, bias, D, ldd, S, dpsi, work).
 // Geometry: 288 threads, dynamic smem t90::SMEM_BYTES, any grid (the launcher: min(tiles, SMs)).
 // Host-emulated (tests/emulation/gemm_on_host.cpp), with the flags and the counter; not yet run
 // on a GPU.
@@ -1596,16 +1607,17 @@ constexpr int RANK_B_BYTES = RANK_N * h90::BK * 2;            // 8 KiB: its B bo
 constexpr int RANK_STAGE_BYTES = h90::A_BYTES + RANK_B_BYTES;  // 24 KiB a k tile
 constexpr int ROWS = h90::BM;                                 // rows a rank tile (A box rows)
 static_assert(h90::BN == 2 * ROWS, "a D tile reads two kind-1 blocks");
+static_assert(ROWS == 2 * 64 && h90::A_BYTES == 2 * 8192, "an MN-major A tile is two 64 x 64 boxes");
 }  // namespace wf
 
 #if defined(GK_WGMMA_BODY)
 namespace wf {
-// A rank tile's 64 x 64 per warpgroup (m64n64k16 layout: acc[4j + 2h + e] is row
-// 16 wrow + lane / 4 + 8 h, column 8 j + 2 (lane % 4) + e) into out (rows x r, ld r), times
-// scale, inside rows x r only (r is a multiple of 8: a pair is either in or out).
-template <typename T>
-__device__ __forceinline__ void store_rank_tile(const float (&acc)[32], int row0, int col0, int wg, int wrow, int lane,
-                                                int rows, int r, float scale, T* __restrict__ out) {
+// A tile's 64 x 64 per warpgroup (m64n64k16 layout: acc[4j + 2h + e] is row 16 wrow + lane / 4
+// + 8 h, column 8 j + 2 (lane % 4) + e), inside rows x r only (r is a multiple of 8: a pair is
+// either in or out), passed to put(row, col, v0, v1).
+template <typename F>
+__device__ __forceinline__ void each_pair(const float (&acc)[32], int row0, int col0, int wg, int wrow, int lane, int rows,
+                                          int r, F put) {
 #pragma unroll
   for (int j = 0; j < RANK_N / 8; ++j) {
     const int col = col0 + 8 * j + 2 * (lane & 3);
@@ -1614,35 +1626,47 @@ __device__ __forceinline__ void store_rank_tile(const float (&acc)[32], int row0
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + wg * 64 + wrow * 16 + (lane >> 2) + 8 * h;
       if (row >= rows) continue;
-      *reinterpret_cast<uint32_t*>(out + (size_t)row * r + col) =
-          gk::Ty<T>::pack2(scale * acc[4 * j + 2 * h], scale * acc[4 * j + 2 * h + 1]);
+      put(row, col, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
     }
   }
 }
 }  // namespace wf
 #endif
 
-// NN = false: wegeft_fwd (kind 0's B K-major, kind 1 present); NN = true: wegeft_dx (kind 0's B
-// N-major, no kind 1).
+// NN = false: wegeft_fwd (kinds 0 with a K-major B, and 1); NN = true: wegeft_bwd (kinds 0 with
+// an N-major B, 2 and 3).
 template <typename T, bool NN>
 __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CUtensorMap* mb1, const CUtensorMap* ma2,
                                                 const CUtensorMap* mb2, const CUtensorMap* mr0b, const CUtensorMap* mr1a,
-                                                const CUtensorMap* mr1b, int M, int N, int K1, int r,
-                                                T* __restrict__ out0, float scale0, T* __restrict__ out1, float scale1,
-                                                const T* __restrict__ bias, T* __restrict__ D, int ldd,
+                                                const CUtensorMap* mr1b, const CUtensorMap* mr2a, const CUtensorMap* mr2b,
+                                                const CUtensorMap* mr3a, const CUtensorMap* mr3b, int M, int N, int K1,
+                                                int r, T* __restrict__ out0, float scale0, T* __restrict__ out1,
+                                                float scale1, const T* __restrict__ bias, T* __restrict__ D, int ldd,
+                                                float* __restrict__ s_out, float* __restrict__ dpsi,
                                                 unsigned* __restrict__ work) {
 #if defined(GK_WGMMA_BODY)
   using namespace h90;
   using t90::STAGES;
-  constexpr bool KIND1 = !NN;
   const int RC = (r + wf::RANK_N - 1) / wf::RANK_N;
   const int TM = (M + BM - 1) / BM, TN = (N + BN - 1) / BN;
-  const int R1 = KIND1 ? (N + wf::ROWS - 1) / wf::ROWS : 0;
-  const int kind1_tiles = R1 * RC, rank_tiles = (R1 + TM) * RC;
+  // Tiles of each kind, in the counter's order: kind 1, kind 0, kind 2, kind 3.
+  const int n1 = NN ? 0 : ((N + wf::ROWS - 1) / wf::ROWS) * RC;
+  const int n0 = TM * RC;
+  const int n2 = NN ? ((K1 + wf::ROWS - 1) / wf::ROWS) * RC : 0;
+  const int n3 = NN ? ((N + wf::ROWS - 1) / wf::ROWS) * RC : 0;
+  const int R1 = n1 / RC;
+  const int rank_tiles = n1 + n0 + n2 + n3;
   const int tiles = rank_tiles + TM * TN;
-  const int KT1 = (K1 + BK - 1) / BK, KT2 = (r + BK - 1) / BK;
+  const int KT1 = (K1 + BK - 1) / BK, KT2 = (r + BK - 1) / BK, KTM = (M + BK - 1) / BK;
   unsigned* const flag0 = work + 1;
   unsigned* const flag1 = work + 1 + TM;
+  // A tile below rank_tiles: its kind, index within the kind, first row and column.
+  auto kind_of = [&](int tile, int& kind, int& j, int& row0, int& col0) {
+    kind = tile < n1 ? 1 : tile < n1 + n0 ? 0 : tile < n1 + n0 + n2 ? 2 : 3;
+    j = tile - (kind == 1 ? 0 : kind == 0 ? n1 : kind == 2 ? n1 + n0 : n1 + n0 + n2);
+    row0 = (j / RC) * wf::ROWS;
+    col0 = (j % RC) * wf::RANK_N;
+  };
   GK_DYNAMIC_SMEM(smem_wf, 1024);
   const uint32_t smem_base = (gk::smem_u32(smem_wf) + 1023u) & ~1023u;
   __shared__ __align__(8) uint64_t bars[2 * STAGES];
@@ -1665,30 +1689,40 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
           break;
         }
         if (tile < rank_tiles) {
-          const bool k1 = tile < kind1_tiles;
-          const int j = k1 ? tile : tile - kind1_tiles;
-          const int row0 = (j / RC) * BM, col0 = (j % RC) * wf::RANK_N;
-          for (int t = 0; t < KT1; ++t, ++it) {
+          int kind, j, row0, col0;
+          kind_of(tile, kind, j, row0, col0);
+          const bool reduction = kind >= 2;
+          for (int t = 0; t < (reduction ? KTM : KT1); ++t, ++it) {
+            const int kb = t * BK;
+            if (kind == 3) t90::flag_wait(flag0 + kb / BM, RC);  // the rows of v this k tile reads
             const int s = t90::ring_acquire(it, full0, empty0, wf::RANK_STAGE_BYTES, stage_tile, tile);
             const uint32_t full = full0 + 8 * s;
             const uint32_t sa = smem_base + s * t90::STAGE_BYTES, sb = sa + t90::A_BYTES;
-            const int kb = t * BK;
-            t90::tma_load_2d(sa, k1 ? mr1a : ma1, full, kb, row0);
-            if (k1 || NN)
-              t90::tma_load_2d(sb, k1 ? mr1b : mr0b, full, col0, kb);  // N-major: (columns, k rows)
-            else
-              t90::tma_load_2d(sb, mr0b, full, kb, col0);  // K-major: (k, rows)
+            if (reduction) {
+              // A^T of a row-major T x rows matrix: two 64 x 64 boxes (64 of its columns, 64
+              // tokens); B: 64 columns of a T x r matrix, 64 tokens.
+              const CUtensorMap* a = kind == 2 ? mr2a : mr3a;
+              t90::tma_load_2d(sa, a, full, row0, kb);
+              t90::tma_load_2d(sa + 8192, a, full, row0 + 64, kb);
+              t90::tma_load_2d(sb, kind == 2 ? mr2b : mr3b, full, col0, kb);
+            } else {
+              t90::tma_load_2d(sa, kind == 1 ? mr1a : ma1, full, kb, row0);
+              if (kind == 1 || NN)
+                t90::tma_load_2d(sb, kind == 1 ? mr1b : mr0b, full, col0, kb);  // N-major: (columns, k rows)
+              else
+                t90::tma_load_2d(sb, mr0b, full, kb, col0);  // K-major: (k, rows)
+            }
           }
         } else {
-          int m0, n0;
-          tile_origin(tile - rank_tiles, TM, TN, m0, n0);
+          int m0, n0d;
+          tile_origin(tile - rank_tiles, TM, TN, m0, n0d);
           for (int t = 0; t < KT1 + KT2; ++t, ++it) {
             const bool second = t >= KT1;
             if (t == KT1) {
               // The rows of A2 (and of B2) that this tile reads, from rank tiles of any block.
               t90::flag_wait(flag0 + m0 / BM, RC);
-              if (KIND1) {
-                const int b = n0 / wf::ROWS;
+              if (!NN) {
+                const int b = n0d / wf::ROWS;
                 t90::flag_wait(flag1 + b, RC);
                 if (b + 1 < R1) t90::flag_wait(flag1 + b + 1, RC);
               }
@@ -1699,10 +1733,10 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
             const int kb = (second ? t - KT1 : t) * BK;
             t90::tma_load_2d(sa, second ? ma2 : ma1, full, kb, m0);
             if (!NN) {
-              t90::tma_load_2d(sb, second ? mb2 : mb1, full, kb, n0);
+              t90::tma_load_2d(sb, second ? mb2 : mb1, full, kb, n0d);
             } else {
 #pragma unroll
-              for (int h = 0; h < 4; ++h) t90::tma_load_2d(sb + h * 8192, second ? mb2 : mb1, full, n0 + 64 * h, kb);
+              for (int h = 0; h < 4; ++h) t90::tma_load_2d(sb + h * 8192, second ? mb2 : mb1, full, n0d + 64 * h, kb);
             }
           }
         }
@@ -1725,24 +1759,42 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
     const int tile = stage_tile[s0];
     if (tile < 0) break;
     if (tile < rank_tiles) {
-      const bool k1 = tile < kind1_tiles;
-      const int j = k1 ? tile : tile - kind1_tiles;
-      const int row0 = (j / RC) * BM, col0 = (j % RC) * wf::RANK_N;
+      int kind, j, row0, col0;
+      kind_of(tile, kind, j, row0, col0);
       float racc[32];
-      if (k1 || NN)
-        t90::consume_tile<T, true>(racc, it, KT1, smem_base, full0, empty0, wg, releaser);
-      else
-        t90::consume_tile<T, false>(racc, it, KT1, smem_base, full0, empty0, wg, releaser);
-      wf::store_rank_tile<T>(racc, row0, col0, wg, wrow, lane, k1 ? N : M, r, k1 ? scale1 : scale0, k1 ? out1 : out0);
-      t90::publish_fence();
-      t90::consumers_sync();
-      if (tid == 0) t90::flag_post((k1 ? flag1 : flag0) + j / RC);
+      if (kind >= 2) {
+        if constexpr (NN) {
+          t90::consume_tile<T, true, 32, true>(racc, it, KTM, smem_base, full0, empty0, wg, releaser);
+          if (kind == 2)  // S (K1 x r, f32), stored
+            wf::each_pair(racc, row0, col0, wg, wrow, lane, K1, r, [&](int row, int col, float a, float b) {
+              *reinterpret_cast<float2*>(s_out + (size_t)row * r + col) = make_float2(a, b);
+            });
+          else  // dpsi (r x N, f32) += the tile of dpsi^T
+            wf::each_pair(racc, row0, col0, wg, wrow, lane, N, r, [&](int row, int col, float a, float b) {
+              dpsi[(size_t)col * N + row] += a;
+              dpsi[(size_t)(col + 1) * N + row] += b;
+            });
+        }
+      } else {
+        if (kind == 1 || NN)
+          t90::consume_tile<T, true>(racc, it, KT1, smem_base, full0, empty0, wg, releaser);
+        else
+          t90::consume_tile<T, false>(racc, it, KT1, smem_base, full0, empty0, wg, releaser);
+        T* out = kind == 1 ? out1 : out0;
+        const float sc = kind == 1 ? scale1 : scale0;
+        wf::each_pair(racc, row0, col0, wg, wrow, lane, kind == 1 ? N : M, r, [&](int row, int col, float a, float b) {
+          *reinterpret_cast<uint32_t*>(out + (size_t)row * r + col) = gk::Ty<T>::pack2(sc * a, sc * b);
+        });
+        t90::publish_fence();
+        t90::consumers_sync();
+        if (tid == 0) t90::flag_post((kind == 1 ? flag1 : flag0) + j / RC);
+      }
     } else {
-      int m0, n0;
-      tile_origin(tile - rank_tiles, TM, TN, m0, n0);
+      int m0, n0d;
+      tile_origin(tile - rank_tiles, TM, TN, m0, n0d);
       float acc[NACC];
       t90::consume_tile<T, NN>(acc, it, KT1 + KT2, smem_base, full0, empty0, wg, releaser);
-      store_tile<T>(acc, m0, n0, wg, wrow, lane, M, N, bias, 0.f, D, ldd, pair_store, false);
+      store_tile<T>(acc, m0, n0d, wg, wrow, lane, M, N, bias, 0.f, D, ldd, pair_store, false);
     }
   }
 #else
@@ -1750,19 +1802,21 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
 #endif
 }
 
-#define WEGEFT_RANK_T90(NAME, T, NN)                                                                                     \
-  extern "C" __global__ void __launch_bounds__(t90::THREADS, 1)                                                        \
-      NAME(const __grid_constant__ CUtensorMap ma1, const __grid_constant__ CUtensorMap mb1,                             \
-           const __grid_constant__ CUtensorMap ma2, const __grid_constant__ CUtensorMap mb2,                             \
-           const __grid_constant__ CUtensorMap mr0b, const __grid_constant__ CUtensorMap mr1a,                           \
-           const __grid_constant__ CUtensorMap mr1b, int M, int N, int K1, int r, T* __restrict__ out0, float scale0,   \
-           T* __restrict__ out1, float scale1, const T* __restrict__ bias, T* __restrict__ D, int ldd,                  \
-           unsigned* __restrict__ work) {                                                                                \
-    wegeft_rank_t90<T, NN>(&ma1, &mb1, &ma2, &mb2, &mr0b, &mr1a, &mr1b, M, N, K1, r, out0, scale0, out1, scale1, bias, D, \
-                           ldd, work);                                                                                   \
+#define WEGEFT_RANK_T90(NAME, T, NN)                                                                                      \
+  extern "C" __global__ void __launch_bounds__(t90::THREADS, 1)                                                         \
+      NAME(const __grid_constant__ CUtensorMap ma1, const __grid_constant__ CUtensorMap mb1,                              \
+           const __grid_constant__ CUtensorMap ma2, const __grid_constant__ CUtensorMap mb2,                              \
+           const __grid_constant__ CUtensorMap mr0b, const __grid_constant__ CUtensorMap mr1a,                            \
+           const __grid_constant__ CUtensorMap mr1b, const __grid_constant__ CUtensorMap mr2a,                            \
+           const __grid_constant__ CUtensorMap mr2b, const __grid_constant__ CUtensorMap mr3a,                            \
+           const __grid_constant__ CUtensorMap mr3b, int M, int N, int K1, int r, T* __restrict__ out0, float scale0,    \
+           T* __restrict__ out1, float scale1, const T* __restrict__ bias, T* __restrict__ D, int ldd,                   \
+           float* __restrict__ s_out, float* __restrict__ dpsi, unsigned* __restrict__ work) {                           \
+    wegeft_rank_t90<T, NN>(&ma1, &mb1, &ma2, &mb2, &mr0b, &mr1a, &mr1b, &mr2a, &mr2b, &mr3a, &mr3b, M, N, K1, r, out0,    \
+                           scale0, out1, scale1, bias, D, ldd, s_out, dpsi, work);                                        \
   }
 
 WEGEFT_RANK_T90(wegeft_fwd_bf16_tma, __nv_bfloat16, false)
 WEGEFT_RANK_T90(wegeft_fwd_f16_tma, __half, false)
-WEGEFT_RANK_T90(wegeft_dx_bf16_tma, __nv_bfloat16, true)
-WEGEFT_RANK_T90(wegeft_dx_f16_tma, __half, true)
+WEGEFT_RANK_T90(wegeft_bwd_bf16_tma, __nv_bfloat16, true)
+WEGEFT_RANK_T90(wegeft_bwd_f16_tma, __half, true)

@@ -302,7 +302,7 @@ def main():
                 bits = "same bits" if c["checks"] and all(ch.endswith("yes") for ch in c["checks"]) else "MISMATCH or missing"
                 cells = []
                 for dx in (False, True):
-                    rows = [r for r in c["rows"] if r[0].startswith("dx:") == dx]
+                    rows = [r for r in c["rows"] if r[0].startswith("bwd:") == dx]
                     one = [r for r in rows if "one launch" in r[0]]
                     others = [r for r in rows if "one launch" not in r[0] and "alone" not in r[0] and "frozen" not in r[0]]
                     best_other = min(others, key=lambda r: r[1]) if others else None
@@ -310,7 +310,7 @@ def main():
                         o1 = one[0]
                         cell_one = f"{o1[1]:.3f} ms" + (f" ({o1[2]:.2f}x)" if o1[2] else "")
                         cell_other = f", best other {best_other[1]:.3f} ms" if best_other else ""
-                        cells.append(f"{'dx' if dx else 'fwd'} one launch {cell_one}{cell_other}")
+                        cells.append(f"{'bwd' if dx else 'fwd'} one launch {cell_one}{cell_other}")
                 parts.append(f"{c['shape']}: " + ", ".join(cells) + f", {bits}")
             keys[name] = "; ".join(parts)
         elif name == "gemm_kscan":
@@ -431,7 +431,7 @@ def main():
     if ucs:
         o.append("")
         o.append("### The fused forward's and input gradient's routes (`gemm_kext_check --uc`, bf16): ms "
-                 "(time x cuBLAS's frozen x W^T, or G W for the dx rows)")
+                 "(time x cuBLAS's frozen x W^T, or G W for the bwd rows)")
         o.append("")
         o.append("| shape | route | ms |")
         o.append("|---|---|---|")

@@ -243,14 +243,15 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
 /// padding that must not be read, D padding that must not be written, no shared memory changed
 /// under an in-flight wgmma, no barrier wait that cannot end; whole tiles through the epilogues'
 /// 16-byte quad-transpose stores (shuffles emulated); the fused forward's `wegeft_uc`
-/// (u and C in one grid); and `wegeft_fwd_*_tma` / `wegeft_dx_*_tma` (u, C and y, or v and
-/// dx, in one grid: rank tiles through the tile counter, flags and named barrier, on one block
-/// and on many; every TMA read of a rank tile's output must come after a wait on the flags of
-/// its rows). (Releasing a stage before its wgmmas are
+/// (u and C in one grid); and `wegeft_fwd_*_tma` / `wegeft_bwd_*_tma` (u, C and y, or v,
+/// S = G^T u, dpsi and dx, in one grid: rank and reduction tiles (MN-major A emulated) through
+/// the tile counter, flags and named barrier, on one block and on many; every TMA read of a rank
+/// tile's output must come after a wait on the flags of its rows). (Releasing a stage before its wgmmas are
 /// done, waiting on the wrong phase, or not releasing a tile's last stage each fail it: checked
 /// by hand on 2026-11-29; a wrong transpose or phi swizzle fails it: 2026-11-30; in
 /// `wegeft_fwd`, waiting on a wrong u or C flag, or on one C block of two, fails it, and posting
-/// a wrong flag deadlocks: 2026-11-30, session 10.)
+/// a wrong flag deadlocks; in `wegeft_bwd`, a dpsi tile reading v without its rows' flag, or
+/// a wrong second box of G^T, fails it: 2026-11-30, session 10.)
 #[test]
 fn gemm_core_matches_the_reference_when_emulated_on_the_host() {
     let exe = build_emulation("gemm_on_host.cpp", "wegeft_gemm_on_host");

@@ -190,12 +190,12 @@ fn fused_gemm_is_built_with_all_its_kernels() {
         }
     }
     // The fused forward's u and C in one launch (FusedSm90, before the TMA kernel), and the
-    // whole forward and the input gradient in one launch each (FusedSm90, sm_90a; they trap
+    // whole forward and most of the backward in one launch each (FusedSm90, sm_90a; they trap
     // elsewhere like the _tma kernels).
     for dt in ["bf16", "f16"] {
         names.push(format!("wegeft_uc_{dt}"));
         names.push(format!("wegeft_fwd_{dt}_tma"));
-        names.push(format!("wegeft_dx_{dt}_tma"));
+        names.push(format!("wegeft_bwd_{dt}_tma"));
     }
     let mut missing = Vec::new();
     for name in &names {

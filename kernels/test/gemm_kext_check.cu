@@ -16,9 +16,9 @@
 //                                    cuBLAS and the TMA kernels, each fitted as fixed + per-k cost
 //       ./gemm_kext_check --uc       the fused forward's routes (cuBLAS u, C + GEMM; wegeft_uc + the
 //                                    GEMM as its programmatic dependent; wegeft_fwd in one launch)
-//                                    and the input gradient's (cuBLAS v + NN GEMM; wegeft_dx) at
+//                                    and the backward's (cuBLAS v, S, dpsi + NN GEMM; wegeft_bwd) at
 //                                    T = 8192, d = 4096, r = 64 and SmolLM2's layers
-//                                    (exit 1: u, C, y, v or dx differ between them)
+//                                    (exit 1: the routes' outputs differ)
 //
 // Inputs are multiples of 1/8 in [-1/2, 1/2] (and bias, old D likewise; beta = 1/2), so every
 // product and partial sum is exact in f32 for these sizes: the f32 kernels must match the
@@ -509,14 +509,16 @@ static T* device_random(size_t n) {
 }
 
 // Row-major D[M x N] = A[M x K] B^T (NT; B is N x K) or A B (NN; B is K x N), f32 accumulation,
-// through cuBLAS's column-major GemmEx as D^T = op(B) A^T. Exits on a cuBLAS error (a timing of
-// a failed call would be meaningless).
+// through cuBLAS's column-major GemmEx as D^T = op(B) A^T. `ta`: A is given transposed (stored
+// K x M, ld lda). `d_type`: D's type (-1: the inputs'). Exits on a cuBLAS error (a timing of a
+// failed call would be meaningless).
 static void cublas_rowmajor(const Cublas* cb, bool nn, int M, int N, int K, const void* A, int lda, const void* B, int ldb,
-                            void* D, int ldd, int cuda_type) {
+                            void* D, int ldd, int cuda_type, bool ta = false, int d_type = -1) {
   const float one = 1.f, zero = 0.f;
   const cudaDataType t = (cudaDataType)cuda_type;
-  const int st = cb->gemm(cb->h, nn ? kCublasOpN : kCublasOpT, kCublasOpN, N, M, K, &one, B, t, ldb, A, t, lda, &zero, D,
-                          t, ldd, kCublasCompute32F, kCublasGemmDefault);
+  const cudaDataType td = d_type < 0 ? t : (cudaDataType)d_type;
+  const int st = cb->gemm(cb->h, nn ? kCublasOpN : kCublasOpT, ta ? kCublasOpT : kCublasOpN, N, M, K, &one, B, t, ldb, A, t,
+                          lda, &zero, D, td, ldd, kCublasCompute32F, kCublasGemmDefault);
   if (st != 0) {
     fprintf(stderr, "cublasGemmEx failed: %d\n", st);
     exit(2);
@@ -646,8 +648,8 @@ static void kscan(const Cublas* cb) {
 // forward in one launch (FusedSm90's route for large layers since session 10), workspace
 // clear included. Inputs are multiples of 1/8, so u and C are exact sums in f32 in every
 // kernel: the routes must give the same u, C and y, bit for bit (exit 1 otherwise). Then the
-// input gradient's routes: cuBLAS v = G C and the NN TMA GEMM, against wegeft_dx (v and dx in
-// one launch), the same v and dx required.
+// backward's routes: cuBLAS v, S, dpsi and the NN TMA GEMM, against wegeft_bwd (all four in one
+// launch).
 static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   using T = __nv_bfloat16;
   const int ITERS = 30;
@@ -692,13 +694,14 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   }
   const int RC = (R + 63) / 64, TM = (TT + 127) / 128, CB = (DO + 127) / 128;
   const int fwd_tiles = (CB + TM) * RC + tiles;
-  const size_t words = 1 + TM + CB;  // (wegeft_dx below needs 1 + TM)
+  const size_t words = 1 + TM + CB;  // (wegeft_bwd below needs 1 + TM)
   unsigned* work = device_alloc<unsigned>(words);
   CK(cudaFuncSetAttribute(wegeft_fwd_bf16_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, t90::SMEM_BYTES));
   auto fwd_launch = [&] {
     CK(cudaMemsetAsync(work, 0, words * sizeof(unsigned)));
     wegeft_fwd_bf16_tma<<<std::min(fwd_tiles, sms), t90::THREADS, t90::SMEM_BYTES>>>(
-        fm[0], fm[1], fm[2], fm[3], fm[5], fm[4], fm[6], TT, DO, DI, R, u2, 1.f, c2, scale, (const T*)nullptr, y3, DO, work);
+        fm[0], fm[1], fm[2], fm[3], fm[5], fm[4], fm[6], fm[0], fm[0], fm[0], fm[0], TT, DO, DI, R, u2, 1.f, c2, scale,
+        (const T*)nullptr, y3, DO, (float*)nullptr, (float*)nullptr, work);
   };
   double frozen = 0;
   if (cb) {
@@ -738,15 +741,22 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   printf("UC dependent launch gives the same y: %s\n", dep_ok ? "yes" : "NO (MISMATCH)");
   printf("UC wegeft_fwd gives the same u, C and y: %s\n", fwd_ok ? "yes" : "NO (MISMATCH)");
 
-  // The input gradient: cuBLAS v = G C, then the NN TMA GEMM dx = [G|v][W;psi] (persistent, as
-  // the crate launches it), against wegeft_dx (v and dx in one launch). C here is random
-  // multiples of 1/8 too (v exact in f32), so v and dx must agree bit for bit.
+  // The backward: cuBLAS v = G C, S = G^T u and dpsi = v^T x (f32 out), then the NN TMA GEMM
+  // dx = [G|v][W;psi] (persistent, as the crate launches it), against wegeft_bwd (v, S, dpsi
+  // and dx in one launch). C and u here are random multiples of 1/8 too (v and S exact in f32):
+  // v, S and dx must agree bit for bit; dpsi (sums of v x x in f32, in another order) within
+  // 1e-5 of its largest element.
   T* g = device_random<T>((size_t)TT * DO);
   T* cin = device_random<T>((size_t)DO * R);
+  T* uin = device_random<T>((size_t)TT * R);
   T* vb = device_alloc<T>((size_t)TT * R);
   T* vb2 = device_alloc<T>((size_t)TT * R);
   T* dx = device_alloc<T>((size_t)TT * DI);
   T* dx2 = device_alloc<T>((size_t)TT * DI);
+  float* sb = device_alloc<float>((size_t)DO * R);
+  float* sb2 = device_alloc<float>((size_t)DO * R);
+  float* dpsi = device_alloc<float>((size_t)R * DI);
+  float* dpsi2 = device_alloc<float>((size_t)R * DI);
   Variant<T> vn;
   found = false;
   for (const auto& c3 : bf16_variants(true, true))
@@ -754,48 +764,70 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   if (!found) return 2;
   set_smem(vn);
   const int dx_tiles = ((TT + 127) / 128) * ((DI + 255) / 256);
-  CUtensorMap dm[7];
+  CUtensorMap dm[11];
   const bool dmaps = make_map(&dm[0], g, TT, DO, DO, 64, 128) && make_map(&dm[1], w, DO, DI, DI, 64, 64) &&
                      make_map(&dm[2], vb2, TT, R, R, 64, 128) && make_map(&dm[3], psi, R, DI, DI, 64, 64) &&
-                     make_map(&dm[4], cin, DO, R, R, 64, 64);
+                     make_map(&dm[4], cin, DO, R, R, 64, 64) && make_map(&dm[7], g, TT, DO, DO, 64, 64) &&
+                     make_map(&dm[8], uin, TT, R, R, 64, 64) && make_map(&dm[9], x, TT, DI, DI, 64, 64) &&
+                     make_map(&dm[10], vb2, TT, R, R, 64, 64);
   if (!dmaps) {
-    printf("UC wegeft_dx: a tensor map could not be made\n");
+    printf("UC wegeft_bwd: a tensor map could not be made\n");
     return 1;
   }
   dm[5] = dm[6] = dm[0];
-  const int dx_all = TM * RC + dx_tiles;
+  const int bwd_all = (TM + (DO + 127) / 128 + (DI + 127) / 128) * RC + dx_tiles;
   const size_t dwords = 1 + TM;
-  CK(cudaFuncSetAttribute(wegeft_dx_bf16_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, t90::SMEM_BYTES));
-  auto dx_launch = [&] {
+  CK(cudaFuncSetAttribute(wegeft_bwd_bf16_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, t90::SMEM_BYTES));
+  auto bwd_launch = [&] {
     CK(cudaMemsetAsync(work, 0, dwords * sizeof(unsigned)));
-    wegeft_dx_bf16_tma<<<std::min(dx_all, sms), t90::THREADS, t90::SMEM_BYTES>>>(
-        dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], TT, DI, DO, R, vb2, 1.f, (T*)nullptr, 1.f, (const T*)nullptr, dx2, DI,
-        work);
+    wegeft_bwd_bf16_tma<<<std::min(bwd_all, sms), t90::THREADS, t90::SMEM_BYTES>>>(
+        dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7], dm[8], dm[9], dm[10], TT, DI, DO, R, vb2, 1.f, (T*)nullptr,
+        1.f, (const T*)nullptr, dx2, DI, sb2, dpsi2, work);
   };
   auto nn_gemm = [&] { launch(vn, dx_tiles, TT, DI, DO, R, g, DO, w, DI, vb, R, psi, DI, (const T*)nullptr, 0.f, dx, DI); };
+  auto rank_products = [&] {
+    cublas_rowmajor(cb, true, TT, R, DO, g, DO, cin, R, vb, R, (int)CUDA_R_16BF);
+    cublas_rowmajor(cb, true, DO, R, TT, g, DO, uin, R, sb, R, (int)CUDA_R_16BF, true, (int)CUDA_R_32F);
+    cublas_rowmajor(cb, true, R, DI, TT, vb, R, x, DI, dpsi, DI, (int)CUDA_R_16BF, true, (int)CUDA_R_32F);
+  };
   if (cb) {
     const double fz = time_ms([&] { cublas_rowmajor(cb, true, TT, DI, DO, g, DO, w, DI, dx, DI, (int)CUDA_R_16BF); }, ITERS);
-    printf("UC dx: cuBLAS G W (frozen)          %8.4f ms\n", fz);
+    printf("UC bwd: cuBLAS G W (frozen)         %8.4f ms\n", fz);
     frozen = fz;
-    row("dx: NN TMA GEMM K2=r alone", time_ms(nn_gemm, ITERS));
-    row("dx: cuBLAS v, then the GEMM", time_ms([&] {
-          cublas_rowmajor(cb, true, TT, R, DO, g, DO, cin, R, vb, R, (int)CUDA_R_16BF);
+    row("bwd: NN TMA GEMM K2=r alone", time_ms(nn_gemm, ITERS));
+    row("bwd: cuBLAS v, S, dpsi, then the GEMM", time_ms([&] {
+          rank_products();
           nn_gemm();
         }, ITERS));
   }
-  row("dx: wegeft_dx (one launch)", time_ms(dx_launch, ITERS));
-  // The last runs, compared: v and dx from cuBLAS + the GEMM (or, without cuBLAS, skipped).
-  bool dx_ok = true;
+  row("bwd: wegeft_bwd (one launch)", time_ms(bwd_launch, ITERS));
+  // The last runs, compared (dpsi from zero in both).
+  bool bwd_ok = true;
   if (cb) {
-    cublas_rowmajor(cb, true, TT, R, DO, g, DO, cin, R, vb, R, (int)CUDA_R_16BF);
+    CK(cudaMemset(dpsi2, 0, (size_t)R * DI * sizeof(float)));
+    bwd_launch();
+    rank_products();
     nn_gemm();
     CK(cudaDeviceSynchronize());
-    dx_ok = same(vb, vb2, (size_t)TT * R) && same(dx, dx2, (size_t)TT * DI);
-    printf("UC wegeft_dx gives the same v and dx: %s\n", dx_ok ? "yes" : "NO (MISMATCH)");
+    std::vector<float> p1((size_t)R * DI), p2((size_t)R * DI);
+    CK(cudaMemcpy(p1.data(), dpsi, p1.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(p2.data(), dpsi2, p2.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    double big = 0, diff = 0;
+    for (size_t i = 0; i < p1.size(); ++i) big = std::max(big, (double)std::fabs(p1[i])), diff = std::max(diff, (double)std::fabs(p1[i] - p2[i]));
+    const bool same_f = [&] {
+      std::vector<float> a((size_t)DO * R), b((size_t)DO * R);
+      CK(cudaMemcpy(a.data(), sb, a.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(b.data(), sb2, b.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      return std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+    }();
+    bwd_ok = same(vb, vb2, (size_t)TT * R) && same(dx, dx2, (size_t)TT * DI) && same_f && diff <= 1e-5 * std::max(big, 1e-30);
+    printf("UC wegeft_bwd gives the same v, S and dx, and dpsi within 1e-5 (%.1e): %s\n", diff / std::max(big, 1e-30),
+           bwd_ok ? "yes" : "NO (MISMATCH)");
   }
-  for (T* p : {x, w, psi, phi, u, c, u2, c2, y, y2, y3, g, cin, vb, vb2, dx, dx2}) cudaFree(p);
+  for (T* p : {x, w, psi, phi, u, c, u2, c2, y, y2, y3, g, cin, uin, vb, vb2, dx, dx2}) cudaFree(p);
+  for (float* p : {sb, sb2, dpsi, dpsi2}) cudaFree(p);
   cudaFree(work);
-  return dep_ok && fwd_ok && dx_ok ? 0 : 1;
+  return dep_ok && fwd_ok && bwd_ok ? 0 : 1;
 }
 
 static int uc_bench(const Cublas* cb) {

@@ -54,12 +54,13 @@ pub(crate) struct WegeftUc {
     pub scale: f32,
 }
 
-/// The input gradient's `v = G C` (T x r) and `dx = G W + v psi` (T x d_in) for one launch of
-/// `wegeft_dx_{bf16,f16}_tma` (`kernels/gemm_kext.cu`); all packed: G `T x d_out`, W
-/// `d_out x d_in`, C `d_out x r`, psi `r x d_in`, v with ld `r`, dx with ld `d_in`. Whether the
+/// Most of the backward for one launch of `wegeft_bwd_{bf16,f16}_tma` (`kernels/gemm_kext.cu`):
+/// `v = G C` (T x r), `S = G^T u` (d_out x r, f32), `dpsi += v^T x` (r x d_in, f32) and
+/// `dx = G W + v psi` (T x d_in); all packed: G `T x d_out`, W `d_out x d_in`, C `d_out x r`,
+/// psi `r x d_in`, u `T x r`, x `T x d_in`. `dphi += scale W^T S` is the caller's. Whether the
 /// kernel takes it and whether the layer should: `gemm.rs`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct WegeftDx {
+pub(crate) struct WegeftBwd {
     pub tokens: usize,
     pub d_in: usize,
     pub d_out: usize,
@@ -68,7 +69,11 @@ pub(crate) struct WegeftDx {
     pub w: CUdeviceptr,
     pub c: CUdeviceptr,
     pub psi: CUdeviceptr,
+    pub u: CUdeviceptr,
+    pub x: CUdeviceptr,
     pub v: CUdeviceptr,
+    pub s: CUdeviceptr,
+    pub dpsi: CUdeviceptr,
     pub dx: CUdeviceptr,
 }
 
@@ -132,10 +137,9 @@ pub(crate) trait Exec {
         Ok(false)
     }
 
-    /// The input gradient's v and dx in one launch (`wegeft_dx_*_tma`, see [`WegeftDx`]), when
-    /// `path` is [`Path::FusedSm90`] and the layer should take it here. `Ok(false)`: nothing
-    /// launched.
-    unsafe fn fused_dx<T: Element>(&self, _stream: CUstream, _path: Path, _dx: &WegeftDx) -> Result<bool> {
+    /// v, S, dpsi and dx in one launch (`wegeft_bwd_*_tma`, see [`WegeftBwd`]), when `path` is
+    /// [`Path::FusedSm90`] and the layer should take it here. `Ok(false)`: nothing launched.
+    unsafe fn fused_backward<T: Element>(&self, _stream: CUstream, _path: Path, _bw: &WegeftBwd) -> Result<bool> {
         Ok(false)
     }
 
@@ -260,15 +264,15 @@ impl Exec for CudaBackend {
     }
 
     #[cfg(wegeft_gemm)]
-    unsafe fn fused_dx<T: Element>(&self, stream: CUstream, path: Path, dx: &WegeftDx) -> Result<bool> {
+    unsafe fn fused_backward<T: Element>(&self, stream: CUstream, path: Path, bw: &WegeftBwd) -> Result<bool> {
         if path != Path::FusedSm90 || self.compute_capability() != (9, 0) || self.image() != super::context::Image::Sm90a {
             return Ok(false);
         }
-        if !dx.applies::<T>() || !dx.worth_it() {
+        if !bw.applies::<T>() || !bw.worth_it() {
             return Ok(false);
         }
-        // SAFETY: the caller's buffers, of the packed shapes of `dx`.
-        unsafe { super::gemm::wegeft_dx::<T>(self, stream, dx) }
+        // SAFETY: the caller's buffers, of the packed shapes of `bw`.
+        unsafe { super::gemm::wegeft_bwd::<T>(self, stream, bw) }
     }
 
     #[cfg(wegeft_gemm)]

@@ -470,13 +470,20 @@ impl WegeftUc {
     }
 }
 
-pub(crate) use super::exec::WegeftDx;
+pub(crate) use super::exec::WegeftBwd;
 
-impl WegeftDx {
-    /// Whether `wegeft_dx_*_tma` takes it, see `rank_kernel_applies`.
+impl WegeftBwd {
+    /// Whether `wegeft_bwd_*_tma` takes it, see `rank_kernel_applies`.
     pub(crate) fn applies<T: Element>(&self) -> bool {
-        // G (ld d_out), W and psi (ld d_in), v and C (ld r) are tensor maps; dx is not.
-        rank_kernel_applies::<T>((self.tokens, self.d_in, self.d_out, self.rank), &[self.d_in, self.d_out], &[self.g, self.w, self.c, self.psi, self.v, self.dx])
+        // G and C (lds d_out, r), W, psi and x (ld d_in), u and v (ld r) are tensor maps; dx,
+        // S and dpsi are not (S and dpsi: f32, stored in pairs: 8-byte aligned).
+        let f32_ok = [self.s, self.dpsi].iter().all(|p| *p != 0 && p % 8 == 0);
+        f32_ok
+            && rank_kernel_applies::<T>(
+                (self.tokens, self.d_in, self.d_out, self.rank),
+                &[self.d_in, self.d_out],
+                &[self.g, self.w, self.c, self.psi, self.u, self.x, self.v, self.dx],
+            )
     }
 
     /// Whether the layer should take it: the layers where the forward takes `wegeft_fwd` (a
@@ -485,24 +492,27 @@ impl WegeftDx {
         large_layer(self.tokens, self.d_in, self.d_out)
     }
 
-    /// `wegeft_dx`'s tiles: the rank tiles of v and the tiles of dx.
+    /// `wegeft_bwd`'s tiles: v's rank tiles, the reduction tiles of S (d_out rows) and of
+    /// dpsi^T (d_in rows), the tiles of dx.
     fn tiles(&self) -> usize {
-        rank_kernel_tiles(self.tokens.div_ceil(geom::WF_BLOCK_ROWS), self.rank, self.tokens, self.d_in)
+        let rows = geom::WF_BLOCK_ROWS;
+        let blocks = self.tokens.div_ceil(rows) + self.d_out.div_ceil(rows) + self.d_in.div_ceil(rows);
+        rank_kernel_tiles(blocks, self.rank, self.tokens, self.d_in)
     }
 
-    /// `wegeft_dx`'s workspace in u32 words: the tile counter and a flag per 128-row block of v.
+    /// `wegeft_bwd`'s workspace in u32 words: the tile counter and a flag per 128-row block of v.
     fn words(&self) -> usize {
         1 + self.tokens.div_ceil(geom::WF_BLOCK_ROWS)
     }
 }
 
-/// One launch of `wegeft_{fwd,dx}_*_tma` (`kernels/gemm_kext.cu`): the kernel, its seven maps
-/// (A1, B1, A2, B2, kind 0's B, kind 1's A and B), sizes, outputs, the grid's tiles and the
-/// workspace's words.
+/// One launch of `wegeft_{fwd,bwd}_*_tma` (`kernels/gemm_kext.cu`): the kernel, its eleven maps
+/// (A1, B1, A2, B2, kind 0's B, kind 1's A and B, kind 2's and kind 3's A and B), sizes,
+/// outputs, the grid's tiles and the workspace's words.
 struct RankLaunch {
     op: &'static str,
     kernel: &'static str,
-    maps: [CUtensorMap; 7],
+    maps: [CUtensorMap; 11],
     m: usize,
     n: usize,
     k1: usize,
@@ -512,6 +522,9 @@ struct RankLaunch {
     bias: Option<CUdeviceptr>,
     d: CUdeviceptr,
     ldd: usize,
+    /// The backward's S and dpsi (f32; 0 in the forward).
+    s: CUdeviceptr,
+    dpsi: CUdeviceptr,
     tiles: usize,
     words: usize,
 }
@@ -534,10 +547,13 @@ unsafe fn rank_launch(dev: &CudaBackend, stream: CUstream, l: &RankLaunch) -> Re
     let func = dev.function(l.kernel)?;
     dev.context().bind_to_thread().map_err(cuda)?;
     func.func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geom::T_SMEM as i32).map_err(cuda)?;
-    let [ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b] = l.maps;
+    let [ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b, mr2a, mr2b, mr3a, mr3b] = l.maps;
     let (m, n, k1, r, ldd) = (l.m as i32, l.n as i32, l.k1 as i32, l.rank as i32, l.ldd as i32);
     let ((o0, s0), (o1, s1)) = (l.out0, l.out1);
-    let params = kargs![ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b, m, n, k1, r, o0, s0, o1, s1, l.bias.unwrap_or(0), l.d, ldd, work.ptr()];
+    let params = kargs![
+        ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b, mr2a, mr2b, mr3a, mr3b, m, n, k1, r, o0, s0, o1, s1, l.bias.unwrap_or(0), l.d, ldd, l.s, l.dpsi,
+        work.ptr()
+    ];
     // SAFETY: the operands are the caller's; `work` is freed after the kernel, in stream order,
     // when dropped at the end of this function.
     unsafe { dev.launch(op, &func, (grid, 1, 1), (geom::T_THREADS, 1, 1), geom::T_SMEM, stream, &params) }
@@ -586,15 +602,20 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
     check_out_ptrs::<T>(&[("y", Some(y)), ("bias", bias)])?;
     let dt = T::DTYPE;
     let (t, din, dout, r) = (uc.tokens, uc.d_in, uc.d_out, uc.rank);
-    let maps = (|| -> Result<[CUtensorMap; 7]> {
+    let maps = (|| -> Result<[CUtensorMap; 11]> {
+        let x = tensor_map(dt, uc.x, t, din, din, geom::T_BOX_A)?;
         Ok([
-            tensor_map(dt, uc.x, t, din, din, geom::T_BOX_A)?,
+            x,
             tensor_map(dt, uc.w, dout, din, din, geom::T_BOX_B_NT)?,
             tensor_map(dt, uc.u, t, r, r, geom::T_BOX_A)?,
             tensor_map(dt, uc.c, dout, r, r, geom::T_BOX_B_NT)?,
             tensor_map(dt, uc.psi, r, din, din, geom::WF_BOX_RANK)?,
             tensor_map(dt, uc.w, dout, din, din, geom::T_BOX_A)?,
             tensor_map(dt, uc.phi, din, r, r, geom::WF_BOX_RANK)?,
+            x, // no reduction tiles in the forward: never read
+            x,
+            x,
+            x,
         ])
     })();
     let Ok(maps) = maps else { return Ok(false) };
@@ -612,6 +633,8 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
         bias,
         d: y,
         ldd: dout,
+        s: 0,
+        dpsi: 0,
         tiles: uc.one_launch_tiles(),
         words: uc.one_launch_words(),
     };
@@ -620,15 +643,17 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
     Ok(true)
 }
 
-/// The input gradient's `v = G C` and `dx = [G|v] [W;psi]` (dx `tokens x d_in`, packed,
-/// overwritten) in one launch, `wegeft_dx_{bf16,f16}_tma`: v as tiles taken before those of dx.
-/// Workspace, `Ok(false)` and errors as for [`wegeft_fwd`].
+/// Most of the backward in one launch, `wegeft_bwd_{bf16,f16}_tma`: `v = G C`, `S = G^T u`
+/// (f32, overwritten), `dpsi += v^T x` (f32) and `dx = [G|v] [W;psi]` (dx `tokens x d_in`,
+/// packed, overwritten): v as rank tiles, S and dpsi as reduction tiles (over the tokens), all
+/// taken before the tiles of dx. `dphi += scale W^T S` is left to the caller. Workspace,
+/// `Ok(false)` and errors as for [`wegeft_fwd`].
 ///
 /// # Safety
-/// The pointers must be valid device memory of the packed shapes of `bw`, on this context; dx
-/// and v must not overlap the inputs or each other.
-pub(crate) unsafe fn wegeft_dx<T: Element>(dev: &CudaBackend, stream: CUstream, bw: &WegeftDx) -> Result<bool> {
-    const OP: &str = "wegeft_dx";
+/// The pointers must be valid device memory of the packed shapes of `bw`, on this context; the
+/// outputs (v, S, dpsi, dx) must not overlap the inputs or each other.
+pub(crate) unsafe fn wegeft_bwd<T: Element>(dev: &CudaBackend, stream: CUstream, bw: &WegeftBwd) -> Result<bool> {
+    const OP: &str = "wegeft_bwd";
     if !bw.applies::<T>() {
         return Err(Error::invalid(
             OP,
@@ -644,7 +669,7 @@ pub(crate) unsafe fn wegeft_dx<T: Element>(dev: &CudaBackend, stream: CUstream, 
     }
     let dt = T::DTYPE;
     let (t, din, dout, r) = (bw.tokens, bw.d_in, bw.d_out, bw.rank);
-    let maps = (|| -> Result<[CUtensorMap; 7]> {
+    let maps = (|| -> Result<[CUtensorMap; 11]> {
         let g = tensor_map(dt, bw.g, t, dout, dout, geom::T_BOX_A)?;
         Ok([
             g,
@@ -652,12 +677,17 @@ pub(crate) unsafe fn wegeft_dx<T: Element>(dev: &CudaBackend, stream: CUstream, 
             tensor_map(dt, bw.v, t, r, r, geom::T_BOX_A)?,
             tensor_map(dt, bw.psi, r, din, din, geom::T_BOX_B_NN)?,
             tensor_map(dt, bw.c, dout, r, r, geom::WF_BOX_RANK)?,
-            g, // no kind-1 tiles: never read
+            g, // no kind-1 tiles in the backward: never read
             g,
+            // S = G^T u and dpsi^T = x^T v: 64 x 64 boxes of G, u, x and v.
+            tensor_map(dt, bw.g, t, dout, dout, geom::WF_BOX_RANK)?,
+            tensor_map(dt, bw.u, t, r, r, geom::WF_BOX_RANK)?,
+            tensor_map(dt, bw.x, t, din, din, geom::WF_BOX_RANK)?,
+            tensor_map(dt, bw.v, t, r, r, geom::WF_BOX_RANK)?,
         ])
     })();
     let Ok(maps) = maps else { return Ok(false) };
-    let kernel = if dt == DType::BF16 { "wegeft_dx_bf16_tma" } else { "wegeft_dx_f16_tma" };
+    let kernel = if dt == DType::BF16 { "wegeft_bwd_bf16_tma" } else { "wegeft_bwd_f16_tma" };
     let l = RankLaunch {
         op: OP,
         kernel,
@@ -671,6 +701,8 @@ pub(crate) unsafe fn wegeft_dx<T: Element>(dev: &CudaBackend, stream: CUstream, 
         bias: None,
         d: bw.dx,
         ldd: din,
+        s: bw.s,
+        dpsi: bw.dpsi,
         tiles: bw.tiles(),
         words: bw.words(),
     };
@@ -833,17 +865,34 @@ mod tests {
         let odd = uc(200, 136, 300, 72, 16);
         assert_eq!(odd.one_launch_tiles(), (3 + 2) * 2 + 2 * 2);
         assert_eq!(odd.one_launch_words(), 1 + 2 + 3);
-        // The input gradient: v's rank tiles (no C), the tiles of dx (T x d_in).
-        let dx = |tokens, d_in, d_out, rank| super::WegeftDx { tokens, d_in, d_out, rank, g: 16, w: 256, c: 512, psi: 768, v: 1024, dx: 1280 };
-        let b = dx(8192, 4096, 4096, 64);
+        // The backward: v's rank tiles, S's and dpsi^T's reduction tiles, the tiles of dx.
+        let bw = |tokens, d_in, d_out, rank| super::WegeftBwd {
+            tokens,
+            d_in,
+            d_out,
+            rank,
+            g: 16,
+            w: 256,
+            c: 512,
+            psi: 768,
+            u: 1024,
+            x: 1280,
+            v: 1536,
+            s: 1792,
+            dpsi: 2048,
+            dx: 2304,
+        };
+        let b = bw(8192, 4096, 4096, 64);
         assert!(b.applies::<bf16>() && b.worth_it() && !b.applies::<f32>());
-        assert_eq!((b.tiles(), b.words()), (64 + 64 * 16, 1 + 64));
-        // v: 2 row blocks x 2 chunks; dx: 2 x 1 tiles (d_in 136 < 256).
-        let odd = dx(200, 136, 304, 72);
-        assert_eq!((odd.tiles(), odd.words()), (2 * 2 + 2, 1 + 2));
-        assert!(!dx(4096, 576, 576, 8).worth_it(), "the forward's policy: SmolLM2 at T = 4096 stays as it was");
-        assert!(!dx(64, 64, 64, 12).applies::<bf16>() && !super::WegeftDx { g: 8, ..dx(64, 64, 64, 8) }.applies::<bf16>());
-        assert!(!dx(64, 64, 60, 8).applies::<bf16>(), "d_out is G's ld");
+        assert_eq!((b.tiles(), b.words()), (64 + 32 + 32 + 64 * 16, 1 + 64));
+        // v: 2 row blocks, S: 3 (d_out 304), dpsi^T: 2 (d_in 136), each x 2 chunks; dx: 2 x 1
+        // tiles (d_in 136 < 256).
+        let odd = bw(200, 136, 304, 72);
+        assert_eq!((odd.tiles(), odd.words()), ((2 + 3 + 2) * 2 + 2, 1 + 2));
+        assert!(!bw(4096, 576, 576, 8).worth_it(), "the forward's policy: SmolLM2 at T = 4096 stays as it was");
+        assert!(!bw(64, 64, 64, 12).applies::<bf16>() && !super::WegeftBwd { g: 8, ..bw(64, 64, 64, 8) }.applies::<bf16>());
+        assert!(!super::WegeftBwd { dpsi: 2052, ..bw(64, 64, 64, 8) }.applies::<bf16>(), "dpsi not 8-byte aligned");
+        assert!(!bw(64, 64, 60, 8).applies::<bf16>(), "d_out is G's ld");
     }
 
     use super::*;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 
-use super::exec::{Exec, KextArgs, Scratch, WegeftDx, WegeftUc};
+use super::exec::{Exec, KextArgs, Scratch, WegeftBwd, WegeftUc};
 use super::tune::{TuneTable, TUNE_REPS};
 use super::layer::{dropout_keep, Dropout, Layer, Path};
 use super::product::{Product, KERNELS};
@@ -201,20 +201,26 @@ impl Exec for HostExec {
         Ok(true)
     }
 
-    unsafe fn fused_dx<T: Element>(&self, _stream: CUstream, path: Path, bw: &WegeftDx) -> Result<bool> {
-        // What wegeft_dx computes (v = G C, then dx = G W + v psi from it; packed), where the
-        // device's policy takes it.
+    unsafe fn fused_backward<T: Element>(&self, _stream: CUstream, path: Path, bw: &WegeftBwd) -> Result<bool> {
+        // What wegeft_bwd computes (v = G C; S = G^T u; dpsi += v^T x and dx = G W + v psi from
+        // that v; packed), where the device's policy takes it.
         if self.fused.is_none() || path != Path::FusedSm90 || !bw.worth_it() {
             return Ok(false);
         }
-        self.log.borrow_mut().push("wegeft_dx".into());
+        self.log.borrow_mut().push("wegeft_bwd".into());
         let (t, din, dout, r) = (bw.tokens, bw.d_in, bw.d_out, bw.rank);
         let g = self.get(bw.g);
         let v = rf::matmul(&g, &self.get(bw.c), t, dout, r);
+        let big_s = rf::matmul(&rf::transpose(&g, t, dout), &self.get(bw.u), dout, t, r);
+        let vtx = rf::matmul(&rf::transpose(&v, t, r), &self.get(bw.x), r, t, din);
         let gw = rf::matmul(&g, &self.get(bw.w), t, dout, din);
         let vpsi = rf::matmul(&v, &self.get(bw.psi), t, r, din);
-        self.mem.borrow_mut().insert(bw.v, v);
-        self.mem.borrow_mut().insert(bw.dx, gw.iter().zip(&vpsi).map(|(a, b)| a + b).collect());
+        let dpsi: Vec<f64> = self.get(bw.dpsi).iter().zip(&vtx).map(|(a, b)| a + b).collect();
+        let mut mem = self.mem.borrow_mut();
+        mem.insert(bw.v, v);
+        mem.insert(bw.s, big_s);
+        mem.insert(bw.dpsi, dpsi);
+        mem.insert(bw.dx, gw.iter().zip(&vpsi).map(|(a, b)| a + b).collect());
         Ok(true)
     }
 
@@ -382,9 +388,10 @@ fn fused_forward_case(s: &LayerShape, want: &str) {
 }
 
 #[test]
-fn fused_backward_takes_v_and_dx_from_one_launch_for_large_layers_only() {
-    // A large layer (x and W above UC_MAX_BYTES) with dx: wegeft_dx, and no v product and no dx
-    // GEMM; with dropout too (v = G C has no mask); without dx, or a small layer: as before.
+fn fused_backward_takes_one_launch_for_large_layers_only() {
+    // A large layer (x and W above UC_MAX_BYTES) with dx: wegeft_bwd (v, S, dpsi, dx), then dphi
+    // only; with dropout too (none of those has the mask); without dx, or a small layer: as
+    // before.
     for (s, want_one) in [(LayerShape::new(2, 4096, 1100, 8).unwrap(), true), (LayerShape::new(6, 16, 9, 8).unwrap(), false)] {
         let [x, w, _, phi, psi, g] = case(&s, 51);
         let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
@@ -401,11 +408,16 @@ fn fused_backward_takes_v_and_dx_from_one_launch_for_large_layers_only() {
                 let dx = with_dx.then_some(dxp);
                 unsafe { h.backward_impl::<f32>(&s, NULL, Path::FusedSm90, xp, wp, psp, 0.5, drop, up, cp, gp, dx, dphp, dpsp) }.unwrap();
                 let log = h.log.borrow().clone();
-                let one = log.iter().any(|n| n == "wegeft_dx");
-                assert_eq!(one, want_one && with_dx, "{s:?} dx {with_dx} {drop:?}: {log:?}");
-                assert_eq!(log.iter().any(|n| n.starts_with("lowrank_v")), !one, "{log:?}");
-                // Against the reference with the same C (the forward's, masked with dropout).
-                let c = h.get(cp);
+                let one = want_one && with_dx;
+                let ran = |k: &str| log.iter().any(|n| n.starts_with(k));
+                assert_eq!(ran("wegeft_bwd"), one, "{s:?} dx {with_dx} {drop:?}: {log:?}");
+                for k in ["lowrank_v", "lowrank_s", "lowrank_dpsi"] {
+                    assert_eq!(ran(k), !one, "{k}: {log:?}");
+                }
+                assert!(ran("lowrank_dphi"), "{log:?}");
+                // Against the reference with the same u and C (the forward's; C masked with
+                // dropout).
+                let (u, c) = (h.get(up), h.get(cp));
                 let v = rf::matmul(&g, &c, t, dout, r);
                 if with_dx {
                     let want = rf::matmul(&g, &w, t, dout, din).iter().zip(rf::matmul(&v, &psi, t, r, din)).map(|(a, b)| a + b).collect::<Vec<_>>();
@@ -413,11 +425,20 @@ fn fused_backward_takes_v_and_dx_from_one_launch_for_large_layers_only() {
                 }
                 let dpsi: Vec<f64> = h.get(dpsp).iter().zip(&dpsi0).map(|(a, b)| a - b).collect();
                 close("dpsi (accumulated, from v)", &dpsi, &rf::matmul(&rf::transpose(&v, t, r), &x, r, t, din), 1e-12);
-                if drop.p == 0.0 {
-                    let gr = rf::wegeft_backward(&s, &x, &w, &phi, &psi, 0.5, &g).unwrap();
-                    let dphi: Vec<f64> = h.get(dphp).iter().zip(&dphi0).map(|(a, b)| a - b).collect();
-                    close("dphi (accumulated)", &dphi, &gr.dphi, 1e-12);
+                let big_s = rf::matmul(&rf::transpose(&g, t, dout), &u, dout, t, r);
+                let mut wm = w.clone();
+                for o in 0..dout {
+                    for i in 0..din {
+                        if !dropout_keep(drop.seed, o as u32, i as u32, drop.p) {
+                            wm[o * din + i] = 0.0;
+                        } else if drop.p > 0.0 {
+                            wm[o * din + i] /= 1.0 - drop.p as f64;
+                        }
+                    }
                 }
+                let want_dphi: Vec<f64> = rf::matmul(&rf::transpose(&wm, dout, din), &big_s, din, dout, r).iter().map(|v| v * 0.5).collect();
+                let dphi: Vec<f64> = h.get(dphp).iter().zip(&dphi0).map(|(a, b)| a - b).collect();
+                close("dphi (accumulated, from S)", &dphi, &want_dphi, 1e-9);
             }
         }
     }

@@ -319,20 +319,20 @@ pub(crate) trait Layer: Exec {
         let dt = T::DTYPE;
         let v = self.scratch(stream, checked_len("v", t, r)? * dt.size(), OP)?;
         let big_s = self.scratch(stream, checked_len("S", dout, r)? * 4, OP)?;
-        // v = G C (T x r) and dx in one launch (FusedSm90, large layers; v = G C needs no mask),
-        // else v here and dx at the end.
+        // FusedSm90, large layers, dx wanted: v = G C, S = G^T u, dpsi += v^T x and dx in one
+        // launch (none of them involves the dropout mask), then dphi from S.
         let one_launch = match dx {
             Some(dx) => {
-                let bw = super::exec::WegeftDx { tokens: t, d_in: din, d_out: dout, rank: r, g, w, c, psi, v: v.ptr(), dx };
-                self.fused_dx::<T>(stream, path, &bw)?
+                let bw = super::exec::WegeftBwd { tokens: t, d_in: din, d_out: dout, rank: r, g, w, c, psi, u, x, v: v.ptr(), s: big_s.ptr(), dpsi, dx };
+                self.fused_backward::<T>(stream, path, &bw)?
             }
             None => false,
         };
         if !one_launch {
+            // v = G C (T x r); S = G^T u (d_out x r, f32).
             self.product(&kname("lowrank_v", dt), dt, stream, Product::new(g, dout, c, r, v.ptr(), r, t, r, dout))?;
+            self.product(&kname("lowrank_s", dt), DType::F32, stream, Product::new(g, dout, u, r, big_s.ptr(), r, dout, r, t))?;
         }
-        // S = G^T u (d_out x r, f32).
-        self.product(&kname("lowrank_s", dt), DType::F32, stream, Product::new(g, dout, u, r, big_s.ptr(), r, dout, r, t))?;
         // dphi += s (M .* W)^T S; dpsi += v^T x.
         self.product(
             &kname("lowrank_dphi", dt),
@@ -340,7 +340,9 @@ pub(crate) trait Layer: Exec {
             stream,
             Product::new(w, din, big_s.ptr(), r, dphi, r, din, r, dout).alpha(scale).beta(1.0).dropout(drop.p, drop.seed),
         )?;
-        self.product(&kname("lowrank_dpsi", dt), DType::F32, stream, Product::new(v.ptr(), r, x, din, dpsi, din, r, din, t).beta(1.0))?;
+        if !one_launch {
+            self.product(&kname("lowrank_dpsi", dt), DType::F32, stream, Product::new(v.ptr(), r, x, din, dpsi, din, r, din, t).beta(1.0))?;
+        }
         if let (Some(dx), false) = (dx, one_launch) {
             self.kext_nn::<T>(stream, path, (g, dout, w, din, dout), (v.ptr(), r, psi, din, r), (dx, din, t, din))?;
         }

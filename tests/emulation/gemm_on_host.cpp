@@ -26,7 +26,7 @@
 // 16-byte stores after a quad transpose (__shfl_xor_sync emulated at a warp barrier). Also the
 // fused forward's wegeft_uc kernel (u = x psi^T and C = alpha W phi in one grid, 128 fibers a
 // block), against double loops, with a sentinel row after u and C; and wegeft_fwd_*_tma /
-// wegeft_dx_*_tma (u, C and y, or v and dx, in one persistent grid: the tile counter, the flags
+// wegeft_bwd_*_tma (u, C and y, or v, S, dpsi and dx, in one persistent grid: the tile counter, the flags
 // and the consumers' named barrier emulated; a TMA read of a rank tile's output without a wait
 // on its rows' flags fails).
 // Built and run by tests/kernel_emulation.rs:
@@ -222,7 +222,7 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
 namespace h90emu {
 struct Op {
     uint64_t da, db;
-    int trans_b;
+    int trans_a, trans_b;
     bool f16;
     int n;  // accumulators a thread: 128 (m64n256k16) or 32 (m64n64k16)
     float* acc;
@@ -245,13 +245,17 @@ inline float elem(uint32_t addr, bool f16) {
 inline void compute(const Op& op, float* out) {
     if ((op.da >> 62) != 1 || (op.db >> 62) != 1) die("wgmma descriptor without the 128-byte swizzle", 0);
     const uint32_t sa = (uint32_t)(op.da & 0x3FFF) << 4, sba = (uint32_t)((op.da >> 32) & 0x3FFF) << 4;
+    const uint32_t lba = (uint32_t)((op.da >> 16) & 0x3FFF) << 4;
     const uint32_t sb = (uint32_t)(op.db & 0x3FFF) << 4, lbb = (uint32_t)((op.db >> 16) & 0x3FFF) << 4;
     const uint32_t sbb = (uint32_t)((op.db >> 32) & 0x3FFF) << 4;
     const int t = threadIdx.x % 128, w = t / 32, lane = t % 32;
     float A[2][16];  // the two rows this thread's accumulators touch
     for (int h = 0; h < 2; ++h) {
         const int row = 16 * w + lane / 4 + 8 * h;
-        for (int k = 0; k < 16; ++k) A[h][k] = elem(swz(sa + (row / 8) * sba + (row % 8) * 128 + 2 * k), op.f16);
+        for (int k = 0; k < 16; ++k)
+            A[h][k] = elem(swz(op.trans_a ? sa + (row / 64) * lba + (k / 8) * sba + (k % 8) * 128 + 2 * (row % 64)
+                                          : sa + (row / 8) * sba + (row % 8) * 128 + 2 * k),
+                           op.f16);
     }
     for (int i = 0; i < op.n; ++i) {
         const int h = (i >> 1) & 1, col = 8 * (i >> 2) + 2 * (lane % 4) + (i & 1);
@@ -299,16 +303,17 @@ struct Wgmma {
         static_assert(N == 128, "m64n256k16: 128 accumulators per thread");
         issue(d, N, da, db);
     }
-    static void issue(float* d, int n, uint64_t da, uint64_t db) {
-        h90emu::Op op{da, db, TRANS_B, std::is_same<T, __half>::value, n, d, std::vector<float>(n)};
+    static void issue(float* d, int n, uint64_t da, uint64_t db, int trans_a = 0) {
+        h90emu::Op op{da, db, trans_a, TRANS_B, std::is_same<T, __half>::value, n, d, std::vector<float>(n)};
         h90emu::compute(op, op.issued.data());
         h90emu::lanes[threadIdx.x].open.push_back(std::move(op));
     }
 };
-// m64n64k16: the first 64 columns of the same operand layouts.
-template <typename T, int TRANS_B>
+// m64n64k16: the first 64 columns of the same operand layouts (TRANS_A: A MN-major, its
+// element (row, k) at start + (row / 64) LBO + (k / 8) SBO + (k % 8) 128 + 2 (row % 64)).
+template <typename T, int TRANS_B, int TRANS_A = 0>
 struct Wgmma64 {
-    static void run(float (&d)[32], uint64_t da, uint64_t db) { Wgmma<T, TRANS_B>::issue(d, 32, da, db); }
+    static void run(float (&d)[32], uint64_t da, uint64_t db) { Wgmma<T, TRANS_B>::issue(d, 32, da, db, TRANS_A); }
 };
 }  // namespace h90
 
@@ -663,16 +668,18 @@ void check_uc(const char* name, void (*kernel)(int, int, int, int, const T*, int
                 rel, tol, pad_ok ? "" : "  PADDING WRITTEN");
 }
 
-// wegeft_fwd / wegeft_dx (the rank-r products and the K-extended GEMM in one grid: rank tiles
-// first, then the tiles of D, through the counter and the flags) against double loops:
+// wegeft_fwd / wegeft_bwd (the rank-r products and the K-extended GEMM in one grid: rank and
+// reduction tiles first, then the tiles of D, through the counter and the flags) against double
+// loops:
 //   fwd: u = x psi^T, C = scale W phi, y = x W^T + u C^T + bias over the u and C it stored;
-//   dx:  v = G C, dx = G W + v psi over the v it stored.
+//   bwd: v = G C, S = G^T u, dpsi = dpsi0 + v^T x and dx = G W + v psi over the v it stored.
 // The rank outputs and D are NaN before the run and have a sentinel row after them; D's row
 // padding must stay untouched. `cap`: tiles a block takes (0: the first block takes all); the
 // grid then has enough blocks, plus one that takes none.
 template <typename T>
 using RankKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
-                            const CUtensorMap, const CUtensorMap, int, int, int, int, T*, float, T*, float, const T*, T*, int,
+                            const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
+                            const CUtensorMap, int, int, int, int, T*, float, T*, float, const T*, T*, int, float*, float*,
                             unsigned*);
 template <typename T>
 void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din, int dout, int r, bool bias, int cap,
@@ -681,6 +688,11 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
     // Backward: A1 = G (T x d_out), B1 = W (d_out x d_in, NN), kind 0 = v (B C), B2 = psi (NN).
     const int M = Tn, N = dx ? din : dout, K1 = dx ? dout : din;
     Mat<T> a1(M, K1, K1, 0), w(dout, din, din, 0), psi(r, din, din, 0), phi(din, r, r, 0), cin(dout, r, r, 0), bv(1, N, N, 0);
+    Mat<T> uin(M, r, r, 0), xin(M, din, din, 0);  // the backward's u and x
+    Mat<float> sv(dout, r, r, 0, false), dpsi(r, din, din, 0, false);
+    std::vector<double> dpsi0((size_t)r * din);
+    for (int i = 0; i < r * din; ++i) dpsi0[i] = dpsi.p[i] = rnd();
+    for (int i = 0; i < dout * r; ++i) sv.p[i] = NAN;
     const int ldd = N % 8 == 0 ? N : N + 3;
     Mat<T> o0(M, r, r, 0, false), o1(dout, r, r, 0, false), d(M, N, ldd, 0, false);
     const float sentinel = 7.0f, scale = 0.75f;
@@ -690,9 +702,10 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
     for (int i = 0; i < M * r; ++i) o0.p[i] = from_f<T>(NAN);
     for (int i = 0; i < dout * r; ++i) o1.p[i] = from_f<T>(NAN);
     const int RC = (r + 63) / 64, TM = (M + 127) / 128, R1 = dx ? 0 : (N + 127) / 128, TN = (N + 255) / 256;
-    const int tiles = (R1 + TM) * RC + TM * TN;
+    const int reduction = dx ? ((dout + 127) / 128 + (din + 127) / 128) * RC : 0;
+    const int tiles = (R1 + TM) * RC + reduction + TM * TN;
     std::vector<unsigned> work(1 + TM + R1, 0u);
-    CUtensorMap m[7];
+    CUtensorMap m[11];
     m[0] = tma_map(a1.p, M, K1, K1, 64, 128);
     if (!dx) {
         m[1] = tma_map(w.p, dout, din, din, 64, 256);
@@ -707,7 +720,12 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
         m[3] = tma_map(psi.p, r, din, din, 64, 64);
         m[4] = tma_map(cin.p, dout, r, r, 64, 64);
         m[5] = m[6] = m[0];
+        m[7] = tma_map(a1.p, M, K1, K1, 64, 64);  // G^T's boxes
+        m[8] = tma_map(uin.p, M, r, r, 64, 64);
+        m[9] = tma_map(xin.p, M, din, din, 64, 64);
+        m[10] = tma_map(o0.p, M, r, r, 64, 64);  // v, as kind 3's B
     }
+    if (!dx) m[7] = m[8] = m[9] = m[10] = m[0];
     const int grid = cap > 0 ? (tiles + cap - 1) / cap + 1 : 2;
     t90::take_cap = cap;
     t90::taken_block = ~0u;
@@ -715,8 +733,9 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
     t90::guard[1] = dx ? t90::Guard{} : t90::Guard{o1.p, dout, work.data() + 1 + TM};
     const int taken_before = t90::tiles_taken, unguarded_before = t90::unguarded_reads;
     fb::run_grid({(unsigned)grid, 1, 1}, 288, [&] {
-        kernel(m[0], m[1], m[2], m[3], m[4], m[5], m[6], M, N, K1, r, o0.p, dx ? 1.0f : 1.0f, dx ? nullptr : o1.p, scale,
-               bias ? bv.p : nullptr, d.p, ldd, work.data());
+        kernel(m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], M, N, K1, r, o0.p, 1.0f,
+               dx ? nullptr : o1.p, scale, bias ? bv.p : nullptr, d.p, ldd, dx ? sv.p : nullptr, dx ? dpsi.p : nullptr,
+               work.data());
         auto& wl = h90emu::lanes[threadIdx.x];
         if (!wl.groups.empty() || !wl.open.empty()) {
             ++g_leftover;
@@ -749,6 +768,20 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
             scale_d = std::max(scale_d, std::fabs(want));
             worst_d = std::max(worst_d, std::isnan(e) ? INFINITY : e);
         }
+    // The backward's reductions: S = G^T u against a double loop, dpsi - dpsi0 against v^T x
+    // over the v it stored (f32 outputs: the inputs' rounding only).
+    if (dx) {
+        for (int pass = 0; pass < 2; ++pass)
+            for (int i = 0; i < (pass ? r : dout); ++i)
+                for (int j = 0; j < (pass ? din : r); ++j) {
+                    double want = 0;
+                    for (int k = 0; k < M; ++k) want += pass ? o0.at(k, i) * xin.at(k, j) : a1.at(k, i) * uin.at(k, j);
+                    const double got = pass ? dpsi.at(i, j) - dpsi0[(size_t)i * din + j] : sv.at(i, j);
+                    const double e = std::fabs(got - want);
+                    scale_r = std::max(scale_r, std::fabs(want));
+                    worst_r = std::max(worst_r, std::isnan(e) ? INFINITY : e);
+                }
+    }
     bool pad_ok = true;
     for (int i = 0; i <= M; ++i)
         for (int j = 0; j < ldd; ++j)
@@ -763,7 +796,7 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
     ++g_checks;
     if (!ok) ++g_failures;
     std::printf("%s %-23s T%-4d d_in %-4d d_out %-4d r %-3d bias %d cap %d  err %s %.2e %s %.2e (tol %.0e)%s%s%s\n",
-                ok ? "ok  " : "FAIL", name, Tn, din, dout, r, bias, cap, dx ? "v" : "u,C", e_r, dx ? "dx" : "y", e_d, tol,
+                ok ? "ok  " : "FAIL", name, Tn, din, dout, r, bias, cap, dx ? "v,S,dpsi" : "u,C", e_r, dx ? "dx" : "y", e_d, tol,
                 pad_ok ? "" : "  PADDING WRITTEN", work_ok ? "" : "  COUNTER/FLAGS WRONG",
                 unguarded ? "  RANK OUTPUT READ WITHOUT WAITING FOR ITS FLAG" : "");
 }
@@ -846,11 +879,11 @@ int main() {
         for (int cap : {0, 3}) {
             check_rank<__nv_bfloat16>("wegeft_fwd_bf16_tma", wegeft_fwd_bf16_tma, false, f[0], f[1], f[2], f[3], cap == 0, cap, 1e-2);
             check_rank<__half>("wegeft_fwd_f16_tma", wegeft_fwd_f16_tma, false, f[0], f[1], f[2], f[3], cap != 0, cap, 2e-3);
-            check_rank<__nv_bfloat16>("wegeft_dx_bf16_tma", wegeft_dx_bf16_tma, true, f[0], f[1], f[2], f[3], false, cap, 1e-2);
-            check_rank<__half>("wegeft_dx_f16_tma", wegeft_dx_f16_tma, true, f[0], f[1], f[2], f[3], false, cap, 2e-3);
+            check_rank<__nv_bfloat16>("wegeft_bwd_bf16_tma", wegeft_bwd_bf16_tma, true, f[0], f[1], f[2], f[3], false, cap, 1e-2);
+            check_rank<__half>("wegeft_bwd_f16_tma", wegeft_bwd_f16_tma, true, f[0], f[1], f[2], f[3], false, cap, 2e-3);
         }
     }
-    std::printf("wegeft_fwd / wegeft_dx: %d tiles taken, %d flag waits that waited\n", t90::tiles_taken, t90::flag_stalls);
+    std::printf("wegeft_fwd / wegeft_bwd: %d tiles taken, %d flag waits that waited\n", t90::tiles_taken, t90::flag_stalls);
     std::printf("TMA boxes copied: %d\n", t90emu::copies);
     std::printf("wgmma reads of shared memory that changed in flight: %d\n", h90emu::races);
     if (h90emu::races) ++g_failures;
