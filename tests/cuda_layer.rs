@@ -170,12 +170,17 @@ fn check_backward<T: El>(dev: &CudaBackend, c: &Case, path: Path, what: &str) {
     let mut dpsi = up_f32(&st, &c.dpsi0);
     dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, Dropout::NONE, &u, &cc, &g, Some(&mut dx), &mut dphi, &mut dpsi, launch)
         .unwrap();
-    // The device computed from u and C rounded to T: give the reference the same.
-    let gr = rf::wegeft_backward(s, &c.x, &c.w, &c.phi, &c.psi, c.scale, &c.g).unwrap();
-    assert_close(&format!("{what} dx"), &down(&st, &dx), &gr.dx, tol::<T>());
+    assert_backward::<T>(&st, c, what, &dx, &dphi, &dpsi);
+}
+
+/// A backward's dx, dphi and dpsi (accumulated onto `c.dphi0`, `c.dpsi0`) against the reference.
+fn assert_backward<T: El>(st: &Arc<CudaStream>, c: &Case, what: &str, dx: &CudaSlice<T>, dphi: &CudaSlice<f32>, dpsi: &CudaSlice<f32>) {
+    // The device computed from u and C rounded to T: within the tolerance of T.
+    let gr = rf::wegeft_backward(&c.s, &c.x, &c.w, &c.phi, &c.psi, c.scale, &c.g).unwrap();
+    assert_close(&format!("{what} dx"), &down(st, dx), &gr.dx, tol::<T>());
     // Accumulated in f32 onto random initial values; compare the increments' scale.
-    let got_dphi: Vec<f64> = down(&st, &dphi).iter().zip(&c.dphi0).map(|(a, b)| a - b).collect();
-    let got_dpsi: Vec<f64> = down(&st, &dpsi).iter().zip(&c.dpsi0).map(|(a, b)| a - b).collect();
+    let got_dphi: Vec<f64> = down(st, dphi).iter().zip(&c.dphi0).map(|(a, b)| a - b).collect();
+    let got_dpsi: Vec<f64> = down(st, dpsi).iter().zip(&c.dpsi0).map(|(a, b)| a - b).collect();
     assert_close(&format!("{what} dphi"), &got_dphi, &gr.dphi, tol::<T>().max(1e-5) * 2.0);
     assert_close(&format!("{what} dpsi"), &got_dpsi, &gr.dpsi, tol::<T>().max(1e-5) * 2.0);
 }
@@ -546,12 +551,7 @@ fn check_one_launch<T: El>(dev: &CudaBackend, i: usize, (tk, din, dout, r): (usi
     let mut dx = poisoned::<T>(&st, tk * din);
     let (with_dx, dphi, dpsi) = back(Some(&mut dx));
     assert_eq!(with_dx < without_dx, hopper, "{what}: backward {with_dx} launches with dx, {without_dx} without");
-    let gr = rf::wegeft_backward(s, &c.x, &c.w, &c.phi, &c.psi, c.scale, &c.g).unwrap();
-    assert_close(&format!("{what} dx"), &down(&st, &dx), &gr.dx, tol::<T>());
-    let got_dphi: Vec<f64> = down(&st, &dphi).iter().zip(&c.dphi0).map(|(a, b)| a - b).collect();
-    let got_dpsi: Vec<f64> = down(&st, &dpsi).iter().zip(&c.dpsi0).map(|(a, b)| a - b).collect();
-    assert_close(&format!("{what} dphi"), &got_dphi, &gr.dphi, tol::<T>().max(1e-5) * 2.0);
-    assert_close(&format!("{what} dpsi"), &got_dpsi, &gr.dpsi, tol::<T>().max(1e-5) * 2.0);
+    assert_backward::<T>(&st, &c, &what, &dx, &dphi, &dpsi);
     let mut dx2 = poisoned::<T>(&st, tk * din);
     let (_, dphi2, dpsi2) = back(Some(&mut dx2));
     assert!(bits(&st, &dx) == bits(&st, &dx2) && bits(&st, &dphi) == bits(&st, &dphi2) && bits(&st, &dpsi) == bits(&st, &dpsi2), "{what}: two backward runs differ");

@@ -253,7 +253,7 @@ impl Exec for CudaBackend {
 
     #[cfg(wegeft_gemm)]
     unsafe fn fused_forward<T: Element>(&self, stream: CUstream, path: Path, uc: &WegeftUc, bias: Option<CUdeviceptr>, y: CUdeviceptr) -> Result<bool> {
-        if path != Path::FusedSm90 || self.compute_capability() != (9, 0) || self.image() != super::context::Image::Sm90a {
+        if !self.sm90a_fused(path) {
             return Ok(false);
         }
         if !uc.one_launch_applies::<T>() || !uc.one_launch_worth_it() {
@@ -265,7 +265,7 @@ impl Exec for CudaBackend {
 
     #[cfg(wegeft_gemm)]
     unsafe fn fused_backward<T: Element>(&self, stream: CUstream, path: Path, bw: &WegeftBwd) -> Result<bool> {
-        if path != Path::FusedSm90 || self.compute_capability() != (9, 0) || self.image() != super::context::Image::Sm90a {
+        if !self.sm90a_fused(path) {
             return Ok(false);
         }
         if !bw.applies::<T>() || !bw.worth_it() {
@@ -278,7 +278,7 @@ impl Exec for CudaBackend {
     #[cfg(wegeft_gemm)]
     unsafe fn fused_uc<T: Element>(&self, stream: CUstream, path: Path, uc: &WegeftUc) -> Result<bool> {
         // Only where the GEMM that follows is the TMA kernel, which overlaps with it.
-        if path != Path::FusedSm90 || self.compute_capability() != (9, 0) || self.image() != super::context::Image::Sm90a {
+        if !self.sm90a_fused(path) {
             return Ok(false);
         }
         if !uc.applies::<T>() || !uc.worth_it() {
@@ -287,6 +287,14 @@ impl Exec for CudaBackend {
         // SAFETY: the caller's buffers, of the packed shapes of `uc`.
         unsafe { super::gemm::wegeft_uc::<T>(self, stream, uc)? };
         Ok(true)
+    }
+}
+
+impl CudaBackend {
+    /// Whether `path` is [`Path::FusedSm90`] on a device that runs the sm_90a image (where
+    /// the TMA kernels, and the one-launch kernels built on them, exist).
+    fn sm90a_fused(&self, path: Path) -> bool {
+        path == Path::FusedSm90 && self.compute_capability() == (9, 0) && self.image() == super::context::Image::Sm90a
     }
 }
 

@@ -559,6 +559,17 @@ unsafe fn rank_launch(dev: &CudaBackend, stream: CUstream, l: &RankLaunch) -> Re
     unsafe { dev.launch(op, &func, (grid, 1, 1), (geom::T_THREADS, 1, 1), geom::T_SMEM, stream, &params) }
 }
 
+/// The error of a one-launch kernel asked for a layer it does not take.
+fn refused<T: Element>(op: &'static str, multiples_of_8: &str, (t, din, dout, r): (usize, usize, usize, usize)) -> Error {
+    Error::invalid(
+        op,
+        format!(
+            "needs bf16/f16, {multiples_of_8} multiples of 8 and 16-byte aligned operands (got {:?}, T {t}, d_in {din}, d_out {dout}, r {r})",
+            T::DTYPE
+        ),
+    )
+}
+
 /// Checks a one-launch kernel's extra pointers (`y` / `dx`, the bias): non-null, element-aligned.
 fn check_out_ptrs<T: Element>(ptrs: &[(&'static str, Option<CUdeviceptr>)]) -> Result<()> {
     let esize = T::DTYPE.size() as u64;
@@ -587,17 +598,7 @@ fn check_out_ptrs<T: Element>(ptrs: &[(&'static str, Option<CUdeviceptr>)]) -> R
 pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream, uc: &WegeftUc, bias: Option<CUdeviceptr>, y: CUdeviceptr) -> Result<bool> {
     const OP: &str = "wegeft_fwd";
     if !uc.one_launch_applies::<T>() {
-        return Err(Error::invalid(
-            OP,
-            format!(
-                "needs bf16/f16, rank and d_in multiples of 8 and 16-byte aligned operands (got {:?}, T {}, d_in {}, d_out {}, r {})",
-                T::DTYPE,
-                uc.tokens,
-                uc.d_in,
-                uc.d_out,
-                uc.rank
-            ),
-        ));
+        return Err(refused::<T>(OP, "rank and d_in", (uc.tokens, uc.d_in, uc.d_out, uc.rank)));
     }
     check_out_ptrs::<T>(&[("y", Some(y)), ("bias", bias)])?;
     let dt = T::DTYPE;
@@ -655,17 +656,7 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
 pub(crate) unsafe fn wegeft_bwd<T: Element>(dev: &CudaBackend, stream: CUstream, bw: &WegeftBwd) -> Result<bool> {
     const OP: &str = "wegeft_bwd";
     if !bw.applies::<T>() {
-        return Err(Error::invalid(
-            OP,
-            format!(
-                "needs bf16/f16, rank, d_in and d_out multiples of 8 and 16-byte aligned operands (got {:?}, T {}, d_in {}, d_out {}, r {})",
-                T::DTYPE,
-                bw.tokens,
-                bw.d_in,
-                bw.d_out,
-                bw.rank
-            ),
-        ));
+        return Err(refused::<T>(OP, "rank, d_in and d_out", (bw.tokens, bw.d_in, bw.d_out, bw.rank)));
     }
     let dt = T::DTYPE;
     let (t, din, dout, r) = (bw.tokens, bw.d_in, bw.d_out, bw.rank);
