@@ -35,6 +35,10 @@
 //! the same launch geometry, so that choice is always safe; a `_tma` kernel traps there and
 //! is never chosen there.
 //!
+//! Also here, the one-launch kernels built on the TMA kernels: `wegeft_fwd_*_tma` (u, C and y)
+//! and `wegeft_bwd_*_tma` (v, S, dpsi and dx), launched by [`wegeft_fwd`] / [`wegeft_bwd`]
+//! with a workspace cleared in stream order; and `wegeft_uc_*` ([`wegeft_uc`]).
+//!
 //! Kernels come from `CudaBackend::function` (the crate's kernel registry) and run on the
 //! caller's raw stream through `CudaBackend::launch`; the launcher sets `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` before each launch that
 //! needs more than 48 KiB of dynamic shared memory.

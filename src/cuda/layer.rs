@@ -54,7 +54,10 @@ pub enum Path {
     Fused,
     /// As `Fused`, with the sm_90a wgmma kernels for bf16/f16 on a compute capability 9.0
     /// device (TMA-fed where every operand allows a tensor map, cp.async-fed otherwise; the
-    /// sm_80 kernels elsewhere and for f32).
+    /// sm_80 kernels elsewhere and for f32). There, without dropout, the forward's u and C come
+    /// from one launch (`wegeft_uc_*`, small layers) or the whole forward is one launch
+    /// (`wegeft_fwd_*_tma`, layers whose x and W exceed 8 MiB), and a large layer's backward
+    /// runs v, S, dpsi and dx in one launch (`wegeft_bwd_*_tma`; not yet run on a GPU).
     FusedSm90,
     /// The rank-r part written to the output first (`lowrank_addmm_*`, on the
     /// [`super::ProductEngine`]: cuBLASLt by default), then the frozen product in cuBLASLt
