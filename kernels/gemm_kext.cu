@@ -1578,8 +1578,9 @@ GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
 // rounded once, exactly as the D tiles then read them.
 // Tile index i, handed out by a counter in global memory (atomicAdd by the producer lane, which
 // writes i beside the stage's barrier for the consumers; -1 ends the block), in this order:
-// kind 1 (forward), kind 0, kinds 2 and 3 (backward), each over its 128-row blocks (and RC =
-// ceil(r / 64) column chunks a block); then the block tiles of D (128 x 256, gk::tile_coords).
+// kind 1 (forward), kind 0, each over its 128-row blocks (and RC = ceil(r / 64) column chunks a
+// block); then the block tiles of D (128 x 256, gk::tile_coords), with the backward's tiles of
+// kinds 2 and 3 spread among the first three quarters of them.
 // A rank tile, once every consumer thread's stores are fenced (t90::publish_fence) and the two
 // warpgroups have met, adds 1 to its block's flag (release, gpu scope). The producer of a tile
 // of D, before its first second-pair k tile, waits (acquire) until the flags of its 128 rows
@@ -1655,15 +1656,31 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
   const int n2 = NN ? ((K1 + wf::ROWS - 1) / wf::ROWS) * RC : 0;
   const int n3 = NN ? ((N + wf::ROWS - 1) / wf::ROWS) * RC : 0;
   const int R1 = n1 / RC;
-  const int rank_tiles = n1 + n0 + n2 + n3;
-  const int tiles = rank_tiles + TM * TN;
+  const int nd = TM * TN, ne = n2 + n3;
+  const int tiles = n1 + n0 + ne + nd;
+  // The reduction tiles gate nothing but dpsi's wait on v: they are spread over the first three
+  // quarters of the D tiles (one every `stride` tiles from the first), so that a few SMs at a
+  // time read G and x beside the GEMM instead of all of them at once.
+  const int stride = ne > 0 ? max(1, (ne + nd) * 3 / (4 * ne)) : 1;
   const int KT1 = (K1 + BK - 1) / BK, KT2 = (r + BK - 1) / BK, KTM = (M + BK - 1) / BK;
   unsigned* const flag0 = work + 1;
   unsigned* const flag1 = work + 1 + TM;
-  // A tile below rank_tiles: its kind, index within the kind, first row and column.
-  auto kind_of = [&](int tile, int& kind, int& j, int& row0, int& col0) {
-    kind = tile < n1 ? 1 : tile < n1 + n0 ? 0 : tile < n1 + n0 + n2 ? 2 : 3;
-    j = tile - (kind == 1 ? 0 : kind == 0 ? n1 : kind == 2 ? n1 + n0 : n1 + n0 + n2);
+  // Tile number `tile` (< tiles): its kind (0-3, or 4: a tile of D), index j within the kind
+  // (for D: in the grouped order), and for kinds 0-3 its first row and column.
+  auto decode = [&](int tile, int& kind, int& j, int& row0, int& col0) {
+    if (tile < n1 + n0) {
+      kind = tile < n1 ? 1 : 0;
+      j = tile < n1 ? tile : tile - n1;
+    } else {
+      const int p = tile - n1 - n0, e = p / stride;
+      if (p % stride == 0 && e < ne) {
+        kind = e < n2 ? 2 : 3;
+        j = e < n2 ? e : e - n2;
+      } else {
+        kind = 4;
+        j = p - min(e + 1, ne);
+      }
+    }
     row0 = (j / RC) * wf::ROWS;
     col0 = (j % RC) * wf::RANK_N;
   };
@@ -1688,9 +1705,9 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
           t90::ring_acquire(it, full0, empty0, 0, stage_tile, -1);  // no bytes: the arrival ends it
           break;
         }
-        if (tile < rank_tiles) {
-          int kind, j, row0, col0;
-          kind_of(tile, kind, j, row0, col0);
+        int kind, j, row0, col0;
+        decode(tile, kind, j, row0, col0);
+        if (kind != 4) {
           const bool reduction = kind >= 2;
           for (int t = 0; t < (reduction ? KTM : KT1); ++t, ++it) {
             const int kb = t * BK;
@@ -1715,7 +1732,7 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
           }
         } else {
           int m0, n0d;
-          tile_origin(tile - rank_tiles, TM, TN, m0, n0d);
+          tile_origin(j, TM, TN, m0, n0d);
           for (int t = 0; t < KT1 + KT2; ++t, ++it) {
             const bool second = t >= KT1;
             if (t == KT1) {
@@ -1758,9 +1775,9 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
     t90::mbar_wait(full0 + 8 * s0, (it / STAGES) & 1);
     const int tile = stage_tile[s0];
     if (tile < 0) break;
-    if (tile < rank_tiles) {
-      int kind, j, row0, col0;
-      kind_of(tile, kind, j, row0, col0);
+    int kind, j, row0, col0;
+    decode(tile, kind, j, row0, col0);
+    if (kind != 4) {
       float racc[32];
       if (kind >= 2) {
         if constexpr (NN) {
@@ -1791,7 +1808,7 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
       }
     } else {
       int m0, n0d;
-      tile_origin(tile - rank_tiles, TM, TN, m0, n0d);
+      tile_origin(j, TM, TN, m0, n0d);
       float acc[NACC];
       t90::consume_tile<T, NN>(acc, it, KT1 + KT2, smem_base, full0, empty0, wg, releaser);
       store_tile<T>(acc, m0, n0d, wg, wrow, lane, M, N, bias, 0.f, D, ldd, pair_store, false);

@@ -874,7 +874,8 @@ int main() {
     // rank chunks (r 72: a partial one, and two second-pair k tiles); more k tiles than stages;
     // on one block (flags posted by its own consumers) and on many (cap 3: D tiles after the
     // rank tiles of earlier blocks).
-    const int rank_cases[][4] = {{1, 8, 8, 8}, {130, 72, 300, 8}, {200, 136, 136, 72}, {257, 320, 520, 64}};
+    // The last: 27 tiles of dx against 6 reduction tiles, which the backward spreads among them.
+    const int rank_cases[][4] = {{1, 8, 8, 8}, {130, 72, 300, 8}, {200, 136, 136, 72}, {257, 320, 520, 64}, {1100, 520, 8, 8}};
     for (const auto& f : rank_cases) {
         for (int cap : {0, 3}) {
             check_rank<__nv_bfloat16>("wegeft_fwd_bf16_tma", wegeft_fwd_bf16_tma, false, f[0], f[1], f[2], f[3], cap == 0, cap, 1e-2);
