@@ -179,3 +179,23 @@ proptest! {
         prop_assert_eq!(r::merge(&s, &w, &phi, &psi, sc).unwrap(), w);
     }
 }
+
+/// `matmul` walks b row by row for speed; every output must still be the sum of its products in
+/// order from 0, bit for bit as the plain dot-product loop gives it (the oracle's meaning).
+#[test]
+fn matmul_sums_each_output_in_order() {
+    for (m, k, n, seed) in [(1, 1, 1, 1), (3, 0, 4, 2), (0, 5, 3, 3), (7, 13, 5, 4), (17, 64, 33, 5)] {
+        let (a, b) = (rand_vec(seed, m * k), rand_vec(seed + 100, k * n));
+        let got = r::matmul(&a, &b, m, k, n);
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0;
+                for l in 0..k {
+                    acc += a[i * k + l] * b[l * n + j];
+                }
+                assert_eq!(got[i * n + j].to_bits(), acc.to_bits(), "({i}, {j}) of {m}x{k} * {k}x{n}");
+            }
+        }
+        assert_eq!(got.len(), m * n);
+    }
+}
