@@ -1379,13 +1379,22 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 __device__ __forceinline__ int take_tile(unsigned* counter) { return (int)atomicAdd(counter, 1u); }
 // Waits until *flag >= want (acquire, gpu scope: the stores released before the flag's
 // increments are visible to this thread), then orders this thread's later TMA copies (async
-// proxy) after that (generic proxy).
+// proxy) after that (generic proxy). A wait that has not ended after FLAG_WAIT_NS traps: a
+// launch error the caller sees at its next synchronisation, instead of a kernel that never
+// ends (the rank tiles a wait depends on take microseconds; under compute-sanitizer, far less
+// than that bound).
+constexpr unsigned long long FLAG_WAIT_NS = 30ull * 1000 * 1000 * 1000;
 __device__ __forceinline__ void flag_wait(const unsigned* flag, unsigned want) {
+  unsigned long long t0;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t0));
   for (;;) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(flag) : "memory");
     if (v >= want) break;
     __nanosleep(32);
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    if (t - t0 > FLAG_WAIT_NS) __trap();
   }
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
 }
@@ -1588,7 +1597,7 @@ GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
 // its TMA reads see those stores; a kind-3 tile's producer does the same before each k tile.
 // Deadlock-free whatever the residency: a rank tile waits for nothing, every tile that a wait
 // depends on is taken (by a running block) before the waiting one, and a block runs its tiles
-// in order.
+// in order. (Should a flag still never come, the wait traps after 30 s: t90::flag_wait.)
 // Workspace `work` (u32, 1 + TM + R1): [0] the counter, [1, 1 + TM) the kind-0 flags, then the
 // kind-1 flags (R1 = ceil(N / 128) forward, 0 backward); zero at launch (the launcher clears it
 // before each launch, in stream order).
