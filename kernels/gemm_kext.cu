@@ -1564,7 +1564,7 @@ GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
 //                              y = [x | u] [W | C]^T (+ bias)                 (the NT TMA GEMM)
 //   wegeft_bwd_{bf16,f16}_tma  v = G C (T x r), S = G^T u (d_out x r, f32), dpsi += v^T x
 //                              (r x d_in, f32), dx = [G | v] [W ; psi]         (the NN TMA GEMM)
-//                              (dphi = scale W^T S is left to the caller: it needs all of S)
+//                              and, when given dphi, dphi += scale W^T S (d_in x r, f32)
 //
 // The TMA kernel above, persistent, with the rank-r products as tiles of the same grid, taken
 // before the block tiles of D: they are read at the TMA pipeline's bandwidth, without launches
@@ -1582,14 +1582,19 @@ GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
 //           MN-major (two 64 x 64 boxes of G a k tile), B = u N-major; f32 stores;
 //   kind 3, reduction tile (backward only; rows d_in = N, K = T): dpsi^T = x^T v, A = x^T
 //           MN-major, B = v N-major; added to dpsi (f32, r x d_in); its producer waits for the
-//           flag of the v rows of each k tile.
+//           flag of the v rows of each k tile;
+//   kind 4, reduction tile (backward with dphi only; rows d_in = N, K = 2 d_out): dphi =
+//           scale W^T S, A = W^T MN-major, B = S as two halves in T, S_hi = T(S) then S_lo =
+//           T(S - S_hi) (written by the kind-2 tiles to `s_split`, 2 d_out x r: the product
+//           keeps S's f32 precision), the k tiles over d_out twice; added to dphi; its producer
+//           waits for the flag of the S rows of each k tile (posted by the kind-2 tiles).
 // A rank tile's epilogue stores the rows and columns inside its output (times its scale),
 // rounded once, exactly as the D tiles then read them.
 // Tile index i, handed out by a counter in global memory (atomicAdd by the producer lane, which
 // writes i beside the stage's barrier for the consumers; -1 ends the block), in this order:
 // kind 1 (forward), kind 0, each over its 128-row blocks (and RC = ceil(r / 64) column chunks a
 // block); then the block tiles of D (128 x 256, gk::tile_coords), with the backward's tiles of
-// kinds 2 and 3 spread among the first three quarters of them.
+// kinds 2, 3 and 4 (in that order) spread among the first three quarters of them.
 // A rank tile, once every consumer thread's stores are fenced (t90::publish_fence) and the two
 // warpgroups have met, adds 1 to its block's flag (release, gpu scope). The producer of a tile
 // of D, before its first second-pair k tile, waits (acquire) until the flags of its 128 rows
@@ -1599,14 +1604,15 @@ GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
 // depends on is taken (by a running block) before the waiting one, and a block runs its tiles
 // in order. (Should a flag still never come, the wait traps after 30 s: t90::flag_wait.)
 // Workspace `work` (u32, 1 + TM + R1): [0] the counter, [1, 1 + TM) the kind-0 flags, then the
-// kind-1 flags (R1 = ceil(N / 128) forward, 0 backward); zero at launch (the launcher clears it
-// before each launch, in stream order).
+// kind-1 flags (forward: R1 = ceil(N / 128)) or the kind-2 flags (backward: R1 = ceil(K1 /
+// 128)); zero at launch (the launcher clears it before each launch, in stream order).
 // Requires (the launcher checks): r and every ld of a mapped operand a multiple of 8, 16-byte
 // aligned bases; the rank outputs, S and dpsi packed (ld r, r, d_in); ldd >= N.
 // Parameters: the maps of A1, B1, A2, B2 (those of gemm_kext_{nt,nn}_*_tma), kind 0's B
-// (64 x 64), kind 1's A (64 x 128) and B (64 x 64), kind 2's A and B, kind 3's A and B (64 x 64
-// each; a map a kernel does not read may be any valid one); then (M, N, K1, r, out0, scale0,
-// out1, scale1, bias, D, ldd, S, dpsi, work).
+// (64 x 64), kind 1's A (64 x 128) and B (64 x 64), kinds 2 and 3's A and B (64 x 64 each; a
+// map a kernel does not read may be any valid one); then (M, N, K1, r, out0, scale0, out1,
+// scale1 (backward: dphi's scale), bias, D, ldd, S, dpsi, kind 4's A and B maps, dphi (null: no
+// kind 4), s_split, work).
 // Geometry: 288 threads, dynamic smem t90::SMEM_BYTES, any grid (the launcher: min(tiles, SMs)).
 // Host-emulated (tests/emulation/gemm_on_host.cpp), with the flags and the counter; not yet run
 // on a GPU.
@@ -1653,6 +1659,8 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
                                                 int r, T* __restrict__ out0, float scale0, T* __restrict__ out1,
                                                 float scale1, const T* __restrict__ bias, T* __restrict__ D, int ldd,
                                                 float* __restrict__ s_out, float* __restrict__ dpsi,
+                                                const CUtensorMap* mr4a, const CUtensorMap* mr4b,
+                                                float* __restrict__ dphi, T* __restrict__ s_split,
                                                 unsigned* __restrict__ work) {
 #if defined(GK_WGMMA_BODY)
   using namespace h90;
@@ -1664,8 +1672,9 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
   const int n0 = TM * RC;
   const int n2 = NN ? ((K1 + wf::ROWS - 1) / wf::ROWS) * RC : 0;
   const int n3 = NN ? ((N + wf::ROWS - 1) / wf::ROWS) * RC : 0;
-  const int R1 = n1 / RC;
-  const int nd = TM * TN, ne = n2 + n3;
+  const int n4 = NN && dphi != nullptr ? n3 : 0;
+  const int R1 = (n1 + n2) / RC;  // the blocks of flag1: kind 1's, or kind 2's
+  const int nd = TM * TN, ne = n2 + n3 + n4;
   const int tiles = n1 + n0 + ne + nd;
   // The reduction tiles gate nothing but dpsi's wait on v: they are spread over the first three
   // quarters of the D tiles (one every `stride` tiles from the first), so that a few SMs at a
@@ -1674,8 +1683,9 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
   const int KT1 = (K1 + BK - 1) / BK, KT2 = (r + BK - 1) / BK, KTM = (M + BK - 1) / BK;
   unsigned* const flag0 = work + 1;
   unsigned* const flag1 = work + 1 + TM;
-  // Tile number `tile` (< tiles): its kind (0-3, or 4: a tile of D), index j within the kind
-  // (for D: in the grouped order), and for kinds 0-3 its first row and column.
+  // Tile number `tile` (< tiles): its kind (0-4, or KIND_D: a tile of D), index j within the
+  // kind (for D: in the grouped order), and for kinds 0-4 its first row and column.
+  constexpr int KIND_D = 5;
   auto decode = [&](int tile, int& kind, int& j, int& row0, int& col0) {
     if (tile < n1 + n0) {
       kind = tile < n1 ? 1 : 0;
@@ -1683,10 +1693,10 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
     } else {
       const int p = tile - n1 - n0, e = p / stride;
       if (p % stride == 0 && e < ne) {
-        kind = e < n2 ? 2 : 3;
-        j = e < n2 ? e : e - n2;
+        kind = e < n2 ? 2 : e < n2 + n3 ? 3 : 4;
+        j = e < n2 ? e : e < n2 + n3 ? e - n2 : e - n2 - n3;
       } else {
-        kind = 4;
+        kind = KIND_D;
         j = p - min(e + 1, ne);
       }
     }
@@ -1716,21 +1726,25 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
         }
         int kind, j, row0, col0;
         decode(tile, kind, j, row0, col0);
-        if (kind != 4) {
+        if (kind != KIND_D) {
           const bool reduction = kind >= 2;
-          for (int t = 0; t < (reduction ? KTM : KT1); ++t, ++it) {
-            const int kb = t * BK;
+          const int kt = kind == 4 ? 2 * KT1 : reduction ? KTM : KT1;
+          for (int t = 0; t < kt; ++t, ++it) {
+            // Kind 4 runs over d_out twice (S_hi, then S_lo: rows K1.. of s_split).
+            const int kb = (kind == 4 && t >= KT1 ? t - KT1 : t) * BK;
             if (kind == 3) t90::flag_wait(flag0 + kb / BM, RC);  // the rows of v this k tile reads
+            if (kind == 4) t90::flag_wait(flag1 + kb / BM, RC);  // the rows of S this k tile reads
             const int s = t90::ring_acquire(it, full0, empty0, wf::RANK_STAGE_BYTES, stage_tile, tile);
             const uint32_t full = full0 + 8 * s;
             const uint32_t sa = smem_base + s * t90::STAGE_BYTES, sb = sa + t90::A_BYTES;
             if (reduction) {
-              // A^T of a row-major T x rows matrix: two 64 x 64 boxes (64 of its columns, 64
-              // tokens); B: 64 columns of a T x r matrix, 64 tokens.
-              const CUtensorMap* a = kind == 2 ? mr2a : mr3a;
+              // A^T of a row-major K x rows matrix: two 64 x 64 boxes (64 of its columns, 64 k
+              // rows); B: 64 columns of a K x r matrix, 64 k rows.
+              const CUtensorMap* a = kind == 2 ? mr2a : kind == 3 ? mr3a : mr4a;
               t90::tma_load_2d(sa, a, full, row0, kb);
               t90::tma_load_2d(sa + 8192, a, full, row0 + 64, kb);
-              t90::tma_load_2d(sb, kind == 2 ? mr2b : mr3b, full, col0, kb);
+              const int kbb = kind == 4 && t >= KT1 ? K1 + kb : kb;
+              t90::tma_load_2d(sb, kind == 2 ? mr2b : kind == 3 ? mr3b : mr4b, full, col0, kbb);
             } else {
               t90::tma_load_2d(sa, kind == 1 ? mr1a : ma1, full, kb, row0);
               if (kind == 1 || NN)
@@ -1786,20 +1800,41 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
     if (tile < 0) break;
     int kind, j, row0, col0;
     decode(tile, kind, j, row0, col0);
-    if (kind != 4) {
+    if (kind != KIND_D) {
       float racc[32];
       if (kind >= 2) {
         if constexpr (NN) {
-          t90::consume_tile<T, true, 32, true>(racc, it, KTM, smem_base, full0, empty0, wg, releaser);
-          if (kind == 2)  // S (K1 x r, f32), stored
+          t90::consume_tile<T, true, 32, true>(racc, it, kind == 4 ? 2 * KT1 : KTM, smem_base, full0, empty0, wg, releaser);
+          if (kind == 2) {
+            // S (K1 x r, f32), stored; with dphi also its two halves in T for the kind-4 tiles,
+            // then the flag of its rows.
             wf::each_pair(racc, row0, col0, wg, wrow, lane, K1, r, [&](int row, int col, float a, float b) {
               *reinterpret_cast<float2*>(s_out + (size_t)row * r + col) = make_float2(a, b);
+              if (dphi != nullptr) {
+                const uint32_t hi = gk::Ty<T>::pack2(a, b);
+                const float ha = gk::Ty<T>::to_f32(*reinterpret_cast<const T*>(&hi));
+                const float hb = gk::Ty<T>::to_f32(*(reinterpret_cast<const T*>(&hi) + 1));
+                *reinterpret_cast<uint32_t*>(s_split + (size_t)row * r + col) = hi;
+                *reinterpret_cast<uint32_t*>(s_split + (size_t)(K1 + row) * r + col) = gk::Ty<T>::pack2(a - ha, b - hb);
+              }
             });
-          else  // dpsi (r x N, f32) += the tile of dpsi^T
+            if (dphi != nullptr) {
+              t90::publish_fence();
+              t90::consumers_sync();
+              if (tid == 0) t90::flag_post(flag1 + j / RC);
+            }
+          } else if (kind == 3) {  // dpsi (r x N, f32) += the tile of dpsi^T
             wf::each_pair(racc, row0, col0, wg, wrow, lane, N, r, [&](int row, int col, float a, float b) {
               dpsi[(size_t)col * N + row] += a;
               dpsi[(size_t)(col + 1) * N + row] += b;
             });
+          } else {  // dphi (N x r, f32) += scale1 (W^T S)
+            wf::each_pair(racc, row0, col0, wg, wrow, lane, N, r, [&](int row, int col, float a, float b) {
+              float2* p = reinterpret_cast<float2*>(dphi + (size_t)row * r + col);
+              const float2 o = *p;
+              *p = make_float2(fmaf(scale1, a, o.x), fmaf(scale1, b, o.y));
+            });
+          }
         }
       } else {
         if (kind == 1 || NN)
@@ -1837,9 +1872,11 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
            const __grid_constant__ CUtensorMap mr2b, const __grid_constant__ CUtensorMap mr3a,                            \
            const __grid_constant__ CUtensorMap mr3b, int M, int N, int K1, int r, T* __restrict__ out0, float scale0,    \
            T* __restrict__ out1, float scale1, const T* __restrict__ bias, T* __restrict__ D, int ldd,                   \
-           float* __restrict__ s_out, float* __restrict__ dpsi, unsigned* __restrict__ work) {                           \
+           float* __restrict__ s_out, float* __restrict__ dpsi, const __grid_constant__ CUtensorMap mr4a,                 \
+           const __grid_constant__ CUtensorMap mr4b, float* __restrict__ dphi, T* __restrict__ s_split,                   \
+           unsigned* __restrict__ work) {                                                                                 \
     wegeft_rank_t90<T, NN>(&ma1, &mb1, &ma2, &mb2, &mr0b, &mr1a, &mr1b, &mr2a, &mr2b, &mr3a, &mr3b, M, N, K1, r, out0,    \
-                           scale0, out1, scale1, bias, D, ldd, s_out, dpsi, work);                                        \
+                           scale0, out1, scale1, bias, D, ldd, s_out, dpsi, &mr4a, &mr4b, dphi, s_split, work);           \
   }
 
 WEGEFT_RANK_T90(wegeft_fwd_bf16_tma, __nv_bfloat16, false)

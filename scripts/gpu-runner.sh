@@ -23,8 +23,8 @@
 #   gemm_uc (45)      the fused forward's routes at T=8192 d=4096 r=64 and SmolLM2's layers:
 #                     cuBLAS u, C + the TMA GEMM; wegeft_uc + the GEMM as its programmatic
 #                     dependent; wegeft_fwd in one launch (the same u, C and y required); and the
-#                     backward's: cuBLAS v, S, dpsi + the NN TMA GEMM; wegeft_bwd (the same
-#                     v, S and dx, dpsi within 1e-5)
+#                     backward's: cuBLAS v, S, dpsi, dphi + the NN TMA GEMM; wegeft_bwd (the
+#                     same v, S and dx; dpsi and dphi within 1e-5)
 #   sanitizers (150, all side by side): compute-sanitizer memcheck (also tracking the
 #                  stream-ordered pool), racecheck, initcheck, synccheck on cuda_layer sanitize_*
 #                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge,

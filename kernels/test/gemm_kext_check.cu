@@ -701,7 +701,7 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
     CK(cudaMemsetAsync(work, 0, words * sizeof(unsigned)));
     wegeft_fwd_bf16_tma<<<std::min(fwd_tiles, sms), t90::THREADS, t90::SMEM_BYTES>>>(
         fm[0], fm[1], fm[2], fm[3], fm[5], fm[4], fm[6], fm[0], fm[0], fm[0], fm[0], TT, DO, DI, R, u2, 1.f, c2, scale,
-        (const T*)nullptr, y3, DO, (float*)nullptr, (float*)nullptr, work);
+        (const T*)nullptr, y3, DO, (float*)nullptr, (float*)nullptr, fm[0], fm[0], (float*)nullptr, (T*)nullptr, work);
   };
   double frozen = 0;
   if (cb) {
@@ -741,11 +741,12 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   printf("UC dependent launch gives the same y: %s\n", dep_ok ? "yes" : "NO (MISMATCH)");
   printf("UC wegeft_fwd gives the same u, C and y: %s\n", fwd_ok ? "yes" : "NO (MISMATCH)");
 
-  // The backward: cuBLAS v = G C, S = G^T u and dpsi = v^T x (f32 out), then the NN TMA GEMM
-  // dx = [G|v][W;psi] (persistent, as the crate launches it), against wegeft_bwd (v, S, dpsi
-  // and dx in one launch). C and u here are random multiples of 1/8 too (v and S exact in f32):
-  // v, S and dx must agree bit for bit; dpsi (sums of v x x in f32, in another order) within
-  // 1e-5 of its largest element.
+  // The backward: cuBLAS v = G C, S = G^T u, dpsi = v^T x and dphi = s W^T S (f32 out; S in
+  // bf16 for cuBLAS, a stand-in of the crate's split product for the timing), then the NN TMA
+  // GEMM dx = [G|v][W;psi] (persistent, as the crate launches it), against wegeft_bwd (all in
+  // one launch). C and u here are random multiples of 1/8 too (v and S exact in f32): v, S and
+  // dx must agree bit for bit; dpsi (sums of v x x in f32, in another order) within 1e-5 of its
+  // largest element; dphi within 1e-5 of a double W^T S over S as computed (every 16th row).
   T* g = device_random<T>((size_t)TT * DO);
   T* cin = device_random<T>((size_t)DO * R);
   T* uin = device_random<T>((size_t)TT * R);
@@ -757,6 +758,10 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   float* sb2 = device_alloc<float>((size_t)DO * R);
   float* dpsi = device_alloc<float>((size_t)R * DI);
   float* dpsi2 = device_alloc<float>((size_t)R * DI);
+  float* dphi = device_alloc<float>((size_t)DI * R);
+  float* dphi2 = device_alloc<float>((size_t)DI * R);
+  T* sbf = device_alloc<T>((size_t)DO * R);          // S in bf16 for cuBLAS's dphi
+  T* split = device_alloc<T>((size_t)2 * DO * R);    // wegeft_bwd's S_hi, S_lo
   Variant<T> vn;
   found = false;
   for (const auto& c3 : bf16_variants(true, true))
@@ -764,38 +769,40 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   if (!found) return 2;
   set_smem(vn);
   const int dx_tiles = ((TT + 127) / 128) * ((DI + 255) / 256);
-  CUtensorMap dm[11];
+  CUtensorMap dm[13];
   const bool dmaps = make_map(&dm[0], g, TT, DO, DO, 64, 128) && make_map(&dm[1], w, DO, DI, DI, 64, 64) &&
                      make_map(&dm[2], vb2, TT, R, R, 64, 128) && make_map(&dm[3], psi, R, DI, DI, 64, 64) &&
                      make_map(&dm[4], cin, DO, R, R, 64, 64) && make_map(&dm[7], g, TT, DO, DO, 64, 64) &&
                      make_map(&dm[8], uin, TT, R, R, 64, 64) && make_map(&dm[9], x, TT, DI, DI, 64, 64) &&
-                     make_map(&dm[10], vb2, TT, R, R, 64, 64);
+                     make_map(&dm[10], vb2, TT, R, R, 64, 64) && make_map(&dm[11], w, DO, DI, DI, 64, 64) &&
+                     make_map(&dm[12], split, 2 * DO, R, R, 64, 64);
   if (!dmaps) {
     printf("UC wegeft_bwd: a tensor map could not be made\n");
     return 1;
   }
   dm[5] = dm[6] = dm[0];
-  const int bwd_all = (TM + (DO + 127) / 128 + (DI + 127) / 128) * RC + dx_tiles;
-  const size_t dwords = 1 + TM;
+  const int bwd_all = (TM + (DO + 127) / 128 + 2 * ((DI + 127) / 128)) * RC + dx_tiles;
+  const size_t dwords = 1 + TM + CB;
   CK(cudaFuncSetAttribute(wegeft_bwd_bf16_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, t90::SMEM_BYTES));
   auto bwd_launch = [&] {
     CK(cudaMemsetAsync(work, 0, dwords * sizeof(unsigned)));
     wegeft_bwd_bf16_tma<<<std::min(bwd_all, sms), t90::THREADS, t90::SMEM_BYTES>>>(
         dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7], dm[8], dm[9], dm[10], TT, DI, DO, R, vb2, 1.f, (T*)nullptr,
-        1.f, (const T*)nullptr, dx2, DI, sb2, dpsi2, work);
+        scale, (const T*)nullptr, dx2, DI, sb2, dpsi2, dm[11], dm[12], dphi2, split, work);
   };
   auto nn_gemm = [&] { launch(vn, dx_tiles, TT, DI, DO, R, g, DO, w, DI, vb, R, psi, DI, (const T*)nullptr, 0.f, dx, DI); };
   auto rank_products = [&] {
     cublas_rowmajor(cb, true, TT, R, DO, g, DO, cin, R, vb, R, (int)CUDA_R_16BF);
     cublas_rowmajor(cb, true, DO, R, TT, g, DO, uin, R, sb, R, (int)CUDA_R_16BF, true, (int)CUDA_R_32F);
     cublas_rowmajor(cb, true, R, DI, TT, vb, R, x, DI, dpsi, DI, (int)CUDA_R_16BF, true, (int)CUDA_R_32F);
+    cublas_rowmajor(cb, true, DI, R, DO, w, DI, sbf, R, dphi, R, (int)CUDA_R_16BF, true, (int)CUDA_R_32F);
   };
   if (cb) {
     const double fz = time_ms([&] { cublas_rowmajor(cb, true, TT, DI, DO, g, DO, w, DI, dx, DI, (int)CUDA_R_16BF); }, ITERS);
     printf("UC bwd: cuBLAS G W (frozen)         %8.4f ms\n", fz);
     frozen = fz;
     row("bwd: NN TMA GEMM K2=r alone", time_ms(nn_gemm, ITERS));
-    row("bwd: cuBLAS v, S, dpsi, then the GEMM", time_ms([&] {
+    row("bwd: cuBLAS v, S, dpsi, dphi, then the GEMM", time_ms([&] {
           rank_products();
           nn_gemm();
         }, ITERS));
@@ -820,12 +827,34 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
       CK(cudaMemcpy(b.data(), sb2, b.size() * sizeof(float), cudaMemcpyDeviceToHost));
       return std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
     }();
-    bwd_ok = same(vb, vb2, (size_t)TT * R) && same(dx, dx2, (size_t)TT * DI) && same_f && diff <= 1e-5 * std::max(big, 1e-30);
-    printf("UC wegeft_bwd gives the same v, S and dx, and dpsi within 1e-5 (%.1e): %s\n", diff / std::max(big, 1e-30),
-           bwd_ok ? "yes" : "NO (MISMATCH)");
+    // dphi (from zero) against scale W^T S in double over the S it stored, every 16th row.
+    CK(cudaMemset(dphi2, 0, (size_t)DI * R * sizeof(float)));
+    bwd_launch();
+    CK(cudaDeviceSynchronize());
+    std::vector<float> sh((size_t)DO * R), ph((size_t)DI * R);
+    std::vector<T> wh((size_t)DO * DI);
+    CK(cudaMemcpy(sh.data(), sb2, sh.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(ph.data(), dphi2, ph.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(wh.data(), w, wh.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    double pbig = 0, pdiff = 0;
+    for (int i = 0; i < DI; i += 16)
+      for (int j = 0; j < R; ++j) {
+        double want = 0;
+        for (int k = 0; k < DO; ++k) want += (double)to_f(wh[(size_t)k * DI + i]) * sh[(size_t)k * R + j];
+        want *= scale;
+        pbig = std::max(pbig, std::fabs(want));
+        pdiff = std::max(pdiff, std::fabs(want - ph[(size_t)i * R + j]));
+      }
+    const bool dphi_ok = pdiff <= 1e-5 * std::max(pbig, 1e-30);
+    bwd_ok = same(vb, vb2, (size_t)TT * R) && same(dx, dx2, (size_t)TT * DI) && same_f && diff <= 1e-5 * std::max(big, 1e-30) &&
+             dphi_ok;
+    printf("UC wegeft_bwd gives the same v, S and dx, dpsi within 1e-5 (%.1e) and dphi within 1e-5 (%.1e): %s\n",
+           diff / std::max(big, 1e-30), pdiff / std::max(pbig, 1e-30), bwd_ok ? "yes" : "NO (MISMATCH)");
   }
   for (T* p : {x, w, psi, phi, u, c, u2, c2, y, y2, y3, g, cin, uin, vb, vb2, dx, dx2}) cudaFree(p);
-  for (float* p : {sb, sb2, dpsi, dpsi2}) cudaFree(p);
+  for (float* p : {sb, sb2, dpsi, dpsi2, dphi, dphi2}) cudaFree(p);
+  cudaFree(sbf);
+  cudaFree(split);
   cudaFree(work);
   return dep_ok && fwd_ok && bwd_ok ? 0 : 1;
 }

@@ -118,10 +118,12 @@ mod tests {
         let sig = crate::cuda::kernels::signature_of("gemm_kext_nn_bf16_tma").unwrap();
         assert_eq!(sig, format!("{},u32,u32,u32,u32,u64,u32,u64,u32,u64,u32,u64,u32,u64,f32,u64,u32", ["align 128 b8"; 4].join(",")));
         // wegeft_fwd / wegeft_bwd: eleven maps, then (M, N, K1, r, out0, scale0, out1, scale1,
-        // bias, D, ldd, S, dpsi, work).
+        // bias, D, ldd, S, dpsi), two more maps, (dphi, s_split, work).
+        let map = "align 128 b8";
         for k in ["wegeft_fwd_bf16_tma", "wegeft_bwd_f16_tma"] {
             let sig = crate::cuda::kernels::signature_of(k).unwrap();
-            assert_eq!(sig, format!("{},u32,u32,u32,u32,u64,f32,u64,f32,u64,u64,u32,u64,u64,u64", ["align 128 b8"; 11].join(",")), "{k}");
+            let want = format!("{},u32,u32,u32,u32,u64,f32,u64,f32,u64,u64,u32,u64,u64,{map},{map},u64,u64,u64", [map; 11].join(","));
+            assert_eq!(sig, want, "{k}");
         }
         assert_eq!(std::mem::size_of::<cudarc::driver::sys::CUtensorMap>(), 128);
         assert_eq!(std::mem::align_of::<cudarc::driver::sys::CUtensorMap>(), 128);

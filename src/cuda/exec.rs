@@ -54,11 +54,12 @@ pub(crate) struct WegeftUc {
     pub scale: f32,
 }
 
-/// Most of the backward for one launch of `wegeft_bwd_{bf16,f16}_tma` (`kernels/gemm_kext.cu`):
-/// `v = G C` (T x r), `S = G^T u` (d_out x r, f32), `dpsi += v^T x` (r x d_in, f32) and
-/// `dx = G W + v psi` (T x d_in); all packed: G `T x d_out`, W `d_out x d_in`, C `d_out x r`,
-/// psi `r x d_in`, u `T x r`, x `T x d_in`. `dphi += scale W^T S` is the caller's. Whether the
-/// kernel takes it and whether the layer should: `gemm.rs`.
+/// The backward for one launch of `wegeft_bwd_{bf16,f16}_tma` (`kernels/gemm_kext.cu`):
+/// `v = G C` (T x r), `S = G^T u` (d_out x r, f32), `dpsi += v^T x` (r x d_in, f32),
+/// `dx = G W + v psi` (T x d_in) and, unless `dphi` is 0 (dropout: the caller's, over the masked
+/// W), `dphi += scale W^T S` (d_in x r, f32); all packed: G `T x d_out`, W `d_out x d_in`, C
+/// `d_out x r`, psi `r x d_in`, u `T x r`, x `T x d_in`. Whether the kernel takes it and whether
+/// the layer should: `gemm.rs`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct WegeftBwd {
     pub tokens: usize,
@@ -75,6 +76,8 @@ pub(crate) struct WegeftBwd {
     pub s: CUdeviceptr,
     pub dpsi: CUdeviceptr,
     pub dx: CUdeviceptr,
+    pub dphi: CUdeviceptr,
+    pub scale: f32,
 }
 
 pub(crate) trait Exec {
@@ -137,7 +140,7 @@ pub(crate) trait Exec {
         Ok(false)
     }
 
-    /// v, S, dpsi and dx in one launch (`wegeft_bwd_*_tma`, see [`WegeftBwd`]), when `path` is
+    /// The backward in one launch (`wegeft_bwd_*_tma`, see [`WegeftBwd`]), when `path` is
     /// [`Path::FusedSm90`] and the layer should take it here. `Ok(false)`: nothing launched.
     unsafe fn fused_backward<T: Element>(&self, _stream: CUstream, _path: Path, _bw: &WegeftBwd) -> Result<bool> {
         Ok(false)

@@ -480,8 +480,8 @@ impl WegeftBwd {
     /// Whether `wegeft_bwd_*_tma` takes it, see `rank_kernel_applies`.
     pub(crate) fn applies<T: Element>(&self) -> bool {
         // G and C (lds d_out, r), W, psi and x (ld d_in), u and v (ld r) are tensor maps; dx,
-        // S and dpsi are not (S and dpsi: f32, stored in pairs: 8-byte aligned).
-        let f32_ok = [self.s, self.dpsi].iter().all(|p| *p != 0 && p % 8 == 0);
+        // S, dpsi and dphi are not (f32 ones: stored in pairs, 8-byte aligned; dphi may be 0).
+        let f32_ok = [self.s, self.dpsi].iter().all(|p| *p != 0 && p % 8 == 0) && self.dphi % 8 == 0 && self.scale.is_finite();
         f32_ok
             && rank_kernel_applies::<T>(
                 (self.tokens, self.d_in, self.d_out, self.rank),
@@ -496,27 +496,29 @@ impl WegeftBwd {
         large_layer(self.tokens, self.d_in, self.d_out)
     }
 
-    /// `wegeft_bwd`'s tiles: v's rank tiles, the reduction tiles of S (d_out rows) and of
-    /// dpsi^T (d_in rows), the tiles of dx.
+    /// `wegeft_bwd`'s tiles: v's rank tiles, the reduction tiles of S (d_out rows), of dpsi^T
+    /// and (with dphi) of dphi (d_in rows each), the tiles of dx.
     fn tiles(&self) -> usize {
         let rows = geom::WF_BLOCK_ROWS;
-        let blocks = self.tokens.div_ceil(rows) + self.d_out.div_ceil(rows) + self.d_in.div_ceil(rows);
+        let dphi_blocks = if self.dphi != 0 { self.d_in.div_ceil(rows) } else { 0 };
+        let blocks = self.tokens.div_ceil(rows) + self.d_out.div_ceil(rows) + self.d_in.div_ceil(rows) + dphi_blocks;
         rank_kernel_tiles(blocks, self.rank, self.tokens, self.d_in)
     }
 
-    /// `wegeft_bwd`'s workspace in u32 words: the tile counter and a flag per 128-row block of v.
+    /// `wegeft_bwd`'s workspace in u32 words: the tile counter, a flag per 128-row block of v,
+    /// then of S.
     fn words(&self) -> usize {
-        1 + self.tokens.div_ceil(geom::WF_BLOCK_ROWS)
+        1 + self.tokens.div_ceil(geom::WF_BLOCK_ROWS) + self.d_out.div_ceil(geom::WF_BLOCK_ROWS)
     }
 }
 
-/// One launch of `wegeft_{fwd,bwd}_*_tma` (`kernels/gemm_kext.cu`): the kernel, its eleven maps
-/// (A1, B1, A2, B2, kind 0's B, kind 1's A and B, kind 2's and kind 3's A and B), sizes,
+/// One launch of `wegeft_{fwd,bwd}_*_tma` (`kernels/gemm_kext.cu`): the kernel, its thirteen
+/// maps (A1, B1, A2, B2, kind 0's B, kind 1's A and B, kinds 2, 3 and 4's A and B), sizes,
 /// outputs, the grid's tiles and the workspace's words.
 struct RankLaunch {
     op: &'static str,
     kernel: &'static str,
-    maps: [CUtensorMap; 11],
+    maps: [CUtensorMap; 13],
     m: usize,
     n: usize,
     k1: usize,
@@ -526,9 +528,12 @@ struct RankLaunch {
     bias: Option<CUdeviceptr>,
     d: CUdeviceptr,
     ldd: usize,
-    /// The backward's S and dpsi (f32; 0 in the forward).
+    /// The backward's S, dpsi and dphi (f32; 0 in the forward; dphi 0: not computed) and S's
+    /// two halves in the storage type for dphi (2 d_out x r).
     s: CUdeviceptr,
     dpsi: CUdeviceptr,
+    dphi: CUdeviceptr,
+    s_split: CUdeviceptr,
     tiles: usize,
     words: usize,
 }
@@ -551,11 +556,38 @@ unsafe fn rank_launch(dev: &CudaBackend, stream: CUstream, l: &RankLaunch) -> Re
     let func = dev.function(l.kernel)?;
     dev.context().bind_to_thread().map_err(cuda)?;
     func.func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, geom::T_SMEM as i32).map_err(cuda)?;
-    let [ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b, mr2a, mr2b, mr3a, mr3b] = l.maps;
+    let [ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b, mr2a, mr2b, mr3a, mr3b, mr4a, mr4b] = l.maps;
     let (m, n, k1, r, ldd) = (l.m as i32, l.n as i32, l.k1 as i32, l.rank as i32, l.ldd as i32);
     let ((o0, s0), (o1, s1)) = (l.out0, l.out1);
     let params = kargs![
-        ma1, mb1, ma2, mb2, mr0b, mr1a, mr1b, mr2a, mr2b, mr3a, mr3b, m, n, k1, r, o0, s0, o1, s1, l.bias.unwrap_or(0), l.d, ldd, l.s, l.dpsi,
+        ma1,
+        mb1,
+        ma2,
+        mb2,
+        mr0b,
+        mr1a,
+        mr1b,
+        mr2a,
+        mr2b,
+        mr3a,
+        mr3b,
+        m,
+        n,
+        k1,
+        r,
+        o0,
+        s0,
+        o1,
+        s1,
+        l.bias.unwrap_or(0),
+        l.d,
+        ldd,
+        l.s,
+        l.dpsi,
+        mr4a,
+        mr4b,
+        l.dphi,
+        l.s_split,
         work.ptr()
     ];
     // SAFETY: the operands are the caller's; `work` is freed after the kernel, in stream order,
@@ -607,7 +639,7 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
     check_out_ptrs::<T>(&[("y", Some(y)), ("bias", bias)])?;
     let dt = T::DTYPE;
     let (t, din, dout, r) = (uc.tokens, uc.d_in, uc.d_out, uc.rank);
-    let maps = (|| -> Result<[CUtensorMap; 11]> {
+    let maps = (|| -> Result<[CUtensorMap; 13]> {
         let x = tensor_map(dt, uc.x, t, din, din, geom::T_BOX_A)?;
         Ok([
             x,
@@ -618,6 +650,8 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
             tensor_map(dt, uc.w, dout, din, din, geom::T_BOX_A)?,
             tensor_map(dt, uc.phi, din, r, r, geom::WF_BOX_RANK)?,
             x, // no reduction tiles in the forward: never read
+            x,
+            x,
             x,
             x,
             x,
@@ -640,6 +674,8 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
         ldd: dout,
         s: 0,
         dpsi: 0,
+        dphi: 0,
+        s_split: 0,
         tiles: uc.one_launch_tiles(),
         words: uc.one_launch_words(),
     };
@@ -648,11 +684,11 @@ pub(crate) unsafe fn wegeft_fwd<T: Element>(dev: &CudaBackend, stream: CUstream,
     Ok(true)
 }
 
-/// Most of the backward in one launch, `wegeft_bwd_{bf16,f16}_tma`: `v = G C`, `S = G^T u`
-/// (f32, overwritten), `dpsi += v^T x` (f32) and `dx = [G|v] [W;psi]` (dx `tokens x d_in`,
-/// packed, overwritten): v as rank tiles, S and dpsi as reduction tiles (over the tokens), all
-/// taken before the tiles of dx. `dphi += scale W^T S` is left to the caller. Workspace,
-/// `Ok(false)` and errors as for [`wegeft_fwd`].
+/// The backward in one launch, `wegeft_bwd_{bf16,f16}_tma`: `v = G C`, `S = G^T u` (f32,
+/// overwritten), `dpsi += v^T x` (f32), `dx = [G|v] [W;psi]` (dx `tokens x d_in`, packed,
+/// overwritten) and, unless `bw.dphi` is 0, `dphi += scale W^T S` (f32): v as rank tiles taken
+/// first, S, dpsi and dphi as reduction tiles spread among the tiles of dx. Workspace (and, for
+/// dphi, S's two halves in the storage type), `Ok(false)` and errors as for [`wegeft_fwd`].
 ///
 /// # Safety
 /// The pointers must be valid device memory of the packed shapes of `bw`, on this context; the
@@ -664,7 +700,10 @@ pub(crate) unsafe fn wegeft_bwd<T: Element>(dev: &CudaBackend, stream: CUstream,
     }
     let dt = T::DTYPE;
     let (t, din, dout, r) = (bw.tokens, bw.d_in, bw.d_out, bw.rank);
-    let maps = (|| -> Result<[CUtensorMap; 11]> {
+    // S's two halves in T for dphi's tiles (2 d_out x r), freed after the kernel (stream order).
+    let split = if bw.dphi != 0 { Some(super::mem::DeviceBuf::new(dev, stream, 2 * dout * r * dt.size(), OP)?) } else { None };
+    let split_ptr = split.as_ref().map_or(0, |b| b.ptr());
+    let maps = (|| -> Result<[CUtensorMap; 13]> {
         let g = tensor_map(dt, bw.g, t, dout, dout, geom::T_BOX_A)?;
         Ok([
             g,
@@ -679,6 +718,9 @@ pub(crate) unsafe fn wegeft_bwd<T: Element>(dev: &CudaBackend, stream: CUstream,
             tensor_map(dt, bw.u, t, r, r, geom::WF_BOX_RANK)?,
             tensor_map(dt, bw.x, t, din, din, geom::WF_BOX_RANK)?,
             tensor_map(dt, bw.v, t, r, r, geom::WF_BOX_RANK)?,
+            // dphi = scale W^T S: 64 x 64 boxes of W, and of [S_hi; S_lo] (without dphi: not read).
+            tensor_map(dt, bw.w, dout, din, din, geom::WF_BOX_RANK)?,
+            if split_ptr != 0 { tensor_map(dt, split_ptr, 2 * dout, r, r, geom::WF_BOX_RANK)? } else { g },
         ])
     })();
     let Ok(maps) = maps else { return Ok(false) };
@@ -692,12 +734,14 @@ pub(crate) unsafe fn wegeft_bwd<T: Element>(dev: &CudaBackend, stream: CUstream,
         k1: dout,
         rank: r,
         out0: (bw.v, 1.0),
-        out1: (0, 1.0),
+        out1: (0, bw.scale), // the backward's scale1 is dphi's scale
         bias: None,
         d: bw.dx,
         ldd: din,
         s: bw.s,
         dpsi: bw.dpsi,
+        dphi: bw.dphi,
+        s_split: split_ptr,
         tiles: bw.tiles(),
         words: bw.words(),
     };
@@ -876,14 +920,18 @@ mod tests {
             s: 1792,
             dpsi: 2048,
             dx: 2304,
+            dphi: 2560,
+            scale: 0.5,
         };
         let b = bw(8192, 4096, 4096, 64);
         assert!(b.applies::<bf16>() && b.worth_it() && !b.applies::<f32>());
-        assert_eq!((b.tiles(), b.words()), (64 + 32 + 32 + 64 * 16, 1 + 64));
-        // v: 2 row blocks, S: 3 (d_out 304), dpsi^T: 2 (d_in 136), each x 2 chunks; dx: 2 x 1
-        // tiles (d_in 136 < 256).
+        assert_eq!((b.tiles(), b.words()), (64 + 32 + 32 + 32 + 64 * 16, 1 + 64 + 32));
+        assert_eq!(super::WegeftBwd { dphi: 0, ..b }.tiles(), 64 + 32 + 32 + 64 * 16, "without dphi");
+        // v: 2 row blocks, S: 3 (d_out 304), dpsi^T and dphi: 2 each (d_in 136), each x 2
+        // chunks; dx: 2 x 1 tiles (d_in 136 < 256).
         let odd = bw(200, 136, 304, 72);
-        assert_eq!((odd.tiles(), odd.words()), ((2 + 3 + 2) * 2 + 2, 1 + 2));
+        assert_eq!((odd.tiles(), odd.words()), ((2 + 3 + 2 + 2) * 2 + 2, 1 + 2 + 3));
+        assert!(!super::WegeftBwd { dphi: 2564, ..bw(64, 64, 64, 8) }.applies::<bf16>(), "dphi not 8-byte aligned");
         assert!(!bw(4096, 576, 576, 8).worth_it(), "the forward's policy: SmolLM2 at T = 4096 stays as it was");
         assert!(!bw(64, 64, 64, 12).applies::<bf16>() && !super::WegeftBwd { g: 8, ..bw(64, 64, 64, 8) }.applies::<bf16>());
         assert!(!super::WegeftBwd { dpsi: 2052, ..bw(64, 64, 64, 8) }.applies::<bf16>(), "dpsi not 8-byte aligned");

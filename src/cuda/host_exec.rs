@@ -203,7 +203,7 @@ impl Exec for HostExec {
 
     unsafe fn fused_backward<T: Element>(&self, _stream: CUstream, path: Path, bw: &WegeftBwd) -> Result<bool> {
         // What wegeft_bwd computes (v = G C; S = G^T u; dpsi += v^T x and dx = G W + v psi from
-        // that v; packed), where the device's policy takes it.
+        // that v; dphi += scale W^T S when given; packed), where the device's policy takes it.
         if self.fused.is_none() || path != Path::FusedSm90 || !bw.worth_it() {
             return Ok(false);
         }
@@ -216,6 +216,11 @@ impl Exec for HostExec {
         let gw = rf::matmul(&g, &self.get(bw.w), t, dout, din);
         let vpsi = rf::matmul(&v, &self.get(bw.psi), t, r, din);
         let dpsi: Vec<f64> = self.get(bw.dpsi).iter().zip(&vtx).map(|(a, b)| a + b).collect();
+        if bw.dphi != 0 {
+            let wts = rf::matmul(&rf::transpose(&self.get(bw.w), dout, din), &big_s, din, dout, r);
+            let dphi: Vec<f64> = self.get(bw.dphi).iter().zip(&wts).map(|(a, b)| a + bw.scale as f64 * b).collect();
+            self.mem.borrow_mut().insert(bw.dphi, dphi);
+        }
         let mut mem = self.mem.borrow_mut();
         mem.insert(bw.v, v);
         mem.insert(bw.s, big_s);
@@ -389,9 +394,9 @@ fn fused_forward_case(s: &LayerShape, want: &str) {
 
 #[test]
 fn fused_backward_takes_one_launch_for_large_layers_only() {
-    // A large layer (x and W above UC_MAX_BYTES) with dx: wegeft_bwd (v, S, dpsi, dx), then dphi
-    // only; with dropout too (none of those has the mask); without dx, or a small layer: as
-    // before.
+    // A large layer (x and W above UC_MAX_BYTES) with dx: wegeft_bwd (v, S, dpsi, dx and dphi;
+    // with dropout all but dphi, which then follows over the masked W); without dx, or a small
+    // layer: as before.
     for (s, want_one) in [(LayerShape::new(2, 4096, 1100, 8).unwrap(), true), (LayerShape::new(6, 16, 9, 8).unwrap(), false)] {
         let [x, w, _, phi, psi, g] = case(&s, 51);
         let (t, din, dout, r) = (s.tokens, s.d_in, s.d_out, s.rank);
@@ -414,7 +419,8 @@ fn fused_backward_takes_one_launch_for_large_layers_only() {
                 for k in ["lowrank_v", "lowrank_s", "lowrank_dpsi"] {
                     assert_eq!(ran(k), !one, "{k}: {log:?}");
                 }
-                assert!(ran("lowrank_dphi"), "{log:?}");
+                // dphi inside the launch without dropout; with it, over the masked W after it.
+                assert_eq!(ran("lowrank_dphi"), !(one && drop.p == 0.0), "{log:?}");
                 // Against the reference with the same u and C (the forward's; C masked with
                 // dropout).
                 let (u, c) = (h.get(up), h.get(cp));

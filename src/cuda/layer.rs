@@ -57,7 +57,8 @@ pub enum Path {
     /// sm_80 kernels elsewhere and for f32). There, without dropout, the forward's u and C come
     /// from one launch (`wegeft_uc_*`, small layers) or the whole forward is one launch
     /// (`wegeft_fwd_*_tma`, layers whose x and W exceed 8 MiB), and a large layer's backward
-    /// runs v, S, dpsi and dx in one launch (`wegeft_bwd_*_tma`; not yet run on a GPU).
+    /// runs v, S, dpsi, dphi and dx in one launch (`wegeft_bwd_*_tma`; dphi after it with
+    /// dropout; not yet run on a GPU).
     FusedSm90,
     /// The rank-r part written to the output first (`lowrank_addmm_*`, on the
     /// [`super::ProductEngine`]: cuBLASLt by default), then the frozen product in cuBLASLt
@@ -322,11 +323,13 @@ pub(crate) trait Layer: Exec {
         let dt = T::DTYPE;
         let v = self.scratch(stream, checked_len("v", t, r)? * dt.size(), OP)?;
         let big_s = self.scratch(stream, checked_len("S", dout, r)? * 4, OP)?;
-        // FusedSm90, large layers, dx wanted: v = G C, S = G^T u, dpsi += v^T x and dx in one
-        // launch (none of them involves the dropout mask), then dphi from S.
+        // FusedSm90, large layers, dx wanted: v = G C, S = G^T u, dpsi += v^T x, dx and (without
+        // dropout) dphi in one launch; with dropout dphi follows over the masked W.
         let one_launch = match dx {
             Some(dx) => {
-                let bw = super::exec::WegeftBwd { tokens: t, d_in: din, d_out: dout, rank: r, g, w, c, psi, u, x, v: v.ptr(), s: big_s.ptr(), dpsi, dx };
+                let dphi_in = if drop.p == 0.0 { dphi } else { 0 };
+                let (vp, sp) = (v.ptr(), big_s.ptr());
+                let bw = super::exec::WegeftBwd { tokens: t, d_in: din, d_out: dout, rank: r, g, w, c, psi, u, x, v: vp, s: sp, dpsi, dx, dphi: dphi_in, scale };
                 self.fused_backward::<T>(stream, path, &bw)?
             }
             None => false,
@@ -337,12 +340,14 @@ pub(crate) trait Layer: Exec {
             self.product(&kname("lowrank_s", dt), DType::F32, stream, Product::new(g, dout, u, r, big_s.ptr(), r, dout, r, t))?;
         }
         // dphi += s (M .* W)^T S; dpsi += v^T x.
-        self.product(
-            &kname("lowrank_dphi", dt),
-            DType::F32,
-            stream,
-            Product::new(w, din, big_s.ptr(), r, dphi, r, din, r, dout).alpha(scale).beta(1.0).dropout(drop.p, drop.seed),
-        )?;
+        if !(one_launch && drop.p == 0.0) {
+            self.product(
+                &kname("lowrank_dphi", dt),
+                DType::F32,
+                stream,
+                Product::new(w, din, big_s.ptr(), r, dphi, r, din, r, dout).alpha(scale).beta(1.0).dropout(drop.p, drop.seed),
+            )?;
+        }
         if !one_launch {
             self.product(&kname("lowrank_dpsi", dt), DType::F32, stream, Product::new(v.ptr(), r, x, din, dpsi, din, r, din, t).beta(1.0))?;
         }

@@ -401,11 +401,12 @@ inline int tiles_taken = 0, flag_stalls = 0, take_cap = 0, taken_here = 0;
 inline unsigned taken_block = ~0u;
 inline std::vector<const unsigned*> waited;
 struct Guard {
-    const void* base = nullptr;  // u or C
+    const void* base = nullptr;  // a rank or reduction tile's output that TMA reads back
     int rows = 0;
     const unsigned* flags = nullptr;
+    int period = 0;  // > 0: row r is row r % period of the flags' rows (S_hi, then S_lo)
 };
-inline Guard guard[2];
+inline Guard guard[3];
 inline int unguarded_reads = 0;
 inline int take_tile(unsigned* counter) {
     if (taken_block != blockIdx.x) taken_block = blockIdx.x, taken_here = 0;
@@ -423,8 +424,11 @@ inline void flag_wait(const unsigned* flag, unsigned want) {
 inline void check_guarded_read(const void* base, int c1, int box_rows) {
     for (const Guard& g : guard) {
         if (g.base == nullptr || g.base != base) continue;
-        for (int row = std::max(c1, 0); row < std::min(c1 + box_rows, g.rows); row += 128)
-            if (std::find(waited.begin(), waited.end(), g.flags + row / 128) == waited.end()) ++unguarded_reads;
+        for (int row = std::max(c1, 0); row < std::min(c1 + box_rows, g.rows); ++row)
+            if (std::find(waited.begin(), waited.end(), g.flags + (g.period ? row % g.period : row) / 128) == waited.end()) {
+                ++unguarded_reads;
+                break;
+            }
     }
 }
 inline void flag_post(unsigned* flag) {
@@ -680,18 +684,21 @@ template <typename T>
 using RankKernel = void (*)(const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
                             const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap, const CUtensorMap,
                             const CUtensorMap, int, int, int, int, T*, float, T*, float, const T*, T*, int, float*, float*,
-                            unsigned*);
+                            const CUtensorMap, const CUtensorMap, float*, T*, unsigned*);
 template <typename T>
 void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din, int dout, int r, bool bias, int cap,
-                double tol) {
+                double tol, bool with_dphi = false) {
+    with_dphi &= dx;
     // Forward: A1 = x (T x d_in), B1 = W (d_out x d_in), kind 0 = u (B psi), kind 1 = C (A W, B phi).
     // Backward: A1 = G (T x d_out), B1 = W (d_out x d_in, NN), kind 0 = v (B C), B2 = psi (NN).
     const int M = Tn, N = dx ? din : dout, K1 = dx ? dout : din;
     Mat<T> a1(M, K1, K1, 0), w(dout, din, din, 0), psi(r, din, din, 0), phi(din, r, r, 0), cin(dout, r, r, 0), bv(1, N, N, 0);
     Mat<T> uin(M, r, r, 0), xin(M, din, din, 0);  // the backward's u and x
-    Mat<float> sv(dout, r, r, 0, false), dpsi(r, din, din, 0, false);
-    std::vector<double> dpsi0((size_t)r * din);
+    Mat<float> sv(dout, r, r, 0, false), dpsi(r, din, din, 0, false), dphi(din, r, r, 0, false);
+    Mat<T> split(2 * dout, r, r, 0, false);  // S_hi, then S_lo
+    std::vector<double> dpsi0((size_t)r * din), dphi0((size_t)din * r);
     for (int i = 0; i < r * din; ++i) dpsi0[i] = dpsi.p[i] = rnd();
+    for (int i = 0; i < din * r; ++i) dphi0[i] = dphi.p[i] = rnd();
     for (int i = 0; i < dout * r; ++i) sv.p[i] = NAN;
     const int ldd = N % 8 == 0 ? N : N + 3;
     Mat<T> o0(M, r, r, 0, false), o1(dout, r, r, 0, false), d(M, N, ldd, 0, false);
@@ -702,10 +709,10 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
     for (int i = 0; i < M * r; ++i) o0.p[i] = from_f<T>(NAN);
     for (int i = 0; i < dout * r; ++i) o1.p[i] = from_f<T>(NAN);
     const int RC = (r + 63) / 64, TM = (M + 127) / 128, R1 = dx ? 0 : (N + 127) / 128, TN = (N + 255) / 256;
-    const int reduction = dx ? ((dout + 127) / 128 + (din + 127) / 128) * RC : 0;
+    const int reduction = dx ? ((dout + 127) / 128 + (with_dphi ? 2 : 1) * ((din + 127) / 128)) * RC : 0;
     const int tiles = (R1 + TM) * RC + reduction + TM * TN;
-    std::vector<unsigned> work(1 + TM + R1, 0u);
-    CUtensorMap m[11];
+    std::vector<unsigned> work(1 + TM + (dx ? (dout + 127) / 128 : R1), 0u);
+    CUtensorMap m[13];
     m[0] = tma_map(a1.p, M, K1, K1, 64, 128);
     if (!dx) {
         m[1] = tma_map(w.p, dout, din, din, 64, 256);
@@ -726,16 +733,19 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
         m[10] = tma_map(o0.p, M, r, r, 64, 64);  // v, as kind 3's B
     }
     if (!dx) m[7] = m[8] = m[9] = m[10] = m[0];
+    m[11] = dx ? tma_map(w.p, dout, din, din, 64, 64) : m[0];  // W^T's boxes
+    m[12] = dx ? tma_map(split.p, 2 * dout, r, r, 64, 64) : m[0];
     const int grid = cap > 0 ? (tiles + cap - 1) / cap + 1 : 2;
     t90::take_cap = cap;
     t90::taken_block = ~0u;
     t90::guard[0] = {o0.p, M, work.data() + 1};
     t90::guard[1] = dx ? t90::Guard{} : t90::Guard{o1.p, dout, work.data() + 1 + TM};
+    t90::guard[2] = with_dphi ? t90::Guard{split.p, 2 * dout, work.data() + 1 + TM, dout} : t90::Guard{};
     const int taken_before = t90::tiles_taken, unguarded_before = t90::unguarded_reads;
     fb::run_grid({(unsigned)grid, 1, 1}, 288, [&] {
         kernel(m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], M, N, K1, r, o0.p, 1.0f,
                dx ? nullptr : o1.p, scale, bias ? bv.p : nullptr, d.p, ldd, dx ? sv.p : nullptr, dx ? dpsi.p : nullptr,
-               work.data());
+               m[11], m[12], with_dphi ? dphi.p : nullptr, with_dphi ? split.p : nullptr, work.data());
         auto& wl = h90emu::lanes[threadIdx.x];
         if (!wl.groups.empty() || !wl.open.empty()) {
             ++g_leftover;
@@ -744,7 +754,7 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
         }
     });
     t90::take_cap = 0;
-    t90::guard[0] = t90::guard[1] = {};
+    t90::guard[0] = t90::guard[1] = t90::guard[2] = {};
     const int unguarded = t90::unguarded_reads - unguarded_before;
     // The rank outputs against double loops over the inputs; D against them as stored.
     double worst_r = 0, scale_r = 0, worst_d = 0, scale_d = 0;
@@ -781,6 +791,24 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
                     scale_r = std::max(scale_r, std::fabs(want));
                     worst_r = std::max(worst_r, std::isnan(e) ? INFINITY : e);
                 }
+        // dphi - dphi0 against scale W^T S over the S it stored (f32); without dphi, untouched.
+        double worst_p = 0, scale_p = 0;
+        for (int i = 0; i < din; ++i)
+            for (int j = 0; j < r; ++j) {
+                double want = 0;
+                for (int k = 0; k < dout; ++k) want += w.at(k, i) * sv.at(k, j);
+                want *= scale;
+                const double got = dphi.at(i, j) - dphi0[(size_t)i * r + j];
+                if (!with_dphi) {
+                    if (got != 0.0) worst_p = INFINITY;
+                    continue;
+                }
+                scale_p = std::max(scale_p, std::fabs(want));
+                const double e = std::fabs(got - want);
+                worst_p = std::max(worst_p, std::isnan(e) ? INFINITY : e);
+            }
+        // The dphi error against its own scale, folded into the rank outputs' relative one.
+        worst_r = std::max(worst_r, worst_p / std::max(scale_p, 1e-30) * scale_r);
     }
     bool pad_ok = true;
     for (int i = 0; i <= M; ++i)
@@ -791,12 +819,15 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
     // says its tile ran once), every rank tile's flag posted.
     bool work_ok = (int)work[0] >= tiles && t90::tiles_taken - taken_before >= tiles;
     for (int i = 0; i < TM + R1; ++i) work_ok &= work[1 + i] == (unsigned)RC;
+    if (with_dphi)
+        for (int i = 0; i < (dout + 127) / 128; ++i) work_ok &= work[1 + TM + i] == (unsigned)RC;
     const double e_r = worst_r / std::max(scale_r, 1e-30), e_d = worst_d / std::max(scale_d, 1e-30);
     const bool ok = e_r <= tol && e_d <= tol && pad_ok && work_ok && unguarded == 0;
     ++g_checks;
     if (!ok) ++g_failures;
     std::printf("%s %-23s T%-4d d_in %-4d d_out %-4d r %-3d bias %d cap %d  err %s %.2e %s %.2e (tol %.0e)%s%s%s\n",
-                ok ? "ok  " : "FAIL", name, Tn, din, dout, r, bias, cap, dx ? "v,S,dpsi" : "u,C", e_r, dx ? "dx" : "y", e_d, tol,
+                ok ? "ok  " : "FAIL", name, Tn, din, dout, r, bias, cap, dx ? (with_dphi ? "v,S,dpsi,dphi" : "v,S,dpsi") : "u,C", e_r,
+                dx ? "dx" : "y", e_d, tol,
                 pad_ok ? "" : "  PADDING WRITTEN", work_ok ? "" : "  COUNTER/FLAGS WRONG",
                 unguarded ? "  RANK OUTPUT READ WITHOUT WAITING FOR ITS FLAG" : "");
 }
@@ -880,8 +911,9 @@ int main() {
         for (int cap : {0, 3}) {
             check_rank<__nv_bfloat16>("wegeft_fwd_bf16_tma", wegeft_fwd_bf16_tma, false, f[0], f[1], f[2], f[3], cap == 0, cap, 1e-2);
             check_rank<__half>("wegeft_fwd_f16_tma", wegeft_fwd_f16_tma, false, f[0], f[1], f[2], f[3], cap != 0, cap, 2e-3);
-            check_rank<__nv_bfloat16>("wegeft_bwd_bf16_tma", wegeft_bwd_bf16_tma, true, f[0], f[1], f[2], f[3], false, cap, 1e-2);
-            check_rank<__half>("wegeft_bwd_f16_tma", wegeft_bwd_f16_tma, true, f[0], f[1], f[2], f[3], false, cap, 2e-3);
+            check_rank<__nv_bfloat16>("wegeft_bwd_bf16_tma", wegeft_bwd_bf16_tma, true, f[0], f[1], f[2], f[3], false, cap, 1e-2,
+                                      cap == 0);
+            check_rank<__half>("wegeft_bwd_f16_tma", wegeft_bwd_f16_tma, true, f[0], f[1], f[2], f[3], false, cap, 2e-3, cap != 0);
         }
     }
     std::printf("wegeft_fwd / wegeft_bwd: %d tiles taken, %d flag waits that waited\n", t90::tiles_taken, t90::flag_stalls);
