@@ -555,6 +555,26 @@ fn check_one_launch<T: El>(dev: &CudaBackend, i: usize, (tk, din, dout, r): (usi
     let mut dx2 = poisoned::<T>(&st, tk * din);
     let (_, dphi2, dpsi2) = back(Some(&mut dx2));
     assert!(bits(&st, &dx) == bits(&st, &dx2) && bits(&st, &dphi) == bits(&st, &dphi2) && bits(&st, &dpsi) == bits(&st, &dpsi2), "{what}: two backward runs differ");
+
+    // With dropout on W the one launch leaves dphi (over the masked W) to the layer: the same
+    // gradients as the composed path's, forward and backward both with the mask.
+    let drop = Dropout { p: 0.1, seed: 7 };
+    let grads = |path: Path| {
+        let (mut u, mut cc, mut y) = (poisoned::<T>(&st, tk * r), poisoned::<T>(&st, dout * r), poisoned::<T>(&st, tk * dout));
+        let launch = Launch::new().path(path);
+        dev.wegeft_forward(s, &x, &w, None, &phi, &psi, c.scale as f32, drop, &mut u, &mut cc, &mut y, launch).unwrap();
+        let mut dx = poisoned::<T>(&st, tk * din);
+        let mut dphi = up_f32(&st, &c.dphi0);
+        let mut dpsi = up_f32(&st, &c.dpsi0);
+        dev.wegeft_backward(s, &x, &w, &psi, c.scale as f32, drop, &u, &cc, &g, Some(&mut dx), &mut dphi, &mut dpsi, launch).unwrap();
+        // The increments of the f32 accumulators (they start from c.dphi0, c.dpsi0).
+        let inc = |got: Vec<f64>, base: &[f64]| -> Vec<f64> { got.iter().zip(base).map(|(a, b)| a - b).collect() };
+        [down(&st, &dx), inc(down(&st, &dphi), &c.dphi0), inc(down(&st, &dpsi), &c.dpsi0)]
+    };
+    let (fused, composed) = (grads(Path::FusedSm90), grads(Path::Composed));
+    for (i, name) in ["dx", "dphi", "dpsi"].iter().enumerate() {
+        assert_close(&format!("{what} dropout {name}, FusedSm90 vs Composed"), &fused[i], &composed[i], tol::<T>().max(1e-5) * 2.0);
+    }
 }
 
 #[test]
