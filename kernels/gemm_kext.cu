@@ -54,7 +54,9 @@
 //                      kernel that writes that pair.
 //
 // Also here, for the fused forward: wegeft_uc_bf16 / wegeft_uc_f16 compute its second pair,
-// u = x psi^T and C = alpha W phi, in one launch (section "The second operand pair" below).
+// u = x psi^T and C = alpha W phi, in one launch (section "The second operand pair" below); and
+// built on the TMA kernel, wegeft_fwd_{bf16,f16}_tma (u, C and y) and wegeft_bwd_{bf16,f16}_tma
+// (v, S, dpsi, dphi and dx), the whole forward and backward in one launch each (last section).
 // ===========================================================================================
 //
 // Design of the sm_80 tensor-core kernel
