@@ -1445,6 +1445,22 @@ __device__ __forceinline__ int ring_acquire(int it, uint32_t full0, uint32_t emp
   return s;
 }
 
+// Producer: one k tile of a D tile into the stage at `stage` (A then B, the layouts of
+// h90): the 64 x 128 box of A at (kb, m0), and B's 64 x 256 box at (kb, n0) (NT) or its four
+// 64 x 64 boxes at (n0 + 64 h, kb) (NN), their bytes counted on `full`.
+template <bool NN>
+__device__ __forceinline__ void load_d_stage(uint32_t stage, const CUtensorMap* ma, const CUtensorMap* mb, uint32_t full,
+                                             int kb, int m0, int n0) {
+  const uint32_t sb = stage + A_BYTES;
+  tma_load_2d(stage, ma, full, kb, m0);
+  if (!NN) {
+    tma_load_2d(sb, mb, full, kb, n0);
+  } else {
+#pragma unroll
+    for (int h = 0; h < 4; ++h) tma_load_2d(sb + h * 8192, mb, full, n0 + 64 * h, kb);
+  }
+}
+
 // Consumers: one tile's KT k tiles from the ring (k tile numbers it .. it + KT - 1; `it` is
 // advanced) into acc, zeroed first; each stage is freed once the next one's wgmmas are issued
 // and wgmma.wait_group 1 says its own are done, the last one after wait_group 0.
@@ -1514,15 +1530,7 @@ __device__ __forceinline__ void gemm_kext_t90(const CUtensorMap* ma1, const CUte
             waited = true;
           }
           const int kb = (second ? t - KT1 : t) * BK;
-          const uint32_t sa = smem_base + s * t90::STAGE_BYTES;
-          const uint32_t sb = sa + t90::A_BYTES;
-          t90::tma_load_2d(sa, second ? ma2 : ma1, full, kb, m0);
-          if (!NN) {
-            t90::tma_load_2d(sb, second ? mb2 : mb1, full, kb, n0);
-          } else {
-#pragma unroll
-            for (int h = 0; h < 4; ++h) t90::tma_load_2d(sb + h * 8192, second ? mb2 : mb1, full, n0 + 64 * h, kb);
-          }
+          t90::load_d_stage<NN>(smem_base + s * t90::STAGE_BYTES, second ? ma2 : ma1, second ? mb2 : mb1, full, kb, m0, n0);
         }
       }
     }
@@ -1770,16 +1778,9 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
               }
             }
             const int s = t90::ring_acquire(it, full0, empty0, t90::STAGE_BYTES, stage_tile, tile);
-            const uint32_t full = full0 + 8 * s;
-            const uint32_t sa = smem_base + s * t90::STAGE_BYTES, sb = sa + t90::A_BYTES;
             const int kb = (second ? t - KT1 : t) * BK;
-            t90::tma_load_2d(sa, second ? ma2 : ma1, full, kb, m0);
-            if (!NN) {
-              t90::tma_load_2d(sb, second ? mb2 : mb1, full, kb, n0d);
-            } else {
-#pragma unroll
-              for (int h = 0; h < 4; ++h) t90::tma_load_2d(sb + h * 8192, second ? mb2 : mb1, full, n0d + 64 * h, kb);
-            }
+            t90::load_d_stage<NN>(smem_base + s * t90::STAGE_BYTES, second ? ma2 : ma1, second ? mb2 : mb1, full0 + 8 * s, kb,
+                                  m0, n0d);
           }
         }
       }
