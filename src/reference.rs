@@ -27,7 +27,7 @@ pub fn matmul(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
         return c;
     }
     for (ci, ai) in c.chunks_exact_mut(n).zip(a.chunks_exact(k.max(1))) {
-        for (l, &ail) in ai.iter().enumerate().take(k) {
+        for (l, &ail) in ai.iter().enumerate() {
             for (cij, &blj) in ci.iter_mut().zip(&b[l * n..(l + 1) * n]) {
                 *cij += ail * blj;
             }

@@ -499,8 +499,8 @@ fn fixtures_f32() {
 
 /// Layers whose x and W exceed 8 MiB (`UC_MAX_BYTES`), every leading dimension a multiple of
 /// 8: on an H100 / H200 (the sm_90a image) FusedSm90 runs the forward as one launch,
-/// `wegeft_fwd_*_tma` (u and C as rank tiles of the GEMM's grid), and the backward's v, S,
-/// dpsi and dx as another, `wegeft_bwd_*_tma`. A tall, thin one (64 row
+/// `wegeft_fwd_*_tma` (u and C as rank tiles of the GEMM's grid), and the backward (v, S,
+/// dpsi, dphi and dx) as another, `wegeft_bwd_*_tma`. A tall, thin one (64 row
 /// blocks of u, one C block); tails in T and d_out with two 64-column rank chunks (r = 72) and
 /// two tiles of y across; r = 256 (four chunks, four u / C k tiles).
 const ONE_LAUNCH: &[(usize, usize, usize, usize)] = &[(8200, 512, 8, 8), (300, 8000, 264, 72), (520, 4096, 600, 256)];
@@ -521,7 +521,7 @@ fn check_one_launch<T: El>(dev: &CudaBackend, i: usize, (tk, din, dout, r): (usi
     };
     let (mut u, mut cc, mut y) = (poisoned::<T>(&st, tk * r), poisoned::<T>(&st, dout * r), poisoned::<T>(&st, tk * dout));
     let launches = run(&mut u, &mut cc, &mut y);
-    let hopper = dev.compute_capability() == (9, 0) && dev.image() == wegeft::cuda::Image::Sm90a;
+    let hopper = dev.image() == wegeft::cuda::Image::Sm90a;
     assert_eq!(launches == 1, hopper, "{what}: {launches} launches (one launch expected exactly on an sm_90a device)");
     let want_y = rf::wegeft_forward(s, &c.x, &c.w, Some(&c.b), &c.phi, &c.psi, c.scale).unwrap();
     let want_u = rf::matmul(&c.x, &t(&c.psi, r, din), tk, din, r);
@@ -534,8 +534,8 @@ fn check_one_launch<T: El>(dev: &CudaBackend, i: usize, (tk, din, dout, r): (usi
     run(&mut u2, &mut c2, &mut y2);
     assert!(bits(&st, &u) == bits(&st, &u2) && bits(&st, &cc) == bits(&st, &c2) && bits(&st, &y) == bits(&st, &y2), "{what}: two runs differ");
 
-    // The backward: v, S, dpsi and dx in one launch (wegeft_bwd_*_tma), then dphi: fewer
-    // launches than a backward without dx (v, S, dphi, dpsi) exactly on an sm_90a device (more
+    // The backward: v, S, dpsi, dphi and dx in one launch (wegeft_bwd_*_tma): fewer launches
+    // than a backward without dx (v, S, dphi, dpsi) exactly on an sm_90a device (more
     // elsewhere: the dx GEMM is added); dx, dphi, dpsi against the reference, and the same bits
     // twice.
     let g = up::<T>(&st, &c.g);
@@ -578,7 +578,7 @@ fn check_one_launch<T: El>(dev: &CudaBackend, i: usize, (tk, din, dout, r): (usi
 }
 
 #[test]
-fn forward_in_one_launch_bf16() {
+fn forward_and_backward_in_one_launch_each_bf16() {
     let dev = gpu_or_skip!();
     for (i, &sh) in ONE_LAUNCH.iter().enumerate() {
         check_one_launch::<bf16>(&dev, i, sh);
@@ -586,7 +586,7 @@ fn forward_in_one_launch_bf16() {
 }
 
 #[test]
-fn forward_in_one_launch_f16() {
+fn forward_and_backward_in_one_launch_each_f16() {
     let dev = gpu_or_skip!();
     for (i, &sh) in ONE_LAUNCH.iter().enumerate() {
         check_one_launch::<f16>(&dev, i, sh);
@@ -692,8 +692,8 @@ fn sanitize_case<T: El>(dev: &CudaBackend) {
         }
         check_merge::<T>(dev, &m, &format!("sanitize {e:?}"));
     }
-    // The one-launch forward (bf16 / f16 on an sm_90a device; elsewhere another route): the
-    // smallest of its cases (64 + 1 rank tiles, 65 tiles of y of 8 k tiles each).
+    // The one-launch forward and backward (bf16 / f16 on an sm_90a device; elsewhere other
+    // routes): the smallest of their cases (64 + 1 rank tiles, 65 tiles of y of 8 k tiles each).
     if T::DTYPE != DType::F32 {
         check_one_launch::<T>(dev, 0, ONE_LAUNCH[0]);
     }

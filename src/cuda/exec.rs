@@ -295,9 +295,10 @@ impl Exec for CudaBackend {
 
 impl CudaBackend {
     /// Whether `path` is [`Path::FusedSm90`] on a device that runs the sm_90a image (where
-    /// the TMA kernels, and the one-launch kernels built on them, exist).
+    /// the TMA kernels, and the one-launch kernels built on them, exist; only a compute
+    /// capability 9.0 device does).
     fn sm90a_fused(&self, path: Path) -> bool {
-        path == Path::FusedSm90 && self.compute_capability() == (9, 0) && self.image() == super::context::Image::Sm90a
+        path == Path::FusedSm90 && self.image() == super::context::Image::Sm90a
     }
 }
 

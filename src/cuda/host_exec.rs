@@ -209,15 +209,15 @@ impl Exec for HostExec {
         }
         self.log.borrow_mut().push("wegeft_bwd".into());
         let (t, din, dout, r) = (bw.tokens, bw.d_in, bw.d_out, bw.rank);
-        let g = self.get(bw.g);
+        let (g, w) = (self.get(bw.g), self.get(bw.w));
         let v = rf::matmul(&g, &self.get(bw.c), t, dout, r);
         let big_s = rf::matmul(&rf::transpose(&g, t, dout), &self.get(bw.u), dout, t, r);
         let vtx = rf::matmul(&rf::transpose(&v, t, r), &self.get(bw.x), r, t, din);
-        let gw = rf::matmul(&g, &self.get(bw.w), t, dout, din);
+        let gw = rf::matmul(&g, &w, t, dout, din);
         let vpsi = rf::matmul(&v, &self.get(bw.psi), t, r, din);
         let dpsi: Vec<f64> = self.get(bw.dpsi).iter().zip(&vtx).map(|(a, b)| a + b).collect();
         if bw.dphi != 0 {
-            let wts = rf::matmul(&rf::transpose(&self.get(bw.w), dout, din), &big_s, din, dout, r);
+            let wts = rf::matmul(&rf::transpose(&w, dout, din), &big_s, din, dout, r);
             let dphi: Vec<f64> = self.get(bw.dphi).iter().zip(&wts).map(|(a, b)| a + bw.scale as f64 * b).collect();
             self.mem.borrow_mut().insert(bw.dphi, dphi);
         }
@@ -432,16 +432,7 @@ fn fused_backward_takes_one_launch_for_large_layers_only() {
                 let dpsi: Vec<f64> = h.get(dpsp).iter().zip(&dpsi0).map(|(a, b)| a - b).collect();
                 close("dpsi (accumulated, from v)", &dpsi, &rf::matmul(&rf::transpose(&v, t, r), &x, r, t, din), 1e-12);
                 let big_s = rf::matmul(&rf::transpose(&g, t, dout), &u, dout, t, r);
-                let mut wm = w.clone();
-                for o in 0..dout {
-                    for i in 0..din {
-                        if !dropout_keep(drop.seed, o as u32, i as u32, drop.p) {
-                            wm[o * din + i] = 0.0;
-                        } else if drop.p > 0.0 {
-                            wm[o * din + i] /= 1.0 - drop.p as f64;
-                        }
-                    }
-                }
+                let wm = masked_w(&s, &w, drop);
                 let want_dphi: Vec<f64> = rf::matmul(&rf::transpose(&wm, dout, din), &big_s, din, dout, r).iter().map(|v| v * 0.5).collect();
                 let dphi: Vec<f64> = h.get(dphp).iter().zip(&dphi0).map(|(a, b)| a - b).collect();
                 close("dphi (accumulated, from S)", &dphi, &want_dphi, 1e-9);
@@ -450,14 +441,19 @@ fn fused_backward_takes_one_launch_for_large_layers_only() {
     }
 }
 
+/// M .* W / (1 - p): the W that C and dphi see under `drop` (W itself without dropout).
+fn masked_w(s: &LayerShape, w: &[f64], drop: Dropout) -> Vec<f64> {
+    (0..s.d_out * s.d_in)
+        .map(|k| if dropout_keep(drop.seed, (k / s.d_in) as u32, (k % s.d_in) as u32, drop.p) { w[k] / (1.0 - drop.p as f64) } else { 0.0 })
+        .collect()
+}
+
 #[test]
 fn dropout_wiring_masks_w_in_c_and_dphi_only() {
     let s = LayerShape::new(6, 13, 11, 4).unwrap();
     let [x, w, _, phi, psi, g] = case(&s, 3);
     let drop = Dropout { p: 0.4, seed: 99 };
-    let wm: Vec<f64> = (0..s.d_out * s.d_in)
-        .map(|k| if dropout_keep(drop.seed, (k / s.d_in) as u32, (k % s.d_in) as u32, drop.p) { w[k] / (1.0 - drop.p as f64) } else { 0.0 })
-        .collect();
+    let wm = masked_w(&s, &w, drop);
     let h = HostExec::default();
     let (xp, wp, php, psp, gp) = (h.alloc(x.clone()), h.alloc(w.clone()), h.alloc(phi.clone()), h.alloc(psi.clone()), h.alloc(g.clone()));
     let (up, cp, yp) = (h.alloc(vec![0.0; 6 * 4]), h.alloc(vec![0.0; 11 * 4]), h.alloc(vec![0.0; 6 * 11]));
