@@ -26,7 +26,7 @@
 // 16-byte stores after a quad transpose (__shfl_xor_sync emulated at a warp barrier). Also the
 // fused forward's wegeft_uc kernel (u = x psi^T and C = alpha W phi in one grid, 128 fibers a
 // block), against double loops, with a sentinel row after u and C; and wegeft_fwd_*_tma /
-// wegeft_bwd_*_tma (u, C and y, or v, S, dpsi and dx, in one persistent grid: the tile counter, the flags
+// wegeft_bwd_*_tma (u, C and y, or v, S, dpsi, dphi and dx, in one persistent grid: the tile counter, the flags
 // and the consumers' named barrier emulated; a TMA read of a rank tile's output without a wait
 // on its rows' flags fails).
 // Built and run by tests/kernel_emulation.rs:
@@ -387,16 +387,16 @@ inline void mbar_wait(uint32_t a, uint32_t parity) {
     while ((t90emu::bar(a).phase & 1) == (parity & 1)) fb::yield_to_scheduler();
 }
 inline void grid_dependency_wait() {}  // one grid at a time here: its prerequisites are done
-// wegeft_fwd's schedule. Blocks run one after another here, so the first block takes every
-// tile and a y tile's flags are posted by its own consumers (a flag wait yields to them; one
+// wegeft_fwd's and wegeft_bwd's schedule. Blocks run one after another here, so the first
+// block takes every tile and a D tile's flags are posted by its own consumers (a flag wait yields to them; one
 // that no fiber can end is the scheduler's deadlock). Counted: tiles taken, flag waits that
 // had to wait.
 // With take_cap > 0 a block takes at most that many tiles (then it is told that none are left,
 // as if other blocks had taken them), so that the blocks after it take the rest: y tiles then
 // read rank tiles of earlier blocks through the flags.
-// The producer's TMA reads of u and C are checked against the flags it waited for since it
-// took its tile (`waited`): every 128-row block of u or C a box touches must have had its flag
-// waited for (check_fwd registers u, C and their flags in `guard`).
+// The producer's TMA reads of u, C, v and S's halves are checked against the flags it waited
+// for since it took its tile (`waited`): every 128-row block such a box touches must have had
+// its flag waited for (check_rank registers those outputs and their flags in `guard`).
 inline int tiles_taken = 0, flag_stalls = 0, take_cap = 0, taken_here = 0;
 inline unsigned taken_block = ~0u;
 inline std::vector<const unsigned*> waited;
@@ -533,6 +533,20 @@ struct Mat {
 struct Case {
     int M, N, K1, K2;
 };
+
+// At a thread's exit: cp.async copies or wgmma groups it left in flight are counted (a failure
+// at the end) and dropped, so that the next block starts clean.
+void reap_lanes() {
+    Lane& l = g_lanes[threadIdx.x];
+    auto& w = h90emu::lanes[threadIdx.x];
+    if (!l.groups.empty() || !l.open.empty() || !w.groups.empty() || !w.open.empty()) {
+        ++g_leftover;
+        l.groups.clear();
+        l.open.clear();
+        w.groups.clear();
+        w.open.clear();
+    }
+}
 int g_checks = 0;
 
 // layout 0: aligned, lds multiples of 8 (the 16-byte cp.async path); 1: odd lds; 2: bases one
@@ -596,15 +610,7 @@ void check(const char* name, void (*kernel)(int, int, int, int, const T*, int, c
                 bias ? bv.p : nullptr, beta, D.p, ldd);
         else
             kernel(M, N, K1, K2, A1.p, A1.ld, B1.p, B1.ld, a2, A2.ld, b2, B2.ld, bias ? bv.p : nullptr, beta, D.p, ldd);
-        Lane& l = g_lanes[threadIdx.x];
-        auto& w = h90emu::lanes[threadIdx.x];
-        if (!l.groups.empty() || !l.open.empty() || !w.groups.empty() || !w.open.empty()) {
-            ++g_leftover;
-            l.groups.clear();
-            l.open.clear();
-            w.groups.clear();
-            w.open.clear();
-        }
+        reap_lanes();
     });
     double worst = 0;
     int at = 0;
@@ -643,12 +649,7 @@ void check_uc(const char* name, void (*kernel)(int, int, int, int, const T*, int
     const int grid = (Tn + 63) / 64 + (dout + 63) / 64;
     fb::run_grid({(unsigned)grid, 1, 1}, 128, [&] {
         kernel(Tn, din, dout, r, x.p, ldx, psi.p, u.p, w.p, ldw, phi.p, c.p, alpha);
-        Lane& l = g_lanes[threadIdx.x];
-        if (!l.groups.empty() || !l.open.empty()) {
-            ++g_leftover;
-            l.groups.clear();
-            l.open.clear();
-        }
+        reap_lanes();
     });
     double worst = 0, scale = 0;
     bool pad_ok = true;
@@ -676,7 +677,8 @@ void check_uc(const char* name, void (*kernel)(int, int, int, int, const T*, int
 // reduction tiles first, then the tiles of D, through the counter and the flags) against double
 // loops:
 //   fwd: u = x psi^T, C = scale W phi, y = x W^T + u C^T + bias over the u and C it stored;
-//   bwd: v = G C, S = G^T u, dpsi = dpsi0 + v^T x and dx = G W + v psi over the v it stored.
+//   bwd: v = G C, S = G^T u, dpsi = dpsi0 + v^T x and dx = G W + v psi over the v it stored,
+//        and with `with_dphi` dphi = dphi0 + scale W^T S over the S it stored.
 // The rank outputs and D are NaN before the run and have a sentinel row after them; D's row
 // padding must stay untouched. `cap`: tiles a block takes (0: the first block takes all); the
 // grid then has enough blocks, plus one that takes none.
@@ -721,6 +723,7 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
         m[4] = tma_map(psi.p, r, din, din, 64, 64);
         m[5] = tma_map(w.p, dout, din, din, 64, 128);
         m[6] = tma_map(phi.p, din, r, r, 64, 64);
+        for (int i = 7; i < 13; ++i) m[i] = m[0];  // no reduction tiles: never read
     } else {
         m[1] = tma_map(w.p, dout, din, din, 64, 64);
         m[2] = tma_map(o0.p, M, r, r, 64, 128);
@@ -731,10 +734,9 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
         m[8] = tma_map(uin.p, M, r, r, 64, 64);
         m[9] = tma_map(xin.p, M, din, din, 64, 64);
         m[10] = tma_map(o0.p, M, r, r, 64, 64);  // v, as kind 3's B
+        m[11] = tma_map(w.p, dout, din, din, 64, 64);  // W^T's boxes
+        m[12] = tma_map(split.p, 2 * dout, r, r, 64, 64);
     }
-    if (!dx) m[7] = m[8] = m[9] = m[10] = m[0];
-    m[11] = dx ? tma_map(w.p, dout, din, din, 64, 64) : m[0];  // W^T's boxes
-    m[12] = dx ? tma_map(split.p, 2 * dout, r, r, 64, 64) : m[0];
     const int grid = cap > 0 ? (tiles + cap - 1) / cap + 1 : 2;
     t90::take_cap = cap;
     t90::taken_block = ~0u;
@@ -746,12 +748,7 @@ void check_rank(const char* name, RankKernel<T> kernel, bool dx, int Tn, int din
         kernel(m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[7], m[8], m[9], m[10], M, N, K1, r, o0.p, 1.0f,
                dx ? nullptr : o1.p, scale, bias ? bv.p : nullptr, d.p, ldd, dx ? sv.p : nullptr, dx ? dpsi.p : nullptr,
                m[11], m[12], with_dphi ? dphi.p : nullptr, with_dphi ? split.p : nullptr, work.data());
-        auto& wl = h90emu::lanes[threadIdx.x];
-        if (!wl.groups.empty() || !wl.open.empty()) {
-            ++g_leftover;
-            wl.groups.clear();
-            wl.open.clear();
-        }
+        reap_lanes();
     });
     t90::take_cap = 0;
     t90::guard[0] = t90::guard[1] = t90::guard[2] = {};
