@@ -1461,6 +1461,14 @@ __device__ __forceinline__ void load_d_stage(uint32_t stage, const CUtensorMap* 
   }
 }
 
+// Consumers, after a tile's stores that other blocks read by TMA: every thread fences them,
+// the two warpgroups meet, and one thread adds 1 to `flag` (release), which producers wait on.
+__device__ __forceinline__ void publish(unsigned* flag) {
+  publish_fence();
+  consumers_sync();
+  if (threadIdx.x == 0) flag_post(flag);
+}
+
 // Consumers: one tile's KT k tiles from the ring (k tile numbers it .. it + KT - 1; `it` is
 // advanced) into acc, zeroed first; each stage is freed once the next one's wgmmas are issued
 // and wgmma.wait_group 1 says its own are done, the last one after wait_group 0.
@@ -1605,8 +1613,8 @@ GEMM_KEXT_T90(gemm_kext_nn_f16_tma, __half, true)
 // kind 1 (forward), kind 0, each over its 128-row blocks (and RC = ceil(r / 64) column chunks a
 // block); then the block tiles of D (128 x 256, gk::tile_coords), with the backward's tiles of
 // kinds 2, 3 and 4 (in that order) spread among the first three quarters of them.
-// A rank tile, once every consumer thread's stores are fenced (t90::publish_fence) and the two
-// warpgroups have met, adds 1 to its block's flag (release, gpu scope). The producer of a tile
+// A rank tile, once every consumer thread's stores are fenced and the two warpgroups have met
+// (t90::publish), adds 1 to its block's flag (release, gpu scope). The producer of a tile
 // of D, before its first second-pair k tile, waits (acquire) until the flags of its 128 rows
 // of A2 and (forward) of its 256 rows of B2 (two blocks) reach RC, then fences the async proxy:
 // its TMA reads see those stores; a kind-3 tile's producer does the same before each k tile.
@@ -1822,9 +1830,7 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
               }
             });
             if (dphi != nullptr) {
-              t90::publish_fence();
-              t90::consumers_sync();
-              if (tid == 0) t90::flag_post(flag1 + j / RC);
+              t90::publish(flag1 + j / RC);
             }
           } else if (kind == 3) {  // dpsi (r x N, f32) += the tile of dpsi^T
             wf::each_pair(racc, row0, col0, wg, wrow, lane, N, r, [&](int row, int col, float a, float b) {
@@ -1849,9 +1855,7 @@ __device__ __forceinline__ void wegeft_rank_t90(const CUtensorMap* ma1, const CU
         wf::each_pair(racc, row0, col0, wg, wrow, lane, kind == 1 ? N : M, r, [&](int row, int col, float a, float b) {
           *reinterpret_cast<uint32_t*>(out + (size_t)row * r + col) = gk::Ty<T>::pack2(sc * a, sc * b);
         });
-        t90::publish_fence();
-        t90::consumers_sync();
-        if (tid == 0) t90::flag_post((kind == 1 ? flag1 : flag0) + j / RC);
+        t90::publish((kind == 1 ? flag1 : flag0) + j / RC);
       }
     } else {
       int m0, n0d;
