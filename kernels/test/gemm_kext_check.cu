@@ -246,6 +246,13 @@ static void make_problem(Problem& p, const Case& c) {
     }
 }
 
+// `n` elements of device memory at `p`, copied to the host.
+template <typename E>
+static std::vector<E> to_host(const E* p, size_t n) {
+  std::vector<E> h(n);
+  CK(cudaMemcpy(h.data(), p, n * sizeof(E), cudaMemcpyDeviceToHost));
+  return h;
+}
 template <typename T>
 static T* upload(const std::vector<float>& h, int off) {
   std::vector<T> t(h.size() + off);
@@ -276,8 +283,7 @@ static double run_case(const Variant<T>& var, const Problem& p, double rel_tol) 
          dbias ? dbias + p.off : nullptr, c.beta, dD + p.off, p.ldd);
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
-  std::vector<T> out(d0.size() + p.off);
-  CK(cudaMemcpy(out.data(), dD, out.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  const std::vector<T> out = to_host(dD, d0.size() + p.off);
   double worst = 0;
   int wi = -1, wj = -1;
   double wgot = 0, wref = 0;
@@ -725,11 +731,10 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
   row("wegeft_uc, GEMM as its dependent", time_ms([&] { uc_launch(); gemm(y2, true); }, ITERS));
   row("wegeft_fwd (one launch)", time_ms(fwd_launch, ITERS));
   CK(cudaDeviceSynchronize());
-  auto same = [&](const T* p, const T* q, size_t n) {
-    std::vector<T> a(n), b(n);
-    CK(cudaMemcpy(a.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(b.data(), q, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return std::memcmp(a.data(), b.data(), n * sizeof(T)) == 0;
+  // Two device buffers (T or f32) equal bit for bit.
+  auto same = [&](const auto* p, const auto* q, size_t n) {
+    const auto a = to_host(p, n), b = to_host(q, n);
+    return std::memcmp(a.data(), b.data(), n * sizeof(a[0])) == 0;
   };
   // The last runs: y from wegeft_uc + the GEMM, y2 from the dependent launch, y3, u2, c2 from
   // wegeft_fwd.
@@ -816,26 +821,16 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
     rank_products();
     nn_gemm();
     CK(cudaDeviceSynchronize());
-    std::vector<float> p1((size_t)R * DI), p2((size_t)R * DI);
-    CK(cudaMemcpy(p1.data(), dpsi, p1.size() * sizeof(float), cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(p2.data(), dpsi2, p2.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    const std::vector<float> p1 = to_host(dpsi, (size_t)R * DI), p2 = to_host(dpsi2, (size_t)R * DI);
     double big = 0, diff = 0;
     for (size_t i = 0; i < p1.size(); ++i) big = std::max(big, (double)std::fabs(p1[i])), diff = std::max(diff, (double)std::fabs(p1[i] - p2[i]));
-    const bool same_f = [&] {
-      std::vector<float> a((size_t)DO * R), b((size_t)DO * R);
-      CK(cudaMemcpy(a.data(), sb, a.size() * sizeof(float), cudaMemcpyDeviceToHost));
-      CK(cudaMemcpy(b.data(), sb2, b.size() * sizeof(float), cudaMemcpyDeviceToHost));
-      return std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-    }();
+    const bool same_s = same(sb, sb2, (size_t)DO * R);
     // dphi (from zero) against scale W^T S in double over the S it stored, every 16th row.
     CK(cudaMemset(dphi2, 0, (size_t)DI * R * sizeof(float)));
     bwd_launch();
     CK(cudaDeviceSynchronize());
-    std::vector<float> sh((size_t)DO * R), ph((size_t)DI * R);
-    std::vector<T> wh((size_t)DO * DI);
-    CK(cudaMemcpy(sh.data(), sb2, sh.size() * sizeof(float), cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(ph.data(), dphi2, ph.size() * sizeof(float), cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(wh.data(), w, wh.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    const std::vector<float> sh = to_host(sb2, (size_t)DO * R), ph = to_host(dphi2, (size_t)DI * R);
+    const std::vector<T> wh = to_host(w, (size_t)DO * DI);
     double pbig = 0, pdiff = 0;
     for (int i = 0; i < DI; i += 16)
       for (int j = 0; j < R; ++j) {
@@ -846,7 +841,7 @@ static int uc_case(const Cublas* cb, int TT, int DI, int DO, int R, int sms) {
         pdiff = std::max(pdiff, std::fabs(want - ph[(size_t)i * R + j]));
       }
     const bool dphi_ok = pdiff <= 1e-5 * std::max(pbig, 1e-30);
-    bwd_ok = same(vb, vb2, (size_t)TT * R) && same(dx, dx2, (size_t)TT * DI) && same_f && diff <= 1e-5 * std::max(big, 1e-30) &&
+    bwd_ok = same(vb, vb2, (size_t)TT * R) && same(dx, dx2, (size_t)TT * DI) && same_s && diff <= 1e-5 * std::max(big, 1e-30) &&
              dphi_ok;
     printf("UC wegeft_bwd gives the same v, S and dx, dpsi within 1e-5 (%.1e) and dphi within 1e-5 (%.1e): %s\n",
            diff / std::max(big, 1e-30), pdiff / std::max(pbig, 1e-30), bwd_ok ? "yes" : "NO (MISMATCH)");
