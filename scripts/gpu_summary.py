@@ -296,22 +296,21 @@ def main():
             keys[name] = "; ".join(parts)
         elif name == "gemm_uc":
             # Per shape: each one-launch kernel against the fastest other route of its pass, and
-            # whether the routes agreed bit for bit (the whole table is below the summary).
+            # whether the routes' outputs agreed (every check line says yes; the whole table is
+            # below the summary).
             parts = []
             for c in uc_cases(text):
-                bits = "same bits" if c["checks"] and all(ch.endswith("yes") for ch in c["checks"]) else "MISMATCH or missing"
+                agree = "outputs agree" if c["checks"] and all(ch.endswith("yes") for ch in c["checks"]) else "MISMATCH or missing"
                 cells = []
-                for dx in (False, True):
-                    rows = [r for r in c["rows"] if r[0].startswith("bwd:") == dx]
+                for bwd in (False, True):
+                    rows = [r for r in c["rows"] if r[0].startswith("bwd:") == bwd]
                     one = [r for r in rows if "one launch" in r[0]]
                     others = [r for r in rows if "one launch" not in r[0] and "alone" not in r[0] and "frozen" not in r[0]]
                     best_other = min(others, key=lambda r: r[1]) if others else None
                     if one:
-                        o1 = one[0]
-                        cell_one = f"{o1[1]:.3f} ms" + (f" ({o1[2]:.2f}x)" if o1[2] else "")
-                        cell_other = f", best other {best_other[1]:.3f} ms" if best_other else ""
-                        cells.append(f"{'bwd' if dx else 'fwd'} one launch {cell_one}{cell_other}")
-                parts.append(f"{c['shape']}: " + ", ".join(cells) + f", {bits}")
+                        cell_other = f", best other {fmt_ms(best_other[1], best_other[2])}" if best_other else ""
+                        cells.append(f"{'bwd' if bwd else 'fwd'} one launch {fmt_ms(one[0][1], one[0][2])}{cell_other}")
+                parts.append(f"{c['shape']}: " + ", ".join(cells) + f", {agree}")
             keys[name] = "; ".join(parts)
         elif name == "gemm_kscan":
             # KSCAN lines: fixed cost and cost per 1024 of K, cuBLAS and the TMA kernel.
