@@ -408,7 +408,7 @@ impl WegeftUc {
     /// 0.457 ms): with 16 KiB in flight a block, the kernel reads far slower than cuBLASLt's
     /// two products, and the GEMM waits for it before its second pair.
     pub(crate) fn worth_it(&self) -> bool {
-        (self.tokens + self.d_out).saturating_mul(self.d_in).saturating_mul(2) <= UC_MAX_BYTES
+        !large_layer(self.tokens, self.d_in, self.d_out)
     }
 }
 
