@@ -31,6 +31,8 @@
 //
 // Kernels (extern "C", the same parameter list for all):
 //   gemm_kext_nt_bf16  gemm_kext_nt_f16  gemm_kext_nn_bf16  gemm_kext_nn_f16      (sm_80+)
+//   gemm_kext_nt_bf16_wide  gemm_kext_nt_f16_wide  gemm_kext_nn_bf16_wide  gemm_kext_nn_f16_wide
+//       (sm_80+, the same body with a 128 x 256 block tile)
 //   gemm_kext_nt_f32   gemm_kext_nn_f32                                           (any, FMA)
 //   gemm_kext_nt_bf16_sm90  gemm_kext_nn_bf16_sm90  gemm_kext_nt_f16_sm90  gemm_kext_nn_f16_sm90
 //       (wgmma in the sm_90a cubin; built for any other target they run the sm_80 body)
@@ -44,7 +46,9 @@
 //
 // Launch geometry (the launcher computes it; constants below, mirrored in gemm.rs):
 //   tensor-core sm_80: block 256 threads, grid.x = ceil(M/128) * ceil(N/128),
-//                      dynamic smem = tc::SMEM_BYTES = 65536 B (needs the opt-in attribute).
+//                      dynamic smem = tc::Narrow::SMEM_BYTES = 65536 B (needs the opt-in
+//                      attribute); _wide: grid.x = ceil(M/128) * ceil(N/256), dynamic smem
+//                      tc::Wide::SMEM_BYTES = 98304 B.
 //   f32 FMA:           block 256 threads, grid.x = ceil(M/64) * ceil(N/64), no dynamic smem.
 //   sm_90a:            block 256 threads, grid.x = ceil(M/128) * ceil(N/256),
 //                      dynamic smem = h90::SMEM_BYTES = 4 * 48 KiB + 1 KiB = 197632 B.
@@ -59,22 +63,34 @@
 // (v, S, dpsi, dphi and dx), the whole forward and backward in one launch each (last section).
 // ===========================================================================================
 //
-// Design of the sm_80 tensor-core kernel
-//   block tile 128 x 128 x 32, 8 warps as 2 (M) x 4 (N), warp tile 64 x 32
-//     -> per k16 step a warp issues 4 (A) + 2 (B) ldmatrix.x4 and 16 mma.m16n8k16,
-//        64 f32 accumulators per thread; __launch_bounds__(256, 2) caps registers at 128 so
-//        two blocks share an SM (2 x 64 KiB smem fits the 164 KiB of an A100 and 228 KiB of an
-//        H100).
+// Design of the sm_80 tensor-core kernels
+//   block tile 128 x BN x 32, 8 warps as 2 (M) x 4 (N), in two sizes (tc::Narrow, tc::Wide):
+//     BN = 128 (gemm_kext_{nt,nn}_{bf16,f16}): warp tile 64 x 32
+//       -> per k16 step a warp issues 4 (A) + 2 (B) ldmatrix.x4 and 16 mma.m16n8k16,
+//          64 f32 accumulators per thread; __launch_bounds__(256, 2) caps registers at 128 so
+//          two blocks share an SM (2 x 64 KiB smem fits the 164 KiB of an A100 and 228 KiB of
+//          an H100).
+//     BN = 256 (..._wide): warp tile 64 x 64
+//       -> per k16 step 4 (A) + 4 (B) ldmatrix.x4 and 32 mma, 128 accumulators a thread;
+//          __launch_bounds__(256, 1) (212-238 registers), one block an SM, 96 KiB of smem
+//          (fits every sm_80+ part, the 99 KiB of an sm_86 / sm_89 included).
+//     Why two: mma.sync on Hopper is fed from shared memory (128 B a cycle an SM) at a rate
+//     that bounds it well below the tensor cores' peak. Per FLOP the narrow tile moves 3/64 B
+//     through ldmatrix plus 1/64 B of cp.async stores; the wide one 2/64 plus 0.75/64: 0.0625
+//     against 0.043 B a FLOP, about 45% more FLOPs a cycle at the same efficiency (the narrow
+//     tile measured 0.37-0.41x cuBLAS on an H200; this count caps it near 0.6x, the wide one
+//     near mma.sync's own limit). The wide tile gives half as many tiles, so the launcher
+//     takes it only once they give every SM one (src/cuda/gemm.rs, `tc_wide`).
 //   4-stage cp.async pipeline (3 tiles in flight while one is computed), one __syncthreads per
-//   k tile. Stage = A tile 128x32 (8 KiB) + B tile 8 KiB = 16 KiB; 4 stages = 64 KiB.
+//   k tile. Stage = A tile 128x32 (8 KiB) + B tile BN x 32 (8 or 16 KiB).
 //   Shared layouts (all 16-byte chunks, XOR-swizzled so that both the cp.async stores and the
 //   ldmatrix reads touch 8 distinct 16-byte bank groups per 8-lane phase — conflict free):
-//     "K-major" tile (A, and B of NT): 128 rows x 32 k = 4 chunks of 8 per 64-byte row;
+//     "K-major" tile (A, and B of NT): 128 (BN) rows x 32 k = 4 chunks of 8 per 64-byte row;
 //        chunk c of row r lives at  r*64 + ((c ^ ((r >> 1) & 3)) * 16).
 //        (8 consecutive rows = 512 bytes; rows r and r^1 share a 128-byte line, the XOR with
 //         (r>>1)&3 spreads the 4 line-pairs over the 4 chunk slots.)
-//     "N-major" tile (B of NN): 32 k-rows x 128 n = 16 chunks per 256-byte row;
-//        chunk c of row k lives at  k*256 + ((c ^ (k & 7)) * 16).
+//     "N-major" tile (B of NN): 32 k-rows x BN n = BN/8 chunks per 2 BN-byte row;
+//        chunk c of row k lives at  k*2BN + ((c ^ (k & 7)) * 16).
 //   Fragments: A via ldmatrix.x4; B of NT via ldmatrix.x4 (rows = n, so the non-transposed
 //   8x8 gives the "col" B fragment directly); B of NN via ldmatrix.x4.trans (rows = k).
 //   K extension: tile t < KT1 = ceil(K1/32) reads (A1,B1) at k = 32 t, tile t >= KT1 reads
@@ -84,7 +100,7 @@
 //   once; ~20 instructions and 4 cp.async per tile). Every other tile (the partial last tile of
 //   K1, all K2 tiles, unaligned pairs) takes the general predicated loader.
 //   Block order: grouped rasterisation (8 block-rows per group) for L2 reuse.
-//   ptxas (CUDA 13.0): 126-128 registers, 0 spills, 0 stack, for sm_80 and sm_90a.
+//   ptxas (CUDA 13.0): 124-128 registers (wide: 212-238), 0 spills, 0 stack, sm_80 and sm_90a.
 //   Verified without a GPU by tests/emulation/gemm_on_host.cpp (run by `cargo test`): this
 //   source compiled on the host, every block run as 256 fibers, cp.async / ldmatrix /
 //   mma.m16n8k16 emulated with their PTX semantics, against a double-precision loop (odd
@@ -327,25 +343,42 @@ __device__ __forceinline__ void load_chunk(uint32_t dst, const T* src, int n_val
 }  // namespace gk
 
 // ------------------------------------------------------------------------------------------
-// sm_80 tensor-core kernel (mma.sync m16n8k16, ldmatrix, 4-stage cp.async)
+// sm_80 tensor-core kernels (mma.sync m16n8k16, ldmatrix, 4-stage cp.async), two block tiles
 // ------------------------------------------------------------------------------------------
 namespace tc {
-constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, THREADS = 256;
-constexpr int WM = 64, WN = 32;                     // warp tile
-constexpr int MI = WM / 16, NJ = WN / 8;            // 4 x 4 mma tiles per warp
-static_assert(NJ == 4, "the epilogue's quad_store16 takes a warp row's 4 column blocks");
+constexpr int BM = 128, BK = 32, STAGES = 4, THREADS = 256;
+constexpr int WM = 64;                              // warp tile rows; 8 warps as 2 (M) x 4 (N)
+constexpr int MI = WM / 16;                         // 4 mma row blocks per warp
 constexpr int A_BYTES = BM * BK * 2;                // 8 KiB
-constexpr int B_BYTES = BN * BK * 2;                // 8 KiB
-constexpr int STAGE_BYTES = A_BYTES + B_BYTES;      // 16 KiB
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;    // 64 KiB
-static_assert(THREADS == 32 * (BM / WM) * (BN / WN), "8 warps");
 static_assert(BK == 32, "the K-major swizzle assumes 4 chunks per row");
-static_assert(BN == 128, "the N-major swizzle assumes 16 chunks per row");
-static_assert(SMEM_BYTES == 65536, "mirrored as geom::TC_SMEM in src/cuda/gemm.rs");
+static_assert(THREADS == 32 * (BM / WM) * 4, "8 warps");
+// The block tile's N extent: 128 (`Narrow`, warp tile 64 x 32, two blocks an SM) or 256
+// (`Wide`, warp tile 64 x 64, one block an SM). See "Design of the sm_80 tensor-core kernels".
+template <int BN_>
+struct Tile {
+  static constexpr int BN = BN_;
+  static constexpr int WN = BN / 4;                         // warp tile columns
+  static constexpr int NJ = WN / 8;                         // mma column blocks per warp: 4 or 8
+  static constexpr int B_BYTES = BN * BK * 2;               // 8 or 16 KiB
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;   // 64 or 96 KiB
+  static constexpr int B_CHUNKS = BN * BK / 8 / THREADS;    // B chunks a thread a tile: 2 or 4
+  static constexpr int NN_ROW_CHUNKS = BN / 8;              // chunks of a row of NN's B tile
+  static constexpr int NN_ROW_SHIFT = BN == 128 ? 4 : 5;     // log2 of it (ids are >= 0: shifts)
+  static constexpr int MIN_BLOCKS = BN == 128 ? 2 : 1;      // __launch_bounds__'s blocks an SM
+  static_assert((1 << NN_ROW_SHIFT) == NN_ROW_CHUNKS, "NN_ROW_SHIFT");
+  static_assert(NJ % 4 == 0, "the epilogue's quad_store16 takes a warp row's column blocks by 4");
+  static_assert(THREADS * 16 % (BN * 2) == 0, "a pass of NN's B loader covers whole rows");
+};
+using Narrow = Tile<128>;
+using Wide = Tile<256>;
+static_assert(Narrow::SMEM_BYTES == 65536, "mirrored as geom::TC_SMEM in src/cuda/gemm.rs");
+static_assert(Wide::SMEM_BYTES == 98304, "mirrored as geom::TC_WIDE_SMEM in src/cuda/gemm.rs");
+static_assert(A_BYTES == THREADS * 2 * 16, "A: two chunks a thread a tile");
 }  // namespace tc
 
-// One 128 x 128 output tile with origin (m0, n0) (multiples of 128, inside M x N).
-template <typename T, bool NN>
+// One BM x Cfg::BN output tile with origin (m0, n0) (multiples of the tile, inside M x N).
+template <typename T, bool NN, typename Cfg>
 __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, int K1, int K2,
                                                   const T* __restrict__ A1, int lda1,
                                                   const T* __restrict__ B1, int ldb1,
@@ -354,6 +387,11 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
                                                   const T* __restrict__ bias, float beta,
                                                   T* __restrict__ D, int ldd) {
   using namespace tc;
+  constexpr int BN = Cfg::BN, WN = Cfg::WN, NJ = Cfg::NJ;
+  constexpr int B_BYTES = Cfg::B_BYTES, STAGE_BYTES = Cfg::STAGE_BYTES, PB = Cfg::B_CHUNKS;
+  constexpr int NN_ROW_BYTES = BN * 2;
+  constexpr int NN_PASS_ROWS = THREADS / Cfg::NN_ROW_CHUNKS;  // k-rows of NN's B a pass: 16 or 8
+  (void)B_BYTES;
   GK_DYNAMIC_SMEM(smem_tc, 128);
   const uint32_t smem_base = gk::smem_u32(smem_tc);
 
@@ -394,9 +432,9 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
       gk::load_chunk<T>(sa + gk::swz_k32(r, c), src, nv, vec, A);
     }
     if (!NN) {
-      // B (N x K, k contiguous): same K-major tile as A.
+      // B (N x K, k contiguous): the same K-major layout as A, BN rows.
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {
+      for (int p = 0; p < PB; ++p) {
         const int idx = tid + p * THREADS;
         const int r = idx >> 2, c = idx & 3;
         const int gn = n0 + r, kk = kb + c * 8;
@@ -405,15 +443,15 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
         gk::load_chunk<T>(sb + gk::swz_k32(r, c), src, nv, vec, B);
       }
     } else {
-      // B (K x N, n contiguous): N-major tile, 32 k-rows x 16 chunks, 2 per thread.
+      // B (K x N, n contiguous): N-major tile, 32 k-rows x BN/8 chunks.
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {
+      for (int p = 0; p < PB; ++p) {
         const int idx = tid + p * THREADS;
-        const int r = idx >> 4, c = idx & 15;
+        const int r = idx >> Cfg::NN_ROW_SHIFT, c = idx & (Cfg::NN_ROW_CHUNKS - 1);
         const int kk = kb + r, gn = n0 + c * 8;
         const int nv = (kk < K) ? N - gn : 0;
         const T* src = B + ((size_t)(kk < K ? kk : 0) * ldb + (gn < N ? gn : 0));
-        gk::load_chunk<T>(sb + gk::swz8(r, c, 256), src, nv, vec, B);
+        gk::load_chunk<T>(sb + gk::swz8(r, c, NN_ROW_BYTES), src, nv, vec, B);
       }
     }
   };
@@ -421,12 +459,13 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
   // ---- fast path: the full (unpredicated in k) tiles of pair 1 when it is 16-byte aligned ----
   // Everything but the k offset is hoisted: per chunk a source pointer (row clamped into
   // range) and a byte count (16, or 0 for a row outside M / N; for NN's B the N tail gives a
-  // partial count). Chunk p = 1 lies 64 rows (A, NT B) or 16 k-rows (NN B) below chunk p = 0,
-  // i.e. 4096 bytes further in the swizzled stage: the XOR pattern repeats every 8 rows.
+  // partial count). Chunk p lies 64 p rows (A, NT B) or NN_PASS_ROWS p k-rows (NN B) below
+  // chunk 0: 4096 p bytes further in the swizzled stage (a pass of 256 threads writes 4 KiB),
+  // and the XOR patterns repeat every 8 rows.
   const int KF = vec1 ? K1 / BK : 0;  // tiles 0..KF-1 take the fast path
   const T* fa[2];
-  const T* fb[2];
-  int fa_n[2], fb_n[2];
+  const T* fb[PB];
+  int fa_n[2], fb_n[PB];
   uint32_t fa_dst, fb_dst;
   {
     const int r = tid >> 2, c = tid & 3;
@@ -440,19 +479,19 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
     if (!NN) {
       fb_dst = fa_dst;
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {
+      for (int p = 0; p < PB; ++p) {
         const int gn = n0 + r + p * 64;
         fb[p] = B1 + ((size_t)(gn < N ? gn : 0) * ldb1 + c * 8);
         fb_n[p] = gn < N ? 16 : 0;
       }
     } else {
-      const int kr = tid >> 4, cn = tid & 15;
-      fb_dst = gk::swz8(kr, cn, 256);
+      const int kr = tid >> Cfg::NN_ROW_SHIFT, cn = tid & (Cfg::NN_ROW_CHUNKS - 1);
+      fb_dst = gk::swz8(kr, cn, NN_ROW_BYTES);
       const int gn = n0 + cn * 8;
       const int nb = max(0, min(8, N - gn)) * 2;
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {
-        fb[p] = B1 + ((size_t)(kr + p * 16) * ldb1 + (gn < N ? gn : 0));
+      for (int p = 0; p < PB; ++p) {
+        fb[p] = B1 + ((size_t)(kr + p * NN_PASS_ROWS) * ldb1 + (gn < N ? gn : 0));
         fb_n[p] = nb;
       }
     }
@@ -464,7 +503,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
 #pragma unroll
     for (int p = 0; p < 2; ++p) gk::cp_async_16(sa + fa_dst + p * 4096, fa[p] + ka, fa_n[p]);
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
+    for (int p = 0; p < PB; ++p) {
       const T* src = NN ? fb[p] + (size_t)ka * ldb1 : fb[p] + ka;
       gk::cp_async_16(sb + fb_dst + p * 4096, src, fb_n[p]);
     }
@@ -486,20 +525,23 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
       a_off[ks] = gk::swz_k32(r, c);
     }
   }
-  uint32_t b_off[2];  // NT: indexed by ks; NN: indexed by the n16 pair jp (add ks*16 rows)
+  // NT: indexed by ks (add 16 rows = 1024 bytes per n16 pair jp); NN: indexed by the n16 pair
+  // jp (add ks * 16 k-rows).
+  constexpr int NB_OFF = NN ? NJ / 2 : BK / 16;
+  uint32_t b_off[NB_OFF];
   if (!NN) {
     const int r = wn * WN + (lane & 7) + ((lane >> 4) << 3);
 #pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {
+    for (int ks = 0; ks < NB_OFF; ++ks) {
       const int c = ks * 2 + ((lane >> 3) & 1);
       b_off[ks] = gk::swz_k32(r, c);
     }
   } else {
     const int kr = (lane & 7) + (((lane >> 3) & 1) << 3);
 #pragma unroll
-    for (int jp = 0; jp < 2; ++jp) {
+    for (int jp = 0; jp < NB_OFF; ++jp) {
       const int c = wn * (WN / 8) + jp * 2 + (lane >> 4);
-      b_off[jp] = gk::swz8(kr, c, 256);
+      b_off[jp] = gk::swz8(kr, c, NN_ROW_BYTES);
     }
   }
 
@@ -542,7 +584,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
         if (!NN)
           gk::ldmatrix_x4(r, sb + b_off[ks] + jp * 16 * 64);
         else
-          gk::ldmatrix_x4_trans(r, sb + ks * 16 * 256 + b_off[jp]);
+          gk::ldmatrix_x4_trans(r, sb + ks * 16 * NN_ROW_BYTES + b_off[jp]);
         bf[2 * jp][0] = r[0];
         bf[2 * jp][1] = r[1];
         bf[2 * jp + 1][0] = r[2];
@@ -559,28 +601,31 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
   // ---- epilogue: D = acc (+ bias) (+ beta * D) ----
   const bool pair_store = ((((uintptr_t)D) & 3) == 0) && ((ldd & 1) == 0);
   const bool read_d = beta != 0.f;
-  // A whole tile inside D: each warp row's 4 column blocks leave through gk::quad_store16.
+  // A whole tile inside D: each warp row's column blocks leave by 4 through gk::quad_store16.
   if (m0 + BM <= M && n0 + BN <= N && gk::quad_store_ok(D, ldd, bias, read_d)) {
     const int q = lane & 3;
-    const int c0 = n0 + wn * WN;  // the warp's 32 columns: blocks j = 0..3
-    float b[NJ][2];
 #pragma unroll
-    for (int j = 0; j < NJ; ++j) {
-      b[j][0] = b[j][1] = 0.f;
-      if (bias != nullptr) gk::bias_word(bias, c0 + j * 8 + 2 * q, b[j][0], b[j][1]);
-    }
+    for (int jq = 0; jq < NJ / 4; ++jq) {
+      const int c0 = n0 + wn * WN + jq * 32;  // column blocks j = 4 jq .. 4 jq + 3
+      float b[4][2];
 #pragma unroll
-    for (int i = 0; i < MI; ++i) {
+      for (int j = 0; j < 4; ++j) {
+        b[j][0] = b[j][1] = 0.f;
+        if (bias != nullptr) gk::bias_word(bias, c0 + j * 8 + 2 * q, b[j][0], b[j][1]);
+      }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = m0 + wm * WM + i * 16 + (lane >> 2) + h * 8;
-        uint32_t p[NJ];
+      for (int i = 0; i < MI; ++i) {
 #pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-          const float* a = &acc[i][j][2 * h];
-          p[j] = gk::Ty<T>::pack2(bias ? a[0] + b[j][0] : a[0], bias ? a[1] + b[j][1] : a[1]);
+        for (int h = 0; h < 2; ++h) {
+          const int row = m0 + wm * WM + i * 16 + (lane >> 2) + h * 8;
+          uint32_t p[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float* a = &acc[i][4 * jq + j][2 * h];
+            p[j] = gk::Ty<T>::pack2(bias ? a[0] + b[j][0] : a[0], bias ? a[1] + b[j][1] : a[1]);
+          }
+          gk::quad_store16(D + (size_t)row * ldd + c0, p, q);
         }
-        gk::quad_store16(D + (size_t)row * ldd + c0, p, q);
       }
     }
     return;
@@ -613,23 +658,27 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
       const T *__restrict__ bias, float beta, T *__restrict__ D, int ldd
 #define GEMM_KEXT_ARGS M, N, K1, K2, A1, lda1, B1, ldb1, A2, lda2, B2, ldb2, bias, beta, D, ldd
 
-// The sm_80 kernel: one 128 x 128 tile per block, in grouped order.
-template <typename T, bool NN>
+// The sm_80 kernels: one BM x Cfg::BN tile per block, in grouped order.
+template <typename T, bool NN, typename Cfg>
 __device__ __forceinline__ void gemm_kext_tc(GEMM_KEXT_PARAMS(T)) {
   int tm, tn;
-  gk::block_tile_coords((M + tc::BM - 1) / tc::BM, (N + tc::BN - 1) / tc::BN, tm, tn);
-  gemm_kext_tc_tile<T, NN>(tm * tc::BM, tn * tc::BN, GEMM_KEXT_ARGS);
+  gk::block_tile_coords((M + tc::BM - 1) / tc::BM, (N + Cfg::BN - 1) / Cfg::BN, tm, tn);
+  gemm_kext_tc_tile<T, NN, Cfg>(tm * tc::BM, tn * Cfg::BN, GEMM_KEXT_ARGS);
 }
 
-#define GEMM_KEXT_TC(NAME, T, NN)                                              \
-  extern "C" __global__ void __launch_bounds__(tc::THREADS, 2) NAME(GEMM_KEXT_PARAMS(T)) { \
-    gemm_kext_tc<T, NN>(GEMM_KEXT_ARGS);                                       \
+#define GEMM_KEXT_TC(NAME, T, NN, CFG)                                                               \
+  extern "C" __global__ void __launch_bounds__(tc::THREADS, CFG::MIN_BLOCKS) NAME(GEMM_KEXT_PARAMS(T)) { \
+    gemm_kext_tc<T, NN, CFG>(GEMM_KEXT_ARGS);                                                        \
   }
 
-GEMM_KEXT_TC(gemm_kext_nt_bf16, __nv_bfloat16, false)
-GEMM_KEXT_TC(gemm_kext_nt_f16, __half, false)
-GEMM_KEXT_TC(gemm_kext_nn_bf16, __nv_bfloat16, true)
-GEMM_KEXT_TC(gemm_kext_nn_f16, __half, true)
+GEMM_KEXT_TC(gemm_kext_nt_bf16, __nv_bfloat16, false, tc::Narrow)
+GEMM_KEXT_TC(gemm_kext_nt_f16, __half, false, tc::Narrow)
+GEMM_KEXT_TC(gemm_kext_nn_bf16, __nv_bfloat16, true, tc::Narrow)
+GEMM_KEXT_TC(gemm_kext_nn_f16, __half, true, tc::Narrow)
+GEMM_KEXT_TC(gemm_kext_nt_bf16_wide, __nv_bfloat16, false, tc::Wide)
+GEMM_KEXT_TC(gemm_kext_nt_f16_wide, __half, false, tc::Wide)
+GEMM_KEXT_TC(gemm_kext_nn_bf16_wide, __nv_bfloat16, true, tc::Wide)
+GEMM_KEXT_TC(gemm_kext_nn_f16_wide, __half, true, tc::Wide)
 
 // ------------------------------------------------------------------------------------------
 // The second operand pair of the fused forward, in one launch: wegeft_uc_{bf16,f16}
@@ -908,9 +957,9 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;    // 48 KiB
 constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
 static_assert(STAGES >= 3, "the refill distance is STAGES - 2");
 static_assert(SMEM_BYTES == 4 * 49152 + 1024, "mirrored as geom::H_SMEM in src/cuda/gemm.rs");
-static_assert(THREADS == tc::THREADS && BM == tc::BM && BN == 2 * tc::BN &&
-                  SMEM_BYTES >= tc::SMEM_BYTES,
-              "the non-sm_90a fallback runs two sm_80 tiles in an _sm90 launch");
+static_assert(THREADS == tc::THREADS && BM == tc::BM && BN == tc::Wide::BN &&
+                  SMEM_BYTES >= tc::Wide::SMEM_BYTES,
+              "the non-sm_90a fallback runs the sm_80 wide tile in an _sm90 launch");
 }  // namespace h90
 
 // The wgmma body is compiled for sm_90a, and on the host by tests/emulation/gemm_on_host.cpp
@@ -1272,14 +1321,10 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
   store_tile<T>(acc, m0, n0, wg, wrow, lane, M, N, bias, beta, D, ldd, pair_store, read_d);
 #else
   // Built for a target without sm_90a features (the compute_80 PTX, sm_80, or plain sm_90):
-  // compute the block's 128 x 256 tile as two 128 x 128 tiles with the sm_80 body. Same
-  // launch geometry, and it needs less dynamic shared memory than an _sm90 launch provides,
-  // so a launch of these names is correct everywhere.
-  gemm_kext_tc_tile<T, NN>(m0, n0, GEMM_KEXT_ARGS);
-  if (n0 + tc::BN < N) {
-    __syncthreads();  // the second tile reuses the shared stages of the first
-    gemm_kext_tc_tile<T, NN>(m0, n0 + tc::BN, GEMM_KEXT_ARGS);
-  }
+  // the block's 128 x 256 tile with the sm_80 wide body (gemm_kext_*_wide). Same launch
+  // geometry, and it needs less dynamic shared memory than an _sm90 launch provides, so a
+  // launch of these names is correct everywhere.
+  gemm_kext_tc_tile<T, NN, tc::Wide>(m0, n0, GEMM_KEXT_ARGS);
 #endif
 }
 

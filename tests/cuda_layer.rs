@@ -593,6 +593,43 @@ fn forward_and_backward_in_one_launch_each_f16() {
     }
 }
 
+/// Layers where `Path::Fused` takes the sm_80 kernels' wide tile (`gemm_kext_*_wide`, 128 x 256;
+/// `gemm::tc_wide`: once its tiles give each of the device's `sms` SMs one): the forward's
+/// (T x d_out) in the first, aligned, rank 8; the backward's dx (T x d_in) in the second, odd
+/// d_in (scalar loads of W and psi) and d_out, rank 64 (two k tiles of the second pair). The
+/// other product of each takes the 128 x 128 tile. Tails in T and both widths.
+fn wide_cases(sms: usize) -> [(usize, usize, usize, usize); 2] {
+    let tk = 128 * sms.div_ceil(9) + 37;
+    [(tk, 72, 2104, 8), (tk, 2100, 37, 64)]
+}
+
+fn check_wide<T: El>(dev: &CudaBackend, i: usize, (tk, din, dout, r): (usize, usize, usize, usize)) {
+    let sms = dev.sm_count() as usize;
+    let wide = |m: usize, n: usize| m.div_ceil(128) * n.div_ceil(256) >= sms;
+    let (fwd, bwd) = (wide(tk, dout), wide(tk, din));
+    assert!(fwd != bwd, "T={tk} d_in={din} d_out={dout}: one product on each tile ({sms} SMs)");
+    let c = case::<T>(400 + i as u64, tk, din, dout, r);
+    let what = format!("{} Fused, wide sm_80 tile for the {}, T={tk} d_in={din} d_out={dout} r={r}", T::DTYPE, if fwd { "forward" } else { "dx" });
+    check_forward::<T>(dev, &c, Path::Fused, &what);
+    check_backward::<T>(dev, &c, Path::Fused, &what);
+}
+
+#[test]
+fn fused_sm80_wide_tile_bf16() {
+    let dev = gpu_or_skip!();
+    for (i, sh) in wide_cases(dev.sm_count() as usize).into_iter().enumerate() {
+        check_wide::<bf16>(&dev, i, sh);
+    }
+}
+
+#[test]
+fn fused_sm80_wide_tile_f16() {
+    let dev = gpu_or_skip!();
+    for (i, sh) in wide_cases(dev.sm_count() as usize).into_iter().enumerate() {
+        check_wide::<f16>(&dev, i, sh);
+    }
+}
+
 // ---- determinism ------------------------------------------------------------------------------
 
 fn run_backward_bits<T: El>(dev: &CudaBackend, c: &Case, path: Path, drop: Dropout) -> Vec<Vec<u8>> {
@@ -696,6 +733,8 @@ fn sanitize_case<T: El>(dev: &CudaBackend) {
     // routes): the smallest of their cases (64 + 1 rank tiles, 65 tiles of y of 8 k tiles each).
     if T::DTYPE != DType::F32 {
         check_one_launch::<T>(dev, 0, ONE_LAUNCH[0]);
+        // The sm_80 kernels' wide tile (Path::Fused; its forward on the wide tile).
+        check_wide::<T>(dev, 0, wide_cases(dev.sm_count() as usize)[0]);
     }
     check_frozen::<T>(dev, &c, "sanitize");
     check_dropout::<T>(dev);

@@ -233,7 +233,8 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
 }
 
 /// `tests/emulation/gemm_on_host.cpp` compiles the fused K-extended GEMM (`kernels/gemm_kext.cu`)
-/// on the host and runs the sm_80 tensor-core kernels (bf16, f16; NT and NN), the sm_90a wgmma
+/// on the host and runs the sm_80 tensor-core kernels (bf16, f16; NT and NN; the 128 x 128 and
+/// the wide 128 x 256 block tiles), the sm_90a wgmma
 /// ones and the f32 FMA ones with every block as 256 fibers and cp.async, ldmatrix,
 /// mma.m16n8k16 and wgmma.mma_async (asynchronous up to its wait_group) emulated with their PTX
 /// semantics, and the sm_90a TMA kernels as 288 fibers with mbarriers (phases, transaction
@@ -251,7 +252,8 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
 /// by hand on 2026-11-29; a wrong transpose or phi swizzle fails it: 2026-11-30; in
 /// `wegeft_fwd`, waiting on a wrong u or C flag, or on one C block of two, fails it, and posting
 /// a wrong flag deadlocks; in `wegeft_bwd`, a dpsi tile reading v without its rows' flag, or
-/// a wrong second box of G^T, fails it: 2026-11-30, session 10.)
+/// a wrong second box of G^T, fails it: 2026-11-30, session 10; in the wide sm_80 tile, NN's B
+/// loader stepping 16 k-rows a pass instead of 8 fails it: session 11.)
 #[test]
 fn gemm_core_matches_the_reference_when_emulated_on_the_host() {
     let exe = build_emulation("gemm_on_host.cpp", "wegeft_gemm_on_host");
@@ -259,7 +261,7 @@ fn gemm_core_matches_the_reference_when_emulated_on_the_host() {
     let text = String::from_utf8_lossy(&run.stdout);
     println!("{text}");
     assert!(run.status.success() && text.contains(" 0 failures"), "emulated GEMM kernels disagree with the reference:\n{text}");
-    assert!(text.contains("226 checks"), "expected 226 checks:\n{text}");
+    assert!(text.contains("274 checks"), "expected 274 checks:\n{text}");
 }
 
 /// `tests/emulation/attention_on_host.cpp` includes `kernels/attention.cu` with host versions

@@ -181,6 +181,10 @@ fn fused_gemm_is_built_with_all_its_kernels() {
         for dt in DTYPES {
             names.push(format!("gemm_kext_{form}_{dt}"));
         }
+        // The sm_80 kernels' wide block tile (128 x 256; the launcher's `tc_wide`).
+        for dt in ["bf16", "f16"] {
+            names.push(format!("gemm_kext_{form}_{dt}_wide"));
+        }
         // The sm_90a wgmma kernels (Path::FusedSm90): cp.async-fed and TMA-fed, bf16 and
         // f16 only (the _tma ones trap outside the sm_90a image; the launcher never picks them
         // there).

@@ -332,8 +332,10 @@ static const int H_SMEM = h90::SMEM_BYTES;
 
 static std::vector<Variant<__nv_bfloat16>> bf16_variants(bool sm90, bool tma) {
   std::vector<Variant<__nv_bfloat16>> v = {
-      {"gemm_kext_nt_bf16", gemm_kext_nt_bf16, false, 128, 128, 256, tc::SMEM_BYTES},
-      {"gemm_kext_nn_bf16", gemm_kext_nn_bf16, true, 128, 128, 256, tc::SMEM_BYTES}};
+      {"gemm_kext_nt_bf16", gemm_kext_nt_bf16, false, 128, 128, 256, tc::Narrow::SMEM_BYTES},
+      {"gemm_kext_nn_bf16", gemm_kext_nn_bf16, true, 128, 128, 256, tc::Narrow::SMEM_BYTES},
+      {"gemm_kext_nt_bf16_wide", gemm_kext_nt_bf16_wide, false, 128, 256, 256, tc::Wide::SMEM_BYTES},
+      {"gemm_kext_nn_bf16_wide", gemm_kext_nn_bf16_wide, true, 128, 256, 256, tc::Wide::SMEM_BYTES}};
   if (sm90) {
     v.push_back({"gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, false, 128, 256, 256, H_SMEM});
     v.push_back({"gemm_kext_nn_bf16_sm90", gemm_kext_nn_bf16_sm90, true, 128, 256, 256, H_SMEM});
@@ -348,8 +350,10 @@ static std::vector<Variant<__nv_bfloat16>> bf16_variants(bool sm90, bool tma) {
 }
 static std::vector<Variant<__half>> f16_variants(bool sm90, bool tma) {
   std::vector<Variant<__half>> v = {
-      {"gemm_kext_nt_f16", gemm_kext_nt_f16, false, 128, 128, 256, tc::SMEM_BYTES},
-      {"gemm_kext_nn_f16", gemm_kext_nn_f16, true, 128, 128, 256, tc::SMEM_BYTES}};
+      {"gemm_kext_nt_f16", gemm_kext_nt_f16, false, 128, 128, 256, tc::Narrow::SMEM_BYTES},
+      {"gemm_kext_nn_f16", gemm_kext_nn_f16, true, 128, 128, 256, tc::Narrow::SMEM_BYTES},
+      {"gemm_kext_nt_f16_wide", gemm_kext_nt_f16_wide, false, 128, 256, 256, tc::Wide::SMEM_BYTES},
+      {"gemm_kext_nn_f16_wide", gemm_kext_nn_f16_wide, true, 128, 256, 256, tc::Wide::SMEM_BYTES}};
   if (sm90) {
     v.push_back({"gemm_kext_nt_f16_sm90", gemm_kext_nt_f16_sm90, false, 128, 256, 256, H_SMEM});
     v.push_back({"gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, true, 128, 256, 256, H_SMEM});

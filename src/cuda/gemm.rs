@@ -23,7 +23,8 @@
 //! layout is rejected; `tune::vector_loads` tells a caller whether a pair is fast, and callers
 //! that allocate their own buffers (`u`, `v`, `C`) should pad their rows to 8 elements.
 //!
-//! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`; with `GemmOptions::use_sm90` on a
+//! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`, for bf16/f16 with the wide block tile
+//! (`_wide`, 128 x 256) once its tiles give every SM one ([`tc_wide`]); with `GemmOptions::use_sm90` on a
 //! compute-capability 9.0 device the bf16/f16 forms use the wgmma kernels instead: the
 //! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.95-0.97x
 //! (NT) and 0.86-0.95x (NN) cuBLAS's speed at 4096^3 on an H200, against 0.60x for `_sm90`)
@@ -70,10 +71,13 @@ use crate::error::{Error, Result};
 
 /// Geometry of the kernels, mirrored from `kernels/gemm_kext.cu`.
 mod geom {
-    /// sm_80 tensor-core kernels: 128 x 128 block tile, 256 threads, 4 stages x 16 KiB.
+    /// sm_80 tensor-core kernels: 128 x 128 block tile, 256 threads, 4 stages x 16 KiB; the
+    /// `_wide` ones: 128 x 256, 4 stages x 24 KiB.
     pub const TC_TILE: (usize, usize) = (128, 128);
     pub const TC_THREADS: u32 = 256;
     pub const TC_SMEM: u32 = 4 * (128 * 32 * 2 + 128 * 32 * 2);
+    pub const TC_WIDE_TILE: (usize, usize) = (128, 256);
+    pub const TC_WIDE_SMEM: u32 = 4 * (128 * 32 * 2 + 256 * 32 * 2);
     /// f32 FMA kernels: 64 x 64 block tile, 256 threads, static shared memory only.
     pub const FMA_TILE: (usize, usize) = (64, 64);
     pub const FMA_THREADS: u32 = 256;
@@ -186,8 +190,9 @@ impl GemmKext {
 
     /// Every check the kernel relies on, then the kernel name and geometry.
     /// `sm90` says whether the `_sm90` kernels may be used (device 9.0 and asked for);
-    /// `tma` whether the device runs the sm_90a image, where the `_tma` kernels exist.
-    pub(crate) fn plan(&self, form: Form, dtype: DType, sm90: bool, tma: bool) -> Result<Plan> {
+    /// `tma` whether the device runs the sm_90a image, where the `_tma` kernels exist; `sms`
+    /// is the device's number of SMs (which sm_80 tile, [`tc_wide`]).
+    pub(crate) fn plan(&self, form: Form, dtype: DType, sm90: bool, tma: bool, sms: u32) -> Result<Plan> {
         let g = self;
         for (what, v) in [("m", g.m), ("n", g.n), ("k1", g.k1)] {
             if v == 0 {
@@ -287,6 +292,8 @@ impl GemmKext {
             (geom::H_TILE, geom::T_THREADS, geom::T_SMEM, "_tma")
         } else if sm90 {
             (geom::H_TILE, geom::H_THREADS, geom::H_SMEM, "_sm90")
+        } else if tc_wide(g.m, g.n, sms) {
+            (geom::TC_WIDE_TILE, geom::TC_THREADS, geom::TC_WIDE_SMEM, "_wide")
         } else {
             (geom::TC_TILE, geom::TC_THREADS, geom::TC_SMEM, "")
         };
@@ -305,6 +312,21 @@ impl GemmKext {
             tma,
         })
     }
+}
+
+/// Which block tile the sm_80 kernels take for an `m x n` output on a device of `sms` SMs: the
+/// wide one (`gemm_kext_*_wide`, 128 x 256, warp tiles of 64 x 64, one block an SM) once its
+/// tiles give every SM one at least; the narrow one (128 x 128, warp tiles of 64 x 32, two
+/// blocks an SM) below that, where twice as many tiles spread the work over more SMs. Per
+/// k16 step a wide warp reads 4 KiB of shared memory for 32 mma against the narrow warp's
+/// 3 KiB for 16 (a third less a FLOP), and its block writes a quarter less a FLOP into
+/// shared memory: with mma.sync bound by shared-memory bandwidth on Hopper, about 45% more
+/// FLOPs a cycle at the same efficiency (kernels/gemm_kext.cu, "Design of the sm_80
+/// tensor-core kernels"). A rule from that count, not from a measurement (none yet: see
+/// BENCHMARKS.md).
+pub(crate) fn tc_wide(m: usize, n: usize, sms: u32) -> bool {
+    let (bm, bn) = geom::TC_WIDE_TILE;
+    m.div_ceil(bm).saturating_mul(n.div_ceil(bn)) >= (sms as usize).max(1)
 }
 
 /// `D = A1 B1^T + A2 B2^T (+ bias) (+ beta D)` — the fused WeGeFT forward
@@ -341,12 +363,13 @@ unsafe fn launch<T: Element>(form: Form, dev: &CudaBackend, stream: CUstream, g:
     let cuda = |e: cudarc::driver::DriverError| Error::Cuda { op, msg: e.to_string() };
     let dtype = T::DTYPE;
     let sm90 = opts.use_sm90 && dtype != DType::F32 && dev.compute_capability() == (9, 0);
-    let mut plan = g.plan(form, dtype, sm90, dev.image() == super::context::Image::Sm90a)?;
+    let sms = dev.sm_count();
+    let mut plan = g.plan(form, dtype, sm90, dev.image() == super::context::Image::Sm90a, sms)?;
     // The tensor maps first: should the driver refuse one (tma_ready mirrors its documented
     // rules), the cp.async kernel runs instead.
     let maps = if plan.tma { tensor_maps(form, dtype, g).ok() } else { None };
     if plan.tma && maps.is_none() {
-        plan = g.plan(form, dtype, sm90, false)?;
+        plan = g.plan(form, dtype, sm90, false, sms)?;
     }
     let func = dev.function(&plan.kernel)?;
     if plan.smem > 48 * 1024 {
@@ -954,11 +977,11 @@ mod tests {
     #[test]
     fn plan_picks_kernel_and_grid() {
         let g = nt(300, 577, 576, 8);
-        let p = g.plan(Form::Nt, DType::BF16, false, false).unwrap();
+        let p = g.plan(Form::Nt, DType::BF16, false, false, 132).unwrap();
         assert_eq!(p.kernel, "gemm_kext_nt_bf16");
         assert_eq!(p.grid, 3 * 5);
         assert_eq!((p.block, p.smem), (256, 65536));
-        let p = g.plan(Form::Nt, DType::F32, false, false).unwrap();
+        let p = g.plan(Form::Nt, DType::F32, false, false, 132).unwrap();
         assert_eq!(p.kernel, "gemm_kext_nt_f32");
         assert_eq!(p.grid, 5 * 10);
         assert_eq!(p.smem, 0);
@@ -968,11 +991,32 @@ mod tests {
         g2.lda1 = 300;
         g2.ldb1 = 584;
         g2.ldb2 = 584;
-        let p = g2.plan(Form::Nn, DType::F16, true, false).unwrap();
+        let p = g2.plan(Form::Nn, DType::F16, true, false, 132).unwrap();
         assert_eq!(p.kernel, "gemm_kext_nn_f16_sm90");
         assert_eq!(p.grid, 3 * 3);
         assert_eq!(p.smem, 4 * 49152 + 1024);
         assert!(!p.tma);
+    }
+
+    #[test]
+    fn plan_takes_the_wide_sm80_tile_once_its_tiles_fill_the_device() {
+        // 4096 x 4096: 32 x 16 = 512 wide tiles, more than 132 SMs.
+        let g = nt(4096, 4096, 4096, 64);
+        let p = g.plan(Form::Nt, DType::BF16, false, false, 132).unwrap();
+        assert_eq!((p.kernel.as_str(), p.grid, p.block, p.smem), ("gemm_kext_nt_bf16_wide", 512, 256, 98304));
+        let mut h = g;
+        h.ldb1 = 4096;
+        h.ldb2 = 4096;
+        assert_eq!(h.plan(Form::Nn, DType::F16, false, false, 132).unwrap().kernel, "gemm_kext_nn_f16_wide");
+        // 1300 x 2900: 11 x 12 = 132 wide tiles: wide on 132 SMs, narrow on 133 (11 x 23 tiles).
+        let g = nt(1300, 2900, 64, 8);
+        assert_eq!(g.plan(Form::Nt, DType::BF16, false, false, 132).unwrap().kernel, "gemm_kext_nt_bf16_wide");
+        let p = g.plan(Form::Nt, DType::BF16, false, false, 133).unwrap();
+        assert_eq!((p.kernel.as_str(), p.grid, p.smem), ("gemm_kext_nt_bf16", 11 * 23, 65536));
+        assert!(tc_wide(1, 1, 0) && tc_wide(1, 1, 1) && !tc_wide(1, 1, 2));
+        // Not for f32, nor where the sm_90 kernels are asked for.
+        assert_eq!(g.plan(Form::Nt, DType::F32, false, false, 1).unwrap().kernel, "gemm_kext_nt_f32");
+        assert_eq!(g.plan(Form::Nt, DType::BF16, true, false, 1).unwrap().kernel, "gemm_kext_nt_bf16_sm90");
     }
 
     #[test]
@@ -990,13 +1034,13 @@ mod tests {
         g.lda2 = 8;
         g.ldb2 = 8;
         assert!(g.tma_ready(DType::BF16));
-        let p = g.plan(Form::Nt, DType::BF16, true, true).unwrap();
+        let p = g.plan(Form::Nt, DType::BF16, true, true, 132).unwrap();
         assert_eq!((p.kernel.as_str(), p.block, p.smem, p.tma), ("gemm_kext_nt_bf16_tma", 288, 4 * 49152 + 1024, true));
         assert_eq!(p.grid, 3 * 3);
         // Not asked for sm90, not the sm_90a image, f32: no TMA.
-        assert!(!g.plan(Form::Nt, DType::BF16, false, true).unwrap().tma);
-        assert_eq!(g.plan(Form::Nt, DType::BF16, true, false).unwrap().kernel, "gemm_kext_nt_bf16_sm90");
-        assert!(!g.plan(Form::Nt, DType::F32, true, true).unwrap().tma);
+        assert!(!g.plan(Form::Nt, DType::BF16, false, true, 132).unwrap().tma);
+        assert_eq!(g.plan(Form::Nt, DType::BF16, true, false, 132).unwrap().kernel, "gemm_kext_nt_bf16_sm90");
+        assert!(!g.plan(Form::Nt, DType::F32, true, true, 132).unwrap().tma);
         // Any operand a map cannot describe: the cp.async kernel.
         for f in [
             (|g: &mut GemmKext| g.lda2 = 12) as fn(&mut GemmKext),
@@ -1007,7 +1051,7 @@ mod tests {
             let mut h = g;
             f(&mut h);
             assert!(!h.tma_ready(DType::BF16), "{h:?}");
-            assert_eq!(h.plan(Form::Nt, DType::BF16, true, true).unwrap().kernel, "gemm_kext_nt_bf16_sm90");
+            assert_eq!(h.plan(Form::Nt, DType::BF16, true, true, 132).unwrap().kernel, "gemm_kext_nt_bf16_sm90");
         }
         // K2 = 0: the second pair does not count, whatever it holds.
         let mut h = g;
@@ -1022,11 +1066,11 @@ mod tests {
     #[test]
     fn plan_rejects_bad_arguments() {
         let ok = nt(37, 40, 33, 1);
-        assert!(ok.plan(Form::Nt, DType::F16, false, false).is_ok());
+        assert!(ok.plan(Form::Nt, DType::F16, false, false, 132).is_ok());
         let bad = |f: &dyn Fn(&mut GemmKext), form: Form| {
             let mut g = ok;
             f(&mut g);
-            g.plan(form, DType::F16, false, false).unwrap_err().to_string()
+            g.plan(form, DType::F16, false, false, 132).unwrap_err().to_string()
         };
         assert!(bad(&|g| g.m = 0, Form::Nt).contains("m must be positive"));
         assert!(bad(&|g| g.k1 = 0, Form::Nt).contains("k1"));
@@ -1047,7 +1091,7 @@ mod tests {
         g.b2 = 0;
         g.lda2 = 0;
         g.ldb2 = 0;
-        assert!(g.plan(Form::Nt, DType::BF16, false, false).is_ok());
+        assert!(g.plan(Form::Nt, DType::BF16, false, false, 132).is_ok());
     }
 
     #[test]

@@ -865,6 +865,11 @@ int main() {
             check<__nv_bfloat16, true>("gemm_kext_nn_bf16_sm90", gemm_kext_nn_bf16_sm90, 128, 256, c, layout, bias, beta, 1e-2);
             check<__half, false>("gemm_kext_nt_f16_sm90", gemm_kext_nt_f16_sm90, 128, 256, c, (layout + 1) % 3, bias, beta, 2e-3);
             check<__half, true>("gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, 128, 256, c, (layout + 1) % 3, bias, beta, 2e-3);
+            // The sm_80 kernels' wide tile (the same 128 x 256 block tile, mma.sync).
+            check<__nv_bfloat16, false>("gemm_kext_nt_bf16_wide", gemm_kext_nt_bf16_wide, 128, 256, c, (layout + 2) % 3, bias, beta, 1e-2);
+            check<__nv_bfloat16, true>("gemm_kext_nn_bf16_wide", gemm_kext_nn_bf16_wide, 128, 256, c, (layout + 2) % 3, bias, beta, 1e-2);
+            check<__half, false>("gemm_kext_nt_f16_wide", gemm_kext_nt_f16_wide, 128, 256, c, layout, bias, beta, 2e-3);
+            check<__half, true>("gemm_kext_nn_f16_wide", gemm_kext_nn_f16_wide, 128, 256, c, layout, bias, beta, 2e-3);
             layout = (layout + 1) % 3;
         }
     }
@@ -891,6 +896,8 @@ int main() {
         for (int b = 0; b < 2; ++b) {
             check<__nv_bfloat16, false>("gemm_kext_nt_bf16", gemm_kext_nt_bf16, 128, 128, c, 0, b, 0.0f, 1e-2);
             check<__half, true>("gemm_kext_nn_f16", gemm_kext_nn_f16, 128, 128, c, 0, !b, 0.0f, 2e-3);
+            check<__half, false>("gemm_kext_nt_f16_wide", gemm_kext_nt_f16_wide, 128, 256, c, 0, b, 0.0f, 2e-3);
+            check<__nv_bfloat16, true>("gemm_kext_nn_bf16_wide", gemm_kext_nn_bf16_wide, 128, 256, c, 0, !b, 0.0f, 1e-2);
             check<__nv_bfloat16, false>("gemm_kext_nt_bf16_sm90", gemm_kext_nt_bf16_sm90, 128, 256, c, 0, b, 0.0f, 1e-2);
             check<__half, true>("gemm_kext_nn_f16_sm90", gemm_kext_nn_f16_sm90, 128, 256, c, 0, b, 0.0f, 2e-3);
             check<__nv_bfloat16, false>("gemm_kext_nt_bf16_tma", nullptr, 128, 256, c, 0, b, 0.0f, 1e-2, gemm_kext_nt_bf16_tma, 2);
