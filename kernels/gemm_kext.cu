@@ -72,8 +72,11 @@
 //          an H100).
 //     BN = 256 (..._wide): warp tile 64 x 64
 //       -> per k16 step 4 (A) + 4 (B) ldmatrix.x4 and 32 mma, 128 accumulators a thread;
-//          __launch_bounds__(256, 1) (212-238 registers), one block an SM, 96 KiB of smem
-//          (fits every sm_80+ part, the 99 KiB of an sm_86 / sm_89 included).
+//          __launch_bounds__(256, 1) (236-243 registers), one block an SM, 96 KiB of smem
+//          (fits every sm_80+ part, the 99 KiB of an sm_86 / sm_89 included). Its fragments
+//          are double-buffered: the next k16 step's (across tiles too: the barrier comes
+//          before the last step's mma) are read while this step's mma run, so neither the
+//          ldmatrix latency nor the barrier leaves the tensor pipe idle.
 //     Why two: mma.sync on Hopper is fed from shared memory (128 B a cycle an SM) at a rate
 //     that bounds it well below the tensor cores' peak. Per FLOP the narrow tile moves 3/64 B
 //     through ldmatrix plus 1/64 B of cp.async stores; the wide one 2/64 plus 0.75/64: 0.0625
@@ -100,7 +103,7 @@
 //   once; ~20 instructions and 4 cp.async per tile). Every other tile (the partial last tile of
 //   K1, all K2 tiles, unaligned pairs) takes the general predicated loader.
 //   Block order: grouped rasterisation (8 block-rows per group) for L2 reuse.
-//   ptxas (CUDA 13.0): 124-128 registers (wide: 212-238), 0 spills, 0 stack, sm_80 and sm_90a.
+//   ptxas (CUDA 13.0): 124-128 registers (wide: 236-243), 0 spills, 0 stack, sm_80 and sm_90a.
 //   Verified without a GPU by tests/emulation/gemm_on_host.cpp (run by `cargo test`): this
 //   source compiled on the host, every block run as 256 fibers, cp.async / ldmatrix /
 //   mma.m16n8k16 emulated with their PTX semantics, against a double-precision loop (odd
@@ -366,6 +369,9 @@ struct Tile {
   static constexpr int NN_ROW_CHUNKS = BN / 8;              // chunks of a row of NN's B tile
   static constexpr int NN_ROW_SHIFT = BN == 128 ? 4 : 5;     // log2 of it (ids are >= 0: shifts)
   static constexpr int MIN_BLOCKS = BN == 128 ? 2 : 1;      // __launch_bounds__'s blocks an SM
+  // Double-buffered fragments (the next k16 step's read during this one's mma): the wide tile
+  // only; in the narrow one's 128 registers they would spill.
+  static constexpr bool FRAG_PIPELINE = BN == 256;
   static_assert((1 << NN_ROW_SHIFT) == NN_ROW_CHUNKS, "NN_ROW_SHIFT");
   static_assert(NJ % 4 == 0, "the epilogue's quad_store16 takes a warp row's column blocks by 4");
   static_assert(THREADS * 16 % (BN * 2) == 0, "a pass of NN's B loader covers whole rows");
@@ -553,6 +559,34 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
 
+  // The fragments of k16 step ks of the tile in the stage at sa, and their mma.
+  constexpr int KS = BK / 16;
+  using AFrag = uint32_t[MI][4];
+  using BFrag = uint32_t[NJ][2];
+  auto load_frags = [&](AFrag& af, BFrag& bf, uint32_t sa, int ks) {
+    const uint32_t sb = sa + A_BYTES;
+#pragma unroll
+    for (int i = 0; i < MI; ++i) gk::ldmatrix_x4(af[i], sa + a_off[ks] + i * 16 * 64);
+#pragma unroll
+    for (int jp = 0; jp < NJ / 2; ++jp) {
+      uint32_t r[4];
+      if (!NN)
+        gk::ldmatrix_x4(r, sb + b_off[ks] + jp * 16 * 64);
+      else
+        gk::ldmatrix_x4_trans(r, sb + ks * 16 * NN_ROW_BYTES + b_off[jp]);
+      bf[2 * jp][0] = r[0];
+      bf[2 * jp][1] = r[1];
+      bf[2 * jp + 1][0] = r[2];
+      bf[2 * jp + 1][1] = r[3];
+    }
+  };
+  auto mma_step = [&](const AFrag& af, const BFrag& bf) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) gk::Ty<T>::mma(acc[i][j], af[i], bf[j]);
+  };
+
   // ---- prologue: tiles 0 .. STAGES-2 in flight ----
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -561,39 +595,56 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
   }
 
   // ---- main loop ----
-  for (int t = 0; t < KT; ++t) {
-    gk::cp_async_wait<STAGES - 2>();  // this thread's copies of tile t have landed
-    __syncthreads();                  // ... everybody's; and tile t-1's slot is free
-    {
-      const int tl = t + STAGES - 1;
-      load(tl, tl % STAGES);
-      gk::cp_async_commit();
-    }
-    const int slot = t % STAGES;
-    const uint32_t sa = smem_base + slot * STAGE_BYTES;
-    const uint32_t sb = sa + A_BYTES;
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      uint32_t af[MI][4];
-      uint32_t bf[NJ][2];
-#pragma unroll
-      for (int i = 0; i < MI; ++i) gk::ldmatrix_x4(af[i], sa + a_off[ks] + i * 16 * 64);
-#pragma unroll
-      for (int jp = 0; jp < NJ / 2; ++jp) {
-        uint32_t r[4];
-        if (!NN)
-          gk::ldmatrix_x4(r, sb + b_off[ks] + jp * 16 * 64);
-        else
-          gk::ldmatrix_x4_trans(r, sb + ks * 16 * NN_ROW_BYTES + b_off[jp]);
-        bf[2 * jp][0] = r[0];
-        bf[2 * jp][1] = r[1];
-        bf[2 * jp + 1][0] = r[2];
-        bf[2 * jp + 1][1] = r[3];
+  if constexpr (!Cfg::FRAG_PIPELINE) {
+    for (int t = 0; t < KT; ++t) {
+      gk::cp_async_wait<STAGES - 2>();  // this thread's copies of tile t have landed
+      __syncthreads();                  // ... everybody's; and tile t-1's slot is free
+      {
+        const int tl = t + STAGES - 1;
+        load(tl, tl % STAGES);
+        gk::cp_async_commit();
       }
+      const uint32_t sa = smem_base + (t % STAGES) * STAGE_BYTES;
 #pragma unroll
-      for (int i = 0; i < MI; ++i)
+      for (int ks = 0; ks < KS; ++ks) {
+        AFrag af;
+        BFrag bf;
+        load_frags(af, bf, sa, ks);
+        mma_step(af, bf);
+      }
+    }
+  } else {
+    // Tile 0 landed and its first fragments read before the loop. At step 0 of tile t the
+    // copies of tile t + STAGES - 1 go into the slot of tile t - 1, whose last fragments every
+    // warp read before the barrier of step KS - 1 of tile t - 1. At step KS - 1 of tile t: wait
+    // for tile t + 1 (all but the newest STAGES - 2 groups: tiles 0 .. t + 1) and a barrier
+    // (everybody's copies visible; after it tile t's slot is read no more: this step's mma
+    // take their fragments from registers). Two fragment buffers: step ks + 1's (the next
+    // tile's first at the last step) are read from shared memory while step ks's mma run.
+    static_assert(KS % 2 == 0, "buffer ks & 1 is the same for every tile");
+    AFrag af[2];
+    BFrag bf[2];
+    gk::cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    load_frags(af[0], bf[0], smem_base, 0);
+    for (int t = 0; t < KT; ++t) {
+      const uint32_t sa = smem_base + (t % STAGES) * STAGE_BYTES;
 #pragma unroll
-        for (int j = 0; j < NJ; ++j) gk::Ty<T>::mma(acc[i][j], af[i], bf[j]);
+      for (int ks = 0; ks < KS; ++ks) {
+        if (ks == 0) {
+          const int tl = t + STAGES - 1;
+          load(tl, tl % STAGES);
+          gk::cp_async_commit();
+        }
+        if (ks + 1 < KS) {
+          load_frags(af[(ks + 1) & 1], bf[(ks + 1) & 1], sa, ks + 1);
+        } else {
+          gk::cp_async_wait<STAGES - 2>();
+          __syncthreads();
+          if (t + 1 < KT) load_frags(af[0], bf[0], smem_base + ((t + 1) % STAGES) * STAGE_BYTES, 0);
+        }
+        mma_step(af[ks & 1], bf[ks & 1]);
+      }
     }
   }
   gk::cp_async_wait_all();

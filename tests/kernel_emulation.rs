@@ -253,7 +253,8 @@ fn model_kernels_match_the_cpu_ops_when_emulated_on_the_host() {
 /// `wegeft_fwd`, waiting on a wrong u or C flag, or on one C block of two, fails it, and posting
 /// a wrong flag deadlocks; in `wegeft_bwd`, a dpsi tile reading v without its rows' flag, or
 /// a wrong second box of G^T, fails it: 2026-11-30, session 10; in the wide sm_80 tile, NN's B
-/// loader stepping 16 k-rows a pass instead of 8 fails it: session 11.)
+/// loader stepping 16 k-rows a pass instead of 8, waiting for one tile too few before reading
+/// the next tile's fragments, or reading them without the barrier, fails it: session 11.)
 #[test]
 fn gemm_core_matches_the_reference_when_emulated_on_the_host() {
     let exe = build_emulation("gemm_on_host.cpp", "wegeft_gemm_on_host");
