@@ -9,7 +9,8 @@
 #   ptxas (20)     the embedded kernels' ptxas report (no spills, every kernel present)
 #   cuda_* (90)    the CUDA backend against the float64 reference, WEGEFT_REQUIRE_GPU=1, one test
 #                  at a time
-#   gemm_check (90)   every fused-GEMM variant on the odd-size grid vs a CPU loop
+#   gemm_check (90)   every fused-GEMM variant (the sm_80 kernels' both tiles included) on the
+#                     odd-size grid vs a CPU loop
 #   c_abi (60)        tests/c/test_wegeft.c cuda: the C ABI's CUDA entry points vs its CPU path
 #   bench (90)        benches/layer_cuda: WeGeFT / LoRA / frozen cuBLASLt, ratios (every path
 #                     checked against the composed one)
@@ -17,7 +18,8 @@
 #   torch_model (90)  torch_model.py: the same step in transformers (official-style WeGeFT, peft LoRA,
 #                     and our kernels inside transformers through examples/python/wegeft_torch.py)
 #   torch_baseline (90)  PyTorch: F.linear, official-style WeGeFT, LoRA, peft LoRA
-#   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS
+#   gemm_bench (60)   the GEMM core at 4096^3 vs cuBLAS (every variant: sm_80 128 x 128 and _wide,
+#                     _sm90, _tma)
 #   gemm_kscan (30)   bf16 NT and NN at K = 1024 / 2048 / 4096, cuBLAS and the TMA kernels: fixed cost
 #                     per launch (epilogue, pipeline fill) and cost per 1024 of K
 #   gemm_uc (45)      the fused forward's routes at T=8192 d=4096 r=64 and SmolLM2's layers:
@@ -25,7 +27,7 @@
 #                     dependent; wegeft_fwd in one launch (the same u, C and y required); and the
 #                     backward's: cuBLAS v, S, dpsi, dphi + the NN TMA GEMM; wegeft_bwd (the
 #                     same v, S and dx; dpsi and dphi within 1e-5)
-#   sanitizers (150, all side by side): compute-sanitizer memcheck (also tracking the
+#   sanitizers (150, cuda_layer's racecheck 240; all side by side): compute-sanitizer memcheck (also tracking the
 #                  stream-ordered pool), racecheck, initcheck, synccheck on cuda_layer sanitize_*
 #                  (f32, bf16, f16: every kernel of kernels/*.cu, each path, split-K, merge,
 #                  dropout); memcheck on gemm_check --small, cuda_model's op-by-op cases,
@@ -217,7 +219,9 @@ if [ -n "$sanitizer" ]; then
     # Every dtype under every tool: the f32 fused GEMM (fm::) and the bf16/f16 tensor-core and
     # sm90 ones are different code, and each kernel is instantiated per dtype.
     bg memcheck 150 "${mem[@]}" "$bin/cuda_layer" sanitize_ --test-threads=1
-    bg racecheck 150 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_ --test-threads=1
+    # racecheck instruments every shared-memory access: 84 s of 150 in session 9, before the
+    # one-launch kernels' and the wide sm_80 tile's cases joined sanitize_.
+    bg racecheck 240 "${san[@]}" --tool racecheck "$bin/cuda_layer" sanitize_ --test-threads=1
     bg initcheck 150 "${san[@]}" --tool initcheck "$bin/cuda_layer" sanitize_ --test-threads=1
     bg synccheck 150 "${san[@]}" --tool synccheck "$bin/cuda_layer" sanitize_ --test-threads=1
   fi
