@@ -78,7 +78,7 @@ gk_cache="${CARGO_TARGET_DIR:-$root/target}/gpu-pack-cache"
 mkdir -p "$gk_cache"
 # Named by a hash of its sources: a target folder shared by several checkouts cannot hand
 # one of them another's binary.
-gk_hash="$(cat kernels/gemm_kext.cu kernels/test/gemm_kext_check.cu kernels/common.cuh | sha256sum | head -c 16)"
+gk_hash="$(cat kernels/gemm_kext.cu kernels/gemm_*.cuh kernels/wegeft_*.cuh kernels/test/gemm_kext_check.cu kernels/common.cuh | sha256sum | head -c 16)"
 gk="$gk_cache/gemm_kext_check-$gk_hash"
 if [ ! -x "$gk" ]; then
   echo "gpu-check.sh: building kernels/test/gemm_kext_check.cu (nvcc)..." >&2

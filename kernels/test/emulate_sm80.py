@@ -1,4 +1,4 @@
-# Emulation of the sm_80 tensor-core kernel of kernels/gemm_kext.cu, without a GPU.
+# Emulation of the sm_80 tensor-core kernel (kernels/gemm_sm80.cuh, the 128 x 128 tile), without a GPU.
 #
 # A literal Python translation of the kernel's index math (block rasterisation, the general
 # and the hoisted fast tile loaders with cp.async zero-fill, the swizzled shared layouts, the

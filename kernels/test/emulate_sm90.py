@@ -1,4 +1,4 @@
-# Emulation of the sm_90a wgmma kernel's shared layouts of kernels/gemm_kext.cu, without a GPU.
+# Emulation of the sm_90a wgmma kernel's shared layouts (kernels/gemm_sm90.cuh), without a GPU.
 #
 # The loaders write the tiles exactly as the kernel does; the wgmma operands are then read
 # back through the canonical-layout definitions that the descriptors encode (cute's

@@ -36,7 +36,7 @@ pub(crate) type KextArgs = (
 );
 
 /// The fused forward's second operand pair, `u = x psi^T` (T x r) and `C = scale W phi`
-/// (d_out x r), for one launch of `wegeft_uc_{bf16,f16}` (`kernels/gemm_kext.cu`); all operands
+/// (d_out x r), for one launch of `wegeft_uc_{bf16,f16}` (`kernels/wegeft_uc.cuh`); all operands
 /// packed: x `T x d_in`, W `d_out x d_in`, psi `r x d_in`, phi `d_in x r`, u and C with ld `r`.
 /// Whether the kernel takes it and whether the layer should: `gemm.rs` (`applies`, `worth_it`).
 #[derive(Clone, Copy, Debug)]
@@ -54,7 +54,7 @@ pub(crate) struct WegeftUc {
     pub scale: f32,
 }
 
-/// The backward for one launch of `wegeft_bwd_{bf16,f16}_tma` (`kernels/gemm_kext.cu`):
+/// The backward for one launch of `wegeft_bwd_{bf16,f16}_tma` (`kernels/wegeft_rank_tma.cuh`):
 /// `v = G C` (T x r), `S = G^T u` (d_out x r, f32), `dpsi += v^T x` (r x d_in, f32),
 /// `dx = G W + v psi` (T x d_in) and, unless `dphi` is 0 (dropout: the caller's, over the masked
 /// W), `dphi += scale W^T S` (d_in x r, f32); all packed: G `T x d_out`, W `d_out x d_in`, C

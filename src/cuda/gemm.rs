@@ -1,4 +1,5 @@
-//! Launchers of the K-extended GEMM core (`kernels/gemm_kext.cu`).
+//! Launchers of the K-extended GEMM core (`kernels/gemm_kext.cu`: the contract, and the kernels'
+//! files it includes).
 //!
 //! Row-major everywhere; a leading dimension is the distance between two rows, in elements.
 //!
@@ -69,7 +70,7 @@ use super::context::CudaBackend;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 
-/// Geometry of the kernels, mirrored from `kernels/gemm_kext.cu`.
+/// Geometry of the kernels, mirrored from `kernels/gemm_kext.cu` and its `.cuh` files.
 mod geom {
     /// sm_80 tensor-core kernels: 128 x 128 block tile, 256 threads, 4 stages x 16 KiB; the
     /// `_wide` ones: 128 x 256, 4 stages x 24 KiB.
@@ -321,7 +322,7 @@ impl GemmKext {
 /// k16 step a wide warp reads 4 KiB of shared memory for 32 mma against the narrow warp's
 /// 3 KiB for 16 (a third less a FLOP), and its block writes a quarter less a FLOP into
 /// shared memory: with mma.sync bound by shared-memory bandwidth on Hopper, about 45% more
-/// FLOPs a cycle at the same efficiency (kernels/gemm_kext.cu, "Design of the sm_80
+/// FLOPs a cycle at the same efficiency (kernels/gemm_sm80.cuh, "Design of the sm_80
 /// tensor-core kernels"). A rule from that count, not from a measurement (none yet: see
 /// BENCHMARKS.md).
 pub(crate) fn tc_wide(m: usize, n: usize, sms: u32) -> bool {
@@ -535,7 +536,7 @@ impl WegeftBwd {
     }
 }
 
-/// One launch of `wegeft_{fwd,bwd}_*_tma` (`kernels/gemm_kext.cu`): the kernel, its thirteen
+/// One launch of `wegeft_{fwd,bwd}_*_tma` (`kernels/wegeft_rank_tma.cuh`): the kernel, its thirteen
 /// maps (A1, B1, A2, B2, kind 0's B, kind 1's A and B, kinds 2, 3 and 4's A and B), sizes,
 /// outputs, the grid's tiles and the workspace's words.
 struct RankLaunch {
@@ -642,7 +643,7 @@ fn check_out_ptrs<T: Element>(ptrs: &[(&'static str, Option<CUdeviceptr>)]) -> R
     Ok(())
 }
 
-/// The whole fused forward in one launch, `wegeft_fwd_{bf16,f16}_tma` (`kernels/gemm_kext.cu`):
+/// The whole fused forward in one launch, `wegeft_fwd_{bf16,f16}_tma` (`kernels/wegeft_rank_tma.cuh`):
 /// `u = x psi^T`, `C = scale W phi` and `y = [x|u] [W|C]^T (+ bias)` (y `tokens x d_out`,
 /// packed) by one persistent grid, u and C as tiles taken before those of y. Its workspace (a
 /// tile counter and a flag per 128 rows of u and of C) is allocated and cleared on `stream`

@@ -47,7 +47,7 @@
 #include "host_shim.h"
 #define __grid_constant__
 
-// ---- the PTX helpers of gemm_kext.cu, with PTX semantics -----------------------------------
+// ---- the PTX helpers of gemm_kext.cu (gemm_common.cuh ...), with PTX semantics ---------------
 
 constexpr int SMEM = 4 * 49152 + 1024;  // h90::SMEM_BYTES (tc::SMEM_BYTES is 65536)
 alignas(1024) unsigned char g_smem[SMEM];
