@@ -171,6 +171,14 @@ def gemm_bench_rows(text):
     return rows, cublas
 
 
+def tile_rows(text):
+    """gemm_kext_check --bench's TILES lines: the sm_80 kernels' two block tiles by shape."""
+    pat = (r"TILES (NT|NN) M=(\d+) N=(\d+) K=(\d+) narrow ([\d.]+) ms wide ([\d.]+) ms cuBLAS ([\d.]+) ms "
+           r"wide_tiles (\d+) sms (\d+) rule (wide|narrow)")
+    return [(f, int(m), int(n), int(k), float(a), float(b), float(c), int(w), int(sm), rule)
+            for f, m, n, k, a, b, c, w, sm, rule in re.findall(pat, text)]
+
+
 def uc_cases(text):
     """gemm_kext_check --uc: per shape, its routes [(name, ms, x frozen or None)] and its checks."""
     cases = []
@@ -462,6 +470,21 @@ def main():
             o.append(f"| cuBLAS GemmEx {dt} | {form} | 0 | {ms:.3f} | {tf:.0f} | 1.00 |")
         for name, dt, form, k2, ms, tf, ratio in gemm_rows:
             o.append(f"| {name} | {form} | {k2} | {ms:.3f} | {tf:.0f} | {'—' if ratio is None else f'{ratio:.2f}'} |")
+
+    tiles = tile_rows(read(os.path.join(L, "gemm_bench.log")))
+    if tiles:
+        o.append("")
+        o.append("### The sm_80 kernels' block tiles (bf16, K2=0): ms (time x cuBLAS's); the launcher's rule "
+                 "takes the wide tile once its tiles give every SM one (`gemm::tc_wide`)")
+        o.append("")
+        o.append("| form | M x N x K | 128 x 128 | 128 x 256 (wide) | cuBLAS | wide tiles / SMs | rule | faster |")
+        o.append("|---|---|---|---|---|---|---|---|")
+        for f, m, n, k, a_ms, b_ms, c_ms, w, sm, rule in tiles:
+            rel = lambda v: f"{v:.4f}" + (f" ({v / c_ms:.2f}x)" if c_ms > 0 else "")
+            # Within 2% of each other: a tie, which either choice of the rule fits.
+            faster = "tie" if abs(a_ms - b_ms) <= 0.02 * min(a_ms, b_ms) else ("wide" if b_ms < a_ms else "narrow")
+            flag = "" if faster in (rule, "tie") else " (rule differs)"
+            o.append(f"| {f} | {m} x {n} x {k} | {rel(a_ms)} | {rel(b_ms)} | {c_ms:.4f} | {w} / {sm} | {rule} | {faster}{flag} |")
 
     if torch_rows:
         o.append("")

@@ -10,7 +10,9 @@
 //
 // Run:  ./gemm_kext_check            every variant on the odd-size grid; exit 1 on any failure
 //       ./gemm_kext_check --small    a subset of that grid (for compute-sanitizer)
-//       ./gemm_kext_check --bench    4096^3 timings (K2 = 0 and 64) and cuBLAS if available;
+//       ./gemm_kext_check --bench    4096^3 timings (K2 = 0 and 64) and cuBLAS if available,
+//                                    then the sm_80 kernels' two tiles around the launcher's
+//                                    rule (TILES lines);
 //                                    exit 3 when cuBLAS could not be loaded
 //       ./gemm_kext_check --kscan    bf16 at M = N = 4096, K = 1024 / 2048 / 4096, NT and NN:
 //                                    cuBLAS and the TMA kernels, each fitted as fixed + per-k cost
@@ -600,6 +602,49 @@ static void bench_variants(const std::vector<Variant<T>>& vars, const Cublas* cb
   cudaFree(D);
 }
 
+// The sm_80 kernels' two block tiles (bf16, NT and NN) at shapes around the launcher's rule
+// (src/cuda/gemm.rs `tc_wide`: the wide tile once its tiles give every SM one), beside cuBLAS:
+// square outputs with fewer and more wide tiles than SMs, and SmolLM2's layer products at
+// T = 4096 (K = 576 or 1536). One line each:
+//   TILES NT M=.. N=.. K=.. narrow X ms wide Y ms cuBLAS Z ms wide_tiles W sms S rule wide|narrow
+static void tile_scan(const Cublas* cb, int sms) {
+  using T = __nv_bfloat16;
+  const int ITERS = 50;
+  const int shapes[][3] = {{1024, 1024, 4096}, {2048, 2048, 4096}, {3072, 3072, 4096},
+                           {4096, 576, 576},   {4096, 1536, 576},  {4096, 576, 1536}};
+  T* A = device_random<T>((size_t)4096 * 4096);
+  T* B = device_random<T>((size_t)4096 * 4096);
+  T* D = device_alloc<T>((size_t)4096 * 4096);
+  const auto vars = bf16_variants(false, false);
+  for (const auto& sh : shapes) {
+    const int M = sh[0], N = sh[1], K = sh[2];
+    for (int nn = 0; nn < 2; ++nn) {
+      double ms[2] = {0, 0};  // narrow, wide
+      for (const auto& v : vars) {
+        if (v.nn != (nn == 1)) continue;
+        set_smem(v);
+        const int tiles = ((M + v.tile_m - 1) / v.tile_m) * ((N + v.tile_n - 1) / v.tile_n);
+        // A: M x K (ld K); B: N x K (NT, ld K) or K x N (NN, ld N).
+        const double t = time_ms(
+            [&] {
+              launch(v, tiles, M, N, K, 0, A, K, B, nn ? N : K, (const T*)nullptr, 8, (const T*)nullptr, 8,
+                     (const T*)nullptr, 0.f, D, N);
+            },
+            ITERS);
+        ms[v.tile_n == 256 ? 1 : 0] = t;
+      }
+      const double c = cb ? time_ms([&] { cublas_rowmajor(cb, nn, M, N, K, A, K, B, nn ? N : K, D, N, (int)CUDA_R_16BF); }, ITERS)
+                          : 0.0;
+      const int wide_tiles = ((M + 127) / 128) * ((N + 255) / 256);
+      printf("TILES %s M=%d N=%d K=%d narrow %.4f ms wide %.4f ms cuBLAS %.4f ms wide_tiles %d sms %d rule %s\n",
+             nn ? "NN" : "NT", M, N, K, ms[0], ms[1], c, wide_tiles, sms, wide_tiles >= sms ? "wide" : "narrow");
+    }
+  }
+  cudaFree(A);
+  cudaFree(B);
+  cudaFree(D);
+}
+
 // --kscan: bf16 at M = N = 4096 for K = 1024, 2048 and 4096, NT and NN, cuBLAS and the TMA
 // kernels as the launcher runs them (NT a block per tile, NN persistent). Time = fixed + K x
 // per-k cost: the fit separates what a launch costs outside its K loops (epilogues, pipeline
@@ -917,6 +962,7 @@ int main(int argc, char** argv) {
       printf("cuBLAS not available: no comparison. Tried:%s\n", why.empty() ? " nothing found" : why.c_str());
     bench_variants(bf16_variants(sm90, tma), have ? &cb : nullptr, (int)CUDA_R_16BF, "bf16");
     bench_variants(f16_variants(sm90, tma), have ? &cb : nullptr, (int)CUDA_R_16F, "f16");
+    tile_scan(have ? &cb : nullptr, prop.multiProcessorCount);
     CK(cudaDeviceSynchronize());
     return have ? 0 : 3;
   }
