@@ -41,7 +41,7 @@
 //   (A2,B2) at k = 32 (t - KT1). The partial last tile of each pair is zero-filled.
 //   Loads: the full k tiles of the first pair (k + 32 <= K1), when that pair passes the
 //   alignment test, take a hoisted path (per-thread source pointers and byte counts computed
-//   once; ~20 instructions and 4 cp.async per tile). Every other tile (the partial last tile of
+//   once; ~20 instructions and 4 cp.async a thread per tile, 6 in the wide one). Every other tile (the partial last tile of
 //   K1, all K2 tiles, unaligned pairs) takes the general predicated loader.
 //   Block order: grouped rasterisation (8 block-rows per group) for L2 reuse.
 //   ptxas (CUDA 13.0): 124-128 registers (wide: 236-243), 0 spills, 0 stack, sm_80 and sm_90a.
