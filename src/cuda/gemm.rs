@@ -25,12 +25,12 @@
 //! that allocate their own buffers (`u`, `v`, `C`) should pad their rows to 8 elements.
 //!
 //! Kernel selection: `gemm_kext_{nt,nn}_{f32,bf16,f16}`, for bf16/f16 with the wide block tile
-//! (`_wide`, 128 x 256) once its tiles give every SM one ([`tc_wide`]); with `GemmOptions::use_sm90` on a
+//! (`_wide`, 128 x 256) once its tiles give every SM one (`tc_wide`); with `GemmOptions::use_sm90` on a
 //! compute-capability 9.0 device the bf16/f16 forms use the wgmma kernels instead: the
 //! `_tma` ones (tiles fetched by the tensor memory accelerator, warp-specialised; 0.95-0.97x
 //! (NT) and 0.86-0.95x (NN) cuBLAS's speed at 4096^3 on an H200, against 0.60x for `_sm90`)
 //! when the device runs the sm_90a image and every operand can be described by a tensor map
-//! ([`GemmKext::tma_ready`]: bases 16-byte aligned, lds multiples of 8 elements, K1 > 0),
+//! (`GemmKext::tma_ready`: bases 16-byte aligned, lds multiples of 8 elements, K1 > 0),
 //! else the `_sm90` ones (cp.async).
 //! Their wgmma body exists only in the sm_90a cubin; built for any other target (e.g. when a
 //! registry JIT-compiles the compute_80 PTX) an `_sm90` kernel runs the sm_80 body, which has
@@ -38,8 +38,8 @@
 //! is never chosen there.
 //!
 //! Also here, the one-launch kernels built on the TMA kernels: `wegeft_fwd_*_tma` (u, C and y)
-//! and `wegeft_bwd_*_tma` (v, S, dpsi and dx), launched by [`wegeft_fwd`] / [`wegeft_bwd`]
-//! with a workspace cleared in stream order; and `wegeft_uc_*` ([`wegeft_uc`]).
+//! and `wegeft_bwd_*_tma` (v, S, dpsi and dx), launched by `wegeft_fwd` / `wegeft_bwd`
+//! with a workspace cleared in stream order; and `wegeft_uc_*` (`wegeft_uc`).
 //!
 //! Kernels come from `CudaBackend::function` (the crate's kernel registry) and run on the
 //! caller's raw stream through `CudaBackend::launch`; the launcher sets `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` before each launch that
@@ -441,7 +441,7 @@ impl WegeftUc {
 pub(crate) const UC_MAX_BYTES: usize = 8 << 20;
 
 /// Whether a layer counts as large for the one-launch kernels' policy ([`WegeftUc::one_launch_worth_it`],
-/// [`WegeftDx::worth_it`]): x and W together above [`UC_MAX_BYTES`] (bf16 / f16).
+/// [`WegeftBwd::worth_it`]): x and W together above [`UC_MAX_BYTES`] (bf16 / f16).
 fn large_layer(tokens: usize, d_in: usize, d_out: usize) -> bool {
     tokens.saturating_add(d_out).saturating_mul(d_in).saturating_mul(2) > UC_MAX_BYTES
 }
