@@ -332,7 +332,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
     BFrag bf[2];
     gk::cp_async_wait<STAGES - 2>();
     __syncthreads();
-    load_frags(af[0], bf[0], smem_base, 0);
+    if (KT > 0) load_frags(af[0], bf[0], smem_base, 0);  // K1 = K2 = 0: D = bias (+ beta D)
     for (int t = 0; t < KT; ++t) {
       const uint32_t sa = smem_base + (t % STAGES) * STAGE_BYTES;
 #pragma unroll

@@ -904,6 +904,12 @@ int main() {
             check<__half, true>("gemm_kext_nn_f16_tma", nullptr, 128, 256, c, 0, !b, 0.0f, 2e-3, gemm_kext_nn_f16_tma);
         }
     }
+    // No K at all (K1 = K2 = 0: D = bias + beta D): the tensor-core kernels read no stage.
+    for (int b = 0; b < 2; ++b) {
+        const Case c = {37, 300, 0, 0};
+        check<__nv_bfloat16, false>("gemm_kext_nt_bf16", gemm_kext_nt_bf16, 128, 128, c, b, true, 0.5f, 1e-2);
+        check<__half, true>("gemm_kext_nn_f16_wide", gemm_kext_nn_f16_wide, 128, 256, c, b, true, 0.5f, 2e-3);
+    }
     // The fused forward and input gradient in one grid: a single tile of each kind; tails in T,
     // d_in (not a multiple of 64) and d_out (a D tile reading one kind-1 block, an odd ldd); two
     // rank chunks (r 72: a partial one, and two second-pair k tiles); more k tiles than stages;
