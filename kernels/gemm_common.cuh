@@ -233,6 +233,19 @@ __device__ __forceinline__ void load_chunk(uint32_t dst, const T* src, int n_val
   }
 }
 
+
+// The 16-byte chunk at (row, col) of a row-major matrix P (leading dimension ld, rows x cols
+// in range) into dst: a row at or past `rows` reads as zeros, and so do the chunk's elements
+// at or past `cols` (load_chunk). A K-major tile's chunk is (row of M or N, k); an N-major
+// one's (k, column of N).
+template <typename T>
+__device__ __forceinline__ void load_tile_chunk(uint32_t dst, const T* P, int ld, int rows, int cols, int row, int col,
+                                                bool vec) {
+  const int nv = row < rows ? cols - col : 0;
+  const T* src = P + ((size_t)(row < rows ? row : 0) * ld + (col < cols ? col : 0));
+  load_chunk<T>(dst, src, nv, vec, P);
+}
+
 }  // namespace gk
 
 // The kernels' common parameter list (see the contract in gemm_kext.cu).

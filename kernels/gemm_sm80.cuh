@@ -138,10 +138,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
     for (int p = 0; p < 2; ++p) {
       const int idx = tid + p * THREADS;
       const int r = idx >> 2, c = idx & 3;
-      const int gm = m0 + r, kk = kb + c * 8;
-      const int nv = (gm < M) ? K - kk : 0;
-      const T* src = A + ((size_t)(gm < M ? gm : 0) * lda + (kk < K ? kk : 0));
-      gk::load_chunk<T>(sa + gk::swz_k32(r, c), src, nv, vec, A);
+      gk::load_tile_chunk<T>(sa + gk::swz_k32(r, c), A, lda, M, K, m0 + r, kb + c * 8, vec);
     }
     if (!NN) {
       // B (N x K, k contiguous): the same K-major layout as A, BN rows.
@@ -149,10 +146,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
       for (int p = 0; p < PB; ++p) {
         const int idx = tid + p * THREADS;
         const int r = idx >> 2, c = idx & 3;
-        const int gn = n0 + r, kk = kb + c * 8;
-        const int nv = (gn < N) ? K - kk : 0;
-        const T* src = B + ((size_t)(gn < N ? gn : 0) * ldb + (kk < K ? kk : 0));
-        gk::load_chunk<T>(sb + gk::swz_k32(r, c), src, nv, vec, B);
+        gk::load_tile_chunk<T>(sb + gk::swz_k32(r, c), B, ldb, N, K, n0 + r, kb + c * 8, vec);
       }
     } else {
       // B (K x N, n contiguous): N-major tile, 32 k-rows x BN/8 chunks.
@@ -160,10 +154,7 @@ __device__ __forceinline__ void gemm_kext_tc_tile(int m0, int n0, int M, int N, 
       for (int p = 0; p < PB; ++p) {
         const int idx = tid + p * THREADS;
         const int r = idx >> Cfg::NN_ROW_SHIFT, c = idx & (Cfg::NN_ROW_CHUNKS - 1);
-        const int kk = kb + r, gn = n0 + c * 8;
-        const int nv = (kk < K) ? N - gn : 0;
-        const T* src = B + ((size_t)(kk < K ? kk : 0) * ldb + (gn < N ? gn : 0));
-        gk::load_chunk<T>(sb + gk::swz8(r, c, NN_ROW_BYTES), src, nv, vec, B);
+        gk::load_tile_chunk<T>(sb + gk::swz8(r, c, NN_ROW_BYTES), B, ldb, K, N, kb + r, n0 + c * 8, vec);
       }
     }
   };

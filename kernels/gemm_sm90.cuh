@@ -292,10 +292,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
     for (int p = 0; p < 4; ++p) {
       const int idx = tid + p * THREADS;
       const int r = idx >> 3, c = idx & 7;
-      const int gm = m0 + r, kk = kb + c * 8;
-      const int nv = (gm < M) ? K - kk : 0;
-      const T* src = A + ((size_t)(gm < M ? gm : 0) * lda + (kk < K ? kk : 0));
-      gk::load_chunk<T>(sa + gk::swz8(r, c, 128), src, nv, vec, A);
+      gk::load_tile_chunk<T>(sa + gk::swz8(r, c, 128), A, lda, M, K, m0 + r, kb + c * 8, vec);
     }
     if (!NN) {
       // B: 256 rows x 8 chunks = 2048 chunks, 8 per thread.
@@ -303,10 +300,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
       for (int p = 0; p < 8; ++p) {
         const int idx = tid + p * THREADS;
         const int r = idx >> 3, c = idx & 7;
-        const int gn = n0 + r, kk = kb + c * 8;
-        const int nv = (gn < N) ? K - kk : 0;
-        const T* src = B + ((size_t)(gn < N ? gn : 0) * ldb + (kk < K ? kk : 0));
-        gk::load_chunk<T>(sb + gk::swz8(r, c, 128), src, nv, vec, B);
+        gk::load_tile_chunk<T>(sb + gk::swz8(r, c, 128), B, ldb, N, K, n0 + r, kb + c * 8, vec);
       }
     } else {
       // B: 64 k-rows x 32 chunks = 2048 chunks, 8 per thread; chunk cn lies in quarter cn >> 3.
@@ -315,10 +309,7 @@ __device__ __forceinline__ void gemm_kext_h90(GEMM_KEXT_PARAMS(T)) {
         const int idx = tid + p * THREADS;
         const int r = idx >> 5, cn = idx & 31;
         const int h = cn >> 3, c = cn & 7;
-        const int kk = kb + r, gn = n0 + cn * 8;
-        const int nv = (kk < K) ? N - gn : 0;
-        const T* src = B + ((size_t)(kk < K ? kk : 0) * ldb + (gn < N ? gn : 0));
-        gk::load_chunk<T>(sb + h * 8192 + gk::swz8(r, c, 128), src, nv, vec, B);
+        gk::load_tile_chunk<T>(sb + h * 8192 + gk::swz8(r, c, 128), B, ldb, K, N, kb + r, n0 + cn * 8, vec);
       }
     }
   };
