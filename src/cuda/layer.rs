@@ -325,9 +325,10 @@ pub(crate) trait Layer: Exec {
         let big_s = self.scratch(stream, checked_len("S", dout, r)? * 4, OP)?;
         // FusedSm90, large layers, dx wanted: v = G C, S = G^T u, dpsi += v^T x, dx and (without
         // dropout) dphi in one launch; with dropout dphi follows over the masked W.
+        let dphi_in_launch = drop.p == 0.0;
         let one_launch = match dx {
             Some(dx) => {
-                let dphi_in = if drop.p == 0.0 { dphi } else { 0 };
+                let dphi_in = if dphi_in_launch { dphi } else { 0 };
                 let (vp, sp) = (v.ptr(), big_s.ptr());
                 let bw = super::exec::WegeftBwd { tokens: t, d_in: din, d_out: dout, rank: r, g, w, c, psi, u, x, v: vp, s: sp, dpsi, dx, dphi: dphi_in, scale };
                 self.fused_backward::<T>(stream, path, &bw)?
@@ -340,7 +341,7 @@ pub(crate) trait Layer: Exec {
             self.product(&kname("lowrank_s", dt), DType::F32, stream, Product::new(g, dout, u, r, big_s.ptr(), r, dout, r, t))?;
         }
         // dphi += s (M .* W)^T S; dpsi += v^T x.
-        if !(one_launch && drop.p == 0.0) {
+        if !(one_launch && dphi_in_launch) {
             self.product(
                 &kname("lowrank_dphi", dt),
                 DType::F32,
